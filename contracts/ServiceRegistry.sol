@@ -1,0 +1,228 @@
+// SPDX-License-Identifier: Apache-2.0
+pragma solidity ^0.8.30;
+
+import {IServiceRegistry} from "./interfaces/IServiceRegistry.sol";
+
+/// @title ServiceRegistry
+/// @notice The br2k service registry (see IServiceRegistry and DESIGN.md §3).
+/// @dev Storage is laid out for the hot path: a leader's `updateLocation` by an operator
+/// key reads the operator flag and one packed slot, and writes that slot and the location.
+contract ServiceRegistry is IServiceRegistry {
+    /// @notice Longest accepted service name, in bytes.
+    uint256 public constant MAX_NAME_LENGTH = 128;
+    /// @notice Longest accepted location, in bytes.
+    uint256 public constant MAX_LOCATION_LENGTH = 256;
+    /// @notice Longest accepted claim reason, in bytes.
+    uint256 public constant MAX_REASON_LENGTH = 256;
+    /// @notice Longest accepted string field of a Body, in bytes.
+    uint256 public constant MAX_BODY_FIELD_LENGTH = 256;
+
+    /// @notice Seconds a claimant must wait between two claims for the same service.
+    uint64 public immutable claimCooldown;
+
+    /// @dev One service. The Header's small fields cannot all share a slot (manager 20 +
+    /// epoch 8 + updatedAt 8 + state 1 = 37 bytes), so the slot is given to the fields
+    /// every `updateLocation` writes; `manager` is read only when the caller is not an
+    /// operator.
+    struct Service {
+        // slot 0 (17 bytes): epoch, updatedAt, state.
+        uint64 epoch;
+        uint64 updatedAt;
+        State state;
+        // slot 1
+        address manager;
+        // slot 2
+        address pendingManager;
+        // slot 3: strings of at most 31 bytes live in this one slot.
+        string location;
+        // slots 4..9
+        Body body;
+    }
+
+    mapping(bytes32 id => Service service) private _services;
+    mapping(bytes32 id => mapping(address operator => bool allowed)) private _operators;
+    mapping(bytes32 id => mapping(address claimant => uint64 timestamp)) private _nextClaimAt;
+
+    /// @param claimCooldown_ Seconds between two claims of one claimant for one service.
+    constructor(uint64 claimCooldown_) {
+        claimCooldown = claimCooldown_;
+    }
+
+    modifier onlyManager(bytes32 id) {
+        _checkManager(id);
+        _;
+    }
+
+    /// @inheritdoc IServiceRegistry
+    function register(string calldata name, Body calldata body) external returns (bytes32 id) {
+        uint256 length = bytes(name).length;
+        if (length == 0) revert ServiceRegistryEmptyName();
+        _checkLength(length, MAX_NAME_LENGTH);
+        id = keccak256(bytes(name));
+        if (_services[id].state != State.None) revert ServiceRegistryAlreadyRegistered(id);
+
+        _prefillLocationSlot(_services[id]);
+        emit ServiceRegistered(id, name, msg.sender);
+        _setState(id, State.Registered);
+        _setManager(id, msg.sender);
+        _setRecoveryInfo(id, body);
+    }
+
+    /// @inheritdoc IServiceRegistry
+    function setRecoveryInfo(bytes32 id, Body calldata body) external onlyManager(id) {
+        _setRecoveryInfo(id, body);
+    }
+
+    /// @inheritdoc IServiceRegistry
+    function getRecoveryInfo(bytes32 id) external view returns (Body memory) {
+        return _existing(id).body;
+    }
+
+    /// @inheritdoc IServiceRegistry
+    function setOperator(bytes32 id, address operator, bool allowed) external onlyManager(id) {
+        if (operator == address(0)) revert ServiceRegistryZeroAddress();
+        _operators[id][operator] = allowed;
+        emit OperatorSet(id, operator, allowed);
+    }
+
+    /// @inheritdoc IServiceRegistry
+    function updateLocation(bytes32 id, string calldata location, uint64 epoch) external {
+        Service storage service = _services[id];
+        // Operators first: they are the hot path (a replica publishing itself as leader).
+        if (!_operators[id][msg.sender]) {
+            if (service.state == State.None) revert ServiceRegistryUnknownService(id);
+            if (service.manager != msg.sender) revert ServiceRegistryNotManagerOrOperator(id, msg.sender);
+        }
+        uint64 current = service.epoch;
+        if (epoch <= current) revert ServiceRegistryStaleEpoch(id, epoch, current);
+        uint256 length = bytes(location).length;
+        if (length == 0) revert ServiceRegistryEmptyLocation(id);
+        _checkLength(length, MAX_LOCATION_LENGTH);
+
+        service.location = location;
+        service.epoch = epoch;
+        service.updatedAt = uint64(block.timestamp);
+        emit NewLocation(id, location, epoch);
+    }
+
+    /// @inheritdoc IServiceRegistry
+    function getServiceLocation(bytes32 id) external view returns (string memory location, uint64 epoch, State state) {
+        Service storage service = _existing(id);
+        return (service.location, service.epoch, service.state);
+    }
+
+    /// @inheritdoc IServiceRegistry
+    function sendClaim(bytes32 id, string calldata reason) external {
+        _existing(id);
+        _checkLength(bytes(reason).length, MAX_REASON_LENGTH);
+        uint64 nextAt = _nextClaimAt[id][msg.sender];
+        // A validator can shift timestamps by seconds; the cooldown is minutes.
+        // forge-lint: disable-next-line(block-timestamp)
+        if (block.timestamp < nextAt) revert ServiceRegistryClaimTooSoon(id, msg.sender, nextAt);
+        _nextClaimAt[id][msg.sender] = uint64(block.timestamp) + claimCooldown;
+        emit Claim(id, msg.sender, reason);
+    }
+
+    /// @inheritdoc IServiceRegistry
+    function setState(bytes32 id, State state) external onlyManager(id) {
+        if (state == State.None) revert ServiceRegistryInvalidState(state);
+        _setState(id, state);
+    }
+
+    /// @inheritdoc IServiceRegistry
+    function transferManager(bytes32 id, address next) external onlyManager(id) {
+        _services[id].pendingManager = next;
+        emit ManagerTransferStarted(id, msg.sender, next);
+    }
+
+    /// @inheritdoc IServiceRegistry
+    function acceptManager(bytes32 id) external {
+        Service storage service = _existing(id);
+        if (service.pendingManager != msg.sender || msg.sender == address(0)) {
+            revert ServiceRegistryNotPendingManager(id, msg.sender);
+        }
+        delete service.pendingManager;
+        _setManager(id, msg.sender);
+    }
+
+    /// @notice Returns the whole Header of a service.
+    function getHeader(bytes32 id) external view returns (Header memory) {
+        Service storage service = _existing(id);
+        return Header({
+            location: service.location,
+            manager: service.manager,
+            state: service.state,
+            epoch: service.epoch,
+            updatedAt: service.updatedAt
+        });
+    }
+
+    /// @notice Returns the account a manager transfer is pending for, or address(0).
+    function pendingManager(bytes32 id) external view returns (address) {
+        return _existing(id).pendingManager;
+    }
+
+    /// @notice Returns whether `operator` may publish locations for the service.
+    function isOperator(bytes32 id, address operator) external view returns (bool) {
+        return _operators[id][operator];
+    }
+
+    /// @notice Returns the earliest block timestamp at which `claimant` may claim again.
+    function nextClaimAt(bytes32 id, address claimant) external view returns (uint64) {
+        return _nextClaimAt[id][claimant];
+    }
+
+    /// @notice Returns the id of the service called `name`.
+    function serviceId(string calldata name) external pure returns (bytes32) {
+        return keccak256(bytes(name));
+    }
+
+    function _setState(bytes32 id, State state) private {
+        Service storage service = _services[id];
+        service.state = state;
+        service.updatedAt = uint64(block.timestamp);
+        emit StateChanged(id, state);
+    }
+
+    function _setManager(bytes32 id, address next) private {
+        Service storage service = _services[id];
+        address previous = service.manager;
+        service.manager = next;
+        service.updatedAt = uint64(block.timestamp);
+        emit ManagerTransferred(id, previous, next);
+    }
+
+    function _setRecoveryInfo(bytes32 id, Body calldata body) private {
+        _checkLength(bytes(body.context).length, MAX_BODY_FIELD_LENGTH);
+        _checkLength(bytes(body.containerRegistry).length, MAX_BODY_FIELD_LENGTH);
+        _checkLength(bytes(body.image).length, MAX_BODY_FIELD_LENGTH);
+        _services[id].body = body;
+        emit RecoveryInfoUpdated(id);
+    }
+
+    /// @dev Makes the location slot non-zero while it still reads as "". Solidity stores a
+    /// string of at most 31 bytes in one slot as `data | length * 2`; it reads the length
+    /// from the low byte only, so `0x100` (length 0, a marker in the data bytes) is an
+    /// empty string. The leader's first `updateLocation` then rewrites a non-zero slot
+    /// (2,900 gas) instead of creating one (20,000 gas): the first publication is exactly
+    /// when a new service, or a recovered one, needs its clients to move quickly.
+    function _prefillLocationSlot(Service storage service) private {
+        string storage location = service.location;
+        assembly ("memory-safe") {
+            sstore(location.slot, 0x100)
+        }
+    }
+
+    function _checkManager(bytes32 id) private view {
+        if (_existing(id).manager != msg.sender) revert ServiceRegistryNotManager(id, msg.sender);
+    }
+
+    function _existing(bytes32 id) private view returns (Service storage service) {
+        service = _services[id];
+        if (service.state == State.None) revert ServiceRegistryUnknownService(id);
+    }
+
+    function _checkLength(uint256 length, uint256 max) private pure {
+        if (length > max) revert ServiceRegistryTooLong(length, max);
+    }
+}

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Installs everything br2k needs on a fresh Debian 12 machine, from the package registries
+# only (Debian, npm, crates.io):
+#
+#   - Debian packages: protobuf-compiler (etcd-client's build), etcd-server + etcd-client
+#     (replication runtime, tests), docker-registry (OCI registry for image tests);
+#   - Foundry's forge, anvil and cast (native binaries from npm) and solc-js, pinned by
+#     tools/package-lock.json, plus the tools/solc shim that forge calls as its compiler.
+#
+# Idempotent: a second run checks what is there, changes nothing and takes seconds.
+# Afterwards, `source tools/env.sh` puts the tools on PATH for an interactive shell.
+set -euo pipefail
+
+tools_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+apt_packages=(protobuf-compiler etcd-server etcd-client docker-registry)
+
+log() { printf 'setup: %s\n' "$*" >&2; }
+die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+    die "installing Debian packages needs root (or sudo): $*"
+  fi
+}
+
+install_apt_packages() {
+  local missing=() pkg
+  for pkg in "${apt_packages[@]}" "$@"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
+  done
+  if [ ${#missing[@]} -eq 0 ]; then
+    log "Debian packages present: ${apt_packages[*]}"
+    return
+  fi
+  log "installing Debian packages: ${missing[*]}"
+  # Package installs must not start system-wide daemons (an etcd on :2379, a registry on
+  # :5000): br2k starts its own instances on free ports. policy-rc.d tells Debian's
+  # maintainer scripts not to start services; it is removed again afterwards.
+  local policy=/usr/sbin/policy-rc.d placed_policy=0
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' | as_root tee "$policy" >/dev/null
+    as_root chmod 755 "$policy"
+    placed_policy=1
+  fi
+  local status=0
+  as_root apt-get update -qq || status=$?
+  if [ "$status" -eq 0 ]; then
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      "${missing[@]}" >/dev/null || status=$?
+  fi
+  if [ "$placed_policy" -eq 1 ]; then as_root rm -f "$policy"; fi
+  [ "$status" -eq 0 ] || die "apt-get failed (exit $status) installing: ${missing[*]}"
+  log "installed: ${missing[*]}"
+}
+
+install_node_tools() {
+  if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    install_apt_packages nodejs npm
+  fi
+  local lock="$tools_dir/package-lock.json" stamp="$tools_dir/node_modules/.br2k-lock.sha256"
+  local want
+  want=$(sha256sum "$lock" | cut -d' ' -f1)
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    log "Foundry and solc-js present (tools/package-lock.json unchanged)"
+  else
+    log "installing Foundry (forge, anvil, cast) and solc-js from npm (npm ci)"
+    (cd "$tools_dir" && npm ci --no-audit --no-fund --loglevel=error)
+    echo "$want" >"$stamp"
+  fi
+  # Fail now, with a clear message, rather than later inside forge or a test.
+  local bin
+  for bin in forge anvil cast; do
+    "$tools_dir/node_modules/@foundry-rs/$bin-linux-amd64/bin/$bin" --version >/dev/null \
+      || die "$bin from npm does not run; remove tools/node_modules and run tools/setup.sh again"
+  done
+  "$tools_dir/solc" --version >/dev/null || die "the solc shim (tools/solc) does not run"
+}
+
+check_rust() {
+  command -v cargo >/dev/null || die "cargo is not installed: this project needs a Rust toolchain (rustup) with rustfmt and clippy"
+  cargo fmt --version >/dev/null 2>&1 || die "rustfmt is missing: rustup component add rustfmt"
+  cargo clippy --version >/dev/null 2>&1 || die "clippy is missing: rustup component add clippy"
+}
+
+started=$(date +%s)
+install_apt_packages
+install_node_tools
+check_rust
+log "done in $(($(date +%s) - started)) s; for a shell with the tools on PATH: source tools/env.sh"
