@@ -1,0 +1,4 @@
+//! The bindings against the real contract on a real anvil.
+
+mod deploy_script;
+mod registry;

@@ -1,0 +1,10 @@
+#![doc = include_str!("../README.md")]
+
+mod anvil;
+mod process;
+
+pub use anvil::{Anvil, AnvilBuilder, AnvilError};
+pub use process::{ToolNotFound, foundry_binary, workspace_root};
+
+/// The command that installs every tool the fixtures need.
+pub const SETUP_COMMAND: &str = "bash tools/setup.sh";

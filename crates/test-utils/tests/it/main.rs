@@ -1,0 +1,3 @@
+//! The fixtures against the real programs they start.
+
+mod anvil;

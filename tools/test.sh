@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Quick start, command 2 (and what CI runs): installs the toolchain, then every check and
+# every test of the project, stopping at the first failure.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+
+bash tools/setup.sh
+# shellcheck source=tools/env.sh
+source tools/env.sh
+
+step() {
+  local started=$SECONDS
+  printf '\n==> %s\n' "$*" >&2
+  "$@"
+  printf '<== %s: ok (%d s)\n' "$*" $((SECONDS - started)) >&2
+}
+
+step forge fmt --check
+step forge build
+step forge test
+step forge snapshot --check
+step bash tools/bindings.sh --check
+step cargo fmt --all --check
+step cargo clippy --workspace --all-targets -- -D warnings
+# Last, and not wrapped, so the run ends with cargo's own summary.
+printf '\n==> cargo test --workspace\n' >&2
+cargo test --workspace
