@@ -89,6 +89,8 @@ contract ServiceRegistry is IServiceRegistry {
     function updateLocation(bytes32 id, string calldata location, uint64 epoch) external {
         Service storage service = _services[id];
         // Operators first: they are the hot path (a replica publishing itself as leader).
+        // An operator flag is only ever set by a service's manager, and services are never
+        // deleted, so an operator implies the service exists: no second check needed.
         if (!_operators[id][msg.sender]) {
             if (service.state == State.None) revert ServiceRegistryUnknownService(id);
             if (service.manager != msg.sender) revert ServiceRegistryNotManagerOrOperator(id, msg.sender);
