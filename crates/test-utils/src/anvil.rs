@@ -58,19 +58,12 @@ pub struct AnvilBuilder {
     program: Option<PathBuf>,
     startup_timeout: Duration,
     chain_id: Option<u64>,
-    block_time: Option<u64>,
     args: Vec<String>,
 }
 
 impl Default for AnvilBuilder {
     fn default() -> Self {
-        Self {
-            program: None,
-            startup_timeout: Duration::from_secs(10),
-            chain_id: None,
-            block_time: None,
-            args: Vec::new(),
-        }
+        Self { program: None, startup_timeout: Duration::from_secs(10), chain_id: None, args: Vec::new() }
     }
 }
 
@@ -93,13 +86,7 @@ impl AnvilBuilder {
         self
     }
 
-    /// Mines a block every `seconds` instead of one per transaction.
-    pub const fn block_time(mut self, seconds: u64) -> Self {
-        self.block_time = Some(seconds);
-        self
-    }
-
-    /// Passes an extra argument to anvil.
+    /// Passes an extra argument to anvil (e.g. `--block-time`, `--accounts`).
     pub fn arg(mut self, arg: impl Into<String>) -> Self {
         self.args.push(arg.into());
         self
@@ -129,9 +116,6 @@ impl AnvilBuilder {
         command.args(["--host", "127.0.0.1", "--port", "0", "--config-out"]).arg(&config_path);
         if let Some(chain_id) = self.chain_id {
             command.args(["--chain-id", &chain_id.to_string()]);
-        }
-        if let Some(seconds) = self.block_time {
-            command.args(["--block-time", &seconds.to_string()]);
         }
         command.args(&self.args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child =

@@ -1,5 +1,5 @@
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use alloy::providers::{Provider, ProviderBuilder};
@@ -7,6 +7,15 @@ use br2k_test_utils::{Anvil, AnvilError};
 
 fn process_exists(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// An executable shell script standing in for anvil; the directory holds it alive.
+fn fake_anvil(body: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("fake-anvil");
+    std::fs::write(&script, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    (dir, script)
 }
 
 #[tokio::test]
@@ -27,20 +36,18 @@ async fn anvil_answers_on_its_port_and_is_killed_on_drop() {
 }
 
 #[tokio::test]
-async fn two_anvils_get_different_ports_and_chain_ids_are_configurable() {
+async fn two_anvils_get_different_ports_and_settings_are_configurable() {
     let a = Anvil::spawn().unwrap();
-    let b = Anvil::builder().chain_id(4242).spawn().unwrap();
+    let b = Anvil::builder().chain_id(4242).arg("--accounts").arg("3").spawn().unwrap();
     assert_ne!(a.port(), b.port());
+    assert_eq!(b.keys().len(), 3, "extra arguments reach anvil");
     let provider = ProviderBuilder::new().connect_http(b.endpoint().parse().unwrap());
     assert_eq!(provider.get_chain_id().await.unwrap(), 4242);
 }
 
 #[test]
 fn a_program_that_never_listens_hits_the_startup_timeout() {
-    let dir = tempfile::tempdir().unwrap();
-    let script = dir.path().join("silent-anvil");
-    std::fs::write(&script, "#!/bin/sh\nexec sleep 30\n").unwrap();
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (_dir, script) = fake_anvil("exec sleep 30");
 
     let started = Instant::now();
     let err = Anvil::builder().program(&script).startup_timeout(Duration::from_millis(300)).spawn().unwrap_err();
@@ -50,10 +57,7 @@ fn a_program_that_never_listens_hits_the_startup_timeout() {
 
 #[test]
 fn a_program_that_exits_reports_its_status_and_output() {
-    let dir = tempfile::tempdir().unwrap();
-    let script = dir.path().join("failing-anvil");
-    std::fs::write(&script, "#!/bin/sh\necho 'error: port in use' >&2\nexit 3\n").unwrap();
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (_dir, script) = fake_anvil("echo 'error: port in use' >&2\nexit 3");
 
     let err = Anvil::builder().program(&script).spawn().unwrap_err();
     let AnvilError::Exited { status, .. } = &err else { panic!("expected Exited, got {err}") };
