@@ -1,0 +1,135 @@
+//! The command tree. Each subcommand is an `XArgs` struct with its `run`.
+
+mod claim;
+mod registry;
+mod resolve;
+mod service;
+mod watch;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+
+use crate::opts::{ChainOpts, RegistryOpts, WalletOpts};
+use crate::output::Output;
+
+const EXAMPLES: &str = "\
+Examples:
+  anvil &                                        # a local chain on http://127.0.0.1:8545
+  export ETH_PRIVATE_KEY=0x...                   # the key that signs (or --keystore)
+  br2k service-registry deploy                   # records deployments/<chain-id>.json
+  br2k service register logserver --replicas 3
+  br2k service operator add logserver 0x70997970C51812dc3A010C7d01b50e0d17dc79C8
+  br2k resolve logserver --json
+  br2k watch logserver --rpc-url ws://127.0.0.1:8545
+  br2k claim logserver --reason 'no answer for 30 s'";
+
+/// br2k keeps blockchain application services alive: N replicas kept consistent through
+/// leader changes, the leader's location published in an on-chain service registry, and
+/// recovery from container images when clients report the service dead.
+#[derive(Parser, Debug)]
+#[command(name = "br2k", version, after_help = EXAMPLES, max_term_width = 100)]
+pub(crate) struct Cli {
+    #[command(flatten)]
+    global: GlobalOpts,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Options every command accepts.
+#[derive(Args, Debug)]
+pub(crate) struct GlobalOpts {
+    /// Print results as JSON (one document per result) instead of words.
+    #[arg(long, global = true)]
+    json: bool,
+
+    /// Print no progress on stderr (results and errors still print).
+    #[arg(long, short, global = true)]
+    quiet: bool,
+
+    #[command(flatten)]
+    chain: ChainOpts,
+
+    #[command(flatten)]
+    wallet: WalletOpts,
+
+    #[command(flatten)]
+    registry: RegistryOpts,
+}
+
+impl GlobalOpts {
+    const fn output(&self) -> Output {
+        Output::new(self.json, self.quiet)
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Deploy the ServiceRegistry contract.
+    #[command(subcommand, name = "service-registry")]
+    ServiceRegistry(registry::RegistryCommand),
+    /// Register and manage services in the registry.
+    #[command(subcommand)]
+    Service(service::ServiceCommand),
+    /// Print where a service is served (its leader's location).
+    Resolve(resolve::ResolveArgs),
+    /// Report on chain that a service is not serving, so its manager recovers it.
+    Claim(claim::ClaimArgs),
+    /// Print a service's location each time it changes, until interrupted.
+    Watch(watch::WatchArgs),
+}
+
+impl Cli {
+    /// Runs the chosen command.
+    pub(crate) async fn run(self) -> Result<()> {
+        let global = &self.global;
+        match self.command {
+            Command::ServiceRegistry(command) => command.run(global).await,
+            Command::Service(command) => command.run(global).await,
+            Command::Resolve(args) => args.run(global).await,
+            Command::Claim(args) => args.run(global).await,
+            Command::Watch(args) => args.run(global).await,
+        }
+    }
+}
+
+/// An error and its causes in one line. The chain stops at a resolver error, whose message
+/// is complete by design (its sources are for programs, not for people), and leaves out a
+/// cause whose text the message before it already includes.
+pub(crate) fn describe(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let is_complete = cause.downcast_ref::<br2k_resolver::Error>().is_some();
+        let cause = cause.to_string();
+        if text.contains(&cause) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&cause);
+        if is_complete {
+            break;
+        }
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_command_tree_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn describe_skips_causes_already_quoted() {
+        let inner = std::io::Error::other("connection refused");
+        let err = anyhow::Error::new(inner).context("could not reach x: connection refused").context("deploy failed");
+        assert_eq!(describe(&err), "deploy failed: could not reach x: connection refused");
+    }
+}

@@ -1,0 +1,157 @@
+//! Option groups shared by the commands, named as Foundry names them so a user's habits
+//! carry over (`--rpc-url`/`ETH_RPC_URL`, `--private-key`, `--keystore`).
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use alloy::primitives::Address;
+use alloy::signers::local::PrivateKeySigner;
+use anyhow::{Context, Result, bail};
+use br2k_resolver::{Chain, RegistryClient, Timeouts};
+use clap::Args;
+
+use crate::deployments::Deployments;
+use crate::output::Output;
+
+/// Which chain, and how long to wait for it.
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Chain")]
+pub(crate) struct ChainOpts {
+    /// The RPC endpoint: http(s):// or ws(s):// (WebSocket makes `watch` push-based).
+    #[arg(long, env = "ETH_RPC_URL", value_name = "URL", default_value = "http://127.0.0.1:8545", global = true)]
+    pub(crate) rpc_url: String,
+
+    /// Seconds to wait for one RPC request.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..), global = true)]
+    pub(crate) rpc_timeout: u64,
+
+    /// Seconds to wait for a sent transaction to be mined.
+    #[arg(long, value_name = "SECONDS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..), global = true)]
+    pub(crate) tx_timeout: u64,
+}
+
+impl ChainOpts {
+    fn timeouts(&self) -> Timeouts {
+        Timeouts { rpc: Duration::from_secs(self.rpc_timeout), tx: Duration::from_secs(self.tx_timeout) }
+    }
+
+    /// Connects, signing with `signer` when given.
+    pub(crate) async fn connect(&self, signer: Option<PrivateKeySigner>) -> Result<Chain> {
+        Ok(Chain::connect(&self.rpc_url, signer, self.timeouts()).await?)
+    }
+}
+
+/// The key that signs transactions. Read commands need none.
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Wallet")]
+pub(crate) struct WalletOpts {
+    /// Raw private key (hex). Prefer the environment variable or a keystore: a flag is
+    /// visible to other users of this machine in the process list.
+    #[arg(long, env = "ETH_PRIVATE_KEY", value_name = "HEX", hide_env_values = true, global = true)]
+    pub(crate) private_key: Option<String>,
+
+    /// Encrypted JSON keystore (as written by `cast wallet import` or geth).
+    #[arg(long, env = "ETH_KEYSTORE", value_name = "PATH", conflicts_with = "private_key", global = true)]
+    pub(crate) keystore: Option<PathBuf>,
+
+    /// File holding the keystore's password; it must not be readable by group or others (chmod 600).
+    #[arg(long, env = "ETH_PASSWORD_FILE", value_name = "PATH", requires = "keystore", global = true)]
+    pub(crate) password_file: Option<PathBuf>,
+}
+
+impl WalletOpts {
+    /// The configured key, if any.
+    pub(crate) fn signer(&self) -> Result<Option<PrivateKeySigner>> {
+        if let Some(hex) = &self.private_key {
+            // Never echo the value: it is a secret.
+            let key = hex.trim().parse::<PrivateKeySigner>().map_err(|_| {
+                anyhow::anyhow!("--private-key/ETH_PRIVATE_KEY is not a private key: expected 32 bytes of hex (64 hex digits, 0x optional)")
+            })?;
+            return Ok(Some(key));
+        }
+        let Some(keystore) = &self.keystore else { return Ok(None) };
+        let Some(password_file) = &self.password_file else {
+            bail!("--keystore {} needs --password-file (or ETH_PASSWORD_FILE): a file holding its password, chmod 600", keystore.display());
+        };
+        let password = read_secret_file(password_file)?;
+        let key = PrivateKeySigner::decrypt_keystore(keystore, password.trim_end_matches(['\r', '\n'])).map_err(|e| {
+            anyhow::anyhow!("could not decrypt the keystore {}: {e} (wrong password file?)", keystore.display())
+        })?;
+        Ok(Some(key))
+    }
+
+    /// The configured key; an error naming the options when there is none.
+    pub(crate) fn require_signer(&self, action: &str) -> Result<PrivateKeySigner> {
+        self.signer()?.with_context(|| {
+            format!("{action} sends a transaction and needs a key: set ETH_PRIVATE_KEY, or pass --private-key or --keystore with --password-file")
+        })
+    }
+}
+
+/// Reads a file holding a secret, refusing one that others can read.
+fn read_secret_file(path: &Path) -> Result<String> {
+    let metadata = std::fs::metadata(path).with_context(|| format!("cannot read the password file {}", path.display()))?;
+    let mode = metadata.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        bail!(
+            "the password file {} is readable by others (mode {mode:03o}): run `chmod 600 {}`",
+            path.display(),
+            path.display()
+        );
+    }
+    std::fs::read_to_string(path).with_context(|| format!("cannot read the password file {}", path.display()))
+}
+
+/// Which registry.
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Registry")]
+pub(crate) struct RegistryOpts {
+    /// The ServiceRegistry's address. Without it, the address recorded for the chain in
+    /// the deployments directory by `br2k service-registry deploy`.
+    #[arg(long, env = "BR2K_REGISTRY", value_name = "ADDRESS", value_parser = parse_address, global = true)]
+    pub(crate) registry: Option<Address>,
+
+    /// Where `br2k service-registry deploy` records registries, one `<chain-id>.json` per chain.
+    #[arg(long, env = "BR2K_DEPLOYMENTS", value_name = "DIR", default_value = "deployments", global = true)]
+    pub(crate) deployments: PathBuf,
+}
+
+impl RegistryOpts {
+    /// The registry on `chain`: `--registry`, else the deployments file.
+    pub(crate) async fn open(&self, chain: &Chain, out: &Output) -> Result<RegistryClient> {
+        let address = match self.registry {
+            Some(address) => address,
+            None => {
+                let deployments = Deployments::new(&self.deployments);
+                let recorded = deployments.load(chain.chain_id())?.with_context(|| {
+                    format!(
+                        "no registry on chain {}: run `br2k service-registry deploy` or pass --registry (or set BR2K_REGISTRY)",
+                        chain.chain_id()
+                    )
+                })?;
+                out.progress(format_args!(
+                    "using the registry {} recorded in {}",
+                    recorded.address,
+                    deployments.path(chain.chain_id()).display()
+                ));
+                recorded.address
+            }
+        };
+        match chain.registry(address).await {
+            Err(e @ br2k_resolver::Error::NoRegistry { .. }) if self.registry.is_none() => Err(anyhow::Error::new(e)
+                .context(format!(
+                    "the deployments file for chain {} names a registry that is not there (was the chain restarted?): deploy again with `br2k service-registry deploy`",
+                    chain.chain_id()
+                ))),
+            other => Ok(other?),
+        }
+    }
+}
+
+/// Parses an Ethereum address, saying what one looks like when the text is not one.
+pub(crate) fn parse_address(text: &str) -> Result<Address, String> {
+    text.trim().parse::<Address>().map_err(|_| {
+        format!("{text:?} is not an address: expected 0x followed by 40 hex digits, e.g. 0x5FbDB2315678afecb367f032d93F642f64180aa3")
+    })
+}
