@@ -87,7 +87,12 @@ mod tests {
     use super::*;
 
     fn recorded() -> RecordedRegistry {
-        RecordedRegistry { address: Address::repeat_byte(0x11), claim_cooldown: 300, block: 1, tx_hash: B256::repeat_byte(2) }
+        RecordedRegistry {
+            address: Address::repeat_byte(0x11),
+            claim_cooldown: 300,
+            block: 1,
+            tx_hash: B256::repeat_byte(2),
+        }
     }
 
     #[test]

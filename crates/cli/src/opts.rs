@@ -72,12 +72,16 @@ impl WalletOpts {
         }
         let Some(keystore) = &self.keystore else { return Ok(None) };
         let Some(password_file) = &self.password_file else {
-            bail!("--keystore {} needs --password-file (or ETH_PASSWORD_FILE): a file holding its password, chmod 600", keystore.display());
+            bail!(
+                "--keystore {} needs --password-file (or ETH_PASSWORD_FILE): a file holding its password, chmod 600",
+                keystore.display()
+            );
         };
         let password = read_secret_file(password_file)?;
-        let key = PrivateKeySigner::decrypt_keystore(keystore, password.trim_end_matches(['\r', '\n'])).map_err(|e| {
-            anyhow::anyhow!("could not decrypt the keystore {}: {e} (wrong password file?)", keystore.display())
-        })?;
+        let key =
+            PrivateKeySigner::decrypt_keystore(keystore, password.trim_end_matches(['\r', '\n'])).map_err(|e| {
+                anyhow::anyhow!("could not decrypt the keystore {}: {e} (wrong password file?)", keystore.display())
+            })?;
         Ok(Some(key))
     }
 
@@ -91,7 +95,8 @@ impl WalletOpts {
 
 /// Reads a file holding a secret, refusing one that others can read.
 fn read_secret_file(path: &Path) -> Result<String> {
-    let metadata = std::fs::metadata(path).with_context(|| format!("cannot read the password file {}", path.display()))?;
+    let metadata =
+        std::fs::metadata(path).with_context(|| format!("cannot read the password file {}", path.display()))?;
     let mode = metadata.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         bail!(

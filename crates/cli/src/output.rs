@@ -30,13 +30,9 @@ impl Output {
     /// One result on stdout: `human` in words, or `json`.
     pub(crate) fn result(self, human: &str, json: &Value) -> Result<()> {
         let mut stdout = std::io::stdout().lock();
-        if self.json {
-            writeln!(stdout, "{json}")
-        } else {
-            writeln!(stdout, "{human}")
-        }
-        .and_then(|()| stdout.flush())
-        .context("cannot write to stdout")
+        if self.json { writeln!(stdout, "{json}") } else { writeln!(stdout, "{human}") }
+            .and_then(|()| stdout.flush())
+            .context("cannot write to stdout")
     }
 
     /// The result of a mined transaction: `what` happened, plus the transaction.

@@ -23,7 +23,9 @@ pub enum Error {
         reason: String,
     },
     /// The RPC endpoint could not be reached (connection refused, DNS, TLS, closed socket).
-    #[error("could not reach the RPC endpoint {url} while trying to {action} ({reason}): is the node running? check --rpc-url or ETH_RPC_URL")]
+    #[error(
+        "could not reach the RPC endpoint {url} while trying to {action} ({reason}): is the node running? check --rpc-url or ETH_RPC_URL"
+    )]
     Unreachable {
         /// The endpoint.
         url: String,
@@ -57,7 +59,9 @@ pub enum Error {
         source: Box<TransportError>,
     },
     /// The registry address holds no contract on this chain.
-    #[error("no contract at {address} on chain {chain_id}: it is not a ServiceRegistry (deploy one with `br2k service-registry deploy` or pass the right --registry)")]
+    #[error(
+        "no contract at {address} on chain {chain_id}: it is not a ServiceRegistry (deploy one with `br2k service-registry deploy` or pass the right --registry)"
+    )]
     NoRegistry {
         /// The address that was given.
         address: Address,
@@ -65,7 +69,9 @@ pub enum Error {
         chain_id: u64,
     },
     /// The service is not registered.
-    #[error("service {name:?} is not registered in the registry at {registry} (register it with `br2k service register {name}`)")]
+    #[error(
+        "service {name:?} is not registered in the registry at {registry} (register it with `br2k service register {name}`)"
+    )]
     UnknownService {
         /// The service name.
         name: String,
@@ -73,7 +79,9 @@ pub enum Error {
         registry: Address,
     },
     /// The claimant filed a claim for this service less than the cooldown ago.
-    #[error("{claimant} already claimed against {name:?} recently: the registry accepts its next claim at unix time {next_claim_at}")]
+    #[error(
+        "{claimant} already claimed against {name:?} recently: the registry accepts its next claim at unix time {next_claim_at}"
+    )]
     ClaimTooSoon {
         /// The service name.
         name: String,
@@ -103,7 +111,9 @@ pub enum Error {
         block: u64,
     },
     /// A call returned data the registry cannot have produced (wrong contract, corrupt node).
-    #[error("the registry at {registry} returned data that does not decode while trying to {action}: {detail}; is that address really a ServiceRegistry?")]
+    #[error(
+        "the registry at {registry} returned data that does not decode while trying to {action}: {detail}; is that address really a ServiceRegistry?"
+    )]
     BadChainData {
         /// The registry.
         registry: Address,
@@ -173,14 +183,17 @@ pub fn describe_revert(revert: &ServiceRegistryErrors, name: Option<&str>) -> St
         }
         E::ServiceRegistryNotManagerOrOperator(e) => format!(
             "{} is neither the manager nor an operator of {} (ServiceRegistryNotManagerOrOperator)",
-            e.caller, service(&e.id)
+            e.caller,
+            service(&e.id)
         ),
         E::ServiceRegistryNotPendingManager(e) => {
             format!("{} is not the pending manager of {} (ServiceRegistryNotPendingManager)", e.caller, service(&e.id))
         }
         E::ServiceRegistryStaleEpoch(e) => format!(
             "epoch {} is not above the stored epoch {} of {} (ServiceRegistryStaleEpoch)",
-            e.epoch, e.currentEpoch, service(&e.id)
+            e.epoch,
+            e.currentEpoch,
+            service(&e.id)
         ),
         E::ServiceRegistryEmptyLocation(e) => format!("the location for {} is empty", service(&e.id)),
         E::ServiceRegistryZeroAddress(_) => "the address is the zero address".into(),
@@ -190,7 +203,9 @@ pub fn describe_revert(revert: &ServiceRegistryErrors, name: Option<&str>) -> St
         }
         E::ServiceRegistryClaimTooSoon(e) => format!(
             "{} claimed against {} recently; next claim accepted at unix time {} (ServiceRegistryClaimTooSoon)",
-            e.claimant, service(&e.id), e.nextClaimAt
+            e.claimant,
+            service(&e.id),
+            e.nextClaimAt
         ),
     }
 }

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use br2k_bindings::ServiceState;
+use bytes::Bytes;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use reqwest::{Method, StatusCode};
 
@@ -252,7 +252,10 @@ impl FailoverClient {
             return Err(FailoverError::InvalidRequest(format!("the path {:?} must start with '/'", request.path)));
         }
         let key = HeaderValue::from_str(&request.idempotency_key).map_err(|_| {
-            FailoverError::InvalidRequest(format!("the idempotency key {:?} is not a header value", request.idempotency_key))
+            FailoverError::InvalidRequest(format!(
+                "the idempotency key {:?} is not a header value",
+                request.idempotency_key
+            ))
         })?;
         let config = &self.inner.config;
         let started = Instant::now();
@@ -301,7 +304,8 @@ impl FailoverClient {
         let location = match hint {
             Some(location) => location,
             None => {
-                let resolved = self.inner.resolver.resolve(&self.inner.service).await.map_err(AttemptFailure::Resolve)?;
+                let resolved =
+                    self.inner.resolver.resolve(&self.inner.service).await.map_err(AttemptFailure::Resolve)?;
                 if resolved.location.is_empty() {
                     return Err(AttemptFailure::NoLocation(resolved.state));
                 }

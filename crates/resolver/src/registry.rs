@@ -58,9 +58,8 @@ impl Chain {
     /// # Errors
     /// `InvalidRpcUrl` for a malformed URL, `Unreachable`/`Timeout` when the node does not answer.
     pub async fn connect(url: &str, signer: Option<PrivateKeySigner>, timeouts: Timeouts) -> Result<Self> {
-        let parsed = url
-            .parse::<reqwest::Url>()
-            .map_err(|e| Error::InvalidRpcUrl { url: url.into(), reason: e.to_string() })?;
+        let parsed =
+            url.parse::<reqwest::Url>().map_err(|e| Error::InvalidRpcUrl { url: url.into(), reason: e.to_string() })?;
         let sender = signer.as_ref().map(PrivateKeySigner::address);
         let builder = ProviderBuilder::new();
         let pubsub = matches!(parsed.scheme(), "ws" | "wss");
@@ -81,7 +80,9 @@ impl Chain {
                 let connect = WsConnect::new(url).with_max_retries(3).with_retry_interval(Duration::from_millis(500));
                 let connecting = async {
                     match signer {
-                        Some(key) => builder.wallet(EthereumWallet::from(key)).connect_ws(connect).await.map(Provider::erased),
+                        Some(key) => {
+                            builder.wallet(EthereumWallet::from(key)).connect_ws(connect).await.map(Provider::erased)
+                        }
                         None => builder.connect_ws(connect).await.map(Provider::erased),
                     }
                 };
@@ -154,7 +155,8 @@ impl Chain {
     /// `NoRegistry` when the address holds no code; RPC and timeout errors.
     pub async fn registry(&self, address: Address) -> Result<RegistryClient> {
         let action = "read the registry's code";
-        let code = self.bounded(action, self.provider.get_code_at(address)).await?.map_err(|e| self.transport(action, e))?;
+        let code =
+            self.bounded(action, self.provider.get_code_at(address)).await?.map_err(|e| self.transport(action, e))?;
         if code.is_empty() {
             return Err(Error::NoRegistry { address, chain_id: self.chain_id });
         }
@@ -331,7 +333,12 @@ impl RegistryClient {
         }
     }
 
-    async fn send<D: CallDecoder>(&self, name: &str, action: &str, call: CallBuilder<&DynProvider, D>) -> Result<TxOutcome> {
+    async fn send<D: CallDecoder>(
+        &self,
+        name: &str,
+        action: &str,
+        call: CallBuilder<&DynProvider, D>,
+    ) -> Result<TxOutcome> {
         let mined = self.chain.transact(action, Some(self.address()), &call).await.map_err(|e| self.named(name, e))?;
         Ok(mined.outcome)
     }
@@ -353,7 +360,8 @@ impl RegistryClient {
     pub async fn service_location(&self, name: &str) -> Result<Resolved> {
         let action = "resolve the service";
         let call = self.instance.getServiceLocation(service_id(name));
-        let answer = self.chain.bounded(action, call.call()).await?.map_err(|e| self.named(name, self.error(action, e)))?;
+        let answer =
+            self.chain.bounded(action, call.call()).await?.map_err(|e| self.named(name, self.error(action, e)))?;
         Ok(Resolved { location: answer.location, epoch: answer.epoch, state: self.state(action, answer.state)? })
     }
 
@@ -372,11 +380,8 @@ impl RegistryClient {
     pub async fn info(&self, name: &str) -> Result<ServiceInfo> {
         let action = "read the service";
         let id = service_id(name);
-        let (header, pending, body) = (
-            self.instance.getHeader(id),
-            self.instance.pendingManager(id),
-            self.instance.getRecoveryInfo(id),
-        );
+        let (header, pending, body) =
+            (self.instance.getHeader(id), self.instance.pendingManager(id), self.instance.getRecoveryInfo(id));
         let (header, pending, body) = self
             .chain
             .bounded(action, async {
@@ -409,8 +414,11 @@ impl RegistryClient {
             .event_signature(ServiceRegistry::OperatorSet::SIGNATURE_HASH)
             .topic1(service_id(name))
             .from_block(from_block);
-        let logs =
-            self.chain.bounded(action, self.chain.provider.get_logs(&filter)).await?.map_err(|e| self.chain.transport(action, e))?;
+        let logs = self
+            .chain
+            .bounded(action, self.chain.provider.get_logs(&filter))
+            .await?
+            .map_err(|e| self.chain.transport(action, e))?;
         let mut operators: Vec<Address> = Vec::new();
         for log in logs {
             let set = log.log_decode::<ServiceRegistry::OperatorSet>().map_err(|e| Error::BadChainData {

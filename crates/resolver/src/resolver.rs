@@ -58,10 +58,19 @@ impl Default for ResolverConfig {
 /// An event of the registry as the watcher hands it on.
 #[derive(Clone, Debug)]
 enum Event {
-    Location { id: B256, location: String, epoch: u64 },
-    State { id: B256, state: ServiceState },
+    Location {
+        id: B256,
+        location: String,
+        epoch: u64,
+    },
+    State {
+        id: B256,
+        state: ServiceState,
+    },
     /// A log was removed by a reorganisation: what it said no longer holds.
-    Invalidate { id: B256 },
+    Invalidate {
+        id: B256,
+    },
     /// The watcher was not live for a while: anything may have changed.
     Resync,
 }
@@ -432,7 +441,8 @@ async fn poll_loop(shared: &Shared) {
     let mut cursor: Option<u64> = None;
     loop {
         let polled = async {
-            let head = tokio::time::timeout(rpc, provider.get_block_number()).await.map_err(|_| "timed out".to_owned())?;
+            let head =
+                tokio::time::timeout(rpc, provider.get_block_number()).await.map_err(|_| "timed out".to_owned())?;
             let head = head.map_err(|e| e.to_string())?;
             let Some(from) = cursor.map(|c| c + 1) else {
                 // First poll: events from here on; the cache starts empty.
@@ -440,7 +450,8 @@ async fn poll_loop(shared: &Shared) {
             };
             if head >= from {
                 let filter = shared.filter().from_block(from).to_block(head);
-                let logs = tokio::time::timeout(rpc, provider.get_logs(&filter)).await.map_err(|_| "timed out".to_owned())?;
+                let logs =
+                    tokio::time::timeout(rpc, provider.get_logs(&filter)).await.map_err(|_| "timed out".to_owned())?;
                 for log in logs.map_err(|e| e.to_string())? {
                     shared.apply(&log);
                 }

@@ -290,10 +290,7 @@ impl TransferArgs {
         out.progress(format_args!("handing {:?} to {} ...", self.name, self.next_manager));
         let tx = registry.transfer_manager(&self.name, self.next_manager).await?;
         out.transaction(
-            &format!(
-                "{} may now accept {:?} with `br2k service accept {}`",
-                self.next_manager, self.name, self.name
-            ),
+            &format!("{} may now accept {:?} with `br2k service accept {}`", self.next_manager, self.name, self.name),
             tx,
             json!({ "service": self.name, "pendingManager": self.next_manager }),
         )

@@ -1,0 +1,71 @@
+//! The typed registry client: reads, transactions, decoded reverts, connection errors.
+
+use br2k_bindings::ServiceRegistry::ServiceRegistryErrors;
+use br2k_bindings::ServiceState;
+use br2k_resolver::{Chain, Error};
+
+use crate::fixture::{Fixture, NAME, timeouts};
+
+#[tokio::test]
+async fn reads_what_was_written() {
+    let f = Fixture::new(300).await;
+    f.publish("http://127.0.0.1:8080", 4).await;
+    let resolved = f.manager.service_location(NAME).await.unwrap();
+    assert_eq!(
+        (resolved.location.as_str(), resolved.epoch, resolved.state),
+        ("http://127.0.0.1:8080", 4, ServiceState::Registered)
+    );
+
+    f.manager.set_state(NAME, ServiceState::Running).await.unwrap();
+    let info = f.manager.info(NAME).await.unwrap();
+    assert_eq!(info.state, ServiceState::Running);
+    assert_eq!(info.manager, f.anvil.address(0));
+    assert_eq!(info.recovery.replicas, 3);
+    assert_eq!(f.manager.operators(NAME, 0).await.unwrap(), vec![f.anvil.address(1)]);
+    f.manager.set_operator(NAME, f.anvil.address(1), false).await.unwrap();
+    assert!(f.manager.operators(NAME, 0).await.unwrap().is_empty(), "a removed operator is gone");
+}
+
+#[tokio::test]
+async fn reverts_are_decoded() {
+    let f = Fixture::new(300).await;
+    f.publish("http://a", 5).await;
+    match f.operator.update_location(NAME, "http://b", 5).await {
+        Err(Error::Reverted { revert: ServiceRegistryErrors::ServiceRegistryStaleEpoch(e), service, .. }) => {
+            assert_eq!((e.epoch, e.currentEpoch), (5, 5));
+            assert_eq!(service.as_deref(), Some(NAME));
+        }
+        other => panic!("expected a stale-epoch revert, got {other:?}"),
+    }
+    match f.operator.set_state(NAME, ServiceState::Stopped).await {
+        Err(e @ Error::Reverted { revert: ServiceRegistryErrors::ServiceRegistryNotManager(_), .. }) => {
+            let text = e.to_string();
+            assert!(text.contains("is not the manager of service \"logserver\""), "{text}");
+        }
+        other => panic!("expected NotManager, got {other:?}"),
+    }
+    match f.manager.service_location("nope").await {
+        Err(Error::UnknownService { name, .. }) => assert_eq!(name, "nope"),
+        other => panic!("expected UnknownService, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn connection_problems_are_typed() {
+    let f = Fixture::new(300).await;
+    match Chain::connect("http://127.0.0.1:1", None, timeouts()).await {
+        Err(e @ Error::Unreachable { .. }) => assert!(e.is_unreachable()),
+        other => panic!("expected Unreachable, got {other:?}"),
+    }
+    assert!(matches!(Chain::connect("ftp://x", None, timeouts()).await, Err(Error::InvalidRpcUrl { .. })));
+    let chain = Chain::connect(&f.anvil.endpoint(), None, timeouts()).await.unwrap();
+    match chain.registry(f.anvil.address(5)).await {
+        Err(Error::NoRegistry { chain_id, .. }) => assert_eq!(chain_id, 31337),
+        other => panic!("expected NoRegistry, got {other:?}"),
+    }
+    let registry = chain.registry(f.manager.address()).await.unwrap();
+    assert!(
+        matches!(registry.send_claim(NAME, "x").await, Err(Error::NoSigner { .. })),
+        "a keyless client cannot send"
+    );
+}
