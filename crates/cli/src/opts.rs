@@ -144,11 +144,11 @@ impl RegistryOpts {
             }
         };
         match chain.registry(address).await {
-            Err(e @ br2k_resolver::Error::NoRegistry { .. }) if self.registry.is_none() => Err(anyhow::Error::new(e)
-                .context(format!(
-                    "the deployments file for chain {} names a registry that is not there (was the chain restarted?): deploy again with `br2k service-registry deploy`",
-                    chain.chain_id()
-                ))),
+            Err(br2k_resolver::Error::NoRegistry { .. }) if self.registry.is_none() => bail!(
+                "the registry {address} recorded in {} is not on chain {} (was the chain restarted?): deploy again with `br2k service-registry deploy`, or pass --registry",
+                Deployments::new(&self.deployments).path(chain.chain_id()).display(),
+                chain.chain_id()
+            ),
             other => Ok(other?),
         }
     }

@@ -15,7 +15,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The RPC URL could not be parsed or has a scheme other than http, https, ws or wss.
-    #[error("invalid RPC URL {url:?}: {reason}")]
+    #[error("invalid RPC URL {url:?}: {reason} (expected e.g. http://127.0.0.1:8545 or ws://127.0.0.1:8545)")]
     InvalidRpcUrl {
         /// The URL as given.
         url: String,
