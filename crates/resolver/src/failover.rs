@@ -304,8 +304,19 @@ impl FailoverClient {
         let location = match hint {
             Some(location) => location,
             None => {
-                let resolved =
-                    self.inner.resolver.resolve(&self.inner.service).await.map_err(AttemptFailure::Resolve)?;
+                // The resolver bounds its own calls; the deadline of this send bounds them too.
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                let resolving = self.inner.resolver.resolve(&self.inner.service);
+                let resolved = tokio::time::timeout(remaining, resolving)
+                    .await
+                    .map_err(|_| {
+                        AttemptFailure::Resolve(Error::Timeout {
+                            url: self.inner.resolver.registry().chain().url().to_owned(),
+                            action: "resolve the service within the request's deadline".into(),
+                            after: remaining,
+                        })
+                    })?
+                    .map_err(AttemptFailure::Resolve)?;
                 if resolved.location.is_empty() {
                     return Err(AttemptFailure::NoLocation(resolved.state));
                 }

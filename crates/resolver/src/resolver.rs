@@ -13,6 +13,7 @@
 //! with [`Resolver::report_failure`], which drops that entry too.
 
 use std::collections::HashMap;
+use std::future::IntoFuture;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -334,6 +335,16 @@ impl Shared {
         }
     }
 
+    /// Forgets every cached entry and tells the watch streams to ask again: events may have
+    /// been missed.
+    fn resync(&self) {
+        let mut cache = self.cache();
+        cache.by_name.clear();
+        cache.generation += 1;
+        drop(cache);
+        let _ = self.events.send(Event::Resync);
+    }
+
     /// Applies one registry log to the cache and hands it to the watch streams.
     fn apply(&self, log: &Log) {
         let Some(event) = decode(log) else { return };
@@ -411,26 +422,63 @@ async fn watch_registry(shared: Arc<Shared>) {
     }
 }
 
+/// Follows the registry's logs through a subscription. The WebSocket transport reconnects
+/// and re-subscribes on its own after a dropped connection, silently losing the events in
+/// between, so the loop also follows new block headers: a gap in their numbers means the
+/// connection was down, and the cache is dropped (a resync) rather than trusted.
 async fn subscribe_loop(shared: &Shared) {
     let provider = shared.registry.chain().provider().clone();
     let mut retry = Backoff::new(Duration::from_millis(100), shared.config.max_retry_interval);
     loop {
-        let subscribing = tokio::time::timeout(shared.config.timeouts.rpc, provider.subscribe_logs(&shared.filter()));
-        match subscribing.await {
-            Ok(Ok(subscription)) => {
+        let subscribing = async {
+            let (logs, heads) = (provider.subscribe_logs(&shared.filter()), provider.subscribe_blocks());
+            futures::try_join!(logs.into_future(), heads.into_future())
+        };
+        match tokio::time::timeout(shared.config.timeouts.rpc, subscribing).await {
+            Ok(Ok((logs, heads))) => {
                 retry.reset();
                 shared.set_live(true);
-                let mut logs = subscription.into_stream();
-                while let Some(log) = logs.next().await {
-                    shared.apply(&log);
+                let (mut logs, mut heads) = (logs.into_stream(), heads.into_stream());
+                let mut tracker = HeadTracker::default();
+                loop {
+                    tokio::select! {
+                        log = logs.next() => match log {
+                            Some(log) => shared.apply(&log),
+                            None => break,
+                        },
+                        head = heads.next() => match head {
+                            Some(head) => {
+                                if tracker.observe(head.number) {
+                                    tracing::warn!(block = head.number, "blocks were missed (the connection dropped?): resolving afresh");
+                                    shared.resync();
+                                }
+                            }
+                            None => break,
+                        },
+                    }
                 }
-                tracing::warn!("the registry log subscription ended; subscribing again");
+                tracing::warn!("the registry subscription ended; subscribing again");
             }
             Ok(Err(e)) => tracing::warn!("could not subscribe to the registry's logs: {e}"),
             Err(_) => tracing::warn!("subscribing to the registry's logs timed out"),
         }
         shared.set_live(false);
         tokio::time::sleep(retry.next_delay()).await;
+    }
+}
+
+/// Notices gaps in a sequence of block numbers.
+#[derive(Debug, Default)]
+struct HeadTracker {
+    last: Option<u64>,
+}
+
+impl HeadTracker {
+    /// Records block `number`; true when blocks between the last one seen and it were missed.
+    fn observe(&mut self, number: u64) -> bool {
+        let gap = self.last.is_some_and(|last| number > last + 1);
+        self.last = Some(self.last.map_or(number, |last| last.max(number)));
+        gap
     }
 }
 
@@ -495,5 +543,30 @@ impl Backoff {
 
     pub(crate) const fn reset(&mut self) {
         self.next = self.first;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn head_tracker_flags_only_gaps() {
+        let mut tracker = HeadTracker::default();
+        assert!(!tracker.observe(10), "the first head is no gap");
+        assert!(!tracker.observe(11));
+        assert!(!tracker.observe(11), "a repeated head is no gap");
+        assert!(!tracker.observe(9), "an older head (reorg) is no gap");
+        assert!(tracker.observe(14), "12 and 13 were missed");
+        assert!(!tracker.observe(15));
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap_and_resets() {
+        let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_millis(35));
+        let delays: Vec<_> = (0..4).map(|_| backoff.next_delay().as_millis()).collect();
+        assert_eq!(delays, [10, 20, 35, 35]);
+        backoff.reset();
+        assert_eq!(backoff.next_delay().as_millis(), 10);
     }
 }
