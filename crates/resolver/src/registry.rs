@@ -144,7 +144,7 @@ impl Chain {
         let receipt_address = tx.contract_address.ok_or_else(|| Error::BadChainData {
             registry: Address::ZERO,
             action: action.into(),
-            detail: format!("the receipt of {} names no contract address", tx.hash),
+            detail: format!("the receipt of {} names no contract address", tx.outcome.hash),
         })?;
         Ok(Deployment { address: receipt_address, chain_id: self.chain_id, claim_cooldown, tx: tx.outcome })
     }
@@ -216,7 +216,6 @@ impl Chain {
             return Err(Error::TxFailed { action: action.into(), hash, block });
         }
         Ok(Mined {
-            hash,
             contract_address: receipt.contract_address,
             outcome: TxOutcome { hash, block, gas_used: receipt.gas_used },
         })
@@ -229,7 +228,6 @@ async fn bounded<T>(url: &str, action: &str, after: Duration, fut: impl IntoFutu
 
 /// A mined transaction with its receipt.
 struct Mined {
-    hash: B256,
     contract_address: Option<Address>,
     outcome: TxOutcome,
 }

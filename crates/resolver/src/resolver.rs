@@ -316,23 +316,22 @@ impl Shared {
         self.cache.write().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Marks the watcher live or not. Losing liveness empties the cache; regaining it
-    /// tells the watch streams to ask again, as events may have been missed.
+    /// Marks the watcher live or not. Either way the cache starts afresh: going down, it can
+    /// no longer be kept fresh; coming back, events may have been missed meanwhile.
     fn set_live(&self, live: bool) {
-        let mut cache = self.cache();
-        if cache.live == live {
-            return;
+        {
+            let mut cache = self.cache();
+            if cache.live == live {
+                return;
+            }
+            cache.live = live;
         }
-        cache.live = live;
-        cache.by_name.clear();
-        cache.generation += 1;
-        drop(cache);
         if live {
             tracing::debug!("resolver watcher live: the cache is in use");
-            let _ = self.events.send(Event::Resync);
         } else {
             tracing::warn!("resolver watcher lost the registry's events: resolving without the cache until it is back");
         }
+        self.resync();
     }
 
     /// Forgets every cached entry and tells the watch streams to ask again: events may have
