@@ -14,7 +14,7 @@ fn deploy_records_the_registry_for_later_commands() {
 
 "#]]).stderr_eq(str![[r#"
 deploying the ServiceRegistry on chain 31337 ...
-deployed at 0x5FbDB2315678afecb367f032d93F642f64180aa3 (transaction [..], block 1, gas 1614862); recorded in deployments/31337.json
+deployed at 0x5FbDB2315678afecb367f032d93F642f64180aa3 (transaction [..], block 1, gas [..]); recorded in deployments/31337.json
 
 "#]]);
     let recorded = std::fs::read_to_string(env.dir.path().join("deployments/31337.json")).unwrap();
@@ -26,7 +26,7 @@ deployed at 0x5FbDB2315678afecb367f032d93F642f64180aa3 (transaction [..], block 
     // Found without --registry from now on.
     env.br2k(Some(0)).args(["service", "register", "logserver", "--replicas", "5", "--image", "br2k/logserver:1", "--image-digest", &format!("sha256:{}", "ab".repeat(32))]).assert().success().stdout_eq(str![[r#"
 registered "logserver" (id 0x0c47e5831489753519f58d295b1a9a28cbb20487484680d58cf48c4177478c67), manager 0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266
-transaction [..] (block 2, gas 215027)
+transaction [..] (block 2, gas [..])
 
 "#]]).stderr_eq(str![[r#"
 using the registry 0x5FbDB2315678afecb367f032d93F642f64180aa3 recorded in deployments/31337.json
@@ -68,7 +68,7 @@ logserver has no location yet (state registered): no leader has published itself
         .success()
         .stdout_eq(str![[r#"
 "logserver" is served at http://127.0.0.1:8080 (epoch 1)
-transaction [..] (block 4, gas 38391)
+transaction [..] (block 4, gas [..])
 
 "#]]);
     env.br2k(None).args(["resolve", "logserver"]).assert().success().stdout_eq(str![[r#"
@@ -82,7 +82,7 @@ http://127.0.0.1:8080
 
     env.br2k(Some(0)).args(["service", "state", "logserver", "running"]).assert().success().stdout_eq(str![[r#"
 "logserver" is now running
-transaction [..] (block 5, gas 31488)
+transaction [..] (block 5, gas [..])
 
 "#]]);
     env.br2k(None).args(["service", "info", "logserver"]).assert().success().stdout_eq(str![[r#"
@@ -106,16 +106,16 @@ image digest    -
 
     env.br2k(Some(0)).args(["service", "transfer", "logserver", &next]).assert().success().stdout_eq(str![[r#"
 0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC may now accept "logserver" with `br2k service accept logserver`
-transaction [..] (block 6, gas 50849)
+transaction [..] (block 6, gas [..])
 
 "#]]);
     env.br2k(Some(2)).args(["service", "accept", "logserver"]).assert().success().stdout_eq(str![[r#"
 0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC now manages "logserver"
-transaction [..] (block 7, gas 31821)
+transaction [..] (block 7, gas [..])
 
 "#]]);
     env.br2k(Some(2)).args(["--json", "service", "operator", "rm", "logserver", &operator]).assert().success().stdout_eq(str![[r#"
-{"allowed":false,"block":8,"gasUsed":29166,"operator":"0x70997970c51812dc3a010c7d01b50e0d17dc79c8","service":"logserver","txHash":"[..]"}
+{"allowed":false,"block":8,"gasUsed":[..],"operator":"0x70997970c51812dc3a010c7d01b50e0d17dc79c8","service":"logserver","txHash":"[..]"}
 
 "#]]);
 
@@ -128,7 +128,7 @@ transaction [..] (block 7, gas 31821)
     env.br2k(Some(3)).args(["claim", "logserver", "--reason", "no answer for 30 s"]).assert().success().stdout_eq(
         str![[r#"
 claim filed against "logserver"
-transaction [..] (block 9, gas 50207)
+transaction [..] (block 9, gas [..])
 
 "#]],
     );
@@ -178,7 +178,7 @@ error: the password file password is readable by others (mode 644): run `chmod 6
     std::fs::set_permissions(&password, std::fs::Permissions::from_mode(0o600)).unwrap();
     publish(&env).assert().success().stdout_eq(str![[r#"
 "logserver" is served at http://10.0.0.9:80 (epoch 9)
-transaction [..] (block 4, gas 38355)
+transaction [..] (block 4, gas [..])
 
 "#]]);
 
