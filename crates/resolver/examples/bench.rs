@@ -4,7 +4,10 @@
 //! - cached resolve vs. a bare `HashMap` lookup and clone (the least a cache can cost);
 //! - uncached resolve vs. the raw `getServiceLocation` `eth_call` through alloy;
 //! - propagation: from the `updateLocation` receipt to a subscribed resolver's cache
-//!   holding the new location, vs. a raw `eth_subscribe` log subscription receiving the event.
+//!   holding the new location, vs. a raw `eth_subscribe` log subscription receiving the
+//!   event, and vs. a raw connection that, like the resolver, also follows new heads (the
+//!   resolver does, to notice a silent reconnect; on anvil that costs a ~40 ms tail, which
+//!   this second baseline shows comes from the node's socket, not from the resolver).
 //!
 //! Run it with `bash tools/bench-resolver.sh` (builds in release mode against a fresh anvil).
 //! Prints a Markdown table on stdout, progress on stderr.
@@ -153,6 +156,28 @@ async fn main() -> Result<()> {
             }
         })
     };
+    // A second raw listener that, like the resolver, also follows new heads on the same
+    // connection: it tells whether a tail comes from the resolver or from the node's socket.
+    let ws_with_heads = ProviderBuilder::new().connect_ws(WsConnect::new(anvil.ws_endpoint())).await?;
+    let mut heads = ws_with_heads.subscribe_blocks().await?.into_stream();
+    let mut logs_with_heads = ws_with_heads.subscribe_logs(&filter).await?.into_stream();
+    let with_heads_arrivals: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
+    let with_heads_recorder = {
+        let arrivals = Arc::clone(&with_heads_arrivals);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    head = heads.next() => if head.is_none() { break },
+                    log = logs_with_heads.next() => match log {
+                        Some(log) => if let Ok(event) = log.log_decode::<NewLocation>() {
+                            arrivals.lock().expect("not poisoned").insert(event.inner.data.epoch, Instant::now());
+                        },
+                        None => break,
+                    },
+                }
+            }
+        })
+    };
     let cache_recorder = {
         let arrivals = Arc::clone(&cache_arrivals);
         let mut changes = Box::pin(resolver.watch(NAME));
@@ -177,6 +202,7 @@ async fn main() -> Result<()> {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let (mut cache_after_receipt, mut raw_after_receipt) = (Vec::new(), Vec::new());
     let (mut cache_after_send, mut raw_after_send, mut receipts) = (Vec::new(), Vec::new(), Vec::new());
+    let mut with_heads_after_send = Vec::new();
     let mut before_receipt = 0;
     for epoch in 2..2 + PROPAGATION_SAMPLES {
         let location = format!("http://127.0.0.1:{}", 9000 + epoch);
@@ -185,6 +211,8 @@ async fn main() -> Result<()> {
         let receipt_at = Instant::now();
         let cache_at = wait_for(&cache_arrivals, epoch).await?;
         let raw_at = wait_for(&raw_arrivals, epoch).await?;
+        let with_heads_at = wait_for(&with_heads_arrivals, epoch).await?;
+        with_heads_after_send.push(with_heads_at - sent_at);
         anyhow::ensure!(resolver.cached(NAME).is_some_and(|r| r.epoch == epoch), "the cache holds epoch {epoch}");
         if cache_at <= receipt_at {
             before_receipt += 1;
@@ -196,10 +224,16 @@ async fn main() -> Result<()> {
         raw_after_send.push(raw_at - sent_at);
     }
     raw_recorder.abort();
+    with_heads_recorder.abort();
     cache_recorder.abort();
-    for samples in
-        [&mut cache_after_receipt, &mut raw_after_receipt, &mut cache_after_send, &mut raw_after_send, &mut receipts]
-    {
+    for samples in [
+        &mut cache_after_receipt,
+        &mut raw_after_receipt,
+        &mut cache_after_send,
+        &mut raw_after_send,
+        &mut receipts,
+        &mut with_heads_after_send,
+    ] {
         samples.sort();
     }
     let series = [
@@ -213,10 +247,21 @@ async fn main() -> Result<()> {
         rows.push(Row {
             what,
             br2k: micros(a),
-            baseline_name: "raw eth_subscribe",
+            baseline_name: "raw logs subscription",
             baseline: micros(b),
             ratio: ratio(a, b),
             goal,
+        });
+    }
+    for (what, p) in [("send -> cache p50", 0.5), ("send -> cache p99", 0.99)] {
+        let (a, b) = (percentile(&cache_after_send, p), percentile(&with_heads_after_send, p));
+        rows.push(Row {
+            what,
+            br2k: micros(a),
+            baseline_name: "raw logs + newHeads subscriptions (as the resolver)",
+            baseline: micros(b),
+            ratio: ratio(a, b),
+            goal: "",
         });
     }
     let receipt_p50 = percentile(&receipts, 0.5);
