@@ -123,34 +123,33 @@ pub(crate) struct RegistryOpts {
 }
 
 impl RegistryOpts {
-    /// The registry on `chain`: `--registry`, else the deployments file.
+    /// The registry on `chain`: `--registry`, else the deployments file. When the file
+    /// records that registry, its deployment block bounds the event history read later.
     pub(crate) async fn open(&self, chain: &Chain, out: &Output) -> Result<RegistryClient> {
-        let address = match self.registry {
-            Some(address) => address,
+        let chain_id = chain.chain_id();
+        let deployments = Deployments::new(&self.deployments);
+        let file = deployments.path(chain_id);
+        let loaded = deployments.load(chain_id);
+        let (address, recorded) = match self.registry {
+            // A given address needs no file; a broken file only matters when it is needed.
+            Some(address) => (address, loaded.ok().flatten()),
             None => {
-                let deployments = Deployments::new(&self.deployments);
-                let recorded = deployments.load(chain.chain_id())?.with_context(|| {
-                    format!(
-                        "no registry on chain {}: run `br2k service-registry deploy` or pass --registry (or set BR2K_REGISTRY)",
-                        chain.chain_id()
-                    )
+                let recorded = loaded?.with_context(|| {
+                    format!("no registry on chain {chain_id}: run `br2k service-registry deploy` or pass --registry (or set BR2K_REGISTRY)")
                 })?;
-                out.progress(format_args!(
-                    "using the registry {} recorded in {}",
-                    recorded.address,
-                    deployments.path(chain.chain_id()).display()
-                ));
-                recorded.address
+                out.progress(format_args!("using the registry {} recorded in {}", recorded.address, file.display()));
+                (recorded.address, Some(recorded))
             }
         };
-        match chain.registry(address).await {
+        let registry = match chain.registry(address).await {
             Err(br2k_resolver::Error::NoRegistry { .. }) if self.registry.is_none() => bail!(
-                "the registry {address} recorded in {} is not on chain {} (was the chain restarted?): deploy again with `br2k service-registry deploy`, or pass --registry",
-                Deployments::new(&self.deployments).path(chain.chain_id()).display(),
-                chain.chain_id()
+                "the registry {address} recorded in {} is not on chain {chain_id} (was the chain restarted?): deploy again with `br2k service-registry deploy`, or pass --registry",
+                file.display()
             ),
-            other => Ok(other?),
-        }
+            other => other?,
+        };
+        let deployed_in = recorded.filter(|r| r.address == address).map_or(0, |r| r.block);
+        Ok(registry.deployed_in(deployed_in))
     }
 }
 

@@ -5,7 +5,7 @@ use std::fmt;
 use std::io::Write;
 
 use anyhow::{Context, Result};
-use br2k_resolver::TxOutcome;
+use br2k_resolver::{Resolved, TxOutcome};
 use serde_json::{Value, json};
 
 /// The command's output channels.
@@ -45,4 +45,9 @@ impl Output {
         let human = format!("{what}\ntransaction {} (block {}, gas {})", tx.hash, tx.block, tx.gas_used);
         self.result(&human, &fields)
     }
+}
+
+/// Where a service is served, as `resolve --json` and `watch --json` print it.
+pub(crate) fn resolved_json(resolved: &Resolved) -> Value {
+    json!({ "location": resolved.location, "epoch": resolved.epoch, "state": resolved.state.as_str() })
 }

@@ -25,7 +25,7 @@ use br2k_bindings::IServiceRegistry::Body;
 use br2k_bindings::ServiceRegistry::{self, NewLocation};
 use br2k_resolver::{Chain, Resolved, Resolver, ResolverConfig, Timeouts, service_id};
 use br2k_test_utils::Anvil;
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
 
 const NAME: &str = "bench-service";
 const CACHED_ITERATIONS: u32 = 2_000_000;
@@ -53,6 +53,21 @@ fn micros(d: Duration) -> String {
 
 fn ratio(a: Duration, b: Duration) -> f64 {
     a.as_secs_f64() / b.as_secs_f64().max(1e-12)
+}
+
+type Arrivals = Arc<Mutex<HashMap<u64, Instant>>>;
+
+/// Stamps the time each epoch arrives on `epochs`, in a task of its own.
+fn record_arrivals(epochs: impl Stream<Item = u64> + Send + 'static) -> (Arrivals, tokio::task::JoinHandle<()>) {
+    let arrivals = Arrivals::default();
+    let stamped = Arc::clone(&arrivals);
+    let task = tokio::spawn(async move {
+        let mut epochs = std::pin::pin!(epochs);
+        while let Some(epoch) = epochs.next().await {
+            stamped.lock().expect("not poisoned").insert(epoch, Instant::now());
+        }
+    });
+    (arrivals, task)
 }
 
 #[tokio::main]
@@ -137,58 +152,26 @@ async fn main() -> Result<()> {
         });
     }
 
-    // 3. Propagation. Arrival times are stamped by two listeners: a `watch` stream of the
+    // 3. Propagation. Arrival times are stamped by three listeners: a `watch` stream of the
     // resolver (it yields right after the watcher wrote the event into the cache, so its
-    // stamp is an upper bound of the cache's) and a raw log subscription.
+    // stamp is an upper bound of the cache's), a raw log subscription, and a raw log
+    // subscription sharing its connection with a new-heads one.
     eprintln!("propagation: {PROPAGATION_SAMPLES} location updates ...");
     let ws = ProviderBuilder::new().connect_ws(WsConnect::new(anvil.ws_endpoint())).await?;
     let filter = Filter::new().address(deployment.address).event_signature(NewLocation::SIGNATURE_HASH);
-    let mut logs = ws.subscribe_logs(&filter).await?.into_stream();
-    let raw_arrivals: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
-    let cache_arrivals: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
-    let raw_recorder = {
-        let arrivals = Arc::clone(&raw_arrivals);
-        tokio::spawn(async move {
-            while let Some(log) = logs.next().await {
-                if let Ok(event) = log.log_decode::<NewLocation>() {
-                    arrivals.lock().expect("not poisoned").insert(event.inner.data.epoch, Instant::now());
-                }
-            }
-        })
-    };
+    let epochs =
+        |log: alloy::rpc::types::Log| async move { log.log_decode::<NewLocation>().ok().map(|e| e.inner.data.epoch) };
+    let (raw_arrivals, raw_recorder) =
+        record_arrivals(ws.subscribe_logs(&filter).await?.into_stream().filter_map(epochs));
     // A second raw listener that, like the resolver, also follows new heads on the same
     // connection: it tells whether a tail comes from the resolver or from the node's socket.
     let ws_with_heads = ProviderBuilder::new().connect_ws(WsConnect::new(anvil.ws_endpoint())).await?;
-    let mut heads = ws_with_heads.subscribe_blocks().await?.into_stream();
-    let mut logs_with_heads = ws_with_heads.subscribe_logs(&filter).await?.into_stream();
-    let with_heads_arrivals: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
-    let with_heads_recorder = {
-        let arrivals = Arc::clone(&with_heads_arrivals);
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    head = heads.next() => if head.is_none() { break },
-                    log = logs_with_heads.next() => match log {
-                        Some(log) => if let Ok(event) = log.log_decode::<NewLocation>() {
-                            arrivals.lock().expect("not poisoned").insert(event.inner.data.epoch, Instant::now());
-                        },
-                        None => break,
-                    },
-                }
-            }
-        })
-    };
-    let cache_recorder = {
-        let arrivals = Arc::clone(&cache_arrivals);
-        let mut changes = Box::pin(resolver.watch(NAME));
-        tokio::spawn(async move {
-            while let Some(change) = changes.next().await {
-                if let Ok(change) = change {
-                    arrivals.lock().expect("not poisoned").insert(change.epoch, Instant::now());
-                }
-            }
-        })
-    };
+    let heads = ws_with_heads.subscribe_blocks().await?.into_stream();
+    let heads_drain = tokio::spawn(heads.for_each(|_| async {}));
+    let (with_heads_arrivals, with_heads_recorder) =
+        record_arrivals(ws_with_heads.subscribe_logs(&filter).await?.into_stream().filter_map(epochs));
+    let (cache_arrivals, cache_recorder) =
+        record_arrivals(resolver.watch(NAME).filter_map(|change| async move { change.ok().map(|c| c.epoch) }));
     let wait_for = async |arrivals: &Mutex<HashMap<u64, Instant>>, epoch: u64| -> Result<Instant> {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
@@ -223,9 +206,9 @@ async fn main() -> Result<()> {
         cache_after_send.push(cache_at - sent_at);
         raw_after_send.push(raw_at - sent_at);
     }
-    raw_recorder.abort();
-    with_heads_recorder.abort();
-    cache_recorder.abort();
+    for task in [raw_recorder, with_heads_recorder, cache_recorder, heads_drain] {
+        task.abort();
+    }
     for samples in [
         &mut cache_after_receipt,
         &mut raw_after_receipt,

@@ -202,6 +202,13 @@ struct Inner {
     claims_filed: AtomicU64,
 }
 
+impl Inner {
+    /// The claim window; a counter left by a panicking holder is still a valid counter.
+    fn window(&self) -> std::sync::MutexGuard<'_, ClaimWindow> {
+        self.window.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 /// Sends HTTP requests to a br2k service's current leader, following it through leader
 /// changes. Cloning is cheap; clones share the claim window.
 #[derive(Clone, Debug)]
@@ -267,7 +274,7 @@ impl FailoverClient {
             attempts += 1;
             let failure = match self.attempt(request, &key, hint.take(), deadline).await {
                 Ok(response) => {
-                    self.inner.window.lock().unwrap_or_else(std::sync::PoisonError::into_inner).failures = 0;
+                    self.inner.window().failures = 0;
                     return Ok(response);
                 }
                 Err(AttemptFailure::Resolve(e)) if !e.is_unreachable() => return Err(FailoverError::Resolve(e)),
@@ -360,7 +367,7 @@ impl FailoverClient {
     fn count_failure(&self, failure: &AttemptFailure) {
         let config = &self.inner.config;
         let now = Instant::now();
-        let mut window = self.inner.window.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut window = self.inner.window();
         if window.started.is_none_or(|started| now - started >= config.claim_window) {
             *window = ClaimWindow { started: Some(now), failures: 0, claimed: false };
         }

@@ -10,7 +10,7 @@ use alloy::contract::{CallBuilder, CallDecoder};
 use alloy::network::EthereumWallet;
 use alloy::primitives::{Address, B256, keccak256};
 use alloy::providers::{DynProvider, PendingTransactionError, Provider, ProviderBuilder, WsConnect};
-use alloy::rpc::client::RpcClient;
+use alloy::rpc::client::{ClientBuilder, RpcClient};
 use alloy::rpc::types::Filter;
 use alloy::signers::local::PrivateKeySigner;
 use alloy::sol_types::SolEvent;
@@ -61,32 +61,19 @@ impl Chain {
         let parsed =
             url.parse::<reqwest::Url>().map_err(|e| Error::InvalidRpcUrl { url: url.into(), reason: e.to_string() })?;
         let sender = signer.as_ref().map(PrivateKeySigner::address);
-        let builder = ProviderBuilder::new();
         let pubsub = matches!(parsed.scheme(), "ws" | "wss");
-        let provider = match parsed.scheme() {
+        let client = match parsed.scheme() {
             "http" | "https" => {
                 let http = reqwest::Client::builder()
                     .timeout(timeouts.rpc)
                     .connect_timeout(timeouts.rpc)
                     .build()
                     .map_err(|e| Error::InvalidRpcUrl { url: url.into(), reason: e.to_string() })?;
-                let client = RpcClient::new_http_with_client(http, parsed);
-                match signer {
-                    Some(key) => builder.wallet(EthereumWallet::from(key)).connect_client(client).erased(),
-                    None => builder.connect_client(client).erased(),
-                }
+                RpcClient::new_http_with_client(http, parsed)
             }
             "ws" | "wss" => {
                 let connect = WsConnect::new(url).with_max_retries(3).with_retry_interval(Duration::from_millis(500));
-                let connecting = async {
-                    match signer {
-                        Some(key) => {
-                            builder.wallet(EthereumWallet::from(key)).connect_ws(connect).await.map(Provider::erased)
-                        }
-                        None => builder.connect_ws(connect).await.map(Provider::erased),
-                    }
-                };
-                bounded(url, "open a WebSocket", timeouts.rpc, connecting)
+                bounded(url, "open a WebSocket", timeouts.rpc, ClientBuilder::default().ws(connect))
                     .await?
                     .map_err(|e| from_transport(url, "open a WebSocket", e))?
             }
@@ -96,6 +83,10 @@ impl Chain {
                     reason: format!("scheme {other:?} is not one of http, https, ws, wss"),
                 });
             }
+        };
+        let provider = match signer {
+            Some(key) => ProviderBuilder::new().wallet(EthereumWallet::from(key)).connect_client(client).erased(),
+            None => ProviderBuilder::new().connect_client(client).erased(),
         };
         let chain_id = bounded(url, "read the chain id", timeouts.rpc, provider.get_chain_id())
             .await?
@@ -160,7 +151,11 @@ impl Chain {
         if code.is_empty() {
             return Err(Error::NoRegistry { address, chain_id: self.chain_id });
         }
-        Ok(RegistryClient { instance: ServiceRegistry::new(address, self.provider.clone()), chain: self.clone() })
+        Ok(RegistryClient {
+            instance: ServiceRegistry::new(address, self.provider.clone()),
+            chain: self.clone(),
+            first_block: 0,
+        })
     }
 
     /// Runs `fut` under the RPC timeout.
@@ -295,12 +290,22 @@ pub struct ServiceInfo {
 pub struct RegistryClient {
     chain: Chain,
     instance: ServiceRegistryInstance<DynProvider>,
+    /// Where the registry's event history starts (its deployment block, when known).
+    first_block: u64,
 }
 
 impl RegistryClient {
     /// The registry's address.
     pub fn address(&self) -> Address {
         *self.instance.address()
+    }
+
+    /// The same client, told that the registry was deployed in `block`, so reading its
+    /// event history starts there instead of at genesis.
+    #[must_use]
+    pub const fn deployed_in(mut self, block: u64) -> Self {
+        self.first_block = block;
+        self
     }
 
     /// The chain connection.
@@ -401,17 +406,17 @@ impl RegistryClient {
     }
 
     /// The addresses currently allowed as operators of a service, replayed from its
-    /// `OperatorSet` events since block `from_block`.
+    /// `OperatorSet` events since the registry's deployment block (see [`Self::deployed_in`]).
     ///
     /// # Errors
     /// RPC and timeout errors, `BadChainData` for a log that does not decode.
-    pub async fn operators(&self, name: &str, from_block: u64) -> Result<Vec<Address>> {
+    pub async fn operators(&self, name: &str) -> Result<Vec<Address>> {
         let action = "read the operators";
         let filter = Filter::new()
             .address(self.address())
             .event_signature(ServiceRegistry::OperatorSet::SIGNATURE_HASH)
             .topic1(service_id(name))
-            .from_block(from_block);
+            .from_block(self.first_block);
         let logs = self
             .chain
             .bounded(action, self.chain.provider.get_logs(&filter))

@@ -182,7 +182,7 @@ impl Resolver {
 
     /// The cached entry of `name`, if there is one the resolver trusts.
     pub fn cached(&self, name: &str) -> Option<Resolved> {
-        let cache = self.shared.cache.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let cache = self.shared.read_cache();
         if !cache.live {
             return None;
         }
@@ -198,9 +198,9 @@ impl Resolver {
     /// # Errors
     /// `UnknownService`, RPC and timeout errors.
     pub async fn refresh(&self, name: &str) -> Result<Resolved> {
-        let generation = self.read_cache().generation;
+        let generation = self.shared.read_cache().generation;
         let resolved = self.shared.registry.service_location(name).await?;
-        let mut cache = self.shared.cache.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut cache = self.shared.write_cache();
         if cache.live && cache.generation == generation {
             cache.names.insert(service_id(name), name.to_owned());
             cache.by_name.insert(name.to_owned(), Entry { resolved: resolved.clone(), fetched_at: Instant::now() });
@@ -211,7 +211,7 @@ impl Resolver {
     /// Drops the cached entry of `name`: its location failed the caller, so the next
     /// resolve asks the chain.
     pub fn report_failure(&self, name: &str) {
-        let mut cache = self.shared.cache.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut cache = self.shared.write_cache();
         if cache.by_name.remove(name).is_some() {
             tracing::debug!(service = name, "dropped the cached location after a reported failure");
         }
@@ -220,7 +220,7 @@ impl Resolver {
     /// Whether the watcher is following the registry's events right now (so cached
     /// entries are trusted).
     pub fn is_live(&self) -> bool {
-        self.read_cache().live
+        self.shared.read_cache().live
     }
 
     /// Files a claim that `name` is not serving, signed by the resolver's key.
@@ -245,10 +245,6 @@ impl Resolver {
             must_ask: true,
         };
         futures::stream::unfold(state, WatchState::next)
-    }
-
-    fn read_cache(&self) -> std::sync::RwLockReadGuard<'_, Cache> {
-        self.shared.cache.read().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -312,7 +308,13 @@ impl WatchState {
 }
 
 impl Shared {
-    fn cache(&self) -> std::sync::RwLockWriteGuard<'_, Cache> {
+    // A panic while holding the lock cannot leave the cache worse than stale, and every
+    // writer keeps it consistent, so a poisoned lock is used as is.
+    fn read_cache(&self) -> std::sync::RwLockReadGuard<'_, Cache> {
+        self.cache.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write_cache(&self) -> std::sync::RwLockWriteGuard<'_, Cache> {
         self.cache.write().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
@@ -320,7 +322,7 @@ impl Shared {
     /// no longer be kept fresh; coming back, events may have been missed meanwhile.
     fn set_live(&self, live: bool) {
         {
-            let mut cache = self.cache();
+            let mut cache = self.write_cache();
             if cache.live == live {
                 return;
             }
@@ -337,7 +339,7 @@ impl Shared {
     /// Forgets every cached entry and tells the watch streams to ask again: events may have
     /// been missed.
     fn resync(&self) {
-        let mut cache = self.cache();
+        let mut cache = self.write_cache();
         cache.by_name.clear();
         cache.generation += 1;
         drop(cache);
@@ -347,7 +349,7 @@ impl Shared {
     /// Applies one registry log to the cache and hands it to the watch streams.
     fn apply(&self, log: &Log) {
         let Some(event) = decode(log) else { return };
-        let mut cache = self.cache();
+        let mut cache = self.write_cache();
         cache.generation += 1;
         match &event {
             Event::Location { id, location, epoch } => {

@@ -19,15 +19,13 @@ pub(crate) struct ClaimArgs {
 impl ClaimArgs {
     pub(crate) async fn run(self, global: &GlobalOpts) -> Result<()> {
         let out = global.output();
-        let signer = global.wallet.require_signer("filing a claim")?;
-        let chain = global.chain.connect(Some(signer)).await?;
-        let registry = global.registry.open(&chain, &out).await?;
+        let registry = global.open_registry_signed("filing a claim").await?;
         out.progress(format_args!("filing a claim against {:?} ...", self.name));
         let tx = registry.send_claim(&self.name, &self.reason).await?;
         out.transaction(
             &format!("claim filed against {:?}", self.name),
             tx,
-            json!({ "service": self.name, "reason": self.reason, "claimant": chain.sender() }),
+            json!({ "service": self.name, "reason": self.reason, "claimant": registry.chain().sender() }),
         )
     }
 }

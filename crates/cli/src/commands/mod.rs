@@ -7,6 +7,7 @@ mod service;
 mod watch;
 
 use anyhow::Result;
+use br2k_resolver::RegistryClient;
 use clap::{Args, Parser, Subcommand};
 
 use crate::opts::{ChainOpts, RegistryOpts, WalletOpts};
@@ -60,6 +61,19 @@ pub(crate) struct GlobalOpts {
 impl GlobalOpts {
     const fn output(&self) -> Output {
         Output::new(self.json, self.quiet)
+    }
+
+    /// The registry, for a command that only reads.
+    async fn open_registry(&self) -> Result<RegistryClient> {
+        let chain = self.chain.connect(None).await?;
+        self.registry.open(&chain, &self.output()).await
+    }
+
+    /// The registry with the signing key, for a command that sends `action`.
+    async fn open_registry_signed(&self, action: &str) -> Result<RegistryClient> {
+        let signer = self.wallet.require_signer(action)?;
+        let chain = self.chain.connect(Some(signer)).await?;
+        self.registry.open(&chain, &self.output()).await
     }
 }
 

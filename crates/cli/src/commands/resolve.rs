@@ -2,9 +2,9 @@
 
 use anyhow::Result;
 use clap::Args;
-use serde_json::json;
 
 use super::GlobalOpts;
+use crate::output::resolved_json;
 
 #[derive(Args, Debug)]
 pub(crate) struct ResolveArgs {
@@ -15,8 +15,7 @@ pub(crate) struct ResolveArgs {
 impl ResolveArgs {
     pub(crate) async fn run(self, global: &GlobalOpts) -> Result<()> {
         let out = global.output();
-        let chain = global.chain.connect(None).await?;
-        let registry = global.registry.open(&chain, &out).await?;
+        let registry = global.open_registry().await?;
         let resolved = registry.service_location(&self.name).await?;
         if resolved.location.is_empty() {
             out.progress(format_args!(
@@ -24,9 +23,6 @@ impl ResolveArgs {
                 self.name, resolved.state
             ));
         }
-        out.result(
-            &resolved.location,
-            &json!({ "location": resolved.location, "epoch": resolved.epoch, "state": resolved.state.as_str() }),
-        )
+        out.result(&resolved.location, &resolved_json(&resolved))
     }
 }

@@ -4,14 +4,11 @@ use alloy::primitives::{Address, B256};
 use anyhow::{Result, bail};
 use br2k_bindings::IServiceRegistry::Body;
 use br2k_bindings::ServiceState;
-use br2k_resolver::RegistryClient;
 use clap::{Args, Subcommand};
 use serde_json::json;
 
 use super::GlobalOpts;
-use crate::deployments::Deployments;
 use crate::opts::parse_address;
-use crate::output::Output;
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum ServiceCommand {
@@ -44,14 +41,6 @@ impl ServiceCommand {
             Self::Accept(args) => accept(global, &args.name).await,
         }
     }
-}
-
-/// Connects with the signing key and opens the registry, for a command that sends `action`.
-async fn open_signed(global: &GlobalOpts, action: &str) -> Result<(RegistryClient, Output)> {
-    let out = global.output();
-    let signer = global.wallet.require_signer(action)?;
-    let chain = global.chain.connect(Some(signer)).await?;
-    Ok((global.registry.open(&chain, &out).await?, out))
 }
 
 #[derive(Args, Debug)]
@@ -95,7 +84,8 @@ fn parse_digest(text: &str) -> Result<B256, String> {
 
 impl RegisterArgs {
     async fn run(self, global: &GlobalOpts) -> Result<()> {
-        let (registry, out) = open_signed(global, "registering a service").await?;
+        let out = global.output();
+        let registry = global.open_registry_signed("registering a service").await?;
         let deployer = registry.chain().sender().unwrap_or_default();
         let body = Body {
             deployer,
@@ -118,16 +108,9 @@ impl RegisterArgs {
 
 async fn info(global: &GlobalOpts, name: &str) -> Result<()> {
     let out = global.output();
-    let chain = global.chain.connect(None).await?;
-    let registry = global.registry.open(&chain, &out).await?;
+    let registry = global.open_registry().await?;
     let info = registry.info(name).await?;
-    let from_block = Deployments::new(&global.registry.deployments)
-        .load(chain.chain_id())
-        .ok()
-        .flatten()
-        .filter(|recorded| recorded.address == registry.address())
-        .map_or(0, |recorded| recorded.block);
-    let operators = registry.operators(name, from_block).await?;
+    let operators = registry.operators(name).await?;
 
     let body = &info.recovery;
     let or_dash = |text: &str| if text.is_empty() { "-".to_owned() } else { text.to_owned() };
@@ -204,7 +187,8 @@ impl OperatorCommand {
             Self::Ls(args) => return list_operators(global, &args.name).await,
         };
         let verb = if allowed { "adding" } else { "removing" };
-        let (registry, out) = open_signed(global, &format!("{verb} an operator")).await?;
+        let out = global.output();
+        let registry = global.open_registry_signed(&format!("{verb} an operator")).await?;
         out.progress(format_args!("{verb} operator {} of {:?} ...", args.address, args.name));
         let tx = registry.set_operator(&args.name, args.address, allowed).await?;
         let what = if allowed { "may now publish" } else { "may no longer publish" };
@@ -218,11 +202,10 @@ impl OperatorCommand {
 
 async fn list_operators(global: &GlobalOpts, name: &str) -> Result<()> {
     let out = global.output();
-    let chain = global.chain.connect(None).await?;
-    let registry = global.registry.open(&chain, &out).await?;
+    let registry = global.open_registry().await?;
     // Fail on an unknown service rather than print an empty list.
     registry.service_location(name).await?;
-    let operators = registry.operators(name, 0).await?;
+    let operators = registry.operators(name).await?;
     let human = operators.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n");
     out.result(&human, &json!(operators))
 }
@@ -240,7 +223,8 @@ impl StateArgs {
         if self.state == ServiceState::None {
             bail!("a service cannot be set to state none: use registered, running, recovering or stopped");
         }
-        let (registry, out) = open_signed(global, "setting the state").await?;
+        let out = global.output();
+        let registry = global.open_registry_signed("setting the state").await?;
         out.progress(format_args!("setting {:?} to {} ...", self.name, self.state));
         let tx = registry.set_state(&self.name, self.state).await?;
         out.transaction(
@@ -264,7 +248,8 @@ pub(crate) struct LocationArgs {
 
 impl LocationArgs {
     async fn run(self, global: &GlobalOpts) -> Result<()> {
-        let (registry, out) = open_signed(global, "publishing a location").await?;
+        let out = global.output();
+        let registry = global.open_registry_signed("publishing a location").await?;
         out.progress(format_args!("publishing {} for {:?} at epoch {} ...", self.location, self.name, self.epoch));
         let tx = registry.update_location(&self.name, &self.location, self.epoch).await?;
         out.transaction(
@@ -286,7 +271,8 @@ pub(crate) struct TransferArgs {
 
 impl TransferArgs {
     async fn run(self, global: &GlobalOpts) -> Result<()> {
-        let (registry, out) = open_signed(global, "transferring a service").await?;
+        let out = global.output();
+        let registry = global.open_registry_signed("transferring a service").await?;
         out.progress(format_args!("handing {:?} to {} ...", self.name, self.next_manager));
         let tx = registry.transfer_manager(&self.name, self.next_manager).await?;
         out.transaction(
@@ -298,7 +284,8 @@ impl TransferArgs {
 }
 
 async fn accept(global: &GlobalOpts, name: &str) -> Result<()> {
-    let (registry, out) = open_signed(global, "accepting a service").await?;
+    let out = global.output();
+    let registry = global.open_registry_signed("accepting a service").await?;
     let manager = registry.chain().sender().unwrap_or_default();
     out.progress(format_args!("accepting {name:?} ..."));
     let tx = registry.accept_manager(name).await?;

@@ -6,9 +6,9 @@ use anyhow::Result;
 use br2k_resolver::{Error, Resolver, ResolverConfig};
 use clap::Args;
 use futures::StreamExt;
-use serde_json::json;
 
 use super::GlobalOpts;
+use crate::output::resolved_json;
 
 #[derive(Args, Debug)]
 pub(crate) struct WatchArgs {
@@ -28,8 +28,8 @@ pub(crate) struct WatchArgs {
 impl WatchArgs {
     pub(crate) async fn run(self, global: &GlobalOpts) -> Result<()> {
         let out = global.output();
-        let chain = global.chain.connect(None).await?;
-        let registry = global.registry.open(&chain, &out).await?;
+        let registry = global.open_registry().await?;
+        let chain = registry.chain();
         let mode = if chain.is_pubsub() { "subscribed to" } else { "polling" };
         let config = ResolverConfig {
             timeouts: chain.timeouts(),
@@ -55,7 +55,7 @@ impl WatchArgs {
                     let shown = if resolved.location.is_empty() { "(no location)" } else { &resolved.location };
                     out.result(
                         &format!("{shown} (epoch {}, state {})", resolved.epoch, resolved.state),
-                        &json!({ "location": resolved.location, "epoch": resolved.epoch, "state": resolved.state.as_str() }),
+                        &resolved_json(&resolved),
                     )?;
                     printed += 1;
                     if self.count.is_some_and(|count| printed >= count) {
