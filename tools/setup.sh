@@ -2,7 +2,7 @@
 # Installs everything br2k needs on a fresh Debian 12 machine, from the package registries
 # only (Debian, npm, crates.io):
 #
-#   - Debian packages: protobuf-compiler (etcd-client's build), etcd-server + etcd-client
+#   - Debian packages: protobuf-compiler + libprotobuf-dev (etcd-client's build: protoc and the google/protobuf includes), etcd-server + etcd-client
 #     (replication runtime, tests), docker-registry (OCI registry for image tests);
 #   - Foundry's forge, anvil and cast (native binaries from npm) and solc-js, pinned by
 #     tools/package-lock.json, plus the tools/solc shim that forge calls as its compiler.
@@ -12,7 +12,7 @@
 set -euo pipefail
 
 tools_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-apt_packages=(protobuf-compiler etcd-server etcd-client docker-registry)
+apt_packages=(protobuf-compiler libprotobuf-dev etcd-server etcd-client docker-registry)
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }

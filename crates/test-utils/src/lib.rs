@@ -1,9 +1,11 @@
 #![doc = include_str!("../README.md")]
 
 mod anvil;
+mod etcd;
 mod process;
 
 pub use anvil::{Anvil, AnvilBuilder, AnvilError};
+pub use etcd::{EtcdCluster, EtcdClusterBuilder, EtcdError};
 pub use process::{ToolNotFound, foundry_binary, workspace_root};
 
 /// The command that installs every tool the fixtures need.

@@ -1,0 +1,136 @@
+//! What an application gives the runtime: its state, and handlers over it.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::data::{LogEntry, StoredReply};
+
+/// The application's state. It owns its durable storage; the runtime only asks where it is.
+///
+/// The contract that keeps replicas identical:
+/// - a Replication handler's effect and [`AppState::applied_index`] change together (the
+///   index is stored with the effect), so a restarted replica resumes from what it really
+///   has;
+/// - a handler that returns `Err` (Fail) leaves the state unchanged;
+/// - handlers are deterministic: the same request on the same state gives the same outcome.
+pub trait AppState: Send + Sync + 'static {
+    /// The highest log index whose effect is in this state (0 for a fresh state).
+    fn applied_index(&self) -> u64;
+
+    /// Makes every applied request durable (for example `fsync`). The runtime calls it
+    /// once per group of requests, before their outcomes are written to etcd and before
+    /// clients are answered. The default does nothing.
+    fn persist(&self) -> impl Future<Output = std::io::Result<()>> + Send {
+        async { Ok(()) }
+    }
+}
+
+/// A client request as a handler sees it.
+#[derive(Clone, Debug)]
+pub struct Request {
+    /// The log index (for reads: the replica's latest processed index).
+    pub index: u64,
+    /// HTTP method.
+    pub method: String,
+    /// Path, without the query.
+    pub path: String,
+    /// The query string, if any.
+    pub query: Option<String>,
+    /// The kept headers (lower-case names).
+    pub headers: Vec<(String, String)>,
+    /// The body.
+    pub body: Bytes,
+    /// The client's `Idempotency-Key`, if any.
+    pub idempotency_key: Option<String>,
+}
+
+impl Request {
+    pub(crate) fn from_entry(index: u64, entry: LogEntry) -> Self {
+        Self {
+            index,
+            method: entry.method,
+            path: entry.path,
+            query: entry.query,
+            headers: entry.headers,
+            body: Bytes::from(entry.body),
+            idempotency_key: entry.idempotency_key,
+        }
+    }
+
+    /// The body parsed as JSON.
+    ///
+    /// # Errors
+    /// A `400 Bad Request` reply naming what was wrong, ready to return as a Fail.
+    pub fn json<T: DeserializeOwned>(&self) -> Result<T, Reply> {
+        serde_json::from_slice(&self.body)
+            .map_err(|e| Reply::error(400, &format!("the request body is not the expected JSON: {e}")))
+    }
+
+    /// The value of header `name` (case-insensitive), if kept.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+}
+
+/// A handler's answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    /// HTTP status.
+    pub status: u16,
+    /// Content type, if any.
+    pub content_type: Option<String>,
+    /// The body.
+    pub body: Bytes,
+}
+
+impl Reply {
+    /// A JSON answer.
+    pub fn json(status: u16, value: &impl Serialize) -> Self {
+        let body = serde_json::to_vec(value).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}").into_bytes());
+        Self { status, content_type: Some("application/json".into()), body: body.into() }
+    }
+
+    /// A `{"error": message}` JSON answer.
+    pub fn error(status: u16, message: &str) -> Self {
+        Self::json(status, &serde_json::json!({ "error": message }))
+    }
+
+    pub(crate) fn to_stored(&self) -> StoredReply {
+        StoredReply { status: self.status, content_type: self.content_type.clone(), body: self.body.to_vec() }
+    }
+
+    pub(crate) fn from_stored(stored: StoredReply) -> Self {
+        Self { status: stored.status, content_type: stored.content_type, body: stored.body.into() }
+    }
+}
+
+/// A handler's result: `Ok` is the paper's Success, `Err` its Fail (state unchanged).
+pub type Outcome = Result<Reply, Reply>;
+
+/// A boxed future, as handlers are stored.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+pub(crate) type Handler<S> = Arc<dyn Fn(Arc<S>, Request) -> BoxFuture<Outcome> + Send + Sync>;
+pub(crate) type Rollback<S> = Arc<dyn Fn(Arc<S>, Request) -> BoxFuture<()> + Send + Sync>;
+pub(crate) type Reconcile<S> = Arc<dyn Fn(Arc<S>, Request) -> BoxFuture<Option<Outcome>> + Send + Sync>;
+
+/// The steps of Process Request at which the runtime records where it is (the paper's
+/// local record file), and at which an observer given to
+/// [`crate::Builder::on_step`] is awaited.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    /// The entry's RS is InProcess; its handler has not started.
+    BeforeExecution,
+    /// The handler is running.
+    Executing,
+    /// The handler returned; the outcome is not yet in etcd.
+    Executed,
+}
+
+pub(crate) type StepObserver = Arc<dyn Fn(Step, u64) -> BoxFuture<()> + Send + Sync>;

@@ -1,0 +1,198 @@
+//! Declaring a replicated service: its routes, their request types, and their hooks.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use crate::app::{AppState, BoxFuture, Handler, Outcome, Reconcile, Request, Rollback, Step, StepObserver};
+use crate::config::Config;
+use crate::data::{RequestKind, check_name};
+use crate::error::{Error, Result};
+use crate::runtime::Replicated;
+
+/// One route: its type and what runs for it.
+pub(crate) struct Route<S> {
+    pub(crate) kind: RequestKind,
+    pub(crate) handler: Handler<S>,
+    pub(crate) rollback: Option<Rollback<S>>,
+    pub(crate) reconcile: Option<Reconcile<S>>,
+}
+
+/// Routes by (method, path); paths match exactly.
+pub(crate) struct Routes<S> {
+    pub(crate) by_key: HashMap<(String, String), Route<S>>,
+}
+
+impl<S> Routes<S> {
+    pub(crate) fn get(&self, method: &str, path: &str) -> Option<&Route<S>> {
+        self.by_key.get(&(method.to_owned(), path.to_owned()))
+    }
+
+    /// The methods a path has, for `405 Method Not Allowed`.
+    pub(crate) fn methods_of(&self, path: &str) -> Vec<String> {
+        let mut methods: Vec<String> = self.by_key.keys().filter(|(_, p)| p == path).map(|(m, _)| m.clone()).collect();
+        methods.sort();
+        methods
+    }
+}
+
+/// Builds a [`Replicated`] service; see [`Replicated::builder`].
+pub struct Builder<S> {
+    config: Config,
+    routes: HashMap<(String, String), Route<S>>,
+    problems: Vec<String>,
+    observer: Option<StepObserver>,
+}
+
+impl<S: AppState> Builder<S> {
+    pub(crate) fn new(config: Config) -> Self {
+        Self { config, routes: HashMap::new(), problems: Vec::new(), observer: None }
+    }
+
+    fn add<F, Fut>(mut self, kind: RequestKind, method: &str, path: &str, handler: F) -> Self
+    where
+        F: Fn(Arc<S>, Request) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Outcome> + Send + 'static,
+    {
+        let method = method.to_ascii_uppercase();
+        if !path.starts_with('/') || path.starts_with("/br2k/") || path.contains('?') {
+            self.problems
+                .push(format!("route path {path:?} must start with '/', have no query and not be under /br2k/"));
+        }
+        let handler: Handler<S> = Arc::new(move |state, request| Box::pin(handler(state, request)));
+        let route = Route { kind, handler, rollback: None, reconcile: None };
+        if self.routes.insert((method.clone(), path.to_owned()), route).is_some() {
+            self.problems.push(format!("route {method} {path} is declared twice"));
+        }
+        self
+    }
+
+    /// A Replication route: every replica executes it, in log order.
+    #[must_use]
+    pub fn replicate<F, Fut>(self, method: &str, path: &str, handler: F) -> Self
+    where
+        F: Fn(Arc<S>, Request) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Outcome> + Send + 'static,
+    {
+        self.add(RequestKind::Replication, method, path, handler)
+    }
+
+    /// A Normal route: only the leader that processes it executes it, once. Its handler
+    /// must not change the replicated state (followers never run it); it is for effects
+    /// outside the service, such as sending a transaction.
+    #[must_use]
+    pub fn only_once<F, Fut>(self, method: &str, path: &str, handler: F) -> Self
+    where
+        F: Fn(Arc<S>, Request) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Outcome> + Send + 'static,
+    {
+        self.add(RequestKind::Normal, method, path, handler)
+    }
+
+    /// An External_TXN route: the request records a transaction the client made itself.
+    /// It is logged and answered by `handler` on the leader (which validates it and
+    /// builds the answer, without side effects); no replica executes it.
+    #[must_use]
+    pub fn external_txn<F, Fut>(self, method: &str, path: &str, handler: F) -> Self
+    where
+        F: Fn(Arc<S>, Request) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Outcome> + Send + 'static,
+    {
+        self.add(RequestKind::ExternalTxn, method, path, handler)
+    }
+
+    /// A read route: answered by a confirmed leader from its state, not logged.
+    #[must_use]
+    pub fn read<F, Fut>(self, method: &str, path: &str, handler: F) -> Self
+    where
+        F: Fn(Arc<S>, Request) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Outcome> + Send + 'static,
+    {
+        self.add(RequestKind::Read, method, path, handler)
+    }
+
+    /// Gives a declared Replication or Normal route a rollback: it undoes whatever part
+    /// of the request's effect an interrupted execution left (the paper's Check for
+    /// pending process), and must be harmless when there is nothing to undo.
+    #[must_use]
+    pub fn rollback<F, Fut>(mut self, method: &str, path: &str, rollback: F) -> Self
+    where
+        F: Fn(Arc<S>, Request) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let rollback: Rollback<S> = Arc::new(move |state, request| Box::pin(rollback(state, request)));
+        match self.routes.get_mut(&(method.to_ascii_uppercase(), path.to_owned())) {
+            Some(route) if matches!(route.kind, RequestKind::Replication | RequestKind::Normal) => {
+                route.rollback = Some(rollback);
+            }
+            Some(_) => {
+                self.problems.push(format!("rollback for {method} {path}: only Replication and Normal routes execute"))
+            }
+            None => self.problems.push(format!("rollback for {method} {path}: declare the route first")),
+        }
+        self
+    }
+
+    /// Gives a declared Normal route a reconcile hook: for a request a dead leader left
+    /// InProcess (in doubt), it finds out what happened (for a blockchain transaction:
+    /// look it up on chain) and answers the outcome, or `None` if it still cannot tell.
+    #[must_use]
+    pub fn reconcile<F, Fut>(mut self, method: &str, path: &str, reconcile: F) -> Self
+    where
+        F: Fn(Arc<S>, Request) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Option<Outcome>> + Send + 'static,
+    {
+        let reconcile: Reconcile<S> = Arc::new(move |state, request| Box::pin(reconcile(state, request)));
+        match self.routes.get_mut(&(method.to_ascii_uppercase(), path.to_owned())) {
+            Some(route) if route.kind == RequestKind::Normal => route.reconcile = Some(reconcile),
+            Some(_) => self.problems.push(format!("reconcile for {method} {path}: only Normal routes can be in doubt")),
+            None => self.problems.push(format!("reconcile for {method} {path}: declare the route first")),
+        }
+        self
+    }
+
+    /// Awaits `observer` at each [`Step`] of Process Request, with the entry's index.
+    /// For tracing, and for tests that interrupt a leader at an exact point.
+    #[must_use]
+    pub fn on_step<F, Fut>(mut self, observer: F) -> Self
+    where
+        F: Fn(Step, u64) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let observer: StepObserver = Arc::new(move |step, index| -> BoxFuture<()> { Box::pin(observer(step, index)) });
+        self.observer = Some(observer);
+        self
+    }
+
+    /// Checks the declarations and the configuration.
+    ///
+    /// # Errors
+    /// [`Error::Config`] listing every problem found.
+    pub fn build(self, state: S) -> Result<Replicated<S>> {
+        let mut problems = self.problems;
+        for (what, name) in [("service", &self.config.service), ("replica", &self.config.replica)] {
+            if let Err(e) = check_name(what, name) {
+                problems.push(e.to_string().trim_start_matches("invalid configuration: ").to_owned());
+            }
+        }
+        if !(self.config.public_url.starts_with("http://") || self.config.public_url.starts_with("https://")) {
+            problems.push(format!("public URL {:?} must start with http:// or https://", self.config.public_url));
+        }
+        if !self.config.etcd_endpoint.starts_with("http://") && !self.config.etcd_endpoint.starts_with("https://") {
+            problems.push(format!("etcd endpoint {:?} must start with http:// or https://", self.config.etcd_endpoint));
+        }
+        if self.config.max_body == 0 || self.config.max_body > 512 * 1024 {
+            problems.push(format!(
+                "max body {} must be between 1 and 524288 bytes (etcd refuses requests over 1.5 MiB)",
+                self.config.max_body
+            ));
+        }
+        if self.routes.is_empty() {
+            problems.push("no routes declared".into());
+        }
+        if !problems.is_empty() {
+            return Err(Error::Config(problems.join("; ")));
+        }
+        Ok(Replicated::new(self.config, state, Routes { by_key: self.routes }, self.observer))
+    }
+}

@@ -1,0 +1,259 @@
+//! The etcd data of a service (paper Fig. 4), under `/br2k/<service>/`:
+//!
+//! | key | value |
+//! |---|---|
+//! | `log/<index>` | RLE: the request ([`LogEntry`], JSON) |
+//! | `rs/<index>` | RS: type, state, writer's epoch and, once final, the response ([`EntryState`]) |
+//! | `ls` | LS, decimal |
+//! | `ssi` | SSI, decimal |
+//! | `lpi/<replica>` | LPI of that replica, decimal |
+//! | `cl` | CL: the leader's replica id and public location ([`LeaderRecord`]); its mod_revision is the epoch |
+//! | `epoch_base` | the on-chain epoch when this etcd data was created, decimal |
+//! | `doubt/<index>` | beyond: a Normal request left InProcess by a dead leader, until it is reconciled (empty value) |
+//! | `idem/<key>` | the index and request fingerprint of an idempotent request ([`IdempotencyRecord`]) |
+//!
+//! Indexes are zero-padded to 20 digits so that key order is index order and a range read
+//! returns entries in order.
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+use crate::error::{Error, Result};
+
+/// Builds the keys of one service.
+#[derive(Clone, Debug)]
+pub(crate) struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub(crate) fn new(service: &str) -> Self {
+        Self { prefix: format!("/br2k/{service}/") }
+    }
+
+    pub(crate) fn log(&self, index: u64) -> String {
+        format!("{}log/{index:020}", self.prefix)
+    }
+
+    pub(crate) fn rs(&self, index: u64) -> String {
+        format!("{}rs/{index:020}", self.prefix)
+    }
+
+    pub(crate) fn ls(&self) -> String {
+        format!("{}ls", self.prefix)
+    }
+
+    pub(crate) fn ssi(&self) -> String {
+        format!("{}ssi", self.prefix)
+    }
+
+    pub(crate) fn cl(&self) -> String {
+        format!("{}cl", self.prefix)
+    }
+
+    pub(crate) fn epoch_base(&self) -> String {
+        format!("{}epoch_base", self.prefix)
+    }
+
+    pub(crate) fn lpi(&self, replica: &str) -> String {
+        format!("{}lpi/{replica}", self.prefix)
+    }
+
+    pub(crate) fn doubt(&self, index: u64) -> String {
+        format!("{}doubt/{index:020}", self.prefix)
+    }
+
+    pub(crate) fn doubt_prefix(&self) -> String {
+        format!("{}doubt/", self.prefix)
+    }
+
+    pub(crate) fn idem(&self, key: &str) -> String {
+        format!("{}idem/{key}", self.prefix)
+    }
+
+    /// The index in a `log/`, `rs/` or `doubt/` key.
+    pub(crate) fn index_of(&self, key: &[u8]) -> Option<u64> {
+        let key = std::str::from_utf8(key).ok()?.strip_prefix(&self.prefix)?;
+        let digits =
+            key.strip_prefix("log/").or_else(|| key.strip_prefix("rs/")).or_else(|| key.strip_prefix("doubt/"))?;
+        digits.parse().ok()
+    }
+}
+
+/// Checks a service or replica name: it becomes part of etcd keys and file names.
+pub(crate) fn check_name(what: &str, name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Config(format!("{what} {name:?} must be 1-64 characters of letters, digits, '-', '_' or '.'")))
+    }
+}
+
+/// The paper's request types (Fig. 4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestKind {
+    /// Executed by every replica, in index order.
+    Replication,
+    /// Executed once, by the leader that processes it.
+    Normal,
+    /// A record of a transaction the client made on chain: logged, answered, never executed.
+    ExternalTxn,
+    /// Beyond the paper: answered from the leader's state, never logged.
+    Read,
+}
+
+/// The processing state of a log entry (Fig. 4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProcessState {
+    /// Replicated, not started.
+    Null,
+    /// A leader started executing it; its outcome is not recorded.
+    InProcess,
+    /// Executed; the outcome is final.
+    Success,
+    /// Executed and failed (the app state is unchanged); the outcome is final.
+    Fail,
+    /// Replicated but never started by the leader that logged it; never executed.
+    Ignore,
+}
+
+impl ProcessState {
+    /// Whether no later leader will change this state.
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Success | Self::Fail | Self::Ignore)
+    }
+}
+
+/// RLE: a client request as logged.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogEntry {
+    /// HTTP method, upper case.
+    pub method: String,
+    /// Request path, without the query.
+    pub path: String,
+    /// The query string, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
+    /// The request headers the runtime keeps (content type and the configured ones).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<(String, String)>,
+    /// The body.
+    #[serde(with = "base64_bytes")]
+    pub body: Vec<u8>,
+    /// The client's `Idempotency-Key`, if it sent one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+}
+
+/// RS: the type and processing state of one log entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntryState {
+    /// The request type.
+    pub kind: RequestKind,
+    /// Its processing state.
+    pub state: ProcessState,
+    /// The epoch of the leader that wrote this state.
+    pub epoch: u64,
+    /// The response, once the state is Success or Fail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response: Option<StoredReply>,
+}
+
+/// A response as stored with a final RS, returned again to a retried idempotent request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredReply {
+    /// HTTP status.
+    pub status: u16,
+    /// Content type, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<String>,
+    /// The body.
+    #[serde(with = "base64_bytes")]
+    pub body: Vec<u8>,
+}
+
+/// CL: who holds leadership, and where clients reach it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaderRecord {
+    /// The replica id.
+    pub replica: String,
+    /// Its public location (the URL published in the registry).
+    pub location: String,
+}
+
+/// What `idem/<key>` holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdempotencyRecord {
+    /// The index the request was logged at.
+    pub index: u64,
+    /// A hash of the method, path, query and body, to refuse a reused key.
+    pub fingerprint: String,
+}
+
+/// Decodes a JSON record, naming the key when it is malformed.
+pub(crate) fn decode<T: DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T> {
+    serde_json::from_slice(value)
+        .map_err(|e| Error::CorruptRecord { key: String::from_utf8_lossy(key).into_owned(), reason: e.to_string() })
+}
+
+/// Encodes a record as JSON.
+pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("records serialize")
+}
+
+/// Decodes a decimal counter (`ls`, `ssi`, `lpi/*`, `epoch_base`).
+pub(crate) fn decode_index(key: &[u8], value: &[u8]) -> Result<u64> {
+    std::str::from_utf8(value).ok().and_then(|v| v.parse().ok()).ok_or_else(|| Error::CorruptRecord {
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason: format!("expected a decimal index, found {:?}", String::from_utf8_lossy(value)),
+    })
+}
+
+mod base64_bytes {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&STANDARD.encode(bytes))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        STANDARD.decode(text).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_sort_in_index_order_and_parse_back() {
+        let keys = Keys::new("svc");
+        assert!(keys.log(9) < keys.log(10));
+        assert_eq!(keys.log(42), "/br2k/svc/log/00000000000000000042");
+        assert_eq!(keys.index_of(keys.rs(7).as_bytes()), Some(7));
+        assert_eq!(keys.index_of(b"/br2k/other/rs/1"), None);
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(check_name("service", "log-server_1.a").is_ok());
+        for bad in ["", "a/b", "a b", &"x".repeat(65)] {
+            assert!(check_name("service", bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn undecodable_values_name_their_key() {
+        let err = decode::<EntryState>(b"/br2k/s/rs/1", b"{nope").unwrap_err();
+        assert!(err.to_string().contains("/br2k/s/rs/1"), "{err}");
+        let err = decode_index(b"/br2k/s/ls", b"-3").unwrap_err();
+        assert!(err.to_string().contains("expected a decimal index"), "{err}");
+    }
+}

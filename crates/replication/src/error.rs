@@ -1,0 +1,102 @@
+//! The runtime's errors. etcd-client's errors are strings inside gRPC statuses; they are
+//! wrapped here into variants that say what happened and what it means for the replica.
+
+use std::time::Duration;
+
+/// The replication runtime's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in the replication runtime.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration or the route table is not usable.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The local etcd member did not answer (down, paused, partitioned or overloaded).
+    #[error("local etcd member {endpoint} did not answer {action} within {timeout:?}: is it running?")]
+    EtcdTimeout {
+        /// The member's client endpoint.
+        endpoint: String,
+        /// What was asked.
+        action: &'static str,
+        /// The bound that passed.
+        timeout: Duration,
+    },
+    /// The local etcd member refused or failed a call.
+    #[error("local etcd member {endpoint} failed {action}: {reason}")]
+    Etcd {
+        /// The member's client endpoint.
+        endpoint: String,
+        /// What was asked.
+        action: &'static str,
+        /// etcd's answer.
+        reason: String,
+    },
+    /// A leader-authority write was refused because `cl` changed: another replica took
+    /// leadership after this one. The replica steps down.
+    #[error("leadership lost: current-leader record no longer matches epoch {epoch}")]
+    LeadershipLost {
+        /// The epoch this replica held.
+        epoch: u64,
+    },
+    /// A value stored in etcd could not be decoded. Nothing is written over it; fix or
+    /// remove the key (for example with `etcdctl`) and the replica carries on.
+    #[error("undecodable etcd value at {key}: {reason}")]
+    CorruptRecord {
+        /// The key.
+        key: String,
+        /// What was wrong with it.
+        reason: String,
+    },
+    /// A record that must exist is missing (e.g. `rs/<i>` for an index at or below `ls`).
+    #[error("missing etcd record {key} (the service's etcd data is incomplete)")]
+    MissingRecord {
+        /// The key.
+        key: String,
+    },
+    /// A logged request names a route this build does not declare as Replication (the
+    /// replicas run different versions of the app). The replica stops at that index.
+    #[error(
+        "log entry {index} is {method} {path}, which is not a Replication route of this build: run the same app version on every replica"
+    )]
+    UnknownRoute {
+        /// The entry's index.
+        index: u64,
+        /// Its method.
+        method: String,
+        /// Its path.
+        path: String,
+    },
+    /// The local record file could not be read or written.
+    #[error("local record file {path}: {reason}")]
+    RecordFile {
+        /// Its path.
+        path: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The app state could not make its applied requests durable.
+    #[error("the app state could not persist its changes: {0}")]
+    Persist(#[source] std::io::Error),
+    /// The HTTP listener could not be bound.
+    #[error("could not listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    pub(crate) fn etcd(endpoint: &str, action: &'static str, error: &etcd_client::Error) -> Self {
+        Self::Etcd { endpoint: endpoint.into(), action, reason: error.to_string() }
+    }
+
+    /// Whether this error means the local etcd member could not be asked at all (as
+    /// opposed to a refused write or bad data).
+    pub fn is_etcd_unavailable(&self) -> bool {
+        matches!(self, Self::EtcdTimeout { .. } | Self::Etcd { .. })
+    }
+}

@@ -1,0 +1,212 @@
+//! The HTTP front: classifies each request by its route, answers `/br2k/health` and
+//! `/br2k/status`, sends non-leaders' clients to the leader, and hands logged requests
+//! to the leader's term.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::app::{AppState, Reply, Request};
+use crate::data::{LogEntry, RequestKind};
+use crate::leader::Submit;
+use crate::runtime::{QUEUE_WAIT, Role, Runtime};
+
+/// The header naming the leader's location on a 503 from a non-leader.
+pub const LEADER_HEADER: &str = br2k_resolver::LEADER_HEADER;
+/// The header a client sends to make a request idempotent.
+pub const IDEMPOTENCY_KEY_HEADER: &str = br2k_resolver::IDEMPOTENCY_KEY_HEADER;
+/// The header carrying a logged request's index on its answer.
+pub const INDEX_HEADER: &str = "Br2k-Index";
+/// Set to `true` on an answer replayed for a retried idempotency key.
+pub const REPLAYED_HEADER: &str = "Br2k-Replayed";
+
+pub(crate) fn router<S: AppState>(runtime: Arc<Runtime<S>>) -> Router {
+    Router::new().fallback(front::<S>).with_state(runtime)
+}
+
+async fn front<S: AppState>(State(runtime): State<Arc<Runtime<S>>>, request: axum::extract::Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let method = parts.method.as_str().to_owned();
+    let path = parts.uri.path().to_owned();
+    match (method.as_str(), path.as_str()) {
+        ("GET", "/br2k/health") => return health(&runtime),
+        ("GET", "/br2k/status") => return json(StatusCode::OK, &*runtime.status.borrow()),
+        _ => {}
+    }
+    let Some(route) = runtime.route_of(&method, &path) else {
+        let methods = runtime.routes.methods_of(&path);
+        if methods.is_empty() {
+            return error(StatusCode::NOT_FOUND, &format!("no route {method} {path}"));
+        }
+        let mut response = error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &format!("{path} does not take {method}; it takes {}", methods.join(", ")),
+        );
+        if let Ok(allow) = HeaderValue::from_str(&methods.join(", ")) {
+            response.headers_mut().insert(header::ALLOW, allow);
+        }
+        return response;
+    };
+    let idempotency_key = match idempotency_key(&parts.headers) {
+        Ok(key) => key,
+        Err(message) => return error(StatusCode::BAD_REQUEST, &message),
+    };
+    let max = runtime.config.max_body;
+    let Ok(body) = axum::body::to_bytes(body, max).await else {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("the request body is over {max} bytes (or was cut off); nothing was stored"),
+        );
+    };
+    let headers = kept_headers(&parts.headers, &runtime.config.kept_headers);
+    let entry = LogEntry {
+        method,
+        path,
+        query: parts.uri.query().map(str::to_owned),
+        headers,
+        body: body.to_vec(),
+        idempotency_key,
+    };
+    if route.kind == RequestKind::Read {
+        return read(&runtime, &route.handler, entry, body).await;
+    }
+    let sender = runtime.submit.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+    let Some(sender) = sender else { return not_leader(&runtime) };
+    let fingerprint = fingerprint(&entry);
+    let (reply_tx, reply_rx) = oneshot::channel();
+    let submit = Submit { kind: route.kind, entry, fingerprint, reply: reply_tx };
+    match sender.send_timeout(submit, QUEUE_WAIT).await {
+        Ok(()) => {}
+        Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+            return error(StatusCode::SERVICE_UNAVAILABLE, "the leader's queue is full; retry shortly");
+        }
+        Err(mpsc::error::SendTimeoutError::Closed(_)) => return not_leader(&runtime),
+    }
+    match reply_rx.await {
+        Ok(answer) => {
+            let mut response = reply(answer.reply);
+            if let Some(index) = answer.index {
+                response.headers_mut().insert(INDEX_HEADER, HeaderValue::from(index));
+            }
+            if answer.replayed {
+                response.headers_mut().insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
+            }
+            response
+        }
+        Err(_) => {
+            let mut response = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "leadership changed before this request's outcome was recorded; retry with the same Idempotency-Key",
+            );
+            add_leader_hint(&runtime, &mut response);
+            response
+        }
+    }
+}
+
+/// A read: answered only by a leader that confirms its condition now.
+async fn read<S: AppState>(
+    runtime: &Runtime<S>,
+    handler: &crate::app::Handler<S>,
+    entry: LogEntry,
+    body: Bytes,
+) -> Response {
+    if runtime.status.borrow().role != Role::Leader || !matches!(runtime.store().leader_condition().await, Ok(true)) {
+        return not_leader(runtime);
+    }
+    let index = runtime.status.borrow().lpi;
+    let request = Request {
+        index,
+        method: entry.method,
+        path: entry.path,
+        query: entry.query,
+        headers: entry.headers,
+        body,
+        idempotency_key: entry.idempotency_key,
+    };
+    match handler(runtime.state.clone(), request).await {
+        Ok(answer) | Err(answer) => reply(answer),
+    }
+}
+
+fn health<S: AppState>(runtime: &Runtime<S>) -> Response {
+    let status = runtime.status.borrow().clone();
+    let problem =
+        if status.etcd_reachable { status.last_error.clone() } else { Some("local etcd member not answering".into()) };
+    match problem {
+        None => json(StatusCode::OK, &serde_json::json!({ "healthy": true, "role": status.role })),
+        Some(reason) => json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({ "healthy": false, "role": status.role, "reason": reason }),
+        ),
+    }
+}
+
+fn not_leader<S: AppState>(runtime: &Runtime<S>) -> Response {
+    let mut response = error(StatusCode::SERVICE_UNAVAILABLE, "this replica is not the leader");
+    add_leader_hint(runtime, &mut response);
+    response
+}
+
+fn add_leader_hint<S: AppState>(runtime: &Runtime<S>, response: &mut Response) {
+    let status = runtime.status.borrow();
+    if let Some(leader) = &status.leader
+        && leader.replica != runtime.config.replica
+        && let Ok(value) = HeaderValue::from_str(&leader.location)
+    {
+        response.headers_mut().insert(LEADER_HEADER, value);
+    }
+}
+
+/// The `Idempotency-Key` header, checked: 1 to 255 visible ASCII characters (it becomes
+/// part of an etcd key).
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, String> {
+    let Some(value) = headers.get(IDEMPOTENCY_KEY_HEADER) else { return Ok(None) };
+    let key =
+        value.to_str().ok().filter(|k| !k.is_empty() && k.len() <= 255 && k.bytes().all(|b| b.is_ascii_graphic()));
+    key.map(|k| Some(k.to_owned()))
+        .ok_or_else(|| "the Idempotency-Key header must be 1 to 255 visible ASCII characters".to_owned())
+}
+
+fn kept_headers(headers: &HeaderMap, kept: &[String]) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .filter(|(name, _)| *name == header::CONTENT_TYPE || kept.iter().any(|k| k.eq_ignore_ascii_case(name.as_str())))
+        .filter_map(|(name, value)| Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned())))
+        .collect()
+}
+
+/// Identifies a request's content, so that a reused idempotency key is noticed.
+fn fingerprint(entry: &LogEntry) -> String {
+    let mut hash = Sha256::new();
+    for part in [entry.method.as_bytes(), entry.path.as_bytes(), entry.query.as_deref().unwrap_or("").as_bytes()] {
+        hash.update((part.len() as u64).to_be_bytes());
+        hash.update(part);
+    }
+    hash.update(&entry.body);
+    hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn reply(reply: Reply) -> Response {
+    let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = (status, Body::from(reply.body)).into_response();
+    if let Some(value) = reply.content_type.and_then(|c| HeaderValue::from_str(&c).ok()) {
+        response.headers_mut().insert(header::CONTENT_TYPE, value);
+    }
+    response
+}
+
+fn json(status: StatusCode, value: &impl serde::Serialize) -> Response {
+    reply(Reply::json(status.as_u16(), value))
+}
+
+fn error(status: StatusCode, message: &str) -> Response {
+    reply(Reply::error(status.as_u16(), message))
+}

@@ -1,0 +1,410 @@
+//! A leader's term: Replicate Request and Process Request, pipelined with group commit.
+//!
+//! Two tasks per term, joined by a channel:
+//! - the **sequencer** takes client requests off the queue, settles idempotency keys,
+//!   assigns indexes, and writes each group's RLEs, RS=Null records and LS in one fenced
+//!   transaction;
+//! - the **processor** takes replicated groups in order, marks them InProcess in one
+//!   transaction, executes each request in index order (recording every step in the local
+//!   record file), persists the app state once, writes every outcome with LPI and SSI in
+//!   one transaction, and only then answers the clients.
+//!
+//! While the processor works on one group the sequencer replicates the next, so a busy
+//! leader does about two etcd round trips per group, not three per request. Any failed
+//! authority write ends the term: the node loop steps down.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::app::{AppState, Reply, Request, Step};
+use crate::data::{self, EntryState, IdempotencyRecord, LogEntry, ProcessState, RequestKind};
+use crate::error::{Error, Result};
+use crate::runtime::{Runtime, lock};
+use crate::store::{MAX_TXN_BYTES, MAX_TXN_OPS, Op, Term};
+
+/// Requests waiting for the sequencer.
+const QUEUE: usize = 4096;
+
+/// A client request handed to the leader by the HTTP front.
+pub(crate) struct Submit {
+    pub(crate) kind: RequestKind,
+    pub(crate) entry: LogEntry,
+    pub(crate) fingerprint: String,
+    pub(crate) reply: oneshot::Sender<Answer>,
+}
+
+/// The leader's answer to one request.
+#[derive(Clone, Debug)]
+pub(crate) struct Answer {
+    pub(crate) reply: Reply,
+    /// The log index, when the request was logged.
+    pub(crate) index: Option<u64>,
+    /// Whether this is a stored answer to an earlier request with the same key.
+    pub(crate) replayed: bool,
+}
+
+impl Answer {
+    fn refusal(status: u16, message: &str) -> Self {
+        Self { reply: Reply::error(status, message), index: None, replayed: false }
+    }
+}
+
+/// A logged request on its way through the processor.
+struct Item {
+    index: u64,
+    kind: RequestKind,
+    entry: LogEntry,
+    /// Unkeyed requests are answered here; keyed ones through the in-flight table.
+    reply: Option<oneshot::Sender<Answer>>,
+}
+
+/// Requests with an idempotency key that are logged but not yet answered, so that a
+/// retry arriving meanwhile waits for the same answer instead of being logged twice.
+#[derive(Default)]
+struct InFlight {
+    by_key: Mutex<HashMap<String, Waiting>>,
+}
+
+struct Waiting {
+    fingerprint: String,
+    waiters: Vec<oneshot::Sender<Answer>>,
+}
+
+impl InFlight {
+    fn answer(&self, key: &str, answer: &Answer) {
+        if let Some(waiting) = lock(&self.by_key).remove(key) {
+            for waiter in waiting.waiters {
+                let _ = waiter.send(answer.clone());
+            }
+        }
+    }
+}
+
+/// A running term; dropping the stop handle's tasks interrupts them.
+pub(crate) struct LeaderTerm {
+    pub(crate) failed: mpsc::Receiver<Error>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl LeaderTerm {
+    pub(crate) fn start<S: AppState>(runtime: &Arc<Runtime<S>>, term: Term, next_index: u64) -> Self {
+        let (submit_tx, submit_rx) = mpsc::channel(QUEUE);
+        let (groups_tx, groups_rx) = mpsc::channel(64);
+        let (failed_tx, failed) = mpsc::channel(2);
+        let in_flight = Arc::new(InFlight::default());
+        let sequencer = Sequencer {
+            runtime: runtime.clone(),
+            term: term.clone(),
+            next_index,
+            in_flight: in_flight.clone(),
+            lease: None,
+        };
+        let tasks = vec![
+            tokio::spawn(report(sequencer.run(submit_rx, groups_tx), failed_tx.clone())),
+            tokio::spawn(report(process_groups(runtime.clone(), term, groups_rx, in_flight), failed_tx)),
+        ];
+        *runtime.submit.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(submit_tx);
+        Self { failed, tasks }
+    }
+
+    /// Stops both tasks, wherever they are. Clients waiting on them see their answer
+    /// channel close and get a 503.
+    pub(crate) async fn stop(self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+async fn report(task: impl Future<Output = Result<()>>, failed: mpsc::Sender<Error>) {
+    if let Err(e) = task.await {
+        let _ = failed.send(e).await;
+    }
+}
+
+struct Sequencer<S> {
+    runtime: Arc<Runtime<S>>,
+    term: Term,
+    next_index: u64,
+    in_flight: Arc<InFlight>,
+    lease: Option<(i64, Instant)>,
+}
+
+/// What an idempotency key says about a new request.
+enum KeyLookup {
+    /// Never seen (or its earlier request was ignored): log it.
+    New,
+    /// Answered before (or refused now): answer this.
+    Answer(Answer),
+}
+
+impl<S: AppState> Sequencer<S> {
+    async fn run(mut self, mut requests: mpsc::Receiver<Submit>, groups: mpsc::Sender<Vec<Item>>) -> Result<()> {
+        // Each request takes up to three puts (RLE, RS, idempotency record), plus LS.
+        let max_group = (MAX_TXN_OPS - 1) / 3;
+        while let Some(first) = requests.recv().await {
+            let mut incoming = vec![first];
+            while incoming.len() < max_group {
+                match requests.try_recv() {
+                    Ok(more) => incoming.push(more),
+                    Err(_) => break,
+                }
+            }
+            let fresh = self.settle_keys(incoming).await;
+            // Split by size too: etcd refuses requests over --max-request-bytes.
+            let mut group = Vec::new();
+            let mut bytes = 0;
+            for (kind, entry, reply) in fresh {
+                let size = entry.body.len() * 4 / 3 + 512;
+                if !group.is_empty() && bytes + size > MAX_TXN_BYTES {
+                    self.replicate(std::mem::take(&mut group), &groups).await?;
+                    bytes = 0;
+                }
+                bytes += size;
+                group.push((kind, entry, reply));
+            }
+            if !group.is_empty() {
+                self.replicate(group, &groups).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Attaches retries of in-flight keys to the first request, answers keys already
+    /// answered, and returns what is left to log, in arrival order.
+    async fn settle_keys(
+        &self,
+        incoming: Vec<Submit>,
+    ) -> Vec<(RequestKind, LogEntry, Option<oneshot::Sender<Answer>>)> {
+        let mut fresh = Vec::with_capacity(incoming.len());
+        let mut lookups = Vec::new();
+        {
+            let mut by_key = lock(&self.in_flight.by_key);
+            for submit in incoming {
+                let Some(key) = submit.entry.idempotency_key.clone() else {
+                    fresh.push((fresh.len(), submit.kind, submit.entry, Some(submit.reply)));
+                    continue;
+                };
+                match by_key.get_mut(&key) {
+                    Some(waiting) if waiting.fingerprint == submit.fingerprint => waiting.waiters.push(submit.reply),
+                    Some(_) => {
+                        let _ = submit.reply.send(reused_key());
+                    }
+                    None => {
+                        by_key.insert(
+                            key.clone(),
+                            Waiting { fingerprint: submit.fingerprint.clone(), waiters: vec![submit.reply] },
+                        );
+                        lookups.push((fresh.len() + lookups.len(), key, submit.kind, submit.entry, submit.fingerprint));
+                    }
+                }
+            }
+        }
+        let answers = futures::future::join_all(
+            lookups.iter().map(|(_, key, _, _, fingerprint)| self.lookup_key(key, fingerprint)),
+        )
+        .await;
+        for ((position, key, kind, entry, _), answer) in lookups.into_iter().zip(answers) {
+            match answer {
+                Ok(KeyLookup::New) => fresh.push((position, kind, entry, None)),
+                Ok(KeyLookup::Answer(answer)) => self.in_flight.answer(&key, &answer),
+                Err(e) => self
+                    .in_flight
+                    .answer(&key, &Answer::refusal(503, &format!("could not check the idempotency key, retry: {e}"))),
+            }
+        }
+        fresh.sort_by_key(|(position, ..)| *position);
+        fresh.into_iter().map(|(_, kind, entry, reply)| (kind, entry, reply)).collect()
+    }
+
+    /// Looks a key up in etcd. Local (serializable) reads are enough: every record that
+    /// matters was written before this replica took `cl` through this member, or by
+    /// this replica since.
+    async fn lookup_key(&self, key: &str, fingerprint: &str) -> Result<KeyLookup> {
+        let store = self.runtime.store();
+        let keys = &self.runtime.keys;
+        let Some(kv) = store.get_local(&keys.idem(key)).await? else { return Ok(KeyLookup::New) };
+        let record: IdempotencyRecord = data::decode(kv.key(), kv.value())?;
+        if record.fingerprint != fingerprint {
+            return Ok(KeyLookup::Answer(reused_key()));
+        }
+        let Some(kv) = store.get_local(&keys.rs(record.index)).await? else { return Ok(KeyLookup::New) };
+        let state: EntryState = data::decode(kv.key(), kv.value())?;
+        Ok(match (state.state, state.response) {
+            (ProcessState::Success | ProcessState::Fail, Some(response)) => KeyLookup::Answer(Answer {
+                reply: Reply::from_stored(response),
+                index: Some(record.index),
+                replayed: true,
+            }),
+            (ProcessState::Ignore, _) => KeyLookup::New,
+            _ => KeyLookup::Answer(Answer::refusal(
+                409,
+                &format!(
+                    "the request with this Idempotency-Key (log index {}) is in doubt: a leader died while executing it; \
+                     it is listed in /br2k/status until it is reconciled",
+                    record.index
+                ),
+            )),
+        })
+    }
+
+    /// Replicate Request for a group: RLEs, RS=Null, idempotency records and LS in one
+    /// fenced transaction; then hands the group to the processor.
+    async fn replicate(
+        &mut self,
+        group: Vec<(RequestKind, LogEntry, Option<oneshot::Sender<Answer>>)>,
+        groups: &mpsc::Sender<Vec<Item>>,
+    ) -> Result<()> {
+        let keys = &self.runtime.keys;
+        let epoch = self.term.epoch;
+        let mut ops = Vec::with_capacity(group.len() * 2 + 1);
+        let mut leased = Vec::new();
+        let mut items = Vec::with_capacity(group.len());
+        for (offset, (kind, entry, reply)) in group.into_iter().enumerate() {
+            let index = self.next_index + offset as u64;
+            ops.push(Op::Put(keys.log(index), data::encode(&entry)));
+            let state = EntryState { kind, state: ProcessState::Null, epoch, response: None };
+            ops.push(Op::Put(keys.rs(index), data::encode(&state)));
+            if let Some(key) = &entry.idempotency_key {
+                let fingerprint =
+                    lock(&self.in_flight.by_key).get(key).map(|w| w.fingerprint.clone()).unwrap_or_default();
+                leased.push((keys.idem(key), data::encode(&IdempotencyRecord { index, fingerprint })));
+            }
+            items.push(Item { index, kind, entry, reply });
+        }
+        let last = self.next_index + items.len() as u64 - 1;
+        ops.push(Op::counter(keys.ls(), last));
+        if leased.is_empty() {
+            self.runtime.store().authority_write(&self.term, ops).await?;
+        } else {
+            let lease = self.lease().await?;
+            self.runtime.store().authority_write_leased(&self.term, ops, leased, lease).await?;
+        }
+        self.next_index = last + 1;
+        self.runtime.set_status(|s| s.ls = last);
+        // The processor only ends with the term, and then so does this task.
+        let _ = groups.send(items).await;
+        Ok(())
+    }
+
+    /// The lease idempotency records are written with: one lease per quarter of the
+    /// retention, living a retention and a quarter, so each record lasts at least the
+    /// retention and etcd tracks only a few leases.
+    async fn lease(&mut self) -> Result<i64> {
+        let retention = self.runtime.config.idempotency_retention;
+        let renew_after = retention / 4;
+        match self.lease {
+            Some((id, granted)) if granted.elapsed() < renew_after => Ok(id),
+            _ => {
+                let id = self.runtime.store().grant_lease(retention + renew_after.max(Duration::from_secs(1))).await?;
+                self.lease = Some((id, Instant::now()));
+                Ok(id)
+            }
+        }
+    }
+}
+
+fn reused_key() -> Answer {
+    Answer::refusal(
+        422,
+        "this Idempotency-Key was already used for a different request (method, path, query or body differ); use a new key",
+    )
+}
+
+/// The processor: Process Request for each replicated group, in order.
+async fn process_groups<S: AppState>(
+    runtime: Arc<Runtime<S>>,
+    term: Term,
+    mut groups: mpsc::Receiver<Vec<Item>>,
+    in_flight: Arc<InFlight>,
+) -> Result<()> {
+    while let Some(mut items) = groups.recv().await {
+        // Group commit across groups that queued up while the last one was processed.
+        while items.len() < MAX_TXN_OPS - 2 {
+            match groups.try_recv() {
+                Ok(more) => items.extend(more),
+                Err(_) => break,
+            }
+        }
+        process(&runtime, &term, items, &in_flight).await?;
+    }
+    Ok(())
+}
+
+async fn process<S: AppState>(runtime: &Runtime<S>, term: &Term, items: Vec<Item>, in_flight: &InFlight) -> Result<()> {
+    let keys = &runtime.keys;
+    let store = runtime.store();
+    let first = items.first().map_or(0, |i| i.index);
+    runtime.record.write(first, Step::BeforeExecution, None)?;
+    // (4.2) RS = InProcess, for everything that executes.
+    let in_process: Vec<Op> = items
+        .iter()
+        .filter(|i| i.kind != RequestKind::ExternalTxn)
+        .map(|i| {
+            let state = EntryState { kind: i.kind, state: ProcessState::InProcess, epoch: term.epoch, response: None };
+            Op::Put(keys.rs(i.index), data::encode(&state))
+        })
+        .collect();
+    if !in_process.is_empty() {
+        store.authority_write(term, in_process).await?;
+    }
+    // (4.3) execute, in index order.
+    let mut outcomes = Vec::with_capacity(items.len());
+    for item in &items {
+        let route = runtime
+            .route_of(&item.entry.method, &item.entry.path)
+            .expect("the front only submits requests for declared routes");
+        let request = Request::from_entry(item.index, item.entry.clone());
+        let outcome = if item.kind == RequestKind::ExternalTxn {
+            // Recorded, not executed: the handler only checks the record and answers.
+            (route.handler)(runtime.state.clone(), request).await
+        } else {
+            runtime.observe(Step::BeforeExecution, item.index).await;
+            runtime.execute(item.index, route, request, true).await?
+        };
+        outcomes.push(outcome);
+    }
+    runtime.state.persist().await.map_err(Error::Persist)?;
+    // (4.4-6) outcomes, LPI and SSI; durable before anyone is answered.
+    let last = items.last().map_or(0, |i| i.index);
+    let mut ops = Vec::with_capacity(items.len() + 2);
+    for (item, outcome) in items.iter().zip(&outcomes) {
+        let (state, reply) = match outcome {
+            Ok(reply) => (ProcessState::Success, reply),
+            Err(reply) => (ProcessState::Fail, reply),
+        };
+        let record = EntryState { kind: item.kind, state, epoch: term.epoch, response: Some(reply.to_stored()) };
+        ops.push(Op::Put(keys.rs(item.index), data::encode(&record)));
+    }
+    ops.push(Op::counter(keys.lpi(&runtime.config.replica), last));
+    ops.push(Op::counter(keys.ssi(), last));
+    store.authority_write(term, ops).await?;
+    runtime.record.clear()?;
+    let applied = runtime.state.applied_index();
+    runtime.set_status(|s| {
+        s.ssi = last;
+        s.lpi = last;
+        s.applied_index = applied;
+    });
+    for (item, outcome) in items.into_iter().zip(outcomes) {
+        let reply = match outcome {
+            Ok(reply) | Err(reply) => reply,
+        };
+        let answer = Answer { reply, index: Some(item.index), replayed: false };
+        match (item.reply, &item.entry.idempotency_key) {
+            (Some(sender), _) => {
+                let _ = sender.send(answer);
+            }
+            (None, Some(key)) => in_flight.answer(key, &answer),
+            (None, None) => {}
+        }
+    }
+    Ok(())
+}

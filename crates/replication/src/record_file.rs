@@ -1,0 +1,85 @@
+//! The paper's local record file: where this replica was in Process Request, so that
+//! Check for pending process knows, after a step-down or a crash, whether an entry was
+//! interrupted before, during or after its execution.
+//!
+//! Each write replaces the file atomically (write a temporary file, rename). It is not
+//! fsynced: it must survive the process being killed, which the page cache ensures; after
+//! a power loss the app state's own durable index is what counts, and rollbacks are
+//! harmless when there is nothing to undo.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::app::Step;
+use crate::data::StoredReply;
+use crate::error::{Error, Result};
+
+/// What the file says.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Record {
+    pub(crate) index: u64,
+    pub(crate) step: Step,
+    /// The handler's answer, once it returned: a replica that leads again before anyone
+    /// recorded the outcome finds the answer here instead of executing twice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) reply: Option<StoredReply>,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct RecordFile {
+    path: PathBuf,
+    temp: PathBuf,
+}
+
+impl RecordFile {
+    pub(crate) fn new(dir: &Path) -> Self {
+        Self { path: dir.join("br2k-record.json"), temp: dir.join("br2k-record.json.tmp") }
+    }
+
+    fn fail(&self, reason: impl std::fmt::Display) -> Error {
+        Error::RecordFile { path: self.path.display().to_string(), reason: reason.to_string() }
+    }
+
+    pub(crate) fn write(&self, index: u64, step: Step, reply: Option<StoredReply>) -> Result<()> {
+        let body = serde_json::to_vec(&Record { index, step, reply }).expect("records serialize");
+        std::fs::write(&self.temp, body).map_err(|e| self.fail(e))?;
+        std::fs::rename(&self.temp, &self.path).map_err(|e| self.fail(e))
+    }
+
+    pub(crate) fn read(&self) -> Result<Option<Record>> {
+        match std::fs::read(&self.path) {
+            Ok(body) => serde_json::from_slice(&body)
+                .map(Some)
+                .map_err(|e| self.fail(format!("undecodable ({e}); remove it only after checking the app state"))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+
+    pub(crate) fn clear(&self) -> Result<()> {
+        match std::fs::remove_file(&self.path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_clears() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = RecordFile::new(dir.path());
+        assert_eq!(file.read().unwrap(), None);
+        file.write(7, Step::Executing, None).unwrap();
+        assert_eq!(file.read().unwrap(), Some(Record { index: 7, step: Step::Executing, reply: None }));
+        file.clear().unwrap();
+        assert_eq!(file.read().unwrap(), None);
+        std::fs::write(dir.path().join("br2k-record.json"), "garbage").unwrap();
+        assert!(file.read().unwrap_err().to_string().contains("undecodable"));
+    }
+}

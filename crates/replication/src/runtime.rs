@@ -1,0 +1,689 @@
+//! The replica: Check role, Register (with Prepare Service), Follow the Latest Service
+//! State, Check for pending process, and stepping down (paper Fig. 2, 3, Table 1).
+//!
+//! One task, the *node loop*, owns the role. It wakes on a timer (Check role), on etcd
+//! watch events (`ssi`, `cl`) and on a failure reported by the leader's pipeline, and does
+//! one thing per wake-up: step down, register, or follow. While it leads, two tasks of the
+//! leader's term ([`crate::leader`]) replicate and process client requests.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::{Notify, mpsc, watch};
+use tracing::{error, info, warn};
+
+use crate::app::{AppState, Outcome, Request, Step, StepObserver};
+use crate::builder::{Route, Routes};
+use crate::config::Config;
+use crate::data::{self, EntryState, Keys, LeaderRecord, ProcessState, RequestKind};
+use crate::error::{Error, Result};
+use crate::leader::{LeaderTerm, Submit};
+use crate::record_file::RecordFile;
+use crate::store::{Op, Store, StoredEntry, Term};
+
+/// How many entries a follower or a Register reads and applies at a time.
+const PAGE: u64 = 256;
+
+/// A replica's role (paper Fig. 2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Follows the leader's service state.
+    Follower,
+    /// Won the leader condition; catching up (Prepare Service) before it serves.
+    Register,
+    /// Serves clients.
+    Leader,
+}
+
+/// What `/br2k/status` shows: one replica's view of itself and the service.
+#[derive(Clone, Debug, Serialize)]
+pub struct Status {
+    /// The service name.
+    pub service: String,
+    /// This replica's id.
+    pub replica: String,
+    /// Its role.
+    pub role: Role,
+    /// The epoch it leads with, when it leads.
+    pub epoch: Option<u64>,
+    /// The current leader as last read from `cl`.
+    pub leader: Option<LeaderRecord>,
+    /// LS as last seen.
+    pub ls: u64,
+    /// SSI as last seen.
+    pub ssi: u64,
+    /// This replica's latest processed index.
+    pub lpi: u64,
+    /// What the app state says it has applied.
+    pub applied_index: u64,
+    /// Normal requests a dead leader left InProcess that are not yet reconciled (as last
+    /// listed by this replica when it became leader).
+    pub in_doubt: Vec<u64>,
+    /// Whether the local etcd member answered the last leader-condition check.
+    pub etcd_reachable: bool,
+    /// The epoch whose location is published in the registry, if any.
+    pub published_epoch: Option<u64>,
+    /// The last error that stopped progress, if it has not cleared.
+    pub last_error: Option<String>,
+}
+
+/// A replicated service, ready to serve. Built with [`Replicated::builder`].
+pub struct Replicated<S> {
+    pub(crate) runtime: Arc<Runtime<S>>,
+}
+
+impl<S: AppState> Replicated<S> {
+    /// Starts declaring a service for `config`.
+    pub fn builder(config: Config) -> crate::Builder<S> {
+        crate::Builder::new(config)
+    }
+
+    pub(crate) fn new(config: Config, state: S, routes: Routes<S>, observer: Option<StepObserver>) -> Self {
+        let status = Status {
+            service: config.service.clone(),
+            replica: config.replica.clone(),
+            role: Role::Follower,
+            epoch: None,
+            leader: None,
+            ls: 0,
+            ssi: 0,
+            lpi: state.applied_index(),
+            applied_index: state.applied_index(),
+            in_doubt: Vec::new(),
+            etcd_reachable: false,
+            published_epoch: None,
+            last_error: None,
+        };
+        let runtime = Runtime {
+            keys: Keys::new(&config.service),
+            record: RecordFile::new(&config.data_dir),
+            config,
+            state: Arc::new(state),
+            routes,
+            observer,
+            status: watch::Sender::new(status),
+            submit: RwLock::new(None),
+            store: std::sync::OnceLock::new(),
+        };
+        Self { runtime: Arc::new(runtime) }
+    }
+
+    /// The app state.
+    pub fn state(&self) -> Arc<S> {
+        self.runtime.state.clone()
+    }
+
+    /// This replica's current status.
+    pub fn status(&self) -> Status {
+        self.runtime.status.borrow().clone()
+    }
+
+    /// A receiver that sees every status change (for waiting on a role change).
+    pub fn subscribe(&self) -> watch::Receiver<Status> {
+        self.runtime.status.subscribe()
+    }
+
+    /// Runs the replica until `shutdown` completes: the HTTP front on the configured
+    /// address and the role loop on the local etcd member. A leader stops taking requests,
+    /// and requests in flight are answered 503 (clients retry elsewhere with their
+    /// idempotency key).
+    ///
+    /// # Errors
+    /// [`Error::Listen`] if the address cannot be bound; [`Error::RecordFile`] if the data
+    /// directory cannot be used. An unreachable etcd is not an error: the replica waits
+    /// for it, reporting unhealthy.
+    pub async fn serve(self, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
+        let runtime = self.runtime;
+        std::fs::create_dir_all(&runtime.config.data_dir).map_err(|e| Error::RecordFile {
+            path: runtime.config.data_dir.display().to_string(),
+            reason: format!("cannot create the data directory: {e}"),
+        })?;
+        // Fails early on an unreadable record file rather than after serving.
+        runtime.record.read()?;
+        let store =
+            Store::connect(&runtime.config.etcd_endpoint, runtime.keys.clone(), runtime.config.timings.etcd_timeout)
+                .await?;
+        let _ = runtime.store.set(store);
+        let listener = tokio::net::TcpListener::bind(runtime.config.listen)
+            .await
+            .map_err(|source| Error::Listen { addr: runtime.config.listen, source })?;
+        info!(service = %runtime.config.service, replica = %runtime.config.replica,
+            listen = %runtime.config.listen, public = %runtime.config.public_url, "replica serving as follower");
+
+        let (stop_tx, mut stop_rx) = watch::channel(false);
+        let app = crate::http::router(runtime.clone());
+        let server = tokio::spawn(async move {
+            let stopped = async move {
+                let _ = stop_rx.wait_for(|stop| *stop).await;
+            };
+            axum::serve(listener, app).with_graceful_shutdown(stopped).await
+        });
+        runtime.clone().run(shutdown).await;
+        let _ = stop_tx.send(true);
+        if let Ok(Err(e)) = server.await {
+            warn!(error = %e, "HTTP front ended with an error");
+        }
+        Ok(())
+    }
+}
+
+pub(crate) struct Runtime<S> {
+    pub(crate) config: Config,
+    pub(crate) keys: Keys,
+    pub(crate) state: Arc<S>,
+    pub(crate) routes: Routes<S>,
+    pub(crate) observer: Option<StepObserver>,
+    pub(crate) record: RecordFile,
+    pub(crate) status: watch::Sender<Status>,
+    /// The leader term's request queue while this replica leads.
+    pub(crate) submit: RwLock<Option<mpsc::Sender<Submit>>>,
+    store: std::sync::OnceLock<Store>,
+}
+
+/// Where the node loop stands between wake-ups.
+struct Node {
+    /// Check for pending process is still to do (at start and after each step-down).
+    pending_check: bool,
+    /// Latest processed index.
+    lpi: u64,
+    leader: Option<LeaderTerm>,
+}
+
+impl<S: AppState> Runtime<S> {
+    pub(crate) fn store(&self) -> &Store {
+        self.store.get().expect("the store is set before anything runs")
+    }
+
+    pub(crate) fn route_of(&self, method: &str, path: &str) -> Option<&Route<S>> {
+        self.routes.get(method, path)
+    }
+
+    pub(crate) fn set_status(&self, change: impl FnOnce(&mut Status)) {
+        self.status.send_modify(change);
+    }
+
+    fn note_error(&self, error: &Error) {
+        let text = error.to_string();
+        let changed = self.status.borrow().last_error.as_deref() != Some(text.as_str());
+        if changed {
+            warn!(replica = %self.config.replica, error = %text, "replica cannot make progress");
+            self.set_status(|s| s.last_error = Some(text));
+        }
+    }
+
+    fn clear_error(&self) {
+        if self.status.borrow().last_error.is_some() {
+            self.set_status(|s| s.last_error = None);
+        }
+    }
+
+    fn set_role(&self, role: Role, epoch: Option<u64>, reason: &str) {
+        let before = self.status.borrow().role;
+        if before != role {
+            info!(service = %self.config.service, replica = %self.config.replica,
+                from = ?before, to = ?role, epoch, reason, "role change");
+        }
+        self.set_status(|s| {
+            s.role = role;
+            s.epoch = epoch;
+        });
+    }
+
+    /// The node loop: until `shutdown`, wake up and do one thing.
+    async fn run(self: Arc<Self>, shutdown: impl Future<Output = ()>) {
+        let changes = Arc::new(Notify::new());
+        let watcher = tokio::spawn(self.clone().watch_changes(changes.clone()));
+        let timings = self.config.timings;
+        let mut check = tokio::time::interval(timings.check_interval);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut poll = tokio::time::interval(timings.follow_poll);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut node = Node { pending_check: true, lpi: self.state.applied_index(), leader: None };
+        tokio::pin!(shutdown);
+        loop {
+            let leading = node.leader.is_some();
+            let failure = async {
+                match node.leader.as_mut() {
+                    Some(term) => term.failed.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                failure = failure => {
+                    let reason = failure.map_or_else(|| "leader pipeline ended".to_owned(), |e| e.to_string());
+                    self.step_down(&mut node, &reason).await;
+                    continue;
+                }
+                _ = check.tick() => {}
+                () = changes.notified(), if !leading => {}
+                _ = poll.tick(), if !leading => {}
+            }
+            self.wake(&mut node).await;
+        }
+        if node.leader.is_some() {
+            self.step_down(&mut node, "shutting down").await;
+        }
+        watcher.abort();
+    }
+
+    /// One wake-up of the node loop: Check role, then act on it.
+    async fn wake(self: &Arc<Self>, node: &mut Node) {
+        let condition = match self.store().leader_condition().await {
+            Ok(condition) => {
+                if !self.status.borrow().etcd_reachable {
+                    self.set_status(|s| s.etcd_reachable = true);
+                }
+                condition
+            }
+            Err(e) => {
+                // An unreadable condition counts as false (a paused or cut-off member).
+                if self.status.borrow().etcd_reachable {
+                    warn!(replica = %self.config.replica, error = %e, "local etcd member not answering");
+                    self.set_status(|s| s.etcd_reachable = false);
+                }
+                false
+            }
+        };
+        if node.leader.is_some() {
+            if !condition {
+                self.step_down(node, "leader condition lost (local etcd member is not the Raft leader)").await;
+            }
+            return;
+        }
+        if node.pending_check {
+            match self.check_pending().await {
+                Ok(()) => {
+                    node.pending_check = false;
+                    node.lpi = node.lpi.min(self.state.applied_index());
+                }
+                Err(e) => return self.note_error(&e),
+            }
+        }
+        let result = if condition { self.register(node).await } else { self.follow(node).await };
+        match result {
+            Ok(()) => self.clear_error(),
+            Err(e) => {
+                if self.status.borrow().role == Role::Register {
+                    self.set_role(Role::Follower, None, "register failed");
+                }
+                self.note_error(&e);
+            }
+        }
+    }
+
+    /// Watches `ssi` and `cl` and wakes the node loop on every change; re-watches after
+    /// a broken stream (the periodic poll covers the gap).
+    async fn watch_changes(self: Arc<Self>, changes: Arc<Notify>) {
+        loop {
+            if let Ok((mut ssi, mut cl)) = self.store().watch_changes().await {
+                loop {
+                    let event = tokio::select! {
+                        m = ssi.message() => m,
+                        m = cl.message() => m,
+                    };
+                    match event {
+                        Ok(Some(_)) => changes.notify_one(),
+                        _ => break,
+                    }
+                }
+            }
+            tokio::time::sleep(self.config.timings.follow_poll).await;
+        }
+    }
+
+    /// Follow the Latest Service State: execute every Replication entry whose state is
+    /// Success, in index order, up to SSI.
+    async fn follow(&self, node: &mut Node) -> Result<()> {
+        let store = self.store();
+        let leader = store.leader().await?.map(|(record, _)| record);
+        let ssi = store.get_index(&self.keys.ssi()).await?;
+        if self.status.borrow().leader != leader || self.status.borrow().ssi != ssi {
+            self.set_status(|s| {
+                s.leader = leader;
+                s.ssi = ssi;
+            });
+        }
+        if node.lpi >= ssi {
+            return Ok(());
+        }
+        let to = ssi.min(node.lpi + PAGE);
+        let entries = store.entries(node.lpi + 1, to).await?;
+        for entry in entries {
+            if entry.state.kind == RequestKind::Replication
+                && entry.state.state == ProcessState::Success
+                && entry.index > self.state.applied_index()
+            {
+                let route = self.replication_route(&entry)?;
+                let outcome =
+                    self.execute(entry.index, route, Request::from_entry(entry.index, entry.request), false).await?;
+                if outcome.is_err() {
+                    // The leader's execution succeeded and this one did not: a handler
+                    // that is not deterministic. Say so loudly; the state differs.
+                    error!(replica = %self.config.replica, index = entry.index,
+                        "a Replication request the leader executed with Success failed here: replicas have diverged");
+                }
+            }
+            node.lpi = entry.index;
+        }
+        self.state.persist().await.map_err(Error::Persist)?;
+        self.record.clear()?;
+        store.put(&self.keys.lpi(&self.config.replica), node.lpi.to_string()).await?;
+        let (lpi, applied) = (node.lpi, self.state.applied_index());
+        self.set_status(|s| {
+            s.lpi = lpi;
+            s.applied_index = applied;
+        });
+        Ok(())
+    }
+
+    fn replication_route(&self, entry: &StoredEntry) -> Result<&Route<S>> {
+        self.route_of(&entry.request.method, &entry.request.path)
+            .filter(|r| r.kind == RequestKind::Replication)
+            .ok_or_else(|| Error::UnknownRoute {
+                index: entry.index,
+                method: entry.request.method.clone(),
+                path: entry.request.path.clone(),
+            })
+    }
+
+    /// Executes one entry through its handler, recording the step in the local record
+    /// file around it; `observed` (Process Request only) also awaits the step observer.
+    pub(crate) async fn execute(
+        &self,
+        index: u64,
+        route: &Route<S>,
+        request: Request,
+        observed: bool,
+    ) -> Result<Outcome> {
+        self.record.write(index, Step::Executing, None)?;
+        if observed {
+            self.observe(Step::Executing, index).await;
+        }
+        let outcome = (route.handler)(self.state.clone(), request).await;
+        let reply = match &outcome {
+            Ok(reply) | Err(reply) => reply.to_stored(),
+        };
+        self.record.write(index, Step::Executed, Some(reply))?;
+        if observed {
+            self.observe(Step::Executed, index).await;
+        }
+        Ok(outcome)
+    }
+
+    pub(crate) async fn observe(&self, step: Step, index: u64) {
+        if let Some(observer) = &self.observer {
+            observer(step, index).await;
+        }
+    }
+
+    /// Check for pending process: after a step-down or a restart, undo what an
+    /// interrupted execution may have left, so that following brings this replica to
+    /// exactly the service state.
+    ///
+    /// The paper executes the interrupted request at once. That is only right if the new
+    /// leader keeps it; if the InProcess write did not land, the new leader marks it
+    /// Ignore. So this replica only restores "not executed" here, and executes the
+    /// request when following, if and only if its final state is Success.
+    async fn check_pending(&self) -> Result<()> {
+        let Some(record) = self.record.read()? else { return Ok(()) };
+        match record.step {
+            Step::BeforeExecution => {
+                info!(index = record.index, "pending process: interrupted before execution; nothing to undo");
+            }
+            Step::Executed => {
+                info!(index = record.index, "pending process: interrupted after execution; the effect stays");
+            }
+            Step::Executing => {
+                let entry = self.store().entries(record.index, record.index).await?.pop();
+                let Some(entry) = entry else {
+                    return Err(Error::MissingRecord { key: self.keys.log(record.index) });
+                };
+                let route = self.route_of(&entry.request.method, &entry.request.path);
+                match route.and_then(|r| r.rollback.clone()) {
+                    Some(rollback) => {
+                        info!(index = record.index, "pending process: interrupted during execution; rolling back");
+                        rollback(self.state.clone(), Request::from_entry(entry.index, entry.request)).await;
+                        self.state.persist().await.map_err(Error::Persist)?;
+                    }
+                    None => warn!(
+                        index = record.index,
+                        "pending process: interrupted during execution and the route has no rollback; \
+                         trusting the app state's applied index"
+                    ),
+                }
+            }
+        }
+        self.record.clear()?;
+        let applied = self.state.applied_index();
+        self.set_status(|s| {
+            s.applied_index = applied;
+            s.lpi = s.lpi.min(applied);
+        });
+        Ok(())
+    }
+
+    /// Follower -> Register -> Leader: take `cl`, run Prepare Service, publish the
+    /// location, start serving.
+    async fn register(self: &Arc<Self>, node: &mut Node) -> Result<()> {
+        self.set_role(Role::Register, None, "leader condition holds");
+        let store = self.store();
+        let base = store.epoch_base(self.chain_epoch()).await?;
+        let me = LeaderRecord { replica: self.config.replica.clone(), location: self.config.public_url.clone() };
+        let term = store.take_leadership(&me, base).await?;
+        info!(replica = %self.config.replica, epoch = term.epoch, "took the current-leader record");
+        self.set_status(|s| {
+            s.epoch = Some(term.epoch);
+            s.leader = Some(me);
+        });
+
+        let ls = self.prepare_service(&term, node).await?;
+        self.publish_location(term.epoch).await;
+        node.leader = Some(LeaderTerm::start(self, term.clone(), ls + 1));
+        self.set_role(Role::Leader, Some(term.epoch), "prepared");
+        Ok(())
+    }
+
+    /// The on-chain epoch, the base for fresh etcd data (0 without a registry, or when
+    /// the chain cannot be asked).
+    async fn chain_epoch(&self) -> u64 {
+        let Some(publisher) = &self.config.publisher else { return 0 };
+        match publisher.registry.service_location(&self.config.service).await {
+            Ok(resolved) => resolved.epoch,
+            Err(e) => {
+                warn!(error = %e, "could not read the on-chain epoch for fresh etcd data; starting from 0");
+                0
+            }
+        }
+    }
+
+    /// Prepare Service (Table 1, lines 1-16): from this replica's LPI to LS, Null entries
+    /// become Ignore; Replication entries that did not Fail are executed (InProcess ones
+    /// too, and their outcome recorded); Normal entries left InProcess are in doubt.
+    /// Returns LS.
+    async fn prepare_service(&self, term: &Term, node: &mut Node) -> Result<u64> {
+        let store = self.store();
+        let ls = store.get_index(&self.keys.ls()).await?;
+        let last_record = self.record.read()?;
+        while node.lpi < ls {
+            let to = ls.min(node.lpi + PAGE);
+            let mut ops = Vec::new();
+            for entry in store.entries(node.lpi + 1, to).await? {
+                let index = entry.index;
+                let kind = entry.state.kind;
+                let decided = |state, response| {
+                    Op::Put(self.keys.rs(index), data::encode(&EntryState { kind, state, epoch: term.epoch, response }))
+                };
+                match (entry.state.state, kind) {
+                    (ProcessState::Null, _)
+                    | (ProcessState::InProcess, RequestKind::ExternalTxn | RequestKind::Read) => {
+                        ops.push(decided(ProcessState::Ignore, None));
+                    }
+                    (ProcessState::Success | ProcessState::InProcess, RequestKind::Replication) => {
+                        let in_process = entry.state.state == ProcessState::InProcess;
+                        let outcome = if index > self.state.applied_index() {
+                            let route = self.replication_route(&entry)?;
+                            Some(self.execute(index, route, Request::from_entry(index, entry.request), false).await?)
+                        } else if in_process {
+                            // This replica executed it as leader and lost leadership
+                            // before recording the outcome: the answer is in the record file.
+                            let reply = last_record.as_ref().filter(|r| r.index == index).and_then(|r| r.reply.clone());
+                            Some(Ok(reply.map_or_else(
+                                || crate::Reply::json(200, &serde_json::json!({ "index": index })),
+                                crate::Reply::from_stored,
+                            )))
+                        } else {
+                            None
+                        };
+                        if let (true, Some(outcome)) = (in_process, outcome) {
+                            let (state, reply) = match outcome {
+                                Ok(reply) => (ProcessState::Success, reply),
+                                Err(reply) => (ProcessState::Fail, reply),
+                            };
+                            ops.push(decided(state, Some(reply.to_stored())));
+                        }
+                    }
+                    (ProcessState::InProcess, RequestKind::Normal) => {
+                        warn!(index, path = %entry.request.path, "Normal request left InProcess by a dead leader: in doubt");
+                        ops.push(Op::Put(self.keys.doubt(index), Vec::new()));
+                    }
+                    _ => {}
+                }
+            }
+            self.state.persist().await.map_err(Error::Persist)?;
+            ops.push(Op::counter(self.keys.lpi(&self.config.replica), to));
+            ops.push(Op::counter(self.keys.ssi(), to));
+            store.authority_write(term, ops).await?;
+            self.record.clear()?;
+            node.lpi = to;
+        }
+        // Confirms the fence and that SSI reaches LS even when there was nothing to do.
+        store
+            .authority_write(
+                term,
+                vec![Op::counter(self.keys.lpi(&self.config.replica), ls), Op::counter(self.keys.ssi(), ls)],
+            )
+            .await?;
+        let in_doubt = self.reconcile_in_doubt(term).await?;
+        let applied = self.state.applied_index();
+        self.set_status(|s| {
+            s.ls = ls;
+            s.ssi = ls;
+            s.lpi = ls;
+            s.applied_index = applied;
+            s.in_doubt = in_doubt;
+        });
+        Ok(ls)
+    }
+
+    /// Settles in-doubt Normal requests whose route has a reconcile hook; returns the ones
+    /// still in doubt.
+    async fn reconcile_in_doubt(&self, term: &Term) -> Result<Vec<u64>> {
+        let store = self.store();
+        let mut left = Vec::new();
+        for index in store.indexes_under(&self.keys.doubt_prefix()).await? {
+            let Some(entry) = store.entries(index, index).await?.pop() else { continue };
+            let route = self.route_of(&entry.request.method, &entry.request.path);
+            let Some(reconcile) = route.and_then(|r| r.reconcile.clone()) else {
+                left.push(index);
+                continue;
+            };
+            match reconcile(self.state.clone(), Request::from_entry(index, entry.request)).await {
+                Some(outcome) => {
+                    let (state, reply) = match outcome {
+                        Ok(reply) => (ProcessState::Success, reply),
+                        Err(reply) => (ProcessState::Fail, reply),
+                    };
+                    info!(index, ?state, "in-doubt request reconciled");
+                    let record = EntryState {
+                        kind: entry.state.kind,
+                        state,
+                        epoch: term.epoch,
+                        response: Some(reply.to_stored()),
+                    };
+                    store
+                        .authority_write(
+                            term,
+                            vec![
+                                Op::Put(self.keys.rs(index), data::encode(&record)),
+                                Op::Delete(self.keys.doubt(index)),
+                            ],
+                        )
+                        .await?;
+                }
+                None => left.push(index),
+            }
+        }
+        if !left.is_empty() {
+            warn!(in_doubt = ?left, "Normal requests remain in doubt; see /br2k/status");
+        }
+        Ok(left)
+    }
+
+    /// Publishes `updateLocation(id, location, epoch)` before serving; if the chain cannot
+    /// be reached, serves anyway and keeps trying in the background while this term lasts.
+    async fn publish_location(self: &Arc<Self>, epoch: u64) {
+        let Some(publisher) = self.config.publisher.clone() else {
+            info!("no registry configured: the leader's location is not published");
+            return;
+        };
+        let this = self.clone();
+        let attempt = move || {
+            let (publisher, this) = (publisher.clone(), this.clone());
+            async move {
+                let result =
+                    publisher.registry.update_location(&this.config.service, &this.config.public_url, epoch).await;
+                match result {
+                    Ok(tx) => {
+                        info!(epoch, location = %this.config.public_url, tx = %tx.hash, "location published");
+                        this.set_status(|s| s.published_epoch = Some(epoch));
+                        true
+                    }
+                    Err(e) if e.is_unreachable() => {
+                        warn!(epoch, error = %e, "chain unreachable: serving anyway, will retry publishing");
+                        false
+                    }
+                    Err(e) => {
+                        error!(epoch, error = %e, "the registry refused the location; clients follow the Br2k-Leader hints");
+                        true
+                    }
+                }
+            }
+        };
+        if attempt().await {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(this.config.timings.publish_retry).await;
+                if this.status.borrow().epoch != Some(epoch) || attempt().await {
+                    break;
+                }
+            }
+        });
+    }
+
+    /// Leader -> Follower: stop taking requests, stop the term's tasks (interrupting an
+    /// execution if one runs), then Check for pending process before following.
+    async fn step_down(&self, node: &mut Node, reason: &str) {
+        let Some(term) = node.leader.take() else { return };
+        *self.submit.write().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        term.stop().await;
+        self.set_role(Role::Follower, None, reason);
+        node.pending_check = true;
+        node.lpi = self.state.applied_index();
+    }
+}
+
+/// A lock helper for the std mutexes here (poisoning only follows a panic elsewhere).
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// How long the front waits on a full request queue before answering 503.
+pub(crate) const QUEUE_WAIT: Duration = Duration::from_millis(500);

@@ -1,0 +1,330 @@
+//! The replica's access to its local etcd member: typed reads of the service's records,
+//! fenced leader-authority writes, and the leader condition. Every call is bounded by a
+//! timeout (etcd-client would otherwise wait on a paused member for ever).
+
+use std::future::Future;
+use std::time::Duration;
+
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, KeyValue, Txn, TxnOp, TxnOpResponse};
+
+use crate::data::{self, EntryState, Keys, LeaderRecord, LogEntry};
+use crate::error::{Error, Result};
+
+/// etcd's default `--max-txn-ops` is 128; stay below it with room for the counters.
+pub(crate) const MAX_TXN_OPS: usize = 120;
+/// etcd's default `--max-request-bytes` is 1.5 MiB; keep each transaction well under it.
+pub(crate) const MAX_TXN_BYTES: usize = 1024 * 1024;
+
+/// Leadership as this replica took it: writes are fenced on `cl` still holding exactly
+/// this value at exactly this revision.
+#[derive(Clone, Debug)]
+pub(crate) struct Term {
+    pub(crate) cl_value: Vec<u8>,
+    pub(crate) cl_revision: i64,
+    pub(crate) epoch: u64,
+}
+
+/// One write of a leader-authority transaction.
+#[derive(Clone, Debug)]
+pub(crate) enum Op {
+    Put(String, Vec<u8>),
+    Delete(String),
+}
+
+impl Op {
+    /// Sets a decimal counter (`ls`, `ssi`, `lpi/*`).
+    pub(crate) fn counter(key: String, value: u64) -> Self {
+        Self::Put(key, value.to_string().into_bytes())
+    }
+
+    fn size(&self) -> usize {
+        match self {
+            Self::Put(k, v) => k.len() + v.len(),
+            Self::Delete(k) => k.len(),
+        }
+    }
+
+    fn into_txn_op(self) -> TxnOp {
+        match self {
+            Self::Put(k, v) => TxnOp::put(k, v, None),
+            Self::Delete(k) => TxnOp::delete(k, None),
+        }
+    }
+}
+
+/// One entry of the log as read back: its state and, where it exists, its request.
+#[derive(Clone, Debug)]
+pub(crate) struct StoredEntry {
+    pub(crate) index: u64,
+    pub(crate) state: EntryState,
+    pub(crate) request: LogEntry,
+}
+
+#[derive(Clone)]
+pub(crate) struct Store {
+    client: Client,
+    keys: Keys,
+    endpoint: String,
+    timeout: Duration,
+}
+
+impl Store {
+    /// A client for one member only: with several endpoints etcd-client keeps calling a
+    /// dead member, and the leader condition must be asked of the local member anyway.
+    pub(crate) async fn connect(endpoint: &str, keys: Keys, timeout: Duration) -> Result<Self> {
+        let options = ConnectOptions::new()
+            .with_connect_timeout(timeout)
+            .with_timeout(timeout)
+            .with_keep_alive(Duration::from_secs(2), timeout);
+        let client =
+            Client::connect([endpoint], Some(options)).await.map_err(|e| Error::etcd(endpoint, "connect", &e))?;
+        Ok(Self { client, keys, endpoint: endpoint.into(), timeout })
+    }
+
+    async fn bounded<T>(
+        &self,
+        action: &'static str,
+        call: impl Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T> {
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(Error::etcd(&self.endpoint, action, &e)),
+            Err(_) => Err(Error::EtcdTimeout { endpoint: self.endpoint.clone(), action, timeout: self.timeout }),
+        }
+    }
+
+    /// The paper's leader condition: the local member says it is the Raft leader.
+    pub(crate) async fn leader_condition(&self) -> Result<bool> {
+        let mut client = self.client.clone();
+        let status = self.bounded("status", client.status()).await?;
+        let member = status.header().map(etcd_client::ResponseHeader::member_id);
+        Ok(member.is_some_and(|m| m != 0 && m == status.leader()))
+    }
+
+    pub(crate) async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
+        let mut client = self.client.clone();
+        let mut response = self.bounded("get", client.get(key, None)).await?;
+        Ok(response.take_kvs().into_iter().next())
+    }
+
+    /// A read served by the local member without a quorum round. Only for keys this
+    /// replica wrote itself as leader, or that an earlier leader wrote before this
+    /// replica's own `cl` write (which the member has applied by the time it answered).
+    pub(crate) async fn get_local(&self, key: &str) -> Result<Option<KeyValue>> {
+        let mut client = self.client.clone();
+        let mut response = self.bounded("get", client.get(key, Some(GetOptions::new().with_serializable()))).await?;
+        Ok(response.take_kvs().into_iter().next())
+    }
+
+    /// The indexes under a `doubt/`-style prefix, in order.
+    pub(crate) async fn indexes_under(&self, prefix: &str) -> Result<Vec<u64>> {
+        let mut client = self.client.clone();
+        let options = GetOptions::new().with_prefix().with_keys_only();
+        let response = self.bounded("list", client.get(prefix, Some(options))).await?;
+        response
+            .kvs()
+            .iter()
+            .map(|kv| self.keys.index_of(kv.key()).ok_or_else(|| corrupt(kv, "not an index key")))
+            .collect()
+    }
+
+    /// A decimal counter; 0 when the key does not exist yet.
+    pub(crate) async fn get_index(&self, key: &str) -> Result<u64> {
+        match self.get(key).await? {
+            Some(kv) => data::decode_index(kv.key(), kv.value()),
+            None => Ok(0),
+        }
+    }
+
+    pub(crate) async fn put(&self, key: &str, value: impl Into<Vec<u8>>) -> Result<()> {
+        let mut client = self.client.clone();
+        self.bounded("put", client.put(key, value, None)).await.map(drop)
+    }
+
+    pub(crate) async fn leader(&self) -> Result<Option<(LeaderRecord, i64)>> {
+        match self.get(&self.keys.cl()).await? {
+            Some(kv) => Ok(Some((data::decode(kv.key(), kv.value())?, kv.mod_revision()))),
+            None => Ok(None),
+        }
+    }
+
+    /// Entries `from..=to` (both logs and states, two range reads at one revision).
+    pub(crate) async fn entries(&self, from: u64, to: u64) -> Result<Vec<StoredEntry>> {
+        if from > to {
+            return Ok(Vec::new());
+        }
+        let range = |start: String, end: String| TxnOp::get(start, Some(GetOptions::new().with_range(end)));
+        let txn = Txn::new().and_then(vec![
+            range(self.keys.rs(from), self.keys.rs(to + 1)),
+            range(self.keys.log(from), self.keys.log(to + 1)),
+        ]);
+        let mut client = self.client.clone();
+        let response = self.bounded("read log entries", client.txn(txn)).await?;
+        let mut gets = response.op_responses().into_iter().filter_map(|op| match op {
+            TxnOpResponse::Get(get) => Some(get),
+            _ => None,
+        });
+        let (Some(states), Some(logs)) = (gets.next(), gets.next()) else {
+            return Err(Error::Etcd {
+                endpoint: self.endpoint.clone(),
+                action: "read log entries",
+                reason: "the transaction answered without its two range reads".into(),
+            });
+        };
+        let mut requests = std::collections::BTreeMap::new();
+        for kv in logs.kvs() {
+            let index = self.keys.index_of(kv.key()).ok_or_else(|| corrupt(kv, "not a log index"))?;
+            requests.insert(index, data::decode::<LogEntry>(kv.key(), kv.value())?);
+        }
+        let mut out = Vec::with_capacity(requests.len());
+        let mut expected = from;
+        for kv in states.kvs() {
+            let index = self.keys.index_of(kv.key()).ok_or_else(|| corrupt(kv, "not a log index"))?;
+            if index != expected {
+                return Err(Error::MissingRecord { key: self.keys.rs(expected) });
+            }
+            let state = data::decode::<EntryState>(kv.key(), kv.value())?;
+            let request = requests.remove(&index).ok_or_else(|| Error::MissingRecord { key: self.keys.log(index) })?;
+            out.push(StoredEntry { index, state, request });
+            expected += 1;
+        }
+        if expected <= to {
+            return Err(Error::MissingRecord { key: self.keys.rs(expected) });
+        }
+        Ok(out)
+    }
+
+    /// Takes `cl` for `record` and returns the term it fences later writes on. The write
+    /// is unconditional: etcd orders competing writes, and the loser's later fenced
+    /// writes fail, so it steps down.
+    pub(crate) async fn take_leadership(&self, record: &LeaderRecord, epoch_base: u64) -> Result<Term> {
+        let value = data::encode(record);
+        let mut client = self.client.clone();
+        let response = self.bounded("take leadership", client.put(self.keys.cl(), value.clone(), None)).await?;
+        let revision = response.header().map(etcd_client::ResponseHeader::revision).unwrap_or_default();
+        if revision <= 0 {
+            return Err(Error::Etcd {
+                endpoint: self.endpoint.clone(),
+                action: "take leadership",
+                reason: "the answer carried no revision".into(),
+            });
+        }
+        Ok(Term { cl_value: value, cl_revision: revision, epoch: epoch_base + revision.unsigned_abs() })
+    }
+
+    /// The epoch base of this etcd data, recording `proposed` if none is recorded yet.
+    pub(crate) async fn epoch_base(&self, proposed: impl Future<Output = u64>) -> Result<u64> {
+        let key = self.keys.epoch_base();
+        if let Some(kv) = self.get(&key).await? {
+            return data::decode_index(kv.key(), kv.value());
+        }
+        let base = proposed.await;
+        let txn = Txn::new()
+            .when(vec![Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then(vec![TxnOp::put(key.clone(), base.to_string(), None)]);
+        let mut client = self.client.clone();
+        self.bounded("record the epoch base", client.txn(txn)).await?;
+        // Another replica may have recorded its own first; everyone uses the recorded one.
+        match self.get(&key).await? {
+            Some(kv) => data::decode_index(kv.key(), kv.value()),
+            None => Err(Error::MissingRecord { key }),
+        }
+    }
+
+    /// A leader-authority write: `ops` applied only if `cl` is still `term`'s, split into
+    /// transactions that respect etcd's limits (the counters go last, in the last one).
+    ///
+    /// # Errors
+    /// [`Error::LeadershipLost`] when the fence fails; etcd errors otherwise.
+    pub(crate) async fn authority_write(&self, term: &Term, ops: Vec<Op>) -> Result<()> {
+        for chunk in chunks(ops) {
+            let txn = Txn::new()
+                .when(vec![
+                    Compare::value(self.keys.cl(), CompareOp::Equal, term.cl_value.clone()),
+                    Compare::mod_revision(self.keys.cl(), CompareOp::Equal, term.cl_revision),
+                ])
+                .and_then(chunk.into_iter().map(Op::into_txn_op).collect::<Vec<_>>());
+            let mut client = self.client.clone();
+            let response = self.bounded("write as leader", client.txn(txn)).await?;
+            if !response.succeeded() {
+                return Err(Error::LeadershipLost { epoch: term.epoch });
+            }
+        }
+        Ok(())
+    }
+
+    /// Like [`Self::authority_write`], with some puts attached to a lease (idempotency
+    /// records that expire).
+    pub(crate) async fn authority_write_leased(
+        &self,
+        term: &Term,
+        ops: Vec<Op>,
+        leased: Vec<(String, Vec<u8>)>,
+        lease: i64,
+    ) -> Result<()> {
+        let mut all: Vec<TxnOp> = leased
+            .into_iter()
+            .map(|(k, v)| TxnOp::put(k, v, Some(etcd_client::PutOptions::new().with_lease(lease))))
+            .collect();
+        all.extend(ops.into_iter().map(Op::into_txn_op));
+        let txn = Txn::new()
+            .when(vec![
+                Compare::value(self.keys.cl(), CompareOp::Equal, term.cl_value.clone()),
+                Compare::mod_revision(self.keys.cl(), CompareOp::Equal, term.cl_revision),
+            ])
+            .and_then(all);
+        let mut client = self.client.clone();
+        let response = self.bounded("replicate requests", client.txn(txn)).await?;
+        if response.succeeded() { Ok(()) } else { Err(Error::LeadershipLost { epoch: term.epoch }) }
+    }
+
+    pub(crate) async fn grant_lease(&self, ttl: Duration) -> Result<i64> {
+        let mut client = self.client.clone();
+        let ttl = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
+        Ok(self.bounded("grant a lease", client.lease_grant(ttl, None)).await?.id())
+    }
+
+    /// A watch on `ssi` and `cl`: yields whenever either changes.
+    pub(crate) async fn watch_changes(&self) -> Result<(etcd_client::WatchStream, etcd_client::WatchStream)> {
+        let mut client = self.client.clone();
+        let ssi = self.bounded("watch ssi", client.watch(self.keys.ssi(), None)).await?;
+        let cl = self.bounded("watch cl", client.watch(self.keys.cl(), None)).await?;
+        Ok((ssi, cl))
+    }
+}
+
+fn corrupt(kv: &KeyValue, reason: &str) -> Error {
+    Error::CorruptRecord { key: String::from_utf8_lossy(kv.key()).into_owned(), reason: reason.into() }
+}
+
+/// Splits puts into groups under etcd's op-count and size limits, keeping their order.
+fn chunks(ops: Vec<Op>) -> Vec<Vec<Op>> {
+    let mut out = vec![Vec::new()];
+    let mut bytes = 0;
+    for op in ops {
+        let size = op.size();
+        let current = out.last_mut().expect("never empty");
+        if !current.is_empty() && (current.len() == MAX_TXN_OPS || bytes + size > MAX_TXN_BYTES) {
+            out.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += size;
+        out.last_mut().expect("never empty").push(op);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_respect_limits_and_order() {
+        let ops: Vec<_> = (0..250).map(|i| Op::Put(format!("k{i}"), vec![0; 10])).collect();
+        let parts = chunks(ops);
+        assert_eq!(parts.iter().map(Vec::len).collect::<Vec<_>>(), vec![120, 120, 10]);
+        assert!(matches!(&parts[2][9], Op::Put(k, _) if k == "k249"));
+        let big: Vec<_> = (0..3).map(|i| Op::Put(format!("k{i}"), vec![0; MAX_TXN_BYTES / 2])).collect();
+        assert_eq!(chunks(big).len(), 3);
+    }
+}
