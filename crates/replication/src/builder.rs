@@ -126,7 +126,7 @@ impl<S: AppState> Builder<S> {
                 route.rollback = Some(rollback);
             }
             Some(_) => {
-                self.problems.push(format!("rollback for {method} {path}: only Replication and Normal routes execute"))
+                self.problems.push(format!("rollback for {method} {path}: only Replication and Normal routes execute"));
             }
             None => self.problems.push(format!("rollback for {method} {path}: declare the route first")),
         }

@@ -113,12 +113,22 @@ impl LeaderTerm {
 
     /// Stops both tasks, wherever they are. Clients waiting on them see their answer
     /// channel close and get a 503.
-    pub(crate) async fn stop(self) {
+    pub(crate) async fn stop(mut self) {
         for task in &self.tasks {
             task.abort();
         }
-        for task in self.tasks {
+        for task in std::mem::take(&mut self.tasks) {
             let _ = task.await;
+        }
+    }
+}
+
+impl Drop for LeaderTerm {
+    /// A term dropped without [`LeaderTerm::stop`] (the replica itself was dropped, as
+    /// in a crash) still ends its tasks.
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
         }
     }
 }

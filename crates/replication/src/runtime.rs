@@ -155,15 +155,15 @@ impl<S: AppState> Replicated<S> {
 
         let (stop_tx, mut stop_rx) = watch::channel(false);
         let app = crate::http::router(runtime.clone());
-        let server = tokio::spawn(async move {
+        let mut server = AbortOnDrop(tokio::spawn(async move {
             let stopped = async move {
                 let _ = stop_rx.wait_for(|stop| *stop).await;
             };
             axum::serve(listener, app).with_graceful_shutdown(stopped).await
-        });
+        }));
         runtime.clone().run(shutdown).await;
         let _ = stop_tx.send(true);
-        if let Ok(Err(e)) = server.await {
+        if let Ok(Err(e)) = (&mut server.0).await {
             warn!(error = %e, "HTTP front ended with an error");
         }
         Ok(())
@@ -235,7 +235,7 @@ impl<S: AppState> Runtime<S> {
     /// The node loop: until `shutdown`, wake up and do one thing.
     async fn run(self: Arc<Self>, shutdown: impl Future<Output = ()>) {
         let changes = Arc::new(Notify::new());
-        let watcher = tokio::spawn(self.clone().watch_changes(changes.clone()));
+        let _watcher = AbortOnDrop(tokio::spawn(self.clone().watch_changes(changes.clone())));
         let timings = self.config.timings;
         let mut check = tokio::time::interval(timings.check_interval);
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -268,7 +268,6 @@ impl<S: AppState> Runtime<S> {
         if node.leader.is_some() {
             self.step_down(&mut node, "shutting down").await;
         }
-        watcher.abort();
     }
 
     /// One wake-up of the node loop: Check role, then act on it.
@@ -677,6 +676,16 @@ impl<S: AppState> Runtime<S> {
         self.set_role(Role::Follower, None, reason);
         node.pending_check = true;
         node.lpi = self.state.applied_index();
+    }
+}
+
+/// A task that ends with its owner: dropping `serve` (a crash, in tests) leaves nothing
+/// running behind.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

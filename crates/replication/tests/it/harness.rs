@@ -1,0 +1,396 @@
+//! A real 3-member etcd cluster with one replica of a small journal app per member, and
+//! (for the registry tests) a real anvil with a deployed registry.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use br2k_bindings::IServiceRegistry::Body;
+use br2k_replication::{
+    AppState, Config, EntryState, Outcome, Publisher, Replicated, Reply, Request, Role, Status, Step, Timings,
+};
+use br2k_resolver::{Chain, RegistryClient, Timeouts};
+use br2k_test_utils::{Anvil, EtcdCluster};
+use tokio::sync::{Notify, oneshot, watch};
+use tokio::task::JoinHandle;
+
+pub(crate) const SERVICE: &str = "journal";
+
+/// Effects that happen outside the service (the Normal route's), shared by all replicas
+/// like a real external system would be.
+#[derive(Default)]
+pub(crate) struct Outside {
+    pub(crate) sent: Mutex<HashSet<u64>>,
+    pub(crate) executions: AtomicU64,
+}
+
+/// The journal app: a list of (index, text), saved to a file on every change.
+pub(crate) struct Journal {
+    path: PathBuf,
+    entries: Mutex<Vec<(u64, String)>>,
+    outside: Arc<Outside>,
+    /// While armed, `/slow` leaves a partial entry and never completes (one time).
+    pub(crate) slow_armed: AtomicBool,
+    pub(crate) slow_reached: Notify,
+}
+
+impl Journal {
+    pub(crate) fn open(dir: &std::path::Path, outside: Arc<Outside>) -> Self {
+        let path = dir.join("journal.json");
+        let entries = std::fs::read(&path).map(|b| serde_json::from_slice(&b).unwrap()).unwrap_or_default();
+        Self {
+            path,
+            entries: Mutex::new(entries),
+            outside,
+            slow_armed: AtomicBool::new(false),
+            slow_reached: Notify::new(),
+        }
+    }
+
+    pub(crate) fn entries(&self) -> Vec<(u64, String)> {
+        self.entries.lock().unwrap().clone()
+    }
+
+    fn save(&self, entries: &[(u64, String)]) {
+        std::fs::write(&self.path, serde_json::to_vec(entries).unwrap()).unwrap();
+    }
+
+    fn push(&self, index: u64, text: String) {
+        let mut entries = self.entries.lock().unwrap();
+        entries.push((index, text));
+        self.save(&entries);
+    }
+}
+
+impl AppState for Journal {
+    fn applied_index(&self) -> u64 {
+        self.entries.lock().unwrap().last().map_or(0, |e| e.0)
+    }
+}
+
+fn text(request: &Request) -> String {
+    String::from_utf8_lossy(&request.body).into_owned()
+}
+
+async fn append(state: Arc<Journal>, request: Request) -> Outcome {
+    let text = text(&request);
+    if text == "fail" {
+        return Err(Reply::error(400, "asked to fail"));
+    }
+    state.push(request.index, text);
+    Ok(Reply::json(200, &serde_json::json!({ "index": request.index })))
+}
+
+/// Appends in two steps; when armed, stops for ever between them (an execution that is
+/// interrupted half-way).
+async fn slow(state: Arc<Journal>, request: Request) -> Outcome {
+    state.push(request.index, format!("partial:{}", text(&request)));
+    if state.slow_armed.swap(false, Ordering::SeqCst) {
+        state.slow_reached.notify_one();
+        std::future::pending::<()>().await;
+    }
+    let mut entries = state.entries.lock().unwrap();
+    entries.last_mut().unwrap().1 = text(&request);
+    state.save(&entries);
+    Ok(Reply::json(200, &serde_json::json!({ "index": request.index })))
+}
+
+async fn undo(state: Arc<Journal>, request: Request) {
+    let mut entries = state.entries.lock().unwrap();
+    entries.retain(|e| e.0 < request.index);
+    state.save(&entries);
+}
+
+async fn once(state: Arc<Journal>, request: Request) -> Outcome {
+    state.outside.executions.fetch_add(1, Ordering::SeqCst);
+    state.outside.sent.lock().unwrap().insert(request.index);
+    Ok(Reply::json(200, &serde_json::json!({ "sent": request.index })))
+}
+
+async fn reconcile(state: Arc<Journal>, request: Request) -> Option<Outcome> {
+    let sent = state.outside.sent.lock().unwrap().contains(&request.index);
+    sent.then(|| Ok(Reply::json(200, &serde_json::json!({ "sent": request.index, "reconciled": true }))))
+}
+
+async fn list(state: Arc<Journal>, _request: Request) -> Outcome {
+    Ok(Reply::json(200, &state.entries()))
+}
+
+async fn external(_state: Arc<Journal>, request: Request) -> Outcome {
+    Ok(Reply::json(201, &serde_json::json!({ "recorded": request.index })))
+}
+
+/// Where the leader's pipeline should stop (for the pending-process tests).
+#[derive(Default)]
+pub(crate) struct Interrupt {
+    pub(crate) armed: AtomicBool,
+    pub(crate) step: Mutex<Option<Step>>,
+    pub(crate) reached: Notify,
+}
+
+/// One replica: its task, its app state and how to stop it.
+pub(crate) struct Replica {
+    pub(crate) url: String,
+    pub(crate) state: Arc<Journal>,
+    pub(crate) status: watch::Receiver<Status>,
+    pub(crate) interrupt: Arc<Interrupt>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<br2k_replication::Result<()>>>,
+}
+
+impl Replica {
+    pub(crate) fn status(&self) -> Status {
+        self.status.borrow().clone()
+    }
+
+    /// Stops the replica as a crash would: the task is dropped wherever it is.
+    pub(crate) fn crash(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+
+    pub(crate) async fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+pub(crate) struct Registry {
+    pub(crate) anvil: Anvil,
+    pub(crate) manager: RegistryClient,
+}
+
+pub(crate) struct Cluster {
+    pub(crate) etcd: EtcdCluster,
+    pub(crate) replicas: Vec<Replica>,
+    pub(crate) registry: Option<Registry>,
+    pub(crate) outside: Arc<Outside>,
+    pub(crate) dirs: Vec<tempfile::TempDir>,
+    ports: Vec<u16>,
+    pub(crate) http: reqwest::Client,
+}
+
+pub(crate) fn timeouts() -> Timeouts {
+    Timeouts { rpc: Duration::from_secs(5), tx: Duration::from_secs(30) }
+}
+
+impl Cluster {
+    /// etcd and (optionally) a chain, without replicas yet.
+    pub(crate) async fn new(with_registry: bool) -> Self {
+        let etcd = EtcdCluster::spawn().expect("etcd starts (run `bash tools/setup.sh` if it is missing)");
+        let registry = if with_registry {
+            let anvil = Anvil::spawn().expect("anvil starts (run `bash tools/setup.sh` if it is missing)");
+            let chain = Chain::connect(&anvil.endpoint(), Some(anvil.key(0)), timeouts()).await.unwrap();
+            let deployment = chain.deploy_registry(60).await.unwrap();
+            let manager = chain.registry(deployment.address).await.unwrap();
+            let body = Body {
+                deployer: anvil.address(0),
+                context: "local".into(),
+                replicas: 3,
+                containerRegistry: String::new(),
+                image: String::new(),
+                imageDigest: Default::default(),
+            };
+            manager.register(SERVICE, body).await.unwrap();
+            for i in 1..=3 {
+                manager.set_operator(SERVICE, anvil.address(i), true).await.unwrap();
+            }
+            Some(Registry { anvil, manager })
+        } else {
+            None
+        };
+        let ports =
+            (0..3).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()).collect();
+        Self {
+            etcd,
+            replicas: Vec::new(),
+            registry,
+            outside: Arc::default(),
+            dirs: (0..3).map(|_| tempfile::tempdir().unwrap()).collect(),
+            ports,
+            http: reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap(),
+        }
+    }
+
+    /// etcd, a chain if asked, and three replicas running.
+    pub(crate) async fn start(with_registry: bool) -> Self {
+        let mut cluster = Self::new(with_registry).await;
+        for i in 0..3 {
+            let replica = cluster.spawn_replica(i).await;
+            cluster.replicas.push(replica);
+        }
+        cluster
+    }
+
+    pub(crate) async fn spawn_replica(&self, i: usize) -> Replica {
+        let port = self.ports[i];
+        let url = format!("http://127.0.0.1:{port}");
+        let mut config = Config::new(
+            SERVICE,
+            format!("r{i}"),
+            self.etcd.endpoint(i),
+            ([127, 0, 0, 1], port).into(),
+            url.clone(),
+            self.dirs[i].path(),
+        );
+        config.timings = Timings {
+            check_interval: Duration::from_millis(50),
+            etcd_timeout: Duration::from_millis(500),
+            follow_poll: Duration::from_millis(200),
+            publish_retry: Duration::from_millis(500),
+        };
+        config.max_body = 1024;
+        if let Some(registry) = &self.registry {
+            let chain =
+                Chain::connect(&registry.anvil.endpoint(), Some(registry.anvil.key(i + 1)), timeouts()).await.unwrap();
+            config = config.with_publisher(Publisher::new(chain.registry(registry.manager.address()).await.unwrap()));
+        }
+        let interrupt = Arc::new(Interrupt::default());
+        let observer = interrupt.clone();
+        let state = Journal::open(self.dirs[i].path(), self.outside.clone());
+        let service = Replicated::builder(config)
+            .replicate("POST", "/append", append)
+            .replicate("POST", "/slow", slow)
+            .rollback("POST", "/slow", undo)
+            .only_once("POST", "/once", once)
+            .reconcile("POST", "/once", reconcile)
+            .external_txn("POST", "/ext", external)
+            .read("GET", "/list", list)
+            .on_step(move |step, _index| {
+                let observer = observer.clone();
+                async move {
+                    let stop_here =
+                        observer.armed.load(Ordering::SeqCst) && *observer.step.lock().unwrap() == Some(step);
+                    if stop_here {
+                        observer.armed.store(false, Ordering::SeqCst);
+                        observer.reached.notify_one();
+                        std::future::pending::<()>().await;
+                    }
+                }
+            })
+            .build(state)
+            .unwrap();
+        let state = service.state();
+        let status = service.subscribe();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(service.serve(async move {
+            let _ = stopped.await;
+        }));
+        Replica { url, state, status, interrupt, stop: Some(stop), task: Some(task) }
+    }
+
+    /// Restarts replica `i` from its data directory.
+    pub(crate) async fn restart_replica(&mut self, i: usize) {
+        self.replicas[i].crash();
+        self.replicas[i] = self.spawn_replica(i).await;
+    }
+
+    /// Waits until some replica leads (other than `not`), and returns its index.
+    pub(crate) async fn leader(&self, not: Option<usize>) -> usize {
+        let started = Instant::now();
+        loop {
+            let leaders: Vec<usize> = (0..self.replicas.len())
+                .filter(|&i| Some(i) != not && self.replicas[i].status().role == Role::Leader)
+                .collect();
+            if leaders.len() == 1 {
+                return leaders[0];
+            }
+            assert!(started.elapsed() < Duration::from_secs(20), "no single leader within 20 s: {:?}", self.statuses());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub(crate) fn statuses(&self) -> Vec<Status> {
+        self.replicas.iter().map(Replica::status).collect()
+    }
+
+    /// POSTs `body` to replica `i`'s `path`, with an idempotency key if given.
+    pub(crate) async fn post(&self, i: usize, path: &str, body: &str, key: Option<&str>) -> reqwest::Response {
+        let mut request = self.http.post(format!("{}{path}", self.replicas[i].url)).body(body.to_owned());
+        if let Some(key) = key {
+            request = request.header("Idempotency-Key", key);
+        }
+        request.send().await.unwrap()
+    }
+
+    /// A client for member `i` alone, to read and write records directly.
+    pub(crate) async fn etcd_client(&self, i: usize) -> etcd_client::Client {
+        etcd_client::Client::connect([self.etcd.endpoint(i)], None).await.unwrap()
+    }
+
+    /// The RS record at `index`, read from etcd.
+    pub(crate) async fn rs(&self, index: u64) -> Option<EntryState> {
+        let mut client = self.etcd_client(self.healthy_member()).await;
+        let key = format!("/br2k/{SERVICE}/rs/{index:020}");
+        let response = client.get(key, None).await.unwrap();
+        response.kvs().first().map(|kv| serde_json::from_slice(kv.value()).unwrap())
+    }
+
+    /// A decimal record (`ls`, `ssi`, `lpi/r0`), 0 when absent.
+    pub(crate) async fn counter(&self, name: &str) -> u64 {
+        let mut client = self.etcd_client(self.healthy_member()).await;
+        let response = client.get(format!("/br2k/{SERVICE}/{name}"), None).await.unwrap();
+        response.kvs().first().map_or(0, |kv| kv.value_str().unwrap().parse().unwrap())
+    }
+
+    fn healthy_member(&self) -> usize {
+        (0..self.etcd.len()).find(|&i| self.etcd.pid(i).is_some()).unwrap()
+    }
+
+    /// Sends to whichever replica leads until one answers something other than 503 (a
+    /// client failing over by hand).
+    pub(crate) async fn post_to_leader(&self, path: &str, body: &str, key: Option<&str>) -> reqwest::Response {
+        let started = Instant::now();
+        loop {
+            let leader = self.leader(None).await;
+            let response = self.post(leader, path, body, key).await;
+            if response.status() != 503 {
+                return response;
+            }
+            assert!(started.elapsed() < Duration::from_secs(20), "no answer but 503 for 20 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until every replica's journal equals `expected`.
+    pub(crate) async fn converged(&self, expected: &[(u64, String)]) {
+        self.converged_on(&[0, 1, 2], expected).await;
+    }
+
+    /// Waits until the journals of `replicas` equal `expected`.
+    pub(crate) async fn converged_on(&self, replicas: &[usize], expected: &[(u64, String)]) {
+        let started = Instant::now();
+        loop {
+            let states: Vec<_> = replicas.iter().map(|&i| self.replicas[i].state.entries()).collect();
+            if states.iter().all(|s| s == expected) {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "replicas did not converge to {expected:?}: {states:?}\n{:?}",
+                self.statuses()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Waits (up to 20 s) until `condition` holds.
+pub(crate) async fn eventually(what: &str, mut condition: impl AsyncFnMut() -> bool) {
+    let started = Instant::now();
+    while !condition().await {
+        assert!(started.elapsed() < Duration::from_secs(20), "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub(crate) fn entries(items: &[(u64, &str)]) -> Vec<(u64, String)> {
+    items.iter().map(|(i, t)| (*i, (*t).to_owned())).collect()
+}

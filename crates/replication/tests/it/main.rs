@@ -1,0 +1,9 @@
+//! Integration tests of the replication runtime on a real 3-member etcd cluster (and a
+//! real anvil where the registry is involved).
+
+mod harness;
+mod idempotency;
+mod inputs;
+mod pending;
+mod prepare;
+mod roles;

@@ -1,0 +1,82 @@
+//! Check for pending process: a leader cut off before, during and after executing a
+//! request ends with exactly the service state, and the client's retry gets the answer.
+
+use std::sync::atomic::Ordering;
+
+use br2k_replication::{ProcessState, Step};
+
+use crate::harness::{Cluster, entries};
+
+/// Stops the leader at `step` while it processes `path`, cuts its etcd member off, and
+/// checks that every replica converges.
+async fn leader_cut_off(step: Option<Step>, path: &str) {
+    let mut c = Cluster::start(false).await;
+    let l = c.leader(None).await;
+    assert_eq!(c.post(l, "/append", "a1", Some("k1")).await.status(), 200);
+    c.converged(&entries(&[(1, "a1")])).await;
+
+    let replica = &c.replicas[l];
+    match step {
+        Some(step) => {
+            *replica.interrupt.step.lock().unwrap() = Some(step);
+            replica.interrupt.armed.store(true, Ordering::SeqCst);
+        }
+        None => replica.state.slow_armed.store(true, Ordering::SeqCst),
+    }
+    let (http, url) = (c.http.clone(), format!("{}{path}", replica.url));
+    let request = tokio::spawn(async move { http.post(url).header("Idempotency-Key", "k2").body("a2").send().await });
+    match step {
+        Some(_) => replica.interrupt.reached.notified().await,
+        None => replica.state.slow_reached.notified().await,
+    }
+
+    c.etcd.pause(l).unwrap();
+    let answer = request.await.unwrap().unwrap();
+    assert_eq!(answer.status(), 503, "the interrupted request is not acknowledged");
+    c.leader(Some(l)).await;
+    c.etcd.resume(l).unwrap();
+
+    // The new leader re-executed the InProcess entry; the retry gets that answer.
+    let retry = c.post_to_leader(path, "a2", Some("k2")).await;
+    assert_eq!(retry.status(), 200);
+    assert_eq!(retry.headers()["br2k-index"], "2");
+    assert_eq!(retry.headers()["br2k-replayed"], "true");
+    assert_eq!(c.rs(2).await.unwrap().state, ProcessState::Success);
+    // The old leader ends with exactly the others' state (no partial entry, no double).
+    c.converged(&entries(&[(1, "a1"), (2, "a2")])).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn interrupted_before_execution() {
+    leader_cut_off(Some(Step::BeforeExecution), "/append").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn interrupted_during_execution_is_rolled_back() {
+    leader_cut_off(None, "/slow").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn interrupted_after_execution() {
+    leader_cut_off(Some(Step::Executed), "/append").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_that_crashed_mid_execution_rolls_back_on_restart() {
+    let mut c = Cluster::start(false).await;
+    let l = c.leader(None).await;
+    assert_eq!(c.post(l, "/append", "a1", None).await.status(), 200);
+    c.converged(&entries(&[(1, "a1")])).await;
+    // The leader dies half-way through /slow; its process restarts on the same data.
+    c.replicas[l].state.slow_armed.store(true, Ordering::SeqCst);
+    let (http, url) = (c.http.clone(), format!("{}/slow", c.replicas[l].url));
+    let request = tokio::spawn(async move { http.post(url).body("a2").send().await });
+    c.replicas[l].state.slow_reached.notified().await;
+    assert_eq!(c.replicas[l].state.entries().last().unwrap().1, "partial:a2");
+    c.restart_replica(l).await;
+    if let Ok(answer) = request.await.unwrap() {
+        assert_eq!(answer.status(), 503, "a crashed leader's request is never acknowledged");
+    }
+    c.leader(None).await;
+    c.converged(&entries(&[(1, "a1"), (2, "a2")])).await;
+}

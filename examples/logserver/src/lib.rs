@@ -1,0 +1,247 @@
+//! The paper's test application (section IV) on br2k-replication: a log of user ids.
+//!
+//! | route | type | what it does |
+//! |---|---|---|
+//! | `POST /log {"user": id}` | Replication | appends the id; answers `{"index", "position"}` |
+//! | `GET /log` | read | the whole list |
+//! | `POST /notify {"user": id, "message": text}` | Normal | "sends" a notification once, into the outbox directory |
+//! | `POST /tx {"user": id, "tx_hash": "0x…"}` | External_TXN | records a transaction the user made on chain |
+//!
+//! The log is a file of JSON lines, one per entry, each with its log index, so the index
+//! the app has applied is stored with the effect (what [`AppState::applied_index`] needs).
+//! The outbox stands for a system outside the service (mail, a chain): a notification is a
+//! file named by its log index, so an in-doubt one can be reconciled by looking for it.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use br2k_replication::{AppState, Builder, Config, Outcome, Replicated, Reply, Request};
+use serde::{Deserialize, Serialize};
+
+/// One entry of the log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// The log index of the request that appended it.
+    pub index: u64,
+    /// The user id.
+    pub user: u64,
+}
+
+/// The log server's state: the entries, kept in memory and in a JSON-lines file.
+#[derive(Debug)]
+pub struct LogState {
+    inner: Mutex<Inner>,
+    outbox: PathBuf,
+}
+
+#[derive(Debug)]
+struct Inner {
+    file: File,
+    path: PathBuf,
+    entries: Vec<Entry>,
+    /// Byte offset where each entry's line starts, for rollback.
+    offsets: Vec<u64>,
+    len: u64,
+    applied: u64,
+}
+
+impl LogState {
+    /// Opens (or creates) the log in `data_dir`, with notifications going to `outbox`.
+    ///
+    /// # Errors
+    /// When the files cannot be created or read, or a line of the log is not an entry
+    /// (a torn last line, from a crash in the middle of a write, is dropped).
+    pub fn open(data_dir: &Path, outbox: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(data_dir)?;
+        std::fs::create_dir_all(outbox)?;
+        let path = data_dir.join("log.jsonl");
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(anyhow::anyhow!("cannot read {}: {e}", path.display())),
+        };
+        let (mut entries, mut offsets, mut len) = (Vec::new(), Vec::new(), 0u64);
+        for line in text.split_inclusive('\n') {
+            if !line.ends_with('\n') {
+                break; // torn write
+            }
+            let entry: Entry = serde_json::from_str(line.trim_end())
+                .map_err(|e| anyhow::anyhow!("{} line {}: {e}", path.display(), entries.len() + 1))?;
+            offsets.push(len);
+            len += line.len() as u64;
+            entries.push(entry);
+        }
+        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        file.set_len(len)?;
+        let applied = entries.last().map_or(0, |e| e.index);
+        Ok(Self { inner: Mutex::new(Inner { file, path, entries, offsets, len, applied }), outbox: outbox.to_owned() })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Every entry, in order.
+    pub fn entries(&self) -> Vec<Entry> {
+        self.lock().entries.clone()
+    }
+
+    /// Where the log file is.
+    pub fn path(&self) -> PathBuf {
+        self.lock().path.clone()
+    }
+
+    fn append(&self, index: u64, user: u64) -> std::io::Result<usize> {
+        let mut inner = self.lock();
+        let mut line = serde_json::to_vec(&Entry { index, user }).expect("entries serialize");
+        line.push(b'\n');
+        inner.file.write_all(&line)?;
+        let offset = inner.len;
+        inner.offsets.push(offset);
+        inner.len += line.len() as u64;
+        inner.entries.push(Entry { index, user });
+        inner.applied = index;
+        Ok(inner.entries.len() - 1)
+    }
+
+    /// Removes every entry appended by a request at `index` or later.
+    fn truncate_from(&self, index: u64) -> std::io::Result<()> {
+        let mut inner = self.lock();
+        let keep = inner.entries.iter().position(|e| e.index >= index).unwrap_or(inner.entries.len());
+        if keep == inner.entries.len() {
+            return Ok(());
+        }
+        let len = inner.offsets[keep];
+        inner.file.set_len(len)?;
+        inner.entries.truncate(keep);
+        inner.offsets.truncate(keep);
+        inner.len = len;
+        inner.applied = inner.entries.last().map_or(0, |e| e.index);
+        Ok(())
+    }
+
+    fn notification(&self, index: u64) -> PathBuf {
+        self.outbox.join(format!("{index:020}.json"))
+    }
+}
+
+impl AppState for LogState {
+    fn applied_index(&self) -> u64 {
+        self.lock().applied
+    }
+
+    async fn persist(&self) -> std::io::Result<()> {
+        let file = self.lock().file.try_clone()?;
+        tokio::task::spawn_blocking(move || file.sync_data()).await.map_err(std::io::Error::other)?
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Append {
+    user: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Notify {
+    user: u64,
+    message: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExternalTx {
+    user: u64,
+    tx_hash: String,
+}
+
+async fn append(state: Arc<LogState>, request: Request) -> Outcome {
+    let body: Append = request.json()?;
+    let position = state
+        .append(request.index, body.user)
+        .map_err(|e| Reply::error(500, &format!("could not append to the log: {e}")))?;
+    Ok(Reply::json(200, &serde_json::json!({ "index": request.index, "position": position })))
+}
+
+async fn undo_append(state: Arc<LogState>, request: Request) {
+    if let Err(e) = state.truncate_from(request.index) {
+        tracing::error!(index = request.index, error = %e, "rollback of an append failed");
+    }
+}
+
+async fn list(state: Arc<LogState>, _request: Request) -> Outcome {
+    Ok(Reply::json(200, &serde_json::json!({ "entries": state.entries() })))
+}
+
+/// Sends the notification: writes it into the outbox under its index (atomically, so a
+/// reconcile sees either nothing or the whole notification).
+async fn notify(state: Arc<LogState>, request: Request) -> Outcome {
+    let body: Notify = request.json()?;
+    let path = state.notification(request.index);
+    let temp = path.with_extension("tmp");
+    let text = serde_json::json!({ "index": request.index, "user": body.user, "message": body.message }).to_string();
+    std::fs::write(&temp, text)
+        .and_then(|()| std::fs::rename(&temp, &path))
+        .map_err(|e| Reply::error(502, &format!("could not send the notification: {e}")))?;
+    Ok(Reply::json(200, &serde_json::json!({ "index": request.index, "sent": true })))
+}
+
+/// Settles an in-doubt notification: if it is in the outbox it was sent; if not, it never
+/// left, so it is sent now. Either way it is sent exactly once.
+async fn reconcile_notify(state: Arc<LogState>, request: Request) -> Option<Outcome> {
+    if state.notification(request.index).is_file() {
+        return Some(Ok(Reply::json(200, &serde_json::json!({ "index": request.index, "sent": true }))));
+    }
+    Some(notify(state, request).await)
+}
+
+/// Records a transaction the user made: checks it looks like a transaction hash.
+async fn record_tx(_state: Arc<LogState>, request: Request) -> Outcome {
+    let body: ExternalTx = request.json()?;
+    let hash = body.tx_hash.strip_prefix("0x").unwrap_or("");
+    if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(Reply::error(400, "tx_hash must be 0x followed by 64 hex digits"));
+    }
+    Ok(Reply::json(201, &serde_json::json!({ "index": request.index, "user": body.user, "tx_hash": body.tx_hash })))
+}
+
+/// The log server's routes on `config`.
+pub fn service(config: Config) -> Builder<LogState> {
+    Replicated::builder(config)
+        .replicate("POST", "/log", append)
+        .rollback("POST", "/log", undo_append)
+        .read("GET", "/log", list)
+        .only_once("POST", "/notify", notify)
+        .reconcile("POST", "/notify", reconcile_notify)
+        .external_txn("POST", "/tx", record_tx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_survives_reopen_and_rolls_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = dir.path().join("outbox");
+        let log = LogState::open(dir.path(), &outbox).unwrap();
+        log.append(1, 10).unwrap();
+        log.append(3, 30).unwrap();
+        log.append(4, 40).unwrap();
+        log.truncate_from(3).unwrap();
+        assert_eq!(log.applied_index(), 1);
+        log.append(5, 50).unwrap();
+        drop(log);
+        // A torn last line (a crash mid-write) is dropped on reopen.
+        let path = dir.path().join("log.jsonl");
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str("{\"index\":6,");
+        std::fs::write(&path, text).unwrap();
+        let log = LogState::open(dir.path(), &outbox).unwrap();
+        assert_eq!(log.entries(), vec![Entry { index: 1, user: 10 }, Entry { index: 5, user: 50 }]);
+        assert_eq!(log.applied_index(), 5);
+    }
+}

@@ -1,0 +1,128 @@
+//! `br2k-logserver`: one replica of the paper's log server.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use alloy::primitives::Address;
+use alloy::signers::local::PrivateKeySigner;
+use anyhow::{Context, Result, bail};
+use br2k_logserver::{LogState, service};
+use br2k_replication::{Config, Publisher, Timings};
+use br2k_resolver::{Chain, Timeouts};
+use clap::Parser;
+
+/// One replica of the BR2K log server. Run one per node, each next to its own etcd member;
+/// the replica whose etcd member leads serves clients and publishes itself in the registry.
+///
+/// Example (3 replicas, one of them):
+///   br2k-logserver --replica n1 --etcd http://127.0.0.1:2379 --listen 127.0.0.1:8081
+///   --data-dir /var/lib/logserver/n1 --registry 0x5FbD… --rpc-url http://127.0.0.1:8545
+///   (with the operator key in ETH_PRIVATE_KEY)
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+struct Args {
+    /// Service name, as registered in the service registry.
+    #[arg(long, env = "BR2K_SERVICE", default_value = "logserver")]
+    service: String,
+    /// This replica's id (unique within the service; letters, digits, '-', '_', '.').
+    #[arg(long, env = "BR2K_REPLICA")]
+    replica: String,
+    /// Client URL of this replica's own etcd member.
+    #[arg(long, env = "BR2K_ETCD", default_value = "http://127.0.0.1:2379")]
+    etcd: String,
+    /// Address the HTTP front listens on.
+    #[arg(long, env = "BR2K_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// URL clients reach this replica at (published when it leads) [default: http://LISTEN].
+    #[arg(long, env = "BR2K_PUBLIC_URL")]
+    public_url: Option<String>,
+    /// Directory for this replica's log and record file.
+    #[arg(long, env = "BR2K_DATA_DIR")]
+    data_dir: PathBuf,
+    /// Directory notifications are "sent" to (shared by the replicas) [default: DATA_DIR/outbox].
+    #[arg(long, env = "BR2K_OUTBOX")]
+    outbox: Option<PathBuf>,
+    /// Service registry address; without it the leader's location is not published.
+    #[arg(long, env = "BR2K_REGISTRY")]
+    registry: Option<Address>,
+    /// Ethereum JSON-RPC endpoint of the chain holding the registry.
+    #[arg(long, env = "ETH_RPC_URL", default_value = "http://127.0.0.1:8545")]
+    rpc_url: String,
+    /// This replica's operator key (hex), allowed by the manager to publish locations.
+    #[arg(long, env = "ETH_PRIVATE_KEY", hide_env_values = true)]
+    private_key: Option<String>,
+    /// How often the leader condition is checked, in milliseconds.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(10..=10_000))]
+    check_interval_ms: u64,
+    /// Bound on every etcd call, in milliseconds; an unanswered leader check counts as "not leader".
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(50..=60_000))]
+    etcd_timeout_ms: u64,
+    /// Largest request body accepted, in bytes.
+    #[arg(long, default_value_t = 256 * 1024, value_parser = clap::value_parser!(u64).range(1..=524_288))]
+    max_body: u64,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,br2k_replication=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+
+    let public_url = args.public_url.clone().unwrap_or_else(|| format!("http://{}", args.listen));
+    let mut config = Config::new(&args.service, &args.replica, &args.etcd, args.listen, public_url, &args.data_dir);
+    config.timings = Timings {
+        check_interval: Duration::from_millis(args.check_interval_ms),
+        etcd_timeout: Duration::from_millis(args.etcd_timeout_ms),
+        ..Timings::default()
+    };
+    config.max_body = usize::try_from(args.max_body).unwrap_or(usize::MAX);
+    if let Some(publisher) = publisher(&args).await? {
+        config = config.with_publisher(publisher);
+    }
+
+    let outbox = args.outbox.clone().unwrap_or_else(|| args.data_dir.join("outbox"));
+    let state = LogState::open(&args.data_dir, &outbox)
+        .with_context(|| format!("cannot open the log in {}", args.data_dir.display()))?;
+    let replica = service(config).build(state)?;
+    replica.serve(shutdown_signal()).await?;
+    Ok(())
+}
+
+/// The registry publisher, when a registry is given.
+async fn publisher(args: &Args) -> Result<Option<Publisher>> {
+    let Some(address) = args.registry else {
+        tracing::warn!("no --registry (BR2K_REGISTRY): the leader's location will not be published");
+        return Ok(None);
+    };
+    let Some(key) = &args.private_key else {
+        bail!("--registry needs the replica's operator key: set ETH_PRIVATE_KEY (or pass --private-key)");
+    };
+    let signer: PrivateKeySigner =
+        key.trim().parse().map_err(|_| anyhow::anyhow!("ETH_PRIVATE_KEY / --private-key is not a hex private key"))?;
+    let chain = Chain::connect(&args.rpc_url, Some(signer), Timeouts::default()).await?;
+    let registry = chain.registry(address).await?;
+    Ok(Some(Publisher::new(registry)))
+}
+
+/// Completes on the first SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+    tracing::info!("shutting down");
+}
