@@ -7,8 +7,9 @@
 //! leader's term ([`crate::leader`]) replicate and process client requests.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio::sync::{Notify, mpsc, watch};
@@ -107,6 +108,7 @@ impl<S: AppState> Replicated<S> {
             status: watch::Sender::new(status),
             submit: RwLock::new(None),
             store: std::sync::OnceLock::new(),
+            cl_changed: AtomicBool::new(true),
         };
         Self { runtime: Arc::new(runtime) }
     }
@@ -181,6 +183,8 @@ pub(crate) struct Runtime<S> {
     /// The leader term's request queue while this replica leads.
     pub(crate) submit: RwLock<Option<mpsc::Sender<Submit>>>,
     store: std::sync::OnceLock<Store>,
+    /// Set by the watch task when `cl` changes.
+    cl_changed: AtomicBool,
 }
 
 /// Where the node loop stands between wake-ups.
@@ -189,6 +193,12 @@ struct Node {
     pending_check: bool,
     /// Latest processed index.
     lpi: u64,
+    /// The LPI last written to `lpi/<replica>`, and when: a follower writes it at most
+    /// once per poll interval, so that followers do not double the cluster's writes.
+    lpi_written: (u64, Instant),
+    /// When `cl` was last read by the follower (it is read again on a `cl` event or
+    /// after a poll interval).
+    cl_read: Option<Instant>,
     leader: Option<LeaderTerm>,
 }
 
@@ -241,7 +251,13 @@ impl<S: AppState> Runtime<S> {
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut poll = tokio::time::interval(timings.follow_poll);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut node = Node { pending_check: true, lpi: self.state.applied_index(), leader: None };
+        let mut node = Node {
+            pending_check: true,
+            lpi: self.state.applied_index(),
+            lpi_written: (u64::MAX, Instant::now()),
+            cl_read: None,
+            leader: None,
+        };
         tokio::pin!(shutdown);
         loop {
             let leading = node.leader.is_some();
@@ -323,7 +339,10 @@ impl<S: AppState> Runtime<S> {
                 loop {
                     let event = tokio::select! {
                         m = ssi.message() => m,
-                        m = cl.message() => m,
+                        m = cl.message() => {
+                            self.cl_changed.store(true, Ordering::SeqCst);
+                            m
+                        }
                     };
                     match event {
                         Ok(Some(_)) => changes.notify_one(),
@@ -339,15 +358,24 @@ impl<S: AppState> Runtime<S> {
     /// Success, in index order, up to SSI.
     async fn follow(&self, node: &mut Node) -> Result<()> {
         let store = self.store();
-        let leader = store.leader().await?.map(|(record, _)| record);
+        let poll = self.config.timings.follow_poll;
+        if self.cl_changed.swap(false, Ordering::SeqCst) || node.cl_read.is_none_or(|at| at.elapsed() >= poll) {
+            let leader = store.leader().await?.map(|(record, _)| record);
+            node.cl_read = Some(Instant::now());
+            if self.status.borrow().leader != leader {
+                self.set_status(|s| s.leader = leader);
+            }
+        }
         let ssi = store.get_index(&self.keys.ssi()).await?;
-        if self.status.borrow().leader != leader || self.status.borrow().ssi != ssi {
-            self.set_status(|s| {
-                s.leader = leader;
-                s.ssi = ssi;
-            });
+        if self.status.borrow().ssi != ssi {
+            self.set_status(|s| s.ssi = ssi);
         }
         if node.lpi >= ssi {
+            let (written, at) = node.lpi_written;
+            if written != node.lpi && at.elapsed() >= poll {
+                store.put(&self.keys.lpi(&self.config.replica), node.lpi.to_string()).await?;
+                node.lpi_written = (node.lpi, Instant::now());
+            }
             return Ok(());
         }
         let to = ssi.min(node.lpi + PAGE);
@@ -371,7 +399,10 @@ impl<S: AppState> Runtime<S> {
         }
         self.state.persist().await.map_err(Error::Persist)?;
         self.record.clear()?;
-        store.put(&self.keys.lpi(&self.config.replica), node.lpi.to_string()).await?;
+        if node.lpi_written.1.elapsed() >= poll {
+            store.put(&self.keys.lpi(&self.config.replica), node.lpi.to_string()).await?;
+            node.lpi_written = (node.lpi, Instant::now());
+        }
         let (lpi, applied) = (node.lpi, self.state.applied_index());
         self.set_status(|s| {
             s.lpi = lpi;

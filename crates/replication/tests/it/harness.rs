@@ -289,6 +289,12 @@ impl Cluster {
     /// Restarts replica `i` from its data directory.
     pub(crate) async fn restart_replica(&mut self, i: usize) {
         self.replicas[i].crash();
+        // The crashed replica's HTTP task ends asynchronously; wait until its port is free.
+        let started = Instant::now();
+        while std::net::TcpListener::bind(("127.0.0.1", self.ports[i])).is_err() {
+            assert!(started.elapsed() < Duration::from_secs(5), "the crashed replica's port stays bound");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         self.replicas[i] = self.spawn_replica(i).await;
     }
 
