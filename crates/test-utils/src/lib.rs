@@ -6,7 +6,7 @@ mod process;
 
 pub use anvil::{Anvil, AnvilBuilder, AnvilError};
 pub use etcd::{EtcdCluster, EtcdClusterBuilder, EtcdError};
-pub use process::{ToolNotFound, foundry_binary, workspace_root};
+pub use process::{KillOnDrop, ToolNotFound, foundry_binary, workspace_root};
 
 /// The command that installs every tool the fixtures need.
 pub const SETUP_COMMAND: &str = "bash tools/setup.sh";

@@ -108,7 +108,7 @@ impl OutputTail {
 
 /// A child process that is killed and reaped when dropped.
 #[derive(Debug)]
-pub(crate) struct KillOnDrop(pub(crate) Child);
+pub struct KillOnDrop(pub Child);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {

@@ -4,12 +4,12 @@
 //! Run with `bash tools/bench-replication.sh` (builds in release first). Environment:
 //! `BENCH_SECONDS` (per measurement, default 5).
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use br2k_test_utils::EtcdCluster;
+use br2k_test_utils::{EtcdCluster, KillOnDrop};
 
 const CONCURRENCY: [usize; 2] = [1, 16];
 
@@ -64,17 +64,6 @@ where
     Ok(Measurement { ops: latencies.len(), elapsed: started.elapsed(), latencies })
 }
 
-struct Replicas(Vec<Child>);
-
-impl Drop for Replicas {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let seconds: u64 = std::env::var("BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
@@ -108,9 +97,9 @@ async fn main() -> Result<()> {
             .stdin(Stdio::null())
             .spawn()
             .with_context(|| format!("cannot start {}", binary.display()))?;
-        children.push(child);
+        children.push(KillOnDrop(child));
     }
-    let _replicas = Replicas(children);
+    let _replicas: Vec<KillOnDrop> = children;
     let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).pool_max_idle_per_host(64).build()?;
     let leader = wait_for_leader(&http, &ports).await?;
     eprintln!("bench: replica n{leader} leads; etcd member m{leader_member} was the Raft leader at start");

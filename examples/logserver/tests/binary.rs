@@ -1,20 +1,9 @@
 //! The `br2k-logserver` binary: three processes on a real etcd cluster.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use br2k_test_utils::EtcdCluster;
-
-struct Replicas(Vec<Child>);
-
-impl Drop for Replicas {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
+use br2k_test_utils::{EtcdCluster, KillOnDrop};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn three_logserver_processes_serve_every_route_type() {
@@ -35,10 +24,11 @@ async fn three_logserver_processes_serve_every_route_type() {
                 .stdin(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
+                .map(KillOnDrop)
                 .unwrap()
         })
         .collect();
-    let _replicas = Replicas(children);
+    let _replicas: Vec<KillOnDrop> = children;
     let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
     let url = |i: usize, path: &str| format!("http://127.0.0.1:{}{path}", ports[i]);
 
