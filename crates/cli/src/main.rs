@@ -23,6 +23,10 @@ fn main() -> ExitCode {
     match runtime.block_on(cli.run()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) if e.is::<commands::ChecksFailed>() => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("error: {}", commands::describe(&e));
             ExitCode::FAILURE

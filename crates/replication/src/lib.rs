@@ -6,6 +6,7 @@ mod config;
 mod data;
 mod error;
 mod http;
+pub mod inspect;
 mod leader;
 mod record_file;
 mod runtime;

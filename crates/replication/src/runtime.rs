@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc, watch};
 use tracing::{error, info, warn};
 
@@ -28,7 +28,7 @@ use crate::store::{Op, Store, StoredEntry, Term};
 const PAGE: u64 = 256;
 
 /// A replica's role (paper Fig. 2).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     /// Follows the leader's service state.
@@ -40,7 +40,7 @@ pub enum Role {
 }
 
 /// What `/br2k/status` shows: one replica's view of itself and the service.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Status {
     /// The service name.
     pub service: String,

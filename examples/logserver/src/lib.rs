@@ -2,7 +2,7 @@
 //!
 //! | route | type | what it does |
 //! |---|---|---|
-//! | `POST /log {"user": id}` | Replication | appends the id; answers `{"index", "position"}` |
+//! | `POST /log {"user": id, "seq": n}` | Replication | appends the id (and the optional sequence number the testbed uses to spot duplicates); answers `{"index", "position"}` |
 //! | `GET /log` | read | the whole list |
 //! | `POST /notify {"user": id, "message": text}` | Normal | "sends" a notification once, into the outbox directory |
 //! | `POST /tx {"user": id, "tx_hash": "0x…"}` | External_TXN | records a transaction the user made on chain |
@@ -27,6 +27,40 @@ pub struct Entry {
     pub index: u64,
     /// The user id.
     pub user: u64,
+    /// The user's own number for the request, when it sent one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+}
+
+/// Reads the log in `data_dir` without opening it for writing (for checkers; the replica
+/// may be running). A torn last line is left out.
+///
+/// # Errors
+/// When the file cannot be read or a complete line is not an entry.
+pub fn read_log(data_dir: &Path) -> anyhow::Result<Vec<Entry>> {
+    let path = data_dir.join(LOG_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(anyhow::anyhow!("cannot read {}: {e}", path.display())),
+    };
+    Ok(parse_lines(&path, &text)?.into_iter().map(|(entry, _)| entry).collect())
+}
+
+const LOG_FILE: &str = "log.jsonl";
+
+/// The complete lines of a log file, each entry with its line's length.
+fn parse_lines(path: &Path, text: &str) -> anyhow::Result<Vec<(Entry, u64)>> {
+    let mut out = Vec::new();
+    for line in text.split_inclusive('\n') {
+        if !line.ends_with('\n') {
+            break; // torn write
+        }
+        let entry: Entry = serde_json::from_str(line.trim_end())
+            .map_err(|e| anyhow::anyhow!("{} line {}: {e}", path.display(), out.len() + 1))?;
+        out.push((entry, line.len() as u64));
+    }
+    Ok(out)
 }
 
 /// The log server's state: the entries, kept in memory and in a JSON-lines file.
@@ -56,21 +90,16 @@ impl LogState {
     pub fn open(data_dir: &Path, outbox: &Path) -> anyhow::Result<Self> {
         std::fs::create_dir_all(data_dir)?;
         std::fs::create_dir_all(outbox)?;
-        let path = data_dir.join("log.jsonl");
+        let path = data_dir.join(LOG_FILE);
         let text = match std::fs::read_to_string(&path) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
             Err(e) => return Err(anyhow::anyhow!("cannot read {}: {e}", path.display())),
         };
         let (mut entries, mut offsets, mut len) = (Vec::new(), Vec::new(), 0u64);
-        for line in text.split_inclusive('\n') {
-            if !line.ends_with('\n') {
-                break; // torn write
-            }
-            let entry: Entry = serde_json::from_str(line.trim_end())
-                .map_err(|e| anyhow::anyhow!("{} line {}: {e}", path.display(), entries.len() + 1))?;
+        for (entry, line_len) in parse_lines(&path, &text)? {
             offsets.push(len);
-            len += line.len() as u64;
+            len += line_len;
             entries.push(entry);
         }
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
@@ -93,15 +122,16 @@ impl LogState {
         self.lock().path.clone()
     }
 
-    fn append(&self, index: u64, user: u64) -> std::io::Result<usize> {
+    fn append(&self, entry: Entry) -> std::io::Result<usize> {
         let mut inner = self.lock();
-        let mut line = serde_json::to_vec(&Entry { index, user }).expect("entries serialize");
+        let index = entry.index;
+        let mut line = serde_json::to_vec(&entry).expect("entries serialize");
         line.push(b'\n');
         inner.file.write_all(&line)?;
         let offset = inner.len;
         inner.offsets.push(offset);
         inner.len += line.len() as u64;
-        inner.entries.push(Entry { index, user });
+        inner.entries.push(entry);
         inner.applied = index;
         Ok(inner.entries.len() - 1)
     }
@@ -142,6 +172,8 @@ impl AppState for LogState {
 #[serde(deny_unknown_fields)]
 struct Append {
     user: u64,
+    #[serde(default)]
+    seq: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -161,7 +193,7 @@ struct ExternalTx {
 async fn append(state: Arc<LogState>, request: Request) -> Outcome {
     let body: Append = request.json()?;
     let position = state
-        .append(request.index, body.user)
+        .append(Entry { index: request.index, user: body.user, seq: body.seq })
         .map_err(|e| Reply::error(500, &format!("could not append to the log: {e}")))?;
     Ok(Reply::json(200, &serde_json::json!({ "index": request.index, "position": position })))
 }
@@ -228,12 +260,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let outbox = dir.path().join("outbox");
         let log = LogState::open(dir.path(), &outbox).unwrap();
-        log.append(1, 10).unwrap();
-        log.append(3, 30).unwrap();
-        log.append(4, 40).unwrap();
+        let entry = |index, user| Entry { index, user, seq: None };
+        log.append(entry(1, 10)).unwrap();
+        log.append(entry(3, 30)).unwrap();
+        log.append(entry(4, 40)).unwrap();
         log.truncate_from(3).unwrap();
         assert_eq!(log.applied_index(), 1);
-        log.append(5, 50).unwrap();
+        log.append(Entry { index: 5, user: 50, seq: Some(7) }).unwrap();
         drop(log);
         // A torn last line (a crash mid-write) is dropped on reopen.
         let path = dir.path().join("log.jsonl");
@@ -241,7 +274,9 @@ mod tests {
         text.push_str("{\"index\":6,");
         std::fs::write(&path, text).unwrap();
         let log = LogState::open(dir.path(), &outbox).unwrap();
-        assert_eq!(log.entries(), vec![Entry { index: 1, user: 10 }, Entry { index: 5, user: 50 }]);
+        let expected = vec![entry(1, 10), Entry { index: 5, user: 50, seq: Some(7) }];
+        assert_eq!(log.entries(), expected);
         assert_eq!(log.applied_index(), 5);
+        assert_eq!(read_log(dir.path()).unwrap(), expected, "the read-only reader sees the same");
     }
 }

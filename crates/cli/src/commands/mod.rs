@@ -4,7 +4,11 @@ mod claim;
 mod registry;
 mod resolve;
 mod service;
+mod testbed;
+mod up;
 mod watch;
+
+pub(crate) use testbed::ChecksFailed;
 
 use anyhow::Result;
 use br2k_resolver::RegistryClient;
@@ -22,7 +26,9 @@ Examples:
   br2k service operator add logserver 0x70997970C51812dc3A010C7d01b50e0d17dc79C8
   br2k resolve logserver --json
   br2k watch logserver --rpc-url ws://127.0.0.1:8545
-  br2k claim logserver --reason 'no answer for 30 s'";
+  br2k claim logserver --reason 'no answer for 30 s'
+  br2k up                                        # 3 local replicas, a local chain; Ctrl-C stops
+  br2k testbed --fault pause --target leader     # the paper's evaluation, Table 2";
 
 /// br2k keeps blockchain application services alive: N replicas kept consistent through
 /// leader changes, the leader's location published in an on-chain service registry, and
@@ -91,6 +97,12 @@ enum Command {
     Claim(claim::ClaimArgs),
     /// Print a service's location each time it changes, until interrupted.
     Watch(watch::WatchArgs),
+    /// Run a service's replicas on this machine, with a local chain and registry.
+    Up(up::UpArgs),
+    /// Stop a service started with `br2k up --detach`.
+    Down(up::DownArgs),
+    /// Run the paper's evaluation under real faults and print its Table 2.
+    Testbed(testbed::TestbedArgs),
 }
 
 impl Cli {
@@ -103,6 +115,9 @@ impl Cli {
             Command::Resolve(args) => args.run(global).await,
             Command::Claim(args) => args.run(global).await,
             Command::Watch(args) => args.run(global).await,
+            Command::Up(args) => args.run(global).await,
+            Command::Down(args) => args.run(global).await,
+            Command::Testbed(args) => args.run(global).await,
         }
     }
 }

@@ -1,0 +1,191 @@
+//! `br2k testbed`: the paper's evaluation (section IV, Table 2) under real faults.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use br2k_deploy::local::NetworkMode;
+use br2k_testbed::{FaultKind, Target, TestbedConfig};
+use clap::Args;
+
+use super::GlobalOpts;
+
+const EXAMPLES: &str = "\
+Examples:
+  br2k testbed --fault partition --target leader --requests 200      # a short leader test
+  br2k testbed --fault pause --target random --interval 5..10 --duration 3
+  # the paper's scale (5 x 10,000 requests at 2/s: about 85 minutes per test):
+  br2k testbed --users 5 --requests 10000 --rate 2 --target leader --interval 120..140 --duration 20
+  br2k testbed --users 5 --requests 10000 --rate 2 --target random --interval 60..120 --duration 20
+
+Partition faults cut a node's network link for real, which needs root (each node runs in
+its own network namespace); pause and kill faults run as any user. Exit status 0 when
+every check passed; 1 when an acknowledged request was lost or answered wrongly, a
+request was duplicated or the replicas differ (the report says which), or when the run
+could not be carried out (the error says why).";
+
+/// Run the paper's evaluation: a replicated log server on this machine, users sending
+/// requests through the registry, an attacker breaking nodes; then check that no
+/// acknowledged request was lost or duplicated and every replica is identical, and print
+/// the paper's Table 2 for the run.
+#[derive(Args, Debug)]
+#[command(after_help = EXAMPLES)]
+pub(crate) struct TestbedArgs {
+    /// Users, each with its own id.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    users: u64,
+
+    /// Requests each user sends.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..))]
+    requests: u64,
+
+    /// Requests per second each user sends (the paper: 2).
+    #[arg(long, default_value_t = 2.0)]
+    rate: f64,
+
+    /// The fault: partition (cut the network link), pause (SIGSTOP, then SIGCONT), kill
+    /// (SIGKILL, then restart), or none.
+    #[arg(long, default_value = "partition")]
+    fault: FaultKind,
+
+    /// Which node is hit: the current leader, or a random node.
+    #[arg(long, default_value = "leader")]
+    target: Target,
+
+    /// Seconds between two faults, drawn anew each time from LO..HI.
+    #[arg(long, value_name = "LO..HI", default_value = "20..40", value_parser = parse_range)]
+    interval: (Duration, Duration),
+
+    /// Seconds each fault lasts (the paper: 20).
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+    duration: f64,
+
+    /// etcd's election timeout in milliseconds (etcd's default: 1000).
+    #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(50..=50_000))]
+    election_timeout: u64,
+
+    /// Seed of the attacker's random choices [default: from the clock; printed].
+    #[arg(long)]
+    seed: Option<u64>,
+
+    /// Replicas.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=9))]
+    replicas: u64,
+
+    /// The log server binary [default: br2k-logserver next to this br2k].
+    #[arg(long, value_name = "PATH")]
+    app: Option<PathBuf>,
+
+    /// Where the nodes run: auto (namespaces as root, loopback otherwise), namespaces, loopback.
+    #[arg(long, default_value = "auto")]
+    network: NetworkMode,
+
+    /// Give up on a request after this many seconds of failing over.
+    #[arg(long, value_name = "SECONDS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
+    give_up_after: u64,
+
+    /// Keep the nodes' data and logs here (default: a temporary directory, removed at the end).
+    #[arg(long, value_name = "DIR")]
+    work_dir: Option<PathBuf>,
+
+    /// Also write the report as JSON to FILE.
+    #[arg(long = "json-out", visible_alias = "json-file", value_name = "FILE")]
+    json_out: Option<PathBuf>,
+}
+
+impl TestbedArgs {
+    /// Runs it, printing the report; [`ChecksFailed`] when a check failed.
+    pub(crate) async fn run(self, global: &GlobalOpts) -> Result<()> {
+        let out = global.output();
+        if !(self.duration.is_finite() && self.duration >= 0.0 && self.duration <= 3600.0) {
+            bail!("--duration must be 0 to 3600 seconds, not {}", self.duration);
+        }
+        let app = match self.app {
+            Some(app) => app,
+            None => br2k_deploy::local::sibling_binary("br2k-logserver").context(
+                "br2k-logserver is not next to this br2k: build it (`cargo build -p br2k-logserver`) or pass --app",
+            )?,
+        };
+        let temp;
+        let work_dir = match self.work_dir {
+            Some(dir) => dir,
+            None => {
+                temp =
+                    tempfile::Builder::new().prefix("br2k-testbed-").tempdir().context("creating a work directory")?;
+                temp.path().to_owned()
+            }
+        };
+        let seed = self.seed.unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
+        });
+        let config = TestbedConfig {
+            users: usize::try_from(self.users)?,
+            requests_per_user: self.requests,
+            rate: self.rate,
+            fault: self.fault,
+            target: self.target,
+            interval: self.interval,
+            duration: Duration::from_secs_f64(self.duration),
+            election_ms: self.election_timeout,
+            seed,
+            replicas: usize::try_from(self.replicas)?,
+            app,
+            work_dir,
+            network: self.network,
+            give_up_after: Duration::from_secs(self.give_up_after),
+        };
+        let progress = |line: &str| out.progress(format_args!("testbed: {line}"));
+        let report = tokio::select! {
+            report = br2k_testbed::run(config, &progress) => report?,
+            _ = tokio::signal::ctrl_c() => bail!("interrupted; every node was stopped"),
+        };
+        if let Some(path) = &self.json_out {
+            let text = serde_json::to_string_pretty(&report)?;
+            std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+        }
+        if global.json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else {
+            print!("{}", report.markdown());
+        }
+        if report.passed { Ok(()) } else { Err(ChecksFailed.into()) }
+    }
+}
+
+/// The run was carried out and its report printed, but a check failed.
+#[derive(Debug, thiserror::Error)]
+#[error("the testbed's checks failed (see the report above)")]
+pub(crate) struct ChecksFailed;
+
+/// `LO..HI` (or a single value) in seconds.
+fn parse_range(text: &str) -> Result<(Duration, Duration), String> {
+    let (lo, hi) = text.split_once("..").unwrap_or((text, text));
+    let seconds = |s: &str| {
+        s.trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|v| v.is_finite() && *v > 0.0 && *v <= 86_400.0)
+            .map(Duration::from_secs_f64)
+            .ok_or_else(|| format!("{text:?} is not LO..HI in seconds (e.g. 20..40), each above 0"))
+    };
+    let (lo, hi) = (seconds(lo)?, seconds(hi)?);
+    if lo > hi {
+        return Err(format!("{text:?}: LO must not be above HI"));
+    }
+    Ok((lo, hi))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_range;
+    use std::time::Duration;
+
+    #[test]
+    fn ranges_parse() {
+        assert_eq!(parse_range("20..40"), Ok((Duration::from_secs(20), Duration::from_secs(40))));
+        assert_eq!(parse_range("2.5"), Ok((Duration::from_millis(2500), Duration::from_millis(2500))));
+        assert!(parse_range("40..20").is_err());
+        assert!(parse_range("0..5").is_err());
+        assert!(parse_range("a..b").unwrap_err().contains("LO..HI"));
+    }
+}

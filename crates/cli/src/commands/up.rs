@@ -1,0 +1,393 @@
+//! `br2k up` and `br2k down`: a service's replicas on this machine (the local backend).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use br2k_deploy::local::{ChainChoice, EtcdTimings, NetworkMode, Part, Sandbox, SandboxSpec};
+use br2k_replication::Role;
+use clap::Args;
+use serde::{Deserialize, Serialize};
+
+use super::GlobalOpts;
+use crate::output::Output;
+
+const UP_EXAMPLES: &str = "\
+Examples:
+  br2k up                          # 3 logserver replicas, a local anvil and registry; Ctrl-C stops
+  br2k up --detach                 # the same in the background; `br2k down` stops it
+  br2k up --replicas 5 --app ./target/release/my-service --name my-service
+  br2k up --use-chain --rpc-url http://10.0.0.5:8545 --registry 0x... (ETH_PRIVATE_KEY: manager key)
+
+Try a failover: kill the leader's processes by hand and watch `br2k up` report a new
+leader and its new location in the registry within seconds:
+  kill -9 $(jq '.nodes[] | select(.role==\"leader\") | .app_pid, .etcd_pid' STATE_DIR/run.json)";
+
+/// Run a service's replicas on this machine: each node an etcd member plus the app, in its
+/// own network namespace when run as root. Starts a local anvil with a service registry
+/// (unless --use-chain), registers the service and one operator key per replica, then
+/// stays in the foreground printing role changes and the leader's published location.
+/// Dead processes are started again after a few seconds.
+#[derive(Args, Debug)]
+#[command(after_help = UP_EXAMPLES)]
+pub(crate) struct UpArgs {
+    /// The service name (letters, digits, '-', '_', '.').
+    #[arg(long, default_value = "logserver")]
+    name: String,
+
+    /// How many replicas.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=9))]
+    replicas: u64,
+
+    /// The app binary, built on br2k-replication [default: br2k-logserver next to this br2k].
+    #[arg(long, value_name = "PATH")]
+    app: Option<PathBuf>,
+
+    /// Where the nodes run: auto (namespaces as root, loopback otherwise), namespaces, loopback.
+    #[arg(long, default_value = "auto")]
+    network: NetworkMode,
+
+    /// etcd's election timeout in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(50..=50_000))]
+    election_timeout: u64,
+
+    /// Data, logs and run.json go here; wiped at each `up` [default: <tmp>/br2k-up/NAME].
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+
+    /// Use the chain at --rpc-url (and --registry, or a new one) with the wallet key as the
+    /// service's manager, instead of starting a local anvil.
+    #[arg(long)]
+    use_chain: bool,
+
+    /// Run in the background; returns once the service is up. Stop it with `br2k down`.
+    #[arg(long)]
+    detach: bool,
+
+    /// Do not start dead processes again.
+    #[arg(long)]
+    no_restart: bool,
+}
+
+/// Stop a service that `br2k up --detach` runs (its processes, namespaces and chain).
+#[derive(Args, Debug)]
+pub(crate) struct DownArgs {
+    /// The service name.
+    #[arg(long, default_value = "logserver")]
+    name: String,
+
+    /// The state directory given to `br2k up` [default: <tmp>/br2k-up/NAME].
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+}
+
+/// What `run.json` records of a running `br2k up`, for `br2k down` and for people.
+#[derive(Debug, Serialize, Deserialize)]
+struct RunFile {
+    pid: u32,
+    service: String,
+    rpc_url: String,
+    registry: String,
+    location: Option<String>,
+    epoch: Option<u64>,
+    nodes: Vec<NodeEntry>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct NodeEntry {
+    name: String,
+    app_url: String,
+    etcd_url: String,
+    app_pid: Option<u32>,
+    etcd_pid: Option<u32>,
+    role: Option<String>,
+    dir: PathBuf,
+}
+
+/// The environment variable a detached child is started with (so it knows to write its
+/// readiness into run.json rather than print to a terminal nobody reads).
+const DETACHED_ENV: &str = "BR2K_UP_DETACHED";
+
+fn state_dir(name: &str, given: Option<PathBuf>) -> PathBuf {
+    given.unwrap_or_else(|| std::env::temp_dir().join("br2k-up").join(name))
+}
+
+impl UpArgs {
+    pub(crate) async fn run(self, global: &GlobalOpts) -> Result<()> {
+        let out = global.output();
+        let dir = state_dir(&self.name, self.state_dir.clone());
+        if let Some(pid) = running_pid(&dir) {
+            bail!(
+                "{:?} is already up (runner pid {pid}, state in {}); stop it with `br2k down --name {}`",
+                self.name,
+                dir.display(),
+                self.name
+            );
+        }
+        if self.detach {
+            return detach(&dir, &out).await;
+        }
+        let app = match &self.app {
+            Some(app) => app.clone(),
+            None => br2k_deploy::local::sibling_binary("br2k-logserver").context(
+                "br2k-logserver is not next to this br2k: build it (`cargo build -p br2k-logserver`) or pass --app",
+            )?,
+        };
+        let chain = if self.use_chain {
+            let key = global.wallet.require_signer("publishing the service")?;
+            ChainChoice::Existing { rpc_url: global.chain.rpc_url.clone(), registry: global.registry.registry, key: Box::new(key) }
+        } else {
+            ChainChoice::Local
+        };
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).with_context(|| format!("wiping the old state in {}", dir.display()))?;
+        }
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let spec = SandboxSpec {
+            service: self.name.clone(),
+            replicas: usize::try_from(self.replicas)?,
+            app,
+            app_args: Vec::new(),
+            app_env: vec![("BR2K_OUTBOX".into(), dir.join("outbox").display().to_string())],
+            work_dir: dir.clone(),
+            network: self.network,
+            etcd: EtcdTimings::with_election_ms(self.election_timeout),
+            chain,
+            startup_timeout: Duration::from_secs(30),
+        };
+        let progress = |line: &str| out.progress(format_args!("up: {line}"));
+        let mut sandbox = tokio::select! {
+            sandbox = Sandbox::start(spec, &progress) => sandbox?,
+            _ = tokio::signal::ctrl_c() => bail!("interrupted while starting; everything started was stopped"),
+        };
+        let mode = if sandbox.service().network().uses_namespaces() {
+            "network namespaces"
+        } else {
+            "loopback addresses (partitions need root)"
+        };
+        progress(&format!(
+            "{} replicas of {:?} on {mode}; registry {} on {}",
+            sandbox.service().len(),
+            self.name,
+            sandbox.registry().address(),
+            sandbox.rpc_url()
+        ));
+        for i in 0..sandbox.service().len() {
+            progress(&format!(
+                "  {}: app {}  etcd {}  logs {}",
+                sandbox.service().node_name(i),
+                sandbox.service().app_url(i),
+                sandbox.service().etcd_url(i),
+                sandbox.service().node_dir(i).display()
+            ));
+        }
+        let result = supervise(&mut sandbox, &dir, !self.no_restart, &out).await;
+        progress("stopping");
+        sandbox.shutdown().await;
+        let _ = std::fs::remove_file(dir.join("run.json"));
+        progress("stopped");
+        result
+    }
+}
+
+/// Prints role and location changes until Ctrl-C or SIGTERM; keeps run.json current.
+async fn supervise(sandbox: &mut Sandbox, dir: &Path, restart: bool, out: &Output) -> Result<()> {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut roles: HashMap<usize, Option<Role>> = HashMap::new();
+    let mut location: Option<(String, u64)> = None;
+    let mut dead_since: HashMap<usize, Instant> = HashMap::new();
+    let mut ready_announced = false;
+    loop {
+        for (i, part, how) in sandbox.service_mut().exited() {
+            out.progress(format_args!("{}: {part} exited ({how})", sandbox.service().node_name(i)));
+            dead_since.entry(i).or_insert_with(Instant::now);
+        }
+        if restart {
+            let due: Vec<usize> =
+                dead_since.iter().filter(|(_, t)| t.elapsed() >= Duration::from_secs(3)).map(|(i, _)| *i).collect();
+            for i in due {
+                dead_since.remove(&i);
+                out.progress(format_args!("{}: starting it again", sandbox.service().node_name(i)));
+                if let Err(e) = sandbox.service_mut().restart(i) {
+                    out.progress(format_args!("{}: could not start it again: {e}", sandbox.service().node_name(i)));
+                }
+            }
+        }
+        let statuses = sandbox.service().statuses().await;
+        for (i, status) in statuses.iter().enumerate() {
+            let role = status.as_ref().ok().map(|s| s.role);
+            if roles.get(&i) != Some(&role) {
+                let name = sandbox.service().node_name(i);
+                match status {
+                    Ok(s) if s.role == Role::Leader => {
+                        out.progress(format_args!("{name}: leader (epoch {})", s.epoch.unwrap_or(0)));
+                    }
+                    Ok(s) => out.progress(format_args!("{name}: {}", role_word(s.role))),
+                    Err(_) if roles.contains_key(&i) => out.progress(format_args!("{name}: not answering")),
+                    Err(_) => {}
+                }
+                roles.insert(i, role);
+            }
+        }
+        if let Ok(resolved) = sandbox.registry().service_location(sandbox.service().name()).await
+            && !resolved.location.is_empty()
+            && location.as_ref().is_none_or(|(_, epoch)| *epoch != resolved.epoch)
+        {
+            out.progress(format_args!(
+                "registry: {} is served at {} (epoch {})",
+                sandbox.service().name(),
+                resolved.location,
+                resolved.epoch
+            ));
+            location = Some((resolved.location, resolved.epoch));
+        }
+        write_run_file(sandbox, dir, &statuses, location.as_ref())?;
+        if !ready_announced && location.is_some() {
+            ready_announced = true;
+            out.progress(format_args!(
+                "up: ready; Ctrl-C (or `br2k down --name {}`) stops it",
+                sandbox.service().name()
+            ));
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = terminate.recv() => return Ok(()),
+        }
+    }
+}
+
+const fn role_word(role: Role) -> &'static str {
+    match role {
+        Role::Follower => "follower",
+        Role::Register => "taking over (register)",
+        Role::Leader => "leader",
+    }
+}
+
+fn write_run_file(
+    sandbox: &Sandbox,
+    dir: &Path,
+    statuses: &[Result<br2k_replication::Status, String>],
+    location: Option<&(String, u64)>,
+) -> Result<()> {
+    let service = sandbox.service();
+    let run = RunFile {
+        pid: std::process::id(),
+        service: service.name().to_owned(),
+        rpc_url: sandbox.rpc_url().to_owned(),
+        registry: sandbox.registry().address().to_string(),
+        location: location.map(|(l, _)| l.clone()),
+        epoch: location.map(|(_, e)| *e),
+        nodes: (0..service.len())
+            .map(|i| NodeEntry {
+                name: service.node_name(i).to_owned(),
+                app_url: service.app_url(i),
+                etcd_url: service.etcd_url(i),
+                app_pid: service.pid(i, Part::App),
+                etcd_pid: service.pid(i, Part::Etcd),
+                role: statuses
+                    .get(i)
+                    .and_then(|s| s.as_ref().ok())
+                    .map(|s| role_word(s.role).split(' ').next().unwrap_or("").to_owned()),
+                dir: service.node_dir(i).to_owned(),
+            })
+            .collect(),
+    };
+    let path = dir.join("run.json");
+    let temp = dir.join("run.json.tmp");
+    std::fs::write(&temp, serde_json::to_string_pretty(&run)? + "\n")
+        .and_then(|()| std::fs::rename(&temp, &path))
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// The runner pid recorded in `dir`, if that runner still runs.
+fn running_pid(dir: &Path) -> Option<u32> {
+    let text = std::fs::read_to_string(dir.join("run.json")).ok()?;
+    let run: RunFile = serde_json::from_str(&text).ok()?;
+    br2k_deploy::local::process_exists(run.pid).then_some(run.pid)
+}
+
+/// Starts this same command again in the background (without --detach), its output in
+/// `dir/up.log`, and waits until it reports ready in run.json.
+async fn detach(dir: &Path, out: &Output) -> Result<()> {
+    if std::env::var_os(DETACHED_ENV).is_some() {
+        bail!("--detach given to an already detached runner");
+    }
+    let log_dir = dir.parent().unwrap_or(dir).to_owned();
+    std::fs::create_dir_all(&log_dir).with_context(|| format!("creating {}", log_dir.display()))?;
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let log_path = log_dir.join(format!("{name}.log"));
+    let log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--detach").collect();
+    let exe = std::env::current_exe().context("finding this executable")?;
+    let mut child = tokio::process::Command::new(exe)
+        .args(&args)
+        .env(DETACHED_ENV, "1")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .context("starting the background runner")?;
+    out.progress(format_args!("up: starting in the background (output in {})", log_path.display()));
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let tail = std::fs::read_to_string(&log_path).unwrap_or_default();
+            bail!("the background runner exited ({status}) before the service was up; its output:\n{tail}");
+        }
+        if let Ok(text) = std::fs::read_to_string(dir.join("run.json"))
+            && let Ok(run) = serde_json::from_str::<RunFile>(&text)
+            && let Some(location) = &run.location
+        {
+            out.result(
+                &format!(
+                    "{} is up at {location} (runner pid {}; state in {}; `br2k down --name {}` stops it)",
+                    run.service,
+                    run.pid,
+                    dir.display(),
+                    run.service
+                ),
+                &serde_json::to_value(&run)?,
+            )?;
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("the service was not up within 180 s; see {}", log_path.display());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+impl DownArgs {
+    pub(crate) async fn run(self, global: &GlobalOpts) -> Result<()> {
+        let out = global.output();
+        let dir = state_dir(&self.name, self.state_dir);
+        let path = dir.join("run.json");
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                bail!(
+                    "{:?} is not up here (no {}); `br2k up --detach --name {}` starts it",
+                    self.name,
+                    path.display(),
+                    self.name
+                )
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context(format!("reading {}", path.display()))),
+        };
+        let run: RunFile =
+            serde_json::from_str(&text).with_context(|| format!("{} is not a br2k run file", path.display()))?;
+        out.progress(format_args!("down: stopping {:?} (runner pid {})", run.service, run.pid));
+        let stopped = br2k_deploy::local::stop_runner(run.pid, Duration::from_secs(30)).await?;
+        let _ = std::fs::remove_file(&path);
+        let word = if stopped { "stopped" } else { "was not running (stale run file removed)" };
+        out.result(
+            &format!("{} {word}", run.service),
+            &serde_json::json!({ "service": run.service, "stopped": stopped }),
+        )
+    }
+}

@@ -1,0 +1,631 @@
+//! The local backend: a service's N replicas as processes on this machine.
+//!
+//! Node i (1-based, named `n<i>`) is an etcd member and the app binary, both started in
+//! the node's own directory `WORK/n<i>/` (etcd data in `etcd/`, app data in `app/`,
+//! their output in `etcd.log` and `app.log`), on the node's own address with the same
+//! ports everywhere: etcd clients 2379, etcd peers 2380, the app 8080.
+//!
+//! ## What an app binary is given
+//! Any binary built on br2k-replication that reads these variables can be run (the
+//! logserver does): `BR2K_SERVICE`, `BR2K_REPLICA`, `BR2K_ETCD` (its own member),
+//! `BR2K_LISTEN`, `BR2K_PUBLIC_URL`, `BR2K_DATA_DIR`, and when the leader is to publish
+//! itself, `BR2K_REGISTRY`, `ETH_RPC_URL` and `ETH_PRIVATE_KEY` (the node's operator key:
+//! in the environment, never on the command line where `ps` would show it).
+//!
+//! ## Cleanup
+//! Children are killed when the runner drops the service, exits, is interrupted, or
+//! crashes (the kernel's parent-death signal); a crashed runner's namespaces and links
+//! are removed by the next runner (see [`net`]).
+
+mod chain;
+mod net;
+mod sandbox;
+mod sys;
+mod tools;
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use alloy::primitives::Address;
+use alloy::signers::local::PrivateKeySigner;
+use br2k_replication::{Role, Status};
+use tokio::process::{Child, Command};
+
+pub use chain::LocalChain;
+pub use net::{LocalNetwork, MAX_NODES, NetworkMode};
+pub use sandbox::{ChainChoice, Sandbox, SandboxSpec};
+pub use tools::sibling_binary;
+
+use crate::error::{DeployError, Result};
+
+/// etcd's client port on every node.
+pub const ETCD_CLIENT_PORT: u16 = 2379;
+/// etcd's peer port on every node.
+pub const ETCD_PEER_PORT: u16 = 2380;
+/// The app's port on every node.
+pub const APP_PORT: u16 = 8080;
+
+/// etcd's Raft timings for the service's members.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EtcdTimings {
+    /// Heartbeat interval, milliseconds.
+    pub heartbeat_ms: u64,
+    /// Election timeout, milliseconds (etcd's default is 1000; at least 5 heartbeats).
+    pub election_ms: u64,
+}
+
+impl Default for EtcdTimings {
+    fn default() -> Self {
+        Self { heartbeat_ms: 100, election_ms: 1000 }
+    }
+}
+
+impl EtcdTimings {
+    /// Timings with the given election timeout and a heartbeat a tenth of it (etcd's
+    /// own ratio).
+    pub fn with_election_ms(election_ms: u64) -> Self {
+        Self { heartbeat_ms: (election_ms / 10).max(10), election_ms }
+    }
+
+    fn check(self) -> Result<()> {
+        if self.heartbeat_ms == 0 || self.election_ms < 5 * self.heartbeat_ms || self.election_ms > 50_000 {
+            return Err(DeployError::Invalid(format!(
+                "etcd election timeout {} ms must be at least 5 heartbeats ({} ms) and at most 50000 ms",
+                self.election_ms, self.heartbeat_ms
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// How the leader publishes itself in the service registry.
+#[derive(Clone, Debug)]
+pub struct Publishing {
+    /// The chain's JSON-RPC URL as the nodes reach it.
+    pub rpc_url: String,
+    /// The registry.
+    pub registry: Address,
+    /// One operator key per node (node i uses key `i % len`).
+    pub operator_keys: Vec<PrivateKeySigner>,
+}
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct ServiceSpec {
+    /// The service name (letters, digits, '-', '_', '.').
+    pub service: String,
+    /// The app binary.
+    pub app: PathBuf,
+    /// Extra arguments for the app.
+    pub app_args: Vec<String>,
+    /// Extra environment for the app.
+    pub app_env: Vec<(String, String)>,
+    /// Where the nodes' directories go.
+    pub work_dir: PathBuf,
+    /// etcd timings.
+    pub etcd: EtcdTimings,
+    /// Registry publication, if any.
+    pub publishing: Option<Publishing>,
+    /// How long each process may take to become ready.
+    pub startup_timeout: Duration,
+}
+
+#[derive(Debug)]
+struct Node {
+    name: String,
+    dir: PathBuf,
+    etcd: Option<Child>,
+    app: Option<Child>,
+    paused: bool,
+    cut: bool,
+}
+
+/// A process of a node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    /// The etcd member.
+    Etcd,
+    /// The app.
+    App,
+}
+
+impl std::fmt::Display for Part {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Etcd => "etcd",
+            Self::App => "app",
+        })
+    }
+}
+
+/// A running local service. Dropping it kills every process and removes its network.
+#[derive(Debug)]
+pub struct LocalService {
+    // Field order is drop order: processes go before the network they live in.
+    nodes: Vec<Node>,
+    spec: ServiceSpec,
+    etcd_program: PathBuf,
+    http: reqwest::Client,
+    network: LocalNetwork,
+}
+
+impl LocalService {
+    /// Starts one node per address of `network`: every etcd member first (they need each
+    /// other to elect), then every app, and waits until each answers.
+    ///
+    /// # Errors
+    /// Bad spec, missing programs, or a process that exits or does not answer in time
+    /// (everything started is stopped again).
+    pub async fn start(network: LocalNetwork, spec: ServiceSpec, progress: &dyn Fn(&str)) -> Result<Self> {
+        spec.etcd.check()?;
+        if !spec.app.is_file() {
+            return Err(DeployError::Invalid(format!(
+                "app binary {} does not exist (build it first, e.g. `cargo build -p br2k-logserver`)",
+                spec.app.display()
+            )));
+        }
+        let etcd_program = tools::locate("etcd", "BR2K_ETCD", &[PathBuf::from("/usr/bin/etcd")])?;
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(1))
+            .connect_timeout(Duration::from_millis(500))
+            .no_proxy()
+            .build()
+            .map_err(|e| DeployError::Invalid(format!("cannot build an HTTP client: {e}")))?;
+        let count = network.nodes();
+        let mut nodes = Vec::with_capacity(count);
+        for i in 0..count {
+            let name = format!("n{}", i + 1);
+            let dir = spec.work_dir.join(&name);
+            for sub in [dir.join("etcd"), dir.join("app")] {
+                std::fs::create_dir_all(&sub).map_err(|e| DeployError::io(format!("create {}", sub.display()), e))?;
+            }
+            nodes.push(Node { name, dir, etcd: None, app: None, paused: false, cut: false });
+        }
+        let mut service = Self { nodes, spec, etcd_program, http, network };
+        progress(&format!("starting {count} etcd members"));
+        for i in 0..count {
+            service.spawn(i, Part::Etcd)?;
+        }
+        for i in 0..count {
+            service.wait_ready(i, Part::Etcd).await?;
+        }
+        progress(&format!("starting {count} replicas of {}", service.spec.app.display()));
+        for i in 0..count {
+            service.spawn(i, Part::App)?;
+        }
+        for i in 0..count {
+            service.wait_ready(i, Part::App).await?;
+        }
+        Ok(service)
+    }
+
+    /// The number of nodes.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Whether there are no nodes (never, once started).
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// The network the nodes live on.
+    pub const fn network(&self) -> &LocalNetwork {
+        &self.network
+    }
+
+    /// The service name.
+    pub fn name(&self) -> &str {
+        &self.spec.service
+    }
+
+    /// Node `i`'s name (`n1`, `n2`, ...), which is also its replica id.
+    pub fn node_name(&self, i: usize) -> &str {
+        &self.nodes[i].name
+    }
+
+    /// Node `i`'s app URL.
+    pub fn app_url(&self, i: usize) -> String {
+        format!("http://{}", socket(self.network.node_address(i), APP_PORT))
+    }
+
+    /// Node `i`'s etcd client URL.
+    pub fn etcd_url(&self, i: usize) -> String {
+        format!("http://{}", socket(self.network.node_address(i), ETCD_CLIENT_PORT))
+    }
+
+    /// Node `i`'s app data directory.
+    pub fn app_data_dir(&self, i: usize) -> PathBuf {
+        self.nodes[i].dir.join("app")
+    }
+
+    /// Node `i`'s directory (data and logs).
+    pub fn node_dir(&self, i: usize) -> &Path {
+        &self.nodes[i].dir
+    }
+
+    /// The pid of node `i`'s `part`, while it runs.
+    pub fn pid(&self, i: usize, part: Part) -> Option<u32> {
+        let node = &self.nodes[i];
+        match part {
+            Part::Etcd => node.etcd.as_ref(),
+            Part::App => node.app.as_ref(),
+        }
+        .and_then(Child::id)
+    }
+
+    /// What node `i`'s app says of itself (`/br2k/status`), within a second.
+    ///
+    /// # Errors
+    /// A description of why it did not answer.
+    pub async fn status(&self, i: usize) -> Result<Status, String> {
+        let url = format!("{}/br2k/status", self.app_url(i));
+        let response = self.http.get(&url).send().await.map_err(|e| format!("{url}: {e}"))?;
+        response.json::<Status>().await.map_err(|e| format!("{url}: {e}"))
+    }
+
+    /// Every node's status, asked at once.
+    pub async fn statuses(&self) -> Vec<Result<Status, String>> {
+        futures::future::join_all((0..self.len()).map(|i| self.status(i))).await
+    }
+
+    /// The node that leads (with the highest epoch if, briefly, two think they do).
+    pub async fn leader(&self) -> Option<(usize, Status)> {
+        self.statuses()
+            .await
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.ok().map(|s| (i, s)))
+            .filter(|(_, s)| s.role == Role::Leader)
+            .max_by_key(|(_, s)| s.epoch)
+    }
+
+    /// Waits until some node leads, up to `timeout`.
+    ///
+    /// # Errors
+    /// [`DeployError::NotReady`] when none does in time.
+    pub async fn wait_for_leader(&self, timeout: Duration) -> Result<(usize, Status)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(leader) = self.leader().await {
+                return Ok(leader);
+            }
+            if Instant::now() >= deadline {
+                return Err(DeployError::NotReady { what: "a leader".into(), timeout, log: None });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Kills node `i`'s app and etcd member (SIGKILL); their data stays for
+    /// [`Self::restart`].
+    ///
+    /// # Errors
+    /// When the node is not running.
+    pub async fn kill(&mut self, i: usize) -> Result<()> {
+        let node = self.node_mut(i)?;
+        if node.app.is_none() && node.etcd.is_none() {
+            return Err(DeployError::Node { node: i + 1, reason: "is not running".into() });
+        }
+        for child in [node.app.take(), node.etcd.take()].into_iter().flatten() {
+            kill_and_reap(child).await;
+        }
+        node.paused = false;
+        Ok(())
+    }
+
+    /// Starts node `i`'s etcd member and app again (whichever is not running).
+    ///
+    /// # Errors
+    /// When a process cannot be started.
+    pub fn restart(&mut self, i: usize) -> Result<()> {
+        self.node_mut(i)?;
+        if self.nodes[i].etcd.is_none() {
+            self.spawn(i, Part::Etcd)?;
+        }
+        if self.nodes[i].app.is_none() {
+            self.spawn(i, Part::App)?;
+        }
+        Ok(())
+    }
+
+    /// Freezes node `i` (SIGSTOP to its app and etcd member).
+    ///
+    /// # Errors
+    /// When it is not running or already paused.
+    pub fn pause(&mut self, i: usize) -> Result<()> {
+        self.signal_node(i, sys::Signal::Stop, true)
+    }
+
+    /// Thaws node `i` (SIGCONT).
+    ///
+    /// # Errors
+    /// When it is not paused.
+    pub fn resume(&mut self, i: usize) -> Result<()> {
+        self.signal_node(i, sys::Signal::Continue, false)
+    }
+
+    /// Cuts node `i` off the network (namespace mode only).
+    ///
+    /// # Errors
+    /// Without namespaces, or when `ip` fails.
+    pub fn cut(&mut self, i: usize) -> Result<()> {
+        self.node_mut(i)?;
+        self.network.cut(i)?;
+        self.nodes[i].cut = true;
+        Ok(())
+    }
+
+    /// Links node `i` back.
+    ///
+    /// # Errors
+    /// Without namespaces, or when `ip` fails.
+    pub fn rejoin(&mut self, i: usize) -> Result<()> {
+        self.node_mut(i)?;
+        self.network.rejoin(i)?;
+        self.nodes[i].cut = false;
+        Ok(())
+    }
+
+    /// Undoes every fault: rejoins cut nodes, resumes paused ones, restarts dead ones.
+    ///
+    /// # Errors
+    /// The first action that failed.
+    pub fn heal_all(&mut self) -> Result<()> {
+        for i in 0..self.len() {
+            if self.nodes[i].cut {
+                self.rejoin(i)?;
+            }
+            if self.nodes[i].paused {
+                self.resume(i)?;
+            }
+            self.restart(i)?;
+        }
+        Ok(())
+    }
+
+    /// Processes that have exited since the last call, as (node, part, how).
+    pub fn exited(&mut self) -> Vec<(usize, Part, String)> {
+        let mut out = Vec::new();
+        for (i, node) in self.nodes.iter_mut().enumerate() {
+            for (part, slot) in [(Part::Etcd, &mut node.etcd), (Part::App, &mut node.app)] {
+                if let Some(child) = slot
+                    && let Ok(Some(status)) = child.try_wait()
+                {
+                    out.push((i, part, status.to_string()));
+                    *slot = None;
+                }
+            }
+        }
+        out
+    }
+
+    /// Stops node `i`'s app gracefully (SIGTERM, then SIGKILL after 5 s).
+    pub async fn stop_app(&mut self, i: usize) {
+        if let Some(child) = self.nodes.get_mut(i).and_then(|n| n.app.take()) {
+            terminate(child, Duration::from_secs(5)).await;
+        }
+    }
+
+    /// Stops everything gracefully: the apps first (so none sees its member vanish while
+    /// it serves), then the etcd members; then removes the network.
+    pub async fn shutdown(mut self) {
+        let _ = self.heal_faults_for_shutdown();
+        for i in 0..self.len() {
+            self.stop_app(i).await;
+        }
+        for node in &mut self.nodes {
+            if let Some(child) = node.etcd.take() {
+                terminate(child, Duration::from_secs(5)).await;
+            }
+        }
+    }
+
+    fn heal_faults_for_shutdown(&mut self) -> Result<()> {
+        for i in 0..self.len() {
+            if self.nodes[i].paused {
+                self.resume(i)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn node_mut(&mut self, i: usize) -> Result<&mut Node> {
+        let count = self.nodes.len();
+        self.nodes.get_mut(i).ok_or(DeployError::Node { node: i + 1, reason: format!("there are only {count} nodes") })
+    }
+
+    fn signal_node(&mut self, i: usize, signal: sys::Signal, pause: bool) -> Result<()> {
+        let node = self.node_mut(i)?;
+        if node.paused == pause {
+            let reason = if pause { "is already paused" } else { "is not paused" };
+            return Err(DeployError::Node { node: i + 1, reason: reason.into() });
+        }
+        let pids: Vec<u32> = [&node.app, &node.etcd].into_iter().flatten().filter_map(Child::id).collect();
+        if pids.is_empty() {
+            return Err(DeployError::Node { node: i + 1, reason: "is not running".into() });
+        }
+        for pid in pids {
+            sys::send(pid, signal).map_err(|e| DeployError::io(format!("signal process {pid}"), e))?;
+        }
+        node.paused = pause;
+        Ok(())
+    }
+
+    fn spawn(&mut self, i: usize, part: Part) -> Result<()> {
+        let address = self.network.node_address(i);
+        let node = &self.nodes[i];
+        let log_path = node.dir.join(format!("{part}.log"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| DeployError::io(format!("open {}", log_path.display()), e))?;
+        let log_err = log.try_clone().map_err(|e| DeployError::io("duplicate a log handle", e))?;
+        let mut command = match part {
+            Part::Etcd => self.etcd_command(i, address),
+            Part::App => self.app_command(i, address),
+        };
+        command
+            .current_dir(&node.dir)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            // Its own process group: a Ctrl-C at the terminal reaches the runner only,
+            // which then stops the nodes in order.
+            .process_group(0)
+            .kill_on_drop(true);
+        sys::prepare_child(&mut command, self.network.namespace(i)?);
+        let program = match part {
+            Part::Etcd => &self.etcd_program,
+            Part::App => &self.spec.app,
+        };
+        let child = command.spawn().map_err(|e| DeployError::io(format!("start {}", program.display()), e))?;
+        if let Some(pid) = child.id() {
+            self.network.record_process(pid, &node.dir);
+        }
+        let node = &mut self.nodes[i];
+        match part {
+            Part::Etcd => node.etcd = Some(child),
+            Part::App => node.app = Some(child),
+        }
+        Ok(())
+    }
+
+    fn etcd_command(&self, i: usize, address: IpAddr) -> Command {
+        let url = |port| format!("http://{}", socket(address, port));
+        let cluster = (0..self.len())
+            .map(|j| format!("{}=http://{}", self.nodes[j].name, socket(self.network.node_address(j), ETCD_PEER_PORT)))
+            .collect::<Vec<_>>()
+            .join(",");
+        let token = format!("br2k-{}-{}", self.spec.service, self.network.slot());
+        let mut command = Command::new(&self.etcd_program);
+        // With an existing data directory etcd ignores the --initial-* flags, so the same
+        // command both creates and restarts a member.
+        command
+            .args(["--name", &self.nodes[i].name, "--data-dir", "etcd"])
+            .args(["--listen-client-urls", &url(ETCD_CLIENT_PORT), "--advertise-client-urls", &url(ETCD_CLIENT_PORT)])
+            .args(["--listen-peer-urls", &url(ETCD_PEER_PORT), "--initial-advertise-peer-urls", &url(ETCD_PEER_PORT)])
+            .args(["--initial-cluster", &cluster, "--initial-cluster-token", &token, "--initial-cluster-state", "new"])
+            .args(["--heartbeat-interval", &self.spec.etcd.heartbeat_ms.to_string()])
+            .args(["--election-timeout", &self.spec.etcd.election_ms.to_string()])
+            .args(["--logger", "zap", "--log-level", "warn"]);
+        command
+    }
+
+    fn app_command(&self, i: usize, address: IpAddr) -> Command {
+        let node = &self.nodes[i];
+        let listen = socket(address, APP_PORT);
+        let mut command = Command::new(&self.spec.app);
+        command
+            .args(&self.spec.app_args)
+            .env("BR2K_SERVICE", &self.spec.service)
+            .env("BR2K_REPLICA", &node.name)
+            .env("BR2K_ETCD", format!("http://{}", socket(address, ETCD_CLIENT_PORT)))
+            .env("BR2K_LISTEN", listen.to_string())
+            .env("BR2K_PUBLIC_URL", format!("http://{listen}"))
+            .env("BR2K_DATA_DIR", node.dir.join("app"));
+        if std::env::var_os("RUST_LOG").is_none() {
+            command.env("RUST_LOG", "info");
+        }
+        if let Some(publishing) = &self.spec.publishing {
+            let key = &publishing.operator_keys[i % publishing.operator_keys.len()];
+            command
+                .env("BR2K_REGISTRY", publishing.registry.to_string())
+                .env("ETH_RPC_URL", &publishing.rpc_url)
+                .env("ETH_PRIVATE_KEY", alloy::hex::encode_prefixed(key.to_bytes()));
+        } else {
+            command.env_remove("BR2K_REGISTRY").env_remove("ETH_PRIVATE_KEY");
+        }
+        for (name, value) in &self.spec.app_env {
+            command.env(name, value);
+        }
+        command
+    }
+
+    async fn wait_ready(&mut self, i: usize, part: Part) -> Result<()> {
+        let timeout = self.spec.startup_timeout;
+        let deadline = Instant::now() + timeout;
+        let url = match part {
+            Part::Etcd => format!("{}/health", self.etcd_url(i)),
+            Part::App => format!("{}/br2k/health", self.app_url(i)),
+        };
+        let what = format!("node {}'s {part} ({url})", i + 1);
+        let log = Some(self.nodes[i].dir.join(format!("{part}.log")));
+        loop {
+            // Any HTTP answer means it serves; etcd's /health is 503 until it has a leader,
+            // which needs the other members, so for etcd only a healthy answer counts.
+            if let Ok(response) = self.http.get(&url).send().await
+                && (part == Part::App || response.status().is_success())
+            {
+                return Ok(());
+            }
+            let node = &mut self.nodes[i];
+            let child = match part {
+                Part::Etcd => node.etcd.as_mut(),
+                Part::App => node.app.as_mut(),
+            };
+            if let Some(child) = child
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                return Err(DeployError::Exited { what, status: status.to_string(), log });
+            }
+            if Instant::now() >= deadline {
+                return Err(DeployError::NotReady { what, timeout, log });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn socket(address: IpAddr, port: u16) -> std::net::SocketAddr {
+    std::net::SocketAddr::new(address, port)
+}
+
+async fn kill_and_reap(mut child: Child) {
+    let _ = child.kill().await;
+}
+
+/// SIGTERM, then SIGKILL if it has not exited within `grace`.
+async fn terminate(mut child: Child, grace: Duration) {
+    if let Some(pid) = child.id() {
+        let _ = sys::send(pid, sys::Signal::Terminate);
+        if tokio::time::timeout(grace, child.wait()).await.is_ok() {
+            return;
+        }
+    }
+    kill_and_reap(child).await;
+}
+
+/// Asks the runner process `pid` (a detached `br2k up`) to stop, and waits up to
+/// `timeout` for it to exit (then kills it; its children die with it).
+///
+/// # Errors
+/// When the process cannot be signalled (it belongs to another user).
+pub async fn stop_runner(pid: u32, timeout: Duration) -> Result<bool> {
+    if !sys::exists(pid) {
+        return Ok(false);
+    }
+    sys::send(pid, sys::Signal::Terminate).map_err(|e| DeployError::io(format!("signal process {pid}"), e))?;
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if !sys::exists(pid) || is_zombie(pid) {
+            return Ok(true);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = sys::send(pid, sys::Signal::Kill);
+    Ok(true)
+}
+
+/// Whether process `pid` exists (for a runner recorded in a state file).
+pub fn process_exists(pid: u32) -> bool {
+    sys::exists(pid) && !is_zombie(pid)
+}
+
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|stat| stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
+}

@@ -1,0 +1,81 @@
+//! The few operating-system calls the local backend needs that std does not offer. The
+//! only `unsafe` of the crate is here, each use explained.
+#![allow(unsafe_code)]
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+
+/// A signal the backend sends to a node's processes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Signal {
+    /// Ask to stop.
+    Terminate,
+    /// Stop now.
+    Kill,
+    /// Freeze (the process keeps its sockets but answers nothing).
+    Stop,
+    /// Thaw after [`Signal::Stop`].
+    Continue,
+}
+
+impl Signal {
+    const fn number(self) -> libc::c_int {
+        match self {
+            Self::Terminate => libc::SIGTERM,
+            Self::Kill => libc::SIGKILL,
+            Self::Stop => libc::SIGSTOP,
+            Self::Continue => libc::SIGCONT,
+        }
+    }
+}
+
+/// Sends `signal` to process `pid`.
+pub(crate) fn send(pid: u32, signal: Signal) -> std::io::Result<()> {
+    let pid = libc::pid_t::try_from(pid).map_err(std::io::Error::other)?;
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    if unsafe { libc::kill(pid, signal.number()) } == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
+
+/// Whether process `pid` exists (it may be a zombie).
+pub(crate) fn exists(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
+    // SAFETY: signal 0 only checks that the process exists; no memory is touched.
+    let result = unsafe { libc::kill(pid, 0) };
+    result == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// The effective user id.
+pub(crate) fn effective_uid() -> u32 {
+    // SAFETY: geteuid(2) cannot fail and touches no memory.
+    unsafe { libc::geteuid() }
+}
+
+/// Makes a child die with its runner, and enter a network namespace, before it runs.
+///
+/// The death signal is what keeps a crashed runner from leaking replicas: the kernel
+/// sends SIGKILL to the child when the thread that spawned it ends. Children are spawned
+/// from the runtime's long-lived threads (never from a blocking-pool thread, which would
+/// end early and take its children with it).
+pub(crate) fn prepare_child(command: &mut tokio::process::Command, netns: Option<File>) {
+    // SAFETY: the closure runs in the forked child before exec and only makes
+    // async-signal-safe system calls (prctl, getppid, setns) on values it owns; it
+    // allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The runner may have died between fork and prctl: then nobody will send
+            // the signal, so give up now.
+            if libc::getppid() == 1 {
+                return Err(std::io::Error::other("the runner exited while starting this process"));
+            }
+            if let Some(netns) = &netns
+                && libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,173 @@
+//! The paper's attacker: at random intervals it picks a node (the leader, or any node)
+//! and breaks it for a while, for real: cuts its network link, freezes its processes, or
+//! kills them.
+
+use std::time::Duration;
+
+use br2k_deploy::local::LocalService;
+use serde::Serialize;
+
+/// What the attacker does to a node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FaultKind {
+    /// Cut the node's network link (its namespace's veth down), then link it back.
+    Partition,
+    /// SIGSTOP the node's app and etcd member, then SIGCONT.
+    Pause,
+    /// SIGKILL the node's app and etcd member, then start them again on the same data.
+    Kill,
+    /// No faults: a baseline run.
+    None,
+}
+
+impl std::str::FromStr for FaultKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "partition" => Ok(Self::Partition),
+            "pause" => Ok(Self::Pause),
+            "kill" => Ok(Self::Kill),
+            "none" => Ok(Self::None),
+            _ => Err(format!("unknown fault {s:?}: expected partition, pause, kill or none")),
+        }
+    }
+}
+
+impl std::fmt::Display for FaultKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Partition => "partition",
+            Self::Pause => "pause",
+            Self::Kill => "kill",
+            Self::None => "none",
+        })
+    }
+}
+
+/// Which node the attacker breaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Target {
+    /// The current leader (the paper's leader test).
+    Leader,
+    /// Any node, uniformly (the paper's random test).
+    Random,
+}
+
+impl std::str::FromStr for Target {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "leader" => Ok(Self::Leader),
+            "random" => Ok(Self::Random),
+            _ => Err(format!("unknown target {s:?}: expected leader or random")),
+        }
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Leader => "leader",
+            Self::Random => "random",
+        })
+    }
+}
+
+/// One fault as it happened.
+#[derive(Clone, Debug, Serialize)]
+pub struct FaultEvent {
+    /// The node (1-based).
+    pub node: usize,
+    /// Whether it led when it was hit.
+    pub was_leader: bool,
+    /// When it was hit, from the start of the run (milliseconds).
+    pub at_ms: u64,
+    /// When it was healed (milliseconds), if it was.
+    pub healed_ms: Option<u64>,
+}
+
+/// Breaks node `i`.
+///
+/// # Errors
+/// What the backend reported.
+pub async fn inject(service: &mut LocalService, kind: FaultKind, i: usize) -> br2k_deploy::Result<()> {
+    match kind {
+        FaultKind::Partition => service.cut(i),
+        FaultKind::Pause => service.pause(i),
+        FaultKind::Kill => service.kill(i).await,
+        FaultKind::None => Ok(()),
+    }
+}
+
+/// Undoes [`inject`] on node `i`.
+///
+/// # Errors
+/// What the backend reported.
+pub fn heal(service: &mut LocalService, kind: FaultKind, i: usize) -> br2k_deploy::Result<()> {
+    match kind {
+        FaultKind::Partition => service.rejoin(i),
+        FaultKind::Pause => service.resume(i),
+        FaultKind::Kill => service.restart(i),
+        FaultKind::None => Ok(()),
+    }
+}
+
+/// A small seeded generator (SplitMix64): the same seed gives the same intervals and
+/// random targets, so a run can be repeated.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator from `seed`.
+    pub const fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    /// The next 64 random bits.
+    pub const fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (n > 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        usize::try_from(self.next_u64() % n as u64).unwrap_or(0)
+    }
+
+    /// Uniform in `lo..=hi`, at millisecond resolution.
+    pub fn between(&mut self, lo: Duration, hi: Duration) -> Duration {
+        let (lo_ms, hi_ms) = (lo.as_millis() as u64, hi.as_millis() as u64);
+        let span = hi_ms.saturating_sub(lo_ms) + 1;
+        Duration::from_millis(lo_ms + self.next_u64() % span)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rng_is_repeatable_and_in_range() {
+        let (mut a, mut b) = (Rng::new(7), Rng::new(7));
+        for _ in 0..1000 {
+            let d = a.between(Duration::from_secs(2), Duration::from_secs(3));
+            assert_eq!(d, b.between(Duration::from_secs(2), Duration::from_secs(3)));
+            assert!(d >= Duration::from_secs(2) && d <= Duration::from_secs(3));
+            assert!(a.below(3) < 3);
+            b.below(3);
+        }
+        assert_ne!(Rng::new(1).next_u64(), Rng::new(2).next_u64());
+    }
+
+    #[test]
+    fn names_parse() {
+        assert_eq!("pause".parse::<FaultKind>(), Ok(FaultKind::Pause));
+        assert!("cut".parse::<FaultKind>().unwrap_err().contains("partition, pause, kill"));
+        assert_eq!("leader".parse::<Target>(), Ok(Target::Leader));
+    }
+}

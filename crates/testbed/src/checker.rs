@@ -1,0 +1,296 @@
+//! The checker: compares every replica's log, every user's acknowledged answers and
+//! every RS record, and counts what the paper's Table 2 counts plus what it could not
+//! see (lost and duplicated requests, failover gaps).
+
+use std::collections::{BTreeMap, HashMap};
+
+use br2k_logserver::Entry;
+use br2k_replication::inspect::Records;
+use br2k_replication::{ProcessState, RequestKind};
+use serde::Serialize;
+
+use crate::attacker::FaultEvent;
+use crate::users::{Ack, Unacknowledged};
+
+/// The paper's Table 2 rows for one run.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Table2 {
+    /// Takeovers of `cl` after the first.
+    pub leader_changes: u64,
+    /// Entries a new leader found unprocessed (Null) and ignored.
+    pub ignore: u64,
+    /// Entries executed.
+    pub success: u64,
+    /// Entries left InProcess.
+    pub in_process: u64,
+    /// Entries whose execution failed (the app refused them).
+    pub fail: u64,
+    /// Entries still Null (not yet processed).
+    pub null: u64,
+    /// All entries (LS).
+    pub total: u64,
+}
+
+/// What happened to the users' requests.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RequestCounts {
+    /// Requests the users sent.
+    pub sent: u64,
+    /// Acknowledged.
+    pub acknowledged: u64,
+    /// Given up on or refused.
+    pub unacknowledged: u64,
+    /// Acknowledged, but not in the replicas' log where the answer said.
+    pub lost: u64,
+    /// Extra copies of a request in the log (a (user, seq) appearing more than once).
+    pub duplicates: u64,
+    /// Acknowledged with a position that the log does not have the request at.
+    pub wrong_answers: u64,
+}
+
+/// Whether the replicas agree.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Replication {
+    /// All replicas' logs identical, and equal to the Success entries in etcd.
+    pub identical: bool,
+    /// Entries in each replica's log, in node order.
+    pub entries_per_replica: Vec<usize>,
+    /// The first difference found, if any.
+    pub difference: Option<String>,
+}
+
+/// Time users spent without any successful answer after each fault.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Gaps {
+    /// Faults measured.
+    pub faults: usize,
+    /// Median gap (milliseconds).
+    pub median_ms: u64,
+    /// Longest gap (milliseconds).
+    pub max_ms: u64,
+    /// Median gap after faults that hit the leader (milliseconds).
+    pub leader_median_ms: Option<u64>,
+    /// Each fault's gap, in order (milliseconds).
+    pub each_ms: Vec<u64>,
+}
+
+/// The checker's findings.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Findings {
+    /// Table 2.
+    pub table2: Table2,
+    /// Request counts.
+    pub requests: RequestCounts,
+    /// Replica agreement.
+    pub replication: Replication,
+    /// Failover gaps.
+    pub gaps: Gaps,
+}
+
+impl Findings {
+    /// Whether the run kept every promise: no acknowledged request lost or answered
+    /// wrongly, no duplicate, replicas identical.
+    pub const fn passed(&self) -> bool {
+        self.requests.lost == 0
+            && self.requests.duplicates == 0
+            && self.requests.wrong_answers == 0
+            && self.replication.identical
+    }
+}
+
+/// Checks a finished run.
+pub fn check(
+    records: &Records,
+    logs: &[Vec<Entry>],
+    acks: &[Ack],
+    unacknowledged: &[Unacknowledged],
+    faults: &[FaultEvent],
+    end_ms: u64,
+) -> Findings {
+    let table2 = table2(records);
+    let replication = compare_replicas(records, logs);
+    let reference = logs.first().map(Vec::as_slice).unwrap_or_default();
+    let requests = count_requests(reference, acks, unacknowledged);
+    let gaps = gaps(acks, faults, end_ms);
+    Findings { table2, requests, replication, gaps }
+}
+
+fn table2(records: &Records) -> Table2 {
+    let mut t = Table2 {
+        leader_changes: records.takeovers.len().saturating_sub(1) as u64,
+        total: records.log_size,
+        ..Table2::default()
+    };
+    for entry in &records.entries {
+        match entry.state.state {
+            ProcessState::Success => t.success += 1,
+            ProcessState::Ignore => t.ignore += 1,
+            ProcessState::InProcess => t.in_process += 1,
+            ProcessState::Fail => t.fail += 1,
+            ProcessState::Null => t.null += 1,
+        }
+    }
+    t
+}
+
+/// Every replica's log must equal every other's and the Success Replication entries of
+/// etcd (index, user and seq taken from the stored request).
+fn compare_replicas(records: &Records, logs: &[Vec<Entry>]) -> Replication {
+    let mut expected = Vec::new();
+    let mut difference = None;
+    for entry in &records.entries {
+        if entry.state.kind != RequestKind::Replication || entry.state.state != ProcessState::Success {
+            continue;
+        }
+        match serde_json::from_slice::<serde_json::Value>(&entry.request.body) {
+            Ok(body) => expected.push(Entry {
+                index: entry.index,
+                user: body["user"].as_u64().unwrap_or(u64::MAX),
+                seq: body["seq"].as_u64(),
+            }),
+            Err(e) => {
+                difference
+                    .get_or_insert_with(|| format!("etcd entry {} has a body that is not JSON: {e}", entry.index));
+            }
+        }
+    }
+    for (node, log) in logs.iter().enumerate() {
+        if difference.is_some() {
+            break;
+        }
+        if log.len() != expected.len() {
+            difference = Some(format!(
+                "node {} holds {} entries, etcd has {} Success entries",
+                node + 1,
+                log.len(),
+                expected.len()
+            ));
+        } else if let Some((got, want)) = log.iter().zip(&expected).find(|(got, want)| got != want) {
+            difference = Some(format!("node {} holds {got:?} where etcd says {want:?}", node + 1));
+        }
+    }
+    Replication {
+        identical: difference.is_none() && !logs.is_empty(),
+        entries_per_replica: logs.iter().map(Vec::len).collect(),
+        difference,
+    }
+}
+
+fn count_requests(log: &[Entry], acks: &[Ack], unacknowledged: &[Unacknowledged]) -> RequestCounts {
+    let by_index: HashMap<u64, (usize, &Entry)> = log.iter().enumerate().map(|(pos, e)| (e.index, (pos, e))).collect();
+    let mut copies: HashMap<(u64, u64), u64> = HashMap::new();
+    for entry in log {
+        if let Some(seq) = entry.seq {
+            *copies.entry((entry.user, seq)).or_default() += 1;
+        }
+    }
+    let mut counts = RequestCounts {
+        sent: (acks.len() + unacknowledged.len()) as u64,
+        acknowledged: acks.len() as u64,
+        unacknowledged: unacknowledged.len() as u64,
+        duplicates: copies.values().map(|n| n - 1).sum(),
+        ..RequestCounts::default()
+    };
+    for ack in acks {
+        match by_index.get(&ack.index) {
+            Some((position, entry)) if entry.user == ack.user && entry.seq == Some(ack.seq) => {
+                if *position as u64 != ack.position {
+                    counts.wrong_answers += 1;
+                }
+            }
+            _ => counts.lost += 1,
+        }
+    }
+    counts
+}
+
+/// For each fault: the longest time without a successful answer from the moment it hit
+/// until the next fault (or the end): the first answer after it counts from the fault
+/// itself.
+fn gaps(acks: &[Ack], faults: &[FaultEvent], end_ms: u64) -> Gaps {
+    let mut times: Vec<u64> = acks.iter().map(|a| a.at_ms).collect();
+    times.sort_unstable();
+    let mut each = Vec::new();
+    let mut leader = Vec::new();
+    for (k, fault) in faults.iter().enumerate() {
+        let until = faults.get(k + 1).map_or(end_ms, |next| next.at_ms);
+        let start = times.partition_point(|&t| t <= fault.at_ms);
+        let stop = times.partition_point(|&t| t <= until);
+        let mut previous = fault.at_ms;
+        let mut longest = 0;
+        for &t in &times[start..stop] {
+            longest = longest.max(t - previous);
+            previous = t;
+        }
+        if start == stop {
+            longest = until - fault.at_ms; // no answer at all before the next fault
+        }
+        each.push(longest);
+        if fault.was_leader {
+            leader.push(longest);
+        }
+    }
+    Gaps {
+        faults: each.len(),
+        median_ms: median(&each).unwrap_or(0),
+        max_ms: each.iter().copied().max().unwrap_or(0),
+        leader_median_ms: median(&leader),
+        each_ms: each,
+    }
+}
+
+fn median(values: &[u64]) -> Option<u64> {
+    let mut sorted = values.to_vec();
+    sorted.sort_unstable();
+    sorted.get(sorted.len() / 2).copied()
+}
+
+/// Per-user acknowledged counts, for the report.
+pub fn acks_per_user(acks: &[Ack]) -> BTreeMap<u64, u64> {
+    let mut out = BTreeMap::new();
+    for ack in acks {
+        *out.entry(ack.user).or_default() += 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ack(user: u64, seq: u64, index: u64, position: u64, at_ms: u64) -> Ack {
+        Ack { user, seq, index, position, at_ms, latency_ms: 1 }
+    }
+
+    fn entry(index: u64, user: u64, seq: u64) -> Entry {
+        Entry { index, user, seq: Some(seq) }
+    }
+
+    #[test]
+    fn counts_lost_duplicate_and_wrong_answers() {
+        let log = vec![entry(1, 1, 1), entry(3, 2, 1), entry(4, 1, 1)];
+        let acks = vec![
+            ack(1, 1, 1, 0, 10), // fine
+            ack(2, 1, 3, 5, 20), // right entry, wrong position
+            ack(2, 2, 9, 2, 30), // index 9 is not in the log: lost
+            ack(1, 2, 4, 2, 40), // index 4 holds (1, 1): lost
+        ];
+        let counts = count_requests(&log, &acks, &[]);
+        assert_eq!((counts.lost, counts.duplicates, counts.wrong_answers), (2, 1, 1));
+        assert_eq!((counts.sent, counts.acknowledged), (4, 4));
+    }
+
+    #[test]
+    fn gap_is_the_longest_silence_after_each_fault() {
+        let acks: Vec<Ack> = [100, 200, 1900, 2000, 2100, 5000, 5100].iter().map(|&t| ack(1, t, t, 0, t)).collect();
+        let faults = vec![
+            FaultEvent { node: 1, was_leader: true, at_ms: 250, healed_ms: Some(1000) },
+            FaultEvent { node: 2, was_leader: false, at_ms: 4000, healed_ms: Some(4500) },
+        ];
+        let gaps = gaps(&acks, &faults, 6000);
+        // 250 -> 1900 is the first fault's; the quiet after 2100 runs into the next fault.
+        assert_eq!(gaps.each_ms, vec![1650, 1000]);
+        assert_eq!(gaps.leader_median_ms, Some(1650));
+        assert_eq!(gaps.max_ms, 1650);
+    }
+}
