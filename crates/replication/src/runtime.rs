@@ -538,6 +538,10 @@ impl<S: AppState> Runtime<S> {
     async fn prepare_service(&self, term: &Term, node: &mut Node) -> Result<u64> {
         let store = self.store();
         let ls = store.get_index(&self.keys.ls()).await?;
+        let ssi = store.get_index(&self.keys.ssi()).await?;
+        // Everything above SSI is still to be decided, whatever this replica applied.
+        node.lpi = node.lpi.min(ssi);
+        self.undo_unrecorded(ssi, ls).await?;
         let last_record = self.record.read()?;
         while node.lpi < ls {
             let to = ls.min(node.lpi + PAGE);
@@ -608,6 +612,51 @@ impl<S: AppState> Runtime<S> {
             s.in_doubt = in_doubt;
         });
         Ok(ls)
+    }
+
+    /// Rolls back what this replica executed above SSI without its outcome being
+    /// recorded: a group it executed as leader just before losing leadership (or
+    /// crashing). Prepare Service then executes those entries again and records their
+    /// real answers; without this it would see them as already applied and leave them
+    /// InProcess, answered to nobody and applied on this replica only.
+    ///
+    /// From the first such entry on, every Replication entry up to the applied index is
+    /// rolled back, newest first (a later one may depend on it). A route without a
+    /// rollback stops the undo there; its entries keep their effect, and Prepare Service
+    /// records them with the answer from the record file when it has it.
+    async fn undo_unrecorded(&self, ssi: u64, ls: u64) -> Result<()> {
+        let applied = self.state.applied_index().min(ls);
+        if applied <= ssi {
+            return Ok(());
+        }
+        let mut executed = Vec::new();
+        let mut from = ssi + 1;
+        while from <= applied {
+            let to = applied.min(from + PAGE - 1);
+            executed.extend(self.store().entries(from, to).await?);
+            from = to + 1;
+        }
+        let unrecorded = |e: &StoredEntry| {
+            e.state.kind == RequestKind::Replication
+                && !matches!(e.state.state, ProcessState::Success | ProcessState::Fail)
+        };
+        let Some(first) = executed.iter().position(unrecorded) else { return Ok(()) };
+        for entry in executed[first..].iter().rev() {
+            if entry.state.kind != RequestKind::Replication {
+                continue;
+            }
+            let route = self.route_of(&entry.request.method, &entry.request.path);
+            let Some(rollback) = route.and_then(|r| r.rollback.clone()) else {
+                warn!(
+                    index = entry.index,
+                    "executed without a recorded outcome and the route has no rollback: keeping its effect"
+                );
+                break;
+            };
+            info!(index = entry.index, "rolling back an execution whose outcome was never recorded");
+            rollback(self.state.clone(), Request::from_entry(entry.index, entry.request.clone())).await;
+        }
+        self.state.persist().await.map_err(Error::Persist)
     }
 
     /// Settles in-doubt Normal requests whose route has a reconcile hook; returns the ones

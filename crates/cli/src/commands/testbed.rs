@@ -135,9 +135,11 @@ impl TestbedArgs {
             give_up_after: Duration::from_secs(self.give_up_after),
         };
         let progress = |line: &str| out.progress(format_args!("testbed: {line}"));
+        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let report = tokio::select! {
             report = br2k_testbed::run(config, &progress) => report?,
             _ = tokio::signal::ctrl_c() => bail!("interrupted; every node was stopped"),
+            _ = terminate.recv() => bail!("terminated; every node was stopped"),
         };
         if let Some(path) = &self.json_out {
             let text = serde_json::to_string_pretty(&report)?;

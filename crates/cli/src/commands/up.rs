@@ -92,6 +92,9 @@ struct RunFile {
     registry: String,
     location: Option<String>,
     epoch: Option<u64>,
+    /// The local slot: namespaces `b2k<slot>n<i>` and bridge `b2k<slot>` when `namespaces`.
+    slot: u8,
+    namespaces: bool,
     nodes: Vec<NodeEntry>,
 }
 
@@ -137,7 +140,11 @@ impl UpArgs {
         };
         let chain = if self.use_chain {
             let key = global.wallet.require_signer("publishing the service")?;
-            ChainChoice::Existing { rpc_url: global.chain.rpc_url.clone(), registry: global.registry.registry, key: Box::new(key) }
+            ChainChoice::Existing {
+                rpc_url: global.chain.rpc_url.clone(),
+                registry: global.registry.registry,
+                key: Box::new(key),
+            }
         } else {
             ChainChoice::Local
         };
@@ -281,6 +288,8 @@ fn write_run_file(
         registry: sandbox.registry().address().to_string(),
         location: location.map(|(l, _)| l.clone()),
         epoch: location.map(|(_, e)| *e),
+        slot: service.network().slot(),
+        namespaces: service.network().uses_namespaces(),
         nodes: (0..service.len())
             .map(|i| NodeEntry {
                 name: service.node_name(i).to_owned(),
@@ -341,6 +350,7 @@ async fn detach(dir: &Path, out: &Output) -> Result<()> {
         }
         if let Ok(text) = std::fs::read_to_string(dir.join("run.json"))
             && let Ok(run) = serde_json::from_str::<RunFile>(&text)
+            && Some(run.pid) == child.id() // not a stale file of a runner that crashed
             && let Some(location) = &run.location
         {
             out.result(

@@ -611,7 +611,7 @@ pub async fn stop_runner(pid: u32, timeout: Duration) -> Result<bool> {
     sys::send(pid, sys::Signal::Terminate).map_err(|e| DeployError::io(format!("signal process {pid}"), e))?;
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
-        if !sys::exists(pid) || is_zombie(pid) {
+        if !sys::exists(pid) {
             return Ok(true);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -620,12 +620,7 @@ pub async fn stop_runner(pid: u32, timeout: Duration) -> Result<bool> {
     Ok(true)
 }
 
-/// Whether process `pid` exists (for a runner recorded in a state file).
+/// Whether process `pid` runs (for a runner recorded in a state file).
 pub fn process_exists(pid: u32) -> bool {
-    sys::exists(pid) && !is_zombie(pid)
-}
-
-fn is_zombie(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|stat| stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
+    sys::exists(pid)
 }

@@ -217,23 +217,27 @@ fn slots_root() -> PathBuf {
     }
 }
 
-/// Takes the first slot that is free or whose runner is dead (cleaning up after it).
+/// Cleans up after every runner that is gone, then takes the first free slot.
 fn claim_slot(slots: &Path) -> Result<(u8, PathBuf)> {
     for slot in 1..=LAST_SLOT {
         let dir = slots.join(format!("slot-{slot}"));
-        if dir.exists() {
-            let owner = fs::read_to_string(dir.join("owner")).ok().and_then(|s| s.trim().parse::<u32>().ok());
-            match owner {
-                Some(pid) if sys::exists(pid) => continue,
-                // No owner file yet: another runner is claiming it right now, or crashed
-                // in the instant between; leave it unless it is old.
-                None if !is_stale(&dir) => continue,
-                _ => {
-                    tracing::info!(slot, "cleaning up after a runner that did not exit cleanly");
-                    remove_slot(slot, &dir);
-                }
-            }
+        if !dir.exists() {
+            continue;
         }
+        let owner = fs::read_to_string(dir.join("owner")).ok().and_then(|s| s.trim().parse::<u32>().ok());
+        let gone = match owner {
+            Some(pid) => !sys::exists(pid),
+            // No owner file yet: another runner is claiming it right now, or crashed in
+            // the instant between; only an old one is abandoned.
+            None => is_stale(&dir),
+        };
+        if gone {
+            tracing::info!(slot, "cleaning up after a runner that did not exit cleanly");
+            remove_slot(slot, &dir);
+        }
+    }
+    for slot in 1..=LAST_SLOT {
+        let dir = slots.join(format!("slot-{slot}"));
         match fs::create_dir(&dir) {
             Ok(()) => {
                 let owner = dir.join("owner");
@@ -274,9 +278,20 @@ fn remove_slot(slot: u8, dir: &Path) {
     let _ = fs::remove_dir_all(dir);
 }
 
-/// Deletes slot `slot`'s namespaces (which takes their veths along) and its bridge.
+/// Deletes slot `slot`'s veths, namespaces and bridge. The host ends of the veths are
+/// deleted first and explicitly: a namespace's own cleanup, which would take them along,
+/// runs asynchronously in the kernel, and a next `ip link add` of the same name may come
+/// first.
 fn remove_links(slot: u8) {
     let prefix = format!("b2k{slot}n");
+    if let Ok(links) = fs::read_dir("/sys/class/net") {
+        for link in links.flatten() {
+            let Ok(name) = link.file_name().into_string() else { continue };
+            if name.strip_prefix(&prefix).is_some_and(|n| n.parse::<u8>().is_ok()) {
+                let _ = ip(&["link", "del", &name]);
+            }
+        }
+    }
     for name in namespaces() {
         if name.strip_prefix(&prefix).is_some_and(|n| n.parse::<u8>().is_ok()) {
             let _ = ip(&["netns", "del", &name]);

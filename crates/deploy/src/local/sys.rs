@@ -36,12 +36,18 @@ pub(crate) fn send(pid: u32, signal: Signal) -> std::io::Result<()> {
     if unsafe { libc::kill(pid, signal.number()) } == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
 
-/// Whether process `pid` exists (it may be a zombie).
+/// Whether process `pid` runs (a zombie, dead but not yet reaped, does not count).
 pub(crate) fn exists(pid: u32) -> bool {
-    let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
+    let Ok(raw) = libc::pid_t::try_from(pid) else { return false };
     // SAFETY: signal 0 only checks that the process exists; no memory is touched.
-    let result = unsafe { libc::kill(pid, 0) };
-    result == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    let result = unsafe { libc::kill(raw, 0) };
+    let present = result == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+    present && !is_zombie(pid)
+}
+
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|stat| stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
 }
 
 /// The effective user id.

@@ -1,0 +1,56 @@
+//! `br2k up`, `br2k down` and `br2k testbed` as real processes: real etcd members, real
+//! app replicas, a real anvil, and (as root) real network namespaces.
+//!
+//! The tests of this binary take turns (one lock): each puts a whole service up, and
+//! running them side by side on a 2-core machine would measure the machine, not br2k.
+
+mod testbed;
+mod up;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn one_at_a_time() -> MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// `br2k`, with the project's tools on PATH.
+fn br2k() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_br2k"));
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let foundry = root.join("tools/node_modules/@foundry-rs/anvil-linux-amd64/bin");
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut paths = vec![foundry];
+    paths.extend(std::env::split_paths(&path));
+    command.env("PATH", std::env::join_paths(paths).expect("PATH joins"));
+    command.env_remove("ETH_RPC_URL").env_remove("BR2K_REGISTRY").env_remove("ETH_PRIVATE_KEY");
+    command
+}
+
+/// The logserver binary `cargo test --workspace` builds next to `br2k`.
+fn logserver() -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_BIN_EXE_br2k")).with_file_name("br2k-logserver");
+    assert!(
+        path.is_file(),
+        "{} is missing: run the tests with `cargo test --workspace` (or `cargo build -p br2k-logserver` first)",
+        path.display()
+    );
+    path
+}
+
+fn namespaces_of_slot(slot: u64) -> Vec<String> {
+    let prefix = format!("b2k{slot}n");
+    std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.flatten().filter_map(|e| e.file_name().into_string().ok()).filter(|n| n.starts_with(&prefix)).collect()
+        })
+        .unwrap_or_default()
+}
+
+fn alive(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')))
+}

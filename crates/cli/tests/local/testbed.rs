@@ -1,0 +1,67 @@
+//! A short testbed for each fault kind and both targets: every one must lose no
+//! acknowledged request, duplicate none, and end with identical replicas.
+
+use crate::{br2k, logserver, one_at_a_time};
+
+#[test]
+fn every_fault_kind_on_both_targets_loses_and_duplicates_nothing() {
+    let _turn = one_at_a_time();
+    let dir = tempfile::tempdir().unwrap();
+    let mut seed = 11;
+    for fault in ["partition", "pause", "kill"] {
+        for target in ["leader", "random"] {
+            seed += 1;
+            let json = dir.path().join(format!("{fault}-{target}.json"));
+            let output = br2k()
+                .args(["testbed", "--users", "3", "--requests", "30", "--rate", "5", "--interval", "1.5..2.5"])
+                .args(["--duration", "2", "--election-timeout", "500", "--fault", fault, "--target", target])
+                .args(["--seed", &seed.to_string(), "--give-up-after", "60"])
+                .arg("--app")
+                .arg(logserver())
+                .arg("--json-out")
+                .arg(&json)
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&output.stdout);
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert!(output.status.success(), "{fault}/{target} failed:\n{stdout}\n{stderr}");
+            let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+            let context = format!("{fault}/{target}:\n{stdout}");
+            assert_eq!(report["passed"], true, "{context}");
+            assert_eq!(report["requests"]["lost"], 0, "{context}");
+            assert_eq!(report["requests"]["duplicates"], 0, "{context}");
+            assert_eq!(report["requests"]["wrong_answers"], 0, "{context}");
+            assert_eq!(report["replication"]["identical"], true, "{context}");
+            assert_eq!(report["requests"]["acknowledged"], 90, "every request is acknowledged in the end: {context}");
+            assert_eq!(report["replication"]["entries_per_replica"], serde_json::json!([90, 90, 90]), "{context}");
+            let faults = report["faults"].as_array().unwrap();
+            assert!(!faults.is_empty(), "the attacker struck at least once: {context}");
+            if target == "leader" {
+                assert!(faults.iter().all(|f| f["was_leader"] == true), "{context}");
+                assert!(report["table2"]["leader_changes"].as_u64().unwrap() >= 1, "{context}");
+            }
+            assert!(stdout.contains("| # of leader changes |"), "Table 2 on stdout: {context}");
+        }
+    }
+}
+
+#[test]
+fn bad_flags_are_refused_with_the_reason() {
+    let output = br2k().args(["testbed", "--interval", "40..20"]).output().unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("LO must not be above HI"), "{stderr}");
+
+    let output = br2k().args(["testbed", "--fault", "cut"]).output().unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("expected partition, pause, kill or none"));
+
+    let output = br2k()
+        .args(["testbed", "--replicas", "2", "--fault", "kill"])
+        .arg("--app")
+        .arg(crate::logserver())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("use at least 3"));
+}
