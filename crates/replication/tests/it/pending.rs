@@ -80,3 +80,60 @@ async fn a_replica_that_crashed_mid_execution_rolls_back_on_restart() {
     c.leader(None).await;
     c.converged(&entries(&[(1, "a1"), (2, "a2")])).await;
 }
+
+/// The member id of replica `i`'s etcd member.
+async fn member_id(c: &Cluster, i: usize) -> u64 {
+    let status = c.etcd_client(i).await.status().await.unwrap();
+    status.header().unwrap().member_id()
+}
+
+async fn wait_role(c: &Cluster, i: usize, role: br2k_replication::Role) {
+    crate::harness::eventually(&format!("replica {i} becomes {role:?}"), async || c.replicas[i].status().role == role)
+        .await;
+}
+
+/// A leader that executed a request and lost leadership before recording its outcome,
+/// then becomes leader again itself: Prepare Service must not take the entry as done
+/// because its own app applied it. It rolls it back and executes it again, so the entry
+/// ends Success with its answer (not InProcess for ever, which would answer the client's
+/// retry 409 and leave the entry applied on this replica only).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_same_leader_elected_again_records_what_it_executed_before_losing_leadership() {
+    let mut c = Cluster::start(false).await;
+    let l = c.leader(None).await;
+    assert_eq!(c.post(l, "/slow", "a1", Some("k1")).await.status(), 200);
+    c.converged(&entries(&[(1, "a1")])).await;
+    let others: Vec<usize> = (0..3).filter(|&i| i != l).collect();
+
+    // Only replica l may lead again: the others' apps stop (their etcd members stay).
+    for &o in &others {
+        c.replicas[o].crash();
+    }
+    let replica = &c.replicas[l];
+    *replica.interrupt.step.lock().unwrap() = Some(Step::Executed);
+    replica.interrupt.armed.store(true, Ordering::SeqCst);
+    let (http, url) = (c.http.clone(), format!("{}/slow", replica.url));
+    let request = tokio::spawn(async move { http.post(url).header("Idempotency-Key", "k2").body("a2").send().await });
+    replica.interrupt.reached.notified().await;
+    assert_eq!(c.replicas[l].state.entries().last().unwrap().1, "a2", "executed, outcome not yet recorded");
+
+    // Raft leadership moves away (l steps down) and comes back to l's member.
+    let (mine, other) = (member_id(&c, l).await, member_id(&c, others[0]).await);
+    c.etcd_client(l).await.move_leader(other).await.unwrap();
+    wait_role(&c, l, br2k_replication::Role::Follower).await;
+    if let Ok(answer) = request.await.unwrap() {
+        assert_eq!(answer.status(), 503, "the interrupted request is not acknowledged");
+    }
+    c.etcd_client(others[0]).await.move_leader(mine).await.unwrap();
+    wait_role(&c, l, br2k_replication::Role::Leader).await;
+
+    let retry = c.post(l, "/slow", "a2", Some("k2")).await;
+    assert_eq!(retry.status(), 200, "{:?}", retry.text().await);
+    assert_eq!(retry.headers()["br2k-index"], "2");
+    assert_eq!(retry.headers()["br2k-replayed"], "true");
+    assert_eq!(c.rs(2).await.unwrap().state, ProcessState::Success);
+    for &o in &others {
+        c.restart_replica(o).await;
+    }
+    c.converged(&entries(&[(1, "a1"), (2, "a2")])).await;
+}
