@@ -3,7 +3,8 @@
 # only (Debian, npm, crates.io):
 #
 #   - Debian packages: protobuf-compiler + libprotobuf-dev (etcd-client's build: protoc and the google/protobuf includes), etcd-server + etcd-client
-#     (replication runtime, tests), docker-registry (OCI registry for image tests);
+#     (replication runtime, tests), docker-registry (OCI registry for image tests), iproute2
+#     (`ip`: the local backend's network namespaces);
 #   - Foundry's forge, anvil and cast (native binaries from npm) and solc-js, pinned by
 #     tools/package-lock.json, plus the tools/solc shim that forge calls as its compiler.
 #
@@ -12,7 +13,7 @@
 set -euo pipefail
 
 tools_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-apt_packages=(protobuf-compiler libprotobuf-dev etcd-server etcd-client docker-registry)
+apt_packages=(protobuf-compiler libprotobuf-dev etcd-server etcd-client docker-registry iproute2)
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
