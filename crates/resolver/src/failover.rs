@@ -156,6 +156,12 @@ pub enum AttemptFailure {
         /// The leader it named in `Br2k-Leader`, if any.
         leader: Option<String>,
     },
+    /// The registry announced a new leader while this attempt waited on the old one.
+    #[error("the registry moved the service away from {location} while waiting for its answer")]
+    Moved {
+        /// Where the request went.
+        location: String,
+    },
     /// The chain could not be asked where the service is.
     #[error("could not resolve the service: {0}")]
     Resolve(#[source] Error),
@@ -284,7 +290,10 @@ impl FailoverClient {
             if let AttemptFailure::NotLeader { leader: Some(leader), .. } = &failure {
                 hint = Some(leader.clone());
             }
-            if !matches!(failure, AttemptFailure::Resolve(_)) {
+            let moved = matches!(failure, AttemptFailure::Moved { .. });
+            // A move is not a failure of the service: the cache already holds the new
+            // location, and the retry goes there at once.
+            if !moved && !matches!(failure, AttemptFailure::Resolve(_)) {
                 self.inner.resolver.report_failure(&self.inner.service);
                 self.count_failure(&failure);
             }
@@ -297,7 +306,9 @@ impl FailoverClient {
                     last: Box::new(failure),
                 });
             }
-            tokio::time::sleep(backoff.next_delay().min(deadline - now)).await;
+            if !moved {
+                tokio::time::sleep(backoff.next_delay().min(deadline - now)).await;
+            }
         }
     }
 
@@ -336,7 +347,11 @@ impl FailoverClient {
             .filter(|u| matches!(u.scheme(), "http" | "https"))
             .ok_or_else(|| AttemptFailure::BadLocation(location.clone()))?;
         let after = self.inner.config.attempt_timeout.min(deadline.saturating_duration_since(Instant::now()));
-        let sent = self
+        // A leader that was cut off does not answer; once the registry names its
+        // successor there is no point waiting for it (the idempotency key makes the retry
+        // safe whether or not the old leader executed the request).
+        let moved = self.inner.resolver.moved_from(&self.inner.service, base);
+        let sending = self
             .inner
             .http
             .request(request.method.clone(), url)
@@ -344,8 +359,11 @@ impl FailoverClient {
             .header(IDEMPOTENCY_KEY_HEADER, key.clone())
             .body(request.body.clone())
             .timeout(after)
-            .send()
-            .await;
+            .send();
+        let sent = tokio::select! {
+            sent = sending => sent,
+            () = moved => return Err(AttemptFailure::Moved { location }),
+        };
         match sent {
             Ok(response) if response.status() == StatusCode::SERVICE_UNAVAILABLE => {
                 let leader = response

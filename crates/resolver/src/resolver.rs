@@ -217,6 +217,29 @@ impl Resolver {
         }
     }
 
+    /// A future that completes once the registry announces a location for `name` other
+    /// than `current`: a request waiting on `current` can then be abandoned for the new
+    /// leader. It listens from the moment this is called; without events (a watcher that
+    /// is not live) it never completes.
+    pub fn moved_from(&self, name: &str, current: &str) -> impl Future<Output = ()> + Send + 'static {
+        let id = service_id(name);
+        let current = current.trim_end_matches('/').to_owned();
+        let mut events = self.shared.events.subscribe();
+        async move {
+            loop {
+                match events.recv().await {
+                    Ok(Event::Location { id: changed, location, .. })
+                        if changed == id && location.trim_end_matches('/') != current =>
+                    {
+                        return;
+                    }
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => std::future::pending::<()>().await,
+                }
+            }
+        }
+    }
+
     /// Whether the watcher is following the registry's events right now (so cached
     /// entries are trusted).
     pub fn is_live(&self) -> bool {

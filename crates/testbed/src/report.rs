@@ -120,14 +120,17 @@ impl Report {
         let _ = writeln!(out, "### {} test, {} faults\n", capitalised(&p.target.to_string()), p.fault);
         let _ = writeln!(
             out,
-            "{} users x {} requests at {}/s each, {} replicas; a {} fault on the {} every {}-{} s for {} s; \
-             etcd election timeout {} ms; seed {}; users ran {:.0} s.\n",
+            "{} users x {} requests at {}/s each, {} replicas; a {} fault on {} after every wait of {}-{} s, \
+             lasting {} s; etcd election timeout {} ms; seed {}; users ran {:.0} s.\n",
             p.users,
             p.requests_per_user,
             p.rate,
             p.replicas,
             p.fault,
-            p.target,
+            match p.target {
+                Target::Leader => "the leader",
+                Target::Random => "a random node",
+            },
             p.interval_s.0,
             p.interval_s.1,
             p.duration_s,
@@ -137,7 +140,11 @@ impl Report {
         );
         let _ = writeln!(out, "| Table 2 row | this run |");
         let _ = writeln!(out, "|---|---:|");
-        let _ = writeln!(out, "| Frequency of {} | {}-{} s |", p.fault, p.interval_s.0, p.interval_s.1);
+        let _ = writeln!(
+            out,
+            "| Frequency of {} (wait between faults) | {}-{} s |",
+            p.fault, p.interval_s.0, p.interval_s.1
+        );
         let _ = writeln!(out, "| # of leader changes | {} |", t.leader_changes);
         let _ = writeln!(out, "| # of Ignore states (out of {total} requests) | {} |", t.ignore);
         let _ = writeln!(out, "| # of Success states (out of {total} requests) | {} |", t.success);

@@ -511,6 +511,10 @@ impl LocalService {
             .args(["--initial-cluster", &cluster, "--initial-cluster-token", &token, "--initial-cluster-state", "new"])
             .args(["--heartbeat-interval", &self.spec.etcd.heartbeat_ms.to_string()])
             .args(["--election-timeout", &self.spec.etcd.election_ms.to_string()])
+            // A member cut off for a while comes back with a higher term; without pre-vote
+            // it would force an election on rejoining and depose a healthy leader (etcd
+            // 3.5 and later enable it by default; Debian's 3.4 does not).
+            .arg("--pre-vote")
             .args(["--logger", "zap", "--log-level", "warn"]);
         command
     }

@@ -197,6 +197,32 @@ async fn moves_on_when_the_leader_stops_answering() {
     assert_eq!(a.seen().iter().filter(|(_, body)| body == "refused").count(), 0, "A was gone");
 }
 
+#[tokio::test]
+async fn abandons_a_silent_leader_as_soon_as_the_registry_names_another() {
+    let f = Fixture::new(300).await;
+    let (a, b) = (Server::start("a").await, Server::start("b").await);
+    f.publish(&a.url, 1).await;
+    // An attempt may wait 30 s: only the registry's event can end it early.
+    let config = FailoverConfig { attempt_timeout: Duration::from_secs(30), ..config() };
+    let client = FailoverClient::new(f.resolver(false, 2).await, NAME, config).unwrap();
+    assert_eq!(body_text(client.send(&Request::post("/log", "warm-up")).await.unwrap()).await, "a");
+
+    a.behave(Behaviour::Hang);
+    let request = Request::post("/log", "silent");
+    let sending = tokio::spawn({
+        let (client, request) = (client.clone(), request.clone());
+        async move { client.send(&request).await }
+    });
+    eventually("A holds the request", || a.seen().iter().any(|(_, body)| body == "silent")).await;
+    let published = std::time::Instant::now();
+    f.publish(&b.url, 2).await;
+    assert_eq!(body_text(sending.await.unwrap().unwrap()).await, "b");
+    let waited = published.elapsed();
+    assert!(waited < Duration::from_secs(5), "the client left A when B was published, not after {waited:?}");
+    assert_one_key(&[&a, &b], "silent", request.key());
+    assert_eq!(client.claims_filed(), 0);
+}
+
 async fn claims_by(f: &Fixture, claimant: alloy::primitives::Address) -> usize {
     let logs = f
         .manager
