@@ -104,6 +104,9 @@ pub enum Error {
     /// etcd's records could not be read.
     #[error("reading the service's records from etcd: {0}")]
     Records(#[from] br2k_replication::Error),
+    /// A user's task ended abnormally (a bug in the testbed).
+    #[error("a user task ended abnormally: {0}")]
+    User(String),
     /// A replica's log could not be read.
     #[error("reading node {node}'s log: {reason}")]
     Log {
@@ -190,7 +193,7 @@ pub async fn run(config: TestbedConfig, progress: &(dyn Fn(&str) + Sync)) -> Res
                 acks.extend(log.acks);
                 unacknowledged.extend(log.unacknowledged);
             }
-            Err(e) => return Err(Error::Config(format!("a user task failed: {e}"))),
+            Err(e) => return Err(Error::User(e.to_string())),
         }
     }
     let end_ms = millis(start.elapsed());
