@@ -21,9 +21,9 @@ Examples:
   br2k up --replicas 5 --app ./target/release/my-service --name my-service
   br2k up --use-chain --rpc-url http://10.0.0.5:8545 --registry 0x... (ETH_PRIVATE_KEY: manager key)
 
-Try a failover: kill the leader's processes by hand and watch `br2k up` report a new
-leader and its new location in the registry within seconds:
-  kill -9 $(jq '.nodes[] | select(.role==\"leader\") | .app_pid, .etcd_pid' STATE_DIR/run.json)";
+Try a failover: kill the leader's processes by hand (`kill -9 APP_PID ETCD_PID` of the node
+whose role is \"leader\" in STATE_DIR/run.json) and watch `br2k up` report a new leader and
+its new location in the registry within seconds.";
 
 /// Run a service's replicas on this machine: each node an etcd member plus the app, in its
 /// own network namespace when run as root. Starts a local anvil with a service registry
