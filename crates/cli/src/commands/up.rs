@@ -266,6 +266,15 @@ async fn supervise(sandbox: &mut Sandbox, dir: &Path, restart: bool, out: &Outpu
     }
 }
 
+/// The role as run.json names it (as `/br2k/status` does).
+const fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Follower => "follower",
+        Role::Register => "register",
+        Role::Leader => "leader",
+    }
+}
+
 const fn role_word(role: Role) -> &'static str {
     match role {
         Role::Follower => "follower",
@@ -297,10 +306,7 @@ fn write_run_file(
                 etcd_url: service.etcd_url(i),
                 app_pid: service.pid(i, Part::App),
                 etcd_pid: service.pid(i, Part::Etcd),
-                role: statuses
-                    .get(i)
-                    .and_then(|s| s.as_ref().ok())
-                    .map(|s| role_word(s.role).split(' ').next().unwrap_or("").to_owned()),
+                role: statuses.get(i).and_then(|s| s.as_ref().ok()).map(|s| role_name(s.role).to_owned()),
                 dir: service.node_dir(i).to_owned(),
             })
             .collect(),
@@ -352,6 +358,8 @@ async fn detach(dir: &Path, out: &Output) -> Result<()> {
             && let Ok(run) = serde_json::from_str::<RunFile>(&text)
             && Some(run.pid) == child.id() // not a stale file of a runner that crashed
             && let Some(location) = &run.location
+            // Published, and the node there serves (a Register publishes just before).
+            && run.nodes.iter().any(|n| &n.app_url == location && n.role.as_deref() == Some("leader"))
         {
             out.result(
                 &format!(
