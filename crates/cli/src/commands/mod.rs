@@ -1,6 +1,7 @@
 //! The command tree. Each subcommand is an `XArgs` struct with its `run`.
 
 mod claim;
+mod image;
 mod registry;
 mod resolve;
 mod service;
@@ -103,6 +104,9 @@ enum Command {
     Down(up::DownArgs),
     /// Run the paper's evaluation under real faults and print its Table 2.
     Testbed(testbed::TestbedArgs),
+    /// Build and list OCI images of a service (no Docker daemon needed).
+    #[command(subcommand)]
+    Image(image::ImageCommand),
 }
 
 impl Cli {
@@ -118,6 +122,7 @@ impl Cli {
             Command::Up(args) => args.run(global).await,
             Command::Down(args) => args.run(global).await,
             Command::Testbed(args) => args.run(global).await,
+            Command::Image(command) => command.run(global).await,
         }
     }
 }
