@@ -205,12 +205,17 @@ impl ImageStore {
             binary_sha256: format!("sha256:{}", hex(&Sha256::digest(&binary))),
             entrypoint,
         };
+        self.record(&record)?;
+        Ok(record)
+    }
+
+    /// Records `record` in images.json, replacing an older entry of the same `name:tag`.
+    pub(crate) fn record(&self, record: &ImageRecord) -> Result<()> {
         let mut file = self.load()?;
         file.images.retain(|i| !(i.name == record.name && i.tag == record.tag));
         file.images.push(record.clone());
         file.images.sort_by(|a, b| (&a.name, &a.tag).cmp(&(&b.name, &b.tag)));
-        self.save(&file)?;
-        Ok(record)
+        self.save(&file)
     }
 
     fn images_path(&self) -> PathBuf {
@@ -234,8 +239,13 @@ impl ImageStore {
         write_atomically(&path, text.as_bytes())
     }
 
-    fn write_blob(&self, digest: &str, bytes: &[u8]) -> Result<()> {
+    /// Stores `bytes` under `digest`, refusing bytes that do not have that digest.
+    pub(crate) fn write_blob(&self, digest: &str, bytes: &[u8]) -> Result<()> {
         let path = self.blob_path(digest)?;
+        let actual = sha256_digest(bytes);
+        if actual != digest {
+            return Err(DeployError::Invalid(format!("content with digest {actual} offered as {digest}")));
+        }
         if path.is_file() {
             return Ok(()); // content-addressed: already there is already right
         }

@@ -2,10 +2,12 @@
 
 mod anvil;
 mod etcd;
+mod oci_registry;
 mod process;
 
 pub use anvil::{Anvil, AnvilBuilder, AnvilError};
 pub use etcd::{EtcdCluster, EtcdClusterBuilder, EtcdError};
+pub use oci_registry::{OciRegistry, OciRegistryError};
 pub use process::{KillOnDrop, ToolNotFound, foundry_binary, workspace_root};
 
 /// The command that installs every tool the fixtures need.

@@ -1,0 +1,450 @@
+//! Pushing and pulling images to and from an OCI distribution registry (Harbor in
+//! production; any registry speaking the distribution API works), by digest, checking
+//! every byte against its digest. Basic auth, and bearer tokens as Harbor hands them out.
+//! Credentials come from the environment or Docker's `config.json`, never from the
+//! project's files, and are never logged.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use base64::Engine as _;
+use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderValue, LOCATION, WWW_AUTHENTICATE};
+use reqwest::{Method, StatusCode};
+use serde::Deserialize;
+
+use crate::error::{DeployError, Result};
+use crate::image::{ImageRecord, ImageStore, media_type};
+
+/// A user name and password for a registry. Its `Debug` never shows the password.
+#[derive(Clone)]
+pub struct Credentials {
+    /// User name.
+    pub username: String,
+    /// Password or token.
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials").field("username", &self.username).finish_non_exhaustive()
+    }
+}
+
+/// The environment variables credentials are read from first.
+pub const USERNAME_ENV: &str = "BR2K_REGISTRY_USERNAME";
+/// See [`USERNAME_ENV`].
+pub const PASSWORD_ENV: &str = "BR2K_REGISTRY_PASSWORD";
+
+impl Credentials {
+    /// From `BR2K_REGISTRY_USERNAME` and `BR2K_REGISTRY_PASSWORD`, else from Docker's
+    /// `config.json` (`$DOCKER_CONFIG/config.json` or `~/.docker/config.json`) for `host`.
+    ///
+    /// # Errors
+    /// A `config.json` that exists but cannot be read or has a bad entry for `host`.
+    pub fn find(host: &str) -> Result<Option<Self>> {
+        if let (Ok(username), Ok(password)) = (std::env::var(USERNAME_ENV), std::env::var(PASSWORD_ENV)) {
+            return Ok(Some(Self { username, password }));
+        }
+        let dir = std::env::var_os("DOCKER_CONFIG")
+            .map(std::path::PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".docker")));
+        let Some(path) = dir.map(|d| d.join("config.json")) else { return Ok(None) };
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(DeployError::io(format!("read {}", path.display()), e)),
+        };
+        Self::from_docker_config(&text, host)
+            .map_err(|reason| DeployError::Invalid(format!("{}: {reason}", path.display())))
+    }
+
+    /// The entry for `host` in the text of a Docker `config.json`.
+    fn from_docker_config(text: &str, host: &str) -> Result<Option<Self>, String> {
+        #[derive(Deserialize)]
+        struct Config {
+            #[serde(default)]
+            auths: std::collections::HashMap<String, Auth>,
+        }
+        #[derive(Deserialize)]
+        struct Auth {
+            auth: Option<String>,
+            username: Option<String>,
+            password: Option<String>,
+        }
+        let config: Config = serde_json::from_str(text).map_err(|e| format!("not a Docker config: {e}"))?;
+        let entry = config.auths.iter().find(|(key, _)| {
+            let key = key.trim_start_matches("https://").trim_start_matches("http://");
+            key.trim_end_matches('/') == host
+        });
+        let Some((_, auth)) = entry else { return Ok(None) };
+        if let (Some(username), Some(password)) = (&auth.username, &auth.password) {
+            return Ok(Some(Self { username: username.clone(), password: password.clone() }));
+        }
+        let Some(encoded) = &auth.auth else { return Ok(None) };
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(encoded.trim())
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok())
+            .ok_or_else(|| format!("the auth entry for {host} is not base64 of user:password"))?;
+        let (username, password) =
+            decoded.split_once(':').ok_or_else(|| format!("the auth entry for {host} is not user:password"))?;
+        Ok(Some(Self { username: username.into(), password: password.into() }))
+    }
+}
+
+/// A client for one registry.
+#[derive(Debug)]
+pub struct RegistryClient {
+    base: String,
+    http: reqwest::Client,
+    credentials: Option<Credentials>,
+    /// The Authorization header that worked last (basic, or a bearer token).
+    authorization: Mutex<Option<HeaderValue>>,
+}
+
+/// Bound on one registry request (blobs can be large).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+
+impl RegistryClient {
+    /// A client for the registry at `url` (`https://host[:port]`, or `http://` when
+    /// `plain_http` is allowed for it).
+    ///
+    /// # Errors
+    /// A URL that is not http(s), or plain HTTP not allowed.
+    pub fn new(url: &str, plain_http: bool, credentials: Option<Credentials>) -> Result<Self> {
+        let base = url.trim_end_matches('/').to_owned();
+        let parsed = reqwest::Url::parse(&base)
+            .map_err(|e| DeployError::Invalid(format!("registry URL {url:?} is not a URL: {e}")))?;
+        match parsed.scheme() {
+            "https" => {}
+            "http" if plain_http => {}
+            "http" => {
+                return Err(DeployError::Invalid(format!(
+                    "registry {url} is plain HTTP, which sends images and credentials unencrypted; allow it explicitly for this registry if that is intended"
+                )));
+            }
+            other => {
+                return Err(DeployError::Invalid(format!("registry URL {url:?}: scheme {other:?} is not http(s)")));
+            }
+        }
+        let http = reqwest::Client::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| DeployError::Invalid(format!("cannot build an HTTP client: {e}")))?;
+        Ok(Self { base, http, credentials, authorization: Mutex::new(None) })
+    }
+
+    /// Pushes `record`'s blobs (those the registry lacks) and manifest to `repository`,
+    /// tagged with `record.tag`. Returns the manifest digest the registry reports.
+    ///
+    /// # Errors
+    /// Missing or damaged local blobs, refused credentials, or a registry error.
+    pub async fn push(&self, store: &ImageStore, record: &ImageRecord, repository: &str) -> Result<String> {
+        check_repository(repository)?;
+        for digest in [&record.layer_digest, &record.config_digest] {
+            let url = format!("{}/v2/{repository}/blobs/{digest}", self.base);
+            if self.send(Method::HEAD, &url, None, None, None).await?.status() == StatusCode::OK {
+                continue;
+            }
+            let bytes = store.read_blob(digest)?;
+            let start = self
+                .send(Method::POST, &format!("{}/v2/{repository}/blobs/uploads/", self.base), None, None, None)
+                .await?;
+            let start = expect(start, StatusCode::ACCEPTED, "start a blob upload").await?;
+            let location = start
+                .headers()
+                .get(LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .ok_or_else(|| registry_error("start a blob upload", "the answer has no Location"))?;
+            let mut upload =
+                if location.starts_with("http") { location.to_owned() } else { format!("{}{location}", self.base) };
+            upload.push(if upload.contains('?') { '&' } else { '?' });
+            upload.push_str(&format!("digest={digest}"));
+            let done = self.send(Method::PUT, &upload, Some(bytes), Some("application/octet-stream"), None).await?;
+            expect(done, StatusCode::CREATED, "upload a blob").await?;
+        }
+        let manifest = store.read_blob(&record.digest)?;
+        let url = format!("{}/v2/{repository}/manifests/{}", self.base, record.tag);
+        let answer = self.send(Method::PUT, &url, Some(manifest), Some(media_type::MANIFEST), None).await?;
+        let answer = expect(answer, StatusCode::CREATED, "push the manifest").await?;
+        let digest = answer
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .map_or_else(|| record.digest.clone(), str::to_owned);
+        if digest != record.digest {
+            return Err(registry_error(
+                "push the manifest",
+                &format!("the registry stored it as {digest}, not {}", record.digest),
+            ));
+        }
+        Ok(digest)
+    }
+
+    /// Pulls the image `digest` from `repository` into `store`, checking every blob, and
+    /// records it there as `name:tag`.
+    ///
+    /// # Errors
+    /// Refused credentials, an unknown digest, bytes that do not match their digest.
+    pub async fn pull(
+        &self,
+        store: &ImageStore,
+        repository: &str,
+        digest: &str,
+        name: &str,
+        tag: &str,
+    ) -> Result<ImageRecord> {
+        check_repository(repository)?;
+        store.blob_path(digest)?; // validates the digest's form
+        let url = format!("{}/v2/{repository}/manifests/{digest}", self.base);
+        let answer = self.send(Method::GET, &url, None, None, Some(media_type::MANIFEST)).await?;
+        let manifest = expect(answer, StatusCode::OK, "fetch the manifest")
+            .await?
+            .bytes()
+            .await
+            .map_err(|e| registry_error("fetch the manifest", &e.to_string()))?;
+        store.write_blob(digest, &manifest)?;
+        #[derive(Deserialize)]
+        struct Descriptor {
+            digest: String,
+        }
+        #[derive(Deserialize)]
+        struct Manifest {
+            config: Descriptor,
+            layers: Vec<Descriptor>,
+        }
+        let parsed: Manifest = serde_json::from_slice(&manifest)
+            .map_err(|e| registry_error("read the manifest", &format!("not an OCI image manifest: {e}")))?;
+        let mut size = manifest.len() as u64;
+        let mut config_bytes = Vec::new();
+        for blob in std::iter::once(&parsed.config).chain(&parsed.layers) {
+            let url = format!("{}/v2/{repository}/blobs/{}", self.base, blob.digest);
+            let answer = self.send(Method::GET, &url, None, None, None).await?;
+            let bytes = expect(answer, StatusCode::OK, "fetch a blob")
+                .await?
+                .bytes()
+                .await
+                .map_err(|e| registry_error("fetch a blob", &e.to_string()))?;
+            store.write_blob(&blob.digest, &bytes)?;
+            size += bytes.len() as u64;
+            if blob.digest == parsed.config.digest {
+                config_bytes = bytes.to_vec();
+            }
+        }
+        let config: serde_json::Value = serde_json::from_slice(&config_bytes)
+            .map_err(|e| registry_error("read the image config", &e.to_string()))?;
+        let history = config["history"][0]["created_by"].as_str().unwrap_or("");
+        let record = ImageRecord {
+            name: name.into(),
+            tag: tag.into(),
+            digest: digest.into(),
+            manifest_size: manifest.len() as u64,
+            size,
+            config_digest: parsed.config.digest.clone(),
+            layer_digest: parsed.layers.first().map(|l| l.digest.clone()).unwrap_or_default(),
+            created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            binary_sha256: history
+                .split("binary ")
+                .nth(1)
+                .map(|s| s.trim_end_matches(')').to_owned())
+                .unwrap_or_default(),
+            entrypoint: config["config"]["Entrypoint"][0].as_str().unwrap_or_default().to_owned(),
+        };
+        store.record(&record)?;
+        Ok(record)
+    }
+
+    /// One request, answering an authentication challenge once (basic credentials, or a
+    /// bearer token fetched from the realm the registry names).
+    async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        body: Option<Vec<u8>>,
+        content_type: Option<&str>,
+        accept: Option<&str>,
+    ) -> Result<reqwest::Response> {
+        let body = body.map(bytes::Bytes::from);
+        let mut challenged = false;
+        loop {
+            let mut request = self.http.request(method.clone(), url);
+            if let Some(value) = self.authorization.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone() {
+                request = request.header(AUTHORIZATION, value);
+            }
+            if let Some(kind) = content_type {
+                request = request.header(CONTENT_TYPE, kind);
+            }
+            if let Some(kind) = accept {
+                request = request.header(ACCEPT, kind);
+            }
+            if let Some(body) = &body {
+                request = request.body(body.clone());
+            }
+            let response =
+                request.send().await.map_err(|e| DeployError::Invalid(format!("registry {}: {e}", self.base)))?;
+            if response.status() != StatusCode::UNAUTHORIZED {
+                return Ok(response);
+            }
+            if challenged {
+                let who = self.credentials.as_ref().map_or_else(String::new, |c| format!(" for user {:?}", c.username));
+                return Err(DeployError::Invalid(format!(
+                    "registry {} refused the credentials{who} (401): check the user name and password ({USERNAME_ENV}/{PASSWORD_ENV}, or `docker login`)",
+                    self.base
+                )));
+            }
+            challenged = true;
+            let challenge =
+                response.headers().get(WWW_AUTHENTICATE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+            let value = self.answer_challenge(&challenge).await?;
+            *self.authorization.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(value);
+        }
+    }
+
+    async fn answer_challenge(&self, challenge: &str) -> Result<HeaderValue> {
+        let Some(credentials) = &self.credentials else {
+            return Err(DeployError::Invalid(format!(
+                "registry {} needs credentials: set {USERNAME_ENV} and {PASSWORD_ENV}, or log in with `docker login` (Docker's config.json is read)",
+                self.base
+            )));
+        };
+        let basic = || {
+            let token = base64::engine::general_purpose::STANDARD
+                .encode(format!("{}:{}", credentials.username, credentials.password));
+            let mut value = HeaderValue::from_str(&format!("Basic {token}"))
+                .map_err(|_| DeployError::Invalid("the registry credentials are not valid header text".into()))?;
+            value.set_sensitive(true);
+            Ok::<_, DeployError>(value)
+        };
+        let (scheme, params) = challenge.split_once(' ').unwrap_or((challenge, ""));
+        if scheme.eq_ignore_ascii_case("basic") {
+            return basic();
+        }
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Err(registry_error("authenticate", &format!("unsupported challenge {challenge:?}")));
+        }
+        let params = parse_challenge(params);
+        let realm =
+            params.get("realm").ok_or_else(|| registry_error("authenticate", "the bearer challenge names no realm"))?;
+        let mut token_url =
+            reqwest::Url::parse(realm).map_err(|e| registry_error("authenticate", &format!("realm {realm:?}: {e}")))?;
+        for key in ["service", "scope"] {
+            if let Some(value) = params.get(key) {
+                token_url.query_pairs_mut().append_pair(key, value);
+            }
+        }
+        let answer = self
+            .http
+            .get(token_url)
+            .header(AUTHORIZATION, basic()?)
+            .send()
+            .await
+            .map_err(|e| DeployError::Invalid(format!("token service {realm}: {e}")))?;
+        if answer.status() == StatusCode::UNAUTHORIZED {
+            return Err(DeployError::Invalid(format!(
+                "the token service of registry {} refused the credentials for user {:?} (401): check the user name and password",
+                self.base, credentials.username
+            )));
+        }
+        #[derive(Deserialize)]
+        struct Token {
+            token: Option<String>,
+            access_token: Option<String>,
+        }
+        let token: Token = expect(answer, StatusCode::OK, "get a token")
+            .await?
+            .json()
+            .await
+            .map_err(|e| registry_error("get a token", &e.to_string()))?;
+        let token = token
+            .token
+            .or(token.access_token)
+            .ok_or_else(|| registry_error("get a token", "the answer holds no token"))?;
+        let mut value = HeaderValue::from_str(&format!("Bearer {token}"))
+            .map_err(|_| registry_error("get a token", "the token is not valid header text"))?;
+        value.set_sensitive(true);
+        Ok(value)
+    }
+}
+
+/// `key="value", key2="value2"` of a WWW-Authenticate challenge.
+fn parse_challenge(params: &str) -> std::collections::HashMap<String, String> {
+    let mut out = std::collections::HashMap::new();
+    let mut rest = params.trim();
+    while let Some((key, after)) = rest.split_once('=') {
+        let key = key.trim().trim_start_matches(',').trim().to_ascii_lowercase();
+        let after = after.trim_start();
+        let (value, next) = if let Some(quoted) = after.strip_prefix('"') {
+            quoted.split_once('"').unwrap_or((quoted, ""))
+        } else {
+            after.split_once(',').unwrap_or((after, ""))
+        };
+        out.insert(key, value.to_owned());
+        rest = next.trim_start_matches(',').trim();
+    }
+    out
+}
+
+fn check_repository(repository: &str) -> Result<()> {
+    let ok = !repository.is_empty()
+        && repository.split('/').all(|part| {
+            !part.is_empty()
+                && part.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-'))
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(DeployError::Invalid(format!("repository {repository:?} must be lowercase '/'-separated parts")))
+    }
+}
+
+async fn expect(response: reqwest::Response, status: StatusCode, action: &str) -> Result<reqwest::Response> {
+    if response.status() == status {
+        return Ok(response);
+    }
+    let got = response.status();
+    let body = response.text().await.unwrap_or_default();
+    Err(registry_error(
+        action,
+        &format!("answered {got} (expected {status}): {}", body.chars().take(300).collect::<String>()),
+    ))
+}
+
+fn registry_error(action: &str, detail: &str) -> DeployError {
+    DeployError::Invalid(format!("the registry could not {action}: {detail}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn challenges_parse() {
+        let p = parse_challenge(
+            r#"realm="https://h/service/token",service="harbor-registry",scope="repository:a/b:pull,push""#,
+        );
+        assert_eq!(p["realm"], "https://h/service/token");
+        assert_eq!(p["service"], "harbor-registry");
+        assert_eq!(p["scope"], "repository:a/b:pull,push");
+    }
+
+    #[test]
+    fn docker_config_entries_are_read_and_secrets_not_debug_printed() {
+        let text = r#"{"auths":{"https://reg.example:5000":{"auth":"dXNlcjpzM2NyZXQ="}}}"#;
+        let c = Credentials::from_docker_config(text, "reg.example:5000").unwrap().unwrap();
+        assert_eq!((c.username.as_str(), c.password.as_str()), ("user", "s3cret"));
+        assert!(!format!("{c:?}").contains("s3cret"));
+        assert!(Credentials::from_docker_config(text, "other:1").unwrap().is_none());
+        assert!(
+            Credentials::from_docker_config(r#"{"auths":{"h":{"auth":"!!"}}}"#, "h").unwrap_err().contains("base64")
+        );
+    }
+
+    #[test]
+    fn plain_http_must_be_allowed() {
+        let err = RegistryClient::new("http://127.0.0.1:5000", false, None).unwrap_err();
+        assert!(err.to_string().contains("plain HTTP"), "{err}");
+        assert!(RegistryClient::new("http://127.0.0.1:5000", true, None).is_ok());
+        assert!(RegistryClient::new("ftp://x", true, None).is_err());
+    }
+}
