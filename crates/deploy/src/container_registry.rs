@@ -448,3 +448,132 @@ mod tests {
         assert!(RegistryClient::new("ftp://x", true, None).is_err());
     }
 }
+
+/// One container registry the project deploys from, as `registry.json` records it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, Deserialize)]
+pub struct RegistryEntry {
+    /// Its name in this project.
+    pub name: String,
+    /// Its base URL (`https://host[:port]`).
+    pub url: String,
+    /// Whether plain `http://` is allowed for it.
+    pub plain_http: bool,
+}
+
+impl RegistryEntry {
+    /// `host[:port]`, as image references and Docker's config.json name it.
+    pub fn host(&self) -> String {
+        reqwest::Url::parse(&self.url)
+            .ok()
+            .and_then(|u| u.host_str().map(|h| u.port().map_or_else(|| h.to_owned(), |p| format!("{h}:{p}"))))
+            .unwrap_or_default()
+    }
+
+    /// A client for it, with credentials from the environment or Docker's config.json.
+    ///
+    /// # Errors
+    /// See [`RegistryClient::new`] and [`Credentials::find`].
+    pub fn client(&self) -> Result<RegistryClient> {
+        RegistryClient::new(&self.url, self.plain_http, Credentials::find(&self.host())?)
+    }
+}
+
+/// The project's `registry.json`: its container registries (never their credentials).
+#[derive(Clone, Debug)]
+pub struct RegistryList {
+    path: std::path::PathBuf,
+}
+
+#[derive(Default, serde::Serialize, Deserialize)]
+struct RegistryFile {
+    registries: Vec<RegistryEntry>,
+}
+
+impl RegistryList {
+    /// The list in `path`.
+    pub fn new(path: impl Into<std::path::PathBuf>) -> Self {
+        Self { path: path.into() }
+    }
+
+    /// Every registry.
+    ///
+    /// # Errors
+    /// A file that cannot be read or parsed.
+    pub fn list(&self) -> Result<Vec<RegistryEntry>> {
+        Ok(self.load()?.registries)
+    }
+
+    /// The registry called `name`.
+    ///
+    /// # Errors
+    /// An unknown name (the error lists the known ones), or an unreadable file.
+    pub fn get(&self, name: &str) -> Result<RegistryEntry> {
+        let all = self.list()?;
+        all.iter().find(|r| r.name == name).cloned().ok_or_else(|| {
+            let known: Vec<&str> = all.iter().map(|r| r.name.as_str()).collect();
+            DeployError::Invalid(format!(
+                "no container registry {name:?} in {} (known: {}); add it with `br2k image-registry add {name} URL`",
+                self.path.display(),
+                if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+            ))
+        })
+    }
+
+    /// Adds or replaces `entry`, after checking its name and URL.
+    ///
+    /// # Errors
+    /// A bad name or URL, or a file that cannot be written.
+    pub fn add(&self, entry: RegistryEntry) -> Result<()> {
+        let name_ok = !entry.name.is_empty()
+            && entry.name.len() <= 64
+            && entry.name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        if !name_ok {
+            return Err(DeployError::Invalid(format!(
+                "registry name {:?} must be 1-64 letters, digits, '-', '_' or '.'",
+                entry.name
+            )));
+        }
+        RegistryClient::new(&entry.url, entry.plain_http, None)?; // validates the URL
+        let mut file = self.load()?;
+        file.registries.retain(|r| r.name != entry.name);
+        file.registries.push(entry);
+        file.registries.sort_by(|a, b| a.name.cmp(&b.name));
+        self.save(&file)
+    }
+
+    /// Removes `name`; whether it was there.
+    ///
+    /// # Errors
+    /// A file that cannot be read or written.
+    pub fn remove(&self, name: &str) -> Result<bool> {
+        let mut file = self.load()?;
+        let before = file.registries.len();
+        file.registries.retain(|r| r.name != name);
+        let removed = file.registries.len() != before;
+        if removed {
+            self.save(&file)?;
+        }
+        Ok(removed)
+    }
+
+    fn load(&self) -> Result<RegistryFile> {
+        match std::fs::read_to_string(&self.path) {
+            Ok(text) => serde_json::from_str(&text).map_err(|e| {
+                DeployError::Invalid(format!(
+                    "{} is not a br2k registry list: {e}; fix or remove it",
+                    self.path.display()
+                ))
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(RegistryFile::default()),
+            Err(e) => Err(DeployError::io(format!("read {}", self.path.display()), e)),
+        }
+    }
+
+    fn save(&self, file: &RegistryFile) -> Result<()> {
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| DeployError::io(format!("create {}", dir.display()), e))?;
+        }
+        let text = serde_json::to_string_pretty(file).expect("entries serialize") + "\n";
+        std::fs::write(&self.path, text).map_err(|e| DeployError::io(format!("write {}", self.path.display()), e))
+    }
+}

@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
+use anyhow::{Context, bail};
+use br2k_deploy::container_registry::{RegistryEntry, RegistryList};
 use br2k_deploy::image::{ImageSpec, ImageStore};
 use clap::{Args, Subcommand};
 
@@ -16,6 +18,119 @@ pub(crate) enum ImageCommand {
     Build(BuildArgs),
     /// List the images built into the store.
     Ls(StoreArg),
+    /// Push an image (NAME:TAG from the store) to a container registry.
+    Push(PushArgs),
+    /// Pull an image by digest from a container registry into the store.
+    Pull(PullArgs),
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct PushArgs {
+    /// The image, `NAME:TAG`, as `br2k image ls` shows it.
+    image: String,
+
+    /// The container registry's name (see `br2k image-registry ls`).
+    #[arg(long, value_name = "REGISTRY")]
+    to: String,
+
+    /// The repository in the registry [default: the image name].
+    #[arg(long)]
+    repository: Option<String>,
+
+    #[command(flatten)]
+    store: StoreArg,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct PullArgs {
+    /// The manifest digest (`sha256:...`).
+    digest: String,
+
+    /// The container registry's name.
+    #[arg(long, value_name = "REGISTRY")]
+    from: String,
+
+    /// The repository in the registry.
+    #[arg(long)]
+    repository: String,
+
+    /// The name to record it under [default: the repository].
+    #[arg(long)]
+    name: Option<String>,
+
+    /// The tag to record it under.
+    #[arg(long, default_value = "pulled")]
+    tag: String,
+
+    #[command(flatten)]
+    store: StoreArg,
+}
+
+/// `br2k image-registry`: the project's container registries (in STORE/registry.json).
+#[derive(Subcommand, Debug)]
+pub(crate) enum RegistryCommand {
+    /// Add (or replace) a container registry. Credentials are never stored here: they come
+    /// from BR2K_REGISTRY_USERNAME / BR2K_REGISTRY_PASSWORD or Docker's config.json.
+    Add(AddArgs),
+    /// List the container registries.
+    Ls(StoreArg),
+    /// Remove a container registry.
+    Rm(RmArgs),
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct AddArgs {
+    /// Its name in this project.
+    name: String,
+    /// Its URL, e.g. https://harbor.example.org.
+    url: String,
+    /// Allow plain http:// (images and credentials travel unencrypted).
+    #[arg(long)]
+    plain_http: bool,
+    #[command(flatten)]
+    store: StoreArg,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct RmArgs {
+    /// The registry's name.
+    name: String,
+    #[command(flatten)]
+    store: StoreArg,
+}
+
+fn registries(store: &std::path::Path) -> RegistryList {
+    RegistryList::new(store.join("registry.json"))
+}
+
+impl RegistryCommand {
+    pub(crate) async fn run(self, global: &GlobalOpts) -> Result<()> {
+        let out = global.output();
+        match self {
+            Self::Add(args) => {
+                let entry = RegistryEntry { name: args.name, url: args.url, plain_http: args.plain_http };
+                registries(&args.store.store).add(entry.clone())?;
+                out.result(&format!("added {} ({})", entry.name, entry.url), &serde_json::to_value(&entry)?)
+            }
+            Self::Ls(args) => {
+                let all = registries(&args.store).list()?;
+                if global.json {
+                    return out.result("", &serde_json::to_value(&all)?);
+                }
+                for entry in all {
+                    let plain = if entry.plain_http { "  (plain http allowed)" } else { "" };
+                    out.result(&format!("{}\t{}{plain}", entry.name, entry.url), &serde_json::Value::Null)?;
+                }
+                Ok(())
+            }
+            Self::Rm(args) => {
+                if !registries(&args.store.store).remove(&args.name)? {
+                    bail!("no container registry {:?} to remove (see `br2k image-registry ls`)", args.name);
+                }
+                out.result(&format!("removed {}", args.name), &serde_json::json!({ "removed": args.name }))
+            }
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -78,6 +193,37 @@ impl ImageCommand {
                     )?;
                 }
                 Ok(())
+            }
+            Self::Push(args) => {
+                let store = ImageStore::new(&args.store.store);
+                let (name, tag) = args.image.rsplit_once(':').unwrap_or((&args.image, "latest"));
+                let record = store.find(name, tag)?.with_context(|| {
+                    format!("no image {name}:{tag} in {}; build it with `br2k image build`", args.store.store.display())
+                })?;
+                let entry = registries(&args.store.store).get(&args.to)?;
+                let repository = args.repository.unwrap_or_else(|| record.name.clone());
+                out.progress(format_args!(
+                    "image: pushing {} to {} as {repository}:{tag}",
+                    record.reference(),
+                    entry.url
+                ));
+                let digest = entry.client()?.push(&store, &record, &repository).await?;
+                let reference = format!("{}/{repository}@{digest}", entry.host());
+                out.result(
+                    &reference,
+                    &serde_json::json!({ "reference": reference, "digest": digest, "registry": entry.name }),
+                )
+            }
+            Self::Pull(args) => {
+                let store = ImageStore::new(&args.store.store);
+                let entry = registries(&args.store.store).get(&args.from)?;
+                let name = args.name.unwrap_or_else(|| args.repository.clone());
+                out.progress(format_args!("image: pulling {}/{}@{}", entry.url, args.repository, args.digest));
+                let record = entry.client()?.pull(&store, &args.repository, &args.digest, &name, &args.tag).await?;
+                out.result(
+                    &format!("{}@{} ({} bytes, every blob checked)", record.reference(), record.digest, record.size),
+                    &serde_json::to_value(&record)?,
+                )
             }
         }
     }

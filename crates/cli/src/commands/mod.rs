@@ -104,9 +104,12 @@ enum Command {
     Down(up::DownArgs),
     /// Run the paper's evaluation under real faults and print its Table 2.
     Testbed(testbed::TestbedArgs),
-    /// Build and list OCI images of a service (no Docker daemon needed).
+    /// Build, list, push and pull OCI images of a service (no Docker daemon needed).
     #[command(subcommand)]
     Image(image::ImageCommand),
+    /// The project's container registries (URLs only; never credentials).
+    #[command(subcommand, name = "image-registry")]
+    ImageRegistry(image::RegistryCommand),
 }
 
 impl Cli {
@@ -123,6 +126,7 @@ impl Cli {
             Command::Down(args) => args.run(global).await,
             Command::Testbed(args) => args.run(global).await,
             Command::Image(command) => command.run(global).await,
+            Command::ImageRegistry(command) => command.run(global).await,
         }
     }
 }
