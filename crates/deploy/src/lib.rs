@@ -8,6 +8,7 @@
 //! the service registry, the replicas), for `br2k up` and the testbed.
 
 pub mod container_registry;
+pub mod context;
 mod error;
 pub mod image;
 pub mod local;

@@ -1,6 +1,7 @@
 //! The command tree. Each subcommand is an `XArgs` struct with its `run`.
 
 mod claim;
+mod context;
 mod image;
 mod registry;
 mod resolve;
@@ -110,6 +111,9 @@ enum Command {
     /// The project's container registries (URLs only; never credentials).
     #[command(subcommand, name = "image-registry")]
     ImageRegistry(image::RegistryCommand),
+    /// Where and as whom to deploy: kubeconfig contexts plus br2k's resources; `local` always exists.
+    #[command(subcommand)]
+    Context(context::ContextCommand),
 }
 
 impl Cli {
@@ -127,6 +131,7 @@ impl Cli {
             Command::Testbed(args) => args.run(global).await,
             Command::Image(command) => command.run(global).await,
             Command::ImageRegistry(command) => command.run(global).await,
+            Command::Context(command) => command.run(global).await,
         }
     }
 }
