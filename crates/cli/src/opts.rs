@@ -159,3 +159,41 @@ pub(crate) fn parse_address(text: &str) -> Result<Address, String> {
         format!("{text:?} is not an address: expected 0x followed by 40 hex digits, e.g. 0x5FbDB2315678afecb367f032d93F642f64180aa3")
     })
 }
+
+/// The replicas `br2k up` and `br2k testbed` run on this machine.
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Local replicas")]
+pub(crate) struct LocalReplicaOpts {
+    /// How many replicas.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=9))]
+    pub(crate) replicas: u64,
+
+    /// The app binary, built on br2k-replication [default: br2k-logserver next to this br2k].
+    #[arg(long, value_name = "PATH")]
+    app: Option<PathBuf>,
+
+    /// Where the nodes run: auto (namespaces as root, loopback otherwise), namespaces, loopback.
+    #[arg(long, default_value = "auto")]
+    pub(crate) network: br2k_deploy::local::NetworkMode,
+
+    /// etcd's election timeout in milliseconds (etcd's default: 1000).
+    #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(50..=50_000))]
+    pub(crate) election_timeout: u64,
+}
+
+impl LocalReplicaOpts {
+    /// The app binary: `--app`, else the log server built next to this `br2k`.
+    pub(crate) fn app(&self) -> Result<PathBuf> {
+        match &self.app {
+            Some(app) => Ok(app.clone()),
+            None => br2k_deploy::local::sibling_binary("br2k-logserver").context(
+                "br2k-logserver is not next to this br2k: build it (`cargo build -p br2k-logserver`) or pass --app",
+            ),
+        }
+    }
+
+    /// `--replicas` as a count.
+    pub(crate) fn count(&self) -> usize {
+        usize::try_from(self.replicas).unwrap_or(usize::MAX)
+    }
+}

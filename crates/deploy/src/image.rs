@@ -156,6 +156,7 @@ impl ImageStore {
             .file_name()
             .and_then(|n| n.to_str())
             .ok_or_else(|| DeployError::Invalid(format!("{} has no usable file name", spec.binary.display())))?;
+        let binary_sha256 = sha256_digest(&binary);
         let entrypoint = format!("/{BIN_DIR}/{file_name}");
         let mut files = vec![(entrypoint.trim_start_matches('/').to_owned(), binary.clone(), 0o755)];
         for library in shared_libraries(&spec.binary)? {
@@ -178,7 +179,7 @@ impl ImageStore {
                 "WorkingDir": "/",
             },
             "rootfs": { "type": "layers", "diff_ids": [diff_id] },
-            "history": [{ "created_by": format!("br2k image build (binary sha256:{})", hex(&Sha256::digest(&binary))) }],
+            "history": [{ "created_by": format!("br2k image build (binary {binary_sha256})") }],
         }))
         .expect("a JSON value serializes");
         let config_digest = sha256_digest(&config);
@@ -202,7 +203,7 @@ impl ImageStore {
             config_digest,
             layer_digest,
             created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
-            binary_sha256: format!("sha256:{}", hex(&Sha256::digest(&binary))),
+            binary_sha256,
             entrypoint,
         };
         self.record(&record)?;

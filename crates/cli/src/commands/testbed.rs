@@ -4,11 +4,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use br2k_deploy::local::NetworkMode;
 use br2k_testbed::{FaultKind, Target, TestbedConfig};
 use clap::Args;
 
 use super::GlobalOpts;
+use crate::opts::LocalReplicaOpts;
 
 const EXAMPLES: &str = "\
 Examples:
@@ -60,25 +60,9 @@ pub(crate) struct TestbedArgs {
     #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
     duration: f64,
 
-    /// etcd's election timeout in milliseconds (etcd's default: 1000).
-    #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(50..=50_000))]
-    election_timeout: u64,
-
     /// Seed of the attacker's random choices [default: from the clock; printed].
     #[arg(long)]
     seed: Option<u64>,
-
-    /// Replicas.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=9))]
-    replicas: u64,
-
-    /// The log server binary [default: br2k-logserver next to this br2k].
-    #[arg(long, value_name = "PATH")]
-    app: Option<PathBuf>,
-
-    /// Where the nodes run: auto (namespaces as root, loopback otherwise), namespaces, loopback.
-    #[arg(long, default_value = "auto")]
-    network: NetworkMode,
 
     /// Give up on a request after this many seconds of failing over.
     #[arg(long, value_name = "SECONDS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
@@ -91,6 +75,9 @@ pub(crate) struct TestbedArgs {
     /// Also write the report as JSON to FILE.
     #[arg(long = "json-out", visible_alias = "json-file", value_name = "FILE")]
     json_out: Option<PathBuf>,
+
+    #[command(flatten)]
+    local: LocalReplicaOpts,
 }
 
 impl TestbedArgs {
@@ -100,12 +87,7 @@ impl TestbedArgs {
         if !(self.duration.is_finite() && self.duration >= 0.0 && self.duration <= 3600.0) {
             bail!("--duration must be 0 to 3600 seconds, not {}", self.duration);
         }
-        let app = match self.app {
-            Some(app) => app,
-            None => br2k_deploy::local::sibling_binary("br2k-logserver").context(
-                "br2k-logserver is not next to this br2k: build it (`cargo build -p br2k-logserver`) or pass --app",
-            )?,
-        };
+        let app = self.local.app()?;
         let temp;
         let work_dir = match self.work_dir {
             Some(dir) => dir,
@@ -126,12 +108,12 @@ impl TestbedArgs {
             target: self.target,
             interval: self.interval,
             duration: Duration::from_secs_f64(self.duration),
-            election_ms: self.election_timeout,
+            election_ms: self.local.election_timeout,
             seed,
-            replicas: usize::try_from(self.replicas)?,
+            replicas: self.local.count(),
             app,
             work_dir,
-            network: self.network,
+            network: self.local.network,
             give_up_after: Duration::from_secs(self.give_up_after),
         };
         let progress = |line: &str| out.progress(format_args!("testbed: {line}"));

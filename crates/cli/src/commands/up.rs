@@ -6,12 +6,13 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use br2k_deploy::local::{ChainChoice, EtcdTimings, NetworkMode, Part, Sandbox, SandboxSpec};
+use br2k_deploy::local::{ChainChoice, EtcdTimings, Part, Sandbox, SandboxSpec};
 use br2k_replication::Role;
 use clap::Args;
 use serde::{Deserialize, Serialize};
 
 use super::GlobalOpts;
+use crate::opts::LocalReplicaOpts;
 use crate::output::Output;
 
 const UP_EXAMPLES: &str = "\
@@ -37,22 +38,6 @@ pub(crate) struct UpArgs {
     #[arg(long, default_value = "logserver")]
     name: String,
 
-    /// How many replicas.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=9))]
-    replicas: u64,
-
-    /// The app binary, built on br2k-replication [default: br2k-logserver next to this br2k].
-    #[arg(long, value_name = "PATH")]
-    app: Option<PathBuf>,
-
-    /// Where the nodes run: auto (namespaces as root, loopback otherwise), namespaces, loopback.
-    #[arg(long, default_value = "auto")]
-    network: NetworkMode,
-
-    /// etcd's election timeout in milliseconds.
-    #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(50..=50_000))]
-    election_timeout: u64,
-
     /// Data, logs and run.json go here; wiped at each `up` [default: <tmp>/br2k-up/NAME].
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
@@ -69,6 +54,9 @@ pub(crate) struct UpArgs {
     /// Do not start dead processes again.
     #[arg(long)]
     no_restart: bool,
+
+    #[command(flatten)]
+    local: LocalReplicaOpts,
 }
 
 /// Stop a service that `br2k up --detach` runs (its processes, namespaces and chain).
@@ -132,12 +120,7 @@ impl UpArgs {
         if self.detach {
             return detach(&dir, &out).await;
         }
-        let app = match &self.app {
-            Some(app) => app.clone(),
-            None => br2k_deploy::local::sibling_binary("br2k-logserver").context(
-                "br2k-logserver is not next to this br2k: build it (`cargo build -p br2k-logserver`) or pass --app",
-            )?,
-        };
+        let app = self.local.app()?;
         let chain = if self.use_chain {
             let key = global.wallet.require_signer("publishing the service")?;
             ChainChoice::Existing {
@@ -154,13 +137,13 @@ impl UpArgs {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let spec = SandboxSpec {
             service: self.name.clone(),
-            replicas: usize::try_from(self.replicas)?,
+            replicas: self.local.count(),
             app,
             app_args: Vec::new(),
             app_env: vec![("BR2K_OUTBOX".into(), dir.join("outbox").display().to_string())],
             work_dir: dir.clone(),
-            network: self.network,
-            etcd: EtcdTimings::with_election_ms(self.election_timeout),
+            network: self.local.network,
+            etcd: EtcdTimings::with_election_ms(self.local.election_timeout),
             chain,
             startup_timeout: Duration::from_secs(30),
         };
@@ -206,6 +189,7 @@ async fn supervise(sandbox: &mut Sandbox, dir: &Path, restart: bool, out: &Outpu
     let mut location: Option<(String, u64)> = None;
     let mut dead_since: HashMap<usize, Instant> = HashMap::new();
     let mut ready_announced = false;
+    let mut last_written = String::new();
     loop {
         for (i, part, how) in sandbox.service_mut().exited() {
             out.progress(format_args!("{}: {part} exited ({how})", sandbox.service().node_name(i)));
@@ -250,7 +234,7 @@ async fn supervise(sandbox: &mut Sandbox, dir: &Path, restart: bool, out: &Outpu
             ));
             location = Some((resolved.location, resolved.epoch));
         }
-        write_run_file(sandbox, dir, &statuses, location.as_ref())?;
+        write_run_file(sandbox, dir, &statuses, location.as_ref(), &mut last_written)?;
         if !ready_announced && location.is_some() {
             ready_announced = true;
             out.progress(format_args!(
@@ -288,6 +272,7 @@ fn write_run_file(
     dir: &Path,
     statuses: &[Result<br2k_replication::Status, String>],
     location: Option<&(String, u64)>,
+    last_written: &mut String,
 ) -> Result<()> {
     let service = sandbox.service();
     let run = RunFile {
@@ -311,11 +296,17 @@ fn write_run_file(
             })
             .collect(),
     };
+    let text = serde_json::to_string_pretty(&run)? + "\n";
+    if text == *last_written {
+        return Ok(()); // nothing changed since the last poll
+    }
     let path = dir.join("run.json");
     let temp = dir.join("run.json.tmp");
-    std::fs::write(&temp, serde_json::to_string_pretty(&run)? + "\n")
+    std::fs::write(&temp, &text)
         .and_then(|()| std::fs::rename(&temp, &path))
-        .with_context(|| format!("writing {}", path.display()))
+        .with_context(|| format!("writing {}", path.display()))?;
+    *last_written = text;
+    Ok(())
 }
 
 /// The runner pid recorded in `dir`, if that runner still runs.

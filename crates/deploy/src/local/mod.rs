@@ -412,7 +412,12 @@ impl LocalService {
     /// Stops everything gracefully: the apps first (so none sees its member vanish while
     /// it serves), then the etcd members; then removes the network.
     pub async fn shutdown(mut self) {
-        let _ = self.heal_faults_for_shutdown();
+        // A frozen process would not see SIGTERM until thawed.
+        for i in 0..self.len() {
+            if self.nodes[i].paused {
+                let _ = self.resume(i);
+            }
+        }
         for i in 0..self.len() {
             self.stop_app(i).await;
         }
@@ -421,15 +426,6 @@ impl LocalService {
                 terminate(child, Duration::from_secs(5)).await;
             }
         }
-    }
-
-    fn heal_faults_for_shutdown(&mut self) -> Result<()> {
-        for i in 0..self.len() {
-            if self.nodes[i].paused {
-                self.resume(i)?;
-            }
-        }
-        Ok(())
     }
 
     fn node_mut(&mut self, i: usize) -> Result<&mut Node> {
