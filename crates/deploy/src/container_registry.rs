@@ -45,10 +45,7 @@ impl Credentials {
         if let (Ok(username), Ok(password)) = (std::env::var(USERNAME_ENV), std::env::var(PASSWORD_ENV)) {
             return Ok(Some(Self { username, password }));
         }
-        let dir = std::env::var_os("DOCKER_CONFIG")
-            .map(std::path::PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".docker")));
-        let Some(path) = dir.map(|d| d.join("config.json")) else { return Ok(None) };
+        let Some(path) = docker_config_path() else { return Ok(None) };
         let text = match std::fs::read_to_string(&path) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -56,6 +53,40 @@ impl Credentials {
         };
         Self::from_docker_config(&text, host)
             .map_err(|reason| DeployError::Invalid(format!("{}: {reason}", path.display())))
+    }
+
+    /// Stores these credentials for `host` in Docker's `config.json` (as `docker login`
+    /// does; other entries and settings are kept). The file is written 0600, through a
+    /// temporary file, so a crash never leaves half of it. Returns its path.
+    ///
+    /// # Errors
+    /// No `DOCKER_CONFIG` or `HOME`, an existing file that is not a Docker config, or
+    /// files that cannot be written.
+    pub fn save_to_docker_config(&self, host: &str) -> Result<std::path::PathBuf> {
+        let path = docker_config_path().ok_or_else(|| {
+            DeployError::Invalid("neither DOCKER_CONFIG nor HOME is set: cannot find Docker's config.json".into())
+        })?;
+        let mut config = match std::fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str::<serde_json::Value>(&text)
+                .ok()
+                .filter(serde_json::Value::is_object)
+                .ok_or_else(|| {
+                    DeployError::Invalid(format!(
+                        "{} is not a Docker config (a JSON object); fix it first",
+                        path.display()
+                    ))
+                })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => serde_json::json!({}),
+            Err(e) => return Err(DeployError::io(format!("read {}", path.display()), e)),
+        };
+        let auth = base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", self.username, self.password));
+        if !config["auths"].is_object() {
+            config["auths"] = serde_json::json!({});
+        }
+        config["auths"][host] = serde_json::json!({ "auth": auth });
+        let text = serde_json::to_string_pretty(&config).expect("JSON values serialize") + "\n";
+        crate::private_file::write(&path, text.as_bytes())?;
+        Ok(path)
     }
 
     /// The entry for `host` in the text of a Docker `config.json`.
@@ -90,6 +121,14 @@ impl Credentials {
             decoded.split_once(':').ok_or_else(|| format!("the auth entry for {host} is not user:password"))?;
         Ok(Some(Self { username: username.into(), password: password.into() }))
     }
+}
+
+/// `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`.
+fn docker_config_path() -> Option<std::path::PathBuf> {
+    let dir = std::env::var_os("DOCKER_CONFIG")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".docker")))?;
+    Some(dir.join("config.json"))
 }
 
 /// A client for one registry.
@@ -133,6 +172,18 @@ impl RegistryClient {
             .build()
             .map_err(|e| DeployError::Invalid(format!("cannot build an HTTP client: {e}")))?;
         Ok(Self { base, http, credentials, authorization: Mutex::new(None) })
+    }
+
+    /// Checks that the registry answers and accepts this client's credentials (the
+    /// distribution API's version check, `GET /v2/`).
+    ///
+    /// # Errors
+    /// An unreachable registry, missing or refused credentials, or an answer that is not
+    /// a distribution registry's.
+    pub async fn check_access(&self) -> Result<()> {
+        let answer = self.send(Method::GET, &format!("{}/v2/", self.base), None, None, None).await?;
+        expect(answer, StatusCode::OK, "answer the version check (is this an OCI registry?)").await?;
+        Ok(())
     }
 
     /// Pushes `record`'s blobs (those the registry lacks) and manifest to `repository`,

@@ -8,8 +8,6 @@
 //! with mode 0600 all the same.
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -244,20 +242,10 @@ impl Contexts {
         }
     }
 
-    /// Writes `value` to `path` through a temporary file created 0600.
+    /// Writes `value` to `path`, mode 0600.
     fn save_private(&self, path: &Path, value: &serde_json::Value) -> Result<()> {
-        std::fs::create_dir_all(&self.dir).map_err(|e| DeployError::io(format!("create {}", self.dir.display()), e))?;
-        let temp = path.with_extension("partial");
-        let _ = std::fs::remove_file(&temp);
         let text = serde_json::to_string_pretty(value).expect("serializes") + "\n";
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&temp)
-            .and_then(|mut f| f.write_all(text.as_bytes()))
-            .and_then(|()| std::fs::rename(&temp, path))
-            .map_err(|e| DeployError::io(format!("write {}", path.display()), e))
+        crate::private_file::write(path, text.as_bytes())
     }
 }
 

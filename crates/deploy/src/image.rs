@@ -219,6 +219,77 @@ impl ImageStore {
         self.save(&file)
     }
 
+    /// Removes `name:tag` from images.json and deletes the blobs no other image uses.
+    /// Returns the removed record, or `None` when there was no such image.
+    ///
+    /// # Errors
+    /// An unreadable or unwritable store.
+    pub fn remove(&self, name: &str, tag: &str) -> Result<Option<ImageRecord>> {
+        let mut file = self.load()?;
+        let Some(index) = file.images.iter().position(|i| i.name == name && i.tag == tag) else { return Ok(None) };
+        let removed = file.images.remove(index);
+        // images.json first: a crash between the two steps leaves unused blobs, never a
+        // record whose blobs are gone.
+        self.save(&file)?;
+        let still_used: BTreeSet<&str> = file
+            .images
+            .iter()
+            .flat_map(|i| [i.digest.as_str(), i.config_digest.as_str(), i.layer_digest.as_str()])
+            .collect();
+        for digest in [&removed.digest, &removed.config_digest, &removed.layer_digest] {
+            if still_used.contains(digest.as_str()) {
+                continue;
+            }
+            let path = self.blob_path(digest)?;
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(DeployError::io(format!("remove {}", path.display()), e)),
+            }
+        }
+        Ok(Some(removed))
+    }
+
+    /// Unpacks `record`'s layer (checked against its digest) into `dir` and returns the
+    /// path of its entrypoint there. Only regular files and directories are unpacked, and
+    /// only below `dir`: a layer that names anything else is refused.
+    ///
+    /// # Errors
+    /// A damaged blob, a layer that is not a gzip tar or names an unsafe path, an
+    /// entrypoint the layer lacks, or files that cannot be written.
+    pub fn extract(&self, record: &ImageRecord, dir: &Path) -> Result<PathBuf> {
+        let layer = self.read_blob(&record.layer_digest)?;
+        let bad = |detail: String| {
+            DeployError::Invalid(format!("layer {} of {}: {detail}", record.layer_digest, record.reference()))
+        };
+        std::fs::create_dir_all(dir).map_err(|e| DeployError::io(format!("create {}", dir.display()), e))?;
+        let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(layer.as_slice()));
+        let entries = archive.entries().map_err(|e| bad(format!("not a gzip tar: {e}")))?;
+        for entry in entries {
+            let mut entry = entry.map_err(|e| bad(format!("not a gzip tar: {e}")))?;
+            let path = entry.path().map_err(|e| bad(format!("bad entry name: {e}")))?.into_owned();
+            let safe = path.components().all(|c| matches!(c, std::path::Component::Normal(_)));
+            if !safe {
+                return Err(bad(format!("entry {} leaves the image root", path.display())));
+            }
+            let kind = entry.header().entry_type();
+            if !(kind.is_file() || kind.is_dir()) {
+                return Err(bad(format!("entry {} is neither a file nor a directory", path.display())));
+            }
+            let unpacked = entry
+                .unpack_in(dir)
+                .map_err(|e| DeployError::io(format!("unpack {} into {}", path.display(), dir.display()), e))?;
+            if !unpacked {
+                return Err(bad(format!("entry {} leaves the image root", path.display())));
+            }
+        }
+        let entrypoint = dir.join(record.entrypoint.trim_start_matches('/'));
+        if !entrypoint.is_file() {
+            return Err(bad(format!("the entrypoint {} is not in it", record.entrypoint)));
+        }
+        Ok(entrypoint)
+    }
+
     fn images_path(&self) -> PathBuf {
         self.root.join("images.json")
     }
@@ -404,6 +475,27 @@ mod tests {
         assert_eq!(first.digest, second.digest);
         assert_eq!(first.layer_digest, second.layer_digest);
         assert!(first.digest.starts_with("sha256:") && first.digest.len() == 71);
+    }
+
+    #[test]
+    fn extract_gives_back_the_binary_byte_for_byte_and_remove_keeps_shared_blobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ImageStore::new(dir.path().join("store"));
+        let first = store.build(&spec(Path::new(SAMPLE))).unwrap();
+        let mut other = spec(Path::new(SAMPLE));
+        other.tag = "second".into();
+        store.build(&other).unwrap(); // the same blobs under another tag
+
+        let entrypoint = store.extract(&first, &dir.path().join("root")).unwrap();
+        assert_eq!(std::fs::read(&entrypoint).unwrap(), std::fs::read(SAMPLE).unwrap());
+        assert!(entrypoint.starts_with(dir.path().join("root/usr/local/bin")));
+
+        assert_eq!(store.remove(&first.name, &first.tag).unwrap().map(|r| r.digest), Some(first.digest.clone()));
+        assert!(store.read_blob(&first.layer_digest).is_ok(), "blobs still used by :second stay");
+        assert!(store.remove(&first.name, &first.tag).unwrap().is_none());
+        store.remove(&other.name, &other.tag).unwrap();
+        assert!(store.read_blob(&first.layer_digest).is_err(), "unused blobs go");
+        assert!(store.list().unwrap().is_empty());
     }
 
     #[test]

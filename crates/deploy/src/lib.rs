@@ -12,5 +12,6 @@ pub mod context;
 mod error;
 pub mod image;
 pub mod local;
+mod private_file;
 
 pub use error::{DeployError, Result};

@@ -1,10 +1,13 @@
-//! `br2k image build|ls`: OCI images built from a service's binary (no Docker daemon).
+//! `br2k image build|ls|push|pull|rm` and `br2k image-registry add|ls|rm|login`: OCI
+//! images built from a service's binary (no Docker daemon) and the registries that hold them.
 
 use std::path::PathBuf;
 
 use anyhow::Result;
 use anyhow::{Context, bail};
-use br2k_deploy::container_registry::{RegistryEntry, RegistryList};
+use br2k_deploy::container_registry::{
+    Credentials, PASSWORD_ENV, RegistryClient, RegistryEntry, RegistryList, USERNAME_ENV,
+};
 use br2k_deploy::image::{ImageSpec, ImageStore};
 use clap::{Args, Subcommand};
 
@@ -22,6 +25,18 @@ pub(crate) enum ImageCommand {
     Push(PushArgs),
     /// Pull an image by digest from a container registry into the store.
     Pull(PullArgs),
+    /// Remove an image from the store (blobs no other image uses are deleted; registries
+    /// are not touched).
+    Rm(ImageRmArgs),
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct ImageRmArgs {
+    /// The image, `NAME:TAG`, as `br2k image ls` shows it.
+    image: String,
+
+    #[command(flatten)]
+    store: StoreArg,
 }
 
 #[derive(Args, Debug)]
@@ -76,6 +91,24 @@ pub(crate) enum RegistryCommand {
     Ls(StoreArg),
     /// Remove a container registry.
     Rm(RmArgs),
+    /// Check credentials against a registry and store them in Docker's config.json (0600),
+    /// as `docker login` does. The password comes from stdin (--password-stdin) or
+    /// BR2K_REGISTRY_PASSWORD, never from a flag.
+    Login(LoginArgs),
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct LoginArgs {
+    /// The registry's name.
+    name: String,
+    /// The user name [default: BR2K_REGISTRY_USERNAME].
+    #[arg(long, short)]
+    username: Option<String>,
+    /// Read the password from standard input (e.g. `cat token | br2k image-registry login ...`).
+    #[arg(long)]
+    password_stdin: bool,
+    #[command(flatten)]
+    store: StoreArg,
 }
 
 #[derive(Args, Debug)]
@@ -97,6 +130,45 @@ pub(crate) struct RmArgs {
     name: String,
     #[command(flatten)]
     store: StoreArg,
+}
+
+impl LoginArgs {
+    async fn run(self, out: &crate::output::Output) -> Result<()> {
+        let entry = registries(&self.store.store).get(&self.name)?;
+        let username = match self.username {
+            Some(username) => username,
+            None => std::env::var(USERNAME_ENV)
+                .with_context(|| format!("no user name: pass --username or set {USERNAME_ENV}"))?,
+        };
+        let password = if self.password_stdin {
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line).context("reading the password from stdin")?;
+            line.trim_end_matches(['\r', '\n']).to_owned()
+        } else {
+            std::env::var(PASSWORD_ENV).with_context(|| {
+                format!("no password: pipe it in with --password-stdin, or set {PASSWORD_ENV} (never a flag: the process list shows flags)")
+            })?
+        };
+        if password.is_empty() {
+            bail!("the password is empty");
+        }
+        let credentials = Credentials { username, password };
+        out.progress(format_args!(
+            "image-registry: checking the credentials of {:?} against {}",
+            credentials.username, entry.url
+        ));
+        RegistryClient::new(&entry.url, entry.plain_http, Some(credentials.clone()))?.check_access().await?;
+        let path = credentials.save_to_docker_config(&entry.host())?;
+        out.result(
+            &format!(
+                "logged in to {} as {:?}; credentials stored in {} (mode 0600)",
+                entry.url,
+                credentials.username,
+                path.display()
+            ),
+            &serde_json::json!({ "registry": entry.name, "username": credentials.username, "config": path }),
+        )
+    }
 }
 
 fn registries(store: &std::path::Path) -> RegistryList {
@@ -123,6 +195,7 @@ impl RegistryCommand {
                 }
                 Ok(())
             }
+            Self::Login(args) => args.run(&out).await,
             Self::Rm(args) => {
                 if !registries(&args.store.store).remove(&args.name)? {
                     bail!("no container registry {:?} to remove (see `br2k image-registry ls`)", args.name);
@@ -212,6 +285,17 @@ impl ImageCommand {
                 out.result(
                     &reference,
                     &serde_json::json!({ "reference": reference, "digest": digest, "registry": entry.name }),
+                )
+            }
+            Self::Rm(args) => {
+                let store = ImageStore::new(&args.store.store);
+                let (name, tag) = args.image.rsplit_once(':').unwrap_or((&args.image, "latest"));
+                let Some(removed) = store.remove(name, tag)? else {
+                    bail!("no image {name}:{tag} in {} (see `br2k image ls`)", args.store.store.display());
+                };
+                out.result(
+                    &format!("removed {}@{}", removed.reference(), removed.digest),
+                    &serde_json::to_value(&removed)?,
                 )
             }
             Self::Pull(args) => {

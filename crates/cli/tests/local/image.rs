@@ -91,3 +91,56 @@ fn credentials_come_from_the_environment_and_are_never_written_to_the_project() 
     let project = std::fs::read_to_string(dir.path().join(".br2k/registry.json")).unwrap();
     assert!(!project.contains("hunter2") && !project.contains("bob"), "{project}");
 }
+
+#[test]
+fn login_checks_the_credentials_and_stores_them_where_docker_does_private() {
+    use std::io::Write as _;
+    use std::os::unix::fs::PermissionsExt as _;
+    let registry = OciRegistry::spawn(Some(("carol", "s3cret-enough")))
+        .expect("docker-registry starts (run `bash tools/setup.sh` if it is missing)");
+    let dir = tempfile::tempdir().unwrap();
+    let docker = dir.path().join("docker");
+    ok(run(dir.path(), &["image-registry", "add", "secure", &registry.url(), "--plain-http"]));
+    let login = |password: &str| {
+        let mut child = br2k()
+            .current_dir(dir.path())
+            .env("DOCKER_CONFIG", &docker)
+            .args(["image-registry", "login", "secure", "--username", "carol", "--password-stdin"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        writeln!(child.stdin.take().unwrap(), "{password}").unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let wrong = login("not-it");
+    assert!(!wrong.status.success());
+    let stderr = String::from_utf8_lossy(&wrong.stderr).into_owned();
+    assert!(stderr.contains("refused the credentials for user \"carol\""), "{stderr}");
+    assert!(!docker.join("config.json").exists(), "refused credentials must not be stored");
+
+    ok(login("s3cret-enough"));
+    let config = docker.join("config.json");
+    assert_eq!(std::fs::metadata(&config).unwrap().permissions().mode() & 0o777, 0o600);
+    let stored: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    assert!(stored["auths"][registry.host()]["auth"].is_string(), "{stored}");
+
+    // A push now finds the credentials in config.json, with nothing in the environment.
+    ok(run(dir.path(), &["image", "build", "/bin/true", "--name", "br2k/demo"]));
+    let push = br2k()
+        .current_dir(dir.path())
+        .env("DOCKER_CONFIG", &docker)
+        .env_remove("BR2K_REGISTRY_USERNAME")
+        .env_remove("BR2K_REGISTRY_PASSWORD")
+        .args(["image", "push", "br2k/demo:latest", "--to", "secure"])
+        .output()
+        .unwrap();
+    ok(push);
+
+    // `image rm` forgets the image and its blobs; a second rm says there is nothing.
+    ok(run(dir.path(), &["image", "rm", "br2k/demo:latest"]));
+    assert_eq!(std::fs::read_dir(dir.path().join(".br2k/blobs/sha256")).unwrap().count(), 0);
+    let again = run(dir.path(), &["image", "rm", "br2k/demo:latest"]);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("no image br2k/demo:latest"));
+}
