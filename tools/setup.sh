@@ -4,16 +4,18 @@
 #
 #   - Debian packages: protobuf-compiler + libprotobuf-dev (etcd-client's build: protoc and the google/protobuf includes), etcd-server + etcd-client
 #     (replication runtime, tests), docker-registry (OCI registry for image tests), iproute2
-#     (`ip`: the local backend's network namespaces);
+#     (`ip`: the local backend's network namespaces), python3 + python3-venv (below);
 #   - Foundry's forge, anvil and cast (native binaries from npm) and solc-js, pinned by
-#     tools/package-lock.json, plus the tools/solc shim that forge calls as its compiler.
+#     tools/package-lock.json, plus the tools/solc shim that forge calls as its compiler;
+#   - kubernetes-validate (PyPI, pinned in tools/requirements.txt) in tools/.venv: the
+#     official Kubernetes schemas `br2k deploy --dry-run` manifests are checked against.
 #
 # Idempotent: a second run checks what is there, changes nothing and takes seconds.
 # Afterwards, `source tools/env.sh` puts the tools on PATH for an interactive shell.
 set -euo pipefail
 
 tools_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-apt_packages=(protobuf-compiler libprotobuf-dev etcd-server etcd-client docker-registry iproute2)
+apt_packages=(protobuf-compiler libprotobuf-dev etcd-server etcd-client docker-registry iproute2 python3 python3-venv)
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
@@ -77,6 +79,24 @@ install_node_tools() {
   "$tools_dir/solc" --version >/dev/null || die "the solc shim (tools/solc) does not run"
 }
 
+install_python_tools() {
+  # Debian's own python3, not whatever a version manager puts first on PATH.
+  local python=/usr/bin/python3 venv="$tools_dir/.venv" requirements="$tools_dir/requirements.txt"
+  local stamp="$venv/.br2k-requirements.sha256" want
+  want=$(sha256sum "$requirements" | cut -d' ' -f1)
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    log "kubernetes-validate present (tools/requirements.txt unchanged)"
+  else
+    log "installing kubernetes-validate from PyPI into tools/.venv"
+    rm -rf "$venv"
+    "$python" -m venv "$venv" || die "could not create tools/.venv with $python (is python3-venv installed?)"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$requirements" \
+      || die "pip could not install tools/requirements.txt"
+    echo "$want" >"$stamp"
+  fi
+  "$venv/bin/kubernetes-validate" --version >/dev/null || die "kubernetes-validate does not run; remove tools/.venv and run tools/setup.sh again"
+}
+
 check_rust() {
   command -v cargo >/dev/null || die "cargo is not installed: this project needs a Rust toolchain (rustup) with rustfmt and clippy"
   cargo fmt --version >/dev/null 2>&1 || die "rustfmt is missing: rustup component add rustfmt"
@@ -86,5 +106,6 @@ check_rust() {
 started=$(date +%s)
 install_apt_packages
 install_node_tools
+install_python_tools
 check_rust
 log "done in $(($(date +%s) - started)) s; for a shell with the tools on PATH: source tools/env.sh"

@@ -9,8 +9,10 @@
 
 pub mod container_registry;
 pub mod context;
+pub mod deployment;
 mod error;
 pub mod image;
+pub mod kubernetes;
 pub mod local;
 mod private_file;
 

@@ -27,21 +27,26 @@ pub(crate) enum ContextCommand {
 
 #[derive(Args, Debug)]
 pub(crate) struct DirArg {
-    /// Where contexts are kept [default: ~/.br2k].
+    /// Where contexts (and the keys br2k makes for them) are kept [default: ~/.br2k].
     #[arg(long, env = "BR2K_HOME", value_name = "DIR")]
     config_dir: Option<PathBuf>,
 }
 
 impl DirArg {
-    fn contexts(&self) -> Result<Contexts> {
-        let dir = match &self.config_dir {
-            Some(dir) => dir.clone(),
+    /// The directory.
+    pub(crate) fn dir(&self) -> Result<PathBuf> {
+        match &self.config_dir {
+            Some(dir) => Ok(dir.clone()),
             None => match std::env::var_os("HOME") {
-                Some(home) => PathBuf::from(home).join(".br2k"),
+                Some(home) => Ok(PathBuf::from(home).join(".br2k")),
                 None => bail!("HOME is not set: pass --config-dir or set BR2K_HOME"),
             },
-        };
-        Ok(Contexts::new(dir))
+        }
+    }
+
+    /// The contexts kept there.
+    pub(crate) fn contexts(&self) -> Result<Contexts> {
+        Ok(Contexts::new(self.dir()?))
     }
 }
 

@@ -210,7 +210,7 @@ impl RegistryCommand {
 pub(crate) struct StoreArg {
     /// The image store: images.json and the blobs.
     #[arg(long, env = "BR2K_IMAGE_STORE", value_name = "DIR", default_value = ".br2k")]
-    store: PathBuf,
+    pub(crate) store: PathBuf,
 }
 
 #[derive(Args, Debug)]

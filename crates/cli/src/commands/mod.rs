@@ -2,6 +2,7 @@
 
 mod claim;
 mod context;
+mod deploy;
 mod image;
 mod registry;
 mod resolve;
@@ -111,6 +112,8 @@ enum Command {
     /// The project's container registries (URLs only; never credentials).
     #[command(subcommand, name = "image-registry")]
     ImageRegistry(image::RegistryCommand),
+    /// Deploy a service from an image, on this machine or on Kubernetes, and record it on chain.
+    Deploy(deploy::DeployArgs),
     /// Where and as whom to deploy: kubeconfig contexts plus br2k's resources; `local` always exists.
     #[command(subcommand)]
     Context(context::ContextCommand),
@@ -131,6 +134,7 @@ impl Cli {
             Command::Testbed(args) => args.run(global).await,
             Command::Image(command) => command.run(global).await,
             Command::ImageRegistry(command) => command.run(global).await,
+            Command::Deploy(args) => args.run(global).await,
             Command::Context(command) => command.run(global).await,
         }
     }

@@ -101,7 +101,7 @@ struct NodeEntry {
 /// readiness into run.json rather than print to a terminal nobody reads).
 const DETACHED_ENV: &str = "BR2K_UP_DETACHED";
 
-fn state_dir(name: &str, given: Option<PathBuf>) -> PathBuf {
+pub(crate) fn state_dir(name: &str, given: Option<PathBuf>) -> PathBuf {
     given.unwrap_or_else(|| std::env::temp_dir().join("br2k-up").join(name))
 }
 
@@ -310,7 +310,7 @@ fn write_run_file(
 }
 
 /// The runner pid recorded in `dir`, if that runner still runs.
-fn running_pid(dir: &Path) -> Option<u32> {
+pub(crate) fn running_pid(dir: &Path) -> Option<u32> {
     let text = std::fs::read_to_string(dir.join("run.json")).ok()?;
     let run: RunFile = serde_json::from_str(&text).ok()?;
     br2k_deploy::local::process_exists(run.pid).then_some(run.pid)

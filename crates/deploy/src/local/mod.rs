@@ -35,7 +35,7 @@ use tokio::process::{Child, Command};
 
 pub use chain::LocalChain;
 pub use net::{LocalNetwork, MAX_NODES, NetworkMode};
-pub use sandbox::{ChainChoice, Sandbox, SandboxSpec};
+pub use sandbox::{ChainChoice, Sandbox, SandboxSpec, is_loopback_url};
 pub use tools::sibling_binary;
 
 use crate::error::{DeployError, Result};

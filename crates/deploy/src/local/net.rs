@@ -47,6 +47,17 @@ impl std::str::FromStr for NetworkMode {
     }
 }
 
+impl std::fmt::Display for NetworkMode {
+    /// The word `from_str` reads back.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Namespaces => "namespaces",
+            Self::Loopback => "loopback",
+        })
+    }
+}
+
 /// The most nodes one service may have here (addresses .11 to .19).
 pub const MAX_NODES: usize = 9;
 const LAST_SLOT: u8 = 250;

@@ -225,7 +225,8 @@ async fn register(
     Ok(())
 }
 
-fn is_loopback_url(url: &str) -> bool {
+/// Whether `url`'s host is a loopback address (unreachable from another network namespace or machine).
+pub fn is_loopback_url(url: &str) -> bool {
     let host = url.split("://").nth(1).unwrap_or(url).split(['/', ':']).next().unwrap_or("");
     host == "localhost" || host.starts_with("127.") || host == "[::1]"
 }

@@ -1,0 +1,409 @@
+//! `br2k deploy`: a service's replicas from an image in a container registry, on the
+//! backend its context names (DESIGN §7), with the deployment recorded on chain as the
+//! service's recovery info.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use br2k_deploy::container_registry::{Credentials, RegistryEntry, RegistryList};
+use br2k_deploy::context::{ContextInfo, LOCAL};
+use br2k_deploy::deployment::{self, DeploymentRecord, PinnedImage, Recorded};
+use br2k_deploy::image::{ImageRecord, ImageStore};
+use br2k_deploy::kubernetes::{self, DEFAULT_ETCD_IMAGE, KubernetesSpec, Manifests, SecretValues};
+use br2k_deploy::local::NetworkMode;
+use br2k_resolver::RegistryClient;
+use clap::Args;
+use serde_json::json;
+
+use super::GlobalOpts;
+use super::context::DirArg;
+use super::image::StoreArg;
+use crate::output::Output;
+
+const DEPLOY_EXAMPLES: &str = "\
+Examples:
+  br2k image build target/release/br2k-logserver --name br2k/logserver --tag v1
+  br2k image-registry add lab http://127.0.0.1:5000 --plain-http
+  br2k deploy logserver --context local --image br2k/logserver:v1 --network loopback
+  br2k deploy logserver --context prod --image br2k/logserver:v1 --dry-run > logserver.yaml
+  br2k deploy logserver --context prod --image br2k/logserver:v1
+  br2k deploy logserver --context prod       # again what the recovery info on chain records
+
+The chain is --rpc-url with the registry (--registry or the deployments file); the
+signing key (ETH_PRIVATE_KEY or --keystore) becomes the service's manager.";
+
+/// Deploy a service from an image: on this machine (context `local`: each replica an etcd
+/// member plus the app unpacked from the image pulled by digest) or on Kubernetes (one Pod
+/// per worker node, applied with server-side apply). The deployment (context, replicas,
+/// registry, image and digest) is recorded on chain as the service's recovery info first,
+/// so its manager can always redeploy what should run.
+#[derive(Args, Debug)]
+#[command(after_help = DEPLOY_EXAMPLES)]
+pub(crate) struct DeployArgs {
+    /// The service name.
+    name: String,
+
+    /// Where to deploy: a context (`br2k context ls`); `local` is this machine
+    /// [default: the current context].
+    #[arg(long)]
+    context: Option<String>,
+
+    /// The image: NAME[:TAG] from the image store (pushed to the registry first), or
+    /// REPOSITORY@sha256:... already in the registry [default: what the service's
+    /// recovery info on chain records].
+    #[arg(long, value_name = "REF")]
+    image: Option<String>,
+
+    /// The container registry (`br2k image-registry ls`) [default: the only one there is].
+    #[arg(long, value_name = "NAME")]
+    image_registry: Option<String>,
+
+    /// How many replicas [default: the recovery info's count, else 3].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=9))]
+    replicas: Option<u32>,
+
+    /// Show what would be deployed (Kubernetes: the manifests as YAML) and change nothing.
+    #[arg(long)]
+    dry_run: bool,
+
+    /// The etcd image next to each app container.
+    #[arg(long, value_name = "IMAGE", default_value = DEFAULT_ETCD_IMAGE, help_heading = "Kubernetes")]
+    etcd_image: String,
+
+    /// The size of each replica's etcd and data volumes.
+    #[arg(long, value_name = "QUANTITY", default_value = "1Gi", help_heading = "Kubernetes")]
+    volume_size: String,
+
+    /// Where the local nodes run: auto (namespaces as root, loopback otherwise), namespaces, loopback.
+    #[arg(long, default_value = "auto", help_heading = "Local")]
+    network: NetworkMode,
+
+    /// etcd's election timeout in milliseconds, for local nodes.
+    #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(50..=50_000), help_heading = "Local")]
+    election_timeout: u64,
+
+    #[command(flatten)]
+    store: StoreArg,
+
+    #[command(flatten)]
+    config: DirArg,
+}
+
+/// Where `br2k deploy` keeps a local deployment's pulled image and unpacked files.
+fn local_image_dir(service: &str) -> PathBuf {
+    std::env::temp_dir().join("br2k-deploy").join(service)
+}
+
+impl DeployArgs {
+    pub(crate) async fn run(self, global: &GlobalOpts) -> Result<()> {
+        let out = global.output();
+        let contexts = self.config.contexts()?;
+        let context = match &self.context {
+            Some(name) => contexts.get(name)?,
+            None => contexts.list()?.into_iter().find(|c| c.current).context("no current context")?,
+        };
+        let registries = RegistryList::new(self.store.store.join("registry.json"));
+        let store = ImageStore::new(&self.store.store);
+
+        // The chain: a signing key unless this is a dry run (which only reads).
+        let registry =
+            if self.dry_run { None } else { Some(global.open_registry_signed("deploying a service").await?) };
+        let recorded = match (&self.image, &registry) {
+            (Some(_), _) => None,
+            (None, Some(registry)) => Some(recorded_deployment(registry, &self.name).await?),
+            (None, None) => Some(recorded_deployment(&global.open_registry().await?, &self.name).await?),
+        };
+        let (entry, image, to_push) = self.resolve_image(&registries, &store, recorded.as_ref())?;
+        let replicas = self.replicas.or(recorded.as_ref().map(|r| r.replicas)).unwrap_or(3);
+        let record = DeploymentRecord { context: context.name.clone(), replicas, image };
+
+        if let Some(local) = &to_push {
+            if self.dry_run {
+                out.progress(format_args!("deploy: would push {} to {}", local.reference(), entry.url));
+            } else {
+                out.progress(format_args!(
+                    "deploy: pushing {} to {} ({} bytes)",
+                    local.reference(),
+                    entry.url,
+                    local.size
+                ));
+                entry.client()?.push(&store, local, &record.image.repository).await?;
+            }
+        }
+        if let Some(registry) = &registry {
+            let manager = registry_sender(global)?;
+            out.progress(format_args!(
+                "deploy: recording the deployment as {}'s recovery info in {}",
+                self.name,
+                registry.address()
+            ));
+            let recorded = deployment::record(registry, &self.name, &record, manager).await?;
+            out.progress(format_args!(
+                "deploy: recovery info {}",
+                match recorded {
+                    Recorded::Registered => "recorded (service registered; this key is its manager)",
+                    Recorded::Updated => "updated",
+                    Recorded::Unchanged => "unchanged (it already records this deployment)",
+                }
+            ));
+        }
+        if context.name == LOCAL {
+            self.deploy_local(global, &record, &entry, registry.as_ref(), &out).await
+        } else {
+            self.deploy_kubernetes(global, &context, &record, &entry, registry.as_ref(), &out).await
+        }
+    }
+
+    /// The registry entry, the image pinned by digest, and the local image to push first.
+    fn resolve_image(
+        &self,
+        registries: &RegistryList,
+        store: &ImageStore,
+        recorded: Option<&DeploymentRecord>,
+    ) -> Result<(RegistryEntry, PinnedImage, Option<ImageRecord>)> {
+        let Some(reference) = &self.image else {
+            let recorded = recorded.context("no image given and none recorded")?;
+            let entry = match &self.image_registry {
+                Some(name) => registries.get(name)?,
+                None => entry_for_url(registries, &recorded.image.registry_url)?,
+            };
+            let mut image = recorded.image.clone();
+            image.registry_url.clone_from(&entry.url);
+            return Ok((entry, image, None));
+        };
+        let entry = self.pick_registry(registries)?;
+        if let Some((repository, digest)) = reference.split_once('@') {
+            let image = PinnedImage {
+                registry_url: entry.url.clone(),
+                repository: repository.to_owned(),
+                tag: String::new(),
+                digest: digest.to_owned(),
+            };
+            image.digest_bytes()?; // refuse a malformed digest before anything happens
+            return Ok((entry, image, None));
+        }
+        let (name, tag) = reference.rsplit_once(':').unwrap_or((reference, "latest"));
+        let local = store.find(name, tag)?.with_context(|| {
+            format!(
+                "no image {name}:{tag} in {} (`br2k image ls`); build it with `br2k image build`, or name one in the registry as REPOSITORY@sha256:...",
+                self.store.store.display()
+            )
+        })?;
+        let image = PinnedImage {
+            registry_url: entry.url.clone(),
+            repository: local.name.clone(),
+            tag: local.tag.clone(),
+            digest: local.digest.clone(),
+        };
+        Ok((entry, image, Some(local)))
+    }
+
+    fn pick_registry(&self, registries: &RegistryList) -> Result<RegistryEntry> {
+        if let Some(name) = &self.image_registry {
+            return Ok(registries.get(name)?);
+        }
+        let all = registries.list()?;
+        match all.as_slice() {
+            [only] => Ok(only.clone()),
+            [] => bail!(
+                "no container registry to deploy from: add one with `br2k image-registry add NAME URL` (see `br2k image-registry --help`)"
+            ),
+            many => bail!(
+                "several container registries ({}): choose one with --image-registry",
+                many.iter().map(|r| r.name.as_str()).collect::<Vec<_>>().join(", ")
+            ),
+        }
+    }
+
+    /// Pulls the image by digest into this deployment's own store (never the build
+    /// store), unpacks it, and runs the replicas with `br2k up --detach` from there.
+    async fn deploy_local(
+        &self,
+        global: &GlobalOpts,
+        record: &DeploymentRecord,
+        entry: &RegistryEntry,
+        registry: Option<&RegistryClient>,
+        out: &Output,
+    ) -> Result<()> {
+        let dir = local_image_dir(&self.name);
+        if self.dry_run {
+            let plan = json!({
+                "service": self.name, "context": LOCAL, "replicas": record.replicas,
+                "image": record.image.pull_reference(), "unpackedInto": dir.join("rootfs"),
+            });
+            return out.result(
+                &format!(
+                    "would pull {} and run {} local replicas of {} from it (unpacked in {})",
+                    record.image.pull_reference(),
+                    record.replicas,
+                    self.name,
+                    dir.join("rootfs").display()
+                ),
+                &plan,
+            );
+        }
+        let registry = registry.expect("a deployment that is not a dry run has the registry");
+        if let Some(pid) = super::up::running_pid(&super::up::state_dir(&self.name, None)) {
+            bail!(
+                "{:?} already runs here (runner pid {pid}); stop it with `br2k down --name {}` and deploy again",
+                self.name,
+                self.name
+            );
+        }
+        let pulled = ImageStore::new(dir.join("store"));
+        out.progress(format_args!("deploy: pulling {} (every blob checked)", record.image.pull_reference()));
+        let image = entry
+            .client()?
+            .pull(&pulled, &record.image.repository, &record.image.digest, &record.image.repository, "deployed")
+            .await?;
+        let rootfs = dir.join("rootfs");
+        if rootfs.exists() {
+            std::fs::remove_dir_all(&rootfs).with_context(|| format!("removing the old {}", rootfs.display()))?;
+        }
+        let app = pulled.extract(&image, &rootfs)?;
+        out.progress(format_args!("deploy: unpacked {} to {}", image.entrypoint, app.display()));
+
+        let key = global.wallet.require_signer("deploying a service")?;
+        let exe = std::env::current_exe().context("finding this executable")?;
+        let mut command = tokio::process::Command::new(exe);
+        command
+            .args(["--json", "up", "--detach", "--use-chain", "--name", &self.name])
+            .arg("--app")
+            .arg(&app)
+            .args(["--replicas", &record.replicas.to_string()])
+            .args(["--network", &self.network.to_string()])
+            .args(["--election-timeout", &self.election_timeout.to_string()])
+            .args(["--rpc-url", &global.chain.rpc_url, "--registry", &registry.address().to_string()])
+            // The key travels in the environment, never on argv (the process list shows argv).
+            .env("ETH_PRIVATE_KEY", alloy::hex::encode_prefixed(key.to_bytes()))
+            .env_remove("ETH_KEYSTORE")
+            .env_remove("ETH_PASSWORD_FILE")
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit());
+        if global.quiet {
+            command.arg("--quiet");
+        }
+        let started = command.output().await.context("starting `br2k up`")?;
+        if !started.status.success() {
+            bail!("the replicas did not start (`br2k up` exited with {}); see its messages above", started.status);
+        }
+        let up: serde_json::Value = serde_json::from_slice(&started.stdout).unwrap_or_default();
+        out.result(
+            &format!(
+                "{} deployed on {LOCAL}: {} replicas from {}, served at {} (`br2k down --name {}` stops it)",
+                self.name,
+                record.replicas,
+                record.image.pull_reference(),
+                up["location"].as_str().unwrap_or("?"),
+                self.name
+            ),
+            &json!({
+                "service": self.name, "context": LOCAL, "replicas": record.replicas,
+                "image": record.image.pull_reference(), "app": app, "up": up,
+            }),
+        )
+    }
+
+    async fn deploy_kubernetes(
+        &self,
+        global: &GlobalOpts,
+        context: &ContextInfo,
+        record: &DeploymentRecord,
+        entry: &RegistryEntry,
+        registry: Option<&RegistryClient>,
+        out: &Output,
+    ) -> Result<()> {
+        let registry_address = match (registry, global.registry.registry) {
+            (Some(registry), _) => registry.address(),
+            (None, Some(address)) => address,
+            (None, None) => global.open_registry().await?.address(),
+        };
+        if br2k_deploy::local::is_loopback_url(&global.chain.rpc_url) {
+            out.progress(format_args!(
+                "deploy: warning: the Pods cannot reach the chain at {} (loopback); pass an --rpc-url the cluster reaches",
+                global.chain.rpc_url
+            ));
+        }
+        let spec = KubernetesSpec {
+            service: self.name.clone(),
+            namespace: context.namespace.clone(),
+            replicas: record.replicas as usize,
+            image: record.image.pull_reference(),
+            etcd_image: self.etcd_image.clone(),
+            nodes: context.resources.nodes.clone(),
+            endpoints: context.resources.endpoints.clone(),
+            storage_class: context.resources.storage_class.clone(),
+            volume_size: self.volume_size.clone(),
+            rpc_url: global.chain.rpc_url.clone(),
+            registry: registry_address,
+        };
+        let pull = Credentials::find(&entry.host())?.map(|c| (entry.host(), c));
+        if self.dry_run {
+            let manifests = Manifests::build(&spec, &SecretValues { operator_key: None, pull })?;
+            print!("{}", manifests.to_yaml());
+            return Ok(());
+        }
+        let registry = registry.expect("a deployment that is not a dry run has the registry");
+        let operator = kubernetes::operator_key(self.config.dir()?.as_path(), &context.name, &self.name)?;
+        if !registry.operators(&self.name).await?.contains(&operator.address()) {
+            out.progress(format_args!(
+                "deploy: allowing the replicas' key {} to publish locations",
+                operator.address()
+            ));
+            registry.set_operator(&self.name, operator.address(), true).await?;
+        }
+        let values = SecretValues { operator_key: Some(alloy::hex::encode_prefixed(operator.to_bytes())), pull };
+        let manifests = Manifests::build(&spec, &values)?;
+        out.progress(format_args!(
+            "deploy: applying {} objects to {} (namespace {}) as field manager {}",
+            manifests.len(),
+            context.server,
+            context.namespace,
+            kubernetes::FIELD_MANAGER
+        ));
+        let client = kubernetes::connect(&self.config.contexts()?, &context.name).await?;
+        let applied = kubernetes::apply(&client, &context.namespace, &manifests, &|a| {
+            out.progress(format_args!("  {} {}", a.kind, a.name));
+        })
+        .await?;
+        out.result(
+            &format!(
+                "{} deployed on {}: {} replicas from {} ({} objects applied). The replicas publish with {}, which needs funds for gas.",
+                self.name,
+                context.name,
+                record.replicas,
+                record.image.pull_reference(),
+                applied.len(),
+                operator.address()
+            ),
+            &json!({
+                "service": self.name, "context": context.name, "namespace": context.namespace,
+                "replicas": record.replicas, "image": record.image.pull_reference(),
+                "operator": operator.address(),
+                "applied": applied.iter().map(|a| json!({ "kind": a.kind, "name": a.name })).collect::<Vec<_>>(),
+            }),
+        )
+    }
+}
+
+/// The deployment the registry records for `service`.
+async fn recorded_deployment(registry: &RegistryClient, service: &str) -> Result<DeploymentRecord> {
+    let info = registry.info(service).await?;
+    DeploymentRecord::from_body(&info.recovery)
+        .with_context(|| format!("no --image given, and {service:?} has no deployment recorded to deploy again"))
+}
+
+/// The registry entry with `url`, or one made from the URL alone (a plain-HTTP URL in
+/// recovery info was allowed when it was recorded).
+fn entry_for_url(registries: &RegistryList, url: &str) -> Result<RegistryEntry> {
+    if let Some(entry) =
+        registries.list()?.into_iter().find(|e| e.url.trim_end_matches('/') == url.trim_end_matches('/'))
+    {
+        return Ok(entry);
+    }
+    Ok(RegistryEntry { name: url.to_owned(), url: url.to_owned(), plain_http: url.starts_with("http://") })
+}
+
+fn registry_sender(global: &GlobalOpts) -> Result<alloy::primitives::Address> {
+    Ok(global.wallet.require_signer("deploying a service")?.address())
+}

@@ -1,0 +1,213 @@
+//! `br2k deploy`: the Kubernetes manifests `--dry-run` prints, checked against the
+//! official schemas (kubernetes-validate), and a local deployment run from an image
+//! pulled by digest from a real registry, recorded on a real anvil.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use br2k_test_utils::{Anvil, OciRegistry};
+use serde_json::Value;
+
+use crate::{br2k, logserver, one_at_a_time};
+
+fn ok(output: Output) -> String {
+    assert!(
+        output.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// tools/.venv/bin/kubernetes-validate, which tools/setup.sh installs.
+fn kubernetes_validate() -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tools/.venv/bin/kubernetes-validate");
+    assert!(path.is_file(), "{} is missing: run `bash tools/setup.sh`", path.display());
+    path
+}
+
+/// A project directory with an image, a registry entry and a context `prod` made by `add`.
+fn project(add_context: &[&str]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "a-token\n").unwrap();
+    let in_dir = |args: &[&str]| {
+        br2k().current_dir(dir.path()).env("BR2K_HOME", dir.path().join("home")).args(args).output().unwrap()
+    };
+    ok(in_dir(&["image", "build", "/bin/true", "--name", "br2k/demo", "--tag", "v1"]));
+    ok(in_dir(&["image-registry", "add", "harbor", "https://harbor.example.org"]));
+    let mut args = vec!["context", "add", "prod", "--server", "https://k8s.example.org:6443", "--token-file", "token"];
+    args.extend_from_slice(add_context);
+    ok(in_dir(&args));
+    dir
+}
+
+fn dry_run(dir: &Path, extra_env: &[(&str, &str)], replicas: &str) -> String {
+    let mut command = br2k();
+    command.current_dir(dir).env("BR2K_HOME", dir.join("home"));
+    for (key, value) in extra_env {
+        command.env(key, value);
+    }
+    let output = command
+        .args(["deploy", "logserver", "--context", "prod", "--image", "br2k/demo:v1", "--dry-run"])
+        .args(["--replicas", replicas, "--rpc-url", "http://10.0.0.5:8545"])
+        .args(["--registry", "0x5FbDB2315678afecb367f032d93F642f64180aa3"])
+        .output()
+        .unwrap();
+    ok(output)
+}
+
+fn validate(dir: &Path, yaml: &str) {
+    let file = dir.join("manifests.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    let output = Command::new(kubernetes_validate())
+        .args(["--strict", "--kubernetes-version", "1.33.0"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "the manifests do not validate:\n{report}\n{yaml}");
+    let objects = yaml.split("\n---\n").count();
+    assert_eq!(report.matches(" passed for resource ").count(), objects, "every object was checked:\n{report}");
+}
+
+#[test]
+fn every_manifest_the_dry_run_prints_validates_against_the_kubernetes_schemas() {
+    // Three unlabelled nodes, a storage class, an open registry.
+    let dir =
+        project(&["--namespace", "team-a", "--node", "w1", "--node", "w2", "--node", "w3", "--storage-class", "fast"]);
+    let yaml = dry_run(dir.path(), &[], "3");
+    validate(dir.path(), &yaml);
+    assert_eq!(yaml.matches("kind: Pod\n").count(), 3);
+    assert_eq!(yaml.matches("kind: Service\n").count(), 3);
+    assert_eq!(yaml.matches("kind: PersistentVolumeClaim\n").count(), 6);
+    assert_eq!(yaml.matches("kind: Secret\n").count(), 1, "no pull secret for an open registry");
+    assert!(yaml.contains("harbor.example.org/br2k/demo@sha256:"), "pinned by digest");
+
+    // Labelled nodes, a public endpoint, and a registry that needs credentials.
+    let dir = project(&["--node", "w1:pool=br2k,zone=a", "--endpoint", "https://logserver.example.org"]);
+    let credentials = [("BR2K_REGISTRY_USERNAME", "robot"), ("BR2K_REGISTRY_PASSWORD", "pull-password-42")];
+    let yaml = dry_run(dir.path(), &credentials, "1");
+    validate(dir.path(), &yaml);
+    assert_eq!(yaml.matches("kind: Secret\n").count(), 2, "the operator key and the pull secret");
+    assert!(yaml.contains("pool: br2k") && yaml.contains("https://logserver.example.org"), "{yaml}");
+    assert!(!yaml.contains("pull-password-42") && !yaml.contains("robot"), "secret data is never printed");
+
+    // More replicas than nodes: refused before anything is printed.
+    let mut command = br2k();
+    command.current_dir(dir.path()).env("BR2K_HOME", dir.path().join("home"));
+    let refused = command
+        .args(["deploy", "logserver", "--context", "prod", "--image", "br2k/demo:v1", "--dry-run", "--replicas", "3"])
+        .args(["--registry", "0x5FbDB2315678afecb367f032d93F642f64180aa3"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success() && refused.stdout.is_empty());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("3 replicas need 3 worker nodes"));
+}
+
+/// `br2k` in `dir`, on `anvil`, as account 0, with temporary state under `dir/tmp`.
+fn br2k_at(dir: &Path, anvil: &Anvil) -> Command {
+    let mut command = br2k();
+    command
+        .current_dir(dir)
+        .env("TMPDIR", dir.join("tmp"))
+        .env("BR2K_HOME", dir.join("home"))
+        .env("ETH_RPC_URL", anvil.endpoint())
+        .env("ETH_PRIVATE_KEY", alloy::hex::encode_prefixed(anvil.key(0).to_bytes()));
+    command
+}
+
+/// Brings the deployed service down when dropped (also when the test fails half-way).
+struct Deployed<'a>(&'a Path, &'a Anvil);
+
+impl Drop for Deployed<'_> {
+    fn drop(&mut self) {
+        let _ = br2k_at(self.0, self.1).args(["down", "--name", "deployed"]).output();
+    }
+}
+
+/// The status code of `GET path` at `base` (`http://host:port`), by hand: the test needs
+/// no HTTP client for one request.
+fn http_get_status(base: &str, path: &str) -> u16 {
+    use std::io::{Read as _, Write as _};
+    let authority = base.trim_start_matches("http://").trim_end_matches('/');
+    let mut stream = std::net::TcpStream::connect(authority).unwrap();
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    answer.split_whitespace().nth(1).and_then(|code| code.parse().ok()).unwrap_or(0)
+}
+
+/// The executable each running app replica was started from (`/proc/PID/exe`).
+fn app_executables(dir: &Path) -> Vec<PathBuf> {
+    let run: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("tmp/br2k-up/deployed/run.json")).unwrap()).unwrap();
+    run["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| std::fs::read_link(format!("/proc/{}/exe", n["app_pid"].as_u64().unwrap())).unwrap())
+        .collect()
+}
+
+#[test]
+fn deploy_local_runs_the_image_pulled_from_the_registry_and_records_it_on_chain() {
+    let _turn = one_at_a_time();
+    let anvil = Anvil::spawn().expect("anvil starts (run `bash tools/setup.sh` if it is missing)");
+    let registry =
+        OciRegistry::spawn(None).expect("docker-registry starts (run `bash tools/setup.sh` if it is missing)");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("tmp")).unwrap();
+    let run = |args: &[&str]| ok(br2k_at(dir.path(), &anvil).args(args).output().unwrap());
+    run(&["service-registry", "deploy"]);
+    let built: Value = serde_json::from_str(&run(&[
+        "--json",
+        "image",
+        "build",
+        logserver().to_str().unwrap(),
+        "--name",
+        "br2k/logserver",
+        "--tag",
+        "v1",
+    ]))
+    .unwrap();
+    let digest = built["digest"].as_str().unwrap().to_owned();
+    run(&["image-registry", "add", "lab", &registry.url(), "--plain-http"]);
+
+    let deploy = |extra: &[&str]| {
+        let mut command = br2k_at(dir.path(), &anvil);
+        command.args(["--json", "deploy", "deployed", "--context", "local", "--network", "loopback"]);
+        command.args(["--election-timeout", "500"]).args(extra).output().unwrap()
+    };
+    let first: Value = serde_json::from_str(&ok(deploy(&["--image", "br2k/logserver:v1", "--replicas", "3"]))).unwrap();
+    let guard = Deployed(dir.path(), &anvil);
+    let unpacked = dir.path().join("tmp/br2k-deploy/deployed/rootfs/usr/local/bin/br2k-logserver");
+    assert_eq!(first["app"].as_str().map(PathBuf::from), Some(unpacked.clone()));
+    assert_eq!(app_executables(dir.path()), vec![unpacked.clone(); 3], "every replica runs the unpacked image");
+    assert_eq!(std::fs::read(&unpacked).unwrap(), std::fs::read(logserver()).unwrap());
+    let location = first["up"]["location"].as_str().unwrap().to_owned();
+    let status = http_get_status(&location, "/br2k/health");
+    assert_eq!(status, 200, "the leader at {location} answers");
+
+    let info: Value = serde_json::from_str(&run(&["--json", "service", "info", "deployed"])).unwrap();
+    let recovery = &info["recoveryInfo"];
+    assert_eq!(recovery["context"], "local");
+    assert_eq!(recovery["replicas"], 3);
+    assert_eq!(recovery["containerRegistry"], registry.url());
+    assert_eq!(recovery["image"], "br2k/logserver:v1");
+    assert_eq!(recovery["imageDigest"], digest.as_str());
+    assert_eq!(recovery["deployer"].as_str().unwrap().parse::<alloy::primitives::Address>().unwrap(), anvil.address(0));
+
+    let again = deploy(&["--image", "br2k/logserver:v1"]);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already runs here"), "{again:?}");
+
+    // Down, and deployed again from what the chain records (no --image): the manager's path.
+    drop(guard);
+    let second: Value = serde_json::from_str(&ok(deploy(&[]))).unwrap();
+    let _guard = Deployed(dir.path(), &anvil);
+    assert_eq!(second["image"], format!("{}/br2k/logserver@{digest}", registry.host()));
+    assert_eq!(second["replicas"], 3);
+    assert_eq!(app_executables(dir.path()).len(), 3);
+}

@@ -1,0 +1,481 @@
+//! The objects a BR2K service is made of on Kubernetes (paper III.3, DESIGN §7), built
+//! from a [`KubernetesSpec`]. For replica `i` of service `s`:
+//!
+//! - Pod `s-i`, placed by a node selector on its worker node's labels (by default the br2k
+//!   label `br2k.io/node=<node name>`), with two containers: the app, and an etcd member
+//!   whose client port listens on localhost only (only its own app talks to it);
+//! - Service `s-i`, a stable name for the Pod: the etcd peer URLs are built from these
+//!   names, and clients inside the cluster reach the app through it;
+//! - PersistentVolumeClaims `s-i-etcd` and `s-i-data`, so a Pod started again keeps its
+//!   etcd member and its app data.
+//!
+//! Plus Secret `s-operator` (the key the replicas publish the leader's location with) and,
+//! when the container registry needs credentials, Secret `s-pull` (a Docker config).
+//!
+//! Everything is deterministic (sorted maps, no timestamps), so applying the same spec
+//! twice sends the same objects and server-side apply changes nothing.
+
+use std::collections::BTreeMap;
+
+use alloy::primitives::Address;
+use base64::Engine as _;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{
+    Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, LocalObjectReference, PersistentVolumeClaim,
+    PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, Pod, PodSpec, Probe, Secret, SecretKeySelector,
+    Service, ServicePort, ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde::Serialize;
+
+use crate::container_registry::Credentials;
+use crate::context::WorkerNode;
+use crate::error::{DeployError, Result};
+
+/// The label br2k selects worker nodes by when a node was given without labels.
+pub const NODE_LABEL: &str = "br2k.io/node";
+/// The etcd image the replicas run next to the app, unless told otherwise.
+pub const DEFAULT_ETCD_IMAGE: &str = "quay.io/coreos/etcd:v3.5.21";
+
+const APP_PORT: i32 = 8080;
+const ETCD_CLIENT_PORT: i32 = 2379;
+const ETCD_PEER_PORT: i32 = 2380;
+const APP_DATA: &str = "/var/lib/br2k";
+const ETCD_DATA: &str = "/var/lib/etcd";
+
+/// What to deploy on a cluster.
+#[derive(Clone, Debug)]
+pub struct KubernetesSpec {
+    /// The service name; it names every object, so it must be a DNS label.
+    pub service: String,
+    /// The namespace (the context's).
+    pub namespace: String,
+    /// How many replicas; at most as many as `nodes`.
+    pub replicas: usize,
+    /// The app image, pinned by digest: `host/repository@sha256:...`.
+    pub image: String,
+    /// The etcd image.
+    pub etcd_image: String,
+    /// Worker nodes (the context's), one per replica in order.
+    pub nodes: Vec<WorkerNode>,
+    /// Public endpoints (the context's), one per replica in order; without them each
+    /// replica publishes its in-cluster Service URL.
+    pub endpoints: Vec<String>,
+    /// The storage class for the volumes (the cluster's default when `None`).
+    pub storage_class: Option<String>,
+    /// The size of each volume, e.g. `1Gi`.
+    pub volume_size: String,
+    /// The chain RPC endpoint, as the Pods reach it.
+    pub rpc_url: String,
+    /// The service registry.
+    pub registry: Address,
+}
+
+/// The values of the Secrets. Left out of what `--dry-run` prints.
+#[derive(Clone, Debug, Default)]
+pub struct SecretValues {
+    /// The replicas' operator key (0x hex).
+    pub operator_key: Option<String>,
+    /// The container registry's host and credentials, when it needs them.
+    pub pull: Option<(String, Credentials)>,
+}
+
+/// Every object of one deployment, in the order they are applied.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Manifests {
+    /// The operator key and, when needed, the pull credentials.
+    pub secrets: Vec<Secret>,
+    /// Two volumes per replica.
+    pub claims: Vec<PersistentVolumeClaim>,
+    /// One per replica.
+    pub services: Vec<Service>,
+    /// One per replica.
+    pub pods: Vec<Pod>,
+}
+
+impl Manifests {
+    /// Builds the objects for `spec`; `secrets` fills in the Secrets' data.
+    ///
+    /// # Errors
+    /// A service name that cannot name Kubernetes objects, fewer worker nodes than
+    /// replicas, a bad volume size or image reference.
+    pub fn build(spec: &KubernetesSpec, secrets: &SecretValues) -> Result<Self> {
+        check_spec(spec)?;
+        let operator_secret = format!("{}-operator", spec.service);
+        let pull_secret = secrets.pull.as_ref().map(|_| format!("{}-pull", spec.service));
+        let mut out = Self { secrets: Vec::new(), claims: Vec::new(), services: Vec::new(), pods: Vec::new() };
+
+        let mut operator =
+            Secret { metadata: spec.meta(&operator_secret, None), type_: Some("Opaque".into()), ..Secret::default() };
+        if let Some(key) = &secrets.operator_key {
+            operator.data = Some(BTreeMap::from([("ETH_PRIVATE_KEY".into(), ByteString(key.clone().into_bytes()))]));
+        }
+        out.secrets.push(operator);
+        if let (Some(name), Some((host, credentials))) = (&pull_secret, &secrets.pull) {
+            let auth = base64::engine::general_purpose::STANDARD
+                .encode(format!("{}:{}", credentials.username, credentials.password));
+            let config = serde_json::json!({ "auths": { host: { "auth": auth } } });
+            out.secrets.push(Secret {
+                metadata: spec.meta(name, None),
+                type_: Some("kubernetes.io/dockerconfigjson".into()),
+                data: Some(BTreeMap::from([(".dockerconfigjson".into(), ByteString(config.to_string().into_bytes()))])),
+                ..Secret::default()
+            });
+        }
+
+        let peers: Vec<String> =
+            (1..=spec.replicas).map(|i| format!("{}={}", spec.replica(i), spec.peer_url(i))).collect();
+        for i in 1..=spec.replicas {
+            for volume in ["etcd", "data"] {
+                out.claims.push(spec.claim(i, volume));
+            }
+            out.services.push(spec.service_for(i));
+            out.pods.push(spec.pod(i, &peers.join(","), &operator_secret, pull_secret.as_deref()));
+        }
+        Ok(out)
+    }
+
+    /// Every object as YAML documents separated by `---`, Secrets without their data (a
+    /// comment says so): what `--dry-run` prints.
+    pub fn to_yaml(&self) -> String {
+        let mut docs = Vec::new();
+        for secret in &self.secrets {
+            let mut shown = secret.clone();
+            let keys: Vec<String> = shown.data.take().map(|d| d.into_keys().collect()).unwrap_or_default();
+            let note = if keys.is_empty() {
+                "# its data is written at deploy time and never printed\n".to_owned()
+            } else {
+                format!("# data ({}) is written at deploy time and never printed\n", keys.join(", "))
+            };
+            docs.push(note + &yaml(&shown));
+        }
+        docs.extend(self.claims.iter().map(yaml));
+        docs.extend(self.services.iter().map(yaml));
+        docs.extend(self.pods.iter().map(yaml));
+        docs.join("---\n")
+    }
+
+    /// How many objects there are.
+    pub fn len(&self) -> usize {
+        self.secrets.len() + self.claims.len() + self.services.len() + self.pods.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn yaml<T: Serialize>(object: &T) -> String {
+    serde_saphyr::to_string(object).expect("Kubernetes objects serialize to YAML")
+}
+
+impl KubernetesSpec {
+    /// `s-i`: the replica's Pod, Service and etcd member name.
+    fn replica(&self, i: usize) -> String {
+        format!("{}-{i}", self.service)
+    }
+
+    /// The in-cluster DNS name of replica `i`'s Service.
+    fn host(&self, i: usize) -> String {
+        format!("{}.{}.svc", self.replica(i), self.namespace)
+    }
+
+    fn peer_url(&self, i: usize) -> String {
+        format!("http://{}:{ETCD_PEER_PORT}", self.host(i))
+    }
+
+    /// Where replica `i` tells clients to send requests when it leads.
+    pub fn public_url(&self, i: usize) -> String {
+        self.endpoints.get(i - 1).cloned().unwrap_or_else(|| format!("http://{}:{APP_PORT}", self.host(i)))
+    }
+
+    fn labels(&self, replica: Option<usize>) -> BTreeMap<String, String> {
+        let mut labels = BTreeMap::from([
+            ("app.kubernetes.io/name".to_owned(), self.service.clone()),
+            ("app.kubernetes.io/managed-by".to_owned(), "br2k".to_owned()),
+        ]);
+        if let Some(i) = replica {
+            labels.insert("br2k.io/replica".into(), self.replica(i));
+        }
+        labels
+    }
+
+    fn meta(&self, name: &str, replica: Option<usize>) -> ObjectMeta {
+        ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some(self.namespace.clone()),
+            labels: Some(self.labels(replica)),
+            ..ObjectMeta::default()
+        }
+    }
+
+    fn claim(&self, i: usize, volume: &str) -> PersistentVolumeClaim {
+        PersistentVolumeClaim {
+            metadata: self.meta(&format!("{}-{volume}", self.replica(i)), Some(i)),
+            spec: Some(PersistentVolumeClaimSpec {
+                access_modes: Some(vec!["ReadWriteOnce".into()]),
+                storage_class_name: self.storage_class.clone(),
+                resources: Some(VolumeResourceRequirements {
+                    requests: Some(BTreeMap::from([("storage".into(), Quantity(self.volume_size.clone()))])),
+                    ..VolumeResourceRequirements::default()
+                }),
+                ..PersistentVolumeClaimSpec::default()
+            }),
+            ..PersistentVolumeClaim::default()
+        }
+    }
+
+    fn service_for(&self, i: usize) -> Service {
+        let port = |name: &str, number: i32| ServicePort {
+            name: Some(name.into()),
+            port: number,
+            target_port: Some(IntOrString::Int(number)),
+            protocol: Some("TCP".into()),
+            ..ServicePort::default()
+        };
+        let mut selector = BTreeMap::from([("br2k.io/replica".to_owned(), self.replica(i))]);
+        selector.insert("app.kubernetes.io/name".into(), self.service.clone());
+        Service {
+            metadata: self.meta(&self.replica(i), Some(i)),
+            spec: Some(ServiceSpec {
+                selector: Some(selector),
+                ports: Some(vec![port("app", APP_PORT), port("etcd-peer", ETCD_PEER_PORT)]),
+                // etcd members must find each other before any of them is ready.
+                publish_not_ready_addresses: Some(true),
+                ..ServiceSpec::default()
+            }),
+            ..Service::default()
+        }
+    }
+
+    fn pod(&self, i: usize, initial_cluster: &str, operator_secret: &str, pull_secret: Option<&str>) -> Pod {
+        let name = self.replica(i);
+        let env = |name: &str, value: String| EnvVar { name: name.into(), value: Some(value), ..EnvVar::default() };
+        let mut app_env = vec![
+            env("BR2K_SERVICE", self.service.clone()),
+            env("BR2K_REPLICA", name.clone()),
+            env("BR2K_ETCD", format!("http://127.0.0.1:{ETCD_CLIENT_PORT}")),
+            env("BR2K_LISTEN", format!("0.0.0.0:{APP_PORT}")),
+            env("BR2K_PUBLIC_URL", self.public_url(i)),
+            env("BR2K_DATA_DIR", APP_DATA.into()),
+            env("BR2K_REGISTRY", self.registry.to_string()),
+            env("ETH_RPC_URL", self.rpc_url.clone()),
+        ];
+        app_env.push(EnvVar {
+            name: "ETH_PRIVATE_KEY".into(),
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: operator_secret.into(),
+                    key: "ETH_PRIVATE_KEY".into(),
+                    ..SecretKeySelector::default()
+                }),
+                ..EnvVarSource::default()
+            }),
+            ..EnvVar::default()
+        });
+        let mount = |volume: &str, path: &str| VolumeMount {
+            name: volume.into(),
+            mount_path: path.into(),
+            ..VolumeMount::default()
+        };
+        let app = Container {
+            name: "app".into(),
+            image: Some(self.image.clone()),
+            env: Some(app_env),
+            ports: Some(vec![ContainerPort {
+                name: Some("app".into()),
+                container_port: APP_PORT,
+                protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            }]),
+            readiness_probe: Some(Probe {
+                http_get: Some(HTTPGetAction {
+                    path: Some("/br2k/health".into()),
+                    port: IntOrString::Int(APP_PORT),
+                    ..HTTPGetAction::default()
+                }),
+                period_seconds: Some(2),
+                ..Probe::default()
+            }),
+            volume_mounts: Some(vec![mount("data", APP_DATA)]),
+            ..Container::default()
+        };
+        let etcd_args = [
+            format!("--name={name}"),
+            format!("--data-dir={ETCD_DATA}"),
+            // Client port on localhost only: the app next to it is its one client.
+            format!("--listen-client-urls=http://127.0.0.1:{ETCD_CLIENT_PORT}"),
+            format!("--advertise-client-urls=http://127.0.0.1:{ETCD_CLIENT_PORT}"),
+            format!("--listen-peer-urls=http://0.0.0.0:{ETCD_PEER_PORT}"),
+            format!("--initial-advertise-peer-urls={}", self.peer_url(i)),
+            format!("--initial-cluster={initial_cluster}"),
+            format!("--initial-cluster-token={}", self.service),
+            "--initial-cluster-state=new".into(),
+            // A member back from a partition must not depose a healthy leader.
+            "--pre-vote=true".into(),
+        ];
+        let etcd = Container {
+            name: "etcd".into(),
+            image: Some(self.etcd_image.clone()),
+            command: Some(vec!["etcd".into()]),
+            args: Some(etcd_args.to_vec()),
+            ports: Some(vec![ContainerPort {
+                name: Some("etcd-peer".into()),
+                container_port: ETCD_PEER_PORT,
+                protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            }]),
+            volume_mounts: Some(vec![mount("etcd", ETCD_DATA)]),
+            ..Container::default()
+        };
+        let node = &self.nodes[i - 1];
+        let selector = if node.labels.is_empty() {
+            BTreeMap::from([(NODE_LABEL.to_owned(), node.name.clone())])
+        } else {
+            node.labels.clone()
+        };
+        let volume = |volume: &str| Volume {
+            name: volume.into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: format!("{name}-{volume}"),
+                ..PersistentVolumeClaimVolumeSource::default()
+            }),
+            ..Volume::default()
+        };
+        Pod {
+            metadata: self.meta(&name, Some(i)),
+            spec: Some(PodSpec {
+                containers: vec![app, etcd],
+                node_selector: Some(selector),
+                image_pull_secrets: pull_secret.map(|s| vec![LocalObjectReference { name: s.into() }]),
+                volumes: Some(vec![volume("etcd"), volume("data")]),
+                restart_policy: Some("Always".into()),
+                enable_service_links: Some(false),
+                termination_grace_period_seconds: Some(10),
+                ..PodSpec::default()
+            }),
+            ..Pod::default()
+        }
+    }
+}
+
+fn check_spec(spec: &KubernetesSpec) -> Result<()> {
+    let label_ok = |s: &str, max: usize| {
+        !s.is_empty()
+            && s.len() <= max
+            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && s.as_bytes()[0].is_ascii_lowercase()
+            && !s.ends_with('-')
+    };
+    // `s-i-etcd` must stay a DNS label (63) for every i up to 9.
+    if !label_ok(&spec.service, 50) {
+        return Err(DeployError::Invalid(format!(
+            "service name {:?} cannot name Kubernetes objects: use at most 50 lowercase letters, digits and '-', starting with a letter",
+            spec.service
+        )));
+    }
+    if !label_ok(&spec.namespace, 63) {
+        return Err(DeployError::Invalid(format!("namespace {:?} is not a DNS label", spec.namespace)));
+    }
+    if spec.replicas == 0 || spec.replicas > 9 {
+        return Err(DeployError::Invalid(format!("{} replicas: give 1 to 9", spec.replicas)));
+    }
+    if spec.nodes.len() < spec.replicas {
+        return Err(DeployError::Invalid(format!(
+            "{} replicas need {} worker nodes, one per replica, but the context lists {}: add nodes with `br2k context add ... --node NAME` (and label them `{NODE_LABEL}=NAME`)",
+            spec.replicas,
+            spec.replicas,
+            spec.nodes.len()
+        )));
+    }
+    if !spec.image.contains("@sha256:") {
+        return Err(DeployError::Invalid(format!(
+            "image {:?} is not pinned by digest (host/repository@sha256:...)",
+            spec.image
+        )));
+    }
+    let size_ok = spec.volume_size.trim_end_matches(['K', 'M', 'G', 'T', 'i']).parse::<u64>().is_ok_and(|n| n > 0);
+    if !size_ok {
+        return Err(DeployError::Invalid(format!(
+            "volume size {:?} is not a Kubernetes quantity like 1Gi or 500Mi",
+            spec.volume_size
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kubernetes::tests::spec;
+
+    #[test]
+    fn one_pod_per_node_with_etcd_on_localhost_and_peers_by_service_name() {
+        let manifests = Manifests::build(&spec(), &SecretValues::default()).unwrap();
+        assert_eq!((manifests.pods.len(), manifests.services.len(), manifests.claims.len()), (3, 3, 6));
+        assert_eq!(manifests.secrets.len(), 1, "no pull secret without registry credentials");
+        let pod = &manifests.pods[1];
+        let pod_spec = pod.spec.as_ref().unwrap();
+        assert_eq!(pod.metadata.name.as_deref(), Some("logserver-2"));
+        assert_eq!(pod_spec.node_selector, Some(BTreeMap::from([(NODE_LABEL.to_owned(), "w2".to_owned())])));
+        let etcd = pod_spec.containers.iter().find(|c| c.name == "etcd").unwrap();
+        let args = etcd.args.as_ref().unwrap();
+        assert!(args.contains(&"--listen-client-urls=http://127.0.0.1:2379".to_owned()));
+        assert!(args.contains(
+            &"--initial-cluster=logserver-1=http://logserver-1.team-a.svc:2380,logserver-2=http://logserver-2.team-a.svc:2380,logserver-3=http://logserver-3.team-a.svc:2380".to_owned()
+        ));
+        let app = pod_spec.containers.iter().find(|c| c.name == "app").unwrap();
+        let key = app.env.as_ref().unwrap().iter().find(|e| e.name == "ETH_PRIVATE_KEY").unwrap();
+        assert!(key.value.is_none(), "the key comes from the Secret, never inline");
+    }
+
+    #[test]
+    fn secrets_carry_their_data_but_the_yaml_never_does() {
+        let credentials = Credentials { username: "robot".into(), password: "pull-secret-value".into() };
+        let values = SecretValues {
+            operator_key: Some("0xsecret-operator-key".into()),
+            pull: Some(("harbor.example.org".into(), credentials)),
+        };
+        let manifests = Manifests::build(&spec(), &values).unwrap();
+        assert_eq!(manifests.secrets.len(), 2);
+        assert!(manifests.secrets.iter().all(|s| s.data.is_some()));
+        let pod_spec = manifests.pods[0].spec.as_ref().unwrap();
+        assert_eq!(pod_spec.image_pull_secrets.as_ref().unwrap()[0].name, "logserver-pull");
+        let yaml = manifests.to_yaml();
+        assert!(!yaml.contains("secret-operator-key") && !yaml.contains("cm9ib3"), "{yaml}");
+        assert!(yaml.contains("data (ETH_PRIVATE_KEY) is written at deploy time"));
+        assert_eq!(yaml.matches("\n---\n").count() + 1, manifests.len());
+    }
+
+    #[test]
+    fn the_same_spec_gives_the_same_objects() {
+        let a = Manifests::build(&spec(), &SecretValues::default()).unwrap();
+        let b = Manifests::build(&spec(), &SecretValues::default()).unwrap();
+        assert_eq!(a.to_yaml(), b.to_yaml());
+    }
+
+    #[test]
+    fn bad_specs_are_refused_with_what_to_do() {
+        let mut bad = spec();
+        bad.service = "Log_Server".into();
+        assert!(
+            Manifests::build(&bad, &SecretValues::default())
+                .unwrap_err()
+                .to_string()
+                .contains("cannot name Kubernetes objects")
+        );
+        let mut bad = spec();
+        bad.replicas = 4;
+        let err = Manifests::build(&bad, &SecretValues::default()).unwrap_err().to_string();
+        assert!(err.contains("4 replicas need 4 worker nodes") && err.contains("--node"), "{err}");
+        let mut bad = spec();
+        bad.image = "logserver:latest".into();
+        assert!(Manifests::build(&bad, &SecretValues::default()).unwrap_err().to_string().contains("pinned by digest"));
+        let mut bad = spec();
+        bad.volume_size = "lots".into();
+        assert!(Manifests::build(&bad, &SecretValues::default()).unwrap_err().to_string().contains("quantity"));
+    }
+}
