@@ -89,6 +89,12 @@ pub(crate) struct DeployArgs {
     config: DirArg,
 }
 
+/// What a Kubernetes deployment applies, and the client to apply it with (none for a dry run).
+struct KubernetesTarget {
+    spec: KubernetesSpec,
+    client: Option<kubernetes::Client>,
+}
+
 /// Where `br2k deploy` keeps a local deployment's pulled image and unpacked files.
 fn local_image_dir(service: &str) -> PathBuf {
     std::env::temp_dir().join("br2k-deploy").join(service)
@@ -116,6 +122,31 @@ impl DeployArgs {
         let (entry, image, to_push) = self.resolve_image(&registries, &store, recorded.as_ref())?;
         let replicas = self.replicas.or(recorded.as_ref().map(|r| r.replicas)).unwrap_or(3);
         let record = DeploymentRecord { context: context.name.clone(), replicas, image };
+
+        // Everything that can be refused is refused before anything is pushed or recorded.
+        let kubernetes = if context.name == LOCAL {
+            if !self.dry_run
+                && let Some(pid) = super::up::running_pid(&super::up::state_dir(&self.name, None))
+            {
+                bail!(
+                    "{:?} already runs here (runner pid {pid}); stop it with `br2k down --name {}` and deploy again",
+                    self.name,
+                    self.name
+                );
+            }
+            None
+        } else {
+            let registry_address = match (&registry, global.registry.registry) {
+                (Some(registry), _) => registry.address(),
+                (None, Some(address)) => address,
+                (None, None) => global.open_registry().await?.address(),
+            };
+            let spec = self.kubernetes_spec(global, &context, &record, registry_address);
+            Manifests::build(&spec, &SecretValues::default())?;
+            // Reads the kubeconfig and the token file (no request yet).
+            let client = if self.dry_run { None } else { Some(kubernetes::connect(&contexts, &context.name).await?) };
+            Some(KubernetesTarget { spec, client })
+        };
 
         if let Some(local) = &to_push {
             if self.dry_run {
@@ -147,10 +178,31 @@ impl DeployArgs {
                 }
             ));
         }
-        if context.name == LOCAL {
-            self.deploy_local(global, &record, &entry, registry.as_ref(), &out).await
-        } else {
-            self.deploy_kubernetes(global, &context, &record, &entry, registry.as_ref(), &out).await
+        match kubernetes {
+            None => self.deploy_local(global, &record, &entry, registry.as_ref(), &out).await,
+            Some(target) => self.deploy_kubernetes(global, &context, target, &entry, registry.as_ref(), &out).await,
+        }
+    }
+
+    fn kubernetes_spec(
+        &self,
+        global: &GlobalOpts,
+        context: &ContextInfo,
+        record: &DeploymentRecord,
+        registry: alloy::primitives::Address,
+    ) -> KubernetesSpec {
+        KubernetesSpec {
+            service: self.name.clone(),
+            namespace: context.namespace.clone(),
+            replicas: record.replicas as usize,
+            image: record.image.pull_reference(),
+            etcd_image: self.etcd_image.clone(),
+            nodes: context.resources.nodes.clone(),
+            endpoints: context.resources.endpoints.clone(),
+            storage_class: context.resources.storage_class.clone(),
+            volume_size: self.volume_size.clone(),
+            rpc_url: global.chain.rpc_url.clone(),
+            registry,
         }
     }
 
@@ -243,13 +295,6 @@ impl DeployArgs {
             );
         }
         let registry = registry.expect("a deployment that is not a dry run has the registry");
-        if let Some(pid) = super::up::running_pid(&super::up::state_dir(&self.name, None)) {
-            bail!(
-                "{:?} already runs here (runner pid {pid}); stop it with `br2k down --name {}` and deploy again",
-                self.name,
-                self.name
-            );
-        }
         let pulled = ImageStore::new(dir.join("store"));
         out.progress(format_args!("deploy: pulling {} (every blob checked)", record.image.pull_reference()));
         let image = entry
@@ -308,42 +353,27 @@ impl DeployArgs {
         &self,
         global: &GlobalOpts,
         context: &ContextInfo,
-        record: &DeploymentRecord,
+        target: KubernetesTarget,
         entry: &RegistryEntry,
         registry: Option<&RegistryClient>,
         out: &Output,
     ) -> Result<()> {
-        let registry_address = match (registry, global.registry.registry) {
-            (Some(registry), _) => registry.address(),
-            (None, Some(address)) => address,
-            (None, None) => global.open_registry().await?.address(),
-        };
+        let KubernetesTarget { spec, client } = target;
         if br2k_deploy::local::is_loopback_url(&global.chain.rpc_url) {
             out.progress(format_args!(
                 "deploy: warning: the Pods cannot reach the chain at {} (loopback); pass an --rpc-url the cluster reaches",
                 global.chain.rpc_url
             ));
         }
-        let spec = KubernetesSpec {
-            service: self.name.clone(),
-            namespace: context.namespace.clone(),
-            replicas: record.replicas as usize,
-            image: record.image.pull_reference(),
-            etcd_image: self.etcd_image.clone(),
-            nodes: context.resources.nodes.clone(),
-            endpoints: context.resources.endpoints.clone(),
-            storage_class: context.resources.storage_class.clone(),
-            volume_size: self.volume_size.clone(),
-            rpc_url: global.chain.rpc_url.clone(),
-            registry: registry_address,
-        };
         let pull = Credentials::find(&entry.host())?.map(|c| (entry.host(), c));
         if self.dry_run {
             let manifests = Manifests::build(&spec, &SecretValues { operator_key: None, pull })?;
             print!("{}", manifests.to_yaml());
             return Ok(());
         }
-        let registry = registry.expect("a deployment that is not a dry run has the registry");
+        let (Some(registry), Some(client)) = (registry, client) else {
+            unreachable!("a deployment that is not a dry run has the registry and a client")
+        };
         let operator = kubernetes::operator_key(self.config.dir()?.as_path(), &context.name, &self.name)?;
         if !registry.operators(&self.name).await?.contains(&operator.address()) {
             out.progress(format_args!(
@@ -361,7 +391,6 @@ impl DeployArgs {
             context.namespace,
             kubernetes::FIELD_MANAGER
         ));
-        let client = kubernetes::connect(&self.config.contexts()?, &context.name).await?;
         let applied = kubernetes::apply(&client, &context.namespace, &manifests, &|a| {
             out.progress(format_args!("  {} {}", a.kind, a.name));
         })
@@ -371,14 +400,14 @@ impl DeployArgs {
                 "{} deployed on {}: {} replicas from {} ({} objects applied). The replicas publish with {}, which needs funds for gas.",
                 self.name,
                 context.name,
-                record.replicas,
-                record.image.pull_reference(),
+                spec.replicas,
+                spec.image,
                 applied.len(),
                 operator.address()
             ),
             &json!({
                 "service": self.name, "context": context.name, "namespace": context.namespace,
-                "replicas": record.replicas, "image": record.image.pull_reference(),
+                "replicas": spec.replicas, "image": spec.image,
                 "operator": operator.address(),
                 "applied": applied.iter().map(|a| json!({ "kind": a.kind, "name": a.name })).collect::<Vec<_>>(),
             }),

@@ -14,10 +14,11 @@ use std::time::Duration;
 use k8s_openapi::NamespaceResourceScope;
 use kube::api::{Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Api, Client, Config, Resource, ResourceExt};
+use kube::{Api, Config, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+pub use kube::Client;
 pub use manifests::{DEFAULT_ETCD_IMAGE, KubernetesSpec, Manifests, NODE_LABEL, SecretValues};
 
 use crate::context::Contexts;
@@ -43,6 +44,17 @@ pub async fn connect(contexts: &Contexts, name: &str) -> Result<Client> {
     let mut config = Config::from_custom_kubeconfig(kubeconfig, &options)
         .await
         .map_err(|e| DeployError::Invalid(format!("context {name:?} in {}: {e}", path.display())))?;
+    // Read the token file here, trimmed: kube sends the file's text as is, and a token
+    // file written by hand usually ends in a newline, which is not valid in a header.
+    if let Some(file) = config.auth_info.token_file.take() {
+        let token = std::fs::read_to_string(&file)
+            .map_err(|e| DeployError::io(format!("read the token file {file} of context {name:?}"), e))?;
+        let token = token.trim();
+        if token.is_empty() {
+            return Err(DeployError::Invalid(format!("the token file {file} of context {name:?} is empty")));
+        }
+        config.auth_info.token = Some(secrecy::SecretString::from(token.to_owned()));
+    }
     config.connect_timeout = Some(CONNECT_TIMEOUT);
     config.read_timeout = Some(REQUEST_TIMEOUT);
     config.write_timeout = Some(REQUEST_TIMEOUT);
@@ -98,8 +110,13 @@ where
     let api: Api<K> = Api::namespaced(client.clone(), namespace);
     // `force`: br2k owns these objects; a field someone changed by hand is taken back.
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    let answer = api.patch(&name, &params, &Patch::Apply(object)).await.map_err(|e| {
-        DeployError::Invalid(format!("the cluster refused {kind} {namespace}/{name}: {}", describe_kube_error(&e)))
+    let answer = api.patch(&name, &params, &Patch::Apply(object)).await.map_err(|e| match e {
+        kube::Error::Api(_) => {
+            DeployError::Invalid(format!("the cluster refused {kind} {namespace}/{name}: {}", describe_kube_error(&e)))
+        }
+        other => DeployError::Invalid(format!(
+            "could not apply {kind} {namespace}/{name}: {other} (is the context's server right and reachable from here?)"
+        )),
     })?;
     let applied = Applied { kind, name, resource_version: answer.resource_version() };
     progress(&applied);
