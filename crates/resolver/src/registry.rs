@@ -7,11 +7,13 @@ use std::future::IntoFuture;
 use std::time::Duration;
 
 use alloy::contract::{CallBuilder, CallDecoder};
-use alloy::network::EthereumWallet;
-use alloy::primitives::{Address, B256, keccak256};
-use alloy::providers::{DynProvider, PendingTransactionError, Provider, ProviderBuilder, WsConnect};
+use alloy::network::{Ethereum, EthereumWallet, TransactionBuilder};
+use alloy::primitives::{Address, B256, U256, keccak256};
+use alloy::providers::{
+    DynProvider, PendingTransactionBuilder, PendingTransactionError, Provider, ProviderBuilder, WsConnect,
+};
 use alloy::rpc::client::{ClientBuilder, RpcClient};
-use alloy::rpc::types::Filter;
+use alloy::rpc::types::{Filter, TransactionRequest};
 use alloy::signers::local::PrivateKeySigner;
 use alloy::sol_types::SolEvent;
 use br2k_bindings::IServiceRegistry::Body;
@@ -190,6 +192,42 @@ impl Chain {
         }
         let registry = registry.unwrap_or_default();
         let pending = self.bounded(action, call.send()).await?.map_err(|e| self.contract_error(registry, action, e))?;
+        self.wait_mined(action, registry, pending).await
+    }
+
+    /// The balance of `address`, in wei.
+    ///
+    /// # Errors
+    /// RPC and timeout errors.
+    pub async fn balance(&self, address: Address) -> Result<U256> {
+        let action = "read a balance";
+        self.bounded(action, self.provider.get_balance(address)).await?.map_err(|e| self.transport(action, e))
+    }
+
+    /// Sends `wei` to `to` from the signing key and waits until it is mined.
+    ///
+    /// # Errors
+    /// `NoSigner` without a key; RPC, timeout and failed-transaction errors.
+    pub async fn send_value(&self, to: Address, wei: U256) -> Result<TxOutcome> {
+        let action = "send funds";
+        if self.sender.is_none() {
+            return Err(Error::NoSigner { action: action.into() });
+        }
+        let request = TransactionRequest::default().with_to(to).with_value(wei);
+        let pending = self
+            .bounded(action, self.provider.send_transaction(request))
+            .await?
+            .map_err(|e| self.transport(action, e))?;
+        Ok(self.wait_mined(action, Address::ZERO, pending).await?.outcome)
+    }
+
+    /// Waits (under the transaction timeout) until `pending` is mined and succeeded.
+    async fn wait_mined(
+        &self,
+        action: &str,
+        registry: Address,
+        pending: PendingTransactionBuilder<Ethereum>,
+    ) -> Result<Mined> {
         let hash = *pending.tx_hash();
         tracing::debug!(%hash, "sent a transaction to {action}");
         let receipt = match pending.with_timeout(Some(self.timeouts.tx)).get_receipt().await {

@@ -74,6 +74,12 @@ pub(crate) struct DeployArgs {
     #[arg(long, value_name = "QUANTITY", default_value = "1Gi", help_heading = "Kubernetes")]
     volume_size: String,
 
+    /// Keep the replicas' operator key funded with at least half this much ETH for the gas
+    /// of publishing locations; below that, it is topped up to this from the signing key.
+    /// 0 sends nothing.
+    #[arg(long, value_name = "ETH", default_value = "0.05", value_parser = parse_ether, help_heading = "Kubernetes")]
+    operator_funds: alloy::primitives::U256,
+
     /// Where the local nodes run: auto (namespaces as root, loopback otherwise), namespaces, loopback.
     #[arg(long, default_value = "auto", help_heading = "Local")]
     network: NetworkMode,
@@ -382,6 +388,18 @@ impl DeployArgs {
             ));
             registry.set_operator(&self.name, operator.address(), true).await?;
         }
+        let chain = registry.chain();
+        let balance = chain.balance(operator.address()).await?;
+        if self.operator_funds > alloy::primitives::U256::ZERO
+            && balance < self.operator_funds / alloy::primitives::U256::from(2)
+        {
+            let top_up = self.operator_funds - balance;
+            out.progress(format_args!(
+                "deploy: sending {} ETH to the replicas' key for gas",
+                alloy::primitives::utils::format_ether(top_up)
+            ));
+            chain.send_value(operator.address(), top_up).await?;
+        }
         let values = SecretValues { operator_key: Some(alloy::hex::encode_prefixed(operator.to_bytes())), pull };
         let manifests = Manifests::build(&spec, &values)?;
         out.progress(format_args!(
@@ -397,7 +415,7 @@ impl DeployArgs {
         .await?;
         out.result(
             &format!(
-                "{} deployed on {}: {} replicas from {} ({} objects applied). The replicas publish with {}, which needs funds for gas.",
+                "{} deployed on {}: {} replicas from {} ({} objects applied); the replicas publish with {}",
                 self.name,
                 context.name,
                 spec.replicas,
@@ -413,6 +431,12 @@ impl DeployArgs {
             }),
         )
     }
+}
+
+/// Parses an amount of ETH (`0.05`) into wei.
+fn parse_ether(text: &str) -> Result<alloy::primitives::U256, String> {
+    alloy::primitives::utils::parse_ether(text.trim())
+        .map_err(|e| format!("{text:?} is not an amount of ETH (e.g. 0.05): {e}"))
 }
 
 /// The deployment the registry records for `service`.

@@ -69,3 +69,15 @@ async fn connection_problems_are_typed() {
         "a keyless client cannot send"
     );
 }
+
+#[tokio::test]
+async fn funds_are_sent_and_balances_read() {
+    let f = Fixture::new(300).await;
+    let fresh = alloy::primitives::Address::repeat_byte(0x42);
+    let chain = f.manager.chain();
+    assert_eq!(chain.balance(fresh).await.unwrap(), alloy::primitives::U256::ZERO);
+    let wei = alloy::primitives::U256::from(123_456_789_u64);
+    let outcome = chain.send_value(fresh, wei).await.unwrap();
+    assert_eq!(outcome.gas_used, 21_000, "a plain transfer");
+    assert_eq!(chain.balance(fresh).await.unwrap(), wei);
+}
