@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 
+use alloy::signers::local::PrivateKeySigner;
 use anyhow::{Context, Result, bail};
 use br2k_deploy::container_registry::{Credentials, RegistryEntry, RegistryList};
 use br2k_deploy::context::{ContextInfo, LOCAL};
@@ -118,8 +119,12 @@ impl DeployArgs {
         let store = ImageStore::new(&self.store.store);
 
         // The chain: a signing key unless this is a dry run (which only reads).
-        let registry =
-            if self.dry_run { None } else { Some(global.open_registry_signed("deploying a service").await?) };
+        // The signing key is read once (a keystore takes a while to decrypt).
+        let signer = if self.dry_run { None } else { Some(global.wallet.require_signer("deploying a service")?) };
+        let registry = match &signer {
+            Some(key) => Some(global.registry.open(&global.chain.connect(Some(key.clone())).await?, &out).await?),
+            None => None,
+        };
         let recorded = match (&self.image, &registry) {
             (Some(_), _) => None,
             (None, Some(registry)) => Some(recorded_deployment(registry, &self.name).await?),
@@ -167,8 +172,8 @@ impl DeployArgs {
                 entry.client()?.push(&store, local, &record.image.repository).await?;
             }
         }
-        if let Some(registry) = &registry {
-            let manager = registry_sender(global)?;
+        if let (Some(registry), Some(key)) = (&registry, &signer) {
+            let manager = key.address();
             out.progress(format_args!(
                 "deploy: recording the deployment as {}'s recovery info in {}",
                 self.name,
@@ -185,7 +190,7 @@ impl DeployArgs {
             ));
         }
         match kubernetes {
-            None => self.deploy_local(global, &record, &entry, registry.as_ref(), &out).await,
+            None => self.deploy_local(global, &record, &entry, registry.as_ref().zip(signer.as_ref()), &out).await,
             Some(target) => self.deploy_kubernetes(global, &context, target, &entry, registry.as_ref(), &out).await,
         }
     }
@@ -280,7 +285,7 @@ impl DeployArgs {
         global: &GlobalOpts,
         record: &DeploymentRecord,
         entry: &RegistryEntry,
-        registry: Option<&RegistryClient>,
+        signed: Option<(&RegistryClient, &PrivateKeySigner)>,
         out: &Output,
     ) -> Result<()> {
         let dir = local_image_dir(&self.name);
@@ -300,7 +305,7 @@ impl DeployArgs {
                 &plan,
             );
         }
-        let registry = registry.expect("a deployment that is not a dry run has the registry");
+        let (registry, key) = signed.expect("a deployment that is not a dry run has the registry and the key");
         let pulled = ImageStore::new(dir.join("store"));
         out.progress(format_args!("deploy: pulling {} (every blob checked)", record.image.pull_reference()));
         let image = entry
@@ -314,7 +319,6 @@ impl DeployArgs {
         let app = pulled.extract(&image, &rootfs)?;
         out.progress(format_args!("deploy: unpacked {} to {}", image.entrypoint, app.display()));
 
-        let key = global.wallet.require_signer("deploying a service")?;
         let exe = std::env::current_exe().context("finding this executable")?;
         let mut command = tokio::process::Command::new(exe);
         command
@@ -455,8 +459,4 @@ fn entry_for_url(registries: &RegistryList, url: &str) -> Result<RegistryEntry> 
         return Ok(entry);
     }
     Ok(RegistryEntry { name: url.to_owned(), url: url.to_owned(), plain_http: url.starts_with("http://") })
-}
-
-fn registry_sender(global: &GlobalOpts) -> Result<alloy::primitives::Address> {
-    Ok(global.wallet.require_signer("deploying a service")?.address())
 }

@@ -3,22 +3,12 @@
 //! pulled by digest from a real registry, recorded on a real anvil.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use br2k_test_utils::{Anvil, OciRegistry};
 use serde_json::Value;
 
-use crate::{br2k, logserver, one_at_a_time};
-
-fn ok(output: Output) -> String {
-    assert!(
-        output.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
-}
+use crate::{br2k, logserver, ok, one_at_a_time};
 
 /// tools/.venv/bin/kubernetes-validate, which tools/setup.sh installs.
 fn kubernetes_validate() -> PathBuf {

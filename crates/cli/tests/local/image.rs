@@ -6,20 +6,10 @@ use std::process::Output;
 
 use br2k_test_utils::OciRegistry;
 
-use crate::br2k;
+use crate::{br2k, ok};
 
 fn run(dir: &Path, args: &[&str]) -> Output {
     br2k().current_dir(dir).args(args).output().unwrap()
-}
-
-fn ok(output: Output) -> String {
-    assert!(
-        output.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
 }
 
 #[test]

@@ -32,6 +32,17 @@ fn br2k() -> Command {
     command
 }
 
+/// The stdout of a `br2k` run that must succeed; both streams when it did not.
+fn ok(output: std::process::Output) -> String {
+    assert!(
+        output.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
 /// The logserver binary `cargo test --workspace` builds next to `br2k`.
 fn logserver() -> PathBuf {
     let path = PathBuf::from(env!("CARGO_BIN_EXE_br2k")).with_file_name("br2k-logserver");
