@@ -546,6 +546,19 @@ impl RegistryList {
         Self { path: path.into() }
     }
 
+    /// The entry with `url`, or one made from the URL alone: recovery info names a
+    /// registry by URL, and a plain-HTTP URL there was allowed when it was recorded.
+    ///
+    /// # Errors
+    /// When the list cannot be read.
+    pub fn entry_for_url(&self, url: &str) -> Result<RegistryEntry> {
+        let same = |e: &RegistryEntry| e.url.trim_end_matches('/') == url.trim_end_matches('/');
+        if let Some(entry) = self.list()?.into_iter().find(same) {
+            return Ok(entry);
+        }
+        Ok(RegistryEntry { name: url.to_owned(), url: url.to_owned(), plain_http: url.starts_with("http://") })
+    }
+
     /// Every registry.
     ///
     /// # Errors

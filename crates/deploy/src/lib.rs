@@ -7,6 +7,7 @@
 //! [`local::Sandbox`] puts a whole service up in one call (network, a local chain with
 //! the service registry, the replicas), for `br2k up` and the testbed.
 
+pub mod backend;
 pub mod container_registry;
 pub mod context;
 pub mod deployment;

@@ -2,6 +2,7 @@
 
 mod error;
 mod failover;
+mod nonce;
 mod registry;
 mod resolver;
 

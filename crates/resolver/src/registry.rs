@@ -87,7 +87,14 @@ impl Chain {
             }
         };
         let provider = match signer {
-            Some(key) => ProviderBuilder::new().wallet(EthereumWallet::from(key)).connect_client(client).erased(),
+            // Not the default cached nonces: another process may send with the same key.
+            Some(key) => ProviderBuilder::default()
+                .with_gas_estimation()
+                .with_nonce_management(crate::nonce::SharedKeyNonces::default())
+                .fetch_chain_id()
+                .wallet(EthereumWallet::from(key))
+                .connect_client(client)
+                .erased(),
             None => ProviderBuilder::new().connect_client(client).erased(),
         };
         let chain_id = bounded(url, "read the chain id", timeouts.rpc, provider.get_chain_id())

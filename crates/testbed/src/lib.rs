@@ -137,6 +137,7 @@ pub async fn run(config: TestbedConfig, progress: &(dyn Fn(&str) + Sync)) -> Res
         app_env: vec![("BR2K_OUTBOX".into(), config.work_dir.join("outbox").display().to_string())],
         work_dir: config.work_dir.clone(),
         network: config.network,
+        slot: None,
         etcd: timings,
         chain: ChainChoice::Local,
         startup_timeout: Duration::from_secs(30),

@@ -2,16 +2,17 @@
 //! backend its context names (DESIGN §7), with the deployment recorded on chain as the
 //! service's recovery info.
 
-use std::path::PathBuf;
-
 use alloy::signers::local::PrivateKeySigner;
 use anyhow::{Context, Result, bail};
+use br2k_deploy::backend::Backend;
 use br2k_deploy::container_registry::{Credentials, RegistryEntry, RegistryList};
 use br2k_deploy::context::{ContextInfo, LOCAL};
 use br2k_deploy::deployment::{self, DeploymentRecord, PinnedImage, Recorded};
 use br2k_deploy::image::{ImageRecord, ImageStore};
-use br2k_deploy::kubernetes::{self, DEFAULT_ETCD_IMAGE, KubernetesSpec, Manifests, SecretValues};
-use br2k_deploy::local::NetworkMode;
+use br2k_deploy::kubernetes::{
+    self, ClusterSettings, DEFAULT_ETCD_IMAGE, KubernetesBackend, KubernetesSpec, Manifests, SecretValues,
+};
+use br2k_deploy::local::{LocalBackend, NetworkMode};
 use br2k_resolver::RegistryClient;
 use clap::Args;
 use serde_json::json;
@@ -102,11 +103,6 @@ struct KubernetesTarget {
     client: Option<kubernetes::Client>,
 }
 
-/// Where `br2k deploy` keeps a local deployment's pulled image and unpacked files.
-fn local_image_dir(service: &str) -> PathBuf {
-    std::env::temp_dir().join("br2k-deploy").join(service)
-}
-
 impl DeployArgs {
     pub(crate) async fn run(self, global: &GlobalOpts) -> Result<()> {
         let out = global.output();
@@ -152,7 +148,8 @@ impl DeployArgs {
                 (None, Some(address)) => address,
                 (None, None) => global.open_registry().await?.address(),
             };
-            let spec = self.kubernetes_spec(global, &context, &record, registry_address);
+            let spec =
+                KubernetesSpec::new(&self.name, &context, &record, &self.cluster_settings(global, registry_address));
             Manifests::build(&spec, &SecretValues::default())?;
             // Reads the kubeconfig and the token file (no request yet).
             let client = if self.dry_run { None } else { Some(kubernetes::connect(&contexts, &context.name).await?) };
@@ -190,27 +187,16 @@ impl DeployArgs {
             ));
         }
         match kubernetes {
-            None => self.deploy_local(global, &record, &entry, registry.as_ref().zip(signer.as_ref()), &out).await,
-            Some(target) => self.deploy_kubernetes(global, &context, target, &entry, registry.as_ref(), &out).await,
+            None => self.deploy_local(global, &record, &registries, registry.as_ref().zip(signer.as_ref()), &out).await,
+            Some(target) => {
+                self.deploy_kubernetes(global, &context, target, &record, &registries, registry.as_ref()).await
+            }
         }
     }
 
-    fn kubernetes_spec(
-        &self,
-        global: &GlobalOpts,
-        context: &ContextInfo,
-        record: &DeploymentRecord,
-        registry: alloy::primitives::Address,
-    ) -> KubernetesSpec {
-        KubernetesSpec {
-            service: self.name.clone(),
-            namespace: context.namespace.clone(),
-            replicas: record.replicas as usize,
-            image: record.image.pull_reference(),
+    fn cluster_settings(&self, global: &GlobalOpts, registry: alloy::primitives::Address) -> ClusterSettings {
+        ClusterSettings {
             etcd_image: self.etcd_image.clone(),
-            nodes: context.resources.nodes.clone(),
-            endpoints: context.resources.endpoints.clone(),
-            storage_class: context.resources.storage_class.clone(),
             volume_size: self.volume_size.clone(),
             rpc_url: global.chain.rpc_url.clone(),
             registry,
@@ -228,7 +214,7 @@ impl DeployArgs {
             let recorded = recorded.context("no image given and none recorded")?;
             let entry = match &self.image_registry {
                 Some(name) => registries.get(name)?,
-                None => entry_for_url(registries, &recorded.image.registry_url)?,
+                None => registries.entry_for_url(&recorded.image.registry_url)?,
             };
             let mut image = recorded.image.clone();
             image.registry_url.clone_from(&entry.url);
@@ -279,17 +265,18 @@ impl DeployArgs {
     }
 
     /// Pulls the image by digest into this deployment's own store (never the build
-    /// store), unpacks it, and runs the replicas with `br2k up --detach` from there.
+    /// store), unpacks it, and runs the replicas under a detached `br2k up` from there.
     async fn deploy_local(
         &self,
         global: &GlobalOpts,
         record: &DeploymentRecord,
-        entry: &RegistryEntry,
+        registries: &RegistryList,
         signed: Option<(&RegistryClient, &PrivateKeySigner)>,
         out: &Output,
     ) -> Result<()> {
-        let dir = local_image_dir(&self.name);
-        if self.dry_run {
+        let (state_root, image_root) = LocalBackend::default_roots();
+        let dir = image_root.join(&self.name);
+        let Some((registry, key)) = signed else {
             let plan = json!({
                 "service": self.name, "context": LOCAL, "replicas": record.replicas,
                 "image": record.image.pull_reference(), "unpackedInto": dir.join("rootfs"),
@@ -304,57 +291,31 @@ impl DeployArgs {
                 ),
                 &plan,
             );
-        }
-        let (registry, key) = signed.expect("a deployment that is not a dry run has the registry and the key");
-        let pulled = ImageStore::new(dir.join("store"));
-        out.progress(format_args!("deploy: pulling {} (every blob checked)", record.image.pull_reference()));
-        let image = entry
-            .client()?
-            .pull(&pulled, &record.image.repository, &record.image.digest, &record.image.repository, "deployed")
-            .await?;
-        let rootfs = dir.join("rootfs");
-        if rootfs.exists() {
-            std::fs::remove_dir_all(&rootfs).with_context(|| format!("removing the old {}", rootfs.display()))?;
-        }
-        let app = pulled.extract(&image, &rootfs)?;
-        out.progress(format_args!("deploy: unpacked {} to {}", image.entrypoint, app.display()));
-
-        let exe = std::env::current_exe().context("finding this executable")?;
-        let mut command = tokio::process::Command::new(exe);
-        command
-            .args(["--json", "up", "--detach", "--use-chain", "--name", &self.name])
-            .arg("--app")
-            .arg(&app)
-            .args(["--replicas", &record.replicas.to_string()])
-            .args(["--network", &self.network.to_string()])
-            .args(["--election-timeout", &self.election_timeout.to_string()])
-            .args(["--rpc-url", &global.chain.rpc_url, "--registry", &registry.address().to_string()])
-            // The key travels in the environment, never on argv (the process list shows argv).
-            .env("ETH_PRIVATE_KEY", alloy::hex::encode_prefixed(key.to_bytes()))
-            .env_remove("ETH_KEYSTORE")
-            .env_remove("ETH_PASSWORD_FILE")
-            .stdin(std::process::Stdio::null())
-            .stderr(std::process::Stdio::inherit());
-        if global.quiet {
-            command.arg("--quiet");
-        }
-        let started = command.output().await.context("starting `br2k up`")?;
-        if !started.status.success() {
-            bail!("the replicas did not start (`br2k up` exited with {}); see its messages above", started.status);
-        }
-        let up: serde_json::Value = serde_json::from_slice(&started.stdout).unwrap_or_default();
+        };
+        let backend = LocalBackend {
+            runner: std::env::current_exe().context("finding this executable")?,
+            state_root,
+            image_root,
+            registries: registries.clone(),
+            network: self.network,
+            election_ms: self.election_timeout,
+            rpc_url: global.chain.rpc_url.clone(),
+            registry: registry.address(),
+            key: key.clone(),
+        };
+        let deployed = backend.deploy(&self.name, record, &|line| out.progress(format_args!("deploy: {line}"))).await?;
         out.result(
             &format!(
-                "{} deployed on {LOCAL}: {} replicas from {}, served at {} (`br2k down --name {}` stops it)",
+                "{} deployed: {}, served at {} (`br2k down --name {}` stops it)",
                 self.name,
-                record.replicas,
-                record.image.pull_reference(),
-                up["location"].as_str().unwrap_or("?"),
+                deployed.summary,
+                deployed.location.as_deref().unwrap_or("?"),
                 self.name
             ),
             &json!({
                 "service": self.name, "context": LOCAL, "replicas": record.replicas,
-                "image": record.image.pull_reference(), "app": app, "up": up,
+                "image": record.image.pull_reference(), "location": deployed.location,
+                "stateDir": backend.state_dir(&self.name), "app": backend.image_dir(&self.name).join("rootfs"),
             }),
         )
     }
@@ -364,10 +325,11 @@ impl DeployArgs {
         global: &GlobalOpts,
         context: &ContextInfo,
         target: KubernetesTarget,
-        entry: &RegistryEntry,
+        record: &DeploymentRecord,
+        registries: &RegistryList,
         registry: Option<&RegistryClient>,
-        out: &Output,
     ) -> Result<()> {
+        let out = global.output();
         let KubernetesTarget { spec, client } = target;
         if br2k_deploy::local::is_loopback_url(&global.chain.rpc_url) {
             out.progress(format_args!(
@@ -375,63 +337,28 @@ impl DeployArgs {
                 global.chain.rpc_url
             ));
         }
-        let pull = Credentials::find(&entry.host())?.map(|c| (entry.host(), c));
-        if self.dry_run {
+        let (Some(registry), Some(client)) = (registry, client) else {
+            let entry = registries.entry_for_url(&record.image.registry_url)?;
+            let pull = Credentials::find(&entry.host())?.map(|c| (entry.host(), c));
             let manifests = Manifests::build(&spec, &SecretValues { operator_key: None, pull })?;
             print!("{}", manifests.to_yaml());
             return Ok(());
-        }
-        let (Some(registry), Some(client)) = (registry, client) else {
-            unreachable!("a deployment that is not a dry run has the registry and a client")
         };
-        let operator = kubernetes::operator_key(self.config.dir()?.as_path(), &context.name, &self.name)?;
-        if !registry.operators(&self.name).await?.contains(&operator.address()) {
-            out.progress(format_args!(
-                "deploy: allowing the replicas' key {} to publish locations",
-                operator.address()
-            ));
-            registry.set_operator(&self.name, operator.address(), true).await?;
-        }
-        let chain = registry.chain();
-        let balance = chain.balance(operator.address()).await?;
-        if self.operator_funds > alloy::primitives::U256::ZERO
-            && balance < self.operator_funds / alloy::primitives::U256::from(2)
-        {
-            let top_up = self.operator_funds - balance;
-            out.progress(format_args!(
-                "deploy: sending {} ETH to the replicas' key for gas",
-                alloy::primitives::utils::format_ether(top_up)
-            ));
-            chain.send_value(operator.address(), top_up).await?;
-        }
-        let values = SecretValues { operator_key: Some(alloy::hex::encode_prefixed(operator.to_bytes())), pull };
-        let manifests = Manifests::build(&spec, &values)?;
-        out.progress(format_args!(
-            "deploy: applying {} objects to {} (namespace {}) as field manager {}",
-            manifests.len(),
-            context.server,
-            context.namespace,
-            kubernetes::FIELD_MANAGER
-        ));
-        let applied = kubernetes::apply(&client, &context.namespace, &manifests, &|a| {
-            out.progress(format_args!("  {} {}", a.kind, a.name));
-        })
-        .await?;
+        let backend = KubernetesBackend {
+            context: context.clone(),
+            client,
+            config_dir: self.config.dir()?,
+            registries: registries.clone(),
+            settings: self.cluster_settings(global, registry.address()),
+            operator_funds: self.operator_funds,
+            registry: registry.clone(),
+        };
+        let deployed = backend.deploy(&self.name, record, &|line| out.progress(format_args!("deploy: {line}"))).await?;
         out.result(
-            &format!(
-                "{} deployed on {}: {} replicas from {} ({} objects applied); the replicas publish with {}",
-                self.name,
-                context.name,
-                spec.replicas,
-                spec.image,
-                applied.len(),
-                operator.address()
-            ),
+            &format!("{} deployed: {}", self.name, deployed.summary),
             &json!({
                 "service": self.name, "context": context.name, "namespace": context.namespace,
                 "replicas": spec.replicas, "image": spec.image,
-                "operator": operator.address(),
-                "applied": applied.iter().map(|a| json!({ "kind": a.kind, "name": a.name })).collect::<Vec<_>>(),
             }),
         )
     }
@@ -448,15 +375,4 @@ async fn recorded_deployment(registry: &RegistryClient, service: &str) -> Result
     let info = registry.info(service).await?;
     DeploymentRecord::from_body(&info.recovery)
         .with_context(|| format!("no --image given, and {service:?} has no deployment recorded to deploy again"))
-}
-
-/// The registry entry with `url`, or one made from the URL alone (a plain-HTTP URL in
-/// recovery info was allowed when it was recorded).
-fn entry_for_url(registries: &RegistryList, url: &str) -> Result<RegistryEntry> {
-    if let Some(entry) =
-        registries.list()?.into_iter().find(|e| e.url.trim_end_matches('/') == url.trim_end_matches('/'))
-    {
-        return Ok(entry);
-    }
-    Ok(RegistryEntry { name: url.to_owned(), url: url.to_owned(), plain_http: url.starts_with("http://") })
 }

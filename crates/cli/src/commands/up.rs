@@ -6,10 +6,10 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use br2k_deploy::local::run_file::{Layout, NodeEntry, RunFile, RunnerClaim};
 use br2k_deploy::local::{ChainChoice, EtcdTimings, Part, Sandbox, SandboxSpec};
 use br2k_replication::Role;
 use clap::Args;
-use serde::{Deserialize, Serialize};
 
 use super::GlobalOpts;
 use crate::opts::LocalReplicaOpts;
@@ -38,9 +38,16 @@ pub(crate) struct UpArgs {
     #[arg(long, default_value = "logserver")]
     name: String,
 
-    /// Data, logs and run.json go here; wiped at each `up` [default: <tmp>/br2k-up/NAME].
+    /// Data, logs and run.json go here; wiped at each `up` unless --keep-data
+    /// [default: <tmp>/br2k-up/NAME].
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
+
+    /// Start the replicas on the data an earlier `up` of this service left in the state
+    /// directory (same replica count and network mode), as a redeploy after a crash does;
+    /// without earlier data, start afresh.
+    #[arg(long)]
+    keep_data: bool,
 
     /// Use the chain at --rpc-url (and --registry, or a new one) with the wallet key as the
     /// service's manager, instead of starting a local anvil.
@@ -69,32 +76,6 @@ pub(crate) struct DownArgs {
     /// The state directory given to `br2k up` [default: <tmp>/br2k-up/NAME].
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
-}
-
-/// What `run.json` records of a running `br2k up`, for `br2k down` and for people.
-#[derive(Debug, Serialize, Deserialize)]
-struct RunFile {
-    pid: u32,
-    service: String,
-    rpc_url: String,
-    registry: String,
-    location: Option<String>,
-    epoch: Option<u64>,
-    /// The local slot: namespaces `b2k<slot>n<i>` and bridge `b2k<slot>` when `namespaces`.
-    slot: u8,
-    namespaces: bool,
-    nodes: Vec<NodeEntry>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct NodeEntry {
-    name: String,
-    app_url: String,
-    etcd_url: String,
-    app_pid: Option<u32>,
-    etcd_pid: Option<u32>,
-    role: Option<String>,
-    dir: PathBuf,
 }
 
 /// The environment variable a detached child is started with (so it knows to write its
@@ -131,10 +112,14 @@ impl UpArgs {
         } else {
             ChainChoice::Local
         };
-        if dir.exists() {
+        let kept = if self.keep_data { Layout::read(&dir)? } else { None };
+        if let Some(layout) = &kept {
+            layout.check_reuse(&self.name, self.local.count(), self.local.network.uses_namespaces(), &dir)?;
+        } else if dir.exists() {
             std::fs::remove_dir_all(&dir).with_context(|| format!("wiping the old state in {}", dir.display()))?;
         }
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let _claim = RunnerClaim::take(&dir)?;
         let spec = SandboxSpec {
             service: self.name.clone(),
             replicas: self.local.count(),
@@ -143,6 +128,7 @@ impl UpArgs {
             app_env: vec![("BR2K_OUTBOX".into(), dir.join("outbox").display().to_string())],
             work_dir: dir.clone(),
             network: self.local.network,
+            slot: kept.as_ref().map(|layout| layout.slot),
             etcd: EtcdTimings::with_election_ms(self.local.election_timeout),
             chain,
             startup_timeout: Duration::from_secs(30),
@@ -152,11 +138,19 @@ impl UpArgs {
             sandbox = Sandbox::start(spec, &progress) => sandbox?,
             _ = tokio::signal::ctrl_c() => bail!("interrupted while starting; everything started was stopped"),
         };
-        let mode = if sandbox.service().network().uses_namespaces() {
-            "network namespaces"
-        } else {
-            "loopback addresses (partitions need root)"
-        };
+        let network = sandbox.service().network();
+        Layout {
+            service: self.name.clone(),
+            replicas: sandbox.service().len(),
+            slot: network.slot(),
+            namespaces: network.uses_namespaces(),
+        }
+        .write(&dir)?;
+        if kept.is_some() {
+            progress(&format!("started on the data kept in {}", dir.display()));
+        }
+        let mode =
+            if network.uses_namespaces() { "network namespaces" } else { "loopback addresses (partitions need root)" };
         progress(&format!(
             "{} replicas of {:?} on {mode}; registry {} on {}",
             sandbox.service().len(),
@@ -296,24 +290,18 @@ fn write_run_file(
             })
             .collect(),
     };
-    let text = serde_json::to_string_pretty(&run)? + "\n";
+    let text = serde_json::to_string_pretty(&run)?;
     if text == *last_written {
         return Ok(()); // nothing changed since the last poll
     }
-    let path = dir.join("run.json");
-    let temp = dir.join("run.json.tmp");
-    std::fs::write(&temp, &text)
-        .and_then(|()| std::fs::rename(&temp, &path))
-        .with_context(|| format!("writing {}", path.display()))?;
+    run.write(dir)?;
     *last_written = text;
     Ok(())
 }
 
 /// The runner pid recorded in `dir`, if that runner still runs.
 pub(crate) fn running_pid(dir: &Path) -> Option<u32> {
-    let text = std::fs::read_to_string(dir.join("run.json")).ok()?;
-    let run: RunFile = serde_json::from_str(&text).ok()?;
-    br2k_deploy::local::process_exists(run.pid).then_some(run.pid)
+    br2k_deploy::local::run_file::running_pid(dir)
 }
 
 /// Starts this same command again in the background (without --detach), its output in

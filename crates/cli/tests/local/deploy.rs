@@ -174,10 +174,10 @@ fn deploy_local_runs_the_image_pulled_from_the_registry_and_records_it_on_chain(
     let first: Value = serde_json::from_str(&ok(deploy(&["--image", "br2k/logserver:v1", "--replicas", "3"]))).unwrap();
     let guard = Deployed(dir.path(), &anvil);
     let unpacked = dir.path().join("tmp/br2k-deploy/deployed/rootfs/usr/local/bin/br2k-logserver");
-    assert_eq!(first["app"].as_str().map(PathBuf::from), Some(unpacked.clone()));
+    assert!(unpacked.starts_with(first["app"].as_str().unwrap()), "{first}");
     assert_eq!(app_executables(dir.path()), vec![unpacked.clone(); 3], "every replica runs the unpacked image");
     assert_eq!(std::fs::read(&unpacked).unwrap(), std::fs::read(logserver()).unwrap());
-    let location = first["up"]["location"].as_str().unwrap().to_owned();
+    let location = first["location"].as_str().unwrap().to_owned();
     let status = http_get_status(&location, "/br2k/health");
     assert_eq!(status, 200, "the leader at {location} answers");
 

@@ -73,6 +73,43 @@ pub struct KubernetesSpec {
     pub registry: Address,
 }
 
+/// How a deployment on a Kubernetes context is made, beyond what the recovery info records.
+#[derive(Clone, Debug)]
+pub struct ClusterSettings {
+    /// The etcd image next to each app container.
+    pub etcd_image: String,
+    /// Each replica's etcd and data volume size.
+    pub volume_size: String,
+    /// The chain as the Pods reach it.
+    pub rpc_url: String,
+    /// The service registry.
+    pub registry: Address,
+}
+
+impl KubernetesSpec {
+    /// What deploying `service` as `record` on `context` declares.
+    pub fn new(
+        service: &str,
+        context: &crate::context::ContextInfo,
+        record: &crate::deployment::DeploymentRecord,
+        settings: &ClusterSettings,
+    ) -> Self {
+        Self {
+            service: service.to_owned(),
+            namespace: context.namespace.clone(),
+            replicas: record.replicas as usize,
+            image: record.image.pull_reference(),
+            etcd_image: settings.etcd_image.clone(),
+            nodes: context.resources.nodes.clone(),
+            endpoints: context.resources.endpoints.clone(),
+            storage_class: context.resources.storage_class.clone(),
+            volume_size: settings.volume_size.clone(),
+            rpc_url: settings.rpc_url.clone(),
+            registry: settings.registry,
+        }
+    }
+}
+
 /// The values of the Secrets. Left out of what `--dry-run` prints.
 #[derive(Clone, Debug, Default)]
 pub struct SecretValues {

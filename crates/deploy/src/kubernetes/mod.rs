@@ -6,6 +6,7 @@
 //! No cluster runs on the machines this is developed on: the objects are checked against
 //! the official schemas, and [`apply`] against kube's mocked API service (see the tests).
 
+mod backend;
 mod manifests;
 
 use std::fmt::Debug;
@@ -18,8 +19,9 @@ use kube::{Api, Config, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+pub use backend::KubernetesBackend;
 pub use kube::Client;
-pub use manifests::{DEFAULT_ETCD_IMAGE, KubernetesSpec, Manifests, NODE_LABEL, SecretValues};
+pub use manifests::{ClusterSettings, DEFAULT_ETCD_IMAGE, KubernetesSpec, Manifests, NODE_LABEL, SecretValues};
 
 use crate::context::Contexts;
 use crate::error::{DeployError, Result};
@@ -83,7 +85,7 @@ pub async fn apply(
     client: &Client,
     namespace: &str,
     manifests: &Manifests,
-    progress: &dyn Fn(&Applied),
+    progress: &(dyn Fn(&Applied) + Sync),
 ) -> Result<Vec<Applied>> {
     let mut applied = Vec::with_capacity(manifests.len());
     for secret in &manifests.secrets {
@@ -101,7 +103,12 @@ pub async fn apply(
     Ok(applied)
 }
 
-async fn apply_one<K>(client: &Client, namespace: &str, object: &K, progress: &dyn Fn(&Applied)) -> Result<Applied>
+async fn apply_one<K>(
+    client: &Client,
+    namespace: &str,
+    object: &K,
+    progress: &(dyn Fn(&Applied) + Sync),
+) -> Result<Applied>
 where
     K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Clone + Debug + Serialize + DeserializeOwned,
 {

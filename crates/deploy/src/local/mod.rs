@@ -17,8 +17,10 @@
 //! crashes (the kernel's parent-death signal); a crashed runner's namespaces and links
 //! are removed by the next runner (see [`net`]).
 
+mod backend;
 mod chain;
 mod net;
+pub mod run_file;
 mod sandbox;
 mod sys;
 mod tools;
@@ -33,6 +35,7 @@ use alloy::signers::local::PrivateKeySigner;
 use br2k_replication::{Role, Status};
 use tokio::process::{Child, Command};
 
+pub use backend::LocalBackend;
 pub use chain::LocalChain;
 pub use net::{LocalNetwork, MAX_NODES, NetworkMode};
 pub use sandbox::{ChainChoice, Sandbox, SandboxSpec, is_loopback_url};

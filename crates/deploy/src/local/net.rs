@@ -72,6 +72,17 @@ pub struct LocalNetwork {
     dir: PathBuf,
 }
 
+impl NetworkMode {
+    /// Whether nodes placed this way live in network namespaces (auto: when root).
+    pub fn uses_namespaces(self) -> bool {
+        match self {
+            Self::Auto => sys::effective_uid() == 0,
+            Self::Namespaces => true,
+            Self::Loopback => false,
+        }
+    }
+}
+
 impl LocalNetwork {
     /// Claims a free slot for `nodes` nodes (first removing whatever crashed runners
     /// left behind) and, in namespace mode, builds the bridge and one namespace per node.
@@ -79,6 +90,19 @@ impl LocalNetwork {
     /// # Errors
     /// Bad node count, namespaces asked for without root, `ip` failing, or no free slot.
     pub fn claim(mode: NetworkMode, nodes: usize) -> Result<Self> {
+        Self::claim_in(mode, nodes, None)
+    }
+
+    /// Claims slot `slot` itself, for replicas whose kept data records that slot's
+    /// addresses (etcd members know each other by address).
+    ///
+    /// # Errors
+    /// As [`Self::claim`], and when another running service holds that slot.
+    pub fn reclaim(mode: NetworkMode, nodes: usize, slot: u8) -> Result<Self> {
+        Self::claim_in(mode, nodes, Some(slot))
+    }
+
+    fn claim_in(mode: NetworkMode, nodes: usize, slot: Option<u8>) -> Result<Self> {
         if !(1..=MAX_NODES).contains(&nodes) {
             return Err(DeployError::Invalid(format!("a local service has 1 to {MAX_NODES} nodes, not {nodes}")));
         }
@@ -99,7 +123,7 @@ impl LocalNetwork {
         if root {
             sweep_unowned(&slots);
         }
-        let (slot, dir) = claim_slot(&slots)?;
+        let (slot, dir) = claim_slot(&slots, slot)?;
         let mut network = Self { slot, namespaces, nodes, dir };
         if namespaces {
             network.build()?; // on error, drop tears down what was built
@@ -228,8 +252,9 @@ fn slots_root() -> PathBuf {
     }
 }
 
-/// Cleans up after every runner that is gone, then takes the first free slot.
-fn claim_slot(slots: &Path) -> Result<(u8, PathBuf)> {
+/// Cleans up after every runner that is gone, then takes `wanted`, or else the first
+/// free slot.
+fn claim_slot(slots: &Path, wanted: Option<u8>) -> Result<(u8, PathBuf)> {
     for slot in 1..=LAST_SLOT {
         let dir = slots.join(format!("slot-{slot}"));
         if !dir.exists() {
@@ -247,7 +272,12 @@ fn claim_slot(slots: &Path) -> Result<(u8, PathBuf)> {
             remove_slot(slot, &dir);
         }
     }
-    for slot in 1..=LAST_SLOT {
+    let candidates = match wanted {
+        Some(slot) if (1..=LAST_SLOT).contains(&slot) => slot..=slot,
+        Some(slot) => return Err(DeployError::Invalid(format!("local slot {slot} is not in 1..={LAST_SLOT}"))),
+        None => 1..=LAST_SLOT,
+    };
+    for slot in candidates {
         let dir = slots.join(format!("slot-{slot}"));
         match fs::create_dir(&dir) {
             Ok(()) => {
@@ -255,6 +285,13 @@ fn claim_slot(slots: &Path) -> Result<(u8, PathBuf)> {
                 fs::write(&owner, std::process::id().to_string())
                     .map_err(|e| DeployError::io(format!("write {}", owner.display()), e))?;
                 return Ok((slot, dir));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && wanted.is_some() => {
+                let owner = fs::read_to_string(dir.join("owner")).unwrap_or_default();
+                return Err(DeployError::Invalid(format!(
+                    "local slot {slot}, whose addresses the kept data was made with, is in use by another running br2k service (runner pid {}); stop it first",
+                    owner.trim()
+                )));
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(DeployError::io(format!("create {}", dir.display()), e)),

@@ -49,6 +49,8 @@ pub struct SandboxSpec {
     pub work_dir: PathBuf,
     /// Network placement.
     pub network: NetworkMode,
+    /// The local slot to take (the one kept data was made with); `None` takes the first free.
+    pub slot: Option<u8>,
     /// etcd timings.
     pub etcd: EtcdTimings,
     /// The chain.
@@ -76,7 +78,10 @@ impl Sandbox {
     /// # Errors
     /// Any step that fails; what was started is stopped again.
     pub async fn start(spec: SandboxSpec, progress: &dyn Fn(&str)) -> Result<Self> {
-        let network = LocalNetwork::claim(spec.network, spec.replicas)?;
+        let network = match spec.slot {
+            Some(slot) => LocalNetwork::reclaim(spec.network, spec.replicas, slot)?,
+            None => LocalNetwork::claim(spec.network, spec.replicas)?,
+        };
         let (chain, rpc_url, manager, registry) = match spec.chain.clone() {
             ChainChoice::Local => {
                 progress(&format!("starting a local chain (anvil) on {}", network.host_address()));

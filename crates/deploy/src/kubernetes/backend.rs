@@ -1,0 +1,142 @@
+//! The Kubernetes backend behind the [`Backend`] interface: the replicas' manifests
+//! applied with server-side apply, after making sure the replicas' operator key may
+//! publish and has gas. Applying again recreates what is missing and changes nothing
+//! else, so a redeploy is the same call as a first deployment; the PVCs keep the data.
+
+use alloy::primitives::U256;
+use futures::future::BoxFuture;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams};
+
+use super::{Client, ClusterSettings, KubernetesSpec, Manifests, SecretValues, apply, operator_key};
+use crate::backend::{Backend, Deployed, Progress, ReplicaView};
+use crate::container_registry::{Credentials, RegistryList};
+use crate::context::ContextInfo;
+use crate::deployment::DeploymentRecord;
+use crate::error::{DeployError, Result};
+
+/// How to deploy to one Kubernetes context.
+#[derive(Clone)]
+pub struct KubernetesBackend {
+    /// The context (cluster, namespace, worker nodes, storage).
+    pub context: ContextInfo,
+    /// A client for its API server ([`super::connect`]).
+    pub client: Client,
+    /// br2k's configuration directory (the operator keys live under it).
+    pub config_dir: std::path::PathBuf,
+    /// The project's container registries (for pull credentials by URL).
+    pub registries: RegistryList,
+    /// Images, volumes, the chain and the registry as the Pods see them.
+    pub settings: ClusterSettings,
+    /// Keep the operator key funded with at least half this (wei); 0 sends nothing.
+    pub operator_funds: U256,
+    /// The service registry, with the manager's key (it allows and funds the operator key).
+    pub registry: br2k_resolver::RegistryClient,
+}
+
+impl std::fmt::Debug for KubernetesBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubernetesBackend").field("context", &self.context.name).finish_non_exhaustive()
+    }
+}
+
+impl KubernetesBackend {
+    async fn deploy_now(&self, service: &str, record: &DeploymentRecord, progress: Progress<'_>) -> Result<Deployed> {
+        let spec = KubernetesSpec::new(service, &self.context, record, &self.settings);
+        Manifests::build(&spec, &SecretValues::default())?; // refuse a bad spec before any transaction
+        let entry = self.registries.entry_for_url(&record.image.registry_url)?;
+        let pull = Credentials::find(&entry.host())?.map(|c| (entry.host(), c));
+        let operator = operator_key(&self.config_dir, &self.context.name, service)?;
+        if !self.registry.operators(service).await?.contains(&operator.address()) {
+            progress(&format!("allowing the replicas' key {} to publish locations", operator.address()));
+            self.registry.set_operator(service, operator.address(), true).await?;
+        }
+        let chain = self.registry.chain();
+        let balance = chain.balance(operator.address()).await?;
+        if self.operator_funds > U256::ZERO && balance < self.operator_funds / U256::from(2) {
+            let top_up = self.operator_funds - balance;
+            progress(&format!(
+                "sending {} ETH to the replicas' key for gas",
+                alloy::primitives::utils::format_ether(top_up)
+            ));
+            chain.send_value(operator.address(), top_up).await?;
+        }
+        let values = SecretValues { operator_key: Some(alloy::hex::encode_prefixed(operator.to_bytes())), pull };
+        let manifests = Manifests::build(&spec, &values)?;
+        progress(&format!(
+            "applying {} objects to {} (namespace {}) as field manager {}",
+            manifests.len(),
+            self.context.server,
+            self.context.namespace,
+            super::FIELD_MANAGER
+        ));
+        let applied = apply(&self.client, &self.context.namespace, &manifests, &|a| {
+            progress(&format!("  {} {}", a.kind, a.name));
+        })
+        .await?;
+        Ok(Deployed {
+            summary: format!(
+                "{} replicas of {service} on {} from {} ({} objects applied; the replicas publish with {})",
+                spec.replicas,
+                self.context.name,
+                spec.image,
+                applied.len(),
+                operator.address()
+            ),
+            location: None,
+        })
+    }
+
+    async fn replicas_now(&self, service: &str) -> Result<Vec<ReplicaView>> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.context.namespace);
+        let selector = format!("app.kubernetes.io/name={service},app.kubernetes.io/managed-by=br2k");
+        let list = pods.list(&ListParams::default().labels(&selector)).await.map_err(|e| {
+            DeployError::Invalid(format!(
+                "listing the Pods of {service} in {} (namespace {}): {e}",
+                self.context.server, self.context.namespace
+            ))
+        })?;
+        Ok(list
+            .items
+            .into_iter()
+            .map(|pod| {
+                let name = pod.metadata.name.unwrap_or_default();
+                let status = pod.status.unwrap_or_default();
+                let phase = status.phase.unwrap_or_else(|| "Unknown".into());
+                let ready =
+                    status.conditions.unwrap_or_default().iter().any(|c| c.type_ == "Ready" && c.status == "True");
+                let deleting = pod.metadata.deletion_timestamp.is_some();
+                ReplicaView {
+                    name,
+                    running: !deleting && matches!(phase.as_str(), "Pending" | "Running"),
+                    // The Pods' addresses are the cluster's; readiness is the app's health.
+                    status: None,
+                    detail: Some(format!(
+                        "Pod {phase}{}{}",
+                        if ready { ", ready" } else { ", not ready" },
+                        if deleting { ", being deleted" } else { "" }
+                    )),
+                }
+            })
+            .collect())
+    }
+}
+
+impl Backend for KubernetesBackend {
+    fn context(&self) -> &str {
+        &self.context.name
+    }
+
+    fn deploy<'a>(
+        &'a self,
+        service: &'a str,
+        record: &'a DeploymentRecord,
+        progress: Progress<'a>,
+    ) -> BoxFuture<'a, Result<Deployed>> {
+        Box::pin(self.deploy_now(service, record, progress))
+    }
+
+    fn replicas<'a>(&'a self, service: &'a str) -> BoxFuture<'a, Result<Vec<ReplicaView>>> {
+        Box::pin(self.replicas_now(service))
+    }
+}

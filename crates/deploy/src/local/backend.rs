@@ -1,0 +1,218 @@
+//! The local backend behind the [`Backend`] interface: a service's replicas run on this
+//! machine under a detached runner (`br2k up --detach --use-chain --keep-data`), from the
+//! image pulled by digest and unpacked into a directory of their own.
+//!
+//! The runner is a process of its own so the replicas outlive whoever deployed them (the
+//! `br2k deploy` command, or a manager daemon that may restart). Its state directory
+//! (`STATE_ROOT/SERVICE`) keeps the replicas' data and the layout it was made with, so a
+//! redeploy after every replica died starts on the same data, at the same addresses.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use alloy::primitives::Address;
+use alloy::signers::local::PrivateKeySigner;
+use futures::future::BoxFuture;
+
+use super::run_file::{RunFile, running_pid};
+use super::{NetworkMode, stop_runner};
+use crate::backend::{Backend, Deployed, Progress, ReplicaView};
+use crate::container_registry::RegistryList;
+use crate::context::LOCAL;
+use crate::deployment::DeploymentRecord;
+use crate::error::{DeployError, Result};
+use crate::image::ImageStore;
+
+/// How to run a service's replicas on this machine.
+#[derive(Clone, Debug)]
+pub struct LocalBackend {
+    /// The `br2k` executable whose `up` command runs the replicas.
+    pub runner: PathBuf,
+    /// Where each service's state directory goes (`br2k up`'s default: `<tmp>/br2k-up`).
+    pub state_root: PathBuf,
+    /// Where each service's pulled image and unpacked files go (`<tmp>/br2k-deploy`).
+    pub image_root: PathBuf,
+    /// The project's container registries (for plain-HTTP and credentials by URL).
+    pub registries: RegistryList,
+    /// Network placement of the nodes.
+    pub network: NetworkMode,
+    /// etcd's election timeout, milliseconds.
+    pub election_ms: u64,
+    /// The chain the leader publishes to, as the nodes reach it.
+    pub rpc_url: String,
+    /// The service registry.
+    pub registry: Address,
+    /// The service's manager key; the local replicas publish with it.
+    pub key: PrivateKeySigner,
+}
+
+/// How long a runner may take to put the replicas up and publish a leader.
+const START_TIMEOUT: Duration = Duration::from_secs(180);
+
+impl LocalBackend {
+    /// The defaults `br2k up` and `br2k deploy` use for `state_root` and `image_root`.
+    pub fn default_roots() -> (PathBuf, PathBuf) {
+        let tmp = std::env::temp_dir();
+        (tmp.join("br2k-up"), tmp.join("br2k-deploy"))
+    }
+
+    /// The state directory of `service`'s runner.
+    pub fn state_dir(&self, service: &str) -> PathBuf {
+        self.state_root.join(service)
+    }
+
+    /// Where `service`'s image is unpacked (its app binary is below `rootfs/`).
+    pub fn image_dir(&self, service: &str) -> PathBuf {
+        self.image_root.join(service)
+    }
+
+    async fn deploy_now(&self, service: &str, record: &DeploymentRecord, progress: Progress<'_>) -> Result<Deployed> {
+        let state = self.state_dir(service);
+        if let Some(pid) = running_pid(&state) {
+            progress(&format!("stopping the runner that is there (pid {pid}); the replicas' data stays"));
+            stop_runner(pid, Duration::from_secs(30)).await?;
+        }
+        let dir = self.image_dir(service);
+        let entry = self.registries.entry_for_url(&record.image.registry_url)?;
+        let pulled = ImageStore::new(dir.join("store"));
+        progress(&format!("pulling {} (every blob checked against its digest)", record.image.pull_reference()));
+        let image = entry
+            .client()?
+            .pull(&pulled, &record.image.repository, &record.image.digest, &record.image.repository, "deployed")
+            .await?;
+        let rootfs = dir.join("rootfs");
+        if rootfs.exists() {
+            std::fs::remove_dir_all(&rootfs)
+                .map_err(|e| DeployError::io(format!("remove the old {}", rootfs.display()), e))?;
+        }
+        let app = pulled.extract(&image, &rootfs)?;
+        progress(&format!("unpacked {} to {}", image.entrypoint, app.display()));
+
+        progress(&format!("starting {} replicas under a runner (state in {})", record.replicas, state.display()));
+        let mut command = tokio::process::Command::new(&self.runner);
+        command
+            .args(["--json", "--quiet", "up", "--detach", "--use-chain", "--keep-data", "--name", service])
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--app")
+            .arg(&app)
+            .args(["--replicas", &record.replicas.to_string()])
+            .args(["--network", &self.network.to_string()])
+            .args(["--election-timeout", &self.election_ms.to_string()])
+            .args(["--rpc-url", &self.rpc_url, "--registry", &self.registry.to_string()])
+            // The key travels in the environment, never on argv (the process list shows argv).
+            .env("ETH_PRIVATE_KEY", alloy::hex::encode_prefixed(self.key.to_bytes()))
+            .env_remove("ETH_KEYSTORE")
+            .env_remove("ETH_PASSWORD_FILE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let output = tokio::time::timeout(START_TIMEOUT, command.output())
+            .await
+            .map_err(|_| DeployError::NotReady {
+                what: format!("the runner of {service:?}"),
+                timeout: START_TIMEOUT,
+                log: Some(self.state_root.join(format!("{service}.log"))),
+            })?
+            .map_err(|e| DeployError::io(format!("start {}", self.runner.display()), e))?;
+        if !output.status.success() {
+            return Err(DeployError::Exited {
+                what: format!("`br2k up` for {service:?}: {}", String::from_utf8_lossy(&output.stderr).trim()),
+                status: output.status.to_string(),
+                log: Some(self.state_root.join(format!("{service}.log"))),
+            });
+        }
+        let up: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
+        let location = up["location"].as_str().map(str::to_owned);
+        Ok(Deployed {
+            summary: format!(
+                "{} replicas of {service} on {LOCAL} from {} (runner pid {})",
+                record.replicas,
+                record.image.pull_reference(),
+                up["pid"].as_u64().map_or_else(|| "?".into(), |p| p.to_string())
+            ),
+            location,
+        })
+    }
+
+    async fn replicas_now(&self, service: &str) -> Result<Vec<ReplicaView>> {
+        let state = self.state_dir(service);
+        let Some(run) = RunFile::read(&state)? else {
+            return Ok(match running_pid(&state) {
+                // A runner that has not written its first run file yet is starting them.
+                Some(pid) => vec![starting(pid)],
+                None => Vec::new(),
+            });
+        };
+        if !run.runner_alive() {
+            if let Some(pid) = running_pid(&state) {
+                return Ok(vec![starting(pid)]); // a new runner, still on the old run file
+            }
+            // The runner's children die with it (parent-death signal): nothing runs.
+            return Ok(run
+                .nodes
+                .iter()
+                .map(|node| ReplicaView {
+                    name: node.name.clone(),
+                    running: false,
+                    status: None,
+                    detail: Some(format!("its runner (pid {}) is gone", run.pid)),
+                })
+                .collect());
+        }
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(1))
+            .connect_timeout(Duration::from_millis(500))
+            .no_proxy()
+            .build()
+            .map_err(|e| DeployError::Invalid(format!("cannot build an HTTP client: {e}")))?;
+        let views = run.nodes.iter().map(|node| {
+            let http = http.clone();
+            async move {
+                let running = [node.app_pid, node.etcd_pid].iter().flatten().any(|pid| super::process_exists(*pid));
+                let url = format!("{}/br2k/status", node.app_url);
+                let answer = match http.get(&url).send().await {
+                    Ok(response) => response.json::<br2k_replication::Status>().await.map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                let (status, detail) = match answer {
+                    Ok(status) => (Some(status), None),
+                    Err(e) => (None, Some(format!("{url}: {e}"))),
+                };
+                ReplicaView { name: node.name.clone(), running, status, detail }
+            }
+        });
+        Ok(futures::future::join_all(views).await)
+    }
+}
+
+/// The one entry shown for a runner that is still starting its replicas.
+fn starting(pid: u32) -> ReplicaView {
+    ReplicaView {
+        name: "runner".into(),
+        running: true,
+        status: None,
+        detail: Some(format!("runner pid {pid} is starting the replicas")),
+    }
+}
+
+impl Backend for LocalBackend {
+    fn context(&self) -> &str {
+        LOCAL
+    }
+
+    fn deploy<'a>(
+        &'a self,
+        service: &'a str,
+        record: &'a DeploymentRecord,
+        progress: Progress<'a>,
+    ) -> BoxFuture<'a, Result<Deployed>> {
+        Box::pin(self.deploy_now(service, record, progress))
+    }
+
+    fn replicas<'a>(&'a self, service: &'a str) -> BoxFuture<'a, Result<Vec<ReplicaView>>> {
+        Box::pin(self.replicas_now(service))
+    }
+}
