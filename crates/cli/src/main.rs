@@ -1,6 +1,7 @@
 //! `br2k`: the command line of br2k. Parses, then calls the libraries; every command is
 //! one file under `commands/`.
 
+mod backends;
 mod commands;
 mod deployments;
 mod opts;
@@ -12,7 +13,7 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = commands::Cli::parse();
-    init_logging();
+    init_logging(cli.default_log_filter());
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -34,11 +35,11 @@ fn main() -> ExitCode {
     }
 }
 
-/// Diagnostics through `tracing` on stderr, filtered by `RUST_LOG` (default: warnings).
-fn init_logging() {
+/// Diagnostics through `tracing` on stderr, filtered by `RUST_LOG` (default: `default`;
+/// kube logs each failed request itself, and br2k's error already says it, once).
+fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        // kube logs each failed request itself; br2k's error already says it, once.
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,kube_client=off"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
 }
 

@@ -255,6 +255,17 @@ impl RegistryClient {
             .bytes()
             .await
             .map_err(|e| registry_error("fetch the manifest", &e.to_string()))?;
+        // The digest is the image's identity (the recovery info records it): content
+        // that does not hash to it is not that image, whatever the registry says.
+        let actual = crate::image::sha256_digest(&manifest);
+        if actual != digest {
+            return Err(DeployError::Invalid(format!(
+                "the manifest {} serves for {repository}@{digest} does not match that digest (its content hashes to {actual}); \
+                 refusing to run it: the registry's copy was altered or replaced. Push the image again, or record the image \
+                 that should run with `br2k deploy --image`",
+                self.base
+            )));
+        }
         store.write_blob(digest, &manifest)?;
         #[derive(Deserialize)]
         struct Descriptor {

@@ -108,6 +108,15 @@ impl Chain {
         &self.url
     }
 
+    /// The latest block's number.
+    ///
+    /// # Errors
+    /// RPC and timeout errors.
+    pub async fn block_number(&self) -> Result<u64> {
+        let action = "read the latest block number";
+        self.bounded(action, self.provider.get_block_number()).await?.map_err(|e| self.transport(action, e))
+    }
+
     /// The chain id the endpoint reported.
     pub const fn chain_id(&self) -> u64 {
         self.chain_id
@@ -356,6 +365,24 @@ impl RegistryClient {
     /// The chain connection.
     pub const fn chain(&self) -> &Chain {
         &self.chain
+    }
+
+    /// The block its event history starts at (see [`Self::deployed_in`]).
+    pub const fn first_block(&self) -> u64 {
+        self.first_block
+    }
+
+    /// The registry's logs of the events `signatures` in blocks `from..=to`, in order.
+    ///
+    /// # Errors
+    /// RPC and timeout errors (a node may refuse too wide a range: ask for less).
+    pub async fn logs(&self, signatures: Vec<B256>, from: u64, to: u64) -> Result<Vec<alloy::rpc::types::Log>> {
+        let action = "read the registry's events";
+        let filter = Filter::new().address(self.address()).event_signature(signatures).from_block(from).to_block(to);
+        self.chain
+            .bounded(action, self.chain.provider.get_logs(&filter))
+            .await?
+            .map_err(|e| self.chain.transport(action, e))
     }
 
     /// The bindings' instance, for calls this client does not wrap.

@@ -110,6 +110,12 @@ impl OciRegistry {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// Its storage root on disk (`docker/registry/v2/...` below it), for tests that
+    /// alter what it serves.
+    pub fn storage(&self) -> std::path::PathBuf {
+        self._dir.path().join("storage")
+    }
+
     /// What it printed, for diagnostics.
     pub fn output(&self) -> String {
         self.output.text()

@@ -9,10 +9,8 @@ use br2k_deploy::container_registry::{Credentials, RegistryEntry, RegistryList};
 use br2k_deploy::context::{ContextInfo, LOCAL};
 use br2k_deploy::deployment::{self, DeploymentRecord, PinnedImage, Recorded};
 use br2k_deploy::image::{ImageRecord, ImageStore};
-use br2k_deploy::kubernetes::{
-    self, ClusterSettings, DEFAULT_ETCD_IMAGE, KubernetesBackend, KubernetesSpec, Manifests, SecretValues,
-};
-use br2k_deploy::local::{LocalBackend, NetworkMode};
+use br2k_deploy::kubernetes::{self, KubernetesBackend, KubernetesSpec, Manifests, SecretValues};
+use br2k_deploy::local::LocalBackend;
 use br2k_resolver::RegistryClient;
 use clap::Args;
 use serde_json::json;
@@ -20,6 +18,7 @@ use serde_json::json;
 use super::GlobalOpts;
 use super::context::DirArg;
 use super::image::StoreArg;
+use crate::backends::BackendOpts;
 use crate::output::Output;
 
 const DEPLOY_EXAMPLES: &str = "\
@@ -68,27 +67,8 @@ pub(crate) struct DeployArgs {
     #[arg(long)]
     dry_run: bool,
 
-    /// The etcd image next to each app container.
-    #[arg(long, value_name = "IMAGE", default_value = DEFAULT_ETCD_IMAGE, help_heading = "Kubernetes")]
-    etcd_image: String,
-
-    /// The size of each replica's etcd and data volumes.
-    #[arg(long, value_name = "QUANTITY", default_value = "1Gi", help_heading = "Kubernetes")]
-    volume_size: String,
-
-    /// Keep the replicas' operator key funded with at least half this much ETH for the gas
-    /// of publishing locations; below that, it is topped up to this from the signing key.
-    /// 0 sends nothing.
-    #[arg(long, value_name = "ETH", default_value = "0.05", value_parser = parse_ether, help_heading = "Kubernetes")]
-    operator_funds: alloy::primitives::U256,
-
-    /// Where the local nodes run: auto (namespaces as root, loopback otherwise), namespaces, loopback.
-    #[arg(long, default_value = "auto", help_heading = "Local")]
-    network: NetworkMode,
-
-    /// etcd's election timeout in milliseconds, for local nodes.
-    #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(50..=50_000), help_heading = "Local")]
-    election_timeout: u64,
+    #[command(flatten)]
+    backend: BackendOpts,
 
     #[command(flatten)]
     store: StoreArg,
@@ -148,8 +128,12 @@ impl DeployArgs {
                 (None, Some(address)) => address,
                 (None, None) => global.open_registry().await?.address(),
             };
-            let spec =
-                KubernetesSpec::new(&self.name, &context, &record, &self.cluster_settings(global, registry_address));
+            let spec = KubernetesSpec::new(
+                &self.name,
+                &context,
+                &record,
+                &self.backend.cluster_settings(&global.chain.rpc_url, registry_address),
+            );
             Manifests::build(&spec, &SecretValues::default())?;
             // Reads the kubeconfig and the token file (no request yet).
             let client = if self.dry_run { None } else { Some(kubernetes::connect(&contexts, &context.name).await?) };
@@ -191,15 +175,6 @@ impl DeployArgs {
             Some(target) => {
                 self.deploy_kubernetes(global, &context, target, &record, &registries, registry.as_ref()).await
             }
-        }
-    }
-
-    fn cluster_settings(&self, global: &GlobalOpts, registry: alloy::primitives::Address) -> ClusterSettings {
-        ClusterSettings {
-            etcd_image: self.etcd_image.clone(),
-            volume_size: self.volume_size.clone(),
-            rpc_url: global.chain.rpc_url.clone(),
-            registry,
         }
     }
 
@@ -274,8 +249,7 @@ impl DeployArgs {
         signed: Option<(&RegistryClient, &PrivateKeySigner)>,
         out: &Output,
     ) -> Result<()> {
-        let (state_root, image_root) = LocalBackend::default_roots();
-        let dir = image_root.join(&self.name);
+        let dir = LocalBackend::default_roots().1.join(&self.name);
         let Some((registry, key)) = signed else {
             let plan = json!({
                 "service": self.name, "context": LOCAL, "replicas": record.replicas,
@@ -292,17 +266,7 @@ impl DeployArgs {
                 &plan,
             );
         };
-        let backend = LocalBackend {
-            runner: std::env::current_exe().context("finding this executable")?,
-            state_root,
-            image_root,
-            registries: registries.clone(),
-            network: self.network,
-            election_ms: self.election_timeout,
-            rpc_url: global.chain.rpc_url.clone(),
-            registry: registry.address(),
-            key: key.clone(),
-        };
+        let backend = self.backend.local(&global.chain.rpc_url, registry, key, registries)?;
         let deployed = backend.deploy(&self.name, record, &|line| out.progress(format_args!("deploy: {line}"))).await?;
         out.result(
             &format!(
@@ -349,8 +313,8 @@ impl DeployArgs {
             client,
             config_dir: self.config.dir()?,
             registries: registries.clone(),
-            settings: self.cluster_settings(global, registry.address()),
-            operator_funds: self.operator_funds,
+            settings: self.backend.cluster_settings(&global.chain.rpc_url, registry.address()),
+            operator_funds: self.backend.operator_funds,
             registry: registry.clone(),
         };
         let deployed = backend.deploy(&self.name, record, &|line| out.progress(format_args!("deploy: {line}"))).await?;
@@ -362,12 +326,6 @@ impl DeployArgs {
             }),
         )
     }
-}
-
-/// Parses an amount of ETH (`0.05`) into wei.
-fn parse_ether(text: &str) -> Result<alloy::primitives::U256, String> {
-    alloy::primitives::utils::parse_ether(text.trim())
-        .map_err(|e| format!("{text:?} is not an amount of ETH (e.g. 0.05): {e}"))
 }
 
 /// The deployment the registry records for `service`.

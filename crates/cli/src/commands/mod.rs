@@ -4,6 +4,7 @@ mod claim;
 mod context;
 mod deploy;
 mod image;
+mod manager;
 mod registry;
 mod resolve;
 mod service;
@@ -117,9 +118,20 @@ enum Command {
     /// Where and as whom to deploy: kubeconfig contexts plus br2k's resources; `local` always exists.
     #[command(subcommand)]
     Context(context::ContextCommand),
+    /// The manager daemon: recovers the services this key manages when they stop serving.
+    #[command(subcommand)]
+    Manager(manager::ManagerCommand),
 }
 
 impl Cli {
+    /// The log filter when RUST_LOG is not set: warnings, and a daemon's own steps.
+    pub(crate) const fn default_log_filter(&self) -> &'static str {
+        match self.command {
+            Command::Manager(_) => "warn,br2k_manager=info,kube_client=off",
+            _ => "warn,kube_client=off",
+        }
+    }
+
     /// Runs the chosen command.
     pub(crate) async fn run(self) -> Result<()> {
         let global = &self.global;
@@ -136,6 +148,7 @@ impl Cli {
             Command::ImageRegistry(command) => command.run(global).await,
             Command::Deploy(args) => args.run(global).await,
             Command::Context(command) => command.run(global).await,
+            Command::Manager(command) => command.run(global).await,
         }
     }
 }

@@ -8,7 +8,7 @@ use std::process::Command;
 use br2k_test_utils::{Anvil, OciRegistry};
 use serde_json::Value;
 
-use crate::{br2k, logserver, ok, one_at_a_time};
+use crate::{br2k, http, logserver, ok, one_at_a_time};
 
 /// tools/.venv/bin/kubernetes-validate, which tools/setup.sh installs.
 fn kubernetes_validate() -> PathBuf {
@@ -97,7 +97,7 @@ fn every_manifest_the_dry_run_prints_validates_against_the_kubernetes_schemas() 
 }
 
 /// `br2k` in `dir`, on `anvil`, as account 0, with temporary state under `dir/tmp`.
-fn br2k_at(dir: &Path, anvil: &Anvil) -> Command {
+pub(crate) fn br2k_at(dir: &Path, anvil: &Anvil) -> Command {
     let mut command = br2k();
     command
         .current_dir(dir)
@@ -115,19 +115,6 @@ impl Drop for Deployed<'_> {
     fn drop(&mut self) {
         let _ = br2k_at(self.0, self.1).args(["down", "--name", "deployed"]).output();
     }
-}
-
-/// The status code of `GET path` at `base` (`http://host:port`), by hand: the test needs
-/// no HTTP client for one request.
-fn http_get_status(base: &str, path: &str) -> u16 {
-    use std::io::{Read as _, Write as _};
-    let authority = base.trim_start_matches("http://").trim_end_matches('/');
-    let mut stream = std::net::TcpStream::connect(authority).unwrap();
-    stream.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n").unwrap();
-    let mut answer = String::new();
-    let _ = stream.read_to_string(&mut answer);
-    answer.split_whitespace().nth(1).and_then(|code| code.parse().ok()).unwrap_or(0)
 }
 
 /// The executable each running app replica was started from (`/proc/PID/exe`).
@@ -178,7 +165,7 @@ fn deploy_local_runs_the_image_pulled_from_the_registry_and_records_it_on_chain(
     assert_eq!(app_executables(dir.path()), vec![unpacked.clone(); 3], "every replica runs the unpacked image");
     assert_eq!(std::fs::read(&unpacked).unwrap(), std::fs::read(logserver()).unwrap());
     let location = first["location"].as_str().unwrap().to_owned();
-    let status = http_get_status(&location, "/br2k/health");
+    let (status, _) = http(&location, "GET", "/br2k/health", "");
     assert_eq!(status, 200, "the leader at {location} answers");
 
     let info: Value = serde_json::from_str(&run(&["--json", "service", "info", "deployed"])).unwrap();

@@ -6,6 +6,7 @@
 
 mod deploy;
 mod image;
+mod manager;
 mod testbed;
 mod up;
 
@@ -66,4 +67,28 @@ fn namespaces_of_slot(slot: u64) -> Vec<String> {
 fn alive(pid: u64) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')))
+}
+
+/// One HTTP/1.1 request to `base` (`http://host:port`), by hand (the tests need no HTTP
+/// client crate): the status code (0 when nothing answered) and the body.
+fn http(base: &str, method: &str, path: &str, json_body: &str) -> (u16, String) {
+    use std::io::{Read as _, Write as _};
+    let authority = base.trim_start_matches("http://").trim_end_matches('/');
+    let Ok(mut stream) = std::net::TcpStream::connect_timeout(
+        &authority.parse().expect("an IP:port location"),
+        std::time::Duration::from_secs(2),
+    ) else {
+        return (0, String::new());
+    };
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    let _ = write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{json_body}",
+        json_body.len()
+    );
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    let status = answer.split_whitespace().nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
+    let body = answer.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
 }

@@ -1,0 +1,347 @@
+//! `br2k manager run` against real parts: an anvil with the registry, a real container
+//! registry holding the logserver image, the service deployed locally from it. The
+//! disaster is real too: the runner and every replica's app and etcd member are killed
+//! with SIGKILL; only their data directories survive, as disks survive a power cut.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use br2k_test_utils::{Anvil, OciRegistry};
+use serde_json::Value;
+
+use crate::deploy::br2k_at;
+use crate::{alive, http, logserver, ok, one_at_a_time};
+
+/// A project with a registry, the logserver image pushed, and `service` deployed from it.
+struct Project {
+    dir: tempfile::TempDir,
+    anvil: Anvil,
+    registry: OciRegistry,
+    service: &'static str,
+    manager: Option<Child>,
+}
+
+impl Project {
+    fn deploy(service: &'static str) -> Self {
+        let anvil = Anvil::spawn().expect("anvil starts (run `bash tools/setup.sh` if it is missing)");
+        let registry =
+            OciRegistry::spawn(None).expect("docker-registry starts (run `bash tools/setup.sh` if it is missing)");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("tmp")).unwrap();
+        let project = Self { dir, anvil, registry, service, manager: None };
+        project.run(&["service-registry", "deploy"]);
+        let logserver = logserver();
+        project.run(&["image", "build", logserver.to_str().unwrap(), "--name", "br2k/logserver", "--tag", "v1"]);
+        project.run(&["image-registry", "add", "lab", &project.registry.url(), "--plain-http"]);
+        project.run(&[
+            "deploy",
+            service,
+            "--context",
+            "local",
+            "--image",
+            "br2k/logserver:v1",
+            "--network",
+            "loopback",
+            "--election-timeout",
+            "500",
+        ]);
+        project
+    }
+
+    fn br2k(&self) -> Command {
+        br2k_at(self.dir.path(), &self.anvil)
+    }
+
+    fn run(&self, args: &[&str]) -> String {
+        ok(self.br2k().args(args).output().unwrap())
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("tmp/br2k-up").join(self.service)
+    }
+
+    fn manager_log(&self, n: usize) -> PathBuf {
+        self.dir.path().join(format!("manager-{n}.log"))
+    }
+
+    /// Starts `br2k manager run` (claims only, no probes), its log in `manager-N.log`.
+    fn start_manager(&mut self, n: usize) {
+        let log = std::fs::File::create(self.manager_log(n)).unwrap();
+        let child = self
+            .br2k()
+            .args(["manager", "run", "--service", self.service, "--probe-interval", "0s", "--grace", "10s"])
+            .args(["--poll-interval", "200ms", "--metrics", "off", "--network", "loopback"])
+            .args(["--election-timeout", "500"])
+            .arg("--state-dir")
+            .arg(self.dir.path().join("manager"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.manager = Some(child);
+        self.wait_log(n, "manager started", Duration::from_secs(30));
+    }
+
+    /// SIGKILLs the manager, as a crash would.
+    fn kill_manager(&mut self) {
+        if let Some(mut child) = self.manager.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn wait_log(&self, n: usize, text: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = std::fs::read_to_string(self.manager_log(n)).unwrap_or_default();
+            if log.contains(text) {
+                return log;
+            }
+            assert!(Instant::now() < deadline, "the manager did not log {text:?} within {timeout:?}:\n{log}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The location and epoch the registry holds.
+    fn resolve(&self) -> (String, u64) {
+        let resolved: Value = serde_json::from_str(&self.run(&["--json", "resolve", self.service])).unwrap();
+        (resolved["location"].as_str().unwrap().to_owned(), resolved["epoch"].as_u64().unwrap())
+    }
+
+    fn state(&self) -> String {
+        let info: Value = serde_json::from_str(&self.run(&["--json", "service", "info", self.service])).unwrap();
+        info["state"].as_str().unwrap().to_owned()
+    }
+
+    /// Appends `user`'s entries `seqs` through the leader; every one must be acknowledged.
+    fn append(&self, user: u64, seqs: std::ops::RangeInclusive<u64>) -> Vec<u64> {
+        let (location, _) = self.resolve();
+        seqs.map(|seq| {
+            let (status, body) = http(&location, "POST", "/log", &format!("{{\"user\": {user}, \"seq\": {seq}}}"));
+            assert_eq!(status, 200, "POST /log at {location}: {body}");
+            serde_json::from_str::<Value>(&body).unwrap()["index"].as_u64().unwrap()
+        })
+        .collect()
+    }
+
+    /// The log indices the service holds now.
+    fn indices(&self) -> Vec<u64> {
+        let (location, _) = self.resolve();
+        let (status, body) = http(&location, "GET", "/log", "");
+        assert_eq!(status, 200, "GET /log at {location}: {body}");
+        let entries: Value = serde_json::from_str(&body).unwrap();
+        entries["entries"].as_array().unwrap().iter().map(|e| e["index"].as_u64().unwrap()).collect()
+    }
+
+    /// Kills the runner and every replica's app and etcd member with SIGKILL, and waits
+    /// until none of them is left.
+    fn disaster(&self) {
+        let run: Value =
+            serde_json::from_str(&std::fs::read_to_string(self.state_dir().join("run.json")).unwrap()).unwrap();
+        let mut pids = vec![run["pid"].as_u64().unwrap()];
+        for node in run["nodes"].as_array().unwrap() {
+            pids.extend(["app_pid", "etcd_pid"].iter().filter_map(|k| node[k].as_u64()));
+        }
+        assert_eq!(pids.len(), 7, "a runner and 3 x (app, etcd): {run}");
+        let list: Vec<String> = pids.iter().map(ToString::to_string).collect();
+        ok(Command::new("kill").arg("-9").args(&list).output().unwrap());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pids.iter().any(|pid| alive(*pid)) {
+            assert!(Instant::now() < deadline, "processes {pids:?} survived SIGKILL");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Files a claim with anvil key `key` (not the manager's).
+    fn claim(&self, key: usize, reason: &str) {
+        let output = self
+            .br2k()
+            .env("ETH_PRIVATE_KEY", alloy::hex::encode_prefixed(self.anvil.key(key).to_bytes()))
+            .args(["claim", self.service, "--reason", reason])
+            .output()
+            .unwrap();
+        ok(output);
+    }
+
+    /// Waits until a location with an epoch above `epoch` answers `/br2k/health`.
+    fn wait_answering(&self, epoch: u64, timeout: Duration) -> (String, u64) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (location, now) = self.resolve();
+            if now > epoch && http(&location, "GET", "/br2k/health", "").0 == 200 {
+                return (location, now);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no new location above epoch {epoch} answered within {timeout:?}; manager log:\n{}",
+                std::fs::read_to_string(self.manager_log(1)).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The pid in the state directory's `runner.pid`, if that runner is alive.
+    fn live_runner(&self) -> Option<u64> {
+        let text = std::fs::read_to_string(self.state_dir().join("runner.pid")).ok()?;
+        text.trim().parse().ok().filter(|pid| alive(*pid))
+    }
+
+    /// The runner pid `run.json` records.
+    fn serving_runner(&self) -> u64 {
+        let run: Value =
+            serde_json::from_str(&std::fs::read_to_string(self.state_dir().join("run.json")).unwrap()).unwrap();
+        run["pid"].as_u64().unwrap()
+    }
+
+    /// Waits until the manager's log holds `text` `n` times.
+    fn wait_count(&self, log: usize, text: &str, n: usize) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let content = std::fs::read_to_string(self.manager_log(log)).unwrap_or_default();
+            if count(&content, text) >= n {
+                return content;
+            }
+            assert!(Instant::now() < deadline, "the manager did not log {text:?} {n} times:\n{content}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Project {
+    fn drop(&mut self) {
+        self.kill_manager();
+        let _ = self.br2k().args(["down", "--name", self.service]).output();
+    }
+}
+
+fn count(text: &str, needle: &str) -> usize {
+    text.matches(needle).count()
+}
+
+#[test]
+fn a_claim_after_every_replica_died_brings_the_service_back_from_its_image_with_its_data() {
+    let _turn = one_at_a_time();
+    let mut project = Project::deploy("recovered");
+    let acknowledged = project.append(1, 1..=5);
+    let (before, epoch) = project.resolve();
+    project.start_manager(1);
+
+    // A claim against a healthy service is dropped (spurious), twice (duplicate).
+    project.claim(1, "spurious: it looked slow");
+    project.claim(2, "spurious again");
+    let log = project.wait_log(1, "claim dropped: it answers", Duration::from_secs(30));
+    assert!(!log.contains("recovering:"), "{log}");
+
+    project.disaster();
+    assert_eq!(http(&before, "GET", "/br2k/health", "").0, 0, "nothing answers at {before} any more");
+    let claimed = Instant::now();
+    project.claim(3, "no answer from any replica");
+    let (after, new_epoch) = project.wait_answering(epoch, Duration::from_secs(120));
+    let took = claimed.elapsed();
+    eprintln!("claim to answering: {:.1} s (epoch {epoch} -> {new_epoch}, {before} -> {after})", took.as_secs_f64());
+
+    let log = project.wait_log(1, "recovered in", Duration::from_secs(30));
+    assert_eq!(count(&log, "recovering:"), 1, "one recovery:\n{log}");
+    assert!(log.contains("redeploying") && log.contains("@sha256:"), "redeployed by digest:\n{log}");
+    assert!(log.contains("pulling") && log.contains("every blob checked"), "{log}");
+    assert_eq!(project.state(), "running");
+    // The replicas run the image unpacked from the pull, not the build output.
+    let unpacked = project.dir.path().join("tmp/br2k-deploy/recovered/rootfs/usr/local/bin/br2k-logserver");
+    let run: Value =
+        serde_json::from_str(&std::fs::read_to_string(project.state_dir().join("run.json")).unwrap()).unwrap();
+    for node in run["nodes"].as_array().unwrap() {
+        let exe = std::fs::read_link(format!("/proc/{}/exe", node["app_pid"].as_u64().unwrap())).unwrap();
+        assert_eq!(exe, unpacked);
+    }
+    // Everything acknowledged before the disaster is still there, and it takes more.
+    let held = project.indices();
+    for index in &acknowledged {
+        assert!(held.contains(index), "index {index} acknowledged before the disaster is gone: {held:?}");
+    }
+    let more = project.append(1, 6..=7);
+    assert!(more.iter().all(|i| i > acknowledged.last().unwrap()), "{more:?} after {acknowledged:?}");
+
+    // A burst of claims during a second disaster: one recovery.
+    let (_, epoch) = project.resolve();
+    project.disaster();
+    for key in [4, 5, 6] {
+        project.claim(key, "burst");
+    }
+    project.wait_answering(epoch, Duration::from_secs(120));
+    project.wait_count(1, "recovered in", 2);
+    let log = project.wait_count(1, "claim: ", 6);
+    assert_eq!(count(&log, "recovering:"), 2, "one recovery per disaster, whatever the claims:\n{log}");
+    assert_eq!(count(&log, "claim: "), 6, "every claim was seen:\n{log}");
+    assert!(project.indices().len() >= acknowledged.len() + more.len());
+}
+
+#[test]
+fn a_manager_killed_mid_recovery_finishes_it_once_and_a_tampered_image_is_refused() {
+    let _turn = one_at_a_time();
+    let mut project = Project::deploy("resumed");
+    let acknowledged = project.append(7, 1..=3);
+    let (_, epoch) = project.resolve();
+    project.start_manager(1);
+
+    project.disaster();
+    project.claim(1, "down");
+    // Killed once the redeployed runner exists, before the service answers.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let runner = loop {
+        if let Some(pid) = project.live_runner() {
+            break pid;
+        }
+        assert!(Instant::now() < deadline, "the manager did not start a runner");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    project.kill_manager();
+    let journal: Value =
+        serde_json::from_str(&std::fs::read_to_string(project.dir.path().join("manager/manager.json")).unwrap())
+            .unwrap();
+    assert_eq!(journal["recoveries"]["resumed"]["deploy_started"], true, "{journal}");
+
+    project.start_manager(2);
+    project.wait_answering(epoch, Duration::from_secs(120));
+    let log = project.wait_log(2, "recovered in", Duration::from_secs(60));
+    assert!(log.contains("resuming the recovery"), "{log}");
+    assert!(!log.contains("redeploying"), "the second manager must not deploy again:\n{log}");
+    assert_eq!(project.serving_runner(), runner, "the runner the first manager started serves: one deployment");
+    assert_eq!(project.state(), "running");
+    let held = project.indices();
+    assert!(acknowledged.iter().all(|i| held.contains(i)), "{acknowledged:?} not all in {held:?}");
+
+    // The registry's copy of the manifest is altered: same digest, other content.
+    project.kill_manager();
+    project.run(&["down", "--name", "resumed"]);
+    tamper_manifest(&project);
+    let output =
+        project.br2k().args(["deploy", "resumed", "--context", "local", "--network", "loopback"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "a tampered image was deployed: {stderr}");
+    assert!(stderr.contains("does not match") && stderr.contains("refusing"), "{stderr}");
+    assert!(!project.state_dir().join("runner.pid").is_file(), "nothing was started");
+
+    // The manager refuses it the same way, and keeps the service Recovering.
+    project.start_manager(3);
+    project.claim(2, "down after the image changed");
+    let log = project.wait_log(3, "recovery attempt 1 failed", Duration::from_secs(60));
+    assert!(log.contains("does not match"), "{log}");
+    assert_eq!(project.state(), "recovering");
+}
+
+/// Rewrites the stored manifest blob of the pushed image in the registry's storage.
+fn tamper_manifest(project: &Project) {
+    let images: Value =
+        serde_json::from_str(&std::fs::read_to_string(project.dir.path().join(".br2k/images.json")).unwrap()).unwrap();
+    let digest = images["images"][0]["digest"].as_str().unwrap().trim_start_matches("sha256:").to_owned();
+    let data = find_blob(&project.registry.storage(), &digest).expect("the registry stores the manifest");
+    let mut manifest: Value = serde_json::from_slice(&std::fs::read(&data).unwrap()).unwrap();
+    manifest["annotations"] = serde_json::json!({ "tampered": "yes" });
+    std::fs::write(&data, serde_json::to_vec(&manifest).unwrap()).unwrap();
+}
+
+fn find_blob(root: &Path, hex: &str) -> Option<PathBuf> {
+    let path = root.join("docker/registry/v2/blobs/sha256").join(&hex[..2]).join(hex).join("data");
+    path.is_file().then_some(path)
+}
