@@ -6,6 +6,7 @@
 
 pub mod attacker;
 pub mod checker;
+pub mod deployed;
 pub mod report;
 pub mod users;
 
@@ -168,6 +169,7 @@ pub async fn run(config: TestbedConfig, progress: &(dyn Fn(&str) + Sync)) -> Res
             rate: config.rate,
             give_up_after: config.give_up_after,
             run_id: run_id.clone(),
+            claim_after: 0,
         };
         users.push(tokio::spawn(users::run_user(plan, resolver.clone(), SERVICE.into(), start, Arc::clone(&counters))));
     }

@@ -71,6 +71,16 @@ pub struct Latency {
     pub max: u64,
 }
 
+impl Latency {
+    /// The percentiles of the acknowledged requests' latencies.
+    pub fn of(acks: &[Ack]) -> Self {
+        let mut latencies: Vec<u64> = acks.iter().map(|a| a.latency_ms).collect();
+        latencies.sort_unstable();
+        let at = |q: f64| latencies.get(((latencies.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(0);
+        Self { p50: at(0.5), p99: at(0.99), max: latencies.last().copied().unwrap_or(0) }
+    }
+}
+
 impl Report {
     pub(crate) fn new(
         config: &TestbedConfig,
@@ -81,9 +91,6 @@ impl Report {
         acks: &[Ack],
         mut unacknowledged: Vec<Unacknowledged>,
     ) -> Self {
-        let mut latencies: Vec<u64> = acks.iter().map(|a| a.latency_ms).collect();
-        latencies.sort_unstable();
-        let at = |q: f64| latencies.get(((latencies.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(0);
         unacknowledged.truncate(100);
         Self {
             parameters: Parameters {
@@ -101,7 +108,7 @@ impl Report {
             started_unix_s: started.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
             elapsed_s: end_ms as f64 / 1000.0,
             passed: findings.passed(),
-            latency_ms: Latency { p50: at(0.5), p99: at(0.99), max: latencies.last().copied().unwrap_or(0) },
+            latency_ms: Latency::of(acks),
             acknowledged_per_user: checker::acks_per_user(acks),
             findings,
             faults,
@@ -114,7 +121,6 @@ impl Report {
     pub fn markdown(&self) -> String {
         let p = &self.parameters;
         let f = &self.findings;
-        let t = &f.table2;
         let mut out = String::new();
         let total = p.users as u64 * p.requests_per_user;
         let _ = writeln!(out, "### {} test, {} faults\n", capitalised(&p.target.to_string()), p.fault);
@@ -138,33 +144,50 @@ impl Report {
             p.seed,
             self.elapsed_s
         );
-        let _ = writeln!(out, "| Table 2 row | this run |");
-        let _ = writeln!(out, "|---|---:|");
-        let _ = writeln!(
-            out,
-            "| Frequency of {} (wait between faults) | {}-{} s |",
-            p.fault, p.interval_s.0, p.interval_s.1
-        );
-        let _ = writeln!(out, "| # of leader changes | {} |", t.leader_changes);
-        let _ = writeln!(out, "| # of Ignore states (out of {total} requests) | {} |", t.ignore);
-        let _ = writeln!(out, "| # of Success states (out of {total} requests) | {} |", t.success);
-        let _ = writeln!(out, "| # of InProcess states (out of {total} requests) | {} |", t.in_process);
-        let _ = writeln!(out, "| # of Fail states | {} |", t.fail);
-        let _ = writeln!(out, "| State replication | {} |", if f.replication.identical { "success" } else { "FAILED" });
-        let _ = writeln!(out);
-        let _ = writeln!(out, "| beyond the paper | this run |");
-        let _ = writeln!(out, "|---|---:|");
-        let _ = writeln!(out, "| log entries (LS) | {} |", t.total);
-        let _ = writeln!(out, "| requests acknowledged | {} of {} |", f.requests.acknowledged, f.requests.sent);
-        let _ = writeln!(out, "| acknowledged requests lost | {} |", f.requests.lost);
-        let _ = writeln!(out, "| duplicates in the log | {} |", f.requests.duplicates);
-        let _ = writeln!(out, "| answers that disagree with the log | {} |", f.requests.wrong_answers);
-        let _ = writeln!(out, "| entries per replica | {} |", join(&f.replication.entries_per_replica));
+        tables(&mut out, f, total, Some((&p.fault.to_string(), p.interval_s)), &self.faults, &self.latency_ms);
+        let _ = writeln!(out, "\nVerdict: {}", if self.passed { "PASSED" } else { "FAILED" });
+        out
+    }
+}
+
+/// Table 2's rows for findings `f` of `total` requests, then what the paper did not
+/// measure; `fault` names the attacker's fault and its interval, when there was one.
+pub(crate) fn tables(
+    out: &mut String,
+    f: &Findings,
+    total: u64,
+    fault: Option<(&str, (f64, f64))>,
+    faults: &[FaultEvent],
+    latency: &Latency,
+) {
+    let t = &f.table2;
+    let _ = writeln!(out, "| Table 2 row | this run |");
+    let _ = writeln!(out, "|---|---:|");
+    if let Some((fault, (lo, hi))) = fault {
+        let _ = writeln!(out, "| Frequency of {fault} (wait between faults) | {lo}-{hi} s |");
+    }
+    let _ = writeln!(out, "| # of leader changes | {} |", t.leader_changes);
+    let _ = writeln!(out, "| # of Ignore states (out of {total} requests) | {} |", t.ignore);
+    let _ = writeln!(out, "| # of Success states (out of {total} requests) | {} |", t.success);
+    let _ = writeln!(out, "| # of InProcess states (out of {total} requests) | {} |", t.in_process);
+    let _ = writeln!(out, "| # of Fail states | {} |", t.fail);
+    let _ = writeln!(out, "| State replication | {} |", if f.replication.identical { "success" } else { "FAILED" });
+    let _ = writeln!(out);
+    let _ = writeln!(out, "| beyond the paper | this run |");
+    let _ = writeln!(out, "|---|---:|");
+    let _ = writeln!(out, "| log entries (LS) | {} |", t.total);
+    let _ = writeln!(out, "| requests acknowledged | {} of {} |", f.requests.acknowledged, f.requests.sent);
+    let _ = writeln!(out, "| acknowledged requests lost | {} |", f.requests.lost);
+    let _ = writeln!(out, "| duplicates in the log | {} |", f.requests.duplicates);
+    let _ = writeln!(out, "| answers that disagree with the log | {} |", f.requests.wrong_answers);
+    let _ = writeln!(out, "| entries per replica | {} |", join(&f.replication.entries_per_replica));
+    // Faults the attacker injected (none when the faults came from outside).
+    if fault.is_some() {
         let _ = writeln!(
             out,
             "| faults injected | {} ({} on the leader) |",
-            self.faults.len(),
-            self.faults.iter().filter(|x| x.was_leader).count()
+            faults.len(),
+            faults.iter().filter(|x| x.was_leader).count()
         );
         let _ = writeln!(
             out,
@@ -175,16 +198,14 @@ impl Report {
         if let Some(leader) = f.gaps.leader_median_ms {
             let _ = writeln!(out, "| failover gap after a leader fault, median | {} |", seconds(leader));
         }
-        let _ = writeln!(
-            out,
-            "| request latency p50 / p99 / max | {} ms / {} ms / {} ms |",
-            self.latency_ms.p50, self.latency_ms.p99, self.latency_ms.max
-        );
-        if let Some(difference) = &f.replication.difference {
-            let _ = writeln!(out, "\nReplicas differ: {difference}");
-        }
-        let _ = writeln!(out, "\nVerdict: {}", if self.passed { "PASSED" } else { "FAILED" });
-        out
+    }
+    let _ = writeln!(
+        out,
+        "| request latency p50 / p99 / max | {} ms / {} ms / {} ms |",
+        latency.p50, latency.p99, latency.max
+    );
+    if let Some(difference) = &f.replication.difference {
+        let _ = writeln!(out, "\nReplicas differ: {difference}");
     }
 }
 

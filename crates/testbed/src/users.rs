@@ -44,6 +44,8 @@ pub struct UserLog {
     pub acks: Vec<Ack>,
     /// The others.
     pub unacknowledged: Vec<Unacknowledged>,
+    /// Claims this user's client filed.
+    pub claims: u64,
 }
 
 /// Counters shared with the progress display.
@@ -68,12 +70,15 @@ pub struct UserPlan {
     pub give_up_after: Duration,
     /// Key prefix that makes this run's idempotency keys unique.
     pub run_id: String,
+    /// Failed attempts within a minute after which the user files a claim; 0 never claims.
+    pub claim_after: u32,
 }
 
 /// The failover settings users run with: attempts bounded to a second, so a request
-/// stuck on a leader that was cut off fails over quickly; no claims (the testbed
-/// measures replication, not recovery).
-pub fn failover_config(give_up_after: Duration) -> FailoverConfig {
+/// stuck on a leader that was cut off fails over quickly; a claim after `claim_after`
+/// failed attempts within a minute (0: never; the testbed measures replication, not
+/// recovery).
+pub fn failover_config(give_up_after: Duration, claim_after: u32) -> FailoverConfig {
     FailoverConfig {
         attempt_timeout: Duration::from_secs(1),
         connect_timeout: Duration::from_millis(500),
@@ -81,7 +86,7 @@ pub fn failover_config(give_up_after: Duration) -> FailoverConfig {
         max_attempts: u32::MAX,
         first_backoff: Duration::from_millis(20),
         max_backoff: Duration::from_millis(250),
-        claim_after: 0,
+        claim_after,
         claim_window: Duration::from_secs(60),
     }
 }
@@ -95,7 +100,7 @@ pub async fn run_user(
     progress: Arc<Progress>,
 ) -> UserLog {
     let mut log = UserLog::default();
-    let client = match FailoverClient::new(resolver, service, failover_config(plan.give_up_after)) {
+    let client = match FailoverClient::new(resolver, service, failover_config(plan.give_up_after, plan.claim_after)) {
         Ok(client) => client,
         Err(e) => {
             log.unacknowledged.push(Unacknowledged { user: plan.user, seq: 0, reason: e.to_string() });
@@ -132,6 +137,7 @@ pub async fn run_user(
             }
         }
     }
+    log.claims = client.claims_filed();
     log
 }
 

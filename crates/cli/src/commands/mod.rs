@@ -8,8 +8,10 @@ mod manager;
 mod registry;
 mod resolve;
 mod service;
+mod status;
 mod testbed;
 mod up;
+mod users;
 mod watch;
 
 pub(crate) use testbed::ChecksFailed;
@@ -118,6 +120,10 @@ enum Command {
     /// Where and as whom to deploy: kubeconfig contexts plus br2k's resources; `local` always exists.
     #[command(subcommand)]
     Context(context::ContextCommand),
+    /// One view of a service: registry header, recovery info, replicas, in-doubt requests, open claims.
+    Status(status::StatusArgs),
+    /// Send requests to a deployed service as the paper's users do; optionally check it.
+    Users(users::UsersArgs),
     /// The manager daemon: recovers the services this key manages when they stop serving.
     #[command(subcommand)]
     Manager(manager::ManagerCommand),
@@ -149,6 +155,8 @@ impl Cli {
             Command::Deploy(args) => args.run(global).await,
             Command::Context(command) => command.run(global).await,
             Command::Manager(command) => command.run(global).await,
+            Command::Users(args) => args.run(global).await,
+            Command::Status(args) => args.run(global).await,
         }
     }
 }

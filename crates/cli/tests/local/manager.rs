@@ -262,6 +262,14 @@ fn a_claim_after_every_replica_died_brings_the_service_back_from_its_image_with_
     let more = project.append(1, 6..=7);
     assert!(more.iter().all(|i| i > acknowledged.last().unwrap()), "{more:?} after {acknowledged:?}");
 
+    // `br2k status` shows it all: state, the three replicas with one leader, no open claim.
+    let status = project.run(&["status", "recovered"]);
+    assert!(status.starts_with("recovered  running  epoch"), "{status}");
+    assert_eq!(count(&status, " leader "), 1, "{status}");
+    assert_eq!(count(&status, " follower "), 2, "{status}");
+    assert!(status.contains("open claims (since the last new location): 0"), "{status}");
+    assert!(status.contains("@sha256:"), "{status}");
+
     // A burst of claims during a second disaster: one recovery.
     let (_, epoch) = project.resolve();
     project.disaster();

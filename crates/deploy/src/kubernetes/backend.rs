@@ -86,40 +86,43 @@ impl KubernetesBackend {
             location: None,
         })
     }
+}
 
-    async fn replicas_now(&self, service: &str) -> Result<Vec<ReplicaView>> {
-        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.context.namespace);
-        let selector = format!("app.kubernetes.io/name={service},app.kubernetes.io/managed-by=br2k");
-        let list = pods.list(&ListParams::default().labels(&selector)).await.map_err(|e| {
-            DeployError::Invalid(format!(
-                "listing the Pods of {service} in {} (namespace {}): {e}",
-                self.context.server, self.context.namespace
-            ))
-        })?;
-        Ok(list
-            .items
-            .into_iter()
-            .map(|pod| {
-                let name = pod.metadata.name.unwrap_or_default();
-                let status = pod.status.unwrap_or_default();
-                let phase = status.phase.unwrap_or_else(|| "Unknown".into());
-                let ready =
-                    status.conditions.unwrap_or_default().iter().any(|c| c.type_ == "Ready" && c.status == "True");
-                let deleting = pod.metadata.deletion_timestamp.is_some();
-                ReplicaView {
-                    name,
-                    running: !deleting && matches!(phase.as_str(), "Pending" | "Running"),
-                    // The Pods' addresses are the cluster's; readiness is the app's health.
-                    status: None,
-                    detail: Some(format!(
-                        "Pod {phase}{}{}",
-                        if ready { ", ready" } else { ", not ready" },
-                        if deleting { ", being deleted" } else { "" }
-                    )),
-                }
-            })
-            .collect())
-    }
+/// The Pods of `service` in `context`'s namespace, as replicas.
+///
+/// # Errors
+/// When the API server refuses or does not answer.
+pub async fn pod_views(client: &Client, context: &ContextInfo, service: &str) -> Result<Vec<ReplicaView>> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &context.namespace);
+    let selector = format!("app.kubernetes.io/name={service},app.kubernetes.io/managed-by=br2k");
+    let list = pods.list(&ListParams::default().labels(&selector)).await.map_err(|e| {
+        DeployError::Invalid(format!(
+            "listing the Pods of {service} in {} (namespace {}): {e}",
+            context.server, context.namespace
+        ))
+    })?;
+    Ok(list
+        .items
+        .into_iter()
+        .map(|pod| {
+            let name = pod.metadata.name.unwrap_or_default();
+            let status = pod.status.unwrap_or_default();
+            let phase = status.phase.unwrap_or_else(|| "Unknown".into());
+            let ready = status.conditions.unwrap_or_default().iter().any(|c| c.type_ == "Ready" && c.status == "True");
+            let deleting = pod.metadata.deletion_timestamp.is_some();
+            ReplicaView {
+                name,
+                running: !deleting && matches!(phase.as_str(), "Pending" | "Running"),
+                // The Pods' addresses are the cluster's; readiness is the app's health.
+                status: None,
+                detail: Some(format!(
+                    "Pod {phase}{}{}",
+                    if ready { ", ready" } else { ", not ready" },
+                    if deleting { ", being deleted" } else { "" }
+                )),
+            }
+        })
+        .collect())
 }
 
 impl Backend for KubernetesBackend {
@@ -137,6 +140,6 @@ impl Backend for KubernetesBackend {
     }
 
     fn replicas<'a>(&'a self, service: &'a str) -> BoxFuture<'a, Result<Vec<ReplicaView>>> {
-        Box::pin(self.replicas_now(service))
+        Box::pin(pod_views(&self.client, &self.context, service))
     }
 }

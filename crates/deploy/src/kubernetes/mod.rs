@@ -19,7 +19,7 @@ use kube::{Api, Config, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-pub use backend::KubernetesBackend;
+pub use backend::{KubernetesBackend, pod_views};
 pub use kube::Client;
 pub use manifests::{ClusterSettings, DEFAULT_ETCD_IMAGE, KubernetesSpec, Manifests, NODE_LABEL, SecretValues};
 

@@ -7,7 +7,7 @@
 //! (`STATE_ROOT/SERVICE`) keeps the replicas' data and the layout it was made with, so a
 //! redeploy after every replica died starts on the same data, at the same addresses.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -136,56 +136,61 @@ impl LocalBackend {
             location,
         })
     }
+}
 
-    async fn replicas_now(&self, service: &str) -> Result<Vec<ReplicaView>> {
-        let state = self.state_dir(service);
-        let Some(run) = RunFile::read(&state)? else {
-            return Ok(match running_pid(&state) {
-                // A runner that has not written its first run file yet is starting them.
-                Some(pid) => vec![starting(pid)],
-                None => Vec::new(),
-            });
-        };
-        if !run.runner_alive() {
-            if let Some(pid) = running_pid(&state) {
-                return Ok(vec![starting(pid)]); // a new runner, still on the old run file
-            }
-            // The runner's children die with it (parent-death signal): nothing runs.
-            return Ok(run
-                .nodes
-                .iter()
-                .map(|node| ReplicaView {
-                    name: node.name.clone(),
-                    running: false,
-                    status: None,
-                    detail: Some(format!("its runner (pid {}) is gone", run.pid)),
-                })
-                .collect());
-        }
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(1))
-            .connect_timeout(Duration::from_millis(500))
-            .no_proxy()
-            .build()
-            .map_err(|e| DeployError::Invalid(format!("cannot build an HTTP client: {e}")))?;
-        let views = run.nodes.iter().map(|node| {
-            let http = http.clone();
-            async move {
-                let running = [node.app_pid, node.etcd_pid].iter().flatten().any(|pid| super::process_exists(*pid));
-                let url = format!("{}/br2k/status", node.app_url);
-                let answer = match http.get(&url).send().await {
-                    Ok(response) => response.json::<br2k_replication::Status>().await.map_err(|e| e.to_string()),
-                    Err(e) => Err(e.to_string()),
-                };
-                let (status, detail) = match answer {
-                    Ok(status) => (Some(status), None),
-                    Err(e) => (None, Some(format!("{url}: {e}"))),
-                };
-                ReplicaView { name: node.name.clone(), running, status, detail }
-            }
+/// What runs of the service whose runner keeps its state in `state`: one entry per node
+/// (its processes, and its `/br2k/status` when it answers), one entry for a runner still
+/// starting, none when nothing was deployed there.
+///
+/// # Errors
+/// A damaged run file.
+pub async fn replica_views(state: &Path) -> Result<Vec<ReplicaView>> {
+    let Some(run) = RunFile::read(state)? else {
+        return Ok(match running_pid(state) {
+            // A runner that has not written its first run file yet is starting them.
+            Some(pid) => vec![starting(pid)],
+            None => Vec::new(),
         });
-        Ok(futures::future::join_all(views).await)
+    };
+    if !run.runner_alive() {
+        if let Some(pid) = running_pid(state) {
+            return Ok(vec![starting(pid)]); // a new runner, still on the old run file
+        }
+        // The runner's children die with it (parent-death signal): nothing runs.
+        return Ok(run
+            .nodes
+            .iter()
+            .map(|node| ReplicaView {
+                name: node.name.clone(),
+                running: false,
+                status: None,
+                detail: Some(format!("its runner (pid {}) is gone", run.pid)),
+            })
+            .collect());
     }
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(1))
+        .connect_timeout(Duration::from_millis(500))
+        .no_proxy()
+        .build()
+        .map_err(|e| DeployError::Invalid(format!("cannot build an HTTP client: {e}")))?;
+    let views = run.nodes.iter().map(|node| {
+        let http = http.clone();
+        async move {
+            let running = [node.app_pid, node.etcd_pid].iter().flatten().any(|pid| super::process_exists(*pid));
+            let url = format!("{}/br2k/status", node.app_url);
+            let answer = match http.get(&url).send().await {
+                Ok(response) => response.json::<br2k_replication::Status>().await.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            let (status, detail) = match answer {
+                Ok(status) => (Some(status), None),
+                Err(e) => (None, Some(format!("{url}: {e}"))),
+            };
+            ReplicaView { name: node.name.clone(), running, status, detail }
+        }
+    });
+    Ok(futures::future::join_all(views).await)
 }
 
 /// The one entry shown for a runner that is still starting its replicas.
@@ -213,6 +218,6 @@ impl Backend for LocalBackend {
     }
 
     fn replicas<'a>(&'a self, service: &'a str) -> BoxFuture<'a, Result<Vec<ReplicaView>>> {
-        Box::pin(self.replicas_now(service))
+        Box::pin(async move { replica_views(&self.state_dir(service)).await })
     }
 }

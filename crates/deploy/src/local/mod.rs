@@ -35,7 +35,7 @@ use alloy::signers::local::PrivateKeySigner;
 use br2k_replication::{Role, Status};
 use tokio::process::{Child, Command};
 
-pub use backend::LocalBackend;
+pub use backend::{LocalBackend, replica_views};
 pub use chain::LocalChain;
 pub use net::{LocalNetwork, MAX_NODES, NetworkMode};
 pub use sandbox::{ChainChoice, Sandbox, SandboxSpec, is_loopback_url};

@@ -1,0 +1,156 @@
+//! `br2k status NAME`: one view of a service: what the registry says, what runs, what is
+//! unsettled.
+
+use alloy::primitives::B256;
+use alloy::sol_types::SolEvent;
+use anyhow::Result;
+use br2k_bindings::ServiceRegistry::{Claim, NewLocation};
+use br2k_deploy::backend::ReplicaView;
+use br2k_deploy::context::LOCAL;
+use clap::Args;
+use serde_json::json;
+
+use super::GlobalOpts;
+use super::context::DirArg;
+
+/// Show a service: the registry's header (location, epoch, state, manager) and recovery
+/// info, each replica's role, LPI and health as its backend sees it, the requests a dead
+/// leader left in doubt, and the claims filed since the last new location.
+#[derive(Args, Debug)]
+pub(crate) struct StatusArgs {
+    /// The service name.
+    name: String,
+
+    /// The local runner's state directory [default: <tmp>/br2k-up/NAME].
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<std::path::PathBuf>,
+
+    #[command(flatten)]
+    config: DirArg,
+}
+
+impl StatusArgs {
+    pub(crate) async fn run(self, global: &GlobalOpts) -> Result<()> {
+        let out = global.output();
+        let registry = global.open_registry().await?;
+        let info = registry.info(&self.name).await?;
+        let body = &info.recovery;
+        let replicas = match body.context.as_str() {
+            "" => Err("no deployment recorded".to_owned()),
+            LOCAL => br2k_deploy::local::replica_views(&super::up::state_dir(&self.name, self.state_dir.clone()))
+                .await
+                .map_err(|e| e.to_string()),
+            context => match self.kubernetes(context).await {
+                Ok(views) => Ok(views),
+                Err(e) => Err(format!("{e:#}")),
+            },
+        };
+
+        // Claims since the last new location: what nobody has answered yet.
+        let latest = registry.chain().block_number().await?;
+        let logs = registry
+            .logs(vec![Claim::SIGNATURE_HASH, NewLocation::SIGNATURE_HASH], registry.first_block(), latest)
+            .await?;
+        let mut open_claims = Vec::new();
+        for log in logs.iter().filter(|l| l.topics().get(1) == Some(&info.id)) {
+            if log.topic0() == Some(&NewLocation::SIGNATURE_HASH) {
+                open_claims.clear();
+            } else if let Ok(claim) = log.log_decode::<Claim>() {
+                open_claims.push((
+                    log.block_number.unwrap_or(0),
+                    claim.inner.data.claimant,
+                    claim.inner.data.reason.clone(),
+                ));
+            }
+        }
+
+        let digest =
+            (body.imageDigest != B256::ZERO).then(|| format!("sha256:{}", alloy::hex::encode(body.imageDigest)));
+        let or_dash = |t: &str| if t.is_empty() { "-".to_owned() } else { t.to_owned() };
+        let mut text = format!(
+            "{}  {}  epoch {}  at {}\nmanager {}\nrecovery info: {} replicas on {} from {}/{}@{}\n\nreplicas:\n",
+            info.name,
+            info.state,
+            info.epoch,
+            or_dash(&info.location),
+            info.manager,
+            body.replicas,
+            or_dash(&body.context),
+            or_dash(&body.containerRegistry),
+            or_dash(&body.image),
+            digest.clone().unwrap_or_else(|| "-".into()),
+        );
+        let mut in_doubt: Vec<u64> = Vec::new();
+        match &replicas {
+            Ok(views) if views.is_empty() => text.push_str("  none run\n"),
+            Ok(views) => {
+                for view in views {
+                    text.push_str(&format!("  {}\n", replica_line(view)));
+                    if let Some(status) = &view.status {
+                        in_doubt.extend(&status.in_doubt);
+                    }
+                }
+            }
+            Err(e) => text.push_str(&format!("  unknown: {e}\n")),
+        }
+        in_doubt.sort_unstable();
+        in_doubt.dedup();
+        text.push_str(&format!(
+            "\nin-doubt requests: {}\n",
+            if in_doubt.is_empty() { "none".into() } else { format!("{in_doubt:?}") }
+        ));
+        text.push_str(&format!("open claims (since the last new location): {}\n", open_claims.len()));
+        for (block, claimant, reason) in &open_claims {
+            text.push_str(&format!("  block {block}: {claimant}: {reason}\n"));
+        }
+        let json = json!({
+            "name": info.name, "id": info.id, "state": info.state.as_str(), "location": info.location,
+            "epoch": info.epoch, "manager": info.manager,
+            "recoveryInfo": {
+                "context": body.context, "replicas": body.replicas, "containerRegistry": body.containerRegistry,
+                "image": body.image, "imageDigest": digest,
+            },
+            "replicas": match &replicas {
+                Ok(views) => json!(views.iter().map(|v| json!({
+                    "name": v.name, "running": v.running, "status": v.status, "detail": v.detail,
+                })).collect::<Vec<_>>()),
+                Err(e) => json!({ "error": e }),
+            },
+            "inDoubt": in_doubt,
+            "openClaims": open_claims.iter().map(|(b, c, r)| json!({ "block": b, "claimant": c, "reason": r })).collect::<Vec<_>>(),
+        });
+        out.result(text.trim_end(), &json)
+    }
+
+    async fn kubernetes(&self, context: &str) -> Result<Vec<ReplicaView>> {
+        let contexts = self.config.contexts()?;
+        let info = contexts.get(context)?;
+        let client = br2k_deploy::kubernetes::connect(&contexts, context).await?;
+        Ok(br2k_deploy::kubernetes::pod_views(&client, &info, &self.name).await?)
+    }
+}
+
+fn replica_line(view: &ReplicaView) -> String {
+    let mut line = format!("{:<8}", view.name);
+    match &view.status {
+        Some(s) => line.push_str(&format!(
+            "{:<9} LPI {:<6} SSI {:<6} LS {:<6} {}",
+            format!("{:?}", s.role).to_lowercase(),
+            s.lpi,
+            s.ssi,
+            s.ls,
+            match &s.last_error {
+                None if s.etcd_reachable => "healthy".to_owned(),
+                None => "unhealthy: its etcd member does not answer".to_owned(),
+                Some(e) => format!("unhealthy: {e}"),
+            }
+        )),
+        None => line.push_str(if view.running { "running, not answering" } else { "not running" }),
+    }
+    if let Some(detail) = &view.detail
+        && view.status.is_none()
+    {
+        line.push_str(&format!(" ({detail})"));
+    }
+    line
+}
