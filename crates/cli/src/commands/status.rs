@@ -134,11 +134,12 @@ fn replica_line(view: &ReplicaView) -> String {
     let mut line = format!("{:<8}", view.name);
     match &view.status {
         Some(s) => line.push_str(&format!(
-            "{:<9} LPI {:<6} SSI {:<6} LS {:<6} {}",
+            "{:<9} LPI {:<6} SSI {:<6} {:<10} {}",
             format!("{:?}", s.role).to_lowercase(),
             s.lpi,
             s.ssi,
-            s.ls,
+            // Only the leader keeps LS current.
+            if s.role == br2k_replication::Role::Leader { format!("LS {}", s.ls) } else { String::new() },
             match &s.last_error {
                 None if s.etcd_reachable => "healthy".to_owned(),
                 None => "unhealthy: its etcd member does not answer".to_owned(),
