@@ -75,7 +75,7 @@ impl RunFile {
 
     /// Whether the runner that wrote it still runs.
     pub fn runner_alive(&self) -> bool {
-        super::process_exists(self.pid)
+        is_runner(self.pid)
     }
 
     /// Writes it to `dir/run.json` atomically.
@@ -91,7 +91,15 @@ impl RunFile {
 pub fn running_pid(dir: &Path) -> Option<u32> {
     let starting = std::fs::read_to_string(dir.join(RUNNER_PID_FILE)).ok().and_then(|s| s.trim().parse::<u32>().ok());
     let running = RunFile::read(dir).ok().flatten().map(|run| run.pid);
-    [starting, running].into_iter().flatten().find(|pid| super::process_exists(*pid))
+    [starting, running].into_iter().flatten().find(|pid| is_runner(*pid))
+}
+
+/// Whether `pid` is alive and is a `br2k up` runner: a runner killed with SIGKILL leaves
+/// its pid behind, and the kernel may give that number to an unrelated process, which
+/// must never be taken for the runner (let alone be stopped as one).
+fn is_runner(pid: u32) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
+    super::process_exists(pid) && cmdline.split(|b| *b == 0).any(|arg| arg == b"up")
 }
 
 /// This process's claim on a state directory as its runner; released when dropped.
@@ -226,6 +234,14 @@ mod tests {
         std::fs::write(dir.path().join(RUN_FILE), "{").unwrap();
         let err = RunFile::read(dir.path()).unwrap_err().to_string();
         assert!(err.contains("is not a br2k run file") && err.contains("remove it"), "{err}");
+        assert_eq!(running_pid(dir.path()), None);
+    }
+
+    #[test]
+    fn a_live_process_that_is_not_a_runner_is_not_taken_for_one() {
+        let dir = tempfile::tempdir().unwrap();
+        // This test process is alive, but it is no `br2k up`.
+        std::fs::write(dir.path().join(RUNNER_PID_FILE), std::process::id().to_string()).unwrap();
         assert_eq!(running_pid(dir.path()), None);
     }
 }
