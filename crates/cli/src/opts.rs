@@ -8,6 +8,7 @@ use std::time::Duration;
 use alloy::primitives::Address;
 use alloy::signers::local::PrivateKeySigner;
 use anyhow::{Context, Result, bail};
+use br2k_replication::SnapshotPolicy;
 use br2k_resolver::{Chain, RegistryClient, Timeouts};
 use clap::Args;
 
@@ -179,6 +180,18 @@ pub(crate) struct LocalReplicaOpts {
     /// etcd's election timeout in milliseconds (etcd's default: 1000).
     #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(50..=50_000))]
     pub(crate) election_timeout: u64,
+
+    /// Applied entries between two snapshots of each replica's state. The leader then
+    /// deletes the log below its snapshot (minus --trailing-entries) from etcd, so etcd
+    /// stays the same size for the life of the service. 0 turns snapshots and compaction off.
+    #[arg(long, value_name = "ENTRIES", default_value_t = SnapshotPolicy::default().interval)]
+    snapshot_interval: u64,
+
+    /// Log entries kept in etcd below the leader's latest snapshot: a replica less than
+    /// this far behind replays them instead of fetching a snapshot. Smaller than
+    /// --snapshot-interval.
+    #[arg(long, value_name = "ENTRIES", default_value_t = SnapshotPolicy::default().trailing)]
+    trailing_entries: u64,
 }
 
 impl LocalReplicaOpts {
@@ -195,5 +208,12 @@ impl LocalReplicaOpts {
     /// `--replicas` as a count.
     pub(crate) fn count(&self) -> usize {
         usize::try_from(self.replicas).unwrap_or(usize::MAX)
+    }
+
+    /// `--snapshot-interval` and `--trailing-entries`, checked.
+    pub(crate) fn snapshots(&self) -> Result<SnapshotPolicy> {
+        let policy = SnapshotPolicy { interval: self.snapshot_interval, trailing: self.trailing_entries };
+        policy.check().map_err(|e| anyhow::anyhow!("--trailing-entries: {e}"))?;
+        Ok(policy)
     }
 }

@@ -1,6 +1,7 @@
 //! What an application gives the runtime: its state, and handlers over it.
 
 use std::future::Future;
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -12,12 +13,16 @@ use crate::data::{LogEntry, StoredReply};
 
 /// The application's state. It owns its durable storage; the runtime only asks where it is.
 ///
-/// The contract that keeps replicas identical:
+/// The contract that keeps replicas identical (modelled on dragonboat's on-disk state
+/// machine and openraft's `RaftStateMachine`):
 /// - a Replication handler's effect and [`AppState::applied_index`] change together (the
 ///   index is stored with the effect), so a restarted replica resumes from what it really
 ///   has;
 /// - a handler that returns `Err` (Fail) leaves the state unchanged;
-/// - handlers are deterministic: the same request on the same state gives the same outcome.
+/// - handlers are deterministic: the same request on the same state gives the same outcome;
+/// - a snapshot is point-in-time and deterministic: taken at the same applied index, two
+///   replicas' snapshots hold the same bytes;
+/// - [`AppState::restore`] discards all previous state.
 pub trait AppState: Send + Sync + 'static {
     /// The highest log index whose effect is in this state (0 for a fresh state).
     fn applied_index(&self) -> u64;
@@ -28,6 +33,36 @@ pub trait AppState: Send + Sync + 'static {
     fn persist(&self) -> impl Future<Output = std::io::Result<()>> + Send {
         async { Ok(()) }
     }
+
+    /// Captures the state as it is now, for a snapshot. The runtime calls it while no
+    /// request executes and every applied request is persisted, so the capture must be
+    /// quick (remember a file length, clone a small map, take a copy-on-write handle);
+    /// the returned builder writes the captured state out later, on a blocking thread,
+    /// possibly while later requests execute.
+    ///
+    /// # Errors
+    /// When the state cannot be captured; the runtime tries again later.
+    fn snapshot(&self) -> std::io::Result<Box<dyn SnapshotBuilder>>;
+
+    /// Replaces the whole state with the snapshot in `file` (bytes a [`SnapshotBuilder`]
+    /// of this app wrote, already checked against their digest). Atomic and durable: after
+    /// a crash the state is either the old one or the restored one, and once it returns
+    /// [`AppState::applied_index`] is the snapshot's.
+    ///
+    /// # Errors
+    /// When the file cannot be read or is not a snapshot of this app; the state must then
+    /// be unchanged.
+    fn restore(&self, file: &Path) -> impl Future<Output = std::io::Result<()>> + Send;
+}
+
+/// Writes out a state captured by [`AppState::snapshot`] (openraft's and dragonboat's
+/// snapshot builder).
+pub trait SnapshotBuilder: Send + 'static {
+    /// Writes the captured state to `out`. Runs on a blocking thread.
+    ///
+    /// # Errors
+    /// When the state cannot be read or `out` refuses it; the snapshot is then discarded.
+    fn build_snapshot(self: Box<Self>, out: &mut dyn std::io::Write) -> std::io::Result<()>;
 }
 
 /// A client request as a handler sees it.

@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::app::{AppState, BoxFuture, Handler, Outcome, Reconcile, Request, Rollback, Step, StepObserver};
 use crate::config::Config;
@@ -185,6 +186,15 @@ impl<S: AppState> Builder<S> {
             problems.push(format!(
                 "max body {} must be between 1 and 524288 bytes (etcd refuses requests over 1.5 MiB)",
                 self.config.max_body
+            ));
+        }
+        if let Err(problem) = self.config.snapshots.check() {
+            problems.push(problem);
+        }
+        if self.config.timings.member_ttl < Duration::from_secs(2) {
+            problems.push(format!(
+                "member TTL {:?} must be at least 2 s (etcd leases are granted in whole seconds)",
+                self.config.timings.member_ttl
             ));
         }
         if self.routes.is_empty() {

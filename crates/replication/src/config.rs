@@ -31,6 +31,59 @@ pub struct Config {
     pub idempotency_retention: Duration,
     /// Request headers logged with each request besides `content-type` (lower case).
     pub kept_headers: Vec<String>,
+    /// Snapshots and log compaction.
+    pub snapshots: SnapshotPolicy,
+}
+
+/// When replicas snapshot their state and how much log the leader keeps in etcd.
+///
+/// Every `interval` applied entries each replica snapshots its own state. The leader then
+/// deletes the entries below `its snapshot's index - trailing` that every live replica has
+/// applied, and compacts etcd's history, so etcd's size stays flat. A replica that falls
+/// below the first index still in etcd (a wiped disk, a new node, a long partition)
+/// restores a peer's snapshot and replays the log from there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SnapshotPolicy {
+    /// Applied entries between two snapshots of a replica (default 10,000); 0 turns
+    /// snapshots and compaction off, and the log then grows for ever.
+    pub interval: u64,
+    /// Entries kept in etcd below the leader's latest snapshot (default 5,000), so that a
+    /// replica a little behind replays them instead of fetching a whole snapshot. Smaller
+    /// than `interval`.
+    pub trailing: u64,
+}
+
+impl Default for SnapshotPolicy {
+    fn default() -> Self {
+        Self { interval: 10_000, trailing: 5_000 }
+    }
+}
+
+impl SnapshotPolicy {
+    /// Snapshots and compaction turned off.
+    pub const fn disabled() -> Self {
+        Self { interval: 0, trailing: 0 }
+    }
+
+    /// Whether snapshots are taken at all.
+    pub const fn enabled(&self) -> bool {
+        self.interval > 0
+    }
+
+    /// Checks the policy.
+    ///
+    /// # Errors
+    /// A sentence saying what is wrong, when `trailing` is not smaller than `interval`.
+    pub fn check(&self) -> Result<(), String> {
+        if self.enabled() && self.trailing >= self.interval {
+            return Err(format!(
+                "trailing entries ({}) must be smaller than the snapshot interval ({}): the leader deletes the log \
+                 below its snapshot's index minus the trailing entries",
+                self.trailing, self.interval
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Config {
@@ -55,6 +108,7 @@ impl Config {
             max_body: 256 * 1024,
             idempotency_retention: Duration::from_secs(24 * 3600),
             kept_headers: Vec::new(),
+            snapshots: SnapshotPolicy::default(),
         }
     }
 
@@ -79,6 +133,9 @@ pub struct Timings {
     /// Pause between attempts to publish the location when the chain is unreachable
     /// (default 2 s).
     pub publish_retry: Duration,
+    /// How long a replica that stops renewing its membership (dead, paused, cut off)
+    /// still counts as live for compaction (default 10 s).
+    pub member_ttl: Duration,
 }
 
 impl Default for Timings {
@@ -88,6 +145,7 @@ impl Default for Timings {
             etcd_timeout: Duration::from_secs(2),
             follow_poll: Duration::from_secs(1),
             publish_retry: Duration::from_secs(2),
+            member_ttl: Duration::from_secs(10),
         }
     }
 }

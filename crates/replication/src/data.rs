@@ -10,7 +10,11 @@
 //! | `cl` | CL: the leader's replica id and public location ([`LeaderRecord`]); its mod_revision is the epoch |
 //! | `epoch_base` | the on-chain epoch when this etcd data was created, decimal |
 //! | `doubt/<index>` | beyond: a Normal request left InProcess by a dead leader, until it is reconciled (empty value) |
-//! | `idem/<key>` | the index and request fingerprint of an idempotent request ([`IdempotencyRecord`]) |
+//! | `idem/<key>` | the index, request fingerprint and (once final) answer of an idempotent request ([`IdempotencyRecord`]) |
+//! | `compacted` | where the log now starts and what the deleted entries were ([`CompactedLog`]); absent until the first compaction |
+//! | `terms` | how many leadership terms have started (each Register counts itself in its first fenced write), decimal |
+//! | `members/<replica>` | a live replica: where peers fetch its snapshot, and which one it holds ([`MemberRecord`]); leased, so it vanishes when the replica stops renewing |
+//! | `peer_token` | the secret replicas show each other to fetch snapshots; clients never reach etcd |
 //!
 //! Indexes are zero-padded to 20 digits so that key order is index order and a range read
 //! returns entries in order.
@@ -68,6 +72,31 @@ impl Keys {
 
     pub(crate) fn idem(&self, key: &str) -> String {
         format!("{}idem/{key}", self.prefix)
+    }
+
+    pub(crate) fn compacted(&self) -> String {
+        format!("{}compacted", self.prefix)
+    }
+
+    pub(crate) fn terms(&self) -> String {
+        format!("{}terms", self.prefix)
+    }
+
+    pub(crate) fn member(&self, replica: &str) -> String {
+        format!("{}members/{replica}", self.prefix)
+    }
+
+    pub(crate) fn members_prefix(&self) -> String {
+        format!("{}members/", self.prefix)
+    }
+
+    pub(crate) fn peer_token(&self) -> String {
+        format!("{}peer_token", self.prefix)
+    }
+
+    /// The replica id in a `members/` key.
+    pub(crate) fn member_of<'a>(&self, key: &'a [u8]) -> Option<&'a str> {
+        std::str::from_utf8(key).ok()?.strip_prefix(&self.prefix)?.strip_prefix("members/")
     }
 
     /// The index in a `log/`, `rs/` or `doubt/` key.
@@ -192,6 +221,61 @@ pub struct IdempotencyRecord {
     pub index: u64,
     /// A hash of the method, path, query and body, to refuse a reused key.
     pub fingerprint: String,
+    /// The answer, once the request's outcome is final. Kept here (not only in `rs/`) so
+    /// that a retry is answered even after log compaction deleted the entry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response: Option<StoredReply>,
+}
+
+/// What `compacted` holds: the first index still in etcd, and a tally of the entries
+/// compaction deleted below it, so that counts over the whole log (the paper's Table 2)
+/// survive compaction.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompactedLog {
+    /// The first log index still in etcd; every entry below it was deleted.
+    pub first_index: u64,
+    /// Deleted entries per final state.
+    pub success: u64,
+    /// Deleted entries that failed.
+    pub fail: u64,
+    /// Deleted entries that were ignored.
+    pub ignore: u64,
+    /// Deleted Replication entries that succeeded: the number of effects every replica's
+    /// state holds from below `first_index`.
+    pub replication_success: u64,
+}
+
+/// A snapshot of the app state as its replica describes it, in `members/<replica>` and
+/// beside the snapshot file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotMeta {
+    /// The log index the snapshot is at: every entry up to it is applied, none after.
+    pub index: u64,
+    /// The state version of the replica that took it: the index of the snapshot its state
+    /// was last restored from, 0 when it was built by replaying the log from the start.
+    pub state_version: u64,
+    /// `sha256:<hex>` of the snapshot's bytes.
+    pub digest: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// The replica that took it.
+    pub replica: String,
+    /// When it was taken, in seconds since the Unix epoch.
+    pub created_at: u64,
+}
+
+/// What `members/<replica>` holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberRecord {
+    /// Where the replica's HTTP front is reached (its snapshot is at `/br2k/snapshot`).
+    pub url: String,
+    /// The latest snapshot it holds, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotMeta>,
+    /// Whether it is restoring a snapshot to catch up (then it neither counts for nor
+    /// holds back compaction).
+    #[serde(default)]
+    pub catching_up: bool,
 }
 
 /// Decodes a JSON record, naming the key when it is malformed.

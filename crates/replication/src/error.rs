@@ -75,6 +75,48 @@ pub enum Error {
         /// What went wrong.
         reason: String,
     },
+    /// A snapshot file (or the lineage file beside them) could not be written or read.
+    #[error("snapshot file {path}: {reason}")]
+    Snapshot {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A snapshot could not be fetched from a peer replica, or was refused after fetching
+    /// (wrong digest, truncated). Nothing was restored; the replica tries again.
+    #[error("snapshot {index} from replica {peer} ({url}): {reason}")]
+    SnapshotFetch {
+        /// The peer's replica id.
+        peer: String,
+        /// Where it was fetched from.
+        url: String,
+        /// The snapshot's index.
+        index: u64,
+        /// What went wrong.
+        reason: String,
+    },
+    /// This replica is behind the first log index still in etcd and no live peer holds a
+    /// snapshot it could catch up from yet (peers take one when they see the log compacted).
+    #[error(
+        "this replica needs a snapshot at index {needed} or later to catch up (the log in etcd starts at {first_index}), \
+         and no live peer holds one yet; retrying"
+    )]
+    NoSnapshotSource {
+        /// The first index still in etcd.
+        first_index: u64,
+        /// The lowest snapshot index that would do.
+        needed: u64,
+    },
+    /// The app could not restore a snapshot; its state is unchanged.
+    #[error("the app could not restore snapshot {index}: {source}")]
+    Restore {
+        /// The snapshot's index.
+        index: u64,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The app state could not make its applied requests durable.
     #[error("the app state could not persist its changes: {0}")]
     Persist(#[source] std::io::Error),

@@ -16,7 +16,9 @@ use tokio::sync::{mpsc, oneshot};
 use crate::app::{AppState, Reply, Request};
 use crate::data::{LogEntry, RequestKind};
 use crate::leader::Submit;
+use crate::membership::same_secret;
 use crate::runtime::{QUEUE_WAIT, Role, Runtime};
+use crate::state_transfer::PEER_TOKEN_HEADER;
 
 /// The header naming the leader's location on a 503 from a non-leader.
 pub const LEADER_HEADER: &str = br2k_resolver::LEADER_HEADER;
@@ -38,6 +40,7 @@ async fn front<S: AppState>(State(runtime): State<Arc<Runtime<S>>>, request: axu
     match (method.as_str(), path.as_str()) {
         ("GET", "/br2k/health") => return health(&runtime),
         ("GET", "/br2k/status") => return json(StatusCode::OK, &*runtime.status.borrow()),
+        ("GET", "/br2k/snapshot") => return snapshot(&runtime, &parts).await,
         _ => {}
     }
     let Some(route) = runtime.route_of(&method, &path) else {
@@ -136,10 +139,61 @@ async fn read<S: AppState>(
     }
 }
 
+/// A snapshot of this replica's state, for a peer replica catching up: only with the
+/// peer token, which clients never see. `?index=N` names the snapshot the peer's record
+/// advertised; the two latest are kept.
+async fn snapshot<S: AppState>(runtime: &Runtime<S>, parts: &axum::http::request::Parts) -> Response {
+    let Some(offered) = parts.headers.get(PEER_TOKEN_HEADER) else {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "snapshots hold the service's whole state and are only for its own replicas (they send the peer token)",
+        );
+    };
+    let token = match runtime.peer_token().await {
+        Ok(token) => token,
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &format!("cannot check the peer token now: {e}")),
+    };
+    if !same_secret(offered.as_bytes(), token.as_bytes()) {
+        return error(StatusCode::FORBIDDEN, "wrong peer token");
+    }
+    let index = parts.uri.query().and_then(|q| q.strip_prefix("index=")).and_then(|i| i.parse::<u64>().ok());
+    let Some(index) = index else {
+        return error(StatusCode::BAD_REQUEST, "name the snapshot: /br2k/snapshot?index=N");
+    };
+    let meta = match runtime.snapshots.get(index) {
+        Ok(Some(meta)) => meta,
+        Ok(None) => {
+            let latest = runtime.latest_snapshot().map_or(0, |m| m.index);
+            return error(
+                StatusCode::NOT_FOUND,
+                &format!("snapshot {index} is no longer kept here; the latest is {latest}"),
+            );
+        }
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    };
+    let file = match tokio::fs::File::open(runtime.snapshots.data_path(index)).await {
+        Ok(file) => file,
+        Err(e) => return error(StatusCode::NOT_FOUND, &format!("snapshot {index} cannot be read here: {e}")),
+    };
+    let mut response = Body::from_stream(tokio_util::io::ReaderStream::new(file)).into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(meta.size));
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    if let Ok(digest) = HeaderValue::from_str(&meta.digest) {
+        headers.insert("br2k-snapshot-digest", digest);
+    }
+    response
+}
+
 fn health<S: AppState>(runtime: &Runtime<S>) -> Response {
     let status = runtime.status.borrow().clone();
-    let problem =
-        if status.etcd_reachable { status.last_error.clone() } else { Some("local etcd member not answering".into()) };
+    let problem = if !status.etcd_reachable {
+        Some("local etcd member not answering".into())
+    } else if let Some(alarm) = status.etcd_alarms.first() {
+        Some(crate::runtime::alarm_advice(alarm, &runtime.config.etcd_endpoint))
+    } else {
+        status.last_error.clone()
+    };
     match problem {
         None => json(StatusCode::OK, &serde_json::json!({ "healthy": true, "role": status.role })),
         Some(reason) => json(
@@ -184,7 +238,7 @@ fn kept_headers(headers: &HeaderMap, kept: &[String]) -> Vec<(String, String)> {
 }
 
 /// Identifies a request's content, so that a reused idempotency key is noticed.
-fn fingerprint(entry: &LogEntry) -> String {
+pub(crate) fn fingerprint(entry: &LogEntry) -> String {
     let mut hash = Sha256::new();
     for part in [entry.method.as_bytes(), entry.path.as_bytes(), entry.query.as_deref().unwrap_or("").as_bytes()] {
         hash.update((part.len() as u64).to_be_bytes());

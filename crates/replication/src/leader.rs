@@ -12,6 +12,9 @@
 //! While the processor works on one group the sequencer replicates the next, so a busy
 //! leader does about two etcd round trips per group, not three per request. Any failed
 //! authority write ends the term: the node loop steps down.
+//!
+//! A third task compacts the log ([`crate::compaction`]); the processor takes a snapshot
+//! between groups when one is due.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -20,7 +23,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::app::{AppState, Reply, Request, Step};
+use crate::app::{AppState, Outcome, Reply, Request, Step};
 use crate::data::{self, EntryState, IdempotencyRecord, LogEntry, ProcessState, RequestKind};
 use crate::error::{Error, Result};
 use crate::runtime::{Runtime, lock};
@@ -94,18 +97,23 @@ impl LeaderTerm {
     pub(crate) fn start<S: AppState>(runtime: &Arc<Runtime<S>>, term: Term, next_index: u64) -> Self {
         let (submit_tx, submit_rx) = mpsc::channel(QUEUE);
         let (groups_tx, groups_rx) = mpsc::channel(64);
-        let (failed_tx, failed) = mpsc::channel(2);
+        let (failed_tx, failed) = mpsc::channel(3);
         let in_flight = Arc::new(InFlight::default());
+        let lease = Arc::new(IdempotencyLease::default());
         let sequencer = Sequencer {
             runtime: runtime.clone(),
             term: term.clone(),
             next_index,
             in_flight: in_flight.clone(),
-            lease: None,
+            lease: lease.clone(),
         };
         let tasks = vec![
             tokio::spawn(report(sequencer.run(submit_rx, groups_tx), failed_tx.clone())),
-            tokio::spawn(report(process_groups(runtime.clone(), term, groups_rx, in_flight), failed_tx)),
+            tokio::spawn(report(
+                process_groups(runtime.clone(), term.clone(), groups_rx, in_flight, lease),
+                failed_tx.clone(),
+            )),
+            tokio::spawn(report(crate::compaction::compact_while_leading(runtime.clone(), term), failed_tx)),
         ];
         *runtime.submit.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(submit_tx);
         Self { failed, tasks }
@@ -144,7 +152,58 @@ struct Sequencer<S> {
     term: Term,
     next_index: u64,
     in_flight: Arc<InFlight>,
-    lease: Option<(i64, Instant)>,
+    lease: Arc<IdempotencyLease>,
+}
+
+/// The lease idempotency records are written with: one lease per quarter of the
+/// retention, living a retention and a quarter, so each record lasts at least the
+/// retention and etcd tracks only a few leases.
+#[derive(Default)]
+pub(crate) struct IdempotencyLease {
+    current: tokio::sync::Mutex<Option<(i64, Instant)>>,
+}
+
+impl IdempotencyLease {
+    pub(crate) async fn get<S: AppState>(&self, runtime: &Runtime<S>) -> Result<i64> {
+        let retention = runtime.config.idempotency_retention;
+        let renew_after = retention / 4;
+        let mut current = self.current.lock().await;
+        match *current {
+            Some((id, granted)) if granted.elapsed() < renew_after => Ok(id),
+            _ => {
+                let id = runtime.store().grant_lease(retention + renew_after.max(Duration::from_secs(1))).await?;
+                *current = Some((id, Instant::now()));
+                Ok(id)
+            }
+        }
+    }
+}
+
+/// The writes that record an entry's final outcome: its RS with the answer and, for a
+/// request with an idempotency key, the answer in its idempotency record too, which
+/// outlives log compaction (a retry after the entry was deleted still gets its answer).
+pub(crate) fn outcome_ops<S: AppState>(
+    runtime: &Runtime<S>,
+    index: u64,
+    kind: RequestKind,
+    epoch: u64,
+    outcome: &Outcome,
+    entry: &LogEntry,
+    lease: Option<i64>,
+) -> Vec<Op> {
+    let keys = &runtime.keys;
+    let (state, reply) = match outcome {
+        Ok(reply) => (ProcessState::Success, reply),
+        Err(reply) => (ProcessState::Fail, reply),
+    };
+    let response = Some(reply.to_stored());
+    let mut ops =
+        vec![Op::Put(keys.rs(index), data::encode(&EntryState { kind, state, epoch, response: response.clone() }))];
+    if let (Some(key), Some(lease)) = (&entry.idempotency_key, lease) {
+        let record = IdempotencyRecord { index, fingerprint: crate::http::fingerprint(entry), response };
+        ops.push(Op::PutLeased(keys.idem(key), data::encode(&record), lease));
+    }
+    ops
 }
 
 /// What an idempotency key says about a new request.
@@ -245,6 +304,16 @@ impl<S: AppState> Sequencer<S> {
         if record.fingerprint != fingerprint {
             return Ok(KeyLookup::Answer(reused_key()));
         }
+        if let Some(response) = record.response {
+            return Ok(KeyLookup::Answer(Answer {
+                reply: Reply::from_stored(response),
+                index: Some(record.index),
+                replayed: true,
+            }));
+        }
+        // Without an answer in the record, the entry was not final when the record was
+        // last written. A missing entry was then compacted away, which only happens to
+        // final ones: as the answer would be in the record, it was Ignored, never executed.
         let Some(kv) = store.get_local(&keys.rs(record.index)).await? else { return Ok(KeyLookup::New) };
         let state: EntryState = data::decode(kv.key(), kv.value())?;
         Ok(match (state.state, state.response) {
@@ -275,7 +344,7 @@ impl<S: AppState> Sequencer<S> {
         let keys = &self.runtime.keys;
         let epoch = self.term.epoch;
         let mut ops = Vec::with_capacity(group.len() * 2 + 1);
-        let mut leased = Vec::new();
+        let mut keyed = Vec::new();
         let mut items = Vec::with_capacity(group.len());
         for (offset, (kind, entry, reply)) in group.into_iter().enumerate() {
             let index = self.next_index + offset as u64;
@@ -285,39 +354,23 @@ impl<S: AppState> Sequencer<S> {
             if let Some(key) = &entry.idempotency_key {
                 let fingerprint =
                     lock(&self.in_flight.by_key).get(key).map(|w| w.fingerprint.clone()).unwrap_or_default();
-                leased.push((keys.idem(key), data::encode(&IdempotencyRecord { index, fingerprint })));
+                keyed.push((keys.idem(key), data::encode(&IdempotencyRecord { index, fingerprint, response: None })));
             }
             items.push(Item { index, kind, entry, reply });
         }
         let last = self.next_index + items.len() as u64 - 1;
         ops.push(Op::counter(keys.ls(), last));
-        if leased.is_empty() {
-            self.runtime.store().authority_write(&self.term, ops).await?;
-        } else {
-            let lease = self.lease().await?;
-            self.runtime.store().authority_write_leased(&self.term, ops, leased, lease).await?;
+        if !keyed.is_empty() {
+            let lease = self.lease.get(&self.runtime).await?;
+            let leased = keyed.into_iter().map(|(key, value)| Op::PutLeased(key, value, lease));
+            ops.splice(0..0, leased);
         }
+        self.runtime.store().authority_write(&self.term, ops).await?;
         self.next_index = last + 1;
         self.runtime.set_status(|s| s.ls = last);
         // The processor only ends with the term, and then so does this task.
         let _ = groups.send(items).await;
         Ok(())
-    }
-
-    /// The lease idempotency records are written with: one lease per quarter of the
-    /// retention, living a retention and a quarter, so each record lasts at least the
-    /// retention and etcd tracks only a few leases.
-    async fn lease(&mut self) -> Result<i64> {
-        let retention = self.runtime.config.idempotency_retention;
-        let renew_after = retention / 4;
-        match self.lease {
-            Some((id, granted)) if granted.elapsed() < renew_after => Ok(id),
-            _ => {
-                let id = self.runtime.store().grant_lease(retention + renew_after.max(Duration::from_secs(1))).await?;
-                self.lease = Some((id, Instant::now()));
-                Ok(id)
-            }
-        }
     }
 }
 
@@ -334,6 +387,7 @@ async fn process_groups<S: AppState>(
     term: Term,
     mut groups: mpsc::Receiver<Vec<Item>>,
     in_flight: Arc<InFlight>,
+    lease: Arc<IdempotencyLease>,
 ) -> Result<()> {
     while let Some(mut items) = groups.recv().await {
         // Group commit across groups that queued up while the last one was processed.
@@ -343,12 +397,18 @@ async fn process_groups<S: AppState>(
                 Err(_) => break,
             }
         }
-        process(&runtime, &term, items, &in_flight).await?;
+        process(&runtime, &term, items, &in_flight, &lease).await?;
     }
     Ok(())
 }
 
-async fn process<S: AppState>(runtime: &Runtime<S>, term: &Term, items: Vec<Item>, in_flight: &InFlight) -> Result<()> {
+async fn process<S: AppState>(
+    runtime: &Arc<Runtime<S>>,
+    term: &Term,
+    items: Vec<Item>,
+    in_flight: &InFlight,
+    lease: &IdempotencyLease,
+) -> Result<()> {
     let keys = &runtime.keys;
     let store = runtime.store();
     let first = items.first().map_or(0, |i| i.index);
@@ -384,14 +444,13 @@ async fn process<S: AppState>(runtime: &Runtime<S>, term: &Term, items: Vec<Item
     runtime.state.persist().await.map_err(Error::Persist)?;
     // (4.4-6) outcomes, LPI and SSI; durable before anyone is answered.
     let last = items.last().map_or(0, |i| i.index);
+    let lease = match items.iter().any(|i| i.entry.idempotency_key.is_some()) {
+        true => Some(lease.get(runtime).await?),
+        false => None,
+    };
     let mut ops = Vec::with_capacity(items.len() + 2);
     for (item, outcome) in items.iter().zip(&outcomes) {
-        let (state, reply) = match outcome {
-            Ok(reply) => (ProcessState::Success, reply),
-            Err(reply) => (ProcessState::Fail, reply),
-        };
-        let record = EntryState { kind: item.kind, state, epoch: term.epoch, response: Some(reply.to_stored()) };
-        ops.push(Op::Put(keys.rs(item.index), data::encode(&record)));
+        ops.extend(outcome_ops(runtime, item.index, item.kind, term.epoch, outcome, &item.entry, lease));
     }
     ops.push(Op::counter(keys.lpi(&runtime.config.replica), last));
     ops.push(Op::counter(keys.ssi(), last));
@@ -403,6 +462,8 @@ async fn process<S: AppState>(runtime: &Runtime<S>, term: &Term, items: Vec<Item
         s.lpi = last;
         s.applied_index = applied;
     });
+    // Between groups nothing executes and everything up to `last` is final.
+    runtime.maybe_snapshot(last);
     for (item, outcome) in items.into_iter().zip(outcomes) {
         let reply = match outcome {
             Ok(reply) | Err(reply) => reply,

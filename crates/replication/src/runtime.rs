@@ -18,11 +18,13 @@ use tracing::{error, info, warn};
 use crate::app::{AppState, Outcome, Request, Step, StepObserver};
 use crate::builder::{Route, Routes};
 use crate::config::Config;
-use crate::data::{self, EntryState, Keys, LeaderRecord, ProcessState, RequestKind};
+use crate::data::{self, EntryState, Keys, LeaderRecord, LogEntry, MemberRecord, ProcessState, RequestKind};
 use crate::error::{Error, Result};
-use crate::leader::{LeaderTerm, Submit};
+use crate::leader::{IdempotencyLease, LeaderTerm, Submit, outcome_ops};
 use crate::record_file::RecordFile;
-use crate::store::{Op, Store, StoredEntry, Term};
+use crate::snapshot::SnapshotStore;
+use crate::state_transfer::SnapshotState;
+use crate::store::{MemberStatus, Op, Store, StoredEntry, Term};
 
 /// How many entries a follower or a Register reads and applies at a time.
 const PAGE: u64 = 256;
@@ -69,6 +71,33 @@ pub struct Status {
     pub published_epoch: Option<u64>,
     /// The last error that stopped progress, if it has not cleared.
     pub last_error: Option<String>,
+    /// The index of this replica's latest snapshot (0: none yet).
+    #[serde(default)]
+    pub snapshot_index: u64,
+    /// The index of the snapshot this replica's state was last restored from (0: built by
+    /// replaying the log from its start).
+    #[serde(default)]
+    pub state_version: u64,
+    /// The first log index still in etcd (entries below it were compacted away).
+    #[serde(default = "one")]
+    pub first_index: u64,
+    /// The local etcd member's database file size, bytes.
+    #[serde(default)]
+    pub db_size: u64,
+    /// The part of that file in use (the rest is free space compaction left), bytes.
+    #[serde(default)]
+    pub db_size_in_use: u64,
+    /// The local etcd member's space quota, bytes, when known: past it etcd raises a
+    /// `NOSPACE` alarm and refuses every write.
+    #[serde(default)]
+    pub quota: Option<u64>,
+    /// Alarms the local etcd member reports (`NOSPACE`, `CORRUPT`).
+    #[serde(default)]
+    pub etcd_alarms: Vec<String>,
+}
+
+const fn one() -> u64 {
+    1
 }
 
 /// A replicated service, ready to serve. Built with [`Replicated::builder`].
@@ -97,10 +126,29 @@ impl<S: AppState> Replicated<S> {
             etcd_reachable: false,
             published_epoch: None,
             last_error: None,
+            snapshot_index: 0,
+            state_version: 0,
+            first_index: 1,
+            db_size: 0,
+            db_size_in_use: 0,
+            quota: None,
+            etcd_alarms: Vec::new(),
         };
+        let member = MemberRecord { url: config.public_url.clone(), snapshot: None, catching_up: false };
         let runtime = Runtime {
             keys: Keys::new(&config.service),
             record: RecordFile::new(&config.data_dir),
+            snapshots: SnapshotStore::new(&config.data_dir),
+            snapshot: Mutex::default(),
+            snapshot_taken: Notify::new(),
+            member: watch::Sender::new(member),
+            peer_token: Mutex::default(),
+            http: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(3))
+                .no_proxy()
+                .build()
+                .expect("an HTTP client with default TLS settings builds"),
+            quota_probed: Mutex::default(),
             config,
             state: Arc::new(state),
             routes,
@@ -145,6 +193,7 @@ impl<S: AppState> Replicated<S> {
         })?;
         // Fails early on an unreadable record file rather than after serving.
         runtime.record.read()?;
+        runtime.open_snapshots().await?;
         let store =
             Store::connect(&runtime.config.etcd_endpoint, runtime.keys.clone(), runtime.config.timings.etcd_timeout)
                 .await?;
@@ -185,6 +234,20 @@ pub(crate) struct Runtime<S> {
     store: std::sync::OnceLock<Store>,
     /// Set by the watch task when `cl` changes.
     cl_changed: AtomicBool,
+    /// This replica's snapshots on disk.
+    pub(crate) snapshots: SnapshotStore,
+    /// The latest of them, and whether one is being written.
+    pub(crate) snapshot: Mutex<SnapshotState>,
+    /// Woken when a snapshot completes (the leader's compaction waits on it).
+    pub(crate) snapshot_taken: Notify,
+    /// What this replica's membership record should say.
+    pub(crate) member: watch::Sender<MemberRecord>,
+    /// The peer token, once read from etcd.
+    pub(crate) peer_token: Mutex<Option<String>>,
+    /// For fetching peers' snapshots (and the local member's metrics).
+    pub(crate) http: reqwest::Client,
+    /// When the local member's quota was last asked of its metrics.
+    quota_probed: Mutex<Option<Instant>>,
 }
 
 /// Where the node loop stands between wake-ups.
@@ -246,6 +309,7 @@ impl<S: AppState> Runtime<S> {
     async fn run(self: Arc<Self>, shutdown: impl Future<Output = ()>) {
         let changes = Arc::new(Notify::new());
         let _watcher = AbortOnDrop(tokio::spawn(self.clone().watch_changes(changes.clone())));
+        let _membership = AbortOnDrop(tokio::spawn(self.clone().keep_membership()));
         let timings = self.config.timings;
         let mut check = tokio::time::interval(timings.check_interval);
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -253,7 +317,7 @@ impl<S: AppState> Runtime<S> {
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut node = Node {
             pending_check: true,
-            lpi: self.state.applied_index(),
+            lpi: self.start_index(),
             lpi_written: (u64::MAX, Instant::now()),
             cl_read: None,
             leader: None,
@@ -286,14 +350,26 @@ impl<S: AppState> Runtime<S> {
         }
     }
 
+    /// Where processing resumes after a start or a step-down: the app's applied index, or
+    /// this replica's latest snapshot if that is further (the entries between them changed
+    /// nothing here: the snapshot was taken from this very state, or restored into it).
+    fn start_index(&self) -> u64 {
+        let snapshot = self.latest_snapshot().map_or(0, |m| m.index);
+        self.state.applied_index().max(snapshot)
+    }
+
     /// One wake-up of the node loop: Check role, then act on it.
     async fn wake(self: &Arc<Self>, node: &mut Node) {
-        let condition = match self.store().leader_condition().await {
-            Ok(condition) => {
+        let condition = match self.store().member_status().await {
+            Ok(member) => {
                 if !self.status.borrow().etcd_reachable {
                     self.set_status(|s| s.etcd_reachable = true);
                 }
-                condition
+                self.note_member(&member);
+                if member.quota == 0 {
+                    self.probe_quota().await;
+                }
+                member.leads
             }
             Err(e) => {
                 // An unreadable condition counts as false (a paused or cut-off member).
@@ -314,7 +390,7 @@ impl<S: AppState> Runtime<S> {
             match self.check_pending().await {
                 Ok(()) => {
                     node.pending_check = false;
-                    node.lpi = node.lpi.min(self.state.applied_index());
+                    node.lpi = node.lpi.min(self.start_index());
                 }
                 Err(e) => return self.note_error(&e),
             }
@@ -328,6 +404,59 @@ impl<S: AppState> Runtime<S> {
                 }
                 self.note_error(&e);
             }
+        }
+    }
+
+    /// Keeps the local member's database figures and alarms in the status; says loudly
+    /// when an alarm is raised or cleared.
+    fn note_member(&self, member: &MemberStatus) {
+        let before = self.status.borrow().etcd_alarms.clone();
+        if member.alarms != before {
+            for alarm in member.alarms.iter().filter(|a| !before.contains(a)) {
+                error!(replica = %self.config.replica, "{}", alarm_advice(alarm, &self.config.etcd_endpoint));
+            }
+            if member.alarms.is_empty() {
+                info!(replica = %self.config.replica, "etcd alarms cleared");
+            }
+        }
+        let quota = (member.quota > 0).then_some(member.quota);
+        self.status.send_if_modified(|s| {
+            let changed = s.db_size != member.db_size
+                || s.db_size_in_use != member.db_size_in_use
+                || s.etcd_alarms != member.alarms
+                || (quota.is_some() && s.quota != quota);
+            s.db_size = member.db_size;
+            s.db_size_in_use = member.db_size_in_use;
+            s.etcd_alarms.clone_from(&member.alarms);
+            if quota.is_some() {
+                s.quota = quota;
+            }
+            changed
+        });
+    }
+
+    /// etcd before 3.6 does not report its space quota in `status`; its metrics do
+    /// (`etcd_server_quota_backend_bytes`). Asked at most every 30 s until answered.
+    async fn probe_quota(&self) {
+        {
+            let mut last = lock(&self.quota_probed);
+            if self.status.borrow().quota.is_some() || last.is_some_and(|at| at.elapsed() < Duration::from_secs(30)) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        let url = format!("{}/metrics", self.config.etcd_endpoint.trim_end_matches('/'));
+        let text = tokio::time::timeout(self.config.timings.etcd_timeout, async {
+            self.http.get(&url).send().await?.error_for_status()?.text().await
+        })
+        .await;
+        let quota = text.ok().and_then(Result::ok).and_then(|text| {
+            let line = text.lines().find(|l| l.starts_with("etcd_server_quota_backend_bytes "))?;
+            let value: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            (value.is_finite() && value > 0.0).then_some(value as u64)
+        });
+        if let Some(quota) = quota {
+            self.set_status(|s| s.quota = Some(quota));
         }
     }
 
@@ -356,7 +485,7 @@ impl<S: AppState> Runtime<S> {
 
     /// Follow the Latest Service State: execute every Replication entry whose state is
     /// Success, in index order, up to SSI.
-    async fn follow(&self, node: &mut Node) -> Result<()> {
+    async fn follow(self: &Arc<Self>, node: &mut Node) -> Result<()> {
         let store = self.store();
         let poll = self.config.timings.follow_poll;
         if self.cl_changed.swap(false, Ordering::SeqCst) || node.cl_read.is_none_or(|at| at.elapsed() >= poll) {
@@ -366,11 +495,19 @@ impl<S: AppState> Runtime<S> {
                 self.set_status(|s| s.leader = leader);
             }
         }
-        let ssi = store.get_index(&self.keys.ssi()).await?;
-        if self.status.borrow().ssi != ssi {
-            self.set_status(|s| s.ssi = ssi);
+        let (ssi, compacted) = store.progress().await?;
+        let first_index = compacted.first_index.max(1);
+        if self.status.borrow().ssi != ssi || self.status.borrow().first_index != first_index {
+            self.set_status(|s| {
+                s.ssi = ssi;
+                s.first_index = first_index;
+            });
+        }
+        if node.lpi + 1 < first_index {
+            node.lpi = self.catch_up(first_index, node.lpi).await?;
         }
         if node.lpi >= ssi {
+            self.maybe_snapshot(node.lpi);
             let (written, at) = node.lpi_written;
             if written != node.lpi && at.elapsed() >= poll {
                 store.put(&self.keys.lpi(&self.config.replica), node.lpi.to_string()).await?;
@@ -408,6 +545,7 @@ impl<S: AppState> Runtime<S> {
             s.lpi = lpi;
             s.applied_index = applied;
         });
+        self.maybe_snapshot(lpi);
         Ok(())
     }
 
@@ -502,6 +640,12 @@ impl<S: AppState> Runtime<S> {
     async fn register(self: &Arc<Self>, node: &mut Node) -> Result<()> {
         self.set_role(Role::Register, None, "leader condition holds");
         let store = self.store();
+        let first_index = store.compacted().await?.first_index.max(1);
+        self.set_status(|s| s.first_index = first_index);
+        if node.lpi + 1 < first_index {
+            // Prepare Service replays the log from this replica's LPI: get a snapshot first.
+            node.lpi = self.catch_up(first_index, node.lpi).await?;
+        }
         let base = store.epoch_base(self.chain_epoch()).await?;
         let me = LeaderRecord { replica: self.config.replica.clone(), location: self.config.public_url.clone() };
         let term = store.take_leadership(&me, base).await?;
@@ -512,6 +656,7 @@ impl<S: AppState> Runtime<S> {
         });
 
         let ls = self.prepare_service(&term, node).await?;
+        self.maybe_snapshot(ls);
         self.publish_location(term.epoch).await;
         node.leader = Some(LeaderTerm::start(self, term.clone(), ls + 1));
         self.set_role(Role::Leader, Some(term.epoch), "prepared");
@@ -537,12 +682,17 @@ impl<S: AppState> Runtime<S> {
     /// Returns LS.
     async fn prepare_service(&self, term: &Term, node: &mut Node) -> Result<u64> {
         let store = self.store();
+        // Counts this term (for the paper's Table 2, which etcd's compacted history no
+        // longer tells) and confirms the fence before anything else.
+        let terms = store.get_index(&self.keys.terms()).await?;
+        store.authority_write(term, vec![Op::counter(self.keys.terms(), terms + 1)]).await?;
         let ls = store.get_index(&self.keys.ls()).await?;
         let ssi = store.get_index(&self.keys.ssi()).await?;
         // Everything above SSI is still to be decided, whatever this replica applied.
         node.lpi = node.lpi.min(ssi);
         self.undo_unrecorded(ssi, ls).await?;
         let last_record = self.record.read()?;
+        let lease = IdempotencyLease::default();
         while node.lpi < ls {
             let to = ls.min(node.lpi + PAGE);
             let mut ops = Vec::new();
@@ -561,7 +711,8 @@ impl<S: AppState> Runtime<S> {
                         let in_process = entry.state.state == ProcessState::InProcess;
                         let outcome = if index > self.state.applied_index() {
                             let route = self.replication_route(&entry)?;
-                            Some(self.execute(index, route, Request::from_entry(index, entry.request), false).await?)
+                            let request = Request::from_entry(index, entry.request.clone());
+                            Some(self.execute(index, route, request, false).await?)
                         } else if in_process {
                             // This replica executed it as leader and lost leadership
                             // before recording the outcome: the answer is in the record file.
@@ -574,11 +725,8 @@ impl<S: AppState> Runtime<S> {
                             None
                         };
                         if let (true, Some(outcome)) = (in_process, outcome) {
-                            let (state, reply) = match outcome {
-                                Ok(reply) => (ProcessState::Success, reply),
-                                Err(reply) => (ProcessState::Fail, reply),
-                            };
-                            ops.push(decided(state, Some(reply.to_stored())));
+                            let lease = self.lease_for(&lease, &entry.request).await?;
+                            ops.extend(outcome_ops(self, index, kind, term.epoch, &outcome, &entry.request, lease));
                         }
                     }
                     (ProcessState::InProcess, RequestKind::Normal) => {
@@ -659,11 +807,21 @@ impl<S: AppState> Runtime<S> {
         self.state.persist().await.map_err(Error::Persist)
     }
 
+    /// The idempotency lease when `request` has a key (its outcome is then written into its
+    /// idempotency record too).
+    async fn lease_for(&self, lease: &IdempotencyLease, request: &LogEntry) -> Result<Option<i64>> {
+        match request.idempotency_key {
+            Some(_) => Ok(Some(lease.get(self).await?)),
+            None => Ok(None),
+        }
+    }
+
     /// Settles in-doubt Normal requests whose route has a reconcile hook; returns the ones
     /// still in doubt.
     async fn reconcile_in_doubt(&self, term: &Term) -> Result<Vec<u64>> {
         let store = self.store();
         let mut left = Vec::new();
+        let lease = IdempotencyLease::default();
         for index in store.indexes_under(&self.keys.doubt_prefix()).await? {
             let Some(entry) = store.entries(index, index).await?.pop() else { continue };
             let route = self.route_of(&entry.request.method, &entry.request.path);
@@ -671,28 +829,14 @@ impl<S: AppState> Runtime<S> {
                 left.push(index);
                 continue;
             };
-            match reconcile(self.state.clone(), Request::from_entry(index, entry.request)).await {
+            match reconcile(self.state.clone(), Request::from_entry(index, entry.request.clone())).await {
                 Some(outcome) => {
-                    let (state, reply) = match outcome {
-                        Ok(reply) => (ProcessState::Success, reply),
-                        Err(reply) => (ProcessState::Fail, reply),
-                    };
-                    info!(index, ?state, "in-doubt request reconciled");
-                    let record = EntryState {
-                        kind: entry.state.kind,
-                        state,
-                        epoch: term.epoch,
-                        response: Some(reply.to_stored()),
-                    };
-                    store
-                        .authority_write(
-                            term,
-                            vec![
-                                Op::Put(self.keys.rs(index), data::encode(&record)),
-                                Op::Delete(self.keys.doubt(index)),
-                            ],
-                        )
-                        .await?;
+                    info!(index, success = outcome.is_ok(), "in-doubt request reconciled");
+                    let lease = self.lease_for(&lease, &entry.request).await?;
+                    let mut ops =
+                        outcome_ops(self, index, entry.state.kind, term.epoch, &outcome, &entry.request, lease);
+                    ops.push(Op::Delete(self.keys.doubt(index)));
+                    store.authority_write(term, ops).await?;
                 }
                 None => left.push(index),
             }
@@ -772,6 +916,23 @@ impl<T> Drop for AbortOnDrop<T> {
 /// A lock helper for the std mutexes here (poisoning only follows a panic elsewhere).
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// What an operator reads when the local etcd member raises `alarm`.
+pub(crate) fn alarm_advice(alarm: &str, endpoint: &str) -> String {
+    if alarm.contains("NOSPACE") {
+        format!(
+            "etcd raised a NOSPACE alarm ({alarm}): its database reached the space quota and every write is refused. \
+             Free space and disarm it: `etcdctl --endpoints {endpoint} compact $(etcdctl --endpoints {endpoint} \
+             endpoint status --write-out=fields | grep Revision | cut -d: -f2)`, then `etcdctl defrag` on each member \
+             one at a time, then `etcdctl alarm disarm`; with snapshots on, br2k compacts the log itself, so check \
+             --snapshot-interval and the idempotency retention if this recurs"
+        )
+    } else {
+        format!(
+            "etcd raised an alarm ({alarm}); writes may be refused until an operator clears it (`etcdctl --endpoints {endpoint} alarm list`)"
+        )
+    }
 }
 
 /// How long the front waits on a full request queue before answering 503.

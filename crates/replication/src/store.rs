@@ -5,9 +5,12 @@
 use std::future::Future;
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, KeyValue, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{
+    Client, CompactionOptions, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, KeyValue, PutOptions,
+    Txn, TxnOp, TxnOpResponse,
+};
 
-use crate::data::{self, EntryState, Keys, LeaderRecord, LogEntry};
+use crate::data::{self, CompactedLog, EntryState, Keys, LeaderRecord, LogEntry, MemberRecord};
 use crate::error::{Error, Result};
 
 /// etcd's default `--max-txn-ops` is 128; stay below it with room for the counters.
@@ -28,7 +31,11 @@ pub(crate) struct Term {
 #[derive(Clone, Debug)]
 pub(crate) enum Op {
     Put(String, Vec<u8>),
+    /// A put attached to a lease (idempotency records, which expire).
+    PutLeased(String, Vec<u8>, i64),
     Delete(String),
+    /// Deletes every key in `[from, to)`.
+    DeleteRange(String, String),
 }
 
 impl Op {
@@ -39,17 +46,35 @@ impl Op {
 
     fn size(&self) -> usize {
         match self {
-            Self::Put(k, v) => k.len() + v.len(),
+            Self::Put(k, v) | Self::PutLeased(k, v, _) => k.len() + v.len(),
             Self::Delete(k) => k.len(),
+            Self::DeleteRange(from, to) => from.len() + to.len(),
         }
     }
 
     fn into_txn_op(self) -> TxnOp {
         match self {
             Self::Put(k, v) => TxnOp::put(k, v, None),
+            Self::PutLeased(k, v, lease) => TxnOp::put(k, v, Some(PutOptions::new().with_lease(lease))),
             Self::Delete(k) => TxnOp::delete(k, None),
+            Self::DeleteRange(from, to) => TxnOp::delete(from, Some(DeleteOptions::new().with_range(to))),
         }
     }
+}
+
+/// What the local member says of itself.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct MemberStatus {
+    /// Whether it is the Raft leader (the paper's leader condition).
+    pub(crate) leads: bool,
+    /// Its database file's size, bytes.
+    pub(crate) db_size: u64,
+    /// The part of it in use (the rest is free pages left by compaction), bytes.
+    pub(crate) db_size_in_use: u64,
+    /// Its space quota, bytes, when the member reports it (etcd 3.6 and later; 0 otherwise).
+    pub(crate) quota: u64,
+    /// The errors it reports, among them raised alarms (`NOSPACE`, `CORRUPT`).
+    pub(crate) alarms: Vec<String>,
 }
 
 /// One entry of the log as read back: its state and, where it exists, its request.
@@ -95,10 +120,21 @@ impl Store {
 
     /// The paper's leader condition: the local member says it is the Raft leader.
     pub(crate) async fn leader_condition(&self) -> Result<bool> {
+        Ok(self.member_status().await?.leads)
+    }
+
+    /// The local member's answer to `status`: whether it leads, its database, its alarms.
+    pub(crate) async fn member_status(&self) -> Result<MemberStatus> {
         let mut client = self.client.clone();
         let status = self.bounded("status", client.status()).await?;
         let member = status.header().map(etcd_client::ResponseHeader::member_id);
-        Ok(member.is_some_and(|m| m != 0 && m == status.leader()))
+        Ok(MemberStatus {
+            leads: member.is_some_and(|m| m != 0 && m == status.leader()),
+            db_size: status.db_size().max(0).unsigned_abs(),
+            db_size_in_use: status.raft_used_db_size().max(0).unsigned_abs(),
+            quota: status.db_size_quota().max(0).unsigned_abs(),
+            alarms: status.errors().iter().map(|e| e.trim().to_owned()).collect(),
+        })
     }
 
     pub(crate) async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
@@ -236,7 +272,8 @@ impl Store {
     ///
     /// # Errors
     /// [`Error::LeadershipLost`] when the fence fails; etcd errors otherwise.
-    pub(crate) async fn authority_write(&self, term: &Term, ops: Vec<Op>) -> Result<()> {
+    pub(crate) async fn authority_write(&self, term: &Term, ops: Vec<Op>) -> Result<i64> {
+        let mut revision = 0;
         for chunk in chunks(ops) {
             let txn = Txn::new()
                 .when(vec![
@@ -249,39 +286,127 @@ impl Store {
             if !response.succeeded() {
                 return Err(Error::LeadershipLost { epoch: term.epoch });
             }
+            revision = response.header().map_or(0, etcd_client::ResponseHeader::revision);
         }
-        Ok(())
-    }
-
-    /// Like [`Self::authority_write`], with some puts attached to a lease (idempotency
-    /// records that expire).
-    pub(crate) async fn authority_write_leased(
-        &self,
-        term: &Term,
-        ops: Vec<Op>,
-        leased: Vec<(String, Vec<u8>)>,
-        lease: i64,
-    ) -> Result<()> {
-        let mut all: Vec<TxnOp> = leased
-            .into_iter()
-            .map(|(k, v)| TxnOp::put(k, v, Some(etcd_client::PutOptions::new().with_lease(lease))))
-            .collect();
-        all.extend(ops.into_iter().map(Op::into_txn_op));
-        let txn = Txn::new()
-            .when(vec![
-                Compare::value(self.keys.cl(), CompareOp::Equal, term.cl_value.clone()),
-                Compare::mod_revision(self.keys.cl(), CompareOp::Equal, term.cl_revision),
-            ])
-            .and_then(all);
-        let mut client = self.client.clone();
-        let response = self.bounded("replicate requests", client.txn(txn)).await?;
-        if response.succeeded() { Ok(()) } else { Err(Error::LeadershipLost { epoch: term.epoch }) }
+        Ok(revision)
     }
 
     pub(crate) async fn grant_lease(&self, ttl: Duration) -> Result<i64> {
         let mut client = self.client.clone();
         let ttl = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
         Ok(self.bounded("grant a lease", client.lease_grant(ttl, None)).await?.id())
+    }
+
+    /// SSI and the compaction record, read together in one round trip.
+    pub(crate) async fn progress(&self) -> Result<(u64, CompactedLog)> {
+        let txn = Txn::new().and_then(vec![TxnOp::get(self.keys.ssi(), None), TxnOp::get(self.keys.compacted(), None)]);
+        let mut client = self.client.clone();
+        let response = self.bounded("read ssi", client.txn(txn)).await?;
+        let mut values = response.op_responses().into_iter().map(|op| match op {
+            TxnOpResponse::Get(mut get) => get.take_kvs().into_iter().next(),
+            _ => None,
+        });
+        let ssi = match values.next().flatten() {
+            Some(kv) => data::decode_index(kv.key(), kv.value())?,
+            None => 0,
+        };
+        let compacted = match values.next().flatten() {
+            Some(kv) => data::decode(kv.key(), kv.value())?,
+            None => CompactedLog::default(),
+        };
+        Ok((ssi, compacted))
+    }
+
+    /// The compaction record (first index 0 when the log was never compacted).
+    pub(crate) async fn compacted(&self) -> Result<CompactedLog> {
+        match self.get(&self.keys.compacted()).await? {
+            Some(kv) => data::decode(kv.key(), kv.value()),
+            None => Ok(CompactedLog::default()),
+        }
+    }
+
+    /// The live replicas' records (every replica whose lease is still renewed).
+    pub(crate) async fn members(&self) -> Result<Vec<(String, MemberRecord)>> {
+        let mut client = self.client.clone();
+        let response = self
+            .bounded("list members", client.get(self.keys.members_prefix(), Some(GetOptions::new().with_prefix())))
+            .await?;
+        let mut out = Vec::new();
+        for kv in response.kvs() {
+            let replica = self.keys.member_of(kv.key()).ok_or_else(|| corrupt(kv, "not a member key"))?;
+            out.push((replica.to_owned(), data::decode(kv.key(), kv.value())?));
+        }
+        Ok(out)
+    }
+
+    /// The states of entries `from..to` (no requests), for counting what compaction deletes.
+    pub(crate) async fn states(&self, from: u64, to: u64) -> Result<Vec<(u64, EntryState)>> {
+        let mut client = self.client.clone();
+        let options = GetOptions::new().with_range(self.keys.rs(to));
+        let response = self.bounded("read entry states", client.get(self.keys.rs(from), Some(options))).await?;
+        response
+            .kvs()
+            .iter()
+            .map(|kv| {
+                let index = self.keys.index_of(kv.key()).ok_or_else(|| corrupt(kv, "not a log index"))?;
+                Ok((index, data::decode(kv.key(), kv.value())?))
+            })
+            .collect()
+    }
+
+    /// A put attached to `lease` (not a leader-authority write: each replica writes its own
+    /// record).
+    pub(crate) async fn put_leased(&self, key: &str, value: Vec<u8>, lease: i64) -> Result<()> {
+        let mut client = self.client.clone();
+        self.bounded("put", client.put(key, value, Some(PutOptions::new().with_lease(lease)))).await.map(drop)
+    }
+
+    /// Renews `lease` once; `false` when etcd says it has expired.
+    pub(crate) async fn renew(&self, lease: i64) -> Result<bool> {
+        let mut client = self.client.clone();
+        let (mut keeper, mut answers) = self.bounded("renew a lease", client.lease_keep_alive(lease)).await?;
+        self.bounded("renew a lease", keeper.keep_alive()).await?;
+        let answer = self.bounded("renew a lease", answers.message()).await?;
+        Ok(answer.is_some_and(|a| a.ttl() > 0))
+    }
+
+    /// The secret replicas show each other to fetch snapshots, made by the first replica
+    /// that asks.
+    pub(crate) async fn peer_token(&self, proposed: &str) -> Result<String> {
+        let key = self.keys.peer_token();
+        let txn = Txn::new()
+            .when(vec![Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then(vec![TxnOp::put(key.clone(), proposed, None)])
+            .or_else(vec![TxnOp::get(key.clone(), None)]);
+        let mut client = self.client.clone();
+        let response = self.bounded("read the peer token", client.txn(txn)).await?;
+        if response.succeeded() {
+            return Ok(proposed.to_owned());
+        }
+        let stored = response.op_responses().into_iter().find_map(|op| match op {
+            TxnOpResponse::Get(mut get) => get.take_kvs().into_iter().next(),
+            _ => None,
+        });
+        match stored {
+            Some(kv) if !kv.value().is_empty() => Ok(String::from_utf8_lossy(kv.value()).into_owned()),
+            _ => Err(Error::MissingRecord { key }),
+        }
+    }
+
+    /// Compacts etcd's history up to `revision`: older versions of every key are dropped
+    /// and their space reused. Already compacted further is fine.
+    pub(crate) async fn compact_history(&self, revision: i64) -> Result<()> {
+        let mut client = self.client.clone();
+        match tokio::time::timeout(self.timeout, client.compact(revision, Some(CompactionOptions::new()))).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) if e.to_string().contains("compacted") => Ok(()),
+            Ok(Err(e)) => Err(Error::etcd(&self.endpoint, "compact history", &e)),
+            Err(_) => Err(Error::EtcdTimeout {
+                endpoint: self.endpoint.clone(),
+                action: "compact history",
+                timeout: self.timeout,
+            }),
+        }
     }
 
     /// A watch on `ssi` and `cl`: yields whenever either changes.

@@ -17,6 +17,10 @@ pub enum FaultKind {
     Pause,
     /// SIGKILL the node's app and etcd member, then start them again on the same data.
     Kill,
+    /// SIGKILL the node's app and etcd member and delete all their data, then start them
+    /// again empty: the member rejoins etcd as a new one, the app catches up from a peer's
+    /// snapshot.
+    Wipe,
     /// No faults: a baseline run.
     None,
 }
@@ -28,8 +32,9 @@ impl std::str::FromStr for FaultKind {
             "partition" => Ok(Self::Partition),
             "pause" => Ok(Self::Pause),
             "kill" => Ok(Self::Kill),
+            "wipe" => Ok(Self::Wipe),
             "none" => Ok(Self::None),
-            _ => Err(format!("unknown fault {s:?}: expected partition, pause, kill or none")),
+            _ => Err(format!("unknown fault {s:?}: expected partition, pause, kill, wipe or none")),
         }
     }
 }
@@ -40,6 +45,7 @@ impl std::fmt::Display for FaultKind {
             Self::Partition => "partition",
             Self::Pause => "pause",
             Self::Kill => "kill",
+            Self::Wipe => "wipe",
             Self::None => "none",
         })
     }
@@ -97,6 +103,7 @@ pub async fn inject(service: &mut LocalService, kind: FaultKind, i: usize) -> br
         FaultKind::Partition => service.cut(i),
         FaultKind::Pause => service.pause(i),
         FaultKind::Kill => service.kill(i).await,
+        FaultKind::Wipe => service.wipe(i).await,
         FaultKind::None => Ok(()),
     }
 }
@@ -105,11 +112,11 @@ pub async fn inject(service: &mut LocalService, kind: FaultKind, i: usize) -> br
 ///
 /// # Errors
 /// What the backend reported.
-pub fn heal(service: &mut LocalService, kind: FaultKind, i: usize) -> br2k_deploy::Result<()> {
+pub async fn heal(service: &mut LocalService, kind: FaultKind, i: usize) -> br2k_deploy::Result<()> {
     match kind {
         FaultKind::Partition => service.rejoin(i),
         FaultKind::Pause => service.resume(i),
-        FaultKind::Kill => service.restart(i),
+        FaultKind::Kill | FaultKind::Wipe => service.restart(i).await,
         FaultKind::None => Ok(()),
     }
 }

@@ -15,7 +15,7 @@ use crate::users::{Ack, Unacknowledged};
 /// The paper's Table 2 rows for one run.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Table2 {
-    /// Takeovers of `cl` after the first.
+    /// Leadership terms after the first.
     pub leader_changes: u64,
     /// Entries a new leader found unprocessed (Null) and ignored.
     pub ignore: u64,
@@ -29,6 +29,8 @@ pub struct Table2 {
     pub null: u64,
     /// All entries (LS).
     pub total: u64,
+    /// Of these, entries log compaction deleted from etcd (counted from its tally).
+    pub compacted: u64,
 }
 
 /// What happened to the users' requests.
@@ -57,6 +59,9 @@ pub struct Replication {
     pub entries_per_replica: Vec<usize>,
     /// The first difference found, if any.
     pub difference: Option<String>,
+    /// Each replica's state version at the end, in node order: above 0, the replica
+    /// caught up from a peer's snapshot taken at that index.
+    pub state_versions: Vec<u64>,
 }
 
 /// Time users spent without any successful answer after each fault.
@@ -116,9 +121,14 @@ pub fn check(
 }
 
 fn table2(records: &Records) -> Table2 {
+    let deleted = &records.compacted;
     let mut t = Table2 {
-        leader_changes: records.takeovers.len().saturating_sub(1) as u64,
+        leader_changes: records.terms.saturating_sub(1),
         total: records.log_size,
+        compacted: deleted.first_index.saturating_sub(1),
+        success: deleted.success,
+        ignore: deleted.ignore,
+        fail: deleted.fail,
         ..Table2::default()
     };
     for entry in &records.entries {
@@ -134,8 +144,11 @@ fn table2(records: &Records) -> Table2 {
 }
 
 /// Every replica's log must equal every other's and the Success Replication entries of
-/// etcd (index, user and seq taken from the stored request).
+/// etcd (index, user and seq taken from the stored request). Below the first index still
+/// in etcd, compaction's tally says how many effects each log must hold there.
 fn compare_replicas(records: &Records, logs: &[Vec<Entry>]) -> Replication {
+    let first_index = records.compacted.first_index.max(1);
+    let below = usize::try_from(records.compacted.replication_success).unwrap_or(usize::MAX);
     let mut expected = Vec::new();
     let mut difference = None;
     for entry in &records.entries {
@@ -158,21 +171,31 @@ fn compare_replicas(records: &Records, logs: &[Vec<Entry>]) -> Replication {
         if difference.is_some() {
             break;
         }
-        if log.len() != expected.len() {
+        let compacted_part = log.iter().take_while(|e| e.index < first_index).count();
+        if log.len() != below + expected.len() {
             difference = Some(format!(
-                "node {} holds {} entries, etcd has {} Success entries",
+                "node {} holds {} entries, etcd has {} Success entries ({} of them compacted)",
                 node + 1,
                 log.len(),
-                expected.len()
+                below + expected.len(),
+                below
             ));
-        } else if let Some((got, want)) = log.iter().zip(&expected).find(|(got, want)| got != want) {
+        } else if compacted_part != below {
+            difference = Some(format!(
+                "node {} holds {compacted_part} entries below index {first_index}, compaction counted {below}",
+                node + 1
+            ));
+        } else if let Some((got, want)) = log[below..].iter().zip(&expected).find(|(got, want)| got != want) {
             difference = Some(format!("node {} holds {got:?} where etcd says {want:?}", node + 1));
+        } else if let Some((other, _)) = logs.iter().enumerate().find(|(_, other)| *other != log) {
+            difference = Some(format!("nodes {} and {} hold different logs", node + 1, other + 1));
         }
     }
     Replication {
         identical: difference.is_none() && !logs.is_empty(),
         entries_per_replica: logs.iter().map(Vec::len).collect(),
         difference,
+        state_versions: Vec::new(),
     }
 }
 

@@ -44,6 +44,9 @@ pub struct TestbedConfig {
     pub duration: Duration,
     /// etcd's election timeout.
     pub election_ms: u64,
+    /// The replicas' snapshot policy (small intervals make a short run compact its log,
+    /// so that a wiped node catches up from a snapshot).
+    pub snapshots: br2k_replication::SnapshotPolicy,
     /// Seed of the attacker's choices.
     pub seed: u64,
     /// Replicas.
@@ -135,7 +138,10 @@ pub async fn run(config: TestbedConfig, progress: &(dyn Fn(&str) + Sync)) -> Res
         replicas: config.replicas,
         app: config.app.clone(),
         app_args: Vec::new(),
-        app_env: vec![("BR2K_OUTBOX".into(), config.work_dir.join("outbox").display().to_string())],
+        app_env: [("BR2K_OUTBOX".into(), config.work_dir.join("outbox").display().to_string())]
+            .into_iter()
+            .chain(br2k_deploy::local::snapshot_env(&config.snapshots))
+            .collect(),
         work_dir: config.work_dir.clone(),
         network: config.network,
         slot: None,
@@ -204,12 +210,14 @@ pub async fn run(config: TestbedConfig, progress: &(dyn Fn(&str) + Sync)) -> Res
         "users done in {:.1} s; healing every node and waiting for the replicas to converge",
         end_ms as f64 / 1000.0
     ));
-    sandbox.service_mut().heal_all()?;
+    sandbox.service_mut().heal_all().await?;
     let converged = converge(&sandbox, Duration::from_secs(60)).await;
     if let Err(reason) = &converged {
         progress(&format!("replicas did not converge: {reason}"));
     }
     let (leader, _) = sandbox.service().wait_for_leader(Duration::from_secs(30)).await?;
+    let state_versions: Vec<u64> =
+        sandbox.service().statuses().await.iter().map(|s| s.as_ref().map_or(0, |s| s.state_version)).collect();
     let records =
         br2k_replication::inspect::read_records(&sandbox.service().etcd_url(leader), SERVICE, Duration::from_secs(10))
             .await?;
@@ -224,6 +232,7 @@ pub async fn run(config: TestbedConfig, progress: &(dyn Fn(&str) + Sync)) -> Res
     }
     sandbox.shutdown().await;
     let mut findings = checker::check(&records, &logs, &acks, &unacknowledged, &faults, end_ms);
+    findings.replication.state_versions = state_versions;
     if let Err(reason) = converged {
         findings.replication.identical = false;
         findings.replication.difference.get_or_insert(reason);
@@ -279,7 +288,7 @@ async fn attack(
         faults.push(FaultEvent { node: node + 1, was_leader: leader == Some(node), at_ms, healed_ms: None });
         let heal_at = Instant::now() + config.duration;
         let finished = sleep_until_or_done(heal_at, &done, &mut next_report, &|| report(&faults)).await;
-        attacker::heal(sandbox.service_mut(), config.fault, node)?;
+        attacker::heal(sandbox.service_mut(), config.fault, node).await?;
         if let Some(last) = faults.last_mut() {
             last.healed_ms = Some(millis(start.elapsed()));
         }

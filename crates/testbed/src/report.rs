@@ -176,11 +176,21 @@ pub(crate) fn tables(
     let _ = writeln!(out, "| beyond the paper | this run |");
     let _ = writeln!(out, "|---|---:|");
     let _ = writeln!(out, "| log entries (LS) | {} |", t.total);
+    if t.compacted > 0 {
+        let _ = writeln!(out, "| of which compacted out of etcd (counted by the compaction tally) | {} |", t.compacted);
+    }
     let _ = writeln!(out, "| requests acknowledged | {} of {} |", f.requests.acknowledged, f.requests.sent);
     let _ = writeln!(out, "| acknowledged requests lost | {} |", f.requests.lost);
     let _ = writeln!(out, "| duplicates in the log | {} |", f.requests.duplicates);
     let _ = writeln!(out, "| answers that disagree with the log | {} |", f.requests.wrong_answers);
     let _ = writeln!(out, "| entries per replica | {} |", join(&f.replication.entries_per_replica));
+    if f.replication.state_versions.iter().any(|&v| v > 0) {
+        let _ = writeln!(
+            out,
+            "| state version per replica (above 0: caught up from a snapshot at that index) | {} |",
+            join(&f.replication.state_versions)
+        );
+    }
     // Faults the attacker injected (none when the faults came from outside).
     if fault.is_some() {
         let _ = writeln!(
@@ -214,7 +224,7 @@ fn capitalised(s: &str) -> String {
     chars.next().map(|c| c.to_uppercase().chain(chars).collect()).unwrap_or_default()
 }
 
-fn join(values: &[usize]) -> String {
+fn join(values: &[impl ToString]) -> String {
     values.iter().map(ToString::to_string).collect::<Vec<_>>().join(" / ")
 }
 

@@ -9,6 +9,8 @@
 //!
 //! The log is a file of JSON lines, one per entry, each with its log index, so the index
 //! the app has applied is stored with the effect (what [`AppState::applied_index`] needs).
+//! A snapshot is the log file's first bytes up to the applied index; restoring one
+//! replaces the file.
 //! The outbox stands for a system outside the service (mail, a chain): a notification is a
 //! file named by its log index, so an in-doubt one can be reconciled by looking for it.
 
@@ -17,7 +19,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use br2k_replication::{AppState, Builder, Config, Outcome, Replicated, Reply, Request};
+use br2k_replication::{AppState, Builder, Config, Outcome, Replicated, Reply, Request, SnapshotBuilder};
 use serde::{Deserialize, Serialize};
 
 /// One entry of the log.
@@ -166,6 +168,73 @@ impl AppState for LogState {
         let file = self.lock().file.try_clone()?;
         tokio::task::spawn_blocking(move || file.sync_data()).await.map_err(std::io::Error::other)?
     }
+
+    /// The log is append-only below the applied index, so its first `len` bytes are the
+    /// state at that index for good: the capture is a length and an open file.
+    fn snapshot(&self) -> std::io::Result<Box<dyn SnapshotBuilder>> {
+        let inner = self.lock();
+        let file = File::open(&inner.path)?;
+        Ok(Box::new(LogSnapshot { file, len: inner.len }))
+    }
+
+    /// Checks that the snapshot is a whole log (complete lines, indexes increasing), then
+    /// puts it in place of the log with a rename, so a crash leaves one log or the other.
+    async fn restore(&self, snapshot: &Path) -> std::io::Result<()> {
+        let path = self.path();
+        let snapshot = snapshot.to_owned();
+        let restored = tokio::task::spawn_blocking(move || restore_log(&snapshot, &path))
+            .await
+            .map_err(std::io::Error::other)??;
+        *self.lock() = restored;
+        Ok(())
+    }
+}
+
+/// The first `len` bytes of the log file as it was captured.
+struct LogSnapshot {
+    file: File,
+    len: u64,
+}
+
+impl SnapshotBuilder for LogSnapshot {
+    fn build_snapshot(self: Box<Self>, out: &mut dyn Write) -> std::io::Result<()> {
+        let copied = std::io::copy(&mut std::io::Read::take(self.file, self.len), out)?;
+        if copied != self.len {
+            return Err(std::io::Error::other(format!(
+                "the log is {copied} bytes, shorter than the {} captured",
+                self.len
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn restore_log(snapshot: &Path, log: &Path) -> std::io::Result<Inner> {
+    let invalid = |reason: String| std::io::Error::new(std::io::ErrorKind::InvalidData, reason);
+    let text = std::fs::read_to_string(snapshot)?;
+    if !text.is_empty() && !text.ends_with('\n') {
+        return Err(invalid(format!("{} ends in the middle of a line", snapshot.display())));
+    }
+    let lines = parse_lines(snapshot, &text).map_err(|e| invalid(format!("{e:#}")))?;
+    if let Some(pair) = lines.windows(2).find(|pair| pair[0].0.index >= pair[1].0.index) {
+        return Err(invalid(format!("indexes out of order: {} then {}", pair[0].0.index, pair[1].0.index)));
+    }
+    let temp = log.with_extension("jsonl.restoring");
+    std::fs::copy(snapshot, &temp)?;
+    File::open(&temp)?.sync_all()?;
+    std::fs::rename(&temp, log)?;
+    if let Some(dir) = log.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    let (mut entries, mut offsets, mut len) = (Vec::new(), Vec::new(), 0u64);
+    for (entry, line_len) in lines {
+        offsets.push(len);
+        len += line_len;
+        entries.push(entry);
+    }
+    let file = OpenOptions::new().append(true).open(log)?;
+    let applied = entries.last().map_or(0, |e| e.index);
+    Ok(Inner { file, path: log.to_owned(), entries, offsets, len, applied })
 }
 
 #[derive(Deserialize)]
@@ -278,5 +347,52 @@ mod tests {
         assert_eq!(log.entries(), expected);
         assert_eq!(log.applied_index(), 5);
         assert_eq!(read_log(dir.path()).unwrap(), expected, "the read-only reader sees the same");
+    }
+
+    fn snapshot_bytes(log: &LogState) -> Vec<u8> {
+        let mut out = Vec::new();
+        log.snapshot().unwrap().build_snapshot(&mut out).unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_is_point_in_time_and_restore_replaces_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = LogState::open(dir.path(), &dir.path().join("outbox")).unwrap();
+        let entry = |index, user| Entry { index, user, seq: Some(index) };
+        log.append(entry(1, 10)).unwrap();
+        log.append(entry(2, 20)).unwrap();
+        // Captured now, written after another append: the append is not in it.
+        let builder = log.snapshot().unwrap();
+        log.append(entry(3, 30)).unwrap();
+        let mut at_two = Vec::new();
+        builder.build_snapshot(&mut at_two).unwrap();
+        let snapshot = dir.path().join("at-two.snap");
+        std::fs::write(&snapshot, &at_two).unwrap();
+
+        // Deterministic: another replica with the same entries writes the same bytes.
+        let other_dir = tempfile::tempdir().unwrap();
+        let other = LogState::open(other_dir.path(), &other_dir.path().join("outbox")).unwrap();
+        other.append(entry(1, 10)).unwrap();
+        other.append(entry(2, 20)).unwrap();
+        assert_eq!(snapshot_bytes(&other), at_two);
+
+        // A replica with a different history restores it and holds exactly that state.
+        other.append(entry(4, 99)).unwrap();
+        other.restore(&snapshot).await.unwrap();
+        assert_eq!(other.entries(), vec![entry(1, 10), entry(2, 20)]);
+        assert_eq!(other.applied_index(), 2);
+        other.append(entry(3, 30)).unwrap();
+        drop(other);
+        let reopened = LogState::open(other_dir.path(), &other_dir.path().join("outbox")).unwrap();
+        assert_eq!(reopened.entries(), log.entries(), "the restored log is durable and appendable");
+
+        // Torn or garbled snapshots are refused and leave the state alone.
+        for bad in [&at_two[..at_two.len() - 3], b"not json\n".as_slice()] {
+            std::fs::write(&snapshot, bad).unwrap();
+            let err = reopened.restore(&snapshot).await.unwrap_err();
+            assert_eq!(err.kind(), std::io::ErrorKind::InvalidData, "{err}");
+            assert_eq!(reopened.applied_index(), 3);
+        }
     }
 }

@@ -8,7 +8,7 @@ use alloy::primitives::Address;
 use alloy::signers::local::PrivateKeySigner;
 use anyhow::{Context, Result, bail};
 use br2k_logserver::{LogState, service};
-use br2k_replication::{Config, Publisher, Timings};
+use br2k_replication::{Config, Publisher, SnapshotPolicy, Timings};
 use br2k_resolver::{Chain, Timeouts};
 use clap::Parser;
 
@@ -61,6 +61,14 @@ struct Args {
     /// Largest request body accepted, in bytes.
     #[arg(long, default_value_t = 256 * 1024, value_parser = clap::value_parser!(u64).range(1..=524_288))]
     max_body: u64,
+    /// Applied entries between two snapshots of this replica's state; 0 turns snapshots
+    /// and log compaction off (the log in etcd then grows for ever).
+    #[arg(long, env = "BR2K_SNAPSHOT_INTERVAL", value_name = "ENTRIES", default_value_t = SnapshotPolicy::default().interval)]
+    snapshot_interval: u64,
+    /// Log entries kept in etcd below the leader's latest snapshot, so that a replica a
+    /// little behind replays them instead of fetching a snapshot; smaller than the interval.
+    #[arg(long, env = "BR2K_TRAILING_ENTRIES", value_name = "ENTRIES", default_value_t = SnapshotPolicy::default().trailing)]
+    trailing_entries: u64,
 }
 
 #[tokio::main]
@@ -82,6 +90,8 @@ async fn main() -> Result<()> {
         ..Timings::default()
     };
     config.max_body = usize::try_from(args.max_body).unwrap_or(usize::MAX);
+    config.snapshots = SnapshotPolicy { interval: args.snapshot_interval, trailing: args.trailing_entries };
+    config.snapshots.check().map_err(|e| anyhow::anyhow!("--snapshot-interval / --trailing-entries: {e}"))?;
     if let Some(publisher) = publisher(&args).await? {
         config = config.with_publisher(publisher);
     }

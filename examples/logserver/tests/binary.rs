@@ -92,3 +92,16 @@ fn a_registry_without_an_operator_key_is_refused() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("--registry needs the replica's operator key: set ETH_PRIVATE_KEY"), "{stderr}");
 }
+
+#[test]
+fn trailing_entries_not_below_the_snapshot_interval_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_br2k-logserver"))
+        .args(["--replica", "n0", "--snapshot-interval", "100", "--trailing-entries", "100", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("trailing entries (100) must be smaller than the snapshot interval (100)"), "{stderr}");
+}

@@ -130,21 +130,51 @@ impl StatusArgs {
     }
 }
 
+/// Snapshots, where the log starts, and the local etcd member's database.
+fn storage_line(s: &br2k_replication::Status) -> String {
+    let snapshot = match s.snapshot_index {
+        0 => "no snapshot yet".to_owned(),
+        index => format!("snapshot at {index}"),
+    };
+    let lineage = match s.state_version {
+        0 => "state built from the log".to_owned(),
+        version => format!("state version {version} (restored from that snapshot)"),
+    };
+    let quota = s.quota.map_or_else(String::new, |q| format!(" of a {} quota", bytes(q)));
+    format!(
+        "{snapshot}, {lineage}, log in etcd from {}; etcd database {}{quota} ({} in use)",
+        s.first_index,
+        bytes(s.db_size),
+        bytes(s.db_size_in_use)
+    )
+}
+
+fn bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 30 => format!("{:.1} GiB", n as f64 / f64::from(1u32 << 30)),
+        n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / f64::from(1u32 << 20)),
+        n => format!("{:.0} KiB", n as f64 / 1024.0),
+    }
+}
+
 fn replica_line(view: &ReplicaView) -> String {
     let mut line = format!("{:<8}", view.name);
     match &view.status {
         Some(s) => line.push_str(&format!(
-            "{:<9} LPI {:<6} SSI {:<6} {:<10} {}",
+            "{:<9} LPI {:<6} SSI {:<6} {:<10} {}\n{:<8}{}",
             format!("{:?}", s.role).to_lowercase(),
             s.lpi,
             s.ssi,
             // Only the leader keeps LS current.
             if s.role == br2k_replication::Role::Leader { format!("LS {}", s.ls) } else { String::new() },
-            match &s.last_error {
-                None if s.etcd_reachable => "healthy".to_owned(),
-                None => "unhealthy: its etcd member does not answer".to_owned(),
-                Some(e) => format!("unhealthy: {e}"),
-            }
+            match (&s.last_error, s.etcd_alarms.first()) {
+                (_, Some(alarm)) => format!("unhealthy: etcd alarm {alarm} (writes refused; see its log)"),
+                (None, None) if s.etcd_reachable => "healthy".to_owned(),
+                (None, None) => "unhealthy: its etcd member does not answer".to_owned(),
+                (Some(e), None) => format!("unhealthy: {e}"),
+            },
+            "",
+            storage_line(s)
         )),
         None => line.push_str(if view.running { "running, not answering" } else { "not running" }),
     }

@@ -109,6 +109,7 @@ impl TestbedArgs {
             interval: self.interval,
             duration: Duration::from_secs_f64(self.duration),
             election_ms: self.local.election_timeout,
+            snapshots: self.local.snapshots()?,
             seed,
             replicas: self.local.count(),
             app,

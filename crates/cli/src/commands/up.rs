@@ -102,6 +102,7 @@ impl UpArgs {
             return detach(&dir, &out).await;
         }
         let app = self.local.app()?;
+        let snapshots = self.local.snapshots()?;
         let chain = if self.use_chain {
             let key = global.wallet.require_signer("publishing the service")?;
             ChainChoice::Existing {
@@ -125,7 +126,10 @@ impl UpArgs {
             replicas: self.local.count(),
             app,
             app_args: Vec::new(),
-            app_env: vec![("BR2K_OUTBOX".into(), dir.join("outbox").display().to_string())],
+            app_env: [("BR2K_OUTBOX".into(), dir.join("outbox").display().to_string())]
+                .into_iter()
+                .chain(br2k_deploy::local::snapshot_env(&snapshots))
+                .collect(),
             work_dir: dir.clone(),
             network: self.local.network,
             slot: kept.as_ref().map(|layout| layout.slot),
@@ -195,7 +199,7 @@ async fn supervise(sandbox: &mut Sandbox, dir: &Path, restart: bool, out: &Outpu
             for i in due {
                 dead_since.remove(&i);
                 out.progress(format_args!("{}: starting it again", sandbox.service().node_name(i)));
-                if let Err(e) = sandbox.service_mut().restart(i) {
+                if let Err(e) = sandbox.service_mut().restart(i).await {
                     out.progress(format_args!("{}: could not start it again: {e}", sandbox.service().node_name(i)));
                 }
             }

@@ -269,6 +269,10 @@ fn a_claim_after_every_replica_died_brings_the_service_back_from_its_image_with_
     assert_eq!(count(&status, " follower "), 2, "{status}");
     assert!(status.contains("open claims (since the last new location): 0"), "{status}");
     assert!(status.contains("@sha256:"), "{status}");
+    // Each replica's storage: snapshots, where the log starts, its etcd member's database
+    // against the explicit quota the local backend gives it.
+    assert_eq!(count(&status, "log in etcd from "), 3, "{status}");
+    assert_eq!(count(&status, " of a 2.0 GiB quota ("), 3, "{status}");
 
     // A burst of claims during a second disaster: one recovery.
     let (_, epoch) = project.resolve();

@@ -8,14 +8,17 @@ fn every_fault_kind_on_both_targets_loses_and_duplicates_nothing() {
     let _turn = one_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let mut seed = 11;
-    for fault in ["partition", "pause", "kill"] {
+    for fault in ["partition", "pause", "kill", "wipe"] {
         for target in ["leader", "random"] {
             seed += 1;
             let json = dir.path().join(format!("{fault}-{target}.json"));
+            // Small snapshot intervals, so that a short run compacts its log and a wiped
+            // node must catch up from a peer's snapshot.
             let output = br2k()
                 .args(["testbed", "--users", "3", "--requests", "30", "--rate", "5", "--interval", "1.5..2.5"])
                 .args(["--duration", "2", "--election-timeout", "500", "--fault", fault, "--target", target])
                 .args(["--seed", &seed.to_string(), "--give-up-after", "60"])
+                .args(["--snapshot-interval", "20", "--trailing-entries", "5"])
                 .arg("--app")
                 .arg(logserver())
                 .arg("--json-out")
@@ -41,6 +44,14 @@ fn every_fault_kind_on_both_targets_loses_and_duplicates_nothing() {
                 assert!(report["table2"]["leader_changes"].as_u64().unwrap() >= 1, "{context}");
             }
             assert!(stdout.contains("| # of leader changes |"), "Table 2 on stdout: {context}");
+            assert!(report["table2"]["compacted"].as_u64().unwrap() > 0, "the log was compacted: {context}");
+            if fault == "wipe" {
+                let versions = report["replication"]["state_versions"].as_array().unwrap();
+                assert!(
+                    versions.iter().any(|v| v.as_u64().unwrap() > 0),
+                    "a wiped node caught up from a snapshot: {context}"
+                );
+            }
         }
     }
 }
@@ -54,7 +65,12 @@ fn bad_flags_are_refused_with_the_reason() {
 
     let output = br2k().args(["testbed", "--fault", "cut"]).output().unwrap();
     assert!(!output.status.success());
-    assert!(String::from_utf8_lossy(&output.stderr).contains("expected partition, pause, kill or none"));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("expected partition, pause, kill, wipe or none"));
+
+    let output = br2k().args(["testbed", "--snapshot-interval", "20", "--trailing-entries", "20"]).output().unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("trailing entries (20) must be smaller than the snapshot interval (20)"), "{stderr}");
 
     let output = br2k()
         .args(["testbed", "--replicas", "2", "--fault", "kill"])

@@ -10,7 +10,8 @@
 //! logserver does): `BR2K_SERVICE`, `BR2K_REPLICA`, `BR2K_ETCD` (its own member),
 //! `BR2K_LISTEN`, `BR2K_PUBLIC_URL`, `BR2K_DATA_DIR`, and when the leader is to publish
 //! itself, `BR2K_REGISTRY`, `ETH_RPC_URL` and `ETH_PRIVATE_KEY` (the node's operator key:
-//! in the environment, never on the command line where `ps` would show it).
+//! in the environment, never on the command line where `ps` would show it). Callers may
+//! add more, such as the snapshot policy ([`snapshot_env`]).
 //!
 //! ## Cleanup
 //! Children are killed when the runner drops the service, exits, is interrupted, or
@@ -49,6 +50,8 @@ pub const ETCD_CLIENT_PORT: u16 = 2379;
 pub const ETCD_PEER_PORT: u16 = 2380;
 /// The app's port on every node.
 pub const APP_PORT: u16 = 8080;
+/// Each etcd member's space quota: past it etcd raises `NOSPACE` and refuses writes.
+pub const ETCD_QUOTA_BYTES: u64 = 2 * 1024 * 1024 * 1024;
 
 /// etcd's Raft timings for the service's members.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,6 +84,15 @@ impl EtcdTimings {
         }
         Ok(())
     }
+}
+
+/// The environment that gives an app binary its snapshot policy
+/// (`BR2K_SNAPSHOT_INTERVAL`, `BR2K_TRAILING_ENTRIES`, as the log server reads them).
+pub fn snapshot_env(policy: &br2k_replication::SnapshotPolicy) -> Vec<(String, String)> {
+    vec![
+        ("BR2K_SNAPSHOT_INTERVAL".into(), policy.interval.to_string()),
+        ("BR2K_TRAILING_ENTRIES".into(), policy.trailing.to_string()),
+    ]
 }
 
 /// How the leader publishes itself in the service registry.
@@ -123,6 +135,8 @@ struct Node {
     app: Option<Child>,
     paused: bool,
     cut: bool,
+    /// Its data was wiped: its etcd member must join the cluster again as a new member.
+    wiped: bool,
 }
 
 /// A process of a node.
@@ -184,7 +198,7 @@ impl LocalService {
             for sub in [dir.join("etcd"), dir.join("app")] {
                 std::fs::create_dir_all(&sub).map_err(|e| DeployError::io(format!("create {}", sub.display()), e))?;
             }
-            nodes.push(Node { name, dir, etcd: None, app: None, paused: false, cut: false });
+            nodes.push(Node { name, dir, etcd: None, app: None, paused: false, cut: false, wiped: false });
         }
         let mut service = Self { nodes, spec, etcd_program, http, network };
         progress(&format!("starting {count} etcd members"));
@@ -319,14 +333,78 @@ impl LocalService {
         Ok(())
     }
 
-    /// Starts node `i`'s etcd member and app again (whichever is not running).
+    /// Kills node `i`'s app and etcd member and deletes all their data, as a lost disk
+    /// would. Its etcd member is removed from the cluster (through a live member), so that
+    /// [`Self::restart`] can add it back as a new, empty member: etcd brings that member up
+    /// to date, and the app catches up from a peer's snapshot.
     ///
     /// # Errors
-    /// When a process cannot be started.
-    pub fn restart(&mut self, i: usize) -> Result<()> {
+    /// When no other member answers, etcd refuses the removal, or the data cannot be deleted.
+    pub async fn wipe(&mut self, i: usize) -> Result<()> {
+        self.node_mut(i)?;
+        if self.nodes[i].app.is_some() || self.nodes[i].etcd.is_some() {
+            self.kill(i).await?;
+        }
+        let name = self.nodes[i].name.clone();
+        self.with_live_member(i, "remove the wiped member", async |client| {
+            let members = client.member_list().await?;
+            if let Some(member) = members.members().iter().find(|m| m.name() == name) {
+                client.member_remove(member.id()).await?;
+            }
+            Ok(())
+        })
+        .await?;
+        let node = &mut self.nodes[i];
+        for sub in [node.dir.join("etcd"), node.dir.join("app")] {
+            std::fs::remove_dir_all(&sub).map_err(|e| DeployError::io(format!("delete {}", sub.display()), e))?;
+            std::fs::create_dir_all(&sub).map_err(|e| DeployError::io(format!("create {}", sub.display()), e))?;
+        }
+        node.wiped = true;
+        Ok(())
+    }
+
+    /// Runs `action` on a client of the first other node whose etcd member answers.
+    async fn with_live_member(
+        &self,
+        not: usize,
+        what: &str,
+        action: impl AsyncFn(&mut etcd_client::Client) -> std::result::Result<(), etcd_client::Error>,
+    ) -> Result<()> {
+        let timeout = Duration::from_secs(5);
+        let mut reasons = Vec::new();
+        for j in (0..self.len()).filter(|&j| j != not && self.nodes[j].etcd.is_some()) {
+            let url = self.etcd_url(j);
+            let options = etcd_client::ConnectOptions::new().with_connect_timeout(timeout).with_timeout(timeout);
+            let attempt = async {
+                let mut client = etcd_client::Client::connect([url.as_str()], Some(options)).await?;
+                action(&mut client).await
+            };
+            match tokio::time::timeout(timeout, attempt).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) => reasons.push(format!("{url}: {e}")),
+                Err(_) => reasons.push(format!("{url}: no answer within {timeout:?}")),
+            }
+        }
+        Err(DeployError::Node { node: not + 1, reason: format!("could not {what}: {}", reasons.join("; ")) })
+    }
+
+    /// Starts node `i`'s etcd member and app again (whichever is not running); a wiped
+    /// node's member is first added to the cluster again.
+    ///
+    /// # Errors
+    /// When a process cannot be started, or a wiped member cannot be added back.
+    pub async fn restart(&mut self, i: usize) -> Result<()> {
         self.node_mut(i)?;
         if self.nodes[i].etcd.is_none() {
+            if self.nodes[i].wiped {
+                let peer = format!("http://{}", socket(self.network.node_address(i), ETCD_PEER_PORT));
+                self.with_live_member(i, "add the wiped member back", async |client| {
+                    client.member_add([peer.as_str()], None).await.map(drop)
+                })
+                .await?;
+            }
             self.spawn(i, Part::Etcd)?;
+            self.nodes[i].wiped = false;
         }
         if self.nodes[i].app.is_none() {
             self.spawn(i, Part::App)?;
@@ -376,7 +454,7 @@ impl LocalService {
     ///
     /// # Errors
     /// The first action that failed.
-    pub fn heal_all(&mut self) -> Result<()> {
+    pub async fn heal_all(&mut self) -> Result<()> {
         for i in 0..self.len() {
             if self.nodes[i].cut {
                 self.rejoin(i)?;
@@ -384,7 +462,7 @@ impl LocalService {
             if self.nodes[i].paused {
                 self.resume(i)?;
             }
-            self.restart(i)?;
+            self.restart(i).await?;
         }
         Ok(())
     }
@@ -494,6 +572,9 @@ impl LocalService {
     }
 
     fn etcd_command(&self, i: usize, address: IpAddr) -> Command {
+        // A wiped member joins the running cluster; otherwise the flag is ignored once the
+        // data directory exists, so the same command creates and restarts a member.
+        let state = if self.nodes[i].wiped { "existing" } else { "new" };
         let url = |port| format!("http://{}", socket(address, port));
         let cluster = (0..self.len())
             .map(|j| format!("{}=http://{}", self.nodes[j].name, socket(self.network.node_address(j), ETCD_PEER_PORT)))
@@ -501,19 +582,22 @@ impl LocalService {
             .join(",");
         let token = format!("br2k-{}-{}", self.spec.service, self.network.slot());
         let mut command = Command::new(&self.etcd_program);
-        // With an existing data directory etcd ignores the --initial-* flags, so the same
-        // command both creates and restarts a member.
         command
             .args(["--name", &self.nodes[i].name, "--data-dir", "etcd"])
             .args(["--listen-client-urls", &url(ETCD_CLIENT_PORT), "--advertise-client-urls", &url(ETCD_CLIENT_PORT)])
             .args(["--listen-peer-urls", &url(ETCD_PEER_PORT), "--initial-advertise-peer-urls", &url(ETCD_PEER_PORT)])
-            .args(["--initial-cluster", &cluster, "--initial-cluster-token", &token, "--initial-cluster-state", "new"])
+            .args(["--initial-cluster", &cluster, "--initial-cluster-token", &token, "--initial-cluster-state", state])
             .args(["--heartbeat-interval", &self.spec.etcd.heartbeat_ms.to_string()])
             .args(["--election-timeout", &self.spec.etcd.election_ms.to_string()])
             // A member cut off for a while comes back with a higher term; without pre-vote
             // it would force an election on rejoining and depose a healthy leader (etcd
             // 3.5 and later enable it by default; Debian's 3.4 does not).
             .arg("--pre-vote")
+            // br2k compacts etcd's history itself after each log compaction; these are
+            // the safety net: an explicit space quota (etcd's default, shown by status),
+            // and hourly compaction of history older than an hour.
+            .args(["--quota-backend-bytes", &ETCD_QUOTA_BYTES.to_string()])
+            .args(["--auto-compaction-mode", "periodic", "--auto-compaction-retention", "1h"])
             .args(["--logger", "zap", "--log-level", "warn"]);
         command
     }

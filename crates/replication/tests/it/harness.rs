@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use br2k_bindings::IServiceRegistry::Body;
 use br2k_replication::{
-    AppState, Config, EntryState, Outcome, Publisher, Replicated, Reply, Request, Role, Status, Step, Timings,
+    AppState, Config, EntryState, Outcome, Publisher, Replicated, Reply, Request, Role, SnapshotBuilder,
+    SnapshotPolicy, Status, Step, Timings,
 };
 use br2k_resolver::{Chain, RegistryClient, Timeouts};
 use br2k_test_utils::{Anvil, EtcdCluster};
@@ -34,6 +35,8 @@ pub(crate) struct Journal {
     /// While armed, `/slow` leaves a partial entry and never completes (one time).
     pub(crate) slow_armed: AtomicBool,
     pub(crate) slow_reached: Notify,
+    /// How many snapshots were restored into this journal.
+    pub(crate) restores: AtomicU64,
 }
 
 impl Journal {
@@ -46,6 +49,7 @@ impl Journal {
             outside,
             slow_armed: AtomicBool::new(false),
             slow_reached: Notify::new(),
+            restores: AtomicU64::new(0),
         }
     }
 
@@ -67,6 +71,30 @@ impl Journal {
 impl AppState for Journal {
     fn applied_index(&self) -> u64 {
         self.entries.lock().unwrap().last().map_or(0, |e| e.0)
+    }
+
+    fn snapshot(&self) -> std::io::Result<Box<dyn SnapshotBuilder>> {
+        Ok(Box::new(JournalSnapshot(self.entries())))
+    }
+
+    async fn restore(&self, file: &std::path::Path) -> std::io::Result<()> {
+        let bytes = std::fs::read(file)?;
+        let entries: Vec<(u64, String)> = serde_json::from_slice(&bytes)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+        let mut current = self.entries.lock().unwrap();
+        self.save(&entries);
+        *current = entries;
+        self.restores.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// The journal's entries as captured.
+struct JournalSnapshot(Vec<(u64, String)>);
+
+impl SnapshotBuilder for JournalSnapshot {
+    fn build_snapshot(self: Box<Self>, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+        serde_json::to_writer(out, &self.0).map_err(std::io::Error::other)
     }
 }
 
@@ -175,6 +203,8 @@ pub(crate) struct Cluster {
     pub(crate) dirs: Vec<tempfile::TempDir>,
     ports: Vec<u16>,
     pub(crate) http: reqwest::Client,
+    /// The snapshot policy replicas start with (off unless a test turns it on).
+    pub(crate) snapshots: SnapshotPolicy,
 }
 
 pub(crate) fn timeouts() -> Timeouts {
@@ -216,17 +246,58 @@ impl Cluster {
             dirs: (0..3).map(|_| tempfile::tempdir().unwrap()).collect(),
             ports,
             http: reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap(),
+            snapshots: SnapshotPolicy::disabled(),
         }
     }
 
     /// etcd, a chain if asked, and three replicas running.
     pub(crate) async fn start(with_registry: bool) -> Self {
-        let mut cluster = Self::new(with_registry).await;
+        Self::new(with_registry).await.with_replicas(SnapshotPolicy::disabled()).await
+    }
+
+    /// etcd and three replicas that snapshot and compact the log by `policy`.
+    pub(crate) async fn start_snapshotting(policy: SnapshotPolicy) -> Self {
+        Self::new(false).await.with_replicas(policy).await
+    }
+
+    async fn with_replicas(mut self, policy: SnapshotPolicy) -> Self {
+        self.snapshots = policy;
         for i in 0..3 {
-            let replica = cluster.spawn_replica(i).await;
-            cluster.replicas.push(replica);
+            let replica = self.spawn_replica(i).await;
+            self.replicas.push(replica);
         }
-        cluster
+        self
+    }
+
+    /// Crashes replica `i` and deletes everything in its data directory (a lost disk).
+    pub(crate) fn wipe_replica(&mut self, i: usize) {
+        self.replicas[i].crash();
+        for entry in std::fs::read_dir(self.dirs[i].path()).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                std::fs::remove_dir_all(&path).unwrap();
+            } else {
+                std::fs::remove_file(&path).unwrap();
+            }
+        }
+    }
+
+    /// Replica `i`'s snapshot directory.
+    pub(crate) fn snapshot_dir(&self, i: usize) -> PathBuf {
+        self.dirs[i].path().join("br2k-snapshots")
+    }
+
+    /// How many keys there are under `/br2k/journal/<prefix>`.
+    pub(crate) async fn count_keys(&self, prefix: &str) -> i64 {
+        let mut client = self.etcd_client(self.healthy_member()).await;
+        let options = etcd_client::GetOptions::new().with_prefix().with_count_only();
+        client.get(format!("/br2k/{SERVICE}/{prefix}"), Some(options)).await.unwrap().count()
+    }
+
+    /// A client that sends appends to whichever replica leads, for use while replicas
+    /// crash and restart.
+    pub(crate) fn load(&self) -> Load {
+        Load { urls: self.replicas.iter().map(|r| r.url.clone()).collect(), http: self.http.clone() }
     }
 
     pub(crate) async fn spawn_replica(&self, i: usize) -> Replica {
@@ -245,7 +316,9 @@ impl Cluster {
             etcd_timeout: Duration::from_millis(500),
             follow_poll: Duration::from_millis(200),
             publish_retry: Duration::from_millis(500),
+            member_ttl: Duration::from_secs(2),
         };
+        config.snapshots = self.snapshots;
         config.max_body = 1024;
         if let Some(registry) = &self.registry {
             let chain =
@@ -399,4 +472,73 @@ pub(crate) async fn eventually(what: &str, mut condition: impl AsyncFnMut() -> b
 
 pub(crate) fn entries(items: &[(u64, &str)]) -> Vec<(u64, String)> {
     items.iter().map(|(i, t)| (*i, (*t).to_owned())).collect()
+}
+
+/// Clients failing over by hand: each request goes to the replica that answered last, or
+/// the one a `Br2k-Leader` hint names, or the next one, with the same idempotency key
+/// until it is answered 200.
+#[derive(Clone)]
+pub(crate) struct Load {
+    urls: Vec<String>,
+    http: reqwest::Client,
+}
+
+impl Load {
+    /// Sends `count` appends (`{tag}{n}`), `concurrency` at a time. Returns the
+    /// (index, text) each was answered with, in index order.
+    pub(crate) async fn append_many(&self, tag: &str, count: usize, concurrency: usize) -> Vec<(u64, String)> {
+        let next = Arc::new(AtomicU64::new(0));
+        let tasks: Vec<_> = (0..concurrency)
+            .map(|_| {
+                let (load, next, tag) = (self.clone(), next.clone(), tag.to_owned());
+                tokio::spawn(async move {
+                    let mut answered = Vec::new();
+                    let mut target = 0;
+                    loop {
+                        let n = next.fetch_add(1, Ordering::SeqCst);
+                        if n >= count as u64 {
+                            return answered;
+                        }
+                        let text = format!("{tag}{n}");
+                        let index = load.append(&text, &format!("key-{tag}-{n}"), &mut target).await;
+                        answered.push((index, text));
+                    }
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for task in tasks {
+            all.extend(task.await.unwrap());
+        }
+        all.sort();
+        all
+    }
+
+    /// One append, retried with the same key until answered 200; its index.
+    pub(crate) async fn append(&self, text: &str, key: &str, target: &mut usize) -> u64 {
+        let started = Instant::now();
+        loop {
+            let request = self
+                .http
+                .post(format!("{}/append", self.urls[*target]))
+                .header("Idempotency-Key", key)
+                .timeout(Duration::from_secs(3))
+                .body(text.to_owned());
+            match request.send().await {
+                Ok(response) if response.status() == 200 => {
+                    return response.headers()["br2k-index"].to_str().unwrap().parse().unwrap();
+                }
+                Ok(response) => {
+                    let hint = response.headers().get("br2k-leader").and_then(|v| v.to_str().ok());
+                    match hint.and_then(|h| self.urls.iter().position(|u| u == h)) {
+                        Some(leader) => *target = leader,
+                        None => *target = (*target + 1) % self.urls.len(),
+                    }
+                }
+                Err(_) => *target = (*target + 1) % self.urls.len(),
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "{text} not answered within 30 s");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 }

@@ -84,11 +84,18 @@ fn bad_declarations_are_refused_with_every_problem_named() {
         fn applied_index(&self) -> u64 {
             0
         }
+        fn snapshot(&self) -> std::io::Result<Box<dyn br2k_replication::SnapshotBuilder>> {
+            Err(std::io::Error::other("nothing to snapshot"))
+        }
+        async fn restore(&self, _: &std::path::Path) -> std::io::Result<()> {
+            Ok(())
+        }
     }
     async fn handler(_: std::sync::Arc<Nothing>, _: br2k_replication::Request) -> br2k_replication::Outcome {
         Ok(Reply::json(200, &()))
     }
-    let config = Config::new("bad name", "r/1", "localhost:2379", ([127, 0, 0, 1], 0).into(), "ftp://x", "/tmp/x");
+    let mut config = Config::new("bad name", "r/1", "localhost:2379", ([127, 0, 0, 1], 0).into(), "ftp://x", "/tmp/x");
+    config.snapshots = br2k_replication::SnapshotPolicy { interval: 50, trailing: 50 };
     let error = Replicated::builder(config)
         .replicate("POST", "/a", handler)
         .replicate("POST", "/a", handler)
@@ -108,6 +115,7 @@ fn bad_declarations_are_refused_with_every_problem_named() {
         "only Normal routes can be in doubt",
         "public URL \"ftp://x\"",
         "etcd endpoint \"localhost:2379\"",
+        "trailing entries (50) must be smaller than the snapshot interval (50)",
     ] {
         assert!(text.contains(expected), "{expected:?} missing from: {text}");
     }

@@ -1,0 +1,126 @@
+//! Log compaction, by the leader, for as long as its term lasts.
+//!
+//! After each of its own snapshots (and every few seconds, for followers that caught up
+//! since), the leader deletes the log entries below `snapshot index - trailing` in one
+//! fenced transaction, then compacts etcd's history to that transaction's revision, so the
+//! database stops growing. It never deletes:
+//! - what a live replica has not applied (its `lpi/<replica>` says how far it is; a dead
+//!   or cut-off replica is not live once its membership lease expires, so it never blocks
+//!   compaction, and catches up from a snapshot when it returns);
+//! - an entry that is not final (an in-doubt Normal request waits for its reconcile).
+//!
+//! The same transaction moves `compacted`: the new first index, plus a tally of what was
+//! deleted, so counts over the whole log survive. Indexes never restart. A leader killed
+//! half-way leaves either the old log or the compacted one: the delete and the record are
+//! one transaction, and compacting etcd's history again is harmless.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::{info, warn};
+
+use crate::app::AppState;
+use crate::data::{self, ProcessState, RequestKind};
+use crate::error::{Error, Result};
+use crate::runtime::Runtime;
+use crate::store::{Op, Term};
+
+/// How often the leader looks again without a new snapshot.
+const RECHECK: Duration = Duration::from_secs(5);
+/// Entry states read per round trip while counting what is deleted.
+const TALLY_PAGE: u64 = 1000;
+
+/// The leader's compaction task; ends the term only when leadership is lost.
+pub(crate) async fn compact_while_leading<S: AppState>(runtime: Arc<Runtime<S>>, term: Term) -> Result<()> {
+    if !runtime.config.snapshots.enabled() {
+        return Ok(());
+    }
+    loop {
+        match compact_once(&runtime, &term).await {
+            Ok(()) => {}
+            Err(e @ Error::LeadershipLost { .. }) => return Err(e),
+            Err(e) => warn!(error = %e, "log compaction failed; will try again"),
+        }
+        tokio::select! {
+            () = runtime.snapshot_taken.notified() => {}
+            () = tokio::time::sleep(RECHECK) => {}
+        }
+    }
+}
+
+/// One compaction, if there is anything to delete.
+async fn compact_once<S: AppState>(runtime: &Runtime<S>, term: &Term) -> Result<()> {
+    let Some(snapshot) = runtime.latest_snapshot() else { return Ok(()) };
+    let store = runtime.store();
+    let keys = &runtime.keys;
+    let compacted = store.compacted().await?;
+    let first = compacted.first_index.max(1);
+    // Entries below `target` go; `target` becomes the first index.
+    let mut target = snapshot.index.saturating_sub(runtime.config.snapshots.trailing);
+    if target <= first {
+        return Ok(());
+    }
+    let mut held_by = None;
+    for (replica, record) in store.members().await? {
+        if replica == runtime.config.replica || record.catching_up {
+            continue;
+        }
+        let applied = store.get_index(&keys.lpi(&replica)).await?;
+        if applied + 1 < target {
+            target = applied + 1;
+            held_by = Some(replica);
+        }
+    }
+    if let Some(&doubt) = store.indexes_under(&keys.doubt_prefix()).await?.first() {
+        target = target.min(doubt);
+    }
+    if target <= first {
+        if let Some(replica) = held_by {
+            tracing::debug!(%replica, "compaction waits for a live replica to apply more of the log");
+        }
+        return Ok(());
+    }
+
+    let mut tally = compacted.clone();
+    let mut from = first;
+    'count: while from < target {
+        let to = target.min(from + TALLY_PAGE);
+        for (index, state) in store.states(from, to).await? {
+            let is_replication = state.kind == RequestKind::Replication;
+            match state.state {
+                ProcessState::Success => {
+                    tally.success += 1;
+                    tally.replication_success += u64::from(is_replication);
+                }
+                ProcessState::Fail => tally.fail += 1,
+                ProcessState::Ignore => tally.ignore += 1,
+                // Not final: it must stay, and so must everything after it.
+                ProcessState::Null | ProcessState::InProcess => {
+                    target = index;
+                    break 'count;
+                }
+            }
+        }
+        from = to;
+    }
+    if target <= first {
+        return Ok(());
+    }
+    tally.first_index = target;
+    let ops = vec![
+        Op::DeleteRange(keys.log(first), keys.log(target)),
+        Op::DeleteRange(keys.rs(first), keys.rs(target)),
+        Op::Put(keys.compacted(), data::encode(&tally)),
+    ];
+    let revision = store.authority_write(term, ops).await?;
+    runtime.set_status(|s| s.first_index = target);
+    store.compact_history(revision).await?;
+    info!(
+        deleted = target - first,
+        first_index = target,
+        snapshot = snapshot.index,
+        revision,
+        "log compacted: entries below the first index deleted, etcd history compacted"
+    );
+    Ok(())
+}

@@ -1,0 +1,289 @@
+//! Snapshots of the app state: taking them every so many entries, and catching up from a
+//! peer's when this replica is behind the first index still in etcd.
+//!
+//! **Taking.** After a follower applies a page, after the leader records a group, and
+//! after Prepare Service, the runtime asks [`Runtime::maybe_snapshot`] with its LPI. A
+//! snapshot is due every [`crate::SnapshotPolicy::interval`] entries, and also as soon as
+//! the log has been compacted past this replica's latest snapshot (so every live replica
+//! can serve a snapshot a lagging one can replay from). The app captures its state at once
+//! (nothing executes meanwhile); the bytes are written on a blocking thread while requests
+//! carry on.
+//!
+//! **Catching up.** A replica whose LPI is below `first_index - 1` (a wiped disk, a new
+//! node, a long partition) fetches the newest snapshot a live peer advertises in its
+//! membership record, with the peer token, checks its size and digest against that
+//! record, restores it through the app, and replays the retained log from there. A
+//! snapshot that fails any check is discarded and the replica tries another peer, or
+//! again on its next wake-up; its own state is untouched until a snapshot has passed.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+use tracing::{info, warn};
+
+use crate::app::AppState;
+use crate::data::{MemberRecord, SnapshotMeta};
+use crate::error::{Error, Result};
+use crate::runtime::{Runtime, lock};
+use crate::snapshot::{Lineage, digest_of};
+
+/// The header carrying the peer token on a snapshot fetch.
+pub(crate) const PEER_TOKEN_HEADER: &str = "br2k-peer-token";
+
+/// How long a snapshot download may go without receiving a byte.
+const FETCH_STALL: Duration = Duration::from_secs(10);
+
+/// This replica's snapshots as the runtime tracks them.
+#[derive(Debug, Default)]
+pub(crate) struct SnapshotState {
+    /// The latest complete snapshot.
+    pub(crate) latest: Option<SnapshotMeta>,
+    /// Whether one is being written.
+    pub(crate) building: bool,
+    /// The state version of this replica's state.
+    pub(crate) state_version: u64,
+}
+
+impl<S: AppState> Runtime<S> {
+    /// At start-up: finishes a restore a crash interrupted, and loads what the snapshot
+    /// directory holds. Returns the index of the latest snapshot (0: none).
+    pub(crate) async fn open_snapshots(&self) -> Result<u64> {
+        self.snapshots.open()?;
+        let lineage = self.snapshots.lineage()?;
+        if let Some(meta) = &lineage.restoring {
+            warn!(index = meta.index, "a snapshot restore was interrupted; restoring it again");
+            self.restore_adopted(meta).await?;
+        }
+        let lineage = self.snapshots.lineage()?;
+        let latest = self.snapshots.latest()?;
+        let index = latest.as_ref().map_or(0, |m| m.index);
+        {
+            let mut snapshot = lock(&self.snapshot);
+            snapshot.latest.clone_from(&latest);
+            snapshot.state_version = lineage.state_version;
+        }
+        self.set_member(|m| m.snapshot.clone_from(&latest));
+        self.set_status(|s| {
+            s.snapshot_index = index;
+            s.state_version = lineage.state_version;
+        });
+        Ok(index)
+    }
+
+    /// The latest complete snapshot of this replica.
+    pub(crate) fn latest_snapshot(&self) -> Option<SnapshotMeta> {
+        lock(&self.snapshot).latest.clone()
+    }
+
+    /// Takes a snapshot at `index` if one is due. Call only while nothing executes and
+    /// every entry up to `index` is applied, persisted and final.
+    pub(crate) fn maybe_snapshot(self: &Arc<Self>, index: u64) {
+        let policy = self.config.snapshots;
+        if !policy.enabled() {
+            return;
+        }
+        let first_index = self.status.borrow().first_index;
+        let mut snapshot = lock(&self.snapshot);
+        let last = snapshot.latest.as_ref().map_or(0, |m| m.index);
+        let periodic = index >= last + policy.interval;
+        // The log was compacted past our latest snapshot: take one a lagging peer can use.
+        let needed_by_peers = first_index > last + 1 && index + 1 >= first_index && index > last;
+        if snapshot.building || !(periodic || needed_by_peers) {
+            return;
+        }
+        let builder = match self.state.snapshot() {
+            Ok(builder) => builder,
+            Err(e) => {
+                warn!(index, error = %e, "the app could not capture its state for a snapshot; will try again");
+                return;
+            }
+        };
+        snapshot.building = true;
+        let state_version = snapshot.state_version;
+        drop(snapshot);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let store = this.snapshots.clone();
+            let replica = this.config.replica.clone();
+            let saved = tokio::task::spawn_blocking(move || store.save(builder, index, state_version, &replica)).await;
+            let saved = saved.unwrap_or_else(|e| {
+                Err(Error::Snapshot { path: "snapshot".into(), reason: format!("the snapshot writer panicked: {e}") })
+            });
+            match saved {
+                Ok(meta) => {
+                    info!(index, bytes = meta.size, digest = %meta.digest,
+                        ms = started.elapsed().as_millis() as u64, "snapshot taken");
+                    this.snapshot_done(meta);
+                }
+                Err(e) => {
+                    lock(&this.snapshot).building = false;
+                    warn!(index, error = %e, "snapshot failed; will try again");
+                }
+            }
+        });
+    }
+
+    /// Records a new complete snapshot (taken here or restored from a peer).
+    fn snapshot_done(&self, meta: SnapshotMeta) {
+        {
+            let mut snapshot = lock(&self.snapshot);
+            snapshot.building = false;
+            if snapshot.latest.as_ref().is_some_and(|l| l.index >= meta.index) {
+                return;
+            }
+            snapshot.latest = Some(meta.clone());
+        }
+        self.set_status(|s| s.snapshot_index = meta.index);
+        self.set_member(|m| m.snapshot = Some(meta));
+        self.snapshot_taken.notify_one();
+    }
+
+    /// Brings this replica, whose LPI is below `first_index - 1`, up to a peer's snapshot.
+    /// Returns the snapshot's index: the new LPI.
+    ///
+    /// # Errors
+    /// [`Error::NoSnapshotSource`] when no live peer holds a recent enough snapshot yet;
+    /// the last peer's error when every one failed. The state is unchanged in both cases.
+    pub(crate) async fn catch_up(&self, first_index: u64, lpi: u64) -> Result<u64> {
+        let needed = first_index.saturating_sub(1);
+        self.set_member(|m| m.catching_up = true);
+        let result = self.catch_up_from_peers(first_index, needed, lpi).await;
+        self.set_member(|m| m.catching_up = false);
+        result
+    }
+
+    async fn catch_up_from_peers(&self, first_index: u64, needed: u64, lpi: u64) -> Result<u64> {
+        let mut peers: Vec<(String, MemberRecord, SnapshotMeta)> = self
+            .store()
+            .members()
+            .await?
+            .into_iter()
+            .filter(|(replica, record)| *replica != self.config.replica && !record.catching_up)
+            .filter_map(|(replica, record)| {
+                let meta = record.snapshot.clone().filter(|m| m.index >= needed)?;
+                Some((replica, record, meta))
+            })
+            .collect();
+        if peers.is_empty() {
+            return Err(Error::NoSnapshotSource { first_index, needed });
+        }
+        peers.sort_by_key(|(_, _, meta)| std::cmp::Reverse(meta.index));
+        info!(lpi, first_index, peers = peers.len(), "behind the compacted log: catching up from a peer's snapshot");
+        let token = self.peer_token().await?;
+        let mut last_error = None;
+        for (peer, record, meta) in peers {
+            let started = Instant::now();
+            match self.fetch_snapshot(&peer, &record.url, &meta, &token).await {
+                Ok(()) => {
+                    self.install(&meta).await?;
+                    info!(index = meta.index, from = %peer, bytes = meta.size,
+                        ms = started.elapsed().as_millis() as u64, "caught up from a peer's snapshot");
+                    return Ok(meta.index);
+                }
+                Err(e) => {
+                    warn!(error = %e, "snapshot refused; trying the next peer");
+                    last_error = Some(e);
+                }
+            }
+        }
+        Err(last_error.expect("at least one peer was tried"))
+    }
+
+    /// Downloads `meta` from `peer` into the incoming file, checking size and digest as
+    /// it streams; removes the file on any failure.
+    async fn fetch_snapshot(&self, peer: &str, url: &str, meta: &SnapshotMeta, token: &str) -> Result<()> {
+        let path = self.snapshots.incoming_path();
+        let result = self.download(url, meta, token, &path).await;
+        if result.is_err() {
+            let _ = tokio::fs::remove_file(&path).await;
+        }
+        result.map_err(|reason| Error::SnapshotFetch {
+            peer: peer.to_owned(),
+            url: url.to_owned(),
+            index: meta.index,
+            reason,
+        })
+    }
+
+    async fn download(
+        &self,
+        url: &str,
+        meta: &SnapshotMeta,
+        token: &str,
+        path: &std::path::Path,
+    ) -> Result<(), String> {
+        let url = format!("{}/br2k/snapshot?index={}", url.trim_end_matches('/'), meta.index);
+        let mut response =
+            tokio::time::timeout(FETCH_STALL, self.http.get(&url).header(PEER_TOKEN_HEADER, token).send())
+                .await
+                .map_err(|_| format!("no answer within {FETCH_STALL:?}"))?
+                .map_err(|e| format!("request failed: {e}"))?;
+        if !response.status().is_success() {
+            let status = response.status();
+            let body = response.text().await.unwrap_or_default();
+            return Err(format!("answered {status}: {}", body.chars().take(300).collect::<String>()));
+        }
+        let mut file =
+            tokio::fs::File::create(path).await.map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+        let mut hash = Sha256::new();
+        let mut size = 0u64;
+        loop {
+            let chunk = tokio::time::timeout(FETCH_STALL, response.chunk())
+                .await
+                .map_err(|_| format!("stalled for {FETCH_STALL:?} after {size} of {} bytes", meta.size))?
+                .map_err(|e| format!("cut off after {size} of {} bytes: {e}", meta.size))?;
+            let Some(chunk) = chunk else { break };
+            size += chunk.len() as u64;
+            if size > meta.size {
+                return Err(format!("longer than the {} bytes its record announces", meta.size));
+            }
+            hash.update(&chunk);
+            file.write_all(&chunk).await.map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        }
+        if size != meta.size {
+            return Err(format!("truncated: {size} of {} bytes", meta.size));
+        }
+        let digest = digest_of(hash);
+        if digest != meta.digest {
+            return Err(format!(
+                "does not match its digest: the record says {}, the bytes hash to {digest}",
+                meta.digest
+            ));
+        }
+        file.sync_all().await.map_err(|e| format!("cannot sync {}: {e}", path.display()))?;
+        Ok(())
+    }
+
+    /// Installs a downloaded and checked snapshot: adopts it as this replica's own, then
+    /// restores the app from it, with the lineage file marking the restore in progress
+    /// so that a crash half-way is finished at the next start.
+    async fn install(&self, meta: &SnapshotMeta) -> Result<()> {
+        self.snapshots.adopt(&self.snapshots.incoming_path(), meta)?;
+        self.restore_adopted(meta).await?;
+        self.snapshot_done(meta.clone());
+        Ok(())
+    }
+
+    async fn restore_adopted(&self, meta: &SnapshotMeta) -> Result<()> {
+        let mut lineage = self.snapshots.lineage()?;
+        lineage.restoring = Some(meta.clone());
+        self.snapshots.set_lineage(&lineage)?;
+        self.state
+            .restore(&self.snapshots.data_path(meta.index))
+            .await
+            .map_err(|source| Error::Restore { index: meta.index, source })?;
+        self.record.clear()?;
+        self.snapshots.set_lineage(&Lineage { state_version: meta.index, restoring: None })?;
+        lock(&self.snapshot).state_version = meta.index;
+        let applied = self.state.applied_index();
+        self.set_status(|s| {
+            s.state_version = meta.index;
+            s.applied_index = applied;
+            s.lpi = meta.index;
+        });
+        Ok(())
+    }
+}
