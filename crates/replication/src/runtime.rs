@@ -474,8 +474,13 @@ impl<S: AppState> Runtime<S> {
                         }
                     };
                     match event {
-                        Ok(Some(_)) => changes.notify_one(),
-                        _ => break,
+                        // A watch etcd cancelled (its start revision was compacted away
+                        // while it lagged) delivers nothing more: watch again.
+                        Ok(Some(message)) if !message.canceled() => changes.notify_one(),
+                        _ => {
+                            changes.notify_one();
+                            break;
+                        }
                     }
                 }
             }

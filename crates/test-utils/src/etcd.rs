@@ -53,13 +53,20 @@ pub struct EtcdClusterBuilder {
     heartbeat_ms: u64,
     election_ms: u64,
     startup_timeout: Duration,
+    quota_bytes: Option<u64>,
 }
 
 impl Default for EtcdClusterBuilder {
     fn default() -> Self {
         // Fast elections by default: tests wait for leader changes, and etcd's defaults
         // (100 ms / 1000 ms) make every failover test a second slower.
-        Self { members: 3, heartbeat_ms: 50, election_ms: 300, startup_timeout: Duration::from_secs(30) }
+        Self {
+            members: 3,
+            heartbeat_ms: 50,
+            election_ms: 300,
+            startup_timeout: Duration::from_secs(30),
+            quota_bytes: None,
+        }
     }
 }
 
@@ -75,6 +82,13 @@ impl EtcdClusterBuilder {
     pub const fn timings(mut self, heartbeat_ms: u64, election_ms: u64) -> Self {
         self.heartbeat_ms = heartbeat_ms;
         self.election_ms = election_ms;
+        self
+    }
+
+    /// Each member's space quota (`--quota-backend-bytes`; etcd's default is 2 GiB). A small
+    /// one makes the `NOSPACE` alarm quick to reach.
+    pub const fn quota_bytes(mut self, bytes: u64) -> Self {
+        self.quota_bytes = Some(bytes);
         self
     }
 
@@ -117,6 +131,7 @@ impl EtcdClusterBuilder {
             token,
             heartbeat_ms: self.heartbeat_ms,
             election_ms: self.election_ms,
+            quota_bytes: self.quota_bytes,
         };
         for member in &mut members {
             member.start(&args)?;
@@ -136,6 +151,7 @@ struct ClusterArgs {
     token: String,
     heartbeat_ms: u64,
     election_ms: u64,
+    quota_bytes: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -167,6 +183,7 @@ impl Member {
             .args(["--heartbeat-interval", &args.heartbeat_ms.to_string()])
             .args(["--election-timeout", &args.election_ms.to_string()])
             .args(["--logger", "zap", "--log-level", "warn"])
+            .args(args.quota_bytes.map(|q| format!("--quota-backend-bytes={q}")))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

@@ -353,6 +353,10 @@ impl KubernetesSpec {
             "--initial-cluster-state=new".into(),
             // A member back from a partition must not depose a healthy leader.
             "--pre-vote=true".into(),
+            // The runtime compacts the log and etcd's history; these are the safety net.
+            format!("--quota-backend-bytes={}", crate::ETCD_QUOTA_BYTES),
+            "--auto-compaction-mode=periodic".into(),
+            "--auto-compaction-retention=1h".into(),
         ];
         let etcd = Container {
             name: "etcd".into(),

@@ -50,8 +50,6 @@ pub const ETCD_CLIENT_PORT: u16 = 2379;
 pub const ETCD_PEER_PORT: u16 = 2380;
 /// The app's port on every node.
 pub const APP_PORT: u16 = 8080;
-/// Each etcd member's space quota: past it etcd raises `NOSPACE` and refuses writes.
-pub const ETCD_QUOTA_BYTES: u64 = 2 * 1024 * 1024 * 1024;
 
 /// etcd's Raft timings for the service's members.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -596,7 +594,7 @@ impl LocalService {
             // br2k compacts etcd's history itself after each log compaction; these are
             // the safety net: an explicit space quota (etcd's default, shown by status),
             // and hourly compaction of history older than an hour.
-            .args(["--quota-backend-bytes", &ETCD_QUOTA_BYTES.to_string()])
+            .args(["--quota-backend-bytes", &crate::ETCD_QUOTA_BYTES.to_string()])
             .args(["--auto-compaction-mode", "periodic", "--auto-compaction-retention", "1h"])
             .args(["--logger", "zap", "--log-level", "warn"]);
         command

@@ -215,6 +215,15 @@ impl Cluster {
     /// etcd and (optionally) a chain, without replicas yet.
     pub(crate) async fn new(with_registry: bool) -> Self {
         let etcd = EtcdCluster::spawn().expect("etcd starts (run `bash tools/setup.sh` if it is missing)");
+        Self::on(etcd, with_registry).await
+    }
+
+    /// Three replicas on `etcd`, without snapshots.
+    pub(crate) async fn start_on(etcd: EtcdCluster) -> Self {
+        Self::on(etcd, false).await.with_replicas(SnapshotPolicy::disabled()).await
+    }
+
+    async fn on(etcd: EtcdCluster, with_registry: bool) -> Self {
         let registry = if with_registry {
             let anvil = Anvil::spawn().expect("anvil starts (run `bash tools/setup.sh` if it is missing)");
             let chain = Chain::connect(&anvil.endpoint(), Some(anvil.key(0)), timeouts()).await.unwrap();

@@ -8,3 +8,4 @@ mod inputs;
 mod pending;
 mod prepare;
 mod roles;
+mod space;
