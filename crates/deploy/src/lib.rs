@@ -18,8 +18,3 @@ pub mod local;
 mod private_file;
 
 pub use error::{DeployError, Result};
-
-/// Each etcd member's space quota, on both backends (etcd's default, made explicit so it
-/// is visible): past it etcd raises `NOSPACE` and refuses writes. The replicas compact
-/// the log and etcd's history, so a service stays far below it.
-pub const ETCD_QUOTA_BYTES: u64 = 2 * 1024 * 1024 * 1024;

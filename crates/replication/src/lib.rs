@@ -6,6 +6,7 @@ mod compaction;
 mod config;
 mod data;
 mod error;
+pub mod etcd_flags;
 mod http;
 pub mod inspect;
 mod leader;

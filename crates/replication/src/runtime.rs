@@ -904,7 +904,7 @@ impl<S: AppState> Runtime<S> {
         term.stop().await;
         self.set_role(Role::Follower, None, reason);
         node.pending_check = true;
-        node.lpi = self.state.applied_index();
+        node.lpi = self.start_index();
     }
 }
 

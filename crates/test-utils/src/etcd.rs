@@ -54,6 +54,7 @@ pub struct EtcdClusterBuilder {
     election_ms: u64,
     startup_timeout: Duration,
     quota_bytes: Option<u64>,
+    extra_args: Vec<String>,
 }
 
 impl Default for EtcdClusterBuilder {
@@ -66,6 +67,7 @@ impl Default for EtcdClusterBuilder {
             election_ms: 300,
             startup_timeout: Duration::from_secs(30),
             quota_bytes: None,
+            extra_args: Vec::new(),
         }
     }
 }
@@ -89,6 +91,13 @@ impl EtcdClusterBuilder {
     /// one makes the `NOSPACE` alarm quick to reach.
     pub const fn quota_bytes(mut self, bytes: u64) -> Self {
         self.quota_bytes = Some(bytes);
+        self
+    }
+
+    /// More flags for every member (after the fixture's own, so they win).
+    #[must_use]
+    pub fn args(mut self, args: impl IntoIterator<Item = String>) -> Self {
+        self.extra_args.extend(args);
         self
     }
 
@@ -132,6 +141,7 @@ impl EtcdClusterBuilder {
             heartbeat_ms: self.heartbeat_ms,
             election_ms: self.election_ms,
             quota_bytes: self.quota_bytes,
+            extra_args: self.extra_args,
         };
         for member in &mut members {
             member.start(&args)?;
@@ -152,6 +162,7 @@ struct ClusterArgs {
     heartbeat_ms: u64,
     election_ms: u64,
     quota_bytes: Option<u64>,
+    extra_args: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -184,6 +195,7 @@ impl Member {
             .args(["--election-timeout", &args.election_ms.to_string()])
             .args(["--logger", "zap", "--log-level", "warn"])
             .args(args.quota_bytes.map(|q| format!("--quota-backend-bytes={q}")))
+            .args(&args.extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

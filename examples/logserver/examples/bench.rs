@@ -4,12 +4,14 @@
 //! Run with `bash tools/bench-replication.sh` (builds in release first). Environment:
 //! `BENCH_SECONDS` (per measurement, default 5).
 
-use std::process::{Command, Stdio};
+mod support;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
-use br2k_test_utils::{EtcdCluster, KillOnDrop};
+use anyhow::{Result, bail};
+use br2k_test_utils::EtcdCluster;
+use support::Replicas;
 
 const CONCURRENCY: [usize; 2] = [1, 16];
 
@@ -68,40 +70,17 @@ where
 async fn main() -> Result<()> {
     let seconds: u64 = std::env::var("BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
     let duration = Duration::from_secs(seconds);
-    let binary = std::env::current_exe()?
-        .parent()
-        .and_then(|examples| examples.parent())
-        .map(|dir| dir.join("br2k-logserver"))
-        .context("cannot locate the target directory")?;
-    if !binary.is_file() {
-        bail!("{} is missing: run `cargo build --release -p br2k-logserver` first", binary.display());
-    }
+    let binary = support::logserver_binary()?;
 
     eprintln!("bench: starting 3 etcd members (etcd's default 100 ms heartbeat / 1 s election timeout)");
     let etcd = EtcdCluster::builder().default_timings().spawn()?;
     let leader_member = leader_member(&etcd).await?;
     let dir = tempfile::tempdir()?;
-    let ports: Vec<u16> = (0..3)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()))
-        .collect::<Result<_, _>>()?;
     eprintln!("bench: starting 3 logserver replicas ({})", binary.display());
-    let mut children = Vec::new();
-    for (i, port) in ports.iter().enumerate() {
-        let child = Command::new(&binary)
-            .args(["--replica", &format!("n{i}"), "--etcd", &etcd.endpoint(i)])
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .arg("--data-dir")
-            .arg(dir.path().join(format!("n{i}")))
-            .env("RUST_LOG", "warn")
-            .env_remove("BR2K_REGISTRY")
-            .stdin(Stdio::null())
-            .spawn()
-            .with_context(|| format!("cannot start {}", binary.display()))?;
-        children.push(KillOnDrop(child));
-    }
-    let _replicas: Vec<KillOnDrop> = children;
+    let replicas = Replicas::start(&binary, &etcd, dir.path(), &[])?;
+    let ports = replicas.ports.clone();
     let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).pool_max_idle_per_host(64).build()?;
-    let leader = wait_for_leader(&http, &ports).await?;
+    let leader = replicas.wait_for_leader(&http).await?;
     eprintln!("bench: replica n{leader} leads; etcd member m{leader_member} was the Raft leader at start");
 
     let raw = etcd_client::Client::connect([etcd.endpoint(leader)], None).await?;
@@ -186,22 +165,4 @@ async fn leader_member(etcd: &EtcdCluster) -> Result<usize> {
         }
     }
     bail!("no etcd member says it leads")
-}
-
-/// Polls each replica's `/br2k/status` until one leads.
-async fn wait_for_leader(http: &reqwest::Client, ports: &[u16]) -> Result<usize> {
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(30) {
-        for (i, port) in ports.iter().enumerate() {
-            let url = format!("http://127.0.0.1:{port}/br2k/status");
-            if let Ok(response) = http.get(url).send().await
-                && let Ok(status) = response.json::<serde_json::Value>().await
-                && status["role"] == "leader"
-            {
-                return Ok(i);
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    bail!("no logserver replica became leader within 30 s")
 }

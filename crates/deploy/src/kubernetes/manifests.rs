@@ -340,7 +340,7 @@ impl KubernetesSpec {
             volume_mounts: Some(vec![mount("data", APP_DATA)]),
             ..Container::default()
         };
-        let etcd_args = [
+        let mut etcd_args = vec![
             format!("--name={name}"),
             format!("--data-dir={ETCD_DATA}"),
             // Client port on localhost only: the app next to it is its one client.
@@ -353,16 +353,13 @@ impl KubernetesSpec {
             "--initial-cluster-state=new".into(),
             // A member back from a partition must not depose a healthy leader.
             "--pre-vote=true".into(),
-            // The runtime compacts the log and etcd's history; these are the safety net.
-            format!("--quota-backend-bytes={}", crate::ETCD_QUOTA_BYTES),
-            "--auto-compaction-mode=periodic".into(),
-            "--auto-compaction-retention=1h".into(),
         ];
+        etcd_args.extend(br2k_replication::etcd_flags::recommended());
         let etcd = Container {
             name: "etcd".into(),
             image: Some(self.etcd_image.clone()),
             command: Some(vec!["etcd".into()]),
-            args: Some(etcd_args.to_vec()),
+            args: Some(etcd_args),
             ports: Some(vec![ContainerPort {
                 name: Some("etcd-peer".into()),
                 container_port: ETCD_PEER_PORT,

@@ -591,11 +591,7 @@ impl LocalService {
             // it would force an election on rejoining and depose a healthy leader (etcd
             // 3.5 and later enable it by default; Debian's 3.4 does not).
             .arg("--pre-vote")
-            // br2k compacts etcd's history itself after each log compaction; these are
-            // the safety net: an explicit space quota (etcd's default, shown by status),
-            // and hourly compaction of history older than an hour.
-            .args(["--quota-backend-bytes", &crate::ETCD_QUOTA_BYTES.to_string()])
-            .args(["--auto-compaction-mode", "periodic", "--auto-compaction-retention", "1h"])
+            .args(br2k_replication::etcd_flags::recommended())
             .args(["--logger", "zap", "--log-level", "warn"]);
         command
     }

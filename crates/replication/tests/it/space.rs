@@ -62,10 +62,8 @@ async fn a_nospace_alarm_is_reported_with_what_to_do_and_the_service_resumes_onc
     }
     for i in 0..3 {
         let url = format!("{}/br2k/health", c.replicas[i].url);
-        eventually("the replica is healthy again", async || {
-            c.http.get(&url).send().await.unwrap().status() == 200
-        })
-        .await;
+        eventually("the replica is healthy again", async || c.http.get(&url).send().await.unwrap().status() == 200)
+            .await;
     }
     let response = c.post_to_leader("/append", "after", None).await;
     assert_eq!(response.status(), 200);
