@@ -43,14 +43,16 @@ async fn the_log_in_etcd_stays_bounded_while_thousands_of_requests_flow() {
     eprintln!("at most {most} log entries were in etcd at once");
     assert!(most <= 400, "up to {most} log entries were in etcd at once");
     converged_on(&c, &[0, 1, 2], &answered).await;
+    // The leader snapshots between groups: its last one is within a group or two of the
+    // end, and the log is kept from 20 below it.
     eventually("the log is compacted up to the latest snapshots", async || {
-        c.count_keys("log/").await <= 80 && c.count_keys("rs/").await <= 80
+        c.count_keys("log/").await <= 150 && c.count_keys("rs/").await <= 150
     })
     .await;
     let l = c.leader(None).await;
     let status = c.replicas[l].status();
-    assert!(status.first_index > 1900, "{status:?}");
-    assert!(status.snapshot_index >= 1950, "{status:?}");
+    assert!(status.first_index > 1850, "{status:?}");
+    assert!(status.snapshot_index >= 1870, "{status:?}");
     assert!(status.db_size > 0 && status.db_size_in_use > 0 && status.db_size_in_use <= status.db_size, "{status:?}");
     assert_eq!(status.quota, Some(2 * 1024 * 1024 * 1024), "etcd's default quota, read from its metrics");
     assert!(status.etcd_alarms.is_empty());
