@@ -396,10 +396,21 @@ impl LocalService {
         if self.nodes[i].etcd.is_none() {
             if self.nodes[i].wiped {
                 let peer = format!("http://{}", socket(self.network.node_address(i), ETCD_PEER_PORT));
-                self.with_live_member(i, "add the wiped member back", async |client| {
-                    client.member_add([peer.as_str()], None).await.map(drop)
-                })
-                .await?;
+                // etcd refuses a new member ("unhealthy cluster") until every member has
+                // been connected to the others for 5 s, as after a start or an election.
+                let deadline = Instant::now() + Duration::from_secs(30);
+                loop {
+                    let added = self
+                        .with_live_member(i, "add the wiped member back", async |client| {
+                            client.member_add([peer.as_str()], None).await.map(drop)
+                        })
+                        .await;
+                    match added {
+                        Ok(()) => break,
+                        Err(e) if Instant::now() >= deadline => return Err(e),
+                        Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+                    }
+                }
             }
             self.spawn(i, Part::Etcd)?;
             self.nodes[i].wiped = false;
