@@ -27,8 +27,6 @@ use crate::store::{Op, Term};
 
 /// How often the leader looks again without a new snapshot.
 const RECHECK: Duration = Duration::from_secs(5);
-/// Entry states read per round trip while counting what is deleted.
-const TALLY_PAGE: u64 = 1000;
 
 /// The leader's compaction task; ends the term only when leadership is lost.
 pub(crate) async fn compact_while_leading<S: AppState>(runtime: Arc<Runtime<S>>, term: Term) -> Result<()> {
@@ -84,8 +82,9 @@ async fn compact_once<S: AppState>(runtime: &Runtime<S>, term: &Term) -> Result<
     let mut tally = compacted.clone();
     let mut from = first;
     'count: while from < target {
-        let to = target.min(from + TALLY_PAGE);
-        for (index, state) in store.states(from, to).await? {
+        let page = store.states(from, target).await?;
+        let Some(&(last, _)) = page.last() else { break };
+        for (index, state) in page {
             let is_replication = state.kind == RequestKind::Replication;
             match state.state {
                 ProcessState::Success => {
@@ -101,7 +100,7 @@ async fn compact_once<S: AppState>(runtime: &Runtime<S>, term: &Term) -> Result<
                 }
             }
         }
-        from = to;
+        from = last + 1;
     }
     if target <= first {
         return Ok(());

@@ -136,6 +136,11 @@ impl Error {
         Self::Etcd { endpoint: endpoint.into(), action, reason: error.to_string() }
     }
 
+    /// Whether the client refused an answer as too large (a read to make smaller).
+    pub(crate) fn is_too_large(&self) -> bool {
+        matches!(self, Self::Etcd { reason, .. } if reason.contains("message length too large"))
+    }
+
     /// Whether this error means the local etcd member could not be asked at all (as
     /// opposed to a refused write or bad data).
     pub fn is_etcd_unavailable(&self) -> bool {

@@ -36,9 +36,6 @@ pub struct Records {
     pub terms: u64,
 }
 
-/// How many entries one read asks for (two range reads in one transaction).
-const PAGE: u64 = 1000;
-
 /// Reads `service`'s records through the etcd member at `endpoint`, every call bounded by
 /// `timeout`.
 ///
@@ -66,13 +63,9 @@ async fn read_once(store: &Store, keys: &Keys) -> Result<Records> {
     let mut entries = Vec::new();
     let mut from = compacted.first_index.max(1);
     while from <= log_size {
-        let to = (from + PAGE - 1).min(log_size);
-        entries.extend(store.entries(from, to).await?.into_iter().map(|e| InspectedEntry {
-            index: e.index,
-            state: e.state,
-            request: e.request,
-        }));
-        from = to + 1;
+        let page = store.entries(from, log_size).await?;
+        from = page.last().map_or(log_size, |e| e.index) + 1;
+        entries.extend(page.into_iter().map(|e| InspectedEntry { index: e.index, state: e.state, request: e.request }));
     }
     Ok(Records { log_size, service_state_index, compacted, entries, terms })
 }

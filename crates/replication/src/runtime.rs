@@ -699,9 +699,10 @@ impl<S: AppState> Runtime<S> {
         let last_record = self.record.read()?;
         let lease = IdempotencyLease::default();
         while node.lpi < ls {
-            let to = ls.min(node.lpi + PAGE);
+            let page = store.entries(node.lpi + 1, ls.min(node.lpi + PAGE)).await?;
+            let to = page.last().map_or(ls, |e| e.index);
             let mut ops = Vec::new();
-            for entry in store.entries(node.lpi + 1, to).await? {
+            for entry in page {
                 let index = entry.index;
                 let kind = entry.state.kind;
                 let decided = |state, response| {
@@ -785,9 +786,9 @@ impl<S: AppState> Runtime<S> {
         let mut executed = Vec::new();
         let mut from = ssi + 1;
         while from <= applied {
-            let to = applied.min(from + PAGE - 1);
-            executed.extend(self.store().entries(from, to).await?);
-            from = to + 1;
+            let page = self.store().entries(from, applied).await?;
+            from = page.last().map_or(applied, |e| e.index) + 1;
+            executed.extend(page);
         }
         let unrecorded = |e: &StoredEntry| {
             e.state.kind == RequestKind::Replication

@@ -17,6 +17,12 @@ use crate::error::{Error, Result};
 pub(crate) const MAX_TXN_OPS: usize = 120;
 /// etcd's default `--max-request-bytes` is 1.5 MiB; keep each transaction well under it.
 pub(crate) const MAX_TXN_BYTES: usize = 1024 * 1024;
+/// About how many bytes of log one read asks for: large entries make short pages, so a
+/// follower or a Register never asks for more than etcd and the client will carry.
+pub(crate) const READ_BUDGET: u64 = 2 * 1024 * 1024;
+/// The largest answer a read accepts (etcd-client's default is 4 MiB; a single entry may
+/// be 1.5 MiB, and a page is sized to [`READ_BUDGET`]).
+const MAX_READ_BYTES: usize = 64 * 1024 * 1024;
 
 /// Leadership as this replica took it: writes are fenced on `cl` still holding exactly
 /// this value at exactly this revision.
@@ -91,6 +97,8 @@ pub(crate) struct Store {
     keys: Keys,
     endpoint: String,
     timeout: Duration,
+    /// The average size of a log entry (request and state) in the last read, bytes.
+    entry_bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Store {
@@ -103,7 +111,7 @@ impl Store {
             .with_keep_alive(Duration::from_secs(2), timeout);
         let client =
             Client::connect([endpoint], Some(options)).await.map_err(|e| Error::etcd(endpoint, "connect", &e))?;
-        Ok(Self { client, keys, endpoint: endpoint.into(), timeout })
+        Ok(Self { client, keys, endpoint: endpoint.into(), timeout, entry_bytes: std::sync::Arc::new(1024.into()) })
     }
 
     async fn bounded<T>(
@@ -184,18 +192,40 @@ impl Store {
         }
     }
 
-    /// Entries `from..=to` (both logs and states, two range reads at one revision).
+    /// The entries from `from` on, up to `to` and within about [`READ_BUDGET`] bytes:
+    /// `from..=last` for some `last <= to` (at least `from` itself when `from <= to`).
+    /// Callers carry on from `last + 1`. How many entries fit is estimated from the sizes
+    /// seen so far; a read the client still finds too large is halved and tried again.
     pub(crate) async fn entries(&self, from: u64, to: u64) -> Result<Vec<StoredEntry>> {
         if from > to {
             return Ok(Vec::new());
         }
+        let average = self.entry_bytes.load(std::sync::atomic::Ordering::Relaxed).max(1);
+        let mut count = (READ_BUDGET / average).clamp(1, to - from + 1);
+        loop {
+            match self.read_entries(from, from + count - 1).await {
+                Ok((entries, bytes)) => {
+                    let average = bytes / entries.len().max(1) as u64;
+                    self.entry_bytes.store(average.max(1), std::sync::atomic::Ordering::Relaxed);
+                    return Ok(entries);
+                }
+                Err(e) if count > 1 && e.is_too_large() => count /= 2,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Entries `from..=to` (both logs and states, two range reads at one revision), and
+    /// their size in bytes.
+    async fn read_entries(&self, from: u64, to: u64) -> Result<(Vec<StoredEntry>, u64)> {
         let range = |start: String, end: String| TxnOp::get(start, Some(GetOptions::new().with_range(end)));
         let txn = Txn::new().and_then(vec![
             range(self.keys.rs(from), self.keys.rs(to + 1)),
             range(self.keys.log(from), self.keys.log(to + 1)),
         ]);
-        let mut client = self.client.clone();
-        let response = self.bounded("read log entries", client.txn(txn)).await?;
+        // etcd answers up to 2 GiB; etcd-client's default 4 MiB limit is lifted for reads.
+        let mut reader = self.client.kv_client().max_decoding_message_size(MAX_READ_BYTES);
+        let response = self.bounded("read log entries", reader.txn(txn)).await?;
         let mut gets = response.op_responses().into_iter().filter_map(|op| match op {
             TxnOpResponse::Get(get) => Some(get),
             _ => None,
@@ -207,14 +237,17 @@ impl Store {
                 reason: "the transaction answered without its two range reads".into(),
             });
         };
+        let mut bytes = 0u64;
         let mut requests = std::collections::BTreeMap::new();
         for kv in logs.kvs() {
+            bytes += (kv.key().len() + kv.value().len()) as u64;
             let index = self.keys.index_of(kv.key()).ok_or_else(|| corrupt(kv, "not a log index"))?;
             requests.insert(index, data::decode::<LogEntry>(kv.key(), kv.value())?);
         }
         let mut out = Vec::with_capacity(requests.len());
         let mut expected = from;
         for kv in states.kvs() {
+            bytes += (kv.key().len() + kv.value().len()) as u64;
             let index = self.keys.index_of(kv.key()).ok_or_else(|| corrupt(kv, "not a log index"))?;
             if index != expected {
                 return Err(Error::MissingRecord { key: self.keys.rs(expected) });
@@ -227,7 +260,7 @@ impl Store {
         if expected <= to {
             return Err(Error::MissingRecord { key: self.keys.rs(expected) });
         }
-        Ok(out)
+        Ok((out, bytes))
     }
 
     /// Takes `cl` for `record` and returns the term it fences later writes on. The write
@@ -339,19 +372,30 @@ impl Store {
         Ok(out)
     }
 
-    /// The states of entries `from..to` (no requests), for counting what compaction deletes.
+    /// The states of entries from `from` on, below `to`, within about [`READ_BUDGET`]
+    /// bytes (no requests), for counting what compaction deletes. Callers carry on after
+    /// the last one returned.
     pub(crate) async fn states(&self, from: u64, to: u64) -> Result<Vec<(u64, EntryState)>> {
-        let mut client = self.client.clone();
-        let options = GetOptions::new().with_range(self.keys.rs(to));
-        let response = self.bounded("read entry states", client.get(self.keys.rs(from), Some(options))).await?;
-        response
-            .kvs()
-            .iter()
-            .map(|kv| {
-                let index = self.keys.index_of(kv.key()).ok_or_else(|| corrupt(kv, "not a log index"))?;
-                Ok((index, data::decode(kv.key(), kv.value())?))
-            })
-            .collect()
+        let average = self.entry_bytes.load(std::sync::atomic::Ordering::Relaxed).max(1);
+        let mut count = (READ_BUDGET / average).clamp(1, to.saturating_sub(from).max(1));
+        loop {
+            let options = GetOptions::new().with_range(self.keys.rs(from + count));
+            let mut reader = self.client.kv_client().max_decoding_message_size(MAX_READ_BYTES);
+            match self.bounded("read entry states", reader.get(self.keys.rs(from), Some(options))).await {
+                Ok(response) => {
+                    return response
+                        .kvs()
+                        .iter()
+                        .map(|kv| {
+                            let index = self.keys.index_of(kv.key()).ok_or_else(|| corrupt(kv, "not a log index"))?;
+                            Ok((index, data::decode(kv.key(), kv.value())?))
+                        })
+                        .collect();
+                }
+                Err(e) if count > 1 && e.is_too_large() => count /= 2,
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// A put attached to `lease` (not a leader-authority write: each replica writes its own

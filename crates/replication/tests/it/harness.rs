@@ -205,6 +205,8 @@ pub(crate) struct Cluster {
     pub(crate) http: reqwest::Client,
     /// The snapshot policy replicas start with (off unless a test turns it on).
     pub(crate) snapshots: SnapshotPolicy,
+    /// The largest request body replicas started from now on accept (default 1 KiB).
+    pub(crate) max_body: usize,
 }
 
 pub(crate) fn timeouts() -> Timeouts {
@@ -256,6 +258,7 @@ impl Cluster {
             ports,
             http: reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap(),
             snapshots: SnapshotPolicy::disabled(),
+            max_body: 1024,
         }
     }
 
@@ -267,6 +270,13 @@ impl Cluster {
     /// etcd and three replicas that snapshot and compact the log by `policy`.
     pub(crate) async fn start_snapshotting(policy: SnapshotPolicy) -> Self {
         Self::new(false).await.with_replicas(policy).await
+    }
+
+    /// etcd and three replicas that accept bodies of up to `max_body` bytes.
+    pub(crate) async fn start_accepting(max_body: usize) -> Self {
+        let mut cluster = Self::new(false).await;
+        cluster.max_body = max_body;
+        cluster.with_replicas(SnapshotPolicy::disabled()).await
     }
 
     async fn with_replicas(mut self, policy: SnapshotPolicy) -> Self {
@@ -328,7 +338,7 @@ impl Cluster {
             member_ttl: Duration::from_secs(2),
         };
         config.snapshots = self.snapshots;
-        config.max_body = 1024;
+        config.max_body = self.max_body;
         if let Some(registry) = &self.registry {
             let chain =
                 Chain::connect(&registry.anvil.endpoint(), Some(registry.anvil.key(i + 1)), timeouts()).await.unwrap();

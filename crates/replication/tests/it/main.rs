@@ -3,6 +3,7 @@
 
 mod compaction;
 mod harness;
+mod hostile;
 mod idempotency;
 mod inputs;
 mod pending;
