@@ -127,6 +127,19 @@ async fn a_corrupt_or_truncated_snapshot_is_refused_and_the_replica_tries_again(
     answered.extend(c.load().append_many("b", 300, 4).await);
     let peers: Vec<usize> = (0..3).filter(|&i| i != f).collect();
     eventually("compaction passes the dead follower", async || first_index(&c) > 200).await;
+    // Each peer has applied everything and taken the snapshots that were due (there is no
+    // more traffic, so it takes no other).
+    let total = answered.len() as u64;
+    eventually("the peers applied everything", async || peers.iter().all(|&p| c.replicas[p].status().lpi == total))
+        .await;
+    let snapshots = || peers.iter().map(|&p| c.replicas[p].status().snapshot_index).collect::<Vec<_>>();
+    let mut last = snapshots();
+    eventually("the peers' snapshots settle", async || {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = snapshots();
+        std::mem::replace(&mut last, now.clone()) == now
+    })
+    .await;
 
     // Damage every peer's latest snapshot: one cut short, one with a byte changed.
     let mut originals = Vec::new();

@@ -288,17 +288,12 @@ impl Cluster {
         self
     }
 
-    /// Crashes replica `i` and deletes everything in its data directory (a lost disk).
+    /// Crashes replica `i` and gives it a new, empty data directory (a lost disk). The old
+    /// directory is deleted: an aborted task can still finish a step it was in the middle
+    /// of (a real crash would not), and must not write into the new one.
     pub(crate) fn wipe_replica(&mut self, i: usize) {
         self.replicas[i].crash();
-        for entry in std::fs::read_dir(self.dirs[i].path()).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                std::fs::remove_dir_all(&path).unwrap();
-            } else {
-                std::fs::remove_file(&path).unwrap();
-            }
-        }
+        self.dirs[i] = tempfile::tempdir().unwrap();
     }
 
     /// Replica `i`'s snapshot directory.
