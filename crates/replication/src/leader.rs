@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::app::{AppState, Outcome, Reply, Request, Step};
-use crate::data::{self, EntryState, IdempotencyRecord, LogEntry, ProcessState, RequestKind};
+use crate::data::{self, EntryState, IdempotencyRecord, Keys, LogEntry, ProcessState, RequestKind};
 use crate::error::{Error, Result};
 use crate::runtime::{Runtime, lock};
 use crate::store::{MAX_TXN_BYTES, MAX_TXN_OPS, Op, Term};
@@ -182,8 +182,8 @@ impl IdempotencyLease {
 /// The writes that record an entry's final outcome: its RS with the answer and, for a
 /// request with an idempotency key, the answer in its idempotency record too, which
 /// outlives log compaction (a retry after the entry was deleted still gets its answer).
-pub(crate) fn outcome_ops<S: AppState>(
-    runtime: &Runtime<S>,
+pub(crate) fn outcome_ops(
+    keys: &Keys,
     index: u64,
     kind: RequestKind,
     epoch: u64,
@@ -191,7 +191,6 @@ pub(crate) fn outcome_ops<S: AppState>(
     entry: &LogEntry,
     lease: Option<i64>,
 ) -> Vec<Op> {
-    let keys = &runtime.keys;
     let (state, reply) = match outcome {
         Ok(reply) => (ProcessState::Success, reply),
         Err(reply) => (ProcessState::Fail, reply),
@@ -450,7 +449,7 @@ async fn process<S: AppState>(
     };
     let mut ops = Vec::with_capacity(items.len() + 2);
     for (item, outcome) in items.iter().zip(&outcomes) {
-        ops.extend(outcome_ops(runtime, item.index, item.kind, term.epoch, outcome, &item.entry, lease));
+        ops.extend(outcome_ops(keys, item.index, item.kind, term.epoch, outcome, &item.entry, lease));
     }
     ops.push(Op::counter(keys.lpi(&runtime.config.replica), last));
     ops.push(Op::counter(keys.ssi(), last));

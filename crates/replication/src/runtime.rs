@@ -407,6 +407,15 @@ impl<S: AppState> Runtime<S> {
         }
     }
 
+    /// Restores a peer's snapshot when the entries after this replica's LPI were compacted
+    /// away (see [`crate::state_transfer`]).
+    async fn catch_up_if_behind(&self, node: &mut Node, first_index: u64) -> Result<()> {
+        if node.lpi + 1 < first_index {
+            node.lpi = self.catch_up(first_index, node.lpi).await?;
+        }
+        Ok(())
+    }
+
     /// Keeps the local member's database figures and alarms in the status; says loudly
     /// when an alarm is raised or cleared.
     fn note_member(&self, member: &MemberStatus) {
@@ -508,9 +517,7 @@ impl<S: AppState> Runtime<S> {
                 s.first_index = first_index;
             });
         }
-        if node.lpi + 1 < first_index {
-            node.lpi = self.catch_up(first_index, node.lpi).await?;
-        }
+        self.catch_up_if_behind(node, first_index).await?;
         if node.lpi >= ssi {
             self.maybe_snapshot(node.lpi);
             let (written, at) = node.lpi_written;
@@ -647,10 +654,8 @@ impl<S: AppState> Runtime<S> {
         let store = self.store();
         let first_index = store.compacted().await?.first_index.max(1);
         self.set_status(|s| s.first_index = first_index);
-        if node.lpi + 1 < first_index {
-            // Prepare Service replays the log from this replica's LPI: get a snapshot first.
-            node.lpi = self.catch_up(first_index, node.lpi).await?;
-        }
+        // Prepare Service replays the log from this replica's LPI: get a snapshot first.
+        self.catch_up_if_behind(node, first_index).await?;
         let base = store.epoch_base(self.chain_epoch()).await?;
         let me = LeaderRecord { replica: self.config.replica.clone(), location: self.config.public_url.clone() };
         let term = store.take_leadership(&me, base).await?;
@@ -732,7 +737,15 @@ impl<S: AppState> Runtime<S> {
                         };
                         if let (true, Some(outcome)) = (in_process, outcome) {
                             let lease = self.lease_for(&lease, &entry.request).await?;
-                            ops.extend(outcome_ops(self, index, kind, term.epoch, &outcome, &entry.request, lease));
+                            ops.extend(outcome_ops(
+                                &self.keys,
+                                index,
+                                kind,
+                                term.epoch,
+                                &outcome,
+                                &entry.request,
+                                lease,
+                            ));
                         }
                     }
                     (ProcessState::InProcess, RequestKind::Normal) => {
@@ -840,7 +853,7 @@ impl<S: AppState> Runtime<S> {
                     info!(index, success = outcome.is_ok(), "in-doubt request reconciled");
                     let lease = self.lease_for(&lease, &entry.request).await?;
                     let mut ops =
-                        outcome_ops(self, index, entry.state.kind, term.epoch, &outcome, &entry.request, lease);
+                        outcome_ops(&self.keys, index, entry.state.kind, term.epoch, &outcome, &entry.request, lease);
                     ops.push(Op::Delete(self.keys.doubt(index)));
                     store.authority_write(term, ops).await?;
                 }

@@ -45,17 +45,12 @@ impl SnapshotStore {
         Self { dir: data_dir.join("br2k-snapshots") }
     }
 
-    fn fail(&self, path: &Path, reason: impl std::fmt::Display) -> Error {
-        let _ = self;
-        Error::Snapshot { path: path.display().to_string(), reason: reason.to_string() }
-    }
-
     /// Creates the directory and removes what an interrupted build, download or install
     /// left: temporary files, and snapshot data without its description.
     pub(crate) fn open(&self) -> Result<()> {
-        std::fs::create_dir_all(&self.dir).map_err(|e| self.fail(&self.dir, format!("cannot create: {e}")))?;
-        for entry in std::fs::read_dir(&self.dir).map_err(|e| self.fail(&self.dir, e))? {
-            let path = entry.map_err(|e| self.fail(&self.dir, e))?.path();
+        std::fs::create_dir_all(&self.dir).map_err(|e| fail(&self.dir, format!("cannot create: {e}")))?;
+        for entry in std::fs::read_dir(&self.dir).map_err(|e| fail(&self.dir, e))? {
+            let path = entry.map_err(|e| fail(&self.dir, e))?.path();
             let unfinished = path.extension().is_some_and(|e| e == "tmp")
                 || (path.extension().is_some_and(|e| e == "snap") && !path.with_extension("json").exists());
             if unfinished {
@@ -84,18 +79,18 @@ impl SnapshotStore {
         let entries = match std::fs::read_dir(&self.dir) {
             Ok(entries) => entries,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-            Err(e) => return Err(self.fail(&self.dir, e)),
+            Err(e) => return Err(fail(&self.dir, e)),
         };
         for entry in entries {
-            let path = entry.map_err(|e| self.fail(&self.dir, e))?.path();
+            let path = entry.map_err(|e| fail(&self.dir, e))?.path();
             let is_meta = path.extension().is_some_and(|e| e == "json")
                 && path.file_stem().is_some_and(|s| s.to_string_lossy().bytes().all(|b| b.is_ascii_digit()));
             if !is_meta {
                 continue;
             }
-            let bytes = std::fs::read(&path).map_err(|e| self.fail(&path, e))?;
+            let bytes = std::fs::read(&path).map_err(|e| fail(&path, e))?;
             let meta: SnapshotMeta = serde_json::from_slice(&bytes)
-                .map_err(|e| self.fail(&path, format!("undecodable snapshot description ({e}); remove it")))?;
+                .map_err(|e| fail(&path, format!("undecodable snapshot description ({e}); remove it")))?;
             out.push(meta);
         }
         out.sort_by_key(|m| m.index);
@@ -122,32 +117,29 @@ impl SnapshotStore {
         replica: &str,
     ) -> Result<SnapshotMeta> {
         let temp = self.dir.join(format!("{index:020}.snap.tmp"));
-        let file = std::fs::File::create(&temp).map_err(|e| self.fail(&temp, e))?;
+        let file = std::fs::File::create(&temp).map_err(|e| fail(&temp, e))?;
         let mut out = HashingWriter::new(std::io::BufWriter::new(file));
         let built = builder.build_snapshot(&mut out).and_then(|()| out.inner.flush());
         if let Err(e) = built {
             let _ = std::fs::remove_file(&temp);
-            return Err(self.fail(&temp, format!("the app could not write its snapshot: {e}")));
+            return Err(fail(&temp, format!("the app could not write its snapshot: {e}")));
         }
         let (digest, size) = (out.digest(), out.size);
-        let file = out.inner.into_inner().map_err(|e| self.fail(&temp, e.error()))?;
-        file.sync_all().map_err(|e| self.fail(&temp, e))?;
+        let file = out.inner.into_inner().map_err(|e| fail(&temp, e.error()))?;
+        file.sync_all().map_err(|e| fail(&temp, e))?;
         drop(file);
         let meta = SnapshotMeta { index, state_version, digest, size, replica: replica.to_owned(), created_at: now() };
         self.install(&temp, &meta)?;
         Ok(meta)
     }
 
-    /// Takes a downloaded snapshot, already checked against `meta`, as this replica's own.
-    pub(crate) fn adopt(&self, downloaded: &Path, meta: &SnapshotMeta) -> Result<()> {
-        self.install(downloaded, meta)
-    }
-
-    fn install(&self, temp: &Path, meta: &SnapshotMeta) -> Result<()> {
+    /// Puts complete snapshot bytes (written here, or downloaded and checked against
+    /// `meta`) in place as this replica's own snapshot, described by `meta`.
+    pub(crate) fn install(&self, temp: &Path, meta: &SnapshotMeta) -> Result<()> {
         let data = self.data_path(meta.index);
-        std::fs::rename(temp, &data).map_err(|e| self.fail(&data, e))?;
+        std::fs::rename(temp, &data).map_err(|e| fail(&data, e))?;
         write_atomically(&self.meta_path(meta.index), &serde_json::to_vec_pretty(meta).expect("metas serialize"))
-            .map_err(|e| self.fail(&self.meta_path(meta.index), e))?;
+            .map_err(|e| fail(&self.meta_path(meta.index), e))?;
         self.prune()
     }
 
@@ -165,16 +157,16 @@ impl SnapshotStore {
         let path = self.dir.join("lineage.json");
         match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|e| self.fail(&path, format!("undecodable ({e}); check the app state before removing it"))),
+                .map_err(|e| fail(&path, format!("undecodable ({e}); check the app state before removing it"))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Lineage::default()),
-            Err(e) => Err(self.fail(&path, e)),
+            Err(e) => Err(fail(&path, e)),
         }
     }
 
     pub(crate) fn set_lineage(&self, lineage: &Lineage) -> Result<()> {
         let path = self.dir.join("lineage.json");
         write_atomically(&path, &serde_json::to_vec_pretty(lineage).expect("lineages serialize"))
-            .map_err(|e| self.fail(&path, e))
+            .map_err(|e| fail(&path, e))
     }
 }
 
@@ -227,6 +219,10 @@ pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()>
         std::fs::File::open(dir)?.sync_all()?;
     }
     Ok(())
+}
+
+fn fail(path: &Path, reason: impl std::fmt::Display) -> Error {
+    Error::Snapshot { path: path.display().to_string(), reason: reason.to_string() }
 }
 
 fn now() -> u64 {

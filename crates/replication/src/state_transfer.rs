@@ -48,8 +48,8 @@ pub(crate) struct SnapshotState {
 
 impl<S: AppState> Runtime<S> {
     /// At start-up: finishes a restore a crash interrupted, and loads what the snapshot
-    /// directory holds. Returns the index of the latest snapshot (0: none).
-    pub(crate) async fn open_snapshots(&self) -> Result<u64> {
+    /// directory holds.
+    pub(crate) async fn open_snapshots(&self) -> Result<()> {
         self.snapshots.open()?;
         let lineage = self.snapshots.lineage()?;
         if let Some(meta) = &lineage.restoring {
@@ -69,7 +69,7 @@ impl<S: AppState> Runtime<S> {
             s.snapshot_index = index;
             s.state_version = lineage.state_version;
         });
-        Ok(index)
+        Ok(())
     }
 
     /// The latest complete snapshot of this replica.
@@ -118,11 +118,10 @@ impl<S: AppState> Runtime<S> {
                         ms = started.elapsed().as_millis() as u64, "snapshot taken");
                     this.snapshot_done(meta);
                 }
-                Err(e) => {
-                    lock(&this.snapshot).building = false;
-                    warn!(index, error = %e, "snapshot failed; will try again");
-                }
+                Err(e) => warn!(index, error = %e, "snapshot failed; will try again"),
             }
+            // Only now, so that no second build starts from the snapshot before this one.
+            lock(&this.snapshot).building = false;
         });
     }
 
@@ -130,7 +129,6 @@ impl<S: AppState> Runtime<S> {
     fn snapshot_done(&self, meta: SnapshotMeta) {
         {
             let mut snapshot = lock(&self.snapshot);
-            snapshot.building = false;
             if snapshot.latest.as_ref().is_some_and(|l| l.index >= meta.index) {
                 return;
             }
@@ -261,7 +259,7 @@ impl<S: AppState> Runtime<S> {
     /// restores the app from it, with the lineage file marking the restore in progress
     /// so that a crash half-way is finished at the next start.
     async fn install(&self, meta: &SnapshotMeta) -> Result<()> {
-        self.snapshots.adopt(&self.snapshots.incoming_path(), meta)?;
+        self.snapshots.install(&self.snapshots.incoming_path(), meta)?;
         self.restore_adopted(meta).await?;
         self.snapshot_done(meta.clone());
         Ok(())

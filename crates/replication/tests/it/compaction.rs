@@ -25,6 +25,19 @@ async fn converged_on(c: &Cluster, replicas: &[usize], answered: &[(u64, String)
     }
 }
 
+/// Sends `before` appends, crashes follower `f`, sends `after` more and waits until
+/// compaction has deleted well past where `f` stopped. Returns every answered append and
+/// the last index `f` applied.
+async fn leave_behind(c: &mut Cluster, f: usize, before: usize, after: usize) -> (Vec<(u64, String)>, u64) {
+    let mut answered = c.load().append_many("a", before, 4).await;
+    c.converged(&answered).await;
+    c.replicas[f].crash();
+    let left_at = c.replicas[f].state.entries().last().unwrap().0;
+    answered.extend(c.load().append_many("b", after, 4).await);
+    eventually("compaction passes the dead follower", async || first_index(c) > left_at + 100).await;
+    (answered, left_at)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_log_in_etcd_stays_bounded_while_thousands_of_requests_flow() {
     let c = Cluster::start_snapshotting(POLICY).await;
@@ -80,13 +93,7 @@ async fn a_dead_follower_does_not_stop_compaction_and_catches_up_from_a_snapshot
     let mut c = Cluster::start_snapshotting(POLICY).await;
     let l = c.leader(None).await;
     let f = (l + 1) % 3;
-    let mut answered = c.load().append_many("a", 150, 4).await;
-    c.converged(&answered).await;
-    c.replicas[f].crash();
-    let left_at = c.replicas[f].state.entries().last().unwrap().0;
-
-    answered.extend(c.load().append_many("b", 500, 4).await);
-    eventually("compaction passes the dead follower", async || first_index(&c) > left_at + 100).await;
+    let (mut answered, left_at) = leave_behind(&mut c, f, 150, 500).await;
 
     c.restart_replica(f).await;
     converged_on(&c, &[0, 1, 2], &answered).await;
@@ -120,13 +127,9 @@ async fn a_corrupt_or_truncated_snapshot_is_refused_and_the_replica_tries_again(
     let mut c = Cluster::start_snapshotting(POLICY).await;
     let l = c.leader(None).await;
     let f = (l + 1) % 3;
-    let mut answered = c.load().append_many("a", 100, 4).await;
-    c.converged(&answered).await;
-    c.replicas[f].crash();
+    let (answered, _) = leave_behind(&mut c, f, 100, 300).await;
     let journal_before = c.replicas[f].state.entries();
-    answered.extend(c.load().append_many("b", 300, 4).await);
     let peers: Vec<usize> = (0..3).filter(|&i| i != f).collect();
-    eventually("compaction passes the dead follower", async || first_index(&c) > 200).await;
     // Each peer has applied everything and taken the snapshots that were due (there is no
     // more traffic, so it takes no other).
     let total = answered.len() as u64;
