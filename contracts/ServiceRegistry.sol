@@ -22,13 +22,16 @@ contract ServiceRegistry is IServiceRegistry {
 
     /// @dev One service. The Header's small fields cannot all share a slot (manager 20 +
     /// epoch 8 + updatedAt 8 + state 1 = 37 bytes), so the slot is given to the fields
-    /// every `updateLocation` writes; `manager` is read only when the caller is not an
-    /// operator.
+    /// every `updateLocation` reads or writes; `manager` is read only when the caller is
+    /// not an operator.
     struct Service {
-        // slot 0 (17 bytes): epoch, updatedAt, state.
+        // slot 0 (25 bytes): epoch, updatedAt, state, operatorSet.
         uint64 epoch;
         uint64 updatedAt;
         State state;
+        // Which set of operators is current: a new manager starts with an empty set (a
+        // mapping cannot be cleared, so a new one is used).
+        uint64 operatorSet;
         // slot 1
         address manager;
         // slot 2
@@ -40,7 +43,7 @@ contract ServiceRegistry is IServiceRegistry {
     }
 
     mapping(bytes32 id => Service service) private _services;
-    mapping(bytes32 id => mapping(address operator => bool allowed)) private _operators;
+    mapping(bytes32 id => mapping(uint64 operatorSet => mapping(address operator => bool allowed))) private _operators;
     mapping(bytes32 id => mapping(address claimant => uint64 timestamp)) private _nextClaimAt;
 
     /// @param claimCooldown_ Seconds between two claims of one claimant for one service.
@@ -81,7 +84,7 @@ contract ServiceRegistry is IServiceRegistry {
     /// @inheritdoc IServiceRegistry
     function setOperator(bytes32 id, address operator, bool allowed) external onlyManager(id) {
         if (operator == address(0)) revert ServiceRegistryZeroAddress();
-        _operators[id][operator] = allowed;
+        _operators[id][_services[id].operatorSet][operator] = allowed;
         emit OperatorSet(id, operator, allowed);
     }
 
@@ -91,20 +94,22 @@ contract ServiceRegistry is IServiceRegistry {
         // Operators first: they are the hot path (a replica publishing itself as leader).
         // An operator flag is only ever set by a service's manager, and services are never
         // deleted, so an operator implies the service exists: no second check needed.
-        if (!_operators[id][msg.sender]) {
+        if (!_operators[id][service.operatorSet][msg.sender]) {
             if (service.state == State.None) revert ServiceRegistryUnknownService(id);
             if (service.manager != msg.sender) revert ServiceRegistryNotManagerOrOperator(id, msg.sender);
         }
         uint64 current = service.epoch;
         if (epoch <= current) revert ServiceRegistryStaleEpoch(id, epoch, current);
-        uint256 length = bytes(location).length;
-        if (length == 0) revert ServiceRegistryEmptyLocation(id);
-        _checkLength(length, MAX_LOCATION_LENGTH);
-
-        service.location = location;
-        service.epoch = epoch;
-        service.updatedAt = uint64(block.timestamp);
+        _setLocation(id, service, location, epoch);
         emit NewLocation(id, location, epoch);
+    }
+
+    /// @inheritdoc IServiceRegistry
+    function resetLocation(bytes32 id, string calldata location, uint64 epoch) external onlyManager(id) {
+        Service storage service = _services[id];
+        uint64 previous = service.epoch;
+        _setLocation(id, service, location, epoch);
+        emit LocationReset(id, location, epoch, previous);
     }
 
     /// @inheritdoc IServiceRegistry
@@ -144,6 +149,10 @@ contract ServiceRegistry is IServiceRegistry {
             revert ServiceRegistryNotPendingManager(id, msg.sender);
         }
         delete service.pendingManager;
+        // The old manager's operators are the old manager's keys: the new one names its own.
+        uint64 operatorSet = service.operatorSet + 1;
+        service.operatorSet = operatorSet;
+        emit OperatorsCleared(id, operatorSet);
         _setManager(id, msg.sender);
     }
 
@@ -166,7 +175,7 @@ contract ServiceRegistry is IServiceRegistry {
 
     /// @notice Returns whether `operator` may publish locations for the service.
     function isOperator(bytes32 id, address operator) external view returns (bool) {
-        return _operators[id][operator];
+        return _operators[id][_services[id].operatorSet][operator];
     }
 
     /// @notice Returns the earliest block timestamp at which `claimant` may claim again.
@@ -177,6 +186,15 @@ contract ServiceRegistry is IServiceRegistry {
     /// @notice Returns the id of the service called `name`.
     function serviceId(string calldata name) external pure returns (bytes32) {
         return keccak256(bytes(name));
+    }
+
+    function _setLocation(bytes32 id, Service storage service, string calldata location, uint64 epoch) private {
+        uint256 length = bytes(location).length;
+        if (length == 0) revert ServiceRegistryEmptyLocation(id);
+        _checkLength(length, MAX_LOCATION_LENGTH);
+        service.location = location;
+        service.epoch = epoch;
+        service.updatedAt = uint64(block.timestamp);
     }
 
     function _setState(bytes32 id, State state) private {

@@ -362,6 +362,59 @@ contract ServiceRegistryTest is ServiceRegistryFixture {
 
     // ---------------------------------------------------------------- getServiceLocation
 
+    // ---------------------------------------------------------------- resetLocation
+
+    function test_ResetLocationUnsticksAnEpochAtTheMaximum() public {
+        // A compromised operator key publishes an epoch no leader can ever exceed.
+        vm.prank(operator);
+        registry.updateLocation(id, "http://evil:1", type(uint64).max);
+        vm.expectRevert(
+            abi.encodeWithSelector(IServiceRegistry.ServiceRegistryStaleEpoch.selector, id, uint64(7), type(uint64).max)
+        );
+        vm.prank(operator);
+        registry.updateLocation(id, "http://10.0.0.7:8080", 7);
+
+        vm.expectEmit(address(registry));
+        emit IServiceRegistry.LocationReset(id, "http://10.0.0.7:8080", 6, type(uint64).max);
+        vm.prank(manager);
+        registry.resetLocation(id, "http://10.0.0.7:8080", 6);
+        (string memory location, uint64 epoch,) = registry.getServiceLocation(id);
+        vm.assertEq(location, "http://10.0.0.7:8080", "location");
+        vm.assertEq(uint256(epoch), 6, "epoch lowered");
+
+        // Leaders publish again as before.
+        vm.prank(operator);
+        registry.updateLocation(id, "http://10.0.0.8:8080", 7);
+    }
+
+    function test_RevertWhen_ResetLocationNotManager() public {
+        vm.expectRevert(abi.encodeWithSelector(IServiceRegistry.ServiceRegistryNotManager.selector, id, operator));
+        vm.prank(operator);
+        registry.resetLocation(id, "http://10.0.0.7:8080", 0);
+    }
+
+    function test_RevertWhen_ResetLocationEmptyOrTooLong() public {
+        vm.expectRevert(abi.encodeWithSelector(IServiceRegistry.ServiceRegistryEmptyLocation.selector, id));
+        vm.prank(manager);
+        registry.resetLocation(id, "", 0);
+        vm.expectRevert(abi.encodeWithSelector(IServiceRegistry.ServiceRegistryTooLong.selector, 257, 256));
+        vm.prank(manager);
+        registry.resetLocation(id, _string(257), 0);
+    }
+
+    function testFuzz_ResetLocationSetsAnyEpoch(uint64 before, uint64 next, address caller) public {
+        vm.assume(before > 0);
+        vm.prank(operator);
+        registry.updateLocation(id, "http://10.0.0.1:8080", before);
+        if (caller != manager) {
+            vm.expectRevert(abi.encodeWithSelector(IServiceRegistry.ServiceRegistryNotManager.selector, id, caller));
+        }
+        vm.prank(caller);
+        registry.resetLocation(id, "http://10.0.0.2:8080", next);
+        (, uint64 epoch,) = registry.getServiceLocation(id);
+        vm.assertEq(uint256(epoch), caller == manager ? next : before, "only the manager resets");
+    }
+
     function test_GetServiceLocation() public {
         vm.prank(operator);
         registry.updateLocation(id, "http://10.0.0.7:8080", 3);
@@ -552,6 +605,44 @@ contract ServiceRegistryTest is ServiceRegistryFixture {
         registry.setState(id, IServiceRegistry.State.Stopped);
         vm.prank(nextManager);
         registry.setState(id, IServiceRegistry.State.Stopped);
+    }
+
+    function test_AcceptManagerClearsTheOperators() public {
+        vm.prank(manager);
+        registry.transferManager(id, nextManager);
+        vm.expectEmit(address(registry));
+        emit IServiceRegistry.OperatorsCleared(id, 1);
+        vm.prank(nextManager);
+        registry.acceptManager(id);
+
+        vm.assertFalse(registry.isOperator(id, operator), "the old manager's operator is gone");
+        vm.expectRevert(
+            abi.encodeWithSelector(IServiceRegistry.ServiceRegistryNotManagerOrOperator.selector, id, operator)
+        );
+        vm.prank(operator);
+        registry.updateLocation(id, "http://10.0.0.9:8080", 1);
+
+        // The new manager names its own operators, in the new set only.
+        vm.prank(nextManager);
+        registry.setOperator(id, stranger, true);
+        vm.prank(stranger);
+        registry.updateLocation(id, "http://10.0.0.9:8080", 1);
+        vm.assertTrue(registry.isOperator(id, stranger), "new operator");
+    }
+
+    function testFuzz_AcceptManagerClearsEveryOperator(address[4] calldata operators) public {
+        for (uint256 i = 0; i < operators.length; i++) {
+            vm.assume(operators[i] != address(0));
+            vm.prank(manager);
+            registry.setOperator(id, operators[i], true);
+        }
+        vm.prank(manager);
+        registry.transferManager(id, nextManager);
+        vm.prank(nextManager);
+        registry.acceptManager(id);
+        for (uint256 i = 0; i < operators.length; i++) {
+            vm.assertFalse(registry.isOperator(id, operators[i]), "an operator survived the transfer");
+        }
     }
 
     function test_RevertWhen_AcceptManagerNotPending() public {

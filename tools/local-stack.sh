@@ -11,7 +11,7 @@ wait_http() { # URL: waits until something answers it
   say "nothing answered $1"; return 1
 }
 # field SERVICE EXPR: a JS expression on the run file `br2k up` keeps for SERVICE.
-field() { node -e 'const run = JSON.parse(require("fs").readFileSync(process.argv[1])); console.log(eval(process.argv[2]))' "$TMPDIR/br2k-up/$1/run.json" "$2"; }
+field() { node -e 'const run = JSON.parse(require("fs").readFileSync(process.argv[1])); console.log(eval(process.argv[2]))' "$TMPDIR/br2k-$(id -u)/up/$1/run.json" "$2"; }
 # wait_answering SERVICE EPOCH: until a location above EPOCH answers its health check.
 wait_answering() {
   for _ in $(seq 1500); do

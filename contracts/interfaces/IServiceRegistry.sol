@@ -69,6 +69,13 @@ interface IServiceRegistry {
     event ManagerTransferStarted(bytes32 indexed id, address indexed from, address indexed to);
     /// @notice The service's manager changed (`from == address(0)` at registration).
     event ManagerTransferred(bytes32 indexed id, address indexed from, address indexed to);
+    /// @notice A new manager took the service: every operator of the previous one was
+    /// disallowed (`operatorSet` is the new, empty set).
+    event OperatorsCleared(bytes32 indexed id, uint64 operatorSet);
+    /// @notice The manager set the location and epoch outright, possibly lowering the
+    /// epoch (for example after a compromised operator key published an epoch no leader
+    /// could ever exceed). Caches must drop what they hold for the service.
+    event LocationReset(bytes32 indexed id, string location, uint64 epoch, uint64 previousEpoch);
 
     /// @notice `register` was given an empty name.
     error ServiceRegistryEmptyName();
@@ -117,6 +124,11 @@ interface IServiceRegistry {
     /// stored epoch, so a late publication by a demoted leader never wins.
     function updateLocation(bytes32 id, string calldata location, uint64 epoch) external;
 
+    /// @notice Sets the location and epoch outright, lowering the epoch if need be. Manager
+    /// only: the way out when the epoch is stuck at a value no leader can exceed (an operator
+    /// key that published `type(uint64).max`). Emits `LocationReset`, not `NewLocation`.
+    function resetLocation(bytes32 id, string calldata location, uint64 epoch) external;
+
     /// @notice Returns where the service's leader serves, the epoch of that publication and
     /// the service's state.
     function getServiceLocation(bytes32 id) external view returns (string memory location, uint64 epoch, State state);
@@ -132,6 +144,7 @@ interface IServiceRegistry {
     /// Manager only; `next == address(0)` cancels a pending offer.
     function transferManager(bytes32 id, address next) external;
 
-    /// @notice Accepts a pending manager offer. Only the offered account.
+    /// @notice Accepts a pending manager offer. Only the offered account. Every operator
+    /// of the previous manager is disallowed (`OperatorsCleared`).
     function acceptManager(bytes32 id) external;
 }

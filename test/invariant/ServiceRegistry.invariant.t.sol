@@ -27,6 +27,10 @@ contract ServiceRegistryInvariantTest is Test {
         }
     }
 
+    function invariant_NoOperatorSurvivesAManagerTransfer() public view {
+        vm.assertFalse(handler.operatorSurvivedTransfer(), "an operator of the previous manager is still allowed");
+    }
+
     function invariant_OnlyManagerOrOperatorChangedLocation() public view {
         vm.assertFalse(handler.unauthorizedLocationChange(), "location changed by someone not allowed to");
     }
@@ -54,20 +58,24 @@ contract ServiceRegistryInvariantTest is Test {
         handler.transferManager(1, 1, 4);
         handler.acceptManager(1, 4);
         handler.sendClaim(0, 4);
+        handler.resetLocation(0, 0, 0);
 
-        bytes4[7] memory selectors = [
+        bytes4[8] memory selectors = [
             IServiceRegistry.updateLocation.selector,
             IServiceRegistry.setOperator.selector,
             IServiceRegistry.setState.selector,
             IServiceRegistry.setRecoveryInfo.selector,
             IServiceRegistry.transferManager.selector,
             IServiceRegistry.acceptManager.selector,
-            IServiceRegistry.sendClaim.selector
+            IServiceRegistry.sendClaim.selector,
+            IServiceRegistry.resetLocation.selector
         ];
         for (uint256 i = 0; i < selectors.length; i++) {
             vm.assertGe(handler.successes(selectors[i]), 1, "an authorised handler action did not succeed");
         }
         vm.assertEq(handler.successes(IServiceRegistry.updateLocation.selector), 2, "both publications");
         vm.assertEq(handler.registry().getHeader(handler.ids(1)).manager, address(0xE71), "transfer accepted");
+        vm.assertFalse(handler.registry().isOperator(handler.ids(1), address(0x0B2)), "its operator cleared");
+        vm.assertEq(uint256(handler.registry().getHeader(handler.ids(0)).epoch), 0, "reset to 0");
     }
 }

@@ -22,8 +22,10 @@ contract ServiceRegistryHandler is CheatCodes {
         address manager;
     }
 
-    /// Set when a service's epoch went down.
+    /// Set when a service's epoch went down other than by its manager's `resetLocation`.
     bool public epochDecreased;
+    /// Set when a previous manager's operator could still publish after a transfer.
+    bool public operatorSurvivedTransfer;
     /// Set when a location or epoch changed although the caller was neither the service's
     /// manager nor one of its operators at the time of the call.
     bool public unauthorizedLocationChange;
@@ -87,7 +89,18 @@ contract ServiceRegistryHandler is CheatCodes {
     }
 
     function acceptManager(uint256 serviceSeed, uint256 actorSeed) external {
-        _call(actorSeed, abi.encodeCall(IServiceRegistry.acceptManager, (_service(serviceSeed))));
+        bytes32 id = _service(serviceSeed);
+        address previous = registry.getHeader(id).manager;
+        _call(actorSeed, abi.encodeCall(IServiceRegistry.acceptManager, (id)));
+        if (registry.getHeader(id).manager == previous) return;
+        for (uint256 i = 0; i < actors.length; i++) {
+            if (registry.isOperator(id, actors[i])) operatorSurvivedTransfer = true;
+        }
+    }
+
+    function resetLocation(uint256 serviceSeed, uint256 actorSeed, uint64 epoch) external {
+        bytes32 id = _service(serviceSeed);
+        _call(actorSeed, abi.encodeCall(IServiceRegistry.resetLocation, (id, "http://10.0.0.1:8080", epoch)));
     }
 
     function sendClaim(uint256 serviceSeed, uint256 actorSeed) external {
@@ -113,8 +126,10 @@ contract ServiceRegistryHandler is CheatCodes {
             Snapshot memory after_ = _snapshot(ids[i]);
             Snapshot memory prior = before[i];
             bool isManager = actor == prior.manager;
-            if (after_.epoch < prior.epoch) epochDecreased = true;
-            if (after_.epoch > maxEpochSeen[ids[i]]) maxEpochSeen[ids[i]] = after_.epoch;
+            bool reset = bytes4(data) == IServiceRegistry.resetLocation.selector && isManager;
+            if (after_.epoch < prior.epoch && !reset) epochDecreased = true;
+            // A manager's reset starts the epoch's history again.
+            if (after_.epoch > maxEpochSeen[ids[i]] || reset) maxEpochSeen[ids[i]] = after_.epoch;
             bool locationChanged = after_.location != prior.location || after_.epoch != prior.epoch;
             if (locationChanged && !isManager && !wasOperator[i]) unauthorizedLocationChange = true;
             bool bodyOrStateChanged = after_.body != prior.body || after_.state != prior.state;

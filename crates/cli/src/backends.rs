@@ -63,7 +63,7 @@ impl BackendOpts {
         key: &PrivateKeySigner,
         registries: &RegistryList,
     ) -> Result<LocalBackend> {
-        let (state_root, image_root) = LocalBackend::default_roots();
+        let (state_root, image_root) = LocalBackend::default_roots()?;
         Ok(LocalBackend {
             runner: std::env::current_exe().context("finding this executable")?,
             state_root,
@@ -122,7 +122,7 @@ impl br2k_manager::Backends for ContextBackends {
 }
 
 /// Parses an amount of ETH (`0.05`) into wei.
-fn parse_ether(text: &str) -> Result<U256, String> {
+pub(crate) fn parse_ether(text: &str) -> Result<U256, String> {
     alloy::primitives::utils::parse_ether(text.trim())
         .map_err(|e| format!("{text:?} is not an amount of ETH (e.g. 0.05): {e}"))
 }

@@ -137,12 +137,27 @@ pub struct RegistryClient {
     base: String,
     http: reqwest::Client,
     credentials: Option<Credentials>,
+    /// Hosts besides the registry's own trusted with its credentials as token services.
+    token_hosts: Vec<String>,
+    /// The largest image a pull accepts, bytes.
+    max_image_bytes: u64,
     /// The Authorization header that worked last (basic, or a bearer token).
     authorization: Mutex<Option<HeaderValue>>,
 }
 
 /// Bound on one registry request (blobs can be large).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The largest manifest a pull accepts (real ones are a few kilobytes).
+const MAX_MANIFEST_BYTES: u64 = 4 * 1024 * 1024;
+
+/// The largest image (manifest, config and layers together) a pull accepts: a registry
+/// that streams without end must not fill the disk or the memory of the manager.
+pub const MAX_IMAGE_BYTES: u64 = 1024 * 1024 * 1024;
+
+/// Hosts other than a registry's own that may receive its credentials when the registry
+/// names them as its token service (comma-separated, e.g. `auth.docker.io`).
+pub const TOKEN_HOSTS_ENV: &str = "BR2K_REGISTRY_TOKEN_HOSTS";
 
 impl RegistryClient {
     /// A client for the registry at `url` (`https://host[:port]`, or `http://` when
@@ -171,7 +186,30 @@ impl RegistryClient {
             .connect_timeout(Duration::from_secs(10))
             .build()
             .map_err(|e| DeployError::Invalid(format!("cannot build an HTTP client: {e}")))?;
-        Ok(Self { base, http, credentials, authorization: Mutex::new(None) })
+        Ok(Self {
+            base,
+            http,
+            credentials,
+            token_hosts: Vec::new(),
+            max_image_bytes: MAX_IMAGE_BYTES,
+            authorization: Mutex::new(None),
+        })
+    }
+
+    /// Accepts images of at most `bytes` (default [`MAX_IMAGE_BYTES`]) when pulling.
+    #[must_use]
+    pub const fn with_max_image_bytes(mut self, bytes: u64) -> Self {
+        self.max_image_bytes = bytes;
+        self
+    }
+
+    /// Also sends the credentials to token services on `hosts` (the registry's own host
+    /// is always trusted). A registry may name any host as its token service, and a
+    /// registry that was taken over, or a mirror, would otherwise collect them.
+    #[must_use]
+    pub fn trusting_token_hosts(mut self, hosts: impl IntoIterator<Item = String>) -> Self {
+        self.token_hosts.extend(hosts.into_iter().map(|h| h.trim().to_ascii_lowercase()).filter(|h| !h.is_empty()));
+        self
     }
 
     /// Checks that the registry answers and accepts this client's credentials (the
@@ -250,11 +288,8 @@ impl RegistryClient {
         store.blob_path(digest)?; // validates the digest's form
         let url = format!("{}/v2/{repository}/manifests/{digest}", self.base);
         let answer = self.send(Method::GET, &url, None, None, Some(media_type::MANIFEST)).await?;
-        let manifest = expect(answer, StatusCode::OK, "fetch the manifest")
-            .await?
-            .bytes()
-            .await
-            .map_err(|e| registry_error("fetch the manifest", &e.to_string()))?;
+        let answer = expect(answer, StatusCode::OK, "fetch the manifest").await?;
+        let manifest = read_at_most(answer, MAX_MANIFEST_BYTES.min(self.max_image_bytes), "fetch the manifest").await?;
         // The digest is the image's identity (the recovery info records it): content
         // that does not hash to it is not that image, whatever the registry says.
         let actual = crate::image::sha256_digest(&manifest);
@@ -283,11 +318,8 @@ impl RegistryClient {
         for blob in std::iter::once(&parsed.config).chain(&parsed.layers) {
             let url = format!("{}/v2/{repository}/blobs/{}", self.base, blob.digest);
             let answer = self.send(Method::GET, &url, None, None, None).await?;
-            let bytes = expect(answer, StatusCode::OK, "fetch a blob")
-                .await?
-                .bytes()
-                .await
-                .map_err(|e| registry_error("fetch a blob", &e.to_string()))?;
+            let answer = expect(answer, StatusCode::OK, "fetch a blob").await?;
+            let bytes = read_at_most(answer, self.max_image_bytes.saturating_sub(size), "fetch a blob").await?;
             store.write_blob(&blob.digest, &bytes)?;
             size += bytes.len() as u64;
             if blob.digest == parsed.config.digest {
@@ -364,13 +396,13 @@ impl RegistryClient {
     }
 
     async fn answer_challenge(&self, challenge: &str) -> Result<HeaderValue> {
-        let Some(credentials) = &self.credentials else {
-            return Err(DeployError::Invalid(format!(
+        let needs_credentials = || {
+            DeployError::Invalid(format!(
                 "registry {} needs credentials: set {USERNAME_ENV} and {PASSWORD_ENV}, or log in with `docker login` (Docker's config.json is read)",
                 self.base
-            )));
+            ))
         };
-        let basic = || {
+        let basic = |credentials: &Credentials| {
             let token = base64::engine::general_purpose::STANDARD
                 .encode(format!("{}:{}", credentials.username, credentials.password));
             let mut value = HeaderValue::from_str(&format!("Basic {token}"))
@@ -380,7 +412,7 @@ impl RegistryClient {
         };
         let (scheme, params) = challenge.split_once(' ').unwrap_or((challenge, ""));
         if scheme.eq_ignore_ascii_case("basic") {
-            return basic();
+            return basic(self.credentials.as_ref().ok_or_else(needs_credentials)?);
         }
         if !scheme.eq_ignore_ascii_case("bearer") {
             return Err(registry_error("authenticate", &format!("unsupported challenge {challenge:?}")));
@@ -395,18 +427,37 @@ impl RegistryClient {
                 token_url.query_pairs_mut().append_pair(key, value);
             }
         }
-        let answer = self
-            .http
-            .get(token_url)
-            .header(AUTHORIZATION, basic()?)
-            .send()
-            .await
-            .map_err(|e| DeployError::Invalid(format!("token service {realm}: {e}")))?;
-        if answer.status() == StatusCode::UNAUTHORIZED {
-            return Err(DeployError::Invalid(format!(
-                "the token service of registry {} refused the credentials for user {:?} (401): check the user name and password",
-                self.base, credentials.username
-            )));
+        // The credentials go only where they belong: the registry's own host, or a token
+        // host the operator named. Anywhere else a token is asked for anonymously (enough
+        // for public images).
+        let trusted = self.trusts_token_service(&token_url)?;
+        let mut request = self.http.get(token_url.clone());
+        let sent_credentials = match (&self.credentials, trusted) {
+            (Some(credentials), true) => {
+                request = request.header(AUTHORIZATION, basic(credentials)?);
+                Some(credentials)
+            }
+            _ => None,
+        };
+        let answer = request.send().await.map_err(|e| DeployError::Invalid(format!("token service {realm}: {e}")))?;
+        if matches!(answer.status(), StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
+            return Err(match sent_credentials {
+                Some(credentials) => DeployError::Invalid(format!(
+                    "the token service of registry {} refused the credentials for user {:?} ({}): check the user name and password",
+                    self.base,
+                    credentials.username,
+                    answer.status().as_u16()
+                )),
+                None if self.credentials.is_some() => DeployError::Invalid(format!(
+                    "registry {} names a token service on another host ({}), which refused an anonymous request; \
+                     br2k sends the registry's credentials only to the registry's own host. If that host is the \
+                     registry's token service (as auth.docker.io is Docker Hub's), trust it with {TOKEN_HOSTS_ENV}={}",
+                    self.base,
+                    token_url.host_str().unwrap_or("?"),
+                    token_url.host_str().unwrap_or("?")
+                )),
+                None => needs_credentials(),
+            });
         }
         #[derive(Deserialize)]
         struct Token {
@@ -427,6 +478,48 @@ impl RegistryClient {
         value.set_sensitive(true);
         Ok(value)
     }
+}
+
+impl RegistryClient {
+    /// Whether a token service at `url` may receive this registry's credentials: on the
+    /// registry's own host (any port) or a host named with [`Self::trusting_token_hosts`],
+    /// and never over plain HTTP from an HTTPS registry.
+    fn trusts_token_service(&self, url: &reqwest::Url) -> Result<bool> {
+        let base = reqwest::Url::parse(&self.base).map_err(|e| registry_error("authenticate", &e.to_string()))?;
+        if base.scheme() == "https" && url.scheme() != "https" {
+            return Err(registry_error(
+                "authenticate",
+                &format!("the HTTPS registry names a token service over plain HTTP ({url}); refusing to use it"),
+            ));
+        }
+        let host = url.host_str().unwrap_or_default().to_ascii_lowercase();
+        let own = base.host_str().unwrap_or_default().eq_ignore_ascii_case(&host);
+        Ok(own || self.token_hosts.contains(&host))
+    }
+}
+
+/// The body of `answer`, read up to `max` bytes: a longer one is refused as it arrives,
+/// never held whole.
+async fn read_at_most(mut answer: reqwest::Response, max: u64, action: &str) -> Result<bytes::Bytes> {
+    let too_large = || {
+        registry_error(
+            action,
+            &format!(
+                "the image is larger than br2k accepts (this answer alone would pass the {max} bytes left of the limit)"
+            ),
+        )
+    };
+    if answer.content_length().is_some_and(|length| length > max) {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = answer.chunk().await.map_err(|e| registry_error(action, &e.to_string()))? {
+        if (body.len() + chunk.len()) as u64 > max {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.into())
 }
 
 /// `key="value", key2="value2"` of a WWW-Authenticate challenge.
@@ -531,12 +624,15 @@ impl RegistryEntry {
             .unwrap_or_default()
     }
 
-    /// A client for it, with credentials from the environment or Docker's config.json.
+    /// A client for it, with credentials from the environment or Docker's config.json, trusting
+    /// the token hosts named in `BR2K_REGISTRY_TOKEN_HOSTS`.
     ///
     /// # Errors
     /// See [`RegistryClient::new`] and [`Credentials::find`].
     pub fn client(&self) -> Result<RegistryClient> {
-        RegistryClient::new(&self.url, self.plain_http, Credentials::find(&self.host())?)
+        let token_hosts = std::env::var(TOKEN_HOSTS_ENV).unwrap_or_default();
+        Ok(RegistryClient::new(&self.url, self.plain_http, Credentials::find(&self.host())?)?
+            .trusting_token_hosts(token_hosts.split(',').map(str::to_owned)))
     }
 }
 

@@ -15,6 +15,7 @@ mod error;
 pub mod image;
 pub mod kubernetes;
 pub mod local;
+pub mod operator_key;
 mod private_file;
 
 pub use error::{DeployError, Result};

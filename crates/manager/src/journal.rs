@@ -41,6 +41,18 @@ pub struct Recovery {
     pub last_error: Option<String>,
 }
 
+/// A service the manager could not check or act on (its backend or the chain failed):
+/// kept apart, so that one failing service never holds up the others, and checked again.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceFailure {
+    /// Failures in a row.
+    pub count: u32,
+    /// When the first of them happened (unix milliseconds).
+    pub since_ms: u64,
+    /// What the last one was.
+    pub last_error: String,
+}
+
 /// The manager's persisted state.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Journal {
@@ -54,12 +66,22 @@ pub struct Journal {
     pub services: BTreeMap<B256, String>,
     /// Recoveries under way, by service name.
     pub recoveries: BTreeMap<String, Recovery>,
+    /// Services whose last check failed, by name; checked again until one passes.
+    #[serde(default)]
+    pub failures: BTreeMap<String, ServiceFailure>,
 }
 
 impl Journal {
     /// A journal for a manager starting at `first_block`.
     pub const fn new(chain_id: u64, registry: Address, first_block: u64) -> Self {
-        Self { chain_id, registry, next_block: first_block, services: BTreeMap::new(), recoveries: BTreeMap::new() }
+        Self {
+            chain_id,
+            registry,
+            next_block: first_block,
+            services: BTreeMap::new(),
+            recoveries: BTreeMap::new(),
+            failures: BTreeMap::new(),
+        }
     }
 
     /// The path of the journal in `dir`.
@@ -111,9 +133,15 @@ impl Journal {
         let path = Self::path(dir);
         let temp = dir.join(format!("{JOURNAL_FILE}.tmp"));
         let text = serde_json::to_string_pretty(self).expect("plain data serialises") + "\n";
-        std::fs::write(&temp, text)
-            .and_then(|()| std::fs::rename(&temp, &path))
-            .map_err(|e| Error::Journal { path, reason: format!("cannot write it: {e}") })
+        // Durable before it counts: the file's bytes, then the rename (the directory).
+        let write = || -> std::io::Result<()> {
+            let mut file = std::fs::File::create(&temp)?;
+            std::io::Write::write_all(&mut file, text.as_bytes())?;
+            file.sync_all()?;
+            std::fs::rename(&temp, &path)?;
+            std::fs::File::open(dir)?.sync_all()
+        };
+        write().map_err(|e| Error::Journal { path: path.clone(), reason: format!("cannot write it: {e}") })
     }
 }
 

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use alloy::primitives::Address;
 use alloy::sol_types::SolEvent;
-use br2k_bindings::ServiceRegistry::{Claim, ServiceRegistered};
+use br2k_bindings::ServiceRegistry::{Claim, ManagerTransferred, ServiceRegistered};
 use br2k_bindings::ServiceState;
 use br2k_deploy::backend::Backend;
 use br2k_deploy::deployment::DeploymentRecord;
@@ -35,7 +35,7 @@ use br2k_resolver::{RegistryClient, Resolved, ServiceInfo};
 use futures::future::BoxFuture;
 use tracing::{info, warn};
 
-pub use journal::{Journal, Recovery};
+pub use journal::{Journal, Recovery, ServiceFailure};
 pub use metrics::Metrics;
 
 /// Why the manager could not do something.
@@ -194,6 +194,10 @@ impl<B: Backends> Manager<B> {
             }
             manager.journal.services.insert(info.id, name);
         }
+        // Services that failed before a restart are checked again at once.
+        for name in manager.journal.failures.keys() {
+            manager.next_probe.insert(name.clone(), Instant::now());
+        }
         manager.journal.save(&manager.config.state_dir)?;
         manager.metrics.cursor(manager.journal.next_block);
         Ok(manager)
@@ -282,18 +286,29 @@ impl<B: Backends> Manager<B> {
             return Ok(());
         }
         let to = latest.min(from.saturating_add(self.config.max_block_range - 1));
-        let logs = self.registry.logs(vec![Claim::SIGNATURE_HASH, ServiceRegistered::SIGNATURE_HASH], from, to).await?;
+        let signatures =
+            vec![Claim::SIGNATURE_HASH, ServiceRegistered::SIGNATURE_HASH, ManagerTransferred::SIGNATURE_HASH];
+        let logs = self.registry.logs(signatures, from, to).await?;
         let mut claims: BTreeMap<String, Vec<(Address, String)>> = BTreeMap::new();
+        let following_all = self.config.services.is_empty();
         for log in &logs {
             match log.topic0() {
+                // Only services this key manages are followed: anyone can register a
+                // service, and following them all would let strangers load the manager.
                 Some(topic) if *topic == ServiceRegistered::SIGNATURE_HASH => {
                     match log.log_decode::<ServiceRegistered>() {
-                        // Names of every service: a service can be transferred to this key later.
-                        Ok(event) if self.config.services.is_empty() => {
+                        Ok(event) if following_all && event.inner.data.manager == self.me => {
                             self.journal.services.insert(event.inner.id, event.inner.data.name.clone());
                         }
                         Ok(_) => {}
                         Err(e) => warn!("ignoring a ServiceRegistered log that does not decode: {e}"),
+                    }
+                }
+                Some(topic) if *topic == ManagerTransferred::SIGNATURE_HASH => {
+                    match log.log_decode::<ManagerTransferred>() {
+                        Ok(event) if following_all => self.transferred(event.inner.id, &event.inner.data).await?,
+                        Ok(_) => {}
+                        Err(e) => warn!("ignoring a ManagerTransferred log that does not decode: {e}"),
                     }
                 }
                 Some(topic) if *topic == Claim::SIGNATURE_HASH => match log.log_decode::<Claim>() {
@@ -309,12 +324,63 @@ impl<B: Backends> Manager<B> {
             }
         }
         for (name, list) in claims {
-            self.handle_claims(&name, &list).await?;
+            // One service's failure (its backend down, say) must not hold the cursor, and
+            // with it every other service's claims: it is recorded, and the service is
+            // checked again on its own until a check passes.
+            let result = self.handle_claims(&name, &list).await;
+            self.settle(&name, result)?;
         }
         self.journal.next_block = to + 1;
         self.journal.save(&self.config.state_dir)?;
         self.metrics.cursor(self.journal.next_block);
         Ok(())
+    }
+
+    /// A `ManagerTransferred` event: a service handed to this key is followed from now on,
+    /// one handed away is not.
+    async fn transferred(&mut self, id: alloy::primitives::B256, event: &ManagerTransferred) -> Result<(), Error> {
+        if event.to == self.me {
+            if let Some(name) = self.registry.service_name(id).await? {
+                info!(service = %name, from = %event.from, "this key now manages the service: following it");
+                self.journal.services.insert(id, name);
+            }
+        } else if event.from == self.me
+            && let Some(name) = self.journal.services.remove(&id)
+        {
+            info!(service = %name, to = %event.to, "the service was handed to another manager: no longer following it");
+            self.journal.failures.remove(&name);
+        }
+        Ok(())
+    }
+
+    /// Records how checking or acting on `name` went. A failure is kept in the journal
+    /// (with how many in a row), logged, and the service is checked again after a pause
+    /// that grows with the failures; only the journal's own failure is returned.
+    fn settle(&mut self, name: &str, result: Result<(), Error>) -> Result<(), Error> {
+        match result {
+            Ok(()) => {
+                if self.journal.failures.remove(name).is_some() {
+                    info!(service = %name, "checks pass again");
+                    self.journal.save(&self.config.state_dir)?;
+                }
+                Ok(())
+            }
+            Err(e @ Error::Journal { .. }) => Err(e),
+            Err(e) => {
+                let failure = self.journal.failures.entry(name.to_owned()).or_insert_with(|| ServiceFailure {
+                    count: 0,
+                    since_ms: unix_ms(),
+                    last_error: String::new(),
+                });
+                failure.count += 1;
+                failure.last_error = e.to_string();
+                let pause = Duration::from_secs(2 << failure.count.min(7)).min(Duration::from_secs(300));
+                warn!(service = %name, failures = failure.count, "could not check the service: {e}; checking it again in {pause:?}");
+                self.metrics.probed(name, "failed");
+                self.next_probe.insert(name.to_owned(), Instant::now() + pause);
+                self.journal.save(&self.config.state_dir)
+            }
+        }
     }
 
     async fn handle_claims(&mut self, name: &str, claims: &[(Address, String)]) -> Result<(), Error> {
@@ -373,23 +439,32 @@ impl<B: Backends> Manager<B> {
             if let Some(every) = self.config.probe_interval {
                 self.next_probe.insert(name.clone(), now + every);
             }
-            let info = match self.registry.info(&name).await {
-                Ok(info) if info.manager == self.me => info,
-                Ok(_) => continue,
-                Err(e) => return Err(e.into()),
-            };
-            match self.assess(&info).await? {
-                Verdict::Healthy(_) => self.metrics.probed(&name, "healthy"),
-                Verdict::Ignored(_) => {}
-                Verdict::Waiting(why) => {
-                    self.metrics.probed(&name, "waiting");
-                    info!(service = %name, "probe: not answering yet: {why}");
-                    self.next_probe.insert(name.clone(), now + Duration::from_secs(2));
-                }
-                Verdict::Dead(why) => {
-                    self.metrics.probed(&name, "dead");
-                    self.recover(&info, format!("probe: {why}")).await?;
-                }
+            let result = self.probe(&name, now).await;
+            self.settle(&name, result)?;
+        }
+        Ok(())
+    }
+
+    async fn probe(&mut self, name: &str, now: Instant) -> Result<(), Error> {
+        let info = self.registry.info(name).await?;
+        if info.manager != self.me {
+            // Handed away while this manager was not looking (or named by an old journal).
+            info!(service = %name, manager = %info.manager, "not managed by this key: no longer following it");
+            self.journal.services.retain(|_, n| n != name);
+            self.journal.failures.remove(name);
+            return Ok(());
+        }
+        match self.assess(&info).await? {
+            Verdict::Healthy(_) => self.metrics.probed(name, "healthy"),
+            Verdict::Ignored(_) => {}
+            Verdict::Waiting(why) => {
+                self.metrics.probed(name, "waiting");
+                info!(service = %name, "probe: not answering yet: {why}");
+                self.next_probe.insert(name.to_owned(), now + Duration::from_secs(2));
+            }
+            Verdict::Dead(why) => {
+                self.metrics.probed(name, "dead");
+                self.recover(&info, format!("probe: {why}")).await?;
             }
         }
         Ok(())

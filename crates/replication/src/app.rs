@@ -76,7 +76,7 @@ pub struct Request {
     pub path: String,
     /// The query string, if any.
     pub query: Option<String>,
-    /// The kept headers (lower-case names).
+    /// The kept headers (lower-case names); in an admission check, every header sent.
     pub headers: Vec<(String, String)>,
     /// The body.
     pub body: Bytes,
@@ -166,6 +166,23 @@ pub enum Step {
     Executing,
     /// The handler returned; the outcome is not yet in etcd.
     Executed,
+}
+
+pub(crate) type Admission = Arc<dyn Fn(&Request) -> Result<(), Reply> + Send + Sync>;
+
+/// An admission check for [`crate::Builder::admit`] that lets a request in only with
+/// `Authorization: Bearer <token>`: 401 without it, 403 with another token (compared in
+/// constant time). The token is never logged: credential headers cannot be kept.
+pub fn bearer_token(token: impl Into<String>) -> impl Fn(&Request) -> Result<(), Reply> + Send + Sync + 'static {
+    let token = token.into();
+    move |request: &Request| {
+        let offered = request.header("authorization").and_then(|v| v.strip_prefix("Bearer "));
+        match offered {
+            None => Err(Reply::error(401, "this route needs `Authorization: Bearer <token>`")),
+            Some(offered) if crate::membership::same_secret(offered.trim().as_bytes(), token.as_bytes()) => Ok(()),
+            Some(_) => Err(Reply::error(403, "wrong bearer token")),
+        }
+    }
 }
 
 pub(crate) type StepObserver = Arc<dyn Fn(Step, u64) -> BoxFuture<()> + Send + Sync>;

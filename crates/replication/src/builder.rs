@@ -5,11 +5,16 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::app::{AppState, BoxFuture, Handler, Outcome, Reconcile, Request, Rollback, Step, StepObserver};
+use crate::app::{
+    Admission, AppState, BoxFuture, Handler, Outcome, Reconcile, Reply, Request, Rollback, Step, StepObserver,
+};
 use crate::config::Config;
 use crate::data::{RequestKind, check_name};
 use crate::error::{Error, Result};
 use crate::runtime::Replicated;
+
+/// Headers that carry credentials: never logged.
+const CREDENTIAL_HEADERS: [&str; 3] = ["authorization", "proxy-authorization", "cookie"];
 
 /// One route: its type and what runs for it.
 pub(crate) struct Route<S> {
@@ -17,6 +22,7 @@ pub(crate) struct Route<S> {
     pub(crate) handler: Handler<S>,
     pub(crate) rollback: Option<Rollback<S>>,
     pub(crate) reconcile: Option<Reconcile<S>>,
+    pub(crate) admission: Option<Admission>,
 }
 
 /// Routes by (method, path); paths match exactly.
@@ -61,7 +67,7 @@ impl<S: AppState> Builder<S> {
                 .push(format!("route path {path:?} must start with '/', have no query and not be under /br2k/"));
         }
         let handler: Handler<S> = Arc::new(move |state, request| Box::pin(handler(state, request)));
-        let route = Route { kind, handler, rollback: None, reconcile: None };
+        let route = Route { kind, handler, rollback: None, reconcile: None, admission: None };
         if self.routes.insert((method.clone(), path.to_owned()), route).is_some() {
             self.problems.push(format!("route {method} {path} is declared twice"));
         }
@@ -152,6 +158,24 @@ impl<S: AppState> Builder<S> {
         self
     }
 
+    /// Gives a declared route an admission check, run on the leader before the request is
+    /// logged: a request it refuses is answered with its reply and never stored, executed
+    /// or counted. It sees every header the client sent (handlers see only the kept ones),
+    /// so it is where a route checks credentials ([`crate::bearer_token`]) or validates a
+    /// body, without the check's input ending up in etcd. Keep it quick and free of side
+    /// effects: it runs on every request, before the request has an index.
+    #[must_use]
+    pub fn admit<F>(mut self, method: &str, path: &str, check: F) -> Self
+    where
+        F: Fn(&Request) -> Result<(), Reply> + Send + Sync + 'static,
+    {
+        match self.routes.get_mut(&(method.to_ascii_uppercase(), path.to_owned())) {
+            Some(route) => route.admission = Some(Arc::new(check)),
+            None => self.problems.push(format!("admission for {method} {path}: declare the route first")),
+        }
+        self
+    }
+
     /// Awaits `observer` at each [`Step`] of Process Request, with the entry's index.
     /// For tracing, and for tests that interrupt a leader at an exact point.
     #[must_use]
@@ -182,11 +206,16 @@ impl<S: AppState> Builder<S> {
         if !self.config.etcd_endpoint.starts_with("http://") && !self.config.etcd_endpoint.starts_with("https://") {
             problems.push(format!("etcd endpoint {:?} must start with http:// or https://", self.config.etcd_endpoint));
         }
-        if self.config.max_body == 0 || self.config.max_body > 512 * 1024 {
-            problems.push(format!(
-                "max body {} must be between 1 and 524288 bytes (etcd refuses requests over 1.5 MiB)",
-                self.config.max_body
-            ));
+        if let Err(limits) = self.config.limits.check() {
+            problems.extend(limits);
+        }
+        for header in &self.config.kept_headers {
+            if CREDENTIAL_HEADERS.iter().any(|c| c.eq_ignore_ascii_case(header)) {
+                problems.push(format!(
+                    "header {header:?} carries credentials and cannot be kept: logged requests stay in etcd and in \
+                     every replica's state; check it in an admission hook (Builder::admit) instead"
+                ));
+            }
         }
         if let Err(problem) = self.config.snapshots.check() {
             problems.push(problem);

@@ -63,7 +63,15 @@ async fn compact_once<S: AppState>(runtime: &Runtime<S>, term: &Term) -> Result<
         if replica == runtime.config.replica || record.catching_up {
             continue;
         }
-        let applied = store.get_index(&keys.lpi(&replica)).await?;
+        // An unreadable LPI holds compaction back (as 0) rather than stopping it: the
+        // replica rewrites it as it follows.
+        let applied = match store.get_index(&keys.lpi(&replica)).await {
+            Err(e @ Error::CorruptRecord { .. }) => {
+                warn!(%replica, error = %e, "unreadable LPI: compaction waits for the replica to rewrite it");
+                0
+            }
+            applied => applied?,
+        };
         if applied + 1 < target {
             target = applied + 1;
             held_by = Some(replica);

@@ -25,11 +25,14 @@ pub struct Config {
     pub publisher: Option<Publisher>,
     /// Timings.
     pub timings: Timings,
-    /// Largest request body accepted, in bytes (default 256 KiB).
-    pub max_body: usize,
+    /// What one client may send and hold.
+    pub limits: Limits,
     /// How long idempotency records are kept (default 24 h).
     pub idempotency_retention: Duration,
     /// Request headers logged with each request besides `content-type` (lower case).
+    /// Credentials (`authorization`, `cookie`, `proxy-authorization`) are refused: a logged
+    /// request stays in etcd and in every replica's state; check them in an admission hook
+    /// ([`crate::Builder::admit`]) instead.
     pub kept_headers: Vec<String>,
     /// Snapshots and log compaction.
     pub snapshots: SnapshotPolicy,
@@ -105,7 +108,7 @@ impl Config {
             data_dir: data_dir.into(),
             publisher: None,
             timings: Timings::default(),
-            max_body: 256 * 1024,
+            limits: Limits::default(),
             idempotency_retention: Duration::from_secs(24 * 3600),
             kept_headers: Vec::new(),
             snapshots: SnapshotPolicy::default(),
@@ -117,6 +120,83 @@ impl Config {
     pub fn with_publisher(mut self, publisher: Publisher) -> Self {
         self.publisher = Some(publisher);
         self
+    }
+}
+
+/// What one client may send and hold, so that no client can stall a replica, depose the
+/// leader or fill the log. Every limit answers with a status that says which was hit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest request body, bytes (default 256 KiB; at most 512 KiB). Over it: 413.
+    pub max_body: usize,
+    /// Largest request head (request line and every header), bytes (default 16 KiB; 1 KiB
+    /// to 64 KiB). Over it: 431.
+    pub max_head: usize,
+    /// Largest answer of a logged request's handler that is stored for retries, bytes
+    /// (default 256 KiB; at most 512 KiB). A larger answer is replaced, for the client and
+    /// for retries, by its status and a note that it was too large; the outcome stands.
+    pub max_reply: usize,
+    /// Open client connections (default 1024). Beyond it a new connection is answered
+    /// 503 and closed.
+    pub max_connections: usize,
+    /// Bytes of logged requests waiting in the leader's queue or being processed (default
+    /// 64 MiB). Beyond it new requests wait up to 500 ms, then get 503.
+    pub max_queued_bytes: usize,
+    /// Time a client has to send a request's head, from the moment the connection is
+    /// ready for it (default 10 s); a slower client is disconnected.
+    pub header_timeout: Duration,
+    /// Time a client has to send a request's body once its head is in (default 30 s).
+    /// Over it: 408.
+    pub body_timeout: Duration,
+    /// Time a handler (or rollback or reconcile hook) may take for one request (default
+    /// 30 s). A logged request's handler that takes longer, or panics, ends the leader's
+    /// term: the replica steps down and hands etcd leadership to another member.
+    pub handler_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body: 256 * 1024,
+            max_head: 16 * 1024,
+            max_reply: 256 * 1024,
+            max_connections: 1024,
+            max_queued_bytes: 64 * 1024 * 1024,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            handler_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Limits {
+    /// Checks the limits against what etcd and the runtime can carry.
+    ///
+    /// # Errors
+    /// Every problem found, one sentence each.
+    pub fn check(&self) -> Result<(), Vec<String>> {
+        let mut problems = Vec::new();
+        let mut within = |name: &str, value: usize, min: usize, max: usize, why: &str| {
+            if !(min..=max).contains(&value) {
+                problems.push(format!("{name} {value} must be between {min} and {max} bytes{why}"));
+            }
+        };
+        let etcd = " (a logged request and its answer must fit etcd's 1.5 MiB request limit)";
+        within("max body", self.max_body, 1, 512 * 1024, etcd);
+        within("max head", self.max_head, 1024, 64 * 1024, etcd);
+        within("max reply", self.max_reply, 1, 512 * 1024, etcd);
+        within("max queued bytes", self.max_queued_bytes, 1024 * 1024, usize::MAX, " (at least 1 MiB)");
+        if self.max_connections == 0 {
+            problems.push("max connections must be at least 1".into());
+        }
+        for (name, value) in
+            [("header", self.header_timeout), ("body", self.body_timeout), ("handler", self.handler_timeout)]
+        {
+            if value < Duration::from_millis(100) {
+                problems.push(format!("the {name} timeout {value:?} must be at least 100 ms"));
+            }
+        }
+        if problems.is_empty() { Ok(()) } else { Err(problems) }
     }
 }
 

@@ -117,6 +117,25 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The app's code for a logged request panicked or did not finish in time. A leader's
+    /// term ends (another replica takes over); a follower or a Register stops at that
+    /// request and retries, unhealthy until it passes.
+    #[error("the {hook} for log entry {index} ({method} {path}) {fault}")]
+    Handler {
+        /// Which piece of app code: "handler", "rollback" or "reconcile hook".
+        hook: &'static str,
+        /// The entry's index.
+        index: u64,
+        /// Its method.
+        method: String,
+        /// Its path.
+        path: String,
+        /// What happened: "panicked: <message>" or "did not finish within <timeout>".
+        fault: String,
+    },
+    /// A task of the leader's term panicked (a bug in br2k or the app); the term ends.
+    #[error("a task of the leader's term panicked: {0}")]
+    Panicked(String),
     /// The app state could not make its applied requests durable.
     #[error("the app state could not persist its changes: {0}")]
     Persist(#[source] std::io::Error),
@@ -139,6 +158,12 @@ impl Error {
     /// Whether the client refused an answer as too large (a read to make smaller).
     pub(crate) fn is_too_large(&self) -> bool {
         matches!(self, Self::Etcd { reason, .. } if reason.contains("message length too large"))
+    }
+
+    /// Whether the app's own code failed (a panic or a timeout in a handler), rather than
+    /// etcd or the data: the replica then hands leadership to another.
+    pub fn is_handler_fault(&self) -> bool {
+        matches!(self, Self::Handler { .. })
     }
 
     /// Whether this error means the local etcd member could not be asked at all (as

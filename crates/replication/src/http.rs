@@ -12,9 +12,11 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
+use tracing::warn;
 
 use crate::app::{AppState, Reply, Request};
 use crate::data::{LogEntry, RequestKind};
+use crate::guard::{Fault, guarded};
 use crate::leader::Submit;
 use crate::membership::same_secret;
 use crate::runtime::{QUEUE_WAIT, Role, Runtime};
@@ -28,6 +30,11 @@ pub const IDEMPOTENCY_KEY_HEADER: &str = br2k_resolver::IDEMPOTENCY_KEY_HEADER;
 pub const INDEX_HEADER: &str = "Br2k-Index";
 /// Set to `true` on an answer replayed for a retried idempotency key.
 pub const REPLAYED_HEADER: &str = "Br2k-Replayed";
+
+/// The largest request, once encoded for the log (its body in base64), that the front
+/// takes: with the limits' maxima a request is at most about 820 KiB, and a replicate
+/// transaction must fit etcd's 1.5 MiB request limit with the request's records.
+const MAX_ENTRY_BYTES: usize = 1024 * 1024 - 64 * 1024;
 
 pub(crate) fn router<S: AppState>(runtime: Arc<Runtime<S>>) -> Router {
     Router::new().fallback(front::<S>).with_state(runtime)
@@ -57,34 +64,87 @@ async fn front<S: AppState>(State(runtime): State<Arc<Runtime<S>>>, request: axu
         }
         return response;
     };
+    let limits = runtime.config.limits;
+    let head = head_size(&parts);
+    if head > limits.max_head {
+        return error(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            &format!(
+                "the request line and headers are {head} bytes, over the {} limit; nothing was stored",
+                limits.max_head
+            ),
+        );
+    }
     let idempotency_key = match idempotency_key(&parts.headers) {
         Ok(key) => key,
         Err(message) => return error(StatusCode::BAD_REQUEST, &message),
     };
-    let max = runtime.config.max_body;
-    let Ok(body) = axum::body::to_bytes(body, max).await else {
-        return error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            &format!("the request body is over {max} bytes (or was cut off); nothing was stored"),
-        );
+    let max = limits.max_body;
+    let body = match tokio::time::timeout(limits.body_timeout, axum::body::to_bytes(body, max)).await {
+        Ok(Ok(body)) => body,
+        Ok(Err(_)) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!("the request body is over {max} bytes (or was cut off); nothing was stored"),
+            );
+        }
+        Err(_) => {
+            return error(
+                StatusCode::REQUEST_TIMEOUT,
+                &format!("the request body did not arrive within {:?}; nothing was stored", limits.body_timeout),
+            );
+        }
     };
-    let headers = kept_headers(&parts.headers, &runtime.config.kept_headers);
-    let entry = LogEntry {
-        method,
-        path,
-        query: parts.uri.query().map(str::to_owned),
-        headers,
-        body: body.to_vec(),
-        idempotency_key,
+    let query = parts.uri.query().map(str::to_owned);
+    // Only the leader admits: elsewhere the client is sent on (its location is public).
+    let sender = runtime.submit.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+    let leads = match route.kind {
+        RequestKind::Read => runtime.status.borrow().role == Role::Leader,
+        _ => sender.is_some(),
     };
+    if !leads {
+        return not_leader(&runtime);
+    }
+    if let Some(admission) = &route.admission {
+        let all_headers = kept_headers(&parts.headers, |_| true);
+        let request = Request {
+            index: 0,
+            method: method.clone(),
+            path: path.clone(),
+            query: query.clone(),
+            headers: all_headers,
+            body: body.clone(),
+            idempotency_key: idempotency_key.clone(),
+        };
+        if let Err(refusal) = admission(&request) {
+            return reply(refusal);
+        }
+    }
+    let kept = &runtime.config.kept_headers;
+    let headers = kept_headers(&parts.headers, |name| {
+        name == header::CONTENT_TYPE || kept.iter().any(|k| k.eq_ignore_ascii_case(name.as_str()))
+    });
+    let entry = LogEntry { method, path, query, headers, body: body.to_vec(), idempotency_key };
     if route.kind == RequestKind::Read {
         return read(&runtime, &route.handler, entry, body).await;
     }
-    let sender = runtime.submit.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
     let Some(sender) = sender else { return not_leader(&runtime) };
+    let encoded = crate::data::encode(&entry);
+    if encoded.len() > MAX_ENTRY_BYTES {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!(
+                "the request is {} bytes once logged, over the {MAX_ENTRY_BYTES} limit; nothing was stored",
+                encoded.len()
+            ),
+        );
+    }
+    let Some(queued) = runtime.reserve_queue(encoded.len()).await else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "the leader's queue is full; retry shortly");
+    };
     let fingerprint = fingerprint(&entry);
     let (reply_tx, reply_rx) = oneshot::channel();
-    let submit = Submit { kind: route.kind, entry, fingerprint, reply: reply_tx };
+    let submit = Submit { kind: route.kind, entry, encoded, fingerprint, reply: reply_tx, queued };
     match sender.send_timeout(submit, QUEUE_WAIT).await {
         Ok(()) => {}
         Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
@@ -134,8 +194,17 @@ async fn read<S: AppState>(
         body,
         idempotency_key: entry.idempotency_key,
     };
-    match handler(runtime.state.clone(), request).await {
-        Ok(answer) | Err(answer) => reply(answer),
+    let (method, path) = (request.method.clone(), request.path.clone());
+    match guarded(handler(runtime.state.clone(), request), runtime.config.limits.handler_timeout).await {
+        Ok(Ok(answer) | Err(answer)) => reply(answer),
+        Err(fault) => {
+            warn!(%method, %path, %fault, "a read handler failed");
+            let status = match fault {
+                Fault::Panicked(_) => StatusCode::INTERNAL_SERVER_ERROR,
+                Fault::TimedOut(_) => StatusCode::GATEWAY_TIMEOUT,
+            };
+            error(status, &format!("the read handler {fault}"))
+        }
     }
 }
 
@@ -229,12 +298,20 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, String> {
         .ok_or_else(|| "the Idempotency-Key header must be 1 to 255 visible ASCII characters".to_owned())
 }
 
-fn kept_headers(headers: &HeaderMap, kept: &[String]) -> Vec<(String, String)> {
+/// The headers `keep` selects, as (lower-case name, value); values that are not visible
+/// ASCII are dropped.
+fn kept_headers(headers: &HeaderMap, keep: impl Fn(&header::HeaderName) -> bool) -> Vec<(String, String)> {
     headers
         .iter()
-        .filter(|(name, _)| *name == header::CONTENT_TYPE || kept.iter().any(|k| k.eq_ignore_ascii_case(name.as_str())))
+        .filter(|(name, _)| keep(name))
         .filter_map(|(name, value)| Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned())))
         .collect()
+}
+
+/// The size of a request's head as the client sent it: request line and every header.
+fn head_size(parts: &axum::http::request::Parts) -> usize {
+    let line = parts.method.as_str().len() + parts.uri.to_string().len() + 12;
+    line + parts.headers.iter().map(|(name, value)| name.as_str().len() + value.len() + 4).sum::<usize>()
 }
 
 /// Identifies a request's content, so that a reused idempotency key is noticed.

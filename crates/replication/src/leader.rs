@@ -17,15 +17,18 @@
 //! between groups when one is due.
 
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot};
+use futures::FutureExt;
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::app::{AppState, Outcome, Reply, Request, Step};
 use crate::data::{self, EntryState, IdempotencyRecord, Keys, LogEntry, ProcessState, RequestKind};
 use crate::error::{Error, Result};
+use crate::guard::{guarded, panic_message};
 use crate::runtime::{Runtime, lock};
 use crate::store::{MAX_TXN_BYTES, MAX_TXN_OPS, Op, Term};
 
@@ -36,8 +39,35 @@ const QUEUE: usize = 4096;
 pub(crate) struct Submit {
     pub(crate) kind: RequestKind,
     pub(crate) entry: LogEntry,
+    /// The entry as it is stored (encoded by the front, which also checked its size).
+    pub(crate) encoded: Vec<u8>,
     pub(crate) fingerprint: String,
     pub(crate) reply: oneshot::Sender<Answer>,
+    /// Its share of the queue's byte budget, held until it is answered.
+    pub(crate) queued: OwnedSemaphorePermit,
+}
+
+/// A request to log: what the sequencer keeps of a [`Submit`] once its key is settled.
+struct Fresh {
+    kind: RequestKind,
+    entry: LogEntry,
+    encoded: Vec<u8>,
+    /// Unkeyed requests are answered here; keyed ones through the in-flight table.
+    reply: Option<oneshot::Sender<Answer>>,
+    queued: OwnedSemaphorePermit,
+}
+
+/// Room for a record's key and a small record (an RS, an idempotency record or a
+/// counter) in the replicate transaction, beyond the service prefix: generous, so that a
+/// group sized with it always fits one transaction.
+const RECORD_BYTES: usize = 256;
+
+/// An upper bound on what logging `fresh` adds to the replicate transaction, in the sizes
+/// etcd counts (keys and values): its RLE, its RS and its idempotency record.
+fn replicate_bytes(keys: &Keys, fresh: &Fresh) -> usize {
+    let prefix = keys.ls().len();
+    let idem = fresh.entry.idempotency_key.as_ref().map_or(0, |key| key.len() + prefix + RECORD_BYTES);
+    fresh.encoded.len() + 2 * (prefix + RECORD_BYTES) + idem
 }
 
 /// The leader's answer to one request.
@@ -63,6 +93,8 @@ struct Item {
     entry: LogEntry,
     /// Unkeyed requests are answered here; keyed ones through the in-flight table.
     reply: Option<oneshot::Sender<Answer>>,
+    /// Released when the item is answered.
+    _queued: OwnedSemaphorePermit,
 }
 
 /// Requests with an idempotency key that are logged but not yet answered, so that a
@@ -141,10 +173,15 @@ impl Drop for LeaderTerm {
     }
 }
 
+/// Runs one of the term's tasks and reports how it ended, a panic included: a task that
+/// died silently would leave a zombie leader, healthy to look at and answering nobody.
 async fn report(task: impl Future<Output = Result<()>>, failed: mpsc::Sender<Error>) {
-    if let Err(e) = task.await {
-        let _ = failed.send(e).await;
-    }
+    let error = match AssertUnwindSafe(task).catch_unwind().await {
+        Ok(Ok(())) => return,
+        Ok(Err(e)) => e,
+        Err(panic) => Error::Panicked(panic_message(&*panic)),
+    };
+    let _ = failed.send(error).await;
 }
 
 struct Sequencer<S> {
@@ -226,17 +263,19 @@ impl<S: AppState> Sequencer<S> {
                 }
             }
             let fresh = self.settle_keys(incoming).await;
-            // Split by size too: etcd refuses requests over --max-request-bytes.
+            // Split by size too, so that each group is one transaction under etcd's
+            // --max-request-bytes (the front capped each request well under it).
+            let keys = self.runtime.keys.clone();
             let mut group = Vec::new();
-            let mut bytes = 0;
-            for (kind, entry, reply) in fresh {
-                let size = entry.body.len() * 4 / 3 + 512;
+            let mut bytes = keys.ls().len() + RECORD_BYTES;
+            for fresh in fresh {
+                let size = replicate_bytes(&keys, &fresh);
                 if !group.is_empty() && bytes + size > MAX_TXN_BYTES {
                     self.replicate(std::mem::take(&mut group), &groups).await?;
-                    bytes = 0;
+                    bytes = keys.ls().len() + RECORD_BYTES;
                 }
                 bytes += size;
-                group.push((kind, entry, reply));
+                group.push(fresh);
             }
             if !group.is_empty() {
                 self.replicate(group, &groups).await?;
@@ -247,17 +286,24 @@ impl<S: AppState> Sequencer<S> {
 
     /// Attaches retries of in-flight keys to the first request, answers keys already
     /// answered, and returns what is left to log, in arrival order.
-    async fn settle_keys(
-        &self,
-        incoming: Vec<Submit>,
-    ) -> Vec<(RequestKind, LogEntry, Option<oneshot::Sender<Answer>>)> {
+    async fn settle_keys(&self, incoming: Vec<Submit>) -> Vec<Fresh> {
         let mut fresh = Vec::with_capacity(incoming.len());
         let mut lookups = Vec::new();
         {
             let mut by_key = lock(&self.in_flight.by_key);
             for submit in incoming {
                 let Some(key) = submit.entry.idempotency_key.clone() else {
-                    fresh.push((fresh.len(), submit.kind, submit.entry, Some(submit.reply)));
+                    let position = fresh.len() + lookups.len();
+                    fresh.push((
+                        position,
+                        Fresh {
+                            kind: submit.kind,
+                            entry: submit.entry,
+                            encoded: submit.encoded,
+                            reply: Some(submit.reply),
+                            queued: submit.queued,
+                        },
+                    ));
                     continue;
                 };
                 match by_key.get_mut(&key) {
@@ -270,26 +316,43 @@ impl<S: AppState> Sequencer<S> {
                             key.clone(),
                             Waiting { fingerprint: submit.fingerprint.clone(), waiters: vec![submit.reply] },
                         );
-                        lookups.push((fresh.len() + lookups.len(), key, submit.kind, submit.entry, submit.fingerprint));
+                        let position = fresh.len() + lookups.len();
+                        let pending = Fresh {
+                            kind: submit.kind,
+                            entry: submit.entry,
+                            encoded: submit.encoded,
+                            reply: None,
+                            queued: submit.queued,
+                        };
+                        lookups.push((position, key, pending, submit.fingerprint));
                     }
                 }
             }
         }
-        let answers = futures::future::join_all(
-            lookups.iter().map(|(_, key, _, _, fingerprint)| self.lookup_key(key, fingerprint)),
-        )
-        .await;
-        for ((position, key, kind, entry, _), answer) in lookups.into_iter().zip(answers) {
+        let answers =
+            futures::future::join_all(lookups.iter().map(|(_, key, _, fingerprint)| self.lookup_key(key, fingerprint)))
+                .await;
+        for ((position, key, pending, _), answer) in lookups.into_iter().zip(answers) {
             match answer {
-                Ok(KeyLookup::New) => fresh.push((position, kind, entry, None)),
+                Ok(KeyLookup::New) => fresh.push((position, pending)),
                 Ok(KeyLookup::Answer(answer)) => self.in_flight.answer(&key, &answer),
+                Err(e @ Error::CorruptRecord { .. }) => self.in_flight.answer(
+                    &key,
+                    &Answer::refusal(
+                        500,
+                        &format!(
+                            "this Idempotency-Key's stored record is unreadable ({e}); nothing was done: \
+                             an operator must repair or delete it, or send the request with a new key"
+                        ),
+                    ),
+                ),
                 Err(e) => self
                     .in_flight
                     .answer(&key, &Answer::refusal(503, &format!("could not check the idempotency key, retry: {e}"))),
             }
         }
-        fresh.sort_by_key(|(position, ..)| *position);
-        fresh.into_iter().map(|(_, kind, entry, reply)| (kind, entry, reply)).collect()
+        fresh.sort_by_key(|(position, _)| *position);
+        fresh.into_iter().map(|(_, fresh)| fresh).collect()
     }
 
     /// Looks a key up in etcd. Local (serializable) reads are enough: every record that
@@ -335,19 +398,15 @@ impl<S: AppState> Sequencer<S> {
 
     /// Replicate Request for a group: RLEs, RS=Null, idempotency records and LS in one
     /// fenced transaction; then hands the group to the processor.
-    async fn replicate(
-        &mut self,
-        group: Vec<(RequestKind, LogEntry, Option<oneshot::Sender<Answer>>)>,
-        groups: &mpsc::Sender<Vec<Item>>,
-    ) -> Result<()> {
+    async fn replicate(&mut self, group: Vec<Fresh>, groups: &mpsc::Sender<Vec<Item>>) -> Result<()> {
         let keys = &self.runtime.keys;
         let epoch = self.term.epoch;
         let mut ops = Vec::with_capacity(group.len() * 2 + 1);
         let mut keyed = Vec::new();
         let mut items = Vec::with_capacity(group.len());
-        for (offset, (kind, entry, reply)) in group.into_iter().enumerate() {
+        for (offset, Fresh { kind, entry, encoded, reply, queued }) in group.into_iter().enumerate() {
             let index = self.next_index + offset as u64;
-            ops.push(Op::Put(keys.log(index), data::encode(&entry)));
+            ops.push(Op::Put(keys.log(index), encoded));
             let state = EntryState { kind, state: ProcessState::Null, epoch, response: None };
             ops.push(Op::Put(keys.rs(index), data::encode(&state)));
             if let Some(key) = &entry.idempotency_key {
@@ -355,7 +414,7 @@ impl<S: AppState> Sequencer<S> {
                     lock(&self.in_flight.by_key).get(key).map(|w| w.fingerprint.clone()).unwrap_or_default();
                 keyed.push((keys.idem(key), data::encode(&IdempotencyRecord { index, fingerprint, response: None })));
             }
-            items.push(Item { index, kind, entry, reply });
+            items.push(Item { index, kind, entry, reply, _queued: queued });
         }
         let last = self.next_index + items.len() as u64 - 1;
         ops.push(Op::counter(keys.ls(), last));
@@ -433,7 +492,12 @@ async fn process<S: AppState>(
         let request = Request::from_entry(item.index, item.entry.clone());
         let outcome = if item.kind == RequestKind::ExternalTxn {
             // Recorded, not executed: the handler only checks the record and answers.
-            (route.handler)(runtime.state.clone(), request).await
+            let (method, path) = (request.method.clone(), request.path.clone());
+            let answer =
+                guarded((route.handler)(runtime.state.clone(), request), runtime.config.limits.handler_timeout)
+                    .await
+                    .map_err(|fault| fault.at("handler", item.index, &method, &path))?;
+            runtime.storable(answer)
         } else {
             runtime.observe(Step::BeforeExecution, item.index).await;
             runtime.execute(item.index, route, request, true).await?

@@ -7,19 +7,21 @@ mod config;
 mod data;
 mod error;
 pub mod etcd_flags;
+mod guard;
 mod http;
 pub mod inspect;
 mod leader;
 mod membership;
 mod record_file;
 mod runtime;
+mod server;
 mod snapshot;
 mod state_transfer;
 mod store;
 
-pub use app::{AppState, BoxFuture, Outcome, Reply, Request, SnapshotBuilder, Step};
+pub use app::{AppState, BoxFuture, Outcome, Reply, Request, SnapshotBuilder, Step, bearer_token};
 pub use builder::Builder;
-pub use config::{Config, Publisher, SnapshotPolicy, Timings};
+pub use config::{Config, Limits, Publisher, SnapshotPolicy, Timings};
 pub use data::{
     CompactedLog, EntryState, IdempotencyRecord, LeaderRecord, LogEntry, MemberRecord, ProcessState, RequestKind,
     SnapshotMeta, StoredReply,

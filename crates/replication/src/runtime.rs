@@ -12,14 +12,15 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tracing::{error, info, warn};
 
-use crate::app::{AppState, Outcome, Request, Step, StepObserver};
+use crate::app::{AppState, Outcome, Reply, Request, Rollback, Step, StepObserver};
 use crate::builder::{Route, Routes};
 use crate::config::Config;
 use crate::data::{self, EntryState, Keys, LeaderRecord, LogEntry, MemberRecord, ProcessState, RequestKind};
 use crate::error::{Error, Result};
+use crate::guard::guarded;
 use crate::leader::{IdempotencyLease, LeaderTerm, Submit, outcome_ops};
 use crate::record_file::RecordFile;
 use crate::snapshot::SnapshotStore;
@@ -149,6 +150,7 @@ impl<S: AppState> Replicated<S> {
                 .build()
                 .expect("an HTTP client with default TLS settings builds"),
             quota_probed: Mutex::default(),
+            queue_bytes: Arc::new(Semaphore::new(config.limits.max_queued_bytes.min(Semaphore::MAX_PERMITS))),
             config,
             state: Arc::new(state),
             routes,
@@ -206,17 +208,16 @@ impl<S: AppState> Replicated<S> {
 
         let (stop_tx, mut stop_rx) = watch::channel(false);
         let app = crate::http::router(runtime.clone());
+        let limits = runtime.config.limits;
         let mut server = AbortOnDrop(tokio::spawn(async move {
             let stopped = async move {
                 let _ = stop_rx.wait_for(|stop| *stop).await;
             };
-            axum::serve(listener, app).with_graceful_shutdown(stopped).await
+            crate::server::serve(listener, app, limits, stopped).await;
         }));
         runtime.clone().run(shutdown).await;
         let _ = stop_tx.send(true);
-        if let Ok(Err(e)) = (&mut server.0).await {
-            warn!(error = %e, "HTTP front ended with an error");
-        }
+        let _ = (&mut server.0).await;
         Ok(())
     }
 }
@@ -248,6 +249,10 @@ pub(crate) struct Runtime<S> {
     pub(crate) http: reqwest::Client,
     /// When the local member's quota was last asked of its metrics.
     quota_probed: Mutex<Option<Instant>>,
+    /// The byte budget of logged requests waiting or being processed ([`Limits::max_queued_bytes`]).
+    ///
+    /// [`Limits::max_queued_bytes`]: crate::Limits::max_queued_bytes
+    queue_bytes: Arc<Semaphore>,
 }
 
 /// Where the node loop stands between wake-ups.
@@ -263,7 +268,14 @@ struct Node {
     /// after a poll interval).
     cl_read: Option<Instant>,
     leader: Option<LeaderTerm>,
+    /// Set when the app's code failed here as leader (a handler panicked or hung): until
+    /// then this replica hands etcd leadership on instead of registering, so that another
+    /// replica takes over rather than this one failing at the same request again.
+    hold_off: Option<Instant>,
 }
+
+/// How long a replica whose handler failed as leader leaves leadership to others.
+const HOLD_OFF: Duration = Duration::from_secs(10);
 
 impl<S: AppState> Runtime<S> {
     pub(crate) fn store(&self) -> &Store {
@@ -272,6 +284,13 @@ impl<S: AppState> Runtime<S> {
 
     pub(crate) fn route_of(&self, method: &str, path: &str) -> Option<&Route<S>> {
         self.routes.get(method, path)
+    }
+
+    /// Takes `bytes` of the queue's budget for a request to log, waiting up to
+    /// [`QUEUE_WAIT`] for earlier requests to be answered; `None` when the queue stays full.
+    pub(crate) async fn reserve_queue(&self, bytes: usize) -> Option<OwnedSemaphorePermit> {
+        let bytes = u32::try_from(bytes).ok()?;
+        tokio::time::timeout(QUEUE_WAIT, self.queue_bytes.clone().acquire_many_owned(bytes)).await.ok()?.ok()
     }
 
     pub(crate) fn set_status(&self, change: impl FnOnce(&mut Status)) {
@@ -321,6 +340,7 @@ impl<S: AppState> Runtime<S> {
             lpi_written: (u64::MAX, Instant::now()),
             cl_read: None,
             leader: None,
+            hold_off: None,
         };
         tokio::pin!(shutdown);
         loop {
@@ -335,8 +355,13 @@ impl<S: AppState> Runtime<S> {
                 biased;
                 () = &mut shutdown => break,
                 failure = failure => {
-                    let reason = failure.map_or_else(|| "leader pipeline ended".to_owned(), |e| e.to_string());
+                    let reason = failure.as_ref().map_or_else(|| "leader pipeline ended".to_owned(), ToString::to_string);
                     self.step_down(&mut node, &reason).await;
+                    if let Some(fault) = failure.filter(|e| e.is_handler_fault() || matches!(e, Error::Panicked(_))) {
+                        self.note_error(&fault);
+                        node.hold_off = Some(Instant::now() + HOLD_OFF);
+                        self.hand_off().await;
+                    }
                     continue;
                 }
                 _ = check.tick() => {}
@@ -395,6 +420,14 @@ impl<S: AppState> Runtime<S> {
                 Err(e) => return self.note_error(&e),
             }
         }
+        let holding_off = node.hold_off.is_some_and(|until| Instant::now() < until);
+        if !holding_off {
+            node.hold_off = None;
+        }
+        if condition && holding_off {
+            self.hand_off().await;
+            return;
+        }
         let result = if condition { self.register(node).await } else { self.follow(node).await };
         match result {
             Ok(()) => self.clear_error(),
@@ -402,8 +435,24 @@ impl<S: AppState> Runtime<S> {
                 if self.status.borrow().role == Role::Register {
                     self.set_role(Role::Follower, None, "register failed");
                 }
+                if e.is_handler_fault() {
+                    node.hold_off = Some(Instant::now() + HOLD_OFF);
+                }
                 self.note_error(&e);
             }
+        }
+    }
+
+    /// Moves etcd leadership to another member after this replica's app failed as leader.
+    async fn hand_off(&self) {
+        match self.store().hand_off_leadership().await {
+            Ok(Some(member)) => {
+                info!(replica = %self.config.replica, to_member = format!("{member:x}"),
+                    "the app failed here as leader: handed etcd leadership to another member");
+            }
+            Ok(None) => warn!(replica = %self.config.replica,
+                "the app failed here as leader and no other etcd member can take leadership"),
+            Err(e) => warn!(replica = %self.config.replica, error = %e, "could not hand etcd leadership on"),
         }
     }
 
@@ -584,7 +633,11 @@ impl<S: AppState> Runtime<S> {
         if observed {
             self.observe(Step::Executing, index).await;
         }
-        let outcome = (route.handler)(self.state.clone(), request).await;
+        let (method, path) = (request.method.clone(), request.path.clone());
+        let outcome = guarded((route.handler)(self.state.clone(), request), self.config.limits.handler_timeout)
+            .await
+            .map_err(|fault| fault.at("handler", index, &method, &path))?;
+        let outcome = self.storable(outcome);
         let reply = match &outcome {
             Ok(reply) | Err(reply) => reply.to_stored(),
         };
@@ -593,6 +646,41 @@ impl<S: AppState> Runtime<S> {
             self.observe(Step::Executed, index).await;
         }
         Ok(outcome)
+    }
+
+    /// Runs a route's rollback for the entry at `index`, guarded like a handler.
+    async fn roll_back(&self, rollback: &Rollback<S>, index: u64, entry: LogEntry) -> Result<()> {
+        let (method, path) = (entry.method.clone(), entry.path.clone());
+        guarded(rollback(self.state.clone(), Request::from_entry(index, entry)), self.config.limits.handler_timeout)
+            .await
+            .map_err(|fault| fault.at("rollback", index, &method, &path))
+    }
+
+    /// An outcome as it can be stored for retries: an answer over the reply limit keeps
+    /// its status and says it was too large (etcd refuses requests over 1.5 MiB, and each
+    /// answer is written twice: with the entry's state and with its idempotency record).
+    pub(crate) fn storable(&self, outcome: Outcome) -> Outcome {
+        let max = self.config.limits.max_reply;
+        let shrink = |reply: Reply| {
+            if reply.body.len() <= max {
+                return reply;
+            }
+            warn!(status = reply.status, bytes = reply.body.len(), max, "a handler's answer is over the reply limit");
+            let note = format!(
+                "the answer was {} bytes, over the {max}-byte limit for answers of logged requests; \
+                 the request's outcome stands, read its result through a read route",
+                reply.body.len()
+            );
+            Reply {
+                body: Reply::error(reply.status, &note).body,
+                content_type: Some("application/json".into()),
+                ..reply
+            }
+        };
+        match outcome {
+            Ok(reply) => Ok(shrink(reply)),
+            Err(reply) => Err(shrink(reply)),
+        }
     }
 
     pub(crate) async fn observe(&self, step: Step, index: u64) {
@@ -627,7 +715,7 @@ impl<S: AppState> Runtime<S> {
                 match route.and_then(|r| r.rollback.clone()) {
                     Some(rollback) => {
                         info!(index = record.index, "pending process: interrupted during execution; rolling back");
-                        rollback(self.state.clone(), Request::from_entry(entry.index, entry.request)).await;
+                        self.roll_back(&rollback, entry.index, entry.request).await?;
                         self.state.persist().await.map_err(Error::Persist)?;
                     }
                     None => warn!(
@@ -821,7 +909,7 @@ impl<S: AppState> Runtime<S> {
                 break;
             };
             info!(index = entry.index, "rolling back an execution whose outcome was never recorded");
-            rollback(self.state.clone(), Request::from_entry(entry.index, entry.request.clone())).await;
+            self.roll_back(&rollback, entry.index, entry.request.clone()).await?;
         }
         self.state.persist().await.map_err(Error::Persist)
     }
@@ -848,7 +936,16 @@ impl<S: AppState> Runtime<S> {
                 left.push(index);
                 continue;
             };
-            match reconcile(self.state.clone(), Request::from_entry(index, entry.request.clone())).await {
+            let asked = reconcile(self.state.clone(), Request::from_entry(index, entry.request.clone()));
+            let answer = match guarded(asked, self.config.limits.handler_timeout).await {
+                Ok(answer) => answer.map(|outcome| self.storable(outcome)),
+                Err(fault) => {
+                    let error = fault.at("reconcile hook", index, &entry.request.method, &entry.request.path);
+                    warn!(%error, "the request stays in doubt");
+                    None
+                }
+            };
+            match answer {
                 Some(outcome) => {
                     info!(index, success = outcome.is_ok(), "in-doubt request reconciled");
                     let lease = self.lease_for(&lease, &entry.request).await?;

@@ -9,6 +9,7 @@ use etcd_client::{
     Client, CompactionOptions, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, KeyValue, PutOptions,
     Txn, TxnOp, TxnOpResponse,
 };
+use tracing::warn;
 
 use crate::data::{self, CompactedLog, EntryState, Keys, LeaderRecord, LogEntry, MemberRecord};
 use crate::error::{Error, Result};
@@ -94,6 +95,10 @@ pub(crate) struct StoredEntry {
 #[derive(Clone)]
 pub(crate) struct Store {
     client: Client,
+    /// A connection of its own for the leader condition, so that the check never queues
+    /// behind large writes and reads on the main connection (HTTP/2 shares one TCP
+    /// stream): a burst of large requests must not make a busy leader look dead.
+    probe: Client,
     keys: Keys,
     endpoint: String,
     timeout: Duration,
@@ -109,9 +114,18 @@ impl Store {
             .with_connect_timeout(timeout)
             .with_timeout(timeout)
             .with_keep_alive(Duration::from_secs(2), timeout);
-        let client =
-            Client::connect([endpoint], Some(options)).await.map_err(|e| Error::etcd(endpoint, "connect", &e))?;
-        Ok(Self { client, keys, endpoint: endpoint.into(), timeout, entry_bytes: std::sync::Arc::new(1024.into()) })
+        let connect = || async {
+            Client::connect([endpoint], Some(options.clone())).await.map_err(|e| Error::etcd(endpoint, "connect", &e))
+        };
+        let (client, probe) = (connect().await?, connect().await?);
+        Ok(Self {
+            client,
+            probe,
+            keys,
+            endpoint: endpoint.into(),
+            timeout,
+            entry_bytes: std::sync::Arc::new(1024.into()),
+        })
     }
 
     async fn bounded<T>(
@@ -133,7 +147,7 @@ impl Store {
 
     /// The local member's answer to `status`: whether it leads, its database, its alarms.
     pub(crate) async fn member_status(&self) -> Result<MemberStatus> {
-        let mut client = self.client.clone();
+        let mut client = self.probe.clone();
         let status = self.bounded("status", client.status()).await?;
         let member = status.header().map(etcd_client::ResponseHeader::member_id);
         Ok(MemberStatus {
@@ -143,6 +157,28 @@ impl Store {
             quota: status.db_size_quota().max(0).unsigned_abs(),
             alarms: status.errors().iter().map(|e| e.trim().to_owned()).collect(),
         })
+    }
+
+    /// Hands the local member's Raft leadership to another voting member (the paper's
+    /// leader condition moves with it), trying each until one takes it. Returns the new
+    /// leader's member id, or `None` when there is no other member to take it.
+    pub(crate) async fn hand_off_leadership(&self) -> Result<Option<u64>> {
+        let mut client = self.client.clone();
+        let status = self.bounded("status", client.status()).await?;
+        let me = status.header().map_or(0, etcd_client::ResponseHeader::member_id);
+        let members = self.bounded("list members", client.member_list()).await?;
+        let mut refused = None;
+        for member in members.members() {
+            // A member that never started has no name yet and cannot lead.
+            if member.id() == me || member.is_learner() || member.name().is_empty() {
+                continue;
+            }
+            match self.bounded("move leadership", client.move_leader(member.id())).await {
+                Ok(_) => return Ok(Some(member.id())),
+                Err(e) => refused = Some(e),
+            }
+        }
+        refused.map_or(Ok(None), Err)
     }
 
     pub(crate) async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
@@ -358,7 +394,10 @@ impl Store {
         }
     }
 
-    /// The live replicas' records (every replica whose lease is still renewed).
+    /// The live replicas' records (every replica whose lease is still renewed). A record
+    /// that does not decode is left out, with a warning: it names no replica this runtime
+    /// could fetch from or wait for, and a live replica rewrites its own record within a
+    /// few seconds.
     pub(crate) async fn members(&self) -> Result<Vec<(String, MemberRecord)>> {
         let mut client = self.client.clone();
         let response = self
@@ -366,8 +405,15 @@ impl Store {
             .await?;
         let mut out = Vec::new();
         for kv in response.kvs() {
-            let replica = self.keys.member_of(kv.key()).ok_or_else(|| corrupt(kv, "not a member key"))?;
-            out.push((replica.to_owned(), data::decode(kv.key(), kv.value())?));
+            let record = self
+                .keys
+                .member_of(kv.key())
+                .ok_or_else(|| corrupt(kv, "not a member key"))
+                .and_then(|replica| Ok((replica.to_owned(), data::decode(kv.key(), kv.value())?)));
+            match record {
+                Ok(record) => out.push(record),
+                Err(e) => warn!(error = %e, "ignoring an unreadable membership record"),
+            }
         }
         Ok(out)
     }

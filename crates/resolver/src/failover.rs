@@ -167,6 +167,40 @@ pub enum AttemptFailure {
     Resolve(#[source] Error),
 }
 
+impl AttemptFailure {
+    /// What this failure says on chain, in a claim: the kind of failure and the registered
+    /// location (already public), never the request's path, query or the HTTP client's
+    /// own message (which carries the full request URL).
+    pub fn claim_summary(&self) -> String {
+        match self {
+            Self::NoLocation(state) => format!("no location is published (state {state})"),
+            Self::BadLocation(_) => "the registered location is not an http(s) URL".into(),
+            Self::Connect { location, source } => {
+                let kind = if source.is_connect() { "could not connect to" } else { "the request failed at" };
+                format!("{kind} {}", origin(location))
+            }
+            Self::Timeout { location, after } => format!("{} did not answer within {after:?}", origin(location)),
+            Self::NotLeader { location, .. } => format!("{} answered 503: not the leader", origin(location)),
+            Self::Moved { location } => format!("the registry moved the service away from {}", origin(location)),
+            Self::Resolve(_) => "could not resolve the service on chain".into(),
+        }
+    }
+}
+
+/// The scheme, host and port of a location (anything after them left out).
+fn origin(location: &str) -> String {
+    reqwest::Url::parse(location)
+        .ok()
+        .and_then(|url| {
+            let host = url.host_str()?;
+            Some(match url.port() {
+                Some(port) => format!("{}://{host}:{port}", url.scheme()),
+                None => format!("{}://{host}", url.scheme()),
+            })
+        })
+        .unwrap_or_else(|| "the registered location".into())
+}
+
 /// Why a [`FailoverClient::send`] gave up.
 #[derive(Debug, thiserror::Error)]
 pub enum FailoverError {
@@ -397,7 +431,8 @@ impl FailoverClient {
         let failures = window.failures;
         drop(window);
 
-        let mut reason = format!("{failures} failed requests within {:?}; last: {failure}", config.claim_window);
+        let mut reason =
+            format!("{failures} failed requests within {:?}; last: {}", config.claim_window, failure.claim_summary());
         truncate_at_char_boundary(&mut reason, MAX_REASON_BYTES);
         let inner = Arc::clone(&self.inner);
         tokio::spawn(async move {
@@ -438,6 +473,32 @@ mod tests {
         let mut short = String::from("short");
         truncate_at_char_boundary(&mut short, 255);
         assert_eq!(short, "short");
+    }
+
+    #[test]
+    fn claim_summaries_name_no_request_path_or_query() {
+        let location = "http://10.0.0.7:8080/base?token=abc".to_owned();
+        let failures = [
+            AttemptFailure::Timeout { location: location.clone(), after: Duration::from_secs(5) },
+            AttemptFailure::NotLeader { location: location.clone(), leader: Some("http://x/?q=1".into()) },
+            AttemptFailure::Moved { location: location.clone() },
+            AttemptFailure::BadLocation("ftp://secret?x".into()),
+        ];
+        for failure in failures {
+            let summary = failure.claim_summary();
+            assert!(!summary.contains('?') && !summary.contains("token") && !summary.contains("/base"), "{summary}");
+        }
+        let summary = AttemptFailure::Timeout { location, after: Duration::from_secs(5) }.claim_summary();
+        assert_eq!(summary, "http://10.0.0.7:8080 did not answer within 5s");
+    }
+
+    #[tokio::test]
+    async fn a_connection_failure_is_summarised_without_the_request_url() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let source = reqwest::get(format!("http://127.0.0.1:{port}/log?user=42&token=secret")).await.unwrap_err();
+        assert!(source.to_string().contains("token=secret"), "reqwest's own message has the URL: {source}");
+        let failure = AttemptFailure::Connect { location: format!("http://127.0.0.1:{port}"), source };
+        assert_eq!(failure.claim_summary(), format!("could not connect to http://127.0.0.1:{port}"));
     }
 
     #[test]

@@ -385,6 +385,39 @@ impl RegistryClient {
             .map_err(|e| self.chain.transport(action, e))
     }
 
+    /// The name service `id` was registered under, read from its `ServiceRegistered`
+    /// event (the contract keeps only ids); `None` when no such service was registered.
+    ///
+    /// # Errors
+    /// RPC and timeout errors, `BadChainData` for a log that does not decode.
+    pub async fn service_name(&self, id: B256) -> Result<Option<String>> {
+        let action = "read a service's name";
+        let logs = self.service_events(action, id, vec![ServiceRegistry::ServiceRegistered::SIGNATURE_HASH]).await?;
+        let Some(log) = logs.first() else { return Ok(None) };
+        let event = log.log_decode::<ServiceRegistry::ServiceRegistered>().map_err(|e| self.bad_log(action, &e))?;
+        Ok(Some(event.inner.data.name.clone()))
+    }
+
+    /// The events with `signatures` about service `id` (their first indexed topic) since
+    /// the registry's deployment block.
+    async fn service_events(
+        &self,
+        action: &str,
+        id: B256,
+        signatures: Vec<B256>,
+    ) -> Result<Vec<alloy::rpc::types::Log>> {
+        let filter =
+            Filter::new().address(self.address()).event_signature(signatures).topic1(id).from_block(self.first_block);
+        self.chain
+            .bounded(action, self.chain.provider.get_logs(&filter))
+            .await?
+            .map_err(|e| self.chain.transport(action, e))
+    }
+
+    fn bad_log(&self, action: &str, error: &impl std::fmt::Display) -> Error {
+        Error::BadChainData { registry: self.address(), action: action.into(), detail: error.to_string() }
+    }
+
     /// The bindings' instance, for calls this client does not wrap.
     pub const fn instance(&self) -> &ServiceRegistryInstance<DynProvider> {
         &self.instance
@@ -478,29 +511,23 @@ impl RegistryClient {
     }
 
     /// The addresses currently allowed as operators of a service, replayed from its
-    /// `OperatorSet` events since the registry's deployment block (see [`Self::deployed_in`]).
+    /// `OperatorSet` and `OperatorsCleared` events (a manager transfer clears them all)
+    /// since the registry's deployment block (see [`Self::deployed_in`]).
     ///
     /// # Errors
     /// RPC and timeout errors, `BadChainData` for a log that does not decode.
     pub async fn operators(&self, name: &str) -> Result<Vec<Address>> {
         let action = "read the operators";
-        let filter = Filter::new()
-            .address(self.address())
-            .event_signature(ServiceRegistry::OperatorSet::SIGNATURE_HASH)
-            .topic1(service_id(name))
-            .from_block(self.first_block);
-        let logs = self
-            .chain
-            .bounded(action, self.chain.provider.get_logs(&filter))
-            .await?
-            .map_err(|e| self.chain.transport(action, e))?;
+        let signatures =
+            vec![ServiceRegistry::OperatorSet::SIGNATURE_HASH, ServiceRegistry::OperatorsCleared::SIGNATURE_HASH];
+        let logs = self.service_events(action, service_id(name), signatures).await?;
         let mut operators: Vec<Address> = Vec::new();
         for log in logs {
-            let set = log.log_decode::<ServiceRegistry::OperatorSet>().map_err(|e| Error::BadChainData {
-                registry: self.address(),
-                action: action.into(),
-                detail: e.to_string(),
-            })?;
+            if log.topic0() == Some(&ServiceRegistry::OperatorsCleared::SIGNATURE_HASH) {
+                operators.clear();
+                continue;
+            }
+            let set = log.log_decode::<ServiceRegistry::OperatorSet>().map_err(|e| self.bad_log(action, &e))?;
             let set = set.inner.data;
             operators.retain(|a| *a != set.operator);
             if set.allowed {
@@ -551,6 +578,16 @@ impl RegistryClient {
     /// `NoSigner`, `Reverted` (stale epoch, not allowed), RPC and timeout errors.
     pub async fn update_location(&self, name: &str, location: &str, epoch: u64) -> Result<TxOutcome> {
         self.send(name, "publish the location", self.instance.updateLocation(service_id(name), location.into(), epoch))
+            .await
+    }
+
+    /// Sets the location and epoch outright, lowering the epoch if need be (manager only):
+    /// for an epoch stuck where no leader can exceed it.
+    ///
+    /// # Errors
+    /// `NoSigner`, `Reverted` (not the manager, bad location), RPC and timeout errors.
+    pub async fn reset_location(&self, name: &str, location: &str, epoch: u64) -> Result<TxOutcome> {
+        self.send(name, "reset the location", self.instance.resetLocation(service_id(name), location.into(), epoch))
             .await
     }
 

@@ -22,7 +22,7 @@ use alloy::providers::Provider;
 use alloy::rpc::types::{Filter, Log};
 use alloy::signers::local::PrivateKeySigner;
 use alloy::sol_types::SolEvent;
-use br2k_bindings::ServiceRegistry::{NewLocation, StateChanged};
+use br2k_bindings::ServiceRegistry::{LocationReset, NewLocation, StateChanged};
 use br2k_bindings::ServiceState;
 use futures::{Stream, StreamExt};
 use tokio::sync::broadcast;
@@ -400,9 +400,11 @@ impl Shared {
     }
 
     fn filter(&self) -> Filter {
-        Filter::new()
-            .address(self.registry.address())
-            .event_signature(vec![NewLocation::SIGNATURE_HASH, StateChanged::SIGNATURE_HASH])
+        Filter::new().address(self.registry.address()).event_signature(vec![
+            NewLocation::SIGNATURE_HASH,
+            StateChanged::SIGNATURE_HASH,
+            LocationReset::SIGNATURE_HASH,
+        ])
     }
 }
 
@@ -413,6 +415,16 @@ fn decode(log: &Log) -> Option<Event> {
     let event = if *topic == NewLocation::SIGNATURE_HASH {
         let decoded = log.log_decode::<NewLocation>();
         decoded.map(|l| Event::Location { id: l.inner.id, location: l.inner.data.location, epoch: l.inner.data.epoch })
+    } else if *topic == LocationReset::SIGNATURE_HASH {
+        // The manager set the epoch outright, possibly lower: whatever is cached is wrong,
+        // and a lower epoch would be refused as stale, so ask the chain again.
+        return match log.log_decode::<LocationReset>() {
+            Ok(l) => Some(Event::Invalidate { id: l.inner.id }),
+            Err(e) => {
+                tracing::warn!("ignoring a LocationReset log that does not decode: {e}");
+                None
+            }
+        };
     } else if *topic == StateChanged::SIGNATURE_HASH {
         match log.log_decode::<StateChanged>() {
             Ok(l) => match ServiceState::try_from(l.inner.data.state) {

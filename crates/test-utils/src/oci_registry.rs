@@ -36,6 +36,14 @@ pub enum OciRegistryError {
     },
 }
 
+/// How a test registry authenticates clients.
+#[derive(Clone, Copy)]
+enum Auth<'a> {
+    None,
+    Basic(&'a str, &'a str),
+    Token(&'a str),
+}
+
 /// A running registry, killed and its storage removed when dropped.
 #[derive(Debug)]
 pub struct OciRegistry {
@@ -51,6 +59,19 @@ impl OciRegistry {
     /// # Errors
     /// [`OciRegistryError`] when it is not installed or does not start.
     pub fn spawn(auth: Option<(&str, &str)>) -> Result<Self, OciRegistryError> {
+        Self::start(auth.map_or(Auth::None, |(user, password)| Auth::Basic(user, password)))
+    }
+
+    /// Starts a registry that asks for bearer tokens from the token service at `realm`
+    /// (wherever that is: a registry may name any host), signed by a key nobody has.
+    ///
+    /// # Errors
+    /// [`OciRegistryError`] when it is not installed or does not start.
+    pub fn spawn_with_token_realm(realm: &str) -> Result<Self, OciRegistryError> {
+        Self::start(Auth::Token(realm))
+    }
+
+    fn start(auth: Auth<'_>) -> Result<Self, OciRegistryError> {
         let program = locate("docker-registry", "BR2K_DOCKER_REGISTRY", &[PathBuf::from("/usr/bin/docker-registry")])?;
         let io = |action: &str| {
             let action = action.to_owned();
@@ -65,14 +86,32 @@ impl OciRegistry {
             "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
             dir.path().join("storage").display()
         );
-        if let Some((user, password)) = auth {
-            let hash = bcrypt::hash(password, 5).map_err(|e| OciRegistryError::Io {
-                action: "hash the test password".into(),
-                source: std::io::Error::other(e),
-            })?;
-            let htpasswd = dir.path().join("htpasswd");
-            std::fs::write(&htpasswd, format!("{user}:{hash}\n")).map_err(io("write htpasswd"))?;
-            config.push_str(&format!("auth:\n  htpasswd:\n    realm: br2k-test\n    path: {}\n", htpasswd.display()));
+        match auth {
+            Auth::None => {}
+            Auth::Basic(user, password) => {
+                let hash = bcrypt::hash(password, 5).map_err(|e| OciRegistryError::Io {
+                    action: "hash the test password".into(),
+                    source: std::io::Error::other(e),
+                })?;
+                let htpasswd = dir.path().join("htpasswd");
+                std::fs::write(&htpasswd, format!("{user}:{hash}\n")).map_err(io("write htpasswd"))?;
+                config
+                    .push_str(&format!("auth:\n  htpasswd:\n    realm: br2k-test\n    path: {}\n", htpasswd.display()));
+            }
+            Auth::Token(realm) => {
+                let certificate = rcgen::generate_simple_self_signed(vec!["br2k-test".to_owned()]).map_err(|e| {
+                    OciRegistryError::Io {
+                        action: "make a token-signing certificate".into(),
+                        source: std::io::Error::other(e),
+                    }
+                })?;
+                let bundle = dir.path().join("token-root.pem");
+                std::fs::write(&bundle, certificate.cert.pem()).map_err(io("write the token certificate"))?;
+                config.push_str(&format!(
+                    "auth:\n  token:\n    realm: {realm}\n    service: br2k-test\n    issuer: br2k-test\n    rootcertbundle: {}\n",
+                    bundle.display()
+                ));
+            }
         }
         let config_path = dir.path().join("config.yml");
         std::fs::write(&config_path, config).map_err(io("write the registry config"))?;

@@ -259,8 +259,34 @@ struct ExternalTx {
     tx_hash: String,
 }
 
+/// Longest notification message accepted, bytes.
+pub const MAX_MESSAGE: usize = 4096;
+
+/// The checks every route's body passes before it is logged (the runtime's admission
+/// hook) and again when it executes: a malformed request never takes a log index.
+fn check_append(request: &Request) -> Result<Append, Reply> {
+    request.json()
+}
+
+fn check_notify(request: &Request) -> Result<Notify, Reply> {
+    let body: Notify = request.json()?;
+    if body.message.len() > MAX_MESSAGE {
+        return Err(Reply::error(400, &format!("message must be at most {MAX_MESSAGE} bytes")));
+    }
+    Ok(body)
+}
+
+fn check_tx(request: &Request) -> Result<ExternalTx, Reply> {
+    let body: ExternalTx = request.json()?;
+    let hash = body.tx_hash.strip_prefix("0x").unwrap_or("");
+    if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(Reply::error(400, "tx_hash must be 0x followed by 64 hex digits"));
+    }
+    Ok(body)
+}
+
 async fn append(state: Arc<LogState>, request: Request) -> Outcome {
-    let body: Append = request.json()?;
+    let body = check_append(&request)?;
     let position = state
         .append(Entry { index: request.index, user: body.user, seq: body.seq })
         .map_err(|e| Reply::error(500, &format!("could not append to the log: {e}")))?;
@@ -280,7 +306,7 @@ async fn list(state: Arc<LogState>, _request: Request) -> Outcome {
 /// Sends the notification: writes it into the outbox under its index (atomically, so a
 /// reconcile sees either nothing or the whole notification).
 async fn notify(state: Arc<LogState>, request: Request) -> Outcome {
-    let body: Notify = request.json()?;
+    let body = check_notify(&request)?;
     let path = state.notification(request.index);
     let temp = path.with_extension("tmp");
     let text = serde_json::json!({ "index": request.index, "user": body.user, "message": body.message }).to_string();
@@ -301,23 +327,35 @@ async fn reconcile_notify(state: Arc<LogState>, request: Request) -> Option<Outc
 
 /// Records a transaction the user made: checks it looks like a transaction hash.
 async fn record_tx(_state: Arc<LogState>, request: Request) -> Outcome {
-    let body: ExternalTx = request.json()?;
-    let hash = body.tx_hash.strip_prefix("0x").unwrap_or("");
-    if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(Reply::error(400, "tx_hash must be 0x followed by 64 hex digits"));
-    }
+    let body = check_tx(&request)?;
     Ok(Reply::json(201, &serde_json::json!({ "index": request.index, "user": body.user, "tx_hash": body.tx_hash })))
 }
 
-/// The log server's routes on `config`.
-pub fn service(config: Config) -> Builder<LogState> {
+/// The log server's routes on `config`. With a `client_token`, every route asks for
+/// `Authorization: Bearer <token>` before anything is logged or read.
+pub fn service(config: Config, client_token: Option<String>) -> Builder<LogState> {
+    let token = client_token.map(br2k_replication::bearer_token);
+    let token = std::sync::Arc::new(token);
+    let admit = move |check: fn(&Request) -> Result<(), Reply>| {
+        let token = token.clone();
+        move |request: &Request| {
+            if let Some(token) = token.as_ref() {
+                token(request)?;
+            }
+            check(request)
+        }
+    };
     Replicated::builder(config)
         .replicate("POST", "/log", append)
         .rollback("POST", "/log", undo_append)
+        .admit("POST", "/log", admit(|r| check_append(r).map(drop)))
         .read("GET", "/log", list)
+        .admit("GET", "/log", admit(|_| Ok(())))
         .only_once("POST", "/notify", notify)
         .reconcile("POST", "/notify", reconcile_notify)
+        .admit("POST", "/notify", admit(|r| check_notify(r).map(drop)))
         .external_txn("POST", "/tx", record_tx)
+        .admit("POST", "/tx", admit(|r| check_tx(r).map(drop)))
 }
 
 #[cfg(test)]

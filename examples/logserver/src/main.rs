@@ -8,7 +8,7 @@ use alloy::primitives::Address;
 use alloy::signers::local::PrivateKeySigner;
 use anyhow::{Context, Result, bail};
 use br2k_logserver::{LogState, service};
-use br2k_replication::{Config, Publisher, SnapshotPolicy, Timings};
+use br2k_replication::{Config, Limits, Publisher, SnapshotPolicy, Timings};
 use br2k_resolver::{Chain, Timeouts};
 use clap::Parser;
 
@@ -58,9 +58,24 @@ struct Args {
     /// Bound on every etcd call, in milliseconds; an unanswered leader check counts as "not leader".
     #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(50..=60_000))]
     etcd_timeout_ms: u64,
-    /// Largest request body accepted, in bytes.
+    /// Largest request body accepted, in bytes (over it: 413).
     #[arg(long, default_value_t = 256 * 1024, value_parser = clap::value_parser!(u64).range(1..=524_288))]
     max_body: u64,
+    /// Largest request head (request line and headers), in bytes (over it: 431).
+    #[arg(long, default_value_t = 16 * 1024, value_parser = clap::value_parser!(u64).range(1024..=65_536))]
+    max_head: u64,
+    /// Open client connections; beyond it new ones are answered 503 and closed.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=65_536))]
+    max_connections: u64,
+    /// Seconds a handler may take for one request; a leader whose handler takes longer
+    /// (or panics) steps down and hands leadership to another replica.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    handler_timeout: u64,
+    /// A file (mode 0600) holding the token clients must send as `Authorization: Bearer
+    /// TOKEN`; without it the log server is open to anyone who reaches it. Or set
+    /// BR2K_CLIENT_TOKEN.
+    #[arg(long, value_name = "PATH")]
+    client_token_file: Option<PathBuf>,
     /// Applied entries between two snapshots of this replica's state; 0 turns snapshots
     /// and log compaction off (the log in etcd then grows for ever).
     #[arg(long, env = "BR2K_SNAPSHOT_INTERVAL", value_name = "ENTRIES", default_value_t = SnapshotPolicy::default().interval)]
@@ -89,7 +104,14 @@ async fn main() -> Result<()> {
         etcd_timeout: Duration::from_millis(args.etcd_timeout_ms),
         ..Timings::default()
     };
-    config.max_body = usize::try_from(args.max_body).unwrap_or(usize::MAX);
+    let size = |value: u64| usize::try_from(value).unwrap_or(usize::MAX);
+    config.limits = Limits {
+        max_body: size(args.max_body),
+        max_head: size(args.max_head),
+        max_connections: size(args.max_connections),
+        handler_timeout: Duration::from_secs(args.handler_timeout),
+        ..Limits::default()
+    };
     config.snapshots = SnapshotPolicy { interval: args.snapshot_interval, trailing: args.trailing_entries };
     config.snapshots.check().map_err(|e| anyhow::anyhow!("--snapshot-interval / --trailing-entries: {e}"))?;
     if let Some(publisher) = publisher(&args).await? {
@@ -99,9 +121,42 @@ async fn main() -> Result<()> {
     let outbox = args.outbox.clone().unwrap_or_else(|| args.data_dir.join("outbox"));
     let state = LogState::open(&args.data_dir, &outbox)
         .with_context(|| format!("cannot open the log in {}", args.data_dir.display()))?;
-    let replica = service(config).build(state)?;
+    let token = client_token(&args)?;
+    if token.is_none() {
+        tracing::warn!(
+            "no client token (--client-token-file or BR2K_CLIENT_TOKEN): anyone who reaches the log server can use it"
+        );
+    }
+    let replica = service(config, token).build(state)?;
     replica.serve(shutdown_signal()).await?;
     Ok(())
+}
+
+/// The token clients must present, from BR2K_CLIENT_TOKEN or a 0600 file.
+fn client_token(args: &Args) -> Result<Option<String>> {
+    if let Ok(token) = std::env::var("BR2K_CLIENT_TOKEN") {
+        return Ok(Some(token.trim().to_owned()).filter(|t| !t.is_empty()));
+    }
+    let Some(path) = &args.client_token_file else { return Ok(None) };
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(path)
+            .with_context(|| format!("cannot read the client token file {}", path.display()))?
+            .permissions(),
+    );
+    if mode & 0o077 != 0 {
+        bail!(
+            "the client token file {} is readable by others (mode {:o}): run `chmod 600 {}`",
+            path.display(),
+            mode & 0o777,
+            path.display()
+        );
+    }
+    let token = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let token = token.trim();
+    if token.is_empty() {
+        bail!("the client token file {} is empty", path.display());
+    }
+    Ok(Some(token.to_owned()))
 }
 
 /// The registry publisher, when a registry is given.

@@ -9,6 +9,10 @@ use br2k_test_utils::{EtcdCluster, KillOnDrop};
 async fn three_logserver_processes_serve_every_route_type() {
     let etcd = EtcdCluster::spawn().expect("etcd starts (run `bash tools/setup.sh` if it is missing)");
     let dir = tempfile::tempdir().unwrap();
+    // Clients must show this token: a 0600 file, as an operator would keep it.
+    let token_file = dir.path().join("client-token");
+    std::fs::write(&token_file, "tok-3n\n").unwrap();
+    std::fs::set_permissions(&token_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let ports: Vec<u16> =
         (0..3).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()).collect();
     let children = (0..3)
@@ -20,7 +24,10 @@ async fn three_logserver_processes_serve_every_route_type() {
                 .arg(dir.path().join(format!("n{i}")))
                 .arg("--outbox")
                 .arg(dir.path().join("outbox"))
+                .arg("--client-token-file")
+                .arg(&token_file)
                 .env_remove("BR2K_REGISTRY")
+                .env_remove("BR2K_CLIENT_TOKEN")
                 .stdin(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
@@ -49,7 +56,9 @@ async fn three_logserver_processes_serve_every_route_type() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
 
-    let post = |path: &str, body: &str| http.post(url(leader, path)).body(body.to_owned()).send();
+    let anonymous = http.post(url(leader, "/log")).body(r#"{"user": 7}"#).send().await.unwrap();
+    assert_eq!(anonymous.status(), 401, "no token, nothing logged");
+    let post = |path: &str, body: &str| http.post(url(leader, path)).bearer_auth("tok-3n").body(body.to_owned()).send();
     let appended: serde_json::Value = post("/log", r#"{"user": 7}"#).await.unwrap().json().await.unwrap();
     assert_eq!(appended, serde_json::json!({ "index": 1, "position": 0 }));
     let appended: serde_json::Value = post("/log", r#"{"user": 8}"#).await.unwrap().json().await.unwrap();
@@ -59,12 +68,15 @@ async fn three_logserver_processes_serve_every_route_type() {
     assert!(bad.text().await.unwrap().contains("unknown field `usr`"));
     let sent = post("/notify", r#"{"user": 7, "message": "hi"}"#).await.unwrap();
     assert_eq!(sent.status(), 200);
-    assert!(dir.path().join("outbox").join(format!("{:020}.json", 4)).is_file());
+    // The malformed append was refused before it was logged: the notification is entry 3.
+    assert_eq!(sent.headers()["br2k-index"], "3");
+    assert!(dir.path().join("outbox").join(format!("{:020}.json", 3)).is_file());
     let tx = format!(r#"{{"user": 7, "tx_hash": "0x{}"}}"#, "ab".repeat(32));
     assert_eq!(post("/tx", &tx).await.unwrap().status(), 201);
     assert_eq!(post("/tx", r#"{"user": 7, "tx_hash": "0x12"}"#).await.unwrap().status(), 400);
 
-    let list: serde_json::Value = http.get(url(leader, "/log")).send().await.unwrap().json().await.unwrap();
+    let list: serde_json::Value =
+        http.get(url(leader, "/log")).bearer_auth("tok-3n").send().await.unwrap().json().await.unwrap();
     assert_eq!(list, serde_json::json!({ "entries": [{ "index": 1, "user": 7 }, { "index": 2, "user": 8 }] }));
     // Followers hold the same log on disk, and send readers to the leader.
     let follower = (leader + 1) % 3;

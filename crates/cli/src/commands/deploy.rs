@@ -113,7 +113,7 @@ impl DeployArgs {
         // Everything that can be refused is refused before anything is pushed or recorded.
         let kubernetes = if context.name == LOCAL {
             if !self.dry_run
-                && let Some(pid) = super::up::running_pid(&super::up::state_dir(&self.name, None))
+                && let Some(pid) = super::up::running_pid(&super::up::state_dir(&self.name, None)?)
             {
                 bail!(
                     "{:?} already runs here (runner pid {pid}); stop it with `br2k down --name {}` and deploy again",
@@ -249,7 +249,7 @@ impl DeployArgs {
         signed: Option<(&RegistryClient, &PrivateKeySigner)>,
         out: &Output,
     ) -> Result<()> {
-        let dir = LocalBackend::default_roots().1.join(&self.name);
+        let dir = LocalBackend::default_roots()?.1.join(&self.name);
         let Some((registry, key)) = signed else {
             let plan = json!({
                 "service": self.name, "context": LOCAL, "replicas": record.replicas,

@@ -241,17 +241,28 @@ pub(crate) struct LocationArgs {
     name: String,
     /// The leader's location (a URL clients send requests to).
     location: String,
-    /// The epoch to publish it with; must be above the stored one.
+    /// The epoch to publish it with; must be above the stored one (unless --reset).
     #[arg(long)]
     epoch: u64,
+    /// Set the location and epoch outright, even below the stored epoch (manager only):
+    /// the way out when the epoch is stuck where no leader can exceed it, for example
+    /// after a leaked operator key published 18446744073709551615. Remove that operator
+    /// first; the next leader then publishes above EPOCH as usual.
+    #[arg(long)]
+    reset: bool,
 }
 
 impl LocationArgs {
     async fn run(self, global: &GlobalOpts) -> Result<()> {
         let out = global.output();
         let registry = global.open_registry_signed("publishing a location").await?;
-        out.progress(format_args!("publishing {} for {:?} at epoch {} ...", self.location, self.name, self.epoch));
-        let tx = registry.update_location(&self.name, &self.location, self.epoch).await?;
+        let verb = if self.reset { "resetting to" } else { "publishing" };
+        out.progress(format_args!("{verb} {} for {:?} at epoch {} ...", self.location, self.name, self.epoch));
+        let tx = if self.reset {
+            registry.reset_location(&self.name, &self.location, self.epoch).await?
+        } else {
+            registry.update_location(&self.name, &self.location, self.epoch).await?
+        };
         out.transaction(
             &format!("{:?} is served at {} (epoch {})", self.name, self.location, self.epoch),
             tx,
@@ -289,7 +300,14 @@ async fn accept(global: &GlobalOpts, name: &str) -> Result<()> {
     let manager = registry.chain().sender().unwrap_or_default();
     out.progress(format_args!("accepting {name:?} ..."));
     let tx = registry.accept_manager(name).await?;
-    out.transaction(&format!("{manager} now manages {name:?}"), tx, json!({ "service": name, "manager": manager }))
+    out.transaction(
+        &format!(
+            "{manager} now manages {name:?}; the previous manager's operators were removed: allow your replicas' \
+             keys with `br2k service operator add {name} ADDRESS`"
+        ),
+        tx,
+        json!({ "service": name, "manager": manager }),
+    )
 }
 
 #[cfg(test)]

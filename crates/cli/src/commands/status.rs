@@ -21,7 +21,7 @@ pub(crate) struct StatusArgs {
     /// The service name.
     name: String,
 
-    /// The local runner's state directory [default: <tmp>/br2k-up/NAME].
+    /// The local runner's state directory [default: <tmp>/br2k-UID/up/NAME].
     #[arg(long, value_name = "DIR")]
     state_dir: Option<std::path::PathBuf>,
 
@@ -37,7 +37,7 @@ impl StatusArgs {
         let body = &info.recovery;
         let replicas = match body.context.as_str() {
             "" => Err("no deployment recorded".to_owned()),
-            LOCAL => br2k_deploy::local::replica_views(&super::up::state_dir(&self.name, self.state_dir.clone()))
+            LOCAL => br2k_deploy::local::replica_views(&super::up::state_dir(&self.name, self.state_dir.clone())?)
                 .await
                 .map_err(|e| e.to_string()),
             context => match self.kubernetes(context).await {

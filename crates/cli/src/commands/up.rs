@@ -39,7 +39,7 @@ pub(crate) struct UpArgs {
     name: String,
 
     /// Data, logs and run.json go here; wiped at each `up` unless --keep-data
-    /// [default: <tmp>/br2k-up/NAME].
+    /// [default: <tmp>/br2k-UID/up/NAME].
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
 
@@ -53,6 +53,12 @@ pub(crate) struct UpArgs {
     /// service's manager, instead of starting a local anvil.
     #[arg(long)]
     use_chain: bool,
+
+    /// With --use-chain: each replica's own operator key (kept 0600 in the state
+    /// directory's operators/) is topped up to this much ETH from the wallet key when below
+    /// half of it, for the gas of publishing locations. 0 sends nothing.
+    #[arg(long, value_name = "ETH", default_value = "0.05", value_parser = crate::backends::parse_ether)]
+    operator_funds: alloy::primitives::U256,
 
     /// Run in the background; returns once the service is up. Stop it with `br2k down`.
     #[arg(long)]
@@ -73,7 +79,7 @@ pub(crate) struct DownArgs {
     #[arg(long, default_value = "logserver")]
     name: String,
 
-    /// The state directory given to `br2k up` [default: <tmp>/br2k-up/NAME].
+    /// The state directory given to `br2k up` [default: <tmp>/br2k-UID/up/NAME].
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
 }
@@ -82,14 +88,18 @@ pub(crate) struct DownArgs {
 /// readiness into run.json rather than print to a terminal nobody reads).
 const DETACHED_ENV: &str = "BR2K_UP_DETACHED";
 
-pub(crate) fn state_dir(name: &str, given: Option<PathBuf>) -> PathBuf {
-    given.unwrap_or_else(|| std::env::temp_dir().join("br2k-up").join(name))
+/// The state directory: the one given, or `NAME` in the user's private `<tmp>/br2k-<uid>/up`.
+pub(crate) fn state_dir(name: &str, given: Option<PathBuf>) -> Result<PathBuf> {
+    match given {
+        Some(dir) => Ok(dir),
+        None => Ok(br2k_deploy::local::work_root()?.join("up").join(name)),
+    }
 }
 
 impl UpArgs {
     pub(crate) async fn run(self, global: &GlobalOpts) -> Result<()> {
         let out = global.output();
-        let dir = state_dir(&self.name, self.state_dir.clone());
+        let dir = state_dir(&self.name, self.state_dir.clone())?;
         if let Some(pid) = running_pid(&dir) {
             bail!(
                 "{:?} is already up (runner pid {pid}, state in {}); stop it with `br2k down --name {}`",
@@ -109,6 +119,7 @@ impl UpArgs {
                 rpc_url: global.chain.rpc_url.clone(),
                 registry: global.registry.registry,
                 key: Box::new(key),
+                operator_funds: self.operator_funds,
             }
         } else {
             ChainChoice::Local
@@ -366,7 +377,7 @@ async fn detach(dir: &Path, out: &Output) -> Result<()> {
 impl DownArgs {
     pub(crate) async fn run(self, global: &GlobalOpts) -> Result<()> {
         let out = global.output();
-        let dir = state_dir(&self.name, self.state_dir);
+        let dir = state_dir(&self.name, self.state_dir)?;
         let path = dir.join("run.json");
         let text = match std::fs::read_to_string(&path) {
             Ok(text) => text,

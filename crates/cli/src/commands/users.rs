@@ -53,7 +53,7 @@ pub(crate) struct UsersArgs {
     #[arg(long)]
     check_local: bool,
 
-    /// The local runner's state directory [default: <tmp>/br2k-up/NAME].
+    /// The local runner's state directory [default: <tmp>/br2k-UID/up/NAME].
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
 }
@@ -105,7 +105,7 @@ impl UsersArgs {
                 }),
             );
         }
-        let dir = super::up::state_dir(&self.name, self.state_dir);
+        let dir = super::up::state_dir(&self.name, self.state_dir)?;
         let (findings, markdown) = deployed::check_local(&dir, &config, &run, &progress).await?;
         out.result(&markdown, &serde_json::to_value(&findings)?)?;
         if findings.passed() { Ok(()) } else { Err(ChecksFailed.into()) }

@@ -110,7 +110,7 @@ transaction [..] (block 6, gas [..])
 
 "#]]);
     env.br2k(Some(2)).args(["service", "accept", "logserver"]).assert().success().stdout_eq(str![[r#"
-0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC now manages "logserver"
+0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC now manages "logserver"; the previous manager's operators were removed: allow your replicas' keys with `br2k service operator add logserver ADDRESS`
 transaction [..] (block 7, gas [..])
 
 "#]]);

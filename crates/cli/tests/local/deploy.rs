@@ -117,15 +117,27 @@ impl Drop for Deployed<'_> {
     }
 }
 
+/// The process id of each running app replica.
+fn app_pids(dir: &Path) -> Vec<u64> {
+    let run = crate::work_root(&dir.join("tmp")).join("up/deployed/run.json");
+    let run: Value = serde_json::from_str(&std::fs::read_to_string(run).unwrap()).unwrap();
+    run["nodes"].as_array().unwrap().iter().map(|n| n["app_pid"].as_u64().unwrap()).collect()
+}
+
 /// The executable each running app replica was started from (`/proc/PID/exe`).
 fn app_executables(dir: &Path) -> Vec<PathBuf> {
-    let run: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("tmp/br2k-up/deployed/run.json")).unwrap()).unwrap();
-    run["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| std::fs::read_link(format!("/proc/{}/exe", n["app_pid"].as_u64().unwrap())).unwrap())
+    app_pids(dir).into_iter().map(|pid| std::fs::read_link(format!("/proc/{pid}/exe")).unwrap()).collect()
+}
+
+/// The key each running app replica was given (its `ETH_PRIVATE_KEY`).
+fn app_keys(dir: &Path) -> Vec<String> {
+    app_pids(dir)
+        .into_iter()
+        .map(|pid| {
+            let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+            let key = environ.split(|b| *b == 0).find_map(|v| v.strip_prefix(b"ETH_PRIVATE_KEY="));
+            String::from_utf8(key.expect("a replica publishing locations has a key").to_vec()).unwrap()
+        })
         .collect()
 }
 
@@ -160,9 +172,14 @@ fn deploy_local_runs_the_image_pulled_from_the_registry_and_records_it_on_chain(
     };
     let first: Value = serde_json::from_str(&ok(deploy(&["--image", "br2k/logserver:v1", "--replicas", "3"]))).unwrap();
     let guard = Deployed(dir.path(), &anvil);
-    let unpacked = dir.path().join("tmp/br2k-deploy/deployed/rootfs/usr/local/bin/br2k-logserver");
+    let unpacked =
+        crate::work_root(&dir.path().join("tmp")).join("deploy/deployed/rootfs/usr/local/bin/br2k-logserver");
     assert!(unpacked.starts_with(first["app"].as_str().unwrap()), "{first}");
     assert_eq!(app_executables(dir.path()), vec![unpacked.clone(); 3], "every replica runs the unpacked image");
+    let keys = app_keys(dir.path());
+    let manager = alloy::hex::encode_prefixed(anvil.key(0).to_bytes());
+    assert!(!keys.contains(&manager), "no replica holds the manager's key");
+    assert_eq!(keys.iter().collect::<std::collections::HashSet<_>>().len(), 3, "each replica has a key of its own");
     assert_eq!(std::fs::read(&unpacked).unwrap(), std::fs::read(logserver()).unwrap());
     let location = first["location"].as_str().unwrap().to_owned();
     let (status, _) = http(&location, "GET", "/br2k/health", "");

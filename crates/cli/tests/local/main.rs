@@ -44,6 +44,14 @@ fn ok(output: std::process::Output) -> String {
     String::from_utf8(output.stdout).unwrap()
 }
 
+/// The private directory `br2k` keeps local state under when TMPDIR is `tmp`:
+/// `tmp/br2k-<uid>` (the uid read back from a directory this user just made).
+fn work_root(tmp: &std::path::Path) -> PathBuf {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::create_dir_all(tmp).unwrap();
+    tmp.join(format!("br2k-{}", std::fs::metadata(tmp).unwrap().uid()))
+}
+
 /// The logserver binary `cargo test --workspace` builds next to `br2k`.
 fn logserver() -> PathBuf {
     let path = PathBuf::from(env!("CARGO_BIN_EXE_br2k")).with_file_name("br2k-logserver");

@@ -58,7 +58,7 @@ impl Project {
     }
 
     fn state_dir(&self) -> PathBuf {
-        self.dir.path().join("tmp/br2k-up").join(self.service)
+        crate::work_root(&self.dir.path().join("tmp")).join("up").join(self.service)
     }
 
     fn manager_log(&self, n: usize) -> PathBuf {
@@ -247,7 +247,8 @@ fn a_claim_after_every_replica_died_brings_the_service_back_from_its_image_with_
     assert!(log.contains("pulling") && log.contains("every blob checked"), "{log}");
     assert_eq!(project.state(), "running");
     // The replicas run the image unpacked from the pull, not the build output.
-    let unpacked = project.dir.path().join("tmp/br2k-deploy/recovered/rootfs/usr/local/bin/br2k-logserver");
+    let unpacked =
+        crate::work_root(&project.dir.path().join("tmp")).join("deploy/recovered/rootfs/usr/local/bin/br2k-logserver");
     let run: Value =
         serde_json::from_str(&std::fs::read_to_string(project.state_dir().join("run.json")).unwrap()).unwrap();
     for node in run["nodes"].as_array().unwrap() {

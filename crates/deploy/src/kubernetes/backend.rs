@@ -47,20 +47,7 @@ impl KubernetesBackend {
         let entry = self.registries.entry_for_url(&record.image.registry_url)?;
         let pull = Credentials::find(&entry.host())?.map(|c| (entry.host(), c));
         let operator = operator_key(&self.config_dir, &self.context.name, service)?;
-        if !self.registry.operators(service).await?.contains(&operator.address()) {
-            progress(&format!("allowing the replicas' key {} to publish locations", operator.address()));
-            self.registry.set_operator(service, operator.address(), true).await?;
-        }
-        let chain = self.registry.chain();
-        let balance = chain.balance(operator.address()).await?;
-        if self.operator_funds > U256::ZERO && balance < self.operator_funds / U256::from(2) {
-            let top_up = self.operator_funds - balance;
-            progress(&format!(
-                "sending {} ETH to the replicas' key for gas",
-                alloy::primitives::utils::format_ether(top_up)
-            ));
-            chain.send_value(operator.address(), top_up).await?;
-        }
+        crate::operator_key::allow_and_fund(&self.registry, service, &operator, self.operator_funds, progress).await?;
         let values = SecretValues { operator_key: Some(alloy::hex::encode_prefixed(operator.to_bytes())), pull };
         let manifests = Manifests::build(&spec, &values)?;
         progress(&format!(

@@ -159,32 +159,5 @@ pub fn operator_key(
     context: &str,
     service: &str,
 ) -> Result<alloy::signers::local::PrivateKeySigner> {
-    use std::os::unix::fs::PermissionsExt as _;
-    let path = dir.join("operators").join(context).join(format!("{service}.key"));
-    match std::fs::metadata(&path) {
-        Ok(metadata) => {
-            let mode = metadata.permissions().mode() & 0o777;
-            if mode & 0o077 != 0 {
-                return Err(DeployError::Invalid(format!(
-                    "the operator key {} is readable by others (mode {mode:03o}): run `chmod 600 {}`",
-                    path.display(),
-                    path.display()
-                )));
-            }
-            let text =
-                std::fs::read_to_string(&path).map_err(|e| DeployError::io(format!("read {}", path.display()), e))?;
-            text.trim().parse().map_err(|_| {
-                DeployError::Invalid(format!(
-                    "{} holds no private key; remove it to have a new one made",
-                    path.display()
-                ))
-            })
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let key = alloy::signers::local::PrivateKeySigner::random();
-            crate::private_file::write(&path, format!("{}\n", alloy::hex::encode_prefixed(key.to_bytes())).as_bytes())?;
-            Ok(key)
-        }
-        Err(e) => Err(DeployError::io(format!("read {}", path.display()), e)),
-    }
+    crate::operator_key::load_or_create(&dir.join("operators").join(context).join(format!("{service}.key")))
 }

@@ -29,9 +29,9 @@ use crate::image::ImageStore;
 pub struct LocalBackend {
     /// The `br2k` executable whose `up` command runs the replicas.
     pub runner: PathBuf,
-    /// Where each service's state directory goes (`br2k up`'s default: `<tmp>/br2k-up`).
+    /// Where each service's state directory goes (`br2k up`'s default: `<tmp>/br2k-<uid>/up`).
     pub state_root: PathBuf,
-    /// Where each service's pulled image and unpacked files go (`<tmp>/br2k-deploy`).
+    /// Where each service's pulled image and unpacked files go (`<tmp>/br2k-<uid>/deploy`).
     pub image_root: PathBuf,
     /// The project's container registries (for plain-HTTP and credentials by URL).
     pub registries: RegistryList,
@@ -51,10 +51,14 @@ pub struct LocalBackend {
 const START_TIMEOUT: Duration = Duration::from_secs(180);
 
 impl LocalBackend {
-    /// The defaults `br2k up` and `br2k deploy` use for `state_root` and `image_root`.
-    pub fn default_roots() -> (PathBuf, PathBuf) {
-        let tmp = std::env::temp_dir();
-        (tmp.join("br2k-up"), tmp.join("br2k-deploy"))
+    /// The defaults `br2k up` and `br2k deploy` use for `state_root` and `image_root`, in
+    /// the user's private [`super::work_root`].
+    ///
+    /// # Errors
+    /// When the private directory cannot be made or is not private.
+    pub fn default_roots() -> Result<(PathBuf, PathBuf)> {
+        let root = super::work_root()?;
+        Ok((root.join("up"), root.join("deploy")))
     }
 
     /// The state directory of `service`'s runner.

@@ -25,6 +25,7 @@ pub mod run_file;
 mod sandbox;
 mod sys;
 mod tools;
+mod work_root;
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -41,6 +42,7 @@ pub use chain::LocalChain;
 pub use net::{LocalNetwork, MAX_NODES, NetworkMode};
 pub use sandbox::{ChainChoice, Sandbox, SandboxSpec, is_loopback_url};
 pub use tools::sibling_binary;
+pub use work_root::work_root;
 
 use crate::error::{DeployError, Result};
 

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use alloy::primitives::{Address, B256};
+use alloy::primitives::{Address, B256, U256};
 use alloy::signers::local::PrivateKeySigner;
 use br2k_bindings::IServiceRegistry::Body;
 use br2k_resolver::{Chain, RegistryClient, Resolved, Timeouts};
@@ -20,8 +20,10 @@ pub enum ChainChoice {
     /// Start a throwaway anvil, deploy a registry on it, register the service, and give
     /// each replica its own funded dev key as operator.
     Local,
-    /// An existing chain. `key` is the service's manager key; it also publishes for
-    /// every replica. Without `registry`, a new registry is deployed.
+    /// An existing chain. `key` is the service's manager key; it registers the service and
+    /// funds one operator key per replica, kept 0600 in the work directory's `operators/`
+    /// (the replicas never hold the manager's key). Without `registry`, a new registry is
+    /// deployed.
     Existing {
         /// JSON-RPC URL (must be reachable from the nodes).
         rpc_url: String,
@@ -29,6 +31,8 @@ pub enum ChainChoice {
         registry: Option<Address>,
         /// The manager's key (boxed: it is large next to the other variant).
         key: Box<PrivateKeySigner>,
+        /// Each replica key is topped up to this (wei) when below half of it.
+        operator_funds: U256,
     },
 }
 
@@ -82,6 +86,7 @@ impl Sandbox {
             Some(slot) => LocalNetwork::reclaim(spec.network, spec.replicas, slot)?,
             None => LocalNetwork::claim(spec.network, spec.replicas)?,
         };
+        let mut funds = U256::ZERO;
         let (chain, rpc_url, manager, registry) = match spec.chain.clone() {
             ChainChoice::Local => {
                 progress(&format!("starting a local chain (anvil) on {}", network.host_address()));
@@ -92,7 +97,8 @@ impl Sandbox {
                 let key = chain.key(0);
                 (Some(chain), url, key, None)
             }
-            ChainChoice::Existing { rpc_url, registry, key } => {
+            ChainChoice::Existing { rpc_url, registry, key, operator_funds } => {
+                funds = operator_funds;
                 if network.uses_namespaces() && is_loopback_url(&rpc_url) {
                     return Err(DeployError::Invalid(format!(
                         "the nodes run in their own network namespaces and cannot reach {rpc_url} (loopback); \
@@ -104,7 +110,12 @@ impl Sandbox {
         };
         let operators: Vec<PrivateKeySigner> = match &chain {
             Some(chain) => (1..=spec.replicas).map(|i| chain.key(i)).collect(),
-            None => vec![manager.clone()],
+            None => (0..spec.replicas)
+                .map(|i| {
+                    let path = spec.work_dir.join("operators").join(format!("node-{i}.key"));
+                    crate::operator_key::load_or_create(&path)
+                })
+                .collect::<Result<_>>()?,
         };
         let client = Chain::connect(&rpc_url, Some(manager.clone()), Timeouts::default()).await?;
         let registry = match registry {
@@ -115,7 +126,10 @@ impl Sandbox {
                 client.registry(deployment.address).await?
             }
         };
-        register(&registry, &spec, manager.address(), &operators, progress).await?;
+        register(&registry, &spec, manager.address(), progress).await?;
+        for key in &operators {
+            crate::operator_key::allow_and_fund(&registry, &spec.service, key, funds, progress).await?;
+        }
         let service_spec = ServiceSpec {
             service: spec.service.clone(),
             app: spec.app,
@@ -190,12 +204,11 @@ impl Sandbox {
     }
 }
 
-/// Registers the service (or checks that this key manages it) and allows the operators.
+/// Registers the service (or checks that this key manages it).
 async fn register(
     registry: &RegistryClient,
     spec: &SandboxSpec,
     manager: Address,
-    operators: &[PrivateKeySigner],
     progress: &dyn Fn(&str),
 ) -> Result<()> {
     match registry.info(&spec.service).await {
@@ -221,11 +234,6 @@ async fn register(
             registry.register(&spec.service, body).await?;
         }
         Err(e) => return Err(e.into()),
-    }
-    for key in operators {
-        if key.address() != manager {
-            registry.set_operator(&spec.service, key.address(), true).await?;
-        }
     }
     Ok(())
 }

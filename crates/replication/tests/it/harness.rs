@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use br2k_bindings::IServiceRegistry::Body;
 use br2k_replication::{
-    AppState, Config, EntryState, Outcome, Publisher, Replicated, Reply, Request, Role, SnapshotBuilder,
+    AppState, Config, EntryState, Limits, Outcome, Publisher, Replicated, Reply, Request, Role, SnapshotBuilder,
     SnapshotPolicy, Status, Step, Timings,
 };
 use br2k_resolver::{Chain, RegistryClient, Timeouts};
@@ -37,6 +37,10 @@ pub(crate) struct Journal {
     pub(crate) slow_reached: Notify,
     /// How many snapshots were restored into this journal.
     pub(crate) restores: AtomicU64,
+    /// While armed, the next `/append` panics here (one time).
+    pub(crate) panic_armed: AtomicBool,
+    /// While armed, the next `/append` never completes here (one time).
+    pub(crate) hang_armed: AtomicBool,
 }
 
 impl Journal {
@@ -50,6 +54,8 @@ impl Journal {
             slow_armed: AtomicBool::new(false),
             slow_reached: Notify::new(),
             restores: AtomicU64::new(0),
+            panic_armed: AtomicBool::new(false),
+            hang_armed: AtomicBool::new(false),
         }
     }
 
@@ -103,6 +109,10 @@ fn text(request: &Request) -> String {
 }
 
 async fn append(state: Arc<Journal>, request: Request) -> Outcome {
+    assert!(!state.panic_armed.swap(false, Ordering::SeqCst), "injected panic at index {}", request.index);
+    if state.hang_armed.swap(false, Ordering::SeqCst) {
+        std::future::pending::<()>().await;
+    }
     let text = text(&request);
     if text == "fail" {
         return Err(Reply::error(400, "asked to fail"));
@@ -140,6 +150,17 @@ async fn once(state: Arc<Journal>, request: Request) -> Outcome {
 async fn reconcile(state: Arc<Journal>, request: Request) -> Option<Outcome> {
     let sent = state.outside.sent.lock().unwrap().contains(&request.index);
     sent.then(|| Ok(Reply::json(200, &serde_json::json!({ "sent": request.index, "reconciled": true }))))
+}
+
+/// The token `/guarded` asks for.
+pub(crate) const TOKEN: &str = "s3cret-token";
+
+/// `/guarded` takes only JSON strings, from a client with the token.
+fn admit_guarded(request: &Request) -> Result<(), Reply> {
+    br2k_replication::bearer_token(TOKEN)(request)?;
+    serde_json::from_slice::<String>(&request.body)
+        .map(drop)
+        .map_err(|e| Reply::error(422, &format!("the body must be a JSON string: {e}")))
 }
 
 async fn list(state: Arc<Journal>, _request: Request) -> Outcome {
@@ -205,8 +226,8 @@ pub(crate) struct Cluster {
     pub(crate) http: reqwest::Client,
     /// The snapshot policy replicas start with (off unless a test turns it on).
     pub(crate) snapshots: SnapshotPolicy,
-    /// The largest request body replicas started from now on accept (default 1 KiB).
-    pub(crate) max_body: usize,
+    /// The limits replicas started from now on have (bodies of up to 1 KiB by default).
+    pub(crate) limits: Limits,
 }
 
 pub(crate) fn timeouts() -> Timeouts {
@@ -216,6 +237,10 @@ pub(crate) fn timeouts() -> Timeouts {
 impl Cluster {
     /// etcd and (optionally) a chain, without replicas yet.
     pub(crate) async fn new(with_registry: bool) -> Self {
+        // `BR2K_TEST_LOG=info cargo test ... -- --nocapture` shows what the replicas say.
+        if let Ok(filter) = std::env::var("BR2K_TEST_LOG") {
+            let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+        }
         let etcd = EtcdCluster::spawn().expect("etcd starts (run `bash tools/setup.sh` if it is missing)");
         Self::on(etcd, with_registry).await
     }
@@ -223,6 +248,13 @@ impl Cluster {
     /// Three replicas on `etcd`, without snapshots.
     pub(crate) async fn start_on(etcd: EtcdCluster) -> Self {
         Self::on(etcd, false).await.with_replicas(SnapshotPolicy::disabled()).await
+    }
+
+    /// Three replicas with `limits` on `etcd`, without snapshots.
+    pub(crate) async fn start_on_limited(etcd: EtcdCluster, limits: Limits) -> Self {
+        let mut cluster = Self::on(etcd, false).await;
+        cluster.limits = limits;
+        cluster.with_replicas(SnapshotPolicy::disabled()).await
     }
 
     async fn on(etcd: EtcdCluster, with_registry: bool) -> Self {
@@ -258,7 +290,7 @@ impl Cluster {
             ports,
             http: reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap(),
             snapshots: SnapshotPolicy::disabled(),
-            max_body: 1024,
+            limits: Limits { max_body: 1024, ..Limits::default() },
         }
     }
 
@@ -272,11 +304,10 @@ impl Cluster {
         Self::new(false).await.with_replicas(policy).await
     }
 
-    /// etcd and three replicas that accept bodies of up to `max_body` bytes.
-    pub(crate) async fn start_accepting(max_body: usize) -> Self {
-        let mut cluster = Self::new(false).await;
-        cluster.max_body = max_body;
-        cluster.with_replicas(SnapshotPolicy::disabled()).await
+    /// etcd and three replicas with `limits`.
+    pub(crate) async fn start_limited(limits: Limits) -> Self {
+        let etcd = EtcdCluster::spawn().expect("etcd starts (run `bash tools/setup.sh` if it is missing)");
+        Self::start_on_limited(etcd, limits).await
     }
 
     async fn with_replicas(mut self, policy: SnapshotPolicy) -> Self {
@@ -333,7 +364,7 @@ impl Cluster {
             member_ttl: Duration::from_secs(2),
         };
         config.snapshots = self.snapshots;
-        config.max_body = self.max_body;
+        config.limits = self.limits;
         if let Some(registry) = &self.registry {
             let chain =
                 Chain::connect(&registry.anvil.endpoint(), Some(registry.anvil.key(i + 1)), timeouts()).await.unwrap();
@@ -350,6 +381,8 @@ impl Cluster {
             .reconcile("POST", "/once", reconcile)
             .external_txn("POST", "/ext", external)
             .read("GET", "/list", list)
+            .replicate("POST", "/guarded", append)
+            .admit("POST", "/guarded", admit_guarded)
             .on_step(move |step, _index| {
                 let observer = observer.clone();
                 async move {

@@ -96,12 +96,17 @@ fn bad_declarations_are_refused_with_every_problem_named() {
     }
     let mut config = Config::new("bad name", "r/1", "localhost:2379", ([127, 0, 0, 1], 0).into(), "ftp://x", "/tmp/x");
     config.snapshots = br2k_replication::SnapshotPolicy { interval: 50, trailing: 50 };
+    config.kept_headers = vec!["x-trace".into(), "Authorization".into()];
+    config.limits.max_body = 2 * 1024 * 1024;
+    config.limits.max_head = 100;
+    config.limits.handler_timeout = std::time::Duration::ZERO;
     let error = Replicated::builder(config)
         .replicate("POST", "/a", handler)
         .replicate("POST", "/a", handler)
         .read("GET", "/br2k/status", handler)
         .rollback("POST", "/missing", |_: std::sync::Arc<Nothing>, _| async {})
         .reconcile("POST", "/a", |_: std::sync::Arc<Nothing>, _| async { None })
+        .admit("GET", "/missing", |_| Ok(()))
         .build(Nothing)
         .err()
         .expect("refused");
@@ -116,6 +121,11 @@ fn bad_declarations_are_refused_with_every_problem_named() {
         "public URL \"ftp://x\"",
         "etcd endpoint \"localhost:2379\"",
         "trailing entries (50) must be smaller than the snapshot interval (50)",
+        "header \"Authorization\" carries credentials and cannot be kept",
+        "max body 2097152 must be between 1 and 524288 bytes",
+        "max head 100 must be between 1024 and 65536 bytes",
+        "the handler timeout 0ns must be at least 100 ms",
+        "admission for GET /missing: declare the route first",
     ] {
         assert!(text.contains(expected), "{expected:?} missing from: {text}");
     }
