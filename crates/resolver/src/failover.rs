@@ -264,6 +264,9 @@ impl FailoverClient {
     pub fn new(resolver: Resolver, service: impl Into<String>, config: FailoverConfig) -> Result<Self, FailoverError> {
         let http = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
+            // Replicas close a connection that sends nothing for 10 s (their head timeout);
+            // dropping idle ones first keeps a request from meeting one being closed.
+            .pool_idle_timeout(Duration::from_secs(5))
             .build()
             .map_err(|e| FailoverError::InvalidRequest(format!("cannot build the HTTP client: {e}")))?;
         let inner = Inner {

@@ -228,6 +228,8 @@ pub(crate) struct Cluster {
     pub(crate) snapshots: SnapshotPolicy,
     /// The limits replicas started from now on have (bodies of up to 1 KiB by default).
     pub(crate) limits: Limits,
+    /// The timings replicas started from now on have (fast ones by default).
+    pub(crate) timings: Timings,
 }
 
 pub(crate) fn timeouts() -> Timeouts {
@@ -252,8 +254,16 @@ impl Cluster {
 
     /// Three replicas with `limits` on `etcd`, without snapshots.
     pub(crate) async fn start_on_limited(etcd: EtcdCluster, limits: Limits) -> Self {
+        Self::start_on_with(etcd, limits, None).await
+    }
+
+    /// Three replicas with `limits` (and `etcd_timeout`, if given) on `etcd`.
+    pub(crate) async fn start_on_with(etcd: EtcdCluster, limits: Limits, etcd_timeout: Option<Duration>) -> Self {
         let mut cluster = Self::on(etcd, false).await;
         cluster.limits = limits;
+        if let Some(timeout) = etcd_timeout {
+            cluster.timings.etcd_timeout = timeout;
+        }
         cluster.with_replicas(SnapshotPolicy::disabled()).await
     }
 
@@ -291,6 +301,13 @@ impl Cluster {
             http: reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap(),
             snapshots: SnapshotPolicy::disabled(),
             limits: Limits { max_body: 1024, ..Limits::default() },
+            timings: Timings {
+                check_interval: Duration::from_millis(50),
+                etcd_timeout: Duration::from_millis(500),
+                follow_poll: Duration::from_millis(200),
+                publish_retry: Duration::from_millis(500),
+                member_ttl: Duration::from_secs(2),
+            },
         }
     }
 
@@ -356,13 +373,7 @@ impl Cluster {
             url.clone(),
             self.dirs[i].path(),
         );
-        config.timings = Timings {
-            check_interval: Duration::from_millis(50),
-            etcd_timeout: Duration::from_millis(500),
-            follow_poll: Duration::from_millis(200),
-            publish_retry: Duration::from_millis(500),
-            member_ttl: Duration::from_secs(2),
-        };
+        config.timings = self.timings;
         config.snapshots = self.snapshots;
         config.limits = self.limits;
         if let Some(registry) = &self.registry {
