@@ -16,6 +16,8 @@ contract ServiceRegistry is IServiceRegistry {
     uint256 public constant MAX_REASON_LENGTH = 256;
     /// @notice Longest accepted string field of a Body, in bytes.
     uint256 public constant MAX_BODY_FIELD_LENGTH = 256;
+    /// @notice Longest accepted backup artifact reference, in bytes.
+    uint256 public constant MAX_REFERENCE_LENGTH = 256;
 
     /// @notice Seconds a claimant must wait between two claims for the same service.
     uint64 public immutable claimCooldown;
@@ -45,6 +47,7 @@ contract ServiceRegistry is IServiceRegistry {
     mapping(bytes32 id => Service service) private _services;
     mapping(bytes32 id => mapping(uint64 operatorSet => mapping(address operator => bool allowed))) private _operators;
     mapping(bytes32 id => mapping(address claimant => uint64 timestamp)) private _nextClaimAt;
+    mapping(bytes32 id => Backup backup) private _backups;
 
     /// @param claimCooldown_ Seconds between two claims of one claimant for one service.
     constructor(uint64 claimCooldown_) {
@@ -110,6 +113,39 @@ contract ServiceRegistry is IServiceRegistry {
         uint64 previous = service.epoch;
         _setLocation(id, service, location, epoch);
         emit LocationReset(id, location, epoch, previous);
+    }
+
+    /// @inheritdoc IServiceRegistry
+    function recordBackup(bytes32 id, uint64 index, bytes32 digest, string calldata artifact) external {
+        Service storage service = _services[id];
+        // As in updateLocation: an operator implies the service exists.
+        if (!_operators[id][service.operatorSet][msg.sender]) {
+            if (service.state == State.None) revert ServiceRegistryUnknownService(id);
+            if (service.manager != msg.sender) revert ServiceRegistryNotManagerOrOperator(id, msg.sender);
+        }
+        Backup storage backup = _backups[id];
+        uint64 current = backup.index;
+        if (index <= current) revert ServiceRegistryStaleBackup(id, index, current);
+        uint256 length = bytes(artifact).length;
+        if (digest == bytes32(0) || length == 0) revert ServiceRegistryInvalidBackup(id);
+        _checkLength(length, MAX_REFERENCE_LENGTH);
+
+        backup.index = index;
+        backup.recordedAt = uint64(block.timestamp);
+        backup.digest = digest;
+        backup.artifact = artifact;
+        emit BackupRecorded(id, index, digest);
+    }
+
+    /// @inheritdoc IServiceRegistry
+    function getBackup(bytes32 id)
+        external
+        view
+        returns (uint64 index, bytes32 digest, string memory artifact, uint64 recordedAt)
+    {
+        _existing(id);
+        Backup storage backup = _backups[id];
+        return (backup.index, backup.digest, backup.artifact, backup.recordedAt);
     }
 
     /// @inheritdoc IServiceRegistry

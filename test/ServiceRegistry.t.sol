@@ -362,6 +362,127 @@ contract ServiceRegistryTest is ServiceRegistryFixture {
 
     // ---------------------------------------------------------------- getServiceLocation
 
+    // ---------------------------------------------------------------- recordBackup
+
+    string internal constant ARTIFACT = "127.0.0.1:5000/logserver@sha256:ab";
+
+    function test_GetBackupBeforeAnyIsZero() public view {
+        (uint64 index, bytes32 digest, string memory artifact, uint64 recordedAt) = registry.getBackup(id);
+        vm.assertEq(uint256(index), 0, "index");
+        vm.assertEq(digest, bytes32(0), "digest");
+        vm.assertEq(artifact, "", "artifact");
+        vm.assertEq(uint256(recordedAt), 0, "recordedAt");
+    }
+
+    function test_RecordBackupByOperator() public {
+        vm.expectEmit(address(registry));
+        emit IServiceRegistry.BackupRecorded(id, 100, keccak256("b1"));
+        vm.prank(operator);
+        registry.recordBackup(id, 100, keccak256("b1"), ARTIFACT);
+
+        (uint64 index, bytes32 digest, string memory artifact, uint64 recordedAt) = registry.getBackup(id);
+        vm.assertEq(uint256(index), 100, "index");
+        vm.assertEq(digest, keccak256("b1"), "digest");
+        vm.assertEq(artifact, ARTIFACT, "artifact");
+        vm.assertEq(uint256(recordedAt), block.timestamp, "recordedAt");
+    }
+
+    function test_RecordBackupByManager() public {
+        vm.prank(manager);
+        registry.recordBackup(id, 1, keccak256("b1"), ARTIFACT);
+        (uint64 index,,,) = registry.getBackup(id);
+        vm.assertEq(uint256(index), 1, "index");
+    }
+
+    function test_RevertWhen_RecordBackupStale() public {
+        vm.prank(operator);
+        registry.recordBackup(id, 100, keccak256("b1"), ARTIFACT);
+        for (uint64 stale = 99; stale <= 100; stale++) {
+            vm.expectRevert(
+                abi.encodeWithSelector(IServiceRegistry.ServiceRegistryStaleBackup.selector, id, stale, uint64(100))
+            );
+            vm.prank(operator);
+            registry.recordBackup(id, stale, keccak256("b0"), ARTIFACT);
+        }
+        (, bytes32 digest,,) = registry.getBackup(id);
+        vm.assertEq(digest, keccak256("b1"), "the newer backup stays");
+    }
+
+    function test_RevertWhen_RecordBackupIndexZero() public {
+        vm.expectRevert(abi.encodeWithSelector(IServiceRegistry.ServiceRegistryStaleBackup.selector, id, 0, 0));
+        vm.prank(operator);
+        registry.recordBackup(id, 0, keccak256("b1"), ARTIFACT);
+    }
+
+    function test_RevertWhen_RecordBackupNotManagerOrOperator() public {
+        vm.expectRevert(
+            abi.encodeWithSelector(IServiceRegistry.ServiceRegistryNotManagerOrOperator.selector, id, stranger)
+        );
+        vm.prank(stranger);
+        registry.recordBackup(id, 1, keccak256("b1"), ARTIFACT);
+    }
+
+    function test_RevertWhen_RecordBackupByAClearedOperator() public {
+        vm.prank(manager);
+        registry.transferManager(id, nextManager);
+        vm.prank(nextManager);
+        registry.acceptManager(id);
+        vm.expectRevert(
+            abi.encodeWithSelector(IServiceRegistry.ServiceRegistryNotManagerOrOperator.selector, id, operator)
+        );
+        vm.prank(operator);
+        registry.recordBackup(id, 1, keccak256("b1"), ARTIFACT);
+    }
+
+    function test_RevertWhen_RecordBackupUnknownService() public {
+        bytes32 unknown = keccak256("unknown");
+        vm.expectRevert(abi.encodeWithSelector(IServiceRegistry.ServiceRegistryUnknownService.selector, unknown));
+        vm.prank(operator);
+        registry.recordBackup(unknown, 1, keccak256("b1"), ARTIFACT);
+    }
+
+    function test_RevertWhen_RecordBackupInvalid() public {
+        vm.expectRevert(abi.encodeWithSelector(IServiceRegistry.ServiceRegistryInvalidBackup.selector, id));
+        vm.prank(operator);
+        registry.recordBackup(id, 1, bytes32(0), ARTIFACT);
+        vm.expectRevert(abi.encodeWithSelector(IServiceRegistry.ServiceRegistryInvalidBackup.selector, id));
+        vm.prank(operator);
+        registry.recordBackup(id, 1, keccak256("b1"), "");
+        vm.expectRevert(abi.encodeWithSelector(IServiceRegistry.ServiceRegistryTooLong.selector, 257, 256));
+        vm.prank(operator);
+        registry.recordBackup(id, 1, keccak256("b1"), _string(257));
+    }
+
+    function test_RevertWhen_GetBackupUnknownService() public {
+        bytes32 unknown = keccak256("unknown");
+        vm.expectRevert(abi.encodeWithSelector(IServiceRegistry.ServiceRegistryUnknownService.selector, unknown));
+        registry.getBackup(unknown);
+    }
+
+    function testFuzz_RecordBackupIndexOnlyIncreases(uint64 first, uint64 second) public {
+        vm.assume(first > 0);
+        vm.prank(operator);
+        registry.recordBackup(id, first, keccak256("first"), ARTIFACT);
+        if (second <= first) {
+            vm.expectRevert(
+                abi.encodeWithSelector(IServiceRegistry.ServiceRegistryStaleBackup.selector, id, second, first)
+            );
+        }
+        vm.prank(operator);
+        registry.recordBackup(id, second, keccak256("second"), ARTIFACT);
+        (uint64 index,,,) = registry.getBackup(id);
+        vm.assertEq(uint256(index), second > first ? second : first, "the higher index wins");
+    }
+
+    function testFuzz_RecordBackupOnlyManagerOrOperator(address caller) public {
+        vm.assume(caller != manager && caller != operator);
+        vm.expectRevert(
+            abi.encodeWithSelector(IServiceRegistry.ServiceRegistryNotManagerOrOperator.selector, id, caller)
+        );
+        vm.prank(caller);
+        registry.recordBackup(id, 1, keccak256("b1"), ARTIFACT);
+    }
+
     // ---------------------------------------------------------------- resetLocation
 
     function test_ResetLocationUnsticksAnEpochAtTheMaximum() public {
@@ -693,6 +814,17 @@ contract ServiceRegistryTest is ServiceRegistryFixture {
 
     /// @dev Measures a leader's publication as it happens in production: an operator key,
     /// an existing service that already has a location, a location of at most 31 bytes.
+    /// @dev A leader recording its backups: an operator key, the second and later records
+    /// of a service (the slots already written once), a reference of about 90 bytes.
+    function test_RecordBackupGas() public {
+        string memory artifact =
+            "registry.example:5000/br2k/logserver@sha256:0123456789abcdef0123456789abcdef0123456789abcd";
+        vm.prank(operator);
+        registry.recordBackup(id, 10_000, keccak256("b1"), artifact);
+        vm.prank(operator);
+        registry.recordBackup(id, 20_000, keccak256("b2"), artifact);
+    }
+
     function test_UpdateLocationGasHotPath() public {
         vm.prank(operator);
         registry.updateLocation(id, "http://10.0.0.7:8080", 1);

@@ -52,6 +52,21 @@ interface IServiceRegistry {
         uint64 updatedAt;
     }
 
+    /// @notice A backup of a service's state (the paper's follow-up: backups located through
+    /// the registry). The bytes live in the service's container registry as OCI artifacts;
+    /// the chain records which one is the latest and what its content must hash to.
+    /// @param index Log index the backup reaches: everything up to it is in the backup.
+    /// @param digest sha256 digest of the backup's OCI manifest.
+    /// @param artifact Where to fetch it (the issue's `reference`, a reserved word in
+    /// Solidity), e.g. `registry.example/logserver@sha256:…`; never a credential.
+    /// @param recordedAt Block timestamp of the record.
+    struct Backup {
+        uint64 index;
+        uint64 recordedAt;
+        bytes32 digest;
+        string artifact;
+    }
+
     /// @notice A service was registered; `manager` is its first manager.
     event ServiceRegistered(bytes32 indexed id, string name, address indexed manager);
     /// @notice A leader published its location with a higher epoch than any before.
@@ -69,6 +84,8 @@ interface IServiceRegistry {
     event ManagerTransferStarted(bytes32 indexed id, address indexed from, address indexed to);
     /// @notice The service's manager changed (`from == address(0)` at registration).
     event ManagerTransferred(bytes32 indexed id, address indexed from, address indexed to);
+    /// @notice A backup reaching log index `index` was recorded as the service's latest.
+    event BackupRecorded(bytes32 indexed id, uint64 index, bytes32 digest);
     /// @notice A new manager took the service: every operator of the previous one was
     /// disallowed (`operatorSet` is the new, empty set).
     event OperatorsCleared(bytes32 indexed id, uint64 operatorSet);
@@ -96,6 +113,11 @@ interface IServiceRegistry {
     /// @notice `updateLocation` carried an epoch that is not higher than the stored one:
     /// it comes from a stale (demoted or partitioned) leader.
     error ServiceRegistryStaleEpoch(bytes32 id, uint64 epoch, uint64 currentEpoch);
+    /// @notice `recordBackup` carried an index that is not above the recorded one: an
+    /// older backup (from a stale leader, or replayed) never replaces a newer one.
+    error ServiceRegistryStaleBackup(bytes32 id, uint64 index, uint64 currentIndex);
+    /// @notice `recordBackup` was given a zero digest or an empty artifact reference.
+    error ServiceRegistryInvalidBackup(bytes32 id);
     /// @notice `updateLocation` was given an empty location.
     error ServiceRegistryEmptyLocation(bytes32 id);
     /// @notice The zero address cannot be an operator.
@@ -132,6 +154,16 @@ interface IServiceRegistry {
     /// @notice Returns where the service's leader serves, the epoch of that publication and
     /// the service's state.
     function getServiceLocation(bytes32 id) external view returns (string memory location, uint64 epoch, State state);
+
+    /// @notice Records the service's latest backup. Manager or operator only; `index` must
+    /// be above the recorded index, `digest` non-zero and `artifact` non-empty.
+    function recordBackup(bytes32 id, uint64 index, bytes32 digest, string calldata artifact) external;
+
+    /// @notice Returns the service's latest recorded backup (all zero before the first).
+    function getBackup(bytes32 id)
+        external
+        view
+        returns (uint64 index, bytes32 digest, string memory artifact, uint64 recordedAt);
 
     /// @notice Reports that the service is not serving. Anyone, at most once per cooldown
     /// per (service, claimant).

@@ -27,6 +27,14 @@ contract ServiceRegistryInvariantTest is Test {
         }
     }
 
+    function invariant_BackupIndexNeverDecreases() public view {
+        vm.assertFalse(handler.backupIndexDecreased(), "a recorded backup index went down");
+    }
+
+    function invariant_OnlyManagerOrOperatorRecordedBackups() public view {
+        vm.assertFalse(handler.unauthorizedBackup(), "a backup recorded by someone not allowed to");
+    }
+
     function invariant_NoOperatorSurvivesAManagerTransfer() public view {
         vm.assertFalse(handler.operatorSurvivedTransfer(), "an operator of the previous manager is still allowed");
     }
@@ -59,8 +67,9 @@ contract ServiceRegistryInvariantTest is Test {
         handler.acceptManager(1, 4);
         handler.sendClaim(0, 4);
         handler.resetLocation(0, 0, 0);
+        handler.recordBackup(0, 2, 7, false); // operator of service 0
 
-        bytes4[8] memory selectors = [
+        bytes4[9] memory selectors = [
             IServiceRegistry.updateLocation.selector,
             IServiceRegistry.setOperator.selector,
             IServiceRegistry.setState.selector,
@@ -68,7 +77,8 @@ contract ServiceRegistryInvariantTest is Test {
             IServiceRegistry.transferManager.selector,
             IServiceRegistry.acceptManager.selector,
             IServiceRegistry.sendClaim.selector,
-            IServiceRegistry.resetLocation.selector
+            IServiceRegistry.resetLocation.selector,
+            IServiceRegistry.recordBackup.selector
         ];
         for (uint256 i = 0; i < selectors.length; i++) {
             vm.assertGe(handler.successes(selectors[i]), 1, "an authorised handler action did not succeed");
@@ -77,5 +87,7 @@ contract ServiceRegistryInvariantTest is Test {
         vm.assertEq(handler.registry().getHeader(handler.ids(1)).manager, address(0xE71), "transfer accepted");
         vm.assertFalse(handler.registry().isOperator(handler.ids(1), address(0x0B2)), "its operator cleared");
         vm.assertEq(uint256(handler.registry().getHeader(handler.ids(0)).epoch), 0, "reset to 0");
+        (uint64 backupIndex,,,) = handler.registry().getBackup(handler.ids(0));
+        vm.assertEq(uint256(backupIndex), 8, "backup recorded");
     }
 }

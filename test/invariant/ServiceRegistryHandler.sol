@@ -20,12 +20,18 @@ contract ServiceRegistryHandler is CheatCodes {
         IServiceRegistry.State state;
         bytes32 body;
         address manager;
+        uint64 backupIndex;
+        bytes32 backup;
     }
 
     /// Set when a service's epoch went down other than by its manager's `resetLocation`.
     bool public epochDecreased;
     /// Set when a previous manager's operator could still publish after a transfer.
     bool public operatorSurvivedTransfer;
+    /// Set when a service's recorded backup index went down.
+    bool public backupIndexDecreased;
+    /// Set when a backup was recorded by someone neither manager nor operator.
+    bool public unauthorizedBackup;
     /// Set when a location or epoch changed although the caller was neither the service's
     /// manager nor one of its operators at the time of the call.
     bool public unauthorizedLocationChange;
@@ -98,6 +104,14 @@ contract ServiceRegistryHandler is CheatCodes {
         }
     }
 
+    function recordBackup(uint256 serviceSeed, uint256 actorSeed, uint64 indexDelta, bool stale) external {
+        bytes32 id = _service(serviceSeed);
+        (uint64 current,,,) = registry.getBackup(id);
+        uint64 index = stale ? current - uint64(_bound(indexDelta, 0, current)) : current + 1 + (indexDelta % 1000);
+        bytes32 digest = keccak256(abi.encode(index, indexDelta));
+        _call(actorSeed, abi.encodeCall(IServiceRegistry.recordBackup, (id, index, digest, "oci.example/app@sha256:x")));
+    }
+
     function resetLocation(uint256 serviceSeed, uint256 actorSeed, uint64 epoch) external {
         bytes32 id = _service(serviceSeed);
         _call(actorSeed, abi.encodeCall(IServiceRegistry.resetLocation, (id, "http://10.0.0.1:8080", epoch)));
@@ -134,6 +148,8 @@ contract ServiceRegistryHandler is CheatCodes {
             if (locationChanged && !isManager && !wasOperator[i]) unauthorizedLocationChange = true;
             bool bodyOrStateChanged = after_.body != prior.body || after_.state != prior.state;
             if (bodyOrStateChanged && !isManager) unauthorizedBodyOrStateChange = true;
+            if (after_.backupIndex < prior.backupIndex) backupIndexDecreased = true;
+            if (after_.backup != prior.backup && !isManager && !wasOperator[i]) unauthorizedBackup = true;
         }
     }
 
@@ -144,6 +160,9 @@ contract ServiceRegistryHandler is CheatCodes {
         s.state = header.state;
         s.manager = header.manager;
         s.body = keccak256(abi.encode(registry.getRecoveryInfo(id)));
+        (uint64 index, bytes32 digest, string memory artifact, uint64 recordedAt) = registry.getBackup(id);
+        s.backupIndex = index;
+        s.backup = keccak256(abi.encode(index, digest, artifact, recordedAt));
     }
 
     function _service(uint256 seed) private view returns (bytes32) {

@@ -195,6 +195,15 @@ pub fn describe_revert(revert: &ServiceRegistryErrors, name: Option<&str>) -> St
             e.currentEpoch,
             service(&e.id)
         ),
+        E::ServiceRegistryStaleBackup(e) => format!(
+            "backup index {} is not above the recorded backup index {} of {} (ServiceRegistryStaleBackup)",
+            e.index,
+            e.currentIndex,
+            service(&e.id)
+        ),
+        E::ServiceRegistryInvalidBackup(e) => {
+            format!("the backup for {} has a zero digest or no artifact reference", service(&e.id))
+        }
         E::ServiceRegistryEmptyLocation(e) => format!("the location for {} is empty", service(&e.id)),
         E::ServiceRegistryZeroAddress(_) => "the address is the zero address".into(),
         E::ServiceRegistryInvalidState(e) => {

@@ -8,7 +8,9 @@ mod resolver;
 
 pub use error::{Error, Result, describe_revert};
 pub use failover::{AttemptFailure, FailoverClient, FailoverConfig, FailoverError, Request};
-pub use registry::{Chain, Deployment, RegistryClient, Resolved, ServiceInfo, Timeouts, TxOutcome, service_id};
+pub use registry::{
+    Chain, Deployment, RecordedBackup, RegistryClient, Resolved, ServiceInfo, Timeouts, TxOutcome, service_id,
+};
 pub use resolver::{Resolver, ResolverConfig};
 
 /// The header a br2k replica that is not the leader sets on its `503` answer, naming the

@@ -339,6 +339,19 @@ pub struct ServiceInfo {
     pub recovery: Body,
 }
 
+/// The latest backup of a service as the registry records it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordedBackup {
+    /// The log index it reaches.
+    pub index: u64,
+    /// The sha256 digest of its OCI manifest.
+    pub digest: B256,
+    /// Where to fetch it (`host/repository@sha256:…`).
+    pub artifact: String,
+    /// When it was recorded (unix seconds, block time).
+    pub recorded_at: u64,
+}
+
 /// The `ServiceRegistry` at one address on a [`Chain`].
 #[derive(Clone, Debug)]
 pub struct RegistryClient {
@@ -589,6 +602,36 @@ impl RegistryClient {
     pub async fn reset_location(&self, name: &str, location: &str, epoch: u64) -> Result<TxOutcome> {
         self.send(name, "reset the location", self.instance.resetLocation(service_id(name), location.into(), epoch))
             .await
+    }
+
+    /// Records `name`'s latest backup (manager or operator): `index` must be above the
+    /// recorded one.
+    ///
+    /// # Errors
+    /// `NoSigner`, `Reverted` (stale index, not allowed, empty artifact), RPC and timeout errors.
+    pub async fn record_backup(&self, name: &str, index: u64, digest: B256, artifact: &str) -> Result<TxOutcome> {
+        let call = self.instance.recordBackup(service_id(name), index, digest, artifact.into());
+        self.send(name, "record the backup", call).await
+    }
+
+    /// `name`'s latest recorded backup; `None` before the first.
+    ///
+    /// # Errors
+    /// `UnknownService`, RPC and timeout errors.
+    pub async fn backup(&self, name: &str) -> Result<Option<RecordedBackup>> {
+        let action = "read the backup";
+        let call = self.instance.getBackup(service_id(name));
+        let backup = self
+            .chain
+            .bounded(action, call.call().into_future())
+            .await?
+            .map_err(|e| self.named(name, self.error(action, e)))?;
+        Ok((backup.index > 0).then_some(RecordedBackup {
+            index: backup.index,
+            digest: backup.digest,
+            artifact: backup.artifact,
+            recorded_at: backup.recordedAt,
+        }))
     }
 
     /// Sets the state (manager only).

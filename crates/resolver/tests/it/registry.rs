@@ -81,3 +81,26 @@ async fn funds_are_sent_and_balances_read() {
     assert_eq!(outcome.gas_used, 21_000, "a plain transfer");
     assert_eq!(chain.balance(fresh).await.unwrap(), wei);
 }
+
+#[tokio::test]
+async fn backups_are_recorded_read_back_and_never_go_back() {
+    let f = Fixture::new(300).await;
+    assert_eq!(f.manager.backup(NAME).await.unwrap(), None, "no backup before the first");
+    let digest = alloy::primitives::B256::repeat_byte(0xab);
+    let artifact = "127.0.0.1:5000/logserver@sha256:abab";
+    let recorded = f.operator.record_backup(NAME, 10_000, digest, artifact).await.unwrap();
+    let backup = f.manager.backup(NAME).await.unwrap().expect("recorded");
+    assert_eq!((backup.index, backup.digest, backup.artifact.as_str()), (10_000, digest, artifact));
+    assert!(backup.recorded_at > 0);
+    // A second record (the steady state a leader is in) costs less than the first.
+    let again = f.operator.record_backup(NAME, 20_000, digest, artifact).await.unwrap();
+    assert!(again.gas_used < recorded.gas_used, "{} then {}", recorded.gas_used, again.gas_used);
+    match f.operator.record_backup(NAME, 15_000, digest, artifact).await {
+        Err(e @ Error::Reverted { revert: ServiceRegistryErrors::ServiceRegistryStaleBackup(_), .. }) => {
+            let text = e.to_string();
+            assert!(text.contains("backup index 15000 is not above the recorded backup index 20000"), "{text}");
+        }
+        other => panic!("expected a stale-backup revert, got {other:?}"),
+    }
+    assert_eq!(f.manager.backup(NAME).await.unwrap().unwrap().index, 20_000, "the newer backup stays");
+}
