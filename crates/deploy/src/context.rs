@@ -245,7 +245,7 @@ impl Contexts {
     /// Writes `value` to `path`, mode 0600.
     fn save_private(&self, path: &Path, value: &serde_json::Value) -> Result<()> {
         let text = serde_json::to_string_pretty(value).expect("serializes") + "\n";
-        crate::private_file::write(path, text.as_bytes())
+        Ok(br2k_oci::private_file::write(path, text.as_bytes())?)
     }
 }
 

@@ -73,6 +73,9 @@ pub enum DeployError {
     /// The chain or the registry refused or failed.
     #[error(transparent)]
     Registry(#[from] br2k_resolver::Error),
+    /// An image or a container registry refused or failed.
+    #[error(transparent)]
+    Oci(#[from] br2k_oci::OciError),
 }
 
 fn log_hint(log: Option<&PathBuf>) -> String {

@@ -39,7 +39,10 @@ pub fn load_or_create(path: &Path) -> Result<PrivateKeySigner> {
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key = PrivateKeySigner::random();
-            crate::private_file::write(path, format!("{}\n", alloy::hex::encode_prefixed(key.to_bytes())).as_bytes())?;
+            br2k_oci::private_file::write(
+                path,
+                format!("{}\n", alloy::hex::encode_prefixed(key.to_bytes())).as_bytes(),
+            )?;
             Ok(key)
         }
         Err(e) => Err(DeployError::io(format!("read {}", path.display()), e)),

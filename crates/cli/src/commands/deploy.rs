@@ -5,12 +5,12 @@
 use alloy::signers::local::PrivateKeySigner;
 use anyhow::{Context, Result, bail};
 use br2k_deploy::backend::Backend;
-use br2k_deploy::container_registry::{Credentials, RegistryEntry, RegistryList};
 use br2k_deploy::context::{ContextInfo, LOCAL};
 use br2k_deploy::deployment::{self, DeploymentRecord, PinnedImage, Recorded};
-use br2k_deploy::image::{ImageRecord, ImageStore};
 use br2k_deploy::kubernetes::{self, KubernetesBackend, KubernetesSpec, Manifests, SecretValues};
 use br2k_deploy::local::LocalBackend;
+use br2k_oci::image::{ImageRecord, ImageStore};
+use br2k_oci::registry::{Credentials, RegistryEntry, RegistryList};
 use br2k_resolver::RegistryClient;
 use clap::Args;
 use serde_json::json;

@@ -5,10 +5,8 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use anyhow::{Context, bail};
-use br2k_deploy::container_registry::{
-    Credentials, PASSWORD_ENV, RegistryClient, RegistryEntry, RegistryList, USERNAME_ENV,
-};
-use br2k_deploy::image::{ImageSpec, ImageStore};
+use br2k_oci::image::{ImageSpec, ImageStore};
+use br2k_oci::registry::{Credentials, PASSWORD_ENV, RegistryClient, RegistryEntry, RegistryList, USERNAME_ENV};
 use clap::{Args, Subcommand};
 
 use super::GlobalOpts;

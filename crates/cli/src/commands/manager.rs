@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Result;
-use br2k_deploy::container_registry::RegistryList;
 use br2k_manager::{Manager, ManagerConfig, Metrics};
+use br2k_oci::registry::RegistryList;
 use clap::{Args, Subcommand};
 
 use super::GlobalOpts;

@@ -10,10 +10,10 @@ use kube::api::{Api, ListParams};
 
 use super::{Client, ClusterSettings, KubernetesSpec, Manifests, SecretValues, apply, operator_key};
 use crate::backend::{Backend, Deployed, Progress, ReplicaView};
-use crate::container_registry::{Credentials, RegistryList};
 use crate::context::ContextInfo;
 use crate::deployment::DeploymentRecord;
 use crate::error::{DeployError, Result};
+use br2k_oci::registry::{Credentials, RegistryList};
 
 /// How to deploy to one Kubernetes context.
 #[derive(Clone)]

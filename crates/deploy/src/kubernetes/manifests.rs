@@ -30,9 +30,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Serialize;
 
-use crate::container_registry::Credentials;
 use crate::context::WorkerNode;
 use crate::error::{DeployError, Result};
+use br2k_oci::registry::Credentials;
 
 /// The label br2k selects worker nodes by when a node was given without labels.
 pub const NODE_LABEL: &str = "br2k.io/node";

@@ -18,11 +18,11 @@ use futures::future::BoxFuture;
 use super::run_file::{RunFile, running_pid};
 use super::{NetworkMode, stop_runner};
 use crate::backend::{Backend, Deployed, Progress, ReplicaView};
-use crate::container_registry::RegistryList;
 use crate::context::LOCAL;
 use crate::deployment::DeploymentRecord;
 use crate::error::{DeployError, Result};
-use crate::image::ImageStore;
+use br2k_oci::image::ImageStore;
+use br2k_oci::registry::RegistryList;
 
 /// How to run a service's replicas on this machine.
 #[derive(Clone, Debug)]

@@ -6,12 +6,12 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-use crate::error::{DeployError, Result};
+use crate::error::{OciError, Result};
 
 /// Writes `bytes` to `path` (creating its directory), mode 0600.
-pub(crate) fn write(path: &Path, bytes: &[u8]) -> Result<()> {
+pub fn write(path: &Path, bytes: &[u8]) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| DeployError::io(format!("create {}", dir.display()), e))?;
+        std::fs::create_dir_all(dir).map_err(|e| OciError::io(format!("create {}", dir.display()), e))?;
     }
     let temp = path.with_extension("partial");
     let _ = std::fs::remove_file(&temp);
@@ -25,5 +25,5 @@ pub(crate) fn write(path: &Path, bytes: &[u8]) -> Result<()> {
         let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
         std::fs::File::open(dir)?.sync_all()
     };
-    write().map_err(|e| DeployError::io(format!("write {}", path.display()), e))
+    write().map_err(|e| OciError::io(format!("write {}", path.display()), e))
 }

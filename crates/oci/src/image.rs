@@ -17,7 +17,7 @@ use std::process::Command;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::error::{DeployError, Result};
+use crate::error::{OciError, Result};
 
 /// OCI media types used here.
 pub mod media_type {
@@ -102,9 +102,7 @@ impl ImageStore {
         let hex = digest
             .strip_prefix("sha256:")
             .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
-            .ok_or_else(|| {
-                DeployError::Invalid(format!("{digest:?} is not a sha256 digest (sha256:<64 hex digits>)"))
-            })?;
+            .ok_or_else(|| OciError::Invalid(format!("{digest:?} is not a sha256 digest (sha256:<64 hex digits>)")))?;
         Ok(self.root.join("blobs/sha256").join(hex))
     }
 
@@ -114,10 +112,10 @@ impl ImageStore {
     /// A missing blob, or one whose bytes no longer match (the store was tampered with).
     pub fn read_blob(&self, digest: &str) -> Result<Vec<u8>> {
         let path = self.blob_path(digest)?;
-        let bytes = std::fs::read(&path).map_err(|e| DeployError::io(format!("read {}", path.display()), e))?;
+        let bytes = std::fs::read(&path).map_err(|e| OciError::io(format!("read {}", path.display()), e))?;
         let actual = sha256_digest(&bytes);
         if actual != digest {
-            return Err(DeployError::Invalid(format!(
+            return Err(OciError::Invalid(format!(
                 "blob {} holds {actual}, not {digest}: the image store is damaged; build the image again",
                 path.display()
             )));
@@ -150,18 +148,18 @@ impl ImageStore {
         check_name(&spec.name)?;
         check_tag(&spec.tag)?;
         let binary = std::fs::read(&spec.binary)
-            .map_err(|e| DeployError::io(format!("read the binary {}", spec.binary.display()), e))?;
+            .map_err(|e| OciError::io(format!("read the binary {}", spec.binary.display()), e))?;
         let file_name = spec
             .binary
             .file_name()
             .and_then(|n| n.to_str())
-            .ok_or_else(|| DeployError::Invalid(format!("{} has no usable file name", spec.binary.display())))?;
+            .ok_or_else(|| OciError::Invalid(format!("{} has no usable file name", spec.binary.display())))?;
         let binary_sha256 = sha256_digest(&binary);
         let entrypoint = format!("/{BIN_DIR}/{file_name}");
         let mut files = vec![(entrypoint.trim_start_matches('/').to_owned(), binary.clone(), 0o755)];
         for library in shared_libraries(&spec.binary)? {
             let bytes = std::fs::read(&library)
-                .map_err(|e| DeployError::io(format!("read the library {}", library.display()), e))?;
+                .map_err(|e| OciError::io(format!("read the library {}", library.display()), e))?;
             let inside = library.to_string_lossy().trim_start_matches('/').to_owned();
             files.push((inside, bytes, 0o755));
         }
@@ -244,7 +242,7 @@ impl ImageStore {
             match std::fs::remove_file(&path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(DeployError::io(format!("remove {}", path.display()), e)),
+                Err(e) => return Err(OciError::io(format!("remove {}", path.display()), e)),
             }
         }
         Ok(Some(removed))
@@ -260,9 +258,9 @@ impl ImageStore {
     pub fn extract(&self, record: &ImageRecord, dir: &Path) -> Result<PathBuf> {
         let layer = self.read_blob(&record.layer_digest)?;
         let bad = |detail: String| {
-            DeployError::Invalid(format!("layer {} of {}: {detail}", record.layer_digest, record.reference()))
+            OciError::Invalid(format!("layer {} of {}: {detail}", record.layer_digest, record.reference()))
         };
-        std::fs::create_dir_all(dir).map_err(|e| DeployError::io(format!("create {}", dir.display()), e))?;
+        std::fs::create_dir_all(dir).map_err(|e| OciError::io(format!("create {}", dir.display()), e))?;
         let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(layer.as_slice()));
         let entries = archive.entries().map_err(|e| bad(format!("not a gzip tar: {e}")))?;
         for entry in entries {
@@ -278,7 +276,7 @@ impl ImageStore {
             }
             let unpacked = entry
                 .unpack_in(dir)
-                .map_err(|e| DeployError::io(format!("unpack {} into {}", path.display(), dir.display()), e))?;
+                .map_err(|e| OciError::io(format!("unpack {} into {}", path.display(), dir.display()), e))?;
             if !unpacked {
                 return Err(bad(format!("entry {} leaves the image root", path.display())));
             }
@@ -298,10 +296,10 @@ impl ImageStore {
         let path = self.images_path();
         match std::fs::read_to_string(&path) {
             Ok(text) => serde_json::from_str(&text).map_err(|e| {
-                DeployError::Invalid(format!("{} is not a br2k image list: {e}; fix or remove it", path.display()))
+                OciError::Invalid(format!("{} is not a br2k image list: {e}; fix or remove it", path.display()))
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ImagesFile::default()),
-            Err(e) => Err(DeployError::io(format!("read {}", path.display()), e)),
+            Err(e) => Err(OciError::io(format!("read {}", path.display()), e)),
         }
     }
 
@@ -316,7 +314,7 @@ impl ImageStore {
         let path = self.blob_path(digest)?;
         let actual = sha256_digest(bytes);
         if actual != digest {
-            return Err(DeployError::Invalid(format!("content with digest {actual} offered as {digest}")));
+            return Err(OciError::Invalid(format!("content with digest {actual} offered as {digest}")));
         }
         if path.is_file() {
             return Ok(()); // content-addressed: already there is already right
@@ -336,20 +334,20 @@ fn hex(bytes: &[u8]) -> String {
 
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| DeployError::io(format!("create {}", dir.display()), e))?;
+    std::fs::create_dir_all(dir).map_err(|e| OciError::io(format!("create {}", dir.display()), e))?;
     let temp = path.with_extension("partial");
     std::fs::write(&temp, bytes)
         .and_then(|()| std::fs::rename(&temp, path))
-        .map_err(|e| DeployError::io(format!("write {}", path.display()), e))
+        .map_err(|e| OciError::io(format!("write {}", path.display()), e))
 }
 
 /// The shared libraries `binary` loads, as `ldd` lists them (none for a static binary).
 fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>> {
     let output = Command::new("ldd").arg(binary).output().map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
-            DeployError::ToolNotFound { program: "ldd (libc-bin)".into(), searched: "PATH".into() }
+            OciError::ToolNotFound { program: "ldd (libc-bin)".into(), searched: "PATH".into() }
         } else {
-            DeployError::io("run ldd", e)
+            OciError::io("run ldd", e)
         }
     })?;
     let text = String::from_utf8_lossy(&output.stdout);
@@ -358,7 +356,7 @@ fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>> {
         if text.contains("not a dynamic executable") || err.contains("not a dynamic executable") {
             return Ok(Vec::new());
         }
-        return Err(DeployError::Invalid(format!("ldd {} failed: {}", binary.display(), err.trim())));
+        return Err(OciError::Invalid(format!("ldd {} failed: {}", binary.display(), err.trim())));
     }
     Ok(parse_ldd(&text))
 }
@@ -390,7 +388,7 @@ fn layer_tar(files: &[(String, Vec<u8>, u32)]) -> Result<Vec<u8>> {
     let mut sorted: Vec<&(String, Vec<u8>, u32)> = files.iter().collect();
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
     let mut builder = tar::Builder::new(Vec::new());
-    let fail = |e: std::io::Error| DeployError::io("write the image layer", e);
+    let fail = |e: std::io::Error| OciError::io("write the image layer", e);
     for dir in dirs {
         let mut header = fixed_header(tar::EntryType::Directory, 0o755, 0);
         builder.append_data(&mut header, &dir, std::io::empty()).map_err(fail)?;
@@ -416,8 +414,8 @@ fn fixed_header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
 /// gzip with no name and time in its header, so equal input gives equal output.
 fn gzip(bytes: &[u8]) -> Result<Vec<u8>> {
     let mut encoder = flate2::GzBuilder::new().mtime(0).write(Vec::new(), flate2::Compression::new(6));
-    encoder.write_all(bytes).map_err(|e| DeployError::io("compress the image layer", e))?;
-    encoder.finish().map_err(|e| DeployError::io("compress the image layer", e))
+    encoder.write_all(bytes).map_err(|e| OciError::io("compress the image layer", e))?;
+    encoder.finish().map_err(|e| OciError::io("compress the image layer", e))
 }
 
 /// Image names as OCI distribution allows them (lowercase path components).
@@ -432,7 +430,7 @@ fn check_name(name: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(DeployError::Invalid(format!(
+        Err(OciError::Invalid(format!(
             "image name {name:?} must be lowercase letters, digits, '.', '_', '-' in '/'-separated parts, each starting with a letter or digit"
         )))
     }
@@ -447,7 +445,7 @@ fn check_tag(tag: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(DeployError::Invalid(format!(
+        Err(OciError::Invalid(format!(
             "tag {tag:?} must be 1-128 letters, digits, '.', '_', '-', not starting with '.' or '-'"
         )))
     }

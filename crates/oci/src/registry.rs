@@ -12,7 +12,7 @@ use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderValue, LOCATION
 use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 
-use crate::error::{DeployError, Result};
+use crate::error::{OciError, Result};
 use crate::image::{ImageRecord, ImageStore, media_type};
 
 /// A user name and password for a registry. Its `Debug` never shows the password.
@@ -49,10 +49,10 @@ impl Credentials {
         let text = match std::fs::read_to_string(&path) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(DeployError::io(format!("read {}", path.display()), e)),
+            Err(e) => return Err(OciError::io(format!("read {}", path.display()), e)),
         };
         Self::from_docker_config(&text, host)
-            .map_err(|reason| DeployError::Invalid(format!("{}: {reason}", path.display())))
+            .map_err(|reason| OciError::Invalid(format!("{}: {reason}", path.display())))
     }
 
     /// Stores these credentials for `host` in Docker's `config.json` (as `docker login`
@@ -64,20 +64,20 @@ impl Credentials {
     /// files that cannot be written.
     pub fn save_to_docker_config(&self, host: &str) -> Result<std::path::PathBuf> {
         let path = docker_config_path().ok_or_else(|| {
-            DeployError::Invalid("neither DOCKER_CONFIG nor HOME is set: cannot find Docker's config.json".into())
+            OciError::Invalid("neither DOCKER_CONFIG nor HOME is set: cannot find Docker's config.json".into())
         })?;
         let mut config = match std::fs::read_to_string(&path) {
             Ok(text) => serde_json::from_str::<serde_json::Value>(&text)
                 .ok()
                 .filter(serde_json::Value::is_object)
                 .ok_or_else(|| {
-                    DeployError::Invalid(format!(
+                    OciError::Invalid(format!(
                         "{} is not a Docker config (a JSON object); fix it first",
                         path.display()
                     ))
                 })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => serde_json::json!({}),
-            Err(e) => return Err(DeployError::io(format!("read {}", path.display()), e)),
+            Err(e) => return Err(OciError::io(format!("read {}", path.display()), e)),
         };
         let auth = base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", self.username, self.password));
         if !config["auths"].is_object() {
@@ -168,24 +168,24 @@ impl RegistryClient {
     pub fn new(url: &str, plain_http: bool, credentials: Option<Credentials>) -> Result<Self> {
         let base = url.trim_end_matches('/').to_owned();
         let parsed = reqwest::Url::parse(&base)
-            .map_err(|e| DeployError::Invalid(format!("registry URL {url:?} is not a URL: {e}")))?;
+            .map_err(|e| OciError::Invalid(format!("registry URL {url:?} is not a URL: {e}")))?;
         match parsed.scheme() {
             "https" => {}
             "http" if plain_http => {}
             "http" => {
-                return Err(DeployError::Invalid(format!(
+                return Err(OciError::Invalid(format!(
                     "registry {url} is plain HTTP, which sends images and credentials unencrypted; allow it explicitly for this registry if that is intended"
                 )));
             }
             other => {
-                return Err(DeployError::Invalid(format!("registry URL {url:?}: scheme {other:?} is not http(s)")));
+                return Err(OciError::Invalid(format!("registry URL {url:?}: scheme {other:?} is not http(s)")));
             }
         }
         let http = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)
             .connect_timeout(Duration::from_secs(10))
             .build()
-            .map_err(|e| DeployError::Invalid(format!("cannot build an HTTP client: {e}")))?;
+            .map_err(|e| OciError::Invalid(format!("cannot build an HTTP client: {e}")))?;
         Ok(Self {
             base,
             http,
@@ -294,7 +294,7 @@ impl RegistryClient {
         // that does not hash to it is not that image, whatever the registry says.
         let actual = crate::image::sha256_digest(&manifest);
         if actual != digest {
-            return Err(DeployError::Invalid(format!(
+            return Err(OciError::Invalid(format!(
                 "the manifest {} serves for {repository}@{digest} does not match that digest (its content hashes to {actual}); \
                  refusing to run it: the registry's copy was altered or replaced. Push the image again, or record the image \
                  that should run with `br2k deploy --image`",
@@ -376,13 +376,13 @@ impl RegistryClient {
                 request = request.body(body.clone());
             }
             let response =
-                request.send().await.map_err(|e| DeployError::Invalid(format!("registry {}: {e}", self.base)))?;
+                request.send().await.map_err(|e| OciError::Invalid(format!("registry {}: {e}", self.base)))?;
             if response.status() != StatusCode::UNAUTHORIZED {
                 return Ok(response);
             }
             if challenged {
                 let who = self.credentials.as_ref().map_or_else(String::new, |c| format!(" for user {:?}", c.username));
-                return Err(DeployError::Invalid(format!(
+                return Err(OciError::Invalid(format!(
                     "registry {} refused the credentials{who} (401): check the user name and password ({USERNAME_ENV}/{PASSWORD_ENV}, or `docker login`)",
                     self.base
                 )));
@@ -397,7 +397,7 @@ impl RegistryClient {
 
     async fn answer_challenge(&self, challenge: &str) -> Result<HeaderValue> {
         let needs_credentials = || {
-            DeployError::Invalid(format!(
+            OciError::Invalid(format!(
                 "registry {} needs credentials: set {USERNAME_ENV} and {PASSWORD_ENV}, or log in with `docker login` (Docker's config.json is read)",
                 self.base
             ))
@@ -406,9 +406,9 @@ impl RegistryClient {
             let token = base64::engine::general_purpose::STANDARD
                 .encode(format!("{}:{}", credentials.username, credentials.password));
             let mut value = HeaderValue::from_str(&format!("Basic {token}"))
-                .map_err(|_| DeployError::Invalid("the registry credentials are not valid header text".into()))?;
+                .map_err(|_| OciError::Invalid("the registry credentials are not valid header text".into()))?;
             value.set_sensitive(true);
-            Ok::<_, DeployError>(value)
+            Ok::<_, OciError>(value)
         };
         let (scheme, params) = challenge.split_once(' ').unwrap_or((challenge, ""));
         if scheme.eq_ignore_ascii_case("basic") {
@@ -439,16 +439,16 @@ impl RegistryClient {
             }
             _ => None,
         };
-        let answer = request.send().await.map_err(|e| DeployError::Invalid(format!("token service {realm}: {e}")))?;
+        let answer = request.send().await.map_err(|e| OciError::Invalid(format!("token service {realm}: {e}")))?;
         if matches!(answer.status(), StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
             return Err(match sent_credentials {
-                Some(credentials) => DeployError::Invalid(format!(
+                Some(credentials) => OciError::Invalid(format!(
                     "the token service of registry {} refused the credentials for user {:?} ({}): check the user name and password",
                     self.base,
                     credentials.username,
                     answer.status().as_u16()
                 )),
-                None if self.credentials.is_some() => DeployError::Invalid(format!(
+                None if self.credentials.is_some() => OciError::Invalid(format!(
                     "registry {} names a token service on another host ({}), which refused an anonymous request; \
                      br2k sends the registry's credentials only to the registry's own host. If that host is the \
                      registry's token service (as auth.docker.io is Docker Hub's), trust it with {TOKEN_HOSTS_ENV}={}",
@@ -549,7 +549,7 @@ fn check_repository(repository: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(DeployError::Invalid(format!("repository {repository:?} must be lowercase '/'-separated parts")))
+        Err(OciError::Invalid(format!("repository {repository:?} must be lowercase '/'-separated parts")))
     }
 }
 
@@ -565,8 +565,8 @@ async fn expect(response: reqwest::Response, status: StatusCode, action: &str) -
     ))
 }
 
-fn registry_error(action: &str, detail: &str) -> DeployError {
-    DeployError::Invalid(format!("the registry could not {action}: {detail}"))
+fn registry_error(action: &str, detail: &str) -> OciError {
+    OciError::Invalid(format!("the registry could not {action}: {detail}"))
 }
 
 #[cfg(test)]
@@ -682,7 +682,7 @@ impl RegistryList {
         let all = self.list()?;
         all.iter().find(|r| r.name == name).cloned().ok_or_else(|| {
             let known: Vec<&str> = all.iter().map(|r| r.name.as_str()).collect();
-            DeployError::Invalid(format!(
+            OciError::Invalid(format!(
                 "no container registry {name:?} in {} (known: {}); add it with `br2k image-registry add {name} URL`",
                 self.path.display(),
                 if known.is_empty() { "none".to_owned() } else { known.join(", ") }
@@ -699,7 +699,7 @@ impl RegistryList {
             && entry.name.len() <= 64
             && entry.name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
         if !name_ok {
-            return Err(DeployError::Invalid(format!(
+            return Err(OciError::Invalid(format!(
                 "registry name {:?} must be 1-64 letters, digits, '-', '_' or '.'",
                 entry.name
             )));
@@ -730,21 +730,18 @@ impl RegistryList {
     fn load(&self) -> Result<RegistryFile> {
         match std::fs::read_to_string(&self.path) {
             Ok(text) => serde_json::from_str(&text).map_err(|e| {
-                DeployError::Invalid(format!(
-                    "{} is not a br2k registry list: {e}; fix or remove it",
-                    self.path.display()
-                ))
+                OciError::Invalid(format!("{} is not a br2k registry list: {e}; fix or remove it", self.path.display()))
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(RegistryFile::default()),
-            Err(e) => Err(DeployError::io(format!("read {}", self.path.display()), e)),
+            Err(e) => Err(OciError::io(format!("read {}", self.path.display()), e)),
         }
     }
 
     fn save(&self, file: &RegistryFile) -> Result<()> {
         if let Some(dir) = self.path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| DeployError::io(format!("create {}", dir.display()), e))?;
+            std::fs::create_dir_all(dir).map_err(|e| OciError::io(format!("create {}", dir.display()), e))?;
         }
         let text = serde_json::to_string_pretty(file).expect("entries serialize") + "\n";
-        std::fs::write(&self.path, text).map_err(|e| DeployError::io(format!("write {}", self.path.display()), e))
+        std::fs::write(&self.path, text).map_err(|e| OciError::io(format!("write {}", self.path.display()), e))
     }
 }

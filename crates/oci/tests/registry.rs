@@ -3,11 +3,11 @@
 
 use std::path::Path;
 
-use br2k_deploy::container_registry::{Credentials, RegistryClient};
-use br2k_deploy::image::{ImageSpec, ImageStore};
+use br2k_oci::image::{ImageSpec, ImageStore};
+use br2k_oci::registry::{Credentials, RegistryClient};
 use br2k_test_utils::OciRegistry;
 
-fn built(store: &ImageStore) -> br2k_deploy::image::ImageRecord {
+fn built(store: &ImageStore) -> br2k_oci::image::ImageRecord {
     let spec = ImageSpec { binary: "/bin/true".into(), name: "br2k/demo".into(), tag: "v1".into(), port: 8080 };
     store.build(&spec).unwrap()
 }
