@@ -15,7 +15,7 @@
 set -euo pipefail
 
 tools_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-apt_packages=(protobuf-compiler libprotobuf-dev etcd-server etcd-client docker-registry iproute2 python3 python3-venv)
+apt_packages=(protobuf-compiler libprotobuf-dev etcd-server etcd-client docker-registry skopeo iproute2 python3 python3-venv)
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }

@@ -232,43 +232,135 @@ impl RegistryClient {
     pub async fn push(&self, store: &ImageStore, record: &ImageRecord, repository: &str) -> Result<String> {
         check_repository(repository)?;
         for digest in [&record.layer_digest, &record.config_digest] {
-            let url = format!("{}/v2/{repository}/blobs/{digest}", self.base);
-            if self.send(Method::HEAD, &url, None, None, None).await?.status() == StatusCode::OK {
-                continue;
+            if !self.has_blob(repository, digest).await? {
+                self.push_blob(repository, digest, store.read_blob(digest)?).await?;
             }
-            let bytes = store.read_blob(digest)?;
-            let start = self
-                .send(Method::POST, &format!("{}/v2/{repository}/blobs/uploads/", self.base), None, None, None)
-                .await?;
-            let start = expect(start, StatusCode::ACCEPTED, "start a blob upload").await?;
-            let location = start
-                .headers()
-                .get(LOCATION)
-                .and_then(|v| v.to_str().ok())
-                .ok_or_else(|| registry_error("start a blob upload", "the answer has no Location"))?;
-            let mut upload =
-                if location.starts_with("http") { location.to_owned() } else { format!("{}{location}", self.base) };
-            upload.push(if upload.contains('?') { '&' } else { '?' });
-            upload.push_str(&format!("digest={digest}"));
-            let done = self.send(Method::PUT, &upload, Some(bytes), Some("application/octet-stream"), None).await?;
-            expect(done, StatusCode::CREATED, "upload a blob").await?;
         }
         let manifest = store.read_blob(&record.digest)?;
-        let url = format!("{}/v2/{repository}/manifests/{}", self.base, record.tag);
-        let answer = self.send(Method::PUT, &url, Some(manifest), Some(media_type::MANIFEST), None).await?;
-        let answer = expect(answer, StatusCode::CREATED, "push the manifest").await?;
-        let digest = answer
+        self.push_manifest(repository, &record.tag, media_type::MANIFEST, manifest).await
+    }
+
+    /// Whether `repository` holds the blob `digest`.
+    ///
+    /// # Errors
+    /// Refused credentials, or a registry error.
+    pub async fn has_blob(&self, repository: &str, digest: &str) -> Result<bool> {
+        check_repository(repository)?;
+        let url = format!("{}/v2/{repository}/blobs/{digest}", self.base);
+        Ok(self.send(Method::HEAD, &url, None, None, None).await?.status() == StatusCode::OK)
+    }
+
+    /// Uploads `bytes` as the blob `digest` of `repository` (monolithic upload).
+    ///
+    /// # Errors
+    /// Bytes that do not hash to `digest`, refused credentials, or a registry error.
+    pub async fn push_blob(&self, repository: &str, digest: &str, bytes: Vec<u8>) -> Result<()> {
+        check_repository(repository)?;
+        let actual = crate::image::sha256_digest(&bytes);
+        if actual != digest {
+            return Err(OciError::Invalid(format!("content with digest {actual} offered as {digest}")));
+        }
+        let start =
+            self.send(Method::POST, &format!("{}/v2/{repository}/blobs/uploads/", self.base), None, None, None).await?;
+        let start = expect(start, StatusCode::ACCEPTED, "start a blob upload").await?;
+        let location = start
             .headers()
-            .get("docker-content-digest")
+            .get(LOCATION)
             .and_then(|v| v.to_str().ok())
-            .map_or_else(|| record.digest.clone(), str::to_owned);
-        if digest != record.digest {
+            .ok_or_else(|| registry_error("start a blob upload", "the answer has no Location"))?;
+        let mut upload =
+            if location.starts_with("http") { location.to_owned() } else { format!("{}{location}", self.base) };
+        upload.push(if upload.contains('?') { '&' } else { '?' });
+        upload.push_str(&format!("digest={digest}"));
+        let done = self.send(Method::PUT, &upload, Some(bytes), Some("application/octet-stream"), None).await?;
+        expect(done, StatusCode::CREATED, "upload a blob").await?;
+        Ok(())
+    }
+
+    /// Pushes `manifest` (of `kind`, a media type) to `repository` under `reference` (a tag
+    /// or its own digest); returns its digest, checked against what the registry reports.
+    ///
+    /// # Errors
+    /// Refused credentials, a registry error, or a registry that stored other bytes.
+    pub async fn push_manifest(
+        &self,
+        repository: &str,
+        reference: &str,
+        kind: &str,
+        manifest: Vec<u8>,
+    ) -> Result<String> {
+        check_repository(repository)?;
+        let digest = crate::image::sha256_digest(&manifest);
+        let url = format!("{}/v2/{repository}/manifests/{reference}", self.base);
+        let answer = self.send(Method::PUT, &url, Some(manifest), Some(kind), None).await?;
+        let answer = expect(answer, StatusCode::CREATED, "push the manifest").await?;
+        let stored = answer.headers().get("docker-content-digest").and_then(|v| v.to_str().ok()).unwrap_or(&digest);
+        if stored != digest {
             return Err(registry_error(
                 "push the manifest",
-                &format!("the registry stored it as {digest}, not {}", record.digest),
+                &format!("the registry stored it as {stored}, not {digest}"),
             ));
         }
         Ok(digest)
+    }
+
+    /// The manifest `digest` of `repository` (asking for `accept` media types), refused
+    /// unless its bytes hash to `digest`: whatever the registry says, content that does
+    /// not is not what was asked for. `consequence` ends the refusal's message.
+    ///
+    /// # Errors
+    /// Refused credentials, an unknown digest, a registry error, bytes that do not match.
+    pub async fn fetch_manifest(
+        &self,
+        repository: &str,
+        digest: &str,
+        accept: &str,
+        consequence: &str,
+    ) -> Result<bytes::Bytes> {
+        check_repository(repository)?;
+        check_digest(digest)?;
+        let url = format!("{}/v2/{repository}/manifests/{digest}", self.base);
+        let answer = self.send(Method::GET, &url, None, None, Some(accept)).await?;
+        let answer = expect(answer, StatusCode::OK, "fetch the manifest").await?;
+        let manifest = read_at_most(answer, MAX_MANIFEST_BYTES.min(self.max_image_bytes), "fetch the manifest").await?;
+        let actual = crate::image::sha256_digest(&manifest);
+        if actual != digest {
+            return Err(OciError::Invalid(format!(
+                "the manifest {} serves for {repository}@{digest} does not match that digest (its content hashes to \
+                 {actual}): the registry's copy was altered or replaced; {consequence}",
+                self.base
+            )));
+        }
+        Ok(manifest)
+    }
+
+    /// The blob `digest` of `repository`, at most `max` bytes, refused unless its bytes
+    /// hash to `digest`.
+    ///
+    /// # Errors
+    /// Refused credentials, an unknown digest, a registry error, too many bytes, bytes
+    /// that do not match.
+    pub async fn fetch_blob(&self, repository: &str, digest: &str, max: u64) -> Result<bytes::Bytes> {
+        check_repository(repository)?;
+        check_digest(digest)?;
+        let url = format!("{}/v2/{repository}/blobs/{digest}", self.base);
+        let answer = self.send(Method::GET, &url, None, None, None).await?;
+        let answer = expect(answer, StatusCode::OK, "fetch a blob").await?;
+        let bytes = read_at_most(answer, max, "fetch a blob").await?;
+        let actual = crate::image::sha256_digest(&bytes);
+        if actual != digest {
+            return Err(OciError::Invalid(format!(
+                "the blob {} serves for {repository}@{digest} does not match that digest (its content hashes to {actual}): \
+                 the registry's copy was altered or replaced",
+                self.base
+            )));
+        }
+        Ok(bytes)
+    }
+
+    /// The largest image or artifact a pull accepts, bytes.
+    pub const fn max_image_bytes(&self) -> u64 {
+        self.max_image_bytes
     }
 
     /// Pulls the image `digest` from `repository` into `store`, checking every blob, and
@@ -284,23 +376,11 @@ impl RegistryClient {
         name: &str,
         tag: &str,
     ) -> Result<ImageRecord> {
-        check_repository(repository)?;
         store.blob_path(digest)?; // validates the digest's form
-        let url = format!("{}/v2/{repository}/manifests/{digest}", self.base);
-        let answer = self.send(Method::GET, &url, None, None, Some(media_type::MANIFEST)).await?;
-        let answer = expect(answer, StatusCode::OK, "fetch the manifest").await?;
-        let manifest = read_at_most(answer, MAX_MANIFEST_BYTES.min(self.max_image_bytes), "fetch the manifest").await?;
-        // The digest is the image's identity (the recovery info records it): content
-        // that does not hash to it is not that image, whatever the registry says.
-        let actual = crate::image::sha256_digest(&manifest);
-        if actual != digest {
-            return Err(OciError::Invalid(format!(
-                "the manifest {} serves for {repository}@{digest} does not match that digest (its content hashes to {actual}); \
-                 refusing to run it: the registry's copy was altered or replaced. Push the image again, or record the image \
-                 that should run with `br2k deploy --image`",
-                self.base
-            )));
-        }
+        // The digest is the image's identity (the recovery info records it).
+        let consequence = "refusing to run it. Push the image again, or record the image that should run with \
+                           `br2k deploy --image`";
+        let manifest = self.fetch_manifest(repository, digest, media_type::MANIFEST, consequence).await?;
         store.write_blob(digest, &manifest)?;
         #[derive(Deserialize)]
         struct Descriptor {
@@ -316,10 +396,7 @@ impl RegistryClient {
         let mut size = manifest.len() as u64;
         let mut config_bytes = Vec::new();
         for blob in std::iter::once(&parsed.config).chain(&parsed.layers) {
-            let url = format!("{}/v2/{repository}/blobs/{}", self.base, blob.digest);
-            let answer = self.send(Method::GET, &url, None, None, None).await?;
-            let answer = expect(answer, StatusCode::OK, "fetch a blob").await?;
-            let bytes = read_at_most(answer, self.max_image_bytes.saturating_sub(size), "fetch a blob").await?;
+            let bytes = self.fetch_blob(repository, &blob.digest, self.max_image_bytes.saturating_sub(size)).await?;
             store.write_blob(&blob.digest, &bytes)?;
             size += bytes.len() as u64;
             if blob.digest == parsed.config.digest {
@@ -540,7 +617,14 @@ fn parse_challenge(params: &str) -> std::collections::HashMap<String, String> {
     out
 }
 
-fn check_repository(repository: &str) -> Result<()> {
+fn check_digest(digest: &str) -> Result<()> {
+    let ok = digest
+        .strip_prefix("sha256:")
+        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+    if ok { Ok(()) } else { Err(OciError::Invalid(format!("{digest:?} is not a sha256:<64 hex> digest"))) }
+}
+
+pub(crate) fn check_repository(repository: &str) -> Result<()> {
     let ok = !repository.is_empty()
         && repository.split('/').all(|part| {
             !part.is_empty()

@@ -1,0 +1,178 @@
+//! OCI artifacts (image-spec 1.1): files that are not container images, kept in a
+//! registry next to the images and addressed and checked by digest the same way. br2k
+//! keeps its backups so (snapshots and log segments), each with an `artifactType` of its
+//! own; any OCI client (`skopeo`, `oras`) can read them.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{OciError, Result};
+use crate::image::{media_type, sha256_digest};
+use crate::registry::RegistryClient;
+
+/// The empty config of an artifact manifest (`{}`), as image-spec 1.1 defines it.
+pub const EMPTY_CONFIG: &[u8] = b"{}";
+/// Its media type.
+pub const EMPTY_MEDIA_TYPE: &str = "application/vnd.oci.empty.v1+json";
+/// The annotation naming a layer's file.
+pub const TITLE_ANNOTATION: &str = "org.opencontainers.image.title";
+
+/// A file of an artifact.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Layer {
+    /// Its media type.
+    pub media_type: String,
+    /// Its name (the `org.opencontainers.image.title` annotation).
+    pub title: String,
+    /// Its bytes.
+    pub bytes: Vec<u8>,
+}
+
+/// An artifact to push, or one pulled and checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Artifact {
+    /// What kind of artifact it is (`application/vnd.br2k.snapshot.v1`, …).
+    pub artifact_type: String,
+    /// Its files.
+    pub layers: Vec<Layer>,
+    /// Its annotations (what it holds, who made it, when).
+    pub annotations: BTreeMap<String, String>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Descriptor {
+    media_type: String,
+    digest: String,
+    size: u64,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    annotations: BTreeMap<String, String>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Manifest {
+    schema_version: u32,
+    media_type: String,
+    #[serde(default)]
+    artifact_type: Option<String>,
+    config: Descriptor,
+    layers: Vec<Descriptor>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    annotations: BTreeMap<String, String>,
+}
+
+impl Artifact {
+    /// The manifest that describes it: deterministic (the same artifact always has the
+    /// same digest).
+    pub fn manifest(&self) -> Vec<u8> {
+        let manifest = Manifest {
+            schema_version: 2,
+            media_type: media_type::MANIFEST.into(),
+            artifact_type: Some(self.artifact_type.clone()),
+            config: Descriptor {
+                media_type: EMPTY_MEDIA_TYPE.into(),
+                digest: sha256_digest(EMPTY_CONFIG),
+                size: EMPTY_CONFIG.len() as u64,
+                annotations: BTreeMap::new(),
+            },
+            layers: self
+                .layers
+                .iter()
+                .map(|layer| Descriptor {
+                    media_type: layer.media_type.clone(),
+                    digest: sha256_digest(&layer.bytes),
+                    size: layer.bytes.len() as u64,
+                    annotations: BTreeMap::from([(TITLE_ANNOTATION.to_owned(), layer.title.clone())]),
+                })
+                .collect(),
+            annotations: self.annotations.clone(),
+        };
+        serde_json::to_vec(&manifest).expect("a manifest serializes")
+    }
+}
+
+impl RegistryClient {
+    /// Pushes `artifact` to `repository` (its blobs the registry lacks, then its manifest
+    /// under `tag`); returns the manifest's digest.
+    ///
+    /// # Errors
+    /// Refused credentials, or a registry error.
+    pub async fn push_artifact(&self, repository: &str, tag: &str, artifact: &Artifact) -> Result<String> {
+        let empty = sha256_digest(EMPTY_CONFIG);
+        if !self.has_blob(repository, &empty).await? {
+            self.push_blob(repository, &empty, EMPTY_CONFIG.to_vec()).await?;
+        }
+        for layer in &artifact.layers {
+            let digest = sha256_digest(&layer.bytes);
+            if !self.has_blob(repository, &digest).await? {
+                self.push_blob(repository, &digest, layer.bytes.clone()).await?;
+            }
+        }
+        self.push_manifest(repository, tag, media_type::MANIFEST, artifact.manifest()).await
+    }
+
+    /// Pulls the artifact `digest` of `repository`, refusing it unless its manifest and
+    /// every file hash to what they claim (the manifest to `digest`, which the caller got
+    /// from somewhere it trusts, such as the chain) and it is of `artifact_type`.
+    ///
+    /// # Errors
+    /// Refused credentials, an unknown digest, a registry error, anything altered, an
+    /// artifact of another type, or one over the size limit.
+    pub async fn pull_artifact(&self, repository: &str, digest: &str, artifact_type: &str) -> Result<Artifact> {
+        let consequence = "refusing to restore from it";
+        let bytes = self.fetch_manifest(repository, digest, media_type::MANIFEST, consequence).await?;
+        let manifest: Manifest = serde_json::from_slice(&bytes)
+            .map_err(|e| OciError::Invalid(format!("{repository}@{digest} is not an OCI artifact manifest: {e}")))?;
+        if manifest.artifact_type.as_deref() != Some(artifact_type) {
+            return Err(OciError::Invalid(format!(
+                "{repository}@{digest} is an artifact of type {:?}, not {artifact_type:?}",
+                manifest.artifact_type.unwrap_or_default()
+            )));
+        }
+        let mut left = self.max_image_bytes().saturating_sub(bytes.len() as u64);
+        let mut layers = Vec::with_capacity(manifest.layers.len());
+        for descriptor in manifest.layers {
+            if descriptor.size > left {
+                return Err(OciError::Invalid(format!(
+                    "{repository}@{digest} is larger than br2k accepts ({} bytes)",
+                    self.max_image_bytes()
+                )));
+            }
+            let bytes = self.fetch_blob(repository, &descriptor.digest, descriptor.size).await?;
+            left -= bytes.len() as u64;
+            let title = descriptor.annotations.get(TITLE_ANNOTATION).cloned().unwrap_or_default();
+            layers.push(Layer { media_type: descriptor.media_type, title, bytes: bytes.to_vec() });
+        }
+        Ok(Artifact { artifact_type: artifact_type.to_owned(), layers, annotations: manifest.annotations })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_manifest_is_an_image_spec_artifact_and_deterministic() {
+        let artifact = Artifact {
+            artifact_type: "application/vnd.br2k.snapshot.v1".into(),
+            layers: vec![Layer {
+                media_type: "application/octet-stream".into(),
+                title: "state".into(),
+                bytes: b"x".to_vec(),
+            }],
+            annotations: BTreeMap::from([("io.br2k.index".to_owned(), "7".to_owned())]),
+        };
+        let manifest: serde_json::Value = serde_json::from_slice(&artifact.manifest()).unwrap();
+        assert_eq!(manifest["artifactType"], "application/vnd.br2k.snapshot.v1");
+        assert_eq!(manifest["config"]["mediaType"], EMPTY_MEDIA_TYPE);
+        assert_eq!(
+            manifest["config"]["digest"], "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a",
+            "the digest image-spec gives the empty config"
+        );
+        assert_eq!(manifest["layers"][0]["annotations"][TITLE_ANNOTATION], "state");
+        assert_eq!(manifest["annotations"]["io.br2k.index"], "7");
+        assert_eq!(artifact.manifest(), artifact.manifest());
+    }
+}
