@@ -358,6 +358,14 @@ impl RegistryClient {
         Ok(bytes)
     }
 
+    /// `host[:port]` of the registry, as references name it.
+    pub fn host(&self) -> String {
+        reqwest::Url::parse(&self.base)
+            .ok()
+            .and_then(|u| u.host_str().map(|h| u.port().map_or_else(|| h.to_owned(), |p| format!("{h}:{p}"))))
+            .unwrap_or_default()
+    }
+
     /// The largest image or artifact a pull accepts, bytes.
     pub const fn max_image_bytes(&self) -> u64 {
         self.max_image_bytes

@@ -206,6 +206,16 @@ impl<S: AppState> Builder<S> {
         if !self.config.etcd_endpoint.starts_with("http://") && !self.config.etcd_endpoint.starts_with("https://") {
             problems.push(format!("etcd endpoint {:?} must start with http:// or https://", self.config.etcd_endpoint));
         }
+        if let Some(backup) = &self.config.backup {
+            if self.config.publisher.is_none() {
+                problems.push(
+                    "backups are recorded on chain: give the replica a registry to publish with (a Publisher)".into(),
+                );
+            }
+            if backup.interval < Duration::from_secs(1) {
+                problems.push(format!("the backup interval {:?} must be at least 1 s", backup.interval));
+            }
+        }
         if let Err(limits) = self.config.limits.check() {
             problems.extend(limits);
         }

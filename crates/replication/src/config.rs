@@ -36,6 +36,8 @@ pub struct Config {
     pub kept_headers: Vec<String>,
     /// Snapshots and log compaction.
     pub snapshots: SnapshotPolicy,
+    /// Backups to the service's container registry, recorded on chain; `None`: none.
+    pub backup: Option<crate::backup::BackupConfig>,
 }
 
 /// When replicas snapshot their state and how much log the leader keeps in etcd.
@@ -112,6 +114,7 @@ impl Config {
             idempotency_retention: Duration::from_secs(24 * 3600),
             kept_headers: Vec::new(),
             snapshots: SnapshotPolicy::default(),
+            backup: None,
         }
     }
 

@@ -136,6 +136,10 @@ pub enum Error {
     /// A task of the leader's term panicked (a bug in br2k or the app); the term ends.
     #[error("a task of the leader's term panicked: {0}")]
     Panicked(String),
+    /// A backup could not be pushed or recorded; the service keeps answering and the
+    /// leader tries again.
+    #[error("backup: {0}")]
+    Backup(String),
     /// The app state could not make its applied requests durable.
     #[error("the app state could not persist its changes: {0}")]
     Persist(#[source] std::io::Error),

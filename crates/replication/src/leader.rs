@@ -129,7 +129,7 @@ impl LeaderTerm {
     pub(crate) fn start<S: AppState>(runtime: &Arc<Runtime<S>>, term: Term, next_index: u64) -> Self {
         let (submit_tx, submit_rx) = mpsc::channel(QUEUE);
         let (groups_tx, groups_rx) = mpsc::channel(64);
-        let (failed_tx, failed) = mpsc::channel(3);
+        let (failed_tx, failed) = mpsc::channel(4);
         let in_flight = Arc::new(InFlight::default());
         let lease = Arc::new(IdempotencyLease::default());
         let sequencer = Sequencer {
@@ -145,7 +145,11 @@ impl LeaderTerm {
                 process_groups(runtime.clone(), term.clone(), groups_rx, in_flight, lease),
                 failed_tx.clone(),
             )),
-            tokio::spawn(report(crate::compaction::compact_while_leading(runtime.clone(), term), failed_tx)),
+            tokio::spawn(report(
+                crate::compaction::compact_while_leading(runtime.clone(), term.clone()),
+                failed_tx.clone(),
+            )),
+            tokio::spawn(report(crate::backup::back_up_while_leading(runtime.clone(), term), failed_tx)),
         ];
         *runtime.submit.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(submit_tx);
         Self { failed, tasks }

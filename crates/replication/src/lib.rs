@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 mod app;
+pub mod backup;
 mod builder;
 mod compaction;
 mod config;

@@ -95,6 +95,9 @@ pub struct Status {
     /// Alarms the local etcd member reports (`NOSPACE`, `CORRUPT`).
     #[serde(default)]
     pub etcd_alarms: Vec<String>,
+    /// The latest backup, as this replica last saw or made it.
+    #[serde(default)]
+    pub backup: crate::backup::BackupStatus,
 }
 
 const fn one() -> u64 {
@@ -134,6 +137,7 @@ impl<S: AppState> Replicated<S> {
             db_size_in_use: 0,
             quota: None,
             etcd_alarms: Vec::new(),
+            backup: crate::backup::BackupStatus::default(),
         };
         let member = MemberRecord { url: config.public_url.clone(), snapshot: None, catching_up: false };
         let runtime = Runtime {

@@ -47,7 +47,9 @@ enum Auth<'a> {
 /// A running registry, killed and its storage removed when dropped.
 #[derive(Debug)]
 pub struct OciRegistry {
-    _child: KillOnDrop,
+    child: Option<KillOnDrop>,
+    program: PathBuf,
+    config: PathBuf,
     port: u16,
     _dir: TempDir,
     output: OutputTail,
@@ -115,28 +117,25 @@ impl OciRegistry {
         }
         let config_path = dir.path().join("config.yml");
         std::fs::write(&config_path, config).map_err(io("write the registry config"))?;
-        let mut child = KillOnDrop(
-            Command::new(&program)
-                .arg("serve")
-                .arg(&config_path)
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .map_err(io("start docker-registry"))?,
-        );
         let output = OutputTail::default();
-        output.follow(child.0.stdout.take().expect("stdout is piped"), None);
-        output.follow(child.0.stderr.take().expect("stderr is piped"), None);
-        let timeout = Duration::from_secs(10);
-        let deadline = Instant::now() + timeout;
-        while !answers(port) {
-            if Instant::now() >= deadline {
-                return Err(OciRegistryError::StartupTimeout { timeout, output: output.text() });
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(Self { _child: child, port, _dir: dir, output })
+        let child = launch(&program, &config_path, port, &output)?;
+        Ok(Self { child: Some(child), program, config: config_path, port, _dir: dir, output })
+    }
+
+    /// Stops the registry (as if it went down); [`Self::start_again`] brings it back on
+    /// the same port and storage.
+    pub fn stop(&mut self) {
+        self.child = None;
+    }
+
+    /// Starts the registry again after [`Self::stop`].
+    ///
+    /// # Errors
+    /// [`OciRegistryError`] when it does not start.
+    pub fn start_again(&mut self) -> Result<(), OciRegistryError> {
+        self.child = None;
+        self.child = Some(launch(&self.program, &self.config, self.port, &self.output)?);
+        Ok(())
     }
 
     /// Its base URL, e.g. `http://127.0.0.1:41235`.
@@ -159,6 +158,31 @@ impl OciRegistry {
     pub fn output(&self) -> String {
         self.output.text()
     }
+}
+
+/// Starts `docker-registry` with `config` and waits until it answers on `port`.
+fn launch(program: &PathBuf, config: &PathBuf, port: u16, output: &OutputTail) -> Result<KillOnDrop, OciRegistryError> {
+    let mut child = KillOnDrop(
+        Command::new(program)
+            .arg("serve")
+            .arg(config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|source| OciRegistryError::Io { action: "start docker-registry".into(), source })?,
+    );
+    output.follow(child.0.stdout.take().expect("stdout is piped"), None);
+    output.follow(child.0.stderr.take().expect("stderr is piped"), None);
+    let timeout = Duration::from_secs(10);
+    let deadline = Instant::now() + timeout;
+    while !answers(port) {
+        if Instant::now() >= deadline {
+            return Err(OciRegistryError::StartupTimeout { timeout, output: output.text() });
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(child)
 }
 
 /// Whether something answers HTTP on `/v2/`.

@@ -8,6 +8,8 @@ use alloy::primitives::Address;
 use alloy::signers::local::PrivateKeySigner;
 use anyhow::{Context, Result, bail};
 use br2k_logserver::{LogState, service};
+use br2k_oci::registry::{Credentials, RegistryClient, TOKEN_HOSTS_ENV};
+use br2k_replication::backup::BackupConfig;
 use br2k_replication::{Config, Limits, Publisher, SnapshotPolicy, Timings};
 use br2k_resolver::{Chain, Timeouts};
 use clap::Parser;
@@ -71,6 +73,22 @@ struct Args {
     /// (or panics) steps down and hands leadership to another replica.
     #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     handler_timeout: u64,
+    /// The container registry the leader backs the service up to (the one in its recovery
+    /// info), e.g. `https://registry.example`; without it there are no backups.
+    /// Credentials come from BR2K_REGISTRY_USERNAME/BR2K_REGISTRY_PASSWORD or Docker's
+    /// config.json, never from etcd or the chain.
+    #[arg(long, env = "BR2K_BACKUP_REGISTRY", value_name = "URL", requires = "backup_repository")]
+    backup_registry: Option<String>,
+    /// The repository backups go to (the service's image repository), e.g. `br2k/logserver`.
+    #[arg(long, env = "BR2K_BACKUP_REPOSITORY", value_name = "REPOSITORY")]
+    backup_repository: Option<String>,
+    /// Seconds between two backups: what a total disaster can lose is bounded by it.
+    #[arg(long, env = "BR2K_BACKUP_INTERVAL", value_name = "SECONDS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    backup_interval: u64,
+    /// Allow a backup registry reached over plain HTTP (a test or loopback registry).
+    #[arg(long, env = "BR2K_BACKUP_PLAIN_HTTP")]
+    backup_plain_http: bool,
     /// A file (mode 0600) holding the token clients must send as `Authorization: Bearer
     /// TOKEN`; without it the log server is open to anyone who reaches it. Or set
     /// BR2K_CLIENT_TOKEN.
@@ -121,6 +139,7 @@ async fn main() -> Result<()> {
     let outbox = args.outbox.clone().unwrap_or_else(|| args.data_dir.join("outbox"));
     let state = LogState::open(&args.data_dir, &outbox)
         .with_context(|| format!("cannot open the log in {}", args.data_dir.display()))?;
+    config.backup = backup(&args)?;
     let token = client_token(&args)?;
     if token.is_none() {
         tracing::warn!(
@@ -130,6 +149,28 @@ async fn main() -> Result<()> {
     let replica = service(config, token).build(state)?;
     replica.serve(shutdown_signal()).await?;
     Ok(())
+}
+
+/// Where the leader backs up, when a backup registry is given.
+fn backup(args: &Args) -> Result<Option<BackupConfig>> {
+    let (Some(url), Some(repository)) = (&args.backup_registry, &args.backup_repository) else { return Ok(None) };
+    let host = reqwest_host(url).with_context(|| format!("--backup-registry {url:?} is not a URL"))?;
+    let credentials = Credentials::find(&host)?;
+    let token_hosts = std::env::var(TOKEN_HOSTS_ENV).unwrap_or_default();
+    let registry = RegistryClient::new(url, args.backup_plain_http, credentials)?
+        .trusting_token_hosts(token_hosts.split(',').map(str::to_owned));
+    Ok(Some(BackupConfig {
+        registry: std::sync::Arc::new(registry),
+        repository: repository.clone(),
+        interval: Duration::from_secs(args.backup_interval),
+    }))
+}
+
+/// `host[:port]` of a URL.
+fn reqwest_host(url: &str) -> Option<String> {
+    let rest = url.split_once("://")?.1;
+    let host = rest.split('/').next()?;
+    (!host.is_empty()).then(|| host.to_owned())
 }
 
 /// The token clients must present, from BR2K_CLIENT_TOKEN or a 0600 file.

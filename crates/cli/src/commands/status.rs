@@ -99,6 +99,10 @@ impl StatusArgs {
             "\nin-doubt requests: {}\n",
             if in_doubt.is_empty() { "none".into() } else { format!("{in_doubt:?}") }
         ));
+        let recorded = registry.backup(&self.name).await?;
+        let leader =
+            replicas.as_ref().ok().and_then(|views| views.iter().find(|v| v.leads())).and_then(|v| v.status.clone());
+        text.push_str(&format!("backup: {}\n", backup_line(recorded.as_ref(), leader.as_ref())));
         text.push_str(&format!("open claims (since the last new location): {}\n", open_claims.len()));
         for (block, claimant, reason) in &open_claims {
             text.push_str(&format!("  block {block}: {claimant}: {reason}\n"));
@@ -117,6 +121,12 @@ impl StatusArgs {
                 Err(e) => json!({ "error": e }),
             },
             "inDoubt": in_doubt,
+            "backup": recorded.as_ref().map(|b| json!({
+                "index": b.index, "digest": format!("sha256:{}", alloy::hex::encode(b.digest)),
+                "artifact": b.artifact, "recordedAt": b.recorded_at,
+                "behind": leader.as_ref().map(|l| l.ssi.saturating_sub(b.index)),
+            })),
+            "backupError": leader.as_ref().and_then(|l| l.backup.last_error.clone()),
             "openClaims": open_claims.iter().map(|(b, c, r)| json!({ "block": b, "claimant": c, "reason": r })).collect::<Vec<_>>(),
         });
         out.result(text.trim_end(), &json)
@@ -128,6 +138,22 @@ impl StatusArgs {
         let client = br2k_deploy::kubernetes::connect(&contexts, context).await?;
         Ok(br2k_deploy::kubernetes::pod_views(&client, &info, &self.name).await?)
     }
+}
+
+/// The backup recorded on chain, and how far the leader's service state is past it.
+fn backup_line(recorded: Option<&br2k_resolver::RecordedBackup>, leader: Option<&br2k_replication::Status>) -> String {
+    let mut line = match recorded {
+        None => "none recorded on chain".to_owned(),
+        Some(b) => {
+            let behind = leader
+                .map_or_else(String::new, |l| format!(", {} entries behind the leader", l.ssi.saturating_sub(b.index)));
+            format!("index {} recorded on chain{behind}: {}", b.index, b.artifact)
+        }
+    };
+    if let Some(error) = leader.and_then(|l| l.backup.last_error.as_ref()) {
+        line.push_str(&format!("; the last attempt failed: {error}"));
+    }
+    line
 }
 
 /// Snapshots, where the log starts, and the local etcd member's database.

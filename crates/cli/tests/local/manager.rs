@@ -269,6 +269,7 @@ fn a_claim_after_every_replica_died_brings_the_service_back_from_its_image_with_
     assert_eq!(count(&status, " leader "), 1, "{status}");
     assert_eq!(count(&status, " follower "), 2, "{status}");
     assert!(status.contains("open claims (since the last new location): 0"), "{status}");
+    assert!(status.contains("backup: none recorded on chain"), "{status}");
     assert!(status.contains("@sha256:"), "{status}");
     // Each replica's storage: snapshots, where the log starts, its etcd member's database
     // against the explicit quota the local backend gives it.

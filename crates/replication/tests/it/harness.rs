@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use br2k_bindings::IServiceRegistry::Body;
+use br2k_replication::backup::BackupConfig;
 use br2k_replication::{
     AppState, Config, EntryState, Limits, Outcome, Publisher, Replicated, Reply, Request, Role, SnapshotBuilder,
     SnapshotPolicy, Status, Step, Timings,
@@ -230,6 +231,8 @@ pub(crate) struct Cluster {
     pub(crate) limits: Limits,
     /// The timings replicas started from now on have (fast ones by default).
     pub(crate) timings: Timings,
+    /// Where replicas started from now on back the service up (nowhere by default).
+    pub(crate) backup: Option<BackupConfig>,
 }
 
 pub(crate) fn timeouts() -> Timeouts {
@@ -308,6 +311,7 @@ impl Cluster {
                 publish_retry: Duration::from_millis(500),
                 member_ttl: Duration::from_secs(2),
             },
+            backup: None,
         }
     }
 
@@ -327,7 +331,8 @@ impl Cluster {
         Self::start_on_limited(etcd, limits).await
     }
 
-    async fn with_replicas(mut self, policy: SnapshotPolicy) -> Self {
+    /// Starts three replicas that snapshot by `policy`.
+    pub(crate) async fn with_replicas(mut self, policy: SnapshotPolicy) -> Self {
         self.snapshots = policy;
         for i in 0..3 {
             let replica = self.spawn_replica(i).await;
@@ -376,6 +381,7 @@ impl Cluster {
         config.timings = self.timings;
         config.snapshots = self.snapshots;
         config.limits = self.limits;
+        config.backup.clone_from(&self.backup);
         if let Some(registry) = &self.registry {
             let chain =
                 Chain::connect(&registry.anvil.endpoint(), Some(registry.anvil.key(i + 1)), timeouts()).await.unwrap();

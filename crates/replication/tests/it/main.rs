@@ -1,6 +1,7 @@
 //! Integration tests of the replication runtime on a real 3-member etcd cluster (and a
 //! real anvil where the registry is involved).
 
+mod backup;
 mod compaction;
 mod harness;
 mod hostile;

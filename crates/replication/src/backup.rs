@@ -1,0 +1,193 @@
+//! Backups of the service, by the leader, into the service's container registry, recorded
+//! on chain (the paper's follow-up: backups located through the service registry).
+//!
+//! Every backup interval the leader pushes one OCI artifact (`application/vnd.br2k.backup.v1`)
+//! holding:
+//! - the `state` layer: its latest snapshot, byte for byte (absent before the first);
+//! - the `log` layer: every entry after that snapshot up to SSI, as JSON lines of index,
+//!   state and request (the log segment).
+//!
+//! Blobs are content-addressed, so a snapshot already in the registry is not sent again:
+//! between two snapshots a backup costs its log segment and a manifest. Then the leader
+//! records the manifest's digest on chain (`recordBackup`) with the index the backup
+//! reaches. Whatever is restored is checked against that digest, and through the manifest
+//! every file is too. A registry or chain that does not answer never stops the service:
+//! the task retries with a growing pause, and `/br2k/status` shows how far behind it is.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use br2k_oci::artifact::{Artifact, Layer};
+use br2k_oci::registry::RegistryClient;
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::app::AppState;
+use crate::data::{EntryState, LogEntry};
+use crate::error::{Error, Result};
+use crate::runtime::Runtime;
+use crate::store::Term;
+
+/// The artifact type of a br2k backup.
+pub const BACKUP_TYPE: &str = "application/vnd.br2k.backup.v1";
+/// The media type of the `state` layer (an app snapshot, in the app's own format).
+pub const STATE_MEDIA_TYPE: &str = "application/vnd.br2k.state.v1";
+/// The media type of the `log` layer ([`SegmentEntry`] JSON lines).
+pub const LOG_MEDIA_TYPE: &str = "application/vnd.br2k.log.v1+jsonl";
+
+/// Where and how often the leader backs the service up.
+#[derive(Clone, Debug)]
+pub struct BackupConfig {
+    /// The service's container registry, with its credentials (from the environment or
+    /// Docker's config.json, never from etcd or the chain).
+    pub registry: Arc<RegistryClient>,
+    /// The repository backups go to (the service's image repository).
+    pub repository: String,
+    /// How often the leader pushes a backup (default 30 s): what a total disaster can lose
+    /// is bounded by it.
+    pub interval: Duration,
+}
+
+/// One log entry in a backup's `log` layer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentEntry {
+    /// Its index.
+    pub index: u64,
+    /// Its final state.
+    pub state: EntryState,
+    /// The request.
+    pub request: LogEntry,
+}
+
+/// What `/br2k/status` says of backups.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupStatus {
+    /// The index the latest backup recorded on chain reaches (0: none yet).
+    pub index: u64,
+    /// Its manifest's digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    /// When it was pushed, seconds since the Unix epoch.
+    #[serde(default)]
+    pub at: u64,
+    /// Why the last attempt failed, if it did and none has succeeded since.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// The leader's backup task: ends the term only when leadership is lost.
+pub(crate) async fn back_up_while_leading<S: AppState>(runtime: Arc<Runtime<S>>, term: Term) -> Result<()> {
+    let Some(config) = runtime.config.backup.clone() else { return Ok(()) };
+    // Carry on from what the chain records (an earlier leader's backups).
+    if let Some(publisher) = &runtime.config.publisher {
+        match publisher.registry.backup(&runtime.config.service).await {
+            Ok(Some(recorded)) => runtime.set_status(|s| {
+                if s.backup.index < recorded.index {
+                    s.backup.index = recorded.index;
+                    s.backup.digest = Some(format!("sha256:{}", alloy_hex(recorded.digest.as_slice())));
+                    s.backup.at = recorded.recorded_at;
+                }
+            }),
+            Ok(None) => {}
+            Err(e) => warn!(error = %e, "could not read the recorded backup; backing up from this replica's view"),
+        }
+    }
+    let mut pause = config.interval;
+    loop {
+        tokio::time::sleep(pause).await;
+        match back_up_once(&runtime, &term, &config).await {
+            Ok(()) => {
+                pause = config.interval;
+                runtime.set_status(|s| s.backup.last_error = None);
+            }
+            Err(e @ Error::LeadershipLost { .. }) => return Err(e),
+            Err(e) => {
+                pause = (pause * 2).min(Duration::from_secs(300)).max(config.interval);
+                warn!(error = %e, retry_in = ?pause, "backup failed; the service keeps answering");
+                let text = e.to_string();
+                runtime.set_status(|s| s.backup.last_error = Some(text));
+            }
+        }
+    }
+}
+
+/// One backup, if anything was acknowledged since the last one.
+pub(crate) async fn back_up_once<S: AppState>(runtime: &Runtime<S>, term: &Term, config: &BackupConfig) -> Result<()> {
+    let store = runtime.store();
+    let ssi = store.get_index(&runtime.keys.ssi()).await?;
+    let done = runtime.status.borrow().backup.index;
+    if ssi <= done {
+        return Ok(());
+    }
+    // The entries from the snapshot on are still in etcd: the leader compacts only below
+    // its own snapshot.
+    let snapshot = runtime.latest_snapshot().filter(|s| s.index <= ssi);
+    let from = snapshot.as_ref().map_or(1, |s| s.index + 1).max(store.compacted().await?.first_index);
+    let mut lines = Vec::new();
+    let mut next = from;
+    while next <= ssi {
+        let page = store.entries(next, ssi).await?;
+        next = page.last().map_or(ssi, |e| e.index) + 1;
+        for entry in page {
+            let line = SegmentEntry { index: entry.index, state: entry.state, request: entry.request };
+            lines.extend(serde_json::to_vec(&line).expect("entries serialize"));
+            lines.push(b'\n');
+        }
+    }
+    let mut layers = Vec::new();
+    let mut annotations = BTreeMap::from([
+        ("io.br2k.service".to_owned(), runtime.config.service.clone()),
+        ("io.br2k.index".to_owned(), ssi.to_string()),
+        ("io.br2k.log.from".to_owned(), from.to_string()),
+        ("io.br2k.replica".to_owned(), runtime.config.replica.clone()),
+        ("io.br2k.epoch".to_owned(), term.epoch.to_string()),
+        ("org.opencontainers.image.created".to_owned(), unix_seconds().to_string()),
+    ]);
+    if let Some(snapshot) = &snapshot {
+        let path = runtime.snapshots.data_path(snapshot.index);
+        let bytes = tokio::fs::read(&path).await.map_err(|e| Error::Snapshot {
+            path: path.display().to_string(),
+            reason: format!("cannot read it for a backup (a newer snapshot may have replaced it): {e}"),
+        })?;
+        layers.push(Layer { media_type: STATE_MEDIA_TYPE.into(), title: "state".into(), bytes });
+        annotations.insert("io.br2k.snapshot.index".into(), snapshot.index.to_string());
+        annotations.insert("io.br2k.state.version".into(), snapshot.state_version.to_string());
+    }
+    layers.push(Layer { media_type: LOG_MEDIA_TYPE.into(), title: "log".into(), bytes: lines });
+    let artifact = Artifact { artifact_type: BACKUP_TYPE.into(), layers, annotations };
+    let tag = format!("br2k-backup-{ssi}");
+    let digest = config
+        .registry
+        .push_artifact(&config.repository, &tag, &artifact)
+        .await
+        .map_err(|e| Error::Backup(format!("push to {}: {e}", config.repository)))?;
+    let reference = format!("{}/{}@{digest}", config.registry.host(), config.repository);
+    if let Some(publisher) = &runtime.config.publisher {
+        let hash = digest
+            .strip_prefix("sha256:")
+            .and_then(|h| h.parse().ok())
+            .ok_or_else(|| Error::Backup(format!("the registry reported an odd digest {digest}")))?;
+        publisher
+            .registry
+            .record_backup(&runtime.config.service, ssi, hash, &reference)
+            .await
+            .map_err(|e| Error::Backup(format!("record on chain: {e}")))?;
+    }
+    info!(index = ssi, %digest, from, "backup pushed and recorded");
+    let at = unix_seconds();
+    runtime.set_status(|s| {
+        s.backup.index = ssi;
+        s.backup.digest = Some(digest);
+        s.backup.at = at;
+    });
+    Ok(())
+}
+
+fn alloy_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unix_seconds() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}

@@ -1,0 +1,81 @@
+//! Backups: the leader pushes the service's state to a real OCI registry and records each
+//! backup on a real chain; a registry that goes down never stops the service.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use br2k_oci::registry::RegistryClient;
+use br2k_replication::SnapshotPolicy;
+use br2k_replication::backup::{BACKUP_TYPE, BackupConfig, LOG_MEDIA_TYPE, STATE_MEDIA_TYPE, SegmentEntry};
+use br2k_replication::{ProcessState, RequestKind};
+use br2k_test_utils::OciRegistry;
+
+use crate::harness::{Cluster, SERVICE, eventually};
+
+const REPOSITORY: &str = "br2k/journal";
+
+/// The journal a backup holds: its snapshot's entries, then the Replication requests
+/// that succeeded after it.
+async fn restored_journal(client: &RegistryClient, digest: &str) -> Vec<(u64, String)> {
+    let artifact = client.pull_artifact(REPOSITORY, digest, BACKUP_TYPE).await.unwrap();
+    let mut journal: Vec<(u64, String)> = Vec::new();
+    for layer in &artifact.layers {
+        match layer.media_type.as_str() {
+            STATE_MEDIA_TYPE => journal = serde_json::from_slice(&layer.bytes).unwrap(),
+            LOG_MEDIA_TYPE => {
+                for line in layer.bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+                    let entry: SegmentEntry = serde_json::from_slice(line).unwrap();
+                    if entry.state.kind == RequestKind::Replication && entry.state.state == ProcessState::Success {
+                        journal.push((entry.index, String::from_utf8(entry.request.body).unwrap()));
+                    }
+                }
+            }
+            other => panic!("unexpected layer {other}"),
+        }
+    }
+    journal
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn backups_are_pushed_recorded_on_chain_and_catch_up_after_a_registry_outage() {
+    let mut oci =
+        OciRegistry::spawn(None).expect("docker-registry starts (run `bash tools/setup.sh` if it is missing)");
+    let client = RegistryClient::new(&oci.url(), true, None).unwrap();
+    let mut cluster = Cluster::new(true).await;
+    cluster.backup = Some(BackupConfig {
+        registry: Arc::new(RegistryClient::new(&oci.url(), true, None).unwrap()),
+        repository: REPOSITORY.into(),
+        interval: Duration::from_secs(1),
+    });
+    let c = cluster.with_replicas(SnapshotPolicy { interval: 10, trailing: 5 }).await;
+    let chain = &c.registry.as_ref().unwrap().manager;
+
+    let expected = c.load().append_many("b", 25, 4).await;
+    let last = expected.last().unwrap().0;
+    eventually("the backup reaching the last request is recorded on chain", async || {
+        chain.backup(SERVICE).await.unwrap().is_some_and(|b| b.index >= last)
+    })
+    .await;
+    let recorded = chain.backup(SERVICE).await.unwrap().unwrap();
+    let digest = format!("sha256:{}", alloy::hex::encode(recorded.digest));
+    assert_eq!(recorded.artifact, format!("{}/{REPOSITORY}@{digest}", oci.host()));
+    assert_eq!(restored_journal(&client, &digest).await, expected, "the backup holds every acknowledged request");
+
+    // The registry goes down: the service keeps answering, and says backups are behind.
+    oci.stop();
+    let l = c.leader(None).await;
+    let during = c.load().append_many("c", 10, 2).await;
+    eventually("the leader reports the failing backups", async || c.replicas[l].status().backup.last_error.is_some())
+        .await;
+    oci.start_again().unwrap();
+    let last = during.last().unwrap().0;
+    eventually("backups catch up once the registry is back", async || {
+        chain.backup(SERVICE).await.unwrap().is_some_and(|b| b.index >= last)
+    })
+    .await;
+    let recorded = chain.backup(SERVICE).await.unwrap().unwrap();
+    let digest = format!("sha256:{}", alloy::hex::encode(recorded.digest));
+    let all: Vec<_> = expected.into_iter().chain(during).collect();
+    assert_eq!(restored_journal(&client, &digest).await, all);
+    assert!(c.replicas[l].status().backup.last_error.is_none(), "the error clears once a backup passes");
+}
