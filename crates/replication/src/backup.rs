@@ -13,6 +13,13 @@
 //! reaches. Whatever is restored is checked against that digest, and through the manifest
 //! every file is too. A registry or chain that does not answer never stops the service:
 //! the task retries with a growing pause, and `/br2k/status` shows how far behind it is.
+//!
+//! **Restore.** A Register whose etcd holds no log at all (every member lost its data)
+//! and whose app is behind the backup recorded on chain restores it before it takes
+//! leadership: it pulls the artifact by the digest the chain records (refusing anything
+//! that does not hash to it), restores the app from the `state` layer, replays the `log`
+//! layer, seeds etcd so the log goes on after the backup's index, and takes a snapshot
+//! there, from which the other replicas (as empty as it was) catch up.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -182,6 +189,138 @@ pub(crate) async fn back_up_once<S: AppState>(runtime: &Runtime<S>, term: &Term,
         s.backup.at = at;
     });
     Ok(())
+}
+
+impl<S: AppState> Runtime<S> {
+    /// Restores the backup recorded on chain when this etcd holds no log and the app is
+    /// behind it (see the module's documentation). Returns the index restored to, if it
+    /// restored.
+    ///
+    /// # Errors
+    /// A backup that cannot be fetched, or that does not match what the chain records;
+    /// the app's refusal. Nothing is seeded in etcd then, and the Register tries again.
+    pub(crate) async fn restore_from_backup(self: &Arc<Self>) -> Result<Option<u64>> {
+        let (Some(config), Some(publisher)) = (&self.config.backup, &self.config.publisher) else { return Ok(None) };
+        if !self.store().holds_no_log().await? {
+            return Ok(None);
+        }
+        let recorded = publisher
+            .registry
+            .backup(&self.config.service)
+            .await
+            .map_err(|e| Error::Backup(format!("restore: cannot read the backup recorded on chain: {e}")))?;
+        let Some(recorded) = recorded.filter(|b| b.index > self.state.applied_index()) else { return Ok(None) };
+        let digest = format!("sha256:{}", alloy_hex(recorded.digest.as_slice()));
+        let repository = repository_of(&recorded.artifact, &config.registry.host()).ok_or_else(|| {
+            Error::Backup(format!(
+                "restore: the backup recorded on chain is at {:?}, not in the service's registry {}",
+                recorded.artifact,
+                config.registry.host()
+            ))
+        })?;
+        let started = std::time::Instant::now();
+        info!(index = recorded.index, %digest, "etcd holds no log: restoring the backup recorded on chain");
+        let artifact = config
+            .registry
+            .pull_artifact(&repository, &digest, BACKUP_TYPE)
+            .await
+            .map_err(|e| Error::Backup(format!("restore: {e}")))?;
+        let annotated = |key: &str| artifact.annotations.get(key).and_then(|v| v.parse::<u64>().ok());
+        if annotated("io.br2k.index") != Some(recorded.index) {
+            return Err(Error::Backup(format!(
+                "restore: the backup {digest} says it reaches {:?}, the chain records {}",
+                annotated("io.br2k.index"),
+                recorded.index
+            )));
+        }
+        if let Some(state) = artifact.layers.iter().find(|l| l.media_type == STATE_MEDIA_TYPE) {
+            let index = annotated("io.br2k.snapshot.index")
+                .ok_or_else(|| Error::Backup(format!("restore: the backup {digest} names no snapshot index")))?;
+            let meta = crate::data::SnapshotMeta {
+                index,
+                state_version: annotated("io.br2k.state.version").unwrap_or(0),
+                digest: br2k_oci::image::sha256_digest(&state.bytes),
+                size: state.bytes.len() as u64,
+                replica: artifact.annotations.get("io.br2k.replica").cloned().unwrap_or_default(),
+                created_at: unix_seconds(),
+            };
+            let incoming = self.snapshots.incoming_path();
+            tokio::fs::write(&incoming, &state.bytes)
+                .await
+                .map_err(|e| Error::Snapshot { path: incoming.display().to_string(), reason: e.to_string() })?;
+            self.install(&meta).await?;
+        }
+        let mut tally = crate::data::CompactedLog { first_index: recorded.index + 1, ..Default::default() };
+        if let Some(log) = artifact.layers.iter().find(|l| l.media_type == LOG_MEDIA_TYPE) {
+            for line in log.bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+                let entry: SegmentEntry = serde_json::from_slice(line)
+                    .map_err(|e| Error::Backup(format!("restore: a log line of {digest} does not decode: {e}")))?;
+                self.replay(&entry, &mut tally).await?;
+            }
+        }
+        self.state.persist().await.map_err(Error::Persist)?;
+        self.record.clear()?;
+        if self.state.applied_index() > recorded.index {
+            return Err(Error::Backup(format!(
+                "restore: the app applied {} entries, past the backup's {}",
+                self.state.applied_index(),
+                recorded.index
+            )));
+        }
+        if !self.store().seed_restored(recorded.index, &tally, &self.config.replica).await? {
+            info!("another replica seeded etcd first; following it");
+            return Ok(None);
+        }
+        let applied = self.state.applied_index();
+        self.set_status(|s| {
+            s.lpi = recorded.index;
+            s.ssi = recorded.index;
+            s.ls = recorded.index;
+            s.applied_index = applied;
+            s.first_index = recorded.index + 1;
+        });
+        // The other replicas are as empty as this one was: they catch up from a snapshot.
+        self.maybe_snapshot(recorded.index);
+        info!(index = recorded.index, ms = started.elapsed().as_millis() as u64, "restored from the backup");
+        Ok(Some(recorded.index))
+    }
+
+    /// Applies one entry of a backup's log: a Replication request that succeeded runs
+    /// again here (the others changed nothing in the replicated state).
+    async fn replay(&self, entry: &SegmentEntry, tally: &mut crate::data::CompactedLog) -> Result<()> {
+        use crate::data::{ProcessState, RequestKind};
+        match entry.state.state {
+            ProcessState::Success => tally.success += 1,
+            ProcessState::Fail => tally.fail += 1,
+            ProcessState::Ignore => tally.ignore += 1,
+            ProcessState::Null | ProcessState::InProcess => {}
+        }
+        let replicated = entry.state.kind == RequestKind::Replication && entry.state.state == ProcessState::Success;
+        if !replicated || entry.index <= self.state.applied_index() {
+            return Ok(());
+        }
+        tally.replication_success += 1;
+        let route = self
+            .route_of(&entry.request.method, &entry.request.path)
+            .filter(|r| r.kind == RequestKind::Replication)
+            .ok_or_else(|| Error::UnknownRoute {
+                index: entry.index,
+                method: entry.request.method.clone(),
+                path: entry.request.path.clone(),
+            })?;
+        let request = crate::app::Request::from_entry(entry.index, entry.request.clone());
+        if self.execute(entry.index, route, request, false).await?.is_err() {
+            warn!(index = entry.index, "a request that succeeded before the disaster failed when replayed");
+        }
+        Ok(())
+    }
+}
+
+/// The repository of `artifact` (`host/repository@digest`) when it is on `host`.
+fn repository_of(artifact: &str, host: &str) -> Option<String> {
+    let (name, _digest) = artifact.split_once('@')?;
+    let repository = name.strip_prefix(host)?.strip_prefix('/')?;
+    (!repository.is_empty()).then(|| repository.to_owned())
 }
 
 fn alloy_hex(bytes: &[u8]) -> String {

@@ -744,6 +744,10 @@ impl<S: AppState> Runtime<S> {
     async fn register(self: &Arc<Self>, node: &mut Node) -> Result<()> {
         self.set_role(Role::Register, None, "leader condition holds");
         let store = self.store();
+        // Every member lost its data: the backup recorded on chain is the service.
+        if let Some(index) = self.restore_from_backup().await? {
+            node.lpi = index;
+        }
         let first_index = store.compacted().await?.first_index.max(1);
         self.set_status(|s| s.first_index = first_index);
         // Prepare Service replays the log from this replica's LPI: get a snapshot first.

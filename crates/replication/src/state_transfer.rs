@@ -258,7 +258,7 @@ impl<S: AppState> Runtime<S> {
     /// Installs a downloaded and checked snapshot: adopts it as this replica's own, then
     /// restores the app from it, with the lineage file marking the restore in progress
     /// so that a crash half-way is finished at the next start.
-    async fn install(&self, meta: &SnapshotMeta) -> Result<()> {
+    pub(crate) async fn install(&self, meta: &SnapshotMeta) -> Result<()> {
         self.snapshots.install(&self.snapshots.incoming_path(), meta)?;
         self.restore_adopted(meta).await?;
         self.snapshot_done(meta.clone());

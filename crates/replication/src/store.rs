@@ -336,6 +336,32 @@ impl Store {
         }
     }
 
+    /// Whether this etcd holds no log at all (no LS, no compaction record): a new
+    /// service, or one whose every member lost its data.
+    pub(crate) async fn holds_no_log(&self) -> Result<bool> {
+        Ok(self.get(&self.keys.ls()).await?.is_none() && self.get(&self.keys.compacted()).await?.is_none())
+    }
+
+    /// Seeds an etcd that holds no log with a service restored from a backup reaching
+    /// `index`: the log starts after it (`compacted`), LS, SSI and `replica`'s LPI are it.
+    /// Only if there is still no log (two Registers cannot both seed). Returns whether
+    /// this call seeded it.
+    pub(crate) async fn seed_restored(&self, index: u64, compacted: &CompactedLog, replica: &str) -> Result<bool> {
+        let txn = Txn::new()
+            .when(vec![
+                Compare::create_revision(self.keys.ls(), CompareOp::Equal, 0),
+                Compare::create_revision(self.keys.compacted(), CompareOp::Equal, 0),
+            ])
+            .and_then(vec![
+                TxnOp::put(self.keys.compacted(), data::encode(compacted), None),
+                TxnOp::put(self.keys.ls(), index.to_string(), None),
+                TxnOp::put(self.keys.ssi(), index.to_string(), None),
+                TxnOp::put(self.keys.lpi(replica), index.to_string(), None),
+            ]);
+        let mut client = self.client.clone();
+        Ok(self.bounded("seed the restored service", client.txn(txn)).await?.succeeded())
+    }
+
     /// A leader-authority write: `ops` applied only if `cl` is still `term`'s, split into
     /// transactions that respect etcd's limits (the counters go last, in the last one).
     ///

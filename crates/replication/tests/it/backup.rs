@@ -8,7 +8,7 @@ use br2k_oci::registry::RegistryClient;
 use br2k_replication::SnapshotPolicy;
 use br2k_replication::backup::{BACKUP_TYPE, BackupConfig, LOG_MEDIA_TYPE, STATE_MEDIA_TYPE, SegmentEntry};
 use br2k_replication::{ProcessState, RequestKind};
-use br2k_test_utils::OciRegistry;
+use br2k_test_utils::{EtcdCluster, OciRegistry};
 
 use crate::harness::{Cluster, SERVICE, eventually};
 
@@ -78,4 +78,88 @@ async fn backups_are_pushed_recorded_on_chain_and_catch_up_after_a_registry_outa
     let all: Vec<_> = expected.into_iter().chain(during).collect();
     assert_eq!(restored_journal(&client, &digest).await, all);
     assert!(c.replicas[l].status().backup.last_error.is_none(), "the error clears once a backup passes");
+}
+
+/// Every replica and every etcd member lose their data; the replicas start again on an
+/// empty etcd.
+async fn disaster(c: &mut Cluster) {
+    for i in 0..3 {
+        c.wipe_replica(i);
+    }
+    c.etcd = EtcdCluster::spawn().expect("etcd starts (run `bash tools/setup.sh` if it is missing)");
+    for i in 0..3 {
+        c.restart_replica(i).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn after_every_disk_is_lost_the_service_comes_back_from_the_backup_recorded_on_chain() {
+    let oci = OciRegistry::spawn(None).expect("docker-registry starts (run `bash tools/setup.sh` if it is missing)");
+    let mut cluster = Cluster::new(true).await;
+    cluster.backup = Some(BackupConfig {
+        registry: Arc::new(RegistryClient::new(&oci.url(), true, None).unwrap()),
+        repository: REPOSITORY.into(),
+        interval: Duration::from_secs(1),
+    });
+    let mut c = cluster.with_replicas(SnapshotPolicy { interval: 10, trailing: 5 }).await;
+    let chain = c.registry.as_ref().unwrap().manager.clone();
+    let expected = c.load().append_many("d", 25, 4).await;
+    let last = expected.last().unwrap().0;
+    eventually("the backup is recorded", async || {
+        chain.backup(SERVICE).await.unwrap().is_some_and(|b| b.index >= last)
+    })
+    .await;
+
+    disaster(&mut c).await;
+    let l = c.leader(None).await;
+    c.converged(&expected).await;
+    assert!(c.replicas[l].status().epoch.unwrap() > 0);
+    let after = c.post_to_leader("/append", "after", Some("k-after")).await;
+    assert_eq!(after.status(), 200);
+    assert_eq!(after.headers()["br2k-index"].to_str().unwrap(), (last + 1).to_string(), "indexes go on");
+    let mut all = expected.clone();
+    all.push((last + 1, "after".into()));
+    c.converged(&all).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tampered_backup_is_refused_and_nothing_serves_from_it() {
+    let oci = OciRegistry::spawn(None).expect("docker-registry starts (run `bash tools/setup.sh` if it is missing)");
+    let mut cluster = Cluster::new(true).await;
+    cluster.backup = Some(BackupConfig {
+        registry: Arc::new(RegistryClient::new(&oci.url(), true, None).unwrap()),
+        repository: REPOSITORY.into(),
+        interval: Duration::from_secs(1),
+    });
+    let mut c = cluster.with_replicas(SnapshotPolicy { interval: 10, trailing: 5 }).await;
+    let chain = c.registry.as_ref().unwrap().manager.clone();
+    let expected = c.load().append_many("t", 12, 2).await;
+    let last = expected.last().unwrap().0;
+    eventually("the backup is recorded", async || {
+        chain.backup(SERVICE).await.unwrap().is_some_and(|b| b.index >= last)
+    })
+    .await;
+    // Stop backups (a new leader would record a new one), then alter the recorded one's
+    // log in the registry's storage.
+    for i in 0..3 {
+        c.replicas[i].crash();
+    }
+    let recorded = chain.backup(SERVICE).await.unwrap().unwrap();
+    let client = RegistryClient::new(&oci.url(), true, None).unwrap();
+    let digest = format!("sha256:{}", alloy::hex::encode(recorded.digest));
+    let artifact = client.pull_artifact(REPOSITORY, &digest, BACKUP_TYPE).await.unwrap();
+    let log = artifact.layers.iter().find(|l| l.media_type == LOG_MEDIA_TYPE).unwrap();
+    let hex = br2k_oci::image::sha256_digest(&log.bytes).trim_start_matches("sha256:").to_owned();
+    let path = oci.storage().join("docker/registry/v2/blobs/sha256").join(&hex[..2]).join(&hex).join("data");
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[10] ^= 1;
+    std::fs::write(&path, bytes).unwrap();
+
+    disaster(&mut c).await;
+    eventually("a replica says the backup does not match", async || {
+        c.statuses().iter().any(|s| s.last_error.as_deref().is_some_and(|e| e.contains("does not match that digest")))
+    })
+    .await;
+    assert!(c.statuses().iter().all(|s| s.role != br2k_replication::Role::Leader), "nothing serves from it");
+    assert!(c.replicas.iter().all(|r| r.state.entries().is_empty()), "no replica restored anything from it");
 }
