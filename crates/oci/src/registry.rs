@@ -358,6 +358,44 @@ impl RegistryClient {
         Ok(bytes)
     }
 
+    /// The tags of `repository` (none when the repository does not exist yet).
+    ///
+    /// # Errors
+    /// Refused credentials, or a registry error.
+    pub async fn tags(&self, repository: &str) -> Result<Vec<String>> {
+        check_repository(repository)?;
+        let url = format!("{}/v2/{repository}/tags/list?n=10000", self.base);
+        let answer = self.send(Method::GET, &url, None, None, None).await?;
+        if answer.status() == StatusCode::NOT_FOUND {
+            return Ok(Vec::new());
+        }
+        let answer = expect(answer, StatusCode::OK, "list the tags").await?;
+        #[derive(Deserialize)]
+        struct Tags {
+            tags: Option<Vec<String>>,
+        }
+        let body = read_at_most(answer, MAX_MANIFEST_BYTES, "list the tags").await?;
+        let tags: Tags = serde_json::from_slice(&body).map_err(|e| registry_error("list the tags", &e.to_string()))?;
+        Ok(tags.tags.unwrap_or_default())
+    }
+
+    /// The digest of the manifest `repository:tag` names, as the registry reports it.
+    ///
+    /// # Errors
+    /// Refused credentials, an unknown tag, or a registry error.
+    pub async fn manifest_digest(&self, repository: &str, tag: &str) -> Result<String> {
+        check_repository(repository)?;
+        let url = format!("{}/v2/{repository}/manifests/{tag}", self.base);
+        let answer = self.send(Method::HEAD, &url, None, None, Some(media_type::MANIFEST)).await?;
+        let answer = expect(answer, StatusCode::OK, "find the manifest").await?;
+        answer
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .ok_or_else(|| registry_error("find the manifest", "the answer names no digest"))
+    }
+
     /// `host[:port]` of the registry, as references name it.
     pub fn host(&self) -> String {
         reqwest::Url::parse(&self.base)

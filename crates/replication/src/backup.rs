@@ -102,7 +102,11 @@ pub(crate) async fn back_up_while_leading<S: AppState>(runtime: Arc<Runtime<S>>,
     }
     let mut pause = config.interval;
     loop {
-        tokio::time::sleep(pause).await;
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            // `POST /br2k/backup` (`br2k backup now`); at most one backup runs at a time.
+            () = runtime.backup_now.notified() => {}
+        }
         match back_up_once(&runtime, &term, &config).await {
             Ok(()) => {
                 pause = config.interval;

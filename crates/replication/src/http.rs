@@ -48,6 +48,7 @@ async fn front<S: AppState>(State(runtime): State<Arc<Runtime<S>>>, request: axu
         ("GET", "/br2k/health") => return health(&runtime),
         ("GET", "/br2k/status") => return json(StatusCode::OK, &*runtime.status.borrow()),
         ("GET", "/br2k/snapshot") => return snapshot(&runtime, &parts).await,
+        ("POST", "/br2k/backup") => return backup_now(&runtime),
         _ => {}
     }
     let Some(route) = runtime.route_of(&method, &path) else {
@@ -252,6 +253,20 @@ async fn snapshot<S: AppState>(runtime: &Runtime<S>, parts: &axum::http::request
         headers.insert("br2k-snapshot-digest", digest);
     }
     response
+}
+
+/// `POST /br2k/backup`: the leader backs up at once (the answer does not wait for it;
+/// the backup recorded on chain reaches at least the SSI answered).
+fn backup_now<S: AppState>(runtime: &Runtime<S>) -> Response {
+    if runtime.config.backup.is_none() {
+        return error(StatusCode::NOT_FOUND, "this service has no backups configured (no backup registry)");
+    }
+    let status = runtime.status.borrow().clone();
+    if status.role != Role::Leader {
+        return not_leader(runtime);
+    }
+    runtime.backup_now.notify_one();
+    json(StatusCode::ACCEPTED, &serde_json::json!({ "requested": true, "ssi": status.ssi, "backup": status.backup }))
 }
 
 fn health<S: AppState>(runtime: &Runtime<S>) -> Response {

@@ -146,6 +146,7 @@ impl<S: AppState> Replicated<S> {
             snapshots: SnapshotStore::new(&config.data_dir),
             snapshot: Mutex::default(),
             snapshot_taken: Notify::new(),
+            backup_now: Notify::new(),
             member: watch::Sender::new(member),
             peer_token: Mutex::default(),
             http: reqwest::Client::builder()
@@ -245,6 +246,8 @@ pub(crate) struct Runtime<S> {
     pub(crate) snapshot: Mutex<SnapshotState>,
     /// Woken when a snapshot completes (the leader's compaction waits on it).
     pub(crate) snapshot_taken: Notify,
+    /// Woken to make the leader back up at once.
+    pub(crate) backup_now: Notify,
     /// What this replica's membership record should say.
     pub(crate) member: watch::Sender<MemberRecord>,
     /// The peer token, once read from etcd.

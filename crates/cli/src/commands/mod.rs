@@ -1,5 +1,6 @@
 //! The command tree. Each subcommand is an `XArgs` struct with its `run`.
 
+mod backup;
 mod claim;
 mod context;
 mod deploy;
@@ -127,6 +128,9 @@ enum Command {
     /// The manager daemon: recovers the services this key manages when they stop serving.
     #[command(subcommand)]
     Manager(manager::ManagerCommand),
+    /// A service's backups: those in its container registry, the one recorded on chain.
+    #[command(subcommand)]
+    Backup(backup::BackupCommand),
 }
 
 impl Cli {
@@ -157,6 +161,7 @@ impl Cli {
             Command::Manager(command) => command.run(global).await,
             Command::Users(args) => args.run(global).await,
             Command::Status(args) => args.run(global).await,
+            Command::Backup(command) => command.run(global).await,
         }
     }
 }

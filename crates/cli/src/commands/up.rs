@@ -60,6 +60,25 @@ pub(crate) struct UpArgs {
     #[arg(long, value_name = "ETH", default_value = "0.05", value_parser = crate::backends::parse_ether)]
     operator_funds: alloy::primitives::U256,
 
+    /// With --use-chain: the container registry the leader backs the service up to (the
+    /// one its recovery info names); its credentials come from the environment or Docker's
+    /// config.json. A replica that starts where every member lost its data restores the
+    /// backup recorded on chain.
+    #[arg(long, value_name = "URL", requires_all = ["use_chain", "backup_repository"])]
+    backup_registry: Option<String>,
+
+    /// The repository backups go to (the service's image repository).
+    #[arg(long, value_name = "REPOSITORY")]
+    backup_repository: Option<String>,
+
+    /// Seconds between two backups.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    backup_interval: u64,
+
+    /// The backup registry is plain HTTP (allowed for it in the project's registry list).
+    #[arg(long)]
+    backup_plain_http: bool,
+
     /// Run in the background; returns once the service is up. Stop it with `br2k down`.
     #[arg(long)]
     detach: bool,
@@ -70,6 +89,21 @@ pub(crate) struct UpArgs {
 
     #[command(flatten)]
     local: LocalReplicaOpts,
+}
+
+impl UpArgs {
+    /// The environment that tells the app where to back up (as the log server reads it).
+    fn backup_env(&self) -> Vec<(String, String)> {
+        let (Some(registry), Some(repository)) = (&self.backup_registry, &self.backup_repository) else {
+            return Vec::new();
+        };
+        vec![
+            ("BR2K_BACKUP_REGISTRY".into(), registry.clone()),
+            ("BR2K_BACKUP_REPOSITORY".into(), repository.clone()),
+            ("BR2K_BACKUP_INTERVAL".into(), self.backup_interval.to_string()),
+            ("BR2K_BACKUP_PLAIN_HTTP".into(), self.backup_plain_http.to_string()),
+        ]
+    }
 }
 
 /// Stop a service that `br2k up --detach` runs (its processes, namespaces and chain).
@@ -140,6 +174,7 @@ impl UpArgs {
             app_env: [("BR2K_OUTBOX".into(), dir.join("outbox").display().to_string())]
                 .into_iter()
                 .chain(br2k_deploy::local::snapshot_env(&snapshots))
+                .chain(self.backup_env())
                 .collect(),
             work_dir: dir.clone(),
             network: self.local.network,

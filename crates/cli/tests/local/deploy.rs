@@ -185,6 +185,17 @@ fn deploy_local_runs_the_image_pulled_from_the_registry_and_records_it_on_chain(
     let (status, _) = http(&location, "GET", "/br2k/health", "");
     assert_eq!(status, 200, "the leader at {location} answers");
 
+    // The leader backs up into the registry the image came from; `br2k backup now` asks
+    // for one at once and waits until the chain records it.
+    let (status, _) = http(&location, "POST", "/log", r#"{"user": 1}"#);
+    assert_eq!(status, 200);
+    let now: Value = serde_json::from_str(&run(&["--json", "backup", "now", "deployed"])).unwrap();
+    assert!(now["index"].as_u64().unwrap() >= 1, "{now}");
+    assert!(now["artifact"].as_str().unwrap().starts_with(&format!("{}/br2k/logserver@sha256:", registry.host())));
+    let listed: Value = serde_json::from_str(&run(&["--json", "backup", "ls", "deployed"])).unwrap();
+    assert_eq!(listed["recorded"]["index"], now["index"], "{listed}");
+    assert!(listed["backups"].as_array().unwrap().iter().any(|b| b["recorded"] == true), "{listed}");
+
     let info: Value = serde_json::from_str(&run(&["--json", "service", "info", "deployed"])).unwrap();
     let recovery = &info["recoveryInfo"];
     assert_eq!(recovery["context"], "local");

@@ -43,8 +43,10 @@ pub struct LocalBackend {
     pub rpc_url: String,
     /// The service registry.
     pub registry: Address,
-    /// The service's manager key; the local replicas publish with it.
+    /// The service's manager key: it registers the replicas' own operator keys.
     pub key: PrivateKeySigner,
+    /// Seconds between two backups of a deployed service (to the registry its image is in).
+    pub backup_interval: u64,
 }
 
 /// How long a runner may take to put the replicas up and publish a leader.
@@ -105,6 +107,10 @@ impl LocalBackend {
             .args(["--network", &self.network.to_string()])
             .args(["--election-timeout", &self.election_ms.to_string()])
             .args(["--rpc-url", &self.rpc_url, "--registry", &self.registry.to_string()])
+            // The leader backs up to the registry the image came from, in its repository.
+            .args(["--backup-registry", &record.image.registry_url, "--backup-repository", &record.image.repository])
+            .args(["--backup-interval", &self.backup_interval.to_string()])
+            .args(entry.plain_http.then_some("--backup-plain-http"))
             // The key travels in the environment, never on argv (the process list shows argv).
             .env("ETH_PRIVATE_KEY", alloy::hex::encode_prefixed(self.key.to_bytes()))
             .env_remove("ETH_KEYSTORE")
