@@ -45,6 +45,8 @@ impl Project {
             "loopback",
             "--election-timeout",
             "500",
+            "--backup-interval",
+            "2",
         ]);
         project
     }
@@ -72,7 +74,7 @@ impl Project {
             .br2k()
             .args(["manager", "run", "--service", self.service, "--probe-interval", "0s", "--grace", "10s"])
             .args(["--poll-interval", "200ms", "--metrics", "off", "--network", "loopback"])
-            .args(["--election-timeout", "500"])
+            .args(["--election-timeout", "500", "--backup-interval", "2"])
             .arg("--state-dir")
             .arg(self.dir.path().join("manager"))
             .stdout(Stdio::null())
@@ -217,6 +219,50 @@ impl Drop for Project {
 
 fn count(text: &str, needle: &str) -> usize {
     text.matches(needle).count()
+}
+
+/// The backup index the chain records (0 before the first).
+fn recorded_backup(project: &Project) -> u64 {
+    let listed: Value = serde_json::from_str(&project.run(&["--json", "backup", "ls", project.service])).unwrap();
+    listed["recorded"]["index"].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn a_claim_after_every_disk_was_lost_brings_the_service_back_from_the_backup_recorded_on_chain() {
+    let _turn = one_at_a_time();
+    let mut project = Project::deploy("restored");
+    let backed_up = project.append(1, 1..=20);
+    let last = *backed_up.iter().max().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while recorded_backup(&project) < last {
+        assert!(Instant::now() < deadline, "no backup reaching {last} was recorded within 60 s");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Acknowledged within the last backup interval: these may be lost, and are counted.
+    let recent = project.append(1, 21..=25);
+    let (_, epoch) = project.resolve();
+
+    // Every process killed and every disk lost: the runner's state directory (the
+    // replicas' data and their etcd members') is deleted.
+    project.disaster();
+    std::fs::remove_dir_all(project.state_dir()).unwrap();
+    project.start_manager(1);
+    let claimed = Instant::now();
+    project.claim(3, "no answer from any replica");
+    let (_, new_epoch) = project.wait_answering(epoch, Duration::from_secs(180));
+    eprintln!("claim to answering after the disks were lost: {:.1} s", claimed.elapsed().as_secs_f64());
+    assert!(new_epoch > epoch);
+    project.wait_log(1, "recovered in", Duration::from_secs(30));
+
+    let held = project.indices();
+    for index in &backed_up {
+        assert!(held.contains(index), "request {index}, acknowledged before the recorded backup, was lost: {held:?}");
+    }
+    let lost = recent.iter().filter(|i| !held.contains(i)).count();
+    eprintln!("acknowledged within the last backup interval and lost: {lost} of {}", recent.len());
+    let after = project.append(2, 1..=1);
+    assert!(after[0] > last, "indexes go on after the backup's");
+    assert_eq!(project.state(), "running");
 }
 
 #[test]
