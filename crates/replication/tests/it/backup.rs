@@ -163,3 +163,62 @@ async fn a_tampered_backup_is_refused_and_nothing_serves_from_it() {
     assert!(c.statuses().iter().all(|s| s.role != br2k_replication::Role::Leader), "nothing serves from it");
     assert!(c.replicas.iter().all(|r| r.state.entries().is_empty()), "no replica restored anything from it");
 }
+
+/// Collects everything the replicas log (br2k's crates at every level, the HTTP client
+/// at debug), for the test that looks for credentials in it.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn registry_credentials_never_reach_etcd_the_chain_or_a_log_line() {
+    const PASSWORD: &str = "hunter2-correct-horse";
+    let logs = Captured::default();
+    let writer = logs.clone();
+    tracing_subscriber::fmt()
+        .with_env_filter("br2k_replication=trace,br2k_oci=trace,br2k_resolver=debug,reqwest=debug,warn")
+        .with_writer(move || writer.clone())
+        .try_init()
+        .expect("this test installs the only log subscriber of the test binary (unset BR2K_TEST_LOG)");
+    let oci = OciRegistry::spawn(Some(("backup-bot", PASSWORD)))
+        .expect("docker-registry starts (run `bash tools/setup.sh` if it is missing)");
+    let credentials =
+        Some(br2k_oci::registry::Credentials { username: "backup-bot".into(), password: PASSWORD.into() });
+    let mut cluster = Cluster::new(true).await;
+    cluster.backup = Some(BackupConfig {
+        registry: Arc::new(RegistryClient::new(&oci.url(), true, credentials).unwrap()),
+        repository: REPOSITORY.into(),
+        interval: Duration::from_secs(1),
+    });
+    let c = cluster.with_replicas(SnapshotPolicy { interval: 10, trailing: 5 }).await;
+    let chain = c.registry.as_ref().unwrap().manager.clone();
+    let expected = c.load().append_many("p", 15, 2).await;
+    let last = expected.last().unwrap().0;
+    eventually("the backup is recorded", async || {
+        chain.backup(SERVICE).await.unwrap().is_some_and(|b| b.index >= last)
+    })
+    .await;
+
+    let mut etcd = c.etcd_client(0).await;
+    let all = etcd.get("", Some(etcd_client::GetOptions::new().with_all_keys())).await.unwrap();
+    for kv in all.kvs() {
+        let value = String::from_utf8_lossy(kv.value());
+        assert!(!value.contains(PASSWORD) && !value.contains("backup-bot"), "in etcd at {:?}", kv.key_str());
+    }
+    let recorded = chain.backup(SERVICE).await.unwrap().unwrap();
+    assert!(!recorded.artifact.contains(PASSWORD) && !recorded.artifact.contains("backup-bot"), "{recorded:?}");
+    let logged = String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned();
+    assert!(logged.contains("backup pushed and recorded"), "the logs were captured");
+    assert!(!logged.contains(PASSWORD), "the password is in the logs");
+    let basic = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, format!("backup-bot:{PASSWORD}"));
+    assert!(!logged.contains(&basic), "the Authorization header is in the logs");
+}
