@@ -57,6 +57,7 @@ impl BackendOpts {
             volume_size: self.volume_size.clone(),
             rpc_url: rpc_url.to_owned(),
             registry,
+            backup_interval: self.backup_interval,
         }
     }
 

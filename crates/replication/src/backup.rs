@@ -78,6 +78,12 @@ pub struct BackupStatus {
     /// When it was pushed, seconds since the Unix epoch.
     #[serde(default)]
     pub at: u64,
+    /// How long reading, pushing and recording it took, milliseconds.
+    #[serde(default)]
+    pub took_ms: u64,
+    /// Its size: the state and log layers, bytes.
+    #[serde(default)]
+    pub bytes: u64,
     /// Why the last attempt failed, if it did and none has succeeded since.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
@@ -125,6 +131,7 @@ pub(crate) async fn back_up_while_leading<S: AppState>(runtime: Arc<Runtime<S>>,
 
 /// One backup, if anything was acknowledged since the last one.
 pub(crate) async fn back_up_once<S: AppState>(runtime: &Runtime<S>, term: &Term, config: &BackupConfig) -> Result<()> {
+    let started = std::time::Instant::now();
     let store = runtime.store();
     let ssi = store.get_index(&runtime.keys.ssi()).await?;
     let done = runtime.status.borrow().backup.index;
@@ -166,6 +173,7 @@ pub(crate) async fn back_up_once<S: AppState>(runtime: &Runtime<S>, term: &Term,
         annotations.insert("io.br2k.state.version".into(), snapshot.state_version.to_string());
     }
     layers.push(Layer { media_type: LOG_MEDIA_TYPE.into(), title: "log".into(), bytes: lines });
+    let bytes = layers.iter().map(|l| l.bytes.len() as u64).sum::<u64>();
     let artifact = Artifact { artifact_type: BACKUP_TYPE.into(), layers, annotations };
     let tag = format!("br2k-backup-{ssi}");
     let digest = config
@@ -187,10 +195,13 @@ pub(crate) async fn back_up_once<S: AppState>(runtime: &Runtime<S>, term: &Term,
     }
     info!(index = ssi, %digest, from, "backup pushed and recorded");
     let at = unix_seconds();
+    let took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     runtime.set_status(|s| {
         s.backup.index = ssi;
         s.backup.digest = Some(digest);
         s.backup.at = at;
+        s.backup.took_ms = took_ms;
+        s.backup.bytes = bytes;
     });
     Ok(())
 }

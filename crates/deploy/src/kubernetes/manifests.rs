@@ -21,9 +21,10 @@ use alloy::primitives::Address;
 use base64::Engine as _;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, LocalObjectReference, PersistentVolumeClaim,
-    PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, Pod, PodSpec, Probe, Secret, SecretKeySelector,
-    Service, ServicePort, ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements,
+    Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath, LocalObjectReference,
+    PersistentVolumeClaim, PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, Pod, PodSpec, Probe, Secret,
+    SecretKeySelector, SecretVolumeSource, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -44,6 +45,8 @@ const ETCD_CLIENT_PORT: i32 = 2379;
 const ETCD_PEER_PORT: i32 = 2380;
 const APP_DATA: &str = "/var/lib/br2k";
 const ETCD_DATA: &str = "/var/lib/etcd";
+/// Where the app reads the registry credentials for its backups (Docker's config.json).
+const REGISTRY_AUTH: &str = "/var/run/br2k/registry";
 
 /// What to deploy on a cluster.
 #[derive(Clone, Debug)]
@@ -71,6 +74,19 @@ pub struct KubernetesSpec {
     pub rpc_url: String,
     /// The service registry.
     pub registry: Address,
+    /// Where the leader backs up (the registry and repository of its image).
+    pub backup: Option<BackupTarget>,
+}
+
+/// Where a deployed service's leader backs it up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackupTarget {
+    /// The container registry's URL.
+    pub registry_url: String,
+    /// The repository.
+    pub repository: String,
+    /// Seconds between two backups.
+    pub interval: u64,
 }
 
 /// How a deployment on a Kubernetes context is made, beyond what the recovery info records.
@@ -84,6 +100,8 @@ pub struct ClusterSettings {
     pub rpc_url: String,
     /// The service registry.
     pub registry: Address,
+    /// Seconds between two backups of a deployed service.
+    pub backup_interval: u64,
 }
 
 impl KubernetesSpec {
@@ -106,6 +124,11 @@ impl KubernetesSpec {
             volume_size: settings.volume_size.clone(),
             rpc_url: settings.rpc_url.clone(),
             registry: settings.registry,
+            backup: Some(BackupTarget {
+                registry_url: record.image.registry_url.clone(),
+                repository: record.image.repository.clone(),
+                interval: settings.backup_interval,
+            }),
         }
     }
 }
@@ -301,6 +324,16 @@ impl KubernetesSpec {
             env("BR2K_REGISTRY", self.registry.to_string()),
             env("ETH_RPC_URL", self.rpc_url.clone()),
         ];
+        if let Some(backup) = &self.backup {
+            app_env.push(env("BR2K_BACKUP_REGISTRY", backup.registry_url.clone()));
+            app_env.push(env("BR2K_BACKUP_REPOSITORY", backup.repository.clone()));
+            app_env.push(env("BR2K_BACKUP_INTERVAL", backup.interval.to_string()));
+            app_env.push(env("BR2K_BACKUP_PLAIN_HTTP", backup.registry_url.starts_with("http://").to_string()));
+            if pull_secret.is_some() {
+                // The registry's credentials, from the pull Secret mounted as Docker's config.
+                app_env.push(env("DOCKER_CONFIG", REGISTRY_AUTH.into()));
+            }
+        }
         app_env.push(EnvVar {
             name: "ETH_PRIVATE_KEY".into(),
             value_from: Some(EnvVarSource {
@@ -337,7 +370,14 @@ impl KubernetesSpec {
                 period_seconds: Some(2),
                 ..Probe::default()
             }),
-            volume_mounts: Some(vec![mount("data", APP_DATA)]),
+            volume_mounts: Some(
+                std::iter::once(mount("data", APP_DATA))
+                    .chain(
+                        self.registry_auth(pull_secret)
+                            .map(|_| VolumeMount { read_only: Some(true), ..mount("registry-auth", REGISTRY_AUTH) }),
+                    )
+                    .collect(),
+            ),
             ..Container::default()
         };
         let mut etcd_args = vec![
@@ -389,7 +429,9 @@ impl KubernetesSpec {
                 containers: vec![app, etcd],
                 node_selector: Some(selector),
                 image_pull_secrets: pull_secret.map(|s| vec![LocalObjectReference { name: s.into() }]),
-                volumes: Some(vec![volume("etcd"), volume("data")]),
+                volumes: Some(
+                    [volume("etcd"), volume("data")].into_iter().chain(self.registry_auth(pull_secret)).collect(),
+                ),
                 restart_policy: Some("Always".into()),
                 enable_service_links: Some(false),
                 termination_grace_period_seconds: Some(10),
@@ -397,6 +439,27 @@ impl KubernetesSpec {
             }),
             ..Pod::default()
         }
+    }
+}
+
+impl KubernetesSpec {
+    /// The pull Secret as a volume holding Docker's `config.json`, for the app's backups.
+    fn registry_auth(&self, pull_secret: Option<&str>) -> Option<Volume> {
+        let secret = pull_secret.filter(|_| self.backup.is_some())?;
+        Some(Volume {
+            name: "registry-auth".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret.into()),
+                items: Some(vec![KeyToPath {
+                    key: ".dockerconfigjson".into(),
+                    path: "config.json".into(),
+                    mode: None,
+                }]),
+                default_mode: Some(0o400),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        })
     }
 }
 
@@ -482,6 +545,16 @@ mod tests {
         assert!(manifests.secrets.iter().all(|s| s.data.is_some()));
         let pod_spec = manifests.pods[0].spec.as_ref().unwrap();
         assert_eq!(pod_spec.image_pull_secrets.as_ref().unwrap()[0].name, "logserver-pull");
+        // The leader backs up with the same credentials, read from the mounted pull Secret.
+        let app = &pod_spec.containers[0];
+        let env = |name: &str| app.env.as_ref().unwrap().iter().find(|e| e.name == name).and_then(|e| e.value.clone());
+        assert_eq!(env("BR2K_BACKUP_REGISTRY").as_deref(), Some("https://harbor.example"));
+        assert_eq!(env("BR2K_BACKUP_REPOSITORY").as_deref(), Some("br2k/logserver"));
+        assert_eq!(env("DOCKER_CONFIG").as_deref(), Some(REGISTRY_AUTH));
+        let auth = pod_spec.volumes.as_ref().unwrap().iter().find(|v| v.name == "registry-auth").unwrap();
+        assert_eq!(auth.secret.as_ref().unwrap().secret_name.as_deref(), Some("logserver-pull"));
+        let mount = app.volume_mounts.as_ref().unwrap().iter().find(|m| m.name == "registry-auth").unwrap();
+        assert_eq!((mount.mount_path.as_str(), mount.read_only), (REGISTRY_AUTH, Some(true)));
         let yaml = manifests.to_yaml();
         assert!(!yaml.contains("secret-operator-key") && !yaml.contains("cm9ib3"), "{yaml}");
         assert!(yaml.contains("data (ETH_PRIVATE_KEY) is written at deploy time"));

@@ -21,7 +21,9 @@ use serde::de::DeserializeOwned;
 
 pub use backend::{KubernetesBackend, pod_views};
 pub use kube::Client;
-pub use manifests::{ClusterSettings, DEFAULT_ETCD_IMAGE, KubernetesSpec, Manifests, NODE_LABEL, SecretValues};
+pub use manifests::{
+    BackupTarget, ClusterSettings, DEFAULT_ETCD_IMAGE, KubernetesSpec, Manifests, NODE_LABEL, SecretValues,
+};
 
 use crate::context::Contexts;
 use crate::error::{DeployError, Result};

@@ -27,6 +27,11 @@ pub(super) fn spec() -> KubernetesSpec {
         volume_size: "1Gi".into(),
         rpc_url: "http://chain.example.org:8545".into(),
         registry: Address::repeat_byte(0x11),
+        backup: Some(super::manifests::BackupTarget {
+            registry_url: "https://harbor.example".into(),
+            repository: "br2k/logserver".into(),
+            interval: 30,
+        }),
     }
 }
 

@@ -35,6 +35,17 @@ pub(crate) struct Replicas {
 impl Replicas {
     /// Starts one replica per member of `etcd`, each given `args` as well.
     pub(crate) fn start(binary: &Path, etcd: &EtcdCluster, dir: &Path, args: &[&str]) -> Result<Self> {
+        Self::start_each(binary, etcd, dir, args, &|_| Vec::new())
+    }
+
+    /// Like [`Self::start`], replica `i` also given the environment `env(i)`.
+    pub(crate) fn start_each(
+        binary: &Path,
+        etcd: &EtcdCluster,
+        dir: &Path,
+        args: &[&str],
+        env: &dyn Fn(usize) -> Vec<(String, String)>,
+    ) -> Result<Self> {
         let ports: Vec<u16> = (0..etcd.len())
             .map(|_| std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()))
             .collect::<Result<_, _>>()?;
@@ -48,6 +59,7 @@ impl Replicas {
                 .args(args)
                 .env("RUST_LOG", "warn")
                 .env_remove("BR2K_REGISTRY")
+                .envs(env(i))
                 .stdin(Stdio::null())
                 .spawn()
                 .with_context(|| format!("cannot start {}", binary.display()))?;
