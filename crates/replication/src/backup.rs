@@ -36,6 +36,9 @@ use crate::error::{Error, Result};
 use crate::runtime::Runtime;
 use crate::store::Term;
 
+/// The least time between two backups asked for with `POST /br2k/backup`.
+const ON_DEMAND_SPACING: Duration = Duration::from_secs(1);
+
 /// The artifact type of a br2k backup.
 pub const BACKUP_TYPE: &str = "application/vnd.br2k.backup.v1";
 /// The media type of the `state` layer (an app snapshot, in the app's own format).
@@ -110,8 +113,9 @@ pub(crate) async fn back_up_while_leading<S: AppState>(runtime: Arc<Runtime<S>>,
     loop {
         tokio::select! {
             () = tokio::time::sleep(pause) => {}
-            // `POST /br2k/backup` (`br2k backup now`); at most one backup runs at a time.
-            () = runtime.backup_now.notified() => {}
+            // `POST /br2k/backup` (`br2k backup now`): anyone who reaches the service can
+            // ask, so asking only brings the next backup forward, to at most one a second.
+            () = runtime.backup_now.notified() => tokio::time::sleep(ON_DEMAND_SPACING).await,
         }
         match back_up_once(&runtime, &term, &config).await {
             Ok(()) => {
