@@ -164,7 +164,7 @@ pub(crate) async fn back_up_once<S: AppState>(runtime: &Runtime<S>, term: &Term,
         ("io.br2k.log.from".to_owned(), from.to_string()),
         ("io.br2k.replica".to_owned(), runtime.config.replica.clone()),
         ("io.br2k.epoch".to_owned(), term.epoch.to_string()),
-        ("org.opencontainers.image.created".to_owned(), unix_seconds().to_string()),
+        ("io.br2k.created".to_owned(), unix_seconds().to_string()),
     ]);
     if let Some(snapshot) = &snapshot {
         let path = runtime.snapshots.data_path(snapshot.index);

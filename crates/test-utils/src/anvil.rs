@@ -118,8 +118,10 @@ impl AnvilBuilder {
             command.args(["--chain-id", &chain_id.to_string()]);
         }
         command.args(&self.args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        let mut child =
-            KillOnDrop(command.spawn().map_err(|source| AnvilError::Spawn { program: program.clone(), source })?);
+        let mut child = KillOnDrop(
+            crate::process::spawn_retrying_busy(&mut command)
+                .map_err(|source| AnvilError::Spawn { program: program.clone(), source })?,
+        );
 
         let output = OutputTail::default();
         let (lines_tx, lines_rx) = mpsc::channel();

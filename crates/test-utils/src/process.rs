@@ -117,3 +117,22 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// Spawns `command`, trying again for a moment while the kernel says its executable is
+/// busy (`ETXTBSY`): a program written just before (a test's script) can be held open for
+/// writing by a child another thread forked in that instant, until that child execs.
+///
+/// # Errors
+/// The spawn's error, once it is not a busy executable or the moment has passed.
+pub(crate) fn spawn_retrying_busy(command: &mut std::process::Command) -> std::io::Result<std::process::Child> {
+    let mut tries = 0;
+    loop {
+        match command.spawn() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < 50 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            result => return result,
+        }
+    }
+}
