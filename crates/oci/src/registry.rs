@@ -398,10 +398,7 @@ impl RegistryClient {
 
     /// `host[:port]` of the registry, as references name it.
     pub fn host(&self) -> String {
-        reqwest::Url::parse(&self.base)
-            .ok()
-            .and_then(|u| u.host_str().map(|h| u.port().map_or_else(|| h.to_owned(), |p| format!("{h}:{p}"))))
-            .unwrap_or_default()
+        host_of(&self.base).unwrap_or_default()
     }
 
     /// The largest image or artifact a pull accepts, bytes.
@@ -663,6 +660,14 @@ fn parse_challenge(params: &str) -> std::collections::HashMap<String, String> {
     out
 }
 
+/// `host[:port]` of a registry URL, as image references and Docker's config.json name
+/// it; `None` for something that is not a URL with a host.
+pub fn host_of(url: &str) -> Option<String> {
+    let url = reqwest::Url::parse(url).ok()?;
+    let host = url.host_str()?;
+    Some(url.port().map_or_else(|| host.to_owned(), |port| format!("{host}:{port}")))
+}
+
 fn check_digest(digest: &str) -> Result<()> {
     let ok = digest
         .strip_prefix("sha256:")
@@ -748,10 +753,7 @@ pub struct RegistryEntry {
 impl RegistryEntry {
     /// `host[:port]`, as image references and Docker's config.json name it.
     pub fn host(&self) -> String {
-        reqwest::Url::parse(&self.url)
-            .ok()
-            .and_then(|u| u.host_str().map(|h| u.port().map_or_else(|| h.to_owned(), |p| format!("{h}:{p}"))))
-            .unwrap_or_default()
+        host_of(&self.url).unwrap_or_default()
     }
 
     /// A client for it, with credentials from the environment or Docker's config.json, trusting

@@ -101,7 +101,7 @@ pub(crate) async fn back_up_while_leading<S: AppState>(runtime: Arc<Runtime<S>>,
             Ok(Some(recorded)) => runtime.set_status(|s| {
                 if s.backup.index < recorded.index {
                     s.backup.index = recorded.index;
-                    s.backup.digest = Some(format!("sha256:{}", alloy_hex(recorded.digest.as_slice())));
+                    s.backup.digest = Some(format!("sha256:{:x}", recorded.digest));
                     s.backup.at = recorded.recorded_at;
                 }
             }),
@@ -229,7 +229,7 @@ impl<S: AppState> Runtime<S> {
             .await
             .map_err(|e| Error::Backup(format!("restore: cannot read the backup recorded on chain: {e}")))?;
         let Some(recorded) = recorded.filter(|b| b.index > self.state.applied_index()) else { return Ok(None) };
-        let digest = format!("sha256:{}", alloy_hex(recorded.digest.as_slice()));
+        let digest = format!("sha256:{:x}", recorded.digest);
         let repository = repository_of(&recorded.artifact, &config.registry.host()).ok_or_else(|| {
             Error::Backup(format!(
                 "restore: the backup recorded on chain is at {:?}, not in the service's registry {}",
@@ -340,10 +340,6 @@ fn repository_of(artifact: &str, host: &str) -> Option<String> {
     let (name, _digest) = artifact.split_once('@')?;
     let repository = name.strip_prefix(host)?.strip_prefix('/')?;
     (!repository.is_empty()).then(|| repository.to_owned())
-}
-
-fn alloy_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn unix_seconds() -> u64 {

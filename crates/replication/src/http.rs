@@ -325,7 +325,8 @@ fn kept_headers(headers: &HeaderMap, keep: impl Fn(&header::HeaderName) -> bool)
 
 /// The size of a request's head as the client sent it: request line and every header.
 fn head_size(parts: &axum::http::request::Parts) -> usize {
-    let line = parts.method.as_str().len() + parts.uri.to_string().len() + 12;
+    let target = parts.uri.path_and_query().map_or(1, |p| p.as_str().len());
+    let line = parts.method.as_str().len() + target + 12;
     line + parts.headers.iter().map(|(name, value)| name.as_str().len() + value.len() + 4).sum::<usize>()
 }
 

@@ -64,8 +64,7 @@ const RECORD_BYTES: usize = 256;
 
 /// An upper bound on what logging `fresh` adds to the replicate transaction, in the sizes
 /// etcd counts (keys and values): its RLE, its RS and its idempotency record.
-fn replicate_bytes(keys: &Keys, fresh: &Fresh) -> usize {
-    let prefix = keys.ls().len();
+fn replicate_bytes(prefix: usize, fresh: &Fresh) -> usize {
     let idem = fresh.entry.idempotency_key.as_ref().map_or(0, |key| key.len() + prefix + RECORD_BYTES);
     fresh.encoded.len() + 2 * (prefix + RECORD_BYTES) + idem
 }
@@ -269,14 +268,15 @@ impl<S: AppState> Sequencer<S> {
             let fresh = self.settle_keys(incoming).await;
             // Split by size too, so that each group is one transaction under etcd's
             // --max-request-bytes (the front capped each request well under it).
-            let keys = self.runtime.keys.clone();
+            // A key's length beyond its last part: the service prefix (as `ls` has it).
+            let prefix = self.runtime.keys.ls().len();
             let mut group = Vec::new();
-            let mut bytes = keys.ls().len() + RECORD_BYTES;
+            let mut bytes = prefix + RECORD_BYTES;
             for fresh in fresh {
-                let size = replicate_bytes(&keys, &fresh);
+                let size = replicate_bytes(prefix, &fresh);
                 if !group.is_empty() && bytes + size > MAX_TXN_BYTES {
                     self.replicate(std::mem::take(&mut group), &groups).await?;
-                    bytes = keys.ls().len() + RECORD_BYTES;
+                    bytes = prefix + RECORD_BYTES;
                 }
                 bytes += size;
                 group.push(fresh);

@@ -8,7 +8,7 @@ use alloy::primitives::Address;
 use alloy::signers::local::PrivateKeySigner;
 use anyhow::{Context, Result, bail};
 use br2k_logserver::{LogState, service};
-use br2k_oci::registry::{Credentials, RegistryClient, TOKEN_HOSTS_ENV};
+use br2k_oci::registry::{Credentials, RegistryClient, TOKEN_HOSTS_ENV, host_of};
 use br2k_replication::backup::BackupConfig;
 use br2k_replication::{Config, Limits, Publisher, SnapshotPolicy, Timings};
 use br2k_resolver::{Chain, Timeouts};
@@ -154,7 +154,7 @@ async fn main() -> Result<()> {
 /// Where the leader backs up, when a backup registry is given.
 fn backup(args: &Args) -> Result<Option<BackupConfig>> {
     let (Some(url), Some(repository)) = (&args.backup_registry, &args.backup_repository) else { return Ok(None) };
-    let host = reqwest_host(url).with_context(|| format!("--backup-registry {url:?} is not a URL"))?;
+    let host = host_of(url).with_context(|| format!("--backup-registry {url:?} is not a URL"))?;
     let credentials = Credentials::find(&host)?;
     let token_hosts = std::env::var(TOKEN_HOSTS_ENV).unwrap_or_default();
     let registry = RegistryClient::new(url, args.backup_plain_http, credentials)?
@@ -164,13 +164,6 @@ fn backup(args: &Args) -> Result<Option<BackupConfig>> {
         repository: repository.clone(),
         interval: Duration::from_secs(args.backup_interval),
     }))
-}
-
-/// `host[:port]` of a URL.
-fn reqwest_host(url: &str) -> Option<String> {
-    let rest = url.split_once("://")?.1;
-    let host = rest.split('/').next()?;
-    (!host.is_empty()).then(|| host.to_owned())
 }
 
 /// The token clients must present, from BR2K_CLIENT_TOKEN or a 0600 file.

@@ -36,28 +36,40 @@ async fn restored_journal(client: &RegistryClient, digest: &str) -> Vec<(u64, St
     journal
 }
 
+/// Three replicas on a chain that back up every second into `oci` (with `credentials`),
+/// snapshotting every 10 entries.
+async fn backed_up_cluster(oci: &OciRegistry, credentials: Option<br2k_oci::registry::Credentials>) -> Cluster {
+    let mut cluster = Cluster::new(true).await;
+    cluster.backup = Some(BackupConfig {
+        registry: Arc::new(RegistryClient::new(&oci.url(), true, credentials).unwrap()),
+        repository: REPOSITORY.into(),
+        interval: Duration::from_secs(1),
+    });
+    cluster.with_replicas(SnapshotPolicy { interval: 10, trailing: 5 }).await
+}
+
+/// Waits until the chain records a backup reaching `index`; returns it and its manifest
+/// digest as the registry names it.
+async fn recorded_reaching(c: &Cluster, index: u64) -> (br2k_resolver::RecordedBackup, String) {
+    let chain = &c.registry.as_ref().unwrap().manager;
+    eventually("a backup reaching the last request is recorded on chain", async || {
+        chain.backup(SERVICE).await.unwrap().is_some_and(|b| b.index >= index)
+    })
+    .await;
+    let recorded = chain.backup(SERVICE).await.unwrap().unwrap();
+    let digest = format!("sha256:{}", alloy::hex::encode(recorded.digest));
+    (recorded, digest)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn backups_are_pushed_recorded_on_chain_and_catch_up_after_a_registry_outage() {
     let mut oci =
         OciRegistry::spawn(None).expect("docker-registry starts (run `bash tools/setup.sh` if it is missing)");
     let client = RegistryClient::new(&oci.url(), true, None).unwrap();
-    let mut cluster = Cluster::new(true).await;
-    cluster.backup = Some(BackupConfig {
-        registry: Arc::new(RegistryClient::new(&oci.url(), true, None).unwrap()),
-        repository: REPOSITORY.into(),
-        interval: Duration::from_secs(1),
-    });
-    let c = cluster.with_replicas(SnapshotPolicy { interval: 10, trailing: 5 }).await;
-    let chain = &c.registry.as_ref().unwrap().manager;
+    let c = backed_up_cluster(&oci, None).await;
 
     let expected = c.load().append_many("b", 25, 4).await;
-    let last = expected.last().unwrap().0;
-    eventually("the backup reaching the last request is recorded on chain", async || {
-        chain.backup(SERVICE).await.unwrap().is_some_and(|b| b.index >= last)
-    })
-    .await;
-    let recorded = chain.backup(SERVICE).await.unwrap().unwrap();
-    let digest = format!("sha256:{}", alloy::hex::encode(recorded.digest));
+    let (recorded, digest) = recorded_reaching(&c, expected.last().unwrap().0).await;
     assert_eq!(recorded.artifact, format!("{}/{REPOSITORY}@{digest}", oci.host()));
     assert_eq!(restored_journal(&client, &digest).await, expected, "the backup holds every acknowledged request");
 
@@ -68,13 +80,7 @@ async fn backups_are_pushed_recorded_on_chain_and_catch_up_after_a_registry_outa
     eventually("the leader reports the failing backups", async || c.replicas[l].status().backup.last_error.is_some())
         .await;
     oci.start_again().unwrap();
-    let last = during.last().unwrap().0;
-    eventually("backups catch up once the registry is back", async || {
-        chain.backup(SERVICE).await.unwrap().is_some_and(|b| b.index >= last)
-    })
-    .await;
-    let recorded = chain.backup(SERVICE).await.unwrap().unwrap();
-    let digest = format!("sha256:{}", alloy::hex::encode(recorded.digest));
+    let (_, digest) = recorded_reaching(&c, during.last().unwrap().0).await;
     let all: Vec<_> = expected.into_iter().chain(during).collect();
     assert_eq!(restored_journal(&client, &digest).await, all);
     assert!(c.replicas[l].status().backup.last_error.is_none(), "the error clears once a backup passes");
@@ -95,20 +101,10 @@ async fn disaster(c: &mut Cluster) {
 #[tokio::test(flavor = "multi_thread")]
 async fn after_every_disk_is_lost_the_service_comes_back_from_the_backup_recorded_on_chain() {
     let oci = OciRegistry::spawn(None).expect("docker-registry starts (run `bash tools/setup.sh` if it is missing)");
-    let mut cluster = Cluster::new(true).await;
-    cluster.backup = Some(BackupConfig {
-        registry: Arc::new(RegistryClient::new(&oci.url(), true, None).unwrap()),
-        repository: REPOSITORY.into(),
-        interval: Duration::from_secs(1),
-    });
-    let mut c = cluster.with_replicas(SnapshotPolicy { interval: 10, trailing: 5 }).await;
-    let chain = c.registry.as_ref().unwrap().manager.clone();
+    let mut c = backed_up_cluster(&oci, None).await;
     let expected = c.load().append_many("d", 25, 4).await;
     let last = expected.last().unwrap().0;
-    eventually("the backup is recorded", async || {
-        chain.backup(SERVICE).await.unwrap().is_some_and(|b| b.index >= last)
-    })
-    .await;
+    recorded_reaching(&c, last).await;
 
     disaster(&mut c).await;
     let l = c.leader(None).await;
@@ -125,28 +121,15 @@ async fn after_every_disk_is_lost_the_service_comes_back_from_the_backup_recorde
 #[tokio::test(flavor = "multi_thread")]
 async fn a_tampered_backup_is_refused_and_nothing_serves_from_it() {
     let oci = OciRegistry::spawn(None).expect("docker-registry starts (run `bash tools/setup.sh` if it is missing)");
-    let mut cluster = Cluster::new(true).await;
-    cluster.backup = Some(BackupConfig {
-        registry: Arc::new(RegistryClient::new(&oci.url(), true, None).unwrap()),
-        repository: REPOSITORY.into(),
-        interval: Duration::from_secs(1),
-    });
-    let mut c = cluster.with_replicas(SnapshotPolicy { interval: 10, trailing: 5 }).await;
-    let chain = c.registry.as_ref().unwrap().manager.clone();
+    let mut c = backed_up_cluster(&oci, None).await;
     let expected = c.load().append_many("t", 12, 2).await;
-    let last = expected.last().unwrap().0;
-    eventually("the backup is recorded", async || {
-        chain.backup(SERVICE).await.unwrap().is_some_and(|b| b.index >= last)
-    })
-    .await;
+    let (_, digest) = recorded_reaching(&c, expected.last().unwrap().0).await;
     // Stop backups (a new leader would record a new one), then alter the recorded one's
     // log in the registry's storage.
     for i in 0..3 {
         c.replicas[i].crash();
     }
-    let recorded = chain.backup(SERVICE).await.unwrap().unwrap();
     let client = RegistryClient::new(&oci.url(), true, None).unwrap();
-    let digest = format!("sha256:{}", alloy::hex::encode(recorded.digest));
     let artifact = client.pull_artifact(REPOSITORY, &digest, BACKUP_TYPE).await.unwrap();
     let log = artifact.layers.iter().find(|l| l.media_type == LOG_MEDIA_TYPE).unwrap();
     let hex = br2k_oci::image::sha256_digest(&log.bytes).trim_start_matches("sha256:").to_owned();
@@ -193,20 +176,9 @@ async fn registry_credentials_never_reach_etcd_the_chain_or_a_log_line() {
         .expect("docker-registry starts (run `bash tools/setup.sh` if it is missing)");
     let credentials =
         Some(br2k_oci::registry::Credentials { username: "backup-bot".into(), password: PASSWORD.into() });
-    let mut cluster = Cluster::new(true).await;
-    cluster.backup = Some(BackupConfig {
-        registry: Arc::new(RegistryClient::new(&oci.url(), true, credentials).unwrap()),
-        repository: REPOSITORY.into(),
-        interval: Duration::from_secs(1),
-    });
-    let c = cluster.with_replicas(SnapshotPolicy { interval: 10, trailing: 5 }).await;
-    let chain = c.registry.as_ref().unwrap().manager.clone();
+    let c = backed_up_cluster(&oci, credentials).await;
     let expected = c.load().append_many("p", 15, 2).await;
-    let last = expected.last().unwrap().0;
-    eventually("the backup is recorded", async || {
-        chain.backup(SERVICE).await.unwrap().is_some_and(|b| b.index >= last)
-    })
-    .await;
+    let (recorded, _) = recorded_reaching(&c, expected.last().unwrap().0).await;
 
     let mut etcd = c.etcd_client(0).await;
     let all = etcd.get("", Some(etcd_client::GetOptions::new().with_all_keys())).await.unwrap();
@@ -214,7 +186,6 @@ async fn registry_credentials_never_reach_etcd_the_chain_or_a_log_line() {
         let value = String::from_utf8_lossy(kv.value());
         assert!(!value.contains(PASSWORD) && !value.contains("backup-bot"), "in etcd at {:?}", kv.key_str());
     }
-    let recorded = chain.backup(SERVICE).await.unwrap().unwrap();
     assert!(!recorded.artifact.contains(PASSWORD) && !recorded.artifact.contains("backup-bot"), "{recorded:?}");
     let logged = String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned();
     assert!(logged.contains("backup pushed and recorded"), "the logs were captured");
