@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
+use oci_client::manifest::{OciDescriptor, OciImageManifest};
 
 use crate::error::{OciError, Result};
 use crate::image::{media_type, sha256_digest};
@@ -40,54 +40,33 @@ pub struct Artifact {
     pub annotations: BTreeMap<String, String>,
 }
 
-#[derive(Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Descriptor {
-    media_type: String,
-    digest: String,
-    size: u64,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    annotations: BTreeMap<String, String>,
-}
-
-#[derive(Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Manifest {
-    schema_version: u32,
-    media_type: String,
-    #[serde(default)]
-    artifact_type: Option<String>,
-    config: Descriptor,
-    layers: Vec<Descriptor>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    annotations: BTreeMap<String, String>,
-}
-
 impl Artifact {
     /// The manifest that describes it: deterministic (the same artifact always has the
     /// same digest).
     pub fn manifest(&self) -> Vec<u8> {
-        let manifest = Manifest {
+        let manifest = OciImageManifest {
             schema_version: 2,
-            media_type: media_type::MANIFEST.into(),
+            media_type: Some(media_type::MANIFEST.into()),
             artifact_type: Some(self.artifact_type.clone()),
-            config: Descriptor {
+            config: OciDescriptor {
                 media_type: EMPTY_MEDIA_TYPE.into(),
                 digest: sha256_digest(EMPTY_CONFIG),
-                size: EMPTY_CONFIG.len() as u64,
-                annotations: BTreeMap::new(),
+                size: EMPTY_CONFIG.len() as i64,
+                ..OciDescriptor::default()
             },
             layers: self
                 .layers
                 .iter()
-                .map(|layer| Descriptor {
+                .map(|layer| OciDescriptor {
                     media_type: layer.media_type.clone(),
                     digest: sha256_digest(&layer.bytes),
-                    size: layer.bytes.len() as u64,
-                    annotations: BTreeMap::from([(TITLE_ANNOTATION.to_owned(), layer.title.clone())]),
+                    size: i64::try_from(layer.bytes.len()).expect("a layer held in memory is smaller than 2^63 bytes"),
+                    annotations: Some(BTreeMap::from([(TITLE_ANNOTATION.to_owned(), layer.title.clone())])),
+                    ..OciDescriptor::default()
                 })
                 .collect(),
-            annotations: self.annotations.clone(),
+            annotations: (!self.annotations.is_empty()).then(|| self.annotations.clone()),
+            subject: None,
         };
         serde_json::to_vec(&manifest).expect("a manifest serializes")
     }
@@ -123,7 +102,7 @@ impl RegistryClient {
     pub async fn pull_artifact(&self, repository: &str, digest: &str, artifact_type: &str) -> Result<Artifact> {
         let consequence = "refusing to restore from it";
         let bytes = self.fetch_manifest(repository, digest, media_type::MANIFEST, consequence).await?;
-        let manifest: Manifest = serde_json::from_slice(&bytes)
+        let manifest: OciImageManifest = serde_json::from_slice(&bytes)
             .map_err(|e| OciError::Invalid(format!("{repository}@{digest} is not an OCI artifact manifest: {e}")))?;
         if manifest.artifact_type.as_deref() != Some(artifact_type) {
             return Err(OciError::Invalid(format!(
@@ -134,18 +113,23 @@ impl RegistryClient {
         let mut left = self.max_image_bytes().saturating_sub(bytes.len() as u64);
         let mut layers = Vec::with_capacity(manifest.layers.len());
         for descriptor in manifest.layers {
-            if descriptor.size > left {
+            let size = u64::try_from(descriptor.size).unwrap_or(u64::MAX);
+            if size > left {
                 return Err(OciError::Invalid(format!(
                     "{repository}@{digest} is larger than br2k accepts ({} bytes)",
                     self.max_image_bytes()
                 )));
             }
-            let bytes = self.fetch_blob(repository, &descriptor.digest, descriptor.size).await?;
+            let bytes = self.fetch_blob(repository, &descriptor.digest, size).await?;
             left -= bytes.len() as u64;
-            let title = descriptor.annotations.get(TITLE_ANNOTATION).cloned().unwrap_or_default();
+            let title = descriptor.annotations.and_then(|a| a.get(TITLE_ANNOTATION).cloned()).unwrap_or_default();
             layers.push(Layer { media_type: descriptor.media_type, title, bytes: bytes.to_vec() });
         }
-        Ok(Artifact { artifact_type: artifact_type.to_owned(), layers, annotations: manifest.annotations })
+        Ok(Artifact {
+            artifact_type: artifact_type.to_owned(),
+            layers,
+            annotations: manifest.annotations.unwrap_or_default(),
+        })
     }
 }
 

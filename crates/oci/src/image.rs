@@ -14,6 +14,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use oci_client::manifest::{OciDescriptor, OciImageManifest};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -181,13 +182,22 @@ impl ImageStore {
         }))
         .expect("a JSON value serializes");
         let config_digest = sha256_digest(&config);
-        let manifest = serde_json::to_vec(&serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": media_type::MANIFEST,
-            "config": { "mediaType": media_type::CONFIG, "digest": config_digest, "size": config.len() },
-            "layers": [{ "mediaType": media_type::LAYER, "digest": layer_digest, "size": layer.len() }],
-        }))
-        .expect("a JSON value serializes");
+        let descriptor = |media_type: &str, digest: &str, size: usize| OciDescriptor {
+            media_type: media_type.to_owned(),
+            digest: digest.to_owned(),
+            size: i64::try_from(size).expect("a blob held in memory is smaller than 2^63 bytes"),
+            ..OciDescriptor::default()
+        };
+        let manifest = serde_json::to_vec(&OciImageManifest {
+            schema_version: 2,
+            media_type: Some(media_type::MANIFEST.to_owned()),
+            config: descriptor(media_type::CONFIG, &config_digest, config.len()),
+            layers: vec![descriptor(media_type::LAYER, &layer_digest, layer.len())],
+            subject: None,
+            artifact_type: None,
+            annotations: None,
+        })
+        .expect("a manifest serializes");
         let digest = sha256_digest(&manifest);
         for (blob_digest, bytes) in [(&layer_digest, &layer), (&config_digest, &config), (&digest, &manifest)] {
             self.write_blob(blob_digest, bytes)?;

@@ -4,12 +4,19 @@
 //! Credentials come from the environment or Docker's `config.json`, never from the
 //! project's files, and are never logged.
 
-use std::sync::Mutex;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderValue, LOCATION, WWW_AUTHENTICATE};
-use reqwest::{Method, StatusCode};
+use oci_client::client::ClientConfig;
+use oci_client::client::ClientProtocol;
+use oci_client::errors::{DigestError, OciDistributionError};
+use oci_client::manifest::{OciDescriptor, OciImageManifest};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Reference, RegistryOperation};
+use reqwest::StatusCode;
+use reqwest::header::{ACCEPT, HeaderValue, WWW_AUTHENTICATE};
 use serde::Deserialize;
 
 use crate::error::{OciError, Result};
@@ -132,21 +139,56 @@ fn docker_config_path() -> Option<std::path::PathBuf> {
 }
 
 /// A client for one registry.
-#[derive(Debug)]
+///
+/// Blobs and manifests are pushed and pulled with `oci-client`. What it cannot do safely
+/// stays here:
+/// - answering the registry's authentication challenge: `oci-client` sends the basic
+///   credentials to whatever token service the registry names, and br2k only to the
+///   registry's own host or one the operator trusts ([`TOKEN_HOSTS_ENV`]); the token it
+///   gets is then handed to `oci-client`;
+/// - reading manifests and tag lists with a bound on their size (`oci-client` reads a
+///   manifest whole, however much a registry sends).
 pub struct RegistryClient {
     base: String,
+    host: String,
     http: reqwest::Client,
+    oci: oci_client::Client,
     credentials: Option<Credentials>,
     /// Hosts besides the registry's own trusted with its credentials as token services.
     token_hosts: Vec<String>,
     /// The largest image a pull accepts, bytes.
     max_image_bytes: u64,
-    /// The Authorization header that worked last (basic, or a bearer token).
-    authorization: Mutex<Option<HeaderValue>>,
+    /// How to authorize each scope (`repository:NAME:pull`, …) until when: asked once,
+    /// not on every request.
+    grants: Mutex<HashMap<String, Grant>>,
+}
+
+impl std::fmt::Debug for RegistryClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryClient")
+            .field("base", &self.base)
+            .field("credentials", &self.credentials)
+            .field("token_hosts", &self.token_hosts)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How requests of one scope are authorized, and until when.
+#[derive(Clone)]
+struct Grant {
+    auth: RegistryAuth,
+    until: Instant,
 }
 
 /// Bound on one registry request (blobs can be large).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Bound on connecting to a registry or its token service.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long basic or anonymous access is taken as settled before the registry is asked
+/// again (a token lasts what the token service says).
+const GRANT_LIFETIME: Duration = Duration::from_secs(300);
 
 /// The largest manifest a pull accepts (real ones are a few kilobytes).
 const MAX_MANIFEST_BYTES: u64 = 4 * 1024 * 1024;
@@ -169,9 +211,9 @@ impl RegistryClient {
         let base = url.trim_end_matches('/').to_owned();
         let parsed = reqwest::Url::parse(&base)
             .map_err(|e| OciError::Invalid(format!("registry URL {url:?} is not a URL: {e}")))?;
-        match parsed.scheme() {
-            "https" => {}
-            "http" if plain_http => {}
+        let protocol = match parsed.scheme() {
+            "https" => ClientProtocol::Https,
+            "http" if plain_http => ClientProtocol::Http,
             "http" => {
                 return Err(OciError::Invalid(format!(
                     "registry {url} is plain HTTP, which sends images and credentials unencrypted; allow it explicitly for this registry if that is intended"
@@ -180,19 +222,34 @@ impl RegistryClient {
             other => {
                 return Err(OciError::Invalid(format!("registry URL {url:?}: scheme {other:?} is not http(s)")));
             }
-        }
+        };
+        let host = host_of(&base).ok_or_else(|| OciError::Invalid(format!("registry URL {url:?} names no host")))?;
         let http = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)
-            .connect_timeout(Duration::from_secs(10))
+            .connect_timeout(CONNECT_TIMEOUT)
             .build()
             .map_err(|e| OciError::Invalid(format!("cannot build an HTTP client: {e}")))?;
+        let oci = oci_client::Client::try_from(ClientConfig {
+            protocol,
+            // A blob that stops arriving fails; one that keeps arriving may take as long
+            // as it needs (layers can be large).
+            read_timeout: Some(Duration::from_secs(60)),
+            connect_timeout: Some(CONNECT_TIMEOUT),
+            // br2k pulls by digest: an index is never what it asked for.
+            platform_resolver: None,
+            user_agent: concat!("br2k/", env!("CARGO_PKG_VERSION")),
+            ..ClientConfig::default()
+        })
+        .map_err(|e| OciError::Invalid(format!("cannot build an OCI client: {e}")))?;
         Ok(Self {
             base,
+            host,
             http,
+            oci,
             credentials,
             token_hosts: Vec::new(),
             max_image_bytes: MAX_IMAGE_BYTES,
-            authorization: Mutex::new(None),
+            grants: Mutex::new(HashMap::new()),
         })
     }
 
@@ -219,13 +276,14 @@ impl RegistryClient {
     /// An unreachable registry, missing or refused credentials, or an answer that is not
     /// a distribution registry's.
     pub async fn check_access(&self) -> Result<()> {
-        let answer = self.send(Method::GET, &format!("{}/v2/", self.base), None, None, None).await?;
+        let auth = self.authorize("").await?;
+        let answer = self.get(&format!("{}/v2/", self.base), &auth, None).await?;
         expect(answer, StatusCode::OK, "answer the version check (is this an OCI registry?)").await?;
         Ok(())
     }
 
     /// Pushes `record`'s blobs (those the registry lacks) and manifest to `repository`,
-    /// tagged with `record.tag`. Returns the manifest digest the registry reports.
+    /// tagged with `record.tag`. Returns the manifest digest.
     ///
     /// # Errors
     /// Missing or damaged local blobs, refused credentials, or a registry error.
@@ -245,57 +303,46 @@ impl RegistryClient {
     /// # Errors
     /// Refused credentials, or a registry error.
     pub async fn has_blob(&self, repository: &str, digest: &str) -> Result<bool> {
-        check_repository(repository)?;
-        let url = format!("{}/v2/{repository}/blobs/{digest}", self.base);
-        Ok(self.send(Method::HEAD, &url, None, None, None).await?.status() == StatusCode::OK)
+        check_digest(digest)?;
+        let image = self.reference(repository, Some(digest), None, RegistryOperation::Pull).await?;
+        self.oci.blob_exists(&image, digest).await.map_err(|e| self.failed("look for a blob", e))
     }
 
-    /// Uploads `bytes` as the blob `digest` of `repository` (monolithic upload).
+    /// Uploads `bytes` as the blob `digest` of `repository`.
     ///
     /// # Errors
     /// Bytes that do not hash to `digest`, refused credentials, or a registry error.
     pub async fn push_blob(&self, repository: &str, digest: &str, bytes: Vec<u8>) -> Result<()> {
-        check_repository(repository)?;
         let actual = crate::image::sha256_digest(&bytes);
         if actual != digest {
             return Err(OciError::Invalid(format!("content with digest {actual} offered as {digest}")));
         }
-        let start =
-            self.send(Method::POST, &format!("{}/v2/{repository}/blobs/uploads/", self.base), None, None, None).await?;
-        let start = expect(start, StatusCode::ACCEPTED, "start a blob upload").await?;
-        let location = start
-            .headers()
-            .get(LOCATION)
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| registry_error("start a blob upload", "the answer has no Location"))?;
-        let mut upload =
-            if location.starts_with("http") { location.to_owned() } else { format!("{}{location}", self.base) };
-        upload.push(if upload.contains('?') { '&' } else { '?' });
-        upload.push_str(&format!("digest={digest}"));
-        let done = self.send(Method::PUT, &upload, Some(bytes), Some("application/octet-stream"), None).await?;
-        expect(done, StatusCode::CREATED, "upload a blob").await?;
+        let image = self.reference(repository, Some(digest), None, RegistryOperation::Push).await?;
+        self.oci.push_blob(&image, bytes, digest).await.map_err(|e| self.failed("upload a blob", e))?;
         Ok(())
     }
 
-    /// Pushes `manifest` (of `kind`, a media type) to `repository` under `reference` (a tag
-    /// or its own digest); returns its digest, checked against what the registry reports.
+    /// Pushes `manifest` (of `kind`, a media type) to `repository` under `tag`; returns
+    /// its digest.
     ///
     /// # Errors
-    /// Refused credentials, a registry error, or a registry that stored other bytes.
-    pub async fn push_manifest(
-        &self,
-        repository: &str,
-        reference: &str,
-        kind: &str,
-        manifest: Vec<u8>,
-    ) -> Result<String> {
-        check_repository(repository)?;
+    /// Refused credentials, a registry error, or a registry that stored it under another
+    /// digest.
+    pub async fn push_manifest(&self, repository: &str, tag: &str, kind: &str, manifest: Vec<u8>) -> Result<String> {
         let digest = crate::image::sha256_digest(&manifest);
-        let url = format!("{}/v2/{repository}/manifests/{reference}", self.base);
-        let answer = self.send(Method::PUT, &url, Some(manifest), Some(kind), None).await?;
-        let answer = expect(answer, StatusCode::CREATED, "push the manifest").await?;
-        let stored = answer.headers().get("docker-content-digest").and_then(|v| v.to_str().ok()).unwrap_or(&digest);
-        if stored != digest {
+        let kind =
+            HeaderValue::from_str(kind).map_err(|_| OciError::Invalid(format!("{kind:?} is not a media type")))?;
+        let image = self.reference(repository, None, Some(tag), RegistryOperation::Push).await?;
+        let location = self
+            .oci
+            .push_manifest_raw(&image, manifest, kind)
+            .await
+            .map_err(|e| self.failed("push the manifest", e))?;
+        // Registries answer with the manifest's location by digest: another digest there
+        // means it stored other bytes than were sent.
+        if let Some(stored) = location.rsplit('/').next().filter(|last| last.starts_with("sha256:"))
+            && stored != digest
+        {
             return Err(registry_error(
                 "push the manifest",
                 &format!("the registry stored it as {stored}, not {digest}"),
@@ -319,8 +366,9 @@ impl RegistryClient {
     ) -> Result<bytes::Bytes> {
         check_repository(repository)?;
         check_digest(digest)?;
+        let auth = self.authorize(&scope(repository, RegistryOperation::Pull)).await?;
         let url = format!("{}/v2/{repository}/manifests/{digest}", self.base);
-        let answer = self.send(Method::GET, &url, None, None, Some(accept)).await?;
+        let answer = self.get(&url, &auth, Some(accept)).await?;
         let answer = expect(answer, StatusCode::OK, "fetch the manifest").await?;
         let manifest = read_at_most(answer, MAX_MANIFEST_BYTES.min(self.max_image_bytes), "fetch the manifest").await?;
         let actual = crate::image::sha256_digest(&manifest);
@@ -341,21 +389,21 @@ impl RegistryClient {
     /// Refused credentials, an unknown digest, a registry error, too many bytes, bytes
     /// that do not match.
     pub async fn fetch_blob(&self, repository: &str, digest: &str, max: u64) -> Result<bytes::Bytes> {
-        check_repository(repository)?;
         check_digest(digest)?;
-        let url = format!("{}/v2/{repository}/blobs/{digest}", self.base);
-        let answer = self.send(Method::GET, &url, None, None, None).await?;
-        let answer = expect(answer, StatusCode::OK, "fetch a blob").await?;
-        let bytes = read_at_most(answer, max, "fetch a blob").await?;
-        let actual = crate::image::sha256_digest(&bytes);
-        if actual != digest {
-            return Err(OciError::Invalid(format!(
-                "the blob {} serves for {repository}@{digest} does not match that digest (its content hashes to {actual}): \
-                 the registry's copy was altered or replaced",
-                self.base
-            )));
+        let image = self.reference(repository, Some(digest), None, RegistryOperation::Pull).await?;
+        let descriptor = OciDescriptor { digest: digest.to_owned(), ..OciDescriptor::default() };
+        let mut body = BoundedBuffer { bytes: Vec::new(), max };
+        match self.oci.pull_blob(&image, &descriptor, &mut body).await {
+            Ok(()) => Ok(body.bytes.into()),
+            Err(OciDistributionError::DigestError(DigestError::VerificationError { actual, .. })) => {
+                Err(OciError::Invalid(format!(
+                    "the blob {} serves for {repository}@{digest} does not match that digest (its content hashes to \
+                     {actual}): the registry's copy was altered or replaced",
+                    self.base
+                )))
+            }
+            Err(e) => Err(self.failed("fetch a blob", e)),
         }
-        Ok(bytes)
     }
 
     /// The tags of `repository` (none when the repository does not exist yet).
@@ -364,8 +412,9 @@ impl RegistryClient {
     /// Refused credentials, or a registry error.
     pub async fn tags(&self, repository: &str) -> Result<Vec<String>> {
         check_repository(repository)?;
+        let auth = self.authorize(&scope(repository, RegistryOperation::Pull)).await?;
         let url = format!("{}/v2/{repository}/tags/list?n=10000", self.base);
-        let answer = self.send(Method::GET, &url, None, None, None).await?;
+        let answer = self.get(&url, &auth, None).await?;
         if answer.status() == StatusCode::NOT_FOUND {
             return Ok(Vec::new());
         }
@@ -384,21 +433,14 @@ impl RegistryClient {
     /// # Errors
     /// Refused credentials, an unknown tag, or a registry error.
     pub async fn manifest_digest(&self, repository: &str, tag: &str) -> Result<String> {
-        check_repository(repository)?;
-        let url = format!("{}/v2/{repository}/manifests/{tag}", self.base);
-        let answer = self.send(Method::HEAD, &url, None, None, Some(media_type::MANIFEST)).await?;
-        let answer = expect(answer, StatusCode::OK, "find the manifest").await?;
-        answer
-            .headers()
-            .get("docker-content-digest")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-            .ok_or_else(|| registry_error("find the manifest", "the answer names no digest"))
+        let image = self.reference(repository, None, Some(tag), RegistryOperation::Pull).await?;
+        let auth = self.authorize(&scope(repository, RegistryOperation::Pull)).await?;
+        self.oci.fetch_manifest_digest(&image, &auth).await.map_err(|e| self.failed("find the manifest", e))
     }
 
     /// `host[:port]` of the registry, as references name it.
     pub fn host(&self) -> String {
-        host_of(&self.base).unwrap_or_default()
+        self.host.clone()
     }
 
     /// The largest image or artifact a pull accepts, bytes.
@@ -425,16 +467,7 @@ impl RegistryClient {
                            `br2k deploy --image`";
         let manifest = self.fetch_manifest(repository, digest, media_type::MANIFEST, consequence).await?;
         store.write_blob(digest, &manifest)?;
-        #[derive(Deserialize)]
-        struct Descriptor {
-            digest: String,
-        }
-        #[derive(Deserialize)]
-        struct Manifest {
-            config: Descriptor,
-            layers: Vec<Descriptor>,
-        }
-        let parsed: Manifest = serde_json::from_slice(&manifest)
+        let parsed: OciImageManifest = serde_json::from_slice(&manifest)
             .map_err(|e| registry_error("read the manifest", &format!("not an OCI image manifest: {e}")))?;
         let mut size = manifest.len() as u64;
         let mut config_bytes = Vec::new();
@@ -469,70 +502,90 @@ impl RegistryClient {
         Ok(record)
     }
 
-    /// One request, answering an authentication challenge once (basic credentials, or a
-    /// bearer token fetched from the realm the registry names).
-    async fn send(
+    /// The reference `oci-client` addresses `repository` (at `digest` or `tag`) by, with
+    /// the authorization for `operation` handed to it.
+    async fn reference(
         &self,
-        method: Method,
-        url: &str,
-        body: Option<Vec<u8>>,
-        content_type: Option<&str>,
-        accept: Option<&str>,
-    ) -> Result<reqwest::Response> {
-        let body = body.map(bytes::Bytes::from);
-        let mut challenged = false;
-        loop {
-            let mut request = self.http.request(method.clone(), url);
-            if let Some(value) = self.authorization.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone() {
-                request = request.header(AUTHORIZATION, value);
+        repository: &str,
+        digest: Option<&str>,
+        tag: Option<&str>,
+        operation: RegistryOperation,
+    ) -> Result<Reference> {
+        check_repository(repository)?;
+        let image = match (digest, tag) {
+            (Some(digest), _) => Reference::with_digest(self.host.clone(), repository.to_owned(), digest.to_owned()),
+            (None, tag) => {
+                Reference::with_tag(self.host.clone(), repository.to_owned(), tag.unwrap_or("latest").to_owned())
             }
-            if let Some(kind) = content_type {
-                request = request.header(CONTENT_TYPE, kind);
+        };
+        let auth = self.authorize(&scope(repository, operation)).await?;
+        match &auth {
+            RegistryAuth::Anonymous => {}
+            // oci-client answers a basic challenge itself (it gets no other).
+            RegistryAuth::Basic(..) => self.oci.store_auth_if_needed(&self.host, &auth).await,
+            // A token is used as it is, for this repository and operation.
+            RegistryAuth::Bearer(_) => {
+                self.oci.auth(&image, &auth, operation).await.map_err(|e| self.failed("authenticate", e))?;
             }
-            if let Some(kind) = accept {
-                request = request.header(ACCEPT, kind);
-            }
-            if let Some(body) = &body {
-                request = request.body(body.clone());
-            }
-            let response =
-                request.send().await.map_err(|e| OciError::Invalid(format!("registry {}: {e}", self.base)))?;
-            if response.status() != StatusCode::UNAUTHORIZED {
-                return Ok(response);
-            }
-            if challenged {
-                let who = self.credentials.as_ref().map_or_else(String::new, |c| format!(" for user {:?}", c.username));
-                return Err(OciError::Invalid(format!(
-                    "registry {} refused the credentials{who} (401): check the user name and password ({USERNAME_ENV}/{PASSWORD_ENV}, or `docker login`)",
-                    self.base
-                )));
-            }
-            challenged = true;
-            let challenge =
-                response.headers().get(WWW_AUTHENTICATE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
-            let value = self.answer_challenge(&challenge).await?;
-            *self.authorization.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(value);
         }
+        Ok(image)
     }
 
-    async fn answer_challenge(&self, challenge: &str) -> Result<HeaderValue> {
-        let needs_credentials = || {
-            OciError::Invalid(format!(
-                "registry {} needs credentials: set {USERNAME_ENV} and {PASSWORD_ENV}, or log in with `docker login` (Docker's config.json is read)",
-                self.base
-            ))
+    /// How requests of `scope` are authorized: anonymously, with the credentials (basic
+    /// auth), or with a token from the registry's token service. Settled once per scope
+    /// until the token expires.
+    async fn authorize(&self, scope: &str) -> Result<RegistryAuth> {
+        let now = Instant::now();
+        if let Some(grant) = self.grants.lock().unwrap_or_else(PoisonError::into_inner).get(scope)
+            && grant.until > now
+        {
+            return Ok(grant.auth.clone());
+        }
+        let answer = self
+            .http
+            .get(format!("{}/v2/", self.base))
+            .send()
+            .await
+            .map_err(|e| OciError::Invalid(format!("registry {}: {e}", self.base)))?;
+        let (auth, lifetime) = match answer.status() {
+            StatusCode::OK => (RegistryAuth::Anonymous, GRANT_LIFETIME),
+            StatusCode::UNAUTHORIZED => {
+                let challenge =
+                    answer.headers().get(WWW_AUTHENTICATE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+                self.answer_challenge(&challenge, scope).await?
+            }
+            _ => {
+                expect(answer, StatusCode::OK, "answer the version check (is this an OCI registry?)").await?;
+                unreachable!("expect refuses any other status")
+            }
         };
-        let basic = |credentials: &Credentials| {
-            let token = base64::engine::general_purpose::STANDARD
-                .encode(format!("{}:{}", credentials.username, credentials.password));
-            let mut value = HeaderValue::from_str(&format!("Basic {token}"))
-                .map_err(|_| OciError::Invalid("the registry credentials are not valid header text".into()))?;
-            value.set_sensitive(true);
-            Ok::<_, OciError>(value)
-        };
+        let grant = Grant { auth: auth.clone(), until: now + lifetime };
+        self.grants.lock().unwrap_or_else(PoisonError::into_inner).insert(scope.to_owned(), grant);
+        Ok(auth)
+    }
+
+    fn needs_credentials(&self) -> OciError {
+        OciError::Invalid(format!(
+            "registry {} needs credentials: set {USERNAME_ENV} and {PASSWORD_ENV}, or log in with `docker login` (Docker's config.json is read)",
+            self.base
+        ))
+    }
+
+    fn refused_credentials(&self) -> OciError {
+        let who = self.credentials.as_ref().map_or_else(String::new, |c| format!(" for user {:?}", c.username));
+        OciError::Invalid(format!(
+            "registry {} refused the credentials{who} (401): check the user name and password ({USERNAME_ENV}/{PASSWORD_ENV}, or `docker login`)",
+            self.base
+        ))
+    }
+
+    /// The authorization a challenge asks for, and how long it lasts.
+    async fn answer_challenge(&self, challenge: &str, scope: &str) -> Result<(RegistryAuth, Duration)> {
         let (scheme, params) = challenge.split_once(' ').unwrap_or((challenge, ""));
         if scheme.eq_ignore_ascii_case("basic") {
-            return basic(self.credentials.as_ref().ok_or_else(needs_credentials)?);
+            let credentials = self.credentials.as_ref().ok_or_else(|| self.needs_credentials())?;
+            let auth = RegistryAuth::Basic(credentials.username.clone(), credentials.password.clone());
+            return Ok((auth, GRANT_LIFETIME));
         }
         if !scheme.eq_ignore_ascii_case("bearer") {
             return Err(registry_error("authenticate", &format!("unsupported challenge {challenge:?}")));
@@ -542,10 +595,11 @@ impl RegistryClient {
             params.get("realm").ok_or_else(|| registry_error("authenticate", "the bearer challenge names no realm"))?;
         let mut token_url =
             reqwest::Url::parse(realm).map_err(|e| registry_error("authenticate", &format!("realm {realm:?}: {e}")))?;
-        for key in ["service", "scope"] {
-            if let Some(value) = params.get(key) {
-                token_url.query_pairs_mut().append_pair(key, value);
-            }
+        if let Some(service) = params.get("service") {
+            token_url.query_pairs_mut().append_pair("service", service);
+        }
+        if !scope.is_empty() {
+            token_url.query_pairs_mut().append_pair("scope", scope);
         }
         // The credentials go only where they belong: the registry's own host, or a token
         // host the operator named. Anywhere else a token is asked for anonymously (enough
@@ -554,7 +608,7 @@ impl RegistryClient {
         let mut request = self.http.get(token_url.clone());
         let sent_credentials = match (&self.credentials, trusted) {
             (Some(credentials), true) => {
-                request = request.header(AUTHORIZATION, basic(credentials)?);
+                request = request.basic_auth(&credentials.username, Some(&credentials.password));
                 Some(credentials)
             }
             _ => None,
@@ -576,31 +630,27 @@ impl RegistryClient {
                     token_url.host_str().unwrap_or("?"),
                     token_url.host_str().unwrap_or("?")
                 )),
-                None => needs_credentials(),
+                None => self.needs_credentials(),
             });
         }
         #[derive(Deserialize)]
         struct Token {
             token: Option<String>,
             access_token: Option<String>,
+            expires_in: Option<u64>,
         }
-        let token: Token = expect(answer, StatusCode::OK, "get a token")
-            .await?
-            .json()
-            .await
-            .map_err(|e| registry_error("get a token", &e.to_string()))?;
+        let answer = expect(answer, StatusCode::OK, "get a token").await?;
+        let body = read_at_most(answer, MAX_MANIFEST_BYTES, "get a token").await?;
+        let token: Token = serde_json::from_slice(&body).map_err(|e| registry_error("get a token", &e.to_string()))?;
+        // The distribution spec's default lifetime is 60 s; renew a little early.
+        let lifetime = Duration::from_secs(token.expires_in.unwrap_or(60).saturating_sub(10).max(10));
         let token = token
             .token
             .or(token.access_token)
             .ok_or_else(|| registry_error("get a token", "the answer holds no token"))?;
-        let mut value = HeaderValue::from_str(&format!("Bearer {token}"))
-            .map_err(|_| registry_error("get a token", "the token is not valid header text"))?;
-        value.set_sensitive(true);
-        Ok(value)
+        Ok((RegistryAuth::Bearer(token), lifetime))
     }
-}
 
-impl RegistryClient {
     /// Whether a token service at `url` may receive this registry's credentials: on the
     /// registry's own host (any port) or a host named with [`Self::trusting_token_hosts`],
     /// and never over plain HTTP from an HTTPS registry.
@@ -615,6 +665,93 @@ impl RegistryClient {
         let host = url.host_str().unwrap_or_default().to_ascii_lowercase();
         let own = base.host_str().unwrap_or_default().eq_ignore_ascii_case(&host);
         Ok(own || self.token_hosts.contains(&host))
+    }
+
+    /// A GET of br2k's own (bounded reads), authorized as `auth` says.
+    async fn get(&self, url: &str, auth: &RegistryAuth, accept: Option<&str>) -> Result<reqwest::Response> {
+        let mut request = self.http.get(url);
+        request = match auth {
+            RegistryAuth::Anonymous => request,
+            RegistryAuth::Basic(user, password) => request.basic_auth(user, Some(password)),
+            RegistryAuth::Bearer(token) => request.bearer_auth(token),
+        };
+        if let Some(kind) = accept {
+            request = request.header(ACCEPT, kind);
+        }
+        let answer = request.send().await.map_err(|e| OciError::Invalid(format!("registry {}: {e}", self.base)))?;
+        if answer.status() == StatusCode::UNAUTHORIZED {
+            return Err(self.refused_credentials());
+        }
+        Ok(answer)
+    }
+
+    /// What an `oci-client` failure means, said in br2k's words.
+    fn failed(&self, action: &str, error: OciDistributionError) -> OciError {
+        match error {
+            OciDistributionError::AuthenticationFailure(_) | OciDistributionError::UnauthorizedError { .. } => {
+                self.refused_credentials()
+            }
+            OciDistributionError::IoError(e) if e.kind() == std::io::ErrorKind::FileTooLarge => {
+                registry_error(action, &e.to_string())
+            }
+            OciDistributionError::RequestError(e) if e.status() == Some(StatusCode::UNAUTHORIZED) => {
+                self.refused_credentials()
+            }
+            OciDistributionError::RequestError(e) => OciError::Invalid(format!("registry {}: {e}", self.base)),
+            OciDistributionError::ServerError { code, message, .. } => {
+                registry_error(action, &format!("answered {code}: {}", message.chars().take(300).collect::<String>()))
+            }
+            other => registry_error(action, &other.to_string()),
+        }
+    }
+}
+
+/// The token scope of `operation` on `repository`.
+fn scope(repository: &str, operation: RegistryOperation) -> String {
+    match operation {
+        RegistryOperation::Pull => format!("repository:{repository}:pull"),
+        RegistryOperation::Push => format!("repository:{repository}:pull,push"),
+    }
+}
+
+/// Where a pulled blob is written: refuses to hold more than `max` bytes, so a registry
+/// that streams without end is cut off as soon as it passes the limit.
+struct BoundedBuffer {
+    bytes: Vec<u8>,
+    max: u64,
+}
+
+impl tokio::io::AsyncWrite for BoundedBuffer {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        chunk: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if (self.bytes.len() + chunk.len()) as u64 > self.max {
+            let max = self.max;
+            return std::task::Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::FileTooLarge,
+                format!(
+                    "the image is larger than br2k accepts (this answer alone would pass the {max} bytes left of the limit)"
+                ),
+            )));
+        }
+        self.bytes.extend_from_slice(chunk);
+        std::task::Poll::Ready(Ok(chunk.len()))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
     }
 }
 

@@ -127,3 +127,31 @@ async fn credentials_are_never_sent_to_a_token_service_on_another_host() {
     assert!(err.contains("refused the credentials for user \"alice\""), "{err}");
     assert!(foreign.seen.lock().unwrap().last().unwrap().as_deref().is_some_and(|a| a.starts_with("basic ")));
 }
+
+#[tokio::test]
+async fn bearer_tokens_from_the_registrys_own_token_service_push_and_pull() {
+    // Harbor's way: the registry takes only tokens, from a token service next to it that
+    // checks the user's password; the registry verifies each token's signature and scope.
+    let registry = OciRegistry::spawn_with_token_service("alice", "correct horse")
+        .expect("docker-registry starts (run `bash tools/setup.sh` if it is missing)");
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (source, target) = (ImageStore::new(a.path()), ImageStore::new(b.path()));
+    let record = built(&source);
+    let user = |password: &str| Some(Credentials { username: "alice".into(), password: password.into() });
+
+    let client = RegistryClient::new(&registry.url(), true, user("correct horse")).unwrap();
+    assert_eq!(client.push(&source, &record, "br2k/demo").await.unwrap(), record.digest);
+    let pulled = client.pull(&target, "br2k/demo", &record.digest, "br2k/demo", "v1").await.unwrap();
+    assert_eq!(pulled.digest, record.digest);
+    assert_eq!(client.tags("br2k/demo").await.unwrap(), vec!["v1".to_owned()]);
+    assert_eq!(client.manifest_digest("br2k/demo", "v1").await.unwrap(), record.digest);
+    let issued = registry.tokens_issued();
+    assert!((1..=3).contains(&issued), "a token per scope (pull; pull and push), not per request: {issued}");
+
+    let wrong = RegistryClient::new(&registry.url(), true, user("battery staple")).unwrap();
+    let err = wrong.pull(&target, "br2k/demo", &record.digest, "x", "y").await.unwrap_err().to_string();
+    assert!(err.contains("token service") && err.contains("refused the credentials for user \"alice\""), "{err}");
+    let none = RegistryClient::new(&registry.url(), true, None).unwrap();
+    let err = none.push(&source, &record, "br2k/other").await.unwrap_err().to_string();
+    assert!(err.contains("needs credentials"), "{err}");
+}

@@ -4,6 +4,7 @@ mod anvil;
 mod etcd;
 mod oci_registry;
 mod process;
+mod token_service;
 
 pub use anvil::{Anvil, AnvilBuilder, AnvilError};
 pub use etcd::{EtcdCluster, EtcdClusterBuilder, EtcdError};

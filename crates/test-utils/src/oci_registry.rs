@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
 use crate::process::{KillOnDrop, OutputTail, ToolNotFound, locate};
+use crate::token_service::{ISSUER, TokenService};
 
 /// Why a registry fixture could not start.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +43,7 @@ enum Auth<'a> {
     None,
     Basic(&'a str, &'a str),
     Token(&'a str),
+    TokenService(&'a str, &'a str),
 }
 
 /// A running registry, killed and its storage removed when dropped.
@@ -53,6 +55,7 @@ pub struct OciRegistry {
     port: u16,
     _dir: TempDir,
     output: OutputTail,
+    token_service: Option<TokenService>,
 }
 
 impl OciRegistry {
@@ -73,6 +76,21 @@ impl OciRegistry {
         Self::start(Auth::Token(realm))
     }
 
+    /// Starts a registry that takes bearer tokens only, from a token service of its own
+    /// on the same host that accepts `user` with `password` (as Harbor's core does for
+    /// its registry).
+    ///
+    /// # Errors
+    /// [`OciRegistryError`] when it is not installed or does not start.
+    pub fn spawn_with_token_service(user: &str, password: &str) -> Result<Self, OciRegistryError> {
+        Self::start(Auth::TokenService(user, password))
+    }
+
+    /// How many tokens its token service has handed out (none without one).
+    pub fn tokens_issued(&self) -> usize {
+        self.token_service.as_ref().map_or(0, TokenService::issued)
+    }
+
     fn start(auth: Auth<'_>) -> Result<Self, OciRegistryError> {
         let program = locate("docker-registry", "BR2K_DOCKER_REGISTRY", &[PathBuf::from("/usr/bin/docker-registry")])?;
         let io = |action: &str| {
@@ -88,6 +106,7 @@ impl OciRegistry {
             "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
             dir.path().join("storage").display()
         );
+        let mut token_service = None;
         match auth {
             Auth::None => {}
             Auth::Basic(user, password) => {
@@ -101,25 +120,23 @@ impl OciRegistry {
                     .push_str(&format!("auth:\n  htpasswd:\n    realm: br2k-test\n    path: {}\n", htpasswd.display()));
             }
             Auth::Token(realm) => {
-                let certificate = rcgen::generate_simple_self_signed(vec!["br2k-test".to_owned()]).map_err(|e| {
-                    OciRegistryError::Io {
-                        action: "make a token-signing certificate".into(),
-                        source: std::io::Error::other(e),
-                    }
-                })?;
-                let bundle = dir.path().join("token-root.pem");
-                std::fs::write(&bundle, certificate.cert.pem()).map_err(io("write the token certificate"))?;
-                config.push_str(&format!(
-                    "auth:\n  token:\n    realm: {realm}\n    service: br2k-test\n    issuer: br2k-test\n    rootcertbundle: {}\n",
-                    bundle.display()
-                ));
+                let certificate = token_certificate()?;
+                token_auth(&mut config, realm, &certificate.cert.pem(), &dir)?;
+            }
+            Auth::TokenService(user, password) => {
+                let certificate = token_certificate()?;
+                let service =
+                    TokenService::start(user, password, &certificate.key_pair.serialize_der(), certificate.cert.der())
+                        .map_err(io("start the token service"))?;
+                token_auth(&mut config, &service.realm, &certificate.cert.pem(), &dir)?;
+                token_service = Some(service);
             }
         }
         let config_path = dir.path().join("config.yml");
         std::fs::write(&config_path, config).map_err(io("write the registry config"))?;
         let output = OutputTail::default();
         let child = launch(&program, &config_path, port, &output)?;
-        Ok(Self { child: Some(child), program, config: config_path, port, _dir: dir, output })
+        Ok(Self { child: Some(child), program, config: config_path, port, _dir: dir, output, token_service })
     }
 
     /// Stops the registry (as if it went down); [`Self::start_again`] brings it back on
@@ -158,6 +175,26 @@ impl OciRegistry {
     pub fn output(&self) -> String {
         self.output.text()
     }
+}
+
+/// A self-signed certificate (and its key) to sign registry tokens with.
+fn token_certificate() -> Result<rcgen::CertifiedKey, OciRegistryError> {
+    rcgen::generate_simple_self_signed(vec![ISSUER.to_owned()]).map_err(|e| OciRegistryError::Io {
+        action: "make a token-signing certificate".into(),
+        source: std::io::Error::other(e),
+    })
+}
+
+/// Configures token auth: tokens from `realm`, signed by the key of `certificate` (PEM).
+fn token_auth(config: &mut String, realm: &str, certificate: &str, dir: &TempDir) -> Result<(), OciRegistryError> {
+    let bundle = dir.path().join("token-root.pem");
+    std::fs::write(&bundle, certificate)
+        .map_err(|source| OciRegistryError::Io { action: "write the token certificate".into(), source })?;
+    config.push_str(&format!(
+        "auth:\n  token:\n    realm: {realm}\n    service: {ISSUER}\n    issuer: {ISSUER}\n    rootcertbundle: {}\n",
+        bundle.display()
+    ));
+    Ok(())
 }
 
 /// Starts `docker-registry` with `config` and waits until it answers on `port`.
