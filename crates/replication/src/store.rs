@@ -386,6 +386,17 @@ impl Store {
         Ok(revision)
     }
 
+    /// Writes `ops` without a leader's fence, in as many transactions as etcd's limits
+    /// need (a replica restoring a backup, before anyone leads).
+    pub(crate) async fn write_all(&self, ops: Vec<Op>) -> Result<()> {
+        for chunk in chunks(ops) {
+            let txn = Txn::new().and_then(chunk.into_iter().map(Op::into_txn_op).collect::<Vec<_>>());
+            let mut client = self.client.clone();
+            self.bounded("write restored records", client.txn(txn)).await?;
+        }
+        Ok(())
+    }
+
     pub(crate) async fn grant_lease(&self, ttl: Duration) -> Result<i64> {
         let mut client = self.client.clone();
         let ttl = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);

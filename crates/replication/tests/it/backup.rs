@@ -110,6 +110,13 @@ async fn after_every_disk_is_lost_the_service_comes_back_from_the_backup_recorde
     let l = c.leader(None).await;
     c.converged(&expected).await;
     assert!(c.replicas[l].status().epoch.unwrap() > 0);
+    // A client whose answer the disaster swallowed retries: it gets that answer again.
+    let (index, text) = expected.last().unwrap().clone();
+    let key = format!("key-d-{}", text.trim_start_matches('d'));
+    let retried = c.post_to_leader("/append", &text, Some(&key)).await;
+    assert_eq!(retried.status(), 200);
+    assert_eq!(retried.headers()["br2k-replayed"], "true", "answered from the restored idempotency record");
+    assert_eq!(retried.headers()["br2k-index"].to_str().unwrap(), index.to_string());
     let after = c.post_to_leader("/append", "after", Some("k-after")).await;
     assert_eq!(after.status(), 200);
     assert_eq!(after.headers()["br2k-index"].to_str().unwrap(), (last + 1).to_string(), "indexes go on");
