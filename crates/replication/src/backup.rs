@@ -45,6 +45,9 @@ const ON_DEMAND_SPACING: Duration = Duration::from_secs(1);
 pub const BACKUP_TYPE: &str = "application/vnd.br2k.backup.v1";
 /// The media type of the `state` layer (an app snapshot, in the app's own format).
 pub const STATE_MEDIA_TYPE: &str = "application/vnd.br2k.state.v1";
+/// The annotation holding Table 2's counts of the entries before the `log` layer (a
+/// [`crate::data::CompactedLog`] as JSON), so that they survive a restore.
+pub const TALLY_ANNOTATION: &str = "io.br2k.tally";
 /// The media type of the `log` layer ([`SegmentEntry`] JSON lines).
 pub const LOG_MEDIA_TYPE: &str = "application/vnd.br2k.log.v1+jsonl";
 
@@ -147,7 +150,21 @@ pub(crate) async fn back_up_once<S: AppState>(runtime: &Runtime<S>, term: &Term,
     // The entries from the snapshot on are still in etcd: the leader compacts only below
     // its own snapshot.
     let snapshot = runtime.latest_snapshot().filter(|s| s.index <= ssi);
-    let from = snapshot.as_ref().map_or(1, |s| s.index + 1).max(store.compacted().await?.first_index);
+    let compacted = store.compacted().await?;
+    let from = snapshot.as_ref().map_or(1, |s| s.index + 1).max(compacted.first_index);
+    // Table 2's counts of the entries before the log layer (compaction's tally, plus the
+    // entries the snapshot covers that etcd still holds), so they survive a restore.
+    let mut before = compacted.clone();
+    let mut next = compacted.first_index.max(1);
+    while next < from {
+        let page = store.states(next, from - 1).await?;
+        let Some(&(last, _)) = page.last() else { break };
+        for (_, state) in page.iter().filter(|(index, _)| *index < from) {
+            before.count(state);
+        }
+        next = last + 1;
+    }
+    before.first_index = from;
     let mut lines = Vec::new();
     let mut next = from;
     while next <= ssi {
@@ -167,6 +184,7 @@ pub(crate) async fn back_up_once<S: AppState>(runtime: &Runtime<S>, term: &Term,
         ("io.br2k.replica".to_owned(), runtime.config.replica.clone()),
         ("io.br2k.epoch".to_owned(), term.epoch.to_string()),
         ("io.br2k.created".to_owned(), unix_seconds().to_string()),
+        (TALLY_ANNOTATION.to_owned(), serde_json::to_string(&before).expect("a tally serializes")),
     ]);
     if let Some(snapshot) = &snapshot {
         let path = runtime.snapshots.data_path(snapshot.index);
@@ -271,7 +289,13 @@ impl<S: AppState> Runtime<S> {
                 .map_err(|e| Error::Snapshot { path: incoming.display().to_string(), reason: e.to_string() })?;
             self.install(&meta).await?;
         }
-        let mut tally = crate::data::CompactedLog { first_index: recorded.index + 1, ..Default::default() };
+        let mut tally: crate::data::CompactedLog = match artifact.annotations.get(TALLY_ANNOTATION) {
+            Some(text) => serde_json::from_str(text).map_err(|e| {
+                Error::Backup(format!("restore: the backup {digest} has a tally that does not decode: {e}"))
+            })?,
+            None => crate::data::CompactedLog::default(),
+        };
+        tally.first_index = recorded.index + 1;
         let mut answered = Vec::new();
         if let Some(log) = artifact.layers.iter().find(|l| l.media_type == LOG_MEDIA_TYPE) {
             for line in log.bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
@@ -324,17 +348,11 @@ impl<S: AppState> Runtime<S> {
     /// again here (the others changed nothing in the replicated state).
     async fn replay(&self, entry: &SegmentEntry, tally: &mut crate::data::CompactedLog) -> Result<()> {
         use crate::data::{ProcessState, RequestKind};
-        match entry.state.state {
-            ProcessState::Success => tally.success += 1,
-            ProcessState::Fail => tally.fail += 1,
-            ProcessState::Ignore => tally.ignore += 1,
-            ProcessState::Null | ProcessState::InProcess => {}
-        }
+        tally.count(&entry.state);
         let replicated = entry.state.kind == RequestKind::Replication && entry.state.state == ProcessState::Success;
         if !replicated || entry.index <= self.state.applied_index() {
             return Ok(());
         }
-        tally.replication_success += 1;
         let route = self
             .route_of(&entry.request.method, &entry.request.path)
             .filter(|r| r.kind == RequestKind::Replication)

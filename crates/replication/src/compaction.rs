@@ -20,7 +20,7 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 use crate::app::AppState;
-use crate::data::{self, ProcessState, RequestKind};
+use crate::data;
 use crate::error::{Error, Result};
 use crate::runtime::Runtime;
 use crate::store::{Op, Term};
@@ -93,19 +93,10 @@ async fn compact_once<S: AppState>(runtime: &Runtime<S>, term: &Term) -> Result<
         let page = store.states(from, target).await?;
         let Some(&(last, _)) = page.last() else { break };
         for (index, state) in page {
-            let is_replication = state.kind == RequestKind::Replication;
-            match state.state {
-                ProcessState::Success => {
-                    tally.success += 1;
-                    tally.replication_success += u64::from(is_replication);
-                }
-                ProcessState::Fail => tally.fail += 1,
-                ProcessState::Ignore => tally.ignore += 1,
-                // Not final: it must stay, and so must everything after it.
-                ProcessState::Null | ProcessState::InProcess => {
-                    target = index;
-                    break 'count;
-                }
+            // Not final: it must stay, and so must everything after it.
+            if !tally.count(&state) {
+                target = index;
+                break 'count;
             }
         }
         from = last + 1;

@@ -245,6 +245,22 @@ pub struct CompactedLog {
     pub replication_success: u64,
 }
 
+impl CompactedLog {
+    /// Adds one entry's state to the tally; false, adding nothing, when it is not final.
+    pub(crate) fn count(&mut self, state: &EntryState) -> bool {
+        match state.state {
+            ProcessState::Success => {
+                self.success += 1;
+                self.replication_success += u64::from(state.kind == RequestKind::Replication);
+            }
+            ProcessState::Fail => self.fail += 1,
+            ProcessState::Ignore => self.ignore += 1,
+            ProcessState::Null | ProcessState::InProcess => return false,
+        }
+        true
+    }
+}
+
 /// A snapshot of the app state as its replica describes it, in `members/<replica>` and
 /// beside the snapshot file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
