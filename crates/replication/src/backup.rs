@@ -48,6 +48,9 @@ pub const STATE_MEDIA_TYPE: &str = "application/vnd.br2k.state.v1";
 /// The annotation holding Table 2's counts of the entries before the `log` layer (a
 /// [`crate::data::CompactedLog`] as JSON), so that they survive a restore.
 pub const TALLY_ANNOTATION: &str = "io.br2k.tally";
+/// The annotation holding how many leadership terms the service had seen, so that Table
+/// 2's leader changes go on across a restore.
+pub const TERMS_ANNOTATION: &str = "io.br2k.terms";
 /// The media type of the `log` layer ([`SegmentEntry`] JSON lines).
 pub const LOG_MEDIA_TYPE: &str = "application/vnd.br2k.log.v1+jsonl";
 
@@ -95,11 +98,17 @@ pub struct BackupStatus {
     /// Why the last attempt failed, if it did and none has succeeded since.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// The backup interval, milliseconds (0: this replica does not back up): what a total
+    /// disaster may lose of what was acknowledged.
+    #[serde(default)]
+    pub interval_ms: u64,
 }
 
 /// The leader's backup task: ends the term only when leadership is lost.
 pub(crate) async fn back_up_while_leading<S: AppState>(runtime: Arc<Runtime<S>>, term: Term) -> Result<()> {
     let Some(config) = runtime.config.backup.clone() else { return Ok(()) };
+    let interval_ms = u64::try_from(config.interval.as_millis()).unwrap_or(u64::MAX);
+    runtime.set_status(|s| s.backup.interval_ms = interval_ms);
     // Carry on from what the chain records (an earlier leader's backups).
     if let Some(publisher) = &runtime.config.publisher {
         match publisher.registry.backup(&runtime.config.service).await {
@@ -122,9 +131,14 @@ pub(crate) async fn back_up_while_leading<S: AppState>(runtime: Arc<Runtime<S>>,
             // ask, so asking only brings the next backup forward, to at most one a second.
             () = runtime.backup_now.notified() => tokio::time::sleep(ON_DEMAND_SPACING).await,
         }
+        let started = std::time::Instant::now();
         match back_up_once(&runtime, &term, &config).await {
             Ok(()) => {
-                pause = config.interval;
+                // What a backup holds is read when it starts and safe once it is recorded:
+                // starting the next one earlier by twice this one's duration keeps the
+                // records about an interval apart, so that nothing acknowledged more than
+                // an interval ago is missing from the recorded backup.
+                pause = config.interval.saturating_sub(started.elapsed() * 2).max(config.interval / 2);
                 runtime.set_status(|s| s.backup.last_error = None);
             }
             Err(e @ Error::LeadershipLost { .. }) => return Err(e),
@@ -185,6 +199,7 @@ pub(crate) async fn back_up_once<S: AppState>(runtime: &Runtime<S>, term: &Term,
         ("io.br2k.epoch".to_owned(), term.epoch.to_string()),
         ("io.br2k.created".to_owned(), unix_seconds().to_string()),
         (TALLY_ANNOTATION.to_owned(), serde_json::to_string(&before).expect("a tally serializes")),
+        (TERMS_ANNOTATION.to_owned(), store.get_index(&runtime.keys.terms()).await?.to_string()),
     ]);
     if let Some(snapshot) = &snapshot {
         let path = runtime.snapshots.data_path(snapshot.index);
@@ -316,7 +331,8 @@ impl<S: AppState> Runtime<S> {
                 recorded.index
             )));
         }
-        if !self.store().seed_restored(recorded.index, &tally, &self.config.replica).await? {
+        let terms = annotated(TERMS_ANNOTATION).unwrap_or(0);
+        if !self.store().seed_restored(recorded.index, &tally, terms, &self.config.replica).await? {
             info!("another replica seeded etcd first; following it");
             return Ok(None);
         }

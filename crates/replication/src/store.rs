@@ -343,10 +343,17 @@ impl Store {
     }
 
     /// Seeds an etcd that holds no log with a service restored from a backup reaching
-    /// `index`: the log starts after it (`compacted`), LS, SSI and `replica`'s LPI are it.
+    /// `index`: the log starts after it (`compacted`), LS, SSI and `replica`'s LPI are it, and the
+    /// terms go on from `terms`.
     /// Only if there is still no log (two Registers cannot both seed). Returns whether
     /// this call seeded it.
-    pub(crate) async fn seed_restored(&self, index: u64, compacted: &CompactedLog, replica: &str) -> Result<bool> {
+    pub(crate) async fn seed_restored(
+        &self,
+        index: u64,
+        compacted: &CompactedLog,
+        terms: u64,
+        replica: &str,
+    ) -> Result<bool> {
         let txn = Txn::new()
             .when(vec![
                 Compare::create_revision(self.keys.ls(), CompareOp::Equal, 0),
@@ -357,6 +364,7 @@ impl Store {
                 TxnOp::put(self.keys.ls(), index.to_string(), None),
                 TxnOp::put(self.keys.ssi(), index.to_string(), None),
                 TxnOp::put(self.keys.lpi(replica), index.to_string(), None),
+                TxnOp::put(self.keys.terms(), terms.to_string(), None),
             ]);
         let mut client = self.client.clone();
         Ok(self.bounded("seed the restored service", client.txn(txn)).await?.succeeded())

@@ -48,6 +48,25 @@ pub struct RequestCounts {
     pub duplicates: u64,
     /// Acknowledged with a position that the log does not have the request at.
     pub wrong_answers: u64,
+    /// Acknowledged after the backup recorded on chain before a total disaster, and gone
+    /// after the restore: what the backup interval allows to be lost. Those acknowledged
+    /// more than an interval before the disaster count as `lost` too.
+    pub lost_in_disaster: u64,
+}
+
+/// A total disaster brought about during the run: every replica killed and every disk lost.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Disaster {
+    /// When it struck, from the start of the run (milliseconds).
+    pub at_ms: u64,
+    /// The log index the backup recorded on chain reached just before: every request
+    /// acknowledged at or below it must survive.
+    pub recovery_point: u64,
+    /// The service's backup interval (milliseconds): nothing acknowledged longer than this
+    /// before the disaster may be lost.
+    pub backup_interval_ms: u64,
+    /// The processes killed (runner, apps and etcd members).
+    pub killed: usize,
 }
 
 /// Whether the replicas agree.
@@ -90,6 +109,8 @@ pub struct Findings {
     pub replication: Replication,
     /// Failover gaps.
     pub gaps: Gaps,
+    /// The total disaster of the run, if one was brought about.
+    pub disaster: Option<Disaster>,
 }
 
 impl Findings {
@@ -110,14 +131,15 @@ pub fn check(
     acks: &[Ack],
     unacknowledged: &[Unacknowledged],
     faults: &[FaultEvent],
+    disaster: Option<&Disaster>,
     end_ms: u64,
 ) -> Findings {
     let table2 = table2(records);
     let replication = compare_replicas(records, logs);
     let reference = logs.first().map(Vec::as_slice).unwrap_or_default();
-    let requests = count_requests(reference, acks, unacknowledged);
+    let requests = count_requests(reference, acks, unacknowledged, disaster);
     let gaps = gaps(acks, faults, end_ms);
-    Findings { table2, requests, replication, gaps }
+    Findings { table2, requests, replication, gaps, disaster: disaster.cloned() }
 }
 
 fn table2(records: &Records) -> Table2 {
@@ -203,7 +225,12 @@ fn compare_replicas(records: &Records, logs: &[Vec<Entry>]) -> Replication {
     }
 }
 
-fn count_requests(log: &[Entry], acks: &[Ack], unacknowledged: &[Unacknowledged]) -> RequestCounts {
+fn count_requests(
+    log: &[Entry],
+    acks: &[Ack],
+    unacknowledged: &[Unacknowledged],
+    disaster: Option<&Disaster>,
+) -> RequestCounts {
     let by_index: HashMap<u64, (usize, &Entry)> = log.iter().enumerate().map(|(pos, e)| (e.index, (pos, e))).collect();
     let mut copies: HashMap<(u64, u64), u64> = HashMap::new();
     for entry in log {
@@ -225,7 +252,16 @@ fn count_requests(log: &[Entry], acks: &[Ack], unacknowledged: &[Unacknowledged]
                     counts.wrong_answers += 1;
                 }
             }
-            _ => counts.lost += 1,
+            // Gone: after a disaster, its index may hold a later request now.
+            _ => match disaster {
+                Some(d) if ack.index > d.recovery_point && ack.at_ms <= d.at_ms => {
+                    counts.lost_in_disaster += 1;
+                    if ack.at_ms + d.backup_interval_ms < d.at_ms {
+                        counts.lost += 1;
+                    }
+                }
+                _ => counts.lost += 1,
+            },
         }
     }
     counts
@@ -302,9 +338,32 @@ mod tests {
             ack(2, 2, 9, 2, 30), // index 9 is not in the log: lost
             ack(1, 2, 4, 2, 40), // index 4 holds (1, 1): lost
         ];
-        let counts = count_requests(&log, &acks, &[]);
+        let counts = count_requests(&log, &acks, &[], None);
         assert_eq!((counts.lost, counts.duplicates, counts.wrong_answers), (2, 1, 1));
         assert_eq!((counts.sent, counts.acknowledged), (4, 4));
+    }
+
+    #[test]
+    fn after_a_disaster_only_what_the_backup_interval_allows_may_be_gone() {
+        // The backup recorded before the disaster (at 10 s, interval 3 s) reached index 4;
+        // the restored log goes on from there, and index 5 now holds a later request.
+        let log = vec![entry(1, 1, 1), entry(2, 1, 2), entry(3, 2, 1), entry(4, 2, 2), entry(5, 3, 9)];
+        let disaster = Disaster { at_ms: 10_000, recovery_point: 4, backup_interval_ms: 3_000, killed: 7 };
+        let acks = vec![
+            ack(1, 1, 1, 0, 2_000),  // covered by the backup: kept
+            ack(1, 2, 2, 1, 4_000),  // covered
+            ack(2, 1, 3, 2, 5_000),  // covered
+            ack(2, 2, 4, 3, 6_000),  // covered
+            ack(1, 3, 5, 4, 9_000),  // after the backup, within the interval: may be lost
+            ack(2, 3, 6, 5, 6_500),  // after the backup, older than the interval: a loss
+            ack(3, 9, 5, 4, 12_000), // after the restore: kept
+        ];
+        let counts = count_requests(&log, &acks, &[], Some(&disaster));
+        assert_eq!((counts.lost_in_disaster, counts.lost, counts.wrong_answers), (2, 1, 0));
+        // Below the recovery point nothing may go, however recent.
+        let short = vec![entry(1, 1, 1), entry(2, 1, 2), entry(3, 2, 1), entry(5, 3, 9)];
+        let counts = count_requests(&short, &acks[..4], &[], Some(&disaster));
+        assert_eq!((counts.lost_in_disaster, counts.lost), (0, 1));
     }
 
     fn records(compacted: br2k_replication::CompactedLog, entries: &[(u64, u64, u64)]) -> Records {

@@ -14,7 +14,7 @@ use br2k_deploy::local::run_file::RunFile;
 use br2k_replication::{Role, Status};
 use br2k_resolver::Resolver;
 
-use crate::checker::{self, Findings};
+use crate::checker::{self, Disaster, Findings};
 use crate::report::{Latency, tables};
 use crate::users::{self, Ack, Progress, Unacknowledged, UserPlan};
 use crate::{Error, millis};
@@ -34,6 +34,19 @@ pub struct UsersConfig {
     pub give_up_after: Duration,
     /// Failed attempts within a minute after which a user claims; 0 never claims.
     pub claim_after: u32,
+    /// A total disaster to bring about during the run, if any.
+    pub disaster: Option<DisasterPlan>,
+}
+
+/// When to bring about a total disaster, and to which local service: every replica killed
+/// and every disk lost. Only the backup recorded on chain can bring the service back
+/// (through its manager, on a user's claim).
+#[derive(Clone, Debug)]
+pub struct DisasterPlan {
+    /// How long after the users start.
+    pub at: Duration,
+    /// The local runner's state directory (every replica's data, deleted).
+    pub state_dir: std::path::PathBuf,
 }
 
 /// What the users saw.
@@ -47,6 +60,8 @@ pub struct UsersRun {
     pub claims: u64,
     /// How long the users ran (milliseconds).
     pub end_ms: u64,
+    /// The disaster brought about, if one was.
+    pub disaster: Option<Disaster>,
 }
 
 /// Runs the users to the end, reporting progress every 5 s.
@@ -78,8 +93,29 @@ pub async fn run_users(
         })
         .collect();
     let total = config.users as u64 * config.requests_per_user;
+    let mut disaster = None;
     while !tasks.iter().all(tokio::task::JoinHandle::is_finished) {
         tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Some(plan) = config.disaster.as_ref().filter(|plan| disaster.is_none() && start.elapsed() >= plan.at) {
+            let struck = match bring_about(plan, &resolver, &config.service, start).await {
+                Ok(struck) => struck,
+                Err(e) => {
+                    for task in &tasks {
+                        task.abort();
+                    }
+                    return Err(Error::Config(format!("the disaster could not be brought about: {e}")));
+                }
+            };
+            progress(&format!(
+                "{:>5.1} s: DISASTER: killed {} processes and deleted every replica's data; the backup recorded on \
+                 chain reached index {} (backup interval {:.1} s)",
+                struck.at_ms as f64 / 1000.0,
+                struck.killed,
+                struck.recovery_point,
+                struck.backup_interval_ms as f64 / 1000.0
+            ));
+            disaster = Some(struck);
+        }
         if start.elapsed().as_millis() % 5000 < 100 {
             progress(&format!(
                 "{:>5.1} s: {}/{total} acknowledged, {} given up",
@@ -97,7 +133,51 @@ pub async fn run_users(
         run.claims += log.claims;
     }
     run.end_ms = millis(start.elapsed());
+    run.disaster = disaster;
     Ok(run)
+}
+
+/// Kills every process of the local service and deletes its state directory, after
+/// noting what the chain's backup covers and the service's backup interval.
+async fn bring_about(
+    plan: &DisasterPlan,
+    resolver: &Resolver,
+    service: &str,
+    start: Instant,
+) -> Result<Disaster, Error> {
+    let file = RunFile::read(&plan.state_dir)?
+        .filter(RunFile::runner_alive)
+        .ok_or_else(|| Error::Config(format!("no replicas of {service:?} run from {}", plan.state_dir.display())))?;
+    let http = status_client()?;
+    let mut backup_interval_ms = 0;
+    for node in &file.nodes {
+        if let Ok(answer) = http.get(format!("{}/br2k/status", node.app_url)).send().await
+            && let Ok(status) = answer.json::<Status>().await
+        {
+            backup_interval_ms = backup_interval_ms.max(status.backup.interval_ms);
+        }
+    }
+    if backup_interval_ms == 0 {
+        return Err(Error::Config(format!(
+            "no replica of {service:?} backs up (its status shows no backup interval): after a disaster nothing \
+             could restore it; deploy it from an image in a container registry (`br2k deploy --image`)"
+        )));
+    }
+    let recovery_point = resolver.registry().backup(service).await?.map_or(0, |b| b.index);
+    let dir = plan.state_dir.clone();
+    let killed = tokio::task::spawn_blocking(move || br2k_deploy::local::run_file::destroy(&dir))
+        .await
+        .map_err(|e| Error::Config(format!("the disaster task ended abnormally: {e}")))??;
+    Ok(Disaster { at_ms: millis(start.elapsed()), recovery_point, backup_interval_ms, killed })
+}
+
+/// A client for the replicas' status endpoints.
+fn status_client() -> Result<reqwest::Client, Error> {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .no_proxy()
+        .build()
+        .map_err(|e| Error::Config(format!("cannot build an HTTP client: {e}")))
 }
 
 /// Checks the replicas a local runner keeps in `state_dir` against what the users saw:
@@ -118,11 +198,7 @@ pub async fn check_local(
         })
     };
     progress("waiting for every replica to apply everything");
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(2))
-        .no_proxy()
-        .build()
-        .map_err(|e| Error::Config(format!("cannot build an HTTP client: {e}")))?;
+    let http = status_client()?;
     let deadline = Instant::now() + Duration::from_secs(60);
     let (leader_etcd, converged) = loop {
         let file = read()?;
@@ -156,7 +232,8 @@ pub async fn check_local(
             .map_err(|e| Error::Log { node: i + 1, reason: format!("{e:#}") })?;
         logs.push(log);
     }
-    let mut findings = checker::check(&records, &logs, &run.acks, &run.unacknowledged, &[], run.end_ms);
+    let mut findings =
+        checker::check(&records, &logs, &run.acks, &run.unacknowledged, &[], run.disaster.as_ref(), run.end_ms);
     if let Err(reason) = converged {
         findings.replication.identical = false;
         findings.replication.difference.get_or_insert(reason);

@@ -231,7 +231,7 @@ pub async fn run(config: TestbedConfig, progress: &(dyn Fn(&str) + Sync)) -> Res
         logs.push(log);
     }
     sandbox.shutdown().await;
-    let mut findings = checker::check(&records, &logs, &acks, &unacknowledged, &faults, end_ms);
+    let mut findings = checker::check(&records, &logs, &acks, &unacknowledged, &faults, None, end_ms);
     findings.replication.state_versions = state_versions;
     if let Err(reason) = converged {
         findings.replication.identical = false;

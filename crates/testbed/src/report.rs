@@ -181,6 +181,22 @@ pub(crate) fn tables(
     }
     let _ = writeln!(out, "| requests acknowledged | {} of {} |", f.requests.acknowledged, f.requests.sent);
     let _ = writeln!(out, "| acknowledged requests lost | {} |", f.requests.lost);
+    if let Some(d) = &f.disaster {
+        let _ = writeln!(
+            out,
+            "| total disaster (every replica killed, every disk deleted) | at {:.1} s, {} processes |",
+            d.at_ms as f64 / 1000.0,
+            d.killed
+        );
+        let _ =
+            writeln!(out, "| recovery point: the backup recorded on chain just before | index {} |", d.recovery_point);
+        let _ = writeln!(
+            out,
+            "| acknowledged after it and lost in the disaster (backup interval {:.1} s) | {} |",
+            d.backup_interval_ms as f64 / 1000.0,
+            f.requests.lost_in_disaster
+        );
+    }
     let _ = writeln!(out, "| duplicates in the log | {} |", f.requests.duplicates);
     let _ = writeln!(out, "| answers that disagree with the log | {} |", f.requests.wrong_answers);
     let _ = writeln!(out, "| entries per replica | {} |", join(&f.replication.entries_per_replica));

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use br2k_resolver::{Resolver, ResolverConfig};
-use br2k_testbed::deployed::{self, UsersConfig};
+use br2k_testbed::deployed::{self, DisasterPlan, UsersConfig};
 use clap::Args;
 
 use super::{ChecksFailed, GlobalOpts};
@@ -14,9 +14,18 @@ const USERS_EXAMPLES: &str = "\
 Examples:
   br2k users logserver --users 3 --requests 60                 # prints what the users saw
   br2k users logserver --claim-after 3 --check-local           # claims when it is dead; Table 2 at the end
+  br2k users logserver --disaster-at 20 --check-local           # a total disaster drill (see below)
 
 With a key (ETH_PRIVATE_KEY or --keystore) a user whose requests keep failing files a
-claim, so the service's manager (`br2k manager run`) recovers it; without one, nobody claims.";
+claim, so the service's manager (`br2k manager run`) recovers it; without one, nobody claims.
+
+--disaster-at S is a drill for the worst case, on a service this machine runs: S seconds
+in, every replica, etcd member and their runner are killed and the runner's state
+directory (every replica's data) is deleted. Only the backup recorded on chain can bring
+the service back: a user claims, the manager redeploys, the replicas restore it. With
+--check-local the report then says how many acknowledged requests the disaster took
+(those after the recorded backup) and fails if any was acknowledged more than the backup
+interval before it. It needs a key, so that a user can claim, and a running manager.";
 
 /// Send requests to a deployed service as the paper's users do: each user its own id, a
 /// steady rate, through the registry and the failover client (following leader changes,
@@ -53,6 +62,11 @@ pub(crate) struct UsersArgs {
     #[arg(long)]
     check_local: bool,
 
+    /// Seconds after the start to kill every local replica and delete all their data (a
+    /// total disaster drill; needs a key and a running manager).
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    disaster_at: Option<u64>,
+
     /// The local runner's state directory [default: <tmp>/br2k-UID/up/NAME].
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
@@ -66,6 +80,19 @@ impl UsersArgs {
         }
         let signer = global.wallet.signer()?;
         let claim_after = if signer.is_some() { self.claim_after } else { 0 };
+        if self.disaster_at.is_some() && claim_after == 0 {
+            anyhow::bail!(
+                "--disaster-at needs users who claim: give a key (ETH_PRIVATE_KEY or --keystore) and a --claim-after \
+                 above 0, and run the service's manager (`br2k manager run`), or nothing brings the service back"
+            );
+        }
+        let disaster = match self.disaster_at {
+            Some(seconds) => Some(DisasterPlan {
+                at: Duration::from_secs(seconds),
+                state_dir: super::up::state_dir(&self.name, self.state_dir.clone())?,
+            }),
+            None => None,
+        };
         let registry = global.registry.open(&global.chain.connect(signer).await?, &out).await?;
         let resolver = Resolver::new(
             registry,
@@ -78,6 +105,7 @@ impl UsersArgs {
             rate: self.rate,
             give_up_after: Duration::from_secs(self.give_up_after),
             claim_after,
+            disaster,
         };
         let progress = |line: &str| out.progress(format_args!("users: {line}"));
         out.progress(format_args!(
@@ -101,7 +129,7 @@ impl UsersArgs {
                 &format!("{} acknowledged, {} not", run.acks.len(), run.unacknowledged.len()),
                 &serde_json::json!({
                     "acknowledged": run.acks.len(), "unacknowledged": run.unacknowledged, "claims": run.claims,
-                    "elapsedMs": run.end_ms,
+                    "elapsedMs": run.end_ms, "disaster": run.disaster,
                 }),
             );
         }

@@ -87,6 +87,30 @@ impl RunFile {
     }
 }
 
+/// A total disaster, for drills of recovery from backups: SIGKILLs the runner recorded
+/// in `dir` and every node's app and etcd member at once, waits until they are gone, then
+/// deletes `dir` with all their data (what losing the machine's disks leaves). Returns how
+/// many processes it killed.
+///
+/// # Errors
+/// No live runner in `dir`, or a directory that cannot be deleted.
+pub fn destroy(dir: &Path) -> Result<usize> {
+    let run = RunFile::read(dir)?
+        .filter(RunFile::runner_alive)
+        .ok_or_else(|| DeployError::Invalid(format!("no live runner in {}: nothing to destroy", dir.display())))?;
+    let pids: Vec<u32> = std::iter::once(run.pid)
+        .chain(run.nodes.iter().flat_map(|node| [node.app_pid, node.etcd_pid]).flatten())
+        .collect();
+    let killed = pids.iter().filter(|pid| super::sys::send(**pid, super::sys::Signal::Kill).is_ok()).count();
+    // Nothing may still write into the directory while it is deleted.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while pids.iter().any(|pid| super::sys::exists(*pid)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::fs::remove_dir_all(dir).map_err(|e| DeployError::io(format!("delete {}", dir.display()), e))?;
+    Ok(killed)
+}
+
 /// The pid of the runner recorded in `dir` (starting or running), if it still runs.
 pub fn running_pid(dir: &Path) -> Option<u32> {
     let starting = std::fs::read_to_string(dir.join(RUNNER_PID_FILE)).ok().and_then(|s| s.trim().parse::<u32>().ok());

@@ -130,6 +130,7 @@ async fn after_every_disk_is_lost_the_service_comes_back_from_the_backup_recorde
     assert_eq!(records.compacted.first_index, last + 1);
     assert_eq!(records.compacted.replication_success + retained, all.len() as u64, "{:?}", records.compacted);
     assert_eq!(records.compacted.success, last, "{:?}", records.compacted);
+    assert!(records.terms >= 2, "the terms before the disaster and the one after: {}", records.terms);
 }
 
 #[tokio::test(flavor = "multi_thread")]
