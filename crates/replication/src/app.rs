@@ -82,6 +82,8 @@ pub struct Request {
     pub body: Bytes,
     /// The client's `Idempotency-Key`, if any.
     pub idempotency_key: Option<String>,
+    /// The transaction outbox, for only-once requests of a runtime that has one.
+    pub(crate) outbox: Option<crate::outbox::Outbox>,
 }
 
 impl Request {
@@ -94,7 +96,16 @@ impl Request {
             headers: entry.headers,
             body: Bytes::from(entry.body),
             idempotency_key: entry.idempotency_key,
+            outbox: None,
         }
+    }
+
+    /// The outbox this request sends blockchain transactions through: only-once requests
+    /// of a runtime configured with one ([`crate::Config::outbox`]) have it. Each
+    /// transaction sent through it is sent at most once for this request, however many
+    /// times the handler runs.
+    pub fn outbox(&self) -> Option<&crate::outbox::Outbox> {
+        self.outbox.as_ref()
     }
 
     /// The body parsed as JSON.

@@ -11,6 +11,7 @@ use crate::app::{
 use crate::config::Config;
 use crate::data::{RequestKind, check_name};
 use crate::error::{Error, Result};
+use crate::outbox::{Chain, TxObserver, TxStep};
 use crate::runtime::Replicated;
 
 /// Headers that carry credentials: never logged.
@@ -23,6 +24,9 @@ pub(crate) struct Route<S> {
     pub(crate) rollback: Option<Rollback<S>>,
     pub(crate) reconcile: Option<Reconcile<S>>,
     pub(crate) admission: Option<Admission>,
+    /// A Normal route whose only effects are transactions sent through the outbox: safe
+    /// to run again for the same request (the outbox hands back what it stored).
+    pub(crate) replayable: bool,
 }
 
 /// Routes by (method, path); paths match exactly.
@@ -49,11 +53,12 @@ pub struct Builder<S> {
     routes: HashMap<(String, String), Route<S>>,
     problems: Vec<String>,
     observer: Option<StepObserver>,
+    tx_observer: Option<TxObserver>,
 }
 
 impl<S: AppState> Builder<S> {
     pub(crate) fn new(config: Config) -> Self {
-        Self { config, routes: HashMap::new(), problems: Vec::new(), observer: None }
+        Self { config, routes: HashMap::new(), problems: Vec::new(), observer: None, tx_observer: None }
     }
 
     fn add<F, Fut>(mut self, kind: RequestKind, method: &str, path: &str, handler: F) -> Self
@@ -67,7 +72,7 @@ impl<S: AppState> Builder<S> {
                 .push(format!("route path {path:?} must start with '/', have no query and not be under /br2k/"));
         }
         let handler: Handler<S> = Arc::new(move |state, request| Box::pin(handler(state, request)));
-        let route = Route { kind, handler, rollback: None, reconcile: None, admission: None };
+        let route = Route { kind, handler, rollback: None, reconcile: None, admission: None, replayable: false };
         if self.routes.insert((method.clone(), path.to_owned()), route).is_some() {
             self.problems.push(format!("route {method} {path} is declared twice"));
         }
@@ -94,6 +99,31 @@ impl<S: AppState> Builder<S> {
         Fut: Future<Output = Outcome> + Send + 'static,
     {
         self.add(RequestKind::Normal, method, path, handler)
+    }
+
+    /// A Normal route whose only effects outside the service are blockchain transactions
+    /// sent through the request's outbox ([`Request::outbox`]; give the runtime one with
+    /// [`Config::outbox`]). Only the leader runs it, and a request it leaves in doubt (a
+    /// leader that died while it ran, a chain that did not answer) is finished by running
+    /// it again: the outbox hands back the transactions it stored, so nothing is sent
+    /// twice. Like a Replication handler it must be deterministic: the same request must
+    /// send the same transactions in the same order.
+    #[must_use]
+    pub fn only_once_tx<F, Fut>(self, method: &str, path: &str, handler: F) -> Self
+    where
+        F: Fn(Arc<S>, Request) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Outcome> + Send + 'static,
+    {
+        let key = (method.to_ascii_uppercase(), path.to_owned());
+        let mut this = self.add(RequestKind::Normal, method, path, handler);
+        if let Some(route) = this.routes.get_mut(&key) {
+            route.replayable = true;
+        }
+        if this.config.outbox.is_none() {
+            this.problems
+                .push(format!("route {method} {path} sends transactions: give the runtime an outbox (Config::outbox)"));
+        }
+        this
     }
 
     /// An External_TXN route: the request records a transaction the client made itself.
@@ -189,6 +219,19 @@ impl<S: AppState> Builder<S> {
         self
     }
 
+    /// Awaits `observer` at each [`TxStep`] of an outbox send, with the request's index.
+    /// For tests that interrupt a leader at an exact point.
+    #[must_use]
+    pub fn on_tx_step<F, Fut>(mut self, observer: F) -> Self
+    where
+        F: Fn(TxStep, u64) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let observer: TxObserver = Arc::new(move |step, index| -> BoxFuture<()> { Box::pin(observer(step, index)) });
+        self.tx_observer = Some(observer);
+        self
+    }
+
     /// Checks the declarations and the configuration.
     ///
     /// # Errors
@@ -239,9 +282,17 @@ impl<S: AppState> Builder<S> {
         if self.routes.is_empty() {
             problems.push("no routes declared".into());
         }
+        let chain = match self.config.outbox.clone().map(|outbox| Chain::new(outbox, self.tx_observer)) {
+            Some(Ok(chain)) => Some(Arc::new(chain)),
+            Some(Err(problem)) => {
+                problems.push(problem);
+                None
+            }
+            None => None,
+        };
         if !problems.is_empty() {
             return Err(Error::Config(problems.join("; ")));
         }
-        Ok(Replicated::new(self.config, state, Routes { by_key: self.routes }, self.observer))
+        Ok(Replicated::new(self.config, state, Routes { by_key: self.routes }, self.observer, chain))
     }
 }

@@ -108,6 +108,8 @@ async fn compact_once<S: AppState>(runtime: &Runtime<S>, term: &Term) -> Result<
     let ops = vec![
         Op::DeleteRange(keys.log(first), keys.log(target)),
         Op::DeleteRange(keys.rs(first), keys.rs(target)),
+        // The transactions of final requests: settled, their answers recorded.
+        Op::DeleteRange(keys.outbox_start(), keys.outbox_before(target)),
         Op::Put(keys.compacted(), data::encode(&tally)),
     ];
     let revision = store.authority_write(term, ops).await?;

@@ -38,6 +38,9 @@ pub struct Config {
     pub snapshots: SnapshotPolicy,
     /// Backups to the service's container registry, recorded on chain; `None`: none.
     pub backup: Option<crate::backup::BackupConfig>,
+    /// The transaction outbox only-once handlers send blockchain transactions through
+    /// ([`crate::Request::outbox`]); `None`: they have none.
+    pub outbox: Option<crate::outbox::OutboxConfig>,
 }
 
 /// When replicas snapshot their state and how much log the leader keeps in etcd.
@@ -115,6 +118,7 @@ impl Config {
             kept_headers: Vec::new(),
             snapshots: SnapshotPolicy::default(),
             backup: None,
+            outbox: None,
         }
     }
 

@@ -15,6 +15,9 @@
 //! | `terms` | how many leadership terms have started (each Register counts itself in its first fenced write), decimal |
 //! | `members/<replica>` | a live replica: where peers fetch its snapshot, and which one it holds ([`MemberRecord`]); leased, so it vanishes when the replica stops renewing |
 //! | `peer_token` | the secret replicas show each other to fetch snapshots; clients never reach etcd |
+//! | `outbox/tx/<index>/<k>` | the `k`-th blockchain transaction the only-once request at `index` sent: nonce, every signed version, the receipt ([`crate::outbox::TxRecord`]) |
+//! | `outbox/next_nonce` | the next nonce of the service's transaction key the outbox has not reserved, decimal |
+//! | `outbox/free/<nonce>` | a reserved nonce whose transaction the chain refused, reused by the next transaction (empty value) |
 //!
 //! Indexes are zero-padded to 20 digits so that key order is index order and a range read
 //! returns entries in order.
@@ -74,6 +77,36 @@ impl Keys {
         format!("{}idem/{key}", self.prefix)
     }
 
+    /// `outbox/tx/<index>/<k>`: the `k`-th transaction the request at `index` sent.
+    pub(crate) fn outbox(&self, index: u64, seq: u32) -> String {
+        format!("{}outbox/tx/{index:020}/{seq:05}", self.prefix)
+    }
+
+    /// The first key after every outbox record of the requests below `index`.
+    pub(crate) fn outbox_before(&self, index: u64) -> String {
+        format!("{}outbox/tx/{index:020}", self.prefix)
+    }
+
+    /// Where the outbox records start.
+    pub(crate) fn outbox_start(&self) -> String {
+        format!("{}outbox/tx/", self.prefix)
+    }
+
+    /// The next nonce the outbox has not reserved, decimal.
+    pub(crate) fn outbox_next_nonce(&self) -> String {
+        format!("{}outbox/next_nonce", self.prefix)
+    }
+
+    /// `outbox/free/<nonce>`: a reserved nonce whose transaction the chain refused, to be
+    /// reused (empty value).
+    pub(crate) fn outbox_free(&self, nonce: u64) -> String {
+        format!("{}outbox/free/{nonce:020}", self.prefix)
+    }
+
+    pub(crate) fn outbox_free_prefix(&self) -> String {
+        format!("{}outbox/free/", self.prefix)
+    }
+
     pub(crate) fn compacted(&self) -> String {
         format!("{}compacted", self.prefix)
     }
@@ -102,8 +135,11 @@ impl Keys {
     /// The index in a `log/`, `rs/` or `doubt/` key.
     pub(crate) fn index_of(&self, key: &[u8]) -> Option<u64> {
         let key = std::str::from_utf8(key).ok()?.strip_prefix(&self.prefix)?;
-        let digits =
-            key.strip_prefix("log/").or_else(|| key.strip_prefix("rs/")).or_else(|| key.strip_prefix("doubt/"))?;
+        let digits = key
+            .strip_prefix("log/")
+            .or_else(|| key.strip_prefix("rs/"))
+            .or_else(|| key.strip_prefix("doubt/"))
+            .or_else(|| key.strip_prefix("outbox/free/"))?;
         digits.parse().ok()
     }
 }

@@ -116,6 +116,7 @@ async fn front<S: AppState>(State(runtime): State<Arc<Runtime<S>>>, request: axu
             headers: all_headers,
             body: body.clone(),
             idempotency_key: idempotency_key.clone(),
+            outbox: None,
         };
         if let Err(refusal) = admission(&request) {
             return reply(refusal);
@@ -194,6 +195,7 @@ async fn read<S: AppState>(
         headers: entry.headers,
         body,
         idempotency_key: entry.idempotency_key,
+        outbox: None,
     };
     let (method, path) = (request.method.clone(), request.path.clone());
     match guarded(handler(runtime.state.clone(), request), runtime.config.limits.handler_timeout).await {

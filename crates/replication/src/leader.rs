@@ -148,6 +148,7 @@ impl LeaderTerm {
                 crate::compaction::compact_while_leading(runtime.clone(), term.clone()),
                 failed_tx.clone(),
             )),
+            tokio::spawn(report(runtime.clone().settle_while_leading(term.clone()), failed_tx.clone())),
             tokio::spawn(report(crate::backup::back_up_while_leading(runtime.clone(), term), failed_tx)),
         ];
         *runtime.submit.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(submit_tx);
@@ -359,6 +360,15 @@ impl<S: AppState> Sequencer<S> {
         fresh.into_iter().map(|(_, fresh)| fresh).collect()
     }
 
+    /// Whether the entry at `index` is an only-once request the settler finishes (its
+    /// route sends transactions through the outbox).
+    async fn settled_by_outbox(&self, index: u64) -> Result<bool> {
+        let store = self.runtime.store();
+        let Some(kv) = store.get_local(&self.runtime.keys.log(index)).await? else { return Ok(false) };
+        let entry: LogEntry = data::decode(kv.key(), kv.value())?;
+        Ok(self.runtime.route_of(&entry.method, &entry.path).is_some_and(|route| route.replayable))
+    }
+
     /// Looks a key up in etcd. Local (serializable) reads are enough: every record that
     /// matters was written before this replica took `cl` through this member, or by
     /// this replica since.
@@ -389,6 +399,10 @@ impl<S: AppState> Sequencer<S> {
                 replayed: true,
             }),
             (ProcessState::Ignore, _) => KeyLookup::New,
+            // The settler finishes it: the client retries until it has the answer.
+            _ if self.settled_by_outbox(record.index).await? => {
+                KeyLookup::Answer(Answer { reply: unsettled_reply(), index: Some(record.index), replayed: false })
+            }
             _ => KeyLookup::Answer(Answer::refusal(
                 409,
                 &format!(
@@ -443,6 +457,16 @@ fn reused_key() -> Answer {
     )
 }
 
+/// The answer to a request whose blockchain transaction is not settled yet: 503, so the
+/// client retries with its key (and gets the answer once the settler has it).
+pub(crate) fn unsettled_reply() -> Reply {
+    Reply::error(
+        503,
+        "in doubt: the request's blockchain transaction is not settled yet (the chain did not answer or mine it in \
+         time); retry with the same Idempotency-Key: the leader settles it and then answers, never paying twice",
+    )
+}
+
 /// The processor: Process Request for each replicated group, in order.
 async fn process_groups<S: AppState>(
     runtime: Arc<Runtime<S>>,
@@ -489,11 +513,14 @@ async fn process<S: AppState>(
     }
     // (4.3) execute, in index order.
     let mut outcomes = Vec::with_capacity(items.len());
+    let mut in_doubt = Vec::new();
     for item in &items {
         let route = runtime
             .route_of(&item.entry.method, &item.entry.path)
             .expect("the front only submits requests for declared routes");
-        let request = Request::from_entry(item.index, item.entry.clone());
+        let mut request = Request::from_entry(item.index, item.entry.clone());
+        let outbox = runtime.outbox_for(item.kind, term, item.index);
+        request.outbox.clone_from(&outbox);
         let outcome = if item.kind == RequestKind::ExternalTxn {
             // Recorded, not executed: the handler only checks the record and answers.
             let (method, path) = (request.method.clone(), request.path.clone());
@@ -506,6 +533,11 @@ async fn process<S: AppState>(
             runtime.observe(Step::BeforeExecution, item.index).await;
             runtime.execute(item.index, route, request, true).await?
         };
+        // A transaction that may still be mined: nothing is recorded, the request is in
+        // doubt until the settler runs it again.
+        if outbox.is_some_and(|outbox| outbox.unsettled()) {
+            in_doubt.push(item.index);
+        }
         outcomes.push(outcome);
     }
     runtime.state.persist().await.map_err(Error::Persist)?;
@@ -517,7 +549,11 @@ async fn process<S: AppState>(
     };
     let mut ops = Vec::with_capacity(items.len() + 2);
     for (item, outcome) in items.iter().zip(&outcomes) {
-        ops.extend(outcome_ops(keys, item.index, item.kind, term.epoch, outcome, &item.entry, lease));
+        if in_doubt.contains(&item.index) {
+            ops.push(Op::Put(keys.doubt(item.index), Vec::new()));
+        } else {
+            ops.extend(outcome_ops(keys, item.index, item.kind, term.epoch, outcome, &item.entry, lease));
+        }
     }
     ops.push(Op::counter(keys.lpi(&runtime.config.replica), last));
     ops.push(Op::counter(keys.ssi(), last));
@@ -528,11 +564,16 @@ async fn process<S: AppState>(
         s.ssi = last;
         s.lpi = last;
         s.applied_index = applied;
+        s.in_doubt.extend(&in_doubt);
     });
+    if !in_doubt.is_empty() {
+        runtime.settle_now.notify_one();
+    }
     // Between groups nothing executes and everything up to `last` is final.
     runtime.maybe_snapshot(last);
     for (item, outcome) in items.into_iter().zip(outcomes) {
         let reply = match outcome {
+            _ if in_doubt.contains(&item.index) => unsettled_reply(),
             Ok(reply) | Err(reply) => reply,
         };
         let answer = Answer { reply, index: Some(item.index), replayed: false };

@@ -13,6 +13,7 @@ mod http;
 pub mod inspect;
 mod leader;
 mod membership;
+pub mod outbox;
 mod record_file;
 mod runtime;
 mod server;
@@ -29,4 +30,5 @@ pub use data::{
 };
 pub use error::{Error, Result};
 pub use http::{IDEMPOTENCY_KEY_HEADER, INDEX_HEADER, LEADER_HEADER, REPLAYED_HEADER};
+pub use outbox::{Outbox, OutboxConfig, TxCall, TxError, TxReceipt, TxStep};
 pub use runtime::{Replicated, Role, Status};

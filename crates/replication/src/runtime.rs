@@ -115,7 +115,13 @@ impl<S: AppState> Replicated<S> {
         crate::Builder::new(config)
     }
 
-    pub(crate) fn new(config: Config, state: S, routes: Routes<S>, observer: Option<StepObserver>) -> Self {
+    pub(crate) fn new(
+        config: Config,
+        state: S,
+        routes: Routes<S>,
+        observer: Option<StepObserver>,
+        chain: Option<Arc<crate::outbox::Chain>>,
+    ) -> Self {
         let status = Status {
             service: config.service.clone(),
             replica: config.replica.clone(),
@@ -164,6 +170,8 @@ impl<S: AppState> Replicated<S> {
             submit: RwLock::new(None),
             store: std::sync::OnceLock::new(),
             cl_changed: AtomicBool::new(true),
+            chain,
+            settle_now: Notify::new(),
         };
         Self { runtime: Arc::new(runtime) }
     }
@@ -260,6 +268,10 @@ pub(crate) struct Runtime<S> {
     ///
     /// [`Limits::max_queued_bytes`]: crate::Limits::max_queued_bytes
     queue_bytes: Arc<Semaphore>,
+    /// The transaction outbox's chain client, when the runtime has an outbox.
+    pub(crate) chain: Option<Arc<crate::outbox::Chain>>,
+    /// Woken when a request was left in doubt, to settle it soon.
+    pub(crate) settle_now: Notify,
 }
 
 /// Where the node loop stands between wake-ups.
@@ -868,7 +880,8 @@ impl<S: AppState> Runtime<S> {
                 vec![Op::counter(self.keys.lpi(&self.config.replica), ls), Op::counter(self.keys.ssi(), ls)],
             )
             .await?;
-        let in_doubt = self.reconcile_in_doubt(term).await?;
+        // Requests the outbox settles wait for the settler: the chain may take a while.
+        let in_doubt = self.reconcile_in_doubt(term, false).await?;
         let applied = self.state.applied_index();
         self.set_status(|s| {
             s.ls = ls;
@@ -934,27 +947,58 @@ impl<S: AppState> Runtime<S> {
         }
     }
 
-    /// Settles in-doubt Normal requests whose route has a reconcile hook; returns the ones
-    /// still in doubt.
-    async fn reconcile_in_doubt(&self, term: &Term) -> Result<Vec<u64>> {
+    /// The outbox of the request at `index` when it is an only-once request and the
+    /// runtime has an outbox.
+    pub(crate) fn outbox_for(&self, kind: RequestKind, term: &Term, index: u64) -> Option<crate::outbox::Outbox> {
+        let chain = self.chain.as_ref().filter(|_| kind == RequestKind::Normal)?;
+        Some(crate::outbox::Outbox::new(chain.clone(), self.store().clone(), self.keys.clone(), term.clone(), index))
+    }
+
+    /// While this replica leads: settles the requests left in doubt whose route sends
+    /// transactions through the outbox, by running them again (the outbox hands back
+    /// what it stored), soon after one is left in doubt and every few seconds.
+    pub(crate) async fn settle_while_leading(self: Arc<Self>, term: Term) -> Result<()> {
+        if self.chain.is_none() {
+            return Ok(());
+        }
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(5)) => {}
+                () = self.settle_now.notified() => {}
+            }
+            match self.reconcile_in_doubt(&term, true).await {
+                Ok(left) => self.set_status(|s| s.in_doubt = left),
+                Err(e @ Error::LeadershipLost { .. }) => return Err(e),
+                Err(e) => warn!(error = %e, "could not settle the requests in doubt; trying again"),
+            }
+        }
+    }
+
+    /// Settles in-doubt Normal requests whose route has a reconcile hook and, when
+    /// `replay`, those whose route sends transactions through the outbox (by running them
+    /// again); returns the ones still in doubt.
+    async fn reconcile_in_doubt(&self, term: &Term, replay: bool) -> Result<Vec<u64>> {
         let store = self.store();
         let mut left = Vec::new();
         let lease = IdempotencyLease::default();
         for index in store.indexes_under(&self.keys.doubt_prefix()).await? {
             let Some(entry) = store.entries(index, index).await?.pop() else { continue };
             let route = self.route_of(&entry.request.method, &entry.request.path);
-            let Some(reconcile) = route.and_then(|r| r.reconcile.clone()) else {
-                left.push(index);
-                continue;
-            };
-            let asked = reconcile(self.state.clone(), Request::from_entry(index, entry.request.clone()));
-            let answer = match guarded(asked, self.config.limits.handler_timeout).await {
-                Ok(answer) => answer.map(|outcome| self.storable(outcome)),
-                Err(fault) => {
-                    let error = fault.at("reconcile hook", index, &entry.request.method, &entry.request.path);
-                    warn!(%error, "the request stays in doubt");
-                    None
+            let answer = match route {
+                Some(route) if route.reconcile.is_some() => {
+                    let reconcile = route.reconcile.clone().expect("checked");
+                    let asked = reconcile(self.state.clone(), Request::from_entry(index, entry.request.clone()));
+                    match guarded(asked, self.config.limits.handler_timeout).await {
+                        Ok(answer) => answer.map(|outcome| self.storable(outcome)),
+                        Err(fault) => {
+                            let error = fault.at("reconcile hook", index, &entry.request.method, &entry.request.path);
+                            warn!(%error, "the request stays in doubt");
+                            None
+                        }
+                    }
                 }
+                Some(route) if replay && route.replayable => self.run_again(route, term, index, &entry.request).await,
+                _ => None,
             };
             match answer {
                 Some(outcome) => {
@@ -972,6 +1016,23 @@ impl<S: AppState> Runtime<S> {
             warn!(in_doubt = ?left, "Normal requests remain in doubt; see /br2k/status");
         }
         Ok(left)
+    }
+
+    /// Runs an in-doubt only-once request again with its outbox: its outcome, or `None`
+    /// while a transaction is still unsettled (or the handler failed).
+    async fn run_again(&self, route: &Route<S>, term: &Term, index: u64, entry: &LogEntry) -> Option<Outcome> {
+        let mut request = Request::from_entry(index, entry.clone());
+        let outbox = self.outbox_for(RequestKind::Normal, term, index)?;
+        request.outbox = Some(outbox.clone());
+        let ran = guarded((route.handler)(self.state.clone(), request), self.config.limits.handler_timeout).await;
+        match ran {
+            Ok(_) if outbox.unsettled() => None,
+            Ok(outcome) => Some(self.storable(outcome)),
+            Err(fault) => {
+                warn!(error = %fault.at("handler", index, &entry.method, &entry.path), "the request stays in doubt");
+                None
+            }
+        }
     }
 
     /// Publishes `updateLocation(id, location, epoch)` before serving; if the chain cannot

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use br2k_bindings::IServiceRegistry::Body;
 use br2k_replication::backup::BackupConfig;
 use br2k_replication::{
-    AppState, Config, EntryState, Limits, Outcome, Publisher, Replicated, Reply, Request, Role, SnapshotBuilder,
-    SnapshotPolicy, Status, Step, Timings,
+    AppState, Config, EntryState, Limits, OutboxConfig, Outcome, Publisher, Replicated, Reply, Request, Role,
+    SnapshotBuilder, SnapshotPolicy, Status, Step, Timings, TxCall, TxError, TxStep,
 };
 use br2k_resolver::{Chain, RegistryClient, Timeouts};
 use br2k_test_utils::{Anvil, EtcdCluster};
@@ -172,6 +172,46 @@ async fn external(_state: Arc<Journal>, request: Request) -> Outcome {
     Ok(Reply::json(201, &serde_json::json!({ "recorded": request.index })))
 }
 
+/// What `/pay` sends: wei to the address in the body.
+pub(crate) const PAYMENT_WEI: u64 = 1_000;
+
+/// An only-once payment through the outbox: `PAYMENT_WEI` to the address in the body.
+async fn pay(_state: Arc<Journal>, request: Request) -> Outcome {
+    let outbox = request.outbox().ok_or_else(|| Reply::error(500, "the runtime has no outbox"))?;
+    let to = text(&request).trim().parse().map_err(|_| Reply::error(400, "the body must be an address"))?;
+    let call = TxCall {
+        to,
+        value: alloy::primitives::U256::from(PAYMENT_WEI),
+        input: alloy::primitives::Bytes::new(),
+        gas_limit: Some(21_000),
+    };
+    match outbox.send(call).await {
+        Ok(receipt) => Ok(Reply::json(
+            200,
+            &serde_json::json!({ "hash": receipt.hash, "nonce": receipt.nonce, "replayed": receipt.replayed }),
+        )),
+        Err(TxError::Refused(reason)) => Err(Reply::error(502, &reason)),
+        Err(e) => Err(Reply::error(503, &e.to_string())),
+    }
+}
+
+/// Where an outbox send should stop (for the payment tests).
+#[derive(Default)]
+pub(crate) struct TxInterrupt {
+    pub(crate) armed: AtomicBool,
+    pub(crate) step: Mutex<Option<TxStep>>,
+    pub(crate) reached: Notify,
+    /// Released to let a stopped send go on (a stale leader waking up).
+    pub(crate) release: Notify,
+}
+
+impl TxInterrupt {
+    pub(crate) fn arm(&self, step: TxStep) {
+        *self.step.lock().unwrap() = Some(step);
+        self.armed.store(true, Ordering::SeqCst);
+    }
+}
+
 /// Where the leader's pipeline should stop (for the pending-process tests).
 #[derive(Default)]
 pub(crate) struct Interrupt {
@@ -186,6 +226,7 @@ pub(crate) struct Replica {
     pub(crate) state: Arc<Journal>,
     pub(crate) status: watch::Receiver<Status>,
     pub(crate) interrupt: Arc<Interrupt>,
+    pub(crate) tx_interrupt: Arc<TxInterrupt>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<br2k_replication::Result<()>>>,
 }
@@ -233,6 +274,8 @@ pub(crate) struct Cluster {
     pub(crate) timings: Timings,
     /// Where replicas started from now on back the service up (nowhere by default).
     pub(crate) backup: Option<BackupConfig>,
+    /// The outbox replicas started from now on send `/pay` through (none by default).
+    pub(crate) outbox: Option<OutboxConfig>,
 }
 
 pub(crate) fn timeouts() -> Timeouts {
@@ -312,6 +355,7 @@ impl Cluster {
                 member_ttl: Duration::from_secs(2),
             },
             backup: None,
+            outbox: None,
         }
     }
 
@@ -387,10 +431,12 @@ impl Cluster {
                 Chain::connect(&registry.anvil.endpoint(), Some(registry.anvil.key(i + 1)), timeouts()).await.unwrap();
             config = config.with_publisher(Publisher::new(chain.registry(registry.manager.address()).await.unwrap()));
         }
+        config.outbox.clone_from(&self.outbox);
         let interrupt = Arc::new(Interrupt::default());
         let observer = interrupt.clone();
+        let tx_interrupt = Arc::new(TxInterrupt::default());
         let state = Journal::open(self.dirs[i].path(), self.outside.clone());
-        let service = Replicated::builder(config)
+        let mut builder = Replicated::builder(config)
             .replicate("POST", "/append", append)
             .replicate("POST", "/slow", slow)
             .rollback("POST", "/slow", undo)
@@ -411,16 +457,31 @@ impl Cluster {
                         std::future::pending::<()>().await;
                     }
                 }
-            })
-            .build(state)
-            .unwrap();
+            });
+        if self.outbox.is_some() {
+            let observer = tx_interrupt.clone();
+            builder = builder.only_once_tx("POST", "/pay", pay).on_tx_step(move |step, _index| {
+                let observer = observer.clone();
+                async move {
+                    let stop_here =
+                        observer.armed.load(Ordering::SeqCst) && *observer.step.lock().unwrap() == Some(step);
+                    if stop_here {
+                        observer.armed.store(false, Ordering::SeqCst);
+                        let released = observer.release.notified();
+                        observer.reached.notify_one();
+                        released.await;
+                    }
+                }
+            });
+        }
+        let service = builder.build(state).unwrap();
         let state = service.state();
         let status = service.subscribe();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(service.serve(async move {
             let _ = stopped.await;
         }));
-        Replica { url, state, status, interrupt, stop: Some(stop), task: Some(task) }
+        Replica { url, state, status, interrupt, tx_interrupt, stop: Some(stop), task: Some(task) }
     }
 
     /// Restarts replica `i` from its data directory.
@@ -483,7 +544,7 @@ impl Cluster {
         response.kvs().first().map_or(0, |kv| kv.value_str().unwrap().parse().unwrap())
     }
 
-    fn healthy_member(&self) -> usize {
+    pub(crate) fn healthy_member(&self) -> usize {
         (0..self.etcd.len()).find(|&i| self.etcd.pid(i).is_some()).unwrap()
     }
 

@@ -7,6 +7,7 @@ mod harness;
 mod hostile;
 mod idempotency;
 mod inputs;
+mod outbox;
 mod pending;
 mod prepare;
 mod roles;

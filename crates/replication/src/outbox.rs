@@ -1,0 +1,664 @@
+//! The transaction outbox: how an only-once handler sends Ethereum transactions so that a
+//! request pays at most once through any number of leader changes (Chainlink's
+//! transaction manager and the OpenZeppelin Relayer work the same way).
+//!
+//! For the `k`-th transaction a request's handler sends, the leader, under its fence:
+//! 1. picks the next nonce of the service's transaction key (the larger of what etcd
+//!    reserved last and what the chain has mined), signs the transaction, and stores it
+//!    (nonce, signed bytes, hash) in etcd at `outbox/<index>/<k>` *together with* the
+//!    nonce reservation, in one fenced transaction: a nonce is never reserved without its
+//!    transaction, and a leader cut off before that write never broadcasts anything;
+//! 2. only then broadcasts it, and waits for its receipt at the configured confirmation
+//!    depth, rebroadcasting the stored bytes now and then;
+//! 3. when it is not mined for a while, signs a replacement at the same nonce with fees
+//!    raised by a quarter, stores it next to the first, broadcasts it: whichever is mined,
+//!    the nonce is spent once;
+//! 4. records the receipt in the same record.
+//!
+//! A handler that runs again for the same request (a new leader finishing it, a retry)
+//! finds its records and gets the stored transactions back: it rebroadcasts the same bytes
+//! and settles from receipts, and never signs another transaction for the request with a
+//! new nonce. The chain accepts one transaction per nonce, so even a stale leader that
+//! wakes up and broadcasts what it stored cannot make a request pay twice.
+//!
+//! A chain that does not answer leaves the transaction, and so the request, in doubt: the
+//! handler gets [`TxError::InDoubt`], the runtime answers `503` without recording an
+//! outcome, lists the request in `/br2k/status`, and runs the handler again until the
+//! chain settles it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use alloy::consensus::TxEnvelope;
+use alloy::eips::eip2718::Encodable2718;
+use alloy::network::{EthereumWallet, NetworkTransactionBuilder, TransactionBuilder};
+use alloy::primitives::{Address, B256, Bytes, U256};
+use alloy::providers::{DynProvider, Provider, ProviderBuilder};
+use alloy::rpc::client::RpcClient;
+use alloy::rpc::types::{TransactionReceipt, TransactionRequest};
+use alloy::signers::local::PrivateKeySigner;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+use tracing::{debug, info, warn};
+
+use crate::app::BoxFuture;
+use crate::data::{self, Keys};
+use crate::error::{Error, Result};
+use crate::store::{Op, Store, Term};
+
+/// How the runtime sends a service's transactions.
+#[derive(Clone)]
+pub struct OutboxConfig {
+    /// The chain's RPC endpoint (`http(s)://`).
+    pub rpc_url: String,
+    /// The service's transaction key. Use a key of its own: the outbox owns its nonces,
+    /// and another sender with the same key would take them.
+    pub signer: PrivateKeySigner,
+    /// Blocks a transaction must be under before it counts as settled (1: mined).
+    pub confirmations: u64,
+    /// How long a transaction may stay unmined before it is replaced at the same nonce
+    /// with higher fees.
+    pub bump_after: Duration,
+    /// How long one send waits for its receipt before the request is left in doubt (the
+    /// runtime then tries again in the background). Keep it under the handler timeout.
+    pub settle_within: Duration,
+    /// Bound on one RPC request.
+    pub rpc_timeout: Duration,
+}
+
+impl std::fmt::Debug for OutboxConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutboxConfig")
+            .field("rpc_url", &self.rpc_url)
+            .field("sender", &self.signer.address())
+            .field("confirmations", &self.confirmations)
+            .field("bump_after", &self.bump_after)
+            .field("settle_within", &self.settle_within)
+            .finish_non_exhaustive()
+    }
+}
+
+impl OutboxConfig {
+    /// An outbox on `rpc_url` signing with `signer`: settled at 1 confirmation, bumped
+    /// after 15 s unmined, in doubt after 20 s.
+    pub fn new(rpc_url: impl Into<String>, signer: PrivateKeySigner) -> Self {
+        Self {
+            rpc_url: rpc_url.into(),
+            signer,
+            confirmations: 1,
+            bump_after: Duration::from_secs(15),
+            settle_within: Duration::from_secs(20),
+            rpc_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A transaction a handler asks for: a call (or a plain transfer) from the service's key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxCall {
+    /// The recipient or contract.
+    pub to: Address,
+    /// Wei sent along.
+    pub value: U256,
+    /// Call data.
+    pub input: Bytes,
+    /// A gas limit; estimated when `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gas_limit: Option<u64>,
+}
+
+impl TxCall {
+    /// A call of `to` with `input` and no value.
+    pub fn call(to: Address, input: impl Into<Bytes>) -> Self {
+        Self { to, value: U256::ZERO, input: input.into(), gas_limit: None }
+    }
+}
+
+/// One signed transaction of a record, stored before it was broadcast.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxAttempt {
+    /// Its hash.
+    pub hash: B256,
+    /// The signed bytes (EIP-2718), as broadcast.
+    pub raw: Bytes,
+    /// Its `maxFeePerGas`, wei.
+    pub max_fee_per_gas: u128,
+    /// Its `maxPriorityFeePerGas`, wei.
+    pub max_priority_fee_per_gas: u128,
+    /// Its gas limit.
+    pub gas_limit: u64,
+}
+
+/// How a transaction ended on chain.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxSettled {
+    /// The attempt that was mined.
+    pub hash: B256,
+    /// Its block.
+    pub block: u64,
+    /// Whether it succeeded (a reverted transaction still spent its nonce).
+    pub success: bool,
+    /// Gas it used.
+    pub gas_used: u64,
+}
+
+/// `outbox/<index>/<k>`: the `k`-th transaction of the request at `index`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxRecord {
+    /// The nonce it holds.
+    pub nonce: u64,
+    /// What the handler asked for.
+    pub call: TxCall,
+    /// Every signed version, in order; later ones replace earlier ones at the same nonce
+    /// with higher fees.
+    pub attempts: Vec<TxAttempt>,
+    /// The receipt, once settled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settled: Option<TxSettled>,
+    /// Why the chain refused it, when no version was ever accepted: it is never broadcast
+    /// again, and its nonce went back to `outbox/free/`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
+}
+
+/// A settled transaction, as a handler gets it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TxReceipt {
+    /// The transaction that was mined.
+    pub hash: B256,
+    /// Its nonce.
+    pub nonce: u64,
+    /// Its block.
+    pub block: u64,
+    /// Whether it succeeded.
+    pub success: bool,
+    /// Gas it used.
+    pub gas_used: u64,
+    /// Whether the outbox held it from an earlier run of the handler (a new leader, a retry).
+    pub replayed: bool,
+}
+
+/// Why a send did not settle.
+#[derive(Debug, thiserror::Error)]
+pub enum TxError {
+    /// The transaction may still be mined: the chain did not answer or did not mine it in
+    /// time. The runtime leaves the request in doubt and runs it again later; the handler
+    /// should return at once (what it returns is not recorded).
+    #[error("transaction in doubt: {0}")]
+    InDoubt(String),
+    /// It can never be mined: the chain refused it (`reason`) before any version of it
+    /// was accepted, or the call would revert. Nothing was spent; the handler decides.
+    #[error("transaction refused: {0}")]
+    Refused(String),
+    /// This replica is no longer the leader: the request is someone else's now.
+    #[error("leadership lost while sending a transaction")]
+    LeadershipLost,
+}
+
+/// Points of a send a test can stop at (the replica is then crashed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TxStep {
+    /// Signed and stored in etcd, not yet broadcast.
+    Stored,
+    /// Broadcast, its receipt not yet seen.
+    Broadcast,
+    /// Mined and recorded in the outbox; the request's outcome is not yet recorded.
+    Settled,
+}
+
+pub(crate) type TxObserver = Arc<dyn Fn(TxStep, u64) -> BoxFuture<()> + Send + Sync>;
+
+/// The chain side of the outbox, shared by every request of a replica.
+pub(crate) struct Chain {
+    config: OutboxConfig,
+    provider: DynProvider,
+    wallet: EthereumWallet,
+    /// Read from the endpoint at the first send.
+    chain_id: tokio::sync::OnceCell<u64>,
+    /// Serializes nonce reservations of this leader (the fence orders them across leaders).
+    reserving: Mutex<()>,
+    observer: Option<TxObserver>,
+}
+
+impl Chain {
+    /// A client of the configured endpoint (nothing is asked of it yet).
+    pub(crate) fn new(config: OutboxConfig, observer: Option<TxObserver>) -> Result<Self, String> {
+        let url =
+            config.rpc_url.parse::<reqwest::Url>().map_err(|e| format!("outbox RPC URL {:?}: {e}", config.rpc_url))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(format!("outbox RPC URL {:?} must be http:// or https://", config.rpc_url));
+        }
+        let http = reqwest::Client::builder()
+            .timeout(config.rpc_timeout)
+            .connect_timeout(config.rpc_timeout)
+            .build()
+            .map_err(|e| format!("outbox HTTP client: {e}"))?;
+        // No fillers: the outbox sets nonce, fees and gas itself.
+        let provider = ProviderBuilder::default().connect_client(RpcClient::new_http_with_client(http, url)).erased();
+        let wallet = EthereumWallet::from(config.signer.clone());
+        Ok(Self {
+            config,
+            provider,
+            wallet,
+            chain_id: tokio::sync::OnceCell::new(),
+            reserving: Mutex::new(()),
+            observer,
+        })
+    }
+
+    pub(crate) fn sender(&self) -> Address {
+        self.config.signer.address()
+    }
+
+    async fn observe(&self, step: TxStep, index: u64) {
+        if let Some(observer) = &self.observer {
+            observer(step, index).await;
+        }
+    }
+}
+
+/// A request's view of the outbox: what its handler sends transactions through
+/// ([`crate::Request::outbox`]).
+#[derive(Clone)]
+pub struct Outbox {
+    chain: Arc<Chain>,
+    store: Store,
+    keys: Keys,
+    term: Term,
+    index: u64,
+    next_seq: Arc<AtomicU32>,
+    unsettled: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox").field("index", &self.index).field("sender", &self.chain.sender()).finish()
+    }
+}
+
+impl Outbox {
+    pub(crate) fn new(chain: Arc<Chain>, store: Store, keys: Keys, term: Term, index: u64) -> Self {
+        Self {
+            chain,
+            store,
+            keys,
+            term,
+            index,
+            next_seq: Arc::new(AtomicU32::new(0)),
+            unsettled: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// The address transactions are sent from.
+    pub fn sender(&self) -> Address {
+        self.chain.sender()
+    }
+
+    /// Whether a send of this request ended in doubt (the runtime then records nothing).
+    pub(crate) fn unsettled(&self) -> bool {
+        self.unsettled.load(Ordering::SeqCst)
+    }
+
+    /// Sends `call` once for this request (the next of its transactions, in the order the
+    /// handler sends them) and waits until it is settled.
+    ///
+    /// # Errors
+    /// [`TxError::InDoubt`] when the chain did not settle it in time (return at once: the
+    /// request stays in doubt and runs again later), [`TxError::Refused`] when it can never
+    /// be mined, [`TxError::LeadershipLost`].
+    pub async fn send(&self, call: TxCall) -> Result<TxReceipt, TxError> {
+        let seq = self.next_seq.fetch_add(1, Ordering::SeqCst);
+        let result = self.send_seq(seq, call).await;
+        if matches!(result, Err(TxError::InDoubt(_) | TxError::LeadershipLost)) {
+            self.unsettled.store(true, Ordering::SeqCst);
+        }
+        result
+    }
+
+    async fn send_seq(&self, seq: u32, call: TxCall) -> Result<TxReceipt, TxError> {
+        let key = self.keys.outbox(self.index, seq);
+        let stored = self.store.get(&key).await.map_err(in_doubt)?;
+        let (mut record, replayed) = match stored {
+            Some(kv) => {
+                let record: TxRecord = data::decode(kv.key(), kv.value()).map_err(in_doubt)?;
+                if record.call != call {
+                    warn!(
+                        index = self.index,
+                        seq, "the handler asked for another transaction than it stored; settling the stored one"
+                    );
+                }
+                (record, true)
+            }
+            None => (self.sign_and_store(&key, call).await?, false),
+        };
+        if let Some(settled) = &record.settled {
+            return Ok(receipt(&record, settled, true));
+        }
+        if let Some(reason) = &record.refused {
+            return Err(TxError::Refused(reason.clone()));
+        }
+        self.chain.observe(TxStep::Stored, self.index).await;
+        let settled = self.settle(&key, &mut record).await?;
+        self.chain.observe(TxStep::Settled, self.index).await;
+        Ok(receipt(&record, &settled, replayed))
+    }
+
+    /// Reserves the next nonce and stores the signed transaction with it, in one fenced
+    /// write.
+    async fn sign_and_store(&self, key: &str, call: TxCall) -> Result<TxRecord, TxError> {
+        let chain = &self.chain;
+        let request = TransactionRequest::default()
+            .with_from(chain.sender())
+            .with_to(call.to)
+            .with_value(call.value)
+            .with_input(call.input.clone());
+        // Nothing is stored yet: a chain that does not answer leaves the request in doubt
+        // (it runs again later), a node that answers "no" refuses it.
+        let failed = |failure: RpcFailure| match failure {
+            RpcFailure::Answered(reason) => TxError::Refused(reason),
+            RpcFailure::Unreachable(reason) => TxError::InDoubt(reason),
+        };
+        let gas_limit = match call.gas_limit {
+            Some(limit) => limit,
+            None => self.rpc("estimate the gas", chain.provider.estimate_gas(request.clone())).await.map_err(failed)?,
+        };
+        let fees = self.rpc("estimate the fees", chain.provider.estimate_eip1559_fees()).await.map_err(failed)?;
+        self.chain_id().await.map_err(failed)?;
+        let _reserving = chain.reserving.lock().await;
+        let mined = self
+            .rpc("read the nonce", chain.provider.get_transaction_count(chain.sender()).latest().into_future())
+            .await
+            .map_err(failed)?;
+        // A nonce a refused transaction gave back comes first (it would block every later
+        // one); then the next one never reserved, or the chain's if someone else used the key.
+        let free = self.store.indexes_under(&self.keys.outbox_free_prefix()).await.map_err(in_doubt)?;
+        let reserved = self.store.get_index(&self.keys.outbox_next_nonce()).await.map_err(in_doubt)?;
+        let (nonce, mut ops) = match free.iter().find(|&&n| n >= mined) {
+            Some(&n) => (n, vec![Op::Delete(self.keys.outbox_free(n))]),
+            None => {
+                let n = reserved.max(mined);
+                (n, vec![Op::counter(self.keys.outbox_next_nonce(), n + 1)])
+            }
+        };
+        // Free nonces the chain has spent meanwhile are gone for good.
+        ops.extend(free.iter().filter(|&&n| n < mined).map(|&n| Op::Delete(self.keys.outbox_free(n))));
+        let attempt = self
+            .sign(&call, nonce, gas_limit, fees.max_fee_per_gas, fees.max_priority_fee_per_gas)
+            .await
+            .map_err(TxError::Refused)?;
+        let record = TxRecord { nonce, call, attempts: vec![attempt], settled: None, refused: None };
+        ops.push(Op::Put(key.to_owned(), data::encode(&record)));
+        match self.store.authority_write(&self.term, ops).await {
+            Ok(_) => {}
+            Err(Error::LeadershipLost { .. }) => return Err(TxError::LeadershipLost),
+            Err(e) => return Err(in_doubt(e)),
+        }
+        info!(index = self.index, nonce, hash = %record.attempts[0].hash, "transaction signed and stored");
+        Ok(record)
+    }
+
+    async fn sign(
+        &self,
+        call: &TxCall,
+        nonce: u64,
+        gas_limit: u64,
+        max_fee_per_gas: u128,
+        max_priority_fee_per_gas: u128,
+    ) -> Result<TxAttempt, String> {
+        let chain_id = self.chain_id().await.map_err(|e| e.to_string())?;
+        let request = TransactionRequest::default()
+            .with_from(self.chain.sender())
+            .with_to(call.to)
+            .with_value(call.value)
+            .with_input(call.input.clone())
+            .with_nonce(nonce)
+            .with_chain_id(chain_id)
+            .with_gas_limit(gas_limit)
+            .with_max_fee_per_gas(max_fee_per_gas)
+            .with_max_priority_fee_per_gas(max_priority_fee_per_gas);
+        let envelope: TxEnvelope = request.build(&self.chain.wallet).await.map_err(|e| format!("signing: {e}"))?;
+        debug!(nonce, hash = %envelope.tx_hash(), "signed");
+        Ok(TxAttempt {
+            hash: *envelope.tx_hash(),
+            raw: envelope.encoded_2718().into(),
+            max_fee_per_gas,
+            max_priority_fee_per_gas,
+            gas_limit,
+        })
+    }
+
+    /// The chain's id, read once.
+    async fn chain_id(&self) -> Result<u64, RpcFailure> {
+        let id = self
+            .chain
+            .chain_id
+            .get_or_try_init(|| self.rpc("read the chain id", self.chain.provider.get_chain_id().into_future()))
+            .await?;
+        Ok(*id)
+    }
+
+    /// Broadcasts the record's latest attempt and waits until one of its attempts is
+    /// mined and confirmed, replacing it with higher fees when it lingers.
+    async fn settle(&self, key: &str, record: &mut TxRecord) -> Result<TxSettled, TxError> {
+        let config = &self.chain.config;
+        let deadline = Instant::now() + config.settle_within;
+        let mut last_broadcast: Option<Instant> = None;
+        let mut last_attempt_at = Instant::now();
+        let mut last_error = String::from("not mined yet");
+        loop {
+            // Any version mined?
+            match self.mined(record).await {
+                Ok(Some(settled)) => {
+                    record.settled = Some(settled.clone());
+                    let write =
+                        self.store.authority_write(&self.term, vec![Op::Put(key.to_owned(), data::encode(&*record))]);
+                    match write.await {
+                        Ok(_) => {}
+                        Err(Error::LeadershipLost { .. }) => return Err(TxError::LeadershipLost),
+                        Err(e) => return Err(in_doubt(e)),
+                    }
+                    info!(index = self.index, nonce = record.nonce, hash = %settled.hash, success = settled.success, "transaction settled");
+                    return Ok(settled);
+                }
+                Ok(None) => {
+                    // Spent, by a transaction that is none of ours: ours can never be mined.
+                    if self.nonce_spent(record.nonce).await == Some(true)
+                        && matches!(self.mined(record).await, Ok(None))
+                        && self.nonce_spent(record.nonce).await == Some(true)
+                    {
+                        return Err(TxError::Refused(format!(
+                            "nonce {} was spent by a transaction the outbox did not send: is another process using the service's transaction key?",
+                            record.nonce
+                        )));
+                    }
+                }
+                Err(reason) => last_error = reason,
+            }
+            if Instant::now() >= deadline {
+                return Err(TxError::InDoubt(format!(
+                    "nonce {} not settled within {:?}: {last_error}",
+                    record.nonce, config.settle_within
+                )));
+            }
+            // Replace a lingering one at the same nonce with higher fees.
+            if last_broadcast.is_some() && last_attempt_at.elapsed() >= config.bump_after {
+                self.bump(key, record).await?;
+                last_attempt_at = Instant::now();
+                last_broadcast = None;
+            }
+            if last_broadcast.is_none_or(|at| at.elapsed() >= Duration::from_secs(5)) {
+                let latest = record.attempts.last().expect("a record holds at least one attempt");
+                match self.rpc("broadcast", self.chain.provider.send_raw_transaction(&latest.raw)).await {
+                    Ok(_) => debug!(index = self.index, nonce = record.nonce, hash = %latest.hash, "broadcast"),
+                    // Already in the pool, or the nonce already spent (by an attempt of
+                    // ours, which the receipts will show): nothing to do.
+                    Err(RpcFailure::Answered(reason)) if is_harmless(&reason) => {}
+                    Err(RpcFailure::Answered(reason)) if record.attempts.len() == 1 && last_broadcast.is_none() => {
+                        // The only version was refused: it was never in any pool. Mark it
+                        // so it is never broadcast again, and give its nonce back.
+                        if self.nonce_spent(record.nonce).await == Some(false) {
+                            self.refuse(key, record, &reason).await?;
+                            return Err(TxError::Refused(reason));
+                        }
+                    }
+                    Err(e) => last_error = e.to_string(),
+                }
+                if last_broadcast.is_none() {
+                    self.chain.observe(TxStep::Broadcast, self.index).await;
+                }
+                last_broadcast = Some(Instant::now());
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Marks a record refused and frees its nonce, in one fenced write.
+    async fn refuse(&self, key: &str, record: &mut TxRecord, reason: &str) -> Result<(), TxError> {
+        record.refused = Some(reason.to_owned());
+        let ops = vec![
+            Op::Put(key.to_owned(), data::encode(&*record)),
+            Op::Put(self.keys.outbox_free(record.nonce), Vec::new()),
+        ];
+        match self.store.authority_write(&self.term, ops).await {
+            Ok(_) => {
+                warn!(
+                    index = self.index,
+                    nonce = record.nonce,
+                    reason,
+                    "transaction refused by the chain; its nonce is free again"
+                );
+                Ok(())
+            }
+            Err(Error::LeadershipLost { .. }) => Err(TxError::LeadershipLost),
+            Err(e) => Err(in_doubt(e)),
+        }
+    }
+
+    /// The settled form of whichever attempt was mined and is confirmed, if one is.
+    async fn mined(&self, record: &TxRecord) -> Result<Option<TxSettled>, String> {
+        for attempt in &record.attempts {
+            let found: Option<TransactionReceipt> = self
+                .rpc("read a receipt", self.chain.provider.get_transaction_receipt(attempt.hash).into_future())
+                .await
+                .map_err(|e| e.to_string())?;
+            let Some(found) = found else { continue };
+            let Some(block) = found.block_number else { continue };
+            let head = self
+                .rpc("read the block number", self.chain.provider.get_block_number().into_future())
+                .await
+                .map_err(|e| e.to_string())?;
+            if head + 1 < block + self.chain.config.confirmations {
+                return Ok(None);
+            }
+            return Ok(Some(TxSettled {
+                hash: attempt.hash,
+                block,
+                success: found.status(),
+                gas_used: found.gas_used,
+            }));
+        }
+        Ok(None)
+    }
+
+    /// Whether the chain has mined a transaction at `nonce` (`None`: it did not answer).
+    async fn nonce_spent(&self, nonce: u64) -> Option<bool> {
+        let count = self
+            .rpc(
+                "read the nonce",
+                self.chain.provider.get_transaction_count(self.chain.sender()).latest().into_future(),
+            )
+            .await
+            .ok()?;
+        Some(count > nonce)
+    }
+
+    /// Signs a replacement at the same nonce with fees a quarter higher (at least what the
+    /// chain asks now), and stores it before it is broadcast.
+    async fn bump(&self, key: &str, record: &mut TxRecord) -> Result<(), TxError> {
+        let last = record.attempts.last().expect("a record holds at least one attempt").clone();
+        let raised = |fee: u128| fee + fee / 4 + 1;
+        let (mut max_fee, mut priority) = (raised(last.max_fee_per_gas), raised(last.max_priority_fee_per_gas));
+        if let Ok(now) = self.rpc("estimate the fees", self.chain.provider.estimate_eip1559_fees()).await {
+            max_fee = max_fee.max(now.max_fee_per_gas);
+            priority = priority.max(now.max_priority_fee_per_gas);
+        }
+        // The earlier version may still be mined: whatever fails here leaves it in doubt.
+        let attempt = self
+            .sign(&record.call, record.nonce, last.gas_limit, max_fee, priority.min(max_fee))
+            .await
+            .map_err(in_doubt)?;
+        let mut bumped = record.clone();
+        bumped.attempts.push(attempt.clone());
+        match self.store.authority_write(&self.term, vec![Op::Put(key.to_owned(), data::encode(&bumped))]).await {
+            Ok(_) => {}
+            Err(Error::LeadershipLost { .. }) => return Err(TxError::LeadershipLost),
+            Err(e) => return Err(in_doubt(e)),
+        }
+        info!(index = self.index, nonce = record.nonce, hash = %attempt.hash, max_fee, "replacing a lingering transaction with higher fees");
+        *record = bumped;
+        Ok(())
+    }
+
+    async fn rpc<T, E: std::fmt::Display>(
+        &self,
+        action: &str,
+        call: impl std::future::IntoFuture<Output = std::result::Result<T, E>>,
+    ) -> Result<T, RpcFailure> {
+        let url = &self.chain.config.rpc_url;
+        match tokio::time::timeout(self.chain.config.rpc_timeout, call.into_future()).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => {
+                let text = e.to_string();
+                // Transport failures (connection refused, reset) say nothing about the tx.
+                if text.contains("error sending request") || text.contains("connect") {
+                    Err(RpcFailure::Unreachable(format!("{url} could not {action}: {text}")))
+                } else {
+                    Err(RpcFailure::Answered(format!("{url} could not {action}: {text}")))
+                }
+            }
+            Err(_) => Err(RpcFailure::Unreachable(format!(
+                "{url} did not {action} within {:?}",
+                self.chain.config.rpc_timeout
+            ))),
+        }
+    }
+}
+
+/// An RPC call that failed: the node answered with an error, or did not answer.
+#[derive(Debug)]
+enum RpcFailure {
+    Answered(String),
+    Unreachable(String),
+}
+
+impl std::fmt::Display for RpcFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Answered(reason) | Self::Unreachable(reason) => f.write_str(reason),
+        }
+    }
+}
+
+/// Node answers to a broadcast that mean the transaction (or one at its nonce) is known.
+fn is_harmless(reason: &str) -> bool {
+    let reason = reason.to_ascii_lowercase();
+    ["already known", "already imported", "known transaction", "nonce too low", "underpriced", "replacement"]
+        .iter()
+        .any(|known| reason.contains(known))
+}
+
+fn in_doubt(error: impl std::fmt::Display) -> TxError {
+    TxError::InDoubt(error.to_string())
+}
+
+fn receipt(record: &TxRecord, settled: &TxSettled, replayed: bool) -> TxReceipt {
+    TxReceipt {
+        hash: settled.hash,
+        nonce: record.nonce,
+        block: settled.block,
+        success: settled.success,
+        gas_used: settled.gas_used,
+        replayed,
+    }
+}

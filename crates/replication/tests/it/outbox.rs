@@ -1,0 +1,300 @@
+//! The transaction outbox on a real anvil: a payment (`/pay`, an only-once route sending
+//! a transfer through the outbox) is sent at most once whatever happens to the leader,
+//! and every client retry with the same key gets the one answer.
+
+use std::time::{Duration, Instant};
+
+use alloy::primitives::{Address, U256};
+use alloy::providers::{Provider, ProviderBuilder};
+use alloy::signers::local::PrivateKeySigner;
+use br2k_replication::outbox::TxRecord;
+use br2k_replication::{OutboxConfig, TxStep};
+use br2k_test_utils::Anvil;
+
+use crate::harness::{Cluster, PAYMENT_WEI, SERVICE};
+
+/// The anvil key the service sends from (the registry tests use 0-3).
+const SERVICE_KEY: usize = 5;
+
+/// Three replicas paying through an outbox on `anvil` (`tweak` adjusts its settings).
+async fn paying_cluster(anvil: &Anvil, tweak: impl FnOnce(&mut OutboxConfig)) -> Cluster {
+    let mut outbox = OutboxConfig::new(anvil.endpoint(), anvil.key(SERVICE_KEY));
+    outbox.settle_within = Duration::from_secs(4);
+    outbox.rpc_timeout = Duration::from_secs(2);
+    tweak(&mut outbox);
+    let mut cluster = Cluster::new(false).await;
+    cluster.outbox = Some(outbox);
+    cluster.with_replicas(br2k_replication::SnapshotPolicy::disabled()).await
+}
+
+fn block_time_anvil(seconds: u64) -> Anvil {
+    Anvil::builder()
+        .arg("--block-time")
+        .arg(seconds.to_string())
+        .spawn()
+        .expect("anvil starts (run `bash tools/setup.sh` if it is missing)")
+}
+
+/// What the chain says: the balance of `who`, and how many transactions `from` sent.
+async fn on_chain(anvil: &Anvil, who: Address, from: Address) -> (U256, u64) {
+    let provider = ProviderBuilder::new().connect_http(anvil.endpoint().parse().unwrap());
+    (provider.get_balance(who).await.unwrap(), provider.get_transaction_count(from).await.unwrap())
+}
+
+/// Sends `/pay` for `to` with `key` to whichever replica leads until one answers with
+/// something other than 503 (in doubt, or not the leader); returns status and body.
+async fn pay_until_answered(c: &Cluster, to: Address, key: &str, within: Duration) -> (u16, serde_json::Value) {
+    let deadline = Instant::now() + within;
+    loop {
+        for replica in &c.replicas {
+            let sent = c
+                .http
+                .post(format!("{}/pay", replica.url))
+                .header("Idempotency-Key", key)
+                .body(to.to_string())
+                .send()
+                .await;
+            if let Ok(answer) = sent {
+                let status = answer.status().as_u16();
+                if status != 503 {
+                    return (status, answer.json().await.unwrap_or_default());
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "no answer to the payment within {within:?}: {:?}", c.statuses());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The outbox records of the request at `index`.
+async fn records(c: &Cluster, index: u64) -> Vec<TxRecord> {
+    let mut client = c.etcd_client(c.healthy_member()).await;
+    let options = etcd_client::GetOptions::new().with_prefix();
+    let answer = client.get(format!("/br2k/{SERVICE}/outbox/tx/{index:020}/"), Some(options)).await.unwrap();
+    answer.kvs().iter().map(|kv| serde_json::from_slice(kv.value()).unwrap()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_payment_is_sent_once_and_a_retry_gets_the_same_answer() {
+    let anvil = Anvil::spawn().expect("anvil starts (run `bash tools/setup.sh` if it is missing)");
+    let c = paying_cluster(&anvil, |_| {}).await;
+    let service = anvil.address(SERVICE_KEY);
+    let to = PrivateKeySigner::random().address();
+    let (status, body) = pay_until_answered(&c, to, "pay-1", Duration::from_secs(30)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["replayed"], false);
+    let (again, replayed) = pay_until_answered(&c, to, "pay-1", Duration::from_secs(30)).await;
+    assert_eq!((again, &replayed["hash"]), (200, &body["hash"]), "the retry gets the same transaction");
+    assert_eq!(on_chain(&anvil, to, service).await, (U256::from(PAYMENT_WEI), 1));
+
+    // Another key is another payment, at the next nonce.
+    let (status, second) = pay_until_answered(&c, to, "pay-2", Duration::from_secs(30)).await;
+    assert_eq!((status, second["nonce"].as_u64()), (200, Some(1)));
+    assert_eq!(on_chain(&anvil, to, service).await, (U256::from(2 * PAYMENT_WEI), 2));
+}
+
+/// Stops the leader's send of a payment at `step`, then kills the leader (its task and
+/// its etcd member); the client retries with its key until answered.
+async fn leader_killed_at(step: TxStep) {
+    let anvil = block_time_anvil(1);
+    let mut c = paying_cluster(&anvil, |_| {}).await;
+    let service = anvil.address(SERVICE_KEY);
+    let to = PrivateKeySigner::random().address();
+    let l = c.leader(None).await;
+    c.replicas[l].tx_interrupt.arm(step);
+    let (http, url) = (c.http.clone(), format!("{}/pay", c.replicas[l].url));
+    let body = to.to_string();
+    let first = tokio::spawn(async move { http.post(url).header("Idempotency-Key", "k").body(body).send().await });
+    c.replicas[l].tx_interrupt.reached.notified().await;
+    c.replicas[l].crash();
+    c.etcd.kill(l).unwrap();
+    if let Ok(answer) = first.await.unwrap() {
+        assert_eq!(answer.status(), 503, "a request whose leader died is never acknowledged");
+    }
+    let (status, body) = pay_until_answered(&c, to, "k", Duration::from_secs(60)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        on_chain(&anvil, to, service).await,
+        (U256::from(PAYMENT_WEI), 1),
+        "paid once, and the service key sent one transaction"
+    );
+    let index = c.replicas[c.leader(Some(l)).await].status().ssi;
+    let stored = records(&c, index).await;
+    assert_eq!(stored.len(), 1, "one transaction for the request");
+    assert_eq!(stored[0].nonce, 0);
+    assert!(stored[0].settled.as_ref().is_some_and(|s| s.success));
+    // The dead leader comes back and agrees.
+    c.etcd.restart(l).unwrap();
+    c.restart_replica(l).await;
+    let (again, replayed) = pay_until_answered(&c, to, "k", Duration::from_secs(30)).await;
+    assert_eq!((again, &replayed["hash"]), (200, &body["hash"]));
+    assert_eq!(on_chain(&anvil, to, service).await.0, U256::from(PAYMENT_WEI));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_leader_killed_after_storing_before_broadcasting_pays_once() {
+    leader_killed_at(TxStep::Stored).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_leader_killed_after_broadcasting_before_the_receipt_pays_once() {
+    leader_killed_at(TxStep::Broadcast).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_leader_killed_after_the_receipt_before_recording_pays_once() {
+    leader_killed_at(TxStep::Settled).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stale_leader_woken_after_a_new_one_took_over_cannot_pay_twice() {
+    let anvil = block_time_anvil(1);
+    let mut c = paying_cluster(&anvil, |_| {}).await;
+    let service = anvil.address(SERVICE_KEY);
+    let (to, other) = (PrivateKeySigner::random().address(), PrivateKeySigner::random().address());
+    let l = c.leader(None).await;
+    // The leader stores the payment, then is cut off (its etcd member frozen) before it
+    // broadcasts.
+    c.replicas[l].tx_interrupt.arm(TxStep::Stored);
+    let (http, url) = (c.http.clone(), format!("{}/pay", c.replicas[l].url));
+    let body = to.to_string();
+    let stale = tokio::spawn(async move { http.post(url).header("Idempotency-Key", "k").body(body).send().await });
+    c.replicas[l].tx_interrupt.reached.notified().await;
+    c.etcd.pause(l).unwrap();
+    // Another leader finishes it, and pays someone else meanwhile.
+    let (status, paid) = pay_until_answered(&c, to, "k", Duration::from_secs(60)).await;
+    assert_eq!(status, 200, "{paid}");
+    assert_eq!(pay_until_answered(&c, other, "k2", Duration::from_secs(30)).await.0, 200);
+    // The stale leader wakes and goes on with what it stored: it broadcasts it, and can
+    // neither record nor sign anything (its writes are fenced).
+    c.etcd.resume(l).unwrap();
+    c.replicas[l].tx_interrupt.release.notify_one();
+    if let Ok(answer) = stale.await.unwrap() {
+        assert_ne!(answer.status(), 200, "the stale leader acknowledges nothing");
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await; // blocks for anything it sent to be mined
+    assert_eq!(on_chain(&anvil, to, service).await, (U256::from(PAYMENT_WEI), 2), "paid once; two payments in all");
+    assert_eq!(on_chain(&anvil, other, service).await.0, U256::from(PAYMENT_WEI));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lingering_transaction_is_replaced_at_the_same_nonce_and_settles_once() {
+    // Nothing is mined until the test says so.
+    let anvil =
+        Anvil::builder().arg("--no-mining").spawn().expect("anvil starts (run `bash tools/setup.sh` if it is missing)");
+    let c = paying_cluster(&anvil, |outbox| {
+        outbox.bump_after = Duration::from_secs(1);
+        outbox.settle_within = Duration::from_secs(30);
+    })
+    .await;
+    let service = anvil.address(SERVICE_KEY);
+    let to = PrivateKeySigner::random().address();
+    let l = c.leader(None).await;
+    let (http, url) = (c.http.clone(), format!("{}/pay", c.replicas[l].url));
+    let body = to.to_string();
+    let paying = tokio::spawn(async move { http.post(url).header("Idempotency-Key", "k").body(body).send().await });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while records(&c, 1).await.first().is_none_or(|r| r.attempts.len() < 2) {
+        assert!(Instant::now() < deadline, "no replacement within 20 s: {:?}", records(&c, 1).await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let provider = ProviderBuilder::new().connect_http(anvil.endpoint().parse().unwrap());
+    let _: serde_json::Value = provider.raw_request("evm_mine".into(), ()).await.unwrap();
+    let answer = paying.await.unwrap().unwrap();
+    assert_eq!(answer.status(), 200);
+    let stored = records(&c, 1).await.remove(0);
+    let (first, latest) = (&stored.attempts[0], stored.attempts.last().unwrap());
+    assert!(latest.max_fee_per_gas > first.max_fee_per_gas, "the replacement pays more: {stored:?}");
+    assert!(stored.attempts.iter().all(|a| a.hash != first.hash || a == first), "each version is its own transaction");
+    let settled = stored.settled.expect("settled");
+    assert!(stored.attempts.iter().any(|a| a.hash == settled.hash));
+    assert_eq!(on_chain(&anvil, to, service).await, (U256::from(PAYMENT_WEI), 1), "one of the versions, once");
+}
+
+/// A TCP relay to anvil that can be cut (every connection dropped, new ones refused) and
+/// mended: the chain unreachable, for real, from the replicas' side.
+struct Relay {
+    url: String,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    connections: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    _accept: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn to(target: &str) -> Self {
+        use std::sync::atomic::Ordering;
+        let target = target.trim_start_matches("http://").to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let connections = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (gate, held) = (open.clone(), connections.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !gate.load(Ordering::SeqCst) {
+                    continue; // dropped: the connection is reset
+                }
+                let target = target.clone();
+                held.lock().unwrap().push(tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                }));
+            }
+        });
+        Self { url, open, connections, _accept: accept }
+    }
+
+    fn cut(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
+        for connection in self.connections.lock().unwrap().drain(..) {
+            connection.abort();
+        }
+    }
+
+    fn mend(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_chain_unreachable_leaves_a_payment_in_doubt_until_it_answers_again() {
+    let anvil = Anvil::spawn().expect("anvil starts (run `bash tools/setup.sh` if it is missing)");
+    let relay = Relay::to(&anvil.endpoint()).await;
+    let service = anvil.address(SERVICE_KEY);
+    let mut outbox = OutboxConfig::new(relay.url.clone(), anvil.key(SERVICE_KEY));
+    outbox.settle_within = Duration::from_secs(3);
+    outbox.rpc_timeout = Duration::from_secs(1);
+    let mut c = Cluster::new(false).await;
+    c.outbox = Some(outbox);
+    let c = c.with_replicas(br2k_replication::SnapshotPolicy::disabled()).await;
+    let l = c.leader(None).await;
+
+    // Unreachable before anything is sent: in doubt, listed, answered 503 meanwhile.
+    let to = PrivateKeySigner::random().address();
+    relay.cut();
+    let answer = c.post(l, "/pay", &to.to_string(), Some("a")).await;
+    assert_eq!(answer.status(), 503, "{}", answer.text().await.unwrap());
+    assert_eq!(c.replicas[l].status().in_doubt, vec![1]);
+    assert_eq!(c.post(l, "/pay", &to.to_string(), Some("a")).await.status(), 503, "a retry too, while in doubt");
+    relay.mend();
+    let (status, body) = pay_until_answered(&c, to, "a", Duration::from_secs(30)).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(c.replicas[l].status().in_doubt.is_empty());
+
+    // Unreachable after the broadcast: the receipt cannot be read; settled once it can.
+    let other = PrivateKeySigner::random().address();
+    c.replicas[l].tx_interrupt.arm(TxStep::Broadcast);
+    let (http, url) = (c.http.clone(), format!("{}/pay", c.replicas[l].url));
+    let body = other.to_string();
+    let paying = tokio::spawn(async move { http.post(url).header("Idempotency-Key", "b").body(body).send().await });
+    c.replicas[l].tx_interrupt.reached.notified().await;
+    relay.cut();
+    c.replicas[l].tx_interrupt.release.notify_one();
+    assert_eq!(paying.await.unwrap().unwrap().status(), 503, "in doubt, not failed");
+    relay.mend();
+    let (status, body) = pay_until_answered(&c, other, "b", Duration::from_secs(30)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(on_chain(&anvil, to, service).await, (U256::from(PAYMENT_WEI), 2));
+    assert_eq!(on_chain(&anvil, other, service).await.0, U256::from(PAYMENT_WEI));
+}
