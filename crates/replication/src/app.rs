@@ -84,6 +84,8 @@ pub struct Request {
     pub idempotency_key: Option<String>,
     /// The transaction outbox, for only-once requests of a runtime that has one.
     pub(crate) outbox: Option<crate::outbox::Outbox>,
+    /// The on-chain checker, for External_TXN requests of a runtime that has an outbox.
+    pub(crate) verifier: Option<crate::outbox::Verifier>,
 }
 
 impl Request {
@@ -97,6 +99,7 @@ impl Request {
             body: Bytes::from(entry.body),
             idempotency_key: entry.idempotency_key,
             outbox: None,
+            verifier: None,
         }
     }
 
@@ -106,6 +109,13 @@ impl Request {
     /// times the handler runs.
     pub fn outbox(&self) -> Option<&crate::outbox::Outbox> {
         self.outbox.as_ref()
+    }
+
+    /// What an External_TXN handler checks the client's own transaction with before the
+    /// request is recorded: External_TXN requests of a runtime configured with an outbox
+    /// have it (it uses the outbox's RPC endpoint, never its key).
+    pub fn verifier(&self) -> Option<&crate::outbox::Verifier> {
+        self.verifier.as_ref()
     }
 
     /// The body parsed as JSON.

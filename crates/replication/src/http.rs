@@ -117,6 +117,7 @@ async fn front<S: AppState>(State(runtime): State<Arc<Runtime<S>>>, request: axu
             body: body.clone(),
             idempotency_key: idempotency_key.clone(),
             outbox: None,
+            verifier: None,
         };
         if let Err(refusal) = admission(&request) {
             return reply(refusal);
@@ -196,6 +197,7 @@ async fn read<S: AppState>(
         body,
         idempotency_key: entry.idempotency_key,
         outbox: None,
+        verifier: None,
     };
     let (method, path) = (request.method.clone(), request.path.clone());
     match guarded(handler(runtime.state.clone(), request), runtime.config.limits.handler_timeout).await {

@@ -521,6 +521,9 @@ async fn process<S: AppState>(
         let mut request = Request::from_entry(item.index, item.entry.clone());
         let outbox = runtime.outbox_for(item.kind, term, item.index);
         request.outbox.clone_from(&outbox);
+        if item.kind == RequestKind::ExternalTxn {
+            request.verifier = runtime.chain.clone().map(crate::outbox::Verifier::new);
+        }
         let outcome = if item.kind == RequestKind::ExternalTxn {
             // Recorded, not executed: the handler only checks the record and answers.
             let (method, path) = (request.method.clone(), request.path.clone());

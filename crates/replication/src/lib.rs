@@ -30,5 +30,7 @@ pub use data::{
 };
 pub use error::{Error, Result};
 pub use http::{IDEMPOTENCY_KEY_HEADER, INDEX_HEADER, LEADER_HEADER, REPLAYED_HEADER};
-pub use outbox::{Outbox, OutboxConfig, TxCall, TxError, TxReceipt, TxStep};
+pub use outbox::{
+    Expected, Outbox, OutboxConfig, TxCall, TxError, TxReceipt, TxStep, VerifiedTx, Verifier, VerifyError,
+};
 pub use runtime::{Replicated, Role, Status};

@@ -195,6 +195,28 @@ async fn pay(_state: Arc<Journal>, request: Request) -> Outcome {
     }
 }
 
+/// What `/deposit` checks: the client's transaction `hash`, sent to `to`, emitting
+/// `event` from it.
+#[derive(serde::Deserialize)]
+struct DepositAsk {
+    hash: alloy::primitives::B256,
+    to: alloy::primitives::Address,
+    event: Option<alloy::primitives::B256>,
+}
+
+/// An External_TXN route: records a client's own transaction once the chain shows it.
+async fn deposit(_state: Arc<Journal>, request: Request) -> Outcome {
+    let verifier = request.verifier().ok_or_else(|| Reply::error(500, "the runtime has no chain"))?;
+    let ask: DepositAsk = request.json()?;
+    let expected = br2k_replication::Expected { to: ask.to, event: ask.event, confirmations: 1 };
+    match verifier.verify(ask.hash, &expected).await {
+        Ok(tx) => {
+            Ok(Reply::json(201, &serde_json::json!({ "from": tx.from, "block": tx.block, "logs": tx.logs.len() })))
+        }
+        Err(e) => Err(Reply::error(e.status(), &e.to_string())),
+    }
+}
+
 /// Where an outbox send should stop (for the payment tests).
 #[derive(Default)]
 pub(crate) struct TxInterrupt {
@@ -460,6 +482,7 @@ impl Cluster {
             });
         if self.outbox.is_some() {
             let observer = tx_interrupt.clone();
+            builder = builder.external_txn("POST", "/deposit", deposit);
             builder = builder.only_once_tx("POST", "/pay", pay).on_tx_step(move |step, _index| {
                 let observer = observer.clone();
                 async move {

@@ -298,3 +298,60 @@ async fn the_chain_unreachable_leaves_a_payment_in_doubt_until_it_answers_again(
     assert_eq!(on_chain(&anvil, to, service).await, (U256::from(PAYMENT_WEI), 2));
     assert_eq!(on_chain(&anvil, other, service).await.0, U256::from(PAYMENT_WEI));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_clients_own_transaction_is_recorded_only_as_the_chain_shows_it() {
+    use alloy::network::{EthereumWallet, TransactionBuilder};
+    use alloy::sol_types::{SolCall, SolEvent};
+    use br2k_bindings::ServiceRegistry;
+
+    let anvil = Anvil::spawn().expect("anvil starts (run `bash tools/setup.sh` if it is missing)");
+    let c = paying_cluster(&anvil, |_| {}).await;
+    // The client's own transaction: registering a service (it emits ServiceRegistered).
+    let client = anvil.key(7);
+    let chain = br2k_resolver::Chain::connect(&anvil.endpoint(), Some(client.clone()), crate::harness::timeouts())
+        .await
+        .unwrap();
+    let registry = chain.deploy_registry(60).await.unwrap().address;
+    let body = br2k_bindings::IServiceRegistry::Body {
+        deployer: client.address(),
+        context: "local".into(),
+        replicas: 3,
+        containerRegistry: String::new(),
+        image: String::new(),
+        imageDigest: Default::default(),
+    };
+    let registered = chain.registry(registry).await.unwrap().register("client-service", body.clone()).await.unwrap();
+    let event = ServiceRegistry::ServiceRegistered::SIGNATURE_HASH;
+    let ask = |hash: alloy::primitives::B256, to: Address, event: Option<alloy::primitives::B256>| {
+        serde_json::json!({ "hash": hash, "to": to, "event": event }).to_string()
+    };
+    let l = c.leader(None).await;
+    let recorded = c.post(l, "/deposit", &ask(registered.hash, registry, Some(event)), Some("d1")).await;
+    assert_eq!(recorded.status(), 201);
+    let recorded: serde_json::Value = recorded.json().await.unwrap();
+    assert_eq!(recorded["from"], serde_json::json!(client.address()));
+    assert_eq!(recorded["logs"], 1);
+
+    // Each refusal says why, with a status telling "never" (422) from "not yet" (409).
+    let refused = async |body: String, key: &str, status: u16, why: &str| {
+        let answer = c.post(l, "/deposit", &body, Some(key)).await;
+        let (got, text) = (answer.status().as_u16(), answer.text().await.unwrap());
+        assert!(got == status && text.contains(why), "{got} {text}");
+    };
+    refused(ask(registered.hash, anvil.address(9), None), "d2", 422, "not 0x").await;
+    let other_event = ServiceRegistry::NewLocation::SIGNATURE_HASH;
+    refused(ask(registered.hash, registry, Some(other_event)), "d3", 422, "emitted no event").await;
+    refused(ask(alloy::primitives::B256::repeat_byte(7), registry, None), "d4", 409, "not mined yet").await;
+
+    // A transaction that reverted (the name is taken) is never recorded.
+    let provider = ProviderBuilder::new()
+        .wallet(EthereumWallet::from(client.clone()))
+        .connect_http(anvil.endpoint().parse().unwrap());
+    let again = ServiceRegistry::registerCall { name: "client-service".into(), body }.abi_encode();
+    let request =
+        alloy::rpc::types::TransactionRequest::default().with_to(registry).with_input(again).with_gas_limit(500_000);
+    let reverted = provider.send_transaction(request).await.unwrap().get_receipt().await.unwrap();
+    assert!(!reverted.status());
+    refused(ask(reverted.transaction_hash, registry, None), "d5", 422, "reverted").await;
+}
