@@ -511,38 +511,54 @@ async fn process<S: AppState>(
     if !in_process.is_empty() {
         store.authority_write(term, in_process).await?;
     }
-    // (4.3) execute, in index order.
-    let mut outcomes = Vec::with_capacity(items.len());
-    let mut in_doubt = Vec::new();
-    for item in &items {
+    // (4.3) execute. Replication and plain Normal requests run one after another in index
+    // order. Transaction sends and External_TXN checks touch no replicated state and
+    // mostly wait for the chain: they run side by side meanwhile, so a group waits for
+    // one block, not one per payment.
+    let mut outcomes: Vec<Option<Outcome>> = vec![None; items.len()];
+    let mut outboxes = Vec::with_capacity(items.len());
+    let mut beside = tokio::task::JoinSet::new();
+    for (position, item) in items.iter().enumerate() {
         let route = runtime
             .route_of(&item.entry.method, &item.entry.path)
             .expect("the front only submits requests for declared routes");
         let mut request = Request::from_entry(item.index, item.entry.clone());
         let outbox = runtime.outbox_for(item.kind, term, item.index);
         request.outbox.clone_from(&outbox);
+        outboxes.push(outbox);
         if item.kind == RequestKind::ExternalTxn {
             request.verifier = runtime.chain.clone().map(crate::outbox::Verifier::new);
         }
-        let outcome = if item.kind == RequestKind::ExternalTxn {
-            // Recorded, not executed: the handler only checks the record and answers.
-            let (method, path) = (request.method.clone(), request.path.clone());
-            let answer =
-                guarded((route.handler)(runtime.state.clone(), request), runtime.config.limits.handler_timeout)
+        if item.kind == RequestKind::ExternalTxn || route.replayable {
+            // External_TXN: recorded, not executed; the handler checks and answers.
+            let (handler, state) = (route.handler.clone(), runtime.state.clone());
+            let timeout = runtime.config.limits.handler_timeout;
+            let index = item.index;
+            beside.spawn(async move {
+                let (method, path) = (request.method.clone(), request.path.clone());
+                let answer = guarded(handler(state, request), timeout)
                     .await
-                    .map_err(|fault| fault.at("handler", item.index, &method, &path))?;
-            runtime.storable(answer)
-        } else {
-            runtime.observe(Step::BeforeExecution, item.index).await;
-            runtime.execute(item.index, route, request, true).await?
-        };
-        // A transaction that may still be mined: nothing is recorded, the request is in
-        // doubt until the settler runs it again.
-        if outbox.is_some_and(|outbox| outbox.unsettled()) {
-            in_doubt.push(item.index);
+                    .map_err(|fault| fault.at("handler", index, &method, &path));
+                (position, answer)
+            });
+            continue;
         }
-        outcomes.push(outcome);
+        runtime.observe(Step::BeforeExecution, item.index).await;
+        outcomes[position] = Some(runtime.execute(item.index, route, request, true).await?);
     }
+    while let Some(joined) = beside.join_next().await {
+        let (position, answer) = joined.map_err(|e| Error::Panicked(e.to_string()))?;
+        outcomes[position] = Some(runtime.storable(answer?));
+    }
+    let outcomes: Vec<Outcome> = outcomes.into_iter().map(|o| o.expect("every request ran")).collect();
+    // A transaction that may still be mined: nothing is recorded, the request is in doubt
+    // until the settler runs it again.
+    let in_doubt: Vec<u64> = items
+        .iter()
+        .zip(&outboxes)
+        .filter(|(_, outbox)| outbox.as_ref().is_some_and(crate::outbox::Outbox::unsettled))
+        .map(|(item, _)| item.index)
+        .collect();
     runtime.state.persist().await.map_err(Error::Persist)?;
     // (4.4-6) outcomes, LPI and SSI; durable before anyone is answered.
     let last = items.last().map_or(0, |i| i.index);

@@ -355,3 +355,32 @@ async fn a_clients_own_transaction_is_recorded_only_as_the_chain_shows_it() {
     assert!(!reverted.status());
     refused(ask(reverted.transaction_hash, registry, None), "d5", 422, "reverted").await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_payments_each_pay_once_at_consecutive_nonces() {
+    let anvil = block_time_anvil(1);
+    let c = paying_cluster(&anvil, |outbox| outbox.settle_within = Duration::from_secs(20)).await;
+    let service = anvil.address(SERVICE_KEY);
+    let recipients: Vec<Address> = (0..12).map(|_| PrivateKeySigner::random().address()).collect();
+    let c = std::sync::Arc::new(c);
+    let payments: Vec<_> = recipients
+        .iter()
+        .enumerate()
+        .map(|(n, &to)| {
+            let c = c.clone();
+            tokio::spawn(async move { pay_until_answered(&c, to, &format!("c{n}"), Duration::from_secs(60)).await })
+        })
+        .collect();
+    let mut nonces = Vec::new();
+    for payment in payments {
+        let (status, body) = payment.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        nonces.push(body["nonce"].as_u64().unwrap());
+    }
+    nonces.sort_unstable();
+    assert_eq!(nonces, (0..12).collect::<Vec<u64>>(), "no nonce twice, none skipped");
+    for &to in &recipients {
+        assert_eq!(on_chain(&anvil, to, service).await.0, U256::from(PAYMENT_WEI));
+    }
+    assert_eq!(on_chain(&anvil, recipients[0], service).await.1, 12);
+}
