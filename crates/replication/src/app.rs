@@ -173,6 +173,7 @@ pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 pub(crate) type Handler<S> = Arc<dyn Fn(Arc<S>, Request) -> BoxFuture<Outcome> + Send + Sync>;
 pub(crate) type Rollback<S> = Arc<dyn Fn(Arc<S>, Request) -> BoxFuture<()> + Send + Sync>;
+pub(crate) type Apply<S> = Arc<dyn Fn(Arc<S>, Request, Reply) -> BoxFuture<()> + Send + Sync>;
 pub(crate) type Reconcile<S> = Arc<dyn Fn(Arc<S>, Request) -> BoxFuture<Option<Outcome>> + Send + Sync>;
 
 /// The steps of Process Request at which the runtime records where it is (the paper's

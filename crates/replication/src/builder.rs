@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::app::{
-    Admission, AppState, BoxFuture, Handler, Outcome, Reconcile, Reply, Request, Rollback, Step, StepObserver,
+    Admission, AppState, Apply, BoxFuture, Handler, Outcome, Reconcile, Reply, Request, Rollback, Step, StepObserver,
 };
 use crate::config::Config;
 use crate::data::{RequestKind, check_name};
@@ -27,6 +27,9 @@ pub(crate) struct Route<S> {
     /// A Normal route whose only effects are transactions sent through the outbox: safe
     /// to run again for the same request (the outbox hands back what it stored).
     pub(crate) replayable: bool,
+    /// What every replica does to the replicated state with a recorded Success of this
+    /// (only-once or External_TXN) route.
+    pub(crate) apply: Option<Apply<S>>,
 }
 
 /// Routes by (method, path); paths match exactly.
@@ -72,7 +75,8 @@ impl<S: AppState> Builder<S> {
                 .push(format!("route path {path:?} must start with '/', have no query and not be under /br2k/"));
         }
         let handler: Handler<S> = Arc::new(move |state, request| Box::pin(handler(state, request)));
-        let route = Route { kind, handler, rollback: None, reconcile: None, admission: None, replayable: false };
+        let route =
+            Route { kind, handler, rollback: None, reconcile: None, admission: None, replayable: false, apply: None };
         if self.routes.insert((method.clone(), path.to_owned()), route).is_some() {
             self.problems.push(format!("route {method} {path} is declared twice"));
         }
@@ -124,6 +128,31 @@ impl<S: AppState> Builder<S> {
                 .push(format!("route {method} {path} sends transactions: give the runtime an outbox (Config::outbox)"));
         }
         this
+    }
+
+    /// Gives an [`only_once_tx`](Self::only_once_tx) or External_TXN route an effect on
+    /// the replicated state: once the leader has recorded a request's Success (the
+    /// payment mined, the client's transaction verified), every replica calls `apply`
+    /// with the request and the recorded answer, in log order like a Replication handler
+    /// (so, like one, it must be deterministic, and must advance
+    /// [`AppState::applied_index`] with its effect). A request left in doubt holds back
+    /// the requests after it until the outbox settles it: the replicas never apply a
+    /// payment's effect out of order.
+    #[must_use]
+    pub fn apply<F, Fut>(mut self, method: &str, path: &str, apply: F) -> Self
+    where
+        F: Fn(Arc<S>, Request, Reply) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let apply: Apply<S> = Arc::new(move |state, request, reply| Box::pin(apply(state, request, reply)));
+        match self.routes.get_mut(&(method.to_ascii_uppercase(), path.to_owned())) {
+            Some(route) if route.replayable || route.kind == RequestKind::ExternalTxn => route.apply = Some(apply),
+            Some(_) => self.problems.push(format!(
+                "apply for {method} {path}: only only_once_tx and External_TXN routes have effects applied from their record"
+            )),
+            None => self.problems.push(format!("apply for {method} {path}: declare the route first")),
+        }
+        self
     }
 
     /// An External_TXN route: the request records a transaction the client made itself.

@@ -488,6 +488,89 @@ async fn process_groups<S: AppState>(
     Ok(())
 }
 
+/// The part of a group not yet recorded, as Process Request goes through it.
+struct Segment {
+    outcomes: Vec<Option<Outcome>>,
+    outboxes: Vec<Option<crate::outbox::Outbox>>,
+    /// Transaction sends and External_TXN checks running side by side.
+    beside: tokio::task::JoinSet<(usize, Result<Outcome>)>,
+    /// Requests left in doubt (their route applies no effect: nothing waits for them).
+    in_doubt: Vec<u64>,
+    /// How many of the group's requests are recorded.
+    recorded: usize,
+    /// Whether a request since the last record has an effect to apply from its record.
+    effects_pending: bool,
+}
+
+impl Segment {
+    /// Records the outcomes of the group's requests up to `to` (exclusive), with LPI and
+    /// SSI, then applies the effects routes apply from their records, in index order.
+    /// A request with such an effect whose transaction is not settled is settled first:
+    /// the requests after it wait.
+    async fn record<S: AppState>(
+        &mut self,
+        runtime: &Arc<Runtime<S>>,
+        term: &Term,
+        items: &[Item],
+        to: usize,
+        lease: Option<i64>,
+    ) -> Result<()> {
+        while let Some(joined) = self.beside.join_next().await {
+            let (position, answer) = joined.map_err(|e| Error::Panicked(e.to_string()))?;
+            self.outcomes[position] = Some(runtime.storable(answer?));
+        }
+        self.effects_pending = false;
+        let from = std::mem::replace(&mut self.recorded, to);
+        if from >= to {
+            return Ok(());
+        }
+        let keys = &runtime.keys;
+        let mut ops = Vec::with_capacity(to - from + 2);
+        for (position, item) in items.iter().enumerate().take(to).skip(from) {
+            let unsettled = self.outboxes[position].as_ref().is_some_and(crate::outbox::Outbox::unsettled);
+            let route = runtime.route_of(&item.entry.method, &item.entry.path).expect("declared");
+            if unsettled && route.apply.is_some() {
+                let outcome = runtime.settle_until_decided(route, term, item.index, &item.entry).await?;
+                self.outcomes[position] = Some(outcome);
+            } else if unsettled {
+                // A transaction that may still be mined: nothing is recorded, the request
+                // is in doubt until the settler runs it again.
+                self.in_doubt.push(item.index);
+                ops.push(Op::Put(keys.doubt(item.index), Vec::new()));
+                continue;
+            }
+            let outcome = self.outcomes[position].as_ref().expect("ran");
+            ops.extend(outcome_ops(keys, item.index, item.kind, term.epoch, outcome, &item.entry, lease));
+        }
+        runtime.state.persist().await.map_err(Error::Persist)?;
+        // (4.4-6) outcomes, LPI and SSI; durable before anyone is answered.
+        let last = items[to - 1].index;
+        ops.push(Op::counter(keys.lpi(&runtime.config.replica), last));
+        ops.push(Op::counter(keys.ssi(), last));
+        runtime.store().authority_write(term, ops).await?;
+        let mut applied_any = false;
+        for (position, item) in items.iter().enumerate().take(to).skip(from) {
+            let route = runtime.route_of(&item.entry.method, &item.entry.path).expect("declared");
+            if let (Some(_), Some(Ok(reply))) = (&route.apply, &self.outcomes[position])
+                && !self.in_doubt.contains(&item.index)
+            {
+                runtime.apply_recorded(route, item.index, &item.entry, reply.clone()).await?;
+                applied_any = true;
+            }
+        }
+        if applied_any {
+            runtime.state.persist().await.map_err(Error::Persist)?;
+        }
+        let applied = runtime.state.applied_index();
+        runtime.set_status(|s| {
+            s.ssi = last;
+            s.lpi = last;
+            s.applied_index = applied;
+        });
+        Ok(())
+    }
+}
+
 async fn process<S: AppState>(
     runtime: &Arc<Runtime<S>>,
     term: &Term,
@@ -514,77 +597,58 @@ async fn process<S: AppState>(
     // (4.3) execute. Replication and plain Normal requests run one after another in index
     // order. Transaction sends and External_TXN checks touch no replicated state and
     // mostly wait for the chain: they run side by side meanwhile, so a group waits for
-    // one block, not one per payment.
-    let mut outcomes: Vec<Option<Outcome>> = vec![None; items.len()];
-    let mut outboxes = Vec::with_capacity(items.len());
-    let mut beside = tokio::task::JoinSet::new();
+    // one block, not one per payment. The effect a route applies from its record (a
+    // payment's, a deposit's) is applied, in index order, before anything after it runs.
+    let lease = match items.iter().any(|i| i.entry.idempotency_key.is_some()) {
+        true => Some(lease.get(runtime).await?),
+        false => None,
+    };
+    let mut segment = Segment {
+        outcomes: vec![None; items.len()],
+        outboxes: Vec::with_capacity(items.len()),
+        beside: tokio::task::JoinSet::new(),
+        in_doubt: Vec::new(),
+        recorded: 0,
+        effects_pending: false,
+    };
     for (position, item) in items.iter().enumerate() {
         let route = runtime
             .route_of(&item.entry.method, &item.entry.path)
             .expect("the front only submits requests for declared routes");
+        let side_by_side = item.kind == RequestKind::ExternalTxn || route.replayable;
+        if segment.effects_pending && !side_by_side {
+            segment.record(runtime, term, &items, position, lease).await?;
+        }
         let mut request = Request::from_entry(item.index, item.entry.clone());
         let outbox = runtime.outbox_for(item.kind, term, item.index);
         request.outbox.clone_from(&outbox);
-        outboxes.push(outbox);
+        segment.outboxes.push(outbox);
         if item.kind == RequestKind::ExternalTxn {
             request.verifier = runtime.chain.clone().map(crate::outbox::Verifier::new);
         }
-        if item.kind == RequestKind::ExternalTxn || route.replayable {
+        if side_by_side {
             // External_TXN: recorded, not executed; the handler checks and answers.
             let (handler, state) = (route.handler.clone(), runtime.state.clone());
             let timeout = runtime.config.limits.handler_timeout;
             let index = item.index;
-            beside.spawn(async move {
+            segment.beside.spawn(async move {
                 let (method, path) = (request.method.clone(), request.path.clone());
                 let answer = guarded(handler(state, request), timeout)
                     .await
                     .map_err(|fault| fault.at("handler", index, &method, &path));
                 (position, answer)
             });
+            segment.effects_pending |= route.apply.is_some();
             continue;
         }
         runtime.observe(Step::BeforeExecution, item.index).await;
-        outcomes[position] = Some(runtime.execute(item.index, route, request, true).await?);
+        segment.outcomes[position] = Some(runtime.execute(item.index, route, request, true).await?);
     }
-    while let Some(joined) = beside.join_next().await {
-        let (position, answer) = joined.map_err(|e| Error::Panicked(e.to_string()))?;
-        outcomes[position] = Some(runtime.storable(answer?));
-    }
-    let outcomes: Vec<Outcome> = outcomes.into_iter().map(|o| o.expect("every request ran")).collect();
-    // A transaction that may still be mined: nothing is recorded, the request is in doubt
-    // until the settler runs it again.
-    let in_doubt: Vec<u64> = items
-        .iter()
-        .zip(&outboxes)
-        .filter(|(_, outbox)| outbox.as_ref().is_some_and(crate::outbox::Outbox::unsettled))
-        .map(|(item, _)| item.index)
-        .collect();
-    runtime.state.persist().await.map_err(Error::Persist)?;
-    // (4.4-6) outcomes, LPI and SSI; durable before anyone is answered.
-    let last = items.last().map_or(0, |i| i.index);
-    let lease = match items.iter().any(|i| i.entry.idempotency_key.is_some()) {
-        true => Some(lease.get(runtime).await?),
-        false => None,
-    };
-    let mut ops = Vec::with_capacity(items.len() + 2);
-    for (item, outcome) in items.iter().zip(&outcomes) {
-        if in_doubt.contains(&item.index) {
-            ops.push(Op::Put(keys.doubt(item.index), Vec::new()));
-        } else {
-            ops.extend(outcome_ops(keys, item.index, item.kind, term.epoch, outcome, &item.entry, lease));
-        }
-    }
-    ops.push(Op::counter(keys.lpi(&runtime.config.replica), last));
-    ops.push(Op::counter(keys.ssi(), last));
-    store.authority_write(term, ops).await?;
+    segment.record(runtime, term, &items, items.len(), lease).await?;
     runtime.record.clear()?;
-    let applied = runtime.state.applied_index();
-    runtime.set_status(|s| {
-        s.ssi = last;
-        s.lpi = last;
-        s.applied_index = applied;
-        s.in_doubt.extend(&in_doubt);
-    });
+    let (last, in_doubt) = (items.last().map_or(0, |i| i.index), segment.in_doubt);
+    let outcomes: Vec<Outcome> = segment.outcomes.into_iter().map(|o| o.expect("every request ran")).collect();
+    runtime.set_status(|s| s.in_doubt.extend(&in_doubt));
     if !in_doubt.is_empty() {
         runtime.settle_now.notify_one();
     }

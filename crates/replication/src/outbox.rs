@@ -269,6 +269,7 @@ pub struct Outbox {
     index: u64,
     next_seq: Arc<AtomicU32>,
     unsettled: Arc<AtomicBool>,
+    leadership_lost: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Outbox {
@@ -287,12 +288,18 @@ impl Outbox {
             index,
             next_seq: Arc::new(AtomicU32::new(0)),
             unsettled: Arc::new(AtomicBool::new(false)),
+            leadership_lost: Arc::new(AtomicBool::new(false)),
         }
     }
 
     /// The address transactions are sent from.
     pub fn sender(&self) -> Address {
         self.chain.sender()
+    }
+
+    /// Whether a send found this replica no longer the leader.
+    pub(crate) fn leadership_lost(&self) -> bool {
+        self.leadership_lost.load(Ordering::SeqCst)
     }
 
     /// Whether a send of this request ended in doubt (the runtime then records nothing).
@@ -312,6 +319,9 @@ impl Outbox {
         let result = self.send_seq(seq, call).await;
         if matches!(result, Err(TxError::InDoubt(_) | TxError::LeadershipLost)) {
             self.unsettled.store(true, Ordering::SeqCst);
+        }
+        if matches!(result, Err(TxError::LeadershipLost)) {
+            self.leadership_lost.store(true, Ordering::SeqCst);
         }
         result
     }

@@ -598,6 +598,15 @@ impl<S: AppState> Runtime<S> {
         let to = ssi.min(node.lpi + PAGE);
         let entries = store.entries(node.lpi + 1, to).await?;
         for entry in entries {
+            let recorded_effect = matches!(entry.state.kind, RequestKind::Normal | RequestKind::ExternalTxn)
+                && entry.state.state == ProcessState::Success
+                && entry.index > self.state.applied_index();
+            if recorded_effect
+                && let (Some(route), Some(response)) =
+                    (self.route_of(&entry.request.method, &entry.request.path), entry.state.response.clone())
+            {
+                self.apply_recorded(route, entry.index, &entry.request, Reply::from_stored(response)).await?;
+            }
             if entry.state.kind == RequestKind::Replication
                 && entry.state.state == ProcessState::Success
                 && entry.index > self.state.applied_index()
@@ -860,8 +869,34 @@ impl<S: AppState> Runtime<S> {
                         }
                     }
                     (ProcessState::InProcess, RequestKind::Normal) => {
-                        warn!(index, path = %entry.request.path, "Normal request left InProcess by a dead leader: in doubt");
-                        ops.push(Op::Put(self.keys.doubt(index), Vec::new()));
+                        match self.route_of(&entry.request.method, &entry.request.path).filter(|r| r.apply.is_some()) {
+                            // Its effect comes before everything after it: settle it now.
+                            Some(route) => {
+                                info!(index, "settling a payment a dead leader left unrecorded before going on");
+                                let outcome = self.settle_until_decided(route, term, index, &entry.request).await?;
+                                let lease = self.lease_for(&lease, &entry.request).await?;
+                                // Recorded, then applied, before the entries after it run.
+                                let record =
+                                    outcome_ops(&self.keys, index, kind, term.epoch, &outcome, &entry.request, lease);
+                                store.authority_write(term, record).await?;
+                                if let Ok(reply) = outcome {
+                                    self.apply_recorded(route, index, &entry.request, reply).await?;
+                                }
+                            }
+                            None => {
+                                warn!(index, path = %entry.request.path, "Normal request left InProcess by a dead leader: in doubt");
+                                ops.push(Op::Put(self.keys.doubt(index), Vec::new()));
+                            }
+                        }
+                    }
+                    (ProcessState::Success, RequestKind::Normal | RequestKind::ExternalTxn)
+                        if index > self.state.applied_index() =>
+                    {
+                        if let (Some(route), Some(response)) =
+                            (self.route_of(&entry.request.method, &entry.request.path), entry.state.response.clone())
+                        {
+                            self.apply_recorded(route, index, &entry.request, Reply::from_stored(response)).await?;
+                        }
                     }
                     _ => {}
                 }
@@ -997,7 +1032,7 @@ impl<S: AppState> Runtime<S> {
                         }
                     }
                 }
-                Some(route) if replay && route.replayable => self.run_again(route, term, index, &entry.request).await,
+                Some(route) if replay && route.replayable => self.run_again(route, term, index, &entry.request).await?,
                 _ => None,
             };
             match answer {
@@ -1020,19 +1055,70 @@ impl<S: AppState> Runtime<S> {
 
     /// Runs an in-doubt only-once request again with its outbox: its outcome, or `None`
     /// while a transaction is still unsettled (or the handler failed).
-    async fn run_again(&self, route: &Route<S>, term: &Term, index: u64, entry: &LogEntry) -> Option<Outcome> {
+    async fn run_again(&self, route: &Route<S>, term: &Term, index: u64, entry: &LogEntry) -> Result<Option<Outcome>> {
         let mut request = Request::from_entry(index, entry.clone());
-        let outbox = self.outbox_for(RequestKind::Normal, term, index)?;
+        let Some(outbox) = self.outbox_for(RequestKind::Normal, term, index) else { return Ok(None) };
         request.outbox = Some(outbox.clone());
         let ran = guarded((route.handler)(self.state.clone(), request), self.config.limits.handler_timeout).await;
-        match ran {
+        if outbox.leadership_lost() {
+            return Err(Error::LeadershipLost { epoch: term.epoch });
+        }
+        Ok(match ran {
             Ok(_) if outbox.unsettled() => None,
             Ok(outcome) => Some(self.storable(outcome)),
             Err(fault) => {
                 warn!(error = %fault.at("handler", index, &entry.method, &entry.path), "the request stays in doubt");
                 None
             }
+        })
+    }
+
+    /// Runs an only-once request whose effect later requests wait for until the outbox
+    /// settles it (the chain answering again, a lingering transaction mined), checking
+    /// between attempts that this replica still leads.
+    pub(crate) async fn settle_until_decided(
+        &self,
+        route: &Route<S>,
+        term: &Term,
+        index: u64,
+        entry: &LogEntry,
+    ) -> Result<Outcome> {
+        let mut attempts = 0u32;
+        loop {
+            if let Some(outcome) = self.run_again(route, term, index, entry).await? {
+                return Ok(outcome);
+            }
+            attempts += 1;
+            if attempts == 1 {
+                warn!(index, "a payment is not settled yet; the requests after it wait for it");
+                self.set_status(|s| {
+                    if !s.in_doubt.contains(&index) {
+                        s.in_doubt.push(index);
+                    }
+                });
+            }
+            // Still the leader? (A write fenced by the term, with nothing in it.)
+            self.store().authority_write(term, Vec::new()).await?;
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
+    }
+
+    /// Applies a recorded Success of `route` (only-once or External_TXN) to the replicated
+    /// state, as every replica does in log order.
+    pub(crate) async fn apply_recorded(
+        &self,
+        route: &Route<S>,
+        index: u64,
+        entry: &LogEntry,
+        reply: Reply,
+    ) -> Result<()> {
+        let Some(apply) = &route.apply else { return Ok(()) };
+        let request = Request::from_entry(index, entry.clone());
+        guarded(apply(self.state.clone(), request, reply), self.config.limits.handler_timeout)
+            .await
+            .map_err(|fault| fault.at("apply hook", index, &entry.method, &entry.path))?;
+        self.set_status(|s| s.in_doubt.retain(|&i| i != index));
+        Ok(())
     }
 
     /// Publishes `updateLocation(id, location, epoch)` before serving; if the chain cannot

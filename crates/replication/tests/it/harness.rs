@@ -195,6 +195,17 @@ async fn pay(_state: Arc<Journal>, request: Request) -> Outcome {
     }
 }
 
+/// The effect of a recorded payment or deposit: an entry in every replica's journal.
+async fn journal_it(state: Arc<Journal>, request: Request, reply: Reply) {
+    let answer: serde_json::Value = serde_json::from_slice(&reply.body).unwrap_or_default();
+    let what = if request.path == "/deposit" {
+        format!("deposit:{}", answer["from"].as_str().unwrap_or_default())
+    } else {
+        format!("paid:{}", text(&request))
+    };
+    state.push(request.index, what);
+}
+
 /// What `/deposit` checks: the client's transaction `hash`, sent to `to`, emitting
 /// `event` from it.
 #[derive(serde::Deserialize)]
@@ -482,7 +493,8 @@ impl Cluster {
             });
         if self.outbox.is_some() {
             let observer = tx_interrupt.clone();
-            builder = builder.external_txn("POST", "/deposit", deposit);
+            builder = builder.external_txn("POST", "/deposit", deposit).apply("POST", "/deposit", journal_it);
+            builder = builder.only_once_tx("POST", "/pay-recorded", pay).apply("POST", "/pay-recorded", journal_it);
             builder = builder.only_once_tx("POST", "/pay", pay).on_tx_step(move |step, _index| {
                 let observer = observer.clone();
                 async move {

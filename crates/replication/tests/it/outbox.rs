@@ -354,6 +354,71 @@ async fn a_clients_own_transaction_is_recorded_only_as_the_chain_shows_it() {
     let reverted = provider.send_transaction(request).await.unwrap().get_receipt().await.unwrap();
     assert!(!reverted.status());
     refused(ask(reverted.transaction_hash, registry, None), "d5", 422, "reverted").await;
+    // Only the verified deposit has an effect, applied by every replica from its record
+    // (the others are recorded as Fail and change nothing).
+    let from = format!("deposit:{}", client.address()).to_lowercase();
+    let journals: Vec<_> = c.replicas.iter().map(|r| r.state.entries()).collect();
+    c.converged(&[(1, journals[l][0].1.clone())]).await;
+    assert_eq!(journals[l][0].1.to_lowercase(), from);
+}
+
+/// Sends `/pay-recorded` (a payment whose effect every replica applies from its record)
+/// for `to` with `key` until answered.
+async fn pay_recorded(c: &Cluster, to: Address, key: &str) -> (u16, serde_json::Value) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        for replica in &c.replicas {
+            let sent = c
+                .http
+                .post(format!("{}/pay-recorded", replica.url))
+                .header("Idempotency-Key", key)
+                .body(to.to_string())
+                .send()
+                .await;
+            if let Ok(answer) = sent
+                && answer.status() != 503
+            {
+                return (answer.status().as_u16(), answer.json().await.unwrap_or_default());
+            }
+        }
+        assert!(Instant::now() < deadline, "no answer to the payment: {:?}", c.statuses());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_recorded_payments_effect_is_applied_by_every_replica_in_log_order_even_across_a_dead_leader() {
+    let anvil = block_time_anvil(1);
+    let mut c = paying_cluster(&anvil, |_| {}).await;
+    let service = anvil.address(SERVICE_KEY);
+    let (first, second) = (PrivateKeySigner::random().address(), PrivateKeySigner::random().address());
+    assert_eq!(pay_recorded(&c, first, "p1").await.0, 200);
+    assert_eq!(c.post_to_leader("/append", "after", Some("a1")).await.status(), 200);
+    let paid = |to: Address| format!("paid:{to}");
+    c.converged(&[(1, paid(first)), (2, "after".into())]).await;
+
+    // The leader dies after broadcasting the next payment: the new leader settles it
+    // before anything else, then every replica applies it once, before what follows.
+    let l = c.leader(None).await;
+    c.replicas[l].tx_interrupt.arm(TxStep::Broadcast);
+    let (http, url) = (c.http.clone(), format!("{}/pay-recorded", c.replicas[l].url));
+    let body = second.to_string();
+    let dying = tokio::spawn(async move { http.post(url).header("Idempotency-Key", "p2").body(body).send().await });
+    c.replicas[l].tx_interrupt.reached.notified().await;
+    c.replicas[l].crash();
+    c.etcd.kill(l).unwrap();
+    let _ = dying.await;
+    let (status, body) = pay_recorded(&c, second, "p2").await;
+    assert_eq!(status, 200, "{body}");
+    let new_leader = c.leader(Some(l)).await;
+    assert_eq!(c.post(new_leader, "/append", "later", Some("a2")).await.status(), 200);
+    let survivors: Vec<usize> = (0..3).filter(|&i| i != l).collect();
+    let expected = [(1, paid(first)), (2, "after".into()), (3, paid(second)), (4, "later".into())];
+    c.converged_on(&survivors, &expected).await;
+    c.etcd.restart(l).unwrap();
+    c.restart_replica(l).await;
+    c.converged(&expected).await;
+    assert_eq!(on_chain(&anvil, second, service).await, (U256::from(PAYMENT_WEI), 2), "each paid once");
 }
 
 #[tokio::test(flavor = "multi_thread")]
