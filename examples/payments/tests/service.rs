@@ -1,0 +1,179 @@
+//! The payment service on three replicas, a real 3-member etcd cluster and a real anvil
+//! mining a block a second: grants, payouts through the outbox, deposits verified on
+//! chain, and every replica's ledger agreeing with the chain.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use alloy::network::EthereumWallet;
+use alloy::primitives::{Address, U256};
+use alloy::providers::{Provider, ProviderBuilder};
+use br2k_payments::{Ledger, PaymentToken, Settings, service};
+use br2k_replication::{Config, OutboxConfig, Timings};
+use br2k_test_utils::{Anvil, EtcdCluster};
+
+const OPERATOR: &str = "operator-token";
+/// anvil keys: 0 deploys the token, 5 is the service's, 6 a user's.
+const SERVICE_KEY: usize = 5;
+const USER_KEY: usize = 6;
+
+struct Payments {
+    anvil: Anvil,
+    _etcd: EtcdCluster,
+    urls: Vec<String>,
+    ledgers: Vec<Arc<Ledger>>,
+    token: Address,
+    http: reqwest::Client,
+    _dirs: Vec<tempfile::TempDir>,
+    _replicas: Vec<tokio::task::JoinHandle<br2k_replication::Result<()>>>,
+}
+
+impl Payments {
+    async fn start() -> Self {
+        let anvil = Anvil::builder()
+            .arg("--block-time")
+            .arg("1")
+            .spawn()
+            .expect("anvil starts (run `bash tools/setup.sh` if it is missing)");
+        let etcd = EtcdCluster::spawn().expect("etcd starts (run `bash tools/setup.sh` if it is missing)");
+        let deployer = ProviderBuilder::new()
+            .wallet(EthereumWallet::from(anvil.key(0)))
+            .connect_http(anvil.endpoint().parse().unwrap());
+        let token = PaymentToken::deploy(&deployer).await.unwrap();
+        let service_address = anvil.address(SERVICE_KEY);
+        token.mint(service_address, U256::from(1_000_000)).send().await.unwrap().get_receipt().await.unwrap();
+        let settings = Settings { token: *token.address(), service: service_address, confirmations: 1 };
+        let (mut urls, mut ledgers, mut dirs, mut replicas) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for i in 0..3 {
+            let dir = tempfile::tempdir().unwrap();
+            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let url = format!("http://127.0.0.1:{port}");
+            let mut config = Config::new(
+                "payments",
+                format!("p{i}"),
+                etcd.endpoint(i),
+                ([127, 0, 0, 1], port).into(),
+                &url,
+                dir.path(),
+            );
+            config.timings = Timings {
+                check_interval: Duration::from_millis(50),
+                etcd_timeout: Duration::from_millis(500),
+                follow_poll: Duration::from_millis(200),
+                ..Timings::default()
+            };
+            config.outbox = Some(OutboxConfig::new(anvil.endpoint(), anvil.key(SERVICE_KEY)));
+            let ledger = Ledger::open(&dir.path().join("ledger"), settings).unwrap();
+            let replica = service(config, OPERATOR.into()).build(ledger).unwrap();
+            ledgers.push(replica.state());
+            replicas.push(tokio::spawn(replica.serve(std::future::pending())));
+            urls.push(url);
+            dirs.push(dir);
+        }
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+        Self { anvil, _etcd: etcd, urls, ledgers, token: settings.token, http, _dirs: dirs, _replicas: replicas }
+    }
+
+    /// Sends to whichever replica leads until one answers something other than 503.
+    async fn send(&self, path: &str, body: serde_json::Value, key: &str, token: bool) -> (u16, serde_json::Value) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            for url in &self.urls {
+                let mut request = self.http.post(format!("{url}{path}")).header("Idempotency-Key", key).json(&body);
+                if token {
+                    request = request.bearer_auth(OPERATOR);
+                }
+                if let Ok(answer) = request.send().await
+                    && answer.status() != 503
+                {
+                    return (answer.status().as_u16(), answer.json().await.unwrap_or_default());
+                }
+            }
+            assert!(Instant::now() < deadline, "no replica answered {path} within 60 s");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn balance_of(&self, who: Address) -> U256 {
+        let provider = ProviderBuilder::new().connect_http(self.anvil.endpoint().parse().unwrap());
+        PaymentToken::new(self.token, &provider).balanceOf(who).call().await.unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn grants_payouts_and_deposits_keep_every_ledger_equal_to_the_chain() {
+    let p = Payments::start().await;
+    let user = p.anvil.address(USER_KEY);
+    let amount = |n: u64| serde_json::json!(U256::from(n));
+
+    // Grants need the operator's token.
+    // Amounts in decimal or hex.
+    let ask = serde_json::json!({ "user": user, "amount": "500" });
+    assert_eq!(p.send("/grants", ask.clone(), "g0", false).await.0, 401);
+    assert_eq!(p.send("/grants", ask, "g1", true).await.0, 200);
+
+    // A payout moves tokens on chain, once, whatever the retries.
+    let payout = serde_json::json!({ "user": user, "amount": amount(200) });
+    let (status, paid) = p.send("/payouts", payout.clone(), "p1", false).await;
+    assert_eq!(status, 200, "{paid}");
+    assert_eq!(p.send("/payouts", payout, "p1", false).await.1, paid, "the retry gets the same payout");
+    assert_eq!(p.balance_of(user).await, U256::from(200));
+    // More than the account holds is refused before anything is sent.
+    let (status, refused) =
+        p.send("/payouts", serde_json::json!({ "user": user, "amount": amount(1000) }), "p2", false).await;
+    assert_eq!(status, 409, "{refused}");
+
+    // The user sends 50 back on chain and records the deposit; a second record is refused.
+    let as_user = ProviderBuilder::new()
+        .wallet(EthereumWallet::from(p.anvil.key(USER_KEY)))
+        .connect_http(p.anvil.endpoint().parse().unwrap());
+    let sent = PaymentToken::new(p.token, &as_user)
+        .transfer(p.anvil.address(SERVICE_KEY), U256::from(50))
+        .send()
+        .await
+        .unwrap()
+        .get_receipt()
+        .await
+        .unwrap();
+    let deposit = serde_json::json!({ "hash": sent.transaction_hash });
+    let (status, recorded) = p.send("/deposits", deposit.clone(), "d1", false).await;
+    assert_eq!(status, 201, "{recorded}");
+    assert_eq!(recorded["deposit"]["user"], serde_json::json!(user));
+    assert_eq!(p.send("/deposits", deposit, "d2", false).await.0, 409, "recorded once");
+    // The payout is a Transfer from the service, not to it: not a deposit.
+    let payout_hash = paid["payout"]["hash"].clone();
+    let (status, refused) = p.send("/deposits", serde_json::json!({ "hash": payout_hash }), "d3", false).await;
+    assert_eq!(status, 422, "{refused}");
+
+    // Every replica's ledger: granted 500, deposited 50, paid out 200, balance 350; and the
+    // chain holds what the ledger paid out minus what it recorded as deposited.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let views: Vec<_> = p.ledgers.iter().map(|l| l.accounts().get(&user).copied()).collect();
+        if views.iter().all(|v| v.is_some_and(|a| a.paid_out == U256::from(200) && a.deposited == U256::from(50))) {
+            let account = views[0].unwrap();
+            assert_eq!((account.granted, account.balance()), (U256::from(500), U256::from(350)));
+            assert!(views.iter().all(|v| *v == views[0]), "{views:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the replicas' ledgers did not converge: {views:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(p.balance_of(user).await, U256::from(150));
+    // The read route: the leader answers (followers say 503 and name it).
+    let mut read = None;
+    for url in &p.urls {
+        let answer = p.http.get(format!("{url}/accounts")).send().await.unwrap();
+        if answer.status() == 200 {
+            read = Some(answer.json::<serde_json::Value>().await.unwrap());
+        }
+    }
+    let read = read.expect("the leader answers /accounts");
+    assert_eq!(read["accounts"][format!("{user:#x}")]["balance"], amount(350), "{read}");
+    let provider = ProviderBuilder::new().connect_http(p.anvil.endpoint().parse().unwrap());
+    assert_eq!(
+        provider.get_transaction_count(p.anvil.address(SERVICE_KEY)).await.unwrap(),
+        1,
+        "one payout, one transaction"
+    );
+}
