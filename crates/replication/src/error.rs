@@ -130,7 +130,7 @@ pub enum Error {
         method: String,
         /// Its path.
         path: String,
-        /// What happened: "panicked: <message>" or "did not finish within <timeout>".
+        /// What happened: `panicked: <message>` or `did not finish within <timeout>`.
         fault: String,
     },
     /// A task of the leader's term panicked (a bug in br2k or the app); the term ends.
