@@ -119,6 +119,21 @@ impl Account {
 
 const LEDGER_FILE: &str = "ledger.jsonl";
 
+/// Reads the ledger in `data_dir` without opening it for writing (for checkers; the
+/// replica may be running). A torn last line is left out.
+///
+/// # Errors
+/// When the file cannot be read or a complete line is not an effect.
+pub fn read_ledger(data_dir: &Path) -> anyhow::Result<Vec<Line>> {
+    let path = data_dir.join(LEDGER_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => anyhow::bail!("cannot read {}: {e}", path.display()),
+    };
+    Ok(parse_lines(&path, &text)?.into_iter().map(|(line, _)| line).collect())
+}
+
 /// The service's state: the ledger, in memory and in a JSON-lines file.
 #[derive(Debug)]
 pub struct Ledger {

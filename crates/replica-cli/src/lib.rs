@@ -1,0 +1,250 @@
+//! What every br2k replica binary shares (the log server, the payment service): the
+//! flags of one replica (where its etcd member is, where it listens, its limits,
+//! snapshots, backups, the registry it publishes in), turned into a
+//! [`br2k_replication::Config`]; secrets read from the environment or 0600 files; and
+//! shutdown on SIGINT or SIGTERM. An app's binary flattens [`ReplicaArgs`] into its own
+//! flags and adds its own.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use alloy::primitives::Address;
+use alloy::signers::local::PrivateKeySigner;
+use anyhow::{Context, Result, bail};
+use br2k_oci::registry::{Credentials, RegistryClient, TOKEN_HOSTS_ENV, host_of};
+use br2k_replication::backup::BackupConfig;
+use br2k_replication::{Config, Limits, Publisher, SnapshotPolicy, Timings};
+use br2k_resolver::{Chain, Timeouts};
+
+/// The flags of one replica.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ReplicaArgs {
+    /// This replica's id (unique within the service; letters, digits, '-', '_', '.').
+    #[arg(long, env = "BR2K_REPLICA")]
+    pub replica: String,
+    /// Client URL of this replica's own etcd member.
+    #[arg(long, env = "BR2K_ETCD", default_value = "http://127.0.0.1:2379")]
+    pub etcd: String,
+    /// Address the HTTP front listens on.
+    #[arg(long, env = "BR2K_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// URL clients reach this replica at (published when it leads) [default: http://LISTEN].
+    #[arg(long, env = "BR2K_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// Directory for this replica's state and record file.
+    #[arg(long, env = "BR2K_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// Service registry address; without it the leader's location is not published.
+    #[arg(long, env = "BR2K_REGISTRY")]
+    pub registry: Option<Address>,
+    /// Ethereum JSON-RPC endpoint of the chain holding the registry.
+    #[arg(long, env = "ETH_RPC_URL", default_value = "http://127.0.0.1:8545")]
+    pub rpc_url: String,
+    /// This replica's operator key (hex), allowed by the manager to publish locations.
+    #[arg(long, env = "ETH_PRIVATE_KEY", hide_env_values = true)]
+    pub private_key: Option<String>,
+    /// How often the leader condition is checked, in milliseconds.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(10..=10_000))]
+    pub check_interval_ms: u64,
+    /// Bound on every etcd call, in milliseconds; an unanswered leader check counts as "not leader".
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(50..=60_000))]
+    pub etcd_timeout_ms: u64,
+    /// Largest request body accepted, in bytes (over it: 413).
+    #[arg(long, default_value_t = 256 * 1024, value_parser = clap::value_parser!(u64).range(1..=524_288))]
+    pub max_body: u64,
+    /// Largest request head (request line and headers), in bytes (over it: 431).
+    #[arg(long, default_value_t = 16 * 1024, value_parser = clap::value_parser!(u64).range(1024..=65_536))]
+    pub max_head: u64,
+    /// Open client connections; beyond it new ones are answered 503 and closed.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=65_536))]
+    pub max_connections: u64,
+    /// Seconds a handler may take for one request; a leader whose handler takes longer
+    /// (or panics) steps down and hands leadership to another replica.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub handler_timeout: u64,
+    /// The container registry the leader backs the service up to (the one in its recovery
+    /// info), e.g. `https://registry.example`; without it there are no backups.
+    /// Credentials come from BR2K_REGISTRY_USERNAME/BR2K_REGISTRY_PASSWORD or Docker's
+    /// config.json, never from etcd or the chain.
+    #[arg(long, env = "BR2K_BACKUP_REGISTRY", value_name = "URL", requires = "backup_repository")]
+    pub backup_registry: Option<String>,
+    /// The repository backups go to (the service's image repository), e.g. `br2k/logserver`.
+    #[arg(long, env = "BR2K_BACKUP_REPOSITORY", value_name = "REPOSITORY")]
+    pub backup_repository: Option<String>,
+    /// Seconds between two backups: what a total disaster can lose is bounded by it.
+    #[arg(long, env = "BR2K_BACKUP_INTERVAL", value_name = "SECONDS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub backup_interval: u64,
+    /// Allow a backup registry reached over plain HTTP (a test or loopback registry).
+    #[arg(long, env = "BR2K_BACKUP_PLAIN_HTTP")]
+    pub backup_plain_http: bool,
+    /// A file (mode 0600) holding the token clients must send as `Authorization: Bearer
+    /// TOKEN`; without it the service is open to anyone who reaches it. Or set
+    /// BR2K_CLIENT_TOKEN.
+    #[arg(long, value_name = "PATH")]
+    pub client_token_file: Option<PathBuf>,
+    /// Applied entries between two snapshots of this replica's state; 0 turns snapshots
+    /// and log compaction off (the log in etcd then grows for ever).
+    #[arg(long, env = "BR2K_SNAPSHOT_INTERVAL", value_name = "ENTRIES", default_value_t = SnapshotPolicy::default().interval)]
+    pub snapshot_interval: u64,
+    /// Log entries kept in etcd below the leader's latest snapshot, so that a replica a
+    /// little behind replays them instead of fetching a snapshot; smaller than the interval.
+    #[arg(long, env = "BR2K_TRAILING_ENTRIES", value_name = "ENTRIES", default_value_t = SnapshotPolicy::default().trailing)]
+    pub trailing_entries: u64,
+}
+
+impl ReplicaArgs {
+    /// The replica's configuration for `service`: timings, limits, snapshots, backups, and
+    /// the registry publisher when a registry is given (connecting to its chain).
+    ///
+    /// # Errors
+    /// Inconsistent flags, an unreadable operator key or registry credentials, a chain
+    /// that does not answer.
+    pub async fn config(&self, service: &str) -> Result<Config> {
+        let public_url = self.public_url.clone().unwrap_or_else(|| format!("http://{}", self.listen));
+        let mut config = Config::new(service, &self.replica, &self.etcd, self.listen, public_url, &self.data_dir);
+        config.timings = Timings {
+            check_interval: Duration::from_millis(self.check_interval_ms),
+            etcd_timeout: Duration::from_millis(self.etcd_timeout_ms),
+            ..Timings::default()
+        };
+        let size = |value: u64| usize::try_from(value).unwrap_or(usize::MAX);
+        config.limits = Limits {
+            max_body: size(self.max_body),
+            max_head: size(self.max_head),
+            max_connections: size(self.max_connections),
+            handler_timeout: Duration::from_secs(self.handler_timeout),
+            ..Limits::default()
+        };
+        config.snapshots = SnapshotPolicy { interval: self.snapshot_interval, trailing: self.trailing_entries };
+        config.snapshots.check().map_err(|e| anyhow::anyhow!("--snapshot-interval / --trailing-entries: {e}"))?;
+        if let Some(publisher) = self.publisher().await? {
+            config = config.with_publisher(publisher);
+        }
+        config.backup = self.backup()?;
+        Ok(config)
+    }
+
+    /// The token clients must present, from BR2K_CLIENT_TOKEN or the 0600 file.
+    ///
+    /// # Errors
+    /// A file readable by others, unreadable or empty.
+    pub fn client_token(&self) -> Result<Option<String>> {
+        secret("BR2K_CLIENT_TOKEN", self.client_token_file.as_deref(), "client token")
+    }
+
+    /// Where the leader backs up, when a backup registry is given.
+    fn backup(&self) -> Result<Option<BackupConfig>> {
+        let (Some(url), Some(repository)) = (&self.backup_registry, &self.backup_repository) else { return Ok(None) };
+        let host = host_of(url).with_context(|| format!("--backup-registry {url:?} is not a URL"))?;
+        let credentials = Credentials::find(&host)?;
+        let token_hosts = std::env::var(TOKEN_HOSTS_ENV).unwrap_or_default();
+        let registry = RegistryClient::new(url, self.backup_plain_http, credentials)?
+            .trusting_token_hosts(token_hosts.split(',').map(str::to_owned));
+        Ok(Some(BackupConfig {
+            registry: std::sync::Arc::new(registry),
+            repository: repository.clone(),
+            interval: Duration::from_secs(self.backup_interval),
+        }))
+    }
+
+    /// The registry publisher, when a registry is given.
+    async fn publisher(&self) -> Result<Option<Publisher>> {
+        let Some(address) = self.registry else {
+            tracing::warn!("no --registry (BR2K_REGISTRY): the leader's location will not be published");
+            return Ok(None);
+        };
+        let Some(key) = &self.private_key else {
+            bail!("--registry needs the replica's operator key: set ETH_PRIVATE_KEY (or pass --private-key)");
+        };
+        let signer = parse_key(key, "ETH_PRIVATE_KEY / --private-key")?;
+        let chain = Chain::connect(&self.rpc_url, Some(signer), Timeouts::default()).await?;
+        let registry = chain.registry(address).await?;
+        Ok(Some(Publisher::new(registry)))
+    }
+}
+
+/// A hex private key; `what` names where it came from in the error.
+///
+/// # Errors
+/// Text that is not a private key (the error never repeats it).
+pub fn parse_key(text: &str, what: &str) -> Result<PrivateKeySigner> {
+    text.trim().parse().map_err(|_| anyhow::anyhow!("{what} is not a hex private key"))
+}
+
+/// A secret from the environment variable `env`, else from `file` (which must be mode
+/// 0600: readable by its owner only); `what` names it in errors. `None` when neither is set.
+///
+/// # Errors
+/// A file readable by others, unreadable or empty.
+pub fn secret(env: &str, file: Option<&Path>, what: &str) -> Result<Option<String>> {
+    if let Ok(value) = std::env::var(env) {
+        return Ok(Some(value.trim().to_owned()).filter(|v| !v.is_empty()));
+    }
+    let Some(path) = file else { return Ok(None) };
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(path)
+            .with_context(|| format!("cannot read the {what} file {}", path.display()))?
+            .permissions(),
+    );
+    if mode & 0o077 != 0 {
+        bail!(
+            "the {what} file {} is readable by others (mode {:o}): run `chmod 600 {}`",
+            path.display(),
+            mode & 0o777,
+            path.display()
+        );
+    }
+    let value = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let value = value.trim();
+    if value.is_empty() {
+        bail!("the {what} file {} is empty", path.display());
+    }
+    Ok(Some(value.to_owned()))
+}
+
+/// Completes on the first SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+    tracing::info!("shutting down");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_files_must_be_private_and_not_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "s3cret\n").unwrap();
+        let set_mode =
+            |mode| std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
+        set_mode(0o644);
+        let err = secret("BR2K_TEST_UNSET_SECRET", Some(&path), "test token").unwrap_err().to_string();
+        assert!(err.contains("readable by others") && err.contains("chmod 600"), "{err}");
+        set_mode(0o600);
+        assert_eq!(secret("BR2K_TEST_UNSET_SECRET", Some(&path), "test token").unwrap().as_deref(), Some("s3cret"));
+        std::fs::write(&path, "\n").unwrap();
+        assert!(secret("BR2K_TEST_UNSET_SECRET", Some(&path), "test token").unwrap_err().to_string().contains("empty"));
+        assert_eq!(secret("BR2K_TEST_UNSET_SECRET", None, "test token").unwrap(), None);
+    }
+
+    #[test]
+    fn a_bad_key_is_refused_without_repeating_it() {
+        let err = parse_key("not-a-key-1234", "--outbox-key").unwrap_err().to_string();
+        assert!(err.contains("--outbox-key") && !err.contains("1234"), "{err}");
+    }
+}

@@ -1,0 +1,106 @@
+//! `br2k-payments`: one replica of the payment service.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use alloy::primitives::Address;
+use anyhow::{Context, Result, bail};
+use br2k_payments::{Ledger, Settings, service};
+use br2k_replica_cli::{ReplicaArgs, parse_key, secret, shutdown_signal};
+use br2k_replication::OutboxConfig;
+use clap::Parser;
+
+const AFTER_HELP: &str = "\
+Routes: POST /grants {\"user\", \"amount\"} (operator token), POST /payouts {\"user\", \"amount\"},
+POST /deposits {\"hash\"}, GET /accounts. See examples/payments/README.md.
+
+Keys: the service's transaction key (it holds the tokens and pays) comes from
+BR2K_OUTBOX_KEY or --outbox-key-file (mode 0600): the same on every replica, used by
+nothing else (the outbox owns its nonces). The replica's operator key (to publish its
+location in the registry) comes from ETH_PRIVATE_KEY. Grants need the operator token
+(BR2K_OPERATOR_TOKEN or --operator-token-file).
+
+Example (3 replicas, one of them):
+  br2k-payments --replica n1 --etcd http://127.0.0.1:2379 --listen 127.0.0.1:8081 \\
+    --data-dir /var/lib/payments/n1 --token 0x5FbD... --outbox-key-file /etc/payments/key \\
+    --operator-token-file /etc/payments/operator --registry 0xe7f1... --rpc-url http://127.0.0.1:8545";
+
+/// One replica of the br2k payment service: grants (Replication), payouts (only-once,
+/// sent through the transaction outbox: paid at most once through any leader change) and
+/// deposits (External_TXN, verified on chain), over a token contract. Run one per node,
+/// each next to its own etcd member.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None, after_help = AFTER_HELP)]
+struct Args {
+    /// Service name, as registered in the service registry.
+    #[arg(long, env = "BR2K_SERVICE", default_value = "payments")]
+    service: String,
+    /// The token contract the service pays and takes deposits in.
+    #[arg(long, env = "BR2K_TOKEN")]
+    token: Address,
+    /// A file (mode 0600) holding the service's transaction key (hex); or set BR2K_OUTBOX_KEY.
+    #[arg(long, value_name = "PATH")]
+    outbox_key_file: Option<PathBuf>,
+    /// A file (mode 0600) holding the token operators send to grant credit; or set
+    /// BR2K_OPERATOR_TOKEN.
+    #[arg(long, value_name = "PATH")]
+    operator_token_file: Option<PathBuf>,
+    /// The chain payouts are sent on and deposits verified on [default: --rpc-url].
+    #[arg(long, env = "BR2K_PAYMENTS_RPC_URL", value_name = "URL")]
+    payments_rpc_url: Option<String>,
+    /// Blocks a payout or a deposit must be under before it counts.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    confirmations: u64,
+    /// Seconds a payout may stay unmined before it is replaced with higher fees (same nonce).
+    #[arg(long, value_name = "SECONDS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    bump_after: u64,
+    /// Seconds a payout waits for its receipt before it is left in doubt (and settled later);
+    /// keep it under --handler-timeout.
+    #[arg(long, value_name = "SECONDS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    settle_within: u64,
+    #[command(flatten)]
+    replica: ReplicaArgs,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,br2k_replication=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    if args.settle_within >= args.replica.handler_timeout {
+        bail!(
+            "--settle-within ({} s) must be under --handler-timeout ({} s): a payout waiting for its receipt must not \
+             count as a stuck handler",
+            args.settle_within,
+            args.replica.handler_timeout
+        );
+    }
+    let Some(key) = secret("BR2K_OUTBOX_KEY", args.outbox_key_file.as_deref(), "outbox key")? else {
+        bail!("the service's transaction key is missing: set BR2K_OUTBOX_KEY or pass --outbox-key-file (mode 0600)");
+    };
+    let signer = parse_key(&key, "the outbox key (BR2K_OUTBOX_KEY / --outbox-key-file)")?;
+    let Some(operator_token) = secret("BR2K_OPERATOR_TOKEN", args.operator_token_file.as_deref(), "operator token")?
+    else {
+        bail!("the operator token is missing: set BR2K_OPERATOR_TOKEN or pass --operator-token-file (mode 0600)");
+    };
+    let mut config = args.replica.config(&args.service).await?;
+    let rpc_url = args.payments_rpc_url.clone().unwrap_or_else(|| args.replica.rpc_url.clone());
+    let settings = Settings { token: args.token, service: signer.address(), confirmations: args.confirmations };
+    let mut outbox = OutboxConfig::new(rpc_url, signer);
+    outbox.confirmations = args.confirmations;
+    outbox.bump_after = Duration::from_secs(args.bump_after);
+    outbox.settle_within = Duration::from_secs(args.settle_within);
+    config.outbox = Some(outbox);
+    let data_dir = &args.replica.data_dir;
+    let ledger = Ledger::open(data_dir, settings)
+        .with_context(|| format!("cannot open the ledger in {}", data_dir.display()))?;
+    tracing::info!(service = %settings.service, token = %settings.token, "paying from the service's key");
+    let replica = service(config, operator_token).build(ledger)?;
+    replica.serve(shutdown_signal()).await?;
+    Ok(())
+}

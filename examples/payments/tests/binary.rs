@@ -1,0 +1,190 @@
+//! The `br2k-payments` binary: three processes on a real etcd cluster and a real anvil
+//! mining a block a second; the leader's process is SIGKILLed while payouts are in
+//! flight, and every payout is still paid exactly once.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use alloy::network::EthereumWallet;
+use alloy::primitives::{Address, U256};
+use alloy::providers::{Provider, ProviderBuilder};
+use alloy::signers::local::PrivateKeySigner;
+use br2k_payments::{Effect, PaymentToken, read_ledger};
+use br2k_test_utils::{Anvil, EtcdCluster, KillOnDrop};
+
+const OPERATOR: &str = "operator-token";
+const SERVICE_KEY: usize = 5;
+
+fn private_file(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+}
+
+struct Node {
+    port: u16,
+    dir: PathBuf,
+    process: Option<KillOnDrop>,
+}
+
+struct Cluster {
+    etcd: EtcdCluster,
+    anvil: Anvil,
+    token: Address,
+    secrets: tempfile::TempDir,
+    nodes: Vec<Node>,
+    http: reqwest::Client,
+}
+
+impl Cluster {
+    fn start_node(&mut self, i: usize) {
+        let node = &self.nodes[i];
+        let child = Command::new(env!("CARGO_BIN_EXE_br2k-payments"))
+            .args(["--replica", &format!("n{i}"), "--etcd", &self.etcd.endpoint(i)])
+            .args(["--listen", &format!("127.0.0.1:{}", node.port), "--check-interval-ms", "50"])
+            .args(["--token", &self.token.to_string(), "--rpc-url", &self.anvil.endpoint()])
+            .args(["--settle-within", "5", "--handler-timeout", "15"])
+            .arg("--data-dir")
+            .arg(&node.dir)
+            .arg("--outbox-key-file")
+            .arg(self.secrets.path().join("key"))
+            .arg("--operator-token-file")
+            .arg(self.secrets.path().join("operator"))
+            .env_remove("BR2K_REGISTRY")
+            .env_remove("BR2K_OUTBOX_KEY")
+            .env_remove("BR2K_OPERATOR_TOKEN")
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map(KillOnDrop)
+            .unwrap();
+        self.nodes[i].process = Some(child);
+    }
+
+    /// The node whose process answers as leader.
+    async fn leader(&self) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            for (i, node) in self.nodes.iter().enumerate() {
+                let url = format!("http://127.0.0.1:{}/br2k/status", node.port);
+                if node.process.is_some()
+                    && let Ok(answer) = self.http.get(url).send().await
+                    && answer.json::<serde_json::Value>().await.unwrap_or_default()["role"] == "leader"
+                {
+                    return i;
+                }
+            }
+            assert!(Instant::now() < deadline, "no leader within 30 s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Sends until a replica answers something other than 503 (or a dead connection).
+    async fn send(&self, path: &str, body: serde_json::Value, key: &str) -> (u16, serde_json::Value) {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            for node in self.nodes.iter().filter(|n| n.process.is_some()) {
+                let sent = self
+                    .http
+                    .post(format!("http://127.0.0.1:{}{path}", node.port))
+                    .header("Idempotency-Key", key)
+                    .bearer_auth(OPERATOR)
+                    .json(&body)
+                    .send()
+                    .await;
+                if let Ok(answer) = sent
+                    && answer.status() != 503
+                {
+                    return (answer.status().as_u16(), answer.json().await.unwrap_or_default());
+                }
+            }
+            assert!(Instant::now() < deadline, "no answer to {path} within 90 s");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn payouts_survive_the_leaders_process_killed_and_each_pays_once() {
+    let anvil = Anvil::builder()
+        .arg("--block-time")
+        .arg("1")
+        .spawn()
+        .expect("anvil starts (run `bash tools/setup.sh` if it is missing)");
+    let etcd = EtcdCluster::spawn().expect("etcd starts (run `bash tools/setup.sh` if it is missing)");
+    let deployer = ProviderBuilder::new()
+        .wallet(EthereumWallet::from(anvil.key(0)))
+        .connect_http(anvil.endpoint().parse().unwrap());
+    let token = PaymentToken::deploy(&deployer).await.unwrap();
+    let service = anvil.address(SERVICE_KEY);
+    token.mint(service, U256::from(1_000_000)).send().await.unwrap().get_receipt().await.unwrap();
+    let secrets = tempfile::tempdir().unwrap();
+    private_file(&secrets.path().join("key"), &format!("{}\n", alloy::hex::encode(anvil.key(SERVICE_KEY).to_bytes())));
+    private_file(&secrets.path().join("operator"), OPERATOR);
+    let data = tempfile::tempdir().unwrap();
+    let nodes = (0..3)
+        .map(|i| Node {
+            port: std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port(),
+            dir: data.path().join(format!("n{i}")),
+            process: None,
+        })
+        .collect();
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+    let mut c = Cluster { etcd, anvil, token: *token.address(), secrets, nodes, http };
+    for i in 0..3 {
+        c.start_node(i);
+    }
+    let users: Vec<Address> = (0..3).map(|_| PrivateKeySigner::random().address()).collect();
+    for (n, user) in users.iter().enumerate() {
+        let (status, body) =
+            c.send("/grants", serde_json::json!({ "user": user, "amount": "1000" }), &format!("g{n}")).await;
+        assert_eq!(status, 200, "{body}");
+    }
+
+    // Each round: a payout goes out, and the leader's process is SIGKILLed (with its etcd
+    // member) while it is in flight; the retry with the same key gets the one answer.
+    for (round, user) in users.iter().enumerate() {
+        let l = c.leader().await;
+        let (http, port) = (c.http.clone(), c.nodes[l].port);
+        let ask = serde_json::json!({ "user": user, "amount": "300" });
+        let key = format!("p{round}");
+        let first = {
+            let (ask, key) = (ask.clone(), key.clone());
+            tokio::spawn(async move {
+                http.post(format!("http://127.0.0.1:{port}/payouts"))
+                    .header("Idempotency-Key", key)
+                    .json(&ask)
+                    .send()
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(150 + 250 * round as u64)).await;
+        c.nodes[l].process = None; // SIGKILL
+        c.etcd.kill(l).unwrap();
+        let _ = first.await;
+        let (status, body) = c.send("/payouts", ask, &key).await;
+        assert_eq!(status, 200, "round {round}: {body}");
+        c.etcd.restart(l).unwrap();
+        c.start_node(l);
+    }
+
+    // The chain: each user paid once; the service sent one transaction per payout.
+    let provider = ProviderBuilder::new().connect_http(c.anvil.endpoint().parse().unwrap());
+    for user in &users {
+        assert_eq!(token.balanceOf(*user).call().await.unwrap(), U256::from(300), "{user} paid once");
+    }
+    assert_eq!(provider.get_transaction_count(service).await.unwrap(), 3);
+    // Every replica's ledger converges: three grants and three payouts, in the same order.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ledgers: Vec<_> = c.nodes.iter().map(|n| read_ledger(&n.dir).unwrap()).collect();
+        let payouts =
+            |l: &Vec<br2k_payments::Line>| l.iter().filter(|x| matches!(x.effect, Effect::Payout { .. })).count();
+        if ledgers.iter().all(|l| l.len() == 6 && payouts(l) == 3) {
+            assert!(ledgers.iter().all(|l| *l == ledgers[0]), "the replicas' ledgers differ");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the ledgers did not converge: {ledgers:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
