@@ -197,11 +197,16 @@ pub(crate) struct LocalReplicaOpts {
 impl LocalReplicaOpts {
     /// The app binary: `--app`, else the log server built next to this `br2k`.
     pub(crate) fn app(&self) -> Result<PathBuf> {
+        self.app_or("br2k-logserver")
+    }
+
+    /// The app binary: `--app`, else `name` built next to this `br2k`.
+    pub(crate) fn app_or(&self, name: &str) -> Result<PathBuf> {
         match &self.app {
             Some(app) => Ok(app.clone()),
-            None => br2k_deploy::local::sibling_binary("br2k-logserver").context(
-                "br2k-logserver is not next to this br2k: build it (`cargo build -p br2k-logserver`) or pass --app",
-            ),
+            None => br2k_deploy::local::sibling_binary(name).with_context(|| {
+                format!("{name} is not next to this br2k: build it (`cargo build -p {name}`) or pass --app")
+            }),
         }
     }
 

@@ -7,6 +7,7 @@
 pub mod attacker;
 pub mod checker;
 pub mod deployed;
+pub mod payments;
 pub mod report;
 pub mod users;
 
@@ -241,10 +242,10 @@ pub async fn run(config: TestbedConfig, progress: &(dyn Fn(&str) + Sync)) -> Res
 }
 
 /// The attacker's loop, until every user is done. Returns the faults it injected.
-async fn attack(
+async fn attack<T>(
     sandbox: &mut Sandbox,
     config: &TestbedConfig,
-    users: &[tokio::task::JoinHandle<users::UserLog>],
+    users: &[tokio::task::JoinHandle<T>],
     start: Instant,
     counters: &Progress,
     total: u64,

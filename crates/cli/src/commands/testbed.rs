@@ -14,6 +14,7 @@ const EXAMPLES: &str = "\
 Examples:
   br2k testbed --fault partition --target leader --requests 200      # a short leader test
   br2k testbed --fault pause --target random --interval 5..10 --duration 3
+  br2k testbed --workload payments --fault kill --target leader --requests 100   # payouts under faults
   # the paper's scale (5 x 10,000 requests at 2/s: about 85 minutes per test):
   br2k testbed --users 5 --requests 10000 --rate 2 --target leader --interval 120..140 --duration 20
   br2k testbed --users 5 --requests 10000 --rate 2 --target random --interval 60..120 --duration 20
@@ -42,6 +43,12 @@ pub(crate) struct TestbedArgs {
     /// Requests per second each user sends (the paper: 2).
     #[arg(long, default_value_t = 2.0)]
     rate: f64,
+
+    /// What the users do: `log` (the paper's log server) or `payments` (the payment
+    /// service: payouts through the transaction outbox and deposits verified on chain; the
+    /// checker reads the chain itself).
+    #[arg(long, default_value = "log", value_parser = ["log", "payments"])]
+    workload: String,
 
     /// The fault: partition (cut the network link), pause (SIGSTOP, then SIGCONT), kill
     /// (SIGKILL, then restart), or none.
@@ -87,7 +94,8 @@ impl TestbedArgs {
         if !(self.duration.is_finite() && self.duration >= 0.0 && self.duration <= 3600.0) {
             bail!("--duration must be 0 to 3600 seconds, not {}", self.duration);
         }
-        let app = self.local.app()?;
+        let payments = self.workload == "payments";
+        let app = if payments { self.local.app_or("br2k-payments")? } else { self.local.app()? };
         let temp;
         let work_dir = match self.work_dir {
             Some(dir) => dir,
@@ -119,6 +127,23 @@ impl TestbedArgs {
         };
         let progress = |line: &str| out.progress(format_args!("testbed: {line}"));
         let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        if payments {
+            let (findings, faults) = tokio::select! {
+                run = br2k_testbed::payments::run(config, &progress) => run?,
+                _ = tokio::signal::ctrl_c() => bail!("interrupted; every node was stopped"),
+                _ = terminate.recv() => bail!("terminated; every node was stopped"),
+            };
+            if let Some(path) = &self.json_out {
+                let text = serde_json::to_string_pretty(&findings)?;
+                std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+            }
+            if global.json {
+                println!("{}", serde_json::to_string(&findings)?);
+            } else {
+                print!("{}", findings.markdown(faults));
+            }
+            return if findings.passed() { Ok(()) } else { Err(ChecksFailed.into()) };
+        }
         let report = tokio::select! {
             report = br2k_testbed::run(config, &progress) => report?,
             _ = tokio::signal::ctrl_c() => bail!("interrupted; every node was stopped"),

@@ -63,6 +63,16 @@ fn logserver() -> PathBuf {
     path
 }
 
+fn payments() -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_BIN_EXE_br2k")).with_file_name("br2k-payments");
+    assert!(
+        path.is_file(),
+        "{} is missing: run the tests with `cargo test --workspace` (or `cargo build -p br2k-payments` first)",
+        path.display()
+    );
+    path
+}
+
 fn namespaces_of_slot(slot: u64) -> Vec<String> {
     let prefix = format!("b2k{slot}n");
     std::fs::read_dir("/run/netns")

@@ -1,7 +1,7 @@
 //! A short testbed for each fault kind and both targets: every one must lose no
 //! acknowledged request, duplicate none, and end with identical replicas.
 
-use crate::{br2k, logserver, one_at_a_time};
+use crate::{br2k, logserver, one_at_a_time, payments};
 
 #[test]
 fn every_fault_kind_on_both_targets_loses_and_duplicates_nothing() {
@@ -80,4 +80,34 @@ fn bad_flags_are_refused_with_the_reason() {
         .unwrap();
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("use at least 3"));
+}
+
+#[test]
+fn payouts_under_leader_kills_are_each_paid_once_and_every_ledger_equals_the_chain() {
+    let _turn = one_at_a_time();
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("payments.json");
+    let output = br2k()
+        .args(["testbed", "--workload", "payments", "--users", "2", "--requests", "20", "--rate", "4"])
+        .args(["--interval", "1.5..2.5", "--duration", "1", "--election-timeout", "500", "--fault", "kill"])
+        .args(["--target", "leader", "--seed", "5", "--give-up-after", "60", "--network", "loopback"])
+        .arg("--app")
+        .arg(payments())
+        .arg("--json-out")
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["double_payments"], 0, "{stdout}");
+    assert_eq!(report["lost_payouts"], 0, "{stdout}");
+    assert_eq!(report["balance_mismatches"], 0, "{stdout}");
+    assert_eq!(report["ledgers_identical"], true, "{stdout}");
+    let acknowledged =
+        report["payouts_acknowledged"].as_u64().unwrap() + report["deposits_acknowledged"].as_u64().unwrap();
+    assert_eq!(acknowledged, 40, "every request acknowledged in the end: {stdout}");
+    assert_eq!(report["transfers_on_chain"], report["payouts_acknowledged"], "one transfer per payout: {stdout}");
+    assert!(stdout.contains("faults injected") && !stdout.contains("| faults injected | 0 |"), "{stdout}");
 }
