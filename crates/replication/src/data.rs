@@ -92,6 +92,11 @@ impl Keys {
         format!("{}outbox/tx/", self.prefix)
     }
 
+    /// The first key after every outbox record.
+    pub(crate) fn outbox_end(&self) -> String {
+        format!("{}outbox/tx0", self.prefix)
+    }
+
     /// The next nonce the outbox has not reserved, decimal.
     pub(crate) fn outbox_next_nonce(&self) -> String {
         format!("{}outbox/next_nonce", self.prefix)

@@ -199,6 +199,8 @@ pub enum TxError {
 /// Points of a send a test can stop at (the replica is then crashed).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum TxStep {
+    /// About to reserve a nonce: nothing stored yet.
+    Reserving,
     /// Signed and stored in etcd, not yet broadcast.
     Stored,
     /// Broadcast, its receipt not yet seen.
@@ -275,6 +277,30 @@ pub struct Outbox {
 impl std::fmt::Debug for Outbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Outbox").field("index", &self.index).field("sender", &self.chain.sender()).finish()
+    }
+}
+
+impl Chain {
+    /// Broadcasts again every stored, unsettled transaction of the requests after `index`
+    /// (errors ignored: "already known" is the usual answer). A leader that died between
+    /// storing a later request's transaction and broadcasting it left its nonce unused;
+    /// until it is mined, no transaction with a higher nonce can be, and the request at
+    /// `index`, which the later ones wait for, would never settle.
+    pub(crate) async fn rebroadcast_after(&self, store: &Store, keys: &Keys, index: u64) {
+        let Ok(records) = store.values_in(&keys.outbox(index + 1, 0), &keys.outbox_end()).await else { return };
+        for (key, value) in records {
+            let Ok(record) = data::decode::<TxRecord>(&key, &value) else { continue };
+            if record.settled.is_some() || record.refused.is_some() {
+                continue;
+            }
+            if let Some(latest) = record.attempts.last() {
+                let sent =
+                    tokio::time::timeout(self.config.rpc_timeout, self.provider.send_raw_transaction(&latest.raw));
+                if let Ok(Ok(_)) = sent.await {
+                    info!(nonce = record.nonce, hash = %latest.hash, "broadcast a later request's stored transaction to fill its nonce");
+                }
+            }
+        }
     }
 }
 
@@ -375,6 +401,7 @@ impl Outbox {
         };
         let fees = self.rpc("estimate the fees", chain.provider.estimate_eip1559_fees()).await.map_err(failed)?;
         self.chain_id().await.map_err(failed)?;
+        chain.observe(TxStep::Reserving, self.index).await;
         let _reserving = chain.reserving.lock().await;
         let mined = self
             .rpc("read the nonce", chain.provider.get_transaction_count(chain.sender()).latest().into_future())

@@ -1089,6 +1089,11 @@ impl<S: AppState> Runtime<S> {
                 return Ok(outcome);
             }
             attempts += 1;
+            // A later request's stored transaction may hold a lower nonce that was never
+            // broadcast (its leader died): this one cannot be mined before it.
+            if let Some(chain) = &self.chain {
+                chain.rebroadcast_after(self.store(), &self.keys, index).await;
+            }
             if attempts == 1 {
                 warn!(index, "a payment is not settled yet; the requests after it wait for it");
                 self.set_status(|s| {

@@ -208,6 +208,14 @@ impl Store {
             .collect()
     }
 
+    /// Every key and value in `[from, to)`, in key order.
+    pub(crate) async fn values_in(&self, from: &str, to: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut client = self.client.clone();
+        let options = GetOptions::new().with_range(to);
+        let response = self.bounded("read a range", client.get(from, Some(options))).await?;
+        Ok(response.kvs().iter().map(|kv| (kv.key().to_vec(), kv.value().to_vec())).collect())
+    }
+
     /// A decimal counter; 0 when the key does not exist yet.
     pub(crate) async fn get_index(&self, key: &str) -> Result<u64> {
         match self.get(key).await? {

@@ -236,12 +236,29 @@ pub(crate) struct TxInterrupt {
     pub(crate) reached: Notify,
     /// Released to let a stopped send go on (a stale leader waking up).
     pub(crate) release: Notify,
+    /// Sends of particular requests to stop, each once: (step, log index).
+    pub(crate) at: Mutex<Vec<(TxStep, u64)>>,
 }
 
 impl TxInterrupt {
     pub(crate) fn arm(&self, step: TxStep) {
         *self.step.lock().unwrap() = Some(step);
         self.armed.store(true, Ordering::SeqCst);
+    }
+
+    /// Stops the send of the request at `index` at `step`.
+    pub(crate) fn arm_at(&self, step: TxStep, index: u64) {
+        self.at.lock().unwrap().push((step, index));
+    }
+
+    fn stops(&self, step: TxStep, index: u64) -> bool {
+        if self.armed.load(Ordering::SeqCst) && *self.step.lock().unwrap() == Some(step) {
+            self.armed.store(false, Ordering::SeqCst);
+            return true;
+        }
+        let mut at = self.at.lock().unwrap();
+        let found = at.iter().position(|&armed| armed == (step, index));
+        found.map(|position| at.remove(position)).is_some()
     }
 }
 
@@ -251,6 +268,8 @@ pub(crate) struct Interrupt {
     pub(crate) armed: AtomicBool,
     pub(crate) step: Mutex<Option<Step>>,
     pub(crate) reached: Notify,
+    /// Lets the stopped request go on.
+    pub(crate) release: Notify,
 }
 
 /// One replica: its task, its app state and how to stop it.
@@ -486,8 +505,9 @@ impl Cluster {
                         observer.armed.load(Ordering::SeqCst) && *observer.step.lock().unwrap() == Some(step);
                     if stop_here {
                         observer.armed.store(false, Ordering::SeqCst);
+                        let released = observer.release.notified();
                         observer.reached.notify_one();
-                        std::future::pending::<()>().await;
+                        released.await;
                     }
                 }
             });
@@ -495,13 +515,10 @@ impl Cluster {
             let observer = tx_interrupt.clone();
             builder = builder.external_txn("POST", "/deposit", deposit).apply("POST", "/deposit", journal_it);
             builder = builder.only_once_tx("POST", "/pay-recorded", pay).apply("POST", "/pay-recorded", journal_it);
-            builder = builder.only_once_tx("POST", "/pay", pay).on_tx_step(move |step, _index| {
+            builder = builder.only_once_tx("POST", "/pay", pay).on_tx_step(move |step, index| {
                 let observer = observer.clone();
                 async move {
-                    let stop_here =
-                        observer.armed.load(Ordering::SeqCst) && *observer.step.lock().unwrap() == Some(step);
-                    if stop_here {
-                        observer.armed.store(false, Ordering::SeqCst);
+                    if observer.stops(step, index) {
                         let released = observer.release.notified();
                         observer.reached.notify_one();
                         released.await;
@@ -573,6 +590,15 @@ impl Cluster {
     }
 
     /// A decimal record (`ls`, `ssi`, `lpi/r0`), 0 when absent.
+    /// Waits (up to 20 s) until the counter `name` reaches `at_least`.
+    pub(crate) async fn eventually_counter(&self, name: &str, at_least: u64) {
+        let started = Instant::now();
+        while self.counter(name).await < at_least {
+            assert!(started.elapsed() < Duration::from_secs(20), "{name} did not reach {at_least}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub(crate) async fn counter(&self, name: &str) -> u64 {
         let mut client = self.etcd_client(self.healthy_member()).await;
         let response = client.get(format!("/br2k/{SERVICE}/{name}"), None).await.unwrap();

@@ -449,3 +449,46 @@ async fn concurrent_payments_each_pay_once_at_consecutive_nonces() {
     }
     assert_eq!(on_chain(&anvil, recipients[0], service).await.1, 12);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_later_payments_unbroadcast_nonce_never_blocks_an_earlier_one() {
+    let anvil = block_time_anvil(1);
+    let mut c = paying_cluster(&anvil, |_| {}).await;
+    let service = anvil.address(SERVICE_KEY);
+    let (first, second) = (PrivateKeySigner::random().address(), PrivateKeySigner::random().address());
+    let l = c.leader(None).await;
+    // An append (index 1) holds the pipeline, so that both payouts are processed as one
+    // group, side by side: the first (index 2) stops before reserving a nonce, the second
+    // (index 3) after storing its transaction at nonce 0. The leader then dies: nonce 0
+    // is reserved for the later request and was never broadcast.
+    *c.replicas[l].interrupt.step.lock().unwrap() = Some(br2k_replication::Step::BeforeExecution);
+    c.replicas[l].interrupt.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    c.replicas[l].tx_interrupt.arm_at(TxStep::Reserving, 2);
+    c.replicas[l].tx_interrupt.arm_at(TxStep::Stored, 3);
+    let send = |path: &'static str, body: String, key: &'static str| {
+        let (http, url) = (c.http.clone(), format!("{}{path}", c.replicas[l].url));
+        tokio::spawn(async move { http.post(url).header("Idempotency-Key", key).body(body).send().await })
+    };
+    let holding = send("/append", "hold".into(), "h");
+    c.replicas[l].interrupt.reached.notified().await;
+    let a = send("/pay-recorded", first.to_string(), "a");
+    c.eventually_counter("ls", 2).await;
+    let b = send("/pay-recorded", second.to_string(), "b");
+    c.eventually_counter("ls", 3).await;
+    c.replicas[l].interrupt.release.notify_one();
+    c.replicas[l].tx_interrupt.reached.notified().await;
+    c.replicas[l].tx_interrupt.reached.notified().await;
+    assert_eq!(records(&c, 3).await[0].nonce, 0, "the later payout holds nonce 0");
+    assert!(records(&c, 2).await.is_empty(), "the earlier one reserved nothing");
+    c.replicas[l].crash();
+    c.etcd.kill(l).unwrap();
+    for request in [holding, a, b] {
+        let _ = request.await;
+    }
+    // The new leader settles the earlier payout first; it can only be mined once the
+    // later one's stored transaction fills nonce 0.
+    assert_eq!(pay_recorded(&c, first, "a").await.0, 200);
+    assert_eq!(pay_recorded(&c, second, "b").await.0, 200);
+    assert_eq!(on_chain(&anvil, first, service).await, (U256::from(PAYMENT_WEI), 2));
+    assert_eq!(on_chain(&anvil, second, service).await.0, U256::from(PAYMENT_WEI));
+}
