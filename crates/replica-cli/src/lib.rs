@@ -2,7 +2,7 @@
 //! flags of one replica (where its etcd member is, where it listens, its limits,
 //! snapshots, backups, the registry it publishes in), turned into a
 //! [`br2k_replication::Config`]; secrets read from the environment or 0600 files; and
-//! shutdown on SIGINT or SIGTERM. An app's binary flattens [`ReplicaArgs`] into its own
+//! logging; and shutdown on SIGINT or SIGTERM. An app's binary flattens [`ReplicaArgs`] into its own
 //! flags and adds its own.
 
 use std::net::SocketAddr;
@@ -202,6 +202,17 @@ pub fn secret(env: &str, file: Option<&Path>, what: &str) -> Result<Option<Strin
         bail!("the {what} file {} is empty", path.display());
     }
     Ok(Some(value.to_owned()))
+}
+
+/// Logs to stderr, at `RUST_LOG`'s levels (default: info).
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,br2k_replication=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 /// Completes on the first SIGINT or SIGTERM.

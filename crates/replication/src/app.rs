@@ -65,6 +65,38 @@ pub trait SnapshotBuilder: Send + 'static {
     fn build_snapshot(self: Box<Self>, out: &mut dyn std::io::Write) -> std::io::Result<()>;
 }
 
+/// The snapshot of a state kept in an append-only file: its first `len` bytes, captured
+/// as an open file and a length (what the log server and the payments ledger snapshot).
+#[derive(Debug)]
+pub struct FilePrefix {
+    file: std::fs::File,
+    len: u64,
+}
+
+impl FilePrefix {
+    /// The first `len` bytes of the file at `path`, opened now (later appends and a
+    /// rename over the path do not change what is captured).
+    ///
+    /// # Errors
+    /// When the file cannot be opened.
+    pub fn capture(path: &Path, len: u64) -> std::io::Result<Self> {
+        Ok(Self { file: std::fs::File::open(path)?, len })
+    }
+}
+
+impl SnapshotBuilder for FilePrefix {
+    fn build_snapshot(self: Box<Self>, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+        let copied = std::io::copy(&mut std::io::Read::take(self.file, self.len), out)?;
+        if copied != self.len {
+            return Err(std::io::Error::other(format!(
+                "the file is {copied} bytes, shorter than the {} captured",
+                self.len
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// A client request as a handler sees it.
 #[derive(Clone, Debug)]
 pub struct Request {

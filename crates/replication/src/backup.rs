@@ -365,15 +365,7 @@ impl<S: AppState> Runtime<S> {
     async fn replay(&self, entry: &SegmentEntry, tally: &mut crate::data::CompactedLog) -> Result<()> {
         use crate::data::{ProcessState, RequestKind};
         tally.count(&entry.state);
-        let recorded_effect = matches!(entry.state.kind, RequestKind::Normal | RequestKind::ExternalTxn)
-            && entry.state.state == ProcessState::Success
-            && entry.index > self.state.applied_index();
-        if recorded_effect
-            && let (Some(route), Some(response)) =
-                (self.route_of(&entry.request.method, &entry.request.path), entry.state.response.clone())
-        {
-            return self.apply_recorded(route, entry.index, &entry.request, crate::Reply::from_stored(response)).await;
-        }
+        self.apply_if_recorded(entry.index, &entry.state, &entry.request).await?;
         let replicated = entry.state.kind == RequestKind::Replication && entry.state.state == ProcessState::Success;
         if !replicated || entry.index <= self.state.applied_index() {
             return Ok(());

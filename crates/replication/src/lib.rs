@@ -21,7 +21,7 @@ mod snapshot;
 mod state_transfer;
 mod store;
 
-pub use app::{AppState, BoxFuture, Outcome, Reply, Request, SnapshotBuilder, Step, bearer_token};
+pub use app::{AppState, BoxFuture, FilePrefix, Outcome, Reply, Request, SnapshotBuilder, Step, bearer_token};
 pub use builder::Builder;
 pub use config::{Config, Limits, Publisher, SnapshotPolicy, Timings};
 pub use data::{

@@ -598,15 +598,7 @@ impl<S: AppState> Runtime<S> {
         let to = ssi.min(node.lpi + PAGE);
         let entries = store.entries(node.lpi + 1, to).await?;
         for entry in entries {
-            let recorded_effect = matches!(entry.state.kind, RequestKind::Normal | RequestKind::ExternalTxn)
-                && entry.state.state == ProcessState::Success
-                && entry.index > self.state.applied_index();
-            if recorded_effect
-                && let (Some(route), Some(response)) =
-                    (self.route_of(&entry.request.method, &entry.request.path), entry.state.response.clone())
-            {
-                self.apply_recorded(route, entry.index, &entry.request, Reply::from_stored(response)).await?;
-            }
+            self.apply_if_recorded(entry.index, &entry.state, &entry.request).await?;
             if entry.state.kind == RequestKind::Replication
                 && entry.state.state == ProcessState::Success
                 && entry.index > self.state.applied_index()
@@ -889,14 +881,8 @@ impl<S: AppState> Runtime<S> {
                             }
                         }
                     }
-                    (ProcessState::Success, RequestKind::Normal | RequestKind::ExternalTxn)
-                        if index > self.state.applied_index() =>
-                    {
-                        if let (Some(route), Some(response)) =
-                            (self.route_of(&entry.request.method, &entry.request.path), entry.state.response.clone())
-                        {
-                            self.apply_recorded(route, index, &entry.request, Reply::from_stored(response)).await?;
-                        }
+                    (ProcessState::Success, RequestKind::Normal | RequestKind::ExternalTxn) => {
+                        self.apply_if_recorded(index, &entry.state, &entry.request).await?;
                     }
                     _ => {}
                 }
@@ -1106,6 +1092,21 @@ impl<S: AppState> Runtime<S> {
             self.store().authority_write(term, Vec::new()).await?;
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
+    }
+
+    /// Applies the entry at `index` from its record if it is an only-once or External_TXN
+    /// Success this replica has not applied yet and its route has an effect (followers,
+    /// Prepare Service and restores all go through here).
+    pub(crate) async fn apply_if_recorded(&self, index: u64, state: &EntryState, entry: &LogEntry) -> Result<()> {
+        let recorded = matches!(state.kind, RequestKind::Normal | RequestKind::ExternalTxn)
+            && state.state == ProcessState::Success
+            && index > self.state.applied_index();
+        if recorded
+            && let (Some(route), Some(response)) = (self.route_of(&entry.method, &entry.path), state.response.clone())
+        {
+            self.apply_recorded(route, index, entry, Reply::from_stored(response)).await?;
+        }
+        Ok(())
     }
 
     /// Applies a recorded Success of `route` (only-once or External_TXN) to the replicated

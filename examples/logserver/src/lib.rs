@@ -19,7 +19,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use br2k_replication::{AppState, Builder, Config, Outcome, Replicated, Reply, Request, SnapshotBuilder};
+use br2k_replication::{AppState, Builder, Config, FilePrefix, Outcome, Replicated, Reply, Request, SnapshotBuilder};
 use serde::{Deserialize, Serialize};
 
 /// One entry of the log.
@@ -173,8 +173,7 @@ impl AppState for LogState {
     /// state at that index for good: the capture is a length and an open file.
     fn snapshot(&self) -> std::io::Result<Box<dyn SnapshotBuilder>> {
         let inner = self.lock();
-        let file = File::open(&inner.path)?;
-        Ok(Box::new(LogSnapshot { file, len: inner.len }))
+        Ok(Box::new(FilePrefix::capture(&inner.path, inner.len)?))
     }
 
     /// Checks that the snapshot is a whole log (complete lines, indexes increasing), then
@@ -191,24 +190,6 @@ impl AppState for LogState {
 }
 
 /// The first `len` bytes of the log file as it was captured.
-struct LogSnapshot {
-    file: File,
-    len: u64,
-}
-
-impl SnapshotBuilder for LogSnapshot {
-    fn build_snapshot(self: Box<Self>, out: &mut dyn Write) -> std::io::Result<()> {
-        let copied = std::io::copy(&mut std::io::Read::take(self.file, self.len), out)?;
-        if copied != self.len {
-            return Err(std::io::Error::other(format!(
-                "the log is {copied} bytes, shorter than the {} captured",
-                self.len
-            )));
-        }
-        Ok(())
-    }
-}
-
 fn restore_log(snapshot: &Path, log: &Path) -> std::io::Result<Inner> {
     let invalid = |reason: String| std::io::Error::new(std::io::ErrorKind::InvalidData, reason);
     let text = std::fs::read_to_string(snapshot)?;

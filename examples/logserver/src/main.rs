@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use br2k_logserver::{LogState, service};
-use br2k_replica_cli::{ReplicaArgs, shutdown_signal};
+use br2k_replica_cli::{ReplicaArgs, init_logging, shutdown_signal};
 use clap::Parser;
 
 /// One replica of the BR2K log server. Run one per node, each next to its own etcd member;
@@ -29,13 +29,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,br2k_replication=info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging();
     let args = Args::parse();
     let config = args.replica.config(&args.service).await?;
     let data_dir = &args.replica.data_dir;

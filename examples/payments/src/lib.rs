@@ -27,7 +27,8 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use alloy::primitives::{Address, B256, U256};
 use alloy::sol_types::{SolCall, SolEvent};
 use br2k_replication::{
-    AppState, Builder, Config, Expected, Outcome, Replicated, Reply, Request, SnapshotBuilder, TxCall, TxError,
+    AppState, Builder, Config, Expected, FilePrefix, Outcome, Replicated, Reply, Request, SnapshotBuilder, TxCall,
+    TxError,
 };
 use serde::{Deserialize, Serialize};
 
@@ -311,7 +312,7 @@ impl AppState for Ledger {
     /// state at that index for good.
     fn snapshot(&self) -> std::io::Result<Box<dyn SnapshotBuilder>> {
         let inner = self.lock();
-        Ok(Box::new(LedgerSnapshot { file: File::open(&inner.path)?, len: inner.len }))
+        Ok(Box::new(FilePrefix::capture(&inner.path, inner.len)?))
     }
 
     async fn restore(&self, file: &Path) -> std::io::Result<()> {
@@ -328,19 +329,6 @@ impl AppState for Ledger {
         std::fs::rename(&fresh, &inner.path)?;
         inner.file = OpenOptions::new().append(true).open(&inner.path)?;
         inner.rebuild(&parsed);
-        Ok(())
-    }
-}
-
-struct LedgerSnapshot {
-    file: File,
-    len: u64,
-}
-
-impl SnapshotBuilder for LedgerSnapshot {
-    fn build_snapshot(self: Box<Self>, out: &mut dyn std::io::Write) -> std::io::Result<()> {
-        let mut part = std::io::Read::take(self.file, self.len);
-        std::io::copy(&mut part, out)?;
         Ok(())
     }
 }

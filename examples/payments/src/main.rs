@@ -6,7 +6,7 @@ use std::time::Duration;
 use alloy::primitives::Address;
 use anyhow::{Context, Result, bail};
 use br2k_payments::{Ledger, Settings, service};
-use br2k_replica_cli::{ReplicaArgs, parse_key, secret, shutdown_signal};
+use br2k_replica_cli::{ReplicaArgs, init_logging, parse_key, secret, shutdown_signal};
 use br2k_replication::OutboxConfig;
 use clap::Parser;
 
@@ -64,13 +64,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,br2k_replication=info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging();
     let args = Args::parse();
     if args.settle_within >= args.replica.handler_timeout {
         bail!(
