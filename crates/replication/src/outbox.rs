@@ -47,6 +47,13 @@ use crate::data::{self, Keys};
 use crate::error::{Error, Result};
 use crate::store::{Op, Store, Term};
 
+/// The first wait for a receipt after a broadcast: a chain that mines at once (anvil's
+/// automine, a rollup's sequencer) answers within milliseconds. Doubled after each
+/// poll, up to [`POLL_EVERY`].
+const FIRST_POLL: Duration = Duration::from_millis(20);
+/// The wait between receipt polls of a transaction that was not mined at once.
+const POLL_EVERY: Duration = Duration::from_millis(250);
+
 /// How the runtime sends a service's transactions.
 #[derive(Clone)]
 pub struct OutboxConfig {
@@ -60,6 +67,11 @@ pub struct OutboxConfig {
     /// How long a transaction may stay unmined before it is replaced at the same nonce
     /// with higher fees.
     pub bump_after: Duration,
+    /// The most a replacement may pay, as a multiple of the first version's fees. A
+    /// transaction whose fees reached it is rebroadcast as it is, never bumped again: a
+    /// fee spike (or a chain that mines nothing) cannot drain the service's key, and the
+    /// request waits in doubt, shown in `/br2k/status`, until the chain takes it.
+    pub max_fee_multiple: u32,
     /// How long one send waits for its receipt before the request is left in doubt (the
     /// runtime then tries again in the background). Keep it under the handler timeout.
     pub settle_within: Duration,
@@ -74,6 +86,7 @@ impl std::fmt::Debug for OutboxConfig {
             .field("sender", &self.signer.address())
             .field("confirmations", &self.confirmations)
             .field("bump_after", &self.bump_after)
+            .field("max_fee_multiple", &self.max_fee_multiple)
             .field("settle_within", &self.settle_within)
             .finish_non_exhaustive()
     }
@@ -81,13 +94,14 @@ impl std::fmt::Debug for OutboxConfig {
 
 impl OutboxConfig {
     /// An outbox on `rpc_url` signing with `signer`: settled at 1 confirmation, bumped
-    /// after 15 s unmined, in doubt after 20 s.
+    /// after 15 s unmined up to 4 times the first fees, in doubt after 20 s.
     pub fn new(rpc_url: impl Into<String>, signer: PrivateKeySigner) -> Self {
         Self {
             rpc_url: rpc_url.into(),
             signer,
             confirmations: 1,
             bump_after: Duration::from_secs(15),
+            max_fee_multiple: 4,
             settle_within: Duration::from_secs(20),
             rpc_timeout: Duration::from_secs(10),
         }
@@ -483,6 +497,7 @@ impl Outbox {
         let mut last_broadcast: Option<Instant> = None;
         let mut last_attempt_at = Instant::now();
         let mut last_error = String::from("not mined yet");
+        let mut poll = FIRST_POLL;
         loop {
             // Any version mined?
             match self.mined(record).await {
@@ -518,11 +533,13 @@ impl Outbox {
                     record.nonce, config.settle_within
                 )));
             }
-            // Replace a lingering one at the same nonce with higher fees.
+            // Replace a lingering one at the same nonce with higher fees (until the cap).
             if last_broadcast.is_some() && last_attempt_at.elapsed() >= config.bump_after {
-                self.bump(key, record).await?;
+                if self.bump(key, record).await? {
+                    last_broadcast = None;
+                    poll = FIRST_POLL;
+                }
                 last_attempt_at = Instant::now();
-                last_broadcast = None;
             }
             if last_broadcast.is_none_or(|at| at.elapsed() >= Duration::from_secs(5)) {
                 let latest = record.attempts.last().expect("a record holds at least one attempt");
@@ -546,7 +563,8 @@ impl Outbox {
                 }
                 last_broadcast = Some(Instant::now());
             }
-            tokio::time::sleep(Duration::from_millis(250)).await;
+            tokio::time::sleep(poll).await;
+            poll = (poll * 2).min(POLL_EVERY);
         }
     }
 
@@ -611,14 +629,34 @@ impl Outbox {
     }
 
     /// Signs a replacement at the same nonce with fees a quarter higher (at least what the
-    /// chain asks now), and stores it before it is broadcast.
-    async fn bump(&self, key: &str, record: &mut TxRecord) -> Result<(), TxError> {
+    /// chain asks now, at most `max_fee_multiple` times the first version's), and stores it
+    /// before it is broadcast. `false`: the fees are at the cap, nothing was replaced.
+    async fn bump(&self, key: &str, record: &mut TxRecord) -> Result<bool, TxError> {
         let last = record.attempts.last().expect("a record holds at least one attempt").clone();
+        let first = &record.attempts[0];
+        let multiple = u128::from(self.chain.config.max_fee_multiple.max(1));
+        let (fee_cap, priority_cap) =
+            (first.max_fee_per_gas.saturating_mul(multiple), first.max_priority_fee_per_gas.saturating_mul(multiple));
         let raised = |fee: u128| fee + fee / 4 + 1;
         let (mut max_fee, mut priority) = (raised(last.max_fee_per_gas), raised(last.max_priority_fee_per_gas));
         if let Ok(now) = self.rpc("estimate the fees", self.chain.provider.estimate_eip1559_fees()).await {
             max_fee = max_fee.max(now.max_fee_per_gas);
             priority = priority.max(now.max_priority_fee_per_gas);
+        }
+        let (max_fee, priority) = (max_fee.min(fee_cap), priority.min(priority_cap));
+        // Pools take a replacement only if it pays a tenth more in both fees (geth's
+        // default price bump); one the cap keeps below that would be refused.
+        if max_fee < last.max_fee_per_gas + last.max_fee_per_gas / 10 + 1
+            || priority < last.max_priority_fee_per_gas + last.max_priority_fee_per_gas / 10
+        {
+            warn!(
+                index = self.index,
+                nonce = record.nonce,
+                max_fee = last.max_fee_per_gas,
+                cap = fee_cap,
+                "a lingering transaction's fees are at the cap (max_fee_multiple); rebroadcasting it as it is"
+            );
+            return Ok(false);
         }
         // The earlier version may still be mined: whatever fails here leaves it in doubt.
         let attempt = self
@@ -634,7 +672,7 @@ impl Outbox {
         }
         info!(index = self.index, nonce = record.nonce, hash = %attempt.hash, max_fee, "replacing a lingering transaction with higher fees");
         *record = bumped;
-        Ok(())
+        Ok(true)
     }
 
     async fn rpc<T, E: std::fmt::Display>(

@@ -54,6 +54,10 @@ struct Args {
     /// Seconds a payout may stay unmined before it is replaced with higher fees (same nonce).
     #[arg(long, value_name = "SECONDS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3600))]
     bump_after: u64,
+    /// The most a replacement may pay, as a multiple of the first version's fees; at the cap
+    /// a lingering payout is rebroadcast as it is and stays in doubt until the chain takes it.
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=100))]
+    max_fee_multiple: u32,
     /// Seconds a payout waits for its receipt before it is left in doubt (and settled later);
     /// keep it under --handler-timeout.
     #[arg(long, value_name = "SECONDS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -88,6 +92,7 @@ async fn main() -> Result<()> {
     let mut outbox = OutboxConfig::new(rpc_url, signer);
     outbox.confirmations = args.confirmations;
     outbox.bump_after = Duration::from_secs(args.bump_after);
+    outbox.max_fee_multiple = args.max_fee_multiple;
     outbox.settle_within = Duration::from_secs(args.settle_within);
     config.outbox = Some(outbox);
     let data_dir = &args.replica.data_dir;

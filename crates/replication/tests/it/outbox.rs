@@ -178,12 +178,13 @@ async fn a_stale_leader_woken_after_a_new_one_took_over_cannot_pay_twice() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_lingering_transaction_is_replaced_at_the_same_nonce_and_settles_once() {
+async fn a_lingering_transaction_is_replaced_at_the_same_nonce_up_to_the_fee_cap_and_settles_once() {
     // Nothing is mined until the test says so.
     let anvil =
         Anvil::builder().arg("--no-mining").spawn().expect("anvil starts (run `bash tools/setup.sh` if it is missing)");
     let c = paying_cluster(&anvil, |outbox| {
         outbox.bump_after = Duration::from_secs(1);
+        outbox.max_fee_multiple = 2;
         outbox.settle_within = Duration::from_secs(30);
     })
     .await;
@@ -198,6 +199,14 @@ async fn a_lingering_transaction_is_replaced_at_the_same_nonce_and_settles_once(
         assert!(Instant::now() < deadline, "no replacement within 20 s: {:?}", records(&c, 1).await);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // A quarter more each second, up to twice the first fees: 1, 1.25, 1.56, 1.95 times;
+    // a fifth version could not pay a tenth more than the fourth under the cap. Six more
+    // seconds (six more chances to bump) add none.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let capped = records(&c, 1).await.remove(0);
+    assert_eq!(capped.attempts.len(), 4, "bumped until the cap, then rebroadcast as it is: {capped:?}");
+    let cap = capped.attempts[0].max_fee_per_gas * 2;
+    assert!(capped.attempts.iter().all(|a| a.max_fee_per_gas <= cap), "no version pays over the cap: {capped:?}");
     let provider = ProviderBuilder::new().connect_http(anvil.endpoint().parse().unwrap());
     let _: serde_json::Value = provider.raw_request("evm_mine".into(), ()).await.unwrap();
     let answer = paying.await.unwrap().unwrap();
