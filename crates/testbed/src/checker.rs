@@ -138,7 +138,7 @@ pub fn check(
     let replication = compare_replicas(records, logs);
     let reference = logs.first().map(Vec::as_slice).unwrap_or_default();
     let requests = count_requests(reference, acks, unacknowledged, disaster);
-    let gaps = gaps(acks, faults, end_ms);
+    let gaps = gaps(acks.iter().map(|a| a.at_ms).collect(), faults, end_ms);
     Findings { table2, requests, replication, gaps, disaster: disaster.cloned() }
 }
 
@@ -269,9 +269,8 @@ fn count_requests(
 
 /// For each fault: the longest time without a successful answer from the moment it hit
 /// until the next fault (or the end): the first answer after it counts from the fault
-/// itself.
-fn gaps(acks: &[Ack], faults: &[FaultEvent], end_ms: u64) -> Gaps {
-    let mut times: Vec<u64> = acks.iter().map(|a| a.at_ms).collect();
+/// itself. `times`: when each successful answer arrived, from the start of the run (ms).
+pub(crate) fn gaps(mut times: Vec<u64>, faults: &[FaultEvent], end_ms: u64) -> Gaps {
     times.sort_unstable();
     let mut each = Vec::new();
     let mut leader = Vec::new();
@@ -422,12 +421,12 @@ mod tests {
 
     #[test]
     fn gap_is_the_longest_silence_after_each_fault() {
-        let acks: Vec<Ack> = [100, 200, 1900, 2000, 2100, 5000, 5100].iter().map(|&t| ack(1, t, t, 0, t)).collect();
+        let answers = vec![100, 200, 1900, 2000, 2100, 5000, 5100];
         let faults = vec![
             FaultEvent { node: 1, was_leader: true, at_ms: 250, healed_ms: Some(1000) },
             FaultEvent { node: 2, was_leader: false, at_ms: 4000, healed_ms: Some(4500) },
         ];
-        let gaps = gaps(&acks, &faults, 6000);
+        let gaps = gaps(answers, &faults, 6000);
         // 250 -> 1900 is the first fault's; the quiet after 2100 runs into the next fault.
         assert_eq!(gaps.each_ms, vec![1650, 1000]);
         assert_eq!(gaps.leader_median_ms, Some(1650));

@@ -21,6 +21,7 @@ use br2k_payments::{Effect, PaymentToken, read_ledger};
 use br2k_resolver::{FailoverClient, Request, Resolver, ResolverConfig};
 use serde::Serialize;
 
+use crate::checker::{Gaps, gaps};
 use crate::users::{Progress, failover_config};
 use crate::{Error, SERVICE, TestbedConfig, millis};
 
@@ -42,6 +43,11 @@ struct PayerLog {
     failed: Vec<String>,
     /// Latency of each acknowledged request (ms).
     latencies: Vec<u64>,
+    /// When each acknowledged request was answered, from the start of the run (ms).
+    answered_at: Vec<u64>,
+    /// Acknowledged payouts a dead leader had sent, finished by the next from the stored
+    /// transaction.
+    resumed: u64,
 }
 
 /// The payments run's findings.
@@ -55,8 +61,14 @@ pub struct PaymentFindings {
     pub unacknowledged: u64,
     /// Why some were not (up to five).
     pub unacknowledged_reasons: Vec<String>,
+    /// Acknowledged payouts whose transaction a leader had sent when it died, finished by
+    /// the next leader from the transaction the outbox stored (rebroadcast or found mined).
+    pub payouts_resumed: u64,
     /// Transfers of the token from the service on chain.
     pub transfers_on_chain: u64,
+    /// Transactions the chain mined from the service's key (its nonce): one per payout
+    /// when none was refused or reverted.
+    pub service_transactions: u64,
     /// Payout effects in the leader's ledger.
     pub payouts_in_ledger: u64,
     /// Transfers on chain beyond the recorded payouts (double or unrecorded payments): 0.
@@ -73,6 +85,8 @@ pub struct PaymentFindings {
     pub in_doubt_at_end: Vec<u64>,
     /// Median and 99th percentile of acknowledged requests' latency (ms).
     pub latency_ms: (u64, u64),
+    /// Time users went without an answer after each fault.
+    pub gaps: Gaps,
 }
 
 impl PaymentFindings {
@@ -96,7 +110,9 @@ impl PaymentFindings {
         let _ = writeln!(out, "| payouts acknowledged | {} |", self.payouts_acknowledged);
         let _ = writeln!(out, "| deposits acknowledged | {} |", self.deposits_acknowledged);
         let _ = writeln!(out, "| requests not acknowledged | {} |", self.unacknowledged);
+        let _ = writeln!(out, "| payouts a dead leader had sent, finished by the next | {} |", self.payouts_resumed);
         let _ = writeln!(out, "| token transfers from the service on chain | {} |", self.transfers_on_chain);
+        let _ = writeln!(out, "| transactions mined from the service's key | {} |", self.service_transactions);
         let _ = writeln!(out, "| payouts in the ledger | {} |", self.payouts_in_ledger);
         let _ = writeln!(out, "| double payments | {} |", self.double_payments);
         let _ = writeln!(out, "| acknowledged payouts lost | {} |", self.lost_payouts);
@@ -106,6 +122,15 @@ impl PaymentFindings {
             writeln!(out, "| replicas' ledgers identical | {} |", if self.ledgers_identical { "yes" } else { "NO" });
         let _ = writeln!(out, "| in doubt at the end | {} |", self.in_doubt_at_end.len());
         let _ = writeln!(out, "| request latency p50 / p99 | {} ms / {} ms |", self.latency_ms.0, self.latency_ms.1);
+        if self.gaps.faults > 0 {
+            let seconds = |ms: u64| format!("{:.2} s", ms as f64 / 1000.0);
+            let _ = writeln!(
+                out,
+                "| failover gap, median / max | {} / {} |",
+                seconds(self.gaps.median_ms),
+                seconds(self.gaps.max_ms)
+            );
+        }
         for reason in &self.unacknowledged_reasons {
             let _ = writeln!(out, "\nnot acknowledged: {reason}");
         }
@@ -192,7 +217,7 @@ pub async fn run(config: TestbedConfig, progress: &(dyn Fn(&str) + Sync)) -> Res
                 rpc_url: sandbox.rpc_url().to_owned(),
                 run_id: format!("{run_id}-u{n}"),
             };
-            tokio::spawn(payer.run(resolver.clone(), config.clone(), Arc::clone(&counters)))
+            tokio::spawn(payer.run(resolver.clone(), config.clone(), Arc::clone(&counters), start))
         })
         .collect();
     let total = config.users as u64 * config.requests_per_user;
@@ -213,12 +238,14 @@ pub async fn run(config: TestbedConfig, progress: &(dyn Fn(&str) + Sync)) -> Res
     for task in tasks {
         logs.push(task.await.map_err(|e| Error::User(e.to_string()))?);
     }
+    let end_ms = millis(start.elapsed());
     progress(&format!(
         "users done in {:.1} s; healing every node and waiting for the ledgers to agree",
         start.elapsed().as_secs_f64()
     ));
     sandbox.service_mut().heal_all().await?;
-    let findings = check(&sandbox, &chain, token, service_key.address(), &users, &logs).await?;
+    let mut findings = check(&sandbox, &chain, token, service_key.address(), &users, &logs).await?;
+    findings.gaps = gaps(logs.iter().flat_map(|l| l.answered_at.iter().copied()).collect(), &faults, end_ms);
     sandbox.shutdown().await;
     Ok((findings, faults.len()))
 }
@@ -234,7 +261,7 @@ struct Payer {
 }
 
 impl Payer {
-    async fn run(self, resolver: Resolver, config: TestbedConfig, progress: Arc<Progress>) -> PayerLog {
+    async fn run(self, resolver: Resolver, config: TestbedConfig, progress: Arc<Progress>, start: Instant) -> PayerLog {
         let mut log = PayerLog::default();
         let client = match FailoverClient::new(resolver, SERVICE, failover_config(config.give_up_after, 0)) {
             Ok(client) => client,
@@ -274,12 +301,14 @@ impl Payer {
                     let hash = serde_json::from_value::<B256>(answer["payout"]["hash"].clone())
                         .map_err(|e| format!("the payout's answer names no transaction: {e}: {answer}"))?;
                     log.payouts.push((seq, hash));
+                    log.resumed += u64::from(answer["resumed"] == true);
                     Ok(())
                 })
             };
             match result {
                 Ok(()) => {
                     log.latencies.push(millis(sent.elapsed()));
+                    log.answered_at.push(millis(start.elapsed()));
                     progress.acked.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(reason) => {
@@ -427,7 +456,9 @@ async fn check(
         deposits_acknowledged: logs.iter().map(|l| l.deposits.len() as u64).sum(),
         unacknowledged: logs.iter().map(|l| l.failed.len() as u64).sum(),
         unacknowledged_reasons: logs.iter().flat_map(|l| l.failed.iter().cloned()).take(5).collect(),
+        payouts_resumed: logs.iter().map(|l| l.resumed).sum(),
         transfers_on_chain: transfers.len() as u64,
+        service_transactions: chain.funder.get_transaction_count(service).await.map_err(chain_error)?,
         payouts_in_ledger: payout_hashes.len() as u64,
         ledgers_identical: ledgers.iter().all(|l| *l == ledgers[0]),
         in_doubt_at_end: in_doubt,

@@ -384,7 +384,14 @@ async fn payout(state: std::sync::Arc<Ledger>, request: Request) -> Outcome {
             let moved = Moved { user: ask.user, amount: ask.amount, hash: receipt.hash };
             Ok(Reply::json(
                 200,
-                &serde_json::json!({ "payout": moved, "nonce": receipt.nonce, "block": receipt.block }),
+                // `resumed`: a leader that died had sent it; this one finished it from
+                // the stored transaction.
+                &serde_json::json!({
+                    "payout": moved,
+                    "nonce": receipt.nonce,
+                    "block": receipt.block,
+                    "resumed": receipt.replayed,
+                }),
             ))
         }
         Ok(receipt) => {

@@ -141,6 +141,7 @@ async fn grants_payouts_and_deposits_keep_every_ledger_equal_to_the_chain() {
     assert_eq!(recorded["deposit"]["user"], serde_json::json!(user));
     assert_eq!(p.send("/deposits", deposit, "d2", false).await.0, 409, "recorded once");
     // The payout is a Transfer from the service, not to it: not a deposit.
+    assert_eq!(paid["resumed"], false, "sent and settled by one leader: {paid}");
     let payout_hash = paid["payout"]["hash"].clone();
     let (status, refused) = p.send("/deposits", serde_json::json!({ "hash": payout_hash }), "d3", false).await;
     assert_eq!(status, 422, "{refused}");

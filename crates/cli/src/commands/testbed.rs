@@ -51,7 +51,8 @@ pub(crate) struct TestbedArgs {
     workload: String,
 
     /// The fault: partition (cut the network link), pause (SIGSTOP, then SIGCONT), kill
-    /// (SIGKILL, then restart), or none.
+    /// (SIGKILL, then restart), wipe (SIGKILL, all the node's data deleted, then restart
+    /// empty: it catches up from a peer's snapshot), or none.
     #[arg(long, default_value = "partition")]
     fault: FaultKind,
 
