@@ -14,7 +14,7 @@ use alloy::signers::local::PrivateKeySigner;
 use anyhow::{Context, Result, bail};
 use br2k_oci::registry::{Credentials, RegistryClient, TOKEN_HOSTS_ENV, host_of};
 use br2k_replication::backup::BackupConfig;
-use br2k_replication::{Config, Limits, Publisher, SnapshotPolicy, Timings};
+use br2k_replication::{Config, Limits, Publisher, SnapshotPolicy, Timings, TxStep};
 use br2k_resolver::{Chain, Timeouts};
 
 /// The flags of one replica.
@@ -204,6 +204,45 @@ pub fn secret(env: &str, file: Option<&Path>, what: &str) -> Result<Option<Strin
     Ok(Some(value.to_owned()))
 }
 
+/// The environment variable of the crash failpoint: see [`crash_at_tx_step`].
+pub const CRASH_AT_ENV: &str = "BR2K_CRASH_AT";
+
+/// The crash failpoint, for fault tests: with `BR2K_CRASH_AT=<step>` (`reserving`,
+/// `stored`, `broadcast`, `settled`), a replica SIGKILLs its own process the first time
+/// one of its outbox sends reaches that step, so a test kills a leader at an exact point
+/// of a transaction, as a power cut would. Install it with [`Builder::on_tx_step`] and
+/// [`sigkill_self`]. `None` when unset.
+///
+/// # Errors
+/// A value that names no step.
+///
+/// [`Builder::on_tx_step`]: br2k_replication::Builder::on_tx_step
+pub fn crash_at_tx_step() -> Result<Option<TxStep>> {
+    match std::env::var(CRASH_AT_ENV) {
+        Err(_) => Ok(None),
+        Ok(value) => {
+            let step = value.trim().parse::<TxStep>().map_err(|e| anyhow::anyhow!("{CRASH_AT_ENV}: {e}"))?;
+            tracing::warn!(
+                step = step.name(),
+                "{CRASH_AT_ENV} is set: this replica SIGKILLs itself when a transaction reaches that step (fault \
+                 tests only; unset it in production)"
+            );
+            Ok(Some(step))
+        }
+    }
+}
+
+/// Kills this process with SIGKILL: no destructor, no flush, no goodbye to etcd.
+#[allow(unsafe_code)] // the crate's one `unsafe`: libc's kill(2) has no safe form in std
+pub fn sigkill_self() -> ! {
+    // SAFETY: kill(2) on our own pid has no memory-safety preconditions.
+    unsafe {
+        libc::kill(libc::getpid(), libc::SIGKILL);
+    }
+    // SIGKILL cannot be caught; this line is never reached while the signal is delivered.
+    std::process::abort()
+}
+
 /// Logs to stderr, at `RUST_LOG`'s levels (default: info).
 pub fn init_logging() {
     tracing_subscriber::fmt()
@@ -251,6 +290,15 @@ mod tests {
         std::fs::write(&path, "\n").unwrap();
         assert!(secret("BR2K_TEST_UNSET_SECRET", Some(&path), "test token").unwrap_err().to_string().contains("empty"));
         assert_eq!(secret("BR2K_TEST_UNSET_SECRET", None, "test token").unwrap(), None);
+    }
+
+    #[test]
+    fn crash_steps_parse_by_name_and_a_wrong_one_lists_them() {
+        for step in TxStep::ALL {
+            assert_eq!(step.name().parse::<TxStep>().unwrap(), step);
+        }
+        let err = "stord".parse::<TxStep>().unwrap_err();
+        assert!(err.contains("`stord`") && err.contains("reserving, stored, broadcast, settled"), "{err}");
     }
 
     #[test]

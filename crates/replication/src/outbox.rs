@@ -223,6 +223,31 @@ pub enum TxStep {
     Settled,
 }
 
+impl TxStep {
+    /// Every step, in the order a send reaches them.
+    pub const ALL: [Self; 4] = [Self::Reserving, Self::Stored, Self::Broadcast, Self::Settled];
+
+    /// Its name: `reserving`, `stored`, `broadcast`, `settled`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Reserving => "reserving",
+            Self::Stored => "stored",
+            Self::Broadcast => "broadcast",
+            Self::Settled => "settled",
+        }
+    }
+}
+
+impl std::str::FromStr for TxStep {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL.into_iter().find(|step| step.name() == s).ok_or_else(|| {
+            let names: Vec<_> = Self::ALL.iter().map(|step| step.name()).collect();
+            format!("`{s}` is not a transaction step; one of: {}", names.join(", "))
+        })
+    }
+}
+
 pub(crate) type TxObserver = Arc<dyn Fn(TxStep, u64) -> BoxFuture<()> + Send + Sync>;
 
 /// The chain side of the outbox, shared by every request of a replica.

@@ -6,7 +6,9 @@ use std::time::Duration;
 use alloy::primitives::Address;
 use anyhow::{Context, Result, bail};
 use br2k_payments::{Ledger, Settings, service};
-use br2k_replica_cli::{ReplicaArgs, init_logging, parse_key, secret, shutdown_signal};
+use br2k_replica_cli::{
+    CRASH_AT_ENV, ReplicaArgs, crash_at_tx_step, init_logging, parse_key, secret, shutdown_signal, sigkill_self,
+};
 use br2k_replication::OutboxConfig;
 use clap::Parser;
 
@@ -19,6 +21,9 @@ BR2K_OUTBOX_KEY or --outbox-key-file (mode 0600): the same on every replica, use
 nothing else (the outbox owns its nonces). The replica's operator key (to publish its
 location in the registry) comes from ETH_PRIVATE_KEY. Grants need the operator token
 (BR2K_OPERATOR_TOKEN or --operator-token-file).
+
+Fault tests: BR2K_CRASH_AT=stored (or reserving, broadcast, settled) makes the process
+SIGKILL itself the first time a payout's transaction reaches that step. Never in production.
 
 Example (3 replicas, one of them):
   br2k-payments --replica n1 --etcd http://127.0.0.1:2379 --listen 127.0.0.1:8081 \\
@@ -99,7 +104,16 @@ async fn main() -> Result<()> {
     let ledger = Ledger::open(data_dir, settings)
         .with_context(|| format!("cannot open the ledger in {}", data_dir.display()))?;
     tracing::info!(service = %settings.service, token = %settings.token, "paying from the service's key");
-    let replica = service(config, operator_token).build(ledger)?;
+    let mut builder = service(config, operator_token);
+    if let Some(crash_at) = crash_at_tx_step()? {
+        builder = builder.on_tx_step(move |step, index| async move {
+            if step == crash_at {
+                tracing::warn!(index, step = step.name(), "{CRASH_AT_ENV}: SIGKILL");
+                sigkill_self();
+            }
+        });
+    }
+    let replica = builder.build(ledger)?;
     replica.serve(shutdown_signal()).await?;
     Ok(())
 }

@@ -1,7 +1,9 @@
 //! The `br2k-payments` binary: three processes on a real etcd cluster and a real anvil
-//! mining a block a second; the leader's process is SIGKILLed while payouts are in
-//! flight, and every payout is still paid exactly once.
+//! mining a block a second; the leader's process SIGKILLs itself (the `BR2K_CRASH_AT`
+//! failpoint) at each step of a payout's transfer, and every payout is still paid
+//! exactly once.
 
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -38,8 +40,19 @@ struct Cluster {
 
 impl Cluster {
     fn start_node(&mut self, i: usize) {
+        self.start_node_crashing_at(i, None);
+    }
+
+    /// Starts node `i`; with `crash_at`, its process SIGKILLs itself when a transaction
+    /// reaches that step.
+    fn start_node_crashing_at(&mut self, i: usize, crash_at: Option<&str>) {
         let node = &self.nodes[i];
-        let child = Command::new(env!("CARGO_BIN_EXE_br2k-payments"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_br2k-payments"));
+        match crash_at {
+            Some(step) => command.env("BR2K_CRASH_AT", step),
+            None => command.env_remove("BR2K_CRASH_AT"),
+        };
+        let child = command
             .args(["--replica", &format!("n{i}"), "--etcd", &self.etcd.endpoint(i)])
             .args(["--listen", &format!("127.0.0.1:{}", node.port), "--check-interval-ms", "50"])
             .args(["--token", &self.token.to_string(), "--rpc-url", &self.anvil.endpoint()])
@@ -105,7 +118,7 @@ impl Cluster {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn payouts_survive_the_leaders_process_killed_and_each_pays_once() {
+async fn a_leader_process_sigkilled_at_each_step_of_a_payout_pays_it_exactly_once() {
     let anvil = Anvil::builder()
         .arg("--block-time")
         .arg("1")
@@ -141,38 +154,43 @@ async fn payouts_survive_the_leaders_process_killed_and_each_pays_once() {
         assert_eq!(status, 200, "{body}");
     }
 
-    // Each round: a payout goes out, and the leader's process is SIGKILLed (with its etcd
-    // member) while it is in flight; the retry with the same key gets the one answer.
-    let mut resumed = Vec::new();
-    for (round, user) in users.iter().enumerate() {
+    // Each round: the leader's process (the node whose etcd member leads etcd) is started
+    // again with the failpoint and leads again; a payout goes out, and it SIGKILLs itself at exactly
+    // one step of the transfer: signed and stored but not broadcast; broadcast but its
+    // receipt not seen; mined but the request's outcome not recorded. The retry with the
+    // same key gets the one answer from the next leader, which finished the transaction
+    // the dead one had stored.
+    for (round, (user, step)) in users.iter().zip(["stored", "broadcast", "settled"]).enumerate() {
         let l = c.leader().await;
-        let (http, port) = (c.http.clone(), c.nodes[l].port);
+        c.nodes[l].process = None;
+        c.start_node_crashing_at(l, Some(step));
+        assert_eq!(c.leader().await, l, "its etcd member still leads etcd");
         let ask = serde_json::json!({ "user": user, "amount": "300" });
         let key = format!("p{round}");
-        let first = {
-            let (ask, key) = (ask.clone(), key.clone());
-            tokio::spawn(async move {
-                http.post(format!("http://127.0.0.1:{port}/payouts"))
-                    .header("Idempotency-Key", key)
-                    .json(&ask)
-                    .send()
-                    .await
-            })
+        let port = c.nodes[l].port;
+        let first = c.http.post(format!("http://127.0.0.1:{port}/payouts")).header("Idempotency-Key", &key).json(&ask);
+        assert!(first.send().await.is_err(), "round {round}: the leader died before it answered");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(status) = c.nodes[l].process.as_mut().unwrap().0.try_wait().unwrap() {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "round {round}: the leader did not crash at `{step}`");
+            tokio::time::sleep(Duration::from_millis(50)).await;
         };
-        tokio::time::sleep(Duration::from_millis(150 + 250 * round as u64)).await;
-        c.nodes[l].process = None; // SIGKILL
+        assert_eq!(status.signal(), Some(9), "round {round}: SIGKILLed at `{step}`");
+        c.nodes[l].process = None;
+        // The whole node is gone: its etcd member too, so another node's member leads etcd
+        // and its replica takes over (while the member lives, it keeps the lead for a
+        // replica that is not there).
         c.etcd.kill(l).unwrap();
-        let _ = first.await;
         let (status, body) = c.send("/payouts", ask, &key).await;
-        assert_eq!(status, 200, "round {round}: {body}");
-        resumed.push(body["resumed"] == true);
+        assert_eq!(status, 200, "round {round} (`{step}`): {body}");
+        assert_eq!(body["resumed"], true, "round {round} (`{step}`): finished from the stored transaction: {body}");
         c.etcd.restart(l).unwrap();
         c.start_node(l);
     }
 
-    // Killed 150 ms or more into the payout, a leader has mostly stored its transaction:
-    // the next one finishes it from the stored bytes and says so.
-    assert!(resumed.contains(&true), "no payout was finished from a dead leader's transaction: {resumed:?}");
     // The chain: each user paid once; the service sent one transaction per payout.
     let provider = ProviderBuilder::new().connect_http(c.anvil.endpoint().parse().unwrap());
     for user in &users {
