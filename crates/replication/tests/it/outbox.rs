@@ -501,3 +501,54 @@ async fn a_later_payments_unbroadcast_nonce_never_blocks_an_earlier_one() {
     assert_eq!(on_chain(&anvil, first, service).await, (U256::from(PAYMENT_WEI), 2));
     assert_eq!(on_chain(&anvil, second, service).await.0, U256::from(PAYMENT_WEI));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_nonce_taken_by_another_sender_of_the_key_is_refused_only_once_that_has_held() {
+    // Nothing is mined until the test says so: the outbox's transaction waits in the pool
+    // while another process with the service's key replaces it at the same nonce.
+    let anvil =
+        Anvil::builder().arg("--no-mining").spawn().expect("anvil starts (run `bash tools/setup.sh` if it is missing)");
+    let c = paying_cluster(&anvil, |outbox| {
+        outbox.bump_after = Duration::from_secs(60);
+        outbox.settle_within = Duration::from_secs(30);
+    })
+    .await;
+    let service = anvil.address(SERVICE_KEY);
+    let to = PrivateKeySigner::random().address();
+    let l = c.leader(None).await;
+    let (http, url) = (c.http.clone(), format!("{}/pay", c.replicas[l].url));
+    let body = to.to_string();
+    let paying = tokio::spawn(async move { http.post(url).header("Idempotency-Key", "k").body(body).send().await });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let ours = loop {
+        if let Some(record) = records(&c, 1).await.pop() {
+            break record;
+        }
+        assert!(Instant::now() < deadline, "the payment was not stored within 20 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // Another sender with the same key: a transfer to someone else at the same nonce,
+    // paying more, so the pool takes it instead; then a block.
+    let stranger = ProviderBuilder::new()
+        .wallet(alloy::network::EthereumWallet::from(anvil.key(SERVICE_KEY)))
+        .connect_http(anvil.endpoint().parse().unwrap());
+    let first = &ours.attempts[0];
+    let theirs = alloy::rpc::types::TransactionRequest::default()
+        .to(PrivateKeySigner::random().address())
+        .value(U256::from(1))
+        .nonce(ours.nonce)
+        .gas_limit(21_000)
+        .max_fee_per_gas(first.max_fee_per_gas * 2)
+        .max_priority_fee_per_gas(first.max_priority_fee_per_gas * 2);
+    let pending = alloy::providers::Provider::send_transaction(&stranger, theirs).await.unwrap();
+    let mined_at = Instant::now();
+    let _: serde_json::Value = stranger.raw_request("evm_mine".into(), ()).await.unwrap();
+    pending.get_receipt().await.unwrap();
+    let answer = paying.await.unwrap().unwrap();
+    let waited = mined_at.elapsed();
+    assert_eq!(answer.status(), 502, "refused: the nonce is gone");
+    let text = answer.text().await.unwrap();
+    assert!(text.contains("another process"), "{text}");
+    assert!(waited >= Duration::from_secs(3), "believed only after it held for 3 s, not at once: {waited:?}");
+    assert_eq!(on_chain(&anvil, to, service).await, (U256::ZERO, 1), "not paid; the stranger's transaction only");
+}
