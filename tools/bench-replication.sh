@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Replication benchmark (issue 4): 3 etcd members and 3 logserver replicas on this
-# machine; raw etcd put next to br2k's replicated POST /log at 1 and 16 clients.
+# Replication benchmark: 3 etcd members and 3 logserver replicas on this
+# machine; raw etcd put next to br2k's replicated POST /log at 1, 16, 64 and 256 clients,
+# with the CPU and pipeline breakdown.
 # BENCH_SECONDS sets the length of each measurement (default 5).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

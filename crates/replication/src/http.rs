@@ -46,7 +46,7 @@ async fn front<S: AppState>(State(runtime): State<Arc<Runtime<S>>>, request: axu
     let path = parts.uri.path().to_owned();
     match (method.as_str(), path.as_str()) {
         ("GET", "/br2k/health") => return health(&runtime),
-        ("GET", "/br2k/status") => return json(StatusCode::OK, &*runtime.status.borrow()),
+        ("GET", "/br2k/status") => return json(StatusCode::OK, &runtime.current_status()),
         ("GET", "/br2k/snapshot") => return snapshot(&runtime, &parts).await,
         ("POST", "/br2k/backup") => return backup_now(&runtime),
         _ => {}

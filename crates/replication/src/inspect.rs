@@ -44,7 +44,7 @@ pub struct Records {
 pub async fn read_records(endpoint: &str, service: &str, timeout: Duration) -> Result<Records> {
     data::check_name("service", service)?;
     let keys = Keys::new(service);
-    let store = Store::connect(endpoint, keys.clone(), timeout).await?;
+    let store = Store::connect(endpoint, keys.clone(), timeout, std::sync::Arc::default()).await?;
     // The leader may compact between the reads: a missing entry means reading again.
     let mut attempts = 0;
     loop {

@@ -30,6 +30,7 @@ use crate::data::{self, EntryState, IdempotencyRecord, Keys, LogEntry, ProcessSt
 use crate::error::{Error, Result};
 use crate::guard::{guarded, panic_message};
 use crate::runtime::{Runtime, lock};
+use crate::stats::stage;
 use crate::store::{MAX_TXN_BYTES, MAX_TXN_OPS, Op, Term};
 
 /// Requests waiting for the sequencer.
@@ -334,9 +335,13 @@ impl<S: AppState> Sequencer<S> {
                 }
             }
         }
+        let started = Instant::now();
         let answers =
             futures::future::join_all(lookups.iter().map(|(_, key, _, fingerprint)| self.lookup_key(key, fingerprint)))
                 .await;
+        if !lookups.is_empty() {
+            self.runtime.stats.add_many(stage::KEY_LOOKUP, lookups.len() as u64, started.elapsed());
+        }
         for ((position, key, pending, _), answer) in lookups.into_iter().zip(answers) {
             match answer {
                 Ok(KeyLookup::New) => fresh.push((position, pending)),
@@ -441,7 +446,9 @@ impl<S: AppState> Sequencer<S> {
             let leased = keyed.into_iter().map(|(key, value)| Op::PutLeased(key, value, lease));
             ops.splice(0..0, leased);
         }
-        self.runtime.store().authority_write(&self.term, ops).await?;
+        let stats = &self.runtime.stats;
+        stats.time(stage::REPLICATE, self.runtime.store().authority_write(&self.term, ops)).await?;
+        stats.add_many(stage::REQUESTS, items.len() as u64, Duration::ZERO);
         self.next_index = last + 1;
         self.runtime.set_status(|s| s.ls = last);
         // The processor only ends with the term, and then so does this task.
@@ -542,12 +549,12 @@ impl Segment {
             let outcome = self.outcomes[position].as_ref().expect("ran");
             ops.extend(outcome_ops(keys, item.index, item.kind, term.epoch, outcome, &item.entry, lease));
         }
-        runtime.state.persist().await.map_err(Error::Persist)?;
+        runtime.stats.time(stage::PERSIST, runtime.state.persist()).await.map_err(Error::Persist)?;
         // (4.4-6) outcomes, LPI and SSI; durable before anyone is answered.
         let last = items[to - 1].index;
         ops.push(Op::counter(keys.lpi(&runtime.config.replica), last));
         ops.push(Op::counter(keys.ssi(), last));
-        runtime.store().authority_write(term, ops).await?;
+        runtime.stats.time(stage::OUTCOME, runtime.store().authority_write(term, ops)).await?;
         let mut applied_any = false;
         for (position, item) in items.iter().enumerate().take(to).skip(from) {
             let route = runtime.route_of(&item.entry.method, &item.entry.path).expect("declared");
@@ -591,8 +598,9 @@ async fn process<S: AppState>(
             Op::Put(keys.rs(i.index), data::encode(&state))
         })
         .collect();
+    runtime.stats.add_many(stage::GROUPS, 1, Duration::ZERO);
     if !in_process.is_empty() {
-        store.authority_write(term, in_process).await?;
+        runtime.stats.time(stage::IN_PROCESS, store.authority_write(term, in_process)).await?;
     }
     // (4.3) execute. Replication and plain Normal requests run one after another in index
     // order. Transaction sends and External_TXN checks touch no replicated state and
@@ -642,7 +650,8 @@ async fn process<S: AppState>(
             continue;
         }
         runtime.observe(Step::BeforeExecution, item.index).await;
-        segment.outcomes[position] = Some(runtime.execute(item.index, route, request, true).await?);
+        let outcome = runtime.stats.time(stage::EXECUTE, runtime.execute(item.index, route, request, true)).await?;
+        segment.outcomes[position] = Some(outcome);
     }
     segment.record(runtime, term, &items, items.len(), lease).await?;
     runtime.record.clear()?;

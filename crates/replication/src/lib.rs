@@ -19,6 +19,7 @@ mod runtime;
 mod server;
 mod snapshot;
 mod state_transfer;
+mod stats;
 mod store;
 
 pub use app::{AppState, BoxFuture, FilePrefix, Outcome, Reply, Request, SnapshotBuilder, Step, bearer_token};
@@ -34,3 +35,4 @@ pub use outbox::{
     Expected, Outbox, OutboxConfig, TxCall, TxError, TxReceipt, TxStep, VerifiedTx, Verifier, VerifyError,
 };
 pub use runtime::{Replicated, Role, Status};
+pub use stats::Tally;

@@ -70,6 +70,10 @@ pub struct Status {
     pub etcd_reachable: bool,
     /// The epoch whose location is published in the registry, if any.
     pub published_epoch: Option<u64>,
+    /// Where this replica's time went since it started: etcd calls by action
+    /// (`etcd: <action>`) and the leader pipeline's stages (`leader: ...`).
+    #[serde(default)]
+    pub pipeline: std::collections::BTreeMap<String, crate::stats::Tally>,
     /// The last error that stopped progress, if it has not cleared.
     pub last_error: Option<String>,
     /// The index of this replica's latest snapshot (0: none yet).
@@ -135,6 +139,7 @@ impl<S: AppState> Replicated<S> {
             in_doubt: Vec::new(),
             etcd_reachable: false,
             published_epoch: None,
+            pipeline: std::collections::BTreeMap::new(),
             last_error: None,
             snapshot_index: 0,
             state_version: 0,
@@ -172,6 +177,7 @@ impl<S: AppState> Replicated<S> {
             cl_changed: AtomicBool::new(true),
             chain,
             settle_now: Notify::new(),
+            stats: Arc::default(),
         };
         Self { runtime: Arc::new(runtime) }
     }
@@ -183,7 +189,7 @@ impl<S: AppState> Replicated<S> {
 
     /// This replica's current status.
     pub fn status(&self) -> Status {
-        self.runtime.status.borrow().clone()
+        self.runtime.current_status()
     }
 
     /// A receiver that sees every status change (for waiting on a role change).
@@ -209,9 +215,13 @@ impl<S: AppState> Replicated<S> {
         // Fails early on an unreadable record file rather than after serving.
         runtime.record.read()?;
         runtime.open_snapshots().await?;
-        let store =
-            Store::connect(&runtime.config.etcd_endpoint, runtime.keys.clone(), runtime.config.timings.etcd_timeout)
-                .await?;
+        let store = Store::connect(
+            &runtime.config.etcd_endpoint,
+            runtime.keys.clone(),
+            runtime.config.timings.etcd_timeout,
+            runtime.stats.clone(),
+        )
+        .await?;
         let _ = runtime.store.set(store);
         let listener = tokio::net::TcpListener::bind(runtime.config.listen)
             .await
@@ -258,6 +268,8 @@ pub(crate) struct Runtime<S> {
     pub(crate) backup_now: Notify,
     /// What this replica's membership record should say.
     pub(crate) member: watch::Sender<MemberRecord>,
+    /// Where the time goes (served in the status).
+    pub(crate) stats: Arc<crate::stats::Stats>,
     /// The peer token, once read from etcd.
     pub(crate) peer_token: Mutex<Option<String>>,
     /// For fetching peers' snapshots (and the local member's metrics).
@@ -297,6 +309,13 @@ struct Node {
 const HOLD_OFF: Duration = Duration::from_secs(10);
 
 impl<S: AppState> Runtime<S> {
+    /// The status with the pipeline's counters as they are now.
+    pub(crate) fn current_status(&self) -> Status {
+        let mut status = self.status.borrow().clone();
+        status.pipeline = self.stats.snapshot();
+        status
+    }
+
     pub(crate) fn store(&self) -> &Store {
         self.store.get().expect("the store is set before anything runs")
     }
@@ -568,6 +587,7 @@ impl<S: AppState> Runtime<S> {
     /// Follow the Latest Service State: execute every Replication entry whose state is
     /// Success, in index order, up to SSI.
     async fn follow(self: &Arc<Self>, node: &mut Node) -> Result<()> {
+        let started = Instant::now();
         let store = self.store();
         let poll = self.config.timings.follow_poll;
         if self.cl_changed.swap(false, Ordering::SeqCst) || node.cl_read.is_none_or(|at| at.elapsed() >= poll) {
@@ -627,6 +647,7 @@ impl<S: AppState> Runtime<S> {
             s.applied_index = applied;
         });
         self.maybe_snapshot(lpi);
+        self.stats.add(crate::stats::stage::FOLLOW, started.elapsed());
         Ok(())
     }
 

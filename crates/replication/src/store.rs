@@ -3,6 +3,7 @@
 //! timeout (etcd-client would otherwise wait on a paused member for ever).
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{
@@ -13,6 +14,7 @@ use tracing::warn;
 
 use crate::data::{self, CompactedLog, EntryState, Keys, LeaderRecord, LogEntry, MemberRecord};
 use crate::error::{Error, Result};
+use crate::stats::Stats;
 
 /// etcd's default `--max-txn-ops` is 128; stay below it with room for the counters.
 pub(crate) const MAX_TXN_OPS: usize = 120;
@@ -104,12 +106,14 @@ pub(crate) struct Store {
     timeout: Duration,
     /// The average size of a log entry (request and state) in the last read, bytes.
     entry_bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Every call counted and timed, by action.
+    stats: std::sync::Arc<Stats>,
 }
 
 impl Store {
     /// A client for one member only: with several endpoints etcd-client keeps calling a
     /// dead member, and the leader condition must be asked of the local member anyway.
-    pub(crate) async fn connect(endpoint: &str, keys: Keys, timeout: Duration) -> Result<Self> {
+    pub(crate) async fn connect(endpoint: &str, keys: Keys, timeout: Duration, stats: Arc<Stats>) -> Result<Self> {
         let options = ConnectOptions::new()
             .with_connect_timeout(timeout)
             .with_timeout(timeout)
@@ -125,6 +129,7 @@ impl Store {
             endpoint: endpoint.into(),
             timeout,
             entry_bytes: std::sync::Arc::new(1024.into()),
+            stats,
         })
     }
 
@@ -133,7 +138,10 @@ impl Store {
         action: &'static str,
         call: impl Future<Output = Result<T, etcd_client::Error>>,
     ) -> Result<T> {
-        match tokio::time::timeout(self.timeout, call).await {
+        let started = std::time::Instant::now();
+        let answer = tokio::time::timeout(self.timeout, call).await;
+        self.stats.add_etcd(action, started.elapsed());
+        match answer {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => Err(Error::etcd(&self.endpoint, action, &e)),
             Err(_) => Err(Error::EtcdTimeout { endpoint: self.endpoint.clone(), action, timeout: self.timeout }),

@@ -1,0 +1,122 @@
+//! Where a replica's time goes: every etcd call by what it was for, and the leader
+//! pipeline's stages, counted since the replica started. Served in `/br2k/status` as
+//! `pipeline`, so a benchmark (or a person wondering why a service is slow) can see how
+//! many etcd round trips a request costs and which stage takes the time, without a
+//! profiler. Counting costs a lock per call: nothing next to an etcd round trip.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+/// How often something happened, and the time it took in all.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tally {
+    /// How many times.
+    pub calls: u64,
+    /// Their time in all, microseconds.
+    pub micros: u64,
+}
+
+impl Tally {
+    /// What happened between `earlier` and `self` (counters only grow).
+    #[must_use]
+    pub const fn since(self, earlier: Self) -> Self {
+        Self { calls: self.calls.saturating_sub(earlier.calls), micros: self.micros.saturating_sub(earlier.micros) }
+    }
+}
+
+/// The leader pipeline's stages, timed once per group (or per request where it says so).
+pub(crate) mod stage {
+    /// Idempotency keys looked up in etcd (one call per keyed request not in flight).
+    pub(crate) const KEY_LOOKUP: &str = "leader: idempotency key lookups";
+    /// A group's Replicate Request write (RLEs, RS=Null, idempotency records, LS).
+    pub(crate) const REPLICATE: &str = "leader: replicate write";
+    /// A group's RS=InProcess write.
+    pub(crate) const IN_PROCESS: &str = "leader: in-process write";
+    /// Handlers run, one call per request.
+    pub(crate) const EXECUTE: &str = "leader: execute";
+    /// The app state made durable.
+    pub(crate) const PERSIST: &str = "leader: persist app state";
+    /// A group's outcomes, LPI and SSI.
+    pub(crate) const OUTCOME: &str = "leader: outcome write";
+    /// Requests logged: `calls` counts them, no time.
+    pub(crate) const REQUESTS: &str = "leader: requests logged";
+    /// Groups processed (requests / groups is the mean group size): no time.
+    pub(crate) const GROUPS: &str = "leader: groups processed";
+    /// A follower's rounds of applying what SSI covers.
+    pub(crate) const FOLLOW: &str = "follower: apply rounds";
+}
+
+/// The counters of one replica.
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    tallies: Mutex<BTreeMap<&'static str, Tally>>,
+    /// etcd calls, by the action the store names them with.
+    etcd: Mutex<BTreeMap<&'static str, Tally>>,
+}
+
+impl Stats {
+    /// Counts one etcd call for `action` (as the store names it in errors).
+    pub(crate) fn add_etcd(&self, action: &'static str, took: Duration) {
+        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        let mut etcd = crate::runtime::lock(&self.etcd);
+        let tally = etcd.entry(action).or_default();
+        tally.calls += 1;
+        tally.micros = tally.micros.saturating_add(micros);
+    }
+
+    /// Counts one `what` that took `took`.
+    pub(crate) fn add(&self, what: &'static str, took: Duration) {
+        self.add_many(what, 1, took);
+    }
+
+    /// Counts `calls` of `what` that took `took` in all.
+    pub(crate) fn add_many(&self, what: &'static str, calls: u64, took: Duration) {
+        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        let mut tallies = crate::runtime::lock(&self.tallies);
+        let tally = tallies.entry(what).or_default();
+        tally.calls += calls;
+        tally.micros = tally.micros.saturating_add(micros);
+    }
+
+    /// Runs `work` and counts it as one `what`.
+    pub(crate) async fn time<T>(&self, what: &'static str, work: impl Future<Output = T>) -> T {
+        let started = Instant::now();
+        let out = work.await;
+        self.add(what, started.elapsed());
+        out
+    }
+
+    /// Every tally so far, by name; etcd calls as `etcd: <action>`.
+    pub(crate) fn snapshot(&self) -> BTreeMap<String, Tally> {
+        let mut out: BTreeMap<String, Tally> =
+            crate::runtime::lock(&self.tallies).iter().map(|(name, tally)| ((*name).to_owned(), *tally)).collect();
+        for (action, tally) in crate::runtime::lock(&self.etcd).iter() {
+            out.insert(format!("etcd: {action}"), *tally);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn tallies_add_up_by_name() {
+        let stats = Stats::default();
+        stats.add_etcd("get", Duration::from_micros(300));
+        stats.add_etcd("get", Duration::from_micros(200));
+        stats.add_many(stage::REQUESTS, 16, Duration::ZERO);
+        let answer = stats.time(stage::EXECUTE, async { 7 }).await;
+        assert_eq!(answer, 7);
+        let seen = stats.snapshot();
+        assert_eq!(seen["etcd: get"], Tally { calls: 2, micros: 500 });
+        assert_eq!(seen[stage::REQUESTS].calls, 16);
+        assert_eq!(seen[stage::EXECUTE].calls, 1);
+        let later = Tally { calls: 5, micros: 900 };
+        assert_eq!(later.since(seen["etcd: get"]), Tally { calls: 3, micros: 400 });
+    }
+}
