@@ -2,10 +2,10 @@
 //!
 //! Two tasks per term, joined by a channel:
 //! - the **sequencer** takes client requests off the queue, settles idempotency keys,
-//!   assigns indexes, and writes each group's RLEs, RS=Null records and LS in one fenced
-//!   transaction;
-//! - the **processor** takes replicated groups in order, marks them InProcess in one
-//!   transaction, executes each request in index order (recording every step in the local
+//!   assigns indexes, and writes each group's RLEs, RS records (InProcess for Replication
+//!   requests, Null for the rest) and LS in one fenced transaction;
+//! - the **processor** takes replicated groups in order, marks their only-once requests
+//!   InProcess in one transaction (none for a group of Replication requests), executes each request in index order (recording every step in the local
 //!   record file), persists the app state once, writes every outcome with LPI and SSI in
 //!   one transaction, and only then answers the clients.
 //!
@@ -419,8 +419,9 @@ impl<S: AppState> Sequencer<S> {
         })
     }
 
-    /// Replicate Request for a group: RLEs, RS=Null, idempotency records and LS in one
-    /// fenced transaction; then hands the group to the processor.
+    /// Replicate Request for a group: RLEs, RS (InProcess for Replication, else Null),
+    /// idempotency records and LS in one fenced transaction; then hands the group to the
+    /// processor.
     async fn replicate(&mut self, group: Vec<Fresh>, groups: &mpsc::Sender<Vec<Item>>) -> Result<()> {
         let keys = &self.runtime.keys;
         let epoch = self.term.epoch;
@@ -430,7 +431,16 @@ impl<S: AppState> Sequencer<S> {
         for (offset, Fresh { kind, entry, encoded, reply, queued }) in group.into_iter().enumerate() {
             let index = self.next_index + offset as u64;
             ops.push(Op::Put(keys.log(index), encoded));
-            let state = EntryState { kind, state: ProcessState::Null, epoch, response: None };
+            // Replication requests go straight to InProcess: a leader that dies after this
+            // write leaves them for the next one to execute (the paper's rule for
+            // InProcess Replication entries), which saves a write per group. Only-once
+            // requests keep Null until the processor marks them, so that their InProcess
+            // still means "may have run".
+            let state = match kind {
+                RequestKind::Replication => ProcessState::InProcess,
+                _ => ProcessState::Null,
+            };
+            let state = EntryState { kind, state, epoch, response: None };
             ops.push(Op::Put(keys.rs(index), data::encode(&state)));
             if let Some(key) = &entry.idempotency_key {
                 let fingerprint =
@@ -589,10 +599,11 @@ async fn process<S: AppState>(
     let store = runtime.store();
     let first = items.first().map_or(0, |i| i.index);
     runtime.record.write(first, Step::BeforeExecution, None)?;
-    // (4.2) RS = InProcess, for everything that executes.
+    // (4.2) RS = InProcess, for the only-once requests (Replication ones were written
+    // InProcess with the log; External_TXN ones are checked, not executed).
     let in_process: Vec<Op> = items
         .iter()
-        .filter(|i| i.kind != RequestKind::ExternalTxn)
+        .filter(|i| i.kind == RequestKind::Normal)
         .map(|i| {
             let state = EntryState { kind: i.kind, state: ProcessState::InProcess, epoch: term.epoch, response: None };
             Op::Put(keys.rs(i.index), data::encode(&state))

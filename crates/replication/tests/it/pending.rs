@@ -29,6 +29,14 @@ async fn leader_cut_off(step: Option<Step>, path: &str) {
         Some(_) => replica.interrupt.reached.notified().await,
         None => replica.state.slow_reached.notified().await,
     }
+    if step == Some(Step::BeforeExecution) {
+        // A Replication request is InProcess from the write that logged it: no write of
+        // its own marks it (the next leader executes it all the same).
+        assert_eq!(c.rs(2).await.unwrap().state, ProcessState::InProcess);
+        let served: br2k_replication::Status =
+            c.http.get(format!("{}/br2k/status", replica.url)).send().await.unwrap().json().await.unwrap();
+        assert!(!served.pipeline.contains_key("leader: in-process write"), "{:?}", served.pipeline);
+    }
 
     c.etcd.pause(l).unwrap();
     let answer = request.await.unwrap().unwrap();
