@@ -56,6 +56,11 @@ struct Fresh {
     /// Unkeyed requests are answered here; keyed ones through the in-flight table.
     reply: Option<oneshot::Sender<Answer>>,
     queued: OwnedSemaphorePermit,
+    /// Whether its idempotency key was looked up in etcd. An unchecked key is logged on
+    /// the condition that it has no record, in the replicate transaction itself: no
+    /// round trip for the usual new key; only when a record exists are the group's keys
+    /// looked up.
+    checked: bool,
 }
 
 /// Room for a record's key and a small record (an RS, an idempotency record or a
@@ -267,7 +272,7 @@ impl<S: AppState> Sequencer<S> {
                     Err(_) => break,
                 }
             }
-            let fresh = self.settle_keys(incoming).await;
+            let fresh = self.settle_keys(incoming);
             // Split by size too, so that each group is one transaction under etcd's
             // --max-request-bytes (the front capped each request well under it).
             // A key's length beyond its last part: the service prefix (as `ls` has it).
@@ -290,79 +295,90 @@ impl<S: AppState> Sequencer<S> {
         Ok(())
     }
 
-    /// Attaches retries of in-flight keys to the first request, answers keys already
-    /// answered, and returns what is left to log, in arrival order.
-    async fn settle_keys(&self, incoming: Vec<Submit>) -> Vec<Fresh> {
+    /// Attaches retries of in-flight keys to the first request and returns what is left
+    /// to log, in arrival order; keys are checked against etcd by the replicate write.
+    fn settle_keys(&self, incoming: Vec<Submit>) -> Vec<Fresh> {
         let mut fresh = Vec::with_capacity(incoming.len());
-        let mut lookups = Vec::new();
-        {
-            let mut by_key = lock(&self.in_flight.by_key);
-            for submit in incoming {
-                let Some(key) = submit.entry.idempotency_key.clone() else {
-                    let position = fresh.len() + lookups.len();
-                    fresh.push((
-                        position,
-                        Fresh {
-                            kind: submit.kind,
-                            entry: submit.entry,
-                            encoded: submit.encoded,
-                            reply: Some(submit.reply),
-                            queued: submit.queued,
-                        },
-                    ));
-                    continue;
-                };
-                match by_key.get_mut(&key) {
-                    Some(waiting) if waiting.fingerprint == submit.fingerprint => waiting.waiters.push(submit.reply),
+        let mut by_key = lock(&self.in_flight.by_key);
+        for submit in incoming {
+            let reply = match &submit.entry.idempotency_key {
+                None => Some(submit.reply),
+                Some(key) => match by_key.get_mut(key) {
+                    Some(waiting) if waiting.fingerprint == submit.fingerprint => {
+                        waiting.waiters.push(submit.reply);
+                        continue;
+                    }
                     Some(_) => {
                         let _ = submit.reply.send(reused_key());
+                        continue;
                     }
                     None => {
-                        by_key.insert(
-                            key.clone(),
-                            Waiting { fingerprint: submit.fingerprint.clone(), waiters: vec![submit.reply] },
-                        );
-                        let position = fresh.len() + lookups.len();
-                        let pending = Fresh {
-                            kind: submit.kind,
-                            entry: submit.entry,
-                            encoded: submit.encoded,
-                            reply: None,
-                            queued: submit.queued,
-                        };
-                        lookups.push((position, key, pending, submit.fingerprint));
+                        let waiting = Waiting { fingerprint: submit.fingerprint.clone(), waiters: vec![submit.reply] };
+                        by_key.insert(key.clone(), waiting);
+                        None
                     }
+                },
+            };
+            fresh.push(Fresh {
+                kind: submit.kind,
+                entry: submit.entry,
+                encoded: submit.encoded,
+                reply,
+                queued: submit.queued,
+                checked: false,
+            });
+        }
+        fresh
+    }
+
+    /// Looks up the group's unchecked keys in etcd (one of them has a record): answers
+    /// those answered before (or refused now) and returns the rest, checked.
+    async fn look_keys_up(&self, group: Vec<Fresh>) -> Vec<Fresh> {
+        let unchecked: Vec<(usize, String, String)> = {
+            let by_key = lock(&self.in_flight.by_key);
+            group
+                .iter()
+                .enumerate()
+                .filter(|(_, fresh)| !fresh.checked)
+                .filter_map(|(position, fresh)| {
+                    let key = fresh.entry.idempotency_key.clone()?;
+                    let fingerprint = by_key.get(&key).map(|w| w.fingerprint.clone()).unwrap_or_default();
+                    Some((position, key, fingerprint))
+                })
+                .collect()
+        };
+        let started = Instant::now();
+        let answers =
+            futures::future::join_all(unchecked.iter().map(|(_, key, fingerprint)| self.lookup_key(key, fingerprint)))
+                .await;
+        self.runtime.stats.add_many(stage::KEY_LOOKUP, unchecked.len() as u64, started.elapsed());
+        let mut answered = HashMap::new();
+        for ((position, key, _), answer) in unchecked.into_iter().zip(answers) {
+            let answer = match answer {
+                Ok(KeyLookup::New) => continue,
+                Ok(KeyLookup::Answer(answer)) => answer,
+                Err(e @ Error::CorruptRecord { .. }) => Answer::refusal(
+                    500,
+                    &format!(
+                        "this Idempotency-Key's stored record is unreadable ({e}); nothing was done: an operator must \
+                         repair or delete it, or send the request with a new key"
+                    ),
+                ),
+                Err(e) => Answer::refusal(503, &format!("could not check the idempotency key, retry: {e}")),
+            };
+            answered.insert(position, (key, answer));
+        }
+        let mut rest = Vec::with_capacity(group.len());
+        for (position, mut fresh) in group.into_iter().enumerate() {
+            match answered.remove(&position) {
+                Some((key, answer)) => self.in_flight.answer(&key, &answer),
+                None => {
+                    fresh.checked = true;
+                    rest.push(fresh);
                 }
             }
         }
-        let started = Instant::now();
-        let answers =
-            futures::future::join_all(lookups.iter().map(|(_, key, _, fingerprint)| self.lookup_key(key, fingerprint)))
-                .await;
-        if !lookups.is_empty() {
-            self.runtime.stats.add_many(stage::KEY_LOOKUP, lookups.len() as u64, started.elapsed());
-        }
-        for ((position, key, pending, _), answer) in lookups.into_iter().zip(answers) {
-            match answer {
-                Ok(KeyLookup::New) => fresh.push((position, pending)),
-                Ok(KeyLookup::Answer(answer)) => self.in_flight.answer(&key, &answer),
-                Err(e @ Error::CorruptRecord { .. }) => self.in_flight.answer(
-                    &key,
-                    &Answer::refusal(
-                        500,
-                        &format!(
-                            "this Idempotency-Key's stored record is unreadable ({e}); nothing was done: \
-                             an operator must repair or delete it, or send the request with a new key"
-                        ),
-                    ),
-                ),
-                Err(e) => self
-                    .in_flight
-                    .answer(&key, &Answer::refusal(503, &format!("could not check the idempotency key, retry: {e}"))),
-            }
-        }
-        fresh.sort_by_key(|(position, _)| *position);
-        fresh.into_iter().map(|(_, fresh)| fresh).collect()
+        rest
     }
 
     /// Whether the entry at `index` is an only-once request the settler finishes (its
@@ -422,43 +438,81 @@ impl<S: AppState> Sequencer<S> {
     /// Replicate Request for a group: RLEs, RS (InProcess for Replication, else Null),
     /// idempotency records and LS in one fenced transaction; then hands the group to the
     /// processor.
-    async fn replicate(&mut self, group: Vec<Fresh>, groups: &mpsc::Sender<Vec<Item>>) -> Result<()> {
+    /// An unchecked key is written on the condition that it has no record yet; when one
+    /// has, the group's keys are looked up and the rest of the group written again.
+    async fn replicate(&mut self, mut group: Vec<Fresh>, groups: &mpsc::Sender<Vec<Item>>) -> Result<()> {
+        loop {
+            let keys = &self.runtime.keys;
+            let absent: Vec<String> = group
+                .iter()
+                .filter(|fresh| !fresh.checked)
+                .filter_map(|fresh| fresh.entry.idempotency_key.as_ref().map(|key| keys.idem(key)))
+                .collect();
+            if absent.is_empty() {
+                break;
+            }
+            let ops = self.replicate_ops(&group).await?;
+            let stats = &self.runtime.stats;
+            let write = self.runtime.store().authority_write_if_absent(&self.term, &absent, ops);
+            if stats.time(stage::REPLICATE, write).await?.is_some() {
+                return self.replicated(group, groups).await;
+            }
+            group = self.look_keys_up(group).await;
+            if group.is_empty() {
+                return Ok(());
+            }
+        }
+        let ops = self.replicate_ops(&group).await?;
+        let stats = &self.runtime.stats;
+        stats.time(stage::REPLICATE, self.runtime.store().authority_write(&self.term, ops)).await?;
+        self.replicated(group, groups).await
+    }
+
+    /// The replicate transaction's writes for `group`, at the next indexes.
+    async fn replicate_ops(&self, group: &[Fresh]) -> Result<Vec<Op>> {
         let keys = &self.runtime.keys;
         let epoch = self.term.epoch;
-        let mut ops = Vec::with_capacity(group.len() * 2 + 1);
+        let mut ops = Vec::with_capacity(group.len() * 3 + 1);
         let mut keyed = Vec::new();
-        let mut items = Vec::with_capacity(group.len());
-        for (offset, Fresh { kind, entry, encoded, reply, queued }) in group.into_iter().enumerate() {
+        for (offset, fresh) in group.iter().enumerate() {
             let index = self.next_index + offset as u64;
-            ops.push(Op::Put(keys.log(index), encoded));
+            ops.push(Op::Put(keys.log(index), fresh.encoded.clone()));
             // Replication requests go straight to InProcess: a leader that dies after this
             // write leaves them for the next one to execute (the paper's rule for
             // InProcess Replication entries), which saves a write per group. Only-once
             // requests keep Null until the processor marks them, so that their InProcess
             // still means "may have run".
-            let state = match kind {
+            let state = match fresh.kind {
                 RequestKind::Replication => ProcessState::InProcess,
                 _ => ProcessState::Null,
             };
-            let state = EntryState { kind, state, epoch, response: None };
+            let state = EntryState { kind: fresh.kind, state, epoch, response: None };
             ops.push(Op::Put(keys.rs(index), data::encode(&state)));
-            if let Some(key) = &entry.idempotency_key {
+            if let Some(key) = &fresh.entry.idempotency_key {
                 let fingerprint =
                     lock(&self.in_flight.by_key).get(key).map(|w| w.fingerprint.clone()).unwrap_or_default();
                 keyed.push((keys.idem(key), data::encode(&IdempotencyRecord { index, fingerprint, response: None })));
             }
-            items.push(Item { index, kind, entry, reply, _queued: queued });
         }
-        let last = self.next_index + items.len() as u64 - 1;
+        let last = self.next_index + group.len() as u64 - 1;
         ops.push(Op::counter(keys.ls(), last));
         if !keyed.is_empty() {
             let lease = self.lease.get(&self.runtime).await?;
             let leased = keyed.into_iter().map(|(key, value)| Op::PutLeased(key, value, lease));
             ops.splice(0..0, leased);
         }
-        let stats = &self.runtime.stats;
-        stats.time(stage::REPLICATE, self.runtime.store().authority_write(&self.term, ops)).await?;
-        stats.add_many(stage::REQUESTS, items.len() as u64, Duration::ZERO);
+        Ok(ops)
+    }
+
+    /// After the replicate write: the group's indexes are taken; hands it to the processor.
+    async fn replicated(&mut self, group: Vec<Fresh>, groups: &mpsc::Sender<Vec<Item>>) -> Result<()> {
+        let mut items = Vec::with_capacity(group.len());
+        for (offset, Fresh { kind, entry, reply, queued, .. }) in group.into_iter().enumerate() {
+            let index = self.next_index + offset as u64;
+            items.push(Item { index, kind, entry, reply, _queued: queued });
+        }
+        let last = self.next_index + items.len() as u64 - 1;
+        self.runtime.stats.add_many(stage::REQUESTS, items.len() as u64, Duration::ZERO);
         self.next_index = last + 1;
         self.runtime.set_status(|s| s.ls = last);
         // The processor only ends with the term, and then so does this task.

@@ -394,12 +394,8 @@ impl Store {
     pub(crate) async fn authority_write(&self, term: &Term, ops: Vec<Op>) -> Result<i64> {
         let mut revision = 0;
         for chunk in chunks(ops) {
-            let txn = Txn::new()
-                .when(vec![
-                    Compare::value(self.keys.cl(), CompareOp::Equal, term.cl_value.clone()),
-                    Compare::mod_revision(self.keys.cl(), CompareOp::Equal, term.cl_revision),
-                ])
-                .and_then(chunk.into_iter().map(Op::into_txn_op).collect::<Vec<_>>());
+            let txn =
+                Txn::new().when(self.fence(term)).and_then(chunk.into_iter().map(Op::into_txn_op).collect::<Vec<_>>());
             let mut client = self.client.clone();
             let response = self.bounded("write as leader", client.txn(txn)).await?;
             if !response.succeeded() {
@@ -408,6 +404,48 @@ impl Store {
             revision = response.header().map_or(0, etcd_client::ResponseHeader::revision);
         }
         Ok(revision)
+    }
+
+    /// A leader-authority write of `ops` in one transaction (the caller keeps it within
+    /// etcd's limits) on the further condition that none of the keys `absent` exists.
+    /// `Ok(None)` when one does: nothing was written, and the fence still held.
+    ///
+    /// # Errors
+    /// [`Error::LeadershipLost`] when the fence fails; etcd errors otherwise.
+    pub(crate) async fn authority_write_if_absent(
+        &self,
+        term: &Term,
+        absent: &[String],
+        ops: Vec<Op>,
+    ) -> Result<Option<i64>> {
+        let mut when = self.fence(term);
+        when.extend(absent.iter().map(|key| Compare::version(key.as_str(), CompareOp::Equal, 0)));
+        let txn = Txn::new()
+            .when(when)
+            .and_then(ops.into_iter().map(Op::into_txn_op).collect::<Vec<_>>())
+            // Which condition failed: `cl` tells whether it was the fence.
+            .or_else(vec![TxnOp::get(self.keys.cl(), None)]);
+        let mut client = self.client.clone();
+        let response = self.bounded("write as leader", client.txn(txn)).await?;
+        if response.succeeded() {
+            return Ok(Some(response.header().map_or(0, etcd_client::ResponseHeader::revision)));
+        }
+        let fence_held = response.op_responses().into_iter().any(|op| match op {
+            TxnOpResponse::Get(get) => get
+                .kvs()
+                .first()
+                .is_some_and(|kv| kv.value() == term.cl_value.as_slice() && kv.mod_revision() == term.cl_revision),
+            _ => false,
+        });
+        if fence_held { Ok(None) } else { Err(Error::LeadershipLost { epoch: term.epoch }) }
+    }
+
+    /// The conditions of a leader-authority write: `cl` is still `term`'s.
+    fn fence(&self, term: &Term) -> Vec<Compare> {
+        vec![
+            Compare::value(self.keys.cl(), CompareOp::Equal, term.cl_value.clone()),
+            Compare::mod_revision(self.keys.cl(), CompareOp::Equal, term.cl_revision),
+        ]
     }
 
     /// Writes `ops` without a leader's fence, in as many transactions as etcd's limits
