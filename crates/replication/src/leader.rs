@@ -613,12 +613,21 @@ impl Segment {
             let outcome = self.outcomes[position].as_ref().expect("ran");
             ops.extend(outcome_ops(keys, item.index, item.kind, term.epoch, outcome, &item.entry, lease));
         }
-        runtime.stats.time(stage::PERSIST, runtime.state.persist()).await.map_err(Error::Persist)?;
-        // (4.4-6) outcomes, LPI and SSI; durable before anyone is answered.
+        // (4.4-6) outcomes, LPI and SSI; durable before anyone is answered. The app state
+        // is made durable at the same time, not before: etcd holds the log, so either
+        // order of a crash is recovered. Outcomes recorded but the state not persisted:
+        // the replica's applied index is below SSI and it replays the entries from etcd.
+        // The state persisted but no outcome: Prepare Service (or the pending-process
+        // check) rolls back what it executed above SSI.
         let last = items[to - 1].index;
         ops.push(Op::counter(keys.lpi(&runtime.config.replica), last));
         ops.push(Op::counter(keys.ssi(), last));
-        runtime.stats.time(stage::OUTCOME, runtime.store().authority_write(term, ops)).await?;
+        let (persisted, recorded) = tokio::join!(
+            runtime.stats.time(stage::PERSIST, runtime.state.persist()),
+            runtime.stats.time(stage::OUTCOME, runtime.store().authority_write(term, ops)),
+        );
+        persisted.map_err(Error::Persist)?;
+        recorded?;
         let mut applied_any = false;
         for (position, item) in items.iter().enumerate().take(to).skip(from) {
             let route = runtime.route_of(&item.entry.method, &item.entry.path).expect("declared");

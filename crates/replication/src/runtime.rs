@@ -597,7 +597,7 @@ impl<S: AppState> Runtime<S> {
                 self.set_status(|s| s.leader = leader);
             }
         }
-        let (ssi, compacted) = store.progress().await?;
+        let (ssi, compacted) = store.progress_local().await?;
         let first_index = compacted.first_index.max(1);
         if self.status.borrow().ssi != ssi || self.status.borrow().first_index != first_index {
             self.set_status(|s| {
@@ -616,7 +616,7 @@ impl<S: AppState> Runtime<S> {
             return Ok(());
         }
         let to = ssi.min(node.lpi + PAGE);
-        let entries = store.entries(node.lpi + 1, to).await?;
+        let entries = store.entries_local(node.lpi + 1, to).await?;
         for entry in entries {
             self.apply_if_recorded(entry.index, &entry.state, &entry.request).await?;
             if entry.state.kind == RequestKind::Replication

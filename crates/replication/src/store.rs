@@ -86,6 +86,24 @@ pub(crate) struct MemberStatus {
     pub(crate) alarms: Vec<String>,
 }
 
+/// How a read is served.
+#[derive(Clone, Copy, Debug)]
+enum Read {
+    /// After a quorum round (etcd's default): sees every write acknowledged before it.
+    Linearizable,
+    /// By the local member from what it has applied (etcd's serializable read).
+    Local,
+}
+
+impl Read {
+    fn options(self) -> GetOptions {
+        match self {
+            Self::Linearizable => GetOptions::new(),
+            Self::Local => GetOptions::new().with_serializable(),
+        }
+    }
+}
+
 /// One entry of the log as read back: its state and, where it exists, its request.
 #[derive(Clone, Debug)]
 pub(crate) struct StoredEntry {
@@ -249,13 +267,24 @@ impl Store {
     /// Callers carry on from `last + 1`. How many entries fit is estimated from the sizes
     /// seen so far; a read the client still finds too large is halved and tried again.
     pub(crate) async fn entries(&self, from: u64, to: u64) -> Result<Vec<StoredEntry>> {
+        self.entries_as(from, to, Read::Linearizable).await
+    }
+
+    /// [`Self::entries`] as the local member has them, without a quorum round: for a
+    /// follower reading below an SSI it read from the same member (which applied every
+    /// entry up to it first), where a lagging member only delays it.
+    pub(crate) async fn entries_local(&self, from: u64, to: u64) -> Result<Vec<StoredEntry>> {
+        self.entries_as(from, to, Read::Local).await
+    }
+
+    async fn entries_as(&self, from: u64, to: u64, read: Read) -> Result<Vec<StoredEntry>> {
         if from > to {
             return Ok(Vec::new());
         }
         let average = self.entry_bytes.load(std::sync::atomic::Ordering::Relaxed).max(1);
         let mut count = (READ_BUDGET / average).clamp(1, to - from + 1);
         loop {
-            match self.read_entries(from, from + count - 1).await {
+            match self.read_entries(from, from + count - 1, read).await {
                 Ok((entries, bytes)) => {
                     let average = bytes / entries.len().max(1) as u64;
                     self.entry_bytes.store(average.max(1), std::sync::atomic::Ordering::Relaxed);
@@ -269,8 +298,8 @@ impl Store {
 
     /// Entries `from..=to` (both logs and states, two range reads at one revision), and
     /// their size in bytes.
-    async fn read_entries(&self, from: u64, to: u64) -> Result<(Vec<StoredEntry>, u64)> {
-        let range = |start: String, end: String| TxnOp::get(start, Some(GetOptions::new().with_range(end)));
+    async fn read_entries(&self, from: u64, to: u64, read: Read) -> Result<(Vec<StoredEntry>, u64)> {
+        let range = |start: String, end: String| TxnOp::get(start, Some(read.options().with_range(end)));
         let txn = Txn::new().and_then(vec![
             range(self.keys.rs(from), self.keys.rs(to + 1)),
             range(self.keys.log(from), self.keys.log(to + 1)),
@@ -465,9 +494,13 @@ impl Store {
         Ok(self.bounded("grant a lease", client.lease_grant(ttl, None)).await?.id())
     }
 
-    /// SSI and the compaction record, read together in one round trip.
-    pub(crate) async fn progress(&self) -> Result<(u64, CompactedLog)> {
-        let txn = Txn::new().and_then(vec![TxnOp::get(self.keys.ssi(), None), TxnOp::get(self.keys.compacted(), None)]);
+    /// SSI and the compaction record, read together in one round trip, as the local
+    /// member has them (no quorum round: a follower polls them after every group, and a
+    /// lagging member only delays it).
+    pub(crate) async fn progress_local(&self) -> Result<(u64, CompactedLog)> {
+        let local = || Some(Read::Local.options());
+        let txn =
+            Txn::new().and_then(vec![TxnOp::get(self.keys.ssi(), local()), TxnOp::get(self.keys.compacted(), local())]);
         let mut client = self.client.clone();
         let response = self.bounded("read ssi", client.txn(txn)).await?;
         let mut values = response.op_responses().into_iter().map(|op| match op {

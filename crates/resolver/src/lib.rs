@@ -9,7 +9,8 @@ mod resolver;
 pub use error::{Error, Result, describe_revert};
 pub use failover::{AttemptFailure, FailoverClient, FailoverConfig, FailoverError, Request};
 pub use registry::{
-    Chain, Deployment, RecordedBackup, RegistryClient, Resolved, ServiceInfo, Timeouts, TxOutcome, service_id,
+    Chain, Deployment, RECEIPT_POLL, RecordedBackup, RegistryClient, Resolved, ServiceInfo, Timeouts, TxOutcome,
+    service_id,
 };
 pub use resolver::{Resolver, ResolverConfig};
 

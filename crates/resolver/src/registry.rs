@@ -53,6 +53,9 @@ pub struct Chain {
     pubsub: bool,
 }
 
+/// How often a sent transaction's receipt is polled for (HTTP; a WebSocket is told).
+pub const RECEIPT_POLL: Duration = Duration::from_millis(250);
+
 impl Chain {
     /// Connects to `url` (`http(s)://` or `ws(s)://`) and reads the chain id, signing with
     /// `signer` when one is given.
@@ -86,6 +89,11 @@ impl Chain {
                 });
             }
         };
+        // alloy polls a node that is not on localhost every 7 s for a pending transaction's
+        // receipt, so a new leader's location could wait 7 s to be seen published (found
+        // by the payments testbed, whose chain is on a bridge address): poll as often as
+        // for a local node.
+        let client = client.with_poll_interval(RECEIPT_POLL);
         let provider = match signer {
             // Not the default cached nonces: another process may send with the same key.
             Some(key) => ProviderBuilder::default()

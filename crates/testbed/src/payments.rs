@@ -282,9 +282,13 @@ impl Payer {
             log.failed.push(format!("grant: {reason}"));
             return log;
         }
-        let wallet = ProviderBuilder::new()
-            .wallet(EthereumWallet::from(self.key.clone()))
-            .connect_http(self.rpc_url.parse().expect("the sandbox's RPC URL parses"));
+        let wallet = match wallet(&self.rpc_url, &self.key) {
+            Ok(wallet) => wallet,
+            Err(e) => {
+                log.failed.push(e.to_string());
+                return log;
+            }
+        };
         let token = PaymentToken::new(self.token, &wallet);
         let period = Duration::from_secs_f64(1.0 / config.rate);
         let mut next = Instant::now();
@@ -371,14 +375,11 @@ struct Chain {
 
 impl Chain {
     fn new(url: &str, funder: &PrivateKeySigner) -> Result<Self, Error> {
-        let parsed = url.parse().map_err(|e| Error::Config(format!("the sandbox's RPC URL {url}: {e}")))?;
-        let funder = ProviderBuilder::new().wallet(EthereumWallet::from(funder.clone())).connect_http(parsed).erased();
-        Ok(Self { url: url.to_owned(), funder })
+        Ok(Self { url: url.to_owned(), funder: wallet(url, funder)? })
     }
 
     fn as_key(&self, key: &PrivateKeySigner) -> Result<DynProvider, Error> {
-        let parsed = self.url.parse().map_err(|e| Error::Config(format!("the sandbox's RPC URL: {e}")))?;
-        Ok(ProviderBuilder::new().wallet(EthereumWallet::from(key.clone())).connect_http(parsed).erased())
+        wallet(&self.url, key)
     }
 
     /// Gives `address` 10 ETH for gas.
@@ -390,6 +391,15 @@ impl Chain {
         pending.get_receipt().await.map_err(chain_error)?;
         Ok(())
     }
+}
+
+/// A provider on the sandbox's chain sending as `key`. Receipts are polled as the
+/// registry's chain polls them, not at alloy's 7 s for a node off localhost (the sandbox's
+/// chain is on a bridge address).
+fn wallet(url: &str, key: &PrivateKeySigner) -> Result<DynProvider, Error> {
+    let parsed = url.parse().map_err(|e| Error::Config(format!("the sandbox's RPC URL {url}: {e}")))?;
+    let client = alloy::rpc::client::RpcClient::new_http(parsed).with_poll_interval(br2k_resolver::RECEIPT_POLL);
+    Ok(ProviderBuilder::new().wallet(EthereumWallet::from(key.clone())).connect_client(client).erased())
 }
 
 fn chain_error(e: impl std::fmt::Display) -> Error {
