@@ -5,9 +5,10 @@
 //!   assigns indexes, and writes each group's RLEs, RS records (InProcess for Replication
 //!   requests, Null for the rest) and LS in one fenced transaction;
 //! - the **processor** takes replicated groups in order, marks their only-once requests
-//!   InProcess in one transaction (none for a group of Replication requests), executes each request in index order (recording every step in the local
-//!   record file), persists the app state once, writes every outcome with LPI and SSI in
-//!   one transaction, and only then answers the clients.
+//!   InProcess in one transaction (none for a group of Replication requests), executes
+//!   each request in index order (recording every step in the local record file), writes
+//!   every outcome with LPI and SSI in one transaction while it persists the app state,
+//!   and only then answers the clients.
 //!
 //! While the processor works on one group the sequencer replicates the next, so a busy
 //! leader does about two etcd round trips per group, not three per request. Any failed
