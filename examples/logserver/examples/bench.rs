@@ -145,6 +145,9 @@ async fn pipeline(http: &reqwest::Client, port: u16) -> Result<BTreeMap<String, 
 struct Row {
     clients: usize,
     raw: Measurement,
+    /// A transaction shaped like br2k's replicate write, on raw etcd: the floor of one
+    /// fenced write.
+    fenced: Measurement,
     br2k: Measurement,
     /// What the leader's counters grew by during the br2k measurement.
     pipeline: BTreeMap<String, Tally>,
@@ -180,6 +183,7 @@ async fn main() -> Result<()> {
     };
 
     let raw = etcd_client::Client::connect([etcd.endpoint(leader)], None).await?;
+    let fence = Fence::new(raw.clone()).await?;
     let url = format!("http://127.0.0.1:{}/log", ports[leader]);
     let mut rows = Vec::new();
     for clients in concurrency {
@@ -189,6 +193,16 @@ async fn main() -> Result<()> {
             let mut client = client.clone();
             async move {
                 client.put(format!("/bench/{c}/{n}"), format!("{{\"user\":{c}}}"), None).await?;
+                Ok(())
+            }
+        })
+        .await?;
+        eprintln!("bench: raw etcd fenced transaction (br2k's replicate write), {clients} client(s), {seconds} s");
+        let (client, fence) = (raw.clone(), fence.clone());
+        let fenced = measure(clients, duration, &processes, move |c, n| {
+            let (mut client, fence) = (client.clone(), fence.clone());
+            async move {
+                client.txn(fence.txn(c, n)).await?;
                 Ok(())
             }
         })
@@ -218,12 +232,56 @@ async fn main() -> Result<()> {
             .iter()
             .map(|(name, tally)| (name.clone(), tally.since(before.get(name).copied().unwrap_or_default())));
         let pipeline = grown.filter(|(_, tally)| tally.calls > 0).collect();
-        rows.push(Row { clients, raw: raw_m, br2k, pipeline });
+        rows.push(Row { clients, raw: raw_m, fenced, br2k, pipeline });
     }
 
     print_results(&rows);
     print_breakdown(&rows);
     Ok(())
+}
+
+/// A transaction with the shape of br2k's replicate write for one request: compared on a
+/// leader record's value and revision, putting a log entry, its state, a leased
+/// idempotency record and a counter.
+#[derive(Clone)]
+struct Fence {
+    value: String,
+    revision: i64,
+    lease: i64,
+}
+
+impl Fence {
+    async fn new(mut client: etcd_client::Client) -> Result<Self> {
+        let value = "{\"replica\":\"bench\"}".to_owned();
+        let put = client.put("/bench-fenced/cl", value.clone(), None).await?;
+        let revision = put.header().map(etcd_client::ResponseHeader::revision).context("a put without a header")?;
+        let lease = client.lease_grant(3600, None).await?.id();
+        Ok(Self { value, revision, lease })
+    }
+
+    fn txn(&self, c: usize, n: u64) -> etcd_client::Txn {
+        use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
+        let key = |what: &str| format!("/bench-fenced/{what}/{c}/{n:020}");
+        Txn::new()
+            .when(vec![
+                Compare::value("/bench-fenced/cl", CompareOp::Equal, self.value.clone()),
+                Compare::mod_revision("/bench-fenced/cl", CompareOp::Equal, self.revision),
+            ])
+            .and_then(vec![
+                TxnOp::put(
+                    key("idem"),
+                    "{\"index\":1,\"fingerprint\":\"0123456789abcdef\"}",
+                    Some(PutOptions::new().with_lease(self.lease)),
+                ),
+                TxnOp::put(
+                    key("log"),
+                    format!("{{\"method\":\"POST\",\"path\":\"/log\",\"body\":\"{{\\\"user\\\":{c}}}\"}}"),
+                    None,
+                ),
+                TxnOp::put(key("rs"), "{\"kind\":\"Replication\",\"state\":\"InProcess\",\"epoch\":1}", None),
+                TxnOp::put("/bench-fenced/ls", n.to_string(), None),
+            ])
+    }
 }
 
 fn print_results(rows: &[Row]) {
@@ -263,6 +321,20 @@ fn print_results(rows: &[Row]) {
 /// Where the time goes, per concurrency: CPU per 1,000 requests by process, etcd calls
 /// per request by action, and the leader's stages.
 fn print_breakdown(rows: &[Row]) {
+    println!();
+    println!("The floor under br2k: raw etcd running br2k's replicate write (2 compares, 4 puts, one leased):");
+    println!();
+    println!("| clients | fenced txn/s | fenced txn p50 | p50 vs a put | br2k POST /log vs fenced txn/s |");
+    println!("|---:|---:|---:|---:|---:|");
+    for Row { clients, raw, fenced, br2k, .. } in rows {
+        println!(
+            "| {clients} | {:.0} | {:.2} ms | {:.2}x | {:.2}x |",
+            fenced.throughput(),
+            ms(fenced.percentile(0.5)),
+            ms(fenced.percentile(0.5)) / ms(raw.percentile(0.5)),
+            br2k.throughput() / fenced.throughput(),
+        );
+    }
     println!();
     println!("CPU ms per 1,000 requests (raw etcd put | br2k POST /log):");
     println!();
