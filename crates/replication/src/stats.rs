@@ -60,11 +60,7 @@ pub(crate) struct Stats {
 impl Stats {
     /// Counts one etcd call for `action` (as the store names it in errors).
     pub(crate) fn add_etcd(&self, action: &'static str, took: Duration) {
-        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
-        let mut etcd = crate::runtime::lock(&self.etcd);
-        let tally = etcd.entry(action).or_default();
-        tally.calls += 1;
-        tally.micros = tally.micros.saturating_add(micros);
+        count(&self.etcd, action, 1, took);
     }
 
     /// Counts one `what` that took `took`.
@@ -74,11 +70,7 @@ impl Stats {
 
     /// Counts `calls` of `what` that took `took` in all.
     pub(crate) fn add_many(&self, what: &'static str, calls: u64, took: Duration) {
-        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
-        let mut tallies = crate::runtime::lock(&self.tallies);
-        let tally = tallies.entry(what).or_default();
-        tally.calls += calls;
-        tally.micros = tally.micros.saturating_add(micros);
+        count(&self.tallies, what, calls, took);
     }
 
     /// Runs `work` and counts it as one `what`.
@@ -98,6 +90,15 @@ impl Stats {
         }
         out
     }
+}
+
+/// Adds `calls` that took `took` in all to `what`'s tally in `tallies`.
+fn count(tallies: &Mutex<BTreeMap<&'static str, Tally>>, what: &'static str, calls: u64, took: Duration) {
+    let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+    let mut tallies = crate::runtime::lock(tallies);
+    let tally = tallies.entry(what).or_default();
+    tally.calls += calls;
+    tally.micros = tally.micros.saturating_add(micros);
 }
 
 #[cfg(test)]

@@ -35,6 +35,24 @@ fn block_time_anvil(seconds: u64) -> Anvil {
         .expect("anvil starts (run `bash tools/setup.sh` if it is missing)")
 }
 
+/// An anvil that mines nothing until told (`evm_mine`): transactions wait in its pool.
+fn unmined_anvil() -> Anvil {
+    Anvil::builder().arg("--no-mining").spawn().expect("anvil starts (run `bash tools/setup.sh` if it is missing)")
+}
+
+/// POSTs `body` (a payee, for the payment routes) to replica `i`'s `path` with `key`, in
+/// the background: its answer may never come (the test stops the replica meanwhile).
+fn send_in_background(
+    c: &Cluster,
+    i: usize,
+    path: &str,
+    body: impl std::fmt::Display,
+    key: &'static str,
+) -> tokio::task::JoinHandle<reqwest::Result<reqwest::Response>> {
+    let (http, url, body) = (c.http.clone(), format!("{}{path}", c.replicas[i].url), body.to_string());
+    tokio::spawn(async move { http.post(url).header("Idempotency-Key", key).body(body).send().await })
+}
+
 /// What the chain says: the balance of `who`, and how many transactions `from` sent.
 async fn on_chain(anvil: &Anvil, who: Address, from: Address) -> (U256, u64) {
     let provider = ProviderBuilder::new().connect_http(anvil.endpoint().parse().unwrap());
@@ -102,9 +120,7 @@ async fn leader_killed_at(step: TxStep) {
     let to = PrivateKeySigner::random().address();
     let l = c.leader(None).await;
     c.replicas[l].tx_interrupt.arm(step);
-    let (http, url) = (c.http.clone(), format!("{}/pay", c.replicas[l].url));
-    let body = to.to_string();
-    let first = tokio::spawn(async move { http.post(url).header("Idempotency-Key", "k").body(body).send().await });
+    let first = send_in_background(&c, l, "/pay", to, "k");
     c.replicas[l].tx_interrupt.reached.notified().await;
     c.replicas[l].crash();
     c.etcd.kill(l).unwrap();
@@ -156,9 +172,7 @@ async fn a_stale_leader_woken_after_a_new_one_took_over_cannot_pay_twice() {
     // The leader stores the payment, then is cut off (its etcd member frozen) before it
     // broadcasts.
     c.replicas[l].tx_interrupt.arm(TxStep::Stored);
-    let (http, url) = (c.http.clone(), format!("{}/pay", c.replicas[l].url));
-    let body = to.to_string();
-    let stale = tokio::spawn(async move { http.post(url).header("Idempotency-Key", "k").body(body).send().await });
+    let stale = send_in_background(&c, l, "/pay", to, "k");
     c.replicas[l].tx_interrupt.reached.notified().await;
     c.etcd.pause(l).unwrap();
     // Another leader finishes it, and pays someone else meanwhile.
@@ -180,8 +194,7 @@ async fn a_stale_leader_woken_after_a_new_one_took_over_cannot_pay_twice() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_lingering_transaction_is_replaced_at_the_same_nonce_up_to_the_fee_cap_and_settles_once() {
     // Nothing is mined until the test says so.
-    let anvil =
-        Anvil::builder().arg("--no-mining").spawn().expect("anvil starts (run `bash tools/setup.sh` if it is missing)");
+    let anvil = unmined_anvil();
     let c = paying_cluster(&anvil, |outbox| {
         outbox.bump_after = Duration::from_secs(1);
         outbox.max_fee_multiple = 2;
@@ -191,9 +204,7 @@ async fn a_lingering_transaction_is_replaced_at_the_same_nonce_up_to_the_fee_cap
     let service = anvil.address(SERVICE_KEY);
     let to = PrivateKeySigner::random().address();
     let l = c.leader(None).await;
-    let (http, url) = (c.http.clone(), format!("{}/pay", c.replicas[l].url));
-    let body = to.to_string();
-    let paying = tokio::spawn(async move { http.post(url).header("Idempotency-Key", "k").body(body).send().await });
+    let paying = send_in_background(&c, l, "/pay", to, "k");
     let deadline = Instant::now() + Duration::from_secs(20);
     while records(&c, 1).await.first().is_none_or(|r| r.attempts.len() < 2) {
         assert!(Instant::now() < deadline, "no replacement within 20 s: {:?}", records(&c, 1).await);
@@ -294,9 +305,7 @@ async fn the_chain_unreachable_leaves_a_payment_in_doubt_until_it_answers_again(
     // Unreachable after the broadcast: the receipt cannot be read; settled once it can.
     let other = PrivateKeySigner::random().address();
     c.replicas[l].tx_interrupt.arm(TxStep::Broadcast);
-    let (http, url) = (c.http.clone(), format!("{}/pay", c.replicas[l].url));
-    let body = other.to_string();
-    let paying = tokio::spawn(async move { http.post(url).header("Idempotency-Key", "b").body(body).send().await });
+    let paying = send_in_background(&c, l, "/pay", other, "b");
     c.replicas[l].tx_interrupt.reached.notified().await;
     relay.cut();
     c.replicas[l].tx_interrupt.release.notify_one();
@@ -410,9 +419,7 @@ async fn a_recorded_payments_effect_is_applied_by_every_replica_in_log_order_eve
     // before anything else, then every replica applies it once, before what follows.
     let l = c.leader(None).await;
     c.replicas[l].tx_interrupt.arm(TxStep::Broadcast);
-    let (http, url) = (c.http.clone(), format!("{}/pay-recorded", c.replicas[l].url));
-    let body = second.to_string();
-    let dying = tokio::spawn(async move { http.post(url).header("Idempotency-Key", "p2").body(body).send().await });
+    let dying = send_in_background(&c, l, "/pay-recorded", second, "p2");
     c.replicas[l].tx_interrupt.reached.notified().await;
     c.replicas[l].crash();
     c.etcd.kill(l).unwrap();
@@ -474,15 +481,11 @@ async fn a_later_payments_unbroadcast_nonce_never_blocks_an_earlier_one() {
     c.replicas[l].interrupt.armed.store(true, std::sync::atomic::Ordering::SeqCst);
     c.replicas[l].tx_interrupt.arm_at(TxStep::Reserving, 2);
     c.replicas[l].tx_interrupt.arm_at(TxStep::Stored, 3);
-    let send = |path: &'static str, body: String, key: &'static str| {
-        let (http, url) = (c.http.clone(), format!("{}{path}", c.replicas[l].url));
-        tokio::spawn(async move { http.post(url).header("Idempotency-Key", key).body(body).send().await })
-    };
-    let holding = send("/append", "hold".into(), "h");
+    let holding = send_in_background(&c, l, "/append", "hold", "h");
     c.replicas[l].interrupt.reached.notified().await;
-    let a = send("/pay-recorded", first.to_string(), "a");
+    let a = send_in_background(&c, l, "/pay-recorded", first, "a");
     c.eventually_counter("ls", 2).await;
-    let b = send("/pay-recorded", second.to_string(), "b");
+    let b = send_in_background(&c, l, "/pay-recorded", second, "b");
     c.eventually_counter("ls", 3).await;
     c.replicas[l].interrupt.release.notify_one();
     c.replicas[l].tx_interrupt.reached.notified().await;
@@ -506,8 +509,7 @@ async fn a_later_payments_unbroadcast_nonce_never_blocks_an_earlier_one() {
 async fn a_nonce_taken_by_another_sender_of_the_key_is_refused_only_once_that_has_held() {
     // Nothing is mined until the test says so: the outbox's transaction waits in the pool
     // while another process with the service's key replaces it at the same nonce.
-    let anvil =
-        Anvil::builder().arg("--no-mining").spawn().expect("anvil starts (run `bash tools/setup.sh` if it is missing)");
+    let anvil = unmined_anvil();
     let c = paying_cluster(&anvil, |outbox| {
         outbox.bump_after = Duration::from_secs(60);
         outbox.settle_within = Duration::from_secs(30);
@@ -516,9 +518,7 @@ async fn a_nonce_taken_by_another_sender_of_the_key_is_refused_only_once_that_ha
     let service = anvil.address(SERVICE_KEY);
     let to = PrivateKeySigner::random().address();
     let l = c.leader(None).await;
-    let (http, url) = (c.http.clone(), format!("{}/pay", c.replicas[l].url));
-    let body = to.to_string();
-    let paying = tokio::spawn(async move { http.post(url).header("Idempotency-Key", "k").body(body).send().await });
+    let paying = send_in_background(&c, l, "/pay", to, "k");
     let deadline = Instant::now() + Duration::from_secs(20);
     let ours = loop {
         if let Some(record) = records(&c, 1).await.pop() {
