@@ -27,6 +27,15 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use crate::error::{Error, Result};
 
 /// Builds the keys of one service.
+/// The two records of a log entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum EntryRecord {
+    /// `log/<index>`: the request (RLE).
+    Request,
+    /// `rs/<index>`: its state (RS).
+    State,
+}
+
 #[derive(Clone, Debug)]
 pub(crate) struct Keys {
     prefix: String,
@@ -135,6 +144,22 @@ impl Keys {
     /// The replica id in a `members/` key.
     pub(crate) fn member_of<'a>(&self, key: &'a [u8]) -> Option<&'a str> {
         std::str::from_utf8(key).ok()?.strip_prefix(&self.prefix)?.strip_prefix("members/")
+    }
+
+    /// Which of an entry's two records `key` is, and the entry's index.
+    pub(crate) fn entry_record(&self, key: &[u8]) -> Option<(EntryRecord, u64)> {
+        let key = std::str::from_utf8(key).ok()?.strip_prefix(&self.prefix)?;
+        let (record, digits) = match key.strip_prefix("log/") {
+            Some(digits) => (EntryRecord::Request, digits),
+            None => (EntryRecord::State, key.strip_prefix("rs/")?),
+        };
+        Some((record, digits.parse().ok()?))
+    }
+
+    /// The keys a follower's watch covers, `[from, to)`: `log/` up to and with `ssi`
+    /// (entries, states, LS, LPIs, SSI; the idempotency records sort before it).
+    pub(crate) fn feed_range(&self) -> (String, String) {
+        (format!("{}log/", self.prefix), format!("{}\0", self.ssi()))
     }
 
     /// The index in a `log/`, `rs/` or `doubt/` key.

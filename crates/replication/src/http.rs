@@ -149,7 +149,7 @@ async fn front<S: AppState>(State(runtime): State<Arc<Runtime<S>>>, request: axu
     let (reply_tx, reply_rx) = oneshot::channel();
     let submit = Submit { kind: route.kind, entry, encoded, fingerprint, reply: reply_tx, queued };
     match sender.send_timeout(submit, QUEUE_WAIT).await {
-        Ok(()) => {}
+        Ok(()) => runtime.stats.add_many(crate::stats::stage::QUEUED, 1, std::time::Duration::ZERO),
         Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
             return error(StatusCode::SERVICE_UNAVAILABLE, "the leader's queue is full; retry shortly");
         }

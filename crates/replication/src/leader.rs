@@ -10,9 +10,11 @@
 //!   every outcome with LPI and SSI in one transaction while it persists the app state,
 //!   and only then answers the clients.
 //!
-//! While the processor works on one group the sequencer replicates the next, so a busy
-//! leader does about two etcd round trips per group, not three per request. Any failed
-//! authority write ends the term: the node loop steps down.
+//! While the processor holds one group, the sequencer's next replicate write waits to
+//! ride that group's last outcome write ([`Carrier`]): the next group could not execute
+//! before then anyway, and a busy leader does about one etcd transaction per group, not
+//! three per request. An idle processor carries nothing: the sequencer writes alone.
+//! Any failed authority write ends the term: the node loop steps down.
 //!
 //! A third task compacts the log ([`crate::compaction`]); the processor takes a snapshot
 //! between groups when one is due.
@@ -125,6 +127,77 @@ impl InFlight {
     }
 }
 
+/// A group's replicate write waiting to ride the processor's next outcome write.
+struct Carried {
+    ops: Vec<Op>,
+    /// Idempotency records that must not exist yet (the group's unchecked keys).
+    absent: Vec<String>,
+    /// Told whether the write went in (`false`: one of `absent` exists, nothing written).
+    done: oneshot::Sender<bool>,
+}
+
+/// Where the sequencer hands a group's replicate write to the processor, so that a busy
+/// leader writes one fenced transaction per group (the outcomes of one group and the log
+/// of the next) rather than two. Offered only while the processor holds a group, whose
+/// last outcome write is sure to come and take it; an idle processor would never write,
+/// so then the sequencer writes itself.
+#[derive(Default)]
+struct Carrier {
+    slot: Mutex<CarrierSlot>,
+}
+
+/// A replicate write given back: its keys that must be absent, and its writes.
+type NotCarried = (Vec<String>, Vec<Op>);
+
+#[derive(Default)]
+struct CarrierSlot {
+    /// The processor holds a group and will make an outcome write that takes `carried`.
+    busy: bool,
+    carried: Option<Carried>,
+}
+
+impl Carrier {
+    /// Hands the write over if the processor will carry it; gives it back otherwise.
+    fn offer(&self, absent: Vec<String>, ops: Vec<Op>) -> std::result::Result<oneshot::Receiver<bool>, NotCarried> {
+        let mut slot = lock(&self.slot);
+        if !slot.busy || slot.carried.is_some() {
+            return Err((absent, ops));
+        }
+        let (done, written) = oneshot::channel();
+        slot.carried = Some(Carried { ops, absent, done });
+        Ok(written)
+    }
+
+    /// The processor took a group: its last outcome write will come.
+    fn busy(&self) {
+        lock(&self.slot).busy = true;
+    }
+
+    /// The processor's last write of a group takes what waits. It stays busy: a carried
+    /// group comes to it next (unless the write finds one of its keys, see [`Self::done`]).
+    fn take(&self) -> Option<Carried> {
+        let mut slot = lock(&self.slot);
+        slot.busy = slot.carried.is_some();
+        slot.carried.take()
+    }
+
+    /// The processor ended: nothing more is carried.
+    fn close(&self) {
+        let mut slot = lock(&self.slot);
+        slot.busy = false;
+        slot.carried = None;
+    }
+
+    /// Tells the sequencer whether its carried write went in. Not written: no group comes,
+    /// so the processor is idle until the sequencer logs one (and writes it itself).
+    fn done(&self, done: oneshot::Sender<bool>, written: bool) {
+        if !written {
+            lock(&self.slot).busy = false;
+        }
+        let _ = done.send(written);
+    }
+}
+
 /// A running term; dropping the stop handle's tasks interrupts them.
 pub(crate) struct LeaderTerm {
     pub(crate) failed: mpsc::Receiver<Error>,
@@ -133,22 +206,25 @@ pub(crate) struct LeaderTerm {
 
 impl LeaderTerm {
     pub(crate) fn start<S: AppState>(runtime: &Arc<Runtime<S>>, term: Term, next_index: u64) -> Self {
+        runtime.feed.stop_collecting();
         let (submit_tx, submit_rx) = mpsc::channel(QUEUE);
         let (groups_tx, groups_rx) = mpsc::channel(64);
         let (failed_tx, failed) = mpsc::channel(4);
         let in_flight = Arc::new(InFlight::default());
         let lease = Arc::new(IdempotencyLease::default());
+        let carrier = Arc::new(Carrier::default());
         let sequencer = Sequencer {
             runtime: runtime.clone(),
             term: term.clone(),
             next_index,
             in_flight: in_flight.clone(),
             lease: lease.clone(),
+            carrier: carrier.clone(),
         };
         let tasks = vec![
             tokio::spawn(report(sequencer.run(submit_rx, groups_tx), failed_tx.clone())),
             tokio::spawn(report(
-                process_groups(runtime.clone(), term.clone(), groups_rx, in_flight, lease),
+                process_groups(runtime.clone(), term.clone(), groups_rx, in_flight, lease, carrier),
                 failed_tx.clone(),
             )),
             tokio::spawn(report(
@@ -201,6 +277,7 @@ struct Sequencer<S> {
     next_index: u64,
     in_flight: Arc<InFlight>,
     lease: Arc<IdempotencyLease>,
+    carrier: Arc<Carrier>,
 }
 
 /// The lease idempotency records are written with: one lease per quarter of the
@@ -449,24 +526,37 @@ impl<S: AppState> Sequencer<S> {
                 .filter(|fresh| !fresh.checked)
                 .filter_map(|fresh| fresh.entry.idempotency_key.as_ref().map(|key| keys.idem(key)))
                 .collect();
-            if absent.is_empty() {
-                break;
-            }
             let ops = self.replicate_ops(&group).await?;
-            let stats = &self.runtime.stats;
-            let write = self.runtime.store().authority_write_if_absent(&self.term, &absent, ops);
-            if stats.time(stage::REPLICATE, write).await?.is_some() {
-                return self.replicated(group, groups).await;
+            match self.write_replicate(absent, ops).await? {
+                Some(true) => return self.replicated(group, groups).await,
+                Some(false) => {}
+                // The processor's write failed: it reports why, and the term ends.
+                None => return Ok(()),
             }
             group = self.look_keys_up(group).await;
             if group.is_empty() {
                 return Ok(());
             }
         }
-        let ops = self.replicate_ops(&group).await?;
+    }
+
+    /// Writes a group's replicate transaction, on the outcome write of the group the
+    /// processor holds when there is one, else alone. `Some(false)` when one of the keys
+    /// `absent` has a record (nothing written); `None` when the carrying write failed.
+    async fn write_replicate(&self, absent: Vec<String>, ops: Vec<Op>) -> Result<Option<bool>> {
         let stats = &self.runtime.stats;
-        stats.time(stage::REPLICATE, self.runtime.store().authority_write(&self.term, ops)).await?;
-        self.replicated(group, groups).await
+        let started = Instant::now();
+        match self.carrier.offer(absent, ops) {
+            Ok(written) => {
+                let written = written.await.ok();
+                stats.add(stage::CARRIED, started.elapsed());
+                Ok(written)
+            }
+            Err((absent, ops)) => {
+                let write = self.runtime.store().authority_write_if_absent(&self.term, &absent, ops);
+                Ok(Some(stats.time(stage::REPLICATE, write).await?.is_some()))
+            }
+        }
     }
 
     /// The replicate transaction's writes for `group`, at the next indexes.
@@ -546,18 +636,27 @@ async fn process_groups<S: AppState>(
     mut groups: mpsc::Receiver<Vec<Item>>,
     in_flight: Arc<InFlight>,
     lease: Arc<IdempotencyLease>,
+    carrier: Arc<Carrier>,
 ) -> Result<()> {
-    while let Some(mut items) = groups.recv().await {
-        // Group commit across groups that queued up while the last one was processed.
-        while items.len() < MAX_TXN_OPS - 2 {
-            match groups.try_recv() {
-                Ok(more) => items.extend(more),
-                Err(_) => break,
+    let ended = async {
+        while let Some(mut items) = groups.recv().await {
+            carrier.busy();
+            // Group commit across groups that queued up while the last one was processed.
+            while items.len() < MAX_TXN_OPS - 2 {
+                match groups.try_recv() {
+                    Ok(more) => items.extend(more),
+                    Err(_) => break,
+                }
             }
+            process(&runtime, &term, items, &in_flight, &lease, &carrier).await?;
         }
-        process(&runtime, &term, items, &in_flight, &lease).await?;
+        Ok(())
     }
-    Ok(())
+    .await;
+    // A replicate write waiting for a write that will not come is dropped (the sequencer
+    // then ends too: the term is over).
+    carrier.close();
+    ended
 }
 
 /// The part of a group not yet recorded, as Process Request goes through it.
@@ -578,7 +677,8 @@ impl Segment {
     /// Records the outcomes of the group's requests up to `to` (exclusive), with LPI and
     /// SSI, then applies the effects routes apply from their records, in index order.
     /// A request with such an effect whose transaction is not settled is settled first:
-    /// the requests after it wait.
+    /// the requests after it wait. The group's last record (`carrier` given) also writes
+    /// the next group's log when the sequencer has it waiting.
     async fn record<S: AppState>(
         &mut self,
         runtime: &Arc<Runtime<S>>,
@@ -586,6 +686,7 @@ impl Segment {
         items: &[Item],
         to: usize,
         lease: Option<i64>,
+        carrier: Option<&Carrier>,
     ) -> Result<()> {
         while let Some(joined) = self.beside.join_next().await {
             let (position, answer) = joined.map_err(|e| Error::Panicked(e.to_string()))?;
@@ -594,6 +695,11 @@ impl Segment {
         self.effects_pending = false;
         let from = std::mem::replace(&mut self.recorded, to);
         if from >= to {
+            if let Some((carrier, Carried { ops, absent, done })) = carrier.and_then(|c| Some((c, c.take()?))) {
+                let written = runtime.store().authority_write_if_absent(term, &absent, ops);
+                let written = runtime.stats.time(stage::REPLICATE, written).await?.is_some();
+                carrier.done(done, written);
+            }
             return Ok(());
         }
         let keys = &runtime.keys;
@@ -623,12 +729,18 @@ impl Segment {
         let last = items[to - 1].index;
         ops.push(Op::counter(keys.lpi(&runtime.config.replica), last));
         ops.push(Op::counter(keys.ssi(), last));
+        let (next_log, done) = match carrier.and_then(Carrier::take) {
+            Some(Carried { ops, absent, done }) => (Some((absent, ops)), Some(done)),
+            None => (None, None),
+        };
         let (persisted, recorded) = tokio::join!(
             runtime.stats.time(stage::PERSIST, runtime.state.persist()),
-            runtime.stats.time(stage::OUTCOME, runtime.store().authority_write(term, ops)),
+            runtime.stats.time(stage::OUTCOME, runtime.store().authority_write_carrying(term, ops, next_log)),
         );
+        if let (Some(carrier), Some(done), Some(written)) = (carrier, done, recorded?) {
+            carrier.done(done, written);
+        }
         persisted.map_err(Error::Persist)?;
-        recorded?;
         let mut applied_any = false;
         for (position, item) in items.iter().enumerate().take(to).skip(from) {
             let route = runtime.route_of(&item.entry.method, &item.entry.path).expect("declared");
@@ -658,6 +770,7 @@ async fn process<S: AppState>(
     items: Vec<Item>,
     in_flight: &InFlight,
     lease: &IdempotencyLease,
+    carrier: &Carrier,
 ) -> Result<()> {
     let keys = &runtime.keys;
     let store = runtime.store();
@@ -700,7 +813,7 @@ async fn process<S: AppState>(
             .expect("the front only submits requests for declared routes");
         let side_by_side = item.kind == RequestKind::ExternalTxn || route.replayable;
         if segment.effects_pending && !side_by_side {
-            segment.record(runtime, term, &items, position, lease).await?;
+            segment.record(runtime, term, &items, position, lease, None).await?;
         }
         let mut request = Request::from_entry(item.index, item.entry.clone());
         let outbox = runtime.outbox_for(item.kind, term, item.index);
@@ -728,7 +841,7 @@ async fn process<S: AppState>(
         let outcome = runtime.stats.time(stage::EXECUTE, runtime.execute(item.index, route, request, true)).await?;
         segment.outcomes[position] = Some(outcome);
     }
-    segment.record(runtime, term, &items, items.len(), lease).await?;
+    segment.record(runtime, term, &items, items.len(), lease, Some(carrier)).await?;
     runtime.record.clear()?;
     let (last, in_doubt) = (items.last().map_or(0, |i| i.index), segment.in_doubt);
     let outcomes: Vec<Outcome> = segment.outcomes.into_iter().map(|o| o.expect("every request ran")).collect();

@@ -8,6 +8,7 @@ mod config;
 mod data;
 mod error;
 pub mod etcd_flags;
+mod feed;
 mod guard;
 mod http;
 pub mod inspect;

@@ -175,6 +175,7 @@ impl<S: AppState> Replicated<S> {
             submit: RwLock::new(None),
             store: std::sync::OnceLock::new(),
             cl_changed: AtomicBool::new(true),
+            feed: crate::feed::Feed::default(),
             chain,
             settle_now: Notify::new(),
             stats: Arc::default(),
@@ -258,6 +259,8 @@ pub(crate) struct Runtime<S> {
     store: std::sync::OnceLock<Store>,
     /// Set by the watch task when `cl` changes.
     cl_changed: AtomicBool,
+    /// The entries and SSI the watch task delivers, for following.
+    pub(crate) feed: crate::feed::Feed,
     /// This replica's snapshots on disk.
     pub(crate) snapshots: SnapshotStore,
     /// The latest of them, and whether one is being written.
@@ -298,6 +301,8 @@ struct Node {
     /// When `cl` was last read by the follower (it is read again on a `cl` event or
     /// after a poll interval).
     cl_read: Option<Instant>,
+    /// When the follower last read the compaction record, and its first index.
+    compacted_read: Option<(Instant, u64)>,
     leader: Option<LeaderTerm>,
     /// Set when the app's code failed here as leader (a handler panicked or hung): until
     /// then this replica hands etcd leadership on instead of registering, so that another
@@ -377,6 +382,7 @@ impl<S: AppState> Runtime<S> {
             lpi: self.start_index(),
             lpi_written: (u64::MAX, Instant::now()),
             cl_read: None,
+            compacted_read: None,
             leader: None,
             hold_off: None,
         };
@@ -556,24 +562,37 @@ impl<S: AppState> Runtime<S> {
         }
     }
 
-    /// Watches `ssi` and `cl` and wakes the node loop on every change; re-watches after
-    /// a broken stream (the periodic poll covers the gap).
+    /// Watches the log up to SSI (into the [`crate::feed::Feed`]) and `cl`, and wakes the
+    /// node loop when SSI or `cl` changes; re-watches after a broken stream (the periodic
+    /// poll covers the gap, reading from etcd).
     async fn watch_changes(self: Arc<Self>, changes: Arc<Notify>) {
         loop {
-            if let Ok((mut ssi, mut cl)) = self.store().watch_changes().await {
+            if let Ok((mut log, mut cl)) = self.store().watch_changes().await {
+                // Where SSI stood when the watch began (it only reports changes).
+                let ssi = self.store().progress_local().await.ok().map(|(ssi, _)| ssi);
+                self.feed.restart(ssi);
+                changes.notify_one();
                 loop {
-                    let event = tokio::select! {
-                        m = ssi.message() => m,
+                    let (message, moved) = tokio::select! {
+                        m = log.message() => {
+                            let moved = matches!(&m, Ok(Some(m)) if self.feed.take_in(&self.keys, m.events()));
+                            (m, moved)
+                        }
                         m = cl.message() => {
                             self.cl_changed.store(true, Ordering::SeqCst);
-                            m
+                            (m, true)
                         }
                     };
-                    match event {
+                    match message {
                         // A watch etcd cancelled (its start revision was compacted away
                         // while it lagged) delivers nothing more: watch again.
-                        Ok(Some(message)) if !message.canceled() => changes.notify_one(),
+                        Ok(Some(message)) if !message.canceled() => {
+                            if moved {
+                                changes.notify_one();
+                            }
+                        }
                         _ => {
+                            self.feed.restart(None);
                             changes.notify_one();
                             break;
                         }
@@ -597,8 +616,18 @@ impl<S: AppState> Runtime<S> {
                 self.set_status(|s| s.leader = leader);
             }
         }
-        let (ssi, compacted) = store.progress_local().await?;
-        let first_index = compacted.first_index.max(1);
+        // SSI from the watch; the compaction record (and SSI with it) read at most once
+        // per poll interval, or every time while the watch is down.
+        let watched = self.feed.ssi();
+        let (ssi, first_index) = match node.compacted_read {
+            Some((at, first_index)) if watched.is_some() && at.elapsed() < poll => (watched.unwrap_or(0), first_index),
+            _ => {
+                let (ssi, compacted) = store.progress_local().await?;
+                let first_index = compacted.first_index.max(1);
+                node.compacted_read = Some((Instant::now(), first_index));
+                (ssi.max(watched.unwrap_or(0)), first_index)
+            }
+        };
         if self.status.borrow().ssi != ssi || self.status.borrow().first_index != first_index {
             self.set_status(|s| {
                 s.ssi = ssi;
@@ -616,7 +645,13 @@ impl<S: AppState> Runtime<S> {
             return Ok(());
         }
         let to = ssi.min(node.lpi + PAGE);
-        let entries = store.entries_local(node.lpi + 1, to).await?;
+        self.feed.collect_from(node.lpi + 1);
+        let mut entries = self.feed.entries(node.lpi + 1, to);
+        self.stats.add_many(crate::stats::stage::FOLLOW_WATCHED, entries.len() as u64, Duration::ZERO);
+        let read_from = entries.last().map_or(node.lpi, |e| e.index) + 1;
+        if read_from <= to {
+            entries.extend(store.entries_local(read_from, to).await?);
+        }
         for entry in entries {
             self.apply_if_recorded(entry.index, &entry.state, &entry.request).await?;
             if entry.state.kind == RequestKind::Replication

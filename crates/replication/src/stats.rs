@@ -29,10 +29,15 @@ impl Tally {
 
 /// The leader pipeline's stages, timed once per group (or per request where it says so).
 pub(crate) mod stage {
+    /// Requests the HTTP front handed to the leader's queue: `calls` counts them, no time.
+    pub(crate) const QUEUED: &str = "leader: requests queued";
     /// Idempotency keys looked up in etcd (one call per keyed request not in flight).
     pub(crate) const KEY_LOOKUP: &str = "leader: idempotency key lookups";
     /// A group's Replicate Request write (RLEs, RS=Null, idempotency records, LS).
     pub(crate) const REPLICATE: &str = "leader: replicate write";
+    /// A group's replicate write carried by the outcome write of the group before it: the
+    /// time counts from the offer to the answer (the earlier group's execution included).
+    pub(crate) const CARRIED: &str = "leader: replicate carried by an outcome write";
     /// A group's RS=InProcess write.
     pub(crate) const IN_PROCESS: &str = "leader: in-process write";
     /// Handlers run, one call per request.
@@ -45,6 +50,9 @@ pub(crate) mod stage {
     pub(crate) const REQUESTS: &str = "leader: requests logged";
     /// Groups processed (requests / groups is the mean group size): no time.
     pub(crate) const GROUPS: &str = "leader: groups processed";
+    /// Entries a follower took from its watch rather than reading them (`calls` counts
+    /// them, no time).
+    pub(crate) const FOLLOW_WATCHED: &str = "follower: entries taken from the watch";
     /// A follower's rounds of applying what SSI covers.
     pub(crate) const FOLLOW: &str = "follower: apply rounds";
 }

@@ -435,6 +435,52 @@ impl Store {
         Ok(revision)
     }
 
+    /// [`Self::authority_write`] that also writes `next_log` (a group's replicate write:
+    /// the keys that must be absent and its writes) in the last transaction, so that a
+    /// busy leader records one group and logs the next in one round trip. The replicate
+    /// writes go in a nested transaction conditioned on the keys' absence: the outcomes
+    /// are written either way. Returns whether `next_log` was written (`None` without it).
+    ///
+    /// # Errors
+    /// [`Error::LeadershipLost`] when the fence fails (nothing of the last transaction was
+    /// written); etcd errors otherwise.
+    pub(crate) async fn authority_write_carrying(
+        &self,
+        term: &Term,
+        ops: Vec<Op>,
+        next_log: Option<(Vec<String>, Vec<Op>)>,
+    ) -> Result<Option<bool>> {
+        let Some((absent, log_ops)) = next_log else {
+            self.authority_write(term, ops).await?;
+            return Ok(None);
+        };
+        let mut parts = chunks(ops);
+        let last = parts.pop().expect("chunks are never empty");
+        let bytes = |ops: &[Op]| ops.iter().map(Op::size).sum::<usize>();
+        let fits = last.len() < MAX_TXN_OPS && bytes(&last) + bytes(&log_ops) <= MAX_TXN_BYTES;
+        if !fits {
+            parts.push(last);
+            self.authority_write(term, parts.into_iter().flatten().collect()).await?;
+            return Ok(Some(self.authority_write_if_absent(term, &absent, log_ops).await?.is_some()));
+        }
+        for part in parts {
+            self.authority_write(term, part).await?;
+        }
+        let nested = Txn::new()
+            .when(absent.iter().map(|key| Compare::version(key.as_str(), CompareOp::Equal, 0)).collect::<Vec<_>>())
+            .and_then(log_ops.into_iter().map(Op::into_txn_op).collect::<Vec<_>>());
+        let mut then: Vec<TxnOp> = last.into_iter().map(Op::into_txn_op).collect();
+        then.push(TxnOp::txn(nested));
+        let txn = Txn::new().when(self.fence(term)).and_then(then);
+        let mut client = self.client.clone();
+        let response = self.bounded("write as leader", client.txn(txn)).await?;
+        if !response.succeeded() {
+            return Err(Error::LeadershipLost { epoch: term.epoch });
+        }
+        let logged = response.op_responses().into_iter().any(|op| matches!(op, TxnOpResponse::Txn(t) if t.succeeded()));
+        Ok(Some(logged))
+    }
+
     /// A leader-authority write of `ops` in one transaction (the caller keeps it within
     /// etcd's limits) on the further condition that none of the keys `absent` exists.
     /// `Ok(None)` when one does: nothing was written, and the fence still held.
@@ -631,12 +677,15 @@ impl Store {
         }
     }
 
-    /// A watch on `ssi` and `cl`: yields whenever either changes.
+    /// Two watches: the log's range up to SSI ([`Keys::feed_range`], for the follower's
+    /// [`crate::feed::Feed`]), and `cl`.
     pub(crate) async fn watch_changes(&self) -> Result<(etcd_client::WatchStream, etcd_client::WatchStream)> {
         let mut client = self.client.clone();
-        let ssi = self.bounded("watch ssi", client.watch(self.keys.ssi(), None)).await?;
+        let (from, to) = self.keys.feed_range();
+        let options = etcd_client::WatchOptions::new().with_range(to);
+        let log = self.bounded("watch the log", client.watch(from, Some(options))).await?;
         let cl = self.bounded("watch cl", client.watch(self.keys.cl(), None)).await?;
-        Ok((ssi, cl))
+        Ok((log, cl))
     }
 }
 

@@ -589,16 +589,23 @@ impl Cluster {
         response.kvs().first().map(|kv| serde_json::from_slice(kv.value()).unwrap())
     }
 
-    /// A decimal record (`ls`, `ssi`, `lpi/r0`), 0 when absent.
-    /// Waits (up to 20 s) until the counter `name` reaches `at_least`.
-    pub(crate) async fn eventually_counter(&self, name: &str, at_least: u64) {
+    /// Replica `i`'s pipeline counters, as its `/br2k/status` serves them.
+    pub(crate) async fn pipeline(&self, i: usize) -> std::collections::BTreeMap<String, br2k_replication::Tally> {
+        let url = format!("{}/br2k/status", self.replicas[i].url);
+        let status: Status = self.http.get(url).send().await.unwrap().json().await.unwrap();
+        status.pipeline
+    }
+
+    /// Waits (up to 20 s) until leader `i` has queued `at_least` requests since it started.
+    pub(crate) async fn eventually_queued(&self, i: usize, at_least: u64) {
         let started = Instant::now();
-        while self.counter(name).await < at_least {
-            assert!(started.elapsed() < Duration::from_secs(20), "{name} did not reach {at_least}");
+        while self.pipeline(i).await.get("leader: requests queued").map_or(0, |t| t.calls) < at_least {
+            assert!(started.elapsed() < Duration::from_secs(20), "replica {i} did not queue {at_least} requests");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
+    /// A decimal record (`ls`, `ssi`, `lpi/r0`), 0 when absent.
     pub(crate) async fn counter(&self, name: &str) -> u64 {
         let mut client = self.etcd_client(self.healthy_member()).await;
         let response = client.get(format!("/br2k/{SERVICE}/{name}"), None).await.unwrap();

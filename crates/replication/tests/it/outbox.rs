@@ -473,28 +473,30 @@ async fn a_later_payments_unbroadcast_nonce_never_blocks_an_earlier_one() {
     let service = anvil.address(SERVICE_KEY);
     let (first, second) = (PrivateKeySigner::random().address(), PrivateKeySigner::random().address());
     let l = c.leader(None).await;
-    // An append (index 1) holds the pipeline, so that both payouts are processed as one
-    // group, side by side: the first (index 2) stops before reserving a nonce, the second
-    // (index 3) after storing its transaction at nonce 0. The leader then dies: nonce 0
-    // is reserved for the later request and was never broadcast.
+    // An append (index 1) holds the pipeline and a second one (index 2) waits to be logged
+    // with its outcome, so that both payouts queue meanwhile and are logged and processed
+    // as one group, side by side: the first (index 3) stops before reserving a nonce, the
+    // second (index 4) after storing its transaction at nonce 0. The leader then dies:
+    // nonce 0 is reserved for the later request and was never broadcast.
     *c.replicas[l].interrupt.step.lock().unwrap() = Some(br2k_replication::Step::BeforeExecution);
     c.replicas[l].interrupt.armed.store(true, std::sync::atomic::Ordering::SeqCst);
-    c.replicas[l].tx_interrupt.arm_at(TxStep::Reserving, 2);
-    c.replicas[l].tx_interrupt.arm_at(TxStep::Stored, 3);
+    c.replicas[l].tx_interrupt.arm_at(TxStep::Reserving, 3);
+    c.replicas[l].tx_interrupt.arm_at(TxStep::Stored, 4);
     let holding = send_in_background(&c, l, "/append", "hold", "h");
     c.replicas[l].interrupt.reached.notified().await;
+    let waiting = send_in_background(&c, l, "/append", "wait", "w");
+    c.eventually_queued(l, 2).await;
     let a = send_in_background(&c, l, "/pay-recorded", first, "a");
-    c.eventually_counter("ls", 2).await;
     let b = send_in_background(&c, l, "/pay-recorded", second, "b");
-    c.eventually_counter("ls", 3).await;
+    c.eventually_queued(l, 4).await;
     c.replicas[l].interrupt.release.notify_one();
     c.replicas[l].tx_interrupt.reached.notified().await;
     c.replicas[l].tx_interrupt.reached.notified().await;
-    assert_eq!(records(&c, 3).await[0].nonce, 0, "the later payout holds nonce 0");
-    assert!(records(&c, 2).await.is_empty(), "the earlier one reserved nothing");
+    assert_eq!(records(&c, 4).await[0].nonce, 0, "the later payout holds nonce 0");
+    assert!(records(&c, 3).await.is_empty(), "the earlier one reserved nothing");
     c.replicas[l].crash();
     c.etcd.kill(l).unwrap();
-    for request in [holding, a, b] {
+    for request in [holding, waiting, a, b] {
         let _ = request.await;
     }
     // The new leader settles the earlier payout first; it can only be mined once the

@@ -89,6 +89,100 @@ async fn a_replica_that_crashed_mid_execution_rolls_back_on_restart() {
     c.converged(&entries(&[(1, "a1"), (2, "a2")])).await;
 }
 
+/// A busy leader logs the next group in the outcome write of the group it holds. That
+/// carried group's leader is then cut off at `step` (before executing it, or after): the
+/// next leader executes it again from its InProcess record, and the client's retry gets
+/// that answer.
+async fn carried_group_cut_off(step: Step) {
+    let mut c = Cluster::start(false).await;
+    let l = c.leader(None).await;
+    assert_eq!(c.post(l, "/append", "a1", Some("k1")).await.status(), 200);
+    c.converged(&entries(&[(1, "a1")])).await;
+
+    // The processor holds "a2", executed and not yet recorded, while "a3" arrives.
+    let replica = &c.replicas[l];
+    *replica.interrupt.step.lock().unwrap() = Some(Step::Executed);
+    replica.interrupt.armed.store(true, Ordering::SeqCst);
+    let send = |body: &'static str, key: &'static str| {
+        let (http, url) = (c.http.clone(), format!("{}/append", replica.url));
+        tokio::spawn(async move { http.post(url).header("Idempotency-Key", key).body(body).send().await })
+    };
+    let first = send("a2", "k2");
+    replica.interrupt.reached.notified().await;
+    let second = send("a3", "k3");
+    // "a3" waits for "a2"'s outcome write to log it: nothing of it is in etcd meanwhile.
+    c.eventually_queued(l, 3).await;
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert!(c.rs(3).await.is_none(), "a busy leader's next group rides the outcome write");
+    *replica.interrupt.step.lock().unwrap() = Some(step);
+    replica.interrupt.armed.store(true, Ordering::SeqCst);
+    replica.interrupt.release.notify_one();
+    assert_eq!(first.await.unwrap().unwrap().status(), 200);
+    replica.interrupt.reached.notified().await;
+    // One transaction recorded "a2" and logged "a3", InProcess.
+    assert_eq!(c.rs(2).await.unwrap().state, ProcessState::Success);
+    assert_eq!(c.rs(3).await.unwrap().state, ProcessState::InProcess);
+    let pipeline = c.pipeline(l).await;
+    let carried = pipeline.get("leader: replicate carried by an outcome write").map_or(0, |t| t.calls);
+    assert_eq!(carried, 1, "{pipeline:?}");
+
+    c.etcd.pause(l).unwrap();
+    assert_eq!(second.await.unwrap().unwrap().status(), 503, "the cut-off request is not acknowledged");
+    c.leader(Some(l)).await;
+    c.etcd.resume(l).unwrap();
+    let retry = c.post_to_leader("/append", "a3", Some("k3")).await;
+    assert_eq!(retry.status(), 200);
+    assert_eq!(retry.headers()["br2k-index"], "3");
+    assert_eq!(retry.headers()["br2k-replayed"], "true");
+    assert_eq!(c.rs(3).await.unwrap().state, ProcessState::Success);
+    c.converged(&entries(&[(1, "a1"), (2, "a2"), (3, "a3")])).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_carried_group_interrupted_before_execution() {
+    carried_group_cut_off(Step::BeforeExecution).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_carried_group_interrupted_after_execution() {
+    carried_group_cut_off(Step::Executed).await;
+}
+
+/// A retry of an answered key, offered to a busy leader's outcome write beside a new
+/// request: the carried write finds the key's record and logs nothing; the retry gets
+/// the stored answer and the new request is logged after all, once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_known_key_in_a_carried_group_is_answered_from_its_record() {
+    let c = Cluster::start(false).await;
+    let l = c.leader(None).await;
+    assert_eq!(c.post(l, "/append", "a1", Some("k1")).await.status(), 200);
+    let replica = &c.replicas[l];
+    *replica.interrupt.step.lock().unwrap() = Some(Step::Executed);
+    replica.interrupt.armed.store(true, Ordering::SeqCst);
+    let send = |body: &'static str, key: &'static str| {
+        let (http, url) = (c.http.clone(), format!("{}/append", replica.url));
+        tokio::spawn(async move { http.post(url).header("Idempotency-Key", key).body(body).send().await })
+    };
+    let held = send("a2", "k2");
+    replica.interrupt.reached.notified().await;
+    let (retry, fresh) = (send("a1", "k1"), send("a3", "k3"));
+    c.eventually_queued(l, 4).await;
+    replica.interrupt.release.notify_one();
+    assert_eq!(held.await.unwrap().unwrap().status(), 200);
+    let retry = retry.await.unwrap().unwrap();
+    assert_eq!(retry.status(), 200);
+    assert_eq!(retry.headers()["br2k-index"], "1");
+    assert_eq!(retry.headers()["br2k-replayed"], "true");
+    let fresh = fresh.await.unwrap().unwrap();
+    assert_eq!(fresh.status(), 200);
+    assert_eq!(fresh.headers()["br2k-index"], "3");
+    let pipeline = c.pipeline(l).await;
+    let calls = |stage: &str| pipeline.get(stage).map_or(0, |t| t.calls);
+    assert!(calls("leader: replicate carried by an outcome write") >= 1, "{pipeline:?}");
+    assert!(calls("leader: idempotency key lookups") >= 1, "the carried write found k1: {pipeline:?}");
+    c.converged(&entries(&[(1, "a1"), (2, "a2"), (3, "a3")])).await;
+}
+
 /// The member id of replica `i`'s etcd member.
 async fn member_id(c: &Cluster, i: usize) -> u64 {
     let status = c.etcd_client(i).await.status().await.unwrap();
