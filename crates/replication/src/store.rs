@@ -457,7 +457,10 @@ impl Store {
         let mut parts = chunks(ops);
         let last = parts.pop().expect("chunks are never empty");
         let bytes = |ops: &[Op]| ops.iter().map(Op::size).sum::<usize>();
-        let fits = last.len() < MAX_TXN_OPS && bytes(&last) + bytes(&log_ops) <= MAX_TXN_BYTES;
+        // etcd counts a nested transaction's operations against what the outer one
+        // leaves of --max-txn-ops: both together stay within it.
+        let nested_ops = absent.len().max(log_ops.len());
+        let fits = last.len() + 1 + nested_ops <= MAX_TXN_OPS && bytes(&last) + bytes(&log_ops) <= MAX_TXN_BYTES;
         if !fits {
             parts.push(last);
             self.authority_write(term, parts.into_iter().flatten().collect()).await?;

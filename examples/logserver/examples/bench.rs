@@ -221,7 +221,7 @@ async fn main() -> Result<()> {
                     .send()
                     .await?;
                 if !response.status().is_success() {
-                    bail!("POST /log answered {}", response.status());
+                    bail!("POST /log answered {}: {}", response.status(), response.text().await.unwrap_or_default());
                 }
                 Ok(())
             }

@@ -183,6 +183,40 @@ async fn a_known_key_in_a_carried_group_is_answered_from_its_record() {
     c.converged(&entries(&[(1, "a1"), (2, "a2"), (3, "a3")])).await;
 }
 
+/// A group too large to share a transaction with the held group's outcomes (etcd counts
+/// a nested transaction's operations with the outer one's) is logged on its own, after
+/// them, and every request is answered once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_group_too_large_to_carry_is_logged_on_its_own() {
+    let c = Cluster::start(false).await;
+    let l = c.leader(None).await;
+    assert_eq!(c.post(l, "/append", "a1", Some("k1")).await.status(), 200);
+    let replica = &c.replicas[l];
+    *replica.interrupt.step.lock().unwrap() = Some(Step::Executed);
+    replica.interrupt.armed.store(true, Ordering::SeqCst);
+    let send = |body: String| {
+        let (http, url) = (c.http.clone(), format!("{}/append", replica.url));
+        tokio::spawn(async move {
+            let response = http.post(url).header("Idempotency-Key", &body).body(body.clone()).send().await.unwrap();
+            assert_eq!(response.status(), 200, "{body}");
+            let index: u64 = response.headers()["br2k-index"].to_str().unwrap().parse().unwrap();
+            (index, body)
+        })
+    };
+    let held = send("a2".into());
+    replica.interrupt.reached.notified().await;
+    let many: Vec<_> = (0..60).map(|i| send(format!("b{i}"))).collect();
+    c.eventually_queued(l, 62).await;
+    replica.interrupt.release.notify_one();
+    let mut expected = vec![(1, "a1".to_owned()), held.await.unwrap()];
+    for request in many {
+        expected.push(request.await.unwrap());
+    }
+    expected.sort();
+    assert_eq!(expected.iter().map(|(index, _)| *index).collect::<Vec<_>>(), (1..=62).collect::<Vec<_>>());
+    c.converged(&expected).await;
+}
+
 /// The member id of replica `i`'s etcd member.
 async fn member_id(c: &Cluster, i: usize) -> u64 {
     let status = c.etcd_client(i).await.status().await.unwrap();
