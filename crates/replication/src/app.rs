@@ -27,9 +27,11 @@ pub trait AppState: Send + Sync + 'static {
     /// The highest log index whose effect is in this state (0 for a fresh state).
     fn applied_index(&self) -> u64;
 
-    /// Makes every applied request durable (for example `fsync`). The runtime calls it
-    /// once per group of requests, before their outcomes are written to etcd and before
-    /// clients are answered. The default does nothing.
+    /// Makes every applied request durable (for example `fsync`). A leader calls it once
+    /// per group of requests, while their outcomes are written to etcd and before clients
+    /// are answered; a follower before it reports how far it has applied (about once per
+    /// second) and before a snapshot. A crash in between loses nothing: the entries after
+    /// the persisted state are executed again from etcd. The default does nothing.
     fn persist(&self) -> impl Future<Output = std::io::Result<()>> + Send {
         async { Ok(()) }
     }

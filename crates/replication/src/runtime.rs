@@ -636,11 +636,10 @@ impl<S: AppState> Runtime<S> {
         }
         self.catch_up_if_behind(node, first_index).await?;
         if node.lpi >= ssi {
-            self.maybe_snapshot(node.lpi);
+            self.follower_snapshot(node.lpi).await?;
             let (written, at) = node.lpi_written;
             if written != node.lpi && at.elapsed() >= poll {
-                store.put(&self.keys.lpi(&self.config.replica), node.lpi.to_string()).await?;
-                node.lpi_written = (node.lpi, Instant::now());
+                self.write_lpi(node).await?;
             }
             return Ok(());
         }
@@ -670,19 +669,39 @@ impl<S: AppState> Runtime<S> {
             }
             node.lpi = entry.index;
         }
-        self.state.persist().await.map_err(Error::Persist)?;
         self.record.clear()?;
         if node.lpi_written.1.elapsed() >= poll {
-            store.put(&self.keys.lpi(&self.config.replica), node.lpi.to_string()).await?;
-            node.lpi_written = (node.lpi, Instant::now());
+            self.write_lpi(node).await?;
         }
         let (lpi, applied) = (node.lpi, self.state.applied_index());
         self.set_status(|s| {
             s.lpi = lpi;
             s.applied_index = applied;
         });
-        self.maybe_snapshot(lpi);
+        self.follower_snapshot(lpi).await?;
         self.stats.add(crate::stats::stage::FOLLOW, started.elapsed());
+        Ok(())
+    }
+
+    /// A follower's snapshot at `lpi` when one is due, the state persisted first (a
+    /// follower persists only now and then, and the app captures persisted state).
+    async fn follower_snapshot(self: &Arc<Self>, lpi: u64) -> Result<()> {
+        if self.snapshot_due(lpi) {
+            self.state.persist().await.map_err(Error::Persist)?;
+            self.maybe_snapshot(lpi);
+        }
+        Ok(())
+    }
+
+    /// Makes the app state durable, then says in `lpi/<replica>` how far it reaches. A
+    /// follower persists only here, once per poll interval, not after every round (an
+    /// fsync per group on every follower competed with etcd's own for the disk): what
+    /// `lpi` says is always durable, so compaction never deletes an entry a follower would
+    /// need again after a crash, and the entries after it are replayed from etcd.
+    async fn write_lpi(&self, node: &mut Node) -> Result<()> {
+        self.state.persist().await.map_err(Error::Persist)?;
+        self.store().put(&self.keys.lpi(&self.config.replica), node.lpi.to_string()).await?;
+        node.lpi_written = (node.lpi, Instant::now());
         Ok(())
     }
 

@@ -77,20 +77,29 @@ impl<S: AppState> Runtime<S> {
         lock(&self.snapshot).latest.clone()
     }
 
-    /// Takes a snapshot at `index` if one is due. Call only while nothing executes and
-    /// every entry up to `index` is applied, persisted and final.
-    pub(crate) fn maybe_snapshot(self: &Arc<Self>, index: u64) {
+    /// Whether a snapshot at `index` is due (and none is being written).
+    pub(crate) fn snapshot_due(&self, index: u64) -> bool {
         let policy = self.config.snapshots;
         if !policy.enabled() {
-            return;
+            return false;
         }
         let first_index = self.status.borrow().first_index;
-        let mut snapshot = lock(&self.snapshot);
+        let snapshot = lock(&self.snapshot);
         let last = snapshot.latest.as_ref().map_or(0, |m| m.index);
         let periodic = index >= last + policy.interval;
         // The log was compacted past our latest snapshot: take one a lagging peer can use.
         let needed_by_peers = first_index > last + 1 && index + 1 >= first_index && index > last;
-        if snapshot.building || !(periodic || needed_by_peers) {
+        !snapshot.building && (periodic || needed_by_peers)
+    }
+
+    /// Takes a snapshot at `index` if one is due. Call only while nothing executes and
+    /// every entry up to `index` is applied, persisted and final.
+    pub(crate) fn maybe_snapshot(self: &Arc<Self>, index: u64) {
+        if !self.snapshot_due(index) {
+            return;
+        }
+        let mut snapshot = lock(&self.snapshot);
+        if snapshot.building {
             return;
         }
         let builder = match self.state.snapshot() {
