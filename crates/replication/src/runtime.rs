@@ -565,8 +565,18 @@ impl<S: AppState> Runtime<S> {
     /// Watches the log up to SSI (into the [`crate::feed::Feed`]) and `cl`, and wakes the
     /// node loop when SSI or `cl` changes; re-watches after a broken stream (the periodic
     /// poll covers the gap, reading from etcd).
+    ///
+    /// A leader watches nothing: it wrote what the watch would show it, and every event
+    /// would cost etcd an encoding and a send for nothing.
     async fn watch_changes(self: Arc<Self>, changes: Arc<Notify>) {
+        let mut roles = self.status.subscribe();
+        let leads = |status: &Status| matches!(status.role, Role::Leader | Role::Register);
         loop {
+            while leads(&roles.borrow_and_update()) {
+                if roles.changed().await.is_err() {
+                    return;
+                }
+            }
             if let Ok((mut log, mut cl)) = self.store().watch_changes().await {
                 // Where SSI stood when the watch began (it only reports changes).
                 let ssi = self.store().progress_local().await.ok().map(|(ssi, _)| ssi);
@@ -581,6 +591,13 @@ impl<S: AppState> Runtime<S> {
                         m = cl.message() => {
                             self.cl_changed.store(true, Ordering::SeqCst);
                             (m, true)
+                        }
+                        _ = roles.changed() => {
+                            if leads(&roles.borrow_and_update()) {
+                                self.feed.restart(None);
+                                break;
+                            }
+                            continue;
                         }
                     };
                     match message {
