@@ -33,10 +33,12 @@ pub(crate) mod stage {
     pub(crate) const QUEUED: &str = "leader: requests queued";
     /// Idempotency keys looked up in etcd (one call per keyed request not in flight).
     pub(crate) const KEY_LOOKUP: &str = "leader: idempotency key lookups";
-    /// A group's Replicate Request write (RLEs, RS=Null, idempotency records, LS).
+    /// A group's Replicate Request write (RLEs, RS, idempotency records, LS) in a
+    /// transaction of its own: the processor held no group to carry it.
     pub(crate) const REPLICATE: &str = "leader: replicate write";
-    /// A group's replicate write carried by the outcome write of the group before it: the
-    /// time counts from the offer to the answer (the earlier group's execution included).
+    /// A group's replicate write carried by the outcome write of the group before it (in
+    /// the same transaction when both fit etcd's limits, else right after it): the time
+    /// counts from the offer to the answer, the earlier group's execution included.
     pub(crate) const CARRIED: &str = "leader: replicate carried by an outcome write";
     /// A group's RS=InProcess write.
     pub(crate) const IN_PROCESS: &str = "leader: in-process write";

@@ -235,10 +235,41 @@ async fn main() -> Result<()> {
         rows.push(Row { clients, raw: raw_m, fenced, br2k, pipeline });
     }
 
+    // The ceiling of br2k's data model on this etcd: its records alone, grouped, with no
+    // replica running. Measured once, at 16 clients (the throughput goal's).
+    let ceiling = match rows.iter().find(|r| r.clients == 16) {
+        Some(row) => {
+            eprintln!("bench: raw etcd writing br2k's records in groups of {CEILING_GROUP}, 16 clients, {seconds} s");
+            let (client, fence) = (raw.clone(), fence.clone());
+            let groups = measure(16, duration, &processes, move |c, n| {
+                let (mut client, fence) = (client.clone(), fence.clone());
+                async move {
+                    client.txn(fence.group_txn(c, n, CEILING_GROUP)).await?;
+                    Ok(())
+                }
+            })
+            .await?;
+            Some((groups.throughput() * CEILING_GROUP as f64, row.raw.throughput()))
+        }
+        None => None,
+    };
     print_results(&rows);
     print_breakdown(&rows);
+    if let Some((requests, puts)) = ceiling {
+        println!();
+        println!(
+            "The ceiling of br2k's records on this etcd (16 clients, no replica running; each transaction fenced, \
+             holding {CEILING_GROUP} requests' log entry, state written twice and idempotency record written twice, \
+             with LS, LPI and SSI): {requests:.0} requests/s, {:.2}x raw etcd put ({puts:.0}/s).",
+            requests / puts
+        );
+    }
     Ok(())
 }
+
+/// Requests per transaction in the ceiling measurement: as many as fit etcd's default
+/// 128 operations with five writes each and three counters.
+const CEILING_GROUP: usize = 24;
 
 /// A transaction with the shape of br2k's replicate write for one request: compared on a
 /// leader record's value and revision, putting a log entry, its state, a leased
@@ -259,14 +290,19 @@ impl Fence {
         Ok(Self { value, revision, lease })
     }
 
+    /// The fence: the leader record still holds its value at its revision.
+    fn fenced(&self) -> etcd_client::Txn {
+        use etcd_client::{Compare, CompareOp, Txn};
+        Txn::new().when(vec![
+            Compare::value("/bench-fenced/cl", CompareOp::Equal, self.value.clone()),
+            Compare::mod_revision("/bench-fenced/cl", CompareOp::Equal, self.revision),
+        ])
+    }
+
     fn txn(&self, c: usize, n: u64) -> etcd_client::Txn {
-        use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
+        use etcd_client::{PutOptions, TxnOp};
         let key = |what: &str| format!("/bench-fenced/{what}/{c}/{n:020}");
-        Txn::new()
-            .when(vec![
-                Compare::value("/bench-fenced/cl", CompareOp::Equal, self.value.clone()),
-                Compare::mod_revision("/bench-fenced/cl", CompareOp::Equal, self.revision),
-            ])
+        self.fenced()
             .and_then(vec![
                 TxnOp::put(
                     key("idem"),
@@ -281,6 +317,34 @@ impl Fence {
                 TxnOp::put(key("rs"), "{\"kind\":\"Replication\",\"state\":\"InProcess\",\"epoch\":1}", None),
                 TxnOp::put("/bench-fenced/ls", n.to_string(), None),
             ])
+    }
+}
+
+impl Fence {
+    /// Every record br2k writes for `size` requests, in one fenced transaction (the
+    /// replicate and outcome writes merged, as a busy leader's are): per request its log
+    /// entry, its state written twice (InProcess, then Success) and its idempotency record
+    /// written twice (then with the answer), as distinct keys (one transaction cannot put
+    /// a key twice); then LS, LPI and SSI.
+    fn group_txn(&self, c: usize, n: u64, size: usize) -> etcd_client::Txn {
+        use etcd_client::{PutOptions, TxnOp};
+        let leased = || Some(PutOptions::new().with_lease(self.lease));
+        let mut ops = Vec::with_capacity(size * 5 + 3);
+        for r in 0..size {
+            let key = |what: &str| format!("/bench-grouped/{what}/{c}/{n:020}/{r:03}");
+            let body = format!("{{\"method\":\"POST\",\"path\":\"/log\",\"body\":\"{{\\\"user\\\":{c}}}\"}}");
+            ops.push(TxnOp::put(key("log"), body, None));
+            ops.push(TxnOp::put(key("rs"), "{\"kind\":\"Replication\",\"state\":\"InProcess\",\"epoch\":1}", None));
+            ops.push(TxnOp::put(key("idem"), "{\"index\":1,\"fingerprint\":\"0123456789abcdef\"}", leased()));
+            let answer = "{\"kind\":\"Replication\",\"state\":\"Success\",\"epoch\":1,\"response\":{\"status\":200,\"body\":\"eyJpbmRleCI6MX0=\"}}";
+            ops.push(TxnOp::put(key("rs-final"), answer, None));
+            let record = "{\"index\":1,\"fingerprint\":\"0123456789abcdef\",\"response\":{\"status\":200,\"body\":\"eyJpbmRleCI6MX0=\"}}";
+            ops.push(TxnOp::put(key("idem-final"), record, leased()));
+        }
+        for counter in ["ls", "lpi", "ssi"] {
+            ops.push(TxnOp::put(format!("/bench-grouped/{counter}"), n.to_string(), None));
+        }
+        self.fenced().and_then(ops)
     }
 }
 
