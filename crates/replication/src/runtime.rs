@@ -303,6 +303,8 @@ struct Node {
     cl_read: Option<Instant>,
     /// When the follower last read the compaction record, and its first index.
     compacted_read: Option<(Instant, u64)>,
+    /// The leader condition as last read (at a check tick, or when it was not false).
+    condition: Option<bool>,
     leader: Option<LeaderTerm>,
     /// Set when the app's code failed here as leader (a handler panicked or hung): until
     /// then this replica hands etcd leadership on instead of registering, so that another
@@ -383,6 +385,7 @@ impl<S: AppState> Runtime<S> {
             lpi_written: (u64::MAX, Instant::now()),
             cl_read: None,
             compacted_read: None,
+            condition: None,
             leader: None,
             hold_off: None,
         };
@@ -395,7 +398,7 @@ impl<S: AppState> Runtime<S> {
                     None => std::future::pending().await,
                 }
             };
-            tokio::select! {
+            let check_condition = tokio::select! {
                 biased;
                 () = &mut shutdown => break,
                 failure = failure => {
@@ -408,11 +411,11 @@ impl<S: AppState> Runtime<S> {
                     }
                     continue;
                 }
-                _ = check.tick() => {}
-                () = changes.notified(), if !leading => {}
-                _ = poll.tick(), if !leading => {}
-            }
-            self.wake(&mut node).await;
+                _ = check.tick() => true,
+                () = changes.notified(), if !leading => false,
+                _ = poll.tick(), if !leading => false,
+            };
+            self.wake(&mut node, check_condition).await;
         }
         if node.leader.is_some() {
             self.step_down(&mut node, "shutting down").await;
@@ -428,27 +431,16 @@ impl<S: AppState> Runtime<S> {
     }
 
     /// One wake-up of the node loop: Check role, then act on it.
-    async fn wake(self: &Arc<Self>, node: &mut Node) {
-        let condition = match self.store().member_status().await {
-            Ok(member) => {
-                if !self.status.borrow().etcd_reachable {
-                    self.set_status(|s| s.etcd_reachable = true);
-                }
-                self.note_member(&member);
-                if member.quota == 0 {
-                    self.probe_quota().await;
-                }
-                member.leads
-            }
-            Err(e) => {
-                // An unreadable condition counts as false (a paused or cut-off member).
-                if self.status.borrow().etcd_reachable {
-                    warn!(replica = %self.config.replica, error = %e, "local etcd member not answering");
-                    self.set_status(|s| s.etcd_reachable = false);
-                }
-                false
-            }
+    async fn wake(self: &Arc<Self>, node: &mut Node, check_condition: bool) {
+        // A follower woken by a change (SSI moved, `cl` changed) keeps the "not leader" it
+        // read at the last check tick: asking the member's status on every group cost
+        // each follower a status call per group, more etcd work than the group's writes.
+        // One that just became the Raft leader registers at the next tick (100 ms).
+        let condition = match node.condition {
+            Some(false) if !check_condition && node.leader.is_none() => false,
+            _ => self.read_condition().await,
         };
+        node.condition = Some(condition);
         if node.leader.is_some() {
             if !condition {
                 self.step_down(node, "leader condition lost (local etcd member is not the Raft leader)").await;
@@ -483,6 +475,31 @@ impl<S: AppState> Runtime<S> {
                     node.hold_off = Some(Instant::now() + HOLD_OFF);
                 }
                 self.note_error(&e);
+            }
+        }
+    }
+
+    /// The leader condition as the local member says it now (false when it does not
+    /// answer), noting what it says of itself in the status.
+    async fn read_condition(&self) -> bool {
+        match self.store().member_status().await {
+            Ok(member) => {
+                if !self.status.borrow().etcd_reachable {
+                    self.set_status(|s| s.etcd_reachable = true);
+                }
+                self.note_member(&member);
+                if member.quota == 0 {
+                    self.probe_quota().await;
+                }
+                member.leads
+            }
+            Err(e) => {
+                // An unreadable condition counts as false (a paused or cut-off member).
+                if self.status.borrow().etcd_reachable {
+                    warn!(replica = %self.config.replica, error = %e, "local etcd member not answering");
+                    self.set_status(|s| s.etcd_reachable = false);
+                }
+                false
             }
         }
     }

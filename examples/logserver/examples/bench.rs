@@ -135,11 +135,31 @@ where
     Ok(Measurement { ops: latencies.len(), elapsed, latencies, cpu })
 }
 
-/// The leader's pipeline counters.
-async fn pipeline(http: &reqwest::Client, port: u16) -> Result<BTreeMap<String, Tally>> {
-    let status: serde_json::Value =
-        http.get(format!("http://127.0.0.1:{port}/br2k/status")).send().await?.json().await?;
-    Ok(serde_json::from_value(status["pipeline"].clone())?)
+/// The pipeline counters of the replicas on `ports`, added up.
+async fn counters(http: &reqwest::Client, ports: &[u16]) -> Result<BTreeMap<String, Tally>> {
+    let mut sum = BTreeMap::<String, Tally>::new();
+    for port in ports {
+        let status: serde_json::Value =
+            http.get(format!("http://127.0.0.1:{port}/br2k/status")).send().await?.json().await?;
+        let counters: BTreeMap<String, Tally> = serde_json::from_value(status["pipeline"].clone())?;
+        for (name, tally) in counters {
+            let total = sum.entry(name).or_default();
+            *total = Tally { calls: total.calls + tally.calls, micros: total.micros + tally.micros };
+        }
+    }
+    Ok(sum)
+}
+
+/// What the counters grew by, leaving out those that did not move.
+fn grown(before: &BTreeMap<String, Tally>, after: BTreeMap<String, Tally>) -> BTreeMap<String, Tally> {
+    after
+        .into_iter()
+        .map(|(name, tally)| {
+            let earlier = before.get(&name).copied().unwrap_or_default();
+            (name, tally.since(earlier))
+        })
+        .filter(|(_, tally)| tally.calls > 0)
+        .collect()
 }
 
 struct Row {
@@ -151,6 +171,8 @@ struct Row {
     br2k: Measurement,
     /// What the leader's counters grew by during the br2k measurement.
     pipeline: BTreeMap<String, Tally>,
+    /// What the followers' counters (both added up) grew by.
+    followers: BTreeMap<String, Tally>,
 }
 
 #[tokio::main]
@@ -185,6 +207,7 @@ async fn main() -> Result<()> {
     let raw = etcd_client::Client::connect([etcd.endpoint(leader)], None).await?;
     let fence = Fence::new(raw.clone()).await?;
     let url = format!("http://127.0.0.1:{}/log", ports[leader]);
+    let follower_ports: Vec<u16> = (0..ports.len()).filter(|&i| i != leader).map(|i| ports[i]).collect();
     let mut rows = Vec::new();
     for clients in concurrency {
         eprintln!("bench: raw etcd put, {clients} client(s), {seconds} s");
@@ -208,7 +231,8 @@ async fn main() -> Result<()> {
         })
         .await?;
         eprintln!("bench: br2k POST /log, {clients} client(s), {seconds} s");
-        let before = pipeline(&http, ports[leader]).await?;
+        let before = counters(&http, &[ports[leader]]).await?;
+        let followers_before = counters(&http, &follower_ports).await?;
         let (http2, url) = (http.clone(), url.clone());
         let br2k = measure(clients, duration, &processes, move |c, n| {
             let (http, url) = (http2.clone(), url.clone());
@@ -227,12 +251,9 @@ async fn main() -> Result<()> {
             }
         })
         .await?;
-        let after = pipeline(&http, ports[leader]).await?;
-        let grown = after
-            .iter()
-            .map(|(name, tally)| (name.clone(), tally.since(before.get(name).copied().unwrap_or_default())));
-        let pipeline = grown.filter(|(_, tally)| tally.calls > 0).collect();
-        rows.push(Row { clients, raw: raw_m, fenced, br2k, pipeline });
+        let pipeline = grown(&before, counters(&http, &[ports[leader]]).await?);
+        let followers = grown(&followers_before, counters(&http, &follower_ports).await?);
+        rows.push(Row { clients, raw: raw_m, fenced, br2k, pipeline, followers });
     }
 
     // The ceiling of br2k's data model on this etcd: its records alone, grouped, with no
@@ -249,18 +270,20 @@ async fn main() -> Result<()> {
                 }
             })
             .await?;
-            Some((groups.throughput() * CEILING_GROUP as f64, row.raw.throughput()))
+            let etcd_cpu = groups.cpu_per_1000(groups.cpu.etcd) / CEILING_GROUP as f64;
+            Some((groups.throughput() * CEILING_GROUP as f64, row.raw.throughput(), etcd_cpu))
         }
         None => None,
     };
     print_results(&rows);
     print_breakdown(&rows);
-    if let Some((requests, puts)) = ceiling {
+    if let Some((requests, puts, etcd_cpu)) = ceiling {
         println!();
         println!(
             "The ceiling of br2k's records on this etcd (16 clients, no replica running; each transaction fenced, \
              holding {CEILING_GROUP} requests' log entry, state written twice and idempotency record written twice, \
-             with LS, LPI and SSI): {requests:.0} requests/s, {:.2}x raw etcd put ({puts:.0}/s).",
+             with LS, LPI and SSI): {requests:.0} requests/s, {:.2}x raw etcd put ({puts:.0}/s); etcd CPU \
+             {etcd_cpu:.0} ms per 1,000 requests.",
             requests / puts
         );
     }
@@ -302,21 +325,20 @@ impl Fence {
     fn txn(&self, c: usize, n: u64) -> etcd_client::Txn {
         use etcd_client::{PutOptions, TxnOp};
         let key = |what: &str| format!("/bench-fenced/{what}/{c}/{n:020}");
-        self.fenced()
-            .and_then(vec![
-                TxnOp::put(
-                    key("idem"),
-                    "{\"index\":1,\"fingerprint\":\"0123456789abcdef\"}",
-                    Some(PutOptions::new().with_lease(self.lease)),
-                ),
-                TxnOp::put(
-                    key("log"),
-                    format!("{{\"method\":\"POST\",\"path\":\"/log\",\"body\":\"{{\\\"user\\\":{c}}}\"}}"),
-                    None,
-                ),
-                TxnOp::put(key("rs"), "{\"kind\":\"Replication\",\"state\":\"InProcess\",\"epoch\":1}", None),
-                TxnOp::put("/bench-fenced/ls", n.to_string(), None),
-            ])
+        self.fenced().and_then(vec![
+            TxnOp::put(
+                key("idem"),
+                "{\"index\":1,\"fingerprint\":\"0123456789abcdef\"}",
+                Some(PutOptions::new().with_lease(self.lease)),
+            ),
+            TxnOp::put(
+                key("log"),
+                format!("{{\"method\":\"POST\",\"path\":\"/log\",\"body\":\"{{\\\"user\\\":{c}}}\"}}"),
+                None,
+            ),
+            TxnOp::put(key("rs"), "{\"kind\":\"Replication\",\"state\":\"InProcess\",\"epoch\":1}", None),
+            TxnOp::put("/bench-fenced/ls", n.to_string(), None),
+        ])
     }
 }
 
@@ -414,7 +436,7 @@ fn print_breakdown(rows: &[Row]) {
             pair(raw.cpu.load, br2k.cpu.load),
         );
     }
-    for Row { clients, br2k, pipeline, .. } in rows {
+    for Row { clients, br2k, pipeline, followers, .. } in rows {
         let requests = br2k.ops.max(1) as f64;
         let groups = pipeline.get("leader: groups processed").map_or(0, |t| t.calls).max(1);
         let logged = pipeline.get("leader: requests logged").map_or(0, |t| t.calls);
@@ -447,6 +469,17 @@ fn print_breakdown(rows: &[Row]) {
             // queue between the HTTP front and the pipeline, and scheduling.
             let rest = ms(br2k.mean()) * 1000.0 - stage_us_per_group;
             println!("| HTTP, queues and scheduling (mean latency minus the stages) | | | {rest:.0} |");
+        }
+        println!();
+        println!("| both followers' counters | calls per request | µs per call | µs per request |");
+        println!("|---|---:|---:|---:|");
+        for (name, tally) in followers {
+            println!(
+                "| {name} | {:.2} | {:.0} | {:.0} |",
+                tally.calls as f64 / requests,
+                tally.micros as f64 / tally.calls.max(1) as f64,
+                tally.micros as f64 / requests
+            );
         }
     }
 }
