@@ -93,7 +93,5 @@ async fn a_retried_key_gets_the_stored_answer_and_never_executes_twice() {
 
 /// How many idempotency keys leader `l` has looked up in etcd.
 async fn key_lookups(c: &Cluster, l: usize) -> u64 {
-    let served: br2k_replication::Status =
-        c.http.get(format!("{}/br2k/status", c.replicas[l].url)).send().await.unwrap().json().await.unwrap();
-    served.pipeline.get("leader: idempotency key lookups").map_or(0, |t| t.calls)
+    c.pipeline(l).await.get("leader: idempotency key lookups").map_or(0, |t| t.calls)
 }

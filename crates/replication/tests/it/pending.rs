@@ -33,9 +33,8 @@ async fn leader_cut_off(step: Option<Step>, path: &str) {
         // A Replication request is InProcess from the write that logged it: no write of
         // its own marks it (the next leader executes it all the same).
         assert_eq!(c.rs(2).await.unwrap().state, ProcessState::InProcess);
-        let served: br2k_replication::Status =
-            c.http.get(format!("{}/br2k/status", replica.url)).send().await.unwrap().json().await.unwrap();
-        assert!(!served.pipeline.contains_key("leader: in-process write"), "{:?}", served.pipeline);
+        let pipeline = c.pipeline(l).await;
+        assert!(!pipeline.contains_key("leader: in-process write"), "{pipeline:?}");
     }
 
     c.etcd.pause(l).unwrap();

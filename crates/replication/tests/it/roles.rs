@@ -30,9 +30,7 @@ async fn a_new_leader_publishes_itself_with_a_higher_epoch_and_replicas_agree() 
     // The status says where the time went: one group each, two fenced writes per group
     // (replicate, outcome: Replication requests are written InProcess with the log, so
     // there is no in-process write), each counted as an etcd call too.
-    let served: br2k_replication::Status =
-        c.http.get(format!("{}/br2k/status", c.replicas[l].url)).send().await.unwrap().json().await.unwrap();
-    let pipeline = served.pipeline;
+    let pipeline = c.pipeline(l).await;
     assert_eq!(pipeline["leader: requests logged"].calls, 3, "{pipeline:?}");
     assert_eq!(pipeline["leader: groups processed"].calls, 3, "{pipeline:?}");
     assert_eq!(pipeline["leader: replicate write"].calls, 3, "{pipeline:?}");
