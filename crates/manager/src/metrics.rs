@@ -1,117 +1,135 @@
 //! The manager's counters, served in Prometheus' text format on `/metrics`.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 
 /// Upper bounds of the recovery-duration histogram's buckets, in seconds.
 const BUCKETS: [f64; 10] = [1.0, 2.5, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0];
 
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabels {
+    service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    service: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    service: String,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    service: String,
+    outcome: &'static str,
+}
+
 struct Inner {
-    claims: BTreeMap<String, u64>,
-    dropped: BTreeMap<(String, &'static str), u64>,
-    probes: BTreeMap<(String, &'static str), u64>,
-    recoveries: BTreeMap<(String, &'static str), u64>,
-    durations: Vec<f64>,
-    next_block: u64,
+    registry: Registry,
+    claims: Family<ServiceLabels, Counter>,
+    dropped: Family<ReasonLabels, Counter>,
+    probes: Family<ResultLabels, Counter>,
+    recoveries: Family<OutcomeLabels, Counter>,
+    durations: Histogram,
+    next_block: Gauge,
 }
 
 /// The counters. Cloning shares them.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone)]
 pub struct Metrics {
-    inner: Arc<Mutex<Inner>>,
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("br2k_manager");
+        let inner = Inner {
+            claims: Family::default(),
+            dropped: Family::default(),
+            probes: Family::default(),
+            recoveries: Family::default(),
+            durations: Histogram::new(BUCKETS),
+            next_block: Gauge::default(),
+            registry: Registry::default(),
+        };
+        // prometheus-client ends each help text with a period itself.
+        registry.register(
+            "claims_seen",
+            "Claim events seen against the services this manager manages",
+            inner.claims.clone(),
+        );
+        registry.register("claims_dropped", "Claims that caused no recovery, by reason", inner.dropped.clone());
+        registry.register("probes", "The manager's own health probes, by result", inner.probes.clone());
+        registry.register(
+            "recoveries",
+            "Recoveries started, succeeded and failed (a failed attempt is retried)",
+            inner.recoveries.clone(),
+        );
+        registry.register(
+            "recovery_duration_seconds",
+            "From a recovery's start to the recovered service answering",
+            inner.durations.clone(),
+        );
+        registry.register("next_block", "The first block whose events are not handled yet", inner.next_block.clone());
+        Self { inner: Arc::new(Inner { registry, ..inner }) }
+    }
 }
 
 impl Metrics {
-    fn with<T>(&self, f: impl FnOnce(&mut Inner) -> T) -> T {
-        // A panic while holding the lock leaves plain counters: still valid.
-        let mut inner = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        f(&mut inner)
-    }
-
     /// A claim against `service` was seen.
     pub fn claim_seen(&self, service: &str) {
-        self.with(|m| *m.claims.entry(service.to_owned()).or_default() += 1);
+        self.inner.claims.get_or_create(&ServiceLabels { service: service.to_owned() }).inc();
     }
 
     /// A claim against `service` was dropped, for `why` (`healthy`, `recovering`, ...).
     pub fn claim_dropped(&self, service: &str, why: &'static str) {
-        self.with(|m| *m.dropped.entry((service.to_owned(), why)).or_default() += 1);
+        self.inner.dropped.get_or_create(&ReasonLabels { service: service.to_owned(), reason: why }).inc();
     }
 
     /// The manager's own probe of `service` found `result` (`healthy`, `unhealthy`).
     pub fn probed(&self, service: &str, result: &'static str) {
-        self.with(|m| *m.probes.entry((service.to_owned(), result)).or_default() += 1);
+        self.inner.probes.get_or_create(&ResultLabels { service: service.to_owned(), result }).inc();
     }
 
     /// A recovery of `service` ended with `outcome` (`started`, `succeeded`, `failed`).
     pub fn recovery(&self, service: &str, outcome: &'static str) {
-        self.with(|m| *m.recoveries.entry((service.to_owned(), outcome)).or_default() += 1);
+        self.inner.recoveries.get_or_create(&OutcomeLabels { service: service.to_owned(), outcome }).inc();
     }
 
     /// A recovery took `seconds`, from its start to the service answering again.
     pub fn recovery_took(&self, seconds: f64) {
-        self.with(|m| m.durations.push(seconds));
+        self.inner.durations.observe(seconds);
     }
 
     /// The block cursor.
     pub fn cursor(&self, next_block: u64) {
-        self.with(|m| m.next_block = next_block);
+        self.inner.next_block.set(i64::try_from(next_block).unwrap_or(i64::MAX));
     }
 
-    /// Everything, in Prometheus' text exposition format.
+    /// Everything, in Prometheus' text exposition format (version 0.0.4).
     pub fn render(&self) -> String {
-        self.with(|m| {
-            let mut out = String::new();
-            let mut counter = |name: &str, help: &str, rows: Vec<(String, u64)>| {
-                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-                for (labels, value) in rows {
-                    let _ = writeln!(out, "{name}{{{labels}}} {value}");
-                }
-            };
-            counter(
-                "br2k_manager_claims_seen_total",
-                "Claim events seen against the services this manager manages.",
-                m.claims.iter().map(|(s, v)| (format!("service=\"{}\"", escape(s)), *v)).collect(),
-            );
-            counter(
-                "br2k_manager_claims_dropped_total",
-                "Claims that caused no recovery, by reason.",
-                m.dropped.iter().map(|((s, r), v)| (format!("service=\"{}\",reason=\"{r}\"", escape(s)), *v)).collect(),
-            );
-            counter(
-                "br2k_manager_probes_total",
-                "The manager's own health probes, by result.",
-                m.probes.iter().map(|((s, r), v)| (format!("service=\"{}\",result=\"{r}\"", escape(s)), *v)).collect(),
-            );
-            counter(
-                "br2k_manager_recoveries_total",
-                "Recoveries started, succeeded and failed (a failed attempt is retried).",
-                m.recoveries
-                    .iter()
-                    .map(|((s, o), v)| (format!("service=\"{}\",outcome=\"{o}\"", escape(s)), *v))
-                    .collect(),
-            );
-            let name = "br2k_manager_recovery_duration_seconds";
-            let _ = writeln!(
-                out,
-                "# HELP {name} From a recovery's start to the recovered service answering.\n# TYPE {name} histogram"
-            );
-            for bound in BUCKETS {
-                let count = m.durations.iter().filter(|d| **d <= bound).count();
-                let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {count}");
-            }
-            let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", m.durations.len());
-            let _ = writeln!(out, "{name}_sum {}", m.durations.iter().sum::<f64>());
-            let _ = writeln!(out, "{name}_count {}", m.durations.len());
-            let name = "br2k_manager_next_block";
-            let _ =
-                writeln!(out, "# HELP {name} The first block whose events are not handled yet.\n# TYPE {name} gauge");
-            let _ = writeln!(out, "{name} {}", m.next_block);
-            out
-        })
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.inner.registry);
+        out
     }
 
     /// Serves `/metrics` on `listener` until the task is dropped.
@@ -123,7 +141,10 @@ impl Metrics {
             "/metrics",
             axum::routing::get(move || {
                 let metrics = self.clone();
-                async move { ([("content-type", "text/plain; version=0.0.4")], metrics.render()) }
+                async move {
+                    let content_type = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+                    ([("content-type", content_type)], metrics.render())
+                }
             }),
         );
         axum::serve(listener, app).await
@@ -138,11 +159,6 @@ impl Metrics {
             crate::Error::Invalid(format!("cannot serve /metrics on {address}: {e} (choose another --metrics address)"))
         })
     }
-}
-
-/// A label value as the text format wants it.
-fn escape(value: &str) -> String {
-    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 #[cfg(test)]

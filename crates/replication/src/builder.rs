@@ -70,9 +70,11 @@ impl<S: AppState> Builder<S> {
         Fut: Future<Output = Outcome> + Send + 'static,
     {
         let method = method.to_ascii_uppercase();
-        if !path.starts_with('/') || path.starts_with("/br2k/") || path.contains('?') {
-            self.problems
-                .push(format!("route path {path:?} must start with '/', have no query and not be under /br2k/"));
+        if !path.starts_with('/') || path.starts_with("/br2k/") || path == "/metrics" || path.contains('?') {
+            self.problems.push(format!(
+                "route path {path:?} must start with '/', have no query and not be /metrics or under /br2k/ \
+                     (the runtime serves those)"
+            ));
         }
         let handler: Handler<S> = Arc::new(move |state, request| Box::pin(handler(state, request)));
         let route =

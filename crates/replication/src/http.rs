@@ -49,6 +49,7 @@ async fn front<S: AppState>(State(runtime): State<Arc<Runtime<S>>>, request: axu
         ("GET", "/br2k/status") => return json(StatusCode::OK, &runtime.current_status()),
         ("GET", "/br2k/snapshot") => return snapshot(&runtime, &parts).await,
         ("POST", "/br2k/backup") => return backup_now(&runtime),
+        ("GET", "/metrics") => return metrics(&runtime),
         _ => {}
     }
     let Some(route) = runtime.route_of(&method, &path) else {
@@ -65,6 +66,22 @@ async fn front<S: AppState>(State(runtime): State<Arc<Runtime<S>>>, request: axu
         }
         return response;
     };
+    let started = std::time::Instant::now();
+    let (kind, label_method, label_path) = (route.kind, method.clone(), path.clone());
+    let response = serve_route(&runtime, route, parts, body, method, path).await;
+    runtime.metrics.request(&label_method, &label_path, kind, response.status().as_u16(), started.elapsed());
+    response
+}
+
+/// A request to a declared route, from its limits to its answer.
+async fn serve_route<S: AppState>(
+    runtime: &Arc<Runtime<S>>,
+    route: &crate::builder::Route<S>,
+    parts: axum::http::request::Parts,
+    body: axum::body::Body,
+    method: String,
+    path: String,
+) -> Response {
     let limits = runtime.config.limits;
     let head = head_size(&parts);
     if head > limits.max_head {
@@ -104,7 +121,7 @@ async fn front<S: AppState>(State(runtime): State<Arc<Runtime<S>>>, request: axu
         _ => sender.is_some(),
     };
     if !leads {
-        return not_leader(&runtime);
+        return not_leader(runtime);
     }
     if let Some(admission) = &route.admission {
         let all_headers = kept_headers(&parts.headers, |_| true);
@@ -129,9 +146,9 @@ async fn front<S: AppState>(State(runtime): State<Arc<Runtime<S>>>, request: axu
     });
     let entry = LogEntry { method, path, query, headers, body: body.to_vec(), idempotency_key };
     if route.kind == RequestKind::Read {
-        return read(&runtime, &route.handler, entry, body).await;
+        return read(runtime, &route.handler, entry, body).await;
     }
-    let Some(sender) = sender else { return not_leader(&runtime) };
+    let Some(sender) = sender else { return not_leader(runtime) };
     let encoded = crate::data::encode(&entry);
     if encoded.len() > MAX_ENTRY_BYTES {
         return error(
@@ -153,7 +170,7 @@ async fn front<S: AppState>(State(runtime): State<Arc<Runtime<S>>>, request: axu
         Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
             return error(StatusCode::SERVICE_UNAVAILABLE, "the leader's queue is full; retry shortly");
         }
-        Err(mpsc::error::SendTimeoutError::Closed(_)) => return not_leader(&runtime),
+        Err(mpsc::error::SendTimeoutError::Closed(_)) => return not_leader(runtime),
     }
     match reply_rx.await {
         Ok(answer) => {
@@ -171,7 +188,7 @@ async fn front<S: AppState>(State(runtime): State<Arc<Runtime<S>>>, request: axu
                 StatusCode::SERVICE_UNAVAILABLE,
                 "leadership changed before this request's outcome was recorded; retry with the same Idempotency-Key",
             );
-            add_leader_hint(&runtime, &mut response);
+            add_leader_hint(runtime, &mut response);
             response
         }
     }
@@ -271,6 +288,13 @@ fn backup_now<S: AppState>(runtime: &Runtime<S>) -> Response {
     }
     runtime.backup_now.notify_one();
     json(StatusCode::ACCEPTED, &serde_json::json!({ "requested": true, "ssi": status.ssi, "backup": status.backup }))
+}
+
+/// `GET /metrics`: the replica's metrics in Prometheus' text format.
+fn metrics<S: AppState>(runtime: &Runtime<S>) -> Response {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let text = runtime.metrics.render(&runtime.status.borrow(), now);
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
 }
 
 fn health<S: AppState>(runtime: &Runtime<S>) -> Response {

@@ -787,6 +787,7 @@ async fn process<S: AppState>(
         })
         .collect();
     runtime.stats.add_many(stage::GROUPS, 1, Duration::ZERO);
+    runtime.metrics.group(items.len());
     if !in_process.is_empty() {
         runtime.stats.time(stage::IN_PROCESS, store.authority_write(term, in_process)).await?;
     }

@@ -14,6 +14,7 @@ mod http;
 pub mod inspect;
 mod leader;
 mod membership;
+mod metrics;
 pub mod outbox;
 mod record_file;
 mod runtime;

@@ -151,6 +151,8 @@ impl<S: AppState> Replicated<S> {
             backup: crate::backup::BackupStatus::default(),
         };
         let member = MemberRecord { url: config.public_url.clone(), snapshot: None, catching_up: false };
+        let stats = Arc::new(crate::stats::Stats::default());
+        let metrics = crate::metrics::Metrics::new(&config.service, &config.replica, &stats);
         let runtime = Runtime {
             keys: Keys::new(&config.service),
             record: RecordFile::new(&config.data_dir),
@@ -178,7 +180,8 @@ impl<S: AppState> Replicated<S> {
             feed: crate::feed::Feed::default(),
             chain,
             settle_now: Notify::new(),
-            stats: Arc::default(),
+            stats,
+            metrics,
         };
         Self { runtime: Arc::new(runtime) }
     }
@@ -273,6 +276,8 @@ pub(crate) struct Runtime<S> {
     pub(crate) member: watch::Sender<MemberRecord>,
     /// Where the time goes (served in the status).
     pub(crate) stats: Arc<crate::stats::Stats>,
+    /// What `/metrics` serves.
+    pub(crate) metrics: crate::metrics::Metrics,
     /// The peer token, once read from etcd.
     pub(crate) peer_token: Mutex<Option<String>>,
     /// For fetching peers' snapshots (and the local member's metrics).
@@ -339,7 +344,11 @@ impl<S: AppState> Runtime<S> {
     }
 
     pub(crate) fn set_status(&self, change: impl FnOnce(&mut Status)) {
-        self.status.send_modify(change);
+        self.status.send_modify(|status| {
+            let (leader, role) = (status.leader.as_ref().map(|l| l.replica.clone()), status.role);
+            change(status);
+            self.metrics.status_changed(leader.as_deref(), role, status);
+        });
     }
 
     fn note_error(&self, error: &Error) {

@@ -60,17 +60,26 @@ pub(crate) mod stage {
 }
 
 /// The counters of one replica.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Stats {
     tallies: Mutex<BTreeMap<&'static str, Tally>>,
     /// etcd calls, by the action the store names them with.
     etcd: Mutex<BTreeMap<&'static str, Tally>>,
+    /// The same calls' latencies, for `/metrics`.
+    pub(crate) etcd_seconds: crate::metrics::EtcdHistograms,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self { tallies: Mutex::default(), etcd: Mutex::default(), etcd_seconds: crate::metrics::etcd_histograms() }
+    }
 }
 
 impl Stats {
     /// Counts one etcd call for `action` (as the store names it in errors).
     pub(crate) fn add_etcd(&self, action: &'static str, took: Duration) {
         count(&self.etcd, action, 1, took);
+        self.etcd_seconds.get_or_create(&crate::metrics::ActionLabels { action }).observe(took.as_secs_f64());
     }
 
     /// Counts one `what` that took `took`.

@@ -104,6 +104,7 @@ fn bad_declarations_are_refused_with_every_problem_named() {
         .replicate("POST", "/a", handler)
         .replicate("POST", "/a", handler)
         .read("GET", "/br2k/status", handler)
+        .read("GET", "/metrics", handler)
         .rollback("POST", "/missing", |_: std::sync::Arc<Nothing>, _| async {})
         .reconcile("POST", "/a", |_: std::sync::Arc<Nothing>, _| async { None })
         .admit("GET", "/missing", |_| Ok(()))
@@ -115,7 +116,8 @@ fn bad_declarations_are_refused_with_every_problem_named() {
         "service \"bad name\"",
         "replica \"r/1\"",
         "declared twice",
-        "not be under /br2k/",
+        "route path \"/br2k/status\" must start with '/', have no query and not be /metrics or under /br2k/",
+        "route path \"/metrics\" must start with",
         "rollback for POST /missing: declare the route first",
         "only Normal routes can be in doubt",
         "public URL \"ftp://x\"",

@@ -7,6 +7,7 @@ mod harness;
 mod hostile;
 mod idempotency;
 mod inputs;
+mod metrics;
 mod outbox;
 mod pending;
 mod prepare;

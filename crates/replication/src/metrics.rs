@@ -1,0 +1,275 @@
+//! `GET /metrics`: the replica in Prometheus' text format (version 0.0.4), for alerting
+//! on leader changes, lagging followers, etcd nearing its quota, requests in doubt and
+//! backups falling behind.
+//!
+//! Counters and histograms are kept as things happen (requests, groups, etcd calls,
+//! leader changes); the gauges are set from the replica's status when scraped, so they
+//! are never stale and cost nothing between scrapes. Every name has the `br2k_` prefix;
+//! every series carries the service and replica as labels.
+
+use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::data::RequestKind;
+use crate::runtime::{Role, Status, lock};
+
+/// The `Content-Type` of what [`Metrics::render`] returns.
+pub(crate) const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+
+/// A request's class, as a label.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+enum Class {
+    replication,
+    only_once,
+    external_txn,
+    read,
+}
+
+impl From<RequestKind> for Class {
+    fn from(kind: RequestKind) -> Self {
+        match kind {
+            RequestKind::Replication => Self::replication,
+            RequestKind::Normal => Self::only_once,
+            RequestKind::ExternalTxn => Self::external_txn,
+            RequestKind::Read => Self::read,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    /// The declared route, `METHOD /path`.
+    route: String,
+    class: Class,
+    /// The HTTP status code answered.
+    code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    route: String,
+    class: Class,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ActionLabels {
+    /// What the etcd call was for (`write as leader`, `read log entries`, ...).
+    pub(crate) action: &'static str,
+}
+
+/// etcd calls' latency by action (kept with the other etcd counters in
+/// [`crate::stats::Stats`], which the store has).
+pub(crate) type EtcdHistograms = Family<ActionLabels, Histogram, fn() -> Histogram>;
+
+pub(crate) fn etcd_histograms() -> EtcdHistograms {
+    fn histogram() -> Histogram {
+        Histogram::new(exponential_buckets(0.000_25, 2.0, 16))
+    }
+    Family::new_with_constructor(histogram)
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RoleLabels {
+    role: &'static str,
+}
+
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+/// The gauges set from the status at each scrape.
+#[derive(Default)]
+struct Gauges {
+    role: Family<RoleLabels, Gauge>,
+    epoch: Gauge,
+    ls: Gauge,
+    ssi: Gauge,
+    lpi: Gauge,
+    applied: Gauge,
+    lag: Gauge,
+    in_doubt: Gauge,
+    etcd_reachable: Gauge,
+    snapshot_index: Gauge,
+    first_index: Gauge,
+    db_size: Gauge,
+    db_in_use: Gauge,
+    quota: Gauge,
+    alarms: Gauge,
+    backup_index: Gauge,
+    backup_lag: Gauge,
+    backup_age: FloatGauge,
+}
+
+/// One replica's metrics.
+pub(crate) struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    request_seconds: Family<RouteLabels, Histogram>,
+    group_size: Histogram,
+    leader_changes: Counter,
+    terms_led: Counter,
+    gauges: Gauges,
+    /// Encoding reads every metric: one scrape at a time.
+    rendering: Mutex<()>,
+}
+
+impl Metrics {
+    pub(crate) fn new(service: &str, replica: &str, stats: &crate::stats::Stats) -> Self {
+        let labels = [("service".into(), service.to_owned().into()), ("replica".into(), replica.to_owned().into())];
+        let mut root = Registry::with_prefix_and_labels("br2k", labels.into_iter());
+        let requests = Family::<RequestLabels, Counter>::default();
+        let request_seconds = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.000_5, 2.0, 16))
+        });
+        let group_size = Histogram::new(exponential_buckets(1.0, 2.0, 8));
+        let (leader_changes, terms_led) = (Counter::default(), Counter::default());
+        let gauges = Gauges::default();
+        let registry = &mut root;
+        // prometheus-client ends each help text with a period itself.
+        registry.register(
+            "requests",
+            "Client requests answered, by route, class and HTTP status code",
+            requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "From a request's arrival to its answer (logged requests: until the outcome is durable in etcd)",
+            request_seconds.clone(),
+        );
+        registry.register("group_size_requests", "Requests per group the leader processed", group_size.clone());
+        registry.register(
+            "etcd_request_duration_seconds",
+            "This replica's etcd calls, by what they were for (a timed-out call counts its timeout)",
+            stats.etcd_seconds.clone(),
+        );
+        registry.register(
+            "leader_changes",
+            "Times this replica saw the service's leader become another replica",
+            leader_changes.clone(),
+        );
+        registry.register("leadership_terms", "Times this replica became the leader", terms_led.clone());
+        registry.register(
+            "role",
+            "1 for this replica's role (follower, register, leader), 0 for the others",
+            gauges.role.clone(),
+        );
+        registry.register("epoch", "The epoch this replica leads in (0 when it does not lead)", gauges.epoch.clone());
+        registry.register("log_last_index", "LS: the last index logged, as this replica knows it", gauges.ls.clone());
+        registry.register("service_state_index", "SSI: the last index whose outcome is recorded", gauges.ssi.clone());
+        registry.register("processed_index", "LPI: the last index this replica processed", gauges.lpi.clone());
+        registry.register("applied_index", "The last index in this replica's app state", gauges.applied.clone());
+        registry.register("lag_entries", "How far this replica's LPI is behind SSI", gauges.lag.clone());
+        registry.register(
+            "requests_in_doubt",
+            "Only-once requests whose blockchain transaction is not settled (listed in /br2k/status)",
+            gauges.in_doubt.clone(),
+        );
+        registry.register("etcd_reachable", "1 when the local etcd member answers", gauges.etcd_reachable.clone());
+        registry.register(
+            "snapshot_index",
+            "The index of this replica's latest snapshot",
+            gauges.snapshot_index.clone(),
+        );
+        registry.register(
+            "log_first_index",
+            "The first index still in etcd (the log is compacted below it)",
+            gauges.first_index.clone(),
+        );
+        registry.register("etcd_db_size_bytes", "The local etcd member's database file", gauges.db_size.clone());
+        registry.register(
+            "etcd_db_size_in_use_bytes",
+            "The part of it in use (the rest is free pages)",
+            gauges.db_in_use.clone(),
+        );
+        registry.register(
+            "etcd_quota_bytes",
+            "The member's space quota (0 when unknown); past it etcd refuses writes with NOSPACE",
+            gauges.quota.clone(),
+        );
+        registry.register("etcd_alarms", "Alarms the local member reports (NOSPACE, CORRUPT)", gauges.alarms.clone());
+        registry.register(
+            "backup_index",
+            "The index the latest backup reaches (0: none yet)",
+            gauges.backup_index.clone(),
+        );
+        registry.register("backup_lag_entries", "How far the latest backup is behind SSI", gauges.backup_lag.clone());
+        registry.register(
+            "backup_age_seconds",
+            "Seconds since the latest backup was taken (0: none yet)",
+            gauges.backup_age.clone(),
+        );
+        Self {
+            registry: root,
+            requests,
+            request_seconds,
+            group_size,
+            leader_changes,
+            terms_led,
+            gauges,
+            rendering: Mutex::new(()),
+        }
+    }
+
+    /// A client request to a declared route was answered with `code`.
+    pub(crate) fn request(&self, method: &str, path: &str, kind: RequestKind, code: u16, took: Duration) {
+        let (route, class) = (format!("{method} {path}"), Class::from(kind));
+        self.requests.get_or_create(&RequestLabels { route: route.clone(), class, code }).inc();
+        self.request_seconds.get_or_create(&RouteLabels { route, class }).observe(took.as_secs_f64());
+    }
+
+    /// The leader processed a group of `requests`.
+    pub(crate) fn group(&self, requests: usize) {
+        self.group_size.observe(requests as f64);
+    }
+
+    /// Counts what a status change shows: another replica leading than `leader` before,
+    /// or this one leading now.
+    pub(crate) fn status_changed(&self, leader: Option<&str>, role: Role, now: &Status) {
+        let leads_now = now.leader.as_ref().map(|l| l.replica.as_str());
+        if leader.is_some() && leads_now.is_some() && leader != leads_now {
+            self.leader_changes.inc();
+        }
+        if role != Role::Leader && now.role == Role::Leader {
+            self.terms_led.inc();
+        }
+    }
+
+    /// Everything, in Prometheus' text format, the gauges set from `status` first.
+    pub(crate) fn render(&self, status: &Status, now_secs: u64) -> String {
+        let _one_at_a_time = lock(&self.rendering);
+        let g = &self.gauges;
+        for (role, name) in [(Role::Follower, "follower"), (Role::Register, "register"), (Role::Leader, "leader")] {
+            g.role.get_or_create(&RoleLabels { role: name }).set(i64::from(status.role == role));
+        }
+        let set = |gauge: &Gauge, value: u64| gauge.set(i64::try_from(value).unwrap_or(i64::MAX));
+        set(&g.epoch, status.epoch.unwrap_or(0));
+        set(&g.ls, status.ls);
+        set(&g.ssi, status.ssi);
+        set(&g.lpi, status.lpi);
+        set(&g.applied, status.applied_index);
+        set(&g.lag, status.ssi.saturating_sub(status.lpi));
+        set(&g.in_doubt, status.in_doubt.len() as u64);
+        set(&g.etcd_reachable, u64::from(status.etcd_reachable));
+        set(&g.snapshot_index, status.snapshot_index);
+        set(&g.first_index, status.first_index);
+        set(&g.db_size, status.db_size);
+        set(&g.db_in_use, status.db_size_in_use);
+        set(&g.quota, status.quota.unwrap_or(0));
+        set(&g.alarms, status.etcd_alarms.len() as u64);
+        let backup = &status.backup;
+        set(&g.backup_index, backup.index);
+        set(&g.backup_lag, if backup.index == 0 { 0 } else { status.ssi.saturating_sub(backup.index) });
+        g.backup_age.set(if backup.at == 0 { 0.0 } else { now_secs.saturating_sub(backup.at) as f64 });
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry);
+        out
+    }
+}
