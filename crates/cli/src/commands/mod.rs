@@ -3,6 +3,7 @@
 mod backup;
 mod claim;
 mod context;
+mod dashboard;
 mod deploy;
 mod image;
 mod manager;
@@ -123,6 +124,8 @@ enum Command {
     Context(context::ContextCommand),
     /// One view of a service: registry header, recovery info, replicas, in-doubt requests, open claims.
     Status(status::StatusArgs),
+    /// A live web page of services: state, leader, replicas and their health, updated by itself.
+    Dashboard(dashboard::DashboardArgs),
     /// Send requests to a deployed service as the paper's users do; optionally check it.
     Users(users::UsersArgs),
     /// The manager daemon: recovers the services this key manages when they stop serving.
@@ -161,6 +164,7 @@ impl Cli {
             Command::Manager(command) => command.run(global).await,
             Command::Users(args) => args.run(global).await,
             Command::Status(args) => args.run(global).await,
+            Command::Dashboard(args) => args.run(global).await,
             Command::Backup(command) => command.run(global).await,
         }
     }

@@ -31,113 +31,123 @@ pub(crate) struct StatusArgs {
 
 impl StatusArgs {
     pub(crate) async fn run(self, global: &GlobalOpts) -> Result<()> {
-        let out = global.output();
         let registry = global.open_registry().await?;
-        let info = registry.info(&self.name).await?;
-        let body = &info.recovery;
-        let replicas = match body.context.as_str() {
-            "" => Err("no deployment recorded".to_owned()),
-            LOCAL => br2k_deploy::local::replica_views(&super::up::state_dir(&self.name, self.state_dir.clone())?)
-                .await
-                .map_err(|e| e.to_string()),
-            context => match self.kubernetes(context).await {
-                Ok(views) => Ok(views),
-                Err(e) => Err(format!("{e:#}")),
-            },
-        };
+        let (text, json) = service_view(&registry, &self.name, self.state_dir.clone(), &self.config).await?;
+        global.output().result(text.trim_end(), &json)
+    }
+}
 
-        // Claims since the last new location: what nobody has answered yet.
-        let latest = registry.chain().block_number().await?;
-        let logs = registry
-            .logs(vec![Claim::SIGNATURE_HASH, NewLocation::SIGNATURE_HASH], registry.first_block(), latest)
-            .await?;
-        let mut open_claims = Vec::new();
-        for log in logs.iter().filter(|l| l.topics().get(1) == Some(&info.id)) {
-            if log.topic0() == Some(&NewLocation::SIGNATURE_HASH) {
-                open_claims.clear();
-            } else if let Ok(claim) = log.log_decode::<Claim>() {
-                open_claims.push((
-                    log.block_number.unwrap_or(0),
-                    claim.inner.data.claimant,
-                    claim.inner.data.reason.clone(),
-                ));
-            }
+/// A service as `br2k status` shows it: text for a person and the same as JSON (which the
+/// dashboard serves). Only public facts: the registry's records, the replicas' status and
+/// the backends' views; never a key, token or password.
+pub(crate) async fn service_view(
+    registry: &br2k_resolver::RegistryClient,
+    name: &str,
+    state_dir: Option<std::path::PathBuf>,
+    config: &DirArg,
+) -> Result<(String, serde_json::Value)> {
+    let info = registry.info(name).await?;
+    let body = &info.recovery;
+    let replicas = match body.context.as_str() {
+        "" => Err("no deployment recorded".to_owned()),
+        LOCAL => {
+            br2k_deploy::local::replica_views(&super::up::state_dir(name, state_dir)?).await.map_err(|e| e.to_string())
         }
+        context => match kubernetes(config, name, context).await {
+            Ok(views) => Ok(views),
+            Err(e) => Err(format!("{e:#}")),
+        },
+    };
 
-        let digest =
-            (body.imageDigest != B256::ZERO).then(|| format!("sha256:{}", alloy::hex::encode(body.imageDigest)));
-        let or_dash = |t: &str| if t.is_empty() { "-".to_owned() } else { t.to_owned() };
-        let mut text = format!(
-            "{}  {}  epoch {}  at {}\nmanager {}\nrecovery info: {} replicas on {} from {}/{}@{}\n\nreplicas:\n",
-            info.name,
-            info.state,
-            info.epoch,
-            or_dash(&info.location),
-            info.manager,
-            body.replicas,
-            or_dash(&body.context),
-            or_dash(&body.containerRegistry),
-            or_dash(&body.image),
-            digest.clone().unwrap_or_else(|| "-".into()),
-        );
-        let mut in_doubt: Vec<u64> = Vec::new();
-        match &replicas {
-            Ok(views) if views.is_empty() => text.push_str("  none run\n"),
-            Ok(views) => {
-                for view in views {
-                    text.push_str(&format!("  {}\n", replica_line(view)));
-                    if let Some(status) = &view.status {
-                        in_doubt.extend(&status.in_doubt);
-                    }
+    // Claims since the last new location: what nobody has answered yet.
+    let latest = registry.chain().block_number().await?;
+    let logs =
+        registry.logs(vec![Claim::SIGNATURE_HASH, NewLocation::SIGNATURE_HASH], registry.first_block(), latest).await?;
+    let mut open_claims = Vec::new();
+    for log in logs.iter().filter(|l| l.topics().get(1) == Some(&info.id)) {
+        if log.topic0() == Some(&NewLocation::SIGNATURE_HASH) {
+            open_claims.clear();
+        } else if let Ok(claim) = log.log_decode::<Claim>() {
+            open_claims.push((
+                log.block_number.unwrap_or(0),
+                claim.inner.data.claimant,
+                claim.inner.data.reason.clone(),
+            ));
+        }
+    }
+
+    let digest = (body.imageDigest != B256::ZERO).then(|| format!("sha256:{}", alloy::hex::encode(body.imageDigest)));
+    let or_dash = |t: &str| if t.is_empty() { "-".to_owned() } else { t.to_owned() };
+    let mut text = format!(
+        "{}  {}  epoch {}  at {}\nmanager {}\nrecovery info: {} replicas on {} from {}/{}@{}\n\nreplicas:\n",
+        info.name,
+        info.state,
+        info.epoch,
+        or_dash(&info.location),
+        info.manager,
+        body.replicas,
+        or_dash(&body.context),
+        or_dash(&body.containerRegistry),
+        or_dash(&body.image),
+        digest.clone().unwrap_or_else(|| "-".into()),
+    );
+    let mut in_doubt: Vec<u64> = Vec::new();
+    match &replicas {
+        Ok(views) if views.is_empty() => text.push_str("  none run\n"),
+        Ok(views) => {
+            for view in views {
+                text.push_str(&format!("  {}\n", replica_line(view)));
+                if let Some(status) = &view.status {
+                    in_doubt.extend(&status.in_doubt);
                 }
             }
-            Err(e) => text.push_str(&format!("  unknown: {e}\n")),
         }
-        in_doubt.sort_unstable();
-        in_doubt.dedup();
-        text.push_str(&format!(
-            "\nin-doubt requests: {}\n",
-            if in_doubt.is_empty() { "none".into() } else { format!("{in_doubt:?}") }
-        ));
-        let recorded = registry.backup(&self.name).await?;
-        let leader =
-            replicas.as_ref().ok().and_then(|views| views.iter().find(|v| v.leads())).and_then(|v| v.status.clone());
-        text.push_str(&format!("backup: {}\n", backup_line(recorded.as_ref(), leader.as_ref())));
-        text.push_str(&format!("open claims (since the last new location): {}\n", open_claims.len()));
-        for (block, claimant, reason) in &open_claims {
-            text.push_str(&format!("  block {block}: {claimant}: {reason}\n"));
-        }
-        let json = json!({
-            "name": info.name, "id": info.id, "state": info.state.as_str(), "location": info.location,
-            "epoch": info.epoch, "manager": info.manager,
-            "recoveryInfo": {
-                "context": body.context, "replicas": body.replicas, "containerRegistry": body.containerRegistry,
-                "image": body.image, "imageDigest": digest,
-            },
-            "replicas": match &replicas {
-                Ok(views) => json!(views.iter().map(|v| json!({
-                    "name": v.name, "running": v.running, "status": v.status, "detail": v.detail,
-                })).collect::<Vec<_>>()),
-                Err(e) => json!({ "error": e }),
-            },
-            "inDoubt": in_doubt,
-            "backup": recorded.as_ref().map(|b| json!({
-                "index": b.index, "digest": format!("sha256:{}", alloy::hex::encode(b.digest)),
-                "artifact": b.artifact, "recordedAt": b.recorded_at,
-                "behind": leader.as_ref().map(|l| l.ssi.saturating_sub(b.index)),
-            })),
-            "backupError": leader.as_ref().and_then(|l| l.backup.last_error.clone()),
-            "openClaims": open_claims.iter().map(|(b, c, r)| json!({ "block": b, "claimant": c, "reason": r })).collect::<Vec<_>>(),
-        });
-        out.result(text.trim_end(), &json)
+        Err(e) => text.push_str(&format!("  unknown: {e}\n")),
     }
+    in_doubt.sort_unstable();
+    in_doubt.dedup();
+    text.push_str(&format!(
+        "\nin-doubt requests: {}\n",
+        if in_doubt.is_empty() { "none".into() } else { format!("{in_doubt:?}") }
+    ));
+    let recorded = registry.backup(name).await?;
+    let leader =
+        replicas.as_ref().ok().and_then(|views| views.iter().find(|v| v.leads())).and_then(|v| v.status.clone());
+    text.push_str(&format!("backup: {}\n", backup_line(recorded.as_ref(), leader.as_ref())));
+    text.push_str(&format!("open claims (since the last new location): {}\n", open_claims.len()));
+    for (block, claimant, reason) in &open_claims {
+        text.push_str(&format!("  block {block}: {claimant}: {reason}\n"));
+    }
+    let json = json!({
+        "name": info.name, "id": info.id, "state": info.state.as_str(), "location": info.location,
+        "epoch": info.epoch, "manager": info.manager,
+        "recoveryInfo": {
+            "context": body.context, "replicas": body.replicas, "containerRegistry": body.containerRegistry,
+            "image": body.image, "imageDigest": digest,
+        },
+        "replicas": match &replicas {
+            Ok(views) => json!(views.iter().map(|v| json!({
+                "name": v.name, "running": v.running, "status": v.status, "detail": v.detail,
+            })).collect::<Vec<_>>()),
+            Err(e) => json!({ "error": e }),
+        },
+        "inDoubt": in_doubt,
+        "backup": recorded.as_ref().map(|b| json!({
+            "index": b.index, "digest": format!("sha256:{}", alloy::hex::encode(b.digest)),
+            "artifact": b.artifact, "recordedAt": b.recorded_at,
+            "behind": leader.as_ref().map(|l| l.ssi.saturating_sub(b.index)),
+        })),
+        "backupError": leader.as_ref().and_then(|l| l.backup.last_error.clone()),
+        "openClaims": open_claims.iter().map(|(b, c, r)| json!({ "block": b, "claimant": c, "reason": r })).collect::<Vec<_>>(),
+    });
+    Ok((text, json))
+}
 
-    async fn kubernetes(&self, context: &str) -> Result<Vec<ReplicaView>> {
-        let contexts = self.config.contexts()?;
-        let info = contexts.get(context)?;
-        let client = br2k_deploy::kubernetes::connect(&contexts, context).await?;
-        Ok(br2k_deploy::kubernetes::pod_views(&client, &info, &self.name).await?)
-    }
+async fn kubernetes(config: &DirArg, name: &str, context: &str) -> Result<Vec<ReplicaView>> {
+    let contexts = config.contexts()?;
+    let info = contexts.get(context)?;
+    let client = br2k_deploy::kubernetes::connect(&contexts, context).await?;
+    Ok(br2k_deploy::kubernetes::pod_views(&client, &info, name).await?)
 }
 
 /// The backup recorded on chain, and how far the leader's service state is past it.
