@@ -5,7 +5,8 @@
 #  2. starts a local chain (anvil) with the service registry, and a container registry;
 #  3. builds an OCI image of the log server and pushes it (`br2k image`, `br2k deploy`);
 #  4. deploys 3 replicas from the image pulled back by digest, recorded on chain;
-#  5. starts the manager daemon (`br2k manager run`) and 3 users (`br2k users`);
+#  5. starts the manager daemon (`br2k manager run`), the dashboard (`br2k dashboard`, its URL
+#     printed: open it in a browser to watch the rest) and 3 users (`br2k users`);
 #  6. kills the leader: a new leader and location appear, the users carry on;
 #  7. kills every replica and their runner: the users fail, one of them files a claim,
 #     the manager redeploys the service from the registry's image, the users carry on;
@@ -27,6 +28,7 @@ source tools/local-stack.sh
 cleanup() {
   "$br2k" --quiet down --name logserver >/dev/null 2>&1 || true
   [[ -n ${manager:-} ]] && kill "$manager" 2>/dev/null
+  [[ -n ${dashboard:-} ]] && kill "$dashboard" 2>/dev/null
   stop_stack
   wait 2>/dev/null || true
 }
@@ -48,6 +50,11 @@ say "starting the manager (its log: manager | ...); probes every 60 s, so the cl
   --network loopback --election-timeout 500 --state-dir "$work/manager" 2> >(sed -u 's/^/manager | /' >&2) &
 manager=$!
 wait_http "http://$metrics/metrics"
+dashboard_address="127.0.0.1:$(free_port)"
+"$br2k" dashboard logserver --listen "$dashboard_address" 2> >(sed -u 's/^/dashboard | /' >&2) &
+dashboard=$!
+wait_http "http://$dashboard_address/api/services"
+say "the dashboard: http://$dashboard_address/ (open it in a browser: it follows the story by itself)"
 # A leader change costs a few failed attempts; a dead service, many: 20 tells them apart.
 say "starting 3 users (60 requests each at 2/s; a user claims after 20 failed attempts in a minute)"
 ETH_PRIVATE_KEY=$user_key "$br2k" users logserver --users 3 --requests 60 --rate 2 --claim-after 20 --check-local \
