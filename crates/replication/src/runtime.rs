@@ -692,9 +692,26 @@ impl<S: AppState> Runtime<S> {
         self.stats.add_many(crate::stats::stage::FOLLOW_WATCHED, entries.len() as u64, Duration::ZERO);
         let read_from = entries.last().map_or(node.lpi, |e| e.index) + 1;
         if read_from <= to {
-            entries.extend(store.entries_local(read_from, to).await?);
+            // What the watch lacks is read, up to an SSI read first from the same member:
+            // etcd tells watchers of a write a moment before reads can see it, so an
+            // entry read right after the watch's SSI could still show its old state.
+            let (readable, _) = store.progress_local().await?;
+            if read_from <= to.min(readable) {
+                entries.extend(store.entries_local(read_from, to.min(readable)).await?);
+            }
         }
         for entry in entries {
+            // SSI covers only recorded Replication entries: one that reads as not final
+            // was read before its outcome became readable here. Passing it would skip its
+            // execution for good; stop and read it again at the next round (a safeguard:
+            // the reads above are bounded by an SSI read before them).
+            let recorded =
+                matches!(entry.state.state, ProcessState::Success | ProcessState::Fail | ProcessState::Ignore);
+            if entry.state.kind == RequestKind::Replication && !recorded {
+                warn!(replica = %self.config.replica, index = entry.index, ssi, state = ?entry.state.state,
+                    "an entry SSI covers is not recorded in what this member answered yet: reading it again");
+                break;
+            }
             self.apply_if_recorded(entry.index, &entry.state, &entry.request).await?;
             if entry.state.kind == RequestKind::Replication
                 && entry.state.state == ProcessState::Success
