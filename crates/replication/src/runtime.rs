@@ -661,14 +661,17 @@ impl<S: AppState> Runtime<S> {
         }
         // SSI from the watch; the compaction record (and SSI with it) read at most once
         // per poll interval, or every time while the watch is down.
+        // `read`: SSI as read from the member this round, when it was.
         let watched = self.feed.ssi();
-        let (ssi, first_index) = match node.compacted_read {
-            Some((at, first_index)) if watched.is_some() && at.elapsed() < poll => (watched.unwrap_or(0), first_index),
+        let (ssi, first_index, read) = match node.compacted_read {
+            Some((at, first_index)) if watched.is_some() && at.elapsed() < poll => {
+                (watched.unwrap_or(0), first_index, None)
+            }
             _ => {
                 let (ssi, compacted) = store.progress_local().await?;
                 let first_index = compacted.first_index.max(1);
                 node.compacted_read = Some((Instant::now(), first_index));
-                (ssi.max(watched.unwrap_or(0)), first_index)
+                (ssi.max(watched.unwrap_or(0)), first_index, Some(ssi))
             }
         };
         if self.status.borrow().ssi != ssi || self.status.borrow().first_index != first_index {
@@ -695,7 +698,10 @@ impl<S: AppState> Runtime<S> {
             // What the watch lacks is read, up to an SSI read first from the same member:
             // etcd tells watchers of a write a moment before reads can see it, so an
             // entry read right after the watch's SSI could still show its old state.
-            let (readable, _) = store.progress_local().await?;
+            let readable = match read {
+                Some(ssi) => ssi,
+                None => store.progress_local().await?.0,
+            };
             if read_from <= to.min(readable) {
                 entries.extend(store.entries_local(read_from, to.min(readable)).await?);
             }

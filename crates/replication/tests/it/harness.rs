@@ -272,6 +272,14 @@ pub(crate) struct Interrupt {
     pub(crate) release: Notify,
 }
 
+impl Interrupt {
+    /// Stops the leader's pipeline the next time it reaches `step`.
+    pub(crate) fn arm(&self, step: Step) {
+        *self.step.lock().unwrap() = Some(step);
+        self.armed.store(true, Ordering::SeqCst);
+    }
+}
+
 /// One replica: its task, its app state and how to stop it.
 pub(crate) struct Replica {
     pub(crate) url: String,
@@ -587,6 +595,20 @@ impl Cluster {
         let key = format!("/br2k/{SERVICE}/rs/{index:020}");
         let response = client.get(key, None).await.unwrap();
         response.kvs().first().map(|kv| serde_json::from_slice(kv.value()).unwrap())
+    }
+
+    /// POSTs `body` to replica `i`'s `path` with `key`, in the background: its answer may
+    /// never come (the test holds the pipeline, or stops the replica, meanwhile).
+    pub(crate) fn send_in_background(
+        &self,
+        i: usize,
+        path: &str,
+        body: impl std::fmt::Display,
+        key: impl Into<String>,
+    ) -> JoinHandle<reqwest::Result<reqwest::Response>> {
+        let (http, url, body, key) =
+            (self.http.clone(), format!("{}{path}", self.replicas[i].url), body.to_string(), key.into());
+        tokio::spawn(async move { http.post(url).header("Idempotency-Key", key).body(body).send().await })
     }
 
     /// Replica `i`'s pipeline counters, as its `/br2k/status` serves them.

@@ -40,19 +40,6 @@ fn unmined_anvil() -> Anvil {
     Anvil::builder().arg("--no-mining").spawn().expect("anvil starts (run `bash tools/setup.sh` if it is missing)")
 }
 
-/// POSTs `body` (a payee, for the payment routes) to replica `i`'s `path` with `key`, in
-/// the background: its answer may never come (the test stops the replica meanwhile).
-fn send_in_background(
-    c: &Cluster,
-    i: usize,
-    path: &str,
-    body: impl std::fmt::Display,
-    key: &'static str,
-) -> tokio::task::JoinHandle<reqwest::Result<reqwest::Response>> {
-    let (http, url, body) = (c.http.clone(), format!("{}{path}", c.replicas[i].url), body.to_string());
-    tokio::spawn(async move { http.post(url).header("Idempotency-Key", key).body(body).send().await })
-}
-
 /// What the chain says: the balance of `who`, and how many transactions `from` sent.
 async fn on_chain(anvil: &Anvil, who: Address, from: Address) -> (U256, u64) {
     let provider = ProviderBuilder::new().connect_http(anvil.endpoint().parse().unwrap());
@@ -120,7 +107,7 @@ async fn leader_killed_at(step: TxStep) {
     let to = PrivateKeySigner::random().address();
     let l = c.leader(None).await;
     c.replicas[l].tx_interrupt.arm(step);
-    let first = send_in_background(&c, l, "/pay", to, "k");
+    let first = c.send_in_background(l, "/pay", to, "k");
     c.replicas[l].tx_interrupt.reached.notified().await;
     c.replicas[l].crash();
     c.etcd.kill(l).unwrap();
@@ -172,7 +159,7 @@ async fn a_stale_leader_woken_after_a_new_one_took_over_cannot_pay_twice() {
     // The leader stores the payment, then is cut off (its etcd member frozen) before it
     // broadcasts.
     c.replicas[l].tx_interrupt.arm(TxStep::Stored);
-    let stale = send_in_background(&c, l, "/pay", to, "k");
+    let stale = c.send_in_background(l, "/pay", to, "k");
     c.replicas[l].tx_interrupt.reached.notified().await;
     c.etcd.pause(l).unwrap();
     // Another leader finishes it, and pays someone else meanwhile.
@@ -204,7 +191,7 @@ async fn a_lingering_transaction_is_replaced_at_the_same_nonce_up_to_the_fee_cap
     let service = anvil.address(SERVICE_KEY);
     let to = PrivateKeySigner::random().address();
     let l = c.leader(None).await;
-    let paying = send_in_background(&c, l, "/pay", to, "k");
+    let paying = c.send_in_background(l, "/pay", to, "k");
     let deadline = Instant::now() + Duration::from_secs(20);
     while records(&c, 1).await.first().is_none_or(|r| r.attempts.len() < 2) {
         assert!(Instant::now() < deadline, "no replacement within 20 s: {:?}", records(&c, 1).await);
@@ -305,7 +292,7 @@ async fn the_chain_unreachable_leaves_a_payment_in_doubt_until_it_answers_again(
     // Unreachable after the broadcast: the receipt cannot be read; settled once it can.
     let other = PrivateKeySigner::random().address();
     c.replicas[l].tx_interrupt.arm(TxStep::Broadcast);
-    let paying = send_in_background(&c, l, "/pay", other, "b");
+    let paying = c.send_in_background(l, "/pay", other, "b");
     c.replicas[l].tx_interrupt.reached.notified().await;
     relay.cut();
     c.replicas[l].tx_interrupt.release.notify_one();
@@ -419,7 +406,7 @@ async fn a_recorded_payments_effect_is_applied_by_every_replica_in_log_order_eve
     // before anything else, then every replica applies it once, before what follows.
     let l = c.leader(None).await;
     c.replicas[l].tx_interrupt.arm(TxStep::Broadcast);
-    let dying = send_in_background(&c, l, "/pay-recorded", second, "p2");
+    let dying = c.send_in_background(l, "/pay-recorded", second, "p2");
     c.replicas[l].tx_interrupt.reached.notified().await;
     c.replicas[l].crash();
     c.etcd.kill(l).unwrap();
@@ -478,16 +465,15 @@ async fn a_later_payments_unbroadcast_nonce_never_blocks_an_earlier_one() {
     // as one group, side by side: the first (index 3) stops before reserving a nonce, the
     // second (index 4) after storing its transaction at nonce 0. The leader then dies:
     // nonce 0 is reserved for the later request and was never broadcast.
-    *c.replicas[l].interrupt.step.lock().unwrap() = Some(br2k_replication::Step::BeforeExecution);
-    c.replicas[l].interrupt.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    c.replicas[l].interrupt.arm(br2k_replication::Step::BeforeExecution);
     c.replicas[l].tx_interrupt.arm_at(TxStep::Reserving, 3);
     c.replicas[l].tx_interrupt.arm_at(TxStep::Stored, 4);
-    let holding = send_in_background(&c, l, "/append", "hold", "h");
+    let holding = c.send_in_background(l, "/append", "hold", "h");
     c.replicas[l].interrupt.reached.notified().await;
-    let waiting = send_in_background(&c, l, "/append", "wait", "w");
+    let waiting = c.send_in_background(l, "/append", "wait", "w");
     c.eventually_queued(l, 2).await;
-    let a = send_in_background(&c, l, "/pay-recorded", first, "a");
-    let b = send_in_background(&c, l, "/pay-recorded", second, "b");
+    let a = c.send_in_background(l, "/pay-recorded", first, "a");
+    let b = c.send_in_background(l, "/pay-recorded", second, "b");
     c.eventually_queued(l, 4).await;
     c.replicas[l].interrupt.release.notify_one();
     c.replicas[l].tx_interrupt.reached.notified().await;
@@ -520,7 +506,7 @@ async fn a_nonce_taken_by_another_sender_of_the_key_is_refused_only_once_that_ha
     let service = anvil.address(SERVICE_KEY);
     let to = PrivateKeySigner::random().address();
     let l = c.leader(None).await;
-    let paying = send_in_background(&c, l, "/pay", to, "k");
+    let paying = c.send_in_background(l, "/pay", to, "k");
     let deadline = Instant::now() + Duration::from_secs(20);
     let ours = loop {
         if let Some(record) = records(&c, 1).await.pop() {

@@ -18,8 +18,7 @@ async fn leader_cut_off(step: Option<Step>, path: &str) {
     let replica = &c.replicas[l];
     match step {
         Some(step) => {
-            *replica.interrupt.step.lock().unwrap() = Some(step);
-            replica.interrupt.armed.store(true, Ordering::SeqCst);
+            replica.interrupt.arm(step);
         }
         None => replica.state.slow_armed.store(true, Ordering::SeqCst),
     }
@@ -100,12 +99,8 @@ async fn carried_group_cut_off(step: Step) {
 
     // The processor holds "a2", executed and not yet recorded, while "a3" arrives.
     let replica = &c.replicas[l];
-    *replica.interrupt.step.lock().unwrap() = Some(Step::Executed);
-    replica.interrupt.armed.store(true, Ordering::SeqCst);
-    let send = |body: &'static str, key: &'static str| {
-        let (http, url) = (c.http.clone(), format!("{}/append", replica.url));
-        tokio::spawn(async move { http.post(url).header("Idempotency-Key", key).body(body).send().await })
-    };
+    replica.interrupt.arm(Step::Executed);
+    let send = |body: &'static str, key: &'static str| c.send_in_background(l, "/append", body, key);
     let first = send("a2", "k2");
     replica.interrupt.reached.notified().await;
     let second = send("a3", "k3");
@@ -113,8 +108,7 @@ async fn carried_group_cut_off(step: Step) {
     c.eventually_queued(l, 3).await;
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     assert!(c.rs(3).await.is_none(), "a busy leader's next group rides the outcome write");
-    *replica.interrupt.step.lock().unwrap() = Some(step);
-    replica.interrupt.armed.store(true, Ordering::SeqCst);
+    replica.interrupt.arm(step);
     replica.interrupt.release.notify_one();
     assert_eq!(first.await.unwrap().unwrap().status(), 200);
     replica.interrupt.reached.notified().await;
@@ -156,12 +150,8 @@ async fn a_known_key_in_a_carried_group_is_answered_from_its_record() {
     let l = c.leader(None).await;
     assert_eq!(c.post(l, "/append", "a1", Some("k1")).await.status(), 200);
     let replica = &c.replicas[l];
-    *replica.interrupt.step.lock().unwrap() = Some(Step::Executed);
-    replica.interrupt.armed.store(true, Ordering::SeqCst);
-    let send = |body: &'static str, key: &'static str| {
-        let (http, url) = (c.http.clone(), format!("{}/append", replica.url));
-        tokio::spawn(async move { http.post(url).header("Idempotency-Key", key).body(body).send().await })
-    };
+    replica.interrupt.arm(Step::Executed);
+    let send = |body: &'static str, key: &'static str| c.send_in_background(l, "/append", body, key);
     let held = send("a2", "k2");
     replica.interrupt.reached.notified().await;
     let (retry, fresh) = (send("a1", "k1"), send("a3", "k3"));
@@ -191,8 +181,7 @@ async fn a_group_too_large_to_carry_is_logged_on_its_own() {
     let l = c.leader(None).await;
     assert_eq!(c.post(l, "/append", "a1", Some("k1")).await.status(), 200);
     let replica = &c.replicas[l];
-    *replica.interrupt.step.lock().unwrap() = Some(Step::Executed);
-    replica.interrupt.armed.store(true, Ordering::SeqCst);
+    replica.interrupt.arm(Step::Executed);
     let send = |body: String| {
         let (http, url) = (c.http.clone(), format!("{}/append", replica.url));
         tokio::spawn(async move {
@@ -245,8 +234,7 @@ async fn the_same_leader_elected_again_records_what_it_executed_before_losing_le
         c.replicas[o].crash();
     }
     let replica = &c.replicas[l];
-    *replica.interrupt.step.lock().unwrap() = Some(Step::Executed);
-    replica.interrupt.armed.store(true, Ordering::SeqCst);
+    replica.interrupt.arm(Step::Executed);
     let (http, url) = (c.http.clone(), format!("{}/slow", replica.url));
     let request = tokio::spawn(async move { http.post(url).header("Idempotency-Key", "k2").body("a2").send().await });
     replica.interrupt.reached.notified().await;
