@@ -4,7 +4,9 @@
 #
 #   - Debian packages: protobuf-compiler + libprotobuf-dev (etcd-client's build: protoc and the google/protobuf includes), etcd-server + etcd-client
 #     (replication runtime, tests), docker-registry (OCI registry for image tests), iproute2
-#     (`ip`: the local backend's network namespaces), python3 + python3-venv (below);
+#     (`ip`: the local backend's network namespaces), python3 + python3-venv (below), chromium
+#     + fonts-liberation (the dashboard's browser test drives headless Chromium; fonts so
+#     its screenshots show text);
 #   - Foundry's forge, anvil and cast (native binaries from npm) and solc-js, pinned by
 #     tools/package-lock.json, plus the tools/solc shim that forge calls as its compiler;
 #   - kubernetes-validate (PyPI, pinned in tools/requirements.txt) in tools/.venv: the
@@ -15,7 +17,7 @@
 set -euo pipefail
 
 tools_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-apt_packages=(protobuf-compiler libprotobuf-dev etcd-server etcd-client docker-registry skopeo iproute2 python3 python3-venv)
+apt_packages=(protobuf-compiler libprotobuf-dev etcd-server etcd-client docker-registry skopeo iproute2 python3 python3-venv chromium fonts-liberation)
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
@@ -103,8 +105,14 @@ check_rust() {
   cargo clippy --version >/dev/null 2>&1 || die "clippy is missing: rustup component add clippy"
 }
 
+check_chromium() {
+  # Its wrapper script prints a shell error on some machines; the version line is what counts.
+  chromium --version 2>/dev/null | grep -q '^Chromium ' || die "chromium does not run (the dashboard's browser test needs it)"
+}
+
 started=$(date +%s)
 install_apt_packages
+check_chromium
 install_node_tools
 install_python_tools
 check_rust

@@ -125,6 +125,19 @@ impl Chain {
         self.bounded(action, self.provider.get_block_number()).await?.map_err(|e| self.transport(action, e))
     }
 
+    /// When block `number` was made, unix seconds; `None` when the node has no such block.
+    ///
+    /// # Errors
+    /// RPC and timeout errors.
+    pub async fn block_timestamp(&self, number: u64) -> Result<Option<u64>> {
+        let action = "read a block's time";
+        let block = self
+            .bounded(action, self.provider.get_block_by_number(number.into()))
+            .await?
+            .map_err(|e| self.transport(action, e))?;
+        Ok(block.map(|b| b.header.timestamp))
+    }
+
     /// The chain id the endpoint reported.
     pub const fn chain_id(&self) -> u64 {
         self.chain_id

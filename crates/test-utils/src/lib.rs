@@ -1,12 +1,14 @@
 #![doc = include_str!("../README.md")]
 
 mod anvil;
+mod browser;
 mod etcd;
 mod oci_registry;
 mod process;
 mod token_service;
 
 pub use anvil::{Anvil, AnvilBuilder, AnvilError};
+pub use browser::{Browser, BrowserError, Page};
 pub use etcd::{EtcdCluster, EtcdClusterBuilder, EtcdError};
 pub use oci_registry::{OciRegistry, OciRegistryError};
 pub use process::{KillOnDrop, ToolNotFound, foundry_binary, workspace_root};

@@ -5,6 +5,7 @@ mod claim;
 mod context;
 mod dashboard;
 mod deploy;
+mod history;
 mod image;
 mod manager;
 mod registry;

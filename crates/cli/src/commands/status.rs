@@ -2,9 +2,7 @@
 //! unsettled.
 
 use alloy::primitives::B256;
-use alloy::sol_types::SolEvent;
 use anyhow::Result;
-use br2k_bindings::ServiceRegistry::{Claim, NewLocation};
 use br2k_deploy::backend::ReplicaView;
 use br2k_deploy::context::LOCAL;
 use clap::Args;
@@ -12,6 +10,7 @@ use serde_json::json;
 
 use super::GlobalOpts;
 use super::context::DirArg;
+use super::history::RegistryHistory;
 
 /// Show a service: the registry's header (location, epoch, state, manager) and recovery
 /// info, each replica's role, LPI and health as its backend sees it, the requests a dead
@@ -32,16 +31,20 @@ pub(crate) struct StatusArgs {
 impl StatusArgs {
     pub(crate) async fn run(self, global: &GlobalOpts) -> Result<()> {
         let registry = global.open_registry().await?;
-        let (text, json) = service_view(&registry, &self.name, self.state_dir.clone(), &self.config).await?;
+        let mut history = RegistryHistory::new(&registry);
+        history.follow(&registry).await?;
+        let (text, json) = service_view(&registry, &history, &self.name, self.state_dir.clone(), &self.config).await?;
         global.output().result(text.trim_end(), &json)
     }
 }
 
 /// A service as `br2k status` shows it: text for a person and the same as JSON (which the
 /// dashboard serves). Only public facts: the registry's records, the replicas' status and
-/// the backends' views; never a key, token or password.
+/// the backends' views; never a key, token or password. Open claims come from `history`,
+/// read up to the caller's last [`RegistryHistory::follow`].
 pub(crate) async fn service_view(
     registry: &br2k_resolver::RegistryClient,
+    history: &RegistryHistory,
     name: &str,
     state_dir: Option<std::path::PathBuf>,
     config: &DirArg,
@@ -60,21 +63,7 @@ pub(crate) async fn service_view(
     };
 
     // Claims since the last new location: what nobody has answered yet.
-    let latest = registry.chain().block_number().await?;
-    let logs =
-        registry.logs(vec![Claim::SIGNATURE_HASH, NewLocation::SIGNATURE_HASH], registry.first_block(), latest).await?;
-    let mut open_claims = Vec::new();
-    for log in logs.iter().filter(|l| l.topics().get(1) == Some(&info.id)) {
-        if log.topic0() == Some(&NewLocation::SIGNATURE_HASH) {
-            open_claims.clear();
-        } else if let Ok(claim) = log.log_decode::<Claim>() {
-            open_claims.push((
-                log.block_number.unwrap_or(0),
-                claim.inner.data.claimant,
-                claim.inner.data.reason.clone(),
-            ));
-        }
-    }
+    let open_claims = history.open_claims(info.id);
 
     let digest = (body.imageDigest != B256::ZERO).then(|| format!("sha256:{}", alloy::hex::encode(body.imageDigest)));
     let or_dash = |t: &str| if t.is_empty() { "-".to_owned() } else { t.to_owned() };
@@ -115,8 +104,8 @@ pub(crate) async fn service_view(
         replicas.as_ref().ok().and_then(|views| views.iter().find(|v| v.leads())).and_then(|v| v.status.clone());
     text.push_str(&format!("backup: {}\n", backup_line(recorded.as_ref(), leader.as_ref())));
     text.push_str(&format!("open claims (since the last new location): {}\n", open_claims.len()));
-    for (block, claimant, reason) in &open_claims {
-        text.push_str(&format!("  block {block}: {claimant}: {reason}\n"));
+    for claim in open_claims {
+        text.push_str(&format!("  block {}: {}: {}\n", claim.block, claim.claimant, claim.reason));
     }
     let json = json!({
         "name": info.name, "id": info.id, "state": info.state.as_str(), "location": info.location,
@@ -138,7 +127,8 @@ pub(crate) async fn service_view(
             "behind": leader.as_ref().map(|l| l.ssi.saturating_sub(b.index)),
         })),
         "backupError": leader.as_ref().and_then(|l| l.backup.last_error.clone()),
-        "openClaims": open_claims.iter().map(|(b, c, r)| json!({ "block": b, "claimant": c, "reason": r })).collect::<Vec<_>>(),
+        "openClaims": open_claims.iter().map(|c| json!({ "block": c.block, "claimant": c.claimant, "reason": c.reason }))
+            .collect::<Vec<_>>(),
     });
     Ok((text, json))
 }

@@ -4,6 +4,7 @@
 //! The tests of this binary take turns (one lock): each puts a whole service up, and
 //! running them side by side on a 2-core machine would measure the machine, not br2k.
 
+mod dashboard;
 mod deploy;
 mod image;
 mod manager;

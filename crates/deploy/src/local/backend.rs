@@ -191,7 +191,7 @@ pub async fn replica_views(state: &Path) -> Result<Vec<ReplicaView>> {
             let url = format!("{}/br2k/status", node.app_url);
             let answer = match http.get(&url).send().await {
                 Ok(response) => response.json::<br2k_replication::Status>().await.map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
+                Err(e) => Err(innermost_cause(&e)),
             };
             let (status, detail) = match answer {
                 Ok(status) => (Some(status), None),
@@ -201,6 +201,16 @@ pub async fn replica_views(state: &Path) -> Result<Vec<ReplicaView>> {
         }
     });
     Ok(futures::future::join_all(views).await)
+}
+
+/// Why a request failed, in words a person can act on: reqwest's own message only says
+/// that sending failed; its innermost cause says why (connection refused, timed out).
+fn innermost_cause(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = err;
+    while let Some(source) = cause.source() {
+        cause = source;
+    }
+    if std::ptr::addr_eq(cause, err) { err.to_string() } else { format!("{err}: {cause}") }
 }
 
 /// The one entry shown for a runner that is still starting its replicas.

@@ -1,0 +1,156 @@
+//! What the page may do, with `--allow-actions` only: file a claim against a service (its
+//! manager then checks it and redeploys a dead service) and ask a service's leader for a
+//! backup now.
+//!
+//! Each action is a `POST` carrying the header `x-br2k-confirm: <service name>`, which the
+//! page sends only after its confirmation dialog. A custom header also keeps other web
+//! sites out: a browser sends one cross-origin only after a preflight this server never
+//! grants. The `Host` header must name the address served (against DNS rebinding), and
+//! an `Origin`, when sent, must be that address too.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use br2k_resolver::RegistryClient;
+use serde_json::{Value, json};
+
+use super::Endpoint;
+
+/// The header the page sends, naming the service the person confirmed the action on.
+pub(super) const CONFIRM_HEADER: &str = "x-br2k-confirm";
+
+/// How long the leader may take to accept a backup request.
+const BACKUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub(super) struct Actions {
+    /// Signed with the operator's key.
+    registry: RegistryClient,
+    http: reqwest::Client,
+    served: SocketAddr,
+    endpoint: Endpoint,
+}
+
+impl Actions {
+    pub(super) fn new(registry: RegistryClient, served: SocketAddr, endpoint: Endpoint) -> Self {
+        let http = reqwest::Client::builder().no_proxy().timeout(BACKUP_TIMEOUT).build().unwrap_or_default();
+        Self { registry, http, served, endpoint }
+    }
+}
+
+/// `POST /api/services/{name}/{claim|backup}`.
+pub(super) async fn handle(
+    State(actions): State<Option<Arc<Actions>>>,
+    Path((name, action)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Some(actions) = actions else {
+        return answer(
+            StatusCode::FORBIDDEN,
+            &json!({ "error": "actions are off: start the dashboard with --allow-actions (and a key) to allow them" }),
+        );
+    };
+    if let Err(why) = actions.check_request(&name, &headers) {
+        return answer(StatusCode::FORBIDDEN, &json!({ "error": why }));
+    }
+    match action.as_str() {
+        "claim" => actions.claim(&name, &body).await,
+        "backup" => actions.backup(&name).await,
+        other => answer(
+            StatusCode::NOT_FOUND,
+            &json!({ "error": format!("no action {other:?}: the actions are claim and backup") }),
+        ),
+    }
+}
+
+impl Actions {
+    fn check_request(&self, name: &str, headers: &HeaderMap) -> Result<(), String> {
+        let header = |key: &str| headers.get(key).and_then(|v| v.to_str().ok());
+        if header(CONFIRM_HEADER) != Some(name) {
+            return Err(format!(
+                "an action needs the header {CONFIRM_HEADER}: {name} (the page sends it once confirmed)"
+            ));
+        }
+        let served = self.served.to_string();
+        if header("host") != Some(served.as_str()) {
+            return Err(format!("actions are taken only through http://{served}/"));
+        }
+        if let Some(origin) = header("origin")
+            && origin != format!("http://{served}")
+        {
+            return Err(format!("actions are taken only from the page at http://{served}/, not from {origin}"));
+        }
+        Ok(())
+    }
+
+    async fn claim(&self, name: &str, body: &[u8]) -> Response {
+        let reason = serde_json::from_slice::<Value>(body)
+            .ok()
+            .and_then(|b| b["reason"].as_str().map(str::trim).map(str::to_owned))
+            .unwrap_or_default();
+        if reason.is_empty() {
+            return answer(
+                StatusCode::BAD_REQUEST,
+                &json!({ "error": "a claim needs a reason: send {\"reason\": \"...\"} (it goes on chain for all to read)" }),
+            );
+        }
+        match self.registry.send_claim(name, &reason).await {
+            Ok(tx) => answer(
+                StatusCode::OK,
+                &json!({
+                    "message": format!("claim filed against {name:?} in block {}: its manager checks it and redeploys it if it is dead", tx.block),
+                    "transaction": tx.hash, "block": tx.block, "claimant": self.registry.chain().sender(),
+                }),
+            ),
+            Err(e) => self.failed(&e.to_string()),
+        }
+    }
+
+    async fn backup(&self, name: &str) -> Response {
+        let location = match self.registry.service_location(name).await {
+            Ok(resolved) if !resolved.location.is_empty() => resolved.location,
+            Ok(_) => {
+                return answer(
+                    StatusCode::CONFLICT,
+                    &json!({ "error": format!("{name:?} has no published location: no leader to back up") }),
+                );
+            }
+            Err(e) => return self.failed(&e.to_string()),
+        };
+        let url = format!("{}/br2k/backup", location.trim_end_matches('/'));
+        let response = match self.http.post(&url).send().await {
+            Ok(response) => response,
+            Err(e) => return answer(StatusCode::BAD_GATEWAY, &json!({ "error": format!("asking {url}: {e}") })),
+        };
+        let status = response.status();
+        let body: Value = response.json().await.unwrap_or_default();
+        if status.as_u16() == 202 {
+            let ssi = body["ssi"].as_u64().unwrap_or(0);
+            answer(
+                StatusCode::ACCEPTED,
+                &json!({ "message": format!("the leader backs up its state at index {ssi}; the timeline shows it once recorded on chain") }),
+            )
+        } else {
+            let why = body["error"].as_str().unwrap_or("(no reason given)");
+            answer(StatusCode::BAD_GATEWAY, &json!({ "error": format!("{url} answered {status}: {why}") }))
+        }
+    }
+}
+
+impl Actions {
+    /// A 502 with `error`, the RPC endpoint's key taken out of it.
+    fn failed(&self, error: &str) -> Response {
+        let mut body = json!({ "error": error });
+        self.endpoint.redact(&mut body);
+        answer(StatusCode::BAD_GATEWAY, &body)
+    }
+}
+
+fn answer(status: StatusCode, body: &Value) -> Response {
+    (status, [("content-type", "application/json")], body.to_string()).into_response()
+}

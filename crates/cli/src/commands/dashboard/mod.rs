@@ -1,0 +1,203 @@
+//! `br2k dashboard [NAME...]`: a live web page of services, served on loopback by default.
+//!
+//! A poller ([`board`]) reads every service each `--refresh` as `br2k status` does (the
+//! registry's header, its event history followed block by block, the backend's replicas,
+//! each replica's `/br2k/status`) and scrapes its leader's `/metrics` for the traffic
+//! chart. The page receives every change as a server-sent event: nobody presses refresh.
+//! Page, style and script are embedded in the binary (no CDN; it works offline). Only
+//! public facts reach the browser: never a key, token or password, and the RPC endpoint
+//! only as scheme, host and port (its path often carries an API key).
+
+mod actions;
+mod board;
+mod traffic;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{Html, IntoResponse};
+use axum::routing::{get, post};
+use clap::Args;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use super::GlobalOpts;
+use super::context::DirArg;
+use super::manager::parse_duration;
+
+/// The page, its style and its script, embedded.
+const PAGE: &str = include_str!("page.html");
+const STYLE: &str = include_str!("page.css");
+const SCRIPT: &str = include_str!("page.js");
+
+/// Serve a live web dashboard of services: an overview (state, leader, epoch, healthy
+/// replicas, requests/s, last recovery) and a page per service (each replica's role, LPI,
+/// lag, health and etcd size; requests/s and latency over time; the timeline of leader
+/// changes, locations, claims, recoveries and backups), updated on the page as they change.
+///
+/// Open the printed URL in a browser. It listens on loopback unless told otherwise; it
+/// shows no secret, but what runs where is an operator's business. With --allow-actions
+/// the page can also file a claim (the manager then redeploys a dead service) and ask the
+/// leader for a backup, each after a confirmation; claims are signed with your key
+/// (--private-key, ETH_PRIVATE_KEY or --keystore), which never leaves this process.
+#[derive(Args, Debug)]
+pub(crate) struct DashboardArgs {
+    /// The services to show [default: every service registered in the registry].
+    #[arg(value_name = "NAME")]
+    names: Vec<String>,
+
+    /// Where to serve the page.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8300")]
+    listen: SocketAddr,
+
+    /// How often to read the registry, the replicas and the leaders' metrics (e.g. 1s, 500ms).
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    refresh: Duration,
+
+    /// Let the page file claims and ask for backups (each behind a confirmation). Needs a key.
+    #[arg(long)]
+    allow_actions: bool,
+
+    #[command(flatten)]
+    config: DirArg,
+}
+
+impl DashboardArgs {
+    pub(crate) async fn run(self, global: &GlobalOpts) -> Result<()> {
+        let registry = if self.allow_actions {
+            global.open_registry_signed("file claims from the dashboard (--allow-actions)").await?
+        } else {
+            global.open_registry().await?
+        };
+        let listener = tokio::net::TcpListener::bind(self.listen).await.with_context(|| {
+            format!("cannot serve the dashboard on {}: choose another address with --listen", self.listen)
+        })?;
+        let address = listener.local_addr()?;
+        let shown = if self.names.is_empty() { "every registered service".to_owned() } else { self.names.join(", ") };
+        let actions = self
+            .allow_actions
+            .then(|| Arc::new(actions::Actions::new(registry.clone(), address, Endpoint::of(&registry))));
+        let mut board = board::Board::new(&registry, self.names, self.config, self.allow_actions);
+        let (views, page_views) = watch::channel(board.empty_view());
+        let refresh = self.refresh.max(Duration::from_millis(100));
+        let poller = async move {
+            loop {
+                let view = board.poll(&registry).await;
+                views.send_if_modified(|current| {
+                    let changed = current["services"] != view["services"] || current["registry"] != view["registry"];
+                    if changed {
+                        *current = view;
+                    }
+                    changed
+                });
+                tokio::time::sleep(refresh).await;
+            }
+        };
+        let app = axum::Router::new()
+            .route("/", get(|| async { Html(PAGE) }))
+            .route("/page.css", get(|| async { ([("content-type", "text/css; charset=utf-8")], STYLE) }))
+            .route("/page.js", get(|| async { ([("content-type", "text/javascript; charset=utf-8")], SCRIPT) }))
+            .route(
+                "/api/services",
+                get({
+                    let views = page_views.clone();
+                    move || async move { ([("content-type", "application/json")], views.borrow().to_string()) }
+                }),
+            )
+            .route("/api/events", get(move || events(page_views.clone())))
+            .route("/api/services/{name}/{action}", post(actions::handle).with_state(actions));
+        eprintln!("br2k dashboard: http://{address}/ (services: {shown})");
+        tokio::select! {
+            served = axum::serve(listener, app) => served.context("the dashboard's server stopped"),
+            () = poller => Ok(()),
+        }
+    }
+}
+
+/// `GET /api/events`: the current view at once, then every change, as `services` events.
+async fn events(views: watch::Receiver<Value>) -> impl IntoResponse {
+    let stream = futures::stream::unfold((views, true), |(mut views, first)| async move {
+        if !first {
+            views.changed().await.ok()?;
+        }
+        let data = views.borrow_and_update().to_string();
+        Some((Ok::<_, Infallible>(Event::default().event("services").data(data)), (views, false)))
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+fn unix_seconds() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// `json!` for the view the page starts from.
+fn view(services: Vec<Value>, registry: Value, actions: bool) -> Value {
+    let mut view = json!({ "actions": actions, "updated": unix_seconds() });
+    view["services"] = Value::Array(services);
+    view["registry"] = registry;
+    view
+}
+
+/// The RPC endpoint as the page may see it: scheme, host and port. Hosted endpoints carry
+/// their API key in the path or query (`https://host/v3/KEY`), or credentials before the
+/// host, and errors quote the URL they failed on.
+#[derive(Clone, Debug)]
+struct Endpoint {
+    url: String,
+    shown: String,
+}
+
+impl Endpoint {
+    fn of(registry: &br2k_resolver::RegistryClient) -> Self {
+        Self::new(registry.chain().url())
+    }
+
+    fn new(url: &str) -> Self {
+        let shown = match reqwest::Url::parse(url) {
+            Ok(parsed) => {
+                let port = parsed.port().map_or_else(String::new, |p| format!(":{p}"));
+                format!("{}://{}{port}", parsed.scheme(), parsed.host_str().unwrap_or("?"))
+            }
+            Err(_) => "(the RPC endpoint)".to_owned(),
+        };
+        Self { url: url.trim_end_matches('/').to_owned(), shown }
+    }
+
+    fn shown(&self) -> &str {
+        &self.shown
+    }
+
+    /// Replaces the full URL by what may be shown, in every string of `value`.
+    fn redact(&self, value: &mut Value) {
+        if self.url == self.shown {
+            return;
+        }
+        match value {
+            Value::String(text) if text.contains(&self.url) => *text = text.replace(&self.url, &self.shown),
+            Value::Array(items) => items.iter_mut().for_each(|v| self.redact(v)),
+            Value::Object(fields) => fields.values_mut().for_each(|v| self.redact(v)),
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_endpoint_with_a_key_in_its_path_is_shown_without_it() {
+        let url = "https://user:pw@mainnet.example.io:8443/v3/0123456789abcdef?key=secret";
+        let endpoint = Endpoint::new(url);
+        assert_eq!(endpoint.shown(), "https://mainnet.example.io:8443");
+        let mut view = json!({ "services": [{ "error": format!("cannot reach {url}: refused") }], "n": 1 });
+        endpoint.redact(&mut view);
+        let text = view.to_string();
+        assert!(!text.contains("0123456789abcdef") && !text.contains("secret") && !text.contains("pw@"), "{text}");
+        assert!(text.contains("cannot reach https://mainnet.example.io:8443: refused"), "{text}");
+    }
+}
