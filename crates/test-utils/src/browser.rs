@@ -257,6 +257,18 @@ impl Page {
         }
     }
 
+    /// Sets the page's viewport to `width` x `height` CSS pixels (1280 x 1000 at launch).
+    ///
+    /// # Errors
+    /// DevTools errors.
+    pub fn set_viewport(&mut self, width: u32, height: u32) -> Result<(), BrowserError> {
+        self.connection.call(
+            "Emulation.setDeviceMetricsOverride",
+            &json!({ "width": width, "height": height, "deviceScaleFactor": 1, "mobile": false }),
+        )?;
+        Ok(())
+    }
+
     /// Saves what the page shows as a PNG at `path` (its directory is created).
     ///
     /// # Errors

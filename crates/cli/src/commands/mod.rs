@@ -125,7 +125,7 @@ enum Command {
     Context(context::ContextCommand),
     /// One view of a service: registry header, recovery info, replicas, in-doubt requests, open claims.
     Status(status::StatusArgs),
-    /// A live web page of services: state, leader, replicas and their health, updated by itself.
+    /// A live web page of services: overview, a page per service (replicas, traffic, timeline), updated by itself.
     Dashboard(dashboard::DashboardArgs),
     /// Send requests to a deployed service as the paper's users do; optionally check it.
     Users(users::UsersArgs),

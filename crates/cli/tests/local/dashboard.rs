@@ -93,7 +93,7 @@ fn first_event(base: &str) -> String {
 /// member are killed the same page (not reloaded) shows the new leader and a leader-change
 /// event; a claim filed through the page's confirmation reaches the timeline. Screenshots
 /// of both pages are kept in `target/test-artefacts/`. No answer of any endpoint carries a
-/// key or anything named like a secret.
+/// key or anything named like a secret. Last, the chain goes down: the page says so, and why.
 #[test]
 fn the_dashboard_in_a_browser_follows_a_leader_kill_by_itself() {
     let _turn = one_at_a_time();
@@ -217,13 +217,48 @@ fn the_dashboard_in_a_browser_follows_a_leader_kill_by_itself() {
         assert!(code == 200 || path == "/api/nothing", "GET {path}: {code}");
         served.push(body);
     }
-    for path in ["/api/services/t-dash/backup", "/api/services/t-dash/nothing", "/api/services/nobody/claim"] {
-        served.push(post(&base, path, &host, "{}").1);
-    }
+    // A backup asked of a service without a backup registry: the leader's refusal, passed on.
+    let (code, body) = post(&base, "/api/services/t-dash/backup", &host, "");
+    assert_eq!(code, 502, "{body}");
+    assert!(body.contains("no backups configured"), "{body}");
+    served.push(body);
+    let (code, body) = post(&base, "/api/services/t-dash/nothing", &host, "{}");
+    assert_eq!(code, 404, "{body}");
+    served.push(body);
+    let (code, body) = post(
+        &base,
+        "/api/services/nobody/claim",
+        "Host: 127.0.0.1:PORT\r\nx-br2k-confirm: nobody\r\n".replace("PORT", &port.to_string()).as_str(),
+        r#"{"reason":"x"}"#,
+    );
+    assert_eq!(code, 502, "a claim against a service nobody registered: {body}");
+    served.push(body);
     let served = served.join("\n").to_lowercase();
     for secret in SECRETS {
         assert!(!served.contains(secret), "the dashboard served {secret:?}");
     }
     assert!(!served.contains("https://") && !served.contains("src=\"http"), "the page loads nothing from elsewhere");
+
+    // The chain goes down (its anvil, a child of the runner, killed): the page says the
+    // registry cannot be read and why, and the service's card why it cannot be read.
+    let runner = run["pid"].as_u64().unwrap().to_string();
+    let anvil = std::process::Command::new("pgrep").args(["-P", &runner, "-x", "anvil"]).output().unwrap();
+    let anvil = String::from_utf8(anvil.stdout).unwrap();
+    assert!(!anvil.trim().is_empty(), "no anvil under the runner {runner}");
+    assert!(std::process::Command::new("kill").args(["-9", anvil.trim()]).status().unwrap().success());
+    page.eval("location.hash = '#/'").unwrap();
+    let down = page
+        .wait_for(
+            "the page shows the registry and the service as unreadable, with the reason",
+            r#"(() => { const banner = document.getElementById('banner');
+                 const card = document.querySelector('#services .card[data-service="t-dash"] .error');
+                 return !banner.hidden && card && window.br2kNotReloaded === true
+                   ? banner.textContent + ' | ' + card.textContent : null; })()"#,
+            wait,
+        )
+        .unwrap_or_else(|e| panic!("{e}\ndashboard:\n{}", dashboard_log()));
+    eprintln!("registry down: {down}");
+    assert!(down.as_str().unwrap().contains("cannot be read: "), "{down}");
+    page.screenshot(&artefact("dashboard-registry-down.png")).unwrap();
     drop(browser);
 }

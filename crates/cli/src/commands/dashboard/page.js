@@ -136,12 +136,17 @@ function chart(title, points, series, unit) {
              svg("text", { x: 2, y: H - bottom }, "0"),
              svg("text", { x: left, y: H - 3 }, points.length ? clock(t0) : "no data yet"),
              svg("text", { x: W - 60, y: H - 3 }, points.length ? clock(t1) : ""));
+  // A line breaks where there is no value, and across a gap between points (no leader to
+  // scrape, a new leader's first scrape): three times the usual spacing, at least 3 s.
+  const spacing = points.slice(1).map((p, i) => p.at - points[i].at).sort((a, b) => a - b);
+  const gap = Math.max(3, 3 * (spacing[Math.floor(spacing.length / 2)] || 1));
   for (const s of series) {
-    let run = [];
+    let run = [], last = null;
     const flush = () => { if (run.length) box.append(svg("polyline", { points: run.join(" "), stroke: s.color })); run = []; };
     for (const p of points) {
-      if (p[s.key] == null) { flush(); continue; }
-      run.push(x(p.at).toFixed(1) + "," + y(p[s.key]).toFixed(1));
+      if (p[s.key] == null || (last != null && p.at - last > gap)) flush();
+      last = p.at;
+      if (p[s.key] != null) run.push(x(p.at).toFixed(1) + "," + y(p[s.key]).toFixed(1));
     }
     flush();
   }
