@@ -66,7 +66,7 @@ struct ServiceHistory {
 #[derive(Debug)]
 pub(crate) struct RegistryHistory {
     next_block: u64,
-    /// Every service registered, by name, in registration order of their ids.
+    /// Every service registered: its name (in name order) and id.
     names: BTreeMap<String, B256>,
     services: HashMap<B256, ServiceHistory>,
     /// The last block whose time was read, and that time: logs come in block order.
@@ -103,7 +103,7 @@ impl RegistryHistory {
         Ok(())
     }
 
-    /// The services registered, by name.
+    /// The names of the services registered, in name order.
     pub(crate) fn names(&self) -> impl Iterator<Item = &str> {
         self.names.keys().map(String::as_str)
     }

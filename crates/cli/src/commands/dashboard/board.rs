@@ -97,7 +97,7 @@ impl Board {
                 (Some((now, epoch)), Some((was, _))) => format!("{now} leads now (epoch {epoch}); {was} led before"),
                 (Some((now, epoch)), None) => format!("{now} leads (epoch {epoch})"),
                 (None, Some((was, _))) => format!("no replica leads ({was} led before)"),
-                (None, None) => String::new(),
+                (None, None) => String::new(), // not a change: never reached
             };
             self.history.note(id, Happening { at: unix_seconds(), block: None, kind: "leader", text });
         }
