@@ -366,6 +366,12 @@ fn a_manager_killed_mid_recovery_finishes_it_once_and_a_tampered_image_is_refuse
     let log = project.wait_log(2, "recovered in", Duration::from_secs(60));
     assert!(log.contains("resuming the recovery"), "{log}");
     assert!(!log.contains("redeploying"), "the second manager must not deploy again:\n{log}");
+    // The runner rewrites run.json once it sees its replicas serve, which can be a moment
+    // after the service first answers: until then the file still names the killed runner.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while project.serving_runner() != runner && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert_eq!(project.serving_runner(), runner, "the runner the first manager started serves: one deployment");
     assert_eq!(project.state(), "running");
     let held = project.indices();

@@ -56,21 +56,44 @@ impl Board {
         view(Vec::new(), json!({ "endpoint": self.endpoint.shown(), "error": null }), self.actions)
     }
 
-    /// Reads everything once and returns the page's view.
+    /// Reads everything once and returns the page's view. Services are read at once, and
+    /// then their leaders' metrics: one that does not answer (up to its timeout) must not
+    /// hold up the news of the others.
     pub(super) async fn poll(&mut self, registry: &RegistryClient) -> Value {
         let history_error = self.history.follow(registry).await.err().map(|e| crate::commands::describe(&e));
         let names: Vec<String> =
             if self.names.is_empty() { self.history.names().map(str::to_owned).collect() } else { self.names.clone() };
+        let reads = futures::future::join_all(names.iter().map(|name| async {
+            let read = service_view(registry, &self.history, name, None, &self.config);
+            match tokio::time::timeout(READ_TIMEOUT, read).await {
+                Ok(Ok((_, view))) => Ok(view),
+                Ok(Err(e)) => Err(crate::commands::describe(&e)),
+                Err(_) => Err(format!("no answer within {READ_TIMEOUT:?}")),
+            }
+        }))
+        .await;
+
+        // Each service's traffic series is taken out while its leader is scraped, and put back.
+        let mut series: Vec<Traffic> = names
+            .iter()
+            .map(|name| std::mem::take(&mut self.tracked.entry(name.clone()).or_default().traffic))
+            .collect();
+        let http = &self.http;
+        futures::future::join_all(series.iter_mut().zip(&reads).map(|(traffic, read)| async move {
+            if let Ok(view) = read {
+                traffic.scrape(http, view["location"].as_str().unwrap_or(""), unix_seconds()).await;
+            }
+        }))
+        .await;
+
         let mut services = Vec::with_capacity(names.len());
-        for name in names {
-            let read =
-                tokio::time::timeout(READ_TIMEOUT, service_view(registry, &self.history, &name, None, &self.config));
-            let service = match read.await {
-                Ok(Ok((_, view))) => self.with_traffic_and_timeline(&name, view).await,
-                Ok(Err(e)) => json!({ "name": name, "error": crate::commands::describe(&e) }),
-                Err(_) => json!({ "name": name, "error": format!("no answer within {READ_TIMEOUT:?}") }),
-            };
-            services.push(service);
+        for ((name, read), traffic) in names.iter().zip(reads).zip(series) {
+            let tracked = self.tracked.entry(name.clone()).or_default();
+            tracked.traffic = traffic;
+            services.push(match read {
+                Ok(view) => self.with_leader_traffic_and_timeline(name, view),
+                Err(error) => json!({ "name": name, "error": error }),
+            });
         }
         let registry =
             json!({ "address": registry.address(), "endpoint": self.endpoint.shown(), "error": history_error });
@@ -79,7 +102,7 @@ impl Board {
         view
     }
 
-    async fn with_traffic_and_timeline(&mut self, name: &str, mut view: Value) -> Value {
+    fn with_leader_traffic_and_timeline(&mut self, name: &str, mut view: Value) -> Value {
         let id: Option<B256> = view["id"].as_str().and_then(|id| id.parse().ok());
         let tracked = self.tracked.entry(name.to_owned()).or_default();
 
@@ -103,7 +126,6 @@ impl Board {
         }
         tracked.leader = Some(leader);
 
-        tracked.traffic.scrape(&self.http, view["location"].as_str().unwrap_or(""), unix_seconds()).await;
         view["traffic"] = json!({
             "points": tracked.traffic.points().collect::<Vec<_>>(),
             "error": tracked.traffic.error,
