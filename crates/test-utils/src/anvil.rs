@@ -2,14 +2,14 @@
 
 use std::path::PathBuf;
 use std::process::{Command, ExitStatus, Stdio};
-use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use alloy::primitives::Address;
 use alloy::signers::local::PrivateKeySigner;
 use tempfile::TempDir;
 
-use crate::process::{KillOnDrop, OutputTail, ToolNotFound, foundry_binary};
+use crate::process::{KillOnDrop, NoLine, OutputTail, ToolNotFound, first_line, foundry_binary};
 
 /// Why an anvil fixture could not start.
 #[derive(Debug, thiserror::Error)]
@@ -129,22 +129,15 @@ impl AnvilBuilder {
         output.follow(child.0.stderr.take().expect("stderr is piped"), None);
 
         let deadline = Instant::now() + self.startup_timeout;
-        let port = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match lines_rx.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(port) = listening_port(&line) {
-                        break port;
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => {
-                    // Dropping `child` kills it.
-                    return Err(AnvilError::StartupTimeout { timeout: self.startup_timeout, output: output.text() });
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    let status = child.0.wait().map_err(|source| AnvilError::Spawn { program, source })?;
-                    return Err(AnvilError::Exited { status, output: output.text() });
-                }
+        let port = match first_line(&lines_rx, deadline, listening_port) {
+            Ok(port) => port,
+            // Dropping `child` kills it.
+            Err(NoLine::Timeout) => {
+                return Err(AnvilError::StartupTimeout { timeout: self.startup_timeout, output: output.text() });
+            }
+            Err(NoLine::Ended) => {
+                let status = child.0.wait().map_err(|source| AnvilError::Spawn { program, source })?;
+                return Err(AnvilError::Exited { status, output: output.text() });
             }
         };
 

@@ -6,7 +6,7 @@ use std::io::BufRead as _;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use tempfile::TempDir;
 use tungstenite::WebSocket;
 
-use crate::process::{KillOnDrop, OutputTail, ToolNotFound, locate};
+use crate::process::{KillOnDrop, OutputTail, ToolNotFound, first_line, locate};
 
 /// How long Chromium may take to start, and one DevTools call to answer.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -130,23 +130,10 @@ impl Browser {
         output.follow(child.0.stdout.take().expect("stdout is piped"), None);
         let deadline = Instant::now() + STARTUP_TIMEOUT;
         // "DevTools listening on ws://127.0.0.1:PORT/devtools/browser/ID"
-        let port = loop {
-            match lines_rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(line) => {
-                    if let Some(port) = line
-                        .split("ws://127.0.0.1:")
-                        .nth(1)
-                        .and_then(|rest| rest.split('/').next())
-                        .and_then(|port| port.parse().ok())
-                    {
-                        break port;
-                    }
-                }
-                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
-                    return Err(BrowserError::StartupTimeout { output: output.text() });
-                }
-            }
-        };
+        let port = first_line(&lines_rx, deadline, |line| {
+            line.split("ws://127.0.0.1:").nth(1).and_then(|rest| rest.split('/').next()).and_then(|p| p.parse().ok())
+        })
+        .map_err(|_| BrowserError::StartupTimeout { output: output.text() })?;
         Ok(Self { _child: child, port, _profile: profile, output })
     }
 

@@ -5,8 +5,9 @@ use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::Child;
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 use std::{env, thread};
 
 use crate::SETUP_COMMAND;
@@ -103,6 +104,35 @@ impl OutputTail {
     pub(crate) fn text(&self) -> String {
         let lines = self.lines.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         lines.iter().map(String::as_str).collect::<Vec<_>>().join("\n")
+    }
+}
+
+/// Why [`first_line`] returned without a line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NoLine {
+    /// The deadline passed.
+    Timeout,
+    /// The child closed its output (it exited).
+    Ended,
+}
+
+/// The first line from `lines` that `parse` makes something of, if one comes by `deadline`:
+/// how a fixture learns the port a child chose for itself.
+pub(crate) fn first_line<T>(
+    lines: &Receiver<String>,
+    deadline: Instant,
+    mut parse: impl FnMut(&str) -> Option<T>,
+) -> Result<T, NoLine> {
+    loop {
+        match lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) => {
+                if let Some(found) = parse(&line) {
+                    return Ok(found);
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => return Err(NoLine::Timeout),
+            Err(RecvTimeoutError::Disconnected) => return Err(NoLine::Ended),
+        }
     }
 }
 

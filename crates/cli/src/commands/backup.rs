@@ -104,15 +104,8 @@ impl NowArgs {
         if location.is_empty() {
             bail!("{:?} has no published location: is it running?", self.name);
         }
-        let url = format!("{}/br2k/backup", location.trim_end_matches('/'));
         let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
-        let answer = http.post(&url).send().await.with_context(|| format!("asking {url}"))?;
-        let status = answer.status();
-        let body: serde_json::Value = answer.json().await.unwrap_or_default();
-        if status.as_u16() != 202 {
-            bail!("{url} answered {status}: {}", body["error"].as_str().unwrap_or("(no reason given)"));
-        }
-        let ssi = body["ssi"].as_u64().unwrap_or(0);
+        let ssi = request_backup(&http, &location).await?;
         out.progress(format_args!("the leader backs up its state at index {ssi} ..."));
         let deadline = Instant::now() + Duration::from_secs(self.timeout);
         let recorded = wait_recorded(&registry, &self.name, ssi, deadline).await?;
@@ -121,6 +114,19 @@ impl NowArgs {
             &json!({ "service": self.name, "index": recorded.index, "artifact": recorded.artifact }),
         )
     }
+}
+
+/// Asks the leader at `location` for a backup now (`POST /br2k/backup`); the SSI it backs
+/// up its state at. `br2k backup now` and the dashboard's action both ask this way.
+pub(crate) async fn request_backup(http: &reqwest::Client, location: &str) -> Result<u64> {
+    let url = format!("{}/br2k/backup", location.trim_end_matches('/'));
+    let answer = http.post(&url).send().await.with_context(|| format!("asking {url}"))?;
+    let status = answer.status();
+    let body: serde_json::Value = answer.json().await.unwrap_or_default();
+    if status.as_u16() != 202 {
+        bail!("{url} answered {status}: {}", body["error"].as_str().unwrap_or("(no reason given)"));
+    }
+    Ok(body["ssi"].as_u64().unwrap_or(0))
 }
 
 async fn wait_recorded(

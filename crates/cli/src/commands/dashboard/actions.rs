@@ -122,22 +122,12 @@ impl Actions {
             }
             Err(e) => return self.failed(&e.to_string()),
         };
-        let url = format!("{}/br2k/backup", location.trim_end_matches('/'));
-        let response = match self.http.post(&url).send().await {
-            Ok(response) => response,
-            Err(e) => return answer(StatusCode::BAD_GATEWAY, &json!({ "error": format!("asking {url}: {e}") })),
-        };
-        let status = response.status();
-        let body: Value = response.json().await.unwrap_or_default();
-        if status.as_u16() == 202 {
-            let ssi = body["ssi"].as_u64().unwrap_or(0);
-            answer(
+        match crate::commands::backup::request_backup(&self.http, &location).await {
+            Ok(ssi) => answer(
                 StatusCode::ACCEPTED,
                 &json!({ "message": format!("the leader backs up its state at index {ssi}; the timeline shows it once recorded on chain") }),
-            )
-        } else {
-            let why = body["error"].as_str().unwrap_or("(no reason given)");
-            answer(StatusCode::BAD_GATEWAY, &json!({ "error": format!("{url} answered {status}: {why}") }))
+            ),
+            Err(e) => answer(StatusCode::BAD_GATEWAY, &json!({ "error": crate::commands::describe(&e) })),
         }
     }
 }
