@@ -18,8 +18,14 @@ use crate::data::{LogEntry, StoredReply};
 /// - a Replication handler's effect and [`AppState::applied_index`] change together (the
 ///   index is stored with the effect), so a restarted replica resumes from what it really
 ///   has;
-/// - a handler that returns `Err` (Fail) leaves the state unchanged;
-/// - handlers are deterministic: the same request on the same state gives the same outcome;
+/// - a handler that refuses ([`Failure::Refused`], the paper's Fail) or faults
+///   ([`Failure::Fault`]) leaves the state unchanged;
+/// - handlers are deterministic: the same request on the same state gives the same
+///   outcome, answer included (each replica checks its answer against the one the leader
+///   recorded, and stops if they differ: see [`crate::Status::divergence`]);
+/// - a local fault (an I/O error, a full disk) is reported as an error, never turned
+///   into an answer: [`Failure::Fault`] from handlers, `Err` from apply hooks, rollbacks,
+///   [`AppState::persist`] and snapshots;
 /// - a snapshot is point-in-time and deterministic: taken at the same applied index, two
 ///   replicas' snapshots hold the same bytes;
 /// - [`AppState::restore`] discards all previous state.
@@ -199,15 +205,67 @@ impl Reply {
     }
 }
 
-/// A handler's result: `Ok` is the paper's Success, `Err` its Fail (state unchanged).
-pub type Outcome = Result<Reply, Reply>;
+/// A handler's result: `Ok` is the paper's Success; `Err` is either a refusal (the
+/// paper's Fail, recorded like a Success) or a local fault (never recorded); see
+/// [`Failure`].
+pub type Outcome = Result<Reply, Failure>;
+
+/// What a handler gives instead of a Success. `?` picks the right one: a [`Reply`] (from
+/// [`Request::json`], an admission check, `Reply::error`) is a refusal, an
+/// [`std::io::Error`] (a write, an fsync, a rename) is a fault.
+#[derive(Debug)]
+pub enum Failure {
+    /// A refusal every replica would give the same request on the same state (a malformed
+    /// body, an account that does not cover a payout): the paper's Fail. It is the
+    /// request's answer: recorded, replayed for retries, and the state must be unchanged.
+    Refused(Reply),
+    /// This replica could not do its part (an I/O error, a full disk, a failed fsync).
+    /// It is never the request's answer and never recorded: a follower stops at the entry
+    /// and retries it until it passes (unhealthy meanwhile), a leader ends its term and
+    /// another replica executes the request. The handler must leave the state as it was
+    /// before the request (a failed append cut back, no torn line), so the retry starts
+    /// clean; the runtime runs the route's rollback, when it has one, before retrying.
+    Fault(std::io::Error),
+}
+
+impl Failure {
+    /// A refusal with a `{"error": message}` JSON body.
+    pub fn refused(status: u16, message: &str) -> Self {
+        Self::Refused(Reply::error(status, message))
+    }
+}
+
+impl From<Reply> for Failure {
+    fn from(reply: Reply) -> Self {
+        Self::Refused(reply)
+    }
+}
+
+impl From<std::io::Error> for Failure {
+    fn from(error: std::io::Error) -> Self {
+        Self::Fault(error)
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Refused(reply) => write!(f, "refused with {}", reply.status),
+            Self::Fault(error) => write!(f, "local fault: {error}"),
+        }
+    }
+}
+
+/// An outcome as it is recorded in etcd: Success or Fail, each with its answer (a fault
+/// has no place here).
+pub(crate) type Recorded = Result<Reply, Reply>;
 
 /// A boxed future, as handlers are stored.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 pub(crate) type Handler<S> = Arc<dyn Fn(Arc<S>, Request) -> BoxFuture<Outcome> + Send + Sync>;
-pub(crate) type Rollback<S> = Arc<dyn Fn(Arc<S>, Request) -> BoxFuture<()> + Send + Sync>;
-pub(crate) type Apply<S> = Arc<dyn Fn(Arc<S>, Request, Reply) -> BoxFuture<()> + Send + Sync>;
+pub(crate) type Rollback<S> = Arc<dyn Fn(Arc<S>, Request) -> BoxFuture<std::io::Result<()>> + Send + Sync>;
+pub(crate) type Apply<S> = Arc<dyn Fn(Arc<S>, Request, Reply) -> BoxFuture<std::io::Result<()>> + Send + Sync>;
 pub(crate) type Reconcile<S> = Arc<dyn Fn(Arc<S>, Request) -> BoxFuture<Option<Outcome>> + Send + Sync>;
 
 /// The steps of Process Request at which the runtime records where it is (the paper's

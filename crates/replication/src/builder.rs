@@ -137,14 +137,16 @@ impl<S: AppState> Builder<S> {
     /// payment mined, the client's transaction verified), every replica calls `apply`
     /// with the request and the recorded answer, in log order like a Replication handler
     /// (so, like one, it must be deterministic, and must advance
-    /// [`AppState::applied_index`] with its effect). A request left in doubt holds back
+    /// [`AppState::applied_index`] with its effect). It cannot refuse (the leader decided);
+    /// an `Err` is a local fault: the replica stops at the request and applies it again
+    /// once it can, as with a handler's [`crate::Failure::Fault`]. A request left in doubt holds back
     /// the requests after it until the outbox settles it: the replicas never apply a
     /// payment's effect out of order.
     #[must_use]
     pub fn apply<F, Fut>(mut self, method: &str, path: &str, apply: F) -> Self
     where
         F: Fn(Arc<S>, Request, Reply) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = ()> + Send + 'static,
+        Fut: Future<Output = std::io::Result<()>> + Send + 'static,
     {
         let apply: Apply<S> = Arc::new(move |state, request, reply| Box::pin(apply(state, request, reply)));
         match self.routes.get_mut(&(method.to_ascii_uppercase(), path.to_owned())) {
@@ -181,12 +183,13 @@ impl<S: AppState> Builder<S> {
 
     /// Gives a declared Replication or Normal route a rollback: it undoes whatever part
     /// of the request's effect an interrupted execution left (the paper's Check for
-    /// pending process), and must be harmless when there is nothing to undo.
+    /// pending process, and a handler that faulted), and must be harmless when there is
+    /// nothing to undo. An `Err` is a local fault: the replica retries before going on.
     #[must_use]
     pub fn rollback<F, Fut>(mut self, method: &str, path: &str, rollback: F) -> Self
     where
         F: Fn(Arc<S>, Request) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = ()> + Send + 'static,
+        Fut: Future<Output = std::io::Result<()>> + Send + 'static,
     {
         let rollback: Rollback<S> = Arc::new(move |state, request| Box::pin(rollback(state, request)));
         match self.routes.get_mut(&(method.to_ascii_uppercase(), path.to_owned())) {

@@ -60,7 +60,7 @@ async fn compact_once<S: AppState>(runtime: &Runtime<S>, term: &Term) -> Result<
     }
     let mut held_by = None;
     for (replica, record) in store.members().await? {
-        if replica == runtime.config.replica || record.catching_up {
+        if replica == runtime.config.replica || record.catching_up || record.diverged.is_some() {
             continue;
         }
         // An unreadable LPI holds compaction back (as 0) rather than stopping it: the

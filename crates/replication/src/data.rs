@@ -358,6 +358,40 @@ pub struct MemberRecord {
     /// holds back compaction).
     #[serde(default)]
     pub catching_up: bool,
+    /// The log index at which it diverged from the service, if it did: it has stopped,
+    /// its snapshots are not the service's state (never fetched), and it does not hold
+    /// back compaction (it must be rebuilt from a snapshot anyway).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diverged: Option<u64>,
+}
+
+/// A log entry a replica cannot get past because of a local fault.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoppedAt {
+    /// The entry's index (the replica's LPI stays below it).
+    pub index: u64,
+    /// What went wrong, as the error says it.
+    pub reason: String,
+    /// When the replica first stopped there (seconds since the Unix epoch).
+    pub since: u64,
+    /// How many times it has tried the entry again.
+    pub retries: u64,
+}
+
+/// A replica's answer to a Replication entry that differs from the recorded one: the
+/// online form of the testbed's "answers that disagree" check.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Divergence {
+    /// The entry's index.
+    pub index: u64,
+    /// Its route, `METHOD /path`.
+    pub route: String,
+    /// The answer the leader recorded: status and the body's SHA-256.
+    pub recorded: String,
+    /// This replica's answer, the same way.
+    pub here: String,
+    /// When it was found (seconds since the Unix epoch).
+    pub at: u64,
 }
 
 /// Decodes a JSON record, naming the key when it is malformed.

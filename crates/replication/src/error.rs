@@ -133,6 +133,43 @@ pub enum Error {
         /// What happened: `panicked: <message>` or `did not finish within <timeout>`.
         fault: String,
     },
+    /// The app's code for a logged request reported a local fault (an I/O error, a full
+    /// disk): this replica could not do its part, which is never the request's answer. A
+    /// leader's term ends (another replica executes the request); a follower or a Register
+    /// stops at that entry, its LPI kept at what it applied, and retries it with backoff
+    /// until it passes, unhealthy meanwhile.
+    #[error("{replica}: {} in the {hook} of log entry {index} ({method} {path}): {source}", fault_kind(.source))]
+    LocalFault {
+        /// This replica's id.
+        replica: String,
+        /// Which piece of app code: "handler", "apply hook", "rollback" or "reconcile hook".
+        hook: &'static str,
+        /// The entry's index.
+        index: u64,
+        /// Its method.
+        method: String,
+        /// Its path.
+        path: String,
+        /// What the app reported.
+        #[source]
+        source: std::io::Error,
+    },
+    /// This replica's answer to a Replication entry differs from the answer the leader
+    /// recorded: a handler that is not deterministic, or a state that was already
+    /// different. The replica stops for good (its state is not the service's) and never
+    /// leads; rebuild it from its peers.
+    #[error(
+        "{replica}: diverged at log entry {} ({}): the leader recorded {}, this replica answered {}; its state is \
+         no longer the service's, so it stopped. Rebuild it: stop it, empty its data directory and start it again \
+         (it catches up from a peer's snapshot)",
+        divergence.index, divergence.route, divergence.recorded, divergence.here
+    )]
+    Diverged {
+        /// This replica's id.
+        replica: String,
+        /// Where and how.
+        divergence: Box<crate::data::Divergence>,
+    },
     /// A task of the leader's term panicked (a bug in br2k or the app); the term ends.
     #[error("a task of the leader's term panicked: {0}")]
     Panicked(String),
@@ -140,8 +177,9 @@ pub enum Error {
     /// leader tries again.
     #[error("backup: {0}")]
     Backup(String),
-    /// The app state could not make its applied requests durable.
-    #[error("the app state could not persist its changes: {0}")]
+    /// The app state could not make its applied requests durable (a local fault: a
+    /// leader's term ends; a follower does not report its LPI and tries again).
+    #[error("{kind}: the app state could not persist its changes: {0}", kind = fault_kind(.0))]
     Persist(#[source] std::io::Error),
     /// The HTTP listener could not be bound.
     #[error("could not listen on {addr}: {source}")]
@@ -164,15 +202,26 @@ impl Error {
         matches!(self, Self::Etcd { reason, .. } if reason.contains("message length too large"))
     }
 
-    /// Whether the app's own code failed (a panic or a timeout in a handler), rather than
-    /// etcd or the data: the replica then hands leadership to another.
-    pub fn is_handler_fault(&self) -> bool {
-        matches!(self, Self::Handler { .. })
+    /// Whether this replica's app failed here (its code panicked or hung, or its storage
+    /// failed: a full disk, an I/O error), rather than etcd or the data: another replica
+    /// can do what this one could not, so it hands leadership on and holds off leading.
+    pub fn is_local_fault(&self) -> bool {
+        matches!(self, Self::Handler { .. } | Self::LocalFault { .. } | Self::Persist(_) | Self::RecordFile { .. })
     }
 
     /// Whether this error means the local etcd member could not be asked at all (as
     /// opposed to a refused write or bad data).
     pub fn is_etcd_unavailable(&self) -> bool {
         matches!(self, Self::EtcdTimeout { .. } | Self::Etcd { .. })
+    }
+}
+
+/// What kind of local fault an I/O error is, in the words an operator looks for.
+pub(crate) fn fault_kind(error: &std::io::Error) -> &'static str {
+    match error.kind() {
+        std::io::ErrorKind::StorageFull => "disk full",
+        std::io::ErrorKind::QuotaExceeded => "disk quota exceeded",
+        std::io::ErrorKind::ReadOnlyFilesystem => "read-only file system",
+        _ => "I/O error",
     }
 }

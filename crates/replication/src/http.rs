@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
 
-use crate::app::{AppState, Reply, Request};
+use crate::app::{AppState, Failure, Reply, Request};
 use crate::data::{LogEntry, RequestKind};
 use crate::guard::{Fault, guarded};
 use crate::leader::Submit;
@@ -218,7 +218,14 @@ async fn read<S: AppState>(
     };
     let (method, path) = (request.method.clone(), request.path.clone());
     match guarded(handler(runtime.state.clone(), request), runtime.config.limits.handler_timeout).await {
-        Ok(Ok(answer) | Err(answer)) => reply(answer),
+        Ok(Ok(answer) | Err(Failure::Refused(answer))) => reply(answer),
+        Ok(Err(Failure::Fault(fault))) => {
+            warn!(%method, %path, %fault, "a read handler met a local fault");
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("the read could not be served here ({}: {fault}); retry", crate::error::fault_kind(&fault)),
+            )
+        }
         Err(fault) => {
             warn!(%method, %path, %fault, "a read handler failed");
             let status = match fault {
@@ -246,6 +253,15 @@ async fn snapshot<S: AppState>(runtime: &Runtime<S>, parts: &axum::http::request
     };
     if !same_secret(offered.as_bytes(), token.as_bytes()) {
         return error(StatusCode::FORBIDDEN, "wrong peer token");
+    }
+    if let Some(divergence) = &runtime.status.borrow().divergence {
+        return error(
+            StatusCode::CONFLICT,
+            &format!(
+                "this replica diverged at log entry {}: its snapshots are not the service's state",
+                divergence.index
+            ),
+        );
     }
     let index = parts.uri.query().and_then(|q| q.strip_prefix("index=")).and_then(|i| i.parse::<u64>().ok());
     let Some(index) = index else {
@@ -299,7 +315,10 @@ fn metrics<S: AppState>(runtime: &Runtime<S>) -> Response {
 
 fn health<S: AppState>(runtime: &Runtime<S>) -> Response {
     let status = runtime.status.borrow().clone();
-    let problem = if !status.etcd_reachable {
+    // A divergence outranks everything: nothing else this replica says can be trusted.
+    let problem = if status.divergence.is_some() {
+        status.last_error.clone()
+    } else if !status.etcd_reachable {
         Some("local etcd member not answering".into())
     } else if let Some(alarm) = status.etcd_alarms.first() {
         Some(crate::runtime::alarm_advice(alarm, &runtime.config.etcd_endpoint))

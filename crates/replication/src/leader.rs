@@ -28,7 +28,7 @@ use futures::FutureExt;
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::app::{AppState, Outcome, Reply, Request, Step};
+use crate::app::{AppState, Outcome, Recorded, Reply, Request, Step};
 use crate::data::{self, EntryState, IdempotencyRecord, Keys, LogEntry, ProcessState, RequestKind};
 use crate::error::{Error, Result};
 use crate::guard::{guarded, panic_message};
@@ -312,7 +312,7 @@ pub(crate) fn outcome_ops(
     index: u64,
     kind: RequestKind,
     epoch: u64,
-    outcome: &Outcome,
+    outcome: &Recorded,
     entry: &LogEntry,
     lease: Option<i64>,
 ) -> Vec<Op> {
@@ -661,7 +661,7 @@ async fn process_groups<S: AppState>(
 
 /// The part of a group not yet recorded, as Process Request goes through it.
 struct Segment {
-    outcomes: Vec<Option<Outcome>>,
+    outcomes: Vec<Option<Recorded>>,
     outboxes: Vec<Option<crate::outbox::Outbox>>,
     /// Transaction sends and External_TXN checks running side by side.
     beside: tokio::task::JoinSet<(usize, Result<Outcome>)>,
@@ -690,7 +690,11 @@ impl Segment {
     ) -> Result<()> {
         while let Some(joined) = self.beside.join_next().await {
             let (position, answer) = joined.map_err(|e| Error::Panicked(e.to_string()))?;
-            self.outcomes[position] = Some(runtime.storable(answer?));
+            // A fault here (the term ends) leaves the request unrecorded, for the next
+            // leader to settle.
+            let item = &items[position];
+            let recorded = runtime.recordable(answer?, "handler", item.index, &item.entry.method, &item.entry.path)?;
+            self.outcomes[position] = Some(recorded);
         }
         self.effects_pending = false;
         let from = std::mem::replace(&mut self.recorded, to);
@@ -845,7 +849,7 @@ async fn process<S: AppState>(
     segment.record(runtime, term, &items, items.len(), lease, Some(carrier)).await?;
     runtime.record.clear()?;
     let (last, in_doubt) = (items.last().map_or(0, |i| i.index), segment.in_doubt);
-    let outcomes: Vec<Outcome> = segment.outcomes.into_iter().map(|o| o.expect("every request ran")).collect();
+    let outcomes: Vec<Recorded> = segment.outcomes.into_iter().map(|o| o.expect("every request ran")).collect();
     runtime.set_status(|s| s.in_doubt.extend(&in_doubt));
     if !in_doubt.is_empty() {
         runtime.settle_now.notify_one();

@@ -8,6 +8,7 @@ mod config;
 mod data;
 mod error;
 pub mod etcd_flags;
+mod faults;
 mod feed;
 mod guard;
 mod http;
@@ -24,12 +25,12 @@ mod state_transfer;
 mod stats;
 mod store;
 
-pub use app::{AppState, BoxFuture, FilePrefix, Outcome, Reply, Request, SnapshotBuilder, Step, bearer_token};
+pub use app::{AppState, BoxFuture, Failure, FilePrefix, Outcome, Reply, Request, SnapshotBuilder, Step, bearer_token};
 pub use builder::Builder;
 pub use config::{Config, Limits, Publisher, SnapshotPolicy, Timings};
 pub use data::{
-    CompactedLog, EntryState, IdempotencyRecord, LeaderRecord, LogEntry, MemberRecord, ProcessState, RequestKind,
-    SnapshotMeta, StoredReply,
+    CompactedLog, Divergence, EntryState, IdempotencyRecord, LeaderRecord, LogEntry, MemberRecord, ProcessState,
+    RequestKind, SnapshotMeta, StoppedAt, StoredReply,
 };
 pub use error::{Error, Result};
 pub use http::{IDEMPOTENCY_KEY_HEADER, INDEX_HEADER, LEADER_HEADER, REPLAYED_HEADER};

@@ -105,6 +105,8 @@ struct Gauges {
     backup_index: Gauge,
     backup_lag: Gauge,
     backup_age: FloatGauge,
+    stopped_at: Gauge,
+    diverged_at: Gauge,
 }
 
 /// One replica's metrics.
@@ -115,6 +117,7 @@ pub(crate) struct Metrics {
     group_size: Histogram,
     leader_changes: Counter,
     terms_led: Counter,
+    local_faults: Counter,
     gauges: Gauges,
     /// Encoding reads every metric: one scrape at a time.
     rendering: Mutex<()>,
@@ -129,7 +132,7 @@ impl Metrics {
             Histogram::new(exponential_buckets(0.000_5, 2.0, 16))
         });
         let group_size = Histogram::new(exponential_buckets(1.0, 2.0, 8));
-        let (leader_changes, terms_led) = (Counter::default(), Counter::default());
+        let (leader_changes, terms_led, local_faults) = (Counter::default(), Counter::default(), Counter::default());
         let gauges = Gauges::default();
         let registry = &mut root;
         // prometheus-client ends each help text with a period itself.
@@ -155,6 +158,22 @@ impl Metrics {
             leader_changes.clone(),
         );
         registry.register("leadership_terms", "Times this replica became the leader", terms_led.clone());
+        registry.register(
+            "local_faults",
+            "Local faults (a full disk, an I/O error, app code that panicked) that stopped this replica at a log \
+             entry or ended its term",
+            local_faults.clone(),
+        );
+        registry.register(
+            "stopped_at_index",
+            "The log entry a local fault stops this replica at, while it lasts (0: none)",
+            gauges.stopped_at.clone(),
+        );
+        registry.register(
+            "diverged_at_index",
+            "The log entry at which this replica's answer differed from the recorded one (0: none); it has stopped",
+            gauges.diverged_at.clone(),
+        );
         registry.register(
             "role",
             "1 for this replica's role (follower, register, leader), 0 for the others",
@@ -212,6 +231,7 @@ impl Metrics {
             group_size,
             leader_changes,
             terms_led,
+            local_faults,
             gauges,
             rendering: Mutex::new(()),
         }
@@ -227,6 +247,11 @@ impl Metrics {
     /// The leader processed a group of `requests`.
     pub(crate) fn group(&self, requests: usize) {
         self.group_size.observe(requests as f64);
+    }
+
+    /// A local fault stopped this replica at an entry or ended its term.
+    pub(crate) fn count_local_fault(&self) {
+        self.local_faults.inc();
     }
 
     /// Counts what a status change shows: another replica leading than `leader` before,
@@ -267,6 +292,8 @@ impl Metrics {
         set(&g.backup_index, backup.index);
         set(&g.backup_lag, if backup.index == 0 { 0 } else { status.ssi.saturating_sub(backup.index) });
         g.backup_age.set(if backup.at == 0 { 0.0 } else { now_secs.saturating_sub(backup.at) as f64 });
+        set(&g.stopped_at, status.fault.as_ref().map_or(0, |f| f.index));
+        set(&g.diverged_at, status.divergence.as_ref().map_or(0, |d| d.index));
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry);

@@ -15,10 +15,12 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tracing::{error, info, warn};
 
-use crate::app::{AppState, Outcome, Reply, Request, Rollback, Step, StepObserver};
+use crate::app::{AppState, Failure, Outcome, Recorded, Reply, Request, Rollback, Step, StepObserver};
 use crate::builder::{Route, Routes};
 use crate::config::Config;
-use crate::data::{self, EntryState, Keys, LeaderRecord, LogEntry, MemberRecord, ProcessState, RequestKind};
+use crate::data::{
+    self, Divergence, EntryState, Keys, LeaderRecord, LogEntry, MemberRecord, ProcessState, RequestKind, StoppedAt,
+};
 use crate::error::{Error, Result};
 use crate::guard::guarded;
 use crate::leader::{IdempotencyLease, LeaderTerm, Submit, outcome_ops};
@@ -102,6 +104,14 @@ pub struct Status {
     /// The latest backup, as this replica last saw or made it.
     #[serde(default)]
     pub backup: crate::backup::BackupStatus,
+    /// The local fault (a full disk, an I/O error) that stops this replica at a log entry,
+    /// while it lasts: it retries the entry with backoff and goes on once it passes.
+    #[serde(default)]
+    pub fault: Option<StoppedAt>,
+    /// Where this replica's answer differed from the one the leader recorded, if it did:
+    /// it has stopped for good and must be rebuilt (see [`Error::Diverged`]).
+    #[serde(default)]
+    pub divergence: Option<Divergence>,
 }
 
 const fn one() -> u64 {
@@ -149,8 +159,11 @@ impl<S: AppState> Replicated<S> {
             quota: None,
             etcd_alarms: Vec::new(),
             backup: crate::backup::BackupStatus::default(),
+            fault: None,
+            divergence: None,
         };
-        let member = MemberRecord { url: config.public_url.clone(), snapshot: None, catching_up: false };
+        let member =
+            MemberRecord { url: config.public_url.clone(), snapshot: None, catching_up: false, diverged: None };
         let stats = Arc::new(crate::stats::Stats::default());
         let metrics = crate::metrics::Metrics::new(&config.service, &config.replica, &stats);
         let runtime = Runtime {
@@ -218,6 +231,7 @@ impl<S: AppState> Replicated<S> {
         })?;
         // Fails early on an unreadable record file rather than after serving.
         runtime.record.read()?;
+        runtime.load_divergence()?;
         runtime.open_snapshots().await?;
         let store = Store::connect(
             &runtime.config.etcd_endpoint,
@@ -315,6 +329,8 @@ struct Node {
     /// then this replica hands etcd leadership on instead of registering, so that another
     /// replica takes over rather than this one failing at the same request again.
     hold_off: Option<Instant>,
+    /// The wait before the next attempt after a local fault (a full disk).
+    retry: crate::faults::Backoff,
 }
 
 /// How long a replica whose handler failed as leader leaves leadership to others.
@@ -397,6 +413,7 @@ impl<S: AppState> Runtime<S> {
             condition: None,
             leader: None,
             hold_off: None,
+            retry: crate::faults::Backoff::default(),
         };
         tokio::pin!(shutdown);
         loop {
@@ -413,7 +430,12 @@ impl<S: AppState> Runtime<S> {
                 failure = failure => {
                     let reason = failure.as_ref().map_or_else(|| "leader pipeline ended".to_owned(), ToString::to_string);
                     self.step_down(&mut node, &reason).await;
-                    if let Some(fault) = failure.filter(|e| e.is_handler_fault() || matches!(e, Error::Panicked(_))) {
+                    if let Some(fault) = failure.filter(|e| e.is_local_fault() || matches!(e, Error::Panicked(_))) {
+                        // The fault is never the request's answer: the request stays
+                        // unrecorded and the replica that takes over executes it.
+                        if fault.is_local_fault() {
+                            self.metrics.count_local_fault();
+                        }
                         self.note_error(&fault);
                         node.hold_off = Some(Instant::now() + HOLD_OFF);
                         self.hand_off().await;
@@ -456,14 +478,12 @@ impl<S: AppState> Runtime<S> {
             }
             return;
         }
-        if node.pending_check {
-            match self.check_pending().await {
-                Ok(()) => {
-                    node.pending_check = false;
-                    node.lpi = node.lpi.min(self.start_index());
-                }
-                Err(e) => return self.note_error(&e),
+        if self.diverged() {
+            // Stopped for good: its state is not the service's, so it never leads.
+            if condition {
+                self.hand_off().await;
             }
+            return;
         }
         let holding_off = node.hold_off.is_some_and(|until| Instant::now() < until);
         if !holding_off {
@@ -473,19 +493,48 @@ impl<S: AppState> Runtime<S> {
             self.hand_off().await;
             return;
         }
-        let result = if condition { self.register(node).await } else { self.follow(node).await };
-        match result {
-            Ok(()) => self.clear_error(),
-            Err(e) => {
-                if self.status.borrow().role == Role::Register {
-                    self.set_role(Role::Follower, None, "register failed");
+        if node.retry.waiting() {
+            return;
+        }
+        if node.pending_check {
+            match self.check_pending().await {
+                Ok(()) => {
+                    node.pending_check = false;
+                    node.lpi = node.lpi.min(self.start_index());
                 }
-                if e.is_handler_fault() {
-                    node.hold_off = Some(Instant::now() + HOLD_OFF);
-                }
-                self.note_error(&e);
+                Err(e) => return self.failed(node, &e),
             }
         }
+        let result = if condition { self.register(node).await } else { self.follow(node).await };
+        match result {
+            Ok(()) => {
+                node.retry.reset();
+                self.clear_fault();
+                self.clear_error();
+            }
+            Err(e) => self.failed(node, &e),
+        }
+    }
+
+    /// A wake-up that could not do its job. A local fault (a full disk, an I/O error, a
+    /// handler that panicked) stops this replica at the next entry: it does not lead for
+    /// a while, rolls back what the attempt left (Check for pending process) and tries
+    /// again with backoff.
+    fn failed(&self, node: &mut Node, error: &Error) {
+        if self.status.borrow().role == Role::Register {
+            self.set_role(Role::Follower, None, "register failed");
+        }
+        if error.is_local_fault() {
+            node.hold_off = Some(Instant::now() + HOLD_OFF);
+            node.pending_check = true;
+            node.retry.failed();
+            let index = match error {
+                Error::LocalFault { index, .. } | Error::Handler { index, .. } => *index,
+                _ => node.lpi + 1,
+            };
+            self.note_fault(index, error);
+        }
+        self.note_error(error);
     }
 
     /// The leader condition as the local member says it now (false when it does not
@@ -724,14 +773,10 @@ impl<S: AppState> Runtime<S> {
                 && entry.index > self.state.applied_index()
             {
                 let route = self.replication_route(&entry)?;
-                let outcome =
-                    self.execute(entry.index, route, Request::from_entry(entry.index, entry.request), false).await?;
-                if outcome.is_err() {
-                    // The leader's execution succeeded and this one did not: a handler
-                    // that is not deterministic. Say so loudly; the state differs.
-                    error!(replica = %self.config.replica, index = entry.index,
-                        "a Replication request the leader executed with Success failed here: replicas have diverged");
-                }
+                let request = Request::from_entry(entry.index, entry.request.clone());
+                // A local fault returns here: LPI stays below this entry.
+                let outcome = self.execute(entry.index, route, request, false).await?;
+                self.check_answer(entry.index, &entry.request, entry.state.response.as_ref(), &outcome)?;
             }
             node.lpi = entry.index;
         }
@@ -789,7 +834,7 @@ impl<S: AppState> Runtime<S> {
         route: &Route<S>,
         request: Request,
         observed: bool,
-    ) -> Result<Outcome> {
+    ) -> Result<Recorded> {
         self.record.write(index, Step::Executing, None)?;
         if observed {
             self.observe(Step::Executing, index).await;
@@ -798,7 +843,9 @@ impl<S: AppState> Runtime<S> {
         let outcome = guarded((route.handler)(self.state.clone(), request), self.config.limits.handler_timeout)
             .await
             .map_err(|fault| fault.at("handler", index, &method, &path))?;
-        let outcome = self.storable(outcome);
+        // A fault leaves the record file at Executing: Check for pending process rolls
+        // the attempt back before anything else runs.
+        let outcome = self.recordable(outcome, "handler", index, &method, &path)?;
         let reply = match &outcome {
             Ok(reply) | Err(reply) => reply.to_stored(),
         };
@@ -814,13 +861,53 @@ impl<S: AppState> Runtime<S> {
         let (method, path) = (entry.method.clone(), entry.path.clone());
         guarded(rollback(self.state.clone(), Request::from_entry(index, entry)), self.config.limits.handler_timeout)
             .await
-            .map_err(|fault| fault.at("rollback", index, &method, &path))
+            .map_err(|fault| fault.at("rollback", index, &method, &path))?
+            .map_err(|source| self.local_fault("rollback", index, &method, &path, source))
+    }
+
+    /// A handler's outcome as it is recorded (Success or Fail, the answer within the
+    /// reply limit).
+    ///
+    /// # Errors
+    /// [`Error::LocalFault`] for a [`Failure::Fault`]: never recorded.
+    pub(crate) fn recordable(
+        &self,
+        outcome: Outcome,
+        hook: &'static str,
+        index: u64,
+        method: &str,
+        path: &str,
+    ) -> Result<Recorded> {
+        match outcome {
+            Ok(reply) => Ok(self.storable(Ok(reply))),
+            Err(Failure::Refused(reply)) => Ok(self.storable(Err(reply))),
+            Err(Failure::Fault(source)) => Err(self.local_fault(hook, index, method, path, source)),
+        }
+    }
+
+    /// The error for a local fault this replica's app reported in `hook`.
+    pub(crate) fn local_fault(
+        &self,
+        hook: &'static str,
+        index: u64,
+        method: &str,
+        path: &str,
+        source: std::io::Error,
+    ) -> Error {
+        Error::LocalFault {
+            replica: self.config.replica.clone(),
+            hook,
+            index,
+            method: method.to_owned(),
+            path: path.to_owned(),
+            source,
+        }
     }
 
     /// An outcome as it can be stored for retries: an answer over the reply limit keeps
     /// its status and says it was too large (etcd refuses requests over 1.5 MiB, and each
     /// answer is written twice: with the entry's state and with its idempotency record).
-    pub(crate) fn storable(&self, outcome: Outcome) -> Outcome {
+    pub(crate) fn storable(&self, outcome: Recorded) -> Recorded {
         let max = self.config.limits.max_reply;
         let shrink = |reply: Reply| {
             if reply.body.len() <= max {
@@ -976,7 +1063,12 @@ impl<S: AppState> Runtime<S> {
                         let outcome = if index > self.state.applied_index() {
                             let route = self.replication_route(&entry)?;
                             let request = Request::from_entry(index, entry.request.clone());
-                            Some(self.execute(index, route, request, false).await?)
+                            let outcome = self.execute(index, route, request, false).await?;
+                            if !in_process {
+                                let recorded = entry.state.response.as_ref();
+                                self.check_answer(index, &entry.request, recorded, &outcome)?;
+                            }
+                            Some(outcome)
                         } else if in_process {
                             // This replica executed it as leader and lost leadership
                             // before recording the outcome: the answer is in the record file.
@@ -1150,8 +1242,13 @@ impl<S: AppState> Runtime<S> {
                 Some(route) if route.reconcile.is_some() => {
                     let reconcile = route.reconcile.clone().expect("checked");
                     let asked = reconcile(self.state.clone(), Request::from_entry(index, entry.request.clone()));
+                    let (method, path) = (&entry.request.method, &entry.request.path);
                     match guarded(asked, self.config.limits.handler_timeout).await {
-                        Ok(answer) => answer.map(|outcome| self.storable(outcome)),
+                        Ok(answer) => answer.and_then(|outcome| {
+                            self.recordable(outcome, "reconcile hook", index, method, path)
+                                .inspect_err(|error| warn!(%error, "the request stays in doubt"))
+                                .ok()
+                        }),
                         Err(fault) => {
                             let error = fault.at("reconcile hook", index, &entry.request.method, &entry.request.path);
                             warn!(%error, "the request stays in doubt");
@@ -1182,7 +1279,7 @@ impl<S: AppState> Runtime<S> {
 
     /// Runs an in-doubt only-once request again with its outbox: its outcome, or `None`
     /// while a transaction is still unsettled (or the handler failed).
-    async fn run_again(&self, route: &Route<S>, term: &Term, index: u64, entry: &LogEntry) -> Result<Option<Outcome>> {
+    async fn run_again(&self, route: &Route<S>, term: &Term, index: u64, entry: &LogEntry) -> Result<Option<Recorded>> {
         let mut request = Request::from_entry(index, entry.clone());
         let Some(outbox) = self.outbox_for(RequestKind::Normal, term, index) else { return Ok(None) };
         request.outbox = Some(outbox.clone());
@@ -1192,7 +1289,13 @@ impl<S: AppState> Runtime<S> {
         }
         Ok(match ran {
             Ok(_) if outbox.unsettled() => None,
-            Ok(outcome) => Some(self.storable(outcome)),
+            Ok(outcome) => match self.recordable(outcome, "handler", index, &entry.method, &entry.path) {
+                Ok(recorded) => Some(recorded),
+                Err(error) => {
+                    warn!(%error, "the request stays in doubt");
+                    None
+                }
+            },
             Err(fault) => {
                 warn!(error = %fault.at("handler", index, &entry.method, &entry.path), "the request stays in doubt");
                 None
@@ -1209,7 +1312,7 @@ impl<S: AppState> Runtime<S> {
         term: &Term,
         index: u64,
         entry: &LogEntry,
-    ) -> Result<Outcome> {
+    ) -> Result<Recorded> {
         let mut attempts = 0u32;
         loop {
             if let Some(outcome) = self.run_again(route, term, index, entry).await? {
@@ -1263,7 +1366,8 @@ impl<S: AppState> Runtime<S> {
         let request = Request::from_entry(index, entry.clone());
         guarded(apply(self.state.clone(), request, reply), self.config.limits.handler_timeout)
             .await
-            .map_err(|fault| fault.at("apply hook", index, &entry.method, &entry.path))?;
+            .map_err(|fault| fault.at("apply hook", index, &entry.method, &entry.path))?
+            .map_err(|source| self.local_fault("apply hook", index, &entry.method, &entry.path, source))?;
         self.set_status(|s| s.in_doubt.retain(|&i| i != index));
         Ok(())
     }

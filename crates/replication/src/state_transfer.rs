@@ -168,7 +168,9 @@ impl<S: AppState> Runtime<S> {
             .members()
             .await?
             .into_iter()
-            .filter(|(replica, record)| *replica != self.config.replica && !record.catching_up)
+            .filter(|(replica, record)| {
+                *replica != self.config.replica && !record.catching_up && record.diverged.is_none()
+            })
             .filter_map(|(replica, record)| {
                 let meta = record.snapshot.clone().filter(|m| m.index >= needed)?;
                 Some((replica, record, meta))

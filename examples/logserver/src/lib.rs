@@ -81,6 +81,21 @@ struct Inner {
     offsets: Vec<u64>,
     len: u64,
     applied: u64,
+    /// A failed append may have left part of its line after `len`, and cutting it off
+    /// failed too: cut before the next write.
+    torn: bool,
+}
+
+impl Inner {
+    /// Cuts the file back to its last whole entry after a failed append, so that no
+    /// later line is written after half a line.
+    fn cut_torn_tail(&mut self) -> std::io::Result<()> {
+        if self.torn {
+            self.file.set_len(self.len)?;
+            self.torn = false;
+        }
+        Ok(())
+    }
 }
 
 impl LogState {
@@ -107,7 +122,8 @@ impl LogState {
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
         file.set_len(len)?;
         let applied = entries.last().map_or(0, |e| e.index);
-        Ok(Self { inner: Mutex::new(Inner { file, path, entries, offsets, len, applied }), outbox: outbox.to_owned() })
+        let inner = Inner { file, path, entries, offsets, len, applied, torn: false };
+        Ok(Self { inner: Mutex::new(inner), outbox: outbox.to_owned() })
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -124,12 +140,22 @@ impl LogState {
         self.lock().path.clone()
     }
 
+    /// Appends `entry`. On a full disk the write may take part of the line before it
+    /// fails: the file is cut back to the last whole entry, and the error returned (a
+    /// local fault: the runtime tries the entry again once there is room).
     fn append(&self, entry: Entry) -> std::io::Result<usize> {
         let mut inner = self.lock();
+        inner.cut_torn_tail()?;
         let index = entry.index;
         let mut line = serde_json::to_vec(&entry).expect("entries serialize");
         line.push(b'\n');
-        inner.file.write_all(&line)?;
+        if let Err(e) = inner.file.write_all(&line) {
+            inner.torn = true;
+            if let Err(cut) = inner.cut_torn_tail() {
+                tracing::error!(error = %cut, "could not cut a failed append back; the next append tries again");
+            }
+            return Err(e);
+        }
         let offset = inner.len;
         inner.offsets.push(offset);
         inner.len += line.len() as u64;
@@ -215,7 +241,7 @@ fn restore_log(snapshot: &Path, log: &Path) -> std::io::Result<Inner> {
     }
     let file = OpenOptions::new().append(true).open(log)?;
     let applied = entries.last().map_or(0, |e| e.index);
-    Ok(Inner { file, path: log.to_owned(), entries, offsets, len, applied })
+    Ok(Inner { file, path: log.to_owned(), entries, offsets, len, applied, torn: false })
 }
 
 #[derive(Deserialize)]
@@ -268,16 +294,13 @@ fn check_tx(request: &Request) -> Result<ExternalTx, Reply> {
 
 async fn append(state: Arc<LogState>, request: Request) -> Outcome {
     let body = check_append(&request)?;
-    let position = state
-        .append(Entry { index: request.index, user: body.user, seq: body.seq })
-        .map_err(|e| Reply::error(500, &format!("could not append to the log: {e}")))?;
+    // An I/O error (a full disk) is this replica's fault, never the request's answer.
+    let position = state.append(Entry { index: request.index, user: body.user, seq: body.seq })?;
     Ok(Reply::json(200, &serde_json::json!({ "index": request.index, "position": position })))
 }
 
-async fn undo_append(state: Arc<LogState>, request: Request) {
-    if let Err(e) = state.truncate_from(request.index) {
-        tracing::error!(index = request.index, error = %e, "rollback of an append failed");
-    }
+async fn undo_append(state: Arc<LogState>, request: Request) -> std::io::Result<()> {
+    state.truncate_from(request.index)
 }
 
 async fn list(state: Arc<LogState>, _request: Request) -> Outcome {
@@ -285,15 +308,17 @@ async fn list(state: Arc<LogState>, _request: Request) -> Outcome {
 }
 
 /// Sends the notification: writes it into the outbox under its index (atomically, so a
-/// reconcile sees either nothing or the whole notification).
+/// reconcile sees either nothing or the whole notification). A failed write is a fault,
+/// not an answer: the request stays in doubt and the reconcile hook sends it later.
 async fn notify(state: Arc<LogState>, request: Request) -> Outcome {
     let body = check_notify(&request)?;
     let path = state.notification(request.index);
     let temp = path.with_extension("tmp");
     let text = serde_json::json!({ "index": request.index, "user": body.user, "message": body.message }).to_string();
-    std::fs::write(&temp, text)
-        .and_then(|()| std::fs::rename(&temp, &path))
-        .map_err(|e| Reply::error(502, &format!("could not send the notification: {e}")))?;
+    if let Err(e) = std::fs::write(&temp, text).and_then(|()| std::fs::rename(&temp, &path)) {
+        let _ = std::fs::remove_file(&temp);
+        return Err(e.into());
+    }
     Ok(Reply::json(200, &serde_json::json!({ "index": request.index, "sent": true })))
 }
 
@@ -366,6 +391,39 @@ mod tests {
         assert_eq!(log.entries(), expected);
         assert_eq!(log.applied_index(), 5);
         assert_eq!(read_log(dir.path()).unwrap(), expected, "the read-only reader sees the same");
+    }
+
+    #[test]
+    fn an_append_a_full_disk_cuts_off_is_cut_back_to_the_last_whole_entry() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("disk");
+        let disk = br2k_deploy::local::LimitedDisk::mount(&dir, 64 * 1024)
+            .expect("a small tmpfs mounts (the tests run as root, as CI does)");
+        let log = LogState::open(&dir, &root.path().join("outbox")).unwrap();
+        let entry = |index| Entry { index, user: index * 10, seq: Some(index) };
+        log.append(entry(1)).unwrap();
+        disk.fill().unwrap();
+        // What is left of the file's last page takes a few more; then one is cut off.
+        let mut index = 2;
+        let refused = loop {
+            match log.append(entry(index)) {
+                Ok(_) => index += 1,
+                Err(e) => break e,
+            }
+            assert!(index < 1000, "a full disk took {index} appends");
+        };
+        assert_eq!(refused.kind(), std::io::ErrorKind::StorageFull, "{refused}");
+        let text = std::fs::read_to_string(dir.join(LOG_FILE)).unwrap();
+        assert!(text.ends_with('\n'), "a torn line was left: {:?}", &text[text.len().saturating_sub(40)..]);
+        assert_eq!(read_log(&dir).unwrap(), log.entries(), "the file holds exactly what memory holds");
+        assert_eq!(log.applied_index(), index - 1);
+
+        // Room again: the same entry goes in, after the last whole one.
+        disk.free().unwrap();
+        log.append(entry(index)).unwrap();
+        drop(log);
+        let reopened = LogState::open(&dir, &root.path().join("outbox")).unwrap();
+        assert_eq!(reopened.entries(), (1..=index).map(entry).collect::<Vec<_>>());
     }
 
     fn snapshot_bytes(log: &LogState) -> Vec<u8> {

@@ -27,8 +27,8 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use alloy::primitives::{Address, B256, U256};
 use alloy::sol_types::{SolCall, SolEvent};
 use br2k_replication::{
-    AppState, Builder, Config, Expected, FilePrefix, Outcome, Replicated, Reply, Request, SnapshotBuilder, TxCall,
-    TxError,
+    AppState, Builder, Config, Expected, Failure, FilePrefix, Outcome, Replicated, Reply, Request, SnapshotBuilder,
+    TxCall, TxError,
 };
 use serde::{Deserialize, Serialize};
 
@@ -156,9 +156,22 @@ struct Inner {
     applied: u64,
     accounts: BTreeMap<Address, Account>,
     deposits: HashSet<B256>,
+    /// A failed write may have left part of its line after `len`, and cutting it off
+    /// failed too: cut before the next write.
+    torn: bool,
 }
 
 impl Inner {
+    /// Cuts the file back to its last whole line after a failed write, so that no later
+    /// line is written after half a line.
+    fn cut_torn_tail(&mut self) -> std::io::Result<()> {
+        if self.torn {
+            self.file.set_len(self.len)?;
+            self.torn = false;
+        }
+        Ok(())
+    }
+
     fn apply(&mut self, line: &Line) {
         match &line.effect {
             Effect::Grant { user, amount } => self.accounts.entry(*user).or_default().granted += *amount,
@@ -228,6 +241,7 @@ impl Ledger {
             applied: 0,
             accounts: BTreeMap::new(),
             deposits: HashSet::new(),
+            torn: false,
         };
         inner.rebuild(&parsed);
         inner.file.set_len(inner.len)?;
@@ -248,11 +262,21 @@ impl Ledger {
         self.settings
     }
 
+    /// Appends `line` and applies it. On a full disk the write may take part of the line
+    /// before it fails: the file is cut back to the last whole line, the view is left as
+    /// it was, and the error returned (a local fault: the runtime tries again).
     fn push(&self, line: &Line) -> std::io::Result<()> {
         let mut inner = self.lock();
+        inner.cut_torn_tail()?;
         let mut bytes = serde_json::to_vec(line).expect("lines serialize");
         bytes.push(b'\n');
-        inner.file.write_all(&bytes)?;
+        if let Err(e) = inner.file.write_all(&bytes) {
+            inner.torn = true;
+            if let Err(cut) = inner.cut_torn_tail() {
+                tracing::error!(error = %cut, "could not cut a failed ledger write back; the next write tries again");
+            }
+            return Err(e);
+        }
         let offset = inner.len;
         inner.lines.push((offset, line.index));
         inner.len += bytes.len() as u64;
@@ -328,6 +352,7 @@ impl AppState for Ledger {
         File::open(&fresh)?.sync_all()?;
         std::fs::rename(&fresh, &inner.path)?;
         inner.file = OpenOptions::new().append(true).open(&inner.path)?;
+        inner.torn = false;
         inner.rebuild(&parsed);
         Ok(())
     }
@@ -354,15 +379,14 @@ fn account_ask(request: &Request) -> Result<AccountAsk, Reply> {
 async fn grant(state: std::sync::Arc<Ledger>, request: Request) -> Outcome {
     let ask = account_ask(&request)?;
     let line = Line { index: request.index, effect: Effect::Grant { user: ask.user, amount: ask.amount } };
-    state.push(&line).map_err(|e| Reply::error(500, &format!("cannot write the ledger: {e}")))?;
+    // An I/O error (a full disk) is this replica's fault, never the request's answer.
+    state.push(&line)?;
     let balance = state.accounts().get(&ask.user).map(Account::balance).unwrap_or_default();
     Ok(Reply::json(200, &serde_json::json!({ "index": request.index, "user": ask.user, "balance": balance })))
 }
 
-async fn undo_grant(state: std::sync::Arc<Ledger>, request: Request) {
-    if let Err(e) = state.truncate_from(request.index) {
-        tracing::error!(index = request.index, error = %e, "cannot roll the ledger back");
-    }
+async fn undo_grant(state: std::sync::Arc<Ledger>, request: Request) -> std::io::Result<()> {
+    state.truncate_from(request.index)
 }
 
 /// What a payout's or a deposit's recorded answer says, from which every replica applies it.
@@ -396,29 +420,30 @@ async fn payout(state: std::sync::Arc<Ledger>, request: Request) -> Outcome {
         }
         Ok(receipt) => {
             state.release(request.index);
-            Err(Reply::error(502, &format!("the transfer {} reverted: the service may lack tokens", receipt.hash)))
+            Err(Failure::refused(502, &format!("the transfer {} reverted: the service may lack tokens", receipt.hash)))
         }
         Err(TxError::Refused(reason)) => {
             state.release(request.index);
-            Err(Reply::error(502, &format!("the chain refused the transfer: {reason}")))
+            Err(Failure::refused(502, &format!("the chain refused the transfer: {reason}")))
         }
         // In doubt: the runtime settles it and answers then; the reservation stays.
-        Err(e) => Err(Reply::error(503, &e.to_string())),
+        Err(e) => Err(Failure::refused(503, &e.to_string())),
     }
 }
 
-async fn apply_payout(state: std::sync::Arc<Ledger>, request: Request, reply: Reply) {
-    state.release(request.index);
+/// Every replica's effect of a recorded payout. A failed write is a fault: the replica
+/// applies it again once it can (it is released only then).
+async fn apply_payout(state: std::sync::Arc<Ledger>, request: Request, reply: Reply) -> std::io::Result<()> {
     let recorded: serde_json::Value = serde_json::from_slice(&reply.body).unwrap_or_default();
     match serde_json::from_value::<Moved>(recorded["payout"].clone()) {
         Ok(Moved { user, amount, hash }) => {
-            let line = Line { index: request.index, effect: Effect::Payout { user, amount, hash } };
-            if let Err(e) = state.push(&line) {
-                tracing::error!(index = request.index, error = %e, "cannot write the ledger");
-            }
+            state.push(&Line { index: request.index, effect: Effect::Payout { user, amount, hash } })?;
         }
+        // The same on every replica (it is the recorded answer): nothing to apply.
         Err(e) => tracing::error!(index = request.index, error = %e, "a recorded payout says no payout"),
     }
+    state.release(request.index);
+    Ok(())
 }
 
 #[derive(Debug, Deserialize)]
@@ -429,7 +454,7 @@ struct DepositAsk {
 async fn deposit(state: std::sync::Arc<Ledger>, request: Request) -> Outcome {
     let DepositAsk { hash } = request.json()?;
     if state.lock().deposits.contains(&hash) {
-        return Err(Reply::error(409, &format!("the deposit {hash} is already recorded")));
+        return Err(Failure::refused(409, &format!("the deposit {hash} is already recorded")));
     }
     let verifier = request.verifier().ok_or_else(|| Reply::error(500, "the service has no chain to verify on"))?;
     let settings = state.settings;
@@ -447,24 +472,28 @@ async fn deposit(state: std::sync::Arc<Ledger>, request: Request) -> Outcome {
         .map(|transfer| transfer.value)
         .sum();
     if amount.is_zero() {
-        return Err(Reply::error(422, &format!("transaction {hash} moves none of the sender's tokens to the service")));
+        return Err(Failure::refused(
+            422,
+            &format!("transaction {hash} moves none of the sender's tokens to the service"),
+        ));
     }
     Ok(Reply::json(201, &serde_json::json!({ "deposit": Moved { user: tx.from, amount, hash } })))
 }
 
-async fn apply_deposit(state: std::sync::Arc<Ledger>, request: Request, reply: Reply) {
+/// Every replica's effect of a recorded deposit. A failed write is a fault: the replica
+/// applies it again once it can.
+async fn apply_deposit(state: std::sync::Arc<Ledger>, request: Request, reply: Reply) -> std::io::Result<()> {
     let recorded: serde_json::Value = serde_json::from_slice(&reply.body).unwrap_or_default();
     let Ok(Moved { user, amount, hash }) = serde_json::from_value::<Moved>(recorded["deposit"].clone()) else {
+        // The same on every replica (it is the recorded answer): nothing to apply.
         tracing::error!(index = request.index, "a recorded deposit says no deposit");
-        return;
+        return Ok(());
     };
     // Two requests for one transaction verified side by side: the first credits it.
     if state.lock().deposits.contains(&hash) {
-        return;
+        return Ok(());
     }
-    if let Err(e) = state.push(&Line { index: request.index, effect: Effect::Deposit { user, amount, hash } }) {
-        tracing::error!(index = request.index, error = %e, "cannot write the ledger");
-    }
+    state.push(&Line { index: request.index, effect: Effect::Deposit { user, amount, hash } })
 }
 
 async fn accounts(state: std::sync::Arc<Ledger>, _request: Request) -> Outcome {
@@ -525,6 +554,40 @@ mod tests {
         std::fs::write(&path, text).unwrap();
         let ledger = Ledger::open(dir.path(), settings()).unwrap();
         assert_eq!((ledger.applied_index(), ledger.accounts()[&user].paid_out), (2, U256::from(30)));
+    }
+
+    #[test]
+    fn a_write_a_full_disk_cuts_off_is_cut_back_to_the_last_whole_line() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("disk");
+        let disk = br2k_deploy::local::LimitedDisk::mount(&dir, 64 * 1024)
+            .expect("a small tmpfs mounts (the tests run as root, as CI does)");
+        let ledger = Ledger::open(&dir, settings()).unwrap();
+        let user = Address::repeat_byte(9);
+        let grant = |index| Line { index, effect: Effect::Grant { user, amount: U256::from(index) } };
+        ledger.push(&grant(1)).unwrap();
+        disk.fill().unwrap();
+        let mut index = 2;
+        let refused = loop {
+            match ledger.push(&grant(index)) {
+                Ok(()) => index += 1,
+                Err(e) => break e,
+            }
+            assert!(index < 1000, "a full disk took {index} writes");
+        };
+        assert_eq!(refused.kind(), std::io::ErrorKind::StorageFull, "{refused}");
+        let text = std::fs::read_to_string(dir.join(LEDGER_FILE)).unwrap();
+        assert!(text.ends_with('\n'), "a torn line was left: {:?}", &text[text.len().saturating_sub(40)..]);
+        let granted: u64 = (1..index).sum();
+        assert_eq!(ledger.accounts()[&user].granted, U256::from(granted), "the view is what the file holds");
+        assert_eq!(read_ledger(&dir).unwrap().len() as u64, index - 1);
+
+        disk.free().unwrap();
+        ledger.push(&grant(index)).unwrap();
+        drop(ledger);
+        let reopened = Ledger::open(&dir, settings()).unwrap();
+        assert_eq!(reopened.applied_index(), index);
+        assert_eq!(reopened.accounts()[&user].granted, U256::from(granted + index));
     }
 
     #[test]

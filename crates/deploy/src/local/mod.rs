@@ -20,6 +20,7 @@
 
 mod backend;
 mod chain;
+mod disk;
 mod net;
 pub mod run_file;
 mod sandbox;
@@ -39,6 +40,7 @@ use tokio::process::{Child, Command};
 
 pub use backend::{LocalBackend, replica_views};
 pub use chain::LocalChain;
+pub use disk::LimitedDisk;
 pub use net::{LocalNetwork, MAX_NODES, NetworkMode};
 pub use sandbox::{ChainChoice, Sandbox, SandboxSpec, is_loopback_url};
 pub use tools::sibling_binary;

@@ -50,6 +50,33 @@ fn is_zombie(pid: u32) -> bool {
         .is_ok_and(|stat| stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
 }
 
+/// Mounts a tmpfs of `size` bytes at `dir`, readable by its owner only.
+pub(crate) fn mount_tmpfs(dir: &std::path::Path, size: u64) -> std::io::Result<()> {
+    let target = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?;
+    let options = std::ffi::CString::new(format!("size={size},mode=0700")).map_err(std::io::Error::other)?;
+    // SAFETY: every pointer is a NUL-terminated string that lives across the call; mount(2)
+    // only reads them.
+    let result = unsafe {
+        libc::mount(
+            c"tmpfs".as_ptr(),
+            target.as_ptr(),
+            c"tmpfs".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV,
+            options.as_ptr().cast(),
+        )
+    };
+    if result == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
+
+/// Detaches the filesystem mounted at `dir` (lazily: a process still inside it keeps it
+/// until it leaves).
+pub(crate) fn unmount(dir: &std::path::Path) -> std::io::Result<()> {
+    let target = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?;
+    // SAFETY: `target` is a NUL-terminated string that lives across the call.
+    let result = unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    if result == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
+
 /// The effective user id.
 pub(crate) fn effective_uid() -> u32 {
     // SAFETY: geteuid(2) cannot fail and touches no memory.

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use br2k_bindings::IServiceRegistry::Body;
 use br2k_replication::backup::BackupConfig;
 use br2k_replication::{
-    AppState, Config, EntryState, Limits, OutboxConfig, Outcome, Publisher, Replicated, Reply, Request, Role,
+    AppState, Config, EntryState, Failure, Limits, OutboxConfig, Outcome, Publisher, Replicated, Reply, Request, Role,
     SnapshotBuilder, SnapshotPolicy, Status, Step, Timings, TxCall, TxError, TxStep,
 };
 use br2k_resolver::{Chain, RegistryClient, Timeouts};
@@ -42,6 +42,15 @@ pub(crate) struct Journal {
     pub(crate) panic_armed: AtomicBool,
     /// While armed, the next `/append` never completes here (one time).
     pub(crate) hang_armed: AtomicBool,
+    /// The journal's disk: how many more writes fit (`u64::MAX`: no limit). At 0 every
+    /// write fails with ENOSPC, as on a full disk (the app double for tests that cannot
+    /// mount a small filesystem).
+    writes_left: AtomicU64,
+    /// Writes refused for lack of room.
+    pub(crate) refused_writes: AtomicU64,
+    /// While set, `/append` answers with this replica's own text (a handler that is not
+    /// deterministic).
+    pub(crate) nondeterministic: Mutex<Option<String>>,
 }
 
 impl Journal {
@@ -57,21 +66,52 @@ impl Journal {
             restores: AtomicU64::new(0),
             panic_armed: AtomicBool::new(false),
             hang_armed: AtomicBool::new(false),
+            writes_left: AtomicU64::new(u64::MAX),
+            refused_writes: AtomicU64::new(0),
+            nondeterministic: Mutex::new(None),
         }
+    }
+
+    /// The disk fills after `writes` more writes of the journal.
+    pub(crate) fn fill_disk_after(&self, writes: u64) {
+        self.writes_left.store(writes, Ordering::SeqCst);
+    }
+
+    /// The disk has room again.
+    pub(crate) fn free_disk(&self) {
+        self.writes_left.store(u64::MAX, Ordering::SeqCst);
+    }
+
+    /// Takes room for one write, or fails as a full disk does.
+    fn take_room(&self) -> std::io::Result<()> {
+        let taken = self.writes_left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| match left {
+            0 => None,
+            u64::MAX => Some(u64::MAX),
+            left => Some(left - 1),
+        });
+        taken.map(drop).map_err(|_| {
+            self.refused_writes.fetch_add(1, Ordering::SeqCst);
+            std::io::Error::from_raw_os_error(28) // ENOSPC
+        })
     }
 
     pub(crate) fn entries(&self) -> Vec<(u64, String)> {
         self.entries.lock().unwrap().clone()
     }
 
-    fn save(&self, entries: &[(u64, String)]) {
-        std::fs::write(&self.path, serde_json::to_vec(entries).unwrap()).unwrap();
+    /// Writes the whole journal; on failure, the file and memory are as before.
+    fn save(&self, entries: &[(u64, String)]) -> std::io::Result<()> {
+        self.take_room()?;
+        std::fs::write(&self.path, serde_json::to_vec(entries).unwrap())
     }
 
-    fn push(&self, index: u64, text: String) {
+    fn push(&self, index: u64, text: String) -> std::io::Result<()> {
         let mut entries = self.entries.lock().unwrap();
-        entries.push((index, text));
-        self.save(&entries);
+        let mut next = entries.clone();
+        next.push((index, text));
+        self.save(&next)?;
+        *entries = next;
+        Ok(())
     }
 }
 
@@ -89,7 +129,7 @@ impl AppState for Journal {
         let entries: Vec<(u64, String)> = serde_json::from_slice(&bytes)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
         let mut current = self.entries.lock().unwrap();
-        self.save(&entries);
+        self.save(&entries)?;
         *current = entries;
         self.restores.fetch_add(1, Ordering::SeqCst);
         Ok(())
@@ -116,30 +156,37 @@ async fn append(state: Arc<Journal>, request: Request) -> Outcome {
     }
     let text = text(&request);
     if text == "fail" {
-        return Err(Reply::error(400, "asked to fail"));
+        return Err(Failure::refused(400, "asked to fail"));
     }
-    state.push(request.index, text);
-    Ok(Reply::json(200, &serde_json::json!({ "index": request.index })))
+    state.push(request.index, text)?;
+    match state.nondeterministic.lock().unwrap().clone() {
+        Some(own) => Ok(Reply::json(200, &serde_json::json!({ "index": request.index, "by": own }))),
+        None => Ok(Reply::json(200, &serde_json::json!({ "index": request.index }))),
+    }
 }
 
 /// Appends in two steps; when armed, stops for ever between them (an execution that is
 /// interrupted half-way).
 async fn slow(state: Arc<Journal>, request: Request) -> Outcome {
-    state.push(request.index, format!("partial:{}", text(&request)));
+    state.push(request.index, format!("partial:{}", text(&request)))?;
     if state.slow_armed.swap(false, Ordering::SeqCst) {
         state.slow_reached.notify_one();
         std::future::pending::<()>().await;
     }
     let mut entries = state.entries.lock().unwrap();
     entries.last_mut().unwrap().1 = text(&request);
-    state.save(&entries);
+    state.save(&entries)?;
     Ok(Reply::json(200, &serde_json::json!({ "index": request.index })))
 }
 
-async fn undo(state: Arc<Journal>, request: Request) {
+async fn undo(state: Arc<Journal>, request: Request) -> std::io::Result<()> {
     let mut entries = state.entries.lock().unwrap();
-    entries.retain(|e| e.0 < request.index);
-    state.save(&entries);
+    if entries.iter().any(|e| e.0 >= request.index) {
+        let kept: Vec<_> = entries.iter().filter(|e| e.0 < request.index).cloned().collect();
+        state.save(&kept)?;
+        *entries = kept;
+    }
+    Ok(())
 }
 
 async fn once(state: Arc<Journal>, request: Request) -> Outcome {
@@ -190,20 +237,20 @@ async fn pay(_state: Arc<Journal>, request: Request) -> Outcome {
             200,
             &serde_json::json!({ "hash": receipt.hash, "nonce": receipt.nonce, "replayed": receipt.replayed }),
         )),
-        Err(TxError::Refused(reason)) => Err(Reply::error(502, &reason)),
-        Err(e) => Err(Reply::error(503, &e.to_string())),
+        Err(TxError::Refused(reason)) => Err(Failure::refused(502, &reason)),
+        Err(e) => Err(Failure::refused(503, &e.to_string())),
     }
 }
 
 /// The effect of a recorded payment or deposit: an entry in every replica's journal.
-async fn journal_it(state: Arc<Journal>, request: Request, reply: Reply) {
+async fn journal_it(state: Arc<Journal>, request: Request, reply: Reply) -> std::io::Result<()> {
     let answer: serde_json::Value = serde_json::from_slice(&reply.body).unwrap_or_default();
     let what = if request.path == "/deposit" {
         format!("deposit:{}", answer["from"].as_str().unwrap_or_default())
     } else {
         format!("paid:{}", text(&request))
     };
-    state.push(request.index, what);
+    state.push(request.index, what)
 }
 
 /// What `/deposit` checks: the client's transaction `hash`, sent to `to`, emitting
@@ -224,7 +271,7 @@ async fn deposit(_state: Arc<Journal>, request: Request) -> Outcome {
         Ok(tx) => {
             Ok(Reply::json(201, &serde_json::json!({ "from": tx.from, "block": tx.block, "logs": tx.logs.len() })))
         }
-        Err(e) => Err(Reply::error(e.status(), &e.to_string())),
+        Err(e) => Err(Failure::refused(e.status(), &e.to_string())),
     }
 }
 

@@ -105,7 +105,7 @@ fn bad_declarations_are_refused_with_every_problem_named() {
         .replicate("POST", "/a", handler)
         .read("GET", "/br2k/status", handler)
         .read("GET", "/metrics", handler)
-        .rollback("POST", "/missing", |_: std::sync::Arc<Nothing>, _| async {})
+        .rollback("POST", "/missing", |_: std::sync::Arc<Nothing>, _| async { Ok(()) })
         .reconcile("POST", "/a", |_: std::sync::Arc<Nothing>, _| async { None })
         .admit("GET", "/missing", |_| Ok(()))
         .build(Nothing)

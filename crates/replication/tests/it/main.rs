@@ -3,6 +3,7 @@
 
 mod backup;
 mod compaction;
+mod faults;
 mod harness;
 mod hostile;
 mod idempotency;

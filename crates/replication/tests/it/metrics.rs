@@ -5,7 +5,7 @@ use crate::harness::{Cluster, entries};
 
 /// One scrape of replica `i`, checked line by line as the text format (0.0.4) wants it,
 /// then parsed.
-async fn scrape(c: &Cluster, i: usize) -> prometheus_parse::Scrape {
+pub(crate) async fn scrape(c: &Cluster, i: usize) -> prometheus_parse::Scrape {
     let response = c.http.get(format!("{}/metrics", c.replicas[i].url)).send().await.unwrap();
     assert_eq!(response.status(), 200);
     let content_type = response.headers()["content-type"].to_str().unwrap().to_owned();
@@ -34,7 +34,7 @@ async fn scrape(c: &Cluster, i: usize) -> prometheus_parse::Scrape {
 }
 
 /// The value of the series `name` whose labels include `labels` (0 when there is none).
-fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+pub(crate) fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
     let sample =
         scrape.samples.iter().find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)));
     match sample.map(|s| &s.value) {

@@ -38,7 +38,13 @@ function healthOf(replica) {
   const s = replica.status;
   if (!replica.running) return [false, replica.detail || "not running"];
   if (!s) return [false, replica.detail || "no status answer"];
+  // A divergence outranks everything: the replica's state is not the service's.
+  if (s.divergence) return [false, "DIVERGED at log entry " + s.divergence.index + " (" + s.divergence.route +
+    "): the leader recorded " + s.divergence.recorded + ", this replica answered " + s.divergence.here +
+    ". It has stopped; rebuild it (empty its data directory and start it again)."];
   if (!s.etcd_reachable) return [false, "local etcd member not answering"];
+  if (s.fault) return [false, "stopped at log entry " + s.fault.index + " since " + ago(s.fault.since) + " (" +
+    s.fault.retries + " retries): " + s.fault.reason];
   if (s.last_error) return [false, s.last_error];
   return [true, "healthy"];
 }
@@ -65,7 +71,9 @@ function overviewCard(service) {
   const healthy = replicas.filter(r => healthOf(r)[0]).length;
   const point = lastPoint(service);
   const recovery = lastRecovery(service);
-  card.append(el("h2", {}, title, el("span", { class: "badge " + service.state }, service.state)));
+  const diverged = replicas.filter(r => r.status && r.status.divergence).map(r => r.name);
+  card.append(el("h2", {}, title, el("span", { class: "badge " + service.state }, service.state),
+    ...(diverged.length ? [el("span", { class: "badge down diverged" }, "diverged: " + diverged.join(", "))] : [])));
   card.append(el("div", { class: "facts" },
     el("span", {}, "leader ", el("b", { class: "leader-name" }, leader ? leader.name : "none")),
     el("span", {}, "epoch ", el("b", { class: "epoch" }, service.epoch)),
