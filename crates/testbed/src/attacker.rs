@@ -1,11 +1,20 @@
 //! The paper's attacker: at random intervals it picks a node (the leader, or any node)
-//! and breaks it for a while, for real: cuts its network link, freezes its processes, or
-//! kills them.
+//! and breaks it for a while, for real: cuts its network link, freezes its processes,
+//! kills them, or fills its disk.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
-use br2k_deploy::local::LocalService;
+use br2k_deploy::local::{DiskLimits, LocalService, Part};
 use serde::Serialize;
+
+/// The size of each node's app data directory in disk-full runs: far more than a run
+/// writes, so the disk is full only when the attacker fills it.
+const APP_DISK_BYTES: u64 = 64 << 20;
+/// The size of each node's etcd data directory in etcd-disk-full runs (etcd preallocates
+/// its write-ahead log in 64 MB segments).
+const ETCD_DISK_BYTES: u64 = 512 << 20;
 
 /// What the attacker does to a node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -21,6 +30,12 @@ pub enum FaultKind {
     /// again empty: the member rejoins etcd as a new one, the app catches up from a peer's
     /// snapshot.
     Wipe,
+    /// Fill the node's app data directory (a tmpfs of its own) until writes fail with
+    /// ENOSPC, then give it room again: the replica must stop at the entry it cannot apply,
+    /// never skip it, and converge once it has room.
+    DiskFull,
+    /// The same for the node's etcd data directory.
+    EtcdDiskFull,
     /// No faults: a baseline run.
     None,
 }
@@ -33,8 +48,12 @@ impl std::str::FromStr for FaultKind {
             "pause" => Ok(Self::Pause),
             "kill" => Ok(Self::Kill),
             "wipe" => Ok(Self::Wipe),
+            "disk-full" => Ok(Self::DiskFull),
+            "etcd-disk-full" => Ok(Self::EtcdDiskFull),
             "none" => Ok(Self::None),
-            _ => Err(format!("unknown fault {s:?}: expected partition, pause, kill, wipe or none")),
+            _ => Err(format!(
+                "unknown fault {s:?}: expected partition, pause, kill, wipe, disk-full, etcd-disk-full or none"
+            )),
         }
     }
 }
@@ -46,8 +65,26 @@ impl std::fmt::Display for FaultKind {
             Self::Pause => "pause",
             Self::Kill => "kill",
             Self::Wipe => "wipe",
+            Self::DiskFull => "disk-full",
+            Self::EtcdDiskFull => "etcd-disk-full",
             Self::None => "none",
         })
+    }
+}
+
+impl FaultKind {
+    /// The size-limited data directories the nodes need for this fault.
+    pub const fn disks(self) -> DiskLimits {
+        match self {
+            Self::DiskFull => DiskLimits { app: Some(APP_DISK_BYTES), etcd: None },
+            Self::EtcdDiskFull => DiskLimits { app: None, etcd: Some(ETCD_DISK_BYTES) },
+            _ => DiskLimits { app: None, etcd: None },
+        }
+    }
+
+    /// Whether it fills a disk (the report then says how long the node was unhealthy).
+    pub const fn fills_a_disk(self) -> bool {
+        matches!(self, Self::DiskFull | Self::EtcdDiskFull)
     }
 }
 
@@ -92,6 +129,11 @@ pub struct FaultEvent {
     pub at_ms: u64,
     /// When it was healed (milliseconds), if it was.
     pub healed_ms: Option<u64>,
+    /// For a full disk: how long the node answered unhealthy, from its first unhealthy
+    /// health answer after the disk filled to its first healthy one after it had room
+    /// again (milliseconds); `None` if it never became healthy again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unhealthy_ms: Option<u64>,
 }
 
 /// Breaks node `i`.
@@ -104,6 +146,8 @@ pub async fn inject(service: &mut LocalService, kind: FaultKind, i: usize) -> br
         FaultKind::Pause => service.pause(i),
         FaultKind::Kill => service.kill(i).await,
         FaultKind::Wipe => service.wipe(i).await,
+        FaultKind::DiskFull => service.fill_disk(i, Part::App).map(drop),
+        FaultKind::EtcdDiskFull => service.fill_disk(i, Part::Etcd).map(drop),
         FaultKind::None => Ok(()),
     }
 }
@@ -117,7 +161,65 @@ pub async fn heal(service: &mut LocalService, kind: FaultKind, i: usize) -> br2k
         FaultKind::Partition => service.rejoin(i),
         FaultKind::Pause => service.resume(i),
         FaultKind::Kill | FaultKind::Wipe => service.restart(i).await,
+        FaultKind::DiskFull => service.free_disk(i, Part::App),
+        // etcd exits when it cannot write its log: start it again once there is room.
+        FaultKind::EtcdDiskFull => {
+            service.free_disk(i, Part::Etcd)?;
+            service.restart(i).await
+        }
         FaultKind::None => Ok(()),
+    }
+}
+
+/// Follows one node's `/br2k/health` through a fault, to say how long it was unhealthy.
+pub struct HealthWatch {
+    healed: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<Option<Duration>>,
+}
+
+impl HealthWatch {
+    /// How long after the heal the node may take to become healthy before the watch gives up.
+    const GIVE_UP_AFTER_HEAL: Duration = Duration::from_secs(120);
+
+    /// Starts polling `url` (the node's app URL) every 100 ms.
+    pub fn start(url: &str) -> Self {
+        let healed = Arc::new(AtomicBool::new(false));
+        let (flag, url) = (healed.clone(), format!("{url}/br2k/health"));
+        let task = tokio::spawn(async move {
+            let http = reqwest::Client::builder().timeout(Duration::from_secs(1)).no_proxy().build().ok()?;
+            let mut unhealthy_since = None;
+            let mut healed_at = None;
+            loop {
+                let healthy = http.get(&url).send().await.is_ok_and(|r| r.status().is_success());
+                match (healthy, unhealthy_since) {
+                    (false, None) => unhealthy_since = Some(Instant::now()),
+                    (true, Some(since)) if healed_at.is_some() => return Some(since.elapsed()),
+                    _ => {}
+                }
+                if flag.load(Ordering::SeqCst) {
+                    let at = *healed_at.get_or_insert_with(Instant::now);
+                    if unhealthy_since.is_none() && healthy {
+                        return Some(Duration::ZERO);
+                    }
+                    if at.elapsed() > Self::GIVE_UP_AFTER_HEAL {
+                        return None;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        Self { healed, task }
+    }
+
+    /// The fault was healed: the watch ends at the node's next healthy answer.
+    pub fn healed(&self) {
+        self.healed.store(true, Ordering::SeqCst);
+    }
+
+    /// How long the node was unhealthy (`None`: still unhealthy when the watch gave up).
+    pub async fn unhealthy_for(self) -> Option<Duration> {
+        self.healed();
+        self.task.await.ok().flatten()
     }
 }
 
@@ -175,6 +277,12 @@ mod tests {
     fn names_parse() {
         assert_eq!("pause".parse::<FaultKind>(), Ok(FaultKind::Pause));
         assert!("cut".parse::<FaultKind>().unwrap_err().contains("partition, pause, kill"));
+        for kind in [FaultKind::DiskFull, FaultKind::EtcdDiskFull] {
+            assert_eq!(kind.to_string().parse::<FaultKind>(), Ok(kind));
+            assert!(kind.fills_a_disk());
+        }
+        assert_eq!(FaultKind::DiskFull.disks().app, Some(APP_DISK_BYTES));
+        assert_eq!(FaultKind::Kill.disks(), DiskLimits::default());
         assert_eq!("leader".parse::<Target>(), Ok(Target::Leader));
     }
 }

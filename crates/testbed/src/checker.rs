@@ -423,8 +423,8 @@ mod tests {
     fn gap_is_the_longest_silence_after_each_fault() {
         let answers = vec![100, 200, 1900, 2000, 2100, 5000, 5100];
         let faults = vec![
-            FaultEvent { node: 1, was_leader: true, at_ms: 250, healed_ms: Some(1000) },
-            FaultEvent { node: 2, was_leader: false, at_ms: 4000, healed_ms: Some(4500) },
+            FaultEvent { node: 1, was_leader: true, at_ms: 250, healed_ms: Some(1000), unhealthy_ms: None },
+            FaultEvent { node: 2, was_leader: false, at_ms: 4000, healed_ms: Some(4500), unhealthy_ms: None },
         ];
         let gaps = gaps(answers, &faults, 6000);
         // 250 -> 1900 is the first fault's; the quiet after 2100 runs into the next fault.

@@ -23,7 +23,7 @@ use br2k_resolver::{Resolver, ResolverConfig};
 pub use attacker::{FaultKind, Target};
 pub use report::Report;
 
-use crate::attacker::{FaultEvent, Rng};
+use crate::attacker::{FaultEvent, HealthWatch, Rng};
 use crate::users::{Progress, UserPlan};
 
 /// A testbed run's parameters.
@@ -82,6 +82,13 @@ impl TestbedConfig {
         }
         if self.fault != FaultKind::None && self.duration.is_zero() {
             return bad("the fault duration must be above zero".into());
+        }
+        if self.fault.fills_a_disk() && self.network == NetworkMode::Loopback {
+            return bad(format!(
+                "{} faults mount a small tmpfs per node, which needs root: run as root with --network namespaces \
+                 (or auto)",
+                self.fault
+            ));
         }
         if self.fault == FaultKind::Partition && self.network == NetworkMode::Loopback {
             return bad("partition faults need --network namespaces (or auto, as root)".into());
@@ -149,6 +156,7 @@ pub async fn run(config: TestbedConfig, progress: &(dyn Fn(&str) + Sync)) -> Res
         etcd: timings,
         chain: ChainChoice::Local,
         startup_timeout: Duration::from_secs(30),
+        disks: config.fault.disks(),
     };
     let mut sandbox = Sandbox::start(spec, progress).await?;
     let (leader, _) = sandbox.service().wait_for_leader(Duration::from_secs(30)).await?;
@@ -253,6 +261,8 @@ async fn attack<T>(
 ) -> Result<Vec<FaultEvent>, Error> {
     let mut rng = Rng::new(config.seed);
     let mut faults: Vec<FaultEvent> = Vec::new();
+    // For full disks: each fault's watch of the node's health, to say how long it was unhealthy.
+    let mut watches: Vec<(usize, HealthWatch)> = Vec::new();
     let mut next_report = Instant::now() + Duration::from_secs(10);
     let done = || users.iter().all(tokio::task::JoinHandle::is_finished);
     let report = |faults: &[FaultEvent]| {
@@ -283,21 +293,35 @@ async fn attack<T>(
             },
             Target::Random => rng.below(sandbox.service().len()),
         };
+        if config.fault.fills_a_disk() {
+            watches.push((faults.len(), HealthWatch::start(&sandbox.service().app_url(node))));
+        }
         attacker::inject(sandbox.service_mut(), config.fault, node).await?;
         let at_ms = millis(start.elapsed());
         tracing::info!(node = node + 1, fault = %config.fault, at_ms, "fault injected");
-        faults.push(FaultEvent { node: node + 1, was_leader: leader == Some(node), at_ms, healed_ms: None });
+        let was_leader = leader == Some(node);
+        faults.push(FaultEvent { node: node + 1, was_leader, at_ms, healed_ms: None, unhealthy_ms: None });
         let heal_at = Instant::now() + config.duration;
         let finished = sleep_until_or_done(heal_at, &done, &mut next_report, &|| report(&faults)).await;
         attacker::heal(sandbox.service_mut(), config.fault, node).await?;
         if let Some(last) = faults.last_mut() {
             last.healed_ms = Some(millis(start.elapsed()));
         }
+        if let Some((_, watch)) = watches.last() {
+            watch.healed();
+        }
         if finished {
             break;
         }
     }
     report(&faults);
+    for (fault, watch) in watches {
+        let unhealthy = watch.unhealthy_for().await;
+        faults[fault].unhealthy_ms = unhealthy.map(millis);
+        if unhealthy.is_none() {
+            progress(&format!("node {} was still unhealthy 120 s after its disk had room again", faults[fault].node));
+        }
+    }
     Ok(faults)
 }
 

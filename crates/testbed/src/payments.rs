@@ -173,6 +173,7 @@ pub async fn run(config: TestbedConfig, progress: &(dyn Fn(&str) + Sync)) -> Res
         etcd: EtcdTimings::with_election_ms(config.election_ms),
         chain: ChainChoice::Local,
         startup_timeout: Duration::from_secs(30),
+        disks: config.fault.disks(),
     };
     let mut sandbox = Sandbox::start(spec, progress).await?;
     sandbox.service().wait_for_leader(Duration::from_secs(30)).await?;

@@ -224,6 +224,17 @@ pub(crate) fn tables(
         if let Some(leader) = f.gaps.leader_median_ms {
             let _ = writeln!(out, "| failover gap after a leader fault, median | {} |", seconds(leader));
         }
+        let mut unhealthy: Vec<u64> = faults.iter().filter_map(|x| x.unhealthy_ms).collect();
+        if !unhealthy.is_empty() || faults.iter().any(|x| x.healed_ms.is_some() && x.unhealthy_ms.is_none()) {
+            unhealthy.sort_unstable();
+            let never = faults.iter().filter(|x| x.unhealthy_ms.is_none()).count();
+            let _ = writeln!(
+                out,
+                "| time the full node was unhealthy (first unhealthy answer to healthy again), each | {}{} |",
+                unhealthy.iter().map(|&ms| seconds(ms)).collect::<Vec<_>>().join(", "),
+                if never > 0 { format!("; {never} never healthy again") } else { String::new() }
+            );
+        }
     }
     let _ = writeln!(
         out,

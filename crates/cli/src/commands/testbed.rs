@@ -15,12 +15,15 @@ Examples:
   br2k testbed --fault partition --target leader --requests 200      # a short leader test
   br2k testbed --fault pause --target random --interval 5..10 --duration 3
   br2k testbed --workload payments --fault kill --target leader --requests 100   # payouts under faults
+  br2k testbed --fault disk-full --target random --requests 2000 --interval 20..30 --duration 10   # full disks
   # the paper's scale (5 x 10,000 requests at 2/s: about 85 minutes per test):
   br2k testbed --users 5 --requests 10000 --rate 2 --target leader --interval 120..140 --duration 20
   br2k testbed --users 5 --requests 10000 --rate 2 --target random --interval 60..120 --duration 20
 
 Partition faults cut a node's network link for real, which needs root (each node runs in
-its own network namespace); pause and kill faults run as any user. Exit status 0 when
+its own network namespace), as do disk-full faults (each node's data directory is a small
+tmpfs of its own; the report says how long the full node was unhealthy); pause and kill
+faults run as any user. Exit status 0 when
 every check passed; 1 when an acknowledged request was lost or answered wrongly, a
 request was duplicated or the replicas differ (the report says which), or when the run
 could not be carried out (the error says why).";
@@ -52,7 +55,9 @@ pub(crate) struct TestbedArgs {
 
     /// The fault: partition (cut the network link), pause (SIGSTOP, then SIGCONT), kill
     /// (SIGKILL, then restart), wipe (SIGKILL, all the node's data deleted, then restart
-    /// empty: it catches up from a peer's snapshot), or none.
+    /// empty: it catches up from a peer's snapshot), disk-full (the node's app data
+    /// directory, a small tmpfs of its own, filled until writes fail, then given room
+    /// again), etcd-disk-full (the same for its etcd data directory), or none.
     #[arg(long, default_value = "partition")]
     fault: FaultKind,
 

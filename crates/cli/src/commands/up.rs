@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use br2k_deploy::local::run_file::{Layout, NodeEntry, RunFile, RunnerClaim};
-use br2k_deploy::local::{ChainChoice, EtcdTimings, Part, Sandbox, SandboxSpec};
+use br2k_deploy::local::{ChainChoice, DiskLimits, EtcdTimings, Part, Sandbox, SandboxSpec};
 use br2k_replication::Role;
 use clap::Args;
 
@@ -182,6 +182,7 @@ impl UpArgs {
             etcd: EtcdTimings::with_election_ms(self.local.election_timeout),
             chain,
             startup_timeout: Duration::from_secs(30),
+            disks: DiskLimits::default(),
         };
         let progress = |line: &str| out.progress(format_args!("up: {line}"));
         let mut sandbox = tokio::select! {

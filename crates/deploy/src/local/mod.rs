@@ -108,6 +108,16 @@ pub struct Publishing {
     pub operator_keys: Vec<PrivateKeySigner>,
 }
 
+/// Data directories on filesystems of their own, of a fixed size (tmpfs mounts, which
+/// need root), so that a fault can fill them ([`LocalService::fill_disk`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DiskLimits {
+    /// Each node's app data directory, bytes.
+    pub app: Option<u64>,
+    /// Each node's etcd data directory, bytes.
+    pub etcd: Option<u64>,
+}
+
 /// What to run.
 #[derive(Clone, Debug)]
 pub struct ServiceSpec {
@@ -127,6 +137,8 @@ pub struct ServiceSpec {
     pub publishing: Option<Publishing>,
     /// How long each process may take to become ready.
     pub startup_timeout: Duration,
+    /// Size-limited data directories, if any.
+    pub disks: DiskLimits,
 }
 
 #[derive(Debug)]
@@ -139,6 +151,8 @@ struct Node {
     cut: bool,
     /// Its data was wiped: its etcd member must join the cluster again as a new member.
     wiped: bool,
+    /// Its size-limited data directories ([`DiskLimits`]), unmounted when it is dropped.
+    disks: Vec<(Part, LimitedDisk)>,
 }
 
 /// A process of a node.
@@ -200,7 +214,13 @@ impl LocalService {
             for sub in [dir.join("etcd"), dir.join("app")] {
                 std::fs::create_dir_all(&sub).map_err(|e| DeployError::io(format!("create {}", sub.display()), e))?;
             }
-            nodes.push(Node { name, dir, etcd: None, app: None, paused: false, cut: false, wiped: false });
+            let mut disks = Vec::new();
+            for (part, size) in [(Part::Etcd, spec.disks.etcd), (Part::App, spec.disks.app)] {
+                if let Some(size) = size {
+                    disks.push((part, LimitedDisk::mount(&dir.join(part.to_string()), size)?));
+                }
+            }
+            nodes.push(Node { name, dir, etcd: None, app: None, paused: false, cut: false, wiped: false, disks });
         }
         let mut service = Self { nodes, spec, etcd_program, http, network };
         progress(&format!("starting {count} etcd members"));
@@ -358,11 +378,37 @@ impl LocalService {
         .await?;
         let node = &mut self.nodes[i];
         for sub in [node.dir.join("etcd"), node.dir.join("app")] {
-            std::fs::remove_dir_all(&sub).map_err(|e| DeployError::io(format!("delete {}", sub.display()), e))?;
-            std::fs::create_dir_all(&sub).map_err(|e| DeployError::io(format!("create {}", sub.display()), e))?;
+            // What is in it, not the directory itself: it may be a size-limited disk's mount.
+            empty_dir(&sub).map_err(|e| DeployError::io(format!("delete what {} holds", sub.display()), e))?;
         }
         node.wiped = true;
         Ok(())
+    }
+
+    /// Fills node `i`'s `part` data directory, which must be size-limited ([`DiskLimits`]):
+    /// from now on its writes that need room fail with ENOSPC, as on a full disk. Returns
+    /// how many bytes the filler took.
+    ///
+    /// # Errors
+    /// When that directory is not size-limited, or the filler cannot be written.
+    pub fn fill_disk(&mut self, i: usize, part: Part) -> Result<u64> {
+        self.disk(i, part)?.fill()
+    }
+
+    /// Gives node `i`'s `part` data directory its room back.
+    ///
+    /// # Errors
+    /// When that directory is not size-limited, or the filler cannot be removed.
+    pub fn free_disk(&mut self, i: usize, part: Part) -> Result<()> {
+        self.disk(i, part)?.free()
+    }
+
+    fn disk(&self, i: usize, part: Part) -> Result<&LimitedDisk> {
+        let node = self.nodes.get(i).ok_or(DeployError::Node { node: i + 1, reason: "does not exist".into() })?;
+        node.disks.iter().find(|(p, _)| *p == part).map(|(_, disk)| disk).ok_or_else(|| DeployError::Node {
+            node: i + 1,
+            reason: format!("its {part} data directory is not size-limited (start the service with DiskLimits)"),
+        })
     }
 
     /// Runs `action` on a client of the first other node whose etcd member answers.
@@ -396,7 +442,13 @@ impl LocalService {
     /// # Errors
     /// When a process cannot be started, or a wiped member cannot be added back.
     pub async fn restart(&mut self, i: usize) -> Result<()> {
-        self.node_mut(i)?;
+        // A process that exited by itself (an etcd member whose disk filled) is started again.
+        let node = self.node_mut(i)?;
+        for slot in [&mut node.etcd, &mut node.app] {
+            if slot.as_mut().is_some_and(|child| matches!(child.try_wait(), Ok(Some(_)))) {
+                *slot = None;
+            }
+        }
         if self.nodes[i].etcd.is_none() {
             if self.nodes[i].wiped {
                 let peer = format!("http://{}", socket(self.network.node_address(i), ETCD_PEER_PORT));
@@ -463,7 +515,8 @@ impl LocalService {
         Ok(())
     }
 
-    /// Undoes every fault: rejoins cut nodes, resumes paused ones, restarts dead ones.
+    /// Undoes every fault: rejoins cut nodes, resumes paused ones, gives filled disks
+    /// their room back, restarts dead ones.
     ///
     /// # Errors
     /// The first action that failed.
@@ -474,6 +527,9 @@ impl LocalService {
             }
             if self.nodes[i].paused {
                 self.resume(i)?;
+            }
+            for (_, disk) in &self.nodes[i].disks {
+                disk.free()?;
             }
             self.restart(i).await?;
         }
@@ -674,6 +730,19 @@ impl LocalService {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+/// Removes everything `dir` holds, leaving `dir` itself.
+fn empty_dir(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            std::fs::remove_dir_all(entry.path())?;
+        } else {
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
 }
 
 fn socket(address: IpAddr, port: u16) -> std::net::SocketAddr {

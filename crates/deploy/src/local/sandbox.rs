@@ -11,7 +11,7 @@ use alloy::signers::local::PrivateKeySigner;
 use br2k_bindings::IServiceRegistry::Body;
 use br2k_resolver::{Chain, RegistryClient, Resolved, Timeouts};
 
-use super::{EtcdTimings, LocalChain, LocalNetwork, LocalService, NetworkMode, Publishing, ServiceSpec};
+use super::{DiskLimits, EtcdTimings, LocalChain, LocalNetwork, LocalService, NetworkMode, Publishing, ServiceSpec};
 use crate::error::{DeployError, Result};
 
 /// Which chain the registry lives on.
@@ -61,6 +61,8 @@ pub struct SandboxSpec {
     pub chain: ChainChoice,
     /// How long each process may take to start.
     pub startup_timeout: Duration,
+    /// Size-limited data directories, if any (the testbed's disk-full faults).
+    pub disks: DiskLimits,
 }
 
 /// A running service with its chain. Dropping it stops everything.
@@ -143,6 +145,7 @@ impl Sandbox {
                 operator_keys: operators,
             }),
             startup_timeout: spec.startup_timeout,
+            disks: spec.disks,
         };
         let service = LocalService::start(network, service_spec, progress).await?;
         Ok(Self { service, registry, rpc_url, chain })
