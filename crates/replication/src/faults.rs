@@ -164,7 +164,11 @@ impl<S: AppState> Runtime<S> {
     /// (keeping when it first stopped there) and counts it.
     pub(crate) fn note_fault(&self, index: u64, error: &Error) {
         self.metrics.count_local_fault();
-        let reason = error.to_string();
+        // Says which replica, as an alert quoting it out of context must.
+        let mut reason = error.to_string();
+        if !reason.starts_with(&format!("{}: ", self.config.replica)) {
+            reason = format!("{}: {reason}", self.config.replica);
+        }
         self.set_status(|s| {
             s.fault = Some(match s.fault.take() {
                 Some(stopped) if stopped.index == index => {

@@ -322,6 +322,8 @@ fn health<S: AppState>(runtime: &Runtime<S>) -> Response {
         Some("local etcd member not answering".into())
     } else if let Some(alarm) = status.etcd_alarms.first() {
         Some(crate::runtime::alarm_advice(alarm, &runtime.config.etcd_endpoint))
+    } else if let Some(stopped) = &status.fault {
+        Some(format!("stopped at log entry {}: {}", stopped.index, stopped.reason))
     } else {
         status.last_error.clone()
     };

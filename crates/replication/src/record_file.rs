@@ -45,8 +45,13 @@ impl RecordFile {
             .create(true)
             .truncate(false)
             .open(&self.path)
-            .map_err(|e| self.fail(e))?;
-        file.write_all_at(line, 0).map_err(|e| self.fail(e))
+            .map_err(|e| self.io_fail(&e))?;
+        file.write_all_at(line, 0).map_err(|e| self.io_fail(&e))
+    }
+
+    /// An I/O failure, named the way an operator looks for it ("disk full: ...").
+    fn io_fail(&self, error: &std::io::Error) -> Error {
+        self.fail(format!("{}: {error}", crate::error::fault_kind(error)))
     }
 
     fn fail(&self, reason: impl std::fmt::Display) -> Error {
@@ -70,7 +75,7 @@ impl RecordFile {
                     .map_err(|e| self.fail(format!("undecodable ({e}); remove it only after checking the app state")))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(self.fail(e)),
+            Err(e) => Err(self.io_fail(&e)),
         }
     }
 

@@ -5,14 +5,14 @@ use std::time::{Duration, Instant};
 
 use br2k_test_utils::{EtcdCluster, KillOnDrop};
 
-#[tokio::test(flavor = "multi_thread")]
-async fn three_logserver_processes_serve_every_route_type() {
-    let etcd = EtcdCluster::spawn().expect("etcd starts (run `bash tools/setup.sh` if it is missing)");
-    let dir = tempfile::tempdir().unwrap();
-    // Clients must show this token: a 0600 file, as an operator would keep it.
-    let token_file = dir.path().join("client-token");
-    std::fs::write(&token_file, "tok-3n\n").unwrap();
-    std::fs::set_permissions(&token_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+/// Three log server processes on `etcd`, replica `n{i}` keeping its data in `data_dirs[i]`
+/// and answering clients that show `token_file`'s token.
+fn spawn_three(
+    etcd: &EtcdCluster,
+    data_dirs: &[std::path::PathBuf],
+    outbox: &std::path::Path,
+    token_file: &std::path::Path,
+) -> (Vec<KillOnDrop>, Vec<u16>) {
     let ports: Vec<u16> =
         (0..3).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()).collect();
     let children = (0..3)
@@ -21,11 +21,11 @@ async fn three_logserver_processes_serve_every_route_type() {
                 .args(["--replica", &format!("n{i}"), "--etcd", &etcd.endpoint(i)])
                 .args(["--listen", &format!("127.0.0.1:{}", ports[i]), "--check-interval-ms", "50"])
                 .arg("--data-dir")
-                .arg(dir.path().join(format!("n{i}")))
+                .arg(&data_dirs[i])
                 .arg("--outbox")
-                .arg(dir.path().join("outbox"))
+                .arg(outbox)
                 .arg("--client-token-file")
-                .arg(&token_file)
+                .arg(token_file)
                 .env_remove("BR2K_REGISTRY")
                 .env_remove("BR2K_CLIENT_TOKEN")
                 .stdin(Stdio::null())
@@ -35,26 +35,44 @@ async fn three_logserver_processes_serve_every_route_type() {
                 .unwrap()
         })
         .collect();
-    let _replicas: Vec<KillOnDrop> = children;
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
-    let url = |i: usize, path: &str| format!("http://127.0.0.1:{}{path}", ports[i]);
+    (children, ports)
+}
 
+/// A client token in a 0600 file, as an operator would keep it.
+fn token_file(dir: &std::path::Path, token: &str) -> std::path::PathBuf {
+    let path = dir.join("client-token");
+    std::fs::write(&path, format!("{token}\n")).unwrap();
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    path
+}
+
+/// Waits (up to 20 s) until one of the replicas on `ports` says it leads.
+async fn leader_of(http: &reqwest::Client, ports: &[u16]) -> usize {
     let started = Instant::now();
-    let leader = loop {
-        let mut found = None;
-        for i in 0..3 {
-            if let Ok(r) = http.get(url(i, "/br2k/status")).send().await
+    loop {
+        for (i, port) in ports.iter().enumerate() {
+            if let Ok(r) = http.get(format!("http://127.0.0.1:{port}/br2k/status")).send().await
                 && r.json::<serde_json::Value>().await.unwrap()["role"] == "leader"
             {
-                found = Some(i);
+                return i;
             }
-        }
-        if let Some(i) = found {
-            break i;
         }
         assert!(started.elapsed() < Duration::from_secs(20), "no leader");
         tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_logserver_processes_serve_every_route_type() {
+    let etcd = EtcdCluster::spawn().expect("etcd starts (run `bash tools/setup.sh` if it is missing)");
+    let dir = tempfile::tempdir().unwrap();
+    // Clients must show this token.
+    let token_file = token_file(dir.path(), "tok-3n");
+    let data_dirs: Vec<_> = (0..3).map(|i| dir.path().join(format!("n{i}"))).collect();
+    let (_replicas, ports) = spawn_three(&etcd, &data_dirs, &dir.path().join("outbox"), &token_file);
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
+    let url = |i: usize, path: &str| format!("http://127.0.0.1:{}{path}", ports[i]);
+    let leader = leader_of(&http, &ports).await;
 
     let anonymous = http.post(url(leader, "/log")).body(r#"{"user": 7}"#).send().await.unwrap();
     assert_eq!(anonymous.status(), 401, "no token, nothing logged");
@@ -116,4 +134,95 @@ fn trailing_entries_not_below_the_snapshot_interval_are_refused() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("trailing entries (100) must be smaller than the snapshot interval (100)"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_follower_whose_disk_fills_stops_at_the_entry_and_converges_once_it_has_room() {
+    let etcd = EtcdCluster::spawn().expect("etcd starts (run `bash tools/setup.sh` if it is missing)");
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = token_file(dir.path(), "tok-disk");
+    let data_dirs: Vec<_> = (0..3).map(|i| dir.path().join(format!("n{i}"))).collect();
+    // Every replica's data on a small disk of its own; the one that fills is picked once
+    // the leader is known.
+    let disks: Vec<_> = data_dirs
+        .iter()
+        .map(|d| {
+            br2k_deploy::local::LimitedDisk::mount(d, 1 << 20)
+                .expect("a small tmpfs mounts (the tests run as root, as CI does)")
+        })
+        .collect();
+    let (_replicas, ports) = spawn_three(&etcd, &data_dirs, &dir.path().join("outbox"), &token_file);
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
+    let url = |i: usize, path: &str| format!("http://127.0.0.1:{}{path}", ports[i]);
+    let leader = leader_of(&http, &ports).await;
+    let follower = (leader + 1) % 3;
+    let append =
+        |n: u64| http.post(url(leader, "/log")).bearer_auth("tok-disk").body(format!(r#"{{"user": {n}}}"#)).send();
+    assert_eq!(append(0).await.unwrap().status(), 200);
+    let started = Instant::now();
+    while br2k_logserver::read_log(&data_dirs[follower]).unwrap().is_empty() {
+        assert!(started.elapsed() < Duration::from_secs(10), "the follower did not apply the first entry");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    disks[follower].fill().unwrap();
+    // Enough to overflow what is left of the log file's last page.
+    for n in 1..=300 {
+        let response = append(n).await.unwrap();
+        assert_eq!(response.status(), 200, "the leader answers whatever a follower's disk does");
+    }
+    let status = |i: usize| {
+        let http = http.clone();
+        let url = url(i, "/br2k/status");
+        async move { http.get(url).send().await.unwrap().json::<serde_json::Value>().await.unwrap() }
+    };
+    let started = Instant::now();
+    let stopped = loop {
+        let s = status(follower).await;
+        if !s["fault"].is_null() {
+            break s;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "the follower never said its disk is full: {s}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let fault = &stopped["fault"];
+    let at = fault["index"].as_u64().unwrap();
+    assert!(fault["reason"].as_str().unwrap().contains("disk full"), "{fault}");
+    let on_disk: Vec<u64> = br2k_logserver::read_log(&data_dirs[follower]).unwrap().iter().map(|e| e.index).collect();
+    assert!(at > 1, "the first entry was applied before the disk filled");
+    assert_eq!(on_disk, (1..at).collect::<Vec<_>>(), "it stopped at the first entry it could not write, none skipped");
+    let health = http.get(url(follower, "/br2k/health")).send().await.unwrap();
+    assert_eq!(health.status(), 503);
+    assert!(health.text().await.unwrap().contains(&format!("n{follower}: disk full")));
+    let text = std::fs::read_to_string(data_dirs[follower].join("log.jsonl")).unwrap();
+    assert!(text.ends_with('\n'), "a torn line was left");
+    let lpi = |key: String| {
+        let endpoint = etcd.endpoint(leader);
+        async move {
+            let mut client = etcd_client::Client::connect([endpoint], None).await.unwrap();
+            let found = client.get(key, None).await.unwrap();
+            found.kvs().first().map_or(0, |kv| kv.value_str().unwrap().parse::<u64>().unwrap())
+        }
+    };
+    let recorded = lpi(format!("/br2k/logserver/lpi/n{follower}")).await;
+    assert!(recorded < at, "LPI {recorded} in etcd passed the entry {at} the follower could not apply");
+
+    // Room again: it resumes from that entry and ends identical to the leader.
+    disks[follower].free().unwrap();
+    let started = Instant::now();
+    loop {
+        let (mine, theirs) = (
+            br2k_logserver::read_log(&data_dirs[follower]).unwrap(),
+            br2k_logserver::read_log(&data_dirs[leader]).unwrap(),
+        );
+        if mine == theirs && mine.len() == 301 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "{} of 301 entries", mine.len());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let started = Instant::now();
+    while http.get(url(follower, "/br2k/health")).send().await.unwrap().status() != 200 {
+        assert!(started.elapsed() < Duration::from_secs(20), "the follower stayed unhealthy");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
