@@ -57,6 +57,42 @@ fn every_fault_kind_on_both_targets_loses_and_duplicates_nothing() {
 }
 
 #[test]
+fn a_disk_that_fills_on_either_target_loses_nothing_and_the_report_says_how_long_the_node_was_unhealthy() {
+    let _turn = one_at_a_time();
+    let dir = tempfile::tempdir().unwrap();
+    for (target, seed) in [("leader", "31"), ("random", "32")] {
+        let json = dir.path().join(format!("disk-full-{target}.json"));
+        // A fault of 8 s: what is left of the log file's last page takes a few seconds of
+        // appends before the first one fails, as on any full disk.
+        let output = br2k()
+            .args(["testbed", "--users", "3", "--requests", "60", "--rate", "5", "--interval", "1..2"])
+            .args(["--duration", "8", "--election-timeout", "500", "--fault", "disk-full", "--target", target])
+            .args(["--seed", seed, "--give-up-after", "60", "--snapshot-interval", "20", "--trailing-entries", "5"])
+            .arg("--app")
+            .arg(logserver())
+            .arg("--json-out")
+            .arg(&json)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "disk-full/{target} failed:\n{stdout}\n{stderr}");
+        let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        let context = format!("disk-full/{target}:\n{stdout}");
+        assert_eq!(report["passed"], true, "{context}");
+        assert_eq!(report["requests"]["lost"], 0, "{context}");
+        assert_eq!(report["requests"]["duplicates"], 0, "{context}");
+        assert_eq!(report["replication"]["entries_per_replica"], serde_json::json!([180, 180, 180]), "{context}");
+        let faults = report["faults"].as_array().unwrap();
+        assert!(
+            faults.iter().any(|f| f["unhealthy_ms"].as_u64().is_some_and(|ms| ms > 0)),
+            "a filled node stopped and said so: {context}"
+        );
+        assert!(stdout.contains("| time the full node was unhealthy"), "{context}");
+    }
+}
+
+#[test]
 fn bad_flags_are_refused_with_the_reason() {
     let output = br2k().args(["testbed", "--interval", "40..20"]).output().unwrap();
     assert!(!output.status.success());
@@ -65,7 +101,10 @@ fn bad_flags_are_refused_with_the_reason() {
 
     let output = br2k().args(["testbed", "--fault", "cut"]).output().unwrap();
     assert!(!output.status.success());
-    assert!(String::from_utf8_lossy(&output.stderr).contains("expected partition, pause, kill, wipe or none"));
+    assert!(
+        String::from_utf8_lossy(&output.stderr)
+            .contains("expected partition, pause, kill, wipe, disk-full, etcd-disk-full or none")
+    );
 
     let output = br2k().args(["testbed", "--snapshot-interval", "20", "--trailing-entries", "20"]).output().unwrap();
     assert!(!output.status.success());
