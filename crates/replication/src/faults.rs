@@ -59,6 +59,19 @@ impl Backoff {
     }
 }
 
+/// The content type of an answer the runtime recorded for a request whose handler's own
+/// answer was lost: the replica that executed it lost leadership before recording it, and
+/// only the record file's last step keeps an answer. Nothing to compare answers with.
+const LOST_ANSWER: &str = "application/vnd.br2k.answer-lost+json";
+
+/// What is recorded as the answer to the Replication request at `index` when the replica
+/// that executed it kept its effect but not its answer.
+pub(crate) fn lost_answer(index: u64) -> crate::Reply {
+    let note = "executed by a leader that lost its answer before recording it; the request took effect once";
+    let body = serde_json::json!({ "index": index, "note": note });
+    crate::Reply { content_type: Some(LOST_ANSWER.into()), ..crate::Reply::json(200, &body) }
+}
+
 /// An answer as the divergence check compares and shows it: Success or Fail, status, and
 /// the body's SHA-256 (the bodies themselves may be large, or private).
 pub(crate) fn describe_answer(success: bool, reply: &StoredReply) -> String {
@@ -115,8 +128,11 @@ impl<S: AppState> Runtime<S> {
         recorded: Option<&StoredReply>,
         here: &Recorded,
     ) -> Result<()> {
-        // Entries recorded before answers were kept with their state have nothing to check.
-        let Some(recorded) = recorded else { return Ok(()) };
+        // Entries recorded before answers were kept with their state, and answers the
+        // executing leader lost, have nothing to check against.
+        let Some(recorded) = recorded.filter(|r| r.content_type.as_deref() != Some(LOST_ANSWER)) else {
+            return Ok(());
+        };
         let (success, reply) = match here {
             Ok(reply) => (true, reply),
             Err(reply) => (false, reply),

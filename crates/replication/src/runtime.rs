@@ -1073,10 +1073,7 @@ impl<S: AppState> Runtime<S> {
                             // This replica executed it as leader and lost leadership
                             // before recording the outcome: the answer is in the record file.
                             let reply = last_record.as_ref().filter(|r| r.index == index).and_then(|r| r.reply.clone());
-                            Some(Ok(reply.map_or_else(
-                                || crate::Reply::json(200, &serde_json::json!({ "index": index })),
-                                crate::Reply::from_stored,
-                            )))
+                            Some(Ok(reply.map_or_else(|| crate::faults::lost_answer(index), crate::Reply::from_stored)))
                         } else {
                             None
                         };
