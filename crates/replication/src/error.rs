@@ -206,7 +206,14 @@ impl Error {
     /// failed: a full disk, an I/O error), rather than etcd or the data: another replica
     /// can do what this one could not, so it hands leadership on and holds off leading.
     pub fn is_local_fault(&self) -> bool {
-        matches!(self, Self::Handler { .. } | Self::LocalFault { .. } | Self::Persist(_) | Self::RecordFile { .. })
+        matches!(
+            self,
+            Self::Handler { .. }
+                | Self::LocalFault { .. }
+                | Self::Persist(_)
+                | Self::RecordFile { .. }
+                | Self::Restore { .. }
+        )
     }
 
     /// Whether this error means the local etcd member could not be asked at all (as
