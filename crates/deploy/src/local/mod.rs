@@ -191,7 +191,7 @@ impl LocalService {
     /// # Errors
     /// Bad spec, missing programs, or a process that exits or does not answer in time
     /// (everything started is stopped again).
-    pub async fn start(network: LocalNetwork, spec: ServiceSpec, progress: &dyn Fn(&str)) -> Result<Self> {
+    pub async fn start(network: LocalNetwork, mut spec: ServiceSpec, progress: &dyn Fn(&str)) -> Result<Self> {
         spec.etcd.check()?;
         if !spec.app.is_file() {
             return Err(DeployError::Invalid(format!(
@@ -199,6 +199,9 @@ impl LocalService {
                 spec.app.display()
             )));
         }
+        // The nodes run in their own directories: a relative path would name nothing there.
+        spec.app = std::path::absolute(&spec.app)
+            .map_err(|e| DeployError::io(format!("resolve {}", spec.app.display()), e))?;
         let etcd_program = tools::locate("etcd", "BR2K_ETCD", &[PathBuf::from("/usr/bin/etcd")])?;
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(1))
