@@ -14,6 +14,7 @@ mod guard;
 mod http;
 pub mod inspect;
 mod leader;
+mod line_file;
 mod membership;
 mod metrics;
 pub mod outbox;
@@ -34,6 +35,7 @@ pub use data::{
 };
 pub use error::{Error, Result};
 pub use http::{IDEMPOTENCY_KEY_HEADER, INDEX_HEADER, LEADER_HEADER, REPLAYED_HEADER};
+pub use line_file::LineFile;
 pub use outbox::{
     Expected, Outbox, OutboxConfig, TxCall, TxError, TxReceipt, TxStep, VerifiedTx, Verifier, VerifyError,
 };

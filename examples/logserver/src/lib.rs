@@ -14,12 +14,10 @@
 //! The outbox stands for a system outside the service (mail, a chain): a notification is a
 //! file named by its log index, so an in-doubt one can be reconciled by looking for it.
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use br2k_replication::{AppState, Builder, Config, FilePrefix, Outcome, Replicated, Reply, Request, SnapshotBuilder};
+use br2k_replication::{AppState, Builder, Config, LineFile, Outcome, Replicated, Reply, Request, SnapshotBuilder};
 use serde::{Deserialize, Serialize};
 
 /// One entry of the log.
@@ -74,27 +72,25 @@ pub struct LogState {
 
 #[derive(Debug)]
 struct Inner {
-    file: File,
-    path: PathBuf,
+    /// The log file: it never holds half a line.
+    file: LineFile,
     entries: Vec<Entry>,
     /// Byte offset where each entry's line starts, for rollback.
     offsets: Vec<u64>,
-    len: u64,
     applied: u64,
-    /// A failed append may have left part of its line after `len`, and cutting it off
-    /// failed too: cut before the next write.
-    torn: bool,
 }
 
 impl Inner {
-    /// Cuts the file back to its last whole entry after a failed append, so that no
-    /// later line is written after half a line.
-    fn cut_torn_tail(&mut self) -> std::io::Result<()> {
-        if self.torn {
-            self.file.set_len(self.len)?;
-            self.torn = false;
+    /// The state of `file`, whose whole lines are `text`.
+    fn read(file: LineFile, text: &str) -> anyhow::Result<Self> {
+        let (mut entries, mut offsets, mut len) = (Vec::new(), Vec::new(), 0u64);
+        for (entry, line_len) in parse_lines(file.path(), text)? {
+            offsets.push(len);
+            len += line_len;
+            entries.push(entry);
         }
-        Ok(())
+        let applied = entries.last().map_or(0, |e| e.index);
+        Ok(Self { file, entries, offsets, applied })
     }
 }
 
@@ -103,27 +99,13 @@ impl LogState {
     ///
     /// # Errors
     /// When the files cannot be created or read, or a line of the log is not an entry
-    /// (a torn last line, from a crash in the middle of a write, is dropped).
+    /// (a torn last line, from a crash in the middle of a write, is cut off).
     pub fn open(data_dir: &Path, outbox: &Path) -> anyhow::Result<Self> {
         std::fs::create_dir_all(data_dir)?;
         std::fs::create_dir_all(outbox)?;
         let path = data_dir.join(LOG_FILE);
-        let text = match std::fs::read_to_string(&path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => return Err(anyhow::anyhow!("cannot read {}: {e}", path.display())),
-        };
-        let (mut entries, mut offsets, mut len) = (Vec::new(), Vec::new(), 0u64);
-        for (entry, line_len) in parse_lines(&path, &text)? {
-            offsets.push(len);
-            len += line_len;
-            entries.push(entry);
-        }
-        let file = OpenOptions::new().create(true).append(true).open(&path)?;
-        file.set_len(len)?;
-        let applied = entries.last().map_or(0, |e| e.index);
-        let inner = Inner { file, path, entries, offsets, len, applied, torn: false };
-        Ok(Self { inner: Mutex::new(inner), outbox: outbox.to_owned() })
+        let (file, text) = LineFile::open(&path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+        Ok(Self { inner: Mutex::new(Inner::read(file, &text)?), outbox: outbox.to_owned() })
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -137,28 +119,18 @@ impl LogState {
 
     /// Where the log file is.
     pub fn path(&self) -> PathBuf {
-        self.lock().path.clone()
+        self.lock().file.path().to_owned()
     }
 
-    /// Appends `entry`. On a full disk the write may take part of the line before it
-    /// fails: the file is cut back to the last whole entry, and the error returned (a
-    /// local fault: the runtime tries the entry again once there is room).
+    /// Appends `entry`. A write a full disk cuts off leaves the log as it was and returns
+    /// the error (a local fault: the runtime applies the entry again once there is room).
     fn append(&self, entry: Entry) -> std::io::Result<usize> {
         let mut inner = self.lock();
-        inner.cut_torn_tail()?;
         let index = entry.index;
         let mut line = serde_json::to_vec(&entry).expect("entries serialize");
         line.push(b'\n');
-        if let Err(e) = inner.file.write_all(&line) {
-            inner.torn = true;
-            if let Err(cut) = inner.cut_torn_tail() {
-                tracing::error!(error = %cut, "could not cut a failed append back; the next append tries again");
-            }
-            return Err(e);
-        }
-        let offset = inner.len;
+        let offset = inner.file.append(&line)?;
         inner.offsets.push(offset);
-        inner.len += line.len() as u64;
         inner.entries.push(entry);
         inner.applied = index;
         Ok(inner.entries.len() - 1)
@@ -172,10 +144,9 @@ impl LogState {
             return Ok(());
         }
         let len = inner.offsets[keep];
-        inner.file.set_len(len)?;
+        inner.file.truncate(len)?;
         inner.entries.truncate(keep);
         inner.offsets.truncate(keep);
-        inner.len = len;
         inner.applied = inner.entries.last().map_or(0, |e| e.index);
         Ok(())
     }
@@ -191,15 +162,14 @@ impl AppState for LogState {
     }
 
     async fn persist(&self) -> std::io::Result<()> {
-        let file = self.lock().file.try_clone()?;
+        let file = self.lock().file.handle()?;
         tokio::task::spawn_blocking(move || file.sync_data()).await.map_err(std::io::Error::other)?
     }
 
-    /// The log is append-only below the applied index, so its first `len` bytes are the
-    /// state at that index for good: the capture is a length and an open file.
+    /// The log is append-only below the applied index, so its first bytes are the state at
+    /// that index for good: the capture is a length and an open file.
     fn snapshot(&self) -> std::io::Result<Box<dyn SnapshotBuilder>> {
-        let inner = self.lock();
-        Ok(Box::new(FilePrefix::capture(&inner.path, inner.len)?))
+        Ok(Box::new(self.lock().file.capture()?))
     }
 
     /// Checks that the snapshot is a whole log (complete lines, indexes increasing), then
@@ -215,7 +185,7 @@ impl AppState for LogState {
     }
 }
 
-/// The first `len` bytes of the log file as it was captured.
+/// The log `snapshot` holds, checked, written in place of `log`.
 fn restore_log(snapshot: &Path, log: &Path) -> std::io::Result<Inner> {
     let invalid = |reason: String| std::io::Error::new(std::io::ErrorKind::InvalidData, reason);
     let text = std::fs::read_to_string(snapshot)?;
@@ -226,22 +196,7 @@ fn restore_log(snapshot: &Path, log: &Path) -> std::io::Result<Inner> {
     if let Some(pair) = lines.windows(2).find(|pair| pair[0].0.index >= pair[1].0.index) {
         return Err(invalid(format!("indexes out of order: {} then {}", pair[0].0.index, pair[1].0.index)));
     }
-    let temp = log.with_extension("jsonl.restoring");
-    std::fs::copy(snapshot, &temp)?;
-    File::open(&temp)?.sync_all()?;
-    std::fs::rename(&temp, log)?;
-    if let Some(dir) = log.parent() {
-        File::open(dir)?.sync_all()?;
-    }
-    let (mut entries, mut offsets, mut len) = (Vec::new(), Vec::new(), 0u64);
-    for (entry, line_len) in lines {
-        offsets.push(len);
-        len += line_len;
-        entries.push(entry);
-    }
-    let file = OpenOptions::new().append(true).open(log)?;
-    let applied = entries.last().map_or(0, |e| e.index);
-    Ok(Inner { file, path: log.to_owned(), entries, offsets, len, applied, torn: false })
+    Inner::read(LineFile::create(log, &text)?, &text).map_err(|e| invalid(format!("{e:#}")))
 }
 
 #[derive(Deserialize)]

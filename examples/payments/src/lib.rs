@@ -19,15 +19,13 @@
 //! deposited: the testbed's check.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use alloy::primitives::{Address, B256, U256};
 use alloy::sol_types::{SolCall, SolEvent};
 use br2k_replication::{
-    AppState, Builder, Config, Expected, Failure, FilePrefix, Outcome, Replicated, Reply, Request, SnapshotBuilder,
+    AppState, Builder, Config, Expected, Failure, LineFile, Outcome, Replicated, Reply, Request, SnapshotBuilder,
     TxCall, TxError,
 };
 use serde::{Deserialize, Serialize};
@@ -148,28 +146,23 @@ pub struct Ledger {
 
 #[derive(Debug)]
 struct Inner {
-    file: File,
-    path: PathBuf,
+    /// The ledger file: it never holds half a line.
+    file: LineFile,
     /// Byte offset and log index of each line, for rollback.
     lines: Vec<(u64, u64)>,
-    len: u64,
     applied: u64,
     accounts: BTreeMap<Address, Account>,
     deposits: HashSet<B256>,
-    /// A failed write may have left part of its line after `len`, and cutting it off
-    /// failed too: cut before the next write.
-    torn: bool,
 }
 
 impl Inner {
-    /// Cuts the file back to its last whole line after a failed write, so that no later
-    /// line is written after half a line.
-    fn cut_torn_tail(&mut self) -> std::io::Result<()> {
-        if self.torn {
-            self.file.set_len(self.len)?;
-            self.torn = false;
-        }
-        Ok(())
+    /// The ledger `file` holds, whose whole lines are `text`.
+    fn read(file: LineFile, text: &str) -> anyhow::Result<Self> {
+        let parsed = parse_lines(file.path(), text)?;
+        let mut inner =
+            Self { file, lines: Vec::new(), applied: 0, accounts: BTreeMap::new(), deposits: HashSet::new() };
+        inner.rebuild(&parsed);
+        Ok(inner)
     }
 
     fn apply(&mut self, line: &Line) {
@@ -196,7 +189,6 @@ impl Inner {
             len += line_len;
             self.apply(line);
         }
-        self.len = len;
     }
 }
 
@@ -226,25 +218,8 @@ impl Ledger {
     pub fn open(data_dir: &Path, settings: Settings) -> anyhow::Result<Self> {
         std::fs::create_dir_all(data_dir)?;
         let path = data_dir.join(LEDGER_FILE);
-        let text = match std::fs::read_to_string(&path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => anyhow::bail!("cannot read {}: {e}", path.display()),
-        };
-        let parsed = parse_lines(&path, &text)?;
-        let file = OpenOptions::new().create(true).append(true).open(&path)?;
-        let mut inner = Inner {
-            file,
-            path,
-            lines: Vec::new(),
-            len: 0,
-            applied: 0,
-            accounts: BTreeMap::new(),
-            deposits: HashSet::new(),
-            torn: false,
-        };
-        inner.rebuild(&parsed);
-        inner.file.set_len(inner.len)?;
+        let (file, text) = LineFile::open(&path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+        let inner = Inner::read(file, &text)?;
         Ok(Self { inner: Mutex::new(inner), settings, reserved: Mutex::new(HashMap::new()) })
     }
 
@@ -262,24 +237,15 @@ impl Ledger {
         self.settings
     }
 
-    /// Appends `line` and applies it. On a full disk the write may take part of the line
-    /// before it fails: the file is cut back to the last whole line, the view is left as
-    /// it was, and the error returned (a local fault: the runtime tries again).
+    /// Appends `line` and applies it. A write a full disk cuts off leaves the ledger as it
+    /// was and returns the error (a local fault: the runtime tries again once there is
+    /// room).
     fn push(&self, line: &Line) -> std::io::Result<()> {
         let mut inner = self.lock();
-        inner.cut_torn_tail()?;
         let mut bytes = serde_json::to_vec(line).expect("lines serialize");
         bytes.push(b'\n');
-        if let Err(e) = inner.file.write_all(&bytes) {
-            inner.torn = true;
-            if let Err(cut) = inner.cut_torn_tail() {
-                tracing::error!(error = %cut, "could not cut a failed ledger write back; the next write tries again");
-            }
-            return Err(e);
-        }
-        let offset = inner.len;
+        let offset = inner.file.append(&bytes)?;
         inner.lines.push((offset, line.index));
-        inner.len += bytes.len() as u64;
         inner.apply(line);
         Ok(())
     }
@@ -289,9 +255,9 @@ impl Ledger {
         let mut inner = self.lock();
         let Some(keep) = inner.lines.iter().position(|&(_, i)| i >= index) else { return Ok(()) };
         let len = inner.lines[keep].0;
-        inner.file.set_len(len)?;
-        let text = std::fs::read_to_string(&inner.path)?;
-        let parsed = parse_lines(&inner.path, &text).map_err(std::io::Error::other)?;
+        inner.file.truncate(len)?;
+        let text = std::fs::read_to_string(inner.file.path())?;
+        let parsed = parse_lines(inner.file.path(), &text).map_err(std::io::Error::other)?;
         inner.rebuild(&parsed);
         Ok(())
     }
@@ -328,15 +294,14 @@ impl AppState for Ledger {
     }
 
     async fn persist(&self) -> std::io::Result<()> {
-        let file = self.lock().file.try_clone()?;
+        let file = self.lock().file.handle()?;
         tokio::task::spawn_blocking(move || file.sync_data()).await.map_err(std::io::Error::other)?
     }
 
     /// The file is append-only below the applied index: its first `len` bytes are the
     /// state at that index for good.
     fn snapshot(&self) -> std::io::Result<Box<dyn SnapshotBuilder>> {
-        let inner = self.lock();
-        Ok(Box::new(FilePrefix::capture(&inner.path, inner.len)?))
+        Ok(Box::new(self.lock().file.capture()?))
     }
 
     async fn restore(&self, file: &Path) -> std::io::Result<()> {
@@ -345,15 +310,10 @@ impl AppState for Ledger {
         if !text.is_empty() && !text.ends_with('\n') {
             return Err(invalid(anyhow::anyhow!("the snapshot ends with a torn line")));
         }
-        let parsed = parse_lines(file, &text).map_err(invalid)?;
+        parse_lines(file, &text).map_err(invalid)?;
         let mut inner = self.lock();
-        let fresh = inner.path.with_extension("restoring");
-        std::fs::write(&fresh, &text)?;
-        File::open(&fresh)?.sync_all()?;
-        std::fs::rename(&fresh, &inner.path)?;
-        inner.file = OpenOptions::new().append(true).open(&inner.path)?;
-        inner.torn = false;
-        inner.rebuild(&parsed);
+        let replaced = LineFile::create(inner.file.path(), &text)?;
+        *inner = Inner::read(replaced, &text).map_err(invalid)?;
         Ok(())
     }
 }
