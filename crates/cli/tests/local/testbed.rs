@@ -3,6 +3,34 @@
 
 use crate::{br2k, logserver, one_at_a_time, payments};
 
+/// A short `br2k testbed` of 3 users sending `requests` each at 5/s, with `fault` on
+/// `target` after every wait in `timing[0]` for `timing[1]` seconds, snapshots every 20
+/// entries; asserts it passed and returns its JSON report and its stdout.
+fn testbed(
+    dir: &std::path::Path,
+    fault: &str,
+    target: &str,
+    seed: &str,
+    requests: &str,
+    timing: [&str; 2],
+) -> (serde_json::Value, String) {
+    let json = dir.join(format!("{fault}-{target}.json"));
+    let output = br2k()
+        .args(["testbed", "--users", "3", "--requests", requests, "--rate", "5", "--interval", timing[0]])
+        .args(["--duration", timing[1], "--election-timeout", "500", "--fault", fault, "--target", target])
+        .args(["--seed", seed, "--give-up-after", "60", "--snapshot-interval", "20", "--trailing-entries", "5"])
+        .arg("--app")
+        .arg(logserver())
+        .arg("--json-out")
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{fault}/{target} failed:\n{stdout}\n{stderr}");
+    (serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap(), stdout)
+}
+
 #[test]
 fn every_fault_kind_on_both_targets_loses_and_duplicates_nothing() {
     let _turn = one_at_a_time();
@@ -11,24 +39,9 @@ fn every_fault_kind_on_both_targets_loses_and_duplicates_nothing() {
     for fault in ["partition", "pause", "kill", "wipe"] {
         for target in ["leader", "random"] {
             seed += 1;
-            let json = dir.path().join(format!("{fault}-{target}.json"));
             // Small snapshot intervals, so that a short run compacts its log and a wiped
             // node must catch up from a peer's snapshot.
-            let output = br2k()
-                .args(["testbed", "--users", "3", "--requests", "30", "--rate", "5", "--interval", "1.5..2.5"])
-                .args(["--duration", "2", "--election-timeout", "500", "--fault", fault, "--target", target])
-                .args(["--seed", &seed.to_string(), "--give-up-after", "60"])
-                .args(["--snapshot-interval", "20", "--trailing-entries", "5"])
-                .arg("--app")
-                .arg(logserver())
-                .arg("--json-out")
-                .arg(&json)
-                .output()
-                .unwrap();
-            let stdout = String::from_utf8_lossy(&output.stdout);
-            let stderr = String::from_utf8_lossy(&output.stderr);
-            assert!(output.status.success(), "{fault}/{target} failed:\n{stdout}\n{stderr}");
-            let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+            let (report, stdout) = testbed(dir.path(), fault, target, &seed.to_string(), "30", ["1.5..2.5", "2"]);
             let context = format!("{fault}/{target}:\n{stdout}");
             assert_eq!(report["passed"], true, "{context}");
             assert_eq!(report["requests"]["lost"], 0, "{context}");
@@ -61,23 +74,9 @@ fn a_disk_that_fills_on_either_target_loses_nothing_and_the_report_says_how_long
     let _turn = one_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     for (target, seed) in [("leader", "31"), ("random", "32")] {
-        let json = dir.path().join(format!("disk-full-{target}.json"));
         // A fault of 8 s: what is left of the log file's last page takes a few seconds of
         // appends before the first one fails, as on any full disk.
-        let output = br2k()
-            .args(["testbed", "--users", "3", "--requests", "60", "--rate", "5", "--interval", "1..2"])
-            .args(["--duration", "8", "--election-timeout", "500", "--fault", "disk-full", "--target", target])
-            .args(["--seed", seed, "--give-up-after", "60", "--snapshot-interval", "20", "--trailing-entries", "5"])
-            .arg("--app")
-            .arg(logserver())
-            .arg("--json-out")
-            .arg(&json)
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(output.status.success(), "disk-full/{target} failed:\n{stdout}\n{stderr}");
-        let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        let (report, stdout) = testbed(dir.path(), "disk-full", target, seed, "60", ["1..2", "8"]);
         let context = format!("disk-full/{target}:\n{stdout}");
         assert_eq!(report["passed"], true, "{context}");
         assert_eq!(report["requests"]["lost"], 0, "{context}");
