@@ -744,7 +744,17 @@ impl Segment {
         if let (Some(carrier), Some(done), Some(written)) = (carrier, done, recorded?) {
             carrier.done(done, written);
         }
-        persisted.map_err(Error::Persist)?;
+        if let Err(e) = persisted {
+            // The outcomes stand (another replica applies them), but this state is not
+            // durable past the last persist that passed, the one before this segment: the
+            // LPI record says no more, for compaction once another replica leads.
+            let durable = items[from].index - 1;
+            let key = keys.lpi(&runtime.config.replica);
+            if let Err(put) = runtime.store().put(&key, durable.to_string()).await {
+                tracing::warn!(error = %put, "could not set this replica's LPI back after a failed persist");
+            }
+            return Err(Error::Persist(e));
+        }
         let mut applied_any = false;
         for (position, item) in items.iter().enumerate().take(to).skip(from) {
             let route = runtime.route_of(&item.entry.method, &item.entry.path).expect("declared");

@@ -113,6 +113,37 @@ async fn a_leader_whose_disk_fills_ends_its_term_and_no_answer_is_the_fault() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_leader_whose_fsync_fails_ends_its_term_and_its_lpi_says_no_more_than_it_made_durable() {
+    let c = Cluster::start(false).await;
+    let l = c.leader(None).await;
+    assert_eq!(c.post(l, "/append", "durable", Some("k-1")).await.status(), 200);
+    c.replicas[l].state.fsync_fails.store(true, Ordering::SeqCst);
+
+    // The outcome is recorded while the state is persisted: it stands, but the client is
+    // not answered by a leader that could not make it durable.
+    let first = c.post(l, "/append", "unsynced", Some("k-2")).await;
+    assert_eq!(first.status(), 503, "{}", first.text().await.unwrap());
+    let l2 = c.leader(Some(l)).await;
+    assert_ne!(l2, l);
+    let retry = c.post_to_leader("/append", "unsynced", Some("k-2")).await;
+    assert_eq!((retry.status().as_u16(), index_of(&retry)), (200, 2), "the retry gets the recorded answer");
+    assert!(c.counter(&format!("lpi/r{l}")).await <= 1, "the old leader's LPI says more than it made durable");
+    eventually("the old leader says its state cannot be persisted", async || {
+        c.replicas[l].status().fault.is_some_and(|f| f.reason.contains("could not persist"))
+    })
+    .await;
+
+    c.replicas[l].state.fsync_fails.store(false, Ordering::SeqCst);
+    let expected = crate::harness::entries(&[(1, "durable"), (2, "unsynced")]);
+    c.converged(&expected).await;
+    eventually("the old leader's LPI reaches the log's end once it persists", async || {
+        c.counter(&format!("lpi/r{l}")).await == 2
+    })
+    .await;
+    eventually("the old leader is healthy again", async || health(&c, l).await.0 == 200).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_replica_whose_answer_differs_from_the_recorded_one_raises_the_divergence_alarm_and_stops() {
     let mut c = Cluster::start(false).await;
     let l = c.leader(None).await;

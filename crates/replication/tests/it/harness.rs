@@ -48,6 +48,8 @@ pub(crate) struct Journal {
     writes_left: AtomicU64,
     /// Writes refused for lack of room.
     pub(crate) refused_writes: AtomicU64,
+    /// While set, `persist` fails with EIO, as an fsync on a failing disk does.
+    pub(crate) fsync_fails: AtomicBool,
     /// While set, `/append` answers with this replica's own text (a handler that is not
     /// deterministic).
     pub(crate) nondeterministic: Mutex<Option<String>>,
@@ -68,6 +70,7 @@ impl Journal {
             hang_armed: AtomicBool::new(false),
             writes_left: AtomicU64::new(u64::MAX),
             refused_writes: AtomicU64::new(0),
+            fsync_fails: AtomicBool::new(false),
             nondeterministic: Mutex::new(None),
         }
     }
@@ -118,6 +121,13 @@ impl Journal {
 impl AppState for Journal {
     fn applied_index(&self) -> u64 {
         self.entries.lock().unwrap().last().map_or(0, |e| e.0)
+    }
+
+    async fn persist(&self) -> std::io::Result<()> {
+        if self.fsync_fails.load(Ordering::SeqCst) {
+            return Err(std::io::Error::from_raw_os_error(5)); // EIO
+        }
+        Ok(())
     }
 
     fn snapshot(&self) -> std::io::Result<Box<dyn SnapshotBuilder>> {
