@@ -744,16 +744,10 @@ impl Segment {
         if let (Some(carrier), Some(done), Some(written)) = (carrier, done, recorded?) {
             carrier.done(done, written);
         }
+        // The state is durable up to the segment before this one (its persist passed).
+        let durable = items[from].index - 1;
         if let Err(e) = persisted {
-            // The outcomes stand (another replica applies them), but this state is not
-            // durable past the last persist that passed, the one before this segment: the
-            // LPI record says no more, for compaction once another replica leads.
-            let durable = items[from].index - 1;
-            let key = keys.lpi(&runtime.config.replica);
-            if let Err(put) = runtime.store().put(&key, durable.to_string()).await {
-                tracing::warn!(error = %put, "could not set this replica's LPI back after a failed persist");
-            }
-            return Err(Error::Persist(e));
+            return Err(persist_failed(runtime, durable, e).await);
         }
         let mut applied_any = false;
         for (position, item) in items.iter().enumerate().take(to).skip(from) {
@@ -765,8 +759,8 @@ impl Segment {
                 applied_any = true;
             }
         }
-        if applied_any {
-            runtime.state.persist().await.map_err(Error::Persist)?;
+        if applied_any && let Err(e) = runtime.state.persist().await {
+            return Err(persist_failed(runtime, durable, e).await);
         }
         let applied = runtime.state.applied_index();
         runtime.set_status(|s| {
@@ -776,6 +770,17 @@ impl Segment {
         });
         Ok(())
     }
+}
+
+/// A leader's persist failed: the outcomes it recorded stand (another replica applies
+/// them), but its state is durable only up to `durable`, so its LPI record says no more
+/// (compaction reads it once another replica leads). The error ends the term.
+async fn persist_failed<S: AppState>(runtime: &Runtime<S>, durable: u64, error: std::io::Error) -> Error {
+    let key = runtime.keys.lpi(&runtime.config.replica);
+    if let Err(put) = runtime.store().put(&key, durable.to_string()).await {
+        tracing::warn!(error = %put, "could not set this replica's LPI back after a failed persist");
+    }
+    Error::Persist(error)
 }
 
 async fn process<S: AppState>(
