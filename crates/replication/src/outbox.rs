@@ -54,6 +54,22 @@ const FIRST_POLL: Duration = Duration::from_millis(20);
 /// The wait between receipt polls of a transaction that was not mined at once.
 const POLL_EVERY: Duration = Duration::from_millis(250);
 
+/// What the chain says of a record's attempts.
+enum Mined {
+    /// None has a receipt (none mined, or its block was reorganised away).
+    No,
+    /// One was mined, in `block`, but is not yet `confirmations` deep: it is ours, so the
+    /// nonce is never taken for a stranger's.
+    Shallow {
+        /// The mined attempt.
+        hash: B256,
+        /// Its block.
+        block: u64,
+    },
+    /// One is mined `confirmations` deep: settled.
+    Confirmed(TxSettled),
+}
+
 /// How long the record's nonce must look spent with no receipt of any of its versions
 /// before the outbox believes a transaction it did not send took the nonce.
 const FOREIGN_SPEND_AFTER: Duration = Duration::from_secs(3);
@@ -531,7 +547,7 @@ impl Outbox {
         loop {
             // Any version mined?
             match self.mined(record).await {
-                Ok(Some(settled)) => {
+                Ok(Mined::Confirmed(settled)) => {
                     record.settled = Some(settled.clone());
                     let write =
                         self.store.authority_write(&self.term, vec![Op::Put(key.to_owned(), data::encode(&*record))]);
@@ -543,7 +559,24 @@ impl Outbox {
                     info!(index = self.index, nonce = record.nonce, hash = %settled.hash, success = settled.success, "transaction settled");
                     return Ok(settled);
                 }
-                Ok(None) => {
+                Ok(Mined::Shallow { hash, block }) => {
+                    // Ours was mined: the nonce is spent by us, whatever happens next. It
+                    // counts once it is deep enough; a reorg that drops it sends us back to
+                    // rebroadcasting the same stored bytes. Nothing to bump or resend now.
+                    spent_without_receipt = None;
+                    debug!(index = self.index, nonce = record.nonce, %hash, block, "mined, waiting for confirmations");
+                    last_error = format!("{hash} mined in block {block}, not yet {} deep", config.confirmations);
+                    if Instant::now() >= deadline {
+                        return Err(TxError::InDoubt(format!(
+                            "nonce {} not settled within {:?}: {last_error}",
+                            record.nonce, config.settle_within
+                        )));
+                    }
+                    tokio::time::sleep(poll).await;
+                    poll = (poll * 2).min(POLL_EVERY);
+                    continue;
+                }
+                Ok(Mined::No) => {
                     // Spent, by a transaction that is none of ours: ours can never be mined.
                     // Only believed once it has held for a while: a node shows the
                     // account's new nonce a moment before the receipt of the block that
@@ -628,8 +661,8 @@ impl Outbox {
         }
     }
 
-    /// The settled form of whichever attempt was mined and is confirmed, if one is.
-    async fn mined(&self, record: &TxRecord) -> Result<Option<TxSettled>, String> {
+    /// Whether one of the record's attempts has a receipt, and how deep it is.
+    async fn mined(&self, record: &TxRecord) -> Result<Mined, String> {
         for attempt in &record.attempts {
             let found: Option<TransactionReceipt> = self
                 .rpc("read a receipt", self.chain.provider.get_transaction_receipt(attempt.hash).into_future())
@@ -642,16 +675,16 @@ impl Outbox {
                 .await
                 .map_err(|e| e.to_string())?;
             if head + 1 < block + self.chain.config.confirmations {
-                return Ok(None);
+                return Ok(Mined::Shallow { hash: attempt.hash, block });
             }
-            return Ok(Some(TxSettled {
+            return Ok(Mined::Confirmed(TxSettled {
                 hash: attempt.hash,
                 block,
                 success: found.status(),
                 gas_used: found.gas_used,
             }));
         }
-        Ok(None)
+        Ok(Mined::No)
     }
 
     /// Whether the chain has mined a transaction at `nonce` (`None`: it did not answer).

@@ -30,9 +30,15 @@ struct Payments {
 
 impl Payments {
     async fn start() -> Self {
+        Self::on_chain(1, 1).await
+    }
+
+    /// Three replicas on an anvil mining a block every `block_time` seconds, payouts and
+    /// deposits settled `confirmations` blocks deep.
+    async fn on_chain(block_time: u64, confirmations: u64) -> Self {
         let anvil = Anvil::builder()
             .arg("--block-time")
-            .arg("1")
+            .arg(block_time.to_string())
             .spawn()
             .expect("anvil starts (run `bash tools/setup.sh` if it is missing)");
         let etcd = EtcdCluster::spawn().expect("etcd starts (run `bash tools/setup.sh` if it is missing)");
@@ -42,7 +48,7 @@ impl Payments {
         let token = PaymentToken::deploy(&deployer).await.unwrap();
         let service_address = anvil.address(SERVICE_KEY);
         token.mint(service_address, U256::from(1_000_000)).send().await.unwrap().get_receipt().await.unwrap();
-        let settings = Settings { token: *token.address(), service: service_address, confirmations: 1 };
+        let settings = Settings { token: *token.address(), service: service_address, confirmations };
         let (mut urls, mut ledgers, mut dirs, mut replicas) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for i in 0..3 {
             let dir = tempfile::tempdir().unwrap();
@@ -62,7 +68,9 @@ impl Payments {
                 follow_poll: Duration::from_millis(200),
                 ..Timings::default()
             };
-            config.outbox = Some(OutboxConfig::new(anvil.endpoint(), anvil.key(SERVICE_KEY)));
+            let mut outbox = OutboxConfig::new(anvil.endpoint(), anvil.key(SERVICE_KEY));
+            outbox.confirmations = confirmations;
+            config.outbox = Some(outbox);
             let ledger = Ledger::open(&dir.path().join("ledger"), settings).unwrap();
             let replica = service(config, OPERATOR.into()).build(ledger).unwrap();
             ledgers.push(replica.state());
@@ -177,4 +185,39 @@ async fn grants_payouts_and_deposits_keep_every_ledger_equal_to_the_chain() {
         1,
         "one payout, one transaction"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn payouts_on_a_chain_of_two_second_blocks_at_three_confirmations_are_each_paid_once_and_answered() {
+    // A chain like a real one: a payout is mined a block or two after it is sent, and
+    // counts as settled only 3 blocks deep. Mined-but-shallow is ours, never a stranger's.
+    let p = Payments::on_chain(2, 3).await;
+    let user = p.anvil.address(USER_KEY);
+    let grant = serde_json::json!({ "user": user, "amount": "1000" });
+    assert_eq!(p.send("/grants", grant, "g", true).await.0, 200);
+    let payouts = (0..10).map(|n| {
+        let payout = serde_json::json!({ "user": user, "amount": "10" });
+        let key = format!("deep-{n}");
+        let p = &p;
+        async move { p.send("/payouts", payout, &key, false).await }
+    });
+    let answers = futures::future::join_all(payouts).await;
+    let mut hashes = std::collections::HashSet::new();
+    for (status, answer) in &answers {
+        assert_eq!(*status, 200, "{answer}");
+        hashes.insert(answer["payout"]["hash"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(hashes.len(), 10, "ten payouts, ten transactions");
+    let provider = ProviderBuilder::new().connect_http(p.anvil.endpoint().parse().unwrap());
+    for hash in &hashes {
+        let receipt = provider.get_transaction_receipt(hash.parse().unwrap()).await.unwrap().unwrap();
+        assert!(receipt.status(), "{hash} succeeded on chain");
+    }
+    assert_eq!(provider.get_transaction_count(p.anvil.address(SERVICE_KEY)).await.unwrap(), 10);
+    assert_eq!(p.balance_of(user).await, U256::from(100), "ten transfers of 10 on chain");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !p.ledgers.iter().all(|l| l.accounts().get(&user).is_some_and(|a| a.paid_out == U256::from(100))) {
+        assert!(Instant::now() < deadline, "the ledgers do not show the chain's 100 paid out");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
