@@ -544,6 +544,8 @@ impl Outbox {
         let mut last_error = String::from("not mined yet");
         let mut poll = FIRST_POLL;
         let mut spent_without_receipt: Option<Instant> = None;
+        // The attempt last seen mined (not yet deep enough), if one was.
+        let mut seen_mined: Option<B256> = None;
         loop {
             // Any version mined?
             match self.mined(record).await {
@@ -564,6 +566,9 @@ impl Outbox {
                     // counts once it is deep enough; a reorg that drops it sends us back to
                     // rebroadcasting the same stored bytes. Nothing to bump or resend now.
                     spent_without_receipt = None;
+                    seen_mined = Some(hash);
+                    // A bump is due only once it has lingered unmined that long again.
+                    last_attempt_at = Instant::now();
                     debug!(index = self.index, nonce = record.nonce, %hash, block, "mined, waiting for confirmations");
                     last_error = format!("{hash} mined in block {block}, not yet {} deep", config.confirmations);
                     if Instant::now() >= deadline {
@@ -577,6 +582,14 @@ impl Outbox {
                     continue;
                 }
                 Ok(Mined::No) => {
+                    if let Some(hash) = seen_mined.take() {
+                        // Its block was reorganised away before it was deep enough: send
+                        // the same stored bytes again, now (the same nonce, the same
+                        // transaction), until one of its attempts is deep enough again.
+                        warn!(index = self.index, nonce = record.nonce, %hash,
+                            "a reorg dropped the block holding the transaction; broadcasting it again");
+                        last_broadcast = None;
+                    }
                     // Spent, by a transaction that is none of ours: ours can never be mined.
                     // Only believed once it has held for a while: a node shows the
                     // account's new nonce a moment before the receipt of the block that

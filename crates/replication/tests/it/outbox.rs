@@ -218,6 +218,65 @@ async fn a_lingering_transaction_is_replaced_at_the_same_nonce_up_to_the_fee_cap
     assert_eq!(on_chain(&anvil, to, service).await, (U256::from(PAYMENT_WEI), 1), "one of the versions, once");
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_payment_whose_block_is_reorganised_away_before_it_is_deep_enough_is_sent_again_and_paid_once() {
+    let anvil = unmined_anvil();
+    // Shallow for longer than the outbox waits before it believes a stranger spent the
+    // nonce, and than it waits before it replaces a lingering transaction: neither may
+    // happen to a transaction of ours that was mined.
+    let c = paying_cluster(&anvil, |outbox| {
+        outbox.confirmations = 3;
+        outbox.settle_within = Duration::from_secs(60);
+        outbox.bump_after = Duration::from_secs(3);
+    })
+    .await;
+    let service = anvil.address(SERVICE_KEY);
+    let to = PrivateKeySigner::random().address();
+    let provider = ProviderBuilder::new().connect_http(anvil.endpoint().parse().unwrap());
+    let mine = async |blocks: u64| {
+        for _ in 0..blocks {
+            let _: serde_json::Value = provider.raw_request("evm_mine".into(), ()).await.unwrap();
+        }
+    };
+    let l = c.leader(None).await;
+    let paying = c.send_in_background(l, "/pay", to, "reorg");
+    // Stored, then broadcast: in the pool.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let hash = loop {
+        if let Some(record) = records(&c, 1).await.first() {
+            let hash = record.attempts[0].hash;
+            if provider.get_transaction_by_hash(hash).await.unwrap().is_some() {
+                break hash;
+            }
+        }
+        assert!(Instant::now() < deadline, "the payment never reached the pool");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // Mined one block deep, then that block is reorganised away (replaced by an empty one).
+    mine(1).await;
+    assert!(provider.get_transaction_receipt(hash).await.unwrap().is_some());
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let _: serde_json::Value = provider.raw_request("anvil_reorg".into(), (1u64, Vec::<()>::new())).await.unwrap();
+    assert!(provider.get_transaction_receipt(hash).await.unwrap().is_none(), "the reorg dropped it");
+    assert_eq!(on_chain(&anvil, to, service).await, (U256::ZERO, 0));
+    // The outbox sends the same stored transaction again; three blocks settle it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while provider.get_transaction_by_hash(hash).await.unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the dropped transaction was not broadcast again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    mine(3).await;
+    let answer = paying.await.unwrap().unwrap();
+    assert_eq!(answer.status(), 200);
+    let body: serde_json::Value = answer.json().await.unwrap();
+    assert_eq!(body["hash"], serde_json::json!(hash), "the same transaction, not a new one: {body}");
+    let (again, replayed) = pay_until_answered(&c, to, "reorg", Duration::from_secs(10)).await;
+    assert_eq!((again, &replayed["hash"]), (200, &body["hash"]), "answered once: the retry gets that answer");
+    assert_eq!(on_chain(&anvil, to, service).await, (U256::from(PAYMENT_WEI), 1), "paid once");
+    let stored = records(&c, 1).await.remove(0);
+    assert_eq!(stored.attempts.len(), 1, "no replacement was signed: {stored:?}");
+}
+
 /// A TCP relay to anvil that can be cut (every connection dropped, new ones refused) and
 /// mended: the chain unreachable, for real, from the replicas' side.
 struct Relay {
