@@ -194,6 +194,11 @@ pub struct TxRecord {
     /// again, and its nonce went back to `outbox/free/`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refused: Option<String>,
+    /// Whether it was ever broadcast. Marked (in a fenced write) before the first
+    /// broadcast: a pool may hold it from then on, so its nonce is never given back, and a
+    /// leader that meets a node's error on it keeps the request in doubt, never refused.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub broadcast: bool,
 }
 
 /// A settled transaction, as a handler gets it.
@@ -483,7 +488,7 @@ impl Outbox {
             .sign(&call, nonce, gas_limit, fees.max_fee_per_gas, fees.max_priority_fee_per_gas)
             .await
             .map_err(TxError::Refused)?;
-        let record = TxRecord { nonce, call, attempts: vec![attempt], settled: None, refused: None };
+        let record = TxRecord { nonce, call, attempts: vec![attempt], settled: None, refused: None, broadcast: false };
         ops.push(Op::Put(key.to_owned(), data::encode(&record)));
         match self.store.authority_write(&self.term, ops).await {
             Ok(_) => {}
@@ -546,6 +551,9 @@ impl Outbox {
         let mut spent_without_receipt: Option<Instant> = None;
         // The attempt last seen mined (not yet deep enough), if one was.
         let mut seen_mined: Option<B256> = None;
+        // Broadcast by an earlier run (a dead leader, an earlier attempt of this one): a
+        // pool may hold it, whatever a node answers now.
+        let broadcast_before = record.broadcast;
         loop {
             // Any version mined?
             match self.mined(record).await {
@@ -626,15 +634,22 @@ impl Outbox {
                 last_attempt_at = Instant::now();
             }
             if last_broadcast.is_none_or(|at| at.elapsed() >= Duration::from_secs(5)) {
+                if !record.broadcast {
+                    self.mark_broadcast(key, record).await?;
+                }
                 let latest = record.attempts.last().expect("a record holds at least one attempt");
                 match self.rpc("broadcast", self.chain.provider.send_raw_transaction(&latest.raw)).await {
                     Ok(_) => debug!(index = self.index, nonce = record.nonce, hash = %latest.hash, "broadcast"),
                     // Already in the pool, or the nonce already spent (by an attempt of
                     // ours, which the receipts will show): nothing to do.
                     Err(RpcFailure::Answered(reason)) if is_harmless(&reason) => {}
-                    Err(RpcFailure::Answered(reason)) if record.attempts.len() == 1 && last_broadcast.is_none() => {
-                        // The only version was refused: it was never in any pool. Mark it
-                        // so it is never broadcast again, and give its nonce back.
+                    Err(RpcFailure::Answered(reason))
+                        if record.attempts.len() == 1 && last_broadcast.is_none() && !broadcast_before =>
+                    {
+                        // The only version, refused at its very first broadcast: it was
+                        // never in any pool. Mark it so it is never broadcast again, and
+                        // give its nonce back. (Once broadcast, a node's "no" now proves
+                        // nothing: another pool may hold it, so it stays in doubt.)
                         if self.nonce_spent(record.nonce).await == Some(false) {
                             self.refuse(key, record, &reason).await?;
                             return Err(TxError::Refused(reason));
@@ -652,9 +667,26 @@ impl Outbox {
         }
     }
 
+    /// Marks a record broadcast, in a fenced write, before it is: from then on its nonce is
+    /// never given back.
+    async fn mark_broadcast(&self, key: &str, record: &mut TxRecord) -> Result<(), TxError> {
+        let mut marked = record.clone();
+        marked.broadcast = true;
+        match self.store.authority_write(&self.term, vec![Op::Put(key.to_owned(), data::encode(&marked))]).await {
+            Ok(_) => {
+                *record = marked;
+                Ok(())
+            }
+            Err(Error::LeadershipLost { .. }) => Err(TxError::LeadershipLost),
+            Err(e) => Err(in_doubt(e)),
+        }
+    }
+
     /// Marks a record refused and frees its nonce, in one fenced write.
     async fn refuse(&self, key: &str, record: &mut TxRecord, reason: &str) -> Result<(), TxError> {
         record.refused = Some(reason.to_owned());
+        // Refused at its first broadcast: no pool ever took it.
+        record.broadcast = false;
         let ops = vec![
             Op::Put(key.to_owned(), data::encode(&*record)),
             Op::Put(self.keys.outbox_free(record.nonce), Vec::new()),

@@ -150,6 +150,59 @@ async fn a_leader_killed_after_the_receipt_before_recording_pays_once() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_new_leader_that_meets_a_node_error_on_a_broadcast_payment_keeps_it_in_doubt_and_its_nonce() {
+    let anvil = unmined_anvil();
+    let mut c = paying_cluster(&anvil, |_| {}).await;
+    let service = anvil.address(SERVICE_KEY);
+    let (to, other) = (PrivateKeySigner::random().address(), PrivateKeySigner::random().address());
+    let provider = ProviderBuilder::new().connect_http(anvil.endpoint().parse().unwrap());
+    let l = c.leader(None).await;
+    c.replicas[l].tx_interrupt.arm(TxStep::Broadcast);
+    let first = c.send_in_background(l, "/pay", to, "k1");
+    c.replicas[l].tx_interrupt.reached.notified().await;
+    // Broadcast, in the pool. From now on the node refuses it: the service's account
+    // cannot pay for it. Then its leader dies.
+    let funds = provider.get_balance(service).await.unwrap();
+    let _: serde_json::Value = provider.raw_request("anvil_setBalance".into(), (service, U256::ZERO)).await.unwrap();
+    c.replicas[l].crash();
+    c.etcd.kill(l).unwrap();
+    if let Ok(answer) = first.await.unwrap() {
+        assert_eq!(answer.status(), 503);
+    }
+    // The next leader sends it again and the node answers "insufficient funds": a pool may
+    // still hold it, so it stays in doubt, its nonce kept.
+    let l2 = c.leader(Some(l)).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !c.replicas[l2].status().in_doubt.contains(&1) {
+        assert!(Instant::now() < deadline, "the payment was not left in doubt: {:?}", records(&c, 1).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(6)).await; // the settler meets the error again
+    let stored = records(&c, 1).await.remove(0);
+    assert!(stored.broadcast && stored.refused.is_none(), "a broadcast payment was refused: {stored:?}");
+    // Funds again, and another payment: it takes the next nonce, never the kept one.
+    let _: serde_json::Value = provider.raw_request("anvil_setBalance".into(), (service, funds)).await.unwrap();
+    let second = c.send_in_background(l2, "/pay", other, "k2");
+    let mining = tokio::spawn({
+        let provider = provider.clone();
+        async move {
+            loop {
+                let _: Result<serde_json::Value, _> = provider.raw_request("evm_mine".into(), ()).await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    });
+    let (status, paid) = pay_until_answered(&c, to, "k1", Duration::from_secs(60)).await;
+    assert_eq!((status, paid["nonce"].as_u64()), (200, Some(0)), "{paid}");
+    let answer = second.await.unwrap().unwrap();
+    let (status, other_paid) = (answer.status(), answer.json::<serde_json::Value>().await.unwrap());
+    assert_eq!((status.as_u16(), other_paid["nonce"].as_u64()), (200, Some(1)), "{other_paid}");
+    mining.abort();
+    assert_eq!(on_chain(&anvil, to, service).await, (U256::from(PAYMENT_WEI), 2), "each paid once, one nonce each");
+    assert_eq!(on_chain(&anvil, other, service).await.0, U256::from(PAYMENT_WEI));
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_stale_leader_woken_after_a_new_one_took_over_cannot_pay_twice() {
     let anvil = block_time_anvil(1);
     let mut c = paying_cluster(&anvil, |_| {}).await;
