@@ -102,7 +102,7 @@ pub struct OutboxConfig {
 impl std::fmt::Debug for OutboxConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("OutboxConfig")
-            .field("rpc_url", &self.rpc_url)
+            .field("rpc_url", &br2k_resolver::shown_endpoint(&self.rpc_url))
             .field("sender", &self.signer.address())
             .field("confirmations", &self.confirmations)
             .field("bump_after", &self.bump_after)
@@ -796,7 +796,10 @@ impl Outbox {
         action: &str,
         call: impl std::future::IntoFuture<Output = std::result::Result<T, E>>,
     ) -> Result<T, RpcFailure> {
-        let url = &self.chain.config.rpc_url;
+        // Errors reach answers, idempotency records and backups: the endpoint as it may
+        // be shown, never its path (hosted endpoints keep their API key there).
+        let url = br2k_resolver::shown_endpoint(&self.chain.config.rpc_url)
+            .unwrap_or_else(|| "the outbox's RPC endpoint".into());
         match tokio::time::timeout(self.chain.config.rpc_timeout, call.into_future()).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => {
@@ -950,7 +953,7 @@ pub struct Verifier {
 
 impl std::fmt::Debug for Verifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Verifier").field("rpc_url", &self.chain.config.rpc_url).finish()
+        f.debug_struct("Verifier").field("rpc_url", &br2k_resolver::shown_endpoint(&self.chain.config.rpc_url)).finish()
     }
 }
 
@@ -1001,5 +1004,17 @@ impl Verifier {
             return Err(VerifyError::NoEvent { hash, event, contract: expected.to });
         }
         Ok(VerifiedTx { hash, from: receipt.from, block, logs })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_outbox_config_never_prints_its_endpoints_key() {
+        let config = OutboxConfig::new("https://eth.example.io/v3/0123456789abcdef", PrivateKeySigner::random());
+        let printed = format!("{config:?}");
+        assert!(printed.contains("https://eth.example.io") && !printed.contains("0123456789abcdef"), "{printed}");
     }
 }

@@ -27,7 +27,7 @@ pub enum Error {
         "could not reach the RPC endpoint {url} while trying to {action} ({reason}): is the node running? check --rpc-url or ETH_RPC_URL"
     )]
     Unreachable {
-        /// The endpoint.
+        /// The endpoint, as it may be shown ([`shown_endpoint`]).
         url: String,
         /// What the client was doing.
         action: String,
@@ -40,7 +40,7 @@ pub enum Error {
     /// An RPC call or a transaction did not finish within its bound.
     #[error("timed out after {after:?} while trying to {action} (endpoint {url})")]
     Timeout {
-        /// The endpoint.
+        /// The endpoint, as it may be shown ([`shown_endpoint`]).
         url: String,
         /// What the client was doing.
         action: String,
@@ -50,7 +50,7 @@ pub enum Error {
     /// The node answered with an error that is not a registry revert.
     #[error("the RPC endpoint {url} refused to {action}: {source}")]
     Rpc {
-        /// The endpoint.
+        /// The endpoint, as it may be shown ([`shown_endpoint`]).
         url: String,
         /// What the client was doing.
         action: String,
@@ -146,10 +146,28 @@ impl Error {
     }
 }
 
+/// An endpoint as it may be shown (in errors, logs, answers and records): its scheme,
+/// host and port, nothing else. Hosted RPC endpoints carry an API key in their path or
+/// query, and a URL may hold a password before its host; none of that may leave the
+/// process. `None` when `url` is not a URL.
+pub fn shown_endpoint(url: &str) -> Option<String> {
+    let parsed = reqwest::Url::parse(url).ok()?;
+    let host = parsed.host_str()?;
+    Some(match parsed.port() {
+        Some(port) => format!("{}://{host}:{port}", parsed.scheme()),
+        None => format!("{}://{host}", parsed.scheme()),
+    })
+}
+
+/// [`shown_endpoint`], or words for an endpoint that is not a URL.
+pub(crate) fn shown_rpc(url: &str) -> String {
+    shown_endpoint(url).unwrap_or_else(|| "(the RPC endpoint)".into())
+}
+
 /// Turns a transport error into `Unreachable` (the request never got an answer) or `Rpc`
 /// (the node answered with an error).
 pub(crate) fn from_transport(url: &str, action: &str, source: TransportError) -> Error {
-    let (url, action) = (url.to_owned(), action.to_owned());
+    let (url, action) = (shown_rpc(url), action.to_owned());
     match &source {
         RpcError::Transport(TransportErrorKind::HttpError(_)) => Error::Rpc { url, action, source: Box::new(source) },
         RpcError::Transport(_) => {
@@ -216,5 +234,22 @@ pub fn describe_revert(revert: &ServiceRegistryErrors, name: Option<&str>) -> St
             service(&e.id),
             e.nextClaimAt
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_endpoint_is_shown_without_its_path_query_or_password() {
+        let hosted = "https://user:pw@mainnet.example.io:8443/v3/0123456789abcdef?key=secret";
+        assert_eq!(shown_endpoint(hosted).as_deref(), Some("https://mainnet.example.io:8443"));
+        assert_eq!(shown_endpoint("http://127.0.0.1:8545").as_deref(), Some("http://127.0.0.1:8545"));
+        assert_eq!(shown_endpoint("wss://node.example/ws/KEY").as_deref(), Some("wss://node.example"));
+        assert_eq!(shown_endpoint("not a url"), None);
+        let timeout = Error::Timeout { url: shown_rpc(hosted), action: "read".into(), after: Duration::from_secs(1) };
+        let text = timeout.to_string();
+        assert!(!text.contains("0123456789abcdef") && !text.contains("secret") && !text.contains("pw@"), "{text}");
     }
 }

@@ -189,16 +189,7 @@ impl AttemptFailure {
 
 /// The scheme, host and port of a location (anything after them left out).
 fn origin(location: &str) -> String {
-    reqwest::Url::parse(location)
-        .ok()
-        .and_then(|url| {
-            let host = url.host_str()?;
-            Some(match url.port() {
-                Some(port) => format!("{}://{host}:{port}", url.scheme()),
-                None => format!("{}://{host}", url.scheme()),
-            })
-        })
-        .unwrap_or_else(|| "the registered location".into())
+    crate::shown_endpoint(location).unwrap_or_else(|| "the registered location".into())
 }
 
 /// Why a [`FailoverClient::send`] gave up.
@@ -366,7 +357,7 @@ impl FailoverClient {
                     .await
                     .map_err(|_| {
                         AttemptFailure::Resolve(Error::Timeout {
-                            url: self.inner.resolver.registry().chain().url().to_owned(),
+                            url: crate::error::shown_rpc(self.inner.resolver.registry().chain().url()),
                             action: "resolve the service within the request's deadline".into(),
                             after: remaining,
                         })

@@ -271,7 +271,7 @@ impl Chain {
             Ok(receipt) => receipt,
             Err(PendingTransactionError::TxWatcher(_)) => {
                 return Err(Error::Timeout {
-                    url: self.url.clone(),
+                    url: crate::error::shown_rpc(&self.url),
                     action: format!("{action} (transaction {hash} not mined)"),
                     after: self.timeouts.tx,
                 });
@@ -293,7 +293,8 @@ impl Chain {
 }
 
 async fn bounded<T>(url: &str, action: &str, after: Duration, fut: impl IntoFuture<Output = T>) -> Result<T> {
-    tokio::time::timeout(after, fut).await.map_err(|_| Error::Timeout { url: url.into(), action: action.into(), after })
+    let timed_out = |_| Error::Timeout { url: crate::error::shown_rpc(url), action: action.into(), after };
+    tokio::time::timeout(after, fut).await.map_err(timed_out)
 }
 
 /// A mined transaction with its receipt.

@@ -157,13 +157,7 @@ impl Endpoint {
     }
 
     fn new(url: &str) -> Self {
-        let shown = match reqwest::Url::parse(url) {
-            Ok(parsed) => {
-                let port = parsed.port().map_or_else(String::new, |p| format!(":{p}"));
-                format!("{}://{}{port}", parsed.scheme(), parsed.host_str().unwrap_or("?"))
-            }
-            Err(_) => "(the RPC endpoint)".to_owned(),
-        };
+        let shown = br2k_resolver::shown_endpoint(url).unwrap_or_else(|| "(the RPC endpoint)".to_owned());
         Self { url: url.trim_end_matches('/').to_owned(), shown }
     }
 
