@@ -57,15 +57,7 @@ impl LineFile {
         if !text.is_empty() && !text.ends_with('\n') {
             return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "the text ends in the middle of a line"));
         }
-        let temp = path.with_extension("replacing");
-        let mut file = File::create(&temp)?;
-        file.write_all(text.as_bytes())?;
-        file.sync_all()?;
-        drop(file);
-        std::fs::rename(&temp, path)?;
-        if let Some(dir) = path.parent() {
-            File::open(dir)?.sync_all()?;
-        }
+        crate::snapshot::write_atomically(path, text.as_bytes())?;
         let file = OpenOptions::new().append(true).open(path)?;
         Ok(Self { file, path: path.to_owned(), len: text.len() as u64, torn: false })
     }

@@ -555,8 +555,11 @@ impl Outbox {
         // pool may hold it, whatever a node answers now.
         let broadcast_before = record.broadcast;
         loop {
-            // Any version mined?
-            match self.mined(record).await {
+            // Any version mined? While one of ours is, however shallow, nothing is bumped
+            // or resent.
+            let read = self.mined(record).await;
+            let mined_shallow = matches!(read, Ok(Mined::Shallow { .. }));
+            match read {
                 Ok(Mined::Confirmed(settled)) => {
                     record.settled = Some(settled.clone());
                     let write =
@@ -579,15 +582,6 @@ impl Outbox {
                     last_attempt_at = Instant::now();
                     debug!(index = self.index, nonce = record.nonce, %hash, block, "mined, waiting for confirmations");
                     last_error = format!("{hash} mined in block {block}, not yet {} deep", config.confirmations);
-                    if Instant::now() >= deadline {
-                        return Err(TxError::InDoubt(format!(
-                            "nonce {} not settled within {:?}: {last_error}",
-                            record.nonce, config.settle_within
-                        )));
-                    }
-                    tokio::time::sleep(poll).await;
-                    poll = (poll * 2).min(POLL_EVERY);
-                    continue;
                 }
                 Ok(Mined::No) => {
                     if let Some(hash) = seen_mined.take() {
@@ -626,14 +620,14 @@ impl Outbox {
                 )));
             }
             // Replace a lingering one at the same nonce with higher fees (until the cap).
-            if last_broadcast.is_some() && last_attempt_at.elapsed() >= config.bump_after {
+            if !mined_shallow && last_broadcast.is_some() && last_attempt_at.elapsed() >= config.bump_after {
                 if self.bump(key, record).await? {
                     last_broadcast = None;
                     poll = FIRST_POLL;
                 }
                 last_attempt_at = Instant::now();
             }
-            if last_broadcast.is_none_or(|at| at.elapsed() >= Duration::from_secs(5)) {
+            if !mined_shallow && last_broadcast.is_none_or(|at| at.elapsed() >= Duration::from_secs(5)) {
                 if !record.broadcast {
                     self.mark_broadcast(key, record).await?;
                 }
