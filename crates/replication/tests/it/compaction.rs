@@ -97,9 +97,14 @@ async fn a_dead_follower_does_not_stop_compaction_and_catches_up_from_a_snapshot
 
     c.restart_replica(f).await;
     converged_on(&c, &[0, 1, 2], &answered).await;
-    let status = c.replicas[f].status();
     assert_eq!(c.replicas[f].state.restores.load(std::sync::atomic::Ordering::SeqCst), 1);
-    assert!(status.state_version > left_at, "restored from a snapshot past {left_at}: {status:?}");
+    // The app's state is restored a moment before the status says so (the record and the
+    // lineage file are written in between): wait for the status, do not sample it.
+    eventually(&format!("r{f}'s status shows a restore past {left_at}"), async || {
+        c.replicas[f].status().state_version > left_at
+    })
+    .await;
+    let status = c.replicas[f].status();
     assert_eq!(status.role, Role::Follower);
     // And it follows from there: new requests reach it.
     answered.extend(c.load().append_many("c", 20, 2).await);
@@ -119,7 +124,8 @@ async fn a_follower_wiped_mid_run_restores_a_snapshot_and_ends_identical() {
     let answered = sending.await.unwrap();
     converged_on(&c, &[0, 1, 2], &answered).await;
     assert!(c.replicas[f].state.restores.load(std::sync::atomic::Ordering::SeqCst) >= 1);
-    assert!(c.replicas[f].status().state_version > 0);
+    eventually("the wiped follower's status shows its restore", async || c.replicas[f].status().state_version > 0)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -272,5 +278,6 @@ async fn a_restore_interrupted_by_a_crash_is_finished_at_the_next_start() {
     std::fs::write(c.snapshot_dir(f).parent().unwrap().join("journal.json"), r#"[[1,"half-restored"]]"#).unwrap();
     c.restart_replica(f).await;
     c.converged(&answered).await;
-    assert_eq!(c.replicas[f].status().state_version, index);
+    eventually("the finished restore shows in the status", async || c.replicas[f].status().state_version == index)
+        .await;
 }
