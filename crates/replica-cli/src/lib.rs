@@ -42,8 +42,16 @@ pub struct ReplicaArgs {
     #[arg(long, env = "ETH_RPC_URL", default_value = "http://127.0.0.1:8545")]
     pub rpc_url: String,
     /// This replica's operator key (hex), allowed by the manager to publish locations.
+    /// Prefer the variable or a keystore: a flag shows in the process list.
     #[arg(long, env = "ETH_PRIVATE_KEY", hide_env_values = true)]
     pub private_key: Option<String>,
+    /// The operator key from an encrypted JSON keystore (Foundry's `cast wallet import`,
+    /// geth), instead of ETH_PRIVATE_KEY.
+    #[arg(long, env = "ETH_KEYSTORE", value_name = "PATH", conflicts_with = "private_key")]
+    pub keystore: Option<PathBuf>,
+    /// A file (mode 0600) holding the keystore's password.
+    #[arg(long, env = "ETH_PASSWORD_FILE", value_name = "PATH", requires = "keystore")]
+    pub password_file: Option<PathBuf>,
     /// How often the leader condition is checked, in milliseconds.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(10..=10_000))]
     pub check_interval_ms: u64,
@@ -155,10 +163,14 @@ impl ReplicaArgs {
             tracing::warn!("no --registry (BR2K_REGISTRY): the leader's location will not be published");
             return Ok(None);
         };
-        let Some(key) = &self.private_key else {
-            bail!("--registry needs the replica's operator key: set ETH_PRIVATE_KEY (or pass --private-key)");
+        let signer = match (&self.private_key, &self.keystore) {
+            (Some(key), _) => parse_key(key, "ETH_PRIVATE_KEY / --private-key")?,
+            (None, Some(keystore)) => keystore_key(keystore, self.password_file.as_deref(), "--keystore")?,
+            (None, None) => bail!(
+                "--registry needs the replica's operator key: set ETH_PRIVATE_KEY, or pass --keystore with \
+                 --password-file"
+            ),
         };
-        let signer = parse_key(key, "ETH_PRIVATE_KEY / --private-key")?;
         let chain = Chain::connect(&self.rpc_url, Some(signer), Timeouts::default()).await?;
         let registry = chain.registry(address).await?;
         Ok(Some(Publisher::new(registry)))
@@ -173,6 +185,26 @@ pub fn parse_key(text: &str, what: &str) -> Result<PrivateKeySigner> {
     text.trim().parse().map_err(|_| anyhow::anyhow!("{what} is not a hex private key"))
 }
 
+/// A key from an encrypted JSON keystore (Foundry's `cast wallet import`, geth's
+/// `account new`), decrypted with the password in `password_file` (mode 0600); `what`
+/// names the option in errors.
+///
+/// # Errors
+/// No password file, a password file others can read, a keystore that is missing, not a
+/// keystore, or not opened by that password (the error never repeats the password).
+pub fn keystore_key(keystore: &Path, password_file: Option<&Path>, what: &str) -> Result<PrivateKeySigner> {
+    let Some(password_file) = password_file else {
+        bail!("{what} {} needs the file holding its password (mode 0600)", keystore.display());
+    };
+    let password = secret_file(password_file, "keystore password")?;
+    PrivateKeySigner::decrypt_keystore(keystore, password).map_err(|e| {
+        anyhow::anyhow!(
+            "{what} {}: cannot decrypt it ({e}): is it a keystore, and the password file its own?",
+            keystore.display()
+        )
+    })
+}
+
 /// A secret from the environment variable `env`, else from `file` (which must be mode
 /// 0600: readable by its owner only); `what` names it in errors. `None` when neither is set.
 ///
@@ -182,7 +214,15 @@ pub fn secret(env: &str, file: Option<&Path>, what: &str) -> Result<Option<Strin
     if let Ok(value) = std::env::var(env) {
         return Ok(Some(value.trim().to_owned()).filter(|v| !v.is_empty()));
     }
-    let Some(path) = file else { return Ok(None) };
+    file.map(|path| secret_file(path, what)).transpose()
+}
+
+/// The secret in `path`, which must be mode 0600 (readable by its owner only), trimmed;
+/// `what` names it in errors.
+///
+/// # Errors
+/// A file readable by others, unreadable or empty.
+pub fn secret_file(path: &Path, what: &str) -> Result<String> {
     let mode = std::os::unix::fs::PermissionsExt::mode(
         &std::fs::metadata(path)
             .with_context(|| format!("cannot read the {what} file {}", path.display()))?
@@ -201,7 +241,7 @@ pub fn secret(env: &str, file: Option<&Path>, what: &str) -> Result<Option<Strin
     if value.is_empty() {
         bail!("the {what} file {} is empty", path.display());
     }
-    Ok(Some(value.to_owned()))
+    Ok(value.to_owned())
 }
 
 /// The environment variable of the crash failpoint: see [`crash_at_tx_step`].

@@ -25,7 +25,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use br2k_oci::artifact::{Artifact, Layer};
 use br2k_oci::registry::RegistryClient;
@@ -197,7 +197,7 @@ pub(crate) async fn back_up_once<S: AppState>(runtime: &Runtime<S>, term: &Term,
         ("io.br2k.log.from".to_owned(), from.to_string()),
         ("io.br2k.replica".to_owned(), runtime.config.replica.clone()),
         ("io.br2k.epoch".to_owned(), term.epoch.to_string()),
-        ("io.br2k.created".to_owned(), unix_seconds().to_string()),
+        ("io.br2k.created".to_owned(), crate::data::unix_seconds().to_string()),
         (TALLY_ANNOTATION.to_owned(), serde_json::to_string(&before).expect("a tally serializes")),
         (TERMS_ANNOTATION.to_owned(), store.get_index(&runtime.keys.terms()).await?.to_string()),
     ]);
@@ -233,7 +233,7 @@ pub(crate) async fn back_up_once<S: AppState>(runtime: &Runtime<S>, term: &Term,
             .map_err(|e| Error::Backup(format!("record on chain: {e}")))?;
     }
     info!(index = ssi, %digest, from, "backup pushed and recorded");
-    let at = unix_seconds();
+    let at = crate::data::unix_seconds();
     let took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     runtime.set_status(|s| {
         s.backup.index = ssi;
@@ -296,7 +296,7 @@ impl<S: AppState> Runtime<S> {
                 digest: br2k_oci::image::sha256_digest(&state.bytes),
                 size: state.bytes.len() as u64,
                 replica: artifact.annotations.get("io.br2k.replica").cloned().unwrap_or_default(),
-                created_at: unix_seconds(),
+                created_at: crate::data::unix_seconds(),
             };
             let incoming = self.snapshots.incoming_path();
             tokio::fs::write(&incoming, &state.bytes)
@@ -405,8 +405,4 @@ fn repository_of(artifact: &str, host: &str) -> Option<String> {
     let (name, _digest) = artifact.split_once('@')?;
     let repository = name.strip_prefix(host)?.strip_prefix('/')?;
     (!repository.is_empty()).then(|| repository.to_owned())
-}
-
-fn unix_seconds() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }

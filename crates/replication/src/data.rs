@@ -101,6 +101,13 @@ impl Keys {
         format!("{}outbox/tx/", self.prefix)
     }
 
+    /// The request index and sequence number of an outbox record's key.
+    pub(crate) fn parse_outbox(&self, key: &[u8]) -> Option<(u64, u32)> {
+        let rest = std::str::from_utf8(key).ok()?.strip_prefix(&self.outbox_start())?;
+        let (index, seq) = rest.split_once('/')?;
+        Some((index.parse().ok()?, seq.parse().ok()?))
+    }
+
     /// The first key after every outbox record.
     pub(crate) fn outbox_end(&self) -> String {
         format!("{}outbox/tx0", self.prefix)
@@ -426,6 +433,12 @@ mod base64_bytes {
         let text = String::deserialize(deserializer)?;
         STANDARD.decode(text).map_err(serde::de::Error::custom)
     }
+}
+
+/// Seconds since the Unix epoch (0 on a clock set before it), for times shown in status
+/// and records.
+pub(crate) fn unix_seconds() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]

@@ -80,10 +80,6 @@ pub(crate) fn describe_answer(success: bool, status: u16, body: &[u8]) -> String
     format!("{outcome} {status} (body sha256 {digest}, {} bytes)", body.len())
 }
 
-fn now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
 impl<S: AppState> Runtime<S> {
     fn divergence_path(&self) -> PathBuf {
         self.config.data_dir.join(DIVERGENCE_FILE)
@@ -146,7 +142,7 @@ impl<S: AppState> Runtime<S> {
             route: format!("{} {}", entry.method, entry.path),
             recorded: describe_answer(true, recorded.status, &recorded.body),
             here: describe_answer(success, reply.status, &reply.body),
-            at: now(),
+            at: crate::data::unix_seconds(),
         };
         if let Err(e) = crate::snapshot::write_atomically(&self.divergence_path(), &crate::data::encode(&divergence)) {
             error!(replica = %self.config.replica, error = %e,
@@ -190,7 +186,7 @@ impl<S: AppState> Runtime<S> {
                 Some(stopped) if stopped.index == index => {
                     StoppedAt { reason, retries: stopped.retries + 1, ..stopped }
                 }
-                _ => StoppedAt { index, reason, since: now(), retries: 0 },
+                _ => StoppedAt { index, reason, since: crate::data::unix_seconds(), retries: 0 },
             });
         });
     }
@@ -199,7 +195,7 @@ impl<S: AppState> Runtime<S> {
     pub(crate) fn clear_fault(&self) {
         let Some(stopped) = self.status.borrow().fault.clone() else { return };
         tracing::info!(replica = %self.config.replica, index = stopped.index, retries = stopped.retries,
-            seconds = now().saturating_sub(stopped.since), "the local fault cleared: the replica goes on");
+            seconds = crate::data::unix_seconds().saturating_sub(stopped.since), "the local fault cleared: the replica goes on");
         self.set_status(|s| s.fault = None);
     }
 }

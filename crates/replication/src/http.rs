@@ -308,8 +308,7 @@ fn backup_now<S: AppState>(runtime: &Runtime<S>) -> Response {
 
 /// `GET /metrics`: the replica's metrics in Prometheus' text format.
 fn metrics<S: AppState>(runtime: &Runtime<S>) -> Response {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let text = runtime.metrics.render(&runtime.status.borrow(), now);
+    let text = runtime.metrics.render(&runtime.current_status(), crate::data::unix_seconds());
     ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
 }
 

@@ -221,7 +221,7 @@ impl LeaderTerm {
             lease: lease.clone(),
             carrier: carrier.clone(),
         };
-        let tasks = vec![
+        let mut tasks = vec![
             tokio::spawn(report(sequencer.run(submit_rx, groups_tx), failed_tx.clone())),
             tokio::spawn(report(
                 process_groups(runtime.clone(), term.clone(), groups_rx, in_flight, lease, carrier),
@@ -234,6 +234,10 @@ impl LeaderTerm {
             tokio::spawn(report(runtime.clone().settle_while_leading(term.clone()), failed_tx.clone())),
             tokio::spawn(report(crate::backup::back_up_while_leading(runtime.clone(), term), failed_tx)),
         ];
+        if let Some(chain) = runtime.chain.clone() {
+            // Best effort, never ending the term: it logs and counts what it finds.
+            tasks.push(tokio::spawn(chain.watch_finality(runtime.store().clone(), runtime.keys.clone())));
+        }
         *runtime.submit.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(submit_tx);
         Self { failed, tasks }
     }

@@ -37,7 +37,8 @@ pub use error::{Error, Result};
 pub use http::{IDEMPOTENCY_KEY_HEADER, INDEX_HEADER, LEADER_HEADER, REPLAYED_HEADER};
 pub use line_file::LineFile;
 pub use outbox::{
-    Expected, Outbox, OutboxConfig, TxCall, TxError, TxReceipt, TxStep, VerifiedTx, Verifier, VerifyError,
+    EndpointHealth, Expected, FinalityViolation, Outbox, OutboxConfig, OutboxStatus, TxCall, TxError, TxReceipt,
+    TxStep, VerifiedTx, Verifier, VerifyError,
 };
 pub use runtime::{Replicated, Role, Status};
 pub use stats::Tally;

@@ -82,6 +82,23 @@ struct RoleLabels {
     role: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointLabels {
+    /// `scheme://host:port`: never a path, which may hold an API key.
+    endpoint: String,
+}
+
+/// The outbox's series, set from its status at each scrape (counters are moved up to the
+/// totals the status holds).
+#[derive(Default)]
+struct OutboxSeries {
+    rpc_up: Family<EndpointLabels, Gauge>,
+    rpc_errors: Family<EndpointLabels, Counter>,
+    finality_violations: Counter,
+    finality_violations_open: Gauge,
+    reorg_rebroadcasts: Counter,
+}
+
 type FloatGauge = Gauge<f64, AtomicU64>;
 
 /// The gauges set from the status at each scrape.
@@ -119,6 +136,7 @@ pub(crate) struct Metrics {
     terms_led: Counter,
     local_faults: Counter,
     gauges: Gauges,
+    outbox: OutboxSeries,
     /// Encoding reads every metric: one scrape at a time.
     rendering: Mutex<()>,
 }
@@ -134,6 +152,7 @@ impl Metrics {
         let group_size = Histogram::new(exponential_buckets(1.0, 2.0, 8));
         let (leader_changes, terms_led, local_faults) = (Counter::default(), Counter::default(), Counter::default());
         let gauges = Gauges::default();
+        let outbox = OutboxSeries::default();
         let registry = &mut root;
         // prometheus-client ends each help text with a period itself.
         registry.register(
@@ -224,6 +243,31 @@ impl Metrics {
             "Seconds since the latest backup was taken (0: none yet)",
             gauges.backup_age.clone(),
         );
+        registry.register(
+            "outbox_rpc_up",
+            "1 while the outbox's RPC endpoint answers, 0 while it fails (reads go to the next one)",
+            outbox.rpc_up.clone(),
+        );
+        registry.register(
+            "outbox_rpc_errors",
+            "Calls to the outbox's RPC endpoint that failed (transport or HTTP errors, timeouts)",
+            outbox.rpc_errors.clone(),
+        );
+        registry.register(
+            "outbox_finality_violations",
+            "Transactions recorded as settled that later left the chain (a reorg deeper than the confirmation depth)",
+            outbox.finality_violations.clone(),
+        );
+        registry.register(
+            "outbox_finality_violations_open",
+            "Finality violations whose transaction is not back on chain yet",
+            outbox.finality_violations_open.clone(),
+        );
+        registry.register(
+            "outbox_reorg_rebroadcasts",
+            "Times a reorg dropped a mined, not yet confirmed transaction and the outbox broadcast it again",
+            outbox.reorg_rebroadcasts.clone(),
+        );
         Self {
             registry: root,
             requests,
@@ -233,6 +277,7 @@ impl Metrics {
             terms_led,
             local_faults,
             gauges,
+            outbox,
             rendering: Mutex::new(()),
         }
     }
@@ -294,6 +339,19 @@ impl Metrics {
         g.backup_age.set(if backup.at == 0 { 0.0 } else { now_secs.saturating_sub(backup.at) as f64 });
         set(&g.stopped_at, status.fault.as_ref().map_or(0, |f| f.index));
         set(&g.diverged_at, status.divergence.as_ref().map_or(0, |d| d.index));
+        if let Some(outbox) = &status.outbox {
+            let o = &self.outbox;
+            let catch_up = |counter: &Counter, total: u64| counter.inc_by(total.saturating_sub(counter.get()));
+            for endpoint in &outbox.endpoints {
+                let labels = EndpointLabels { endpoint: endpoint.endpoint.clone() };
+                o.rpc_up.get_or_create(&labels).set(i64::from(endpoint.healthy));
+                catch_up(&o.rpc_errors.get_or_create(&labels), endpoint.errors);
+            }
+            catch_up(&o.finality_violations, outbox.finality_violations_total);
+            let open = outbox.finality_violations.iter().filter(|v| v.back_in_block.is_none()).count();
+            set(&o.finality_violations_open, open as u64);
+            catch_up(&o.reorg_rebroadcasts, outbox.reorg_rebroadcasts);
+        }
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry);

@@ -112,6 +112,9 @@ pub struct Status {
     /// it has stopped for good and must be rebuilt (see [`Error::Diverged`]).
     #[serde(default)]
     pub divergence: Option<Divergence>,
+    /// The transaction outbox's endpoints and finality checks, when the service has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outbox: Option<crate::outbox::OutboxStatus>,
 }
 
 const fn one() -> u64 {
@@ -161,6 +164,7 @@ impl<S: AppState> Replicated<S> {
             backup: crate::backup::BackupStatus::default(),
             fault: None,
             divergence: None,
+            outbox: None,
         };
         let member =
             MemberRecord { url: config.public_url.clone(), snapshot: None, catching_up: false, diverged: None };
@@ -341,6 +345,7 @@ impl<S: AppState> Runtime<S> {
     pub(crate) fn current_status(&self) -> Status {
         let mut status = self.status.borrow().clone();
         status.pipeline = self.stats.snapshot();
+        status.outbox = self.chain.as_ref().map(|chain| chain.status());
         status
     }
 

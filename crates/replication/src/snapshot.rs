@@ -128,7 +128,14 @@ impl SnapshotStore {
         let file = out.inner.into_inner().map_err(|e| fail(&temp, e.error()))?;
         file.sync_all().map_err(|e| fail(&temp, e))?;
         drop(file);
-        let meta = SnapshotMeta { index, state_version, digest, size, replica: replica.to_owned(), created_at: now() };
+        let meta = SnapshotMeta {
+            index,
+            state_version,
+            digest,
+            size,
+            replica: replica.to_owned(),
+            created_at: crate::data::unix_seconds(),
+        };
         self.install(&temp, &meta)?;
         Ok(meta)
     }
@@ -223,10 +230,6 @@ pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()>
 
 fn fail(path: &Path, reason: impl std::fmt::Display) -> Error {
     Error::Snapshot { path: path.display().to_string(), reason: reason.to_string() }
-}
-
-fn now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]

@@ -300,9 +300,11 @@ impl Payer {
             let result = if seq % DEPOSIT_EVERY == 0 && !log.payouts.is_empty() {
                 self.deposit(&client, &token, seq).await.map(|hash| log.deposits.push(hash))
             } else {
-                let body = json(serde_json::json!({ "user": user, "amount": "1" }));
-                let payout = Request::post("/payouts", body).idempotency_key(format!("{}-{seq}", self.run_id));
-                answered(&client, &payout).await.and_then(|answer| {
+                match self.signed_payout(user, seq).await {
+                    Ok(payout) => answered(&client, &payout).await,
+                    Err(e) => Err(e),
+                }
+                .and_then(|answer| {
                     let hash = serde_json::from_value::<B256>(answer["payout"]["hash"].clone())
                         .map_err(|e| format!("the payout's answer names no transaction: {e}: {answer}"))?;
                     log.payouts.push((seq, hash));
@@ -324,6 +326,21 @@ impl Payer {
             }
         }
         log
+    }
+
+    /// A payout of one unit to `user`, signed with the user's key as a wallet would: the
+    /// service pays only what the operator or the user asked for.
+    async fn signed_payout(&self, user: Address, seq: u64) -> Result<Request, String> {
+        use alloy::signers::Signer;
+        let key = format!("{}-{seq}", self.run_id);
+        let message = br2k_payments::payout_message(self.service, user, U256::from(1), &key);
+        let signature =
+            self.key.sign_message(message.as_bytes()).await.map_err(|e| format!("signing the payout: {e}"))?;
+        let value = reqwest::header::HeaderValue::from_str(&alloy::hex::encode_prefixed(signature.as_bytes()))
+            .map_err(|e| format!("the payout's signature as a header: {e}"))?;
+        let name = reqwest::header::HeaderName::from_static("br2k-payout-signature");
+        let body = serde_json::json!({ "user": user, "amount": "1" }).to_string();
+        Ok(Request::post("/payouts", body).idempotency_key(key).header(name, value))
     }
 
     /// Sends one unit back to the service on chain and records it.

@@ -5,7 +5,7 @@
 //! | route | type | what it does |
 //! |---|---|---|
 //! | `POST /grants {"user", "amount"}` | Replication (operator token) | credits a user's account |
-//! | `POST /payouts {"user", "amount"}` | only-once, through the outbox, applied from its record | transfers `amount` tokens from the service to the user, if the account covers it; answers the transaction |
+//! | `POST /payouts {"user", "amount"}` | only-once, through the outbox, applied from its record (operator token or the user's signature) | transfers `amount` tokens from the service to the user, if the account covers it; answers the transaction |
 //! | `POST /deposits {"hash"}` | External_TXN, applied from its record | records the user's own token transfer to the service, once the chain shows it, and credits the sender |
 //! | `GET /accounts` | read | every account: granted, deposited, paid out, balance |
 //!
@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use alloy::primitives::{Address, B256, U256};
+use alloy::primitives::{Address, B256, Signature, U256};
 use alloy::sol_types::{SolCall, SolEvent};
 use br2k_replication::{
     AppState, Builder, Config, Expected, Failure, LineFile, Outcome, Replicated, Reply, Request, SnapshotBuilder,
@@ -471,14 +471,74 @@ async fn accounts(state: std::sync::Arc<Ledger>, _request: Request) -> Outcome {
     Ok(Reply::json(200, &serde_json::json!({ "applied_index": state.applied_index(), "accounts": accounts })))
 }
 
+/// The header a user's payout signature travels in: see [`payout_message`].
+pub const PAYOUT_SIGNATURE_HEADER: &str = "Br2k-Payout-Signature";
+
+/// The text a user signs, with the key of `user` (EIP-191 `personal_sign`, as
+/// `cast wallet sign` and every wallet do), to ask the service whose transaction key is
+/// `service` for a payout of `amount` (decimal base units) under `idempotency_key`. The
+/// signature covers the key, so it cannot be sent again as another payout, and the
+/// service, so it cannot be taken to another service.
+pub fn payout_message(service: Address, user: Address, amount: U256, idempotency_key: &str) -> String {
+    format!(
+        "br2k-payments payout\nservice: {service}\nuser: {user}\namount: {amount}\nidempotency-key: {idempotency_key}"
+    )
+}
+
+/// Who may ask for a payout: an operator (the operator token, as for grants), or the user
+/// whose credit it pays out, by signing [`payout_message`]. Without it anyone who reaches
+/// the service could push any user's credit out in tiny transfers, spending the service's
+/// gas. Refused requests are answered 401/403 and never logged.
+fn payout_admission(
+    service: Address,
+    operator: impl Fn(&Request) -> Result<(), Reply> + Send + Sync + 'static,
+) -> impl Fn(&Request) -> Result<(), Reply> + Send + Sync + 'static {
+    move |request: &Request| {
+        if request.header("authorization").is_some() {
+            return operator(request);
+        }
+        let Some(signature) = request.header(PAYOUT_SIGNATURE_HEADER) else {
+            return Err(Reply::error(
+                401,
+                "a payout needs the operator's token (Authorization: Bearer) or the user's signature of the payout \
+                 (Br2k-Payout-Signature): see the payments README",
+            ));
+        };
+        let ask = account_ask(request)?;
+        let Some(key) = request.idempotency_key.as_deref() else {
+            return Err(Reply::error(400, "a signed payout needs an Idempotency-Key: the signature covers it"));
+        };
+        let signature: Signature = signature
+            .trim()
+            .parse()
+            .map_err(|_| Reply::error(401, "Br2k-Payout-Signature is not a signature (65 bytes of hex)"))?;
+        let message = payout_message(service, ask.user, ask.amount, key);
+        match signature.recover_address_from_msg(message) {
+            Ok(signer) if signer == ask.user => Ok(()),
+            Ok(signer) => Err(Reply::error(
+                403,
+                &format!(
+                    "the payout is signed by {signer}, not by the user {}: sign the payout's text (user, amount, \
+                     Idempotency-Key, service {service}) with the user's key",
+                    ask.user
+                ),
+            )),
+            Err(_) => Err(Reply::error(401, "Br2k-Payout-Signature does not recover to any address")),
+        }
+    }
+}
+
 /// The payment service's routes on `config` (which must have an outbox: payouts are
-/// sent through it, deposits verified on its chain). `operator_token` guards grants.
+/// sent through it, deposits verified on its chain). `operator_token` guards grants, and
+/// payouts, which the users may also sign themselves ([`payout_message`]).
 pub fn service(config: Config, operator_token: String) -> Builder<Ledger> {
+    let service = config.outbox.as_ref().map(|outbox| outbox.signer.address()).unwrap_or_default();
     Replicated::builder(config)
         .replicate("POST", "/grants", grant)
         .rollback("POST", "/grants", undo_grant)
-        .admit("POST", "/grants", br2k_replication::bearer_token(operator_token))
+        .admit("POST", "/grants", br2k_replication::bearer_token(operator_token.clone()))
         .only_once_tx("POST", "/payouts", payout)
+        .admit("POST", "/payouts", payout_admission(service, br2k_replication::bearer_token(operator_token)))
         .apply("POST", "/payouts", apply_payout)
         .external_txn("POST", "/deposits", deposit)
         .apply("POST", "/deposits", apply_deposit)

@@ -7,19 +7,22 @@ use alloy::primitives::Address;
 use anyhow::{Context, Result, bail};
 use br2k_payments::{Ledger, Settings, service};
 use br2k_replica_cli::{
-    CRASH_AT_ENV, ReplicaArgs, crash_at_tx_step, init_logging, parse_key, secret, shutdown_signal, sigkill_self,
+    CRASH_AT_ENV, ReplicaArgs, crash_at_tx_step, init_logging, keystore_key, parse_key, secret, shutdown_signal,
+    sigkill_self,
 };
 use br2k_replication::OutboxConfig;
 use clap::Parser;
 
 const AFTER_HELP: &str = "\
-Routes: POST /grants {\"user\", \"amount\"} (operator token), POST /payouts {\"user\", \"amount\"},
-POST /deposits {\"hash\"}, GET /accounts. See examples/payments/README.md.
+Routes: POST /grants {\"user\", \"amount\"} (operator token), POST /payouts {\"user\", \"amount\"}
+(operator token, or the user's signature in Br2k-Payout-Signature), POST /deposits {\"hash\"},
+GET /accounts. See examples/payments/README.md.
 
 Keys: the service's transaction key (it holds the tokens and pays) comes from
-BR2K_OUTBOX_KEY or --outbox-key-file (mode 0600): the same on every replica, used by
-nothing else (the outbox owns its nonces). The replica's operator key (to publish its
-location in the registry) comes from ETH_PRIVATE_KEY. Grants need the operator token
+BR2K_OUTBOX_KEY, --outbox-key-file (mode 0600) or --outbox-keystore with
+--outbox-password-file: the same on every replica, used by nothing else (the outbox owns
+its nonces). The replica's operator key (to publish its location in the registry) comes
+from ETH_PRIVATE_KEY or --keystore with --password-file. Grants need the operator token
 (BR2K_OPERATOR_TOKEN or --operator-token-file).
 
 Fault tests: BR2K_CRASH_AT=stored (or reserving, broadcast, settled) makes the process
@@ -44,15 +47,25 @@ struct Args {
     #[arg(long, env = "BR2K_TOKEN")]
     token: Address,
     /// A file (mode 0600) holding the service's transaction key (hex); or set BR2K_OUTBOX_KEY.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", conflicts_with = "outbox_keystore")]
     outbox_key_file: Option<PathBuf>,
+    /// The service's transaction key from an encrypted JSON keystore (`cast wallet import`,
+    /// geth), instead of BR2K_OUTBOX_KEY or --outbox-key-file.
+    #[arg(long, value_name = "PATH")]
+    outbox_keystore: Option<PathBuf>,
+    /// A file (mode 0600) holding --outbox-keystore's password.
+    #[arg(long, value_name = "PATH", requires = "outbox_keystore")]
+    outbox_password_file: Option<PathBuf>,
     /// A file (mode 0600) holding the token operators send to grant credit; or set
     /// BR2K_OPERATOR_TOKEN.
     #[arg(long, value_name = "PATH")]
     operator_token_file: Option<PathBuf>,
-    /// The chain payouts are sent on and deposits verified on [default: --rpc-url].
-    #[arg(long, env = "BR2K_PAYMENTS_RPC_URL", value_name = "URL")]
-    payments_rpc_url: Option<String>,
+    /// An RPC endpoint of the chain payouts are sent on and deposits verified on; give it
+    /// several times (or comma-separated in the variable) for several providers of that
+    /// chain: payouts are broadcast to all of them, reads go to the first healthy one and
+    /// fail over [default: --rpc-url].
+    #[arg(long, env = "BR2K_PAYMENTS_RPC_URL", value_name = "URL", value_delimiter = ',', hide_env_values = true)]
+    payments_rpc_url: Vec<String>,
     /// Blocks a payout or a deposit must be under before it counts.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1000))]
     confirmations: u64,
@@ -83,18 +96,28 @@ async fn main() -> Result<()> {
             args.replica.handler_timeout
         );
     }
-    let Some(key) = secret("BR2K_OUTBOX_KEY", args.outbox_key_file.as_deref(), "outbox key")? else {
-        bail!("the service's transaction key is missing: set BR2K_OUTBOX_KEY or pass --outbox-key-file (mode 0600)");
+    let signer = match &args.outbox_keystore {
+        Some(keystore) => keystore_key(keystore, args.outbox_password_file.as_deref(), "--outbox-keystore")?,
+        None => {
+            let Some(key) = secret("BR2K_OUTBOX_KEY", args.outbox_key_file.as_deref(), "outbox key")? else {
+                bail!(
+                    "the service's transaction key is missing: set BR2K_OUTBOX_KEY, or pass --outbox-key-file (mode \
+                     0600) or --outbox-keystore with --outbox-password-file"
+                );
+            };
+            parse_key(&key, "the outbox key (BR2K_OUTBOX_KEY / --outbox-key-file)")?
+        }
     };
-    let signer = parse_key(&key, "the outbox key (BR2K_OUTBOX_KEY / --outbox-key-file)")?;
     let Some(operator_token) = secret("BR2K_OPERATOR_TOKEN", args.operator_token_file.as_deref(), "operator token")?
     else {
         bail!("the operator token is missing: set BR2K_OPERATOR_TOKEN or pass --operator-token-file (mode 0600)");
     };
     let mut config = args.replica.config(&args.service).await?;
-    let rpc_url = args.payments_rpc_url.clone().unwrap_or_else(|| args.replica.rpc_url.clone());
     let settings = Settings { token: args.token, service: signer.address(), confirmations: args.confirmations };
-    let mut outbox = OutboxConfig::new(rpc_url, signer);
+    let mut outbox = OutboxConfig::new(args.replica.rpc_url.clone(), signer);
+    if !args.payments_rpc_url.is_empty() {
+        outbox.rpc_urls.clone_from(&args.payments_rpc_url);
+    }
     outbox.confirmations = args.confirmations;
     outbox.bump_after = Duration::from_secs(args.bump_after);
     outbox.max_fee_multiple = args.max_fee_multiple;

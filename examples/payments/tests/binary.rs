@@ -34,11 +34,47 @@ struct Cluster {
     anvil: Anvil,
     token: Address,
     secrets: tempfile::TempDir,
+    /// Where the nodes take the service's transaction key from (flags).
+    key_args: Vec<std::ffi::OsString>,
     nodes: Vec<Node>,
     http: reqwest::Client,
+    _data: tempfile::TempDir,
 }
 
 impl Cluster {
+    /// A token minted to the service's key on an anvil mining a block a second, and three
+    /// nodes (not started) that read that key from a 0600 file, or as `key_args` says
+    /// (given the secrets directory).
+    async fn new(key_args: impl FnOnce(&Path) -> Vec<std::ffi::OsString>) -> Self {
+        let anvil = Anvil::builder()
+            .arg("--block-time")
+            .arg("1")
+            .spawn()
+            .expect("anvil starts (run `bash tools/setup.sh` if it is missing)");
+        let etcd = EtcdCluster::spawn().expect("etcd starts (run `bash tools/setup.sh` if it is missing)");
+        let deployer = ProviderBuilder::new()
+            .wallet(EthereumWallet::from(anvil.key(0)))
+            .connect_http(anvil.endpoint().parse().unwrap());
+        let token = PaymentToken::deploy(&deployer).await.unwrap();
+        let service = anvil.address(SERVICE_KEY);
+        token.mint(service, U256::from(1_000_000)).send().await.unwrap().get_receipt().await.unwrap();
+        let secrets = tempfile::tempdir().unwrap();
+        let key_file = secrets.path().join("key");
+        private_file(&key_file, &format!("{}\n", alloy::hex::encode(anvil.key(SERVICE_KEY).to_bytes())));
+        private_file(&secrets.path().join("operator"), OPERATOR);
+        let key_args = key_args(secrets.path());
+        let data = tempfile::tempdir().unwrap();
+        let nodes = (0..3)
+            .map(|i| Node {
+                port: std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port(),
+                dir: data.path().join(format!("n{i}")),
+                process: None,
+            })
+            .collect();
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+        Self { etcd, anvil, token: *token.address(), secrets, key_args, nodes, http, _data: data }
+    }
+
     fn start_node(&mut self, i: usize) {
         self.start_node_crashing_at(i, None);
     }
@@ -59,8 +95,7 @@ impl Cluster {
             .args(["--settle-within", "5", "--handler-timeout", "15"])
             .arg("--data-dir")
             .arg(&node.dir)
-            .arg("--outbox-key-file")
-            .arg(self.secrets.path().join("key"))
+            .args(&self.key_args)
             .arg("--operator-token-file")
             .arg(self.secrets.path().join("operator"))
             .env_remove("BR2K_REGISTRY")
@@ -119,31 +154,9 @@ impl Cluster {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_leader_process_sigkilled_at_each_step_of_a_payout_pays_it_exactly_once() {
-    let anvil = Anvil::builder()
-        .arg("--block-time")
-        .arg("1")
-        .spawn()
-        .expect("anvil starts (run `bash tools/setup.sh` if it is missing)");
-    let etcd = EtcdCluster::spawn().expect("etcd starts (run `bash tools/setup.sh` if it is missing)");
-    let deployer = ProviderBuilder::new()
-        .wallet(EthereumWallet::from(anvil.key(0)))
-        .connect_http(anvil.endpoint().parse().unwrap());
-    let token = PaymentToken::deploy(&deployer).await.unwrap();
-    let service = anvil.address(SERVICE_KEY);
-    token.mint(service, U256::from(1_000_000)).send().await.unwrap().get_receipt().await.unwrap();
-    let secrets = tempfile::tempdir().unwrap();
-    private_file(&secrets.path().join("key"), &format!("{}\n", alloy::hex::encode(anvil.key(SERVICE_KEY).to_bytes())));
-    private_file(&secrets.path().join("operator"), OPERATOR);
-    let data = tempfile::tempdir().unwrap();
-    let nodes = (0..3)
-        .map(|i| Node {
-            port: std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port(),
-            dir: data.path().join(format!("n{i}")),
-            process: None,
-        })
-        .collect();
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
-    let mut c = Cluster { etcd, anvil, token: *token.address(), secrets, nodes, http };
+    let mut c = Cluster::new(|secrets| vec!["--outbox-key-file".into(), secrets.join("key").into()]).await;
+    let service = c.anvil.address(SERVICE_KEY);
+    let token = PaymentToken::new(c.token, ProviderBuilder::new().connect_http(c.anvil.endpoint().parse().unwrap()));
     for i in 0..3 {
         c.start_node(i);
     }
@@ -168,7 +181,8 @@ async fn a_leader_process_sigkilled_at_each_step_of_a_payout_pays_it_exactly_onc
         let ask = serde_json::json!({ "user": user, "amount": "300" });
         let key = format!("p{round}");
         let port = c.nodes[l].port;
-        let first = c.http.post(format!("http://127.0.0.1:{port}/payouts")).header("Idempotency-Key", &key).json(&ask);
+        let first = c.http.post(format!("http://127.0.0.1:{port}/payouts")).header("Idempotency-Key", &key);
+        let first = first.bearer_auth(OPERATOR).json(&ask);
         assert!(first.send().await.is_err(), "round {round}: the leader died before it answered");
         let deadline = Instant::now() + Duration::from_secs(10);
         let status = loop {
@@ -210,4 +224,64 @@ async fn a_leader_process_sigkilled_at_each_step_of_a_payout_pays_it_exactly_onc
         assert!(Instant::now() < deadline, "the ledgers did not converge: {ledgers:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_services_key_from_an_encrypted_keystore_pays_and_a_wrong_password_is_refused_without_echo() {
+    let mut c = Cluster::new(|secrets| {
+        // Foundry's convention: `cast wallet import` writes the keystore, a 0600 file
+        // holds its password.
+        let cast = br2k_test_utils::foundry_binary("cast").expect("cast is installed (bash tools/setup.sh)");
+        let key = std::fs::read_to_string(secrets.join("key")).unwrap();
+        let imported = Command::new(cast)
+            .args(["wallet", "import", "service", "--keystore-dir"])
+            .arg(secrets.join("keys"))
+            .args(["--unsafe-password", "correct horse", "--private-key", key.trim()])
+            .output()
+            .unwrap();
+        assert!(imported.status.success(), "cast wallet import: {}", String::from_utf8_lossy(&imported.stderr));
+        std::fs::remove_file(secrets.join("key")).unwrap(); // only the keystore holds it now
+        private_file(&secrets.join("password"), "correct horse\n");
+        let keystore = secrets.join("keys/service");
+        vec![
+            "--outbox-keystore".into(),
+            keystore.into(),
+            "--outbox-password-file".into(),
+            secrets.join("password").into(),
+        ]
+    })
+    .await;
+
+    // A wrong password: the replica does not start, says why, and never repeats it.
+    private_file(&c.secrets.path().join("wrong"), "battery staple\n");
+    let refused = Command::new(env!("CARGO_BIN_EXE_br2k-payments"))
+        .args(["--replica", "n0", "--etcd", &c.etcd.endpoint(0), "--token", &c.token.to_string()])
+        .arg("--data-dir")
+        .arg(c.secrets.path().join("unused"))
+        .arg("--outbox-keystore")
+        .arg(c.secrets.path().join("keys/service"))
+        .arg("--outbox-password-file")
+        .arg(c.secrets.path().join("wrong"))
+        .env("BR2K_OPERATOR_TOKEN", OPERATOR)
+        .env_remove("BR2K_OUTBOX_KEY")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(stderr.contains("--outbox-keystore") && stderr.contains("cannot decrypt"), "{stderr}");
+    assert!(!stderr.contains("battery") && !stderr.contains("horse"), "{stderr}");
+
+    // The right one: the three replicas pay from the keystore's key.
+    for i in 0..3 {
+        c.start_node(i);
+    }
+    let user = PrivateKeySigner::random().address();
+    let (status, body) = c.send("/grants", serde_json::json!({ "user": user, "amount": "70" }), "g").await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = c.send("/payouts", serde_json::json!({ "user": user, "amount": "70" }), "p").await;
+    assert_eq!(status, 200, "{body}");
+    let provider = ProviderBuilder::new().connect_http(c.anvil.endpoint().parse().unwrap());
+    let token = PaymentToken::new(c.token, &provider);
+    assert_eq!(token.balanceOf(user).call().await.unwrap(), U256::from(70));
+    assert_eq!(provider.get_transaction_count(c.anvil.address(SERVICE_KEY)).await.unwrap(), 1, "sent from its key");
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use alloy::network::EthereumWallet;
 use alloy::primitives::{Address, U256};
 use alloy::providers::{Provider, ProviderBuilder};
-use br2k_payments::{Ledger, PaymentToken, Settings, service};
+use br2k_payments::{Ledger, PAYOUT_SIGNATURE_HEADER, PaymentToken, Settings, payout_message, service};
 use br2k_replication::{Config, OutboxConfig, Timings};
 use br2k_test_utils::{Anvil, EtcdCluster};
 
@@ -102,6 +102,60 @@ impl Payments {
         }
     }
 
+    /// A payout of `amount` to `user` under `key`, signed with `signer` (the user's key,
+    /// or another's), sent like [`Self::send`].
+    async fn signed_payout(
+        &self,
+        signer: &alloy::signers::local::PrivateKeySigner,
+        user: Address,
+        amount: u64,
+        key: &str,
+    ) -> (u16, serde_json::Value) {
+        use alloy::signers::Signer;
+        let message = payout_message(self.anvil.address(SERVICE_KEY), user, U256::from(amount), key);
+        let signature = alloy::hex::encode_prefixed(signer.sign_message(message.as_bytes()).await.unwrap().as_bytes());
+        let body = serde_json::json!({ "user": user, "amount": amount.to_string() });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            for url in &self.urls {
+                let request = self.http.post(format!("{url}/payouts")).header("Idempotency-Key", key);
+                let request = request.header(PAYOUT_SIGNATURE_HEADER, &signature).json(&body);
+                if let Ok(answer) = request.send().await
+                    && answer.status() != 503
+                {
+                    return (answer.status().as_u16(), answer.json().await.unwrap_or_default());
+                }
+            }
+            assert!(Instant::now() < deadline, "no replica answered the payout within 60 s");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The replica that leads, and its status.
+    async fn leading(&self) -> (usize, serde_json::Value) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            for (i, url) in self.urls.iter().enumerate() {
+                let answer = self.http.get(format!("{url}/br2k/status")).send().await.unwrap();
+                let status: serde_json::Value = answer.json().await.unwrap();
+                if status["role"] == "leader" {
+                    return (i, status);
+                }
+            }
+            assert!(Instant::now() < deadline, "no replica leads");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn leader(&self) -> usize {
+        self.leading().await.0
+    }
+
+    /// The log's last index, as the leader says.
+    async fn logged(&self) -> u64 {
+        self.leading().await.1["ls"].as_u64().unwrap()
+    }
+
     async fn balance_of(&self, who: Address) -> U256 {
         let provider = ProviderBuilder::new().connect_http(self.anvil.endpoint().parse().unwrap());
         PaymentToken::new(self.token, &provider).balanceOf(who).call().await.unwrap()
@@ -120,15 +174,44 @@ async fn grants_payouts_and_deposits_keep_every_ledger_equal_to_the_chain() {
     assert_eq!(p.send("/grants", ask.clone(), "g0", false).await.0, 401);
     assert_eq!(p.send("/grants", ask, "g1", true).await.0, 200);
 
-    // A payout moves tokens on chain, once, whatever the retries.
+    // A payout needs the operator's token or the user's signature: without either, or
+    // signed by another key, or signed for another amount, it is refused and never logged.
     let payout = serde_json::json!({ "user": user, "amount": amount(200) });
-    let (status, paid) = p.send("/payouts", payout.clone(), "p1", false).await;
+    let logged = p.logged().await;
+    let (status, refused) = p.send("/payouts", payout.clone(), "p1", false).await;
+    assert_eq!(status, 401, "{refused}");
+    assert!(refused["error"].as_str().unwrap().contains("Br2k-Payout-Signature"), "{refused}");
+    let stranger = p.anvil.key(7);
+    let (status, refused) = p.signed_payout(&stranger, user, 200, "p1").await;
+    assert_eq!(status, 403, "{refused}");
+    assert!(refused["error"].as_str().unwrap().contains(&stranger.address().to_string()), "{refused}");
+    assert_eq!(p.logged().await, logged, "refused payouts are never logged");
+    assert_eq!(p.balance_of(user).await, U256::ZERO);
+
+    // Signed by the user: a payout moves tokens on chain, once, whatever the retries.
+    let user_key = p.anvil.key(USER_KEY);
+    let (status, paid) = p.signed_payout(&user_key, user, 200, "p1").await;
     assert_eq!(status, 200, "{paid}");
-    assert_eq!(p.send("/payouts", payout, "p1", false).await.1, paid, "the retry gets the same payout");
+    assert_eq!(p.signed_payout(&user_key, user, 200, "p1").await.1, paid, "the retry gets the same payout");
     assert_eq!(p.balance_of(user).await, U256::from(200));
-    // More than the account holds is refused before anything is sent.
+    // The signature covers the Idempotency-Key: sent again under another key, it is not
+    // the user's signature of that payout, and pays nothing more.
+    let message = payout_message(p.anvil.address(SERVICE_KEY), user, U256::from(200), "p1");
+    let signature = alloy::signers::Signer::sign_message(&user_key, message.as_bytes()).await.unwrap();
+    let replayed = p
+        .http
+        .post(format!("{}/payouts", p.urls[p.leader().await]))
+        .header("Idempotency-Key", "p1-again")
+        .header(PAYOUT_SIGNATURE_HEADER, alloy::hex::encode_prefixed(signature.as_bytes()))
+        .json(&payout)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(replayed.status(), 403);
+    assert_eq!(p.balance_of(user).await, U256::from(200));
+    // More than the account holds is refused before anything is sent (operator token).
     let (status, refused) =
-        p.send("/payouts", serde_json::json!({ "user": user, "amount": amount(1000) }), "p2", false).await;
+        p.send("/payouts", serde_json::json!({ "user": user, "amount": amount(1000) }), "p2", true).await;
     assert_eq!(status, 409, "{refused}");
 
     // The user sends 50 back on chain and records the deposit; a second record is refused.
@@ -199,7 +282,7 @@ async fn payouts_on_a_chain_of_two_second_blocks_at_three_confirmations_are_each
         let payout = serde_json::json!({ "user": user, "amount": "10" });
         let key = format!("deep-{n}");
         let p = &p;
-        async move { p.send("/payouts", payout, &key, false).await }
+        async move { p.send("/payouts", payout, &key, true).await }
     });
     let answers = futures::future::join_all(payouts).await;
     let mut hashes = std::collections::HashSet::new();

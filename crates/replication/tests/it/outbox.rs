@@ -652,3 +652,111 @@ async fn a_nonce_taken_by_another_sender_of_the_key_is_refused_only_once_that_ha
     assert!(waited >= Duration::from_secs(3), "believed only after it held for 3 s, not at once: {waited:?}");
     assert_eq!(on_chain(&anvil, to, service).await, (U256::ZERO, 1), "not paid; the stranger's transaction only");
 }
+
+/// Replica `i`'s `/br2k/status`, as served (with the outbox's endpoints and checks).
+async fn served_status(c: &Cluster, i: usize) -> br2k_replication::Status {
+    c.http.get(format!("{}/br2k/status", c.replicas[i].url)).send().await.unwrap().json().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reorg_deeper_than_the_confirmations_is_caught_counted_shown_and_the_payment_put_back_on_chain() {
+    use alloy::primitives::B256;
+    let anvil = Anvil::spawn().expect("anvil starts (run `bash tools/setup.sh` if it is missing)");
+    let c = paying_cluster(&anvil, |outbox| outbox.finality_check_every = Duration::from_millis(300)).await;
+    let service = anvil.address(SERVICE_KEY);
+    let provider = ProviderBuilder::new().connect_http(anvil.endpoint().parse().unwrap());
+    let l = c.leader(None).await;
+    let to = PrivateKeySigner::random().address();
+    let (status, body) = pay_until_answered(&c, to, "deep", Duration::from_secs(20)).await;
+    assert_eq!(status, 200, "{body}");
+    let hash: B256 = serde_json::from_value(body["hash"].clone()).unwrap();
+    let block = provider.get_transaction_receipt(hash).await.unwrap().unwrap().block_number.unwrap();
+
+    // Two blocks over it (three deep, confirmations 1), then those three blocks are
+    // replaced by three empty ones: the recorded payment is gone from the chain.
+    for _ in 0..2 {
+        let _: serde_json::Value = provider.raw_request("evm_mine".into(), ()).await.unwrap();
+    }
+    let _: serde_json::Value = provider.raw_request("anvil_reorg".into(), (3u64, Vec::<()>::new())).await.unwrap();
+    assert!(provider.get_transaction_receipt(hash).await.unwrap().is_none(), "the reorg dropped it");
+    assert_eq!(on_chain(&anvil, to, service).await, (U256::ZERO, 0));
+
+    // Found, shown with its request and hash, and broadcast again until it is back.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let violation = loop {
+        let outbox = served_status(&c, l).await.outbox.expect("the status shows the outbox");
+        if let Some(v) = outbox.finality_violations.iter().find(|v| v.back_in_block.is_some()) {
+            assert_eq!(outbox.finality_violations_total, 1, "{outbox:?}");
+            break v.clone();
+        }
+        assert!(Instant::now() < deadline, "the violation was not caught and mended: {outbox:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        (violation.index, violation.seq, violation.nonce, violation.hash, violation.block),
+        (1, 0, 0, hash, block)
+    );
+    let again = provider.get_transaction_receipt(hash).await.unwrap().expect("the same transaction is back on chain");
+    assert_eq!(violation.back_in_block, again.block_number);
+    let metrics = crate::metrics::scrape(&c, l).await;
+    assert_eq!(crate::metrics::value(&metrics, "br2k_outbox_finality_violations_total", &[]), 1.0);
+    assert_eq!(crate::metrics::value(&metrics, "br2k_outbox_finality_violations_open", &[]), 0.0);
+    // Paid once, by the transaction the request was answered with; a retry still gets it.
+    assert_eq!(on_chain(&anvil, to, service).await, (U256::from(PAYMENT_WEI), 1));
+    let (status, replayed) = pay_until_answered(&c, to, "deep", Duration::from_secs(10)).await;
+    assert_eq!((status, &replayed["hash"]), (200, &body["hash"]));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_three_endpoints_one_cut_mid_run_nothing_is_lost_and_the_status_says_which() {
+    let anvil = Anvil::spawn().expect("anvil starts (run `bash tools/setup.sh` if it is missing)");
+    let relays =
+        [Relay::to(&anvil.endpoint()).await, Relay::to(&anvil.endpoint()).await, Relay::to(&anvil.endpoint()).await];
+    let c = paying_cluster(&anvil, |outbox| {
+        outbox.rpc_urls = relays.iter().map(|relay| relay.url.clone()).collect();
+        outbox.rpc_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let service = anvil.address(SERVICE_KEY);
+    let l = c.leader(None).await;
+    let payees: Vec<Address> = (0..12).map(|_| PrivateKeySigner::random().address()).collect();
+    let mut hashes = std::collections::BTreeSet::new();
+    for (n, to) in payees.iter().enumerate() {
+        if n == 4 {
+            relays[0].cut(); // the endpoint reads prefer
+        }
+        let (status, body) = pay_until_answered(&c, *to, &format!("p{n}"), Duration::from_secs(30)).await;
+        assert_eq!(status, 200, "payment {n}: {body}");
+        hashes.insert(body["hash"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(hashes.len(), 12, "twelve transactions");
+    for to in &payees {
+        assert_eq!(on_chain(&anvil, *to, service).await.0, U256::from(PAYMENT_WEI), "each paid once");
+    }
+    assert_eq!(on_chain(&anvil, payees[0], service).await.1, 12, "twelve nonces, none twice");
+
+    let outbox = served_status(&c, l).await.outbox.expect("the status shows the outbox");
+    let health: Vec<_> = outbox.endpoints.iter().map(|e| (e.endpoint.clone(), e.healthy)).collect();
+    let urls: Vec<_> = relays.iter().map(|relay| relay.url.clone()).collect();
+    assert_eq!(health, [(urls[0].clone(), false), (urls[1].clone(), true), (urls[2].clone(), true)]);
+    let cut = &outbox.endpoints[0];
+    assert!(cut.errors > 0 && cut.last_error.is_some() && cut.down_since.is_some(), "{cut:?}");
+    let metrics = crate::metrics::scrape(&c, l).await;
+    let up = |url: &str| crate::metrics::value(&metrics, "br2k_outbox_rpc_up", &[("endpoint", url)]);
+    assert_eq!((up(&urls[0]), up(&urls[1]), up(&urls[2])), (0.0, 1.0, 1.0));
+
+    // Mended: a probe finds it answering again.
+    relays[0].mend();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        // Reads start the probes of rested endpoints: keep paying meanwhile.
+        let to = PrivateKeySigner::random().address();
+        let (status, _) = pay_until_answered(&c, to, &format!("after-{to}"), Duration::from_secs(30)).await;
+        assert_eq!(status, 200);
+        if served_status(&c, l).await.outbox.unwrap().endpoints[0].healthy {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the mended endpoint was never found healthy again");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

@@ -72,8 +72,10 @@ function overviewCard(service) {
   const point = lastPoint(service);
   const recovery = lastRecovery(service);
   const diverged = replicas.filter(r => r.status && r.status.divergence).map(r => r.name);
+  const offChain = openViolations(service);
   card.append(el("h2", {}, title, el("span", { class: "badge " + service.state }, service.state),
-    ...(diverged.length ? [el("span", { class: "badge down diverged" }, "diverged: " + diverged.join(", "))] : [])));
+    ...(diverged.length ? [el("span", { class: "badge down diverged" }, "diverged: " + diverged.join(", "))] : []),
+    ...(offChain.length ? [el("span", { class: "badge down finality" }, offChain.length + " paid transaction(s) off chain")] : [])));
   card.append(el("div", { class: "facts" },
     el("span", {}, "leader ", el("b", { class: "leader-name" }, leader ? leader.name : "none")),
     el("span", {}, "epoch ", el("b", { class: "epoch" }, service.epoch)),
@@ -127,6 +129,42 @@ function replicaTable(service) {
       el("td", { class: "health" }, why)));
   }
   return table;
+}
+
+// The leader's transaction outbox: its RPC endpoints' health, and settled transactions a
+// deep reorg took off the chain (finality violations), which the leader broadcasts again.
+function openViolations(service) {
+  const o = ((leaderOf(service) || {}).status || {}).outbox;
+  return o ? (o.finality_violations || []).filter(v => v.back_in_block == null) : [];
+}
+function outboxCard(service) {
+  const o = ((leaderOf(service) || {}).status || {}).outbox;
+  if (!o) return null;
+  const card = el("section", { class: "card", id: "outbox" }, el("h3", {}, "Transaction outbox (the leader's)"));
+  card.append(el("div", { class: "facts" },
+    el("span", {}, "finality violations ", el("b", { class: "violations" }, o.finality_violations_total || 0)),
+    el("span", {}, "rebroadcasts after shallow reorgs ", el("b", {}, o.reorg_rebroadcasts || 0))));
+  const endpoints = el("table", { id: "endpoints" },
+    el("tr", {}, ...["", "RPC endpoint", "errors", "down since", "last error"].map(h => el("th", {}, h))));
+  for (const e of o.endpoints || []) {
+    endpoints.append(el("tr", { class: "endpoint", "data-healthy": String(e.healthy) },
+      el("td", { class: "heart " + (e.healthy ? "healthy" : "unhealthy"), title: e.healthy ? "answering" : "failing" }, e.healthy ? "♥" : "♡"),
+      el("td", { class: "name" }, e.endpoint), el("td", { class: "num" }, e.errors),
+      el("td", {}, e.down_since ? clock(e.down_since) + " (" + ago(e.down_since) + ")" : "-"),
+      el("td", { class: "health" }, e.last_error || "-")));
+  }
+  card.append(endpoints);
+  const violations = o.finality_violations || [];
+  if (violations.length) {
+    card.append(el("h4", {}, "Finality violations (newest last)"), el("table", { id: "violations" },
+      el("tr", {}, ...["request", "nonce", "transaction", "was in block", "found", "now"].map(h => el("th", {}, h))),
+      ...violations.map(v => el("tr", { class: v.back_in_block == null ? "violation open" : "violation" },
+        el("td", { class: "num" }, v.index + (v.seq ? "/" + v.seq : "")), el("td", { class: "num" }, v.nonce),
+        el("td", { class: "hash" }, v.hash), el("td", { class: "num" }, v.block), el("td", {}, ago(v.detected_at)),
+        el("td", { class: "health" }, v.back_in_block == null ? "OFF CHAIN: being broadcast again" :
+          "back in block " + v.back_in_block)))));
+  }
+  return card;
 }
 
 // A line chart of `series` ([{name, color, key}]) over the points' times.
@@ -222,7 +260,8 @@ function servicePage(view, name) {
       chart("requests per second", points, [{ name: "requests/s", color: "#0969da", key: "requests_per_second" }], "1/s"),
       chart("latency", points, [{ name: "mean", color: "#1a7f37", key: "mean_ms" }, { name: "p99", color: "#cf222e", key: "p99_ms" }], "ms")));
   if ((service.traffic || {}).error) traffic.append(el("div", { class: "error" }, "metrics: " + service.traffic.error));
-  return [back, card, traffic,
+  const outbox = outboxCard(service);
+  return [back, card, traffic, ...(outbox ? [outbox] : []),
     el("section", { class: "card" }, el("h3", {}, "Actions"), actions(view, service)),
     el("section", { class: "card" }, el("h3", {}, "Timeline (newest first)"), timeline(service))];
 }

@@ -25,17 +25,32 @@
 //! handler gets [`TxError::InDoubt`], the runtime answers `503` without recording an
 //! outcome, lists the request in `/br2k/status`, and runs the handler again until the
 //! chain settles it.
+//!
+//! A real chain adds three things, each handled in its own place:
+//! - **Depth.** A receipt of one of the record's attempts, however shallow, means ours was
+//!   mined ([`Mined::Shallow`]): the nonce is never taken for a stranger's, nothing is
+//!   bumped, and a reorg that drops it before it is deep enough sends the same bytes
+//!   again.
+//! - **Deep reorgs.** A transaction already recorded settled can still leave the chain:
+//!   the leader's finality checker ([`finality`]) finds it, counts it and broadcasts it
+//!   again.
+//! - **Several endpoints.** Broadcasts go to all of them, reads fail over ([`endpoints`]).
+
+mod endpoints;
+mod finality;
+
+pub use endpoints::EndpointHealth;
+pub use finality::FinalityViolation;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use alloy::consensus::TxEnvelope;
 use alloy::eips::eip2718::Encodable2718;
 use alloy::network::{EthereumWallet, NetworkTransactionBuilder, TransactionBuilder};
 use alloy::primitives::{Address, B256, Bytes, U256};
-use alloy::providers::{DynProvider, Provider, ProviderBuilder};
-use alloy::rpc::client::RpcClient;
+use alloy::providers::{DynProvider, Provider};
 use alloy::rpc::types::{TransactionReceipt, TransactionRequest};
 use alloy::signers::local::PrivateKeySigner;
 use serde::{Deserialize, Serialize};
@@ -46,6 +61,7 @@ use crate::app::BoxFuture;
 use crate::data::{self, Keys};
 use crate::error::{Error, Result};
 use crate::store::{Op, Store, Term};
+use endpoints::{Endpoints, RpcFailure};
 
 /// The first wait for a receipt after a broadcast: a chain that mines at once (anvil's
 /// automine, a rollup's sequencer) answers within milliseconds. Doubled after each
@@ -77,8 +93,9 @@ const FOREIGN_SPEND_AFTER: Duration = Duration::from_secs(3);
 /// How the runtime sends a service's transactions.
 #[derive(Clone)]
 pub struct OutboxConfig {
-    /// The chain's RPC endpoint (`http(s)://`).
-    pub rpc_url: String,
+    /// The chain's RPC endpoints (`http(s)://`), at least one: broadcasts go to all of
+    /// them, reads to the first healthy one in this order.
+    pub rpc_urls: Vec<String>,
     /// The service's transaction key. Use a key of its own: the outbox owns its nonces,
     /// and another sender with the same key would take them.
     pub signer: PrivateKeySigner,
@@ -95,14 +112,19 @@ pub struct OutboxConfig {
     /// How long one send waits for its receipt before the request is left in doubt (the
     /// runtime then tries again in the background). Keep it under the handler timeout.
     pub settle_within: Duration,
-    /// Bound on one RPC request.
+    /// Bound on one RPC request (to one endpoint).
     pub rpc_timeout: Duration,
+    /// How many blocks after it settled a transaction is still watched for a reorg deeper
+    /// than `confirmations` (a finality violation): past it, the chain is taken as final.
+    pub finality_window: u64,
+    /// How often the leader checks that settled transactions are still on chain.
+    pub finality_check_every: Duration,
 }
 
 impl std::fmt::Debug for OutboxConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("OutboxConfig")
-            .field("rpc_url", &br2k_resolver::shown_endpoint(&self.rpc_url))
+            .field("rpc_urls", &self.rpc_urls.iter().map(|u| br2k_resolver::shown_endpoint(u)).collect::<Vec<_>>())
             .field("sender", &self.signer.address())
             .field("confirmations", &self.confirmations)
             .field("bump_after", &self.bump_after)
@@ -114,16 +136,20 @@ impl std::fmt::Debug for OutboxConfig {
 
 impl OutboxConfig {
     /// An outbox on `rpc_url` signing with `signer`: settled at 1 confirmation, bumped
-    /// after 15 s unmined up to 4 times the first fees, in doubt after 20 s.
+    /// after 15 s unmined up to 4 times the first fees, in doubt after 20 s, watched for
+    /// deep reorgs for 64 blocks (two Ethereum epochs, after which it is finalized).
+    /// Push more endpoints onto `rpc_urls` to send through several.
     pub fn new(rpc_url: impl Into<String>, signer: PrivateKeySigner) -> Self {
         Self {
-            rpc_url: rpc_url.into(),
+            rpc_urls: vec![rpc_url.into()],
             signer,
             confirmations: 1,
             bump_after: Duration::from_secs(15),
             max_fee_multiple: 4,
             settle_within: Duration::from_secs(20),
             rpc_timeout: Duration::from_secs(10),
+            finality_window: 64,
+            finality_check_every: Duration::from_secs(5),
         }
     }
 }
@@ -275,42 +301,64 @@ impl std::str::FromStr for TxStep {
 
 pub(crate) type TxObserver = Arc<dyn Fn(TxStep, u64) -> BoxFuture<()> + Send + Sync>;
 
+/// What `/br2k/status` says of the outbox.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxStatus {
+    /// Each RPC endpoint's health, in the order reads prefer them.
+    pub endpoints: Vec<EndpointHealth>,
+    /// Settled transactions the finality checker found gone from the chain (the latest
+    /// 100), and whether they are back.
+    pub finality_violations: Vec<FinalityViolation>,
+    /// Every finality violation found since the replica started.
+    pub finality_violations_total: u64,
+    /// Times a reorg dropped a mined, not yet deep enough transaction and the outbox
+    /// broadcast it again.
+    pub reorg_rebroadcasts: u64,
+}
+
 /// The chain side of the outbox, shared by every request of a replica.
 pub(crate) struct Chain {
     config: OutboxConfig,
-    provider: DynProvider,
+    endpoints: Endpoints,
     wallet: EthereumWallet,
     /// Read from the endpoint at the first send.
     chain_id: tokio::sync::OnceCell<u64>,
     /// Serializes nonce reservations of this leader (the fence orders them across leaders).
     reserving: Mutex<()>,
     observer: Option<TxObserver>,
+    finality: std::sync::Mutex<finality::FinalityLog>,
+    reorg_rebroadcasts: AtomicU64,
 }
 
 impl Chain {
-    /// A client of the configured endpoint (nothing is asked of it yet).
+    /// Clients of the configured endpoints (nothing is asked of them yet).
     pub(crate) fn new(config: OutboxConfig, observer: Option<TxObserver>) -> Result<Self, String> {
-        let url =
-            config.rpc_url.parse::<reqwest::Url>().map_err(|e| format!("outbox RPC URL {:?}: {e}", config.rpc_url))?;
-        if !matches!(url.scheme(), "http" | "https") {
-            return Err(format!("outbox RPC URL {:?} must be http:// or https://", config.rpc_url));
+        if config.finality_check_every.is_zero() {
+            return Err("the outbox's finality_check_every must be more than zero".into());
         }
-        let http = reqwest::Client::builder()
-            .timeout(config.rpc_timeout)
-            .connect_timeout(config.rpc_timeout)
-            .build()
-            .map_err(|e| format!("outbox HTTP client: {e}"))?;
-        // No fillers: the outbox sets nonce, fees and gas itself.
-        let provider = ProviderBuilder::default().connect_client(RpcClient::new_http_with_client(http, url)).erased();
+        let endpoints = Endpoints::new(&config.rpc_urls, config.rpc_timeout)?;
         let wallet = EthereumWallet::from(config.signer.clone());
         Ok(Self {
             config,
-            provider,
+            endpoints,
             wallet,
             chain_id: tokio::sync::OnceCell::new(),
             reserving: Mutex::new(()),
             observer,
+            finality: std::sync::Mutex::default(),
+            reorg_rebroadcasts: AtomicU64::new(0),
         })
+    }
+
+    /// What `/br2k/status` shows of the outbox.
+    pub(crate) fn status(&self) -> OutboxStatus {
+        let finality = self.finality.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        OutboxStatus {
+            endpoints: self.endpoints.health(),
+            finality_violations: finality.violations.clone(),
+            finality_violations_total: finality.total,
+            reorg_rebroadcasts: self.reorg_rebroadcasts.load(Ordering::Relaxed),
+        }
     }
 
     pub(crate) fn sender(&self) -> Address {
@@ -321,6 +369,22 @@ impl Chain {
         if let Some(observer) = &self.observer {
             observer(step, index).await;
         }
+    }
+
+    /// The chain's head block.
+    async fn head(&self) -> Result<u64, RpcFailure> {
+        self.endpoints.read("read the block number", |p| async move { p.get_block_number().await }).await
+    }
+
+    /// How many transactions of the service's key the chain has mined: the next nonce.
+    async fn mined_nonces(&self) -> Result<u64, RpcFailure> {
+        let sender = self.sender();
+        self.endpoints.read("read the nonce", |p| async move { p.get_transaction_count(sender).latest().await }).await
+    }
+
+    /// The fees the chain asks now.
+    async fn fees(&self) -> Result<alloy::eips::eip1559::Eip1559Estimation, RpcFailure> {
+        self.endpoints.read("estimate the fees", |p| async move { p.estimate_eip1559_fees().await }).await
     }
 }
 
@@ -357,12 +421,10 @@ impl Chain {
             if record.settled.is_some() || record.refused.is_some() {
                 continue;
             }
-            if let Some(latest) = record.attempts.last() {
-                let sent =
-                    tokio::time::timeout(self.config.rpc_timeout, self.provider.send_raw_transaction(&latest.raw));
-                if let Ok(Ok(_)) = sent.await {
-                    info!(nonce = record.nonce, hash = %latest.hash, "broadcast a later request's stored transaction to fill its nonce");
-                }
+            if let Some(latest) = record.attempts.last()
+                && self.endpoints.broadcast(&latest.raw).await.is_ok()
+            {
+                debug!(nonce = record.nonce, hash = %latest.hash, "broadcast a later request's stored transaction to fill its nonce");
             }
         }
     }
@@ -461,16 +523,19 @@ impl Outbox {
         };
         let gas_limit = match call.gas_limit {
             Some(limit) => limit,
-            None => self.rpc("estimate the gas", chain.provider.estimate_gas(request.clone())).await.map_err(failed)?,
+            None => {
+                let estimate = |p: DynProvider| {
+                    let request = request.clone();
+                    async move { p.estimate_gas(request).await }
+                };
+                chain.endpoints.read("estimate the gas", estimate).await.map_err(failed)?
+            }
         };
-        let fees = self.rpc("estimate the fees", chain.provider.estimate_eip1559_fees()).await.map_err(failed)?;
+        let fees = chain.fees().await.map_err(failed)?;
         self.chain_id().await.map_err(failed)?;
         chain.observe(TxStep::Reserving, self.index).await;
         let _reserving = chain.reserving.lock().await;
-        let mined = self
-            .rpc("read the nonce", chain.provider.get_transaction_count(chain.sender()).latest().into_future())
-            .await
-            .map_err(failed)?;
+        let mined = chain.mined_nonces().await.map_err(failed)?;
         // A nonce a refused transaction gave back comes first (it would block every later
         // one); then the next one never reserved, or the chain's if someone else used the key.
         let free = self.store.indexes_under(&self.keys.outbox_free_prefix()).await.map_err(in_doubt)?;
@@ -534,7 +599,9 @@ impl Outbox {
         let id = self
             .chain
             .chain_id
-            .get_or_try_init(|| self.rpc("read the chain id", self.chain.provider.get_chain_id().into_future()))
+            .get_or_try_init(|| {
+                self.chain.endpoints.read("read the chain id", |p| async move { p.get_chain_id().await })
+            })
             .await?;
         Ok(*id)
     }
@@ -590,6 +657,7 @@ impl Outbox {
                         // transaction), until one of its attempts is deep enough again.
                         warn!(index = self.index, nonce = record.nonce, %hash,
                             "a reorg dropped the block holding the transaction; broadcasting it again");
+                        self.chain.reorg_rebroadcasts.fetch_add(1, Ordering::Relaxed);
                         last_broadcast = None;
                     }
                     // Spent, by a transaction that is none of ours: ours can never be mined.
@@ -632,7 +700,7 @@ impl Outbox {
                     self.mark_broadcast(key, record).await?;
                 }
                 let latest = record.attempts.last().expect("a record holds at least one attempt");
-                match self.rpc("broadcast", self.chain.provider.send_raw_transaction(&latest.raw)).await {
+                match self.chain.endpoints.broadcast(&latest.raw).await {
                     Ok(_) => debug!(index = self.index, nonce = record.nonce, hash = %latest.hash, "broadcast"),
                     // Already in the pool, or the nonce already spent (by an attempt of
                     // ours, which the receipts will show): nothing to do.
@@ -703,16 +771,16 @@ impl Outbox {
     /// Whether one of the record's attempts has a receipt, and how deep it is.
     async fn mined(&self, record: &TxRecord) -> Result<Mined, String> {
         for attempt in &record.attempts {
+            let hash = attempt.hash;
             let found: Option<TransactionReceipt> = self
-                .rpc("read a receipt", self.chain.provider.get_transaction_receipt(attempt.hash).into_future())
+                .chain
+                .endpoints
+                .read("read a receipt", |p| async move { p.get_transaction_receipt(hash).await })
                 .await
                 .map_err(|e| e.to_string())?;
             let Some(found) = found else { continue };
             let Some(block) = found.block_number else { continue };
-            let head = self
-                .rpc("read the block number", self.chain.provider.get_block_number().into_future())
-                .await
-                .map_err(|e| e.to_string())?;
+            let head = self.chain.head().await.map_err(|e| e.to_string())?;
             if head + 1 < block + self.chain.config.confirmations {
                 return Ok(Mined::Shallow { hash: attempt.hash, block });
             }
@@ -728,13 +796,7 @@ impl Outbox {
 
     /// Whether the chain has mined a transaction at `nonce` (`None`: it did not answer).
     async fn nonce_spent(&self, nonce: u64) -> Option<bool> {
-        let count = self
-            .rpc(
-                "read the nonce",
-                self.chain.provider.get_transaction_count(self.chain.sender()).latest().into_future(),
-            )
-            .await
-            .ok()?;
+        let count = self.chain.mined_nonces().await.ok()?;
         Some(count > nonce)
     }
 
@@ -749,7 +811,7 @@ impl Outbox {
             (first.max_fee_per_gas.saturating_mul(multiple), first.max_priority_fee_per_gas.saturating_mul(multiple));
         let raised = |fee: u128| fee + fee / 4 + 1;
         let (mut max_fee, mut priority) = (raised(last.max_fee_per_gas), raised(last.max_priority_fee_per_gas));
-        if let Ok(now) = self.rpc("estimate the fees", self.chain.provider.estimate_eip1559_fees()).await {
+        if let Ok(now) = self.chain.fees().await {
             max_fee = max_fee.max(now.max_fee_per_gas);
             priority = priority.max(now.max_priority_fee_per_gas);
         }
@@ -783,48 +845,6 @@ impl Outbox {
         info!(index = self.index, nonce = record.nonce, hash = %attempt.hash, max_fee, "replacing a lingering transaction with higher fees");
         *record = bumped;
         Ok(true)
-    }
-
-    async fn rpc<T, E: std::fmt::Display>(
-        &self,
-        action: &str,
-        call: impl std::future::IntoFuture<Output = std::result::Result<T, E>>,
-    ) -> Result<T, RpcFailure> {
-        // Errors reach answers, idempotency records and backups: the endpoint as it may
-        // be shown, never its path (hosted endpoints keep their API key there).
-        let url = br2k_resolver::shown_endpoint(&self.chain.config.rpc_url)
-            .unwrap_or_else(|| "the outbox's RPC endpoint".into());
-        match tokio::time::timeout(self.chain.config.rpc_timeout, call.into_future()).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => {
-                let text = e.to_string();
-                // Transport failures (connection refused, reset) say nothing about the tx.
-                if text.contains("error sending request") || text.contains("connect") {
-                    Err(RpcFailure::Unreachable(format!("{url} could not {action}: {text}")))
-                } else {
-                    Err(RpcFailure::Answered(format!("{url} could not {action}: {text}")))
-                }
-            }
-            Err(_) => Err(RpcFailure::Unreachable(format!(
-                "{url} did not {action} within {:?}",
-                self.chain.config.rpc_timeout
-            ))),
-        }
-    }
-}
-
-/// An RPC call that failed: the node answered with an error, or did not answer.
-#[derive(Debug)]
-enum RpcFailure {
-    Answered(String),
-    Unreachable(String),
-}
-
-impl std::fmt::Display for RpcFailure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Answered(reason) | Self::Unreachable(reason) => f.write_str(reason),
-        }
     }
 }
 
@@ -947,7 +967,7 @@ pub struct Verifier {
 
 impl std::fmt::Debug for Verifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Verifier").field("rpc_url", &br2k_resolver::shown_endpoint(&self.chain.config.rpc_url)).finish()
+        f.debug_struct("Verifier").field("rpc_url", &self.chain.endpoints.first_shown()).finish()
     }
 }
 
@@ -962,18 +982,14 @@ impl Verifier {
     /// # Errors
     /// [`VerifyError`], saying which check failed.
     pub async fn verify(&self, hash: B256, expected: &Expected) -> Result<VerifiedTx, VerifyError> {
-        let timeout = self.chain.config.rpc_timeout;
-        let unreachable = |reason: String| VerifyError::Unreachable { hash, reason };
-        let receipt = tokio::time::timeout(timeout, self.chain.provider.get_transaction_receipt(hash).into_future())
+        let unreachable = |failure: RpcFailure| VerifyError::Unreachable { hash, reason: failure.to_string() };
+        let receipt = (self.chain.endpoints)
+            .read("read a receipt", |p| async move { p.get_transaction_receipt(hash).await })
             .await
-            .map_err(|_| unreachable(format!("no answer within {timeout:?}")))?
-            .map_err(|e| unreachable(e.to_string()))?
+            .map_err(unreachable)?
             .ok_or(VerifyError::NotMined(hash))?;
         let block = receipt.block_number.ok_or(VerifyError::NotMined(hash))?;
-        let head = tokio::time::timeout(timeout, self.chain.provider.get_block_number().into_future())
-            .await
-            .map_err(|_| unreachable(format!("no answer within {timeout:?}")))?
-            .map_err(|e| unreachable(e.to_string()))?;
+        let head = self.chain.head().await.map_err(unreachable)?;
         let have = (head + 1).saturating_sub(block);
         if have < expected.confirmations {
             return Err(VerifyError::Unconfirmed { hash, have, need: expected.confirmations });
