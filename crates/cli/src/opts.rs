@@ -78,7 +78,7 @@ impl WalletOpts {
                 keystore.display()
             );
         };
-        let password = read_secret_file(password_file)?;
+        let password = read_secret_file(password_file, "password")?;
         let key =
             PrivateKeySigner::decrypt_keystore(keystore, password.trim_end_matches(['\r', '\n'])).map_err(|e| {
                 anyhow::anyhow!("could not decrypt the keystore {}: {e} (wrong password file?)", keystore.display())
@@ -94,19 +94,20 @@ impl WalletOpts {
     }
 }
 
-/// Reads a file holding a secret, refusing one that others can read.
-fn read_secret_file(path: &Path) -> Result<String> {
+/// Reads a file holding a secret (`what`: "password", "admin token"), refusing one that
+/// others can read.
+pub(crate) fn read_secret_file(path: &Path, what: &str) -> Result<String> {
     let metadata =
-        std::fs::metadata(path).with_context(|| format!("cannot read the password file {}", path.display()))?;
+        std::fs::metadata(path).with_context(|| format!("cannot read the {what} file {}", path.display()))?;
     let mode = metadata.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         bail!(
-            "the password file {} is readable by others (mode {mode:03o}): run `chmod 600 {}`",
+            "the {what} file {} is readable by others (mode {mode:03o}): run `chmod 600 {}`",
             path.display(),
             path.display()
         );
     }
-    std::fs::read_to_string(path).with_context(|| format!("cannot read the password file {}", path.display()))
+    std::fs::read_to_string(path).with_context(|| format!("cannot read the {what} file {}", path.display()))
 }
 
 /// Which registry.

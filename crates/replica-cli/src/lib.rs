@@ -92,6 +92,11 @@ pub struct ReplicaArgs {
     /// BR2K_CLIENT_TOKEN.
     #[arg(long, value_name = "PATH")]
     pub client_token_file: Option<PathBuf>,
+    /// A file (mode 0600) holding the token operators' commands present on this replica's
+    /// admin routes (`br2k tx ls`, `br2k tx cancel`); or set BR2K_ADMIN_TOKEN. Without it
+    /// those routes are closed.
+    #[arg(long, value_name = "PATH")]
+    pub admin_token_file: Option<PathBuf>,
     /// Applied entries between two snapshots of this replica's state; 0 turns snapshots
     /// and log compaction off (the log in etcd then grows for ever).
     #[arg(long, env = "BR2K_SNAPSHOT_INTERVAL", value_name = "ENTRIES", default_value_t = SnapshotPolicy::default().interval)]
@@ -131,6 +136,8 @@ impl ReplicaArgs {
             config = config.with_publisher(publisher);
         }
         config.backup = self.backup()?;
+        config.admin_token = secret("BR2K_ADMIN_TOKEN", self.admin_token_file.as_deref(), "admin token")?
+            .map(br2k_replication::AdminToken::new);
         Ok(config)
     }
 

@@ -41,6 +41,31 @@ pub struct Config {
     /// The transaction outbox only-once handlers send blockchain transactions through
     /// ([`crate::Request::outbox`]); `None`: they have none.
     pub outbox: Option<crate::outbox::OutboxConfig>,
+    /// The token operators' commands present (`Authorization: Bearer`) on the replica's
+    /// own admin routes (`GET /br2k/tx`, `POST /br2k/tx/cancel`); `None` closes them.
+    pub admin_token: Option<AdminToken>,
+}
+
+/// A secret that never prints: its `Debug` says only that it is set.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken(String);
+
+impl AdminToken {
+    /// Wraps `token`.
+    pub fn new(token: impl Into<String>) -> Self {
+        Self(token.into())
+    }
+
+    /// Whether `offered` is this token (compared in constant time).
+    pub(crate) fn accepts(&self, offered: &str) -> bool {
+        crate::membership::same_secret(offered.trim().as_bytes(), self.0.as_bytes())
+    }
+}
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(set)")
+    }
 }
 
 /// When replicas snapshot their state and how much log the leader keeps in etcd.
@@ -119,6 +144,7 @@ impl Config {
             snapshots: SnapshotPolicy::default(),
             backup: None,
             outbox: None,
+            admin_token: None,
         }
     }
 

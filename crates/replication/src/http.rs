@@ -49,6 +49,8 @@ async fn front<S: AppState>(State(runtime): State<Arc<Runtime<S>>>, request: axu
         ("GET", "/br2k/status") => return json(StatusCode::OK, &runtime.current_status()),
         ("GET", "/br2k/snapshot") => return snapshot(&runtime, &parts).await,
         ("POST", "/br2k/backup") => return backup_now(&runtime),
+        ("GET", "/br2k/tx") => return unsettled_txs(&runtime, &parts).await,
+        ("POST", "/br2k/tx/cancel") => return cancel_tx(&runtime, &parts, body).await,
         ("GET", "/metrics") => return metrics(&runtime),
         _ => {}
     }
@@ -304,6 +306,78 @@ fn backup_now<S: AppState>(runtime: &Runtime<S>) -> Response {
     }
     runtime.backup_now.notify_one();
     json(StatusCode::ACCEPTED, &serde_json::json!({ "requested": true, "ssi": status.ssi, "backup": status.backup }))
+}
+
+/// Lets an operator's command through: `Authorization: Bearer <admin token>`. `Some`: the
+/// refusal to answer.
+fn refuse_non_admin<S: AppState>(runtime: &Runtime<S>, parts: &axum::http::request::Parts) -> Option<Response> {
+    let Some(token) = &runtime.config.admin_token else {
+        return Some(error(
+            StatusCode::NOT_FOUND,
+            "this replica's admin routes are closed: start it with an admin token (--admin-token-file or \
+             BR2K_ADMIN_TOKEN)",
+        ));
+    };
+    let offered = parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    match offered.and_then(|v| v.strip_prefix("Bearer ")) {
+        None => Some(error(StatusCode::UNAUTHORIZED, "an admin route: send `Authorization: Bearer <admin token>`")),
+        Some(offered) if token.accepts(offered) => None,
+        Some(_) => Some(error(StatusCode::FORBIDDEN, "wrong admin token")),
+    }
+}
+
+/// `GET /br2k/tx` (admin): the outbox's unsettled transactions and the requests in doubt.
+async fn unsettled_txs<S: AppState>(runtime: &Runtime<S>, parts: &axum::http::request::Parts) -> Response {
+    if let Some(refusal) = refuse_non_admin(runtime, parts) {
+        return refusal;
+    }
+    let Some(chain) = &runtime.chain else {
+        return error(StatusCode::NOT_FOUND, "this service has no transaction outbox");
+    };
+    match chain.unsettled(runtime.store(), &runtime.keys).await {
+        Ok(transactions) => json(
+            StatusCode::OK,
+            &serde_json::json!({
+                "replica": runtime.config.replica,
+                "in_doubt": runtime.status.borrow().in_doubt,
+                "transactions": transactions,
+            }),
+        ),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &format!("cannot read the outbox: {e}")),
+    }
+}
+
+/// `POST /br2k/tx/cancel {"index": N}` (admin, leader): cancel request N's unsettled
+/// transaction (see [`crate::outbox`]'s cancel).
+async fn cancel_tx<S: AppState>(runtime: &Runtime<S>, parts: &axum::http::request::Parts, body: Body) -> Response {
+    if let Some(refusal) = refuse_non_admin(runtime, parts) {
+        return refusal;
+    }
+    let Some(chain) = &runtime.chain else {
+        return error(StatusCode::NOT_FOUND, "this service has no transaction outbox");
+    };
+    if runtime.status.borrow().role != Role::Leader {
+        return not_leader(runtime);
+    }
+    let Ok(bytes) = axum::body::to_bytes(body, 4096).await else {
+        return error(StatusCode::BAD_REQUEST, "the body must be {\"index\": N}, under 4 KiB");
+    };
+    #[derive(serde::Deserialize)]
+    struct Ask {
+        index: u64,
+    }
+    let index = match serde_json::from_slice::<Ask>(&bytes) {
+        Ok(ask) => ask.index,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("the body must be {{\"index\": N}}: {e}")),
+    };
+    match chain.request_cancel(runtime.store(), &runtime.keys, index).await {
+        Ok(transactions) => {
+            json(StatusCode::ACCEPTED, &serde_json::json!({ "index": index, "transactions": transactions }))
+        }
+        Err(e @ crate::outbox::CancelError::NothingToCancel(_)) => error(StatusCode::NOT_FOUND, &e.to_string()),
+        Err(e @ crate::outbox::CancelError::Settled { .. }) => error(StatusCode::CONFLICT, &e.to_string()),
+        Err(e @ crate::outbox::CancelError::Store(_)) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    }
 }
 
 /// `GET /metrics`: the replica's metrics in Prometheus' text format.

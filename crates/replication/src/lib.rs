@@ -28,7 +28,7 @@ mod store;
 
 pub use app::{AppState, BoxFuture, Failure, FilePrefix, Outcome, Reply, Request, SnapshotBuilder, Step, bearer_token};
 pub use builder::Builder;
-pub use config::{Config, Limits, Publisher, SnapshotPolicy, Timings};
+pub use config::{AdminToken, Config, Limits, Publisher, SnapshotPolicy, Timings};
 pub use data::{
     CompactedLog, Divergence, EntryState, IdempotencyRecord, LeaderRecord, LogEntry, MemberRecord, ProcessState,
     RequestKind, SnapshotMeta, StoppedAt, StoredReply,
@@ -37,8 +37,8 @@ pub use error::{Error, Result};
 pub use http::{IDEMPOTENCY_KEY_HEADER, INDEX_HEADER, LEADER_HEADER, REPLAYED_HEADER};
 pub use line_file::LineFile;
 pub use outbox::{
-    EndpointHealth, Expected, FinalityViolation, Outbox, OutboxConfig, OutboxStatus, TxCall, TxError, TxReceipt,
-    TxStep, VerifiedTx, Verifier, VerifyError,
+    CancelError, EndpointHealth, Expected, FinalityViolation, Outbox, OutboxConfig, OutboxStatus, TxCall, TxError,
+    TxReceipt, TxStep, UnsettledTx, VerifiedTx, Verifier, VerifyError,
 };
 pub use runtime::{Replicated, Role, Status};
 pub use stats::Tally;

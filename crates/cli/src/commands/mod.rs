@@ -13,6 +13,7 @@ mod resolve;
 mod service;
 mod status;
 mod testbed;
+mod tx;
 mod up;
 mod users;
 mod watch;
@@ -135,6 +136,9 @@ enum Command {
     /// A service's backups: those in its container registry, the one recorded on chain.
     #[command(subcommand)]
     Backup(backup::BackupCommand),
+    /// A service's unsettled blockchain transactions, and a way out for a stuck one (cancel).
+    #[command(subcommand)]
+    Tx(tx::TxCommand),
 }
 
 impl Cli {
@@ -167,6 +171,7 @@ impl Cli {
             Command::Status(args) => args.run(global).await,
             Command::Dashboard(args) => args.run(global).await,
             Command::Backup(command) => command.run(global).await,
+            Command::Tx(command) => command.run(global).await,
         }
     }
 }

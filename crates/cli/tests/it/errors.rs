@@ -110,3 +110,26 @@ error: --private-key/ETH_PRIVATE_KEY is not a private key: expected 32 bytes of 
 
 "#]]);
 }
+
+#[test]
+fn tx_commands_want_the_admin_token_and_a_private_file() {
+    let env = TestEnv::with_service();
+    env.br2k(None).env_remove("BR2K_ADMIN_TOKEN").args(["tx", "ls", "logserver"]).assert().code(1).stderr_eq(str![[
+        r#"
+error: the replicas' admin routes need their admin token: set BR2K_ADMIN_TOKEN or pass --admin-token-file (mode 0600)
+
+"#
+    ]]);
+    let token = env.dir.path().join("admin");
+    std::fs::write(&token, "s3cret\n").unwrap();
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    env.br2k(None)
+        .env_remove("BR2K_ADMIN_TOKEN")
+        .args(["tx", "cancel", "logserver", "7", "--admin-token-file", "admin"])
+        .assert()
+        .code(1)
+        .stderr_eq(str![[r#"
+error: the admin token file admin is readable by others (mode 644): run `chmod 600 admin`
+
+"#]]);
+}

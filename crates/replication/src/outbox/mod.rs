@@ -188,6 +188,10 @@ pub struct TxAttempt {
     pub max_priority_fee_per_gas: u128,
     /// Its gas limit.
     pub gas_limit: u64,
+    /// Whether it is the operator's cancel (`br2k tx cancel`): a zero-value transfer to the
+    /// service's own address at the record's nonce, not the handler's call.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cancel: bool,
 }
 
 /// How a transaction ended on chain.
@@ -225,6 +229,71 @@ pub struct TxRecord {
     /// leader that meets a node's error on it keeps the request in doubt, never refused.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub broadcast: bool,
+}
+
+impl TxRecord {
+    /// The operator's cancel, when that is what settled the record.
+    pub fn cancelled_by(&self) -> Option<&TxAttempt> {
+        let settled = self.settled.as_ref()?;
+        self.attempts.iter().find(|a| a.hash == settled.hash && a.cancel)
+    }
+
+    /// Why the request failed, when the operator's cancel took its nonce.
+    fn cancel_reason(&self) -> Option<String> {
+        self.cancelled_by().map(|cancel| {
+            format!(
+                "cancelled by the operator: nonce {} went to {}, a zero-value transfer to the service's own \
+                 address; nothing was paid",
+                self.nonce, cancel.hash
+            )
+        })
+    }
+}
+
+/// An unsettled transaction, as `GET /br2k/tx` lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnsettledTx {
+    /// The request's log index.
+    pub index: u64,
+    /// Which of its transactions.
+    pub seq: u32,
+    /// Its nonce.
+    pub nonce: u64,
+    /// Where the handler's call goes, and the wei it sends.
+    pub to: Address,
+    /// Wei sent along.
+    pub value: U256,
+    /// Signed versions so far (replacements and a cancel included).
+    pub attempts: usize,
+    /// The latest version's hash.
+    pub latest: B256,
+    /// Whether it was ever broadcast.
+    pub broadcast: bool,
+    /// Whether the operator's cancel is signed and stored (it then races the original).
+    pub cancel_signed: bool,
+    /// Whether the operator asked this leader to cancel it (signed at its next settle).
+    pub cancel_requested: bool,
+}
+
+/// Why a cancel cannot be asked for.
+#[derive(Debug, thiserror::Error)]
+pub enum CancelError {
+    /// The request has no transaction that is still unsettled.
+    #[error("request {0} has no unsettled transaction (`br2k tx ls` lists those that do)")]
+    NothingToCancel(u64),
+    /// It is settled already.
+    #[error("request {index}'s transaction is settled already: {hash} in block {block}")]
+    Settled {
+        /// The request.
+        index: u64,
+        /// What settled it.
+        hash: B256,
+        /// Where.
+        block: u64,
+    },
+    /// etcd could not be read.
+    #[error("cannot read the outbox: {0}")]
+    Store(String),
 }
 
 /// A settled transaction, as a handler gets it.
@@ -328,6 +397,8 @@ pub(crate) struct Chain {
     observer: Option<TxObserver>,
     finality: std::sync::Mutex<finality::FinalityLog>,
     reorg_rebroadcasts: AtomicU64,
+    /// Requests the operator asked to cancel: the settle loop signs their cancel.
+    cancels: std::sync::Mutex<std::collections::BTreeSet<u64>>,
 }
 
 impl Chain {
@@ -347,7 +418,78 @@ impl Chain {
             observer,
             finality: std::sync::Mutex::default(),
             reorg_rebroadcasts: AtomicU64::new(0),
+            cancels: std::sync::Mutex::default(),
         })
+    }
+
+    fn cancels(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<u64>> {
+        self.cancels.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The transactions of requests that are not settled (nor refused), oldest first.
+    pub(crate) async fn unsettled(&self, store: &Store, keys: &Keys) -> Result<Vec<UnsettledTx>, String> {
+        let records = store.values_in(&keys.outbox_start(), &keys.outbox_end()).await.map_err(|e| e.to_string())?;
+        let cancels = self.cancels().clone();
+        let mut found = Vec::new();
+        for (key, value) in records {
+            let Some((index, seq)) = keys.parse_outbox(&key) else { continue };
+            let record: TxRecord = data::decode(&key, &value).map_err(|e| e.to_string())?;
+            if record.settled.is_some() || record.refused.is_some() {
+                continue;
+            }
+            let latest = record.attempts.last().map(|a| a.hash).unwrap_or_default();
+            found.push(UnsettledTx {
+                index,
+                seq,
+                nonce: record.nonce,
+                to: record.call.to,
+                value: record.call.value,
+                attempts: record.attempts.len(),
+                latest,
+                broadcast: record.broadcast,
+                cancel_signed: record.attempts.iter().any(|a| a.cancel),
+                cancel_requested: cancels.contains(&index),
+            });
+        }
+        Ok(found)
+    }
+
+    /// Asks this leader to cancel the unsettled transactions of the request at `index`:
+    /// the next time its settle loop runs (within a second or so), it signs a zero-value
+    /// transfer to the service's own address at the same nonce with higher fees, stores it
+    /// (fenced) and broadcasts it. Whichever is mined first decides: the cancel, and the
+    /// request is recorded failed ("cancelled by the operator"); the original, and it is
+    /// recorded paid. The request is forgotten by a leader change before the cancel is
+    /// stored: ask again.
+    pub(crate) async fn request_cancel(
+        &self,
+        store: &Store,
+        keys: &Keys,
+        index: u64,
+    ) -> Result<Vec<UnsettledTx>, CancelError> {
+        let records = store
+            .values_in(&keys.outbox(index, 0), &keys.outbox(index + 1, 0))
+            .await
+            .map_err(|e| CancelError::Store(e.to_string()))?;
+        let mut unsettled = Vec::new();
+        for (key, value) in records {
+            let record: TxRecord = data::decode(&key, &value).map_err(|e| CancelError::Store(e.to_string()))?;
+            if let Some(settled) = &record.settled
+                && record.cancelled_by().is_none()
+            {
+                return Err(CancelError::Settled { index, hash: settled.hash, block: settled.block });
+            }
+            if record.settled.is_none() && record.refused.is_none() {
+                unsettled.push(record);
+            }
+        }
+        if unsettled.is_empty() {
+            return Err(CancelError::NothingToCancel(index));
+        }
+        self.cancels().insert(index);
+        warn!(index, "the operator asked to cancel this request's transaction");
+        let listed = self.unsettled(store, keys).await.map_err(CancelError::Store)?;
+        Ok(listed.into_iter().filter(|tx| tx.index == index).collect())
     }
 
     /// What `/br2k/status` shows of the outbox.
@@ -494,6 +636,9 @@ impl Outbox {
             }
             None => (self.sign_and_store(&key, call).await?, false),
         };
+        if let Some(reason) = record.cancel_reason() {
+            return Err(TxError::Refused(reason));
+        }
         if let Some(settled) = &record.settled {
             return Ok(receipt(&record, settled, true));
         }
@@ -502,6 +647,10 @@ impl Outbox {
         }
         self.chain.observe(TxStep::Stored, self.index).await;
         let settled = self.settle(&key, &mut record).await?;
+        if let Some(reason) = record.cancel_reason() {
+            self.chain.cancels().remove(&self.index);
+            return Err(TxError::Refused(reason));
+        }
         self.chain.observe(TxStep::Settled, self.index).await;
         Ok(receipt(&record, &settled, replayed))
     }
@@ -591,6 +740,7 @@ impl Outbox {
             max_fee_per_gas,
             max_priority_fee_per_gas,
             gas_limit,
+            cancel: false,
         })
     }
 
@@ -681,6 +831,13 @@ impl Outbox {
                 }
                 Err(reason) => last_error = reason,
             }
+            // The operator's cancel, once: it races the original at the same nonce.
+            if !mined_shallow && !record.attempts.iter().any(|a| a.cancel) && self.chain.cancels().contains(&self.index)
+            {
+                self.sign_cancel(key, record).await?;
+                last_broadcast = None;
+                last_attempt_at = Instant::now();
+            }
             if Instant::now() >= deadline {
                 return Err(TxError::InDoubt(format!(
                     "nonce {} not settled within {:?}: {last_error}",
@@ -727,6 +884,41 @@ impl Outbox {
             tokio::time::sleep(poll).await;
             poll = (poll * 2).min(POLL_EVERY);
         }
+    }
+
+    /// The operator's cancel: nothing sent, to the service's own address.
+    fn cancel_call(&self) -> TxCall {
+        TxCall { to: self.chain.sender(), value: U256::ZERO, input: Bytes::new(), gas_limit: Some(21_000) }
+    }
+
+    /// Signs the operator's cancel at the record's nonce, with fees above the latest
+    /// version's by more than pools ask of a replacement (and at least what the chain asks
+    /// now; the fee cap does not hold it back: the operator asked), and stores it before it
+    /// is broadcast.
+    async fn sign_cancel(&self, key: &str, record: &mut TxRecord) -> Result<(), TxError> {
+        let last = record.attempts.last().expect("a record holds at least one attempt").clone();
+        let raised = |fee: u128| fee + fee / 4 + 1;
+        let (mut max_fee, mut priority) = (raised(last.max_fee_per_gas), raised(last.max_priority_fee_per_gas));
+        if let Ok(now) = self.chain.fees().await {
+            max_fee = max_fee.max(now.max_fee_per_gas);
+            priority = priority.max(now.max_priority_fee_per_gas);
+        }
+        let mut attempt = self
+            .sign(&self.cancel_call(), record.nonce, 21_000, max_fee, priority.min(max_fee))
+            .await
+            .map_err(in_doubt)?;
+        attempt.cancel = true;
+        let mut cancelling = record.clone();
+        cancelling.attempts.push(attempt.clone());
+        match self.store.authority_write(&self.term, vec![Op::Put(key.to_owned(), data::encode(&cancelling))]).await {
+            Ok(_) => {}
+            Err(Error::LeadershipLost { .. }) => return Err(TxError::LeadershipLost),
+            Err(e) => return Err(in_doubt(e)),
+        }
+        warn!(index = self.index, nonce = record.nonce, hash = %attempt.hash, max_fee,
+            "the operator's cancel is signed and stored: it races the original at the same nonce");
+        *record = cancelling;
+        Ok(())
     }
 
     /// Marks a record broadcast, in a fenced write, before it is: from then on its nonce is
@@ -831,10 +1023,11 @@ impl Outbox {
             return Ok(false);
         }
         // The earlier version may still be mined: whatever fails here leaves it in doubt.
-        let attempt = self
-            .sign(&record.call, record.nonce, last.gas_limit, max_fee, priority.min(max_fee))
-            .await
-            .map_err(in_doubt)?;
+        // A cancel is replaced by a cancel, never by the payment it cancels.
+        let call = if last.cancel { self.cancel_call() } else { record.call.clone() };
+        let mut attempt =
+            self.sign(&call, record.nonce, last.gas_limit, max_fee, priority.min(max_fee)).await.map_err(in_doubt)?;
+        attempt.cancel = last.cancel;
         let mut bumped = record.clone();
         bumped.attempts.push(attempt.clone());
         match self.store.authority_write(&self.term, vec![Op::Put(key.to_owned(), data::encode(&bumped))]).await {

@@ -229,6 +229,9 @@ async fn external(_state: Arc<Journal>, request: Request) -> Outcome {
     Ok(Reply::json(201, &serde_json::json!({ "recorded": request.index })))
 }
 
+/// The token the replicas' admin routes (`/br2k/tx`) take.
+pub(crate) const ADMIN_TOKEN: &str = "admin-token";
+
 /// What `/pay` sends: wei to the address in the body.
 pub(crate) const PAYMENT_WEI: u64 = 1_000;
 
@@ -549,6 +552,7 @@ impl Cluster {
             config = config.with_publisher(Publisher::new(chain.registry(registry.manager.address()).await.unwrap()));
         }
         config.outbox.clone_from(&self.outbox);
+        config.admin_token = Some(br2k_replication::AdminToken::new(ADMIN_TOKEN));
         let interrupt = Arc::new(Interrupt::default());
         let observer = interrupt.clone();
         let tx_interrupt = Arc::new(TxInterrupt::default());

@@ -760,3 +760,83 @@ async fn with_three_endpoints_one_cut_mid_run_nothing_is_lost_and_the_status_say
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_operator_cancels_a_payment_held_unmined_it_is_recorded_failed_nothing_is_paid_and_the_next_goes_through() {
+    use crate::harness::ADMIN_TOKEN;
+    let anvil = unmined_anvil();
+    let c = paying_cluster(&anvil, |outbox| {
+        outbox.settle_within = Duration::from_secs(2);
+        outbox.bump_after = Duration::from_secs(600);
+    })
+    .await;
+    let service = anvil.address(SERVICE_KEY);
+    let provider = ProviderBuilder::new().connect_http(anvil.endpoint().parse().unwrap());
+    let l = c.leader(None).await;
+    let to = PrivateKeySigner::random().address();
+    // Held unmined: in doubt.
+    let (status, body) = {
+        let answer = c.post(l, "/pay", &to.to_string(), Some("stuck")).await;
+        (answer.status().as_u16(), answer.text().await.unwrap())
+    };
+    assert_eq!(status, 503, "{body}");
+    let original = records(&c, 1).await.remove(0).attempts[0].hash;
+
+    // The admin routes want the admin token.
+    let url = |path: &str| format!("{}{path}", c.replicas[l].url);
+    let cancel = serde_json::json!({ "index": 1 });
+    assert_eq!(c.http.get(url("/br2k/tx")).send().await.unwrap().status(), 401);
+    assert_eq!(c.http.post(url("/br2k/tx/cancel")).json(&cancel).send().await.unwrap().status(), 401);
+    let wrong = c.http.post(url("/br2k/tx/cancel")).bearer_auth("guess").json(&cancel).send().await.unwrap();
+    assert_eq!(wrong.status(), 403);
+    let listed: serde_json::Value =
+        c.http.get(url("/br2k/tx")).bearer_auth(ADMIN_TOKEN).send().await.unwrap().json().await.unwrap();
+    assert_eq!(listed["in_doubt"], serde_json::json!([1]), "{listed}");
+    assert_eq!(listed["transactions"][0]["index"], 1, "{listed}");
+    assert_eq!(listed["transactions"][0]["nonce"], 0, "{listed}");
+    assert!(c.replicas[l].status().in_doubt.contains(&1));
+    let asked = c.http.post(url("/br2k/tx/cancel")).bearer_auth(ADMIN_TOKEN).json(&cancel).send().await.unwrap();
+    assert_eq!(asked.status(), 202, "{}", asked.text().await.unwrap());
+    let nothing = serde_json::json!({ "index": 99 });
+    let none = c.http.post(url("/br2k/tx/cancel")).bearer_auth(ADMIN_TOKEN).json(&nothing).send().await.unwrap();
+    assert_eq!(none.status(), 404);
+
+    // The cancel is signed and stored next to the original, at its nonce.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let cancel_hash = loop {
+        let record = records(&c, 1).await.remove(0);
+        if let Some(cancel) = record.attempts.iter().find(|a| a.cancel) {
+            assert_eq!(record.nonce, 0);
+            break cancel.hash;
+        }
+        assert!(Instant::now() < deadline, "the cancel was never signed: {record:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // Mining resumes: the cancel (higher fees) takes the nonce.
+    let miner = tokio::spawn({
+        let provider = provider.clone();
+        async move {
+            loop {
+                let _: Result<serde_json::Value, _> = provider.raw_request("evm_mine".into(), ()).await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    });
+    let (status, failed) = pay_until_answered(&c, to, "stuck", Duration::from_secs(30)).await;
+    assert_eq!(status, 502, "recorded failed: {failed}");
+    assert!(failed["error"].as_str().unwrap().contains("cancelled by the operator"), "{failed}");
+    assert!(provider.get_transaction_receipt(cancel_hash).await.unwrap().is_some(), "the cancel is on chain");
+    assert!(provider.get_transaction_receipt(original).await.unwrap().is_none(), "the original is not");
+    assert_eq!(on_chain(&anvil, to, service).await, (U256::ZERO, 1), "nothing paid; the nonce spent by the cancel");
+    // The retry gets the same answer, and the next payment goes through at the next nonce.
+    assert_eq!(pay_until_answered(&c, to, "stuck", Duration::from_secs(10)).await, (502, failed));
+    let (status, paid) = pay_until_answered(&c, to, "next", Duration::from_secs(30)).await;
+    assert_eq!(status, 200, "{paid}");
+    assert_eq!(paid["nonce"], 1);
+    assert_eq!(on_chain(&anvil, to, service).await, (U256::from(PAYMENT_WEI), 2));
+    let settled = c.post(l, "/pay", &to.to_string(), Some("next")).await;
+    assert_eq!(settled.status(), 200);
+    let done = c.http.post(url("/br2k/tx/cancel")).bearer_auth(ADMIN_TOKEN).json(&cancel).send().await.unwrap();
+    assert_eq!(done.status(), 404, "nothing left to cancel for a cancelled request");
+    miner.abort();
+}
