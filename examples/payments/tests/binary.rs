@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use alloy::network::EthereumWallet;
 use alloy::primitives::{Address, U256};
 use alloy::providers::{Provider, ProviderBuilder};
 use alloy::signers::local::PrivateKeySigner;
@@ -16,7 +15,8 @@ use br2k_payments::{Effect, PaymentToken, read_ledger};
 use br2k_test_utils::{Anvil, EtcdCluster, KillOnDrop};
 
 const OPERATOR: &str = "operator-token";
-const SERVICE_KEY: usize = 5;
+mod support;
+use support::SERVICE_KEY;
 
 fn private_file(path: &Path, text: &str) {
     std::fs::write(path, text).unwrap();
@@ -46,18 +46,7 @@ impl Cluster {
     /// nodes (not started) that read that key from a 0600 file, or as `key_args` says
     /// (given the secrets directory).
     async fn new(key_args: impl FnOnce(&Path) -> Vec<std::ffi::OsString>) -> Self {
-        let anvil = Anvil::builder()
-            .arg("--block-time")
-            .arg("1")
-            .spawn()
-            .expect("anvil starts (run `bash tools/setup.sh` if it is missing)");
-        let etcd = EtcdCluster::spawn().expect("etcd starts (run `bash tools/setup.sh` if it is missing)");
-        let deployer = ProviderBuilder::new()
-            .wallet(EthereumWallet::from(anvil.key(0)))
-            .connect_http(anvil.endpoint().parse().unwrap());
-        let token = PaymentToken::deploy(&deployer).await.unwrap();
-        let service = anvil.address(SERVICE_KEY);
-        token.mint(service, U256::from(1_000_000)).send().await.unwrap().get_receipt().await.unwrap();
+        let (anvil, token, etcd) = support::chain_and_etcd(1).await;
         let secrets = tempfile::tempdir().unwrap();
         let key_file = secrets.path().join("key");
         private_file(&key_file, &format!("{}\n", alloy::hex::encode(anvil.key(SERVICE_KEY).to_bytes())));
@@ -72,7 +61,7 @@ impl Cluster {
             })
             .collect();
         let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
-        Self { etcd, anvil, token: *token.address(), secrets, key_args, nodes, http, _data: data }
+        Self { etcd, anvil, token, secrets, key_args, nodes, http, _data: data }
     }
 
     fn start_node(&mut self, i: usize) {

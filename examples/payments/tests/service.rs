@@ -14,7 +14,8 @@ use br2k_test_utils::{Anvil, EtcdCluster};
 
 const OPERATOR: &str = "operator-token";
 /// anvil keys: 0 deploys the token, 5 is the service's, 6 a user's.
-const SERVICE_KEY: usize = 5;
+mod support;
+use support::SERVICE_KEY;
 const USER_KEY: usize = 6;
 
 struct Payments {
@@ -36,19 +37,8 @@ impl Payments {
     /// Three replicas on an anvil mining a block every `block_time` seconds, payouts and
     /// deposits settled `confirmations` blocks deep.
     async fn on_chain(block_time: u64, confirmations: u64) -> Self {
-        let anvil = Anvil::builder()
-            .arg("--block-time")
-            .arg(block_time.to_string())
-            .spawn()
-            .expect("anvil starts (run `bash tools/setup.sh` if it is missing)");
-        let etcd = EtcdCluster::spawn().expect("etcd starts (run `bash tools/setup.sh` if it is missing)");
-        let deployer = ProviderBuilder::new()
-            .wallet(EthereumWallet::from(anvil.key(0)))
-            .connect_http(anvil.endpoint().parse().unwrap());
-        let token = PaymentToken::deploy(&deployer).await.unwrap();
-        let service_address = anvil.address(SERVICE_KEY);
-        token.mint(service_address, U256::from(1_000_000)).send().await.unwrap().get_receipt().await.unwrap();
-        let settings = Settings { token: *token.address(), service: service_address, confirmations };
+        let (anvil, token, etcd) = support::chain_and_etcd(block_time).await;
+        let settings = Settings { token, service: anvil.address(SERVICE_KEY), confirmations };
         let (mut urls, mut ledgers, mut dirs, mut replicas) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for i in 0..3 {
             let dir = tempfile::tempdir().unwrap();

@@ -704,11 +704,7 @@ impl Outbox {
             .map_err(TxError::Refused)?;
         let record = TxRecord { nonce, call, attempts: vec![attempt], settled: None, refused: None, broadcast: false };
         ops.push(Op::Put(key.to_owned(), data::encode(&record)));
-        match self.store.authority_write(&self.term, ops).await {
-            Ok(_) => {}
-            Err(Error::LeadershipLost { .. }) => return Err(TxError::LeadershipLost),
-            Err(e) => return Err(in_doubt(e)),
-        }
+        self.fenced(ops).await?;
         info!(index = self.index, nonce, hash = %record.attempts[0].hash, "transaction signed and stored");
         Ok(record)
     }
@@ -779,13 +775,7 @@ impl Outbox {
             match read {
                 Ok(Mined::Confirmed(settled)) => {
                     record.settled = Some(settled.clone());
-                    let write =
-                        self.store.authority_write(&self.term, vec![Op::Put(key.to_owned(), data::encode(&*record))]);
-                    match write.await {
-                        Ok(_) => {}
-                        Err(Error::LeadershipLost { .. }) => return Err(TxError::LeadershipLost),
-                        Err(e) => return Err(in_doubt(e)),
-                    }
+                    self.store_record(key, record).await?;
                     info!(index = self.index, nonce = record.nonce, hash = %settled.hash, success = settled.success, "transaction settled");
                     return Ok(settled);
                 }
@@ -910,11 +900,7 @@ impl Outbox {
         attempt.cancel = true;
         let mut cancelling = record.clone();
         cancelling.attempts.push(attempt.clone());
-        match self.store.authority_write(&self.term, vec![Op::Put(key.to_owned(), data::encode(&cancelling))]).await {
-            Ok(_) => {}
-            Err(Error::LeadershipLost { .. }) => return Err(TxError::LeadershipLost),
-            Err(e) => return Err(in_doubt(e)),
-        }
+        self.store_record(key, &cancelling).await?;
         warn!(index = self.index, nonce = record.nonce, hash = %attempt.hash, max_fee,
             "the operator's cancel is signed and stored: it races the original at the same nonce");
         *record = cancelling;
@@ -926,11 +912,21 @@ impl Outbox {
     async fn mark_broadcast(&self, key: &str, record: &mut TxRecord) -> Result<(), TxError> {
         let mut marked = record.clone();
         marked.broadcast = true;
-        match self.store.authority_write(&self.term, vec![Op::Put(key.to_owned(), data::encode(&marked))]).await {
-            Ok(_) => {
-                *record = marked;
-                Ok(())
-            }
+        self.store_record(key, &marked).await?;
+        *record = marked;
+        Ok(())
+    }
+
+    /// Stores `record` at `key` under this leader's fence.
+    async fn store_record(&self, key: &str, record: &TxRecord) -> Result<(), TxError> {
+        self.fenced(vec![Op::Put(key.to_owned(), data::encode(record))]).await
+    }
+
+    /// Writes `ops` under this leader's fence: a lost fence is [`TxError::LeadershipLost`],
+    /// any other failure leaves the transaction in doubt.
+    async fn fenced(&self, ops: Vec<Op>) -> Result<(), TxError> {
+        match self.store.authority_write(&self.term, ops).await {
+            Ok(_) => Ok(()),
             Err(Error::LeadershipLost { .. }) => Err(TxError::LeadershipLost),
             Err(e) => Err(in_doubt(e)),
         }
@@ -945,19 +941,14 @@ impl Outbox {
             Op::Put(key.to_owned(), data::encode(&*record)),
             Op::Put(self.keys.outbox_free(record.nonce), Vec::new()),
         ];
-        match self.store.authority_write(&self.term, ops).await {
-            Ok(_) => {
-                warn!(
-                    index = self.index,
-                    nonce = record.nonce,
-                    reason,
-                    "transaction refused by the chain; its nonce is free again"
-                );
-                Ok(())
-            }
-            Err(Error::LeadershipLost { .. }) => Err(TxError::LeadershipLost),
-            Err(e) => Err(in_doubt(e)),
-        }
+        self.fenced(ops).await?;
+        warn!(
+            index = self.index,
+            nonce = record.nonce,
+            reason,
+            "transaction refused by the chain; its nonce is free again"
+        );
+        Ok(())
     }
 
     /// Whether one of the record's attempts has a receipt, and how deep it is.
@@ -1030,11 +1021,7 @@ impl Outbox {
         attempt.cancel = last.cancel;
         let mut bumped = record.clone();
         bumped.attempts.push(attempt.clone());
-        match self.store.authority_write(&self.term, vec![Op::Put(key.to_owned(), data::encode(&bumped))]).await {
-            Ok(_) => {}
-            Err(Error::LeadershipLost { .. }) => return Err(TxError::LeadershipLost),
-            Err(e) => return Err(in_doubt(e)),
-        }
+        self.store_record(key, &bumped).await?;
         info!(index = self.index, nonce = record.nonce, hash = %attempt.hash, max_fee, "replacing a lingering transaction with higher fees");
         *record = bumped;
         Ok(true)
