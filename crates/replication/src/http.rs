@@ -284,6 +284,18 @@ async fn snapshot<S: AppState>(runtime: &Runtime<S>, parts: &axum::http::request
         Ok(file) => file,
         Err(e) => return error(StatusCode::NOT_FOUND, &format!("snapshot {index} cannot be read here: {e}")),
     };
+    // A file whose length is not what its record announces (a torn write, a bad disk) is
+    // refused with a reason, rather than cut off half-way through the answer.
+    match file.metadata().await.map(|m| m.len()) {
+        Ok(len) if len == meta.size => {}
+        Ok(len) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &format!("snapshot {index} is damaged here: {len} bytes, its record says {}; not served", meta.size),
+            );
+        }
+        Err(e) => return error(StatusCode::NOT_FOUND, &format!("snapshot {index} cannot be read here: {e}")),
+    }
     let mut response = Body::from_stream(tokio_util::io::ReaderStream::new(file)).into_response();
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(meta.size));
