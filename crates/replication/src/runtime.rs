@@ -1317,15 +1317,18 @@ impl<S: AppState> Runtime<S> {
     ) -> Result<Recorded> {
         let mut attempts = 0u32;
         loop {
+            // A later request's stored transaction may hold a lower nonce that was never
+            // broadcast (its leader died), or that a reorg dropped while no leader ran:
+            // this one cannot be mined before it. Broadcast those first, not only after a
+            // whole settle_within of waiting (the testbed's reorgs under leader kills
+            // held a payout 30 s behind such a gap).
+            if let Some(chain) = &self.chain {
+                chain.rebroadcast_after(self.store(), &self.keys, index).await;
+            }
             if let Some(outcome) = self.run_again(route, term, index, entry).await? {
                 return Ok(outcome);
             }
             attempts += 1;
-            // A later request's stored transaction may hold a lower nonce that was never
-            // broadcast (its leader died): this one cannot be mined before it.
-            if let Some(chain) = &self.chain {
-                chain.rebroadcast_after(self.store(), &self.keys, index).await;
-            }
             if attempts == 1 {
                 warn!(index, "a payment is not settled yet; the requests after it wait for it");
                 self.set_status(|s| {

@@ -5,6 +5,7 @@ mod browser;
 mod etcd;
 mod oci_registry;
 mod process;
+mod relay;
 mod token_service;
 
 pub use anvil::{Anvil, AnvilBuilder, AnvilError};
@@ -12,6 +13,7 @@ pub use browser::{Browser, BrowserError, Page};
 pub use etcd::{EtcdCluster, EtcdClusterBuilder, EtcdError};
 pub use oci_registry::{OciRegistry, OciRegistryError};
 pub use process::{KillOnDrop, ToolNotFound, foundry_binary, workspace_root};
+pub use relay::Relay;
 
 /// The command that installs every tool the fixtures need.
 pub const SETUP_COMMAND: &str = "bash tools/setup.sh";

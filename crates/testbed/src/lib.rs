@@ -5,6 +5,7 @@
 //! acknowledged answer and every RS record at the end.
 
 pub mod attacker;
+pub mod chain;
 pub mod checker;
 pub mod deployed;
 pub mod payments;
@@ -16,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use br2k_deploy::local::{ChainChoice, EtcdTimings, NetworkMode, Sandbox, SandboxSpec};
+use br2k_deploy::local::{ChainChoice, EtcdTimings, LocalChainOptions, NetworkMode, Sandbox, SandboxSpec};
 use br2k_replication::Role;
 use br2k_resolver::{Resolver, ResolverConfig};
 
@@ -60,6 +61,12 @@ pub struct TestbedConfig {
     pub network: NetworkMode,
     /// A user gives up on one request after this long.
     pub give_up_after: Duration,
+    /// Requests each user keeps waiting for their answers at once (payments; the log
+    /// workload's users send one at a time, as the paper's).
+    pub in_flight: usize,
+    /// The chain under a payments run and its faults (the log workload's chain only holds
+    /// the registry).
+    pub chain: chain::ChainSettings,
 }
 
 impl TestbedConfig {
@@ -92,6 +99,15 @@ impl TestbedConfig {
         }
         if self.fault == FaultKind::Partition && self.network == NetworkMode::Loopback {
             return bad("partition faults need --network namespaces (or auto, as root)".into());
+        }
+        if self.in_flight == 0 || self.in_flight > 64 {
+            return bad(format!("requests in flight per user must be 1 to 64, not {}", self.in_flight));
+        }
+        if let Some(problem) = self.chain.problem() {
+            return bad(problem);
+        }
+        if self.chain.fault == Some(chain::ChainFault::Rpc) && self.duration.is_zero() {
+            return bad("the rpc fault lasts --duration, which must be above zero".into());
         }
         if self.replicas < 3 && self.fault != FaultKind::None {
             return bad(format!("with {} replicas no fault can be survived; use at least 3", self.replicas));
@@ -139,6 +155,13 @@ pub const SERVICE: &str = "testbed-logserver";
 /// whatever the checks found.
 pub async fn run(config: TestbedConfig, progress: &(dyn Fn(&str) + Sync)) -> Result<Report, Error> {
     config.check()?;
+    if !config.chain.is_default() || config.in_flight != 1 {
+        return Err(Error::Config(
+            "--block-time, --confirmations, --rpc-endpoints, --chain-fault and --in-flight are for --workload \
+             payments (the log server's users send one request at a time, and its chain only holds the registry)"
+                .into(),
+        ));
+    }
     let started_at = std::time::SystemTime::now();
     let timings = EtcdTimings::with_election_ms(config.election_ms);
     let spec = SandboxSpec {
@@ -154,7 +177,7 @@ pub async fn run(config: TestbedConfig, progress: &(dyn Fn(&str) + Sync)) -> Res
         network: config.network,
         slot: None,
         etcd: timings,
-        chain: ChainChoice::Local,
+        chain: ChainChoice::Local(LocalChainOptions::default()),
         startup_timeout: Duration::from_secs(30),
         disks: config.fault.disks(),
     };

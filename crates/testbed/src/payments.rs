@@ -6,8 +6,9 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
+use std::io::Write as _;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use alloy::network::EthereumWallet;
@@ -16,11 +17,12 @@ use alloy::providers::{DynProvider, Provider, ProviderBuilder};
 use alloy::rpc::types::Filter;
 use alloy::signers::local::PrivateKeySigner;
 use alloy::sol_types::SolEvent;
-use br2k_deploy::local::{ChainChoice, EtcdTimings, Sandbox, SandboxSpec};
+use br2k_deploy::local::{ChainChoice, EtcdTimings, LocalChain, LocalChainOptions, Sandbox, SandboxSpec};
 use br2k_payments::{Effect, PaymentToken, read_ledger};
 use br2k_resolver::{FailoverClient, Request, Resolver, ResolverConfig};
 use serde::Serialize;
 
+use crate::chain::{ChainAttacker, ChainFaultEvent, Endpoints};
 use crate::checker::{Gaps, gaps};
 use crate::users::{Progress, failover_config};
 use crate::{Error, SERVICE, TestbedConfig, millis};
@@ -35,7 +37,10 @@ const DEPOSIT_EVERY: u64 = 10;
 /// What one payments user saw.
 #[derive(Debug, Default)]
 struct PayerLog {
-    /// Acknowledged payouts: the transaction each answer named.
+    /// The user.
+    user: Address,
+    /// Acknowledged payouts: the request's sequence number and the transaction its answer
+    /// named.
     payouts: Vec<(u64, B256)>,
     /// Acknowledged deposits: the user's transaction.
     deposits: Vec<B256>,
@@ -87,6 +92,40 @@ pub struct PaymentFindings {
     pub latency_ms: (u64, u64),
     /// Time users went without an answer after each fault.
     pub gaps: Gaps,
+    /// The chain: its block time, the confirmation depth, the outbox's endpoints, and what
+    /// was done to it.
+    pub chain: ChainFindings,
+}
+
+/// What the chain was like, what was done to it, and what the service saw of it.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ChainFindings {
+    /// Seconds between blocks (`None`: a block per transaction).
+    pub block_time: Option<u64>,
+    /// The confirmation depth payouts waited for.
+    pub confirmations: u64,
+    /// The outbox's RPC endpoints.
+    pub endpoints: usize,
+    /// The lowest a payout's latency can be: confirmations x block time (ms).
+    pub latency_floor_ms: u64,
+    /// The chain faults struck.
+    pub faults: Vec<ChainFaultEvent>,
+    /// The service's transactions the reorgs dropped from the chain.
+    pub service_transactions_reorged_out: u64,
+    /// Rebroadcasts of a dropped, not yet deep enough transaction, counted by the replicas
+    /// running at the end (a killed replica's count is lost with it: a lower bound).
+    pub reorg_rebroadcasts: u64,
+    /// Finality violations the replicas running at the end detected (a payout answered as
+    /// paid that left the chain), and how many of them were still off the chain at the end.
+    pub finality_violations_detected: u64,
+    /// Of them, still not back on chain at the end.
+    pub finality_violations_open: u64,
+    /// Where the chain's final state was dumped (`anvil --load-state` loads it again).
+    pub state_file: Option<String>,
+    /// Where every acknowledged payout's hash was written.
+    pub payouts_file: Option<String>,
+    /// Whether the chain checks ran on a fresh chain loaded from that dump.
+    pub checked_from_dump: bool,
 }
 
 impl PaymentFindings {
@@ -99,6 +138,8 @@ impl PaymentFindings {
             && self.balance_mismatches == 0
             && self.ledgers_identical
             && self.in_doubt_at_end.is_empty()
+            && self.chain.finality_violations_open == 0
+            && self.chain.checked_from_dump
     }
 
     /// The findings as a Markdown table.
@@ -131,6 +172,38 @@ impl PaymentFindings {
                 seconds(self.gaps.max_ms)
             );
         }
+        let chain = &self.chain;
+        let block_time = chain.block_time.map_or_else(|| "a block per transaction".into(), |t| format!("{t} s"));
+        let _ = writeln!(
+            out,
+            "| block time / confirmations / RPC endpoints | {block_time} / {} / {} |",
+            chain.confirmations, chain.endpoints
+        );
+        let _ = writeln!(out, "| payout latency floor (confirmations x block time) | {} ms |", chain.latency_floor_ms);
+        if !chain.faults.is_empty() {
+            let _ = writeln!(
+                out,
+                "| chain faults struck | {} |",
+                chain.faults.iter().filter(|f| f.error.is_none()).count()
+            );
+            let _ =
+                writeln!(out, "| service transactions reorganised out | {} |", chain.service_transactions_reorged_out);
+            let _ = writeln!(
+                out,
+                "| rebroadcasts after a reorg (replicas running at the end) | {} |",
+                chain.reorg_rebroadcasts
+            );
+            let _ = writeln!(
+                out,
+                "| finality violations detected / still open | {} / {} |",
+                chain.finality_violations_detected, chain.finality_violations_open
+            );
+        }
+        let _ = writeln!(
+            out,
+            "| chain checked from its dumped state | {} |",
+            if chain.checked_from_dump { "yes" } else { "NO" }
+        );
         for reason in &self.unacknowledged_reasons {
             let _ = writeln!(out, "\nnot acknowledged: {reason}");
         }
@@ -139,13 +212,14 @@ impl PaymentFindings {
     }
 }
 
-/// Runs the payments workload under `config`'s attacker; returns the findings and how
-/// many faults were injected.
+/// Runs the payments workload under `config`'s attacker (and its chain's, if any); returns
+/// the findings and how many node faults were injected.
 ///
 /// # Errors
 /// When the run could not be carried out.
 pub async fn run(config: TestbedConfig, progress: &(dyn Fn(&str) + Sync)) -> Result<(PaymentFindings, usize), Error> {
     config.check()?;
+    let settings = config.chain.clone();
     // Keys made now, so the replicas can be told them before the chain exists: the
     // service's (it pays), the token's deployer (the token's address is its first
     // contract's), and the users'.
@@ -154,11 +228,12 @@ pub async fn run(config: TestbedConfig, progress: &(dyn Fn(&str) + Sync)) -> Res
     let token = deployer.address().create(0);
     let operator = format!("op-{}", alloy::hex::encode(PrivateKeySigner::random().address()));
     let users: Vec<PrivateKeySigner> = (0..config.users).map(|_| PrivateKeySigner::random()).collect();
+    let timing = OutboxTiming::for_chain(settings.block_time.unwrap_or(0), settings.confirmations);
     let spec = SandboxSpec {
         service: SERVICE.into(),
         replicas: config.replicas,
         app: config.app.clone(),
-        app_args: vec!["--settle-within".into(), "10".into(), "--bump-after".into(), "5".into()],
+        app_args: timing.app_args(settings.confirmations),
         app_env: [
             ("BR2K_TOKEN".into(), token.to_string()),
             ("BR2K_OUTBOX_KEY".into(), alloy::hex::encode(service_key.to_bytes())),
@@ -171,11 +246,26 @@ pub async fn run(config: TestbedConfig, progress: &(dyn Fn(&str) + Sync)) -> Res
         network: config.network,
         slot: None,
         etcd: EtcdTimings::with_election_ms(config.election_ms),
-        chain: ChainChoice::Local,
+        chain: ChainChoice::Local(LocalChainOptions {
+            block_time: settings.block_time.map(Duration::from_secs),
+            dump_state: true,
+            load_state: None,
+        }),
         startup_timeout: Duration::from_secs(30),
         disks: config.fault.disks(),
     };
-    let mut sandbox = Sandbox::start(spec, progress).await?;
+    // The outbox's endpoints are relays to the chain, started once the chain is up.
+    let mut endpoints = None;
+    let mut sandbox = Sandbox::start_then(spec, progress, |chain_url, host| {
+        let started = Endpoints::start(settings.endpoints, host, chain_url).map_err(|source| {
+            br2k_deploy::DeployError::Io { action: "starting the RPC endpoints' relays".into(), source }
+        })?;
+        let args = started.app_args();
+        endpoints = Some(Arc::new(started));
+        Ok(args)
+    })
+    .await?;
+    let endpoints = endpoints.expect("set before the replicas start");
     sandbox.service().wait_for_leader(Duration::from_secs(30)).await?;
     sandbox.wait_published(1, Duration::from_secs(30)).await?;
     let funder =
@@ -217,41 +307,155 @@ pub async fn run(config: TestbedConfig, progress: &(dyn Fn(&str) + Sync)) -> Res
                 operator: operator.clone(),
                 rpc_url: sandbox.rpc_url().to_owned(),
                 run_id: format!("{run_id}-u{n}"),
+                // A payout is answered once it is deep enough: an attempt waits that long.
+                attempt_timeout: timing.settle_within + Duration::from_secs(5),
             };
             tokio::spawn(payer.run(resolver.clone(), config.clone(), Arc::clone(&counters), start))
         })
         .collect();
     let total = config.users as u64 * config.requests_per_user;
     progress(&format!(
-        "{} users x {} requests (payouts, every {DEPOSIT_EVERY}th a deposit) at {}/s; attacker: {} on {} every {:?}..{:?} for {:?} (seed {})",
+        "{} users x {} requests (payouts, every {DEPOSIT_EVERY}th a deposit) at {}/s, {} in flight each; attacker: {} \
+         on {} every {:?}..{:?} for {:?}; chain: {}, {} confirmations, {} RPC endpoints, fault {} (seed {})",
         config.users,
         config.requests_per_user,
         config.rate,
+        config.in_flight,
         config.fault,
         config.target,
         config.interval.0,
         config.interval.1,
         config.duration,
+        settings.block_time.map_or_else(|| "a block per transaction".into(), |t| format!("a block every {t} s")),
+        settings.confirmations,
+        settings.endpoints,
+        settings.fault.map_or_else(|| "none".into(), |f| f.to_string()),
         config.seed
     ));
-    let faults = crate::attack(&mut sandbox, &config, &tasks, start, &counters, total, progress).await?;
+    let chain_attacker = ChainAttacker {
+        chain: chain.funder.clone(),
+        endpoints: Arc::clone(&endpoints),
+        service: service_key.address(),
+        settings: settings.clone(),
+        duration: config.duration,
+        seed: config.seed,
+    };
+    let stop_chain_faults = Arc::new(AtomicBool::new(false));
+    let (faults, chain_faults) = tokio::join!(
+        async {
+            let faults = crate::attack(&mut sandbox, &config, &tasks, start, &counters, total, progress).await;
+            stop_chain_faults.store(true, Ordering::SeqCst);
+            faults
+        },
+        chain_attacker.run(Arc::clone(&stop_chain_faults), start, progress),
+    );
+    let faults = faults?;
     let mut logs = Vec::new();
     for task in tasks {
         logs.push(task.await.map_err(|e| Error::User(e.to_string()))?);
     }
+    // Its registry watch would only complain once the chain is stopped below.
+    drop(resolver);
     let end_ms = millis(start.elapsed());
     progress(&format!(
         "users done in {:.1} s; healing every node and waiting for the ledgers to agree",
         start.elapsed().as_secs_f64()
     ));
     sandbox.service_mut().heal_all().await?;
-    let mut findings = check(&sandbox, &chain, token, service_key.address(), &users, &logs).await?;
+    let payouts_file = config.work_dir.join("payouts.jsonl");
+    write_payouts(&payouts_file, &logs)
+        .map_err(|e| Error::Config(format!("writing {}: {e}", payouts_file.display())))?;
+    let settled = settle(&sandbox, &chain, service_key.address()).await?;
+    // The chain checks run on the chain's dumped state, loaded into a fresh anvil: what
+    // anyone can load again from the work directory and check.
+    progress("stopping the chain (its state dumped) and loading that state into a fresh chain to check it");
+    let state = sandbox.stop_chain(Duration::from_secs(60)).await?;
+    let reloaded = match &state {
+        Some(state) => Some(
+            LocalChain::start(
+                std::net::Ipv4Addr::LOCALHOST.into(),
+                1,
+                &config.work_dir.join("reloaded-chain"),
+                &LocalChainOptions { block_time: None, dump_state: false, load_state: Some(state.clone()) },
+                Duration::from_secs(60),
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    let checking = match &reloaded {
+        Some(reloaded) => Chain::new(reloaded.url(), &funder)?,
+        None => chain,
+    };
+    let mut findings = check(&settled, &checking, token, service_key.address(), &users, &logs).await?;
     findings.gaps = gaps(logs.iter().flat_map(|l| l.answered_at.iter().copied()).collect(), &faults, end_ms);
+    findings.chain = ChainFindings {
+        block_time: settings.block_time,
+        confirmations: settings.confirmations,
+        endpoints: settings.endpoints,
+        latency_floor_ms: settings.confirmations * settings.block_time.unwrap_or(0) * 1000,
+        service_transactions_reorged_out: chain_faults.iter().map(|f| f.service_transactions_dropped).sum(),
+        faults: chain_faults,
+        reorg_rebroadcasts: settled.reorg_rebroadcasts,
+        finality_violations_detected: settled.violations_detected,
+        finality_violations_open: settled.violations_open,
+        state_file: state.as_ref().map(|s| s.display().to_string()),
+        payouts_file: Some(payouts_file.display().to_string()),
+        checked_from_dump: reloaded.is_some(),
+    };
+    drop(reloaded);
     sandbox.shutdown().await;
     Ok((findings, faults.len()))
 }
 
-/// One payments user.
+/// The outbox's timing on a chain of `block_time` seconds (0: a block per transaction)
+/// at `confirmations`: a payout may take a few blocks to be mined and `confirmations`
+/// more to be deep enough.
+#[derive(Clone, Copy, Debug)]
+struct OutboxTiming {
+    bump_after: Duration,
+    settle_within: Duration,
+    handler_timeout: Duration,
+}
+
+impl OutboxTiming {
+    fn for_chain(block_time: u64, confirmations: u64) -> Self {
+        let settle_within = Duration::from_secs(10 + 2 * confirmations * block_time);
+        Self {
+            bump_after: Duration::from_secs((2 * block_time).max(5)),
+            settle_within,
+            handler_timeout: settle_within + Duration::from_secs(20),
+        }
+    }
+
+    fn app_args(self, confirmations: u64) -> Vec<String> {
+        [
+            ("--settle-within", self.settle_within.as_secs()),
+            ("--bump-after", self.bump_after.as_secs()),
+            ("--handler-timeout", self.handler_timeout.as_secs()),
+            ("--confirmations", confirmations),
+        ]
+        .into_iter()
+        .flat_map(|(flag, value)| [flag.to_owned(), value.to_string()])
+        .collect()
+    }
+}
+
+/// Every acknowledged payout, a JSON line each (user, sequence number, transaction), for
+/// checking against the dumped chain afterwards.
+fn write_payouts(path: &std::path::Path, logs: &[PayerLog]) -> std::io::Result<()> {
+    let mut file = std::io::BufWriter::new(std::fs::File::create(path)?);
+    for log in logs {
+        for (seq, hash) in &log.payouts {
+            let line = serde_json::json!({ "user": log.user, "seq": seq, "hash": hash });
+            writeln!(file, "{line}")?;
+        }
+    }
+    file.flush()
+}
+
+/// One payments user: it sends its requests at its rate, with up to `in_flight` of them
+/// waiting for their answers at once (a payout is answered only once it is deep enough).
 struct Payer {
     key: PrivateKeySigner,
     token: Address,
@@ -259,19 +463,31 @@ struct Payer {
     operator: String,
     rpc_url: String,
     run_id: String,
+    attempt_timeout: Duration,
+}
+
+/// What one of a user's requests came to.
+enum Answered {
+    Payout { hash: B256, resumed: bool },
+    Deposit(B256),
 }
 
 impl Payer {
     async fn run(self, resolver: Resolver, config: TestbedConfig, progress: Arc<Progress>, start: Instant) -> PayerLog {
-        let mut log = PayerLog::default();
-        let client = match FailoverClient::new(resolver, SERVICE, failover_config(config.give_up_after, 0)) {
+        use futures::StreamExt as _;
+        let user = self.key.address();
+        let mut log = PayerLog { user, ..PayerLog::default() };
+        let failover = br2k_resolver::FailoverConfig {
+            attempt_timeout: self.attempt_timeout,
+            ..failover_config(config.give_up_after, 0)
+        };
+        let client = match FailoverClient::new(resolver, SERVICE, failover) {
             Ok(client) => client,
             Err(e) => {
                 log.failed.push(e.to_string());
                 return log;
             }
         };
-        let user = self.key.address();
         let json = |value: serde_json::Value| value.to_string();
         let grant = Request::post("/grants", json(serde_json::json!({ "user": user, "amount": GRANT.to_string() })))
             .header(
@@ -291,30 +507,40 @@ impl Payer {
             }
         };
         let token = PaymentToken::new(self.token, &wallet);
+        // Deposits one at a time (the wallet takes each nonce from the chain), each once
+        // the user holds a unit more than it has paid back.
+        let depositing = tokio::sync::Mutex::new(0u64);
+        let paid = AtomicU64::new(0);
         let period = Duration::from_secs_f64(1.0 / config.rate);
-        let mut next = Instant::now();
-        for seq in 1..=config.requests_per_user {
-            tokio::time::sleep_until(next.into()).await;
-            next = (next + period).max(Instant::now());
-            let sent = Instant::now();
-            let result = if seq % DEPOSIT_EVERY == 0 && !log.payouts.is_empty() {
-                self.deposit(&client, &token, seq).await.map(|hash| log.deposits.push(hash))
-            } else {
-                match self.signed_payout(user, seq).await {
-                    Ok(payout) => answered(&client, &payout).await,
-                    Err(e) => Err(e),
-                }
-                .and_then(|answer| {
-                    let hash = serde_json::from_value::<B256>(answer["payout"]["hash"].clone())
-                        .map_err(|e| format!("the payout's answer names no transaction: {e}: {answer}"))?;
-                    log.payouts.push((seq, hash));
-                    log.resumed += u64::from(answer["resumed"] == true);
-                    Ok(())
-                })
-            };
+        let first = Instant::now();
+        let (this, client, token, depositing, paid) = (&self, &client, &token, &depositing, &paid);
+        let mut answers = futures::stream::iter(1..=config.requests_per_user)
+            .map(|seq| async move {
+                tokio::time::sleep_until((first + period * u32::try_from(seq - 1).unwrap_or(u32::MAX)).into()).await;
+                let sent = Instant::now();
+                let result = if seq % DEPOSIT_EVERY == 0 {
+                    this.deposit(client, token, seq, depositing, paid, config.give_up_after)
+                        .await
+                        .map(Answered::Deposit)
+                } else {
+                    this.payout(client, user, seq).await.inspect(|_| {
+                        paid.fetch_add(1, Ordering::SeqCst);
+                    })
+                };
+                (seq, sent.elapsed(), result)
+            })
+            .buffer_unordered(config.in_flight.max(1));
+        while let Some((seq, took, result)) = answers.next().await {
             match result {
-                Ok(()) => {
-                    log.latencies.push(millis(sent.elapsed()));
+                Ok(answer) => {
+                    match answer {
+                        Answered::Payout { hash, resumed } => {
+                            log.payouts.push((seq, hash));
+                            log.resumed += u64::from(resumed);
+                        }
+                        Answered::Deposit(hash) => log.deposits.push(hash),
+                    }
+                    log.latencies.push(millis(took));
                     log.answered_at.push(millis(start.elapsed()));
                     progress.acked.fetch_add(1, Ordering::Relaxed);
                 }
@@ -326,6 +552,14 @@ impl Payer {
             }
         }
         log
+    }
+
+    /// A payout of one unit, until answered.
+    async fn payout(&self, client: &FailoverClient, user: Address, seq: u64) -> Result<Answered, String> {
+        let answer = answered(client, &self.signed_payout(user, seq).await?).await?;
+        let hash = serde_json::from_value::<B256>(answer["payout"]["hash"].clone())
+            .map_err(|e| format!("the payout's answer names no transaction: {e}: {answer}"))?;
+        Ok(Answered::Payout { hash, resumed: answer["resumed"] == true })
     }
 
     /// A payout of one unit to `user`, signed with the user's key as a wallet would: the
@@ -349,28 +583,47 @@ impl Payer {
         client: &FailoverClient,
         token: &PaymentToken::PaymentTokenInstance<impl Provider>,
         seq: u64,
+        depositing: &tokio::sync::Mutex<u64>,
+        paid: &AtomicU64,
+        give_up_after: Duration,
     ) -> Result<B256, String> {
+        let mut deposited = depositing.lock().await;
+        let deadline = Instant::now() + give_up_after;
+        while paid.load(Ordering::SeqCst) <= *deposited {
+            if Instant::now() >= deadline {
+                return Err("deposit: the user was never paid a unit to pay back".into());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let pending =
             token.transfer(self.service, U256::from(1)).send().await.map_err(|e| format!("deposit transfer: {e}"))?;
         let receipt = pending.get_receipt().await.map_err(|e| format!("deposit receipt: {e}"))?;
+        *deposited += 1;
+        drop(deposited);
         let body = serde_json::json!({ "hash": receipt.transaction_hash }).to_string();
-        let record = Request::post("/deposits", body).idempotency_key(format!("{}-{seq}", self.run_id));
-        // Not mined under enough blocks yet: the answer says so (409) and a new key asks again.
-        for attempt in 0..20 {
-            let record = if attempt == 0 {
-                record.clone()
+        let record = Request::post("/deposits", body);
+        // Not yet deep enough: the answer says so (409) and a new key asks again.
+        let mut attempt = 0;
+        loop {
+            let key = if attempt == 0 {
+                format!("{}-{seq}", self.run_id)
             } else {
-                record.clone().idempotency_key(format!("{}-{seq}-{attempt}", self.run_id))
+                format!("{}-{seq}-{attempt}", self.run_id)
             };
-            match answered(client, &record).await {
+            match answered(client, &record.clone().idempotency_key(key)).await {
                 Ok(_) => return Ok(receipt.transaction_hash),
-                Err(reason) if reason.contains("409") && reason.contains("not mined") => {
+                // "not mined yet", or "under 1 of the 3 blocks asked for; try again shortly"
+                Err(reason)
+                    if reason.contains("409")
+                        && (reason.contains("not mined") || reason.contains("try again shortly"))
+                        && Instant::now() < deadline =>
+                {
                     tokio::time::sleep(Duration::from_millis(500)).await;
+                    attempt += 1;
                 }
                 Err(reason) => return Err(format!("deposit record: {reason}")),
             }
         }
-        Err("deposit record: still not mined after 20 tries".into())
     }
 }
 
@@ -424,24 +677,41 @@ fn chain_error(e: impl std::fmt::Display) -> Error {
     Error::Config(format!("the testbed's chain: {e}"))
 }
 
-/// Reads the chain, every replica's ledger and the leader's status, and compares them
-/// with what the users saw.
-async fn check(
-    sandbox: &Sandbox,
-    chain: &Chain,
-    token: Address,
-    service: Address,
-    users: &[PrivateKeySigner],
-    logs: &[PayerLog],
-) -> Result<PaymentFindings, Error> {
-    // The ledgers agree once every replica applied everything (or 60 s passed).
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let (ledgers, in_doubt) = loop {
+/// The service once it has settled after the run: every replica's ledger, what the
+/// leader still has in doubt, and the outbox's reorg counts.
+struct Settled {
+    ledgers: Vec<Vec<br2k_payments::Line>>,
+    in_doubt: Vec<u64>,
+    reorg_rebroadcasts: u64,
+    violations_detected: u64,
+    violations_open: u64,
+}
+
+/// Waits (up to 120 s) until the service has settled: a leader with nothing in doubt,
+/// every replica at the same index with the same ledger, no payout off the chain that a
+/// replica knows of, and nothing of the service's waiting in the chain's pool.
+async fn settle(sandbox: &Sandbox, chain: &Chain, service: Address) -> Result<Settled, Error> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
         let statuses = sandbox.service().statuses().await;
         let ok: Vec<_> = statuses.iter().filter_map(|s| s.as_ref().ok()).collect();
         let leader = ok.iter().find(|s| s.role == br2k_replication::Role::Leader);
-        let settled =
-            leader.is_some_and(|l| l.in_doubt.is_empty() && ok.iter().all(|s| s.applied_index == ok[0].applied_index));
+        let outboxes = || ok.iter().filter_map(|s| s.outbox.as_ref());
+        let violations_open = outboxes()
+            .flat_map(|o| &o.finality_violations)
+            .filter(|v| v.back_in_block.is_none())
+            .map(|v| (v.index, v.seq))
+            .collect::<HashSet<_>>()
+            .len() as u64;
+        let pool_empty = {
+            let latest = chain.funder.get_transaction_count(service).await.map_err(chain_error)?;
+            let pending = chain.funder.get_transaction_count(service).pending().await.map_err(chain_error)?;
+            latest == pending
+        };
+        let settled = leader.is_some_and(|l| l.in_doubt.is_empty())
+            && ok.iter().all(|s| s.applied_index == ok[0].applied_index)
+            && violations_open == 0
+            && pool_empty;
         let mut ledgers = Vec::new();
         for i in 0..sandbox.service().len() {
             ledgers.push(
@@ -451,10 +721,28 @@ async fn check(
         }
         let identical = ledgers.iter().all(|l| *l == ledgers[0]);
         if (settled && identical) || Instant::now() >= deadline {
-            break (ledgers, leader.map(|l| l.in_doubt.clone()).unwrap_or_default());
+            return Ok(Settled {
+                ledgers,
+                in_doubt: leader.map(|l| l.in_doubt.clone()).unwrap_or_default(),
+                reorg_rebroadcasts: outboxes().map(|o| o.reorg_rebroadcasts).sum(),
+                violations_detected: outboxes().map(|o| o.finality_violations_total).sum(),
+                violations_open,
+            });
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
-    };
+    }
+}
+
+/// Compares the settled service and what the users saw with the chain.
+async fn check(
+    settled: &Settled,
+    chain: &Chain,
+    token: Address,
+    service: Address,
+    users: &[PrivateKeySigner],
+    logs: &[PayerLog],
+) -> Result<PaymentFindings, Error> {
+    let (ledgers, in_doubt) = (&settled.ledgers, settled.in_doubt.clone());
     let ledger = ledgers.iter().max_by_key(|l| l.len()).cloned().unwrap_or_default();
     let mut paid: BTreeMap<Address, U256> = BTreeMap::new();
     let mut deposited: BTreeMap<Address, U256> = BTreeMap::new();

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use br2k_testbed::chain::{ChainFault, ChainSettings};
 use br2k_testbed::{FaultKind, Target, TestbedConfig};
 use clap::Args;
 
@@ -16,6 +17,13 @@ Examples:
   br2k testbed --fault pause --target random --interval 5..10 --duration 3
   br2k testbed --workload payments --fault kill --target leader --requests 100   # payouts under faults
   br2k testbed --fault disk-full --target random --requests 2000 --interval 20..30 --duration 10   # full disks
+  # payouts on a chain like a real one: 2 s blocks, 3 confirmations, leader kills, and
+  # reorgs of 2 blocks every 15-30 s (mined payouts dropped before they are deep enough):
+  br2k testbed --workload payments --fault kill --block-time 2 --confirmations 3 --in-flight 8 \
+    --chain-fault reorg --chain-interval 15..30 --requests 200
+  # three RPC endpoints for the outbox, one of them hanging for 20 s every 20-30 s:
+  br2k testbed --workload payments --fault none --block-time 2 --confirmations 3 --rpc-endpoints 3 \
+    --chain-fault rpc --chain-interval 20..30 --duration 20 --requests 200
   # the paper's scale (5 x 10,000 requests at 2/s: about 85 minutes per test):
   br2k testbed --users 5 --requests 10000 --rate 2 --target leader --interval 120..140 --duration 20
   br2k testbed --users 5 --requests 10000 --rate 2 --target random --interval 60..120 --duration 20
@@ -81,7 +89,40 @@ pub(crate) struct TestbedArgs {
     #[arg(long, value_name = "SECONDS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
     give_up_after: u64,
 
-    /// Keep the nodes' data and logs here (default: a temporary directory, removed at the end).
+    /// Requests each user keeps waiting for their answers at once (payments only; a payout
+    /// is answered once it is deep enough, seconds on a chain with a block time).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
+    in_flight: u64,
+
+    /// Seconds between blocks of the run's chain, as on a real chain (payments only)
+    /// [default: a block per transaction, at once].
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=60))]
+    block_time: Option<u64>,
+
+    /// Blocks a payout must be under before it counts as paid (payments only; the payment
+    /// service's --confirmations).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
+    confirmations: u64,
+
+    /// RPC endpoints the payment service's outbox is given, each a relay to the chain
+    /// (payments only; broadcasts go to all, reads to the first that answers).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=8))]
+    rpc_endpoints: u64,
+
+    /// A fault of the chain, struck beside --fault (payments only): reorg (the last
+    /// confirmations-1 blocks replaced: payouts mined but not yet deep enough leave the
+    /// chain), deep-reorg (the last confirmations+1 replaced: payouts answered as paid leave
+    /// it, which the service must detect and repair), or rpc (one of --rpc-endpoints stops
+    /// answering for --duration).
+    #[arg(long, value_name = "FAULT")]
+    chain_fault: Option<ChainFault>,
+
+    /// Seconds between two chain faults, drawn anew each time from LO..HI.
+    #[arg(long, value_name = "LO..HI", default_value = "20..40", value_parser = parse_range)]
+    chain_interval: (Duration, Duration),
+
+    /// Keep the nodes' data and logs here (default: a temporary directory, removed at the end;
+    /// a payments run also leaves the chain's final state and every acknowledged payout there).
     #[arg(long, value_name = "DIR")]
     work_dir: Option<PathBuf>,
 
@@ -130,6 +171,14 @@ impl TestbedArgs {
             work_dir,
             network: self.local.network,
             give_up_after: Duration::from_secs(self.give_up_after),
+            in_flight: usize::try_from(self.in_flight)?,
+            chain: ChainSettings {
+                block_time: self.block_time,
+                confirmations: self.confirmations,
+                endpoints: usize::try_from(self.rpc_endpoints)?,
+                fault: self.chain_fault,
+                interval: self.chain_interval,
+            },
         };
         let progress = |line: &str| out.progress(format_args!("testbed: {line}"));
         let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

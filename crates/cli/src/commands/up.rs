@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use br2k_deploy::local::run_file::{Layout, NodeEntry, RunFile, RunnerClaim};
-use br2k_deploy::local::{ChainChoice, DiskLimits, EtcdTimings, Part, Sandbox, SandboxSpec};
+use br2k_deploy::local::{ChainChoice, DiskLimits, EtcdTimings, LocalChainOptions, Part, Sandbox, SandboxSpec};
 use br2k_replication::Role;
 use clap::Args;
 
@@ -156,7 +156,7 @@ impl UpArgs {
                 operator_funds: self.operator_funds,
             }
         } else {
-            ChainChoice::Local
+            ChainChoice::Local(LocalChainOptions::default())
         };
         let kept = if self.keep_data { Layout::read(&dir)? } else { None };
         if let Some(layout) = &kept {

@@ -149,3 +149,48 @@ fn payouts_under_leader_kills_are_each_paid_once_and_every_ledger_equals_the_cha
     assert_eq!(report["transfers_on_chain"], report["payouts_acknowledged"], "one transfer per payout: {stdout}");
     assert!(stdout.contains("faults injected") && !stdout.contains("| faults injected | 0 |"), "{stdout}");
 }
+
+#[test]
+fn payouts_on_a_chain_with_block_times_reorgs_and_two_endpoints_are_each_paid_once_checked_from_the_dump() {
+    let _turn = one_at_a_time();
+    let dir = tempfile::tempdir().unwrap();
+    let (json, work) = (dir.path().join("payments.json"), dir.path().join("work"));
+    let output = br2k()
+        .args(["testbed", "--workload", "payments", "--users", "2", "--requests", "20", "--rate", "4"])
+        .args(["--in-flight", "4", "--block-time", "1", "--confirmations", "2", "--rpc-endpoints", "2"])
+        .args(["--chain-fault", "reorg", "--chain-interval", "3..5", "--interval", "4..6", "--duration", "1"])
+        .args(["--election-timeout", "500", "--fault", "kill", "--target", "leader", "--seed", "6"])
+        .args(["--give-up-after", "90", "--network", "loopback"])
+        .arg("--app")
+        .arg(payments())
+        .arg("--json-out")
+        .arg(&json)
+        .arg("--work-dir")
+        .arg(&work)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["double_payments"], 0, "{stdout}");
+    assert_eq!(report["lost_payouts"], 0, "{stdout}");
+    assert_eq!(report["balance_mismatches"], 0, "{stdout}");
+    assert_eq!(report["ledgers_identical"], true, "{stdout}");
+    let payouts = report["payouts_acknowledged"].as_u64().unwrap();
+    assert_eq!(payouts + report["deposits_acknowledged"].as_u64().unwrap(), 40, "every request acknowledged: {stdout}");
+    assert_eq!(report["transfers_on_chain"], payouts, "one transfer per payout: {stdout}");
+    // The chain was checked from its dump, which stays in the work directory with every
+    // acknowledged payout's hash.
+    let chain = &report["chain"];
+    assert_eq!(chain["checked_from_dump"], true, "{stdout}");
+    assert_eq!((chain["block_time"].as_u64(), chain["confirmations"].as_u64()), (Some(1), Some(2)), "{stdout}");
+    let state = std::fs::read_to_string(chain["state_file"].as_str().unwrap()).unwrap();
+    assert!(serde_json::from_str::<serde_json::Value>(&state).unwrap()["blocks"].is_array(), "anvil's dump");
+    let lines = std::fs::read_to_string(work.join("payouts.jsonl")).unwrap();
+    assert_eq!(lines.lines().count() as u64, payouts, "a line per acknowledged payout");
+    let reorgs = chain["faults"].as_array().unwrap();
+    assert!(reorgs.iter().any(|f| f["kind"] == "reorg" && f["depth"] == 1 && f["error"].is_null()), "{stdout}");
+    assert_eq!(chain["finality_violations_open"], 0, "{stdout}");
+    assert!(stdout.contains("| chain checked from its dumped state | yes |"), "{stdout}");
+}

@@ -14,22 +14,46 @@ use tokio::process::{Child, Command};
 use super::{sys, tools};
 use crate::error::{DeployError, Result};
 
+/// How a local chain mines and what it keeps.
+#[derive(Clone, Debug, Default)]
+pub struct LocalChainOptions {
+    /// A block every this long (anvil's interval mining), as on a real chain; `None`: a
+    /// block per transaction, at once.
+    pub block_time: Option<Duration>,
+    /// Write the chain's state (accounts, blocks, transactions and receipts) to
+    /// [`LocalChain::STATE_FILE`] in its directory when stopped with [`LocalChain::stop`],
+    /// so it can be loaded again ([`LocalChainOptions::load_state`]) and checked.
+    pub dump_state: bool,
+    /// Start from a state an earlier chain dumped.
+    pub load_state: Option<PathBuf>,
+}
+
 /// A running anvil, killed when dropped.
 #[derive(Debug)]
 pub struct LocalChain {
-    _child: Child,
+    child: Child,
     url: String,
     keys: Vec<PrivateKeySigner>,
     log: PathBuf,
+    state: Option<PathBuf>,
 }
 
 impl LocalChain {
+    /// The file in the chain's directory its state is dumped to.
+    pub const STATE_FILE: &str = "chain-state.json";
+
     /// Starts anvil on `host` (a free port) with `accounts` funded dev accounts, its
     /// output going to `dir/anvil.log`.
     ///
     /// # Errors
     /// anvil missing, not starting, or not listening within `timeout`.
-    pub async fn start(host: IpAddr, accounts: usize, dir: &Path, timeout: Duration) -> Result<Self> {
+    pub async fn start(
+        host: IpAddr,
+        accounts: usize,
+        dir: &Path,
+        options: &LocalChainOptions,
+        timeout: Duration,
+    ) -> Result<Self> {
         let program = tools::locate("anvil", "BR2K_ANVIL", &tools::installed_foundry("anvil"))?;
         std::fs::create_dir_all(dir).map_err(|e| DeployError::io(format!("create {}", dir.display()), e))?;
         let config = dir.join("anvil-accounts.json");
@@ -39,11 +63,19 @@ impl LocalChain {
             .args(["--host", &host.to_string(), "--port", "0", "--accounts", &accounts.max(10).to_string()])
             .arg("--config-out")
             .arg(&config)
+            .args(options.block_time.map(|t| format!("--block-time={}", t.as_secs_f64())))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
+        let state = options.dump_state.then(|| dir.join(Self::STATE_FILE));
+        if let Some(state) = &state {
+            command.arg("--dump-state").arg(state);
+        }
+        if let Some(load) = &options.load_state {
+            command.arg("--load-state").arg(load);
+        }
         sys::prepare_child(&mut command, None);
         let mut child = command.spawn().map_err(|e| DeployError::io(format!("start {}", program.display()), e))?;
         let stdout = child.stdout.take().expect("stdout is piped");
@@ -82,7 +114,32 @@ impl LocalChain {
         };
         let keys = read_keys(&config)?;
         let url = format!("http://{host}:{port}");
-        Ok(Self { _child: child, url, keys, log })
+        Ok(Self { child, url, keys, log, state })
+    }
+
+    /// Stops the chain as anvil is meant to be stopped (SIGTERM), so that it writes its
+    /// state when asked to ([`LocalChainOptions::dump_state`]); returns where.
+    ///
+    /// # Errors
+    /// anvil did not exit within `timeout`, or the state file is missing after it did.
+    pub async fn stop(mut self, timeout: Duration) -> Result<Option<PathBuf>> {
+        if let Some(pid) = self.child.id() {
+            sys::send(pid, sys::Signal::Terminate).map_err(|e| DeployError::io("stopping anvil", e))?;
+        }
+        match tokio::time::timeout(timeout, self.child.wait()).await {
+            Ok(_) => {}
+            Err(_) => return Err(DeployError::NotReady { what: "anvil to exit".into(), timeout, log: Some(self.log) }),
+        }
+        if let Some(state) = &self.state
+            && !state.exists()
+        {
+            return Err(DeployError::Invalid(format!(
+                "anvil exited without writing its state to {} (see {})",
+                state.display(),
+                self.log.display()
+            )));
+        }
+        Ok(self.state.take())
     }
 
     /// Its JSON-RPC URL.

@@ -39,7 +39,7 @@ use br2k_replication::{Role, Status};
 use tokio::process::{Child, Command};
 
 pub use backend::{LocalBackend, replica_views};
-pub use chain::LocalChain;
+pub use chain::{LocalChain, LocalChainOptions};
 pub use disk::LimitedDisk;
 pub use net::{LocalNetwork, MAX_NODES, NetworkMode};
 pub use sandbox::{ChainChoice, Sandbox, SandboxSpec, is_loopback_url};

@@ -11,15 +11,18 @@ use alloy::signers::local::PrivateKeySigner;
 use br2k_bindings::IServiceRegistry::Body;
 use br2k_resolver::{Chain, RegistryClient, Resolved, Timeouts};
 
-use super::{DiskLimits, EtcdTimings, LocalChain, LocalNetwork, LocalService, NetworkMode, Publishing, ServiceSpec};
+use super::{
+    DiskLimits, EtcdTimings, LocalChain, LocalChainOptions, LocalNetwork, LocalService, NetworkMode, Publishing,
+    ServiceSpec,
+};
 use crate::error::{DeployError, Result};
 
 /// Which chain the registry lives on.
 #[derive(Clone, Debug)]
 pub enum ChainChoice {
-    /// Start a throwaway anvil, deploy a registry on it, register the service, and give
-    /// each replica its own funded dev key as operator.
-    Local,
+    /// Start a throwaway anvil (mining as the options say), deploy a registry on it,
+    /// register the service, and give each replica its own funded dev key as operator.
+    Local(LocalChainOptions),
     /// An existing chain. `key` is the service's manager key; it registers the service and
     /// funds one operator key per replica, kept 0600 in the work directory's `operators/`
     /// (the replicas never hold the manager's key). Without `registry`, a new registry is
@@ -84,17 +87,37 @@ impl Sandbox {
     /// # Errors
     /// Any step that fails; what was started is stopped again.
     pub async fn start(spec: SandboxSpec, progress: &dyn Fn(&str)) -> Result<Self> {
+        Self::start_then(spec, progress, |_, _| Ok(Vec::new())).await
+    }
+
+    /// [`Sandbox::start`], with `before_replicas` called once the chain is up and before
+    /// the replicas start, with the chain's RPC URL and the host's address the nodes
+    /// reach; the arguments it returns are added to the app's (the testbed puts relays in
+    /// front of the chain there, and gives the apps their URLs).
+    ///
+    /// # Errors
+    /// Any step that fails, `before_replicas` included; what was started is stopped again.
+    pub async fn start_then(
+        mut spec: SandboxSpec,
+        progress: &dyn Fn(&str),
+        before_replicas: impl FnOnce(&str, std::net::IpAddr) -> Result<Vec<String>>,
+    ) -> Result<Self> {
         let network = match spec.slot {
             Some(slot) => LocalNetwork::reclaim(spec.network, spec.replicas, slot)?,
             None => LocalNetwork::claim(spec.network, spec.replicas)?,
         };
         let mut funds = U256::ZERO;
         let (chain, rpc_url, manager, registry) = match spec.chain.clone() {
-            ChainChoice::Local => {
+            ChainChoice::Local(options) => {
                 progress(&format!("starting a local chain (anvil) on {}", network.host_address()));
-                let chain =
-                    LocalChain::start(network.host_address(), spec.replicas + 1, &spec.work_dir, spec.startup_timeout)
-                        .await?;
+                let chain = LocalChain::start(
+                    network.host_address(),
+                    spec.replicas + 1,
+                    &spec.work_dir,
+                    &options,
+                    spec.startup_timeout,
+                )
+                .await?;
                 let url = chain.url().to_owned();
                 let key = chain.key(0);
                 (Some(chain), url, key, None)
@@ -132,6 +155,7 @@ impl Sandbox {
         for key in &operators {
             crate::operator_key::allow_and_fund(&registry, &spec.service, key, funds, progress).await?;
         }
+        spec.app_args.extend(before_replicas(&rpc_url, network.host_address())?);
         let service_spec = ServiceSpec {
             service: spec.service.clone(),
             app: spec.app,
@@ -174,6 +198,18 @@ impl Sandbox {
     /// The local chain, when the sandbox started one.
     pub const fn chain(&self) -> Option<&LocalChain> {
         self.chain.as_ref()
+    }
+
+    /// Stops the local chain (the replicas keep running, without it), writing its state
+    /// when its options asked for that; returns where ([`LocalChain::stop`]).
+    ///
+    /// # Errors
+    /// What [`LocalChain::stop`] reports.
+    pub async fn stop_chain(&mut self, timeout: Duration) -> Result<Option<PathBuf>> {
+        match self.chain.take() {
+            Some(chain) => chain.stop(timeout).await,
+            None => Ok(None),
+        }
     }
 
     /// Waits until the registry holds a location with an epoch of at least `min_epoch`.

@@ -9,7 +9,7 @@ use alloy::providers::{Provider, ProviderBuilder};
 use alloy::signers::local::PrivateKeySigner;
 use br2k_replication::outbox::TxRecord;
 use br2k_replication::{OutboxConfig, TxStep};
-use br2k_test_utils::Anvil;
+use br2k_test_utils::{Anvil, Relay};
 
 use crate::harness::{Cluster, PAYMENT_WEI, SERVICE};
 
@@ -330,58 +330,17 @@ async fn a_payment_whose_block_is_reorganised_away_before_it_is_deep_enough_is_s
     assert_eq!(stored.attempts.len(), 1, "no replacement was signed: {stored:?}");
 }
 
-/// A TCP relay to anvil that can be cut (every connection dropped, new ones refused) and
-/// mended: the chain unreachable, for real, from the replicas' side.
-struct Relay {
-    url: String,
-    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    connections: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
-    _accept: tokio::task::JoinHandle<()>,
-}
-
-impl Relay {
-    async fn to(target: &str) -> Self {
-        use std::sync::atomic::Ordering;
-        let target = target.trim_start_matches("http://").to_owned();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let connections = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (gate, held) = (open.clone(), connections.clone());
-        let accept = tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                if !gate.load(Ordering::SeqCst) {
-                    continue; // dropped: the connection is reset
-                }
-                let target = target.clone();
-                held.lock().unwrap().push(tokio::spawn(async move {
-                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
-                }));
-            }
-        });
-        Self { url, open, connections, _accept: accept }
-    }
-
-    fn cut(&self) {
-        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
-        for connection in self.connections.lock().unwrap().drain(..) {
-            connection.abort();
-        }
-    }
-
-    fn mend(&self) {
-        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
-    }
+/// A relay to anvil on loopback: the chain unreachable, for real, from the replicas' side.
+fn relay_to(anvil: &Anvil) -> Relay {
+    Relay::start(std::net::Ipv4Addr::LOCALHOST.into(), &anvil.endpoint()).expect("a relay binds loopback")
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_chain_unreachable_leaves_a_payment_in_doubt_until_it_answers_again() {
     let anvil = Anvil::spawn().expect("anvil starts (run `bash tools/setup.sh` if it is missing)");
-    let relay = Relay::to(&anvil.endpoint()).await;
+    let relay = relay_to(&anvil);
     let service = anvil.address(SERVICE_KEY);
-    let mut outbox = OutboxConfig::new(relay.url.clone(), anvil.key(SERVICE_KEY));
+    let mut outbox = OutboxConfig::new(relay.url().to_owned(), anvil.key(SERVICE_KEY));
     outbox.settle_within = Duration::from_secs(3);
     outbox.rpc_timeout = Duration::from_secs(1);
     let mut c = Cluster::new(false).await;
@@ -568,7 +527,9 @@ async fn concurrent_payments_each_pay_once_at_consecutive_nonces() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_later_payments_unbroadcast_nonce_never_blocks_an_earlier_one() {
     let anvil = block_time_anvil(1);
-    let mut c = paying_cluster(&anvil, |_| {}).await;
+    // Long enough that waiting out a settle before filling the gap shows (the testbed's
+    // reorgs under leader kills held a payout 30 s behind one).
+    let mut c = paying_cluster(&anvil, |outbox| outbox.settle_within = Duration::from_secs(20)).await;
     let service = anvil.address(SERVICE_KEY);
     let (first, second) = (PrivateKeySigner::random().address(), PrivateKeySigner::random().address());
     let l = c.leader(None).await;
@@ -598,8 +559,12 @@ async fn a_later_payments_unbroadcast_nonce_never_blocks_an_earlier_one() {
         let _ = request.await;
     }
     // The new leader settles the earlier payout first; it can only be mined once the
-    // later one's stored transaction fills nonce 0.
+    // later one's stored transaction fills nonce 0, which the new leader broadcasts before
+    // it waits for the earlier one, not after a whole settle_within.
+    let killed = Instant::now();
     assert_eq!(pay_recorded(&c, first, "a").await.0, 200);
+    let took = killed.elapsed();
+    assert!(took < Duration::from_secs(15), "the earlier payout waited {took:?} behind the gap");
     assert_eq!(pay_recorded(&c, second, "b").await.0, 200);
     assert_eq!(on_chain(&anvil, first, service).await, (U256::from(PAYMENT_WEI), 2));
     assert_eq!(on_chain(&anvil, second, service).await.0, U256::from(PAYMENT_WEI));
@@ -710,10 +675,9 @@ async fn a_reorg_deeper_than_the_confirmations_is_caught_counted_shown_and_the_p
 #[tokio::test(flavor = "multi_thread")]
 async fn with_three_endpoints_one_cut_mid_run_nothing_is_lost_and_the_status_says_which() {
     let anvil = Anvil::spawn().expect("anvil starts (run `bash tools/setup.sh` if it is missing)");
-    let relays =
-        [Relay::to(&anvil.endpoint()).await, Relay::to(&anvil.endpoint()).await, Relay::to(&anvil.endpoint()).await];
+    let relays = [relay_to(&anvil), relay_to(&anvil), relay_to(&anvil)];
     let c = paying_cluster(&anvil, |outbox| {
-        outbox.rpc_urls = relays.iter().map(|relay| relay.url.clone()).collect();
+        outbox.rpc_urls = relays.iter().map(|relay| relay.url().to_owned()).collect();
         outbox.rpc_timeout = Duration::from_secs(1);
     })
     .await;
@@ -737,7 +701,7 @@ async fn with_three_endpoints_one_cut_mid_run_nothing_is_lost_and_the_status_say
 
     let outbox = served_status(&c, l).await.outbox.expect("the status shows the outbox");
     let health: Vec<_> = outbox.endpoints.iter().map(|e| (e.endpoint.clone(), e.healthy)).collect();
-    let urls: Vec<_> = relays.iter().map(|relay| relay.url.clone()).collect();
+    let urls: Vec<_> = relays.iter().map(|relay| relay.url().to_owned()).collect();
     assert_eq!(health, [(urls[0].clone(), false), (urls[1].clone(), true), (urls[2].clone(), true)]);
     let cut = &outbox.endpoints[0];
     assert!(cut.errors > 0 && cut.last_error.is_some() && cut.down_since.is_some(), "{cut:?}");
