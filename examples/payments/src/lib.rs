@@ -380,7 +380,12 @@ async fn payout(state: std::sync::Arc<Ledger>, request: Request) -> Outcome {
         }
         Ok(receipt) => {
             state.release(request.index);
-            Err(Failure::refused(502, &format!("the transfer {} reverted: the service may lack tokens", receipt.hash)))
+            let why = if receipt.out_of_gas() {
+                format!("it ran out of its gas limit ({})", receipt.gas_limit)
+            } else {
+                "the service may lack tokens".to_owned()
+            };
+            Err(Failure::refused(502, &format!("the transfer {} reverted: {why}", receipt.hash)))
         }
         Err(TxError::Refused(reason)) => {
             state.release(request.index);

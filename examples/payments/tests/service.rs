@@ -9,7 +9,7 @@ use alloy::network::EthereumWallet;
 use alloy::primitives::{Address, U256};
 use alloy::providers::{Provider, ProviderBuilder};
 use br2k_payments::{Ledger, PAYOUT_SIGNATURE_HEADER, PaymentToken, Settings, payout_message, service};
-use br2k_replication::{Config, OutboxConfig, Timings};
+use br2k_replication::{Config, OutboxConfig, Timings, TxStep};
 use br2k_test_utils::{Anvil, EtcdCluster};
 
 const OPERATOR: &str = "operator-token";
@@ -27,6 +27,16 @@ struct Payments {
     http: reqwest::Client,
     _dirs: Vec<tempfile::TempDir>,
     _replicas: Vec<tokio::task::JoinHandle<br2k_replication::Result<()>>>,
+    /// Holds the next payout once its gas is estimated, before its nonce is reserved.
+    pause: Arc<Pause>,
+}
+
+/// A payout held between its gas estimate and its nonce (armed once).
+#[derive(Default)]
+struct Pause {
+    armed: std::sync::atomic::AtomicBool,
+    reached: tokio::sync::Notify,
+    release: tokio::sync::Notify,
 }
 
 impl Payments {
@@ -40,6 +50,7 @@ impl Payments {
         let (anvil, token, etcd) = support::chain_and_etcd(block_time).await;
         let settings = Settings { token, service: anvil.address(SERVICE_KEY), confirmations };
         let (mut urls, mut ledgers, mut dirs, mut replicas) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let pause = Arc::new(Pause::default());
         for i in 0..3 {
             let dir = tempfile::tempdir().unwrap();
             let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -62,14 +73,26 @@ impl Payments {
             outbox.confirmations = confirmations;
             config.outbox = Some(outbox);
             let ledger = Ledger::open(&dir.path().join("ledger"), settings).unwrap();
-            let replica = service(config, OPERATOR.into()).build(ledger).unwrap();
+            let hold = pause.clone();
+            let replica = service(config, OPERATOR.into())
+                .on_tx_step(move |step, _| {
+                    let hold = hold.clone();
+                    async move {
+                        if step == TxStep::Reserving && hold.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                            hold.reached.notify_one();
+                            hold.release.notified().await;
+                        }
+                    }
+                })
+                .build(ledger)
+                .unwrap();
             ledgers.push(replica.state());
             replicas.push(tokio::spawn(replica.serve(std::future::pending())));
             urls.push(url);
             dirs.push(dir);
         }
         let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
-        Self { anvil, _etcd: etcd, urls, ledgers, token: settings.token, http, _dirs: dirs, _replicas: replicas }
+        Self { anvil, _etcd: etcd, urls, ledgers, token: settings.token, http, _dirs: dirs, _replicas: replicas, pause }
     }
 
     /// Sends to whichever replica leads until one answers something other than 503.
@@ -293,4 +316,40 @@ async fn payouts_on_a_chain_of_two_second_blocks_at_three_confirmations_are_each
         assert!(Instant::now() < deadline, "the ledgers do not show the chain's 100 paid out");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_payout_estimated_while_the_user_still_held_tokens_is_not_mined_out_of_gas_after_the_user_emptied_them() {
+    // A transfer's gas depends on the state it runs in: to an account holding tokens it
+    // stores a balance over a balance, to an emptied one a balance from zero (17,100 gas
+    // more). A payout is estimated while the user still holds its last unit; before it is
+    // sent, the user pays that unit back with a high tip, so that it runs first.
+    let p = Payments::on_chain(2, 1).await;
+    let user = p.anvil.address(USER_KEY);
+    assert_eq!(p.send("/grants", serde_json::json!({ "user": user, "amount": "10" }), "g", true).await.0, 200);
+    let one = serde_json::json!({ "user": user, "amount": "1" });
+    let (status, first) = p.send("/payouts", one.clone(), "first", true).await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(p.balance_of(user).await, U256::from(1));
+
+    let as_user = ProviderBuilder::new()
+        .wallet(EthereumWallet::from(p.anvil.key(USER_KEY)))
+        .connect_http(p.anvil.endpoint().parse().unwrap());
+    p.pause.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let emptying = async {
+        p.pause.reached.notified().await;
+        let pending = PaymentToken::new(p.token, &as_user)
+            .transfer(p.anvil.address(SERVICE_KEY), U256::from(1))
+            .max_priority_fee_per_gas(50_000_000_000)
+            .max_fee_per_gas(100_000_000_000)
+            .send()
+            .await
+            .unwrap();
+        p.pause.release.notify_one();
+        pending.get_receipt().await.unwrap()
+    };
+    let ((status, second), emptied) = tokio::join!(p.send("/payouts", one, "second", true), emptying);
+    assert!(emptied.status(), "the user's transfer went through");
+    assert_eq!(status, 200, "the payout ran out of gas or failed otherwise: {second}");
+    assert_eq!(p.balance_of(user).await, U256::from(1), "emptied, then paid one unit");
 }

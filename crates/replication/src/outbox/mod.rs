@@ -119,6 +119,12 @@ pub struct OutboxConfig {
     pub finality_window: u64,
     /// How often the leader checks that settled transactions are still on chain.
     pub finality_check_every: Duration,
+    /// The gas limit given to a call whose limit is estimated, in percent of the estimate.
+    /// The estimate holds for the state it was made in; by the time the transaction runs,
+    /// the state may differ (a token transfer to an account its owner emptied meanwhile
+    /// pays 17,100 gas more to store a balance from zero: +50% of the transfer), and a
+    /// transaction out of gas is mined reverted, its nonce spent. Only the gas used is paid.
+    pub gas_limit_percent: u64,
 }
 
 impl std::fmt::Debug for OutboxConfig {
@@ -137,7 +143,8 @@ impl std::fmt::Debug for OutboxConfig {
 impl OutboxConfig {
     /// An outbox on `rpc_url` signing with `signer`: settled at 1 confirmation, bumped
     /// after 15 s unmined up to 4 times the first fees, in doubt after 20 s, watched for
-    /// deep reorgs for 64 blocks (two Ethereum epochs, after which it is finalized).
+    /// deep reorgs for 64 blocks (two Ethereum epochs, after which it is finalized),
+    /// estimated gas limits given 60% more room.
     /// Push more endpoints onto `rpc_urls` to send through several.
     pub fn new(rpc_url: impl Into<String>, signer: PrivateKeySigner) -> Self {
         Self {
@@ -150,6 +157,7 @@ impl OutboxConfig {
             rpc_timeout: Duration::from_secs(10),
             finality_window: 64,
             finality_check_every: Duration::from_secs(5),
+            gas_limit_percent: 160,
         }
     }
 }
@@ -309,8 +317,19 @@ pub struct TxReceipt {
     pub success: bool,
     /// Gas it used.
     pub gas_used: u64,
+    /// The gas limit it was signed with: a reverted transaction that used all of it ran
+    /// out of gas.
+    pub gas_limit: u64,
     /// Whether the outbox held it from an earlier run of the handler (a new leader, a retry).
     pub replayed: bool,
+}
+
+impl TxReceipt {
+    /// Whether it reverted by running out of its gas limit (rather than by the call's own
+    /// refusal).
+    pub fn out_of_gas(&self) -> bool {
+        !self.success && self.gas_limit > 0 && self.gas_used >= self.gas_limit
+    }
 }
 
 /// Why a send did not settle.
@@ -673,11 +692,14 @@ impl Outbox {
         let gas_limit = match call.gas_limit {
             Some(limit) => limit,
             None => {
+                // At the latest block, not the pending one: a node's pending state holds
+                // this sender's transactions in the pool, which may run after this one.
                 let estimate = |p: DynProvider| {
                     let request = request.clone();
-                    async move { p.estimate_gas(request).await }
+                    async move { p.estimate_gas(request).block(alloy::eips::BlockId::latest()).await }
                 };
-                chain.endpoints.read("estimate the gas", estimate).await.map_err(failed)?
+                let estimated = chain.endpoints.read("estimate the gas", estimate).await.map_err(failed)?;
+                estimated.saturating_mul(chain.config.gas_limit_percent.max(100)) / 100
             }
         };
         let fees = chain.fees().await.map_err(failed)?;
@@ -1047,6 +1069,7 @@ fn receipt(record: &TxRecord, settled: &TxSettled, replayed: bool) -> TxReceipt 
         block: settled.block,
         success: settled.success,
         gas_used: settled.gas_used,
+        gas_limit: record.attempts.iter().find(|a| a.hash == settled.hash).map_or(0, |a| a.gas_limit),
         replayed,
     }
 }
