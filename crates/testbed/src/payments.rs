@@ -48,6 +48,8 @@ struct PayerLog {
     failed: Vec<String>,
     /// Latency of each acknowledged request (ms).
     latencies: Vec<u64>,
+    /// Latency of each acknowledged payout (ms).
+    payout_latencies: Vec<u64>,
     /// When each acknowledged request was answered, from the start of the run (ms).
     answered_at: Vec<u64>,
     /// Acknowledged payouts a dead leader had sent, finished by the next from the stored
@@ -90,6 +92,8 @@ pub struct PaymentFindings {
     pub in_doubt_at_end: Vec<u64>,
     /// Median and 99th percentile of acknowledged requests' latency (ms).
     pub latency_ms: (u64, u64),
+    /// The same of payouts alone (a deposit also waits for the user's own transfer).
+    pub payout_latency_ms: (u64, u64),
     /// Time users went without an answer after each fault.
     pub gaps: Gaps,
     /// The chain: its block time, the confirmation depth, the outbox's endpoints, and what
@@ -116,7 +120,7 @@ pub struct ChainFindings {
     /// running at the end (a killed replica's count is lost with it: a lower bound).
     pub reorg_rebroadcasts: u64,
     /// Finality violations the replicas running at the end detected (a payout answered as
-    /// paid that left the chain), and how many of them were still off the chain at the end.
+    /// paid that left the chain).
     pub finality_violations_detected: u64,
     /// Of them, still not back on chain at the end.
     pub finality_violations_open: u64,
@@ -163,6 +167,8 @@ impl PaymentFindings {
             writeln!(out, "| replicas' ledgers identical | {} |", if self.ledgers_identical { "yes" } else { "NO" });
         let _ = writeln!(out, "| in doubt at the end | {} |", self.in_doubt_at_end.len());
         let _ = writeln!(out, "| request latency p50 / p99 | {} ms / {} ms |", self.latency_ms.0, self.latency_ms.1);
+        let (p50, p99) = self.payout_latency_ms;
+        let _ = writeln!(out, "| payout latency p50 / p99 | {p50} ms / {p99} ms |");
         if self.gaps.faults > 0 {
             let seconds = |ms: u64| format!("{:.2} s", ms as f64 / 1000.0);
             let _ = writeln!(
@@ -537,6 +543,7 @@ impl Payer {
                         Answered::Payout { hash, resumed } => {
                             log.payouts.push((seq, hash));
                             log.resumed += u64::from(resumed);
+                            log.payout_latencies.push(millis(took));
                         }
                         Answered::Deposit(hash) => log.deposits.push(hash),
                     }
@@ -800,9 +807,14 @@ async fn check(
             findings.balance_mismatches += 1;
         }
     }
-    let mut latencies: Vec<u64> = logs.iter().flat_map(|l| l.latencies.iter().copied()).collect();
+    findings.latency_ms = median_and_p99(logs.iter().flat_map(|l| l.latencies.iter().copied()).collect());
+    findings.payout_latency_ms = median_and_p99(logs.iter().flat_map(|l| l.payout_latencies.iter().copied()).collect());
+    Ok(findings)
+}
+
+/// The median and the 99th percentile of `latencies` (0 for none).
+fn median_and_p99(mut latencies: Vec<u64>) -> (u64, u64) {
     latencies.sort_unstable();
     let at = |q: f64| latencies.get(((latencies.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(0);
-    findings.latency_ms = (at(0.5), at(0.99));
-    Ok(findings)
+    (at(0.5), at(0.99))
 }

@@ -120,56 +120,26 @@ fn bad_flags_are_refused_with_the_reason() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("use at least 3"));
 }
 
-#[test]
-fn payouts_under_leader_kills_are_each_paid_once_and_every_ledger_equals_the_chain() {
-    let _turn = one_at_a_time();
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("payments.json");
+/// A short payments testbed (2 users x 20 requests at 4/s, on loopback) with `args`
+/// (separated by spaces);
+/// asserts it passed and what every payments run must hold (nothing paid twice or lost,
+/// ledgers equal to each other and to the chain, every request acknowledged in the end);
+/// returns its JSON report and its stdout.
+fn payments_testbed(work: &std::path::Path, args: &str) -> (serde_json::Value, String) {
+    let json = work.with_extension("json");
     let output = br2k()
         .args(["testbed", "--workload", "payments", "--users", "2", "--requests", "20", "--rate", "4"])
-        .args(["--interval", "1.5..2.5", "--duration", "1", "--election-timeout", "500", "--fault", "kill"])
-        .args(["--target", "leader", "--seed", "5", "--give-up-after", "60", "--network", "loopback"])
-        .arg("--app")
-        .arg(payments())
-        .arg("--json-out")
-        .arg(&json)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{stdout}\n{stderr}");
-    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    assert_eq!(report["double_payments"], 0, "{stdout}");
-    assert_eq!(report["lost_payouts"], 0, "{stdout}");
-    assert_eq!(report["balance_mismatches"], 0, "{stdout}");
-    assert_eq!(report["ledgers_identical"], true, "{stdout}");
-    let acknowledged =
-        report["payouts_acknowledged"].as_u64().unwrap() + report["deposits_acknowledged"].as_u64().unwrap();
-    assert_eq!(acknowledged, 40, "every request acknowledged in the end: {stdout}");
-    assert_eq!(report["transfers_on_chain"], report["payouts_acknowledged"], "one transfer per payout: {stdout}");
-    assert!(stdout.contains("faults injected") && !stdout.contains("| faults injected | 0 |"), "{stdout}");
-}
-
-#[test]
-fn payouts_on_a_chain_with_block_times_reorgs_and_two_endpoints_are_each_paid_once_checked_from_the_dump() {
-    let _turn = one_at_a_time();
-    let dir = tempfile::tempdir().unwrap();
-    let (json, work) = (dir.path().join("payments.json"), dir.path().join("work"));
-    let output = br2k()
-        .args(["testbed", "--workload", "payments", "--users", "2", "--requests", "20", "--rate", "4"])
-        .args(["--in-flight", "4", "--block-time", "1", "--confirmations", "2", "--rpc-endpoints", "2"])
-        .args(["--chain-fault", "reorg", "--chain-interval", "3..5", "--interval", "4..6", "--duration", "1"])
-        .args(["--election-timeout", "500", "--fault", "kill", "--target", "leader", "--seed", "6"])
-        .args(["--give-up-after", "90", "--network", "loopback"])
+        .args(["--election-timeout", "500", "--network", "loopback"])
+        .args(args.split_whitespace())
         .arg("--app")
         .arg(payments())
         .arg("--json-out")
         .arg(&json)
         .arg("--work-dir")
-        .arg(&work)
+        .arg(work)
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stdout}\n{stderr}");
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
@@ -180,6 +150,31 @@ fn payouts_on_a_chain_with_block_times_reorgs_and_two_endpoints_are_each_paid_on
     let payouts = report["payouts_acknowledged"].as_u64().unwrap();
     assert_eq!(payouts + report["deposits_acknowledged"].as_u64().unwrap(), 40, "every request acknowledged: {stdout}");
     assert_eq!(report["transfers_on_chain"], payouts, "one transfer per payout: {stdout}");
+    (report, stdout)
+}
+
+#[test]
+fn payouts_under_leader_kills_are_each_paid_once_and_every_ledger_equals_the_chain() {
+    let _turn = one_at_a_time();
+    let dir = tempfile::tempdir().unwrap();
+    let (_, stdout) = payments_testbed(
+        &dir.path().join("work"),
+        "--interval 1.5..2.5 --duration 1 --fault kill --target leader --seed 5",
+    );
+    assert!(stdout.contains("faults injected") && !stdout.contains("| faults injected | 0 |"), "{stdout}");
+}
+
+#[test]
+fn payouts_on_a_chain_with_block_times_reorgs_and_two_endpoints_are_each_paid_once_checked_from_the_dump() {
+    let _turn = one_at_a_time();
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("work");
+    let (report, stdout) = payments_testbed(
+        &work,
+        "--in-flight 4 --block-time 1 --confirmations 2 --rpc-endpoints 2 --chain-fault reorg --chain-interval 3..5 \
+         --interval 4..6 --duration 1 --fault kill --target leader --seed 6 --give-up-after 90",
+    );
+    let payouts = report["payouts_acknowledged"].as_u64().unwrap();
     // The chain was checked from its dump, which stays in the work directory with every
     // acknowledged payout's hash.
     let chain = &report["chain"];
