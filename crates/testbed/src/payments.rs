@@ -569,6 +569,49 @@ impl Payer {
         Ok(Answered::Payout { hash, resumed: answer["resumed"] == true })
     }
 
+    /// Transfers one token unit back to the service, as a wallet does: the transaction is
+    /// signed once and its bytes sent again every 10 s until it is mined (a reorg may drop
+    /// it from the chain, and a node's pool may lose it), until `deadline`. Returns its hash.
+    async fn transfer_one_back(&self, chain: &impl Provider, deadline: Instant) -> Result<B256, String> {
+        use alloy::eips::eip2718::Encodable2718;
+        use alloy::network::{NetworkTransactionBuilder, TransactionBuilder};
+        use alloy::sol_types::SolCall;
+        let fail = |what: &str, e: &dyn std::fmt::Display| format!("deposit transfer: {what}: {e}");
+        let user = self.key.address();
+        let nonce = chain.get_transaction_count(user).pending().await.map_err(|e| fail("nonce", &e))?;
+        let fees = chain.estimate_eip1559_fees().await.map_err(|e| fail("fees", &e))?;
+        let chain_id = chain.get_chain_id().await.map_err(|e| fail("chain id", &e))?;
+        let call = PaymentToken::transferCall { to: self.service, value: U256::from(1) }.abi_encode();
+        let envelope: alloy::consensus::TxEnvelope = alloy::rpc::types::TransactionRequest::default()
+            .with_to(self.token)
+            .with_input(call)
+            .with_nonce(nonce)
+            .with_chain_id(chain_id)
+            // A transfer between two funded accounts needs about 35,000; a fixed limit, so
+            // that the bytes sent again are the same transaction.
+            .with_gas_limit(100_000)
+            .with_max_fee_per_gas(fees.max_fee_per_gas)
+            .with_max_priority_fee_per_gas(fees.max_priority_fee_per_gas)
+            .build(&EthereumWallet::from(self.key.clone()))
+            .await
+            .map_err(|e| fail("signing", &e))?;
+        let (raw, hash) = (envelope.encoded_2718(), *envelope.tx_hash());
+        loop {
+            // "Already known" (it is in the pool) is the usual answer to a resend.
+            let _ = chain.send_raw_transaction(&raw).await;
+            let resend_at = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < resend_at {
+                if let Ok(Some(receipt)) = chain.get_transaction_receipt(hash).await {
+                    return if receipt.status() { Ok(hash) } else { Err(format!("deposit transfer {hash} reverted")) };
+                }
+                if Instant::now() >= deadline {
+                    return Err(format!("deposit transfer {hash}: not mined within the user's patience"));
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    }
+
     /// A payout of one unit to `user`, signed with the user's key as a wallet would: the
     /// service pays only what the operator or the user asked for.
     async fn signed_payout(&self, user: Address, seq: u64) -> Result<Request, String> {
@@ -602,12 +645,10 @@ impl Payer {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let pending =
-            token.transfer(self.service, U256::from(1)).send().await.map_err(|e| format!("deposit transfer: {e}"))?;
-        let receipt = pending.get_receipt().await.map_err(|e| format!("deposit receipt: {e}"))?;
+        let hash = self.transfer_one_back(token.provider(), deadline).await?;
         *deposited += 1;
         drop(deposited);
-        let body = serde_json::json!({ "hash": receipt.transaction_hash }).to_string();
+        let body = serde_json::json!({ "hash": hash }).to_string();
         let record = Request::post("/deposits", body);
         // Not yet deep enough: the answer says so (409) and a new key asks again.
         let mut attempt = 0;
@@ -618,7 +659,7 @@ impl Payer {
                 format!("{}-{seq}-{attempt}", self.run_id)
             };
             match answered(client, &record.clone().idempotency_key(key)).await {
-                Ok(_) => return Ok(receipt.transaction_hash),
+                Ok(_) => return Ok(hash),
                 // "not mined yet", or "under 1 of the 3 blocks asked for; try again shortly"
                 Err(reason)
                     if reason.contains("409")
