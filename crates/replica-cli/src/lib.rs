@@ -105,6 +105,58 @@ pub struct ReplicaArgs {
     /// little behind replays them instead of fetching a snapshot; smaller than the interval.
     #[arg(long, env = "BR2K_TRAILING_ENTRIES", value_name = "ENTRIES", default_value_t = SnapshotPolicy::default().trailing)]
     pub trailing_entries: u64,
+    /// How long a retry is answered from its stored answer: the leader keeps each
+    /// Idempotency-Key this long after the request was logged (e.g. 24h, 90m, 3600s; at
+    /// least 1s). Past it (or past the byte cap) a retry is executed as a new request.
+    #[arg(long, env = "BR2K_IDEMPOTENCY_RETENTION", value_name = "DURATION", default_value = "24h",
+          value_parser = parse_duration)]
+    pub idempotency_retention: Duration,
+    /// The most the idempotency table may hold (keys and stored answers; e.g. 256MiB,
+    /// 1GiB); past it the oldest keys go first. Every replica holds it in memory and in
+    /// its snapshots: size the replicas' memory for it.
+    #[arg(long, env = "BR2K_IDEMPOTENCY_MAX_BYTES", value_name = "BYTES", default_value = "256MiB",
+          value_parser = parse_bytes)]
+    pub idempotency_max_bytes: u64,
+}
+
+/// A duration as `24h`, `90m`, `3600s`, `2d` or a bare number of seconds.
+fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().map_err(|_| format!("{text:?} is not a duration such as 24h, 90m or 3600s"))?;
+    let seconds = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        other => return Err(format!("unknown unit {other:?} in {text:?}: use s, m, h or d")),
+    };
+    match number.checked_mul(seconds) {
+        Some(0) => Err("must be at least 1s".into()),
+        Some(secs) if secs <= 365 * 86_400 => Ok(Duration::from_secs(secs)),
+        _ => Err(format!("{text:?} is over a year")),
+    }
+}
+
+/// A size as `256MiB`, `1GiB`, `512KiB` or a bare number of bytes.
+fn parse_bytes(text: &str) -> std::result::Result<u64, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().map_err(|_| format!("{text:?} is not a size such as 256MiB or 1GiB"))?;
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        other => return Err(format!("unknown unit {other:?} in {text:?}: use B, KiB, MiB or GiB")),
+    };
+    match number.checked_mul(scale) {
+        Some(bytes) if bytes >= 1 << 20 => Ok(bytes),
+        Some(_) => Err(format!("{text:?} is under 1MiB: too small to hold a useful window of keys")),
+        None => Err(format!("{text:?} is too large")),
+    }
 }
 
 impl ReplicaArgs {
@@ -132,6 +184,8 @@ impl ReplicaArgs {
         };
         config.snapshots = SnapshotPolicy { interval: self.snapshot_interval, trailing: self.trailing_entries };
         config.snapshots.check().map_err(|e| anyhow::anyhow!("--snapshot-interval / --trailing-entries: {e}"))?;
+        config.idempotency_retention = self.idempotency_retention;
+        config.idempotency_max_bytes = self.idempotency_max_bytes;
         if let Some(publisher) = self.publisher().await? {
             config = config.with_publisher(publisher);
         }
@@ -346,6 +400,20 @@ mod tests {
         }
         let err = "stord".parse::<TxStep>().unwrap_err();
         assert!(err.contains("`stord`") && err.contains("reserving, stored, broadcast, settled"), "{err}");
+    }
+
+    #[test]
+    fn retention_and_table_sizes_parse_with_units_and_bad_ones_say_why() {
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86_400)));
+        assert_eq!(parse_duration("90m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("45"), Ok(Duration::from_secs(45)));
+        assert!(parse_duration("0s").unwrap_err().contains("at least 1s"));
+        assert!(parse_duration("3w").unwrap_err().contains("use s, m, h or d"));
+        assert!(parse_duration("soon").unwrap_err().contains("not a duration"));
+        assert_eq!(parse_bytes("256MiB"), Ok(256 << 20));
+        assert_eq!(parse_bytes("1GiB"), Ok(1 << 30));
+        assert!(parse_bytes("12KiB").unwrap_err().contains("under 1MiB"));
+        assert!(parse_bytes("5MB").unwrap_err().contains("use B, KiB, MiB or GiB"));
     }
 
     #[test]

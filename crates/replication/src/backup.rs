@@ -18,10 +18,11 @@
 //! and whose app is behind the backup recorded on chain restores it before it takes
 //! leadership: it pulls the artifact by the digest the chain records (refusing anything
 //! that does not hash to it), restores the app from the `state` layer, replays the `log`
-//! layer, seeds etcd so the log goes on after the backup's index, restores the
-//! idempotency records of the log layer's answered entries (so a client retrying a
-//! request whose answer the disaster swallowed gets that answer, not a second execution),
-//! and takes a snapshot there, from which the other replicas (as empty as it was) catch up.
+//! layer, seeds etcd so the log goes on after the backup's index, and takes a snapshot
+//! there, from which the other replicas (as empty as it was) catch up. The idempotency
+//! table comes back with them: the snapshot carries it and the log layer's entries add
+//! theirs, so a client retrying a request whose answer the disaster swallowed gets that
+//! answer, not a second execution, for every key the backup covers.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -33,10 +34,10 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::app::AppState;
-use crate::data::{EntryState, IdempotencyRecord, LogEntry};
+use crate::data::{EntryState, LogEntry};
 use crate::error::{Error, Result};
 use crate::runtime::Runtime;
-use crate::store::{Op, Term};
+use crate::store::Term;
 
 /// The least time between two backups asked for with `POST /br2k/backup`.
 const ON_DEMAND_SPACING: Duration = Duration::from_secs(1);
@@ -311,15 +312,11 @@ impl<S: AppState> Runtime<S> {
             None => crate::data::CompactedLog::default(),
         };
         tally.first_index = recorded.index + 1;
-        let mut answered = Vec::new();
         if let Some(log) = artifact.layers.iter().find(|l| l.media_type == LOG_MEDIA_TYPE) {
             for line in log.bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
                 let entry: SegmentEntry = serde_json::from_slice(line)
                     .map_err(|e| Error::Backup(format!("restore: a log line of {digest} does not decode: {e}")))?;
                 self.replay(&entry, &mut tally).await?;
-                if let Some(record) = idempotency_record(&entry) {
-                    answered.push(record);
-                }
             }
         }
         self.state.persist().await.map_err(Error::Persist)?;
@@ -335,16 +332,6 @@ impl<S: AppState> Runtime<S> {
         if !self.store().seed_restored(recorded.index, &tally, terms, &self.config.replica).await? {
             info!("another replica seeded etcd first; following it");
             return Ok(None);
-        }
-        // A client whose answer the disaster swallowed retries with the same key: it must
-        // get that answer again, not a second execution.
-        if !answered.is_empty() {
-            let lease = self.store().grant_lease(self.config.idempotency_retention).await?;
-            let ops = answered
-                .into_iter()
-                .map(|(key, record)| Op::PutLeased(self.keys.idem(&key), crate::data::encode(&record), lease))
-                .collect();
-            self.store().write_all(ops).await?;
         }
         let applied = self.state.applied_index();
         self.set_status(|s| {
@@ -366,6 +353,7 @@ impl<S: AppState> Runtime<S> {
         use crate::data::{ProcessState, RequestKind};
         tally.count(&entry.state);
         self.apply_if_recorded(entry.index, &entry.state, &entry.request).await?;
+        self.idempotency.apply(entry.index, &entry.request, &entry.state);
         let replicated = entry.state.kind == RequestKind::Replication && entry.state.state == ProcessState::Success;
         if !replicated || entry.index <= self.state.applied_index() {
             return Ok(());
@@ -384,20 +372,6 @@ impl<S: AppState> Runtime<S> {
         }
         Ok(())
     }
-}
-
-/// The idempotency record of a backed-up entry that was answered: its key and what a
-/// retry with that key gets. Entries covered by the backup's snapshot have none (the
-/// snapshot holds the app's state, not the answers).
-fn idempotency_record(entry: &SegmentEntry) -> Option<(String, IdempotencyRecord)> {
-    let key = entry.request.idempotency_key.clone()?;
-    let response = entry.state.response.clone()?;
-    let record = IdempotencyRecord {
-        index: entry.index,
-        fingerprint: crate::http::fingerprint(&entry.request),
-        response: Some(response),
-    };
-    Some((key, record))
 }
 
 /// The repository of `artifact` (`host/repository@digest`) when it is on `host`.

@@ -27,8 +27,14 @@ pub struct Config {
     pub timings: Timings,
     /// What one client may send and hold.
     pub limits: Limits,
-    /// How long idempotency records are kept (default 24 h).
+    /// How long a key is kept in the idempotency table after its request was logged
+    /// (default 24 h): a retry within it gets the stored answer. Measured on the times the
+    /// leader writes into the log, and applied by whichever replica leads.
     pub idempotency_retention: Duration,
+    /// The most the idempotency table may hold, bytes (keys, answers and bookkeeping;
+    /// default 256 MiB): past it the oldest keys are dropped first, before their
+    /// retention. Each replica holds the table in memory and in its snapshots.
+    pub idempotency_max_bytes: u64,
     /// Request headers logged with each request besides `content-type` (lower case).
     /// Credentials (`authorization`, `cookie`, `proxy-authorization`) are refused: a logged
     /// request stays in etcd and in every replica's state; check them in an admission hook
@@ -140,6 +146,7 @@ impl Config {
             timings: Timings::default(),
             limits: Limits::default(),
             idempotency_retention: Duration::from_secs(24 * 3600),
+            idempotency_max_bytes: 256 << 20,
             kept_headers: Vec::new(),
             snapshots: SnapshotPolicy::default(),
             backup: None,

@@ -10,7 +10,7 @@
 //! | `cl` | CL: the leader's replica id and public location ([`LeaderRecord`]); its mod_revision is the epoch |
 //! | `epoch_base` | the on-chain epoch when this etcd data was created, decimal |
 //! | `doubt/<index>` | beyond: a Normal request left InProcess by a dead leader, until it is reconciled (empty value) |
-//! | `idem/<key>` | the index, request fingerprint and (once final) answer of an idempotent request ([`IdempotencyRecord`]) |
+//! | `idem/<key>` | the answer of a keyed request a dead leader left in doubt and a later leader settled after every replica had passed it ([`IdempotencyRecord`], leased); keys live in each replica's idempotency table ([`crate::idempotency`]), not here. Records of an older format are moved into the table by the first leader that finds them |
 //! | `compacted` | where the log now starts and what the deleted entries were ([`CompactedLog`]); absent until the first compaction |
 //! | `terms` | how many leadership terms have started (each Register counts itself in its first fenced write), decimal |
 //! | `members/<replica>` | a live replica: where peers fetch its snapshot, and which one it holds ([`MemberRecord`]); leased, so it vanishes when the replica stops renewing |
@@ -84,6 +84,16 @@ impl Keys {
 
     pub(crate) fn idem(&self, key: &str) -> String {
         format!("{}idem/{key}", self.prefix)
+    }
+
+    /// Where the `idem/` records are, `[from, to)`.
+    pub(crate) fn idem_range(&self) -> (String, String) {
+        (format!("{}idem/", self.prefix), format!("{}idem0", self.prefix))
+    }
+
+    /// The client's key in an `idem/` record's key.
+    pub(crate) fn idem_key_of<'a>(&self, key: &'a [u8]) -> Option<&'a str> {
+        std::str::from_utf8(key).ok()?.strip_prefix(&self.prefix)?.strip_prefix("idem/")
     }
 
     /// `outbox/tx/<index>/<k>`: the `k`-th transaction the request at `index` sent.
@@ -249,6 +259,10 @@ pub struct LogEntry {
     /// The client's `Idempotency-Key`, if it sent one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+    /// What the leader wrote into a keyed entry for the idempotency table: when it logged
+    /// it, and which older records every replica drops now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stamp: Option<crate::idempotency::Stamp>,
 }
 
 /// RS: the type and processing state of one log entry.
@@ -287,7 +301,8 @@ pub struct LeaderRecord {
     pub location: String,
 }
 
-/// What `idem/<key>` holds.
+/// What `idem/<key>` holds: today only the late answer of a request left in doubt; in
+/// services from before the idempotency table, one per keyed request.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IdempotencyRecord {
     /// The index the request was logged at.

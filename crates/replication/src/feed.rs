@@ -172,6 +172,7 @@ mod tests {
             headers: Vec::new(),
             body: body.as_bytes().to_vec(),
             idempotency_key: None,
+            stamp: None,
         };
         data::encode(&entry)
     }

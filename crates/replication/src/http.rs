@@ -146,7 +146,7 @@ async fn serve_route<S: AppState>(
     let headers = kept_headers(&parts.headers, |name| {
         name == header::CONTENT_TYPE || kept.iter().any(|k| k.eq_ignore_ascii_case(name.as_str()))
     });
-    let entry = LogEntry { method, path, query, headers, body: body.to_vec(), idempotency_key };
+    let entry = LogEntry { method, path, query, headers, body: body.to_vec(), idempotency_key, stamp: None };
     if route.kind == RequestKind::Read {
         return read(runtime, &route.handler, entry, body).await;
     }
@@ -465,14 +465,14 @@ fn head_size(parts: &axum::http::request::Parts) -> usize {
 }
 
 /// Identifies a request's content, so that a reused idempotency key is noticed.
-pub(crate) fn fingerprint(entry: &LogEntry) -> String {
+pub(crate) fn fingerprint(entry: &LogEntry) -> crate::idempotency::Fingerprint {
     let mut hash = Sha256::new();
     for part in [entry.method.as_bytes(), entry.path.as_bytes(), entry.query.as_deref().unwrap_or("").as_bytes()] {
         hash.update((part.len() as u64).to_be_bytes());
         hash.update(part);
     }
     hash.update(&entry.body);
-    hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    hash.finalize().into()
 }
 
 fn reply(reply: Reply) -> Response {

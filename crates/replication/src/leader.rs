@@ -1,14 +1,15 @@
 //! A leader's term: Replicate Request and Process Request, pipelined with group commit.
 //!
 //! Two tasks per term, joined by a channel:
-//! - the **sequencer** takes client requests off the queue, settles idempotency keys,
-//!   assigns indexes, and writes each group's RLEs, RS records (InProcess for Replication
-//!   requests, Null for the rest) and LS in one fenced transaction;
+//! - the **sequencer** takes client requests off the queue, settles idempotency keys
+//!   against the replica's idempotency table ([`crate::idempotency`]), assigns indexes,
+//!   stamps keyed entries, and writes each group's RLEs, RS records (InProcess for
+//!   Replication requests, Null for the rest) and LS in one fenced transaction;
 //! - the **processor** takes replicated groups in order, marks their only-once requests
 //!   InProcess in one transaction (none for a group of Replication requests), executes
 //!   each request in index order (recording every step in the local record file), writes
 //!   every outcome with LPI and SSI in one transaction while it persists the app state,
-//!   and only then answers the clients.
+//!   adds the group to the idempotency table, and only then answers the clients.
 //!
 //! While the processor holds one group, the sequencer's next replicate write waits to
 //! ride that group's last outcome write ([`Carrier`]): the next group could not execute
@@ -32,6 +33,7 @@ use crate::app::{AppState, Outcome, Recorded, Reply, Request, Step};
 use crate::data::{self, EntryState, IdempotencyRecord, Keys, LogEntry, ProcessState, RequestKind};
 use crate::error::{Error, Result};
 use crate::guard::{guarded, panic_message};
+use crate::idempotency::Fingerprint;
 use crate::runtime::{Runtime, lock};
 use crate::stats::stage;
 use crate::store::{MAX_TXN_BYTES, MAX_TXN_OPS, Op, Term};
@@ -45,7 +47,7 @@ pub(crate) struct Submit {
     pub(crate) entry: LogEntry,
     /// The entry as it is stored (encoded by the front, which also checked its size).
     pub(crate) encoded: Vec<u8>,
-    pub(crate) fingerprint: String,
+    pub(crate) fingerprint: Fingerprint,
     pub(crate) reply: oneshot::Sender<Answer>,
     /// Its share of the queue's byte budget, held until it is answered.
     pub(crate) queued: OwnedSemaphorePermit,
@@ -59,23 +61,17 @@ struct Fresh {
     /// Unkeyed requests are answered here; keyed ones through the in-flight table.
     reply: Option<oneshot::Sender<Answer>>,
     queued: OwnedSemaphorePermit,
-    /// Whether its idempotency key was looked up in etcd. An unchecked key is logged on
-    /// the condition that it has no record, in the replicate transaction itself: no
-    /// round trip for the usual new key; only when a record exists are the group's keys
-    /// looked up.
-    checked: bool,
 }
 
-/// Room for a record's key and a small record (an RS, an idempotency record or a
-/// counter) in the replicate transaction, beyond the service prefix: generous, so that a
-/// group sized with it always fits one transaction.
+/// Room for a record's key and a small record (an RS or a counter) in the replicate
+/// transaction, beyond the service prefix: generous, so that a group sized with it always
+/// fits one transaction.
 const RECORD_BYTES: usize = 256;
 
 /// An upper bound on what logging `fresh` adds to the replicate transaction, in the sizes
-/// etcd counts (keys and values): its RLE, its RS and its idempotency record.
+/// etcd counts (keys and values): its RLE and its RS.
 fn replicate_bytes(prefix: usize, fresh: &Fresh) -> usize {
-    let idem = fresh.entry.idempotency_key.as_ref().map_or(0, |key| key.len() + prefix + RECORD_BYTES);
-    fresh.encoded.len() + 2 * (prefix + RECORD_BYTES) + idem
+    fresh.encoded.len() + 2 * (prefix + RECORD_BYTES)
 }
 
 /// The leader's answer to one request.
@@ -113,7 +109,7 @@ struct InFlight {
 }
 
 struct Waiting {
-    fingerprint: String,
+    fingerprint: Fingerprint,
     waiters: Vec<oneshot::Sender<Answer>>,
 }
 
@@ -130,10 +126,8 @@ impl InFlight {
 /// A group's replicate write waiting to ride the processor's next outcome write.
 struct Carried {
     ops: Vec<Op>,
-    /// Idempotency records that must not exist yet (the group's unchecked keys).
-    absent: Vec<String>,
-    /// Told whether the write went in (`false`: one of `absent` exists, nothing written).
-    done: oneshot::Sender<bool>,
+    /// Told when the write went in (dropped when it failed: the term ends).
+    done: oneshot::Sender<()>,
 }
 
 /// Where the sequencer hands a group's replicate write to the processor, so that a busy
@@ -146,9 +140,6 @@ struct Carrier {
     slot: Mutex<CarrierSlot>,
 }
 
-/// A replicate write given back: its keys that must be absent, and its writes.
-type NotCarried = (Vec<String>, Vec<Op>);
-
 #[derive(Default)]
 struct CarrierSlot {
     /// The processor holds a group and will make an outcome write that takes `carried`.
@@ -158,13 +149,13 @@ struct CarrierSlot {
 
 impl Carrier {
     /// Hands the write over if the processor will carry it; gives it back otherwise.
-    fn offer(&self, absent: Vec<String>, ops: Vec<Op>) -> std::result::Result<oneshot::Receiver<bool>, NotCarried> {
+    fn offer(&self, ops: Vec<Op>) -> std::result::Result<oneshot::Receiver<()>, Vec<Op>> {
         let mut slot = lock(&self.slot);
         if !slot.busy || slot.carried.is_some() {
-            return Err((absent, ops));
+            return Err(ops);
         }
         let (done, written) = oneshot::channel();
-        slot.carried = Some(Carried { ops, absent, done });
+        slot.carried = Some(Carried { ops, done });
         Ok(written)
     }
 
@@ -174,7 +165,7 @@ impl Carrier {
     }
 
     /// The processor's last write of a group takes what waits. It stays busy: a carried
-    /// group comes to it next (unless the write finds one of its keys, see [`Self::done`]).
+    /// group comes to it next.
     fn take(&self) -> Option<Carried> {
         let mut slot = lock(&self.slot);
         slot.busy = slot.carried.is_some();
@@ -186,15 +177,6 @@ impl Carrier {
         let mut slot = lock(&self.slot);
         slot.busy = false;
         slot.carried = None;
-    }
-
-    /// Tells the sequencer whether its carried write went in. Not written: no group comes,
-    /// so the processor is idle until the sequencer logs one (and writes it itself).
-    fn done(&self, done: oneshot::Sender<bool>, written: bool) {
-        if !written {
-            lock(&self.slot).busy = false;
-        }
-        let _ = done.send(written);
     }
 }
 
@@ -211,20 +193,18 @@ impl LeaderTerm {
         let (groups_tx, groups_rx) = mpsc::channel(64);
         let (failed_tx, failed) = mpsc::channel(4);
         let in_flight = Arc::new(InFlight::default());
-        let lease = Arc::new(IdempotencyLease::default());
         let carrier = Arc::new(Carrier::default());
         let sequencer = Sequencer {
             runtime: runtime.clone(),
             term: term.clone(),
             next_index,
             in_flight: in_flight.clone(),
-            lease: lease.clone(),
             carrier: carrier.clone(),
         };
         let mut tasks = vec![
             tokio::spawn(report(sequencer.run(submit_rx, groups_tx), failed_tx.clone())),
             tokio::spawn(report(
-                process_groups(runtime.clone(), term.clone(), groups_rx, in_flight, lease, carrier),
+                process_groups(runtime.clone(), term.clone(), groups_rx, in_flight, carrier),
                 failed_tx.clone(),
             )),
             tokio::spawn(report(
@@ -280,13 +260,12 @@ struct Sequencer<S> {
     term: Term,
     next_index: u64,
     in_flight: Arc<InFlight>,
-    lease: Arc<IdempotencyLease>,
     carrier: Arc<Carrier>,
 }
 
-/// The lease idempotency records are written with: one lease per quarter of the
-/// retention, living a retention and a quarter, so each record lasts at least the
-/// retention and etcd tracks only a few leases.
+/// The lease the late answers of requests left in doubt are written with (see
+/// [`crate::idempotency`]): one lease per quarter of the retention, living a retention and
+/// a quarter, so each record lasts at least the retention and etcd tracks only a few leases.
 #[derive(Default)]
 pub(crate) struct IdempotencyLease {
     current: tokio::sync::Mutex<Option<(i64, Instant)>>,
@@ -308,9 +287,10 @@ impl IdempotencyLease {
     }
 }
 
-/// The writes that record an entry's final outcome: its RS with the answer and, for a
-/// request with an idempotency key, the answer in its idempotency record too, which
-/// outlives log compaction (a retry after the entry was deleted still gets its answer).
+/// The writes that record an entry's final outcome: its RS with the answer and, given a
+/// `lease` (a request settled after every replica passed it in doubt), the answer in a
+/// leased idempotency record too, which outlives log compaction (the replicas' tables
+/// hold the key without its answer).
 pub(crate) fn outcome_ops(
     keys: &Keys,
     index: u64,
@@ -328,7 +308,8 @@ pub(crate) fn outcome_ops(
     let mut ops =
         vec![Op::Put(keys.rs(index), data::encode(&EntryState { kind, state, epoch, response: response.clone() }))];
     if let (Some(key), Some(lease)) = (&entry.idempotency_key, lease) {
-        let record = IdempotencyRecord { index, fingerprint: crate::http::fingerprint(entry), response };
+        let fingerprint = crate::idempotency::to_hex(&crate::http::fingerprint(entry));
+        let record = IdempotencyRecord { index, fingerprint, response };
         ops.push(Op::PutLeased(keys.idem(key), data::encode(&record), lease));
     }
     ops
@@ -344,8 +325,8 @@ enum KeyLookup {
 
 impl<S: AppState> Sequencer<S> {
     async fn run(mut self, mut requests: mpsc::Receiver<Submit>, groups: mpsc::Sender<Vec<Item>>) -> Result<()> {
-        // Each request takes up to three puts (RLE, RS, idempotency record), plus LS.
-        let max_group = (MAX_TXN_OPS - 1) / 3;
+        // Each request takes two puts (RLE, RS), plus LS.
+        let max_group = (MAX_TXN_OPS - 1) / 2;
         while let Some(first) = requests.recv().await {
             let mut incoming = vec![first];
             while incoming.len() < max_group {
@@ -354,7 +335,7 @@ impl<S: AppState> Sequencer<S> {
                     Err(_) => break,
                 }
             }
-            let fresh = self.settle_keys(incoming);
+            let fresh = self.settle_keys(incoming).await;
             // Split by size too, so that each group is one transaction under etcd's
             // --max-request-bytes (the front capped each request well under it).
             // A key's length beyond its last part: the service prefix (as `ls` has it).
@@ -377,67 +358,84 @@ impl<S: AppState> Sequencer<S> {
         Ok(())
     }
 
-    /// Attaches retries of in-flight keys to the first request and returns what is left
-    /// to log, in arrival order; keys are checked against etcd by the replicate write.
-    fn settle_keys(&self, incoming: Vec<Submit>) -> Vec<Fresh> {
+    /// Settles the keys of `incoming` against the requests in flight and the idempotency
+    /// table: a retry of a request in flight waits for its answer, a key the table holds
+    /// is answered from its record (or refused, for a different request); returns what is
+    /// left to log, in arrival order.
+    async fn settle_keys(&self, incoming: Vec<Submit>) -> Vec<Fresh> {
         let mut fresh = Vec::with_capacity(incoming.len());
-        let mut by_key = lock(&self.in_flight.by_key);
-        for submit in incoming {
-            let reply = match &submit.entry.idempotency_key {
-                None => Some(submit.reply),
-                Some(key) => match by_key.get_mut(key) {
-                    Some(waiting) if waiting.fingerprint == submit.fingerprint => {
-                        waiting.waiters.push(submit.reply);
-                        continue;
-                    }
-                    Some(_) => {
-                        let _ = submit.reply.send(reused_key());
-                        continue;
-                    }
-                    None => {
-                        let waiting = Waiting { fingerprint: submit.fingerprint.clone(), waiters: vec![submit.reply] };
-                        by_key.insert(key.clone(), waiting);
-                        None
-                    }
-                },
-            };
-            fresh.push(Fresh {
-                kind: submit.kind,
-                entry: submit.entry,
-                encoded: submit.encoded,
-                reply,
-                queued: submit.queued,
-                checked: false,
-            });
+        // Keys whose table record has no answer (a request left in doubt): its state is in etcd.
+        let mut in_doubt = Vec::new();
+        {
+            let mut by_key = lock(&self.in_flight.by_key);
+            for submit in incoming {
+                let reply = match &submit.entry.idempotency_key {
+                    None => Some(submit.reply),
+                    Some(key) => match by_key.get_mut(key) {
+                        Some(waiting) if waiting.fingerprint == submit.fingerprint => {
+                            waiting.waiters.push(submit.reply);
+                            continue;
+                        }
+                        Some(_) => {
+                            let _ = submit.reply.send(reused_key());
+                            continue;
+                        }
+                        // Looked up while `by_key` is held: the processor adds a group to
+                        // the table before it lets go of its keys here, so a key is always
+                        // in one or the other.
+                        None => match self.runtime.idempotency.get(key) {
+                            Some(record) if record.fingerprint != submit.fingerprint => {
+                                let _ = submit.reply.send(reused_key());
+                                continue;
+                            }
+                            Some(record) => {
+                                if let Some(answer) = record.answer {
+                                    let reply = Reply::from_stored((*answer).clone());
+                                    let _ =
+                                        submit.reply.send(Answer { reply, index: Some(record.index), replayed: true });
+                                    continue;
+                                }
+                                let waiting = Waiting { fingerprint: submit.fingerprint, waiters: vec![submit.reply] };
+                                by_key.insert(key.clone(), waiting);
+                                let (reply, _) = oneshot::channel();
+                                in_doubt.push((Submit { reply, ..submit }, record.index));
+                                continue;
+                            }
+                            None => {
+                                let waiting = Waiting { fingerprint: submit.fingerprint, waiters: vec![submit.reply] };
+                                by_key.insert(key.clone(), waiting);
+                                None
+                            }
+                        },
+                    },
+                };
+                fresh.push(Fresh {
+                    kind: submit.kind,
+                    entry: submit.entry,
+                    encoded: submit.encoded,
+                    reply,
+                    queued: submit.queued,
+                });
+            }
         }
-        fresh
-    }
-
-    /// Looks up the group's unchecked keys in etcd (one of them has a record): answers
-    /// those answered before (or refused now) and returns the rest, checked.
-    async fn look_keys_up(&self, group: Vec<Fresh>) -> Vec<Fresh> {
-        let unchecked: Vec<(usize, String, String)> = {
-            let by_key = lock(&self.in_flight.by_key);
-            group
-                .iter()
-                .enumerate()
-                .filter(|(_, fresh)| !fresh.checked)
-                .filter_map(|(position, fresh)| {
-                    let key = fresh.entry.idempotency_key.clone()?;
-                    let fingerprint = by_key.get(&key).map(|w| w.fingerprint.clone()).unwrap_or_default();
-                    Some((position, key, fingerprint))
-                })
-                .collect()
-        };
-        let started = Instant::now();
-        let answers =
-            futures::future::join_all(unchecked.iter().map(|(_, key, fingerprint)| self.lookup_key(key, fingerprint)))
-                .await;
-        self.runtime.stats.add_many(stage::KEY_LOOKUP, unchecked.len() as u64, started.elapsed());
-        let mut answered = HashMap::new();
-        for ((position, key, _), answer) in unchecked.into_iter().zip(answers) {
-            let answer = match answer {
-                Ok(KeyLookup::New) => continue,
+        // Rare (a leader died while executing it): look its state up, then log it only if
+        // it was never executed.
+        for (submit, index) in in_doubt {
+            let key = submit.entry.idempotency_key.clone().expect("keyed");
+            let started = Instant::now();
+            let lookup = self.lookup_in_doubt(&key, index).await;
+            self.runtime.stats.add_many(stage::KEY_LOOKUP, 1, started.elapsed());
+            let answer = match lookup {
+                Ok(KeyLookup::New) => {
+                    fresh.push(Fresh {
+                        kind: submit.kind,
+                        entry: submit.entry,
+                        encoded: submit.encoded,
+                        reply: None,
+                        queued: submit.queued,
+                    });
+                    continue;
+                }
                 Ok(KeyLookup::Answer(answer)) => answer,
                 Err(e @ Error::CorruptRecord { .. }) => Answer::refusal(
                     500,
@@ -448,19 +446,9 @@ impl<S: AppState> Sequencer<S> {
                 ),
                 Err(e) => Answer::refusal(503, &format!("could not check the idempotency key, retry: {e}")),
             };
-            answered.insert(position, (key, answer));
+            self.in_flight.answer(&key, &answer);
         }
-        let mut rest = Vec::with_capacity(group.len());
-        for (position, mut fresh) in group.into_iter().enumerate() {
-            match answered.remove(&position) {
-                Some((key, answer)) => self.in_flight.answer(&key, &answer),
-                None => {
-                    fresh.checked = true;
-                    rest.push(fresh);
-                }
-            }
-        }
-        rest
+        fresh
     }
 
     /// Whether the entry at `index` is an only-once request the settler finishes (its
@@ -472,105 +460,83 @@ impl<S: AppState> Sequencer<S> {
         Ok(self.runtime.route_of(&entry.method, &entry.path).is_some_and(|route| route.replayable))
     }
 
-    /// Looks a key up in etcd. Local (serializable) reads are enough: every record that
-    /// matters was written before this replica took `cl` through this member, or by
-    /// this replica since.
-    async fn lookup_key(&self, key: &str, fingerprint: &str) -> Result<KeyLookup> {
+    /// What a retry of the request at `index`, which the table holds without an answer
+    /// (it was left in doubt), gets: its answer once its state is final, read from etcd.
+    /// Local (serializable) reads are enough: every record that matters was written before
+    /// this replica took `cl` through this member, or by this replica since.
+    async fn lookup_in_doubt(&self, key: &str, index: u64) -> Result<KeyLookup> {
         let store = self.runtime.store();
         let keys = &self.runtime.keys;
-        let Some(kv) = store.get_local(&keys.idem(key)).await? else { return Ok(KeyLookup::New) };
-        let record: IdempotencyRecord = data::decode(kv.key(), kv.value())?;
-        if record.fingerprint != fingerprint {
-            return Ok(KeyLookup::Answer(reused_key()));
-        }
-        if let Some(response) = record.response {
-            return Ok(KeyLookup::Answer(Answer {
-                reply: Reply::from_stored(response),
-                index: Some(record.index),
-                replayed: true,
-            }));
-        }
-        // Without an answer in the record, the entry was not final when the record was
-        // last written. A missing entry was then compacted away, which only happens to
-        // final ones: as the answer would be in the record, it was Ignored, never executed.
-        let Some(kv) = store.get_local(&keys.rs(record.index)).await? else { return Ok(KeyLookup::New) };
+        let replay = |response| {
+            KeyLookup::Answer(Answer { reply: Reply::from_stored(response), index: Some(index), replayed: true })
+        };
+        let Some(kv) = store.get_local(&keys.rs(index)).await? else {
+            // Compacted away, which only happens to final entries: it was settled after
+            // every replica passed it, and its answer is in a leased record.
+            let Some(kv) = store.get_local(&keys.idem(key)).await? else { return Ok(KeyLookup::New) };
+            let record: IdempotencyRecord = data::decode(kv.key(), kv.value())?;
+            return Ok(record.response.filter(|_| record.index == index).map_or(KeyLookup::New, replay));
+        };
         let state: EntryState = data::decode(kv.key(), kv.value())?;
         Ok(match (state.state, state.response) {
-            (ProcessState::Success | ProcessState::Fail, Some(response)) => KeyLookup::Answer(Answer {
-                reply: Reply::from_stored(response),
-                index: Some(record.index),
-                replayed: true,
-            }),
+            (ProcessState::Success | ProcessState::Fail, Some(response)) => replay(response),
             (ProcessState::Ignore, _) => KeyLookup::New,
             // The settler finishes it: the client retries until it has the answer.
-            _ if self.settled_by_outbox(record.index).await? => {
-                KeyLookup::Answer(Answer { reply: unsettled_reply(), index: Some(record.index), replayed: false })
+            _ if self.settled_by_outbox(index).await? => {
+                KeyLookup::Answer(Answer { reply: unsettled_reply(), index: Some(index), replayed: false })
             }
             _ => KeyLookup::Answer(Answer::refusal(
                 409,
                 &format!(
-                    "the request with this Idempotency-Key (log index {}) is in doubt: a leader died while executing it; \
-                     it is listed in /br2k/status until it is reconciled",
-                    record.index
+                    "the request with this Idempotency-Key (log index {index}) is in doubt: a leader died while \
+                     executing it; it is listed in /br2k/status until it is reconciled"
                 ),
             )),
         })
     }
 
-    /// Replicate Request for a group: RLEs, RS (InProcess for Replication, else Null),
-    /// idempotency records and LS in one fenced transaction; then hands the group to the
-    /// processor.
-    /// An unchecked key is written on the condition that it has no record yet; when one
-    /// has, the group's keys are looked up and the rest of the group written again.
+    /// Replicate Request for a group: RLEs, RS (InProcess for Replication, else Null) and
+    /// LS in one fenced transaction; then hands the group to the processor.
     async fn replicate(&mut self, mut group: Vec<Fresh>, groups: &mpsc::Sender<Vec<Item>>) -> Result<()> {
-        loop {
-            let keys = &self.runtime.keys;
-            let absent: Vec<String> = group
-                .iter()
-                .filter(|fresh| !fresh.checked)
-                .filter_map(|fresh| fresh.entry.idempotency_key.as_ref().map(|key| keys.idem(key)))
-                .collect();
-            let ops = self.replicate_ops(&group).await?;
-            match self.write_replicate(absent, ops).await? {
-                Some(true) => return self.replicated(group, groups).await,
-                Some(false) => {}
-                // The processor's write failed: it reports why, and the term ends.
-                None => return Ok(()),
-            }
-            group = self.look_keys_up(group).await;
-            if group.is_empty() {
-                return Ok(());
-            }
+        let ops = self.replicate_ops(&mut group);
+        if self.write_replicate(ops).await? {
+            self.replicated(group, groups).await?;
         }
+        Ok(())
     }
 
     /// Writes a group's replicate transaction, on the outcome write of the group the
-    /// processor holds when there is one, else alone. `Some(false)` when one of the keys
-    /// `absent` has a record (nothing written); `None` when the carrying write failed.
-    async fn write_replicate(&self, absent: Vec<String>, ops: Vec<Op>) -> Result<Option<bool>> {
+    /// processor holds when there is one, else alone. `false` when the carrying write
+    /// failed (the processor reports why, and the term ends).
+    async fn write_replicate(&self, ops: Vec<Op>) -> Result<bool> {
         let stats = &self.runtime.stats;
         let started = Instant::now();
-        match self.carrier.offer(absent, ops) {
+        match self.carrier.offer(ops) {
             Ok(written) => {
-                let written = written.await.ok();
+                let written = written.await.is_ok();
                 stats.add(stage::CARRIED, started.elapsed());
                 Ok(written)
             }
-            Err((absent, ops)) => {
-                let write = self.runtime.store().authority_write_if_absent(&self.term, &absent, ops);
-                Ok(Some(stats.time(stage::REPLICATE, write).await?.is_some()))
+            Err(ops) => {
+                stats.time(stage::REPLICATE, self.runtime.store().authority_write(&self.term, ops)).await?;
+                Ok(true)
             }
         }
     }
 
-    /// The replicate transaction's writes for `group`, at the next indexes.
-    async fn replicate_ops(&self, group: &[Fresh]) -> Result<Vec<Op>> {
+    /// The replicate transaction's writes for `group`, at the next indexes. Keyed entries
+    /// get their stamp here, so their logged bytes change.
+    fn replicate_ops(&self, group: &mut [Fresh]) -> Vec<Op> {
         let keys = &self.runtime.keys;
         let epoch = self.term.epoch;
-        let mut ops = Vec::with_capacity(group.len() * 3 + 1);
-        let mut keyed = Vec::new();
-        for (offset, fresh) in group.iter().enumerate() {
+        let stamp = group.iter().any(|f| f.entry.idempotency_key.is_some()).then(|| self.runtime.stamp());
+        let mut ops = Vec::with_capacity(group.len() * 2 + 1);
+        for (offset, fresh) in group.iter_mut().enumerate() {
             let index = self.next_index + offset as u64;
+            if let (Some(_), Some(stamp)) = (&fresh.entry.idempotency_key, stamp) {
+                fresh.entry.stamp = Some(stamp);
+                fresh.encoded = data::encode(&fresh.entry);
+            }
             ops.push(Op::Put(keys.log(index), fresh.encoded.clone()));
             // Replication requests go straight to InProcess: a leader that dies after this
             // write leaves them for the next one to execute (the paper's rule for
@@ -583,20 +549,10 @@ impl<S: AppState> Sequencer<S> {
             };
             let state = EntryState { kind: fresh.kind, state, epoch, response: None };
             ops.push(Op::Put(keys.rs(index), data::encode(&state)));
-            if let Some(key) = &fresh.entry.idempotency_key {
-                let fingerprint =
-                    lock(&self.in_flight.by_key).get(key).map(|w| w.fingerprint.clone()).unwrap_or_default();
-                keyed.push((keys.idem(key), data::encode(&IdempotencyRecord { index, fingerprint, response: None })));
-            }
         }
         let last = self.next_index + group.len() as u64 - 1;
         ops.push(Op::counter(keys.ls(), last));
-        if !keyed.is_empty() {
-            let lease = self.lease.get(&self.runtime).await?;
-            let leased = keyed.into_iter().map(|(key, value)| Op::PutLeased(key, value, lease));
-            ops.splice(0..0, leased);
-        }
-        Ok(ops)
+        ops
     }
 
     /// After the replicate write: the group's indexes are taken; hands it to the processor.
@@ -639,7 +595,6 @@ async fn process_groups<S: AppState>(
     term: Term,
     mut groups: mpsc::Receiver<Vec<Item>>,
     in_flight: Arc<InFlight>,
-    lease: Arc<IdempotencyLease>,
     carrier: Arc<Carrier>,
 ) -> Result<()> {
     let ended = async {
@@ -652,7 +607,7 @@ async fn process_groups<S: AppState>(
                     Err(_) => break,
                 }
             }
-            process(&runtime, &term, items, &in_flight, &lease, &carrier).await?;
+            process(&runtime, &term, items, &in_flight, &carrier).await?;
         }
         Ok(())
     }
@@ -689,7 +644,6 @@ impl Segment {
         term: &Term,
         items: &[Item],
         to: usize,
-        lease: Option<i64>,
         carrier: Option<&Carrier>,
     ) -> Result<()> {
         while let Some(joined) = self.beside.join_next().await {
@@ -703,10 +657,9 @@ impl Segment {
         self.effects_pending = false;
         let from = std::mem::replace(&mut self.recorded, to);
         if from >= to {
-            if let Some((carrier, Carried { ops, absent, done })) = carrier.and_then(|c| Some((c, c.take()?))) {
-                let written = runtime.store().authority_write_if_absent(term, &absent, ops);
-                let written = runtime.stats.time(stage::REPLICATE, written).await?.is_some();
-                carrier.done(done, written);
+            if let Some(Carried { ops, done }) = carrier.and_then(Carrier::take) {
+                runtime.stats.time(stage::REPLICATE, runtime.store().authority_write(term, ops)).await?;
+                let _ = done.send(());
             }
             return Ok(());
         }
@@ -726,7 +679,7 @@ impl Segment {
                 continue;
             }
             let outcome = self.outcomes[position].as_ref().expect("ran");
-            ops.extend(outcome_ops(keys, item.index, item.kind, term.epoch, outcome, &item.entry, lease));
+            ops.extend(outcome_ops(keys, item.index, item.kind, term.epoch, outcome, &item.entry, None));
         }
         // (4.4-6) outcomes, LPI and SSI; durable before anyone is answered. The app state
         // is made durable at the same time, not before: etcd holds the log, so either
@@ -735,18 +688,31 @@ impl Segment {
         // The state persisted but no outcome: Prepare Service (or the pending-process
         // check) rolls back what it executed above SSI.
         let last = items[to - 1].index;
-        ops.push(Op::counter(keys.lpi(&runtime.config.replica), last));
+        ops.push(Op::counter(keys.lpi(&runtime.config.replica), runtime.recoverable_lpi(last)));
         ops.push(Op::counter(keys.ssi(), last));
         let (next_log, done) = match carrier.and_then(Carrier::take) {
-            Some(Carried { ops, absent, done }) => (Some((absent, ops)), Some(done)),
-            None => (None, None),
+            Some(Carried { ops, done }) => (ops, Some(done)),
+            None => (Vec::new(), None),
         };
         let (persisted, recorded) = tokio::join!(
             runtime.stats.time(stage::PERSIST, runtime.state.persist()),
             runtime.stats.time(stage::OUTCOME, runtime.store().authority_write_carrying(term, ops, next_log)),
         );
-        if let (Some(carrier), Some(done), Some(written)) = (carrier, done, recorded?) {
-            carrier.done(done, written);
+        recorded?;
+        if let Some(done) = done {
+            let _ = done.send(());
+        }
+        // Recorded: the group's keys go into the table, in log order, before their
+        // clients are answered (and before their keys leave the in-flight table).
+        for (position, item) in items.iter().enumerate().take(to).skip(from) {
+            let (state, response) = match &self.outcomes[position] {
+                _ if self.in_doubt.contains(&item.index) => (ProcessState::InProcess, None),
+                Some(Ok(reply)) => (ProcessState::Success, Some(reply.to_stored())),
+                Some(Err(reply)) => (ProcessState::Fail, Some(reply.to_stored())),
+                None => unreachable!("every request up to `to` ran"),
+            };
+            let state = EntryState { kind: item.kind, state, epoch: term.epoch, response };
+            runtime.idempotency.apply(item.index, &item.entry, &state);
         }
         // The state is durable up to the segment before this one (its persist passed).
         let durable = items[from].index - 1;
@@ -781,7 +747,7 @@ impl Segment {
 /// (compaction reads it once another replica leads). The error ends the term.
 async fn persist_failed<S: AppState>(runtime: &Runtime<S>, durable: u64, error: std::io::Error) -> Error {
     let key = runtime.keys.lpi(&runtime.config.replica);
-    if let Err(put) = runtime.store().put(&key, durable.to_string()).await {
+    if let Err(put) = runtime.store().put(&key, runtime.recoverable_lpi(durable).to_string()).await {
         tracing::warn!(error = %put, "could not set this replica's LPI back after a failed persist");
     }
     Error::Persist(error)
@@ -792,7 +758,6 @@ async fn process<S: AppState>(
     term: &Term,
     items: Vec<Item>,
     in_flight: &InFlight,
-    lease: &IdempotencyLease,
     carrier: &Carrier,
 ) -> Result<()> {
     let keys = &runtime.keys;
@@ -819,10 +784,6 @@ async fn process<S: AppState>(
     // mostly wait for the chain: they run side by side meanwhile, so a group waits for
     // one block, not one per payment. The effect a route applies from its record (a
     // payment's, a deposit's) is applied, in index order, before anything after it runs.
-    let lease = match items.iter().any(|i| i.entry.idempotency_key.is_some()) {
-        true => Some(lease.get(runtime).await?),
-        false => None,
-    };
     let mut segment = Segment {
         outcomes: vec![None; items.len()],
         outboxes: Vec::with_capacity(items.len()),
@@ -837,7 +798,7 @@ async fn process<S: AppState>(
             .expect("the front only submits requests for declared routes");
         let side_by_side = item.kind == RequestKind::ExternalTxn || route.replayable;
         if segment.effects_pending && !side_by_side {
-            segment.record(runtime, term, &items, position, lease, None).await?;
+            segment.record(runtime, term, &items, position, None).await?;
         }
         let mut request = Request::from_entry(item.index, item.entry.clone());
         let outbox = runtime.outbox_for(item.kind, term, item.index);
@@ -865,7 +826,7 @@ async fn process<S: AppState>(
         let outcome = runtime.stats.time(stage::EXECUTE, runtime.execute(item.index, route, request, true)).await?;
         segment.outcomes[position] = Some(outcome);
     }
-    segment.record(runtime, term, &items, items.len(), lease, Some(carrier)).await?;
+    segment.record(runtime, term, &items, items.len(), Some(carrier)).await?;
     runtime.record.clear()?;
     let (last, in_doubt) = (items.last().map_or(0, |i| i.index), segment.in_doubt);
     let outcomes: Vec<Recorded> = segment.outcomes.into_iter().map(|o| o.expect("every request ran")).collect();

@@ -12,6 +12,7 @@ mod faults;
 mod feed;
 mod guard;
 mod http;
+mod idempotency;
 pub mod inspect;
 mod leader;
 mod line_file;
@@ -35,10 +36,12 @@ pub use data::{
 };
 pub use error::{Error, Result};
 pub use http::{IDEMPOTENCY_KEY_HEADER, INDEX_HEADER, LEADER_HEADER, REPLAYED_HEADER};
+pub use idempotency::{Stamp, TableStatus};
 pub use line_file::LineFile;
 pub use outbox::{
     CancelError, EndpointHealth, Expected, FinalityViolation, Outbox, OutboxConfig, OutboxStatus, TxCall, TxError,
     TxReceipt, TxStep, UnsettledTx, VerifiedTx, Verifier, VerifyError,
 };
 pub use runtime::{Replicated, Role, Status};
+pub use snapshot::app_bytes as snapshot_app_bytes;
 pub use stats::Tally;

@@ -124,6 +124,10 @@ struct Gauges {
     backup_age: FloatGauge,
     stopped_at: Gauge,
     diverged_at: Gauge,
+    idempotency_records: Gauge,
+    idempotency_bytes: Gauge,
+    idempotency_window: FloatGauge,
+    idempotency_evicted: Gauge,
 }
 
 /// One replica's metrics.
@@ -244,6 +248,26 @@ impl Metrics {
             gauges.backup_age.clone(),
         );
         registry.register(
+            "idempotency_keys",
+            "Idempotency keys in this replica's table (a retry with one gets its stored answer)",
+            gauges.idempotency_records.clone(),
+        );
+        registry.register(
+            "idempotency_table_bytes",
+            "What the idempotency table holds, bytes (capped by --idempotency-max-bytes)",
+            gauges.idempotency_bytes.clone(),
+        );
+        registry.register(
+            "idempotency_window_seconds",
+            "Age of the oldest key in the idempotency table: a retry of any key logged since is answered from its record",
+            gauges.idempotency_window.clone(),
+        );
+        registry.register(
+            "idempotency_evicted_keys",
+            "Keys dropped from the idempotency table since this replica started (by age or by the byte cap)",
+            gauges.idempotency_evicted.clone(),
+        );
+        registry.register(
             "outbox_rpc_up",
             "1 while the outbox's RPC endpoint answers, 0 while it fails (reads go to the next one)",
             outbox.rpc_up.clone(),
@@ -339,6 +363,12 @@ impl Metrics {
         g.backup_age.set(if backup.at == 0 { 0.0 } else { now_secs.saturating_sub(backup.at) as f64 });
         set(&g.stopped_at, status.fault.as_ref().map_or(0, |f| f.index));
         set(&g.diverged_at, status.divergence.as_ref().map_or(0, |d| d.index));
+        let table = &status.idempotency;
+        set(&g.idempotency_records, table.records);
+        set(&g.idempotency_bytes, table.bytes);
+        set(&g.idempotency_evicted, table.evicted);
+        let window_ms = table.oldest_at.map_or(0, |at| (now_secs * 1000).saturating_sub(at));
+        g.idempotency_window.set(window_ms as f64 / 1000.0);
         if let Some(outbox) = &status.outbox {
             let o = &self.outbox;
             let catch_up = |counter: &Counter, total: u64| counter.inc_by(total.saturating_sub(counter.get()));

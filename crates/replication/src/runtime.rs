@@ -115,6 +115,9 @@ pub struct Status {
     /// The transaction outbox's endpoints and finality checks, when the service has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outbox: Option<crate::outbox::OutboxStatus>,
+    /// The idempotency table: its keys, bytes, and the time its oldest key was logged.
+    #[serde(default)]
+    pub idempotency: crate::idempotency::TableStatus,
 }
 
 const fn one() -> u64 {
@@ -165,6 +168,7 @@ impl<S: AppState> Replicated<S> {
             fault: None,
             divergence: None,
             outbox: None,
+            idempotency: crate::idempotency::TableStatus::default(),
         };
         let member =
             MemberRecord { url: config.public_url.clone(), snapshot: None, catching_up: false, diverged: None };
@@ -197,6 +201,7 @@ impl<S: AppState> Replicated<S> {
             feed: crate::feed::Feed::default(),
             chain,
             settle_now: Notify::new(),
+            idempotency: crate::idempotency::IdempotencyTable::default(),
             stats,
             metrics,
         };
@@ -310,6 +315,8 @@ pub(crate) struct Runtime<S> {
     pub(crate) chain: Option<Arc<crate::outbox::Chain>>,
     /// Woken when a request was left in doubt, to settle it soon.
     pub(crate) settle_now: Notify,
+    /// The idempotency keys this replica has passed, with their answers.
+    pub(crate) idempotency: crate::idempotency::IdempotencyTable,
 }
 
 /// Where the node loop stands between wake-ups.
@@ -318,7 +325,7 @@ struct Node {
     pending_check: bool,
     /// Latest processed index.
     lpi: u64,
-    /// The LPI last written to `lpi/<replica>`, and when: a follower writes it at most
+    /// The LPI last reported in `lpi/<replica>`, and when: a follower writes it at most
     /// once per poll interval, so that followers do not double the cluster's writes.
     lpi_written: (u64, Instant),
     /// When `cl` was last read by the follower (it is read again on a `cl` event or
@@ -346,6 +353,7 @@ impl<S: AppState> Runtime<S> {
         let mut status = self.status.borrow().clone();
         status.pipeline = self.stats.snapshot();
         status.outbox = self.chain.as_ref().map(|chain| chain.status());
+        status.idempotency = self.idempotency.status();
         status
     }
 
@@ -460,10 +468,31 @@ impl<S: AppState> Runtime<S> {
 
     /// Where processing resumes after a start or a step-down: the app's applied index, or
     /// this replica's latest snapshot if that is further (the entries between them changed
-    /// nothing here: the snapshot was taken from this very state, or restored into it).
+    /// nothing here: the snapshot was taken from this very state, or restored into it);
+    /// but not past what the idempotency table has applied, which replays the entries it
+    /// lacks (the app skips those it has).
     fn start_index(&self) -> u64 {
         let snapshot = self.latest_snapshot().map_or(0, |m| m.index);
-        self.state.applied_index().max(snapshot)
+        self.state.applied_index().max(snapshot).min(self.idempotency.applied())
+    }
+
+    /// The LPI this replica reports in `lpi/<replica>` (what compaction keeps the log for)
+    /// when it has processed up to `lpi`: no further than its latest snapshot, because its
+    /// idempotency table is durable only there, and after a crash it replays the log from
+    /// it. Without snapshots nothing is compacted, and it reports `lpi`.
+    pub(crate) fn recoverable_lpi(&self, lpi: u64) -> u64 {
+        if !self.config.snapshots.enabled() {
+            return lpi;
+        }
+        lpi.min(self.latest_snapshot().map_or(0, |m| m.index))
+    }
+
+    /// The stamp the leader writes into the next keyed entries it logs (see
+    /// [`crate::idempotency::Stamp`]).
+    pub(crate) fn stamp(&self) -> crate::idempotency::Stamp {
+        let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+        let now_ms = u64::try_from(now_ms).unwrap_or(u64::MAX);
+        self.idempotency.stamp(now_ms, self.config.idempotency_retention, self.config.idempotency_max_bytes)
     }
 
     /// One wake-up of the node loop: Check role, then act on it.
@@ -738,7 +767,7 @@ impl<S: AppState> Runtime<S> {
         if node.lpi >= ssi {
             self.follower_snapshot(node.lpi).await?;
             let (written, at) = node.lpi_written;
-            if written != node.lpi && at.elapsed() >= poll {
+            if written != self.recoverable_lpi(node.lpi) && at.elapsed() >= poll {
                 self.write_lpi(node).await?;
             }
             return Ok(());
@@ -783,6 +812,7 @@ impl<S: AppState> Runtime<S> {
                 let outcome = self.execute(entry.index, route, request, false).await?;
                 self.check_answer(entry.index, &entry.request, entry.state.response.as_ref(), &outcome)?;
             }
+            self.idempotency.apply(entry.index, &entry.request, &entry.state);
             node.lpi = entry.index;
         }
         self.record.clear()?;
@@ -816,8 +846,9 @@ impl<S: AppState> Runtime<S> {
     /// need again after a crash, and the entries after it are replayed from etcd.
     async fn write_lpi(&self, node: &mut Node) -> Result<()> {
         self.state.persist().await.map_err(Error::Persist)?;
-        self.store().put(&self.keys.lpi(&self.config.replica), node.lpi.to_string()).await?;
-        node.lpi_written = (node.lpi, Instant::now());
+        let reported = self.recoverable_lpi(node.lpi);
+        self.store().put(&self.keys.lpi(&self.config.replica), reported.to_string()).await?;
+        node.lpi_written = (reported, Instant::now());
         Ok(())
     }
 
@@ -911,7 +942,8 @@ impl<S: AppState> Runtime<S> {
 
     /// An outcome as it can be stored for retries: an answer over the reply limit keeps
     /// its status and says it was too large (etcd refuses requests over 1.5 MiB, and each
-    /// answer is written twice: with the entry's state and with its idempotency record).
+    /// answer is written with the entry's state and kept in every replica's idempotency
+    /// table).
     pub(crate) fn storable(&self, outcome: Recorded) -> Recorded {
         let max = self.config.limits.max_reply;
         let shrink = |reply: Reply| {
@@ -1047,21 +1079,20 @@ impl<S: AppState> Runtime<S> {
         node.lpi = node.lpi.min(ssi);
         self.undo_unrecorded(ssi, ls).await?;
         let last_record = self.record.read()?;
-        let lease = IdempotencyLease::default();
         while node.lpi < ls {
             let page = store.entries(node.lpi + 1, ls.min(node.lpi + PAGE)).await?;
             let to = page.last().map_or(ls, |e| e.index);
             let mut ops = Vec::new();
+            // Each entry as decided here, for the idempotency table once it is recorded.
+            let mut passed = Vec::with_capacity(page.len());
             for entry in page {
                 let index = entry.index;
                 let kind = entry.state.kind;
-                let decided = |state, response| {
-                    Op::Put(self.keys.rs(index), data::encode(&EntryState { kind, state, epoch: term.epoch, response }))
-                };
-                match (entry.state.state, kind) {
+                let decide = |state, response| EntryState { kind, state, epoch: term.epoch, response };
+                let decided = match (entry.state.state, kind) {
                     (ProcessState::Null, _)
                     | (ProcessState::InProcess, RequestKind::ExternalTxn | RequestKind::Read) => {
-                        ops.push(decided(ProcessState::Ignore, None));
+                        Some(decide(ProcessState::Ignore, None))
                     }
                     (ProcessState::Success | ProcessState::InProcess, RequestKind::Replication) => {
                         let in_process = entry.state.state == ProcessState::InProcess;
@@ -1082,17 +1113,9 @@ impl<S: AppState> Runtime<S> {
                         } else {
                             None
                         };
-                        if let (true, Some(outcome)) = (in_process, outcome) {
-                            let lease = self.lease_for(&lease, &entry.request).await?;
-                            ops.extend(outcome_ops(
-                                &self.keys,
-                                index,
-                                kind,
-                                term.epoch,
-                                &outcome,
-                                &entry.request,
-                                lease,
-                            ));
+                        match (in_process, outcome) {
+                            (true, Some(outcome)) => Some(recorded_state(kind, term.epoch, &outcome)),
+                            _ => None,
                         }
                     }
                     (ProcessState::InProcess, RequestKind::Normal) => {
@@ -1101,31 +1124,42 @@ impl<S: AppState> Runtime<S> {
                             Some(route) => {
                                 info!(index, "settling a payment a dead leader left unrecorded before going on");
                                 let outcome = self.settle_until_decided(route, term, index, &entry.request).await?;
-                                let lease = self.lease_for(&lease, &entry.request).await?;
                                 // Recorded, then applied, before the entries after it run.
                                 let record =
-                                    outcome_ops(&self.keys, index, kind, term.epoch, &outcome, &entry.request, lease);
+                                    outcome_ops(&self.keys, index, kind, term.epoch, &outcome, &entry.request, None);
                                 store.authority_write(term, record).await?;
+                                let settled = recorded_state(kind, term.epoch, &outcome);
                                 if let Ok(reply) = outcome {
                                     self.apply_recorded(route, index, &entry.request, reply).await?;
                                 }
+                                passed.push((index, entry.request, settled));
+                                continue;
                             }
                             None => {
                                 warn!(index, path = %entry.request.path, "Normal request left InProcess by a dead leader: in doubt");
                                 ops.push(Op::Put(self.keys.doubt(index), Vec::new()));
+                                None
                             }
                         }
                     }
                     (ProcessState::Success, RequestKind::Normal | RequestKind::ExternalTxn) => {
                         self.apply_if_recorded(index, &entry.state, &entry.request).await?;
+                        None
                     }
-                    _ => {}
+                    _ => None,
+                };
+                if let Some(decided) = &decided {
+                    ops.push(Op::Put(self.keys.rs(index), data::encode(decided)));
                 }
+                passed.push((index, entry.request, decided.unwrap_or(entry.state)));
             }
             self.state.persist().await.map_err(Error::Persist)?;
-            ops.push(Op::counter(self.keys.lpi(&self.config.replica), to));
+            ops.push(Op::counter(self.keys.lpi(&self.config.replica), self.recoverable_lpi(to)));
             ops.push(Op::counter(self.keys.ssi(), to));
             store.authority_write(term, ops).await?;
+            for (index, request, state) in &passed {
+                self.idempotency.apply(*index, request, state);
+            }
             self.record.clear()?;
             node.lpi = to;
         }
@@ -1133,11 +1167,16 @@ impl<S: AppState> Runtime<S> {
         store
             .authority_write(
                 term,
-                vec![Op::counter(self.keys.lpi(&self.config.replica), ls), Op::counter(self.keys.ssi(), ls)],
+                vec![
+                    Op::counter(self.keys.lpi(&self.config.replica), self.recoverable_lpi(ls)),
+                    Op::counter(self.keys.ssi(), ls),
+                ],
             )
             .await?;
         // Requests the outbox settles wait for the settler: the chain may take a while.
         let in_doubt = self.reconcile_in_doubt(term, false).await?;
+        let ls = self.import_idempotency_records(term, ls).await?;
+        node.lpi = ls;
         let applied = self.state.applied_index();
         self.set_status(|s| {
             s.ls = ls;
@@ -1147,6 +1186,86 @@ impl<S: AppState> Runtime<S> {
             s.in_doubt = in_doubt;
         });
         Ok(ls)
+    }
+
+    /// Moves the `idem/` records in etcd into the idempotency table (records of a service
+    /// from before the table, and late answers of requests left in doubt): each batch as an
+    /// import entry in the log, logged in the same transaction that deletes its records,
+    /// so a record is always in one place or the other. Every replica adds them to its
+    /// table when it passes the entry. Returns LS after them.
+    async fn import_idempotency_records(&self, term: &Term, mut ls: u64) -> Result<u64> {
+        use crate::idempotency::{IMPORT_PATH, Imported};
+        /// Records per import entry: with the entry's own writes, one etcd transaction.
+        const BATCH: i64 = 100;
+        /// The most an import entry's body holds, bytes (answers are at most 512 KiB).
+        const BODY: usize = 384 * 1024;
+        let (from, to) = self.keys.idem_range();
+        let mut start = from;
+        loop {
+            let page = self.store().values_in_page(&start, &to, BATCH).await?;
+            let Some((last_key, _)) = page.last() else { return Ok(ls) };
+            let mut next = last_key.clone();
+            next.push(0);
+            let (mut records, mut deletes, mut bytes) = (Vec::new(), Vec::new(), 0);
+            for (key, value) in page {
+                let client_key = self.keys.idem_key_of(&key).map(str::to_owned).ok_or_else(|| Error::CorruptRecord {
+                    key: String::from_utf8_lossy(&key).into_owned(),
+                    reason: "not an idempotency record's key".into(),
+                });
+                let imported = client_key.and_then(|client_key| {
+                    let record: data::IdempotencyRecord = data::decode(&key, &value)?;
+                    Ok(Imported {
+                        key: client_key,
+                        index: record.index,
+                        fingerprint: record.fingerprint,
+                        response: record.response,
+                    })
+                });
+                match imported {
+                    Ok(record) => {
+                        let size = record.response.as_ref().map_or(0, |r| r.body.len()) + record.key.len() + 128;
+                        if !records.is_empty() && bytes + size > BODY {
+                            next = key;
+                            break;
+                        }
+                        bytes += size;
+                        records.push(record);
+                        deletes.push(Op::Delete(String::from_utf8_lossy(&key).into_owned()));
+                    }
+                    // Left for an operator: a retry with its key is a new request.
+                    Err(e) => error!(error = %e, "an unreadable idempotency record is not imported; it stays in etcd"),
+                }
+            }
+            start = String::from_utf8_lossy(&next).into_owned();
+            if records.is_empty() {
+                continue;
+            }
+            let index = ls + 1;
+            let count = records.len();
+            let entry = LogEntry {
+                method: "POST".into(),
+                path: IMPORT_PATH.into(),
+                query: None,
+                headers: Vec::new(),
+                body: data::encode(&records),
+                idempotency_key: None,
+                stamp: Some(self.stamp()),
+            };
+            let answer = Reply::json(200, &serde_json::json!({ "imported": count }));
+            let state = recorded_state(RequestKind::ExternalTxn, term.epoch, &Ok(answer));
+            let mut ops = vec![
+                Op::Put(self.keys.log(index), data::encode(&entry)),
+                Op::Put(self.keys.rs(index), data::encode(&state)),
+                Op::counter(self.keys.ls(), index),
+                Op::counter(self.keys.ssi(), index),
+                Op::counter(self.keys.lpi(&self.config.replica), self.recoverable_lpi(index)),
+            ];
+            ops.extend(deletes);
+            self.store().authority_write(term, ops).await?;
+            self.idempotency.apply(index, &entry, &state);
+            info!(index, records = count, "moved idempotency records from etcd into the idempotency table");
+            ls = index;
+        }
     }
 
     /// Rolls back what this replica executed above SSI without its outcome being
@@ -1194,8 +1313,8 @@ impl<S: AppState> Runtime<S> {
         self.state.persist().await.map_err(Error::Persist)
     }
 
-    /// The idempotency lease when `request` has a key (its outcome is then written into its
-    /// idempotency record too).
+    /// The idempotency lease when `request` has a key: a request settled after every
+    /// replica passed it in doubt has its answer written into a leased record too.
     async fn lease_for(&self, lease: &IdempotencyLease, request: &LogEntry) -> Result<Option<i64>> {
         match request.idempotency_key {
             Some(_) => Ok(Some(lease.get(self).await?)),
@@ -1433,6 +1552,15 @@ impl<S: AppState> Runtime<S> {
     }
 }
 
+/// The final state that records `outcome`.
+fn recorded_state(kind: RequestKind, epoch: u64, outcome: &Recorded) -> EntryState {
+    let (state, reply) = match outcome {
+        Ok(reply) => (ProcessState::Success, reply),
+        Err(reply) => (ProcessState::Fail, reply),
+    };
+    EntryState { kind, state, epoch, response: Some(reply.to_stored()) }
+}
+
 /// A task that ends with its owner: dropping `serve` (a crash, in tests) leaves nothing
 /// running behind.
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
@@ -1456,7 +1584,7 @@ pub(crate) fn alarm_advice(alarm: &str, endpoint: &str) -> String {
              Free space and disarm it: `etcdctl --endpoints {endpoint} compact $(etcdctl --endpoints {endpoint} \
              endpoint status --write-out=fields | grep Revision | cut -d: -f2)`, then `etcdctl defrag` on each member \
              one at a time, then `etcdctl alarm disarm`; with snapshots on, br2k compacts the log itself, so check \
-             --snapshot-interval and the idempotency retention if this recurs"
+             --snapshot-interval if this recurs"
         )
     } else {
         format!(

@@ -1,7 +1,10 @@
 //! This replica's snapshots on its own disk, and the lineage of its state.
 //!
 //! `DATA_DIR/br2k-snapshots/` holds:
-//! - `<index>.snap`: the bytes an app's [`SnapshotBuilder`] wrote at that log index;
+//! - `<index>.snap`: the replica's state at that log index: a header, the idempotency
+//!   table ([`crate::idempotency`]) and then the bytes the app's [`SnapshotBuilder`] wrote
+//!   ([`Envelope`]). Snapshots from before the table are the app's bytes alone, and are
+//!   still read;
 //! - `<index>.json`: its [`SnapshotMeta`], written only once those bytes are durable, so a
 //!   meta file always means a complete snapshot (a crash mid-build leaves a `.tmp` file,
 //!   removed at the next start);
@@ -33,6 +36,104 @@ pub(crate) struct Lineage {
     /// A restore that started and may not have finished: redone at start-up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) restoring: Option<SnapshotMeta>,
+}
+
+/// What starts a snapshot that carries the idempotency table.
+const ENVELOPE_MAGIC: &[u8; 16] = b"br2k-snapshot-2\n";
+
+/// A replica's state for a snapshot: the idempotency table, then the app's state. The
+/// table goes first, with its length, so a reader takes it without knowing the app's format.
+pub(crate) struct Envelope {
+    pub(crate) table: crate::idempotency::Captured,
+    pub(crate) app: Box<dyn SnapshotBuilder>,
+}
+
+impl SnapshotBuilder for Envelope {
+    fn build_snapshot(self: Box<Self>, out: &mut dyn Write) -> std::io::Result<()> {
+        let mut table = Vec::new();
+        self.table.encode(&mut table)?;
+        out.write_all(ENVELOPE_MAGIC)?;
+        out.write_all(&(table.len() as u64).to_be_bytes())?;
+        out.write_all(&table)?;
+        drop(table);
+        self.app.build_snapshot(out)
+    }
+}
+
+/// A snapshot file opened for a restore: its table, and where the app's bytes are.
+pub(crate) struct Opened {
+    /// `None` for a snapshot from before the table (the file is the app's bytes alone).
+    pub(crate) table: Option<crate::idempotency::Captured>,
+    /// A file holding only the app's bytes (removed when this is dropped, if it was made).
+    pub(crate) app: PathBuf,
+    made: bool,
+}
+
+impl Drop for Opened {
+    fn drop(&mut self) {
+        if self.made {
+            let _ = std::fs::remove_file(&self.app);
+        }
+    }
+}
+
+/// Splits the snapshot at `path` into its table and its app bytes (copied to a file of
+/// their own beside it, for the app's [`crate::AppState::restore`]).
+pub(crate) fn open_envelope(path: &Path) -> Result<Opened> {
+    let mut file = std::io::BufReader::new(std::fs::File::open(path).map_err(|e| fail(path, e))?);
+    let Some(table) = read_table_from(path, &mut file)? else {
+        return Ok(Opened { table: None, app: path.to_owned(), made: false });
+    };
+    let app = path.with_extension("app.tmp");
+    let copied = (|| {
+        let mut out = std::fs::File::create(&app)?;
+        std::io::copy(&mut file, &mut out)?;
+        out.sync_all()
+    })();
+    let opened = Opened { table: Some(table), app, made: true };
+    copied.map_err(|e| fail(&opened.app, format!("cannot copy the app's part of the snapshot: {e}")))?;
+    Ok(opened)
+}
+
+/// The app's part of a snapshot's bytes (as a peer serves them or a backup's `state`
+/// layer holds them): what the app's [`SnapshotBuilder`] wrote, without the idempotency
+/// table before it. A snapshot from before the table is the app's bytes alone.
+///
+/// # Errors
+/// When the bytes start like a snapshot with a table but are cut short.
+pub fn app_bytes(bytes: &[u8]) -> std::result::Result<&[u8], String> {
+    let Some(rest) = bytes.strip_prefix(ENVELOPE_MAGIC.as_slice()) else { return Ok(bytes) };
+    let (len, rest) = rest.split_at_checked(8).ok_or("cut short in its header")?;
+    let len = u64::from_be_bytes(len.try_into().expect("8 bytes"));
+    let len = usize::try_from(len).map_err(|_| "its table length does not fit in memory")?;
+    rest.get(len..).ok_or_else(|| format!("cut short: its table claims {len} bytes, {} follow", rest.len()))
+}
+
+/// The idempotency table of the snapshot at `path`; `None` for a snapshot from before
+/// the table.
+pub(crate) fn read_table(path: &Path) -> Result<Option<crate::idempotency::Captured>> {
+    let mut file = std::io::BufReader::new(std::fs::File::open(path).map_err(|e| fail(path, e))?);
+    read_table_from(path, &mut file)
+}
+
+fn read_table_from(path: &Path, file: &mut impl std::io::Read) -> Result<Option<crate::idempotency::Captured>> {
+    let mut magic = [0u8; 16];
+    match file.read_exact(&mut magic) {
+        Ok(()) if &magic == ENVELOPE_MAGIC => {}
+        Ok(()) => return Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(fail(path, e)),
+    }
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).map_err(|e| fail(path, format!("cut short in its header: {e}")))?;
+    let len = u64::from_be_bytes(len);
+    let mut section = std::io::Read::take(file, len);
+    let table = crate::idempotency::Captured::decode(&mut section)
+        .map_err(|e| fail(path, format!("its idempotency table does not decode: {e}")))?;
+    if section.limit() != 0 {
+        return Err(fail(path, format!("its idempotency table ends {} bytes before its header says", section.limit())));
+    }
+    Ok(Some(table))
 }
 
 #[derive(Clone, Debug)]
@@ -297,6 +398,52 @@ mod tests {
         let left: Vec<_> = std::fs::read_dir(&snapshots).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(left.len(), 2, "{left:?}");
         assert_eq!(store.latest().unwrap().unwrap().index, 7);
+    }
+
+    #[test]
+    fn an_envelope_carries_the_table_before_the_apps_bytes_and_old_snapshots_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SnapshotStore::new(dir.path());
+        store.open().unwrap();
+        let table = crate::idempotency::IdempotencyTable::default();
+        let entry = crate::data::LogEntry {
+            method: "POST".into(),
+            path: "/a".into(),
+            query: None,
+            headers: Vec::new(),
+            body: b"x".to_vec(),
+            idempotency_key: Some("k".into()),
+            stamp: Some(crate::idempotency::Stamp { at: 9, keep_from: 0 }),
+        };
+        let state = crate::data::EntryState {
+            kind: crate::data::RequestKind::Replication,
+            state: crate::data::ProcessState::Success,
+            epoch: 1,
+            response: None,
+        };
+        table.apply(4, &entry, &state);
+        let envelope = Envelope { table: table.capture(), app: Box::new(Bytes(b"app state".to_vec())) };
+        store.save(Box::new(envelope), 4, 0, "r1").unwrap();
+        let opened = open_envelope(&store.data_path(4)).unwrap();
+        assert_eq!(opened.table.as_ref(), Some(&table.capture()));
+        assert_eq!(std::fs::read(&opened.app).unwrap(), b"app state");
+        let app = opened.app.clone();
+        drop(opened);
+        assert!(!app.exists(), "the app's copy is removed once restored");
+        assert_eq!(read_table(&store.data_path(4)).unwrap(), Some(table.capture()));
+
+        store.save(Box::new(Bytes(b"an app snapshot of before".to_vec())), 5, 0, "r1").unwrap();
+        let opened = open_envelope(&store.data_path(5)).unwrap();
+        assert!(opened.table.is_none());
+        assert_eq!(opened.app, store.data_path(5));
+        drop(opened);
+        assert!(store.data_path(5).exists(), "an old snapshot is read in place, never removed");
+
+        let mut cut = std::fs::read(store.data_path(4)).unwrap();
+        cut.truncate(40);
+        std::fs::write(store.data_path(6), cut).unwrap();
+        let err = open_envelope(&store.data_path(6)).err().unwrap().to_string();
+        assert!(err.contains("idempotency table does not decode"), "{err}");
     }
 
     #[test]

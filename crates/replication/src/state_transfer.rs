@@ -59,6 +59,17 @@ impl<S: AppState> Runtime<S> {
         let lineage = self.snapshots.lineage()?;
         let latest = self.snapshots.latest()?;
         let index = latest.as_ref().map_or(0, |m| m.index);
+        // The idempotency table is durable in the snapshots: start from the latest one's
+        // (the node loop replays the retained log from there).
+        match latest.as_ref().map(|m| crate::snapshot::read_table(&self.snapshots.data_path(m.index))) {
+            Some(Ok(Some(table))) => self.idempotency.replace(table),
+            Some(Ok(None)) => {
+                info!(index, "the latest snapshot is from before the idempotency table: the table starts empty there");
+                self.idempotency.reset(index);
+            }
+            Some(Err(e)) => return Err(e),
+            None => self.idempotency.reset(0),
+        }
         {
             let mut snapshot = lock(&self.snapshot);
             snapshot.latest.clone_from(&latest);
@@ -102,8 +113,13 @@ impl<S: AppState> Runtime<S> {
         if snapshot.building {
             return;
         }
+        // The table must be at the snapshot's index too (a replica that stepped down
+        // passes again entries its table has: it waits until it is past them).
+        if self.idempotency.applied() != index {
+            return;
+        }
         let builder = match self.state.snapshot() {
-            Ok(builder) => builder,
+            Ok(app) => Box::new(crate::snapshot::Envelope { table: self.idempotency.capture(), app }),
             Err(e) => {
                 warn!(index, error = %e, "the app could not capture its state for a snapshot; will try again");
                 return;
@@ -280,10 +296,13 @@ impl<S: AppState> Runtime<S> {
         let mut lineage = self.snapshots.lineage()?;
         lineage.restoring = Some(meta.clone());
         self.snapshots.set_lineage(&lineage)?;
-        self.state
-            .restore(&self.snapshots.data_path(meta.index))
-            .await
-            .map_err(|source| Error::Restore { index: meta.index, source })?;
+        let mut opened = crate::snapshot::open_envelope(&self.snapshots.data_path(meta.index))?;
+        self.state.restore(&opened.app).await.map_err(|source| Error::Restore { index: meta.index, source })?;
+        match opened.table.take() {
+            Some(table) => self.idempotency.replace(table),
+            None => self.idempotency.reset(meta.index),
+        }
+        drop(opened);
         self.record.clear()?;
         self.snapshots.set_lineage(&Lineage { state_version: meta.index, restoring: None })?;
         lock(&self.snapshot).state_version = meta.index;

@@ -31,9 +31,11 @@ impl Tally {
 pub(crate) mod stage {
     /// Requests the HTTP front handed to the leader's queue: `calls` counts them, no time.
     pub(crate) const QUEUED: &str = "leader: requests queued";
-    /// Idempotency keys looked up in etcd (one call per keyed request not in flight).
+    /// Idempotency keys whose state was read from etcd: only retries of a request the
+    /// idempotency table holds without an answer (left in doubt by a dead leader); every
+    /// other key is settled against the table in memory.
     pub(crate) const KEY_LOOKUP: &str = "leader: idempotency key lookups";
-    /// A group's Replicate Request write (RLEs, RS, idempotency records, LS) in a
+    /// A group's Replicate Request write (RLEs, RS, LS) in a
     /// transaction of its own: the processor held no group to carry it.
     pub(crate) const REPLICATE: &str = "leader: replicate write";
     /// A group's replicate write carried by the outcome write of the group before it (in

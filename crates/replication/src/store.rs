@@ -40,7 +40,7 @@ pub(crate) struct Term {
 #[derive(Clone, Debug)]
 pub(crate) enum Op {
     Put(String, Vec<u8>),
-    /// A put attached to a lease (idempotency records, which expire).
+    /// A put attached to a lease (late answers of requests left in doubt, which expire).
     PutLeased(String, Vec<u8>, i64),
     Delete(String),
     /// Deletes every key in `[from, to)`.
@@ -236,8 +236,13 @@ impl Store {
 
     /// Every key and value in `[from, to)`, in key order.
     pub(crate) async fn values_in(&self, from: &str, to: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        self.values_in_page(from, to, 0).await
+    }
+
+    /// The first `limit` keys and values in `[from, to)` (all of them for 0), in key order.
+    pub(crate) async fn values_in_page(&self, from: &str, to: &str, limit: i64) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let mut client = self.client.clone();
-        let options = GetOptions::new().with_range(to);
+        let options = GetOptions::new().with_range(to).with_limit(limit);
         let response = self.bounded("read a range", client.get(from, Some(options))).await?;
         Ok(response.kvs().iter().map(|kv| (kv.key().to_vec(), kv.value().to_vec())).collect())
     }
@@ -423,99 +428,46 @@ impl Store {
     pub(crate) async fn authority_write(&self, term: &Term, ops: Vec<Op>) -> Result<i64> {
         let mut revision = 0;
         for chunk in chunks(ops) {
-            let txn =
-                Txn::new().when(self.fence(term)).and_then(chunk.into_iter().map(Op::into_txn_op).collect::<Vec<_>>());
-            let mut client = self.client.clone();
-            let response = self.bounded("write as leader", client.txn(txn)).await?;
-            if !response.succeeded() {
-                return Err(Error::LeadershipLost { epoch: term.epoch });
-            }
-            revision = response.header().map_or(0, etcd_client::ResponseHeader::revision);
+            revision = self.authority_write_one(term, chunk).await?;
         }
         Ok(revision)
     }
 
-    /// [`Self::authority_write`] that also writes `next_log` (a group's replicate write:
-    /// the keys that must be absent and its writes) in the last transaction, so that a
-    /// busy leader records one group and logs the next in one round trip. The replicate
-    /// writes go in a nested transaction conditioned on the keys' absence: the outcomes
-    /// are written either way. Returns whether `next_log` was written (`None` without it).
+    /// [`Self::authority_write`] that also writes `next_log` (a group's replicate write)
+    /// in the last transaction when both fit etcd's limits, so that a busy leader records
+    /// one group and logs the next in one round trip; else right after it.
     ///
     /// # Errors
     /// [`Error::LeadershipLost`] when the fence fails (nothing of the last transaction was
     /// written); etcd errors otherwise.
-    pub(crate) async fn authority_write_carrying(
-        &self,
-        term: &Term,
-        ops: Vec<Op>,
-        next_log: Option<(Vec<String>, Vec<Op>)>,
-    ) -> Result<Option<bool>> {
-        let Some((absent, log_ops)) = next_log else {
-            self.authority_write(term, ops).await?;
-            return Ok(None);
-        };
+    pub(crate) async fn authority_write_carrying(&self, term: &Term, ops: Vec<Op>, next_log: Vec<Op>) -> Result<()> {
         let mut parts = chunks(ops);
         let last = parts.pop().expect("chunks are never empty");
         let bytes = |ops: &[Op]| ops.iter().map(Op::size).sum::<usize>();
-        // etcd counts a nested transaction's operations against what the outer one
-        // leaves of --max-txn-ops: both together stay within it.
-        let nested_ops = absent.len().max(log_ops.len());
-        let fits = last.len() + 1 + nested_ops <= MAX_TXN_OPS && bytes(&last) + bytes(&log_ops) <= MAX_TXN_BYTES;
-        if !fits {
+        let fits = last.len() + next_log.len() <= MAX_TXN_OPS && bytes(&last) + bytes(&next_log) <= MAX_TXN_BYTES;
+        parts.push(last);
+        if fits {
+            let mut last = parts.pop().expect("pushed");
+            last.extend(next_log);
             parts.push(last);
-            self.authority_write(term, parts.into_iter().flatten().collect()).await?;
-            return Ok(Some(self.authority_write_if_absent(term, &absent, log_ops).await?.is_some()));
+        } else {
+            parts.push(next_log);
         }
         for part in parts {
-            self.authority_write(term, part).await?;
+            self.authority_write_one(term, part).await?;
         }
-        let nested = Txn::new()
-            .when(absent.iter().map(|key| Compare::version(key.as_str(), CompareOp::Equal, 0)).collect::<Vec<_>>())
-            .and_then(log_ops.into_iter().map(Op::into_txn_op).collect::<Vec<_>>());
-        let mut then: Vec<TxnOp> = last.into_iter().map(Op::into_txn_op).collect();
-        then.push(TxnOp::txn(nested));
-        let txn = Txn::new().when(self.fence(term)).and_then(then);
+        Ok(())
+    }
+
+    /// One fenced transaction of `ops` (the caller keeps it within etcd's limits).
+    async fn authority_write_one(&self, term: &Term, ops: Vec<Op>) -> Result<i64> {
+        let txn = Txn::new().when(self.fence(term)).and_then(ops.into_iter().map(Op::into_txn_op).collect::<Vec<_>>());
         let mut client = self.client.clone();
         let response = self.bounded("write as leader", client.txn(txn)).await?;
         if !response.succeeded() {
             return Err(Error::LeadershipLost { epoch: term.epoch });
         }
-        let logged = response.op_responses().into_iter().any(|op| matches!(op, TxnOpResponse::Txn(t) if t.succeeded()));
-        Ok(Some(logged))
-    }
-
-    /// A leader-authority write of `ops` in one transaction (the caller keeps it within
-    /// etcd's limits) on the further condition that none of the keys `absent` exists.
-    /// `Ok(None)` when one does: nothing was written, and the fence still held.
-    ///
-    /// # Errors
-    /// [`Error::LeadershipLost`] when the fence fails; etcd errors otherwise.
-    pub(crate) async fn authority_write_if_absent(
-        &self,
-        term: &Term,
-        absent: &[String],
-        ops: Vec<Op>,
-    ) -> Result<Option<i64>> {
-        let mut when = self.fence(term);
-        when.extend(absent.iter().map(|key| Compare::version(key.as_str(), CompareOp::Equal, 0)));
-        let txn = Txn::new()
-            .when(when)
-            .and_then(ops.into_iter().map(Op::into_txn_op).collect::<Vec<_>>())
-            // Which condition failed: `cl` tells whether it was the fence.
-            .or_else(vec![TxnOp::get(self.keys.cl(), None)]);
-        let mut client = self.client.clone();
-        let response = self.bounded("write as leader", client.txn(txn)).await?;
-        if response.succeeded() {
-            return Ok(Some(response.header().map_or(0, etcd_client::ResponseHeader::revision)));
-        }
-        let fence_held = response.op_responses().into_iter().any(|op| match op {
-            TxnOpResponse::Get(get) => get
-                .kvs()
-                .first()
-                .is_some_and(|kv| kv.value() == term.cl_value.as_slice() && kv.mod_revision() == term.cl_revision),
-            _ => false,
-        });
-        if fence_held { Ok(None) } else { Err(Error::LeadershipLost { epoch: term.epoch }) }
+        Ok(response.header().map_or(0, etcd_client::ResponseHeader::revision))
     }
 
     /// The conditions of a leader-authority write: `cl` is still `term`'s.
@@ -524,17 +476,6 @@ impl Store {
             Compare::value(self.keys.cl(), CompareOp::Equal, term.cl_value.clone()),
             Compare::mod_revision(self.keys.cl(), CompareOp::Equal, term.cl_revision),
         ]
-    }
-
-    /// Writes `ops` without a leader's fence, in as many transactions as etcd's limits
-    /// need (a replica restoring a backup, before anyone leads).
-    pub(crate) async fn write_all(&self, ops: Vec<Op>) -> Result<()> {
-        for chunk in chunks(ops) {
-            let txn = Txn::new().and_then(chunk.into_iter().map(Op::into_txn_op).collect::<Vec<_>>());
-            let mut client = self.client.clone();
-            self.bounded("write restored records", client.txn(txn)).await?;
-        }
-        Ok(())
     }
 
     pub(crate) async fn grant_lease(&self, ttl: Duration) -> Result<i64> {

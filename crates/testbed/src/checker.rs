@@ -385,6 +385,7 @@ mod tests {
                     headers: Vec::new(),
                     body: format!("{{\"user\":{user},\"seq\":{seq}}}").into_bytes(),
                     idempotency_key: None,
+                    stamp: None,
                 },
             })
             .collect();

@@ -396,6 +396,8 @@ pub(crate) struct Cluster {
     pub(crate) backup: Option<BackupConfig>,
     /// The outbox replicas started from now on send `/pay` through (none by default).
     pub(crate) outbox: Option<OutboxConfig>,
+    /// The idempotency retention and byte cap replicas started from now on have.
+    pub(crate) idempotency: (Duration, u64),
 }
 
 pub(crate) fn timeouts() -> Timeouts {
@@ -476,6 +478,7 @@ impl Cluster {
             },
             backup: None,
             outbox: None,
+            idempotency: (Duration::from_secs(24 * 3600), 256 << 20),
         }
     }
 
@@ -546,6 +549,7 @@ impl Cluster {
         config.snapshots = self.snapshots;
         config.limits = self.limits;
         config.backup.clone_from(&self.backup);
+        (config.idempotency_retention, config.idempotency_max_bytes) = self.idempotency;
         if let Some(registry) = &self.registry {
             let chain =
                 Chain::connect(&registry.anvil.endpoint(), Some(registry.anvil.key(i + 1)), timeouts()).await.unwrap();
@@ -630,6 +634,20 @@ impl Cluster {
             assert!(started.elapsed() < Duration::from_secs(20), "no single leader within 20 s: {:?}", self.statuses());
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// The member id of replica `i`'s etcd member.
+    pub(crate) async fn member_id(&self, i: usize) -> u64 {
+        let status = self.etcd_client(i).await.status().await.unwrap();
+        status.header().unwrap().member_id()
+    }
+
+    /// Moves etcd leadership from replica `from`'s member to replica `to`'s, and waits
+    /// until replica `to` leads.
+    pub(crate) async fn hand_leadership(&self, from: usize, to: usize) {
+        let target = self.member_id(to).await;
+        self.etcd_client(from).await.move_leader(target).await.unwrap();
+        eventually(&format!("replica {to} leads"), async || self.replicas[to].status().role == Role::Leader).await;
     }
 
     pub(crate) fn statuses(&self) -> Vec<Status> {

@@ -14,6 +14,7 @@ fn log(path: &str, body: &str) -> Vec<u8> {
         headers: Vec::new(),
         body: body.as_bytes().to_vec(),
         idempotency_key: None,
+        stamp: None,
     };
     serde_json::to_vec(&entry).unwrap()
 }
