@@ -50,12 +50,11 @@ pub(crate) struct Envelope {
 
 impl SnapshotBuilder for Envelope {
     fn build_snapshot(self: Box<Self>, out: &mut dyn Write) -> std::io::Result<()> {
-        let mut table = Vec::new();
-        self.table.encode(&mut table)?;
         out.write_all(ENVELOPE_MAGIC)?;
-        out.write_all(&(table.len() as u64).to_be_bytes())?;
-        out.write_all(&table)?;
-        drop(table);
+        out.write_all(&self.table.encoded_len().to_be_bytes())?;
+        // Streamed: a large table is never held twice in memory.
+        self.table.encode(out)?;
+        drop(self.table);
         self.app.build_snapshot(out)
     }
 }

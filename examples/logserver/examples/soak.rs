@@ -5,10 +5,12 @@
 //! cluster: the first 100,000 requests with snapshots and compaction off, which shows the
 //! growth compaction removes.
 //!
-//! Run with `bash tools/bench-soak.sh [REQUESTS]` (builds in release first; default
-//! 1,000,000 requests, about 20 minutes here). Requests are `POST /log` without an
-//! idempotency key: idempotency records are kept for their retention (24 h by default)
-//! whatever compaction does, so they would measure the retention, not the log.
+//! Run with `bash tools/bench-soak.sh [REQUESTS] [--keyed]` (builds in release first;
+//! default 1,000,000 requests, about 20 minutes here). Requests are `POST /log`; with
+//! `--keyed` each carries a fresh `Idempotency-Key`, as the failover client sends them
+//! (kept with its retries), and the run also shows the leader's idempotency table (keys,
+//! bytes, the window a retry is answered in) and, at the end, retries a sample of keys:
+//! the first ones sent, the oldest still in the window, and the last ones.
 
 mod support;
 
@@ -29,6 +31,10 @@ const ROW_EVERY: u64 = 50_000;
 /// One look at the cluster.
 #[derive(Clone, Debug)]
 struct Sample {
+    /// The leader's idempotency table: keys, bytes, and the index it starts at.
+    table_keys: u64,
+    table_bytes: u64,
+    table_from: u64,
     done: u64,
     at: Duration,
     /// Largest member database file, and the largest part in use, bytes.
@@ -52,18 +58,24 @@ struct Phase {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let requests: u64 = match std::env::args().nth(1) {
-        Some(text) => text.replace(['_', ','], "").parse().context("REQUESTS must be a whole number")?,
-        None => 1_000_000,
-    };
+    let mut requests = 1_000_000;
+    let mut keyed = false;
+    for arg in std::env::args().skip(1) {
+        match arg.as_str() {
+            "--keyed" => keyed = true,
+            text => requests = text.replace(['_', ','], "").parse().context("REQUESTS must be a whole number")?,
+        }
+    }
     if requests < BLOCK {
         bail!("REQUESTS must be at least {BLOCK}");
     }
     let binary = support::logserver_binary()?;
-    eprintln!("soak: baseline: snapshots and compaction off, the first {BLOCK} requests");
-    let baseline = run_phase(&binary, &["--snapshot-interval", "0"], BLOCK).await?;
-    eprintln!("soak: br2k's defaults (snapshot every 10,000 entries, 5,000 trailing): {requests} requests");
-    let soak = run_phase(&binary, &[], requests).await?;
+    let what = if keyed { "each with a fresh Idempotency-Key" } else { "without idempotency keys" };
+    eprintln!("soak: baseline: snapshots and compaction off, the first {BLOCK} requests, {what}");
+    let baseline = run_phase(&binary, &["--snapshot-interval", "0"], BLOCK, keyed).await?;
+    eprintln!("soak: br2k's defaults (snapshot every 10,000 entries, 5,000 trailing): {requests} requests, {what}");
+    let soak = run_phase(&binary, &[], requests, keyed).await?;
+    println!("Requests {what}.\n");
 
     println!("### Baseline: snapshots and compaction off (etcd grows with every request)\n");
     print_samples(&baseline);
@@ -80,7 +92,7 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
-async fn run_phase(binary: &std::path::Path, args: &[&str], requests: u64) -> Result<Phase> {
+async fn run_phase(binary: &std::path::Path, args: &[&str], requests: u64, keyed: bool) -> Result<Phase> {
     // The members run as br2k's backends run them.
     let etcd = EtcdCluster::builder().default_timings().args(br2k_replication::etcd_flags::recommended()).spawn()?;
     let dir = tempfile::tempdir()?;
@@ -93,7 +105,7 @@ async fn run_phase(binary: &std::path::Path, args: &[&str], requests: u64) -> Re
     let marks = Arc::new(std::sync::Mutex::new(Vec::new()));
     let started = Instant::now();
     let clients: Vec<_> = (0..CLIENTS)
-        .map(|client| {
+        .map(|_| {
             let (http, leader, ports, next, done, marks) =
                 (http.clone(), leader.clone(), ports.clone(), next.clone(), done.clone(), marks.clone());
             tokio::spawn(async move {
@@ -102,7 +114,7 @@ async fn run_phase(binary: &std::path::Path, args: &[&str], requests: u64) -> Re
                     if n >= requests {
                         return anyhow::Ok(());
                     }
-                    post(&http, &ports, &leader, client, n).await?;
+                    post(&http, &ports, &leader, n, keyed).await?;
                     let finished = done.fetch_add(1, Ordering::Relaxed) + 1;
                     if finished % BLOCK == 0 {
                         marks.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(Instant::now());
@@ -136,7 +148,11 @@ async fn run_phase(binary: &std::path::Path, args: &[&str], requests: u64) -> Re
     let elapsed = started.elapsed();
     // After the last compaction has had time to run.
     tokio::time::sleep(Duration::from_secs(6)).await;
-    samples.push(sample(&etcd, &replicas, &http, &leader, requests, started).await);
+    let last = sample(&etcd, &replicas, &http, &leader, requests, started).await;
+    if keyed {
+        retry_sample(&http, &ports, &leader, requests, &last).await?;
+    }
+    samples.push(last);
     let marks = marks.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
     let mut blocks = Vec::new();
     let mut from = started;
@@ -147,19 +163,60 @@ async fn run_phase(binary: &std::path::Path, args: &[&str], requests: u64) -> Re
     Ok(Phase { samples, blocks, elapsed, done: requests })
 }
 
-/// One request, sent again to whichever replica leads until it is answered.
-async fn post(http: &reqwest::Client, ports: &[u16], leader: &AtomicUsize, client: usize, n: u64) -> Result<()> {
+/// Retries keys already answered, at the end of a keyed run: the first ones sent, the
+/// oldest the leader's table still holds, and the last ones. Prints how each group was
+/// answered: as a replay of its stored answer, or (past the window) as a new request.
+async fn retry_sample(
+    http: &reqwest::Client,
+    ports: &[u16],
+    leader: &AtomicUsize,
+    requests: u64,
+    last: &Sample,
+) -> Result<()> {
+    // Indexes follow the order requests were taken, give or take the 16 clients racing.
+    let oldest_kept = last.table_from.saturating_sub(1) + CLIENTS as u64;
+    let groups = [
+        ("the first 50 keys sent", 0..50),
+        ("50 keys just inside the window", oldest_kept..oldest_kept + 50),
+        ("the last 50 keys sent", requests - 50..requests),
+    ];
+    println!("### Retries at the end (the leader's table starts at index {})\n", last.table_from);
+    println!("| keys | answered as replays | executed as new requests (past the window) |");
+    println!("|---|---:|---:|");
+    for (what, range) in groups {
+        let (mut replayed, mut new) = (0, 0);
+        for n in range.clone() {
+            if post(http, ports, leader, n, true).await? {
+                replayed += 1;
+            } else {
+                new += 1;
+            }
+        }
+        println!("| {what} (requests {}-{}) | {replayed} | {new} |", range.start, range.end - 1);
+    }
+    println!();
+    Ok(())
+}
+
+/// One request, sent again to whichever replica leads until it is answered; with `keyed`
+/// it carries the key `soak-N`, the same on every retry. Whether it was answered as a
+/// replay of a stored answer.
+async fn post(http: &reqwest::Client, ports: &[u16], leader: &AtomicUsize, n: u64, keyed: bool) -> Result<bool> {
     let started = Instant::now();
     loop {
         let port = ports[leader.load(Ordering::Relaxed)];
-        let response = http
+        let mut request = http
             .post(format!("http://127.0.0.1:{port}/log"))
             .header("Content-Type", "application/json")
-            .body(format!("{{\"user\":{client},\"seq\":{n}}}"))
-            .send()
-            .await;
-        if matches!(&response, Ok(r) if r.status().is_success()) {
-            return Ok(());
+            .body(format!("{{\"user\":{},\"seq\":{n}}}", n % CLIENTS as u64));
+        if keyed {
+            request = request.header("Idempotency-Key", format!("soak-{n}"));
+        }
+        let response = request.send().await;
+        if let Ok(r) = &response
+            && r.status().is_success()
+        {
+            return Ok(r.headers().get("br2k-replayed").is_some());
         }
         if started.elapsed() > Duration::from_secs(60) {
             bail!("request {n} not answered within 60 s: {response:?}");
@@ -195,6 +252,9 @@ async fn sample(
         app_rss: 0,
         log_keys: 0,
         first_index: 1,
+        table_keys: 0,
+        table_bytes: 0,
+        table_from: 0,
     };
     for i in 0..etcd.len() {
         if let Ok(mut client) = etcd_client::Client::connect([etcd.endpoint(i)], None).await
@@ -217,6 +277,10 @@ async fn sample(
         && let Ok(status) = response.json::<serde_json::Value>().await
     {
         s.first_index = status["first_index"].as_u64().unwrap_or(1);
+        let table = &status["idempotency"];
+        s.table_keys = table["records"].as_u64().unwrap_or(0);
+        s.table_bytes = table["bytes"].as_u64().unwrap_or(0);
+        s.table_from = table["keep_from"].as_u64().unwrap_or(0);
     }
     s
 }
@@ -238,9 +302,9 @@ fn mb(bytes: u64) -> String {
 
 fn print_samples(phase: &Phase) {
     println!(
-        "| requests | time | etcd database (largest member) | of it in use | etcd memory (largest) | log server memory (largest) | log entries in etcd | first index |"
+        "| requests | time | etcd database (largest member) | of it in use | etcd memory (largest) | log server memory (largest) | log entries in etcd | first index | keys in the leader's table | table bytes |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut next_row = 0;
     let last = phase.samples.len().saturating_sub(1);
     for (k, s) in phase.samples.iter().enumerate() {
@@ -249,7 +313,7 @@ fn print_samples(phase: &Phase) {
         }
         next_row = s.done / ROW_EVERY * ROW_EVERY + ROW_EVERY;
         println!(
-            "| {} | {:.0} s | {} | {} | {} | {} | {} | {} |",
+            "| {} | {:.0} s | {} | {} | {} | {} | {} | {} | {} | {} |",
             s.done,
             s.at.as_secs_f64(),
             mb(s.db_size),
@@ -257,7 +321,9 @@ fn print_samples(phase: &Phase) {
             mb(s.etcd_rss),
             mb(s.app_rss),
             s.log_keys,
-            s.first_index
+            s.first_index,
+            s.table_keys,
+            mb(s.table_bytes)
         );
     }
     println!(

@@ -103,6 +103,9 @@ pub(crate) async fn service_view(
     let leader =
         replicas.as_ref().ok().and_then(|views| views.iter().find(|v| v.leads())).and_then(|v| v.status.clone());
     text.push_str(&format!("backup: {}\n", backup_line(recorded.as_ref(), leader.as_ref())));
+    if let Some(leader) = &leader {
+        text.push_str(&format!("idempotency: {}\n", idempotency_line(&leader.idempotency, unix_millis())));
+    }
     text.push_str(&format!("open claims (since the last new location): {}\n", open_claims.len()));
     for claim in open_claims {
         text.push_str(&format!("  block {}: {}: {}\n", claim.block, claim.claimant, claim.reason));
@@ -127,6 +130,7 @@ pub(crate) async fn service_view(
             "behind": leader.as_ref().map(|l| l.ssi.saturating_sub(b.index)),
         })),
         "backupError": leader.as_ref().and_then(|l| l.backup.last_error.clone()),
+        "idempotency": leader.as_ref().map(|l| &l.idempotency),
         "openClaims": open_claims.iter().map(|c| json!({ "block": c.block, "claimant": c.claimant, "reason": c.reason }))
             .collect::<Vec<_>>(),
     });
@@ -154,6 +158,28 @@ fn backup_line(recorded: Option<&br2k_resolver::RecordedBackup>, leader: Option<
         line.push_str(&format!("; the last attempt failed: {error}"));
     }
     line
+}
+
+/// The leader's idempotency table: its keys, its bytes, and the window in which a retry
+/// is answered from its stored answer.
+fn idempotency_line(table: &br2k_replication::TableStatus, now_ms: u64) -> String {
+    let window = match table.oldest_at {
+        None => "no key held yet".to_owned(),
+        Some(at) => {
+            let secs = now_ms.saturating_sub(at) / 1000;
+            format!(
+                "a retry of a key logged in the last {}h{:02}m is answered from its record",
+                secs / 3600,
+                secs / 60 % 60
+            )
+        }
+    };
+    format!("{} keys, {} ({window})", table.records, bytes(table.bytes))
+}
+
+fn unix_millis() -> u64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    u64::try_from(now.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Snapshots, where the log starts, and the local etcd member's database.

@@ -149,6 +149,16 @@ fn the_dashboard_in_a_browser_follows_a_leader_kill_by_itself() {
         return rows.length === 3 && leaders.length === 1 ? leaders[0].textContent : null; })()"#;
     let first_leader = page.wait_for("the service page shows 3 replicas and 1 leader", leader_now, wait).unwrap();
     let first_leader = first_leader.as_str().unwrap().to_owned();
+    // The leader's idempotency table: its keys, bytes and window (no keyed request yet).
+    let table = page
+        .wait_for(
+            "the service page shows the leader's idempotency table",
+            r#"(() => { const t = document.querySelector('#service .idempotency');
+                 return t && /^\d+ keys/.test(t.textContent) ? t.textContent : null; })()"#,
+            wait,
+        )
+        .unwrap();
+    assert_eq!(table.as_str(), Some("0 keys held"), "{table}");
     // A mark a reload would wipe: the page must change by itself, not be loaded again.
     page.eval("window.br2kNotReloaded = true").unwrap();
 

@@ -54,6 +54,13 @@ function lastPoint(service) { const p = (service.traffic || {}).points || []; re
 function lastRecovery(service) {
   return (service.timeline || []).find(h => h.kind === "state" && h.text.startsWith("recovery"));
 }
+// The leader's idempotency table: keys, bytes, and how far back a retry is answered.
+function idempotencyOf(service) {
+  const t = service.idempotency;
+  if (!t) return "-";
+  if (!t.records || !t.oldest_at) return "0 keys held";
+  return t.records + " keys, " + bytes(t.bytes) + ", window " + ago(t.oldest_at / 1000).replace(" ago", "");
+}
 function serviceLink(name) { return "#/service/" + encodeURIComponent(name); }
 
 // --- the overview -----------------------------------------------------------------------
@@ -248,7 +255,9 @@ function servicePage(view, name) {
       (info.image ? " from " + info.image : ""))),
     el("span", {}, "in doubt ", el("b", {}, (service.inDoubt || []).length ? service.inDoubt.join(", ") : "none")),
     el("span", {}, "backup ", el("b", {}, service.backup ? "index " + service.backup.index +
-        (service.backup.behind != null ? " (" + service.backup.behind + " behind)" : "") : "none")));
+        (service.backup.behind != null ? " (" + service.backup.behind + " behind)" : "") : "none")),
+    el("span", { title: "A retry with an Idempotency-Key logged within this window gets its stored answer" },
+      "idempotency ", el("b", { class: "idempotency" }, idempotencyOf(service))));
   const card = el("section", { class: "card", id: "service", "data-service": name },
     el("h2", {}, name, el("span", { class: "badge " + service.state }, service.state)), facts, replicaTable(service));
   if (service.backupError) card.append(el("div", { class: "error" }, "last backup failed: " + service.backupError));
