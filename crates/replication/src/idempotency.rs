@@ -80,6 +80,25 @@ pub(crate) struct TableRecord {
 const RECORD_OVERHEAD: u64 = 192;
 
 impl TableRecord {
+    /// A hash of the record and its key: the table's digest is the XOR of its records',
+    /// so adding and dropping one is cheap and two tables with the same records match.
+    fn hash(&self, key: &str) -> u128 {
+        use sha2::Digest as _;
+        let mut hash = sha2::Sha256::new();
+        hash.update((key.len() as u64).to_be_bytes());
+        hash.update(key);
+        hash.update(self.index.to_be_bytes());
+        hash.update(self.at.to_be_bytes());
+        hash.update(self.fingerprint);
+        if let Some(answer) = &self.answer {
+            hash.update(answer.status.to_be_bytes());
+            hash.update(answer.content_type.as_deref().unwrap_or("").as_bytes());
+            hash.update(&answer.body);
+        }
+        let digest: [u8; 32] = hash.finalize().into();
+        u128::from_be_bytes(digest[..16].try_into().expect("16 bytes"))
+    }
+
     fn bytes(&self, key: &str) -> u64 {
         let answer = self.answer.as_ref().map_or(0, |a| {
             a.body.len() + a.content_type.as_ref().map_or(0, String::len) + std::mem::size_of::<StoredReply>()
@@ -105,6 +124,10 @@ pub struct TableStatus {
     pub keep_from: u64,
     /// Records dropped since this replica started, by age or by the byte cap.
     pub evicted: u64,
+    /// A digest of every record held (hex): two replicas' tables at the same `applied`
+    /// index hold the same records exactly when their digests match.
+    #[serde(default)]
+    pub digest: String,
 }
 
 #[derive(Default)]
@@ -113,6 +136,8 @@ struct Table {
     /// Oldest first: what eviction walks.
     by_index: BTreeMap<u64, Arc<str>>,
     bytes: u64,
+    /// The XOR of the records' hashes ([`TableRecord::hash`]).
+    digest: u128,
     applied: u64,
     keep_from: u64,
     evicted: u64,
@@ -123,6 +148,7 @@ impl Table {
         self.remove(key);
         let key: Arc<str> = Arc::from(key);
         self.bytes += record.bytes(&key);
+        self.digest ^= record.hash(&key);
         if let Some(other) = self.by_index.insert(record.index, key.clone()) {
             // One entry carries one key; an import may name an index the log also gave.
             self.remove_record(&other);
@@ -134,6 +160,7 @@ impl Table {
     fn remove(&mut self, key: &str) {
         if let Some(record) = self.by_key.remove(key) {
             self.bytes -= record.bytes(key);
+            self.digest ^= record.hash(key);
             if self.by_index.get(&record.index).is_some_and(|k| &**k == key) {
                 self.by_index.remove(&record.index);
             }
@@ -143,6 +170,7 @@ impl Table {
     fn remove_record(&mut self, key: &str) {
         if let Some(record) = self.by_key.remove(key) {
             self.bytes -= record.bytes(key);
+            self.digest ^= record.hash(key);
         }
     }
 
@@ -234,6 +262,7 @@ impl IdempotencyTable {
             applied: table.applied,
             keep_from: table.keep_from,
             evicted: table.evicted,
+            digest: format!("{:032x}", table.digest),
         }
     }
 
@@ -478,6 +507,10 @@ mod tests {
         assert_eq!(status.oldest_at, Some(10_000));
         assert!(leader.get("k9").is_none() && leader.get("k10").is_some());
         assert_eq!(leader.capture(), follower.capture(), "identical at the same index");
+        assert_eq!(leader.status().digest, follower.status().digest);
+        let other = IdempotencyTable::default();
+        run(&other, &IdempotencyTable::default(), 1, 3600 + 9, u64::MAX);
+        assert_ne!(other.status().digest, leader.status().digest, "one record fewer: another digest");
         let mut a = Vec::new();
         leader.capture().encode(&mut a).unwrap();
         let mut b = Vec::new();

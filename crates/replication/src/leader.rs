@@ -395,10 +395,11 @@ impl<S: AppState> Sequencer<S> {
                                         submit.reply.send(Answer { reply, index: Some(record.index), replayed: true });
                                     continue;
                                 }
+                                // Its client waits here like a retry of a request in flight.
                                 let waiting = Waiting { fingerprint: submit.fingerprint, waiters: vec![submit.reply] };
                                 by_key.insert(key.clone(), waiting);
-                                let (reply, _) = oneshot::channel();
-                                in_doubt.push((Submit { reply, ..submit }, record.index));
+                                let Submit { kind, entry, encoded, queued, .. } = submit;
+                                in_doubt.push((Fresh { kind, entry, encoded, reply: None, queued }, record.index));
                                 continue;
                             }
                             None => {
@@ -420,20 +421,14 @@ impl<S: AppState> Sequencer<S> {
         }
         // Rare (a leader died while executing it): look its state up, then log it only if
         // it was never executed.
-        for (submit, index) in in_doubt {
-            let key = submit.entry.idempotency_key.clone().expect("keyed");
+        for (request, index) in in_doubt {
+            let key = request.entry.idempotency_key.clone().expect("keyed");
             let started = Instant::now();
             let lookup = self.lookup_in_doubt(&key, index).await;
             self.runtime.stats.add_many(stage::KEY_LOOKUP, 1, started.elapsed());
             let answer = match lookup {
                 Ok(KeyLookup::New) => {
-                    fresh.push(Fresh {
-                        kind: submit.kind,
-                        entry: submit.entry,
-                        encoded: submit.encoded,
-                        reply: None,
-                        queued: submit.queued,
-                    });
+                    fresh.push(request);
                     continue;
                 }
                 Ok(KeyLookup::Answer(answer)) => answer,

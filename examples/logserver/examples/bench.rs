@@ -165,6 +165,9 @@ fn grown(before: &BTreeMap<String, Tally>, after: BTreeMap<String, Tally>) -> BT
 struct Row {
     clients: usize,
     raw: Measurement,
+    /// Keys etcd put per raw put, and per br2k request (its own `etcd_mvcc_put_total`).
+    puts_per_raw: f64,
+    puts_per_request: f64,
     /// A transaction shaped like br2k's replicate write, on raw etcd: the floor of one
     /// fenced write.
     fenced: Measurement,
@@ -212,6 +215,7 @@ async fn main() -> Result<()> {
     for clients in concurrency {
         eprintln!("bench: raw etcd put, {clients} client(s), {seconds} s");
         let client = raw.clone();
+        let puts_before = etcd_puts(&http, &etcd.endpoint(leader_member)).await;
         let raw_m = measure(clients, duration, &processes, move |c, n| {
             let mut client = client.clone();
             async move {
@@ -220,6 +224,7 @@ async fn main() -> Result<()> {
             }
         })
         .await?;
+        let puts_per_raw = puts_since(&http, &etcd.endpoint(leader_member), puts_before, raw_m.ops).await;
         eprintln!("bench: raw etcd fenced transaction (br2k's replicate write), {clients} client(s), {seconds} s");
         let (client, fence) = (raw.clone(), fence.clone());
         let fenced = measure(clients, duration, &processes, move |c, n| {
@@ -233,6 +238,7 @@ async fn main() -> Result<()> {
         eprintln!("bench: br2k POST /log, {clients} client(s), {seconds} s");
         let before = counters(&http, &[ports[leader]]).await?;
         let followers_before = counters(&http, &follower_ports).await?;
+        let puts_before = etcd_puts(&http, &etcd.endpoint(leader_member)).await;
         let (http2, url) = (http.clone(), url.clone());
         let br2k = measure(clients, duration, &processes, move |c, n| {
             let (http, url) = (http2.clone(), url.clone());
@@ -251,43 +257,71 @@ async fn main() -> Result<()> {
             }
         })
         .await?;
+        let puts_per_request = puts_since(&http, &etcd.endpoint(leader_member), puts_before, br2k.ops).await;
         let pipeline = grown(&before, counters(&http, &[ports[leader]]).await?);
         let followers = grown(&followers_before, counters(&http, &follower_ports).await?);
-        rows.push(Row { clients, raw: raw_m, fenced, br2k, pipeline, followers });
+        rows.push(Row { clients, raw: raw_m, puts_per_raw, puts_per_request, fenced, br2k, pipeline, followers });
     }
 
     // The ceiling of br2k's data model on this etcd: its records alone, grouped, with no
-    // replica running. Measured once, at 16 clients (the throughput goal's).
-    let ceiling = match rows.iter().find(|r| r.clients == 16) {
-        Some(row) => {
-            eprintln!("bench: raw etcd writing br2k's records in groups of {CEILING_GROUP}, 16 clients, {seconds} s");
+    // replica running, as they are (each request's log entry and state twice) and as they
+    // were before the idempotency table (plus its idempotency record twice), side by side.
+    // Measured once, at 16 clients (the throughput goal's).
+    let mut ceilings = Vec::new();
+    if let Some(row) = rows.iter().find(|r| r.clients == 16) {
+        for keyed_records in [false, true] {
+            let what = if keyed_records { "with an idempotency record per request (before)" } else { "today's" };
+            eprintln!("bench: raw etcd writing br2k's records ({what}) in groups of {CEILING_GROUP}, 16 clients");
             let (client, fence) = (raw.clone(), fence.clone());
             let groups = measure(16, duration, &processes, move |c, n| {
                 let (mut client, fence) = (client.clone(), fence.clone());
                 async move {
-                    client.txn(fence.group_txn(c, n, CEILING_GROUP)).await?;
+                    client.txn(fence.group_txn(c, n, CEILING_GROUP, keyed_records)).await?;
                     Ok(())
                 }
             })
             .await?;
             let etcd_cpu = groups.cpu_per_1000(groups.cpu.etcd) / CEILING_GROUP as f64;
-            Some((groups.throughput() * CEILING_GROUP as f64, row.raw.throughput(), etcd_cpu))
+            ceilings.push((what, groups.throughput() * CEILING_GROUP as f64, row.raw.throughput(), etcd_cpu));
         }
-        None => None,
-    };
+    }
     print_results(&rows);
     print_breakdown(&rows);
-    if let Some((requests, puts, etcd_cpu)) = ceiling {
+    if !ceilings.is_empty() {
         println!();
         println!(
             "The ceiling of br2k's records on this etcd (16 clients, no replica running; each transaction fenced, \
-             holding {CEILING_GROUP} requests' log entry, state written twice and idempotency record written twice, \
-             with LS, LPI and SSI): {requests:.0} requests/s, {:.2}x raw etcd put ({puts:.0}/s); etcd CPU \
-             {etcd_cpu:.0} ms per 1,000 requests.",
-            requests / puts
+             holding {CEILING_GROUP} requests' records with LS, LPI and SSI):"
         );
+        println!();
+        println!("| records per request | requests/s | vs raw etcd put | etcd CPU ms per 1,000 requests |");
+        println!("|---|---:|---:|---:|");
+        for (what, requests, puts, etcd_cpu) in &ceilings {
+            let records = if what.starts_with("today") {
+                "log entry, state twice (today)"
+            } else {
+                "log entry, state twice, idempotency record twice (before the idempotency table)"
+            };
+            println!("| {records} | {requests:.0} | {:.2}x | {etcd_cpu:.0} |", requests / puts);
+        }
     }
     Ok(())
+}
+
+/// How many keys etcd's member at `endpoint` has put since it started
+/// (`etcd_mvcc_put_total` in its metrics); `None` when it does not say.
+async fn etcd_puts(http: &reqwest::Client, endpoint: &str) -> Option<f64> {
+    let text = http.get(format!("{endpoint}/metrics")).send().await.ok()?.text().await.ok()?;
+    let line = text.lines().find(|l| l.starts_with("etcd_mvcc_put_total "))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Keys put per operation since `before`, over `ops` operations (NaN when unknown).
+async fn puts_since(http: &reqwest::Client, endpoint: &str, before: Option<f64>, ops: usize) -> f64 {
+    match (before, etcd_puts(http, endpoint).await) {
+        (Some(before), Some(after)) => (after - before) / ops.max(1) as f64,
+        _ => f64::NAN,
+    }
 }
 
 /// Requests per transaction in the ceiling measurement: as many as fit etcd's default
@@ -295,8 +329,8 @@ async fn main() -> Result<()> {
 const CEILING_GROUP: usize = 24;
 
 /// A transaction with the shape of br2k's replicate write for one request: compared on a
-/// leader record's value and revision, putting a log entry, its state, a leased
-/// idempotency record and a counter.
+/// leader record's value and revision, putting a log entry, its state and a counter (LS).
+/// The lease is for the idempotency records of the ceiling's "before" shape.
 #[derive(Clone)]
 struct Fence {
     value: String,
@@ -323,14 +357,9 @@ impl Fence {
     }
 
     fn txn(&self, c: usize, n: u64) -> etcd_client::Txn {
-        use etcd_client::{PutOptions, TxnOp};
+        use etcd_client::TxnOp;
         let key = |what: &str| format!("/bench-fenced/{what}/{c}/{n:020}");
         self.fenced().and_then(vec![
-            TxnOp::put(
-                key("idem"),
-                "{\"index\":1,\"fingerprint\":\"0123456789abcdef\"}",
-                Some(PutOptions::new().with_lease(self.lease)),
-            ),
             TxnOp::put(
                 key("log"),
                 format!("{{\"method\":\"POST\",\"path\":\"/log\",\"body\":\"{{\\\"user\\\":{c}}}\"}}"),
@@ -345,10 +374,11 @@ impl Fence {
 impl Fence {
     /// Every record br2k writes for `size` requests, in one fenced transaction (the
     /// replicate and outcome writes merged, as a busy leader's are): per request its log
-    /// entry, its state written twice (InProcess, then Success) and its idempotency record
-    /// written twice (then with the answer), as distinct keys (one transaction cannot put
-    /// a key twice); then LS, LPI and SSI.
-    fn group_txn(&self, c: usize, n: u64, size: usize) -> etcd_client::Txn {
+    /// entry and its state written twice (InProcess, then Success), and with
+    /// `idempotency_records` its idempotency record written twice too (then with the
+    /// answer), as before the idempotency table; as distinct keys (one transaction cannot
+    /// put a key twice); then LS, LPI and SSI.
+    fn group_txn(&self, c: usize, n: u64, size: usize, idempotency_records: bool) -> etcd_client::Txn {
         use etcd_client::{PutOptions, TxnOp};
         let leased = || Some(PutOptions::new().with_lease(self.lease));
         let mut ops = Vec::with_capacity(size * 5 + 3);
@@ -357,11 +387,13 @@ impl Fence {
             let body = format!("{{\"method\":\"POST\",\"path\":\"/log\",\"body\":\"{{\\\"user\\\":{c}}}\"}}");
             ops.push(TxnOp::put(key("log"), body, None));
             ops.push(TxnOp::put(key("rs"), "{\"kind\":\"Replication\",\"state\":\"InProcess\",\"epoch\":1}", None));
-            ops.push(TxnOp::put(key("idem"), "{\"index\":1,\"fingerprint\":\"0123456789abcdef\"}", leased()));
             let answer = "{\"kind\":\"Replication\",\"state\":\"Success\",\"epoch\":1,\"response\":{\"status\":200,\"body\":\"eyJpbmRleCI6MX0=\"}}";
             ops.push(TxnOp::put(key("rs-final"), answer, None));
-            let record = "{\"index\":1,\"fingerprint\":\"0123456789abcdef\",\"response\":{\"status\":200,\"body\":\"eyJpbmRleCI6MX0=\"}}";
-            ops.push(TxnOp::put(key("idem-final"), record, leased()));
+            if idempotency_records {
+                ops.push(TxnOp::put(key("idem"), "{\"index\":1,\"fingerprint\":\"0123456789abcdef\"}", leased()));
+                let record = "{\"index\":1,\"fingerprint\":\"0123456789abcdef\",\"response\":{\"status\":200,\"body\":\"eyJpbmRleCI6MX0=\"}}";
+                ops.push(TxnOp::put(key("idem-final"), record, leased()));
+            }
         }
         for counter in ["ls", "lpi", "ssi"] {
             ops.push(TxnOp::put(format!("/bench-grouped/{counter}"), n.to_string(), None));
@@ -408,7 +440,7 @@ fn print_results(rows: &[Row]) {
 /// per request by action, and the leader's stages.
 fn print_breakdown(rows: &[Row]) {
     println!();
-    println!("The floor under br2k: raw etcd running br2k's replicate write (2 compares, 4 puts, one leased):");
+    println!("The floor under br2k: raw etcd running br2k's replicate write (2 compares, 3 puts):");
     println!();
     println!("| clients | fenced txn/s | fenced txn p50 | p50 vs a put | br2k POST /log vs fenced txn/s |");
     println!("|---:|---:|---:|---:|---:|");
@@ -420,6 +452,17 @@ fn print_breakdown(rows: &[Row]) {
             ms(fenced.percentile(0.5)) / ms(raw.percentile(0.5)),
             br2k.throughput() / fenced.throughput(),
         );
+    }
+    println!();
+    println!(
+        "Keys etcd put (its etcd_mvcc_put_total), per raw put and per br2k request with a fresh Idempotency-Key \
+         (before the idempotency table a request also put its idempotency record twice):"
+    );
+    println!();
+    println!("| clients | per raw etcd put | per br2k request |");
+    println!("|---:|---:|---:|");
+    for Row { clients, puts_per_raw, puts_per_request, .. } in rows {
+        println!("| {clients} | {puts_per_raw:.2} | {puts_per_request:.2} |");
     }
     println!();
     println!("CPU ms per 1,000 requests (raw etcd put | br2k POST /log):");
