@@ -54,6 +54,8 @@ struct Phase {
     blocks: Vec<f64>,
     elapsed: Duration,
     done: u64,
+    /// How a sample of retries was answered at the end (keyed runs).
+    retries: String,
 }
 
 #[tokio::main]
@@ -149,9 +151,7 @@ async fn run_phase(binary: &std::path::Path, args: &[&str], requests: u64, keyed
     // After the last compaction has had time to run.
     tokio::time::sleep(Duration::from_secs(6)).await;
     let last = sample(&etcd, &replicas, &http, &leader, requests, started).await;
-    if keyed {
-        retry_sample(&http, &ports, &leader, requests, &last).await?;
-    }
+    let retries = if keyed { retry_sample(&http, &ports, &leader, requests, &last).await? } else { String::new() };
     samples.push(last);
     let marks = marks.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
     let mut blocks = Vec::new();
@@ -160,11 +160,11 @@ async fn run_phase(binary: &std::path::Path, args: &[&str], requests: u64, keyed
         blocks.push(BLOCK as f64 / mark.duration_since(from).as_secs_f64());
         from = mark;
     }
-    Ok(Phase { samples, blocks, elapsed, done: requests })
+    Ok(Phase { samples, blocks, elapsed, done: requests, retries })
 }
 
-/// Retries keys already answered, at the end of a keyed run: the first ones sent, the
-/// oldest the leader's table still holds, and the last ones. Prints how each group was
+/// Retries keys already answered, at the end of a keyed run: the last ones sent, some
+/// well inside the leader's table's window, and the first ones. Says how each group was
 /// answered: as a replay of its stored answer, or (past the window) as a new request.
 async fn retry_sample(
     http: &reqwest::Client,
@@ -172,17 +172,21 @@ async fn retry_sample(
     leader: &AtomicUsize,
     requests: u64,
     last: &Sample,
-) -> Result<()> {
+) -> Result<String> {
+    use std::fmt::Write as _;
     // Indexes follow the order requests were taken, give or take the 16 clients racing.
-    let oldest_kept = last.table_from.saturating_sub(1) + CLIENTS as u64;
+    // The last keys and keys well inside the window first: a retry past the window is a
+    // new request, whose own key pushes the oldest ones out when the table is at its cap.
+    let inside = last.table_from + requests.saturating_sub(last.table_from) / 10;
     let groups = [
-        ("the first 50 keys sent", 0..50),
-        ("50 keys just inside the window", oldest_kept..oldest_kept + 50),
         ("the last 50 keys sent", requests - 50..requests),
+        ("50 keys a tenth of the way into the window", inside..inside + 50),
+        ("the first 50 keys sent", 0..50),
     ];
-    println!("### Retries at the end (the leader's table starts at index {})\n", last.table_from);
-    println!("| keys | answered as replays | executed as new requests (past the window) |");
-    println!("|---|---:|---:|");
+    let mut out = String::new();
+    let _ = writeln!(out, "Retries at the end (the leader's table then starts at index {}):\n", last.table_from);
+    let _ = writeln!(out, "| keys | answered as replays | executed as new requests (past the window) |");
+    let _ = writeln!(out, "|---|---:|---:|");
     for (what, range) in groups {
         let (mut replayed, mut new) = (0, 0);
         for n in range.clone() {
@@ -192,10 +196,9 @@ async fn retry_sample(
                 new += 1;
             }
         }
-        println!("| {what} (requests {}-{}) | {replayed} | {new} |", range.start, range.end - 1);
+        let _ = writeln!(out, "| {what} (requests {}-{}) | {replayed} | {new} |", range.start, range.end - 1);
     }
-    println!();
-    Ok(())
+    Ok(out)
 }
 
 /// One request, sent again to whichever replica leads until it is answered; with `keyed`
@@ -332,6 +335,9 @@ fn print_samples(phase: &Phase) {
         phase.elapsed.as_secs_f64(),
         phase.done as f64 / phase.elapsed.as_secs_f64()
     );
+    if !phase.retries.is_empty() {
+        println!("\n{}", phase.retries);
+    }
 }
 
 fn summary(baseline: &Phase, soak: &Phase) {

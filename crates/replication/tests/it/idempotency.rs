@@ -205,10 +205,10 @@ async fn keys_expire_by_age_and_by_the_leaders_byte_cap_alike_on_every_replica()
     eventually("the restarted replica leads again", async || c.replicas[l].status().role == Role::Leader).await;
     c.load().append_many("cap", 30, 3).await;
     let tables = agreed_tables(&c).await;
-    // A record of this test is about 230 bytes: the cap holds to within the group logged
-    // after the last stamp.
-    assert!(tables.bytes <= 2_000 + 3 * 300, "{tables:?}");
-    assert!((5..=15).contains(&tables.records), "the oldest keys went first: {tables:?}");
+    // A record of this test counts about 350 bytes: the cap holds to within the group
+    // logged after the last stamp.
+    assert!(tables.bytes <= 2_000 + 3 * 400, "{tables:?}");
+    assert!((3..=10).contains(&tables.records), "the oldest keys went first: {tables:?}");
     let latest = c.post(l, "/append", "cap29", Some("key-cap-29")).await;
     assert_eq!(latest.headers()["br2k-replayed"], "true", "the newest keys stay");
 }
