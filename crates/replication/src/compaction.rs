@@ -4,9 +4,11 @@
 //! since), the leader deletes the log entries below `snapshot index - trailing` in one
 //! fenced transaction, then compacts etcd's history to that transaction's revision, so the
 //! database stops growing. It never deletes:
-//! - what a live replica has not applied (its `lpi/<replica>` says how far it is; a dead
-//!   or cut-off replica is not live once its membership lease expires, so it never blocks
-//!   compaction, and catches up from a snapshot when it returns);
+//! - what a live replica may need again (its `lpi/<replica>` says how far it has applied,
+//!   but no further than its latest snapshot, from which it rebuilds its idempotency table
+//!   after a crash; a dead or cut-off replica is not live once its membership lease
+//!   expires, so it never blocks compaction, and catches up from a snapshot when it
+//!   returns);
 //! - an entry that is not final (an in-doubt Normal request waits for its reconcile).
 //!
 //! The same transaction moves `compacted`: the new first index, plus a tally of what was

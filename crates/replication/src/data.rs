@@ -450,6 +450,13 @@ mod base64_bytes {
     }
 }
 
+/// Milliseconds since the Unix epoch (0 on a clock set before it): the leader's stamp on
+/// keyed entries.
+pub(crate) fn unix_millis() -> u64 {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// Seconds since the Unix epoch (0 on a clock set before it), for times shown in status
 /// and records.
 pub(crate) fn unix_seconds() -> u64 {

@@ -490,8 +490,7 @@ impl<S: AppState> Runtime<S> {
     /// The stamp the leader writes into the next keyed entries it logs (see
     /// [`crate::idempotency::Stamp`]).
     pub(crate) fn stamp(&self) -> crate::idempotency::Stamp {
-        let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
-        let now_ms = u64::try_from(now_ms).unwrap_or(u64::MAX);
+        let now_ms = data::unix_millis();
         self.idempotency.stamp(now_ms, self.config.idempotency_retention, self.config.idempotency_max_bytes)
     }
 

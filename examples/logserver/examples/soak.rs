@@ -5,12 +5,13 @@
 //! cluster: the first 100,000 requests with snapshots and compaction off, which shows the
 //! growth compaction removes.
 //!
-//! Run with `bash tools/bench-soak.sh [REQUESTS] [--keyed]` (builds in release first;
-//! default 1,000,000 requests, about 20 minutes here). Requests are `POST /log`; with
-//! `--keyed` each carries a fresh `Idempotency-Key`, as the failover client sends them
-//! (kept with its retries), and the run also shows the leader's idempotency table (keys,
-//! bytes, the window a retry is answered in) and, at the end, retries a sample of keys:
-//! the first ones sent, the oldest still in the window, and the last ones.
+//! Run with `bash tools/bench-soak.sh [REQUESTS] [--keyed] [--idempotency-max-bytes=SIZE]`
+//! (builds in release first; default 1,000,000 requests, about 20 minutes here). Requests
+//! are `POST /log`; with `--keyed` each carries a fresh `Idempotency-Key`, as the failover
+//! client sends them (kept with its retries), and the run also shows the leader's
+//! idempotency table (keys, bytes) and, at the end, retries a sample of keys: the last
+//! ones sent, some well inside the window, and the first ones. `--idempotency-*=VALUE`
+//! flags are passed on to the replicas.
 
 mod support;
 
@@ -62,10 +63,17 @@ struct Phase {
 async fn main() -> Result<()> {
     let mut requests = 1_000_000;
     let mut keyed = false;
+    // Passed on to the replicas (e.g. `--idempotency-max-bytes=512MiB`).
+    let mut replica_args: Vec<String> = Vec::new();
     for arg in std::env::args().skip(1) {
         match arg.as_str() {
             "--keyed" => keyed = true,
-            text => requests = text.replace(['_', ','], "").parse().context("REQUESTS must be a whole number")?,
+            flag if flag.starts_with("--idempotency-") => replica_args.push(flag.to_owned()),
+            text => {
+                requests = text.replace(['_', ','], "").parse().with_context(|| {
+                    format!("{text:?}: expected REQUESTS (a whole number), --keyed or --idempotency-*=VALUE")
+                })?;
+            }
         }
     }
     if requests < BLOCK {
@@ -74,10 +82,11 @@ async fn main() -> Result<()> {
     let binary = support::logserver_binary()?;
     let what = if keyed { "each with a fresh Idempotency-Key" } else { "without idempotency keys" };
     eprintln!("soak: baseline: snapshots and compaction off, the first {BLOCK} requests, {what}");
-    let baseline = run_phase(&binary, &["--snapshot-interval", "0"], BLOCK, keyed).await?;
+    let args: Vec<&str> = replica_args.iter().map(String::as_str).collect();
+    let baseline = run_phase(&binary, &[&args[..], &["--snapshot-interval", "0"]].concat(), BLOCK, keyed).await?;
     eprintln!("soak: br2k's defaults (snapshot every 10,000 entries, 5,000 trailing): {requests} requests, {what}");
-    let soak = run_phase(&binary, &[], requests, keyed).await?;
-    println!("Requests {what}.\n");
+    let soak = run_phase(&binary, &args, requests, keyed).await?;
+    println!("Requests {what}; replicas given {replica_args:?}.\n");
 
     println!("### Baseline: snapshots and compaction off (etcd grows with every request)\n");
     print_samples(&baseline);
