@@ -39,10 +39,8 @@ pub(crate) struct BackendOpts {
     #[arg(long, default_value = "auto", help_heading = "Local")]
     pub(crate) network: NetworkMode,
 
-    /// Seconds between two backups the leader of a deployed service pushes to the registry
-    /// its image is in (recorded on chain; what a total disaster can lose).
-    #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
-    pub(crate) backup_interval: u64,
+    #[command(flatten)]
+    pub(crate) backup: crate::opts::BackupScheduleOpts,
 
     /// etcd's election timeout in milliseconds, for local nodes.
     #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(50..=50_000), help_heading = "Local")]
@@ -57,7 +55,7 @@ impl BackendOpts {
             volume_size: self.volume_size.clone(),
             rpc_url: rpc_url.to_owned(),
             registry,
-            backup_interval: self.backup_interval,
+            backup: self.backup.schedule(),
         }
     }
 
@@ -80,7 +78,7 @@ impl BackendOpts {
             rpc_url: rpc_url.to_owned(),
             registry: registry.address(),
             key: key.clone(),
-            backup_interval: self.backup_interval,
+            backup: self.backup.schedule(),
         })
     }
 }

@@ -162,6 +162,44 @@ pub(crate) fn parse_address(text: &str) -> Result<Address, String> {
     })
 }
 
+/// How often a service backs up, records a backup on chain, and which backups it keeps.
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Backups")]
+pub(crate) struct BackupScheduleOpts {
+    /// Seconds between two backups the leader pushes to the service's container registry:
+    /// what a total disaster can lose. Each uploads only the entries since the last one.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub(crate) backup_interval: u64,
+
+    /// Seconds between two backups recorded on chain (one transaction each, about 64,000
+    /// gas). Backups between two records are signed by the leader's operator key, and a
+    /// restore takes the newest signed one that links back to the recorded one, so this
+    /// sets the gas, not what a disaster can lose.
+    #[arg(long, value_name = "SECONDS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=31_536_000))]
+    pub(crate) backup_record_interval: u64,
+
+    /// The newest backups kept in the registry; older ones are deleted (except the one the
+    /// chain records and those after it). The registry's garbage collection frees their blobs.
+    #[arg(long, value_name = "N", default_value_t = 48, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub(crate) backup_keep_last: u64,
+
+    /// Days (counting back from the newest that has a backup) whose newest backup is kept.
+    #[arg(long, value_name = "D", default_value_t = 7, value_parser = clap::value_parser!(u64).range(0..=3650))]
+    pub(crate) backup_keep_daily: u64,
+}
+
+impl BackupScheduleOpts {
+    /// The schedule handed to the replicas.
+    pub(crate) const fn schedule(&self) -> br2k_deploy::backup_schedule::BackupSchedule {
+        br2k_deploy::backup_schedule::BackupSchedule {
+            interval: self.backup_interval,
+            record_interval: self.backup_record_interval,
+            keep_last: self.backup_keep_last,
+            keep_daily: self.backup_keep_daily,
+        }
+    }
+}
+
 /// The replicas `br2k up` and `br2k testbed` run on this machine.
 #[derive(Args, Debug, Clone)]
 #[command(next_help_heading = "Local replicas")]

@@ -8,6 +8,7 @@
 //! the service registry, the replicas), for `br2k up` and the testbed.
 
 pub mod backend;
+pub mod backup_schedule;
 pub mod context;
 pub mod deployment;
 mod error;

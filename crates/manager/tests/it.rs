@@ -69,7 +69,7 @@ async fn the_manager_follows_only_its_services_and_one_failing_service_holds_up_
         rpc_url: anvil.endpoint(),
         registry: address,
         key: anvil.key(0),
-        backup_interval: 30,
+        backup: br2k_deploy::backup_schedule::BackupSchedule::default(),
     };
     let config = ManagerConfig { probe_interval: None, ..ManagerConfig::new(dir.path().join("manager")) };
     let mut manager =

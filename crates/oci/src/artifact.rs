@@ -72,7 +72,176 @@ impl Artifact {
     }
 }
 
+/// A file of an artifact as its manifest names it: pushed once, then referred to by
+/// digest from any number of manifests (an incremental backup names the blobs earlier
+/// backups pushed without sending them again).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Descriptor {
+    /// Its media type.
+    pub media_type: String,
+    /// Its digest, `sha256:…`.
+    pub digest: String,
+    /// Its size, bytes.
+    pub size: u64,
+    /// Its annotations (its title, and whatever its maker says of it).
+    pub annotations: BTreeMap<String, String>,
+}
+
+impl Descriptor {
+    /// Its title (the `org.opencontainers.image.title` annotation), if it has one.
+    pub fn title(&self) -> Option<&str> {
+        self.annotations.get(TITLE_ANNOTATION).map(String::as_str)
+    }
+
+    fn to_oci(&self) -> OciDescriptor {
+        OciDescriptor {
+            media_type: self.media_type.clone(),
+            digest: self.digest.clone(),
+            size: i64::try_from(self.size).unwrap_or(i64::MAX),
+            annotations: (!self.annotations.is_empty()).then(|| self.annotations.clone()),
+            ..OciDescriptor::default()
+        }
+    }
+
+    fn from_oci(descriptor: OciDescriptor) -> Self {
+        Self {
+            media_type: descriptor.media_type,
+            digest: descriptor.digest,
+            size: u64::try_from(descriptor.size).unwrap_or(0),
+            annotations: descriptor.annotations.unwrap_or_default(),
+        }
+    }
+}
+
+/// An artifact's manifest, its files named by [`Descriptor`]s rather than held: what an
+/// artifact built from blobs already in the registry is pushed as, and what a pull reads
+/// before it fetches (and checks) each file on its own.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ArtifactManifest {
+    /// What kind of artifact it is.
+    pub artifact_type: String,
+    /// Its files.
+    pub layers: Vec<Descriptor>,
+    /// Its annotations.
+    pub annotations: BTreeMap<String, String>,
+    /// The manifest it refers to (image-spec 1.1's `subject`: a signature names what it
+    /// signs so).
+    pub subject: Option<Descriptor>,
+}
+
+impl ArtifactManifest {
+    /// Its bytes: deterministic (the same manifest always has the same digest).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let manifest = OciImageManifest {
+            schema_version: 2,
+            media_type: Some(media_type::MANIFEST.into()),
+            artifact_type: Some(self.artifact_type.clone()),
+            config: OciDescriptor {
+                media_type: EMPTY_MEDIA_TYPE.into(),
+                digest: sha256_digest(EMPTY_CONFIG),
+                size: EMPTY_CONFIG.len() as i64,
+                ..OciDescriptor::default()
+            },
+            layers: self.layers.iter().map(Descriptor::to_oci).collect(),
+            annotations: (!self.annotations.is_empty()).then(|| self.annotations.clone()),
+            subject: self.subject.as_ref().map(Descriptor::to_oci),
+        };
+        serde_json::to_vec(&manifest).expect("a manifest serializes")
+    }
+
+    /// Its digest.
+    pub fn digest(&self) -> String {
+        sha256_digest(&self.to_bytes())
+    }
+}
+
+/// The descriptor of the empty blob (`{}`), the one layer of an artifact whose content is
+/// all in its annotations (image-spec 1.1's guidance for such artifacts).
+pub fn empty_layer() -> Descriptor {
+    Descriptor {
+        media_type: EMPTY_MEDIA_TYPE.into(),
+        digest: sha256_digest(EMPTY_CONFIG),
+        size: EMPTY_CONFIG.len() as u64,
+        annotations: BTreeMap::new(),
+    }
+}
+
 impl RegistryClient {
+    /// Uploads `bytes` to `repository` unless it already holds them (blobs are
+    /// content-addressed); returns their descriptor, and whether they were uploaded.
+    ///
+    /// # Errors
+    /// Refused credentials, or a registry error.
+    pub async fn push_layer(
+        &self,
+        repository: &str,
+        media_type: &str,
+        annotations: BTreeMap<String, String>,
+        bytes: Vec<u8>,
+    ) -> Result<(Descriptor, bool)> {
+        let digest = sha256_digest(&bytes);
+        let descriptor = Descriptor {
+            media_type: media_type.to_owned(),
+            digest: digest.clone(),
+            size: bytes.len() as u64,
+            annotations,
+        };
+        if self.has_blob(repository, &digest).await? {
+            return Ok((descriptor, false));
+        }
+        self.push_blob(repository, &digest, bytes).await?;
+        Ok((descriptor, true))
+    }
+
+    /// Pushes `manifest` to `repository` under `tag` (every blob it names must be there
+    /// already, the empty config is pushed if missing); returns its digest.
+    ///
+    /// # Errors
+    /// Refused credentials, or a registry error (one that lacks a blob refuses it).
+    pub async fn push_artifact_manifest(
+        &self,
+        repository: &str,
+        tag: &str,
+        manifest: &ArtifactManifest,
+    ) -> Result<String> {
+        let empty = sha256_digest(EMPTY_CONFIG);
+        if !self.has_blob(repository, &empty).await? {
+            self.push_blob(repository, &empty, EMPTY_CONFIG.to_vec()).await?;
+        }
+        self.push_manifest(repository, tag, media_type::MANIFEST, manifest.to_bytes()).await
+    }
+
+    /// The manifest `digest` of `repository`, refused unless it hashes to `digest` and is
+    /// an artifact of one of `artifact_types` (a format's versions). Its files are not fetched: [`Self::fetch_blob`]
+    /// fetches and checks each.
+    ///
+    /// # Errors
+    /// Refused credentials, an unknown digest, a registry error, a manifest that does not
+    /// match its digest or is of another type.
+    pub async fn pull_artifact_manifest(
+        &self,
+        repository: &str,
+        digest: &str,
+        artifact_types: &[&str],
+    ) -> Result<ArtifactManifest> {
+        let bytes = self.fetch_manifest(repository, digest, media_type::MANIFEST, "refusing to use it").await?;
+        let manifest: OciImageManifest = serde_json::from_slice(&bytes)
+            .map_err(|e| OciError::Invalid(format!("{repository}@{digest} is not an OCI artifact manifest: {e}")))?;
+        let artifact_type = manifest.artifact_type.unwrap_or_default();
+        if !artifact_types.contains(&artifact_type.as_str()) {
+            return Err(OciError::Invalid(format!(
+                "{repository}@{digest} is an artifact of type {artifact_type:?}, not {}",
+                artifact_types.join(" or ")
+            )));
+        }
+        Ok(ArtifactManifest {
+            artifact_type,
+            layers: manifest.layers.into_iter().map(Descriptor::from_oci).collect(),
+            annotations: manifest.annotations.unwrap_or_default(),
+            subject: manifest.subject.map(Descriptor::from_oci),
+        })
+    }
+
     /// Pushes `artifact` to `repository` (its blobs the registry lacks, then its manifest
     /// under `tag`); returns the manifest's digest.
     ///

@@ -406,26 +406,79 @@ impl RegistryClient {
         }
     }
 
-    /// The tags of `repository` (none when the repository does not exist yet).
+    /// The tags of `repository` (none when the repository does not exist yet), every page
+    /// of them.
     ///
     /// # Errors
     /// Refused credentials, or a registry error.
     pub async fn tags(&self, repository: &str) -> Result<Vec<String>> {
-        check_repository(repository)?;
-        let auth = self.authorize(&scope(repository, RegistryOperation::Pull)).await?;
-        let url = format!("{}/v2/{repository}/tags/list?n=10000", self.base);
-        let answer = self.get(&url, &auth, None).await?;
-        if answer.status() == StatusCode::NOT_FOUND {
-            return Ok(Vec::new());
-        }
-        let answer = expect(answer, StatusCode::OK, "list the tags").await?;
+        /// Tags asked for per page (registries cap a page at their own limit, often 1000).
+        const PAGE: usize = 1000;
         #[derive(Deserialize)]
         struct Tags {
             tags: Option<Vec<String>>,
         }
-        let body = read_at_most(answer, MAX_MANIFEST_BYTES, "list the tags").await?;
-        let tags: Tags = serde_json::from_slice(&body).map_err(|e| registry_error("list the tags", &e.to_string()))?;
-        Ok(tags.tags.unwrap_or_default())
+        check_repository(repository)?;
+        let auth = self.authorize(&scope(repository, RegistryOperation::Pull)).await?;
+        let mut all: Vec<String> = Vec::new();
+        loop {
+            let mut url = format!("{}/v2/{repository}/tags/list?n={PAGE}", self.base);
+            if let Some(last) = all.last() {
+                url.push_str(&format!("&last={last}"));
+            }
+            let answer = self.get(&url, &auth, None).await?;
+            if answer.status() == StatusCode::NOT_FOUND {
+                return Ok(all);
+            }
+            // A registry says there is another page with a `Link: <…>; rel="next"` header.
+            let more = answer
+                .headers()
+                .get(reqwest::header::LINK)
+                .is_some_and(|v| v.to_str().is_ok_and(|l| l.contains("rel=\"next\"")));
+            let answer = expect(answer, StatusCode::OK, "list the tags").await?;
+            let body = read_at_most(answer, MAX_MANIFEST_BYTES, "list the tags").await?;
+            let page: Tags =
+                serde_json::from_slice(&body).map_err(|e| registry_error("list the tags", &e.to_string()))?;
+            let page = page.tags.unwrap_or_default();
+            let before = all.len();
+            // Pages follow in lexical order: anything not past the last tag is a repeat.
+            let last = all.last().cloned();
+            all.extend(page.into_iter().filter(|t| last.as_ref().is_none_or(|l| t > l)));
+            if !more || all.len() == before {
+                return Ok(all);
+            }
+        }
+    }
+
+    /// Deletes the manifest `digest` of `repository` and every tag naming it. Its blobs
+    /// stay until the registry's own garbage collection removes those no manifest names
+    /// (`docker-registry garbage-collect`, Harbor's GC).
+    ///
+    /// # Errors
+    /// Refused credentials, a registry that does not allow deleting (distribution's
+    /// `storage.delete.enabled`), or a registry error. A manifest already gone is not an
+    /// error.
+    pub async fn delete_manifest(&self, repository: &str, digest: &str) -> Result<()> {
+        check_repository(repository)?;
+        check_digest(digest)?;
+        let auth = self.authorize(&format!("repository:{repository}:delete")).await?;
+        let url = format!("{}/v2/{repository}/manifests/{digest}", self.base);
+        let mut request = self.http.delete(&url);
+        request = match &auth {
+            RegistryAuth::Anonymous => request,
+            RegistryAuth::Basic(user, password) => request.basic_auth(user, Some(password)),
+            RegistryAuth::Bearer(token) => request.bearer_auth(token),
+        };
+        let answer = request.send().await.map_err(|e| OciError::Invalid(format!("registry {}: {e}", self.base)))?;
+        match answer.status() {
+            StatusCode::ACCEPTED | StatusCode::OK | StatusCode::NOT_FOUND => Ok(()),
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(self.refused_credentials()),
+            StatusCode::METHOD_NOT_ALLOWED => Err(registry_error(
+                "delete a manifest",
+                "it does not allow deleting (for docker-registry, set storage.delete.enabled: true)",
+            )),
+            _ => expect(answer, StatusCode::ACCEPTED, "delete a manifest").await.map(drop),
+        }
     }
 
     /// The digest of the manifest `repository:tag` names, as the registry reports it.

@@ -13,7 +13,7 @@ use alloy::primitives::Address;
 use alloy::signers::local::PrivateKeySigner;
 use anyhow::{Context, Result, bail};
 use br2k_oci::registry::{Credentials, RegistryClient, TOKEN_HOSTS_ENV, host_of};
-use br2k_replication::backup::BackupConfig;
+use br2k_replication::backup::{BackupConfig, Retention};
 use br2k_replication::{Config, Limits, Publisher, SnapshotPolicy, Timings, TxStep};
 use br2k_resolver::{Chain, Timeouts};
 
@@ -84,6 +84,23 @@ pub struct ReplicaArgs {
     #[arg(long, env = "BR2K_BACKUP_INTERVAL", value_name = "SECONDS", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub backup_interval: u64,
+    /// Seconds between two backups recorded on chain (`recordBackup`, one transaction
+    /// each). The backups between are signed by this replica's operator key and a restore
+    /// takes the newest signed one linked to the recorded one: this sets the gas spent,
+    /// not what a disaster can lose.
+    #[arg(long, env = "BR2K_BACKUP_RECORD_INTERVAL", value_name = "SECONDS", default_value_t = 600,
+          value_parser = clap::value_parser!(u64).range(1..=31_536_000))]
+    pub backup_record_interval: u64,
+    /// The newest backups kept in the registry (besides the one recorded on chain and
+    /// those after it); older ones are deleted, and the registry's garbage collection
+    /// frees their blobs.
+    #[arg(long, env = "BR2K_BACKUP_KEEP_LAST", value_name = "N", default_value_t = 48,
+          value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub backup_keep_last: u64,
+    /// Days, counting back from the newest that has a backup, whose newest backup is kept.
+    #[arg(long, env = "BR2K_BACKUP_KEEP_DAILY", value_name = "D", default_value_t = 7,
+          value_parser = clap::value_parser!(u64).range(0..=3650))]
+    pub backup_keep_daily: u64,
     /// Allow a backup registry reached over plain HTTP (a test or loopback registry).
     #[arg(long, env = "BR2K_BACKUP_PLAIN_HTTP")]
     pub backup_plain_http: bool,
@@ -212,9 +229,13 @@ impl ReplicaArgs {
         let registry = RegistryClient::new(url, self.backup_plain_http, credentials)?
             .trusting_token_hosts(token_hosts.split(',').map(str::to_owned));
         Ok(Some(BackupConfig {
-            registry: std::sync::Arc::new(registry),
-            repository: repository.clone(),
             interval: Duration::from_secs(self.backup_interval),
+            record_interval: Duration::from_secs(self.backup_record_interval),
+            retention: Retention {
+                keep_last: usize::try_from(self.backup_keep_last).unwrap_or(usize::MAX),
+                keep_daily: usize::try_from(self.backup_keep_daily).unwrap_or(usize::MAX),
+            },
+            ..BackupConfig::new(std::sync::Arc::new(registry), repository.clone())
         }))
     }
 
@@ -232,9 +253,9 @@ impl ReplicaArgs {
                  --password-file"
             ),
         };
-        let chain = Chain::connect(&self.rpc_url, Some(signer), Timeouts::default()).await?;
+        let chain = Chain::connect(&self.rpc_url, Some(signer.clone()), Timeouts::default()).await?;
         let registry = chain.registry(address).await?;
-        Ok(Some(Publisher::new(registry)))
+        Ok(Some(Publisher::new(registry, signer)))
     }
 }
 

@@ -270,15 +270,18 @@ impl Default for Timings {
     }
 }
 
-/// Publishes the leader's location in the service registry with the replica's operator key.
+/// Publishes the leader's location in the service registry with the replica's operator
+/// key, and signs its backups with the same key.
 #[derive(Clone, Debug)]
 pub struct Publisher {
     pub(crate) registry: RegistryClient,
+    pub(crate) signer: alloy::signers::local::PrivateKeySigner,
 }
 
 impl Publisher {
-    /// Publishes through `registry`, whose chain connection carries the operator's signer.
-    pub fn new(registry: RegistryClient) -> Self {
-        Self { registry }
+    /// Publishes through `registry`, whose chain connection carries `signer`, the
+    /// operator's key (which also signs the backups this replica makes as leader).
+    pub fn new(registry: RegistryClient, signer: alloy::signers::local::PrivateKeySigner) -> Self {
+        Self { registry, signer }
     }
 }

@@ -306,8 +306,9 @@ async fn snapshot<S: AppState>(runtime: &Runtime<S>, parts: &axum::http::request
     response
 }
 
-/// `POST /br2k/backup`: the leader backs up at once (the answer does not wait for it;
-/// the backup recorded on chain reaches at least the SSI answered).
+/// `POST /br2k/backup`: the leader backs up at once and records that backup on chain
+/// (the answer does not wait for it; the backup recorded on chain reaches at least the SSI
+/// answered).
 fn backup_now<S: AppState>(runtime: &Runtime<S>) -> Response {
     if runtime.config.backup.is_none() {
         return error(StatusCode::NOT_FOUND, "this service has no backups configured (no backup registry)");
@@ -316,6 +317,7 @@ fn backup_now<S: AppState>(runtime: &Runtime<S>) -> Response {
     if status.role != Role::Leader {
         return not_leader(runtime);
     }
+    runtime.backup_forced.store(true, std::sync::atomic::Ordering::Relaxed);
     runtime.backup_now.notify_one();
     json(StatusCode::ACCEPTED, &serde_json::json!({ "requested": true, "ssi": status.ssi, "backup": status.backup }))
 }

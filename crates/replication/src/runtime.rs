@@ -181,6 +181,7 @@ impl<S: AppState> Replicated<S> {
             snapshot: Mutex::default(),
             snapshot_taken: Notify::new(),
             backup_now: Notify::new(),
+            backup_forced: std::sync::atomic::AtomicBool::new(false),
             member: watch::Sender::new(member),
             peer_token: Mutex::default(),
             http: reqwest::Client::builder()
@@ -295,6 +296,8 @@ pub(crate) struct Runtime<S> {
     pub(crate) snapshot_taken: Notify,
     /// Woken to make the leader back up at once.
     pub(crate) backup_now: Notify,
+    /// Set with `backup_now` when the backup asked for is to be recorded on chain too.
+    pub(crate) backup_forced: std::sync::atomic::AtomicBool,
     /// What this replica's membership record should say.
     pub(crate) member: watch::Sender<MemberRecord>,
     /// Where the time goes (served in the status).

@@ -572,6 +572,20 @@ impl RegistryClient {
         Ok(operators)
     }
 
+    /// Whether `address` is one of `name`'s operators now (the registry's `isOperator`):
+    /// one read, where [`Self::operators`] reads the event history.
+    ///
+    /// # Errors
+    /// RPC and timeout errors.
+    pub async fn is_operator(&self, name: &str, address: Address) -> Result<bool> {
+        let action = "read whether an address is an operator";
+        let call = self.instance.isOperator(service_id(name), address);
+        self.chain
+            .bounded(action, call.call().into_future())
+            .await?
+            .map_err(|e| self.named(name, self.error(action, e)))
+    }
+
     /// When `claimant` may next claim against a service (unix seconds; 0 = now).
     ///
     /// # Errors

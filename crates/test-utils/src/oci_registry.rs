@@ -171,6 +171,51 @@ impl OciRegistry {
         self._dir.path().join("storage")
     }
 
+    /// The bytes of every blob it stores (layers, configs and manifests alike: the
+    /// `data` files under `blobs/`), as its disk holds them.
+    pub fn blob_bytes(&self) -> u64 {
+        fn walk(dir: &std::path::Path) -> u64 {
+            let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+            entries
+                .flatten()
+                .map(|entry| {
+                    let path = entry.path();
+                    if path.is_dir() {
+                        walk(&path)
+                    } else if path.file_name().is_some_and(|n| n == "data") {
+                        entry.metadata().map_or(0, |m| m.len())
+                    } else {
+                        0
+                    }
+                })
+                .sum()
+        }
+        walk(&self.storage().join("docker/registry/v2/blobs"))
+    }
+
+    /// Runs the registry's own garbage collection (`docker-registry garbage-collect`),
+    /// which deletes the blobs no manifest names. The registry is stopped meanwhile, as
+    /// distribution asks, and started again on the same port.
+    ///
+    /// # Errors
+    /// [`OciRegistryError`] when the collection fails or the registry does not start again.
+    pub fn garbage_collect(&mut self) -> Result<String, OciRegistryError> {
+        self.stop();
+        let output =
+            Command::new(&self.program).arg("garbage-collect").arg(&self.config).output().map_err(|source| {
+                OciRegistryError::Io { action: "run docker-registry garbage-collect".into(), source }
+            })?;
+        let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        if !output.status.success() {
+            return Err(OciRegistryError::Io {
+                action: "run docker-registry garbage-collect".into(),
+                source: std::io::Error::other(text),
+            });
+        }
+        self.start_again()?;
+        Ok(text)
+    }
+
     /// What it printed, for diagnostics.
     pub fn output(&self) -> String {
         self.output.text()

@@ -71,9 +71,8 @@ pub(crate) struct UpArgs {
     #[arg(long, value_name = "REPOSITORY")]
     backup_repository: Option<String>,
 
-    /// Seconds between two backups.
-    #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
-    backup_interval: u64,
+    #[command(flatten)]
+    backup: crate::opts::BackupScheduleOpts,
 
     /// The backup registry is plain HTTP (allowed for it in the project's registry list).
     #[arg(long)]
@@ -97,12 +96,13 @@ impl UpArgs {
         let (Some(registry), Some(repository)) = (&self.backup_registry, &self.backup_repository) else {
             return Vec::new();
         };
-        vec![
+        let mut env = vec![
             ("BR2K_BACKUP_REGISTRY".into(), registry.clone()),
             ("BR2K_BACKUP_REPOSITORY".into(), repository.clone()),
-            ("BR2K_BACKUP_INTERVAL".into(), self.backup_interval.to_string()),
             ("BR2K_BACKUP_PLAIN_HTTP".into(), self.backup_plain_http.to_string()),
-        ]
+        ];
+        env.extend(self.backup.schedule().env());
+        env
     }
 }
 

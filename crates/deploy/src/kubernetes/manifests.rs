@@ -85,8 +85,8 @@ pub struct BackupTarget {
     pub registry_url: String,
     /// The repository.
     pub repository: String,
-    /// Seconds between two backups.
-    pub interval: u64,
+    /// How often it backs up and records a backup on chain, and what it keeps.
+    pub schedule: crate::backup_schedule::BackupSchedule,
 }
 
 /// How a deployment on a Kubernetes context is made, beyond what the recovery info records.
@@ -100,8 +100,8 @@ pub struct ClusterSettings {
     pub rpc_url: String,
     /// The service registry.
     pub registry: Address,
-    /// Seconds between two backups of a deployed service.
-    pub backup_interval: u64,
+    /// How often a deployed service backs up, and what it keeps.
+    pub backup: crate::backup_schedule::BackupSchedule,
 }
 
 impl KubernetesSpec {
@@ -127,7 +127,7 @@ impl KubernetesSpec {
             backup: Some(BackupTarget {
                 registry_url: record.image.registry_url.clone(),
                 repository: record.image.repository.clone(),
-                interval: settings.backup_interval,
+                schedule: settings.backup,
             }),
         }
     }
@@ -327,7 +327,7 @@ impl KubernetesSpec {
         if let Some(backup) = &self.backup {
             app_env.push(env("BR2K_BACKUP_REGISTRY", backup.registry_url.clone()));
             app_env.push(env("BR2K_BACKUP_REPOSITORY", backup.repository.clone()));
-            app_env.push(env("BR2K_BACKUP_INTERVAL", backup.interval.to_string()));
+            app_env.extend(backup.schedule.env().into_iter().map(|(name, value)| env(&name, value)));
             app_env.push(env("BR2K_BACKUP_PLAIN_HTTP", backup.registry_url.starts_with("http://").to_string()));
             if pull_secret.is_some() {
                 // The registry's credentials, from the pull Secret mounted as Docker's config.

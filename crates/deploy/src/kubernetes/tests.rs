@@ -30,7 +30,7 @@ pub(super) fn spec() -> KubernetesSpec {
         backup: Some(super::manifests::BackupTarget {
             registry_url: "https://harbor.example".into(),
             repository: "br2k/logserver".into(),
-            interval: 30,
+            schedule: crate::backup_schedule::BackupSchedule::default(),
         }),
     }
 }

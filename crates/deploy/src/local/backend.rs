@@ -45,8 +45,9 @@ pub struct LocalBackend {
     pub registry: Address,
     /// The service's manager key: it registers the replicas' own operator keys.
     pub key: PrivateKeySigner,
-    /// Seconds between two backups of a deployed service (to the registry its image is in).
-    pub backup_interval: u64,
+    /// How often a deployed service backs up (to the registry its image is in), records a
+    /// backup on chain, and which backups it keeps.
+    pub backup: crate::backup_schedule::BackupSchedule,
 }
 
 /// How long a runner may take to put the replicas up and publish a leader.
@@ -109,7 +110,10 @@ impl LocalBackend {
             .args(["--rpc-url", &self.rpc_url, "--registry", &self.registry.to_string()])
             // The leader backs up to the registry the image came from, in its repository.
             .args(["--backup-registry", &record.image.registry_url, "--backup-repository", &record.image.repository])
-            .args(["--backup-interval", &self.backup_interval.to_string()])
+            .args(["--backup-interval", &self.backup.interval.to_string()])
+            .args(["--backup-record-interval", &self.backup.record_interval.to_string()])
+            .args(["--backup-keep-last", &self.backup.keep_last.to_string()])
+            .args(["--backup-keep-daily", &self.backup.keep_daily.to_string()])
             .args(entry.plain_http.then_some("--backup-plain-http"))
             // The key travels in the environment, never on argv (the process list shows argv).
             .env("ETH_PRIVATE_KEY", alloy::hex::encode_prefixed(self.key.to_bytes()))

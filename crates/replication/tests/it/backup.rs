@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use br2k_oci::registry::RegistryClient;
 use br2k_replication::SnapshotPolicy;
-use br2k_replication::backup::{BACKUP_TYPE, BackupConfig, LOG_MEDIA_TYPE, STATE_MEDIA_TYPE, SegmentEntry};
+use br2k_replication::backup::{
+    BACKUP_TYPE, BackupConfig, BackupManifest, Retention, SegmentEntry, SigningDomain, backup_tag, retention,
+    signature_tag,
+};
 use br2k_replication::{ProcessState, RequestKind};
 use br2k_test_utils::{EtcdCluster, OciRegistry};
 
@@ -14,40 +17,58 @@ use crate::harness::{Cluster, SERVICE, eventually};
 
 const REPOSITORY: &str = "br2k/journal";
 
+/// The backup `digest`'s manifest, read and checked.
+async fn manifest_of(client: &RegistryClient, digest: &str) -> BackupManifest {
+    let oci = client.pull_artifact_manifest(REPOSITORY, digest, &[BACKUP_TYPE]).await.unwrap();
+    BackupManifest::from_oci(&oci).unwrap()
+}
+
 /// The journal a backup holds: its snapshot's entries, then the Replication requests
 /// that succeeded after it.
 async fn restored_journal(client: &RegistryClient, digest: &str) -> Vec<(u64, String)> {
-    let artifact = client.pull_artifact(REPOSITORY, digest, BACKUP_TYPE).await.unwrap();
+    let backup = manifest_of(client, digest).await;
     let mut journal: Vec<(u64, String)> = Vec::new();
-    for layer in &artifact.layers {
-        match layer.media_type.as_str() {
-            STATE_MEDIA_TYPE => {
-                journal = serde_json::from_slice(br2k_replication::snapshot_app_bytes(&layer.bytes).unwrap()).unwrap();
+    if let Some(state) = &backup.state {
+        let bytes = client.fetch_blob(REPOSITORY, &state.blob.digest, state.blob.size).await.unwrap();
+        journal = serde_json::from_slice(br2k_replication::snapshot_app_bytes(&bytes).unwrap()).unwrap();
+    }
+    for segment in &backup.segments {
+        let bytes = client.fetch_blob(REPOSITORY, &segment.blob.digest, segment.blob.size).await.unwrap();
+        for line in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            let entry: SegmentEntry = serde_json::from_slice(line).unwrap();
+            let replicated = entry.state.kind == RequestKind::Replication && entry.state.state == ProcessState::Success;
+            if replicated && entry.index >= backup.log_from {
+                journal.push((entry.index, String::from_utf8(entry.request.body).unwrap()));
             }
-            LOG_MEDIA_TYPE => {
-                for line in layer.bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-                    let entry: SegmentEntry = serde_json::from_slice(line).unwrap();
-                    if entry.state.kind == RequestKind::Replication && entry.state.state == ProcessState::Success {
-                        journal.push((entry.index, String::from_utf8(entry.request.body).unwrap()));
-                    }
-                }
-            }
-            other => panic!("unexpected layer {other}"),
         }
     }
     journal
 }
 
 /// Three replicas on a chain that back up every second into `oci` (with `credentials`),
-/// snapshotting every 10 entries.
+/// snapshotting every 10 entries; every backup recorded on chain.
 async fn backed_up_cluster(oci: &OciRegistry, credentials: Option<br2k_oci::registry::Credentials>) -> Cluster {
+    backed_up_cluster_with(oci, credentials, |_| {}, SnapshotPolicy { interval: 10, trailing: 5 }).await
+}
+
+/// Three replicas on a chain that back up into `oci` as `schedule` changes the default
+/// (every second, each recorded on chain, the last 48 kept).
+async fn backed_up_cluster_with(
+    oci: &OciRegistry,
+    credentials: Option<br2k_oci::registry::Credentials>,
+    schedule: impl FnOnce(&mut BackupConfig),
+    snapshots: SnapshotPolicy,
+) -> Cluster {
     let mut cluster = Cluster::new(true).await;
-    cluster.backup = Some(BackupConfig {
-        registry: Arc::new(RegistryClient::new(&oci.url(), true, credentials).unwrap()),
-        repository: REPOSITORY.into(),
+    let registry = Arc::new(RegistryClient::new(&oci.url(), true, credentials).unwrap());
+    let mut config = BackupConfig {
         interval: Duration::from_secs(1),
-    });
-    cluster.with_replicas(SnapshotPolicy { interval: 10, trailing: 5 }).await
+        record_interval: Duration::from_secs(1),
+        ..BackupConfig::new(registry, REPOSITORY)
+    };
+    schedule(&mut config);
+    cluster.backup = Some(config);
+    cluster.with_replicas(snapshots).await
 }
 
 /// Waits until the chain records a backup reaching `index`; returns it and its manifest
@@ -61,6 +82,16 @@ async fn recorded_reaching(c: &Cluster, index: u64) -> (br2k_resolver::RecordedB
     let recorded = chain.backup(SERVICE).await.unwrap().unwrap();
     let digest = format!("sha256:{}", alloy::hex::encode(recorded.digest));
     (recorded, digest)
+}
+
+/// Waits until the leader's newest backup (signed, maybe not recorded) reaches `index`;
+/// returns its status.
+async fn backed_up_to(c: &Cluster, index: u64) -> br2k_replication::backup::BackupStatus {
+    eventually("the leader's newest backup reaches the last request", async || {
+        c.statuses().iter().any(|s| s.role == br2k_replication::Role::Leader && s.backup.index >= index)
+    })
+    .await;
+    c.statuses().into_iter().find(|s| s.role == br2k_replication::Role::Leader).unwrap().backup
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -142,16 +173,17 @@ async fn a_tampered_backup_is_refused_and_nothing_serves_from_it() {
     let oci = OciRegistry::spawn(None).expect("docker-registry starts (run `bash tools/setup.sh` if it is missing)");
     let mut c = backed_up_cluster(&oci, None).await;
     let expected = c.load().append_many("t", 12, 2).await;
-    let (_, digest) = recorded_reaching(&c, expected.last().unwrap().0).await;
-    // Stop backups (a new leader would record a new one), then alter the recorded one's
-    // log in the registry's storage.
+    // The newest backup, which a restore would use: no request comes after it.
+    let digest = backed_up_to(&c, expected.last().unwrap().0).await.digest.unwrap();
+    // Stop backups (a new leader would push a new one), then alter the newest one's last
+    // segment in the registry's storage.
     for i in 0..3 {
         c.replicas[i].crash();
     }
     let client = RegistryClient::new(&oci.url(), true, None).unwrap();
-    let artifact = client.pull_artifact(REPOSITORY, &digest, BACKUP_TYPE).await.unwrap();
-    let log = artifact.layers.iter().find(|l| l.media_type == LOG_MEDIA_TYPE).unwrap();
-    let hex = br2k_oci::image::sha256_digest(&log.bytes).trim_start_matches("sha256:").to_owned();
+    let backup = manifest_of(&client, &digest).await;
+    let segment = backup.segments.last().unwrap();
+    let hex = segment.blob.digest.trim_start_matches("sha256:").to_owned();
     let path = oci.storage().join("docker/registry/v2/blobs/sha256").join(&hex[..2]).join(&hex).join("data");
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[10] ^= 1;
@@ -207,8 +239,207 @@ async fn registry_credentials_never_reach_etcd_the_chain_or_a_log_line() {
     }
     assert!(!recorded.artifact.contains(PASSWORD) && !recorded.artifact.contains("backup-bot"), "{recorded:?}");
     let logged = String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned();
-    assert!(logged.contains("backup pushed and recorded"), "the logs were captured");
+    assert!(logged.contains("backup recorded on chain"), "the logs were captured");
     assert!(!logged.contains(PASSWORD), "the password is in the logs");
     let basic = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, format!("backup-bot:{PASSWORD}"));
     assert!(!logged.contains(&basic), "the Authorization header is in the logs");
+}
+
+/// Asks the leader for a backup now (recorded on chain too) and waits until the chain
+/// records one reaching `index`; its manifest digest.
+async fn back_up_now(c: &Cluster, index: u64) -> String {
+    assert_eq!(c.post_to_leader("/br2k/backup", "", None).await.status(), 202);
+    recorded_reaching(c, index).await.1
+}
+
+/// The bytes of the manifest `tag` of the repository names.
+async fn manifest_bytes(client: &RegistryClient, tag: &str) -> u64 {
+    let digest = client.manifest_digest(REPOSITORY, tag).await.unwrap();
+    let media = br2k_oci::image::media_type::MANIFEST;
+    client.fetch_manifest(REPOSITORY, &digest, media, "").await.unwrap().len() as u64
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backup_uploads_only_the_entries_since_the_last_one() {
+    let oci = OciRegistry::spawn(None).expect("docker-registry starts (run `bash tools/setup.sh` if it is missing)");
+    let client = RegistryClient::new(&oci.url(), true, None).unwrap();
+    let hourly = |b: &mut BackupConfig| {
+        b.interval = Duration::from_secs(3600);
+        b.record_interval = Duration::from_secs(3600);
+    };
+    let c = backed_up_cluster_with(&oci, None, hourly, SnapshotPolicy { interval: 1000, trailing: 100 }).await;
+    let first = c.load().append_many("i", 20, 4).await;
+    let d1 = back_up_now(&c, first.last().unwrap().0).await;
+    let before = oci.blob_bytes();
+
+    let more = c.load().append_many("j", 10, 2).await;
+    let d2 = back_up_now(&c, more.last().unwrap().0).await;
+    let grown = oci.blob_bytes() - before;
+
+    let (b1, b2) = (manifest_of(&client, &d1).await, manifest_of(&client, &d2).await);
+    assert_eq!(b2.previous.as_deref(), Some(d1.as_str()), "a backup names the one before it");
+    assert_eq!(b2.segments[..b1.segments.len()], b1.segments[..], "the earlier segments are named, not sent again");
+    let new = b2.segments.last().unwrap();
+    assert_eq!((new.from, new.to), (b1.index + 1, b2.index), "one new segment: the 10 entries since the last backup");
+    let manifests =
+        manifest_bytes(&client, &backup_tag(b2.index)).await + manifest_bytes(&client, &signature_tag(b2.index)).await;
+    assert_eq!(grown, new.blob.size + manifests, "the registry grew by the new segment and two small manifests");
+    let whole = b2.segments.iter().map(|s| s.blob.size).sum::<u64>();
+    assert!(new.blob.size * 2 < whole, "10 of 30 entries' bytes, not the whole log: {} of {whole}", new.blob.size);
+    assert_eq!(restored_journal(&client, &d2).await, first.into_iter().chain(more).collect::<Vec<_>>());
+    eprintln!(
+        "registry growth for a backup of 10 new entries: {grown} bytes ({} segment + {manifests} manifests); the \
+         whole log since the snapshot (what each backup used to send): {whole} bytes",
+        new.blob.size
+    );
+}
+
+/// The backup indexes the repository's tags name, and whether each has its signature.
+async fn backups_in(client: &RegistryClient) -> Vec<(u64, bool)> {
+    let tags = client.tags(REPOSITORY).await.unwrap();
+    let mut backups: Vec<(u64, bool)> = tags
+        .iter()
+        .filter_map(|t| br2k_replication::backup::manifest::tag_index(t))
+        .map(|i| (i, tags.contains(&signature_tag(i))))
+        .collect();
+    backups.sort_unstable();
+    backups
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retention_deletes_what_its_policy_does_not_keep_never_the_anchor_and_gc_frees_their_blobs() {
+    let mut oci =
+        OciRegistry::spawn(None).expect("docker-registry starts (run `bash tools/setup.sh` if it is missing)");
+    let client = RegistryClient::new(&oci.url(), true, None).unwrap();
+    let keep_four = |b: &mut BackupConfig| {
+        b.interval = Duration::from_secs(3600);
+        b.record_interval = Duration::from_secs(3600);
+        b.retention = Retention { keep_last: 4, keep_daily: 0 };
+    };
+    let mut c = backed_up_cluster_with(&oci, None, keep_four, SnapshotPolicy { interval: 10, trailing: 5 }).await;
+    let mut indexes = Vec::new();
+    for round in 0..6 {
+        let appended = c.load().append_many(&format!("r{round}-"), 3, 1).await;
+        let index = appended.last().unwrap().0;
+        back_up_now(&c, index).await;
+        indexes.push(index);
+    }
+    // The leader prunes after each backup it records: the newest four stay, signed.
+    let newest: Vec<(u64, bool)> = indexes[2..].iter().map(|i| (*i, true)).collect();
+    eventually("the leader's retention keeps the newest four", async || backups_in(&client).await == newest).await;
+    for i in 0..3 {
+        c.replicas[i].crash();
+    }
+
+    // With the anchor at the oldest of them, keeping one keeps the anchor and what follows.
+    let mut created = std::collections::BTreeMap::new();
+    let lenient = Retention { keep_last: 1, keep_daily: 0 };
+    let pruned = retention::prune(&client, REPOSITORY, lenient, indexes[2], &mut created).await.unwrap();
+    assert_eq!((pruned.kept, pruned.deleted), (4, 0), "the anchor and everything after it stay");
+    let strict = Retention { keep_last: 2, keep_daily: 0 };
+    let pruned = retention::prune(&client, REPOSITORY, strict, indexes[5], &mut created).await.unwrap();
+    assert_eq!((pruned.kept, pruned.deleted), (2, 2));
+    assert_eq!(backups_in(&client).await, vec![(indexes[4], true), (indexes[5], true)]);
+
+    // The registry's own garbage collection frees what only deleted backups named: what
+    // stays is exactly the kept backups' blobs and manifests.
+    let before = oci.blob_bytes();
+    oci.garbage_collect().unwrap();
+    let after = oci.blob_bytes();
+    let mut referenced = std::collections::BTreeMap::new();
+    let mut manifests = 0;
+    for index in [indexes[4], indexes[5]] {
+        let digest = client.manifest_digest(REPOSITORY, &backup_tag(index)).await.unwrap();
+        for blob in manifest_of(&client, &digest).await.to_oci().layers {
+            referenced.insert(blob.digest, blob.size);
+        }
+        manifests +=
+            manifest_bytes(&client, &backup_tag(index)).await + manifest_bytes(&client, &signature_tag(index)).await;
+    }
+    let config = br2k_oci::artifact::EMPTY_CONFIG.len() as u64;
+    let bound = referenced.values().sum::<u64>() + manifests + config;
+    assert!(after < before, "garbage collection freed the deleted backups' blobs: {before} -> {after}");
+    assert_eq!(after, bound, "the registry holds exactly what the kept backups name");
+    eprintln!("registry blobs: {before} bytes before garbage collection, {after} after (2 backups kept)");
+    drop(c);
+}
+
+/// A segment of `count` entries after `after`, made from `template` (a real entry) with
+/// `text` bodies.
+fn forged_segment(template: &SegmentEntry, after: u64, count: u64, text: &str) -> Vec<u8> {
+    let mut lines = Vec::new();
+    for n in 1..=count {
+        let mut entry = template.clone();
+        entry.index = after + n;
+        entry.request.body = format!("{text}{n}").into_bytes();
+        lines.extend(serde_json::to_vec(&entry).unwrap());
+        lines.push(b'\n');
+    }
+    lines
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restore_takes_the_newest_signed_backup_past_the_anchor_and_refuses_forged_ones() {
+    let oci = OciRegistry::spawn(None).expect("docker-registry starts (run `bash tools/setup.sh` if it is missing)");
+    let client = RegistryClient::new(&oci.url(), true, None).unwrap();
+    let rarely_recorded = |b: &mut BackupConfig| b.record_interval = Duration::from_secs(3600);
+    let mut c = backed_up_cluster_with(&oci, None, rarely_recorded, SnapshotPolicy { interval: 10, trailing: 5 }).await;
+    let early = c.load().append_many("e", 4, 1).await;
+    recorded_reaching(&c, early.last().unwrap().0).await;
+    let late = c.load().append_many("l", 8, 2).await;
+    let expected: Vec<_> = early.into_iter().chain(late).collect();
+    let last = expected.last().unwrap().0;
+    let head = backed_up_to(&c, last).await.digest.unwrap();
+    let registry = c.registry.as_ref().unwrap();
+    let anchor = registry.manager.backup(SERVICE).await.unwrap().unwrap();
+    assert!(anchor.index < last, "the chain records an older backup ({}) than the newest ({last})", anchor.index);
+    for i in 0..3 {
+        c.replicas[i].crash();
+    }
+
+    // Two newer backups continue the head: one signed by a key that is no operator, one
+    // signed by an operator but with a gap in its log.
+    let head_manifest = manifest_of(&client, &head).await;
+    let tail = head_manifest.segments.last().unwrap();
+    let bytes = client.fetch_blob(REPOSITORY, &tail.blob.digest, tail.blob.size).await.unwrap();
+    let template: SegmentEntry =
+        serde_json::from_slice(bytes.split(|b| *b == b'\n').find(|l| !l.is_empty()).unwrap()).unwrap();
+    let domain = SigningDomain {
+        chain_id: registry.manager.chain().chain_id(),
+        registry: registry.manager.address(),
+        service: br2k_resolver::service_id(SERVICE),
+    };
+    let forge = async |from: u64, count: u64, signer: &alloy::signers::local::PrivateKeySigner| {
+        let lines = forged_segment(&template, from - 1, count, "forged");
+        let annotations = std::collections::BTreeMap::from([
+            ("io.br2k.segment.from".to_owned(), from.to_string()),
+            ("io.br2k.segment.to".to_owned(), (from + count - 1).to_string()),
+        ]);
+        let (blob, _) =
+            client.push_layer(REPOSITORY, br2k_replication::backup::LOG_MEDIA_TYPE, annotations, lines).await.unwrap();
+        let mut forged = head_manifest.clone();
+        forged.index = from + count - 1;
+        forged.previous = Some(head.clone());
+        forged.segments.push(br2k_replication::backup::SegmentBlob { blob, from, to: forged.index, level: 0 });
+        let oci = forged.to_oci();
+        let digest = client.push_artifact_manifest(REPOSITORY, &backup_tag(forged.index), &oci).await.unwrap();
+        let signature = domain.sign(signer, forged.index, &digest, oci.to_bytes().len() as u64).unwrap();
+        client.push_artifact_manifest(REPOSITORY, &signature_tag(forged.index), &signature).await.unwrap();
+    };
+    let stranger = registry.anvil.key(7);
+    assert!(!registry.manager.is_operator(SERVICE, stranger.address()).await.unwrap());
+    forge(last + 1, 5, &stranger).await;
+    let operator = registry.anvil.key(1);
+    forge(last + 2, 2, &operator).await;
+
+    disaster(&mut c).await;
+    c.converged(&expected).await;
+    let after = c.post_to_leader("/append", "after", Some("k-after")).await;
+    assert_eq!(after.status(), 200);
+    assert_eq!(
+        after.headers()["br2k-index"].to_str().unwrap(),
+        (last + 1).to_string(),
+        "restored to the newest signed backup ({last}), past the anchor ({}), not to a forged one",
+        anchor.index
+    );
 }

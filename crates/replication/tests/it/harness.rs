@@ -553,7 +553,10 @@ impl Cluster {
         if let Some(registry) = &self.registry {
             let chain =
                 Chain::connect(&registry.anvil.endpoint(), Some(registry.anvil.key(i + 1)), timeouts()).await.unwrap();
-            config = config.with_publisher(Publisher::new(chain.registry(registry.manager.address()).await.unwrap()));
+            config = config.with_publisher(Publisher::new(
+                chain.registry(registry.manager.address()).await.unwrap(),
+                registry.anvil.key(i + 1),
+            ));
         }
         config.outbox.clone_from(&self.outbox);
         config.admin_token = Some(br2k_replication::AdminToken::new(ADMIN_TOKEN));

@@ -1,0 +1,607 @@
+//! Backups of the service, by the leader, into the service's container registry, anchored
+//! on chain (the paper's follow-up: backups located through the service registry).
+//!
+//! A backup is an OCI artifact (`application/vnd.br2k.backup.v2`, see [`manifest`]) whose
+//! manifest names a base snapshot and the log segments after it up to the SSI. Each
+//! backup uploads only what the registry lacks: the entries since the previous backup as
+//! one new segment, the snapshot only when a newer one replaced it, and a small manifest.
+//! Segments merge as they pile up (every [`FANOUT`] of one level into one of the next), so
+//! a manifest names a few dozen blobs at most and each entry is uploaded about
+//! `1 + log_FANOUT(backups per snapshot)` times, where a backup used to upload every
+//! entry since the snapshot again.
+//!
+//! Every backup is signed by the leader's operator key (a signature artifact beside it),
+//! and names the backup before it, so backups form a hash chain. Only every
+//! `record_interval` is one recorded on chain (`recordBackup`, the anchor): gas falls by
+//! the ratio of the two intervals while the recovery point stays one backup interval,
+//! because a restore takes the newest backup signed by an operator whose chain reaches the
+//! anchor ([`lineage`]). Retention ([`retention`]) deletes the backups its policy does not
+//! keep, never the anchor nor what links the newest to it.
+//!
+//! A registry or chain that does not answer never stops the service: the task retries
+//! with a growing pause, and `/br2k/status` shows how far behind it is.
+//!
+//! **Restore** ([`restore`]): a Register whose etcd holds no log at all (every member lost
+//! its data) restores the newest linked backup before it takes leadership.
+
+pub mod lineage;
+pub mod manifest;
+mod restore;
+pub mod retention;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use br2k_oci::registry::RegistryClient;
+use br2k_resolver::RecordedBackup;
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use self::lineage::{Found, Lineage};
+pub use self::manifest::{
+    BACKUP_TYPE, BACKUP_TYPE_V1, BackupManifest, LOG_MEDIA_TYPE, SIGNATURE_TYPE, STATE_MEDIA_TYPE, SegmentBlob,
+    SegmentEntry, SigningDomain, StateBlob, TAG_PREFIX, TALLY_ANNOTATION, TERMS_ANNOTATION, backup_tag, signature_tag,
+};
+pub use self::retention::Retention;
+use crate::app::AppState;
+use crate::data::CompactedLog;
+use crate::error::{Error, Result};
+use crate::runtime::Runtime;
+use crate::store::Term;
+
+/// The least time between two backups asked for with `POST /br2k/backup`.
+const ON_DEMAND_SPACING: Duration = Duration::from_secs(1);
+
+/// How many segments of one level merge into one of the next.
+pub const FANOUT: usize = 8;
+
+/// Where and how often the leader backs the service up.
+#[derive(Clone, Debug)]
+pub struct BackupConfig {
+    /// The service's container registry, with its credentials (from the environment or
+    /// Docker's config.json, never from etcd or the chain).
+    pub registry: Arc<RegistryClient>,
+    /// The repository backups go to (the service's image repository).
+    pub repository: String,
+    /// How often the leader pushes a backup (default 30 s): what a total disaster can lose
+    /// is bounded by it.
+    pub interval: Duration,
+    /// How often a backup is recorded on chain (default 10 min): what backups cost in gas.
+    pub record_interval: Duration,
+    /// Which backups stay in the registry.
+    pub retention: Retention,
+}
+
+impl BackupConfig {
+    /// Backups into `repository` of `registry` at the defaults: every 30 s, one in twenty
+    /// recorded on chain (every 10 min), the last 48 and 7 daily kept.
+    pub fn new(registry: Arc<RegistryClient>, repository: impl Into<String>) -> Self {
+        Self {
+            registry,
+            repository: repository.into(),
+            interval: Duration::from_secs(30),
+            record_interval: Duration::from_secs(600),
+            retention: Retention::default(),
+        }
+    }
+}
+
+/// What `/br2k/status` says of backups.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupStatus {
+    /// The index the latest backup reaches (0: none yet): signed, and linked to the anchor.
+    pub index: u64,
+    /// Its manifest's digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    /// When it was pushed, seconds since the Unix epoch.
+    #[serde(default)]
+    pub at: u64,
+    /// How long reading, pushing (and recording) it took, milliseconds.
+    #[serde(default)]
+    pub took_ms: u64,
+    /// Its size: its snapshot and segments, bytes.
+    #[serde(default)]
+    pub bytes: u64,
+    /// What pushing it uploaded (the blobs the registry lacked, and its manifests), bytes.
+    #[serde(default)]
+    pub pushed_bytes: u64,
+    /// How many log segments it names.
+    #[serde(default)]
+    pub segments: u64,
+    /// Why the last attempt failed, if it did and none has succeeded since.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// The backup interval, milliseconds (0: this replica does not back up): what a total
+    /// disaster may lose of what was acknowledged.
+    #[serde(default)]
+    pub interval_ms: u64,
+    /// The backup recorded on chain, and what recording costs.
+    #[serde(default)]
+    pub anchor: AnchorStatus,
+    /// Backups in the registry after the last retention pass, and deleted by this replica.
+    #[serde(default)]
+    pub kept: u64,
+    /// Backups this replica deleted under the retention policy.
+    #[serde(default)]
+    pub deleted: u64,
+}
+
+/// The backup recorded on chain (the anchor) and the gas recording costs.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AnchorStatus {
+    /// The index it reaches (0: none yet).
+    pub index: u64,
+    /// Its manifest's digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    /// When the chain recorded it, seconds since the Unix epoch (block time).
+    #[serde(default)]
+    pub at: u64,
+    /// How often one is recorded, milliseconds.
+    #[serde(default)]
+    pub interval_ms: u64,
+    /// Anchors this replica recorded.
+    #[serde(default)]
+    pub count: u64,
+    /// Gas they used.
+    #[serde(default)]
+    pub gas_total: u64,
+    /// Gas the latest used.
+    #[serde(default)]
+    pub gas_last: u64,
+    /// Gas a day at this rate: the latest anchor's gas times anchors a day at the record
+    /// interval (while requests keep coming; an idle service records none).
+    #[serde(default)]
+    pub gas_per_day: u64,
+}
+
+/// The leader's backup task: ends the term only when leadership is lost.
+pub(crate) async fn back_up_while_leading<S: AppState>(runtime: Arc<Runtime<S>>, term: Term) -> Result<()> {
+    let Some(config) = runtime.config.backup.clone() else { return Ok(()) };
+    let interval_ms = u64::try_from(config.interval.as_millis()).unwrap_or(u64::MAX);
+    let record_ms = u64::try_from(config.record_interval.as_millis()).unwrap_or(u64::MAX);
+    runtime.set_status(|s| {
+        s.backup.interval_ms = interval_ms;
+        s.backup.anchor.interval_ms = record_ms;
+    });
+    let mut writer = Writer::new(&runtime, &term, &config);
+    let mut pause = config.interval;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            // `POST /br2k/backup` (`br2k backup now`): anyone who reaches the service can
+            // ask, so asking only brings the next backup (and its anchor) forward, to at
+            // most one a second.
+            () = runtime.backup_now.notified() => tokio::time::sleep(ON_DEMAND_SPACING).await,
+        }
+        let started = std::time::Instant::now();
+        match writer.back_up_once().await {
+            Ok(()) => {
+                // What a backup holds is read when it starts and safe once it is pushed:
+                // starting the next one earlier by twice this one's duration keeps them
+                // about an interval apart, so that nothing acknowledged more than an
+                // interval ago is missing from the newest backup.
+                pause = config.interval.saturating_sub(started.elapsed() * 2).max(config.interval / 2);
+                runtime.set_status(|s| s.backup.last_error = None);
+            }
+            Err(e @ Error::LeadershipLost { .. }) => return Err(e),
+            Err(e) => {
+                pause = (pause * 2).min(Duration::from_secs(300)).max(config.interval);
+                warn!(error = %e, retry_in = ?pause, "backup failed; the service keeps answering");
+                let text = e.to_string();
+                runtime.set_status(|s| s.backup.last_error = Some(text));
+            }
+        }
+    }
+}
+
+/// What the leader knows of its backups during one term.
+struct Writer<'a, S: AppState> {
+    runtime: &'a Arc<Runtime<S>>,
+    term: &'a Term,
+    config: &'a BackupConfig,
+    /// The backup the next one continues, once found (`None` before, or when none could be
+    /// found: the next backup then starts a chain of its own, recorded on chain at once).
+    head: Option<Found>,
+    /// Whether `head` was looked for this term.
+    looked: bool,
+    /// The backup the chain records.
+    anchor: Option<RecordedBackup>,
+    /// Segments this leader pushed, by digest, while a manifest still names them: merged
+    /// without being fetched back.
+    pushed: HashMap<String, Vec<u8>>,
+    /// When each backup in the registry was made, for retention.
+    created: BTreeMap<u64, (String, u64)>,
+    /// When retention last ran without an anchor to trigger it (no chain).
+    pruned_at: std::time::Instant,
+}
+
+impl<'a, S: AppState> Writer<'a, S> {
+    fn new(runtime: &'a Arc<Runtime<S>>, term: &'a Term, config: &'a BackupConfig) -> Self {
+        Self {
+            runtime,
+            term,
+            config,
+            head: None,
+            looked: false,
+            anchor: None,
+            pushed: HashMap::new(),
+            created: BTreeMap::new(),
+            pruned_at: std::time::Instant::now(),
+        }
+    }
+
+    /// Reads the anchor, and the newest backup linked to it, which this term's backups
+    /// continue.
+    async fn find_head(&mut self) -> Result<()> {
+        let Some(publisher) = &self.runtime.config.publisher else {
+            self.looked = true;
+            return Ok(());
+        };
+        let service = &self.runtime.config.service;
+        self.anchor = publisher
+            .registry
+            .backup(service)
+            .await
+            .map_err(|e| Error::Backup(format!("read the backup recorded on chain: {e}")))?;
+        self.looked = true;
+        let Some(anchor) = self.anchor.clone() else { return Ok(()) };
+        self.show_anchor(&anchor);
+        let lineage = Lineage {
+            registry: &self.config.registry,
+            repository: &self.config.repository,
+            chain: &publisher.registry,
+            service,
+        };
+        match lineage.newest(&anchor).await {
+            Ok(found) => {
+                let (index, digest) = (found.manifest.index, found.digest.clone());
+                let (bytes, segments) = (found.manifest.bytes(), found.manifest.segments.len() as u64);
+                self.runtime.set_status(|s| {
+                    if s.backup.index < index {
+                        s.backup.index = index;
+                        s.backup.digest = Some(digest);
+                        s.backup.bytes = bytes;
+                        s.backup.segments = segments;
+                    }
+                });
+                self.head = Some(found);
+            }
+            // The next backup starts afresh and is recorded at once, so restores find it.
+            Err(e) => warn!(error = %e, "the newest backup cannot be found; the next one starts a new chain"),
+        }
+        Ok(())
+    }
+
+    fn show_anchor(&self, anchor: &RecordedBackup) {
+        let digest = format!("sha256:{:x}", anchor.digest);
+        let (index, at) = (anchor.index, anchor.recorded_at);
+        self.runtime.set_status(|s| {
+            s.backup.anchor.index = index;
+            s.backup.anchor.digest = Some(digest);
+            s.backup.anchor.at = at;
+        });
+    }
+
+    /// One backup, if anything was acknowledged since the last one.
+    async fn back_up_once(&mut self) -> Result<()> {
+        if !self.looked {
+            self.find_head().await?;
+        }
+        let forced = self.runtime.backup_forced.swap(false, Ordering::Relaxed);
+        let started = std::time::Instant::now();
+        let store = self.runtime.store();
+        let ssi = store.get_index(&self.runtime.keys.ssi()).await?;
+        let done = self.head.as_ref().map_or(0, |h| h.manifest.index);
+        if ssi <= done {
+            return Ok(());
+        }
+        let mut uploaded = 0u64;
+        let mut next = self.base(ssi, &mut uploaded).await?;
+        let new_from = next.segments.last().map_or(next.log_from, |s| s.to + 1);
+        if new_from <= ssi {
+            let bytes = self.read_entries(new_from, ssi).await?;
+            self.push_segment(&mut next, new_from, ssi, 0, bytes, &mut uploaded).await?;
+        }
+        self.merge(&mut next, &mut uploaded).await?;
+        let live: std::collections::HashSet<&str> = next.segments.iter().map(|s| s.blob.digest.as_str()).collect();
+        self.pushed.retain(|digest, _| live.contains(digest.as_str()));
+        next.index = ssi;
+        next.created = crate::data::unix_seconds();
+        next.check().map_err(|e| Error::Backup(format!("a backup this leader built does not fit: {e}")))?;
+
+        let repository = &self.config.repository;
+        let registry = &self.config.registry;
+        let oci = next.to_oci();
+        let manifest_bytes = oci.to_bytes().len() as u64;
+        let digest = registry
+            .push_artifact_manifest(repository, &backup_tag(ssi), &oci)
+            .await
+            .map_err(|e| Error::Backup(format!("push to {repository}: {e}")))?;
+        uploaded += manifest_bytes;
+        let mut anchored = false;
+        if let Some(publisher) = &self.runtime.config.publisher {
+            let lineage =
+                Lineage { registry, repository, chain: &publisher.registry, service: &self.runtime.config.service };
+            let signature = lineage
+                .domain()
+                .sign(&publisher.signer, ssi, &digest, manifest_bytes)
+                .map_err(|e| Error::Backup(format!("sign the backup: {e}")))?;
+            uploaded += signature.to_bytes().len() as u64;
+            registry
+                .push_artifact_manifest(repository, &signature_tag(ssi), &signature)
+                .await
+                .map_err(|e| Error::Backup(format!("push the backup's signature to {repository}: {e}")))?;
+            // A chain of its own (no head was found), a first backup, or the interval
+            // passed: record this one.
+            let now = crate::data::unix_seconds();
+            let due = self
+                .anchor
+                .as_ref()
+                .is_none_or(|a| now.saturating_sub(a.recorded_at) >= self.config.record_interval.as_secs());
+            if forced || due || self.head.is_none() {
+                self.record(&digest, ssi).await?;
+                anchored = true;
+            }
+        }
+        let took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        info!(index = ssi, %digest, uploaded, segments = next.segments.len(), anchored, "backup pushed");
+        let (bytes, segments) = (next.bytes(), next.segments.len() as u64);
+        let shown = digest.clone();
+        self.runtime.set_status(|s| {
+            s.backup.index = ssi;
+            s.backup.digest = Some(shown);
+            s.backup.at = next.created;
+            s.backup.took_ms = took_ms;
+            s.backup.bytes = bytes;
+            s.backup.pushed_bytes = uploaded;
+            s.backup.segments = segments;
+        });
+        self.created.insert(ssi, (digest.clone(), next.created));
+        self.head = Some(Found { digest, manifest: next, anchored });
+        let prune_due =
+            self.runtime.config.publisher.is_none() && self.pruned_at.elapsed() >= self.config.record_interval;
+        if anchored || prune_due {
+            self.prune().await;
+        }
+        Ok(())
+    }
+
+    /// What the next backup starts from: the head's snapshot and segments when its
+    /// snapshot is at least as new as this replica's and etcd still holds what follows
+    /// it; else this replica's latest snapshot (uploaded if the registry lacks it), with
+    /// the head's segments that reach past it.
+    async fn base(&mut self, ssi: u64, uploaded: &mut u64) -> Result<BackupManifest> {
+        let runtime = self.runtime;
+        let store = runtime.store();
+        let compacted = store.compacted().await?;
+        let local = runtime.latest_snapshot().filter(|s| s.index <= ssi);
+        let local_index = local.as_ref().map_or(0, |s| s.index);
+        let template = |log_from: u64, tally: CompactedLog| BackupManifest {
+            service: runtime.config.service.clone(),
+            index: ssi,
+            log_from,
+            previous: self.head.as_ref().map(|h| h.digest.clone()),
+            state: None,
+            segments: Vec::new(),
+            tally,
+            terms: 0,
+            created: 0,
+            replica: runtime.config.replica.clone(),
+            epoch: self.term.epoch,
+        };
+        let terms = store.get_index(&runtime.keys.terms()).await?;
+        if let Some(head) = &self.head {
+            let prev = &head.manifest;
+            let continues = prev.log_from.saturating_sub(1) >= local_index && prev.index + 1 >= compacted.first_index;
+            if continues && prev.artifact_is_current() {
+                let mut next = template(prev.log_from, prev.tally.clone());
+                next.state.clone_from(&prev.state);
+                next.segments.clone_from(&prev.segments);
+                next.terms = terms;
+                return Ok(next);
+            }
+        }
+        // Rebase on this replica's latest snapshot.
+        let log_from = local.as_ref().map_or(compacted.first_index.max(1), |s| s.index + 1);
+        if log_from < compacted.first_index {
+            return Err(Error::Backup(format!(
+                "etcd's log starts at {} but this replica's latest snapshot reaches {local_index}: the next snapshot \
+                 lets backups go on",
+                compacted.first_index
+            )));
+        }
+        let tally = self.tally_before(&compacted, log_from).await?;
+        let mut next = template(log_from, tally);
+        next.terms = terms;
+        if let Some(snapshot) = &local {
+            let path = runtime.snapshots.data_path(snapshot.index);
+            let bytes = tokio::fs::read(&path).await.map_err(|e| Error::Snapshot {
+                path: path.display().to_string(),
+                reason: format!("cannot read it for a backup (a newer snapshot may have replaced it): {e}"),
+            })?;
+            let annotations = BTreeMap::from([(br2k_oci::artifact::TITLE_ANNOTATION.to_owned(), "state".to_owned())]);
+            let size = bytes.len() as u64;
+            let (blob, fresh) = self
+                .config
+                .registry
+                .push_layer(&self.config.repository, STATE_MEDIA_TYPE, annotations, bytes)
+                .await
+                .map_err(|e| Error::Backup(format!("push the snapshot to {}: {e}", self.config.repository)))?;
+            *uploaded += if fresh { size } else { 0 };
+            next.state = Some(StateBlob { blob, index: snapshot.index, version: snapshot.state_version });
+        }
+        // The head's segments that reach past the snapshot stay (the first may start
+        // before it: a restore skips what the snapshot holds).
+        if let Some(head) = &self.head
+            && head.manifest.index + 1 >= log_from
+            && head.manifest.index + 1 >= compacted.first_index
+            && head.manifest.artifact_is_current()
+        {
+            next.segments = head.manifest.segments.iter().filter(|s| s.to >= log_from).cloned().collect();
+        }
+        Ok(next)
+    }
+
+    /// Table 2's counts of the entries before `log_from`: compaction's tally, plus the
+    /// entries etcd still holds below it.
+    async fn tally_before(&self, compacted: &CompactedLog, log_from: u64) -> Result<CompactedLog> {
+        let store = self.runtime.store();
+        let mut before = compacted.clone();
+        let mut next = compacted.first_index.max(1);
+        while next < log_from {
+            let page = store.states(next, log_from - 1).await?;
+            let Some(&(last, _)) = page.last() else { break };
+            for (_, state) in page.iter().filter(|(index, _)| *index < log_from) {
+                before.count(state);
+            }
+            next = last + 1;
+        }
+        before.first_index = log_from;
+        Ok(before)
+    }
+
+    /// The entries `from..=to` as a segment's JSON lines.
+    async fn read_entries(&self, from: u64, to: u64) -> Result<Vec<u8>> {
+        let store = self.runtime.store();
+        let mut lines = Vec::new();
+        let mut next = from;
+        while next <= to {
+            let page = store.entries(next, to).await?;
+            let Some(last) = page.last().map(|e| e.index) else {
+                return Err(Error::Backup(format!("etcd holds no entry from {next} to {to}")));
+            };
+            for entry in page {
+                if entry.index != next {
+                    return Err(Error::Backup(format!("etcd's log has no entry {next} (compacted?)")));
+                }
+                let line = SegmentEntry { index: entry.index, state: entry.state, request: entry.request };
+                lines.extend(serde_json::to_vec(&line).expect("entries serialize"));
+                lines.push(b'\n');
+                next += 1;
+            }
+            next = next.max(last + 1);
+        }
+        Ok(lines)
+    }
+
+    async fn push_segment(
+        &mut self,
+        next: &mut BackupManifest,
+        from: u64,
+        to: u64,
+        level: u32,
+        bytes: Vec<u8>,
+        uploaded: &mut u64,
+    ) -> Result<()> {
+        let size = bytes.len() as u64;
+        let (blob, fresh) = self
+            .config
+            .registry
+            .push_layer(
+                &self.config.repository,
+                LOG_MEDIA_TYPE,
+                manifest::segment_annotations(from, to, level),
+                bytes.clone(),
+            )
+            .await
+            .map_err(|e| Error::Backup(format!("push a log segment to {}: {e}", self.config.repository)))?;
+        *uploaded += if fresh { size } else { 0 };
+        self.pushed.insert(blob.digest.clone(), bytes);
+        next.segments.push(SegmentBlob { blob, from, to, level });
+        Ok(())
+    }
+
+    /// Merges the last [`FANOUT`] segments while they are of one level.
+    async fn merge(&mut self, next: &mut BackupManifest, uploaded: &mut u64) -> Result<()> {
+        loop {
+            let n = next.segments.len();
+            if n < FANOUT {
+                return Ok(());
+            }
+            let level = next.segments[n - 1].level;
+            if next.segments[n - FANOUT..].iter().any(|s| s.level != level) {
+                return Ok(());
+            }
+            let merged: Vec<SegmentBlob> = next.segments.drain(n - FANOUT..).collect();
+            let mut bytes = Vec::new();
+            for segment in &merged {
+                match self.pushed.get(&segment.blob.digest) {
+                    Some(held) => bytes.extend_from_slice(held),
+                    None => bytes.extend_from_slice(
+                        &self
+                            .config
+                            .registry
+                            .fetch_blob(&self.config.repository, &segment.blob.digest, segment.blob.size)
+                            .await
+                            .map_err(|e| Error::Backup(format!("fetch a segment to merge: {e}")))?,
+                    ),
+                }
+            }
+            let (from, to) = (merged[0].from, merged[FANOUT - 1].to);
+            self.push_segment(next, from, to, level + 1, bytes, uploaded).await?;
+        }
+    }
+
+    /// Records the backup `digest` reaching `index` on chain.
+    async fn record(&mut self, digest: &str, index: u64) -> Result<()> {
+        let Some(publisher) = &self.runtime.config.publisher else { return Ok(()) };
+        let service = &self.runtime.config.service;
+        let hash = digest
+            .strip_prefix("sha256:")
+            .and_then(|h| h.parse().ok())
+            .ok_or_else(|| Error::Backup(format!("the registry reported an odd digest {digest}")))?;
+        let reference = format!("{}/{}@{digest}", self.config.registry.host(), self.config.repository);
+        let outcome = publisher
+            .registry
+            .record_backup(service, index, hash, &reference)
+            .await
+            .map_err(|e| Error::Backup(format!("record on chain: {e}")))?;
+        let recorded =
+            RecordedBackup { index, digest: hash, artifact: reference, recorded_at: crate::data::unix_seconds() };
+        self.show_anchor(&recorded);
+        self.anchor = Some(recorded);
+        let per_day = outcome.gas_used.saturating_mul(86_400) / self.config.record_interval.as_secs().max(1);
+        self.runtime.set_status(|s| {
+            s.backup.anchor.count += 1;
+            s.backup.anchor.gas_total += outcome.gas_used;
+            s.backup.anchor.gas_last = outcome.gas_used;
+            s.backup.anchor.gas_per_day = per_day;
+        });
+        info!(index, %digest, gas = outcome.gas_used, "backup recorded on chain");
+        Ok(())
+    }
+
+    /// Applies the retention policy; a failure is logged and retried after the next
+    /// anchor (backups go on meanwhile).
+    async fn prune(&mut self) {
+        self.pruned_at = std::time::Instant::now();
+        let anchor = self.anchor.as_ref().map_or(0, |a| a.index);
+        match retention::prune(
+            &self.config.registry,
+            &self.config.repository,
+            self.config.retention,
+            anchor,
+            &mut self.created,
+        )
+        .await
+        {
+            Ok(pruned) => self.runtime.set_status(|s| {
+                s.backup.kept = pruned.kept as u64;
+                s.backup.deleted += pruned.deleted as u64;
+            }),
+            Err(e) => warn!(error = %e, "retention failed; it runs again after the next anchor"),
+        }
+    }
+}
+
+impl BackupManifest {
+    /// Whether its segments can be continued (a first-format backup's one log layer is
+    /// continued by rebasing instead).
+    fn artifact_is_current(&self) -> bool {
+        self.segments.iter().all(|s| s.blob.annotations.contains_key("io.br2k.segment.from"))
+    }
+}
