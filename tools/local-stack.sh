@@ -38,7 +38,8 @@ start_stack() {
   anvil --host 127.0.0.1 --port "$chain_port" --silent >"$work/anvil.log" 2>&1 &
   stack_pids+=($!)
   oci_port=$(free_port)
-  printf 'version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: %s\nhttp:\n  addr: 127.0.0.1:%s\n' \
+  # Deletes allowed: backup retention deletes old backups through the registry's API.
+  printf 'version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: %s\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:%s\n' \
     "$work/oci" "$oci_port" >"$work/oci.yml"
   docker-registry serve "$work/oci.yml" >"$work/oci.log" 2>&1 &
   stack_pids+=($!)

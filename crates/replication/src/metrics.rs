@@ -122,6 +122,12 @@ struct Gauges {
     backup_index: Gauge,
     backup_lag: Gauge,
     backup_age: FloatGauge,
+    backup_pushed_bytes: Gauge,
+    backup_segments: Gauge,
+    backup_anchor_index: Gauge,
+    backup_anchor_gas: Gauge,
+    backup_anchor_gas_per_day: Gauge,
+    backups_deleted: Gauge,
     stopped_at: Gauge,
     diverged_at: Gauge,
     idempotency_records: Gauge,
@@ -248,6 +254,36 @@ impl Metrics {
             gauges.backup_age.clone(),
         );
         registry.register(
+            "backup_pushed_bytes",
+            "What the latest backup uploaded: the blobs the registry lacked and its manifests, bytes",
+            gauges.backup_pushed_bytes.clone(),
+        );
+        registry.register(
+            "backup_segments",
+            "Log segments the latest backup names (they merge eight to one as they pile up)",
+            gauges.backup_segments.clone(),
+        );
+        registry.register(
+            "backup_anchor_index",
+            "The index of the backup recorded on chain, which restores link back to (0: none yet)",
+            gauges.backup_anchor_index.clone(),
+        );
+        registry.register(
+            "backup_anchor_gas",
+            "Gas this replica spent recording backups on chain",
+            gauges.backup_anchor_gas.clone(),
+        );
+        registry.register(
+            "backup_anchor_gas_per_day",
+            "Gas a day recording backups costs at the record interval (the latest anchor's gas times anchors a day)",
+            gauges.backup_anchor_gas_per_day.clone(),
+        );
+        registry.register(
+            "backups_deleted",
+            "Backups this replica deleted under the retention policy",
+            gauges.backups_deleted.clone(),
+        );
+        registry.register(
             "idempotency_keys",
             "Idempotency keys in this replica's table (a retry with one gets its stored answer)",
             gauges.idempotency_records.clone(),
@@ -361,6 +397,12 @@ impl Metrics {
         set(&g.backup_index, backup.index);
         set(&g.backup_lag, if backup.index == 0 { 0 } else { status.ssi.saturating_sub(backup.index) });
         g.backup_age.set(if backup.at == 0 { 0.0 } else { now_secs.saturating_sub(backup.at) as f64 });
+        set(&g.backup_pushed_bytes, backup.pushed_bytes);
+        set(&g.backup_segments, backup.segments);
+        set(&g.backup_anchor_index, backup.anchor.index);
+        set(&g.backup_anchor_gas, backup.anchor.gas_total);
+        set(&g.backup_anchor_gas_per_day, backup.anchor.gas_per_day);
+        set(&g.backups_deleted, backup.deleted);
         set(&g.stopped_at, status.fault.as_ref().map_or(0, |f| f.index));
         set(&g.diverged_at, status.divergence.as_ref().map_or(0, |d| d.index));
         let table = &status.idempotency;

@@ -48,7 +48,7 @@ pub struct RequestCounts {
     pub duplicates: u64,
     /// Acknowledged with a position that the log does not have the request at.
     pub wrong_answers: u64,
-    /// Acknowledged after the backup recorded on chain before a total disaster, and gone
+    /// Acknowledged after the newest backup before a total disaster, and gone
     /// after the restore: what the backup interval allows to be lost. Those acknowledged
     /// more than an interval before the disaster count as `lost` too.
     pub lost_in_disaster: u64,
@@ -59,8 +59,9 @@ pub struct RequestCounts {
 pub struct Disaster {
     /// When it struck, from the start of the run (milliseconds).
     pub at_ms: u64,
-    /// The log index the backup recorded on chain reached just before: every request
-    /// acknowledged at or below it must survive.
+    /// The log index the newest backup reached just before (signed by the leader and
+    /// linked to the one recorded on chain, or that one): every request acknowledged at or
+    /// below it must survive.
     pub recovery_point: u64,
     /// The service's backup interval (milliseconds): nothing acknowledged longer than this
     /// before the disaster may be lost.

@@ -107,8 +107,8 @@ pub async fn run_users(
                 }
             };
             progress(&format!(
-                "{:>5.1} s: DISASTER: killed {} processes and deleted every replica's data; the backup recorded on \
-                 chain reached index {} (backup interval {:.1} s)",
+                "{:>5.1} s: DISASTER: killed {} processes and deleted every replica's data; the newest backup \
+                 reached index {} (backup interval {:.1} s)",
                 struck.at_ms as f64 / 1000.0,
                 struck.killed,
                 struck.recovery_point,
@@ -138,7 +138,7 @@ pub async fn run_users(
 }
 
 /// Kills every process of the local service and deletes its state directory, after
-/// noting what the chain's backup covers and the service's backup interval.
+/// noting what the newest backup covers and the service's backup interval.
 async fn bring_about(
     plan: &DisasterPlan,
     resolver: &Resolver,
@@ -150,11 +150,15 @@ async fn bring_about(
         .ok_or_else(|| Error::Config(format!("no replicas of {service:?} run from {}", plan.state_dir.display())))?;
     let http = status_client()?;
     let mut backup_interval_ms = 0;
+    // The newest backup the leader pushed (signed, linked to the one recorded on chain):
+    // what a restore takes.
+    let mut newest = 0;
     for node in &file.nodes {
         if let Ok(answer) = http.get(format!("{}/br2k/status", node.app_url)).send().await
             && let Ok(status) = answer.json::<Status>().await
         {
             backup_interval_ms = backup_interval_ms.max(status.backup.interval_ms);
+            newest = newest.max(status.backup.index);
         }
     }
     if backup_interval_ms == 0 {
@@ -163,7 +167,7 @@ async fn bring_about(
              could restore it; deploy it from an image in a container registry (`br2k deploy --image`)"
         )));
     }
-    let recovery_point = resolver.registry().backup(service).await?.map_or(0, |b| b.index);
+    let recovery_point = resolver.registry().backup(service).await?.map_or(0, |b| b.index).max(newest);
     let dir = plan.state_dir.clone();
     let killed = tokio::task::spawn_blocking(move || br2k_deploy::local::run_file::destroy(&dir))
         .await

@@ -188,8 +188,11 @@ pub(crate) fn tables(
             d.at_ms as f64 / 1000.0,
             d.killed
         );
-        let _ =
-            writeln!(out, "| recovery point: the backup recorded on chain just before | index {} |", d.recovery_point);
+        let _ = writeln!(
+            out,
+            "| recovery point: the newest backup just before (signed, linked to the one recorded on chain) | index {} |",
+            d.recovery_point
+        );
         let _ = writeln!(
             out,
             "| acknowledged after it and lost in the disaster (backup interval {:.1} s) | {} |",

@@ -64,6 +64,9 @@ async fn main() -> Result<()> {
         "--backup-plain-http".to_owned(),
         "--backup-interval".to_owned(),
         "5".to_owned(),
+        // Every backup recorded on chain, as the benchmark waits for the chain's record.
+        "--backup-record-interval".to_owned(),
+        "5".to_owned(),
     ];
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let keys: Vec<String> = (1..=3).map(|i| alloy::hex::encode_prefixed(anvil.key(i).to_bytes())).collect();

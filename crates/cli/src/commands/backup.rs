@@ -13,17 +13,52 @@ use serde_json::json;
 use super::GlobalOpts;
 use super::image::StoreArg;
 
-/// The tag prefix the leader pushes backups under (`br2k-backup-<index>`).
-const TAG_PREFIX: &str = "br2k-backup-";
-
 #[derive(Subcommand, Debug)]
 pub(crate) enum BackupCommand {
     /// List the service's backups in its container registry, newest first, marking the one
-    /// recorded on chain (the one a restore uses).
+    /// recorded on chain and those signed by the leader (a restore uses the newest signed
+    /// one linked to the recorded one).
     Ls(BackupArgs),
     /// Ask the service's leader for a backup now, and wait until the chain records one
     /// that reaches the leader's service state at the time of asking.
     Now(NowArgs),
+    /// Deploy a copy of the service as it was at a retained index, under a new name (to
+    /// inspect the past, or to replace the original on purpose); the running service is
+    /// never touched.
+    #[command(after_help = RESTORE_EXAMPLES)]
+    Restore(Box<RestoreArgs>),
+}
+
+const RESTORE_EXAMPLES: &str = "\
+Examples:
+  br2k backup ls ledger                                   # which indexes are retained
+  br2k backup restore ledger --to-index 1200 --as ledger-at-1200
+  br2k down --name ledger-at-1200                         # when done looking
+
+The copy is registered on chain with this key as its manager and the original's recovery
+info (image, replicas; --context to put it elsewhere). Its first backup is the original's
+at exactly --to-index, cut from the oldest kept backup that reaches it (signed by an
+operator of the original); the copy's replicas start from it and go on from there.";
+
+#[derive(Args, Debug)]
+pub(crate) struct RestoreArgs {
+    /// The service to copy.
+    name: String,
+    /// The index the copy holds everything up to, and nothing after.
+    #[arg(long, value_name = "N")]
+    to_index: u64,
+    /// The copy's name (a new service: refused if the registry knows it).
+    #[arg(long = "as", value_name = "NEW_NAME")]
+    copy: String,
+    /// Where the copy runs [default: where the original's recovery info says].
+    #[arg(long)]
+    context: Option<String>,
+    #[command(flatten)]
+    backend: crate::backends::BackendOpts,
+    #[command(flatten)]
+    store: StoreArg,
+    #[command(flatten)]
+    config: super::context::DirArg,
 }
 
 #[derive(Args, Debug)]
@@ -48,6 +83,7 @@ impl BackupCommand {
         match self {
             Self::Ls(args) => args.run(global).await,
             Self::Now(args) => args.run(global).await,
+            Self::Restore(args) => args.run(global).await,
         }
     }
 }
@@ -64,18 +100,26 @@ impl BackupArgs {
         let recorded = registry.backup(&self.name).await?;
         let recorded_digest = recorded.as_ref().map(|b| format!("sha256:{}", alloy::hex::encode(b.digest)));
         let mut backups = Vec::new();
-        for tag in client.tags(&record.image.repository).await? {
-            let Some(index) = tag.strip_prefix(TAG_PREFIX).and_then(|i| i.parse::<u64>().ok()) else { continue };
-            let digest = client.manifest_digest(&record.image.repository, &tag).await?;
-            backups.push((index, digest));
+        let tags = client.tags(&record.image.repository).await?;
+        for tag in &tags {
+            let Some(index) = br2k_replication::backup::manifest::tag_index(&self.name, tag) else { continue };
+            let digest = client.manifest_digest(&record.image.repository, tag).await?;
+            let signed = tags.contains(&br2k_replication::backup::signature_tag(&self.name, index));
+            backups.push((index, digest, signed));
         }
-        backups.sort_by_key(|(index, _)| std::cmp::Reverse(*index));
+        backups.sort_by_key(|(index, ..)| std::cmp::Reverse(*index));
         let mut text = format!("backups of {:?} in {}/{}:\n", self.name, client.host(), record.image.repository);
         if backups.is_empty() {
             text.push_str("  none\n");
         }
-        for (index, digest) in &backups {
-            let mark = if Some(digest) == recorded_digest.as_ref() { "  <- recorded on chain" } else { "" };
+        for (index, digest, signed) in &backups {
+            let mark = if Some(digest) == recorded_digest.as_ref() {
+                "  <- recorded on chain"
+            } else if *signed {
+                "  signed"
+            } else {
+                ""
+            };
             text.push_str(&format!("  index {index:>10}  {digest}{mark}\n"));
         }
         match &recorded {
@@ -85,14 +129,71 @@ impl BackupArgs {
         let json = json!({
             "service": self.name,
             "repository": format!("{}/{}", client.host(), record.image.repository),
-            "backups": backups.iter().map(|(index, digest)| json!({
+            "backups": backups.iter().map(|(index, digest, signed)| json!({
                 "index": index, "digest": digest, "recorded": Some(digest) == recorded_digest.as_ref(),
+                "signed": signed,
             })).collect::<Vec<_>>(),
             "recorded": recorded.as_ref().map(|b| json!({
                 "index": b.index, "digest": recorded_digest, "artifact": b.artifact, "recordedAt": b.recorded_at,
             })),
         });
         out.result(text.trim_end(), &json)
+    }
+}
+
+impl RestoreArgs {
+    async fn run(self, global: &GlobalOpts) -> Result<()> {
+        let out = global.output();
+        if self.copy == self.name {
+            bail!(
+                "--as must name a new service, not {:?} itself: a restore never touches the running service",
+                self.name
+            );
+        }
+        let key = global.wallet.require_signer("registering the copy")?;
+        let registry = global.registry.open(&global.chain.connect(Some(key.clone())).await?, &out).await?;
+        if registry.info(&self.copy).await.is_ok() {
+            bail!("{:?} is already a service in the registry: choose a name no service has", self.copy);
+        }
+        let info = registry.info(&self.name).await?;
+        let mut record = DeploymentRecord::from_body(&info.recovery)
+            .with_context(|| format!("{:?} has no container registry in its recovery info", self.name))?;
+        let registries = RegistryList::new(self.store.store.join("registry.json"));
+        let client: RegistryClient = registries.entry_for_url(&record.image.registry_url)?.client()?;
+        out.progress(format_args!(
+            "backup restore: cutting {}'s backups at index {} as {}'s first backup",
+            self.name, self.to_index, self.copy
+        ));
+        let point = br2k_replication::backup::point::cut_for_copy(
+            &client,
+            &record.image.repository,
+            &registry,
+            &self.name,
+            self.to_index,
+            &self.copy,
+        )
+        .await?;
+        out.progress(format_args!(
+            "backup restore: from the backup at {} ({}): {}",
+            point.source.0, point.source.1, point.artifact
+        ));
+        if let Some(context) = &self.context {
+            record.context.clone_from(context);
+        }
+        br2k_deploy::deployment::record(&registry, &self.copy, &record, key.address()).await?;
+        let hash = point
+            .digest
+            .strip_prefix("sha256:")
+            .and_then(|h| h.parse().ok())
+            .with_context(|| format!("the registry reported an odd digest {}", point.digest))?;
+        registry.record_backup(&self.copy, self.to_index, hash, &point.artifact).await?;
+        out.progress(format_args!(
+            "backup restore: {} registered, its backup recorded on chain; deploying it",
+            self.copy
+        ));
+        let deploy =
+            super::deploy::DeployArgs::recorded(self.copy, self.context, self.backend, self.store, self.config);
+        deploy.run(global).await
     }
 }
 

@@ -84,6 +84,28 @@ struct KubernetesTarget {
 }
 
 impl DeployArgs {
+    /// Deploying `name` as the recovery info on chain records it (`br2k deploy NAME`), on
+    /// `context` or the recorded one.
+    pub(crate) const fn recorded(
+        name: String,
+        context: Option<String>,
+        backend: BackendOpts,
+        store: StoreArg,
+        config: DirArg,
+    ) -> Self {
+        Self {
+            name,
+            context,
+            image: None,
+            image_registry: None,
+            replicas: None,
+            dry_run: false,
+            backend,
+            store,
+            config,
+        }
+    }
+
     pub(crate) async fn run(self, global: &GlobalOpts) -> Result<()> {
         let out = global.output();
         let contexts = self.config.contexts()?;

@@ -124,11 +124,21 @@ pub(crate) async fn service_view(
             Err(e) => json!({ "error": e }),
         },
         "inDoubt": in_doubt,
-        "backup": recorded.as_ref().map(|b| json!({
-            "index": b.index, "digest": format!("sha256:{}", alloy::hex::encode(b.digest)),
-            "artifact": b.artifact, "recordedAt": b.recorded_at,
-            "behind": leader.as_ref().map(|l| l.ssi.saturating_sub(b.index)),
-        })),
+        "backup": recorded.as_ref().map(|b| {
+            let newest = leader.as_ref().map_or(b.index, |l| l.backup.index.max(b.index));
+            json!({
+                "index": newest,
+                "recorded": {
+                    "index": b.index, "digest": format!("sha256:{}", alloy::hex::encode(b.digest)),
+                    "artifact": b.artifact, "recordedAt": b.recorded_at,
+                },
+                "behind": leader.as_ref().map(|l| l.ssi.saturating_sub(newest)),
+                "segments": leader.as_ref().map(|l| l.backup.segments),
+                "pushedBytes": leader.as_ref().map(|l| l.backup.pushed_bytes),
+                "gasPerDay": leader.as_ref().map(|l| l.backup.anchor.gas_per_day),
+                "recordIntervalMs": leader.as_ref().map(|l| l.backup.anchor.interval_ms),
+            })
+        }),
         "backupError": leader.as_ref().and_then(|l| l.backup.last_error.clone()),
         "idempotency": leader.as_ref().map(|l| &l.idempotency),
         "openClaims": open_claims.iter().map(|c| json!({ "block": c.block, "claimant": c.claimant, "reason": c.reason }))
@@ -144,14 +154,24 @@ async fn kubernetes(config: &DirArg, name: &str, context: &str) -> Result<Vec<Re
     Ok(br2k_deploy::kubernetes::pod_views(&client, &info, name).await?)
 }
 
-/// The backup recorded on chain, and how far the leader's service state is past it.
+/// The newest backup (what a restore would use), the one recorded on chain, how far the
+/// leader's service state is past them, and what recording costs.
 fn backup_line(recorded: Option<&br2k_resolver::RecordedBackup>, leader: Option<&br2k_replication::Status>) -> String {
     let mut line = match recorded {
         None => "none recorded on chain".to_owned(),
         Some(b) => {
+            let newest = leader.map_or(b.index, |l| l.backup.index.max(b.index));
             let behind = leader
-                .map_or_else(String::new, |l| format!(", {} entries behind the leader", l.ssi.saturating_sub(b.index)));
-            format!("index {} recorded on chain{behind}: {}", b.index, b.artifact)
+                .map_or_else(String::new, |l| format!(", {} entries behind the leader", l.ssi.saturating_sub(newest)));
+            let mut text = format!("index {newest}{behind}; index {} recorded on chain: {}", b.index, b.artifact);
+            if let Some(anchor) = leader.map(|l| &l.backup.anchor).filter(|a| a.gas_per_day > 0) {
+                text.push_str(&format!(
+                    "; recording one every {} s costs about {} gas a day",
+                    anchor.interval_ms / 1000,
+                    anchor.gas_per_day
+                ));
+            }
+            text
         }
     };
     if let Some(error) = leader.and_then(|l| l.backup.last_error.as_ref()) {

@@ -117,6 +117,32 @@ impl Drop for Deployed<'_> {
     }
 }
 
+/// Brings a service down by name when dropped.
+struct Down<'a>(&'a Path, &'a Anvil, &'a str);
+
+impl Drop for Down<'_> {
+    fn drop(&mut self) {
+        let _ = br2k_at(self.0, self.1).args(["down", "--name", self.2]).output();
+    }
+}
+
+/// The list `GET /log` at `url` answers once it holds `count` entries (within 30 s).
+fn eventually_log(url: &str, count: usize) -> Vec<Value> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (status, body) = http(url, "GET", "/log", "");
+        let list = (status == 200)
+            .then(|| serde_json::from_str::<Value>(&body).ok())
+            .flatten()
+            .and_then(|v| v["entries"].as_array().cloned())
+            .unwrap_or_default();
+        if list.len() >= count || std::time::Instant::now() > deadline {
+            return list;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
 /// The process id of each running app replica.
 fn app_pids(dir: &Path) -> Vec<u64> {
     let run = crate::work_root(&dir.join("tmp")).join("up/deployed/run.json");
@@ -195,6 +221,48 @@ fn deploy_local_runs_the_image_pulled_from_the_registry_and_records_it_on_chain(
     let listed: Value = serde_json::from_str(&run(&["--json", "backup", "ls", "deployed"])).unwrap();
     assert_eq!(listed["recorded"]["index"], now["index"], "{listed}");
     assert!(listed["backups"].as_array().unwrap().iter().any(|b| b["recorded"] == true), "{listed}");
+
+    // A copy at a past index, under a new name: its replicas hold exactly entries 1..=N,
+    // and the original runs on untouched.
+    for user in 2..=6 {
+        let (status, _) = http(&location, "POST", "/log", &format!(r#"{{"user": {user}}}"#));
+        assert_eq!(status, 200);
+    }
+    let now: Value = serde_json::from_str(&run(&["--json", "backup", "now", "deployed"])).unwrap();
+    let last = now["index"].as_u64().unwrap();
+    assert!(last >= 6, "{now}");
+    let copy = |extra: &[&str]| {
+        let mut command = br2k_at(dir.path(), &anvil);
+        command.args(["--json", "backup", "restore", "deployed", "--to-index", "4", "--as", "deployed-copy"]);
+        command.args(["--network", "loopback", "--election-timeout", "500"]).args(extra).output().unwrap()
+    };
+    let copied: Value = serde_json::from_str(&ok(copy(&[]))).unwrap();
+    let _copy_guard = Down(dir.path(), &anvil, "deployed-copy");
+    let (_, original) = http(&location, "GET", "/log", "");
+    let original: Value = serde_json::from_str(&original).unwrap();
+    let original = original["entries"].as_array().unwrap().clone();
+    assert_eq!(original.len() as u64, last, "the original keeps everything");
+    let held = eventually_log(copied["location"].as_str().unwrap(), 4);
+    assert_eq!(held, original[..4], "the copy ({copied}) holds entries 1..=4 of the original, and no more");
+    let run_file = crate::work_root(&dir.path().join("tmp")).join("up/deployed-copy/run.json");
+    let run_file: Value = serde_json::from_str(&std::fs::read_to_string(run_file).unwrap()).unwrap();
+    for node in run_file["nodes"].as_array().unwrap() {
+        let url = node["app_url"].as_str().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let status = loop {
+            let (_, body) = http(url, "GET", "/br2k/status", "");
+            let status: Value = serde_json::from_str(&body).unwrap_or_default();
+            if status["applied_index"] == 4 || std::time::Instant::now() > deadline {
+                break status;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        };
+        // Entries 1..=4 applied, from the copy's backup; its log goes on from 5.
+        let held = (&status["applied_index"], &status["first_index"]);
+        assert_eq!(held, (&Value::from(4), &Value::from(5)), "{url}: {status}");
+    }
+    let again = copy(&[]);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already a service"), "{again:?}");
 
     let info: Value = serde_json::from_str(&run(&["--json", "service", "info", "deployed"])).unwrap();
     let recovery = &info["recoveryInfo"];

@@ -76,8 +76,8 @@ impl Lineage<'_> {
         let signed: HashSet<&str> = tags.iter().filter_map(|t| t.strip_suffix(".sig")).collect();
         let mut candidates: Vec<u64> = tags
             .iter()
-            .filter_map(|t| tag_index(t))
-            .filter(|i| *i > anchor.index && signed.contains(super::manifest::backup_tag(*i).as_str()))
+            .filter_map(|t| tag_index(self.service, t))
+            .filter(|i| *i > anchor.index && signed.contains(super::manifest::backup_tag(self.service, *i).as_str()))
             .collect();
         candidates.sort_unstable_by(|a, b| b.cmp(a));
         let domain = self.domain();
@@ -112,7 +112,7 @@ impl Lineage<'_> {
         linked: &mut HashSet<String>,
     ) -> Result<Found> {
         let refused = |why: String| Error::Backup(format!("the backup at {index}: {why}"));
-        let tag = signature_tag(index);
+        let tag = signature_tag(self.service, index);
         let digest = self.registry.manifest_digest(self.repository, &tag).await.map_err(|e| refused(e.to_string()))?;
         let signature = self
             .registry

@@ -34,7 +34,9 @@ pub const LOG_MEDIA_TYPE: &str = "application/vnd.br2k.log.v1+jsonl";
 pub const TALLY_ANNOTATION: &str = "io.br2k.tally";
 /// The annotation holding how many leadership terms the service had seen.
 pub const TERMS_ANNOTATION: &str = "io.br2k.terms";
-/// The tag prefix of backups: `br2k-backup-<index>`, its signature `…<index>.sig`.
+/// The tag prefix of backups: `br2k-backup-<service>-<index>`, its signature
+/// `…-<index>.sig`. The service is in the tag because services deployed from one image
+/// share its repository (a copy restored under a new name does).
 pub const TAG_PREFIX: &str = "br2k-backup-";
 
 const PREVIOUS: &str = "io.br2k.previous";
@@ -46,19 +48,21 @@ const SEGMENT_LEVEL: &str = "io.br2k.segment.level";
 const SIGNER: &str = "io.br2k.signer";
 const SIGNATURE: &str = "io.br2k.signature";
 
-/// The tag of the backup reaching `index`.
-pub fn backup_tag(index: u64) -> String {
-    format!("{TAG_PREFIX}{index}")
+/// The tag of `service`'s backup reaching `index`.
+pub fn backup_tag(service: &str, index: u64) -> String {
+    format!("{TAG_PREFIX}{service}-{index}")
 }
 
-/// The tag of the signature of the backup reaching `index`.
-pub fn signature_tag(index: u64) -> String {
-    format!("{TAG_PREFIX}{index}.sig")
+/// The tag of the signature of `service`'s backup reaching `index`.
+pub fn signature_tag(service: &str, index: u64) -> String {
+    format!("{}.sig", backup_tag(service, index))
 }
 
-/// The index a backup tag names (`None` for signature tags and anything else).
-pub fn tag_index(tag: &str) -> Option<u64> {
-    tag.strip_prefix(TAG_PREFIX)?.parse().ok()
+/// The index a tag of `service`'s backups names (`None` for signature tags, another
+/// service's backups, and anything else).
+pub fn tag_index(service: &str, tag: &str) -> Option<u64> {
+    let rest = tag.strip_prefix(TAG_PREFIX)?.strip_prefix(service)?.strip_prefix('-')?;
+    rest.bytes().all(|b| b.is_ascii_digit()).then(|| rest.parse().ok()).flatten()
 }
 
 /// One log entry in a segment.
@@ -410,6 +414,18 @@ mod tests {
             replica: "r0".into(),
             epoch: 3,
         }
+    }
+
+    #[test]
+    fn tags_name_their_service_and_never_another_sharing_the_repository() {
+        assert_eq!(backup_tag("ledger", 42), "br2k-backup-ledger-42");
+        assert_eq!(tag_index("ledger", &backup_tag("ledger", 42)), Some(42));
+        assert_eq!(tag_index("ledger", &signature_tag("ledger", 42)), None);
+        assert_eq!(tag_index("ledger", &backup_tag("ledger-copy", 42)), None, "a copy under another name");
+        assert_eq!(tag_index("ledger-copy", &backup_tag("ledger", 42)), None);
+        assert_eq!(tag_index("ledger", "br2k-backup-ledger-+42"), None);
+        let longest = signature_tag(&"s".repeat(64), u64::MAX);
+        assert!(longest.len() <= 128, "an OCI tag is at most 128 characters: {}", longest.len());
     }
 
     #[test]

@@ -26,6 +26,7 @@
 
 pub mod lineage;
 pub mod manifest;
+pub mod point;
 mod restore;
 pub mod retention;
 
@@ -318,7 +319,7 @@ impl<'a, S: AppState> Writer<'a, S> {
         let oci = next.to_oci();
         let manifest_bytes = oci.to_bytes().len() as u64;
         let digest = registry
-            .push_artifact_manifest(repository, &backup_tag(ssi), &oci)
+            .push_artifact_manifest(repository, &backup_tag(&self.runtime.config.service, ssi), &oci)
             .await
             .map_err(|e| Error::Backup(format!("push to {repository}: {e}")))?;
         uploaded += manifest_bytes;
@@ -332,7 +333,7 @@ impl<'a, S: AppState> Writer<'a, S> {
                 .map_err(|e| Error::Backup(format!("sign the backup: {e}")))?;
             uploaded += signature.to_bytes().len() as u64;
             registry
-                .push_artifact_manifest(repository, &signature_tag(ssi), &signature)
+                .push_artifact_manifest(repository, &signature_tag(&self.runtime.config.service, ssi), &signature)
                 .await
                 .map_err(|e| Error::Backup(format!("push the backup's signature to {repository}: {e}")))?;
             // A chain of its own (no head was found), a first backup, or the interval
@@ -580,15 +581,9 @@ impl<'a, S: AppState> Writer<'a, S> {
     async fn prune(&mut self) {
         self.pruned_at = std::time::Instant::now();
         let anchor = self.anchor.as_ref().map_or(0, |a| a.index);
-        match retention::prune(
-            &self.config.registry,
-            &self.config.repository,
-            self.config.retention,
-            anchor,
-            &mut self.created,
-        )
-        .await
-        {
+        let service = &self.runtime.config.service;
+        let (registry, repository) = (&self.config.registry, &self.config.repository);
+        match retention::prune(registry, repository, service, self.config.retention, anchor, &mut self.created).await {
             Ok(pruned) => self.runtime.set_status(|s| {
                 s.backup.kept = pruned.kept as u64;
                 s.backup.deleted += pruned.deleted as u64;

@@ -55,7 +55,7 @@ pub struct Pruned {
     pub deleted: usize,
 }
 
-/// Deletes from `repository` the backups `policy` does not keep. `created` caches when
+/// Deletes from `repository` the backups of `service` that `policy` does not keep. `created` caches when
 /// each backup was made (read from its manifest once).
 ///
 /// # Errors
@@ -63,20 +63,23 @@ pub struct Pruned {
 pub async fn prune(
     registry: &RegistryClient,
     repository: &str,
+    service: &str,
     policy: Retention,
     anchor: u64,
     created: &mut BTreeMap<u64, (String, u64)>,
 ) -> Result<Pruned> {
     let failed = |action: &str, e: br2k_oci::OciError| Error::Backup(format!("retention: {action}: {e}"));
     let tags = registry.tags(repository).await.map_err(|e| failed("list the backups", e))?;
-    let present: BTreeSet<u64> = tags.iter().filter_map(|t| tag_index(t)).collect();
+    let present: BTreeSet<u64> = tags.iter().filter_map(|t| tag_index(service, t)).collect();
     created.retain(|index, _| present.contains(index));
     for index in &present {
         if created.contains_key(index) {
             continue;
         }
-        let digest =
-            registry.manifest_digest(repository, &backup_tag(*index)).await.map_err(|e| failed("read a backup", e))?;
+        let digest = registry
+            .manifest_digest(repository, &backup_tag(service, *index))
+            .await
+            .map_err(|e| failed("read a backup", e))?;
         let manifest = registry
             .pull_artifact_manifest(repository, &digest, &[super::BACKUP_TYPE, super::BACKUP_TYPE_V1])
             .await
@@ -96,9 +99,9 @@ pub async fn prune(
     for (index, digest) in doomed {
         // The signature first: a backup left without one is never restored from, whereas a
         // signature left without its backup would point at nothing.
-        if tags.contains(&signature_tag(index)) {
+        if tags.contains(&signature_tag(service, index)) {
             let signature = registry
-                .manifest_digest(repository, &signature_tag(index))
+                .manifest_digest(repository, &signature_tag(service, index))
                 .await
                 .map_err(|e| failed("find a backup's signature", e))?;
             registry.delete_manifest(repository, &signature).await.map_err(|e| failed("delete a signature", e))?;

@@ -281,8 +281,8 @@ async fn a_backup_uploads_only_the_entries_since_the_last_one() {
     assert_eq!(b2.segments[..b1.segments.len()], b1.segments[..], "the earlier segments are named, not sent again");
     let new = b2.segments.last().unwrap();
     assert_eq!((new.from, new.to), (b1.index + 1, b2.index), "one new segment: the 10 entries since the last backup");
-    let manifests =
-        manifest_bytes(&client, &backup_tag(b2.index)).await + manifest_bytes(&client, &signature_tag(b2.index)).await;
+    let manifests = manifest_bytes(&client, &backup_tag(SERVICE, b2.index)).await
+        + manifest_bytes(&client, &signature_tag(SERVICE, b2.index)).await;
     assert_eq!(grown, new.blob.size + manifests, "the registry grew by the new segment and two small manifests");
     let whole = b2.segments.iter().map(|s| s.blob.size).sum::<u64>();
     assert!(new.blob.size * 2 < whole, "10 of 30 entries' bytes, not the whole log: {} of {whole}", new.blob.size);
@@ -299,8 +299,8 @@ async fn backups_in(client: &RegistryClient) -> Vec<(u64, bool)> {
     let tags = client.tags(REPOSITORY).await.unwrap();
     let mut backups: Vec<(u64, bool)> = tags
         .iter()
-        .filter_map(|t| br2k_replication::backup::manifest::tag_index(t))
-        .map(|i| (i, tags.contains(&signature_tag(i))))
+        .filter_map(|t| br2k_replication::backup::manifest::tag_index(SERVICE, t))
+        .map(|i| (i, tags.contains(&signature_tag(SERVICE, i))))
         .collect();
     backups.sort_unstable();
     backups
@@ -334,10 +334,10 @@ async fn retention_deletes_what_its_policy_does_not_keep_never_the_anchor_and_gc
     // With the anchor at the oldest of them, keeping one keeps the anchor and what follows.
     let mut created = std::collections::BTreeMap::new();
     let lenient = Retention { keep_last: 1, keep_daily: 0 };
-    let pruned = retention::prune(&client, REPOSITORY, lenient, indexes[2], &mut created).await.unwrap();
+    let pruned = retention::prune(&client, REPOSITORY, SERVICE, lenient, indexes[2], &mut created).await.unwrap();
     assert_eq!((pruned.kept, pruned.deleted), (4, 0), "the anchor and everything after it stay");
     let strict = Retention { keep_last: 2, keep_daily: 0 };
-    let pruned = retention::prune(&client, REPOSITORY, strict, indexes[5], &mut created).await.unwrap();
+    let pruned = retention::prune(&client, REPOSITORY, SERVICE, strict, indexes[5], &mut created).await.unwrap();
     assert_eq!((pruned.kept, pruned.deleted), (2, 2));
     assert_eq!(backups_in(&client).await, vec![(indexes[4], true), (indexes[5], true)]);
 
@@ -349,12 +349,12 @@ async fn retention_deletes_what_its_policy_does_not_keep_never_the_anchor_and_gc
     let mut referenced = std::collections::BTreeMap::new();
     let mut manifests = 0;
     for index in [indexes[4], indexes[5]] {
-        let digest = client.manifest_digest(REPOSITORY, &backup_tag(index)).await.unwrap();
+        let digest = client.manifest_digest(REPOSITORY, &backup_tag(SERVICE, index)).await.unwrap();
         for blob in manifest_of(&client, &digest).await.to_oci().layers {
             referenced.insert(blob.digest, blob.size);
         }
-        manifests +=
-            manifest_bytes(&client, &backup_tag(index)).await + manifest_bytes(&client, &signature_tag(index)).await;
+        manifests += manifest_bytes(&client, &backup_tag(SERVICE, index)).await
+            + manifest_bytes(&client, &signature_tag(SERVICE, index)).await;
     }
     let config = br2k_oci::artifact::EMPTY_CONFIG.len() as u64;
     let bound = referenced.values().sum::<u64>() + manifests + config;
@@ -422,9 +422,9 @@ async fn a_restore_takes_the_newest_signed_backup_past_the_anchor_and_refuses_fo
         forged.previous = Some(head.clone());
         forged.segments.push(br2k_replication::backup::SegmentBlob { blob, from, to: forged.index, level: 0 });
         let oci = forged.to_oci();
-        let digest = client.push_artifact_manifest(REPOSITORY, &backup_tag(forged.index), &oci).await.unwrap();
+        let digest = client.push_artifact_manifest(REPOSITORY, &backup_tag(SERVICE, forged.index), &oci).await.unwrap();
         let signature = domain.sign(signer, forged.index, &digest, oci.to_bytes().len() as u64).unwrap();
-        client.push_artifact_manifest(REPOSITORY, &signature_tag(forged.index), &signature).await.unwrap();
+        client.push_artifact_manifest(REPOSITORY, &signature_tag(SERVICE, forged.index), &signature).await.unwrap();
     };
     let stranger = registry.anvil.key(7);
     assert!(!registry.manager.is_operator(SERVICE, stranger.address()).await.unwrap());

@@ -55,6 +55,17 @@ function lastRecovery(service) {
   return (service.timeline || []).find(h => h.kind === "state" && h.text.startsWith("recovery"));
 }
 // The leader's idempotency table: keys, bytes, and how far back a retry is answered.
+// The newest backup (what a restore would use), the one recorded on chain, and the gas
+// recording costs a day at the record interval.
+function backupOf(service) {
+  const b = service.backup;
+  if (!b) return "none";
+  let text = "index " + b.index + (b.behind != null ? " (" + b.behind + " behind)" : "");
+  if (b.recorded) text += ", recorded on chain at " + b.recorded.index;
+  if (b.gasPerDay) text += ", ~" + b.gasPerDay.toLocaleString("en-US") + " gas/day";
+  return text;
+}
+
 function idempotencyOf(service) {
   const t = service.idempotency;
   if (!t) return "-";
@@ -254,8 +265,7 @@ function servicePage(view, name) {
     el("span", {}, "recovery info ", el("b", {}, (info.replicas || "?") + " replicas on " + (info.context || "-") +
       (info.image ? " from " + info.image : ""))),
     el("span", {}, "in doubt ", el("b", {}, (service.inDoubt || []).length ? service.inDoubt.join(", ") : "none")),
-    el("span", {}, "backup ", el("b", {}, service.backup ? "index " + service.backup.index +
-        (service.backup.behind != null ? " (" + service.backup.behind + " behind)" : "") : "none")),
+    el("span", {}, "backup ", el("b", { class: "backup" }, backupOf(service))),
     el("span", { title: "A retry with an Idempotency-Key logged within this window gets its stored answer" },
       "idempotency ", el("b", { class: "idempotency" }, idempotencyOf(service))));
   const card = el("section", { class: "card", id: "service", "data-service": name },
