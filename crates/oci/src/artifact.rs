@@ -44,31 +44,26 @@ impl Artifact {
     /// The manifest that describes it: deterministic (the same artifact always has the
     /// same digest).
     pub fn manifest(&self) -> Vec<u8> {
-        let manifest = OciImageManifest {
-            schema_version: 2,
-            media_type: Some(media_type::MANIFEST.into()),
-            artifact_type: Some(self.artifact_type.clone()),
-            config: OciDescriptor {
-                media_type: EMPTY_MEDIA_TYPE.into(),
-                digest: sha256_digest(EMPTY_CONFIG),
-                size: EMPTY_CONFIG.len() as i64,
-                ..OciDescriptor::default()
-            },
+        self.descriptors().to_bytes()
+    }
+
+    /// Its manifest, each file named by its digest.
+    pub fn descriptors(&self) -> ArtifactManifest {
+        ArtifactManifest {
+            artifact_type: self.artifact_type.clone(),
             layers: self
                 .layers
                 .iter()
-                .map(|layer| OciDescriptor {
+                .map(|layer| Descriptor {
                     media_type: layer.media_type.clone(),
                     digest: sha256_digest(&layer.bytes),
-                    size: i64::try_from(layer.bytes.len()).expect("a layer held in memory is smaller than 2^63 bytes"),
-                    annotations: Some(BTreeMap::from([(TITLE_ANNOTATION.to_owned(), layer.title.clone())])),
-                    ..OciDescriptor::default()
+                    size: layer.bytes.len() as u64,
+                    annotations: BTreeMap::from([(TITLE_ANNOTATION.to_owned(), layer.title.clone())]),
                 })
                 .collect(),
-            annotations: (!self.annotations.is_empty()).then(|| self.annotations.clone()),
+            annotations: self.annotations.clone(),
             subject: None,
-        };
-        serde_json::to_vec(&manifest).expect("a manifest serializes")
+        }
     }
 }
 
@@ -248,17 +243,13 @@ impl RegistryClient {
     /// # Errors
     /// Refused credentials, or a registry error.
     pub async fn push_artifact(&self, repository: &str, tag: &str, artifact: &Artifact) -> Result<String> {
-        let empty = sha256_digest(EMPTY_CONFIG);
-        if !self.has_blob(repository, &empty).await? {
-            self.push_blob(repository, &empty, EMPTY_CONFIG.to_vec()).await?;
-        }
-        for layer in &artifact.layers {
-            let digest = sha256_digest(&layer.bytes);
-            if !self.has_blob(repository, &digest).await? {
-                self.push_blob(repository, &digest, layer.bytes.clone()).await?;
+        let manifest = artifact.descriptors();
+        for (layer, descriptor) in artifact.layers.iter().zip(&manifest.layers) {
+            if !self.has_blob(repository, &descriptor.digest).await? {
+                self.push_blob(repository, &descriptor.digest, layer.bytes.clone()).await?;
             }
         }
-        self.push_manifest(repository, tag, media_type::MANIFEST, artifact.manifest()).await
+        self.push_artifact_manifest(repository, tag, &manifest).await
     }
 
     /// Pulls the artifact `digest` of `repository`, refusing it unless its manifest and

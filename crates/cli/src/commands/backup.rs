@@ -104,7 +104,10 @@ impl BackupArgs {
         for tag in &tags {
             let Some(index) = br2k_replication::backup::manifest::tag_index(&self.name, tag) else { continue };
             let digest = client.manifest_digest(&record.image.repository, tag).await?;
-            let signed = tags.contains(&br2k_replication::backup::signature_tag(&self.name, index));
+            // Whether it carries a signature (a restore checks whose it is).
+            let types = [br2k_replication::backup::BACKUP_TYPE, br2k_replication::backup::BACKUP_TYPE_V1];
+            let manifest = client.pull_artifact_manifest(&record.image.repository, &digest, &types).await?;
+            let signed = manifest.annotations.contains_key("io.br2k.signature");
             backups.push((index, digest, signed));
         }
         backups.sort_by_key(|(index, ..)| std::cmp::Reverse(*index));

@@ -13,9 +13,7 @@ use br2k_oci::registry::RegistryClient;
 use br2k_resolver::{RecordedBackup, RegistryClient as ServiceRegistry};
 use tracing::warn;
 
-use super::manifest::{
-    BACKUP_TYPE, BACKUP_TYPE_V1, BackupManifest, SIGNATURE_TYPE, SigningDomain, signature_tag, tag_index,
-};
+use super::manifest::{BACKUP_TYPE, BACKUP_TYPE_V1, BackupManifest, SigningDomain, backup_tag, tag_index};
 use crate::error::{Error, Result};
 
 /// A backup found and checked.
@@ -73,12 +71,8 @@ impl Lineage<'_> {
             .tags(self.repository)
             .await
             .map_err(|e| Error::Backup(format!("list the backups in {}: {e}", self.repository)))?;
-        let signed: HashSet<&str> = tags.iter().filter_map(|t| t.strip_suffix(".sig")).collect();
-        let mut candidates: Vec<u64> = tags
-            .iter()
-            .filter_map(|t| tag_index(self.service, t))
-            .filter(|i| *i > anchor.index && signed.contains(super::manifest::backup_tag(self.service, *i).as_str()))
-            .collect();
+        let mut candidates: Vec<u64> =
+            tags.iter().filter_map(|t| tag_index(self.service, t)).filter(|i| *i > anchor.index).collect();
         candidates.sort_unstable_by(|a, b| b.cmp(a));
         let domain = self.domain();
         // Manifests already followed back to the anchor.
@@ -112,32 +106,16 @@ impl Lineage<'_> {
         linked: &mut HashSet<String>,
     ) -> Result<Found> {
         let refused = |why: String| Error::Backup(format!("the backup at {index}: {why}"));
-        let tag = signature_tag(self.service, index);
+        let tag = backup_tag(self.service, index);
         let digest = self.registry.manifest_digest(self.repository, &tag).await.map_err(|e| refused(e.to_string()))?;
-        let signature = self
-            .registry
-            .pull_artifact_manifest(self.repository, &digest, &[SIGNATURE_TYPE])
-            .await
-            .map_err(|e| refused(e.to_string()))?;
-        let signed = domain.signer_of(&signature).map_err(refused)?;
-        if signed.index != index {
-            return Err(refused(format!("its signature is for index {}", signed.index)));
-        }
-        let allowed = self
-            .chain
-            .is_operator(self.service, signed.signer)
-            .await
-            .map_err(|e| Error::Backup(format!("read whether {} is an operator: {e}", signed.signer)))?;
-        if !allowed {
-            return Err(refused(format!("it is signed by {}, which is not an operator of the service", signed.signer)));
-        }
-        let head = self.read(&signed.digest).await.map_err(refused)?;
+        let head = self.read(&digest).await.map_err(refused)?;
         if head.index != index {
             return Err(refused(format!("its manifest says it reaches {}", head.index)));
         }
+        self.check_signed(domain, &head).await.map_err(|e| refused(e.to_string()))?;
         // Follow `previous` back to a manifest known to reach the anchor; indexes fall at
         // each step, so the walk ends.
-        let mut path = vec![signed.digest.clone()];
+        let mut path = vec![digest.clone()];
         let mut at = head.clone();
         loop {
             let Some(previous) = at.previous.clone() else {
@@ -157,6 +135,24 @@ impl Lineage<'_> {
             at = before;
         }
         linked.extend(path);
-        Ok(Found { digest: signed.digest, manifest: head, anchored: false })
+        Ok(Found { digest, manifest: head, anchored: false })
+    }
+
+    /// Checks that an operator of the service (as the registry says now) signed `backup`.
+    ///
+    /// # Errors
+    /// Not signed, not by whom it says, or by a key that is no operator; the chain fails.
+    pub(crate) async fn check_signed(&self, domain: &SigningDomain, backup: &BackupManifest) -> Result<()> {
+        let signer = domain.signer_of(backup).map_err(Error::Backup)?;
+        let allowed = self
+            .chain
+            .is_operator(self.service, signer)
+            .await
+            .map_err(|e| Error::Backup(format!("read whether {signer} is an operator: {e}")))?;
+        if allowed {
+            Ok(())
+        } else {
+            Err(Error::Backup(format!("it is signed by {signer}, which is not an operator of the service")))
+        }
     }
 }

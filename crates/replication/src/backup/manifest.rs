@@ -1,6 +1,6 @@
 //! What a backup is in the registry: a manifest naming a base snapshot and the log
 //! segments after it, each a blob pushed once and named again by every later backup that
-//! still needs it; and the operator's signature over it, an artifact of its own.
+//! still needs it, and carrying the operator's signature over the rest of it.
 //!
 //! A backup's manifest names the manifest of the backup before it (`io.br2k.previous`),
 //! so backups form a hash chain, as blocks do: a backup whose chain reaches the backup
@@ -12,8 +12,7 @@ use std::collections::BTreeMap;
 use alloy::primitives::{Address, B256, Signature, keccak256};
 use alloy::signers::SignerSync;
 use alloy::signers::local::PrivateKeySigner;
-use br2k_oci::artifact::{ArtifactManifest, Descriptor, empty_layer};
-use br2k_oci::image::media_type;
+use br2k_oci::artifact::{ArtifactManifest, Descriptor};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{CompactedLog, EntryState, LogEntry};
@@ -23,8 +22,6 @@ pub const BACKUP_TYPE: &str = "application/vnd.br2k.backup.v2";
 /// The artifact type of backups before segments (one `log` layer from the snapshot on);
 /// still read, so a service upgraded in place restores from what its chain records.
 pub const BACKUP_TYPE_V1: &str = "application/vnd.br2k.backup.v1";
-/// The artifact type of an operator's signature over a backup.
-pub const SIGNATURE_TYPE: &str = "application/vnd.br2k.backup.signature.v1";
 /// The media type of the `state` layer (an app snapshot, in the snapshot file's format).
 pub const STATE_MEDIA_TYPE: &str = "application/vnd.br2k.state.v1";
 /// The media type of a log segment ([`SegmentEntry`] JSON lines).
@@ -34,9 +31,9 @@ pub const LOG_MEDIA_TYPE: &str = "application/vnd.br2k.log.v1+jsonl";
 pub const TALLY_ANNOTATION: &str = "io.br2k.tally";
 /// The annotation holding how many leadership terms the service had seen.
 pub const TERMS_ANNOTATION: &str = "io.br2k.terms";
-/// The tag prefix of backups: `br2k-backup-<service>-<index>`, its signature
-/// `…-<index>.sig`. The service is in the tag because services deployed from one image
-/// share its repository (a copy restored under a new name does).
+/// The tag prefix of backups: `br2k-backup-<service>-<index>`. The service is in the tag
+/// because services deployed from one image share its repository (a copy restored under a
+/// new name does).
 pub const TAG_PREFIX: &str = "br2k-backup-";
 
 const PREVIOUS: &str = "io.br2k.previous";
@@ -53,13 +50,8 @@ pub fn backup_tag(service: &str, index: u64) -> String {
     format!("{TAG_PREFIX}{service}-{index}")
 }
 
-/// The tag of the signature of `service`'s backup reaching `index`.
-pub fn signature_tag(service: &str, index: u64) -> String {
-    format!("{}.sig", backup_tag(service, index))
-}
-
-/// The index a tag of `service`'s backups names (`None` for signature tags, another
-/// service's backups, and anything else).
+/// The index a tag of `service`'s backups names (`None` for another service's backups and
+/// anything else).
 pub fn tag_index(service: &str, tag: &str) -> Option<u64> {
     let rest = tag.strip_prefix(TAG_PREFIX)?.strip_prefix(service)?.strip_prefix('-')?;
     rest.bytes().all(|b| b.is_ascii_digit()).then(|| rest.parse().ok()).flatten()
@@ -127,6 +119,17 @@ pub struct BackupManifest {
     pub replica: String,
     /// Its leader's epoch.
     pub epoch: u64,
+    /// The leader's signature over the rest of it (see [`SigningDomain`]).
+    pub signed: Option<Signed>,
+}
+
+/// A backup's signature, carried in its manifest's annotations.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Signed {
+    /// Who says they signed it.
+    pub signer: Address,
+    /// The 65-byte signature, `0x`-hex.
+    pub signature: String,
 }
 
 impl BackupManifest {
@@ -144,6 +147,10 @@ impl BackupManifest {
         ]);
         if let Some(previous) = &self.previous {
             annotations.insert(PREVIOUS.to_owned(), previous.clone());
+        }
+        if let Some(signed) = &self.signed {
+            annotations.insert(SIGNER.to_owned(), signed.signer.to_string());
+            annotations.insert(SIGNATURE.to_owned(), signed.signature.clone());
         }
         let mut layers = Vec::with_capacity(self.segments.len() + 1);
         if let Some(state) = &self.state {
@@ -203,6 +210,13 @@ impl BackupManifest {
             }
         }
         let log_from = number(LOG_FROM)?.unwrap_or_else(|| state.as_ref().map_or(1, |s| s.index + 1));
+        let signed = match (a.get(SIGNER), a.get(SIGNATURE)) {
+            (Some(signer), Some(signature)) => Some(Signed {
+                signer: signer.parse().map_err(|_| format!("its signer {signer:?} is not an address"))?,
+                signature: signature.clone(),
+            }),
+            _ => None,
+        };
         let backup = Self {
             service: a.get("io.br2k.service").cloned().unwrap_or_default(),
             index,
@@ -215,6 +229,7 @@ impl BackupManifest {
             created: number("io.br2k.created")?.unwrap_or(0),
             replica: a.get("io.br2k.replica").cloned().unwrap_or_default(),
             epoch: number("io.br2k.epoch")?.unwrap_or(0),
+            signed,
         };
         backup.check()?;
         Ok(backup)
@@ -264,6 +279,12 @@ impl BackupManifest {
         }
     }
 
+    /// The digest of its manifest without its signature: what the signature covers
+    /// (every field br2k reads from a manifest, so nothing it acts on can change unseen).
+    pub fn unsigned_digest(&self) -> String {
+        Self { signed: None, ..self.clone() }.to_oci().digest()
+    }
+
     /// The bytes of its blobs, state and segments.
     pub fn bytes(&self) -> u64 {
         self.state.iter().map(|s| s.blob.size).chain(self.segments.iter().map(|s| s.blob.size)).sum()
@@ -306,71 +327,36 @@ impl SigningDomain {
         keccak256(bytes)
     }
 
-    /// The signature artifact of the backup `digest` (of `size` bytes) reaching `index`,
-    /// signed by `signer`.
+    /// Signs `backup` with `signer`: its manifest then carries the signature.
     ///
     /// # Errors
     /// The signer's failure.
-    pub fn sign(
-        &self,
-        signer: &PrivateKeySigner,
-        index: u64,
-        digest: &str,
-        size: u64,
-    ) -> Result<ArtifactManifest, alloy::signers::Error> {
-        let signature = signer.sign_message_sync(self.message(index, digest).as_slice())?;
-        Ok(ArtifactManifest {
-            artifact_type: SIGNATURE_TYPE.into(),
-            layers: vec![empty_layer()],
-            annotations: BTreeMap::from([
-                (INDEX.to_owned(), index.to_string()),
-                (SIGNER.to_owned(), signer.address().to_string()),
-                (SIGNATURE.to_owned(), alloy::hex::encode_prefixed(signature.as_bytes())),
-            ]),
-            subject: Some(Descriptor {
-                media_type: media_type::MANIFEST.into(),
-                digest: digest.to_owned(),
-                size,
-                annotations: BTreeMap::new(),
-            }),
-        })
+    pub fn sign(&self, signer: &PrivateKeySigner, backup: &mut BackupManifest) -> Result<(), alloy::signers::Error> {
+        backup.signed = None;
+        let signature = signer.sign_message_sync(self.message(backup.index, &backup.unsigned_digest()).as_slice())?;
+        backup.signed =
+            Some(Signed { signer: signer.address(), signature: alloy::hex::encode_prefixed(signature.as_bytes()) });
+        Ok(())
     }
 
-    /// Who signed `signature` (a signature artifact), and the backup it signs: its index
-    /// and manifest digest.
+    /// Who signed `backup`.
     ///
     /// # Errors
-    /// A signature artifact that names no backup, carries no signature, or whose signature
-    /// does not recover to the signer it names.
-    pub fn signer_of(&self, signature: &ArtifactManifest) -> Result<SignedBackup, String> {
-        let subject = signature.subject.as_ref().ok_or("the signature names no backup")?;
-        let a = &signature.annotations;
-        let index: u64 = a.get(INDEX).and_then(|i| i.parse().ok()).ok_or("the signature names no index it signs")?;
-        let named: Address = a.get(SIGNER).and_then(|s| s.parse().ok()).ok_or("the signature names no signer")?;
-        let bytes = a
-            .get(SIGNATURE)
-            .and_then(|s| alloy::hex::decode(s).ok())
-            .ok_or("the signature carries no signature bytes")?;
-        let signature = Signature::from_raw(&bytes).map_err(|e| format!("the signature does not decode: {e}"))?;
+    /// A backup that is not signed, or whose signature does not decode or does not
+    /// recover to the signer it names (signed by someone else, for another index, service
+    /// or chain, or altered since).
+    pub fn signer_of(&self, backup: &BackupManifest) -> Result<Address, String> {
+        let signed = backup.signed.as_ref().ok_or("it is not signed")?;
+        let bytes = alloy::hex::decode(&signed.signature).map_err(|_| "its signature is not hex")?;
+        let signature = Signature::from_raw(&bytes).map_err(|e| format!("its signature does not decode: {e}"))?;
         let recovered = signature
-            .recover_address_from_msg(self.message(index, &subject.digest).as_slice())
-            .map_err(|e| format!("the signature recovers to no address: {e}"))?;
-        if recovered != named {
-            return Err(format!("the signature is by {recovered}, not by {named} as it says"));
+            .recover_address_from_msg(self.message(backup.index, &backup.unsigned_digest()).as_slice())
+            .map_err(|e| format!("its signature recovers to no address: {e}"))?;
+        if recovered != signed.signer {
+            return Err(format!("its signature is not by {} as it says (it recovers to {recovered})", signed.signer));
         }
-        Ok(SignedBackup { index, digest: subject.digest.clone(), signer: recovered })
+        Ok(recovered)
     }
-}
-
-/// A backup an operator's key signed.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SignedBackup {
-    /// The index it reaches.
-    pub index: u64,
-    /// Its manifest's digest.
-    pub digest: String,
-    /// Who signed it.
-    pub signer: Address,
 }
 
 #[cfg(test)]
@@ -413,6 +399,7 @@ mod tests {
             created: 1_700_000_000,
             replica: "r0".into(),
             epoch: 3,
+            signed: None,
         }
     }
 
@@ -420,11 +407,11 @@ mod tests {
     fn tags_name_their_service_and_never_another_sharing_the_repository() {
         assert_eq!(backup_tag("ledger", 42), "br2k-backup-ledger-42");
         assert_eq!(tag_index("ledger", &backup_tag("ledger", 42)), Some(42));
-        assert_eq!(tag_index("ledger", &signature_tag("ledger", 42)), None);
+        assert_eq!(tag_index("ledger", "br2k-backup-ledger-42.sig"), None);
         assert_eq!(tag_index("ledger", &backup_tag("ledger-copy", 42)), None, "a copy under another name");
         assert_eq!(tag_index("ledger-copy", &backup_tag("ledger", 42)), None);
         assert_eq!(tag_index("ledger", "br2k-backup-ledger-+42"), None);
-        let longest = signature_tag(&"s".repeat(64), u64::MAX);
+        let longest = backup_tag(&"s".repeat(64), u64::MAX);
         assert!(longest.len() <= 128, "an OCI tag is at most 128 characters: {}", longest.len());
     }
 
@@ -454,18 +441,23 @@ mod tests {
     fn a_signature_recovers_to_its_signer_and_to_no_one_for_another_backup_or_service() {
         let signer = PrivateKeySigner::random();
         let domain = SigningDomain { chain_id: 31337, registry: Address::repeat_byte(9), service: keccak256("s") };
-        let digest = format!("sha256:{:064x}", 42);
-        let signed = domain.sign(&signer, 30, &digest, 500).unwrap();
-        let read = domain.signer_of(&signed).unwrap();
-        assert_eq!(read, SignedBackup { index: 30, digest: digest.clone(), signer: signer.address() });
+        let mut signed = backup(vec![segment(11, 30)]);
+        domain.sign(&signer, &mut signed).unwrap();
+        let read = BackupManifest::from_oci(&signed.to_oci()).unwrap();
+        assert_eq!(domain.signer_of(&read), Ok(signer.address()), "the signature survives the registry round trip");
 
         let other = SigningDomain { service: keccak256("t"), ..domain };
         assert!(other.signer_of(&signed).unwrap_err().contains("not by"), "another service's signature");
         let mut moved = signed.clone();
-        moved.annotations.insert(INDEX.into(), "31".into());
+        moved.index = 31;
+        moved.segments[0].to = 31;
         assert!(domain.signer_of(&moved).unwrap_err().contains("not by"), "the same signature for another index");
-        let mut forged = signed;
-        forged.annotations.insert(SIGNER.into(), Address::repeat_byte(1).to_string());
+        let mut altered = signed.clone();
+        altered.previous = None;
+        assert!(domain.signer_of(&altered).unwrap_err().contains("not by"), "a manifest altered after signing");
+        let mut forged = signed.clone();
+        forged.signed.as_mut().unwrap().signer = Address::repeat_byte(1);
         assert!(domain.signer_of(&forged).unwrap_err().contains("not by"), "a signer it names but is not");
+        assert!(domain.signer_of(&backup(vec![segment(11, 30)])).unwrap_err().contains("not signed"));
     }
 }

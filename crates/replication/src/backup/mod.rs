@@ -10,8 +10,8 @@
 //! `1 + log_FANOUT(backups per snapshot)` times, where a backup used to upload every
 //! entry since the snapshot again.
 //!
-//! Every backup is signed by the leader's operator key (a signature artifact beside it),
-//! and names the backup before it, so backups form a hash chain. Only every
+//! Every backup carries the leader's signature by its operator key, and names the backup
+//! before it, so backups form a hash chain. Only every
 //! `record_interval` is one recorded on chain (`recordBackup`, the anchor): gas falls by
 //! the ratio of the two intervals while the recovery point stays one backup interval,
 //! because a restore takes the newest backup signed by an operator whose chain reaches the
@@ -42,8 +42,8 @@ use tracing::{info, warn};
 
 use self::lineage::{Found, Lineage};
 pub use self::manifest::{
-    BACKUP_TYPE, BACKUP_TYPE_V1, BackupManifest, LOG_MEDIA_TYPE, SIGNATURE_TYPE, STATE_MEDIA_TYPE, SegmentBlob,
-    SegmentEntry, SigningDomain, StateBlob, TAG_PREFIX, TALLY_ANNOTATION, TERMS_ANNOTATION, backup_tag, signature_tag,
+    BACKUP_TYPE, BACKUP_TYPE_V1, BackupManifest, LOG_MEDIA_TYPE, STATE_MEDIA_TYPE, SegmentBlob, SegmentEntry, Signed,
+    SigningDomain, StateBlob, TAG_PREFIX, TALLY_ANNOTATION, TERMS_ANNOTATION, backup_tag,
 };
 pub use self::retention::Retention;
 use crate::app::AppState;
@@ -316,26 +316,22 @@ impl<'a, S: AppState> Writer<'a, S> {
 
         let repository = &self.config.repository;
         let registry = &self.config.registry;
+        let service = &self.runtime.config.service;
+        if let Some(publisher) = &self.runtime.config.publisher {
+            let lineage = Lineage { registry, repository, chain: &publisher.registry, service };
+            lineage
+                .domain()
+                .sign(&publisher.signer, &mut next)
+                .map_err(|e| Error::Backup(format!("sign the backup: {e}")))?;
+        }
         let oci = next.to_oci();
-        let manifest_bytes = oci.to_bytes().len() as u64;
         let digest = registry
-            .push_artifact_manifest(repository, &backup_tag(&self.runtime.config.service, ssi), &oci)
+            .push_artifact_manifest(repository, &backup_tag(service, ssi), &oci)
             .await
             .map_err(|e| Error::Backup(format!("push to {repository}: {e}")))?;
-        uploaded += manifest_bytes;
+        uploaded += oci.to_bytes().len() as u64;
         let mut anchored = false;
-        if let Some(publisher) = &self.runtime.config.publisher {
-            let lineage =
-                Lineage { registry, repository, chain: &publisher.registry, service: &self.runtime.config.service };
-            let signature = lineage
-                .domain()
-                .sign(&publisher.signer, ssi, &digest, manifest_bytes)
-                .map_err(|e| Error::Backup(format!("sign the backup: {e}")))?;
-            uploaded += signature.to_bytes().len() as u64;
-            registry
-                .push_artifact_manifest(repository, &signature_tag(&self.runtime.config.service, ssi), &signature)
-                .await
-                .map_err(|e| Error::Backup(format!("push the backup's signature to {repository}: {e}")))?;
+        if self.runtime.config.publisher.is_some() {
             // A chain of its own (no head was found), a first backup, or the interval
             // passed: record this one.
             let now = crate::data::unix_seconds();
@@ -393,6 +389,7 @@ impl<'a, S: AppState> Writer<'a, S> {
             created: 0,
             replica: runtime.config.replica.clone(),
             epoch: self.term.epoch,
+            signed: None,
         };
         let terms = store.get_index(&runtime.keys.terms()).await?;
         if let Some(head) = &self.head {

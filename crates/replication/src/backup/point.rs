@@ -12,9 +12,7 @@ use br2k_oci::registry::RegistryClient;
 use br2k_resolver::RegistryClient as ServiceRegistry;
 
 use super::lineage::Lineage;
-use super::manifest::{
-    BackupManifest, LOG_MEDIA_TYPE, SIGNATURE_TYPE, backup_tag, segment_annotations, signature_tag, tag_index,
-};
+use super::manifest::{BackupManifest, LOG_MEDIA_TYPE, backup_tag, segment_annotations, tag_index};
 use super::restore::log_of;
 use crate::error::{Error, Result};
 
@@ -67,7 +65,12 @@ pub async fn cut_for_copy(
             continue;
         }
         if anchor_digest.as_deref() != Some(digest.as_str()) {
-            check_signed(&lineage, index, &digest).await?;
+            lineage.check_signed(&lineage.domain(), &backup).await.map_err(|e| {
+                Error::Backup(format!(
+                    "the backup at {index} cannot be trusted: {}",
+                    e.to_string().trim_start_matches("backup: ")
+                ))
+            })?;
         }
         let manifest = cut(registry, repository, &backup, to_index, copy).await?;
         let oci = manifest.to_oci();
@@ -88,31 +91,6 @@ pub async fn cut_for_copy(
     )))
 }
 
-/// Checks that an operator of the service signed the backup `digest` at `index`.
-async fn check_signed(lineage: &Lineage<'_>, index: u64, digest: &str) -> Result<()> {
-    let refused = |why: String| Error::Backup(format!("the backup at {index} cannot be trusted: {why}"));
-    let registry = lineage.registry;
-    let tag = signature_tag(lineage.service, index);
-    let signature = registry
-        .manifest_digest(lineage.repository, &tag)
-        .await
-        .map_err(|e| refused(format!("its signature {tag}: {e}")))?;
-    let signature = registry
-        .pull_artifact_manifest(lineage.repository, &signature, &[SIGNATURE_TYPE])
-        .await
-        .map_err(|e| refused(e.to_string()))?;
-    let signed = lineage.domain().signer_of(&signature).map_err(refused)?;
-    if signed.digest != digest || signed.index != index {
-        return Err(refused(format!("its signature is for {} at {}", signed.digest, signed.index)));
-    }
-    let allowed = lineage
-        .chain
-        .is_operator(lineage.service, signed.signer)
-        .await
-        .map_err(|e| Error::Backup(format!("read whether {} is an operator: {e}", signed.signer)))?;
-    if allowed { Ok(()) } else { Err(refused(format!("{} is not an operator of the service", signed.signer))) }
-}
-
 /// `backup` cut at `to_index` (at or after its snapshot) as a backup of `copy`, the last
 /// segment it keeps cut and uploaded when it reaches past `to_index`.
 async fn cut(
@@ -128,6 +106,8 @@ async fn cut(
     next.previous = None;
     next.created = crate::data::unix_seconds();
     next.replica = "br2k backup restore".to_owned();
+    // Recorded on chain for the copy by its manager: the chain vouches for it.
+    next.signed = None;
     next.segments.retain(|s| s.from <= to_index);
     if to_index < backup.log_from {
         next.segments.clear();

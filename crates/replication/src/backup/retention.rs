@@ -1,6 +1,6 @@
 //! Which backups stay in the registry: the newest `keep_last`, the newest of each of the
 //! last `keep_daily` days that have one, the one the chain records and every one after it
-//! (what a restore follows back to it). The others' manifests and signatures are deleted
+//! (what a restore follows back to it). The others' manifests are deleted
 //! through the registry's API; their blobs, once no kept manifest names them, are
 //! reclaimed by the registry's own garbage collection (`docker-registry garbage-collect`,
 //! Harbor's GC), which br2k cannot run for it.
@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use br2k_oci::registry::RegistryClient;
 use tracing::{info, warn};
 
-use super::manifest::{backup_tag, signature_tag, tag_index};
+use super::manifest::{backup_tag, tag_index};
 use crate::error::{Error, Result};
 
 /// How many backups to keep.
@@ -97,15 +97,6 @@ pub async fn prune(
     let doomed: Vec<(u64, String)> =
         created.iter().filter(|(index, _)| !keep.contains(index)).map(|(i, (d, _))| (*i, d.clone())).collect();
     for (index, digest) in doomed {
-        // The signature first: a backup left without one is never restored from, whereas a
-        // signature left without its backup would point at nothing.
-        if tags.contains(&signature_tag(service, index)) {
-            let signature = registry
-                .manifest_digest(repository, &signature_tag(service, index))
-                .await
-                .map_err(|e| failed("find a backup's signature", e))?;
-            registry.delete_manifest(repository, &signature).await.map_err(|e| failed("delete a signature", e))?;
-        }
         registry.delete_manifest(repository, &digest).await.map_err(|e| failed("delete a backup", e))?;
         created.remove(&index);
         pruned.deleted += 1;

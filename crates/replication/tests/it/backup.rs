@@ -8,7 +8,6 @@ use br2k_oci::registry::RegistryClient;
 use br2k_replication::SnapshotPolicy;
 use br2k_replication::backup::{
     BACKUP_TYPE, BackupConfig, BackupManifest, Retention, SegmentEntry, SigningDomain, backup_tag, retention,
-    signature_tag,
 };
 use br2k_replication::{ProcessState, RequestKind};
 use br2k_test_utils::{EtcdCluster, OciRegistry};
@@ -281,27 +280,27 @@ async fn a_backup_uploads_only_the_entries_since_the_last_one() {
     assert_eq!(b2.segments[..b1.segments.len()], b1.segments[..], "the earlier segments are named, not sent again");
     let new = b2.segments.last().unwrap();
     assert_eq!((new.from, new.to), (b1.index + 1, b2.index), "one new segment: the 10 entries since the last backup");
-    let manifests = manifest_bytes(&client, &backup_tag(SERVICE, b2.index)).await
-        + manifest_bytes(&client, &signature_tag(SERVICE, b2.index)).await;
-    assert_eq!(grown, new.blob.size + manifests, "the registry grew by the new segment and two small manifests");
+    let manifest = manifest_bytes(&client, &backup_tag(SERVICE, b2.index)).await;
+    assert!(b2.signed.is_some(), "the leader signed it");
+    assert_eq!(grown, new.blob.size + manifest, "the registry grew by the new segment and a small manifest");
     let whole = b2.segments.iter().map(|s| s.blob.size).sum::<u64>();
     assert!(new.blob.size * 2 < whole, "10 of 30 entries' bytes, not the whole log: {} of {whole}", new.blob.size);
     assert_eq!(restored_journal(&client, &d2).await, first.into_iter().chain(more).collect::<Vec<_>>());
     eprintln!(
-        "registry growth for a backup of 10 new entries: {grown} bytes ({} segment + {manifests} manifests); the \
+        "registry growth for a backup of 10 new entries: {grown} bytes ({} segment + {manifest} manifest); the \
          whole log since the snapshot (what each backup used to send): {whole} bytes",
         new.blob.size
     );
 }
 
-/// The backup indexes the repository's tags name, and whether each has its signature.
+/// The backup indexes the repository's tags name, and whether each is signed.
 async fn backups_in(client: &RegistryClient) -> Vec<(u64, bool)> {
     let tags = client.tags(REPOSITORY).await.unwrap();
-    let mut backups: Vec<(u64, bool)> = tags
-        .iter()
-        .filter_map(|t| br2k_replication::backup::manifest::tag_index(SERVICE, t))
-        .map(|i| (i, tags.contains(&signature_tag(SERVICE, i))))
-        .collect();
+    let mut backups = Vec::new();
+    for index in tags.iter().filter_map(|t| br2k_replication::backup::manifest::tag_index(SERVICE, t)) {
+        let digest = client.manifest_digest(REPOSITORY, &backup_tag(SERVICE, index)).await.unwrap();
+        backups.push((index, manifest_of(client, &digest).await.signed.is_some()));
+    }
     backups.sort_unstable();
     backups
 }
@@ -353,8 +352,7 @@ async fn retention_deletes_what_its_policy_does_not_keep_never_the_anchor_and_gc
         for blob in manifest_of(&client, &digest).await.to_oci().layers {
             referenced.insert(blob.digest, blob.size);
         }
-        manifests += manifest_bytes(&client, &backup_tag(SERVICE, index)).await
-            + manifest_bytes(&client, &signature_tag(SERVICE, index)).await;
+        manifests += manifest_bytes(&client, &backup_tag(SERVICE, index)).await;
     }
     let config = br2k_oci::artifact::EMPTY_CONFIG.len() as u64;
     let bound = referenced.values().sum::<u64>() + manifests + config;
@@ -421,10 +419,8 @@ async fn a_restore_takes_the_newest_signed_backup_past_the_anchor_and_refuses_fo
         forged.index = from + count - 1;
         forged.previous = Some(head.clone());
         forged.segments.push(br2k_replication::backup::SegmentBlob { blob, from, to: forged.index, level: 0 });
-        let oci = forged.to_oci();
-        let digest = client.push_artifact_manifest(REPOSITORY, &backup_tag(SERVICE, forged.index), &oci).await.unwrap();
-        let signature = domain.sign(signer, forged.index, &digest, oci.to_bytes().len() as u64).unwrap();
-        client.push_artifact_manifest(REPOSITORY, &signature_tag(SERVICE, forged.index), &signature).await.unwrap();
+        domain.sign(signer, &mut forged).unwrap();
+        client.push_artifact_manifest(REPOSITORY, &backup_tag(SERVICE, forged.index), &forged.to_oci()).await.unwrap();
     };
     let stranger = registry.anvil.key(7);
     assert!(!registry.manager.is_operator(SERVICE, stranger.address()).await.unwrap());
