@@ -168,7 +168,7 @@ fn backup_line(recorded: Option<&br2k_resolver::RecordedBackup>, leader: Option<
                 text.push_str(&format!(
                     "; recording one every {} s costs about {} gas a day",
                     anchor.interval_ms / 1000,
-                    anchor.gas_per_day
+                    thousands(anchor.gas_per_day)
                 ));
             }
             text
@@ -178,6 +178,19 @@ fn backup_line(recorded: Option<&br2k_resolver::RecordedBackup>, leader: Option<
         line.push_str(&format!("; the last attempt failed: {error}"));
     }
     line
+}
+
+/// `n` with its thousands grouped (`534,003,840`), as people read large counts.
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut grouped = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, digit) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            grouped.push(',');
+        }
+        grouped.push(digit);
+    }
+    grouped
 }
 
 /// The leader's idempotency table: its keys, its bytes, and the window in which a retry
@@ -256,4 +269,17 @@ fn replica_line(view: &ReplicaView) -> String {
         line.push_str(&format!(" ({detail})"));
     }
     line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::thousands;
+
+    #[test]
+    fn large_counts_are_grouped_by_thousands() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1_000), "1,000");
+        assert_eq!(thousands(534_003_840), "534,003,840");
+    }
 }

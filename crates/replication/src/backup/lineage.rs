@@ -60,6 +60,12 @@ impl Lineage<'_> {
     pub(crate) async fn newest(&self, anchor: &RecordedBackup) -> Result<Found> {
         let anchor_digest = format!("sha256:{:x}", anchor.digest);
         let anchored = self.manifest(&anchor_digest).await?;
+        if !anchored.service.is_empty() && anchored.service != self.service {
+            return Err(Error::Backup(format!(
+                "the backup {anchor_digest} recorded on chain for {} is a backup of {}",
+                self.service, anchored.service
+            )));
+        }
         if anchored.index != anchor.index {
             return Err(Error::Backup(format!(
                 "the backup {anchor_digest} says it reaches {}, the chain records {}",
@@ -109,8 +115,8 @@ impl Lineage<'_> {
         let tag = backup_tag(self.service, index);
         let digest = self.registry.manifest_digest(self.repository, &tag).await.map_err(|e| refused(e.to_string()))?;
         let head = self.read(&digest).await.map_err(refused)?;
-        if head.index != index {
-            return Err(refused(format!("its manifest says it reaches {}", head.index)));
+        if head.index != index || head.service != self.service {
+            return Err(refused(format!("its manifest says it is {}'s at {}", head.service, head.index)));
         }
         self.check_signed(domain, &head).await.map_err(|e| refused(e.to_string()))?;
         // Follow `previous` back to a manifest known to reach the anchor; indexes fall at

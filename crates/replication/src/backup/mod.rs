@@ -298,6 +298,13 @@ impl<'a, S: AppState> Writer<'a, S> {
         let ssi = store.get_index(&self.runtime.keys.ssi()).await?;
         let done = self.head.as_ref().map_or(0, |h| h.manifest.index);
         if ssi <= done {
+            // Nothing new; a backup asked for is still recorded on chain if the newest is
+            // only signed (`br2k backup now` waits for the chain to reach the SSI).
+            let anchored = self.anchor.as_ref().map_or(0, |a| a.index);
+            if let Some(head) = self.head.clone().filter(|h| forced && h.manifest.index > anchored) {
+                self.record(&head.digest, head.manifest.index).await?;
+                self.prune().await;
+            }
             return Ok(());
         }
         let mut uploaded = 0u64;
