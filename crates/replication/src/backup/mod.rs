@@ -5,9 +5,9 @@
 //! manifest names a base snapshot and the log segments after it up to the SSI. Each
 //! backup uploads only what the registry lacks: the entries since the previous backup as
 //! one new segment, the snapshot only when a newer one replaced it, and a small manifest.
-//! Segments merge as they pile up (every [`FANOUT`] of one level into one of the next), so
-//! a manifest names a few dozen blobs at most and each entry is uploaded about
-//! `1 + log_FANOUT(backups per snapshot)` times, where a backup used to upload every
+//! Segments merge as they pile up (every [`MERGE_FANOUT`] of one level into one of the
+//! next), so a manifest names a few dozen blobs at most and each entry is uploaded about
+//! `1 + log_8(backups per snapshot)` times, where a backup used to upload every
 //! entry since the snapshot again.
 //!
 //! Every backup carries the leader's signature by its operator key, and names the backup
@@ -55,8 +55,9 @@ use crate::store::Term;
 /// The least time between two backups asked for with `POST /br2k/backup`.
 const ON_DEMAND_SPACING: Duration = Duration::from_secs(1);
 
-/// How many segments of one level merge into one of the next.
-pub const FANOUT: usize = 8;
+/// How many segments of one level merge into one of the next, by default: a manifest
+/// then names at most 7 segments per level, and an entry is uploaded again once per level.
+pub const MERGE_FANOUT: usize = 8;
 
 /// Where and how often the leader backs the service up.
 #[derive(Clone, Debug)]
@@ -73,6 +74,8 @@ pub struct BackupConfig {
     pub record_interval: Duration,
     /// Which backups stay in the registry.
     pub retention: Retention,
+    /// How many segments of one level merge into one of the next (at least 2).
+    pub merge_fanout: usize,
 }
 
 impl BackupConfig {
@@ -85,6 +88,7 @@ impl BackupConfig {
             interval: Duration::from_secs(30),
             record_interval: Duration::from_secs(600),
             retention: Retention::default(),
+            merge_fanout: MERGE_FANOUT,
         }
     }
 }
@@ -520,18 +524,19 @@ impl<'a, S: AppState> Writer<'a, S> {
         Ok(())
     }
 
-    /// Merges the last [`FANOUT`] segments while they are of one level.
+    /// Merges the last `merge_fanout` segments while they are of one level.
     async fn merge(&mut self, next: &mut BackupManifest, uploaded: &mut u64) -> Result<()> {
+        let fanout = self.config.merge_fanout.max(2);
         loop {
             let n = next.segments.len();
-            if n < FANOUT {
+            if n < fanout {
                 return Ok(());
             }
             let level = next.segments[n - 1].level;
-            if next.segments[n - FANOUT..].iter().any(|s| s.level != level) {
+            if next.segments[n - fanout..].iter().any(|s| s.level != level) {
                 return Ok(());
             }
-            let merged: Vec<SegmentBlob> = next.segments.drain(n - FANOUT..).collect();
+            let merged: Vec<SegmentBlob> = next.segments.drain(n - fanout..).collect();
             let mut bytes = Vec::new();
             for segment in &merged {
                 match self.pushed.get(&segment.blob.digest) {
@@ -546,7 +551,7 @@ impl<'a, S: AppState> Writer<'a, S> {
                     ),
                 }
             }
-            let (from, to) = (merged[0].from, merged[FANOUT - 1].to);
+            let (from, to) = (merged[0].from, merged[fanout - 1].to);
             self.push_segment(next, from, to, level + 1, bytes, uploaded).await?;
         }
     }

@@ -439,3 +439,63 @@ async fn a_restore_takes_the_newest_signed_backup_past_the_anchor_and_refuses_fo
         anchor.index
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn segments_merge_as_they_pile_up_and_a_restore_reads_through_the_merges() {
+    let oci = OciRegistry::spawn(None).expect("docker-registry starts (run `bash tools/setup.sh` if it is missing)");
+    let client = RegistryClient::new(&oci.url(), true, None).unwrap();
+    let pairs = |b: &mut BackupConfig| {
+        b.interval = Duration::from_secs(3600);
+        b.record_interval = Duration::from_secs(3600);
+        b.merge_fanout = 2;
+    };
+    let mut c = backed_up_cluster_with(&oci, None, pairs, SnapshotPolicy { interval: 1000, trailing: 100 }).await;
+    let mut expected = Vec::new();
+    let mut digest = String::new();
+    for round in 0..5 {
+        expected.extend(c.load().append_many(&format!("m{round}-"), 2, 1).await);
+        digest = back_up_now(&c, expected.last().unwrap().0).await;
+    }
+    // Five backups with a fan-out of two: 101 in binary, a segment of four backups'
+    // entries merged twice, and the fifth's own.
+    let backup = manifest_of(&client, &digest).await;
+    let shape: Vec<(u64, u64, u32)> = backup.segments.iter().map(|s| (s.from, s.to, s.level)).collect();
+    assert_eq!(shape, vec![(1, 8, 2), (9, 10, 0)], "{shape:?}");
+    assert_eq!(restored_journal(&client, &digest).await, expected);
+
+    disaster(&mut c).await;
+    c.converged(&expected).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_leader_continues_the_chain_and_records_nothing_until_the_interval_passes() {
+    let oci = OciRegistry::spawn(None).expect("docker-registry starts (run `bash tools/setup.sh` if it is missing)");
+    let client = RegistryClient::new(&oci.url(), true, None).unwrap();
+    let rarely_recorded = |b: &mut BackupConfig| b.record_interval = Duration::from_secs(3600);
+    let c = backed_up_cluster_with(&oci, None, rarely_recorded, SnapshotPolicy { interval: 1000, trailing: 100 }).await;
+    let first = c.load().append_many("a", 4, 1).await;
+    let (anchor, _) = recorded_reaching(&c, first.last().unwrap().0).await;
+    let more = c.load().append_many("b", 4, 1).await;
+    let old_head = backed_up_to(&c, more.last().unwrap().0).await.digest.unwrap();
+
+    let from = c.leader(None).await;
+    let to = (from + 1) % 3;
+    c.hand_leadership(from, to).await;
+    assert_eq!(c.leader(None).await, to);
+    let after = c.load().append_many("c", 4, 1).await;
+    let new_head = backed_up_to(&c, after.last().unwrap().0).await.digest.unwrap();
+
+    // The new leader's backups name the old leader's newest: one chain, linked to the anchor.
+    let mut at = manifest_of(&client, &new_head).await;
+    let mut walked = vec![at.index];
+    while at.previous.as_deref() != Some(old_head.as_str()) {
+        let previous = at.previous.clone().expect("the chain reaches the old leader's newest backup");
+        at = manifest_of(&client, &previous).await;
+        walked.push(at.index);
+        assert!(at.index > more.last().unwrap().0, "walked past the old head: {walked:?}");
+    }
+    let recorded = c.registry.as_ref().unwrap().manager.backup(SERVICE).await.unwrap().unwrap();
+    assert_eq!(recorded.index, anchor.index, "a leader change records nothing on chain by itself");
+    let all: Vec<_> = first.into_iter().chain(more).chain(after).collect();
+    assert_eq!(restored_journal(&client, &new_head).await, all);
+}
