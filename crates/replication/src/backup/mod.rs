@@ -158,7 +158,8 @@ pub struct AnchorStatus {
     #[serde(default)]
     pub gas_last: u64,
     /// Gas a day at this rate: the latest anchor's gas times anchors a day at the record
-    /// interval (while requests keep coming; an idle service records none).
+    /// interval, while requests keep coming (an idle service records at most one more).
+    /// 0 until a second anchor: a service's first costs about three times the others.
     #[serde(default)]
     pub gas_per_day: u64,
 }
@@ -302,10 +303,13 @@ impl<'a, S: AppState> Writer<'a, S> {
         let ssi = store.get_index(&self.runtime.keys.ssi()).await?;
         let done = self.head.as_ref().map_or(0, |h| h.manifest.index);
         if ssi <= done {
-            // Nothing new; a backup asked for is still recorded on chain if the newest is
-            // only signed (`br2k backup now` waits for the chain to reach the SSI).
+            // Nothing new. The newest backup, if only signed, is still recorded when asked
+            // for (`br2k backup now` waits for the chain to reach the SSI) or once the
+            // record interval passes, so the chain catches up with an idle service.
             let anchored = self.anchor.as_ref().map_or(0, |a| a.index);
-            if let Some(head) = self.head.clone().filter(|h| forced && h.manifest.index > anchored) {
+            if let Some(head) =
+                self.head.clone().filter(|h| (forced || self.record_due()) && h.manifest.index > anchored)
+            {
                 self.record(&head.digest, head.manifest.index).await?;
                 self.prune().await;
             }
@@ -345,12 +349,7 @@ impl<'a, S: AppState> Writer<'a, S> {
         if self.runtime.config.publisher.is_some() {
             // A chain of its own (no head was found), a first backup, or the interval
             // passed: record this one.
-            let now = crate::data::unix_seconds();
-            let due = self
-                .anchor
-                .as_ref()
-                .is_none_or(|a| now.saturating_sub(a.recorded_at) >= self.config.record_interval.as_secs());
-            if forced || due || self.head.is_none() {
+            if forced || self.record_due() || self.head.is_none() {
                 self.record(&digest, ssi).await?;
                 anchored = true;
             }
@@ -556,6 +555,12 @@ impl<'a, S: AppState> Writer<'a, S> {
         }
     }
 
+    /// Whether the record interval passed since the anchor (or there is none yet).
+    fn record_due(&self) -> bool {
+        let now = crate::data::unix_seconds();
+        self.anchor.as_ref().is_none_or(|a| now.saturating_sub(a.recorded_at) >= self.config.record_interval.as_secs())
+    }
+
     /// Records the backup `digest` reaching `index` on chain.
     async fn record(&mut self, digest: &str, index: u64) -> Result<()> {
         let Some(publisher) = &self.runtime.config.publisher else { return Ok(()) };
@@ -573,13 +578,17 @@ impl<'a, S: AppState> Writer<'a, S> {
         let recorded =
             RecordedBackup { index, digest: hash, artifact: reference, recorded_at: crate::data::unix_seconds() };
         self.show_anchor(&recorded);
-        self.anchor = Some(recorded);
+        // A service's first record writes storage that was empty (about three times the
+        // gas of the next ones): it sets no estimate of what recording costs a day.
+        let first = self.anchor.replace(recorded).is_none();
         let per_day = outcome.gas_used.saturating_mul(86_400) / self.config.record_interval.as_secs().max(1);
         self.runtime.set_status(|s| {
             s.backup.anchor.count += 1;
             s.backup.anchor.gas_total += outcome.gas_used;
             s.backup.anchor.gas_last = outcome.gas_used;
-            s.backup.anchor.gas_per_day = per_day;
+            if !first {
+                s.backup.anchor.gas_per_day = per_day;
+            }
         });
         info!(index, %digest, gas = outcome.gas_used, "backup recorded on chain");
         Ok(())

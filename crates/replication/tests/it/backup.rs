@@ -499,3 +499,24 @@ async fn a_new_leader_continues_the_chain_and_records_nothing_until_the_interval
     let all: Vec<_> = first.into_iter().chain(more).chain(after).collect();
     assert_eq!(restored_journal(&client, &new_head).await, all);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_chain_catches_up_with_an_idle_services_newest_backup_within_a_record_interval() {
+    let oci = OciRegistry::spawn(None).expect("docker-registry starts (run `bash tools/setup.sh` if it is missing)");
+    let every_three = |b: &mut BackupConfig| b.record_interval = Duration::from_secs(3);
+    let c = backed_up_cluster_with(&oci, None, every_three, SnapshotPolicy { interval: 1000, trailing: 100 }).await;
+    let first = c.load().append_many("x", 2, 1).await;
+    recorded_reaching(&c, first.last().unwrap().0).await;
+    // Requests then stop: the newest backup is signed at once, recorded once the interval
+    // has passed, and nothing more after that.
+    let last = c.load().append_many("y", 6, 2).await.last().unwrap().0;
+    let newest = backed_up_to(&c, last).await;
+    let (recorded, digest) = recorded_reaching(&c, last).await;
+    assert_eq!((recorded.index, Some(digest)), (newest.index, newest.digest));
+    let leader = c.statuses().into_iter().find(|s| s.role == br2k_replication::Role::Leader).unwrap();
+    assert!(leader.backup.anchor.gas_per_day > 0, "a second anchor gives the estimate: {:?}", leader.backup.anchor);
+    let count = leader.backup.anchor.count;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let leader = c.statuses().into_iter().find(|s| s.role == br2k_replication::Role::Leader).unwrap();
+    assert_eq!(leader.backup.anchor.count, count, "an idle service records nothing more");
+}
