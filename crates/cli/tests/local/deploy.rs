@@ -263,6 +263,11 @@ fn deploy_local_runs_the_image_pulled_from_the_registry_and_records_it_on_chain(
     }
     let again = copy(&[]);
     assert!(String::from_utf8_lossy(&again.stderr).contains("already a service"), "{again:?}");
+    let mut future = br2k_at(dir.path(), &anvil);
+    future.args(["backup", "restore", "deployed", "--to-index", "1000", "--as", "deployed-future"]);
+    let future = future.output().unwrap();
+    let said = String::from_utf8_lossy(&future.stderr);
+    assert!(!future.status.success() && said.contains("reaches index 1000: the newest reaches"), "{said}");
 
     let info: Value = serde_json::from_str(&run(&["--json", "service", "info", "deployed"])).unwrap();
     let recovery = &info["recoveryInfo"];

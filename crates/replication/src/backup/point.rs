@@ -81,14 +81,22 @@ pub async fn cut_for_copy(
         let artifact = format!("{}/{repository}@{pushed}", registry.host());
         return Ok(PointInTime { source: (index, digest), digest: pushed, manifest, artifact });
     }
-    let spans: Vec<String> = covered.iter().map(|(from, to)| format!("{from}..={to}")).collect();
-    Err(Error::Backup(format!(
-        "no backup of {service} kept in {}/{repository} covers index {to_index}: the kept ones reach {} (each from \
-         its snapshot); the oldest is {}",
-        registry.host(),
-        if spans.is_empty() { "below it".to_owned() } else { spans.join(", ") },
-        indexes[0]
-    )))
+    let newest = indexes[indexes.len() - 1];
+    Err(Error::Backup(if covered.is_empty() {
+        format!(
+            "no backup of {service} kept in {}/{repository} reaches index {to_index}: the newest reaches {newest} \
+             (`br2k backup now {service}` makes one of everything acknowledged)",
+            registry.host()
+        )
+    } else {
+        let spans: Vec<String> = covered.iter().map(|(from, to)| format!("{from}..={to}")).collect();
+        format!(
+            "no backup of {service} kept in {}/{repository} holds index {to_index}: the kept ones from there on hold \
+             {} (each from its snapshot on); retention has removed older ones",
+            registry.host(),
+            spans.join(", ")
+        )
+    }))
 }
 
 /// `backup` cut at `to_index` (at or after its snapshot) as a backup of `copy`, the last
