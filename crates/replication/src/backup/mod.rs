@@ -216,6 +216,10 @@ struct Writer<'a, S: AppState> {
     looked: bool,
     /// The backup the chain records.
     anchor: Option<RecordedBackup>,
+    /// The index of the anchor before it (or the one the chain had when this term began):
+    /// what retention protects from, because a record a reorg could still undo must not
+    /// let retention delete the backups that link to the record before it.
+    settled: u64,
     /// Segments this leader pushed, by digest, while a manifest still names them: merged
     /// without being fetched back.
     pushed: HashMap<String, Vec<u8>>,
@@ -234,6 +238,7 @@ impl<'a, S: AppState> Writer<'a, S> {
             head: None,
             looked: false,
             anchor: None,
+            settled: 0,
             pushed: HashMap::new(),
             created: BTreeMap::new(),
             pruned_at: std::time::Instant::now(),
@@ -255,6 +260,7 @@ impl<'a, S: AppState> Writer<'a, S> {
             .map_err(|e| Error::Backup(format!("read the backup recorded on chain: {e}")))?;
         self.looked = true;
         let Some(anchor) = self.anchor.clone() else { return Ok(()) };
+        self.settled = anchor.index;
         self.show_anchor(&anchor);
         let lineage = Lineage {
             registry: &self.config.registry,
@@ -580,7 +586,9 @@ impl<'a, S: AppState> Writer<'a, S> {
         self.show_anchor(&recorded);
         // A service's first record writes storage that was empty (about three times the
         // gas of the next ones): it sets no estimate of what recording costs a day.
-        let first = self.anchor.replace(recorded).is_none();
+        let previous = self.anchor.replace(recorded);
+        let first = previous.is_none();
+        self.settled = previous.map_or(0, |a| a.index);
         let per_day = outcome.gas_used.saturating_mul(86_400) / self.config.record_interval.as_secs().max(1);
         self.runtime.set_status(|s| {
             s.backup.anchor.count += 1;
@@ -598,7 +606,7 @@ impl<'a, S: AppState> Writer<'a, S> {
     /// anchor (backups go on meanwhile).
     async fn prune(&mut self) {
         self.pruned_at = std::time::Instant::now();
-        let anchor = self.anchor.as_ref().map_or(0, |a| a.index);
+        let anchor = self.settled;
         let service = &self.runtime.config.service;
         let (registry, repository) = (&self.config.registry, &self.config.repository);
         match retention::prune(registry, repository, service, self.config.retention, anchor, &mut self.created).await {

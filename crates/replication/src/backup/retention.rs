@@ -1,6 +1,7 @@
 //! Which backups stay in the registry: the newest `keep_last`, the newest of each of the
 //! last `keep_daily` days that have one, the one the chain records and every one after it
-//! (what a restore follows back to it). The others' manifests are deleted
+//! (what a restore follows back to it). The leader passes the anchor before its latest,
+//! so a record that a reorg undoes never costs the backups linking to the one before. The others' manifests are deleted
 //! through the registry's API; their blobs, once no kept manifest names them, are
 //! reclaimed by the registry's own garbage collection (`docker-registry garbage-collect`,
 //! Harbor's GC), which br2k cannot run for it.
