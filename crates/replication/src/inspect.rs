@@ -37,7 +37,8 @@ pub struct Records {
 }
 
 /// Reads `service`'s records through the etcd member at `endpoint`, every call bounded by
-/// `timeout`.
+/// `timeout`; an etcd that cannot answer yet (a leader election after a partition heals)
+/// is asked again until `timeout` has passed once more.
 ///
 /// # Errors
 /// When etcd cannot be reached, or a record is missing or does not decode.
@@ -46,10 +47,16 @@ pub async fn read_records(endpoint: &str, service: &str, timeout: Duration) -> R
     let keys = Keys::new(service);
     let store = Store::connect(endpoint, keys.clone(), timeout, std::sync::Arc::default()).await?;
     // The leader may compact between the reads: a missing entry means reading again.
+    // And a cluster that was just healed may still be electing its leader ("etcdserver:
+    // leader changed"): such an answer means asking again, for up to `timeout` more.
     let mut attempts = 0;
+    let deadline = tokio::time::Instant::now() + timeout;
     loop {
         match read_once(&store, &keys).await {
             Err(Error::MissingRecord { .. }) if attempts < 3 => attempts += 1,
+            Err(e) if e.is_etcd_unavailable() && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
             result => return result,
         }
     }
