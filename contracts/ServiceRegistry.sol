@@ -138,6 +138,11 @@ contract ServiceRegistry is IServiceRegistry {
     }
 
     /// @inheritdoc IServiceRegistry
+    function resetBackup(bytes32 id) external onlyManager(id) {
+        _clearBackup(id);
+    }
+
+    /// @inheritdoc IServiceRegistry
     function getBackup(bytes32 id)
         external
         view
@@ -189,6 +194,9 @@ contract ServiceRegistry is IServiceRegistry {
         uint64 operatorSet = service.operatorSet + 1;
         service.operatorSet = operatorSet;
         emit OperatorsCleared(id, operatorSet);
+        // So is the backup record they could write: a pinned or poisoned one must not
+        // outlive the keys that made it. Nothing to clear (and no event) when none exists.
+        if (_backups[id].index != 0) _clearBackup(id);
         _setManager(id, msg.sender);
     }
 
@@ -246,6 +254,12 @@ contract ServiceRegistry is IServiceRegistry {
         service.manager = next;
         service.updatedAt = uint64(block.timestamp);
         emit ManagerTransferred(id, previous, next);
+    }
+
+    function _clearBackup(bytes32 id) private {
+        uint64 previous = _backups[id].index;
+        delete _backups[id];
+        emit BackupReset(id, previous);
     }
 
     function _setRecoveryInfo(bytes32 id, Body calldata body) private {

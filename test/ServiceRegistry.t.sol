@@ -483,6 +483,83 @@ contract ServiceRegistryTest is ServiceRegistryFixture {
         registry.recordBackup(id, 1, keccak256("b1"), ARTIFACT);
     }
 
+    // ---------------------------------------------------------------- resetBackup
+
+    function test_ResetBackupUnpinsAnIndexAtTheMaximum() public {
+        // A compromised operator key records an index no leader can ever exceed.
+        vm.prank(operator);
+        registry.recordBackup(id, type(uint64).max, keccak256("pin"), "evil.example/x@sha256:00");
+        vm.expectRevert(
+            abi.encodeWithSelector(
+                IServiceRegistry.ServiceRegistryStaleBackup.selector, id, uint64(500), type(uint64).max
+            )
+        );
+        vm.prank(operator);
+        registry.recordBackup(id, 500, keccak256("real"), ARTIFACT);
+
+        vm.expectEmit(address(registry));
+        emit IServiceRegistry.BackupReset(id, type(uint64).max);
+        vm.prank(manager);
+        registry.resetBackup(id);
+        (uint64 index, bytes32 digest, string memory artifact, uint64 recordedAt) = registry.getBackup(id);
+        vm.assertEq(uint256(index), 0, "index cleared");
+        vm.assertEq(digest, bytes32(0), "digest cleared");
+        vm.assertEq(bytes(artifact).length, 0, "artifact cleared");
+        vm.assertEq(uint256(recordedAt), 0, "time cleared");
+
+        // The leader's real record goes through again.
+        vm.prank(operator);
+        registry.recordBackup(id, 500, keccak256("real"), ARTIFACT);
+        (index,,,) = registry.getBackup(id);
+        vm.assertEq(uint256(index), 500, "recorded after the reset");
+    }
+
+    function test_RevertWhen_ResetBackupByAnOperatorOrStranger() public {
+        vm.prank(operator);
+        registry.recordBackup(id, 7, keccak256("b"), ARTIFACT);
+        address[2] memory callers = [operator, stranger];
+        for (uint256 i = 0; i < callers.length; i++) {
+            vm.expectRevert(abi.encodeWithSelector(IServiceRegistry.ServiceRegistryNotManager.selector, id, callers[i]));
+            vm.prank(callers[i]);
+            registry.resetBackup(id);
+        }
+        (uint64 index,,,) = registry.getBackup(id);
+        vm.assertEq(uint256(index), 7, "untouched");
+    }
+
+    function test_RevertWhen_ResetBackupUnknownService() public {
+        bytes32 unknown = registry.serviceId("nope");
+        vm.expectRevert(abi.encodeWithSelector(IServiceRegistry.ServiceRegistryUnknownService.selector, unknown));
+        vm.prank(manager);
+        registry.resetBackup(unknown);
+    }
+
+    function test_AcceptManagerClearsTheBackupRecord() public {
+        vm.prank(operator);
+        registry.recordBackup(id, type(uint64).max, keccak256("pin"), ARTIFACT);
+        vm.prank(manager);
+        registry.transferManager(id, nextManager);
+        vm.expectEmit(address(registry));
+        emit IServiceRegistry.BackupReset(id, type(uint64).max);
+        vm.prank(nextManager);
+        registry.acceptManager(id);
+        (uint64 index, bytes32 digest,,) = registry.getBackup(id);
+        vm.assertEq(uint256(index), 0, "the old operators' record is gone");
+        vm.assertEq(digest, bytes32(0), "digest cleared");
+    }
+
+    function testFuzz_ResetBackupAlwaysLetsTheNextRecordThrough(uint64 pinned, uint64 next) public {
+        vm.assume(pinned > 0 && next > 0);
+        vm.prank(operator);
+        registry.recordBackup(id, pinned, keccak256("pin"), ARTIFACT);
+        vm.prank(manager);
+        registry.resetBackup(id);
+        vm.prank(operator);
+        registry.recordBackup(id, next, keccak256("next"), ARTIFACT);
+        (uint64 index,,,) = registry.getBackup(id);
+        vm.assertEq(uint256(index), uint256(next), "any index is accepted after a reset");
+    }
+
     // ---------------------------------------------------------------- resetLocation
 
     function test_ResetLocationUnsticksAnEpochAtTheMaximum() public {
@@ -823,6 +900,26 @@ contract ServiceRegistryTest is ServiceRegistryFixture {
         registry.recordBackup(id, 10_000, keccak256("b1"), artifact);
         vm.prank(operator);
         registry.recordBackup(id, 20_000, keccak256("b2"), artifact);
+    }
+
+    /// @dev The manager clearing a pinned record (an index and an artifact of about 90 bytes).
+    function test_ResetBackupGas() public {
+        string memory artifact =
+            "registry.example:5000/br2k/logserver@sha256:0123456789abcdef0123456789abcdef0123456789abcd";
+        vm.prank(operator);
+        registry.recordBackup(id, type(uint64).max, keccak256("pin"), artifact);
+        vm.prank(manager);
+        registry.resetBackup(id);
+    }
+
+    /// @dev A new manager taking a service whose operators recorded a backup.
+    function test_AcceptManagerWithABackupGas() public {
+        vm.prank(operator);
+        registry.recordBackup(id, 10_000, keccak256("b1"), ARTIFACT);
+        vm.prank(manager);
+        registry.transferManager(id, nextManager);
+        vm.prank(nextManager);
+        registry.acceptManager(id);
     }
 
     function test_UpdateLocationGasHotPath() public {

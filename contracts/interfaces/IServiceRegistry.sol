@@ -93,6 +93,9 @@ interface IServiceRegistry {
     /// epoch (for example after a compromised operator key published an epoch no leader
     /// could ever exceed). Caches must drop what they hold for the service.
     event LocationReset(bytes32 indexed id, string location, uint64 epoch, uint64 previousEpoch);
+    /// @notice The service's backup record was cleared (by its manager's `resetBackup`, or
+    /// because a new manager took the service): the next `recordBackup` may carry any index.
+    event BackupReset(bytes32 indexed id, uint64 previousIndex);
 
     /// @notice `register` was given an empty name.
     error ServiceRegistryEmptyName();
@@ -159,6 +162,11 @@ interface IServiceRegistry {
     /// be above the recorded index, `digest` non-zero and `artifact` non-empty.
     function recordBackup(bytes32 id, uint64 index, bytes32 digest, string calldata artifact) external;
 
+    /// @notice Clears the service's backup record. Manager only: the way out when the index
+    /// is pinned at a value no leader can exceed (an operator key that recorded
+    /// `type(uint64).max`) or names an artifact no one should restore. Emits `BackupReset`.
+    function resetBackup(bytes32 id) external;
+
     /// @notice Returns the service's latest recorded backup (all zero before the first).
     function getBackup(bytes32 id)
         external
@@ -177,6 +185,7 @@ interface IServiceRegistry {
     function transferManager(bytes32 id, address next) external;
 
     /// @notice Accepts a pending manager offer. Only the offered account. Every operator
-    /// of the previous manager is disallowed (`OperatorsCleared`).
+    /// of the previous manager is disallowed (`OperatorsCleared`), and the backup record
+    /// they could write is cleared (`BackupReset`, when there was one).
     function acceptManager(bytes32 id) external;
 }

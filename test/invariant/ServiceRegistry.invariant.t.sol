@@ -68,8 +68,10 @@ contract ServiceRegistryInvariantTest is Test {
         handler.sendClaim(0, 4);
         handler.resetLocation(0, 0, 0);
         handler.recordBackup(0, 2, 7, false); // operator of service 0
+        handler.recordBackup(1, 4, 3, false); // the new manager of service 1
+        handler.resetBackup(1, 4);
 
-        bytes4[9] memory selectors = [
+        bytes4[10] memory selectors = [
             IServiceRegistry.updateLocation.selector,
             IServiceRegistry.setOperator.selector,
             IServiceRegistry.setState.selector,
@@ -78,7 +80,8 @@ contract ServiceRegistryInvariantTest is Test {
             IServiceRegistry.acceptManager.selector,
             IServiceRegistry.sendClaim.selector,
             IServiceRegistry.resetLocation.selector,
-            IServiceRegistry.recordBackup.selector
+            IServiceRegistry.recordBackup.selector,
+            IServiceRegistry.resetBackup.selector
         ];
         for (uint256 i = 0; i < selectors.length; i++) {
             vm.assertGe(handler.successes(selectors[i]), 1, "an authorised handler action did not succeed");
@@ -89,5 +92,7 @@ contract ServiceRegistryInvariantTest is Test {
         vm.assertEq(uint256(handler.registry().getHeader(handler.ids(0)).epoch), 0, "reset to 0");
         (uint64 backupIndex,,,) = handler.registry().getBackup(handler.ids(0));
         vm.assertEq(uint256(backupIndex), 8, "backup recorded");
+        (backupIndex,,,) = handler.registry().getBackup(handler.ids(1));
+        vm.assertEq(uint256(backupIndex), 0, "backup reset by the new manager");
     }
 }

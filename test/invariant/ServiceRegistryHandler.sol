@@ -28,7 +28,8 @@ contract ServiceRegistryHandler is CheatCodes {
     bool public epochDecreased;
     /// Set when a previous manager's operator could still publish after a transfer.
     bool public operatorSurvivedTransfer;
-    /// Set when a service's recorded backup index went down.
+    /// Set when a service's recorded backup index went down other than to 0 by its
+    /// manager's `resetBackup` or a new manager's `acceptManager`.
     bool public backupIndexDecreased;
     /// Set when a backup was recorded by someone neither manager nor operator.
     bool public unauthorizedBackup;
@@ -112,6 +113,10 @@ contract ServiceRegistryHandler is CheatCodes {
         _call(actorSeed, abi.encodeCall(IServiceRegistry.recordBackup, (id, index, digest, "oci.example/app@sha256:x")));
     }
 
+    function resetBackup(uint256 serviceSeed, uint256 actorSeed) external {
+        _call(actorSeed, abi.encodeCall(IServiceRegistry.resetBackup, (_service(serviceSeed))));
+    }
+
     function resetLocation(uint256 serviceSeed, uint256 actorSeed, uint64 epoch) external {
         bytes32 id = _service(serviceSeed);
         _call(actorSeed, abi.encodeCall(IServiceRegistry.resetLocation, (id, "http://10.0.0.1:8080", epoch)));
@@ -148,8 +153,15 @@ contract ServiceRegistryHandler is CheatCodes {
             if (locationChanged && !isManager && !wasOperator[i]) unauthorizedLocationChange = true;
             bool bodyOrStateChanged = after_.body != prior.body || after_.state != prior.state;
             if (bodyOrStateChanged && !isManager) unauthorizedBodyOrStateChange = true;
-            if (after_.backupIndex < prior.backupIndex) backupIndexDecreased = true;
-            if (after_.backup != prior.backup && !isManager && !wasOperator[i]) unauthorizedBackup = true;
+            // Only the manager's reset, or a new manager taking the service, clears a record.
+            // (A manager may offer the service to itself: accepting still clears the record.)
+            bool tookOver = ok && bytes4(data) == IServiceRegistry.acceptManager.selector;
+            bool cleared = after_.backupIndex == 0
+                && (isManager && bytes4(data) == IServiceRegistry.resetBackup.selector || tookOver);
+            if (after_.backupIndex < prior.backupIndex && !cleared) backupIndexDecreased = true;
+            if (after_.backup != prior.backup && !isManager && !wasOperator[i] && !cleared) {
+                unauthorizedBackup = true;
+            }
         }
     }
 

@@ -415,7 +415,15 @@ fn health<S: AppState>(runtime: &Runtime<S>) -> Response {
         status.last_error.clone()
     };
     match problem {
-        None => json(StatusCode::OK, &serde_json::json!({ "healthy": true, "role": status.role })),
+        // An alert (the chain's backup record pinned, a backup too large to restore) needs
+        // an operator, not a restart: the replica serves, so it stays healthy to probes
+        // and the manager, and says what is wrong.
+        None => match &status.backup.alert {
+            Some(alert) => {
+                json(StatusCode::OK, &serde_json::json!({ "healthy": true, "role": status.role, "warning": alert }))
+            }
+            None => json(StatusCode::OK, &serde_json::json!({ "healthy": true, "role": status.role })),
+        },
         Some(reason) => json(
             StatusCode::SERVICE_UNAVAILABLE,
             &serde_json::json!({ "healthy": false, "role": status.role, "reason": reason }),

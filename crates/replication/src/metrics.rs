@@ -128,6 +128,7 @@ struct Gauges {
     backup_anchor_gas: Gauge,
     backup_anchor_gas_per_day: Gauge,
     backups_deleted: Gauge,
+    backup_alert: Gauge,
     stopped_at: Gauge,
     diverged_at: Gauge,
     idempotency_records: Gauge,
@@ -284,6 +285,12 @@ impl Metrics {
             gauges.backups_deleted.clone(),
         );
         registry.register(
+            "backup_alert",
+            "1 while backups need an operator (the chain's record pinned above the service's index, a backup too large \
+             to restore; /br2k/status says which), else 0",
+            gauges.backup_alert.clone(),
+        );
+        registry.register(
             "idempotency_keys",
             "Idempotency keys in this replica's table (a retry with one gets its stored answer)",
             gauges.idempotency_records.clone(),
@@ -403,6 +410,7 @@ impl Metrics {
         set(&g.backup_anchor_gas, backup.anchor.gas_total);
         set(&g.backup_anchor_gas_per_day, backup.anchor.gas_per_day);
         set(&g.backups_deleted, backup.deleted);
+        set(&g.backup_alert, u64::from(backup.alert.is_some()));
         set(&g.stopped_at, status.fault.as_ref().map_or(0, |f| f.index));
         set(&g.diverged_at, status.divergence.as_ref().map_or(0, |d| d.index));
         let table = &status.idempotency;

@@ -650,6 +650,15 @@ impl RegistryClient {
         self.send(name, "record the backup", call).await
     }
 
+    /// Clears `name`'s backup record (manager only): for an index pinned where no leader
+    /// can exceed it, or a record naming an artifact no one should restore.
+    ///
+    /// # Errors
+    /// `NoSigner`, `Reverted` (not the manager), RPC and timeout errors.
+    pub async fn reset_backup(&self, name: &str) -> Result<TxOutcome> {
+        self.send(name, "reset the backup record", self.instance.resetBackup(service_id(name))).await
+    }
+
     /// `name`'s latest recorded backup; `None` before the first.
     ///
     /// # Errors

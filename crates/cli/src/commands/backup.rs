@@ -1,5 +1,5 @@
-//! `br2k backup ls NAME` and `br2k backup now NAME`: a service's backups in its container
-//! registry, and the one the chain records.
+//! `br2k backup ls|now|restore|reset NAME`: a service's backups in its container registry,
+//! and the one the chain records.
 
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,36 @@ pub(crate) enum BackupCommand {
     /// never touched.
     #[command(after_help = RESTORE_EXAMPLES)]
     Restore(Box<RestoreArgs>),
+    /// Clear the backup the chain records for the service (manager only). The way out when
+    /// a leaked operator key recorded an index no leader can exceed (the status shows
+    /// "backup index on chain above the service's") or an artifact no one should restore:
+    /// remove that operator first, then reset; the leader records its next backup as usual.
+    Reset(ResetArgs),
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct ResetArgs {
+    /// The service name.
+    name: String,
+}
+
+impl ResetArgs {
+    async fn run(self, global: &GlobalOpts) -> Result<()> {
+        let out = global.output();
+        let registry = global.open_registry_signed("resetting a backup record").await?;
+        let before = registry.backup(&self.name).await?;
+        out.progress(format_args!(
+            "clearing {:?}'s backup record ({}) ...",
+            self.name,
+            before.as_ref().map_or("none recorded".to_owned(), |b| format!("index {}", b.index))
+        ));
+        let tx = registry.reset_backup(&self.name).await?;
+        out.transaction(
+            &format!("{:?} has no backup recorded; its leader records the next one", self.name),
+            tx,
+            json!({ "service": self.name, "previous_index": before.map(|b| b.index) }),
+        )
+    }
 }
 
 const RESTORE_EXAMPLES: &str = "\
@@ -84,6 +114,7 @@ impl BackupCommand {
             Self::Ls(args) => args.run(global).await,
             Self::Now(args) => args.run(global).await,
             Self::Restore(args) => args.run(global).await,
+            Self::Reset(args) => args.run(global).await,
         }
     }
 }

@@ -140,6 +140,7 @@ pub(crate) async fn service_view(
             })
         }),
         "backupError": leader.as_ref().and_then(|l| l.backup.last_error.clone()),
+        "backupAlert": leader.as_ref().and_then(|l| l.backup.alert.clone()),
         "idempotency": leader.as_ref().map(|l| &l.idempotency),
         "openClaims": open_claims.iter().map(|c| json!({ "block": c.block, "claimant": c.claimant, "reason": c.reason }))
             .collect::<Vec<_>>(),
@@ -174,7 +175,9 @@ fn backup_line(recorded: Option<&br2k_resolver::RecordedBackup>, leader: Option<
             text
         }
     };
-    if let Some(error) = leader.and_then(|l| l.backup.last_error.as_ref()) {
+    if let Some(alert) = leader.and_then(|l| l.backup.alert.as_ref()) {
+        line.push_str(&format!("\n  ALERT: {alert}"));
+    } else if let Some(error) = leader.and_then(|l| l.backup.last_error.as_ref()) {
         line.push_str(&format!("; the last attempt failed: {error}"));
     }
     line

@@ -52,15 +52,17 @@ impl Lineage<'_> {
     }
 
     /// The newest backup linked to `anchor` and signed by an operator; the anchor when
-    /// none is newer.
+    /// none is newer. A leader passes its SSI as `at_most`: a backup above it was not
+    /// made by a leader of this service (a leaked operator key signed it) and is never
+    /// continued.
     ///
     /// # Errors
     /// The anchor's manifest cannot be read or does not fit the chain's record; the
     /// registry or the chain does not answer.
-    pub(crate) async fn newest(&self, anchor: &RecordedBackup) -> Result<Found> {
+    pub(crate) async fn newest(&self, anchor: &RecordedBackup, at_most: Option<u64>) -> Result<Found> {
         let anchor_digest = format!("sha256:{:x}", anchor.digest);
         let anchored = self.manifest(&anchor_digest).await?;
-        if !anchored.service.is_empty() && anchored.service != self.service {
+        if anchored.service != self.service {
             return Err(Error::Backup(format!(
                 "the backup {anchor_digest} recorded on chain for {} is a backup of {}",
                 self.service, anchored.service
@@ -77,8 +79,11 @@ impl Lineage<'_> {
             .tags(self.repository)
             .await
             .map_err(|e| Error::Backup(format!("list the backups in {}: {e}", self.repository)))?;
-        let mut candidates: Vec<u64> =
-            tags.iter().filter_map(|t| tag_index(self.service, t)).filter(|i| *i > anchor.index).collect();
+        let mut candidates: Vec<u64> = tags
+            .iter()
+            .filter_map(|t| tag_index(self.service, t))
+            .filter(|i| *i > anchor.index && at_most.is_none_or(|max| *i <= max))
+            .collect();
         candidates.sort_unstable_by(|a, b| b.cmp(a));
         let domain = self.domain();
         // Manifests already followed back to the anchor.

@@ -31,6 +31,13 @@ pub const LOG_MEDIA_TYPE: &str = "application/vnd.br2k.log.v1+jsonl";
 pub const TALLY_ANNOTATION: &str = "io.br2k.tally";
 /// The annotation holding how many leadership terms the service had seen.
 pub const TERMS_ANNOTATION: &str = "io.br2k.terms";
+/// The largest backup (its snapshot and segments together) a restore fetches, 1 GiB: a
+/// restore holds it in memory, and a manifest naming more could make a replica with no
+/// data left fetch without end. A leader refuses to push a backup over it (with an alert:
+/// compaction and snapshots keep backups small; a state near this size needs them more
+/// often), so a backup that could never be restored is never recorded.
+pub const MAX_BACKUP_BYTES: u64 = 1024 * 1024 * 1024;
+
 /// The tag prefix of backups: `br2k-backup-<service>-<index>`. The service is in the tag
 /// because services deployed from one image share its repository (a copy restored under a
 /// new name does).
@@ -235,12 +242,19 @@ impl BackupManifest {
         Ok(backup)
     }
 
-    /// Whether its parts fit: the snapshot ends where the log starts, and the segments
-    /// follow each other without a gap or an overlap up to its index.
+    /// Whether its parts fit: at most [`MAX_BACKUP_BYTES`] together, the snapshot ends
+    /// where the log starts, and the segments follow each other without a gap or an
+    /// overlap up to its index.
     ///
     /// # Errors
     /// The first thing that does not fit, in words.
     pub fn check(&self) -> Result<(), String> {
+        let bytes = self.bytes();
+        if bytes > MAX_BACKUP_BYTES {
+            return Err(format!(
+                "it is {bytes} bytes (its snapshot and segments), over the {MAX_BACKUP_BYTES} a restore accepts"
+            ));
+        }
         if let Some(state) = &self.state
             && state.index + 1 != self.log_from
         {
@@ -287,7 +301,11 @@ impl BackupManifest {
 
     /// The bytes of its blobs, state and segments.
     pub fn bytes(&self) -> u64 {
-        self.state.iter().map(|s| s.blob.size).chain(self.segments.iter().map(|s| s.blob.size)).sum()
+        self.state
+            .iter()
+            .map(|s| s.blob.size)
+            .chain(self.segments.iter().map(|s| s.blob.size))
+            .fold(0, u64::saturating_add)
     }
 }
 
@@ -375,6 +393,18 @@ mod tests {
             to,
             level: 0,
         }
+    }
+
+    #[test]
+    fn a_backup_a_restore_would_refuse_for_its_size_does_not_fit() {
+        let mut big = backup(vec![segment(11, 20), segment(21, 30)]);
+        assert_eq!(big.check(), Ok(()));
+        big.segments[1].blob.size = MAX_BACKUP_BYTES;
+        let refused = big.check().unwrap_err();
+        assert!(refused.contains("over the 1073741824 a restore accepts"), "{refused}");
+        // Sizes a hostile manifest declares cannot wrap the sum around.
+        big.segments[0].blob.size = u64::MAX;
+        assert!(big.check().is_err());
     }
 
     fn backup(segments: Vec<SegmentBlob>) -> BackupManifest {

@@ -42,8 +42,8 @@ use tracing::{info, warn};
 
 use self::lineage::{Found, Lineage};
 pub use self::manifest::{
-    BACKUP_TYPE, BACKUP_TYPE_V1, BackupManifest, LOG_MEDIA_TYPE, STATE_MEDIA_TYPE, SegmentBlob, SegmentEntry, Signed,
-    SigningDomain, StateBlob, TAG_PREFIX, TALLY_ANNOTATION, TERMS_ANNOTATION, backup_tag,
+    BACKUP_TYPE, BACKUP_TYPE_V1, BackupManifest, LOG_MEDIA_TYPE, MAX_BACKUP_BYTES, STATE_MEDIA_TYPE, SegmentBlob,
+    SegmentEntry, Signed, SigningDomain, StateBlob, TAG_PREFIX, TALLY_ANNOTATION, TERMS_ANNOTATION, backup_tag,
 };
 pub use self::retention::Retention;
 use crate::app::AppState;
@@ -132,6 +132,12 @@ pub struct BackupStatus {
     /// Backups this replica deleted under the retention policy.
     #[serde(default)]
     pub deleted: u64,
+    /// What an operator must fix for backups to protect the service again (the chain's
+    /// record pinned above the service's index, a backup too large to restore); `None`
+    /// when nothing. It shows on the status, the dashboard, `/br2k/health` and
+    /// `br2k_backup_alert`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alert: Option<String>,
 }
 
 /// The backup recorded on chain (the anchor) and the gas recording costs.
@@ -227,6 +233,10 @@ struct Writer<'a, S: AppState> {
     created: BTreeMap<u64, (String, u64)>,
     /// When retention last ran without an anchor to trigger it (no chain).
     pruned_at: std::time::Instant,
+    /// The index the chain records when it is above the service's SSI: no leader wrote
+    /// it (a leaked operator key did), so it is never adopted, and nothing is recorded
+    /// until the manager's `resetBackup` clears it.
+    pinned: Option<u64>,
 }
 
 impl<'a, S: AppState> Writer<'a, S> {
@@ -242,6 +252,7 @@ impl<'a, S: AppState> Writer<'a, S> {
             pushed: HashMap::new(),
             created: BTreeMap::new(),
             pruned_at: std::time::Instant::now(),
+            pinned: None,
         }
     }
 
@@ -260,6 +271,12 @@ impl<'a, S: AppState> Writer<'a, S> {
             .map_err(|e| Error::Backup(format!("read the backup recorded on chain: {e}")))?;
         self.looked = true;
         let Some(anchor) = self.anchor.clone() else { return Ok(()) };
+        let ssi = self.runtime.store().get_index(&self.runtime.keys.ssi()).await?;
+        if self.pin_check(Some(&anchor), ssi) {
+            // Backups go on (signed, in the registry) as a chain of their own.
+            self.anchor = None;
+            return Ok(());
+        }
         self.settled = anchor.index;
         self.show_anchor(&anchor);
         let lineage = Lineage {
@@ -268,7 +285,7 @@ impl<'a, S: AppState> Writer<'a, S> {
             chain: &publisher.registry,
             service,
         };
-        match lineage.newest(&anchor).await {
+        match lineage.newest(&anchor, Some(ssi)).await {
             Ok(found) => {
                 let (index, digest) = (found.manifest.index, found.digest.clone());
                 let (bytes, segments) = (found.manifest.bytes(), found.manifest.segments.len() as u64);
@@ -286,6 +303,51 @@ impl<'a, S: AppState> Writer<'a, S> {
             Err(e) => warn!(error = %e, "the newest backup cannot be found; the next one starts a new chain"),
         }
         Ok(())
+    }
+
+    /// Whether the chain's record (`recorded`) is above `ssi`, the highest index the
+    /// service settled: then it is never adopted, and the alert says what to do.
+    fn pin_check(&mut self, recorded: Option<&RecordedBackup>, ssi: u64) -> bool {
+        let pinned = recorded.map(|r| r.index).filter(|index| *index > ssi);
+        if pinned != self.pinned {
+            let service = &self.runtime.config.service;
+            let alert = pinned.map(|index| {
+                format!(
+                    "the backup index recorded on chain ({index}) is above the service's ({ssi}): no leader recorded \
+                     it, so nothing is recorded until it is cleared; remove the operator key that wrote it, then run \
+                     `br2k backup reset {service}` with the manager's key"
+                )
+            });
+            match &alert {
+                Some(text) => warn!(alert = %text, "backups are not recorded on chain"),
+                None => info!("the chain's backup record was cleared; recording again"),
+            }
+            self.runtime.set_status(|s| s.backup.alert = alert);
+            self.pinned = pinned;
+        }
+        pinned.is_some()
+    }
+
+    /// A backup no restore would accept is never pushed: the error, raised as an alert too.
+    fn refuse_unrestorable(&self, why: &str) -> Error {
+        let alert = format!(
+            "{why}: backups stopped until the service's state is smaller (snapshots and compaction more often, or \
+             less state)"
+        );
+        self.runtime.set_status(|s| s.backup.alert = Some(alert.clone()));
+        Error::Backup(alert)
+    }
+
+    /// Reads the chain's record again and checks it against the SSI (see `pin_check`).
+    async fn still_pinned(&mut self) -> Result<bool> {
+        let Some(publisher) = &self.runtime.config.publisher else { return Ok(false) };
+        let recorded = publisher
+            .registry
+            .backup(&self.runtime.config.service)
+            .await
+            .map_err(|e| Error::Backup(format!("read the backup recorded on chain: {e}")))?;
+        let ssi = self.runtime.store().get_index(&self.runtime.keys.ssi()).await?;
+        Ok(self.pin_check(recorded.as_ref(), ssi))
     }
 
     fn show_anchor(&self, anchor: &RecordedBackup) {
@@ -315,8 +377,8 @@ impl<'a, S: AppState> Writer<'a, S> {
             let anchored = self.anchor.as_ref().map_or(0, |a| a.index);
             if let Some(head) =
                 self.head.clone().filter(|h| (forced || self.record_due()) && h.manifest.index > anchored)
+                && self.record(&head.digest, head.manifest.index).await?
             {
-                self.record(&head.digest, head.manifest.index).await?;
                 self.prune().await;
             }
             return Ok(());
@@ -333,7 +395,9 @@ impl<'a, S: AppState> Writer<'a, S> {
         self.pushed.retain(|digest, _| live.contains(digest.as_str()));
         next.index = ssi;
         next.created = crate::data::unix_seconds();
-        next.check().map_err(|e| Error::Backup(format!("a backup this leader built does not fit: {e}")))?;
+        if let Err(e) = next.check() {
+            return Err(self.refuse_unrestorable(&format!("a backup this leader built does not fit: {e}")));
+        }
 
         let repository = &self.config.repository;
         let registry = &self.config.registry;
@@ -356,15 +420,18 @@ impl<'a, S: AppState> Writer<'a, S> {
             // A chain of its own (no head was found), a first backup, or the interval
             // passed: record this one.
             if forced || self.record_due() || self.head.is_none() {
-                self.record(&digest, ssi).await?;
-                anchored = true;
+                anchored = self.record(&digest, ssi).await?;
             }
         }
         let took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         info!(index = ssi, %digest, uploaded, segments = next.segments.len(), anchored, "backup pushed");
         let (bytes, segments) = (next.bytes(), next.segments.len() as u64);
         let shown = digest.clone();
+        let pinned = self.pinned.is_some();
         self.runtime.set_status(|s| {
+            if !pinned {
+                s.backup.alert = None;
+            }
             s.backup.index = ssi;
             s.backup.digest = Some(shown);
             s.backup.at = next.created;
@@ -432,6 +499,12 @@ impl<'a, S: AppState> Writer<'a, S> {
         let mut next = template(log_from, tally);
         next.terms = terms;
         if let Some(snapshot) = &local {
+            if snapshot.size > MAX_BACKUP_BYTES {
+                return Err(self.refuse_unrestorable(&format!(
+                    "the snapshot at {} is {} bytes, over the {MAX_BACKUP_BYTES} a restore accepts",
+                    snapshot.index, snapshot.size
+                )));
+            }
             let path = runtime.snapshots.data_path(snapshot.index);
             let bytes = tokio::fs::read(&path).await.map_err(|e| Error::Snapshot {
                 path: path.display().to_string(),
@@ -495,6 +568,11 @@ impl<'a, S: AppState> Writer<'a, S> {
                 let line = SegmentEntry { index: entry.index, state: entry.state, request: entry.request };
                 lines.extend(serde_json::to_vec(&line).expect("entries serialize"));
                 lines.push(b'\n');
+                if lines.len() as u64 > MAX_BACKUP_BYTES {
+                    return Err(self.refuse_unrestorable(&format!(
+                        "the entries {from}..={to} are over the {MAX_BACKUP_BYTES} bytes a restore accepts"
+                    )));
+                }
                 next += 1;
             }
             next = next.max(last + 1);
@@ -567,20 +645,25 @@ impl<'a, S: AppState> Writer<'a, S> {
         self.anchor.as_ref().is_none_or(|a| now.saturating_sub(a.recorded_at) >= self.config.record_interval.as_secs())
     }
 
-    /// Records the backup `digest` reaching `index` on chain.
-    async fn record(&mut self, digest: &str, index: u64) -> Result<()> {
-        let Some(publisher) = &self.runtime.config.publisher else { return Ok(()) };
+    /// Records the backup `digest` reaching `index` on chain; `false` when the chain's
+    /// record is pinned above the service (nothing is sent then: it would revert).
+    async fn record(&mut self, digest: &str, index: u64) -> Result<bool> {
+        if self.pinned.is_some() && self.still_pinned().await? {
+            return Ok(false);
+        }
+        let Some(publisher) = &self.runtime.config.publisher else { return Ok(false) };
         let service = &self.runtime.config.service;
         let hash = digest
             .strip_prefix("sha256:")
             .and_then(|h| h.parse().ok())
             .ok_or_else(|| Error::Backup(format!("the registry reported an odd digest {digest}")))?;
         let reference = format!("{}/{}@{digest}", self.config.registry.host(), self.config.repository);
-        let outcome = publisher
-            .registry
-            .record_backup(service, index, hash, &reference)
-            .await
-            .map_err(|e| Error::Backup(format!("record on chain: {e}")))?;
+        let outcome = match publisher.registry.record_backup(service, index, hash, &reference).await {
+            Ok(outcome) => outcome,
+            // Pinned while this term went on (a leaked key recorded a higher index).
+            Err(_) if self.still_pinned().await? => return Ok(false),
+            Err(e) => return Err(Error::Backup(format!("record on chain: {e}"))),
+        };
         let recorded =
             RecordedBackup { index, digest: hash, artifact: reference, recorded_at: crate::data::unix_seconds() };
         self.show_anchor(&recorded);
@@ -599,7 +682,7 @@ impl<'a, S: AppState> Writer<'a, S> {
             }
         });
         info!(index, %digest, gas = outcome.gas_used, "backup recorded on chain");
-        Ok(())
+        Ok(true)
     }
 
     /// Applies the retention policy; a failure is logged and retried after the next

@@ -39,20 +39,25 @@ impl<S: AppState> Runtime<S> {
             .await
             .map_err(|e| Error::Backup(format!("restore: cannot read the backup recorded on chain: {e}")))?;
         let Some(anchor) = anchor.filter(|b| b.index > self.state.applied_index()) else { return Ok(None) };
-        let repository = repository_of(&anchor.artifact, &config.registry.host()).ok_or_else(|| {
-            Error::Backup(format!(
-                "restore: the backup recorded on chain is at {:?}, not in the service's registry {}",
+        // On a shared registry anyone may push to some repository there: only the
+        // service's own backup repository is trusted.
+        if !in_repository(&anchor.artifact, &config.registry.host(), &config.repository) {
+            return Err(Error::Backup(format!(
+                "restore: the backup recorded on chain is at {:?}, not in the service's backup repository {}/{}; \
+                 its manager can clear the record with `br2k backup reset {}`",
                 anchor.artifact,
-                config.registry.host()
-            ))
-        })?;
+                config.registry.host(),
+                config.repository,
+                self.config.service
+            )));
+        }
         let lineage = Lineage {
             registry: &config.registry,
-            repository: &repository,
+            repository: &config.repository,
             chain: &publisher.registry,
             service: &self.config.service,
         };
-        let found = lineage.newest(&anchor).await.map_err(|e| Error::Backup(format!("restore: {e}")))?;
+        let found = lineage.newest(&anchor, None).await.map_err(|e| Error::Backup(format!("restore: {e}")))?;
         info!(
             index = found.manifest.index,
             digest = %found.digest,
@@ -86,6 +91,21 @@ impl<S: AppState> Runtime<S> {
             Some(state) => Some((state, fetch(&state.blob).await?)),
             None => None,
         };
+        // Checked before anything changes: what the backup would leave applied must not
+        // pass the index it claims (the app would hold entries etcd then lacks).
+        let leaves = state.as_ref().map_or(self.state.applied_index(), |(s, _)| s.index);
+        if leaves > backup.index {
+            return Err(Error::Backup(format!(
+                "restore: {digest} would leave index {leaves} applied, past its own {}; nothing was changed",
+                backup.index
+            )));
+        }
+        if backup.service != self.config.service {
+            return Err(Error::Backup(format!(
+                "restore: {digest} is a backup of {:?}, not of {:?}; nothing was changed",
+                backup.service, self.config.service
+            )));
+        }
         if let Some((state, bytes)) = state {
             let meta = crate::data::SnapshotMeta {
                 index: state.index,
@@ -200,9 +220,10 @@ pub(crate) fn log_of(
     Ok(entries)
 }
 
-/// The repository of `artifact` (`host/repository@digest`) when it is on `host`.
-fn repository_of(artifact: &str, host: &str) -> Option<String> {
-    let (name, _digest) = artifact.split_once('@')?;
-    let repository = name.strip_prefix(host)?.strip_prefix('/')?;
-    (!repository.is_empty()).then(|| repository.to_owned())
+/// Whether `artifact` (`host/repository@digest`) is in `repository` on `host`.
+fn in_repository(artifact: &str, host: &str, repository: &str) -> bool {
+    artifact
+        .split_once('@')
+        .and_then(|(name, _digest)| name.strip_prefix(host)?.strip_prefix('/'))
+        .is_some_and(|name| name == repository)
 }

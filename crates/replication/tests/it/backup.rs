@@ -520,3 +520,120 @@ async fn the_chain_catches_up_with_an_idle_services_newest_backup_within_a_recor
     let leader = c.statuses().into_iter().find(|s| s.role == br2k_replication::Role::Leader).unwrap();
     assert_eq!(leader.backup.anchor.count, count, "an idle service records nothing more");
 }
+
+/// The registry as a leaked operator key (the key of replica `i`) sees it.
+async fn as_operator(c: &Cluster, i: usize) -> br2k_resolver::RegistryClient {
+    let registry = c.registry.as_ref().unwrap();
+    let chain = br2k_resolver::Chain::connect(
+        &registry.anvil.endpoint(),
+        Some(registry.anvil.key(i)),
+        crate::harness::timeouts(),
+    )
+    .await
+    .unwrap();
+    chain.registry(registry.manager.address()).await.unwrap()
+}
+
+/// The value of the gauge `name` in a replica's metrics text.
+fn gauge(metrics: &str, name: &str) -> f64 {
+    let line = metrics
+        .lines()
+        .find(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' ')))
+        .unwrap_or_else(|| panic!("no {name} in the metrics"));
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+/// What replica `i` answers on `path`, as text.
+async fn text_of(c: &Cluster, i: usize, path: &str) -> String {
+    c.http.get(format!("{}{path}", c.replicas[i].url)).send().await.unwrap().text().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_index_pinned_on_chain_by_a_leaked_key_raises_an_alert_is_never_adopted_and_reset_clears_it() {
+    let oci = OciRegistry::spawn(None).expect("docker-registry starts (run `bash tools/setup.sh` if it is missing)");
+    let c = backed_up_cluster(&oci, None).await;
+    let first = c.load().append_many("p", 5, 1).await;
+    recorded_reaching(&c, first.last().unwrap().0).await;
+
+    // A leaked operator key records an index no leader can exceed.
+    let leaked = as_operator(&c, 1).await;
+    let fake = format!("{}/{REPOSITORY}@sha256:{}", oci.host(), "ab".repeat(32));
+    leaked.record_backup(SERVICE, u64::MAX, alloy::primitives::B256::repeat_byte(0xab), &fake).await.unwrap();
+    c.load().append_many("q", 4, 1).await;
+    let l = c.leader(None).await;
+    eventually("the leader raises the alert", async || c.replicas[l].status().backup.alert.is_some()).await;
+    let alert = c.replicas[l].status().backup.alert.unwrap();
+    assert!(alert.contains("18446744073709551615") && alert.contains("br2k backup reset"), "{alert}");
+    assert_eq!(gauge(&text_of(&c, l, "/metrics").await, "br2k_backup_alert"), 1.0, "the metric says so");
+    let health: serde_json::Value = serde_json::from_str(&text_of(&c, l, "/br2k/health").await).unwrap();
+    assert_eq!(health["healthy"], true, "it still serves: {health}");
+    assert!(health["warning"].as_str().unwrap().contains("above the service's"), "{health}");
+
+    // A new leader does not adopt the pinned index: it backs up what it holds and alerts.
+    let n = (l + 1) % 3;
+    c.hand_leadership(l, n).await;
+    let after = c.load().append_many("r", 3, 1).await;
+    let last = after.last().unwrap().0;
+    let status = backed_up_to(&c, last).await;
+    assert!(status.index <= c.replicas[n].status().ssi, "never the chain's {} as its own", u64::MAX);
+    eventually("the new leader raises the alert", async || c.replicas[n].status().backup.alert.is_some()).await;
+
+    // The manager clears the record: the leader records again and the alert goes.
+    c.registry.as_ref().unwrap().manager.reset_backup(SERVICE).await.unwrap();
+    let cleared = c.load().append_many("s", 3, 1).await;
+    let (recorded, _) = recorded_reaching(&c, cleared.last().unwrap().0).await;
+    assert!(recorded.index < u64::MAX && recorded.artifact != fake);
+    eventually("the alert clears", async || c.replicas[n].status().backup.alert.is_none()).await;
+    assert_eq!(gauge(&text_of(&c, n, "/metrics").await, "br2k_backup_alert"), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restore_refuses_a_backup_recorded_in_another_repository_of_the_same_registry() {
+    let oci = OciRegistry::spawn(None).expect("docker-registry starts (run `bash tools/setup.sh` if it is missing)");
+    let client = RegistryClient::new(&oci.url(), true, None).unwrap();
+    let mut c = backed_up_cluster(&oci, None).await;
+    let expected = c.load().append_many("o", 6, 2).await;
+    let last = expected.last().unwrap().0;
+    let (_, digest) = recorded_reaching(&c, last).await;
+    for i in 0..3 {
+        c.replicas[i].crash();
+    }
+    // On the shared registry, someone pushes a restorable backup of their own making to a
+    // repository of theirs, and a leaked operator key records it.
+    const EVIL: &str = "someone/else";
+    let real = manifest_of(&client, &digest).await;
+    let mut forged = real.clone();
+    for blob in forged.state.iter().map(|s| &s.blob).chain(forged.segments.iter().map(|s| &s.blob)) {
+        let bytes = client.fetch_blob(REPOSITORY, &blob.digest, blob.size).await.unwrap();
+        client.push_layer(EVIL, &blob.media_type, blob.annotations.clone(), bytes.to_vec()).await.unwrap();
+    }
+    let tail = real.segments.last().unwrap();
+    let bytes = client.fetch_blob(REPOSITORY, &tail.blob.digest, tail.blob.size).await.unwrap();
+    let template: SegmentEntry =
+        serde_json::from_slice(bytes.split(|b| *b == b'\n').find(|l| !l.is_empty()).unwrap()).unwrap();
+    let lines = forged_segment(&template, last, 3, "planted");
+    let annotations = std::collections::BTreeMap::from([
+        ("io.br2k.segment.from".to_owned(), (last + 1).to_string()),
+        ("io.br2k.segment.to".to_owned(), (last + 3).to_string()),
+    ]);
+    let (blob, _) =
+        client.push_layer(EVIL, br2k_replication::backup::LOG_MEDIA_TYPE, annotations, lines).await.unwrap();
+    forged.segments.push(br2k_replication::backup::SegmentBlob { blob, from: last + 1, to: last + 3, level: 0 });
+    forged.index = last + 3;
+    forged.previous = Some(digest.clone());
+    forged.signed = None;
+    let planted = client.push_artifact_manifest(EVIL, "planted", &forged.to_oci()).await.unwrap();
+    let hash: alloy::primitives::B256 = planted.trim_start_matches("sha256:").parse().unwrap();
+    let artifact = format!("{}/{EVIL}@{planted}", oci.host());
+    as_operator(&c, 1).await.record_backup(SERVICE, forged.index, hash, &artifact).await.unwrap();
+
+    disaster(&mut c).await;
+    eventually("a replica refuses the backup in another repository", async || {
+        c.statuses()
+            .iter()
+            .any(|s| s.last_error.as_deref().is_some_and(|e| e.contains("not in the service's backup repository")))
+    })
+    .await;
+    assert!(c.statuses().iter().all(|s| s.role != br2k_replication::Role::Leader), "nothing serves from it");
+    assert!(c.replicas.iter().all(|r| r.state.entries().is_empty()), "no replica restored anything from it");
+}

@@ -270,7 +270,8 @@ function servicePage(view, name) {
       "idempotency ", el("b", { class: "idempotency" }, idempotencyOf(service))));
   const card = el("section", { class: "card", id: "service", "data-service": name },
     el("h2", {}, name, el("span", { class: "badge " + service.state }, service.state)), facts, replicaTable(service));
-  if (service.backupError) card.append(el("div", { class: "error" }, "last backup failed: " + service.backupError));
+  if (service.backupAlert) card.append(el("div", { class: "error alert" }, "backups need an operator: " + service.backupAlert));
+  else if (service.backupError) card.append(el("div", { class: "error" }, "last backup failed: " + service.backupError));
   const claims = service.openClaims || [];
   if (claims.length) card.append(el("h3", {}, "Open claims"),
     el("table", {}, ...claims.map(c => el("tr", {}, el("td", { class: "num" }, "block " + c.block), el("td", {}, c.claimant), el("td", {}, c.reason)))));
