@@ -110,6 +110,42 @@ pub(crate) fn read_secret_file(path: &Path, what: &str) -> Result<String> {
     std::fs::read_to_string(path).with_context(|| format!("cannot read the {what} file {}", path.display()))
 }
 
+/// The replicas' admin token, for their admin routes (`/br2k/tx`, `/br2k/backup`).
+#[derive(Args, Debug, Clone, Default)]
+pub(crate) struct AdminTokenArg {
+    /// A file (mode 0600) holding the replicas' admin token; or set BR2K_ADMIN_TOKEN.
+    /// Replicas take it the same way; without one their admin routes are closed.
+    #[arg(long, value_name = "PATH")]
+    pub(crate) admin_token_file: Option<PathBuf>,
+}
+
+impl AdminTokenArg {
+    /// The token, if one is given.
+    ///
+    /// # Errors
+    /// The file cannot be read or others can read it.
+    pub(crate) fn token(&self) -> Result<Option<String>> {
+        match std::env::var("BR2K_ADMIN_TOKEN") {
+            Ok(token) if !token.trim().is_empty() => Ok(Some(token.trim().to_owned())),
+            _ => match &self.admin_token_file {
+                Some(path) => Ok(Some(read_secret_file(path, "admin token")?.trim().to_owned())),
+                None => Ok(None),
+            },
+        }
+    }
+
+    /// The token; an error saying how to give it when none is.
+    ///
+    /// # Errors
+    /// None given, or the file cannot be read or others can read it.
+    pub(crate) fn require(&self) -> Result<String> {
+        self.token()?.with_context(|| {
+            "the replicas' admin routes need their admin token: set BR2K_ADMIN_TOKEN or pass --admin-token-file \
+             (mode 0600)"
+        })
+    }
+}
+
 /// Which registry.
 #[derive(Args, Debug, Clone)]
 #[command(next_help_heading = "Registry")]

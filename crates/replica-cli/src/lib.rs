@@ -67,6 +67,10 @@ pub struct ReplicaArgs {
     /// Open client connections; beyond it new ones are answered 503 and closed.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=65_536))]
     pub max_connections: u64,
+    /// Largest snapshot taken from a peer when catching up, in bytes: a peer's record that
+    /// announces more is refused (default 1 GiB, what a backup may hold too).
+    #[arg(long, default_value_t = 1 << 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_snapshot_bytes: u64,
     /// Seconds a handler may take for one request; a leader whose handler takes longer
     /// (or panics) steps down and hands leadership to another replica.
     #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -196,6 +200,7 @@ impl ReplicaArgs {
             max_body: size(self.max_body),
             max_head: size(self.max_head),
             max_connections: size(self.max_connections),
+            max_snapshot_bytes: self.max_snapshot_bytes,
             handler_timeout: Duration::from_secs(self.handler_timeout),
             ..Limits::default()
         };

@@ -192,6 +192,10 @@ pub struct Limits {
     /// 30 s). A logged request's handler that takes longer, or panics, ends the leader's
     /// term: the replica steps down and hands etcd leadership to another member.
     pub handler_timeout: Duration,
+    /// Largest snapshot this replica takes from a peer when catching up, bytes (default
+    /// 1 GiB, the most a backup holds too): a record that announces more is refused before
+    /// a byte is fetched, and a download that runs past what its record announced is cut.
+    pub max_snapshot_bytes: u64,
 }
 
 impl Default for Limits {
@@ -205,6 +209,7 @@ impl Default for Limits {
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(30),
             handler_timeout: Duration::from_secs(30),
+            max_snapshot_bytes: crate::backup::manifest::MAX_BACKUP_BYTES,
         }
     }
 }

@@ -48,7 +48,7 @@ async fn front<S: AppState>(State(runtime): State<Arc<Runtime<S>>>, request: axu
         ("GET", "/br2k/health") => return health(&runtime),
         ("GET", "/br2k/status") => return json(StatusCode::OK, &runtime.current_status()),
         ("GET", "/br2k/snapshot") => return snapshot(&runtime, &parts).await,
-        ("POST", "/br2k/backup") => return backup_now(&runtime),
+        ("POST", "/br2k/backup") => return backup_now(&runtime, &parts).await,
         ("GET", "/br2k/tx") => return unsettled_txs(&runtime, &parts).await,
         ("POST", "/br2k/tx/cancel") => return cancel_tx(&runtime, &parts, body).await,
         ("GET", "/metrics") => return metrics(&runtime),
@@ -306,16 +306,40 @@ async fn snapshot<S: AppState>(runtime: &Runtime<S>, parts: &axum::http::request
     response
 }
 
-/// `POST /br2k/backup`: the leader backs up at once and records that backup on chain
-/// (the answer does not wait for it; the backup recorded on chain reaches at least the SSI
-/// answered).
-fn backup_now<S: AppState>(runtime: &Runtime<S>) -> Response {
-    if runtime.config.backup.is_none() {
+/// `POST /br2k/backup` (admin or peer token, leader): the leader backs up at once and
+/// records that backup on chain (the answer does not wait for it; the backup recorded on
+/// chain reaches at least the SSI answered). Each one pushes an artifact and pays for a
+/// transaction, so at most one is taken per backup interval: a 429 with `Retry-After`
+/// otherwise.
+async fn backup_now<S: AppState>(runtime: &Runtime<S>, parts: &axum::http::request::Parts) -> Response {
+    let Some(config) = &runtime.config.backup else {
         return error(StatusCode::NOT_FOUND, "this service has no backups configured (no backup registry)");
+    };
+    if !offers_peer_token(runtime, parts).await
+        && let Some(refusal) = refuse_non_admin(runtime, parts)
+    {
+        return refusal;
     }
     let status = runtime.status.borrow().clone();
     if status.role != Role::Leader {
         return not_leader(runtime);
+    }
+    {
+        let mut last = runtime.backup_asked_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let spacing = config.on_demand_spacing();
+        if let Some(wait) = last.and_then(|at| spacing.checked_sub(at.elapsed())) {
+            let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            let mut response = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                &format!(
+                    "a backup was asked for less than {spacing:?} ago (one per backup interval); ask again in \
+                     {seconds} s"
+                ),
+            );
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+            return response;
+        }
+        *last = Some(std::time::Instant::now());
     }
     runtime.backup_forced.store(true, std::sync::atomic::Ordering::Relaxed);
     runtime.backup_now.notify_one();
@@ -332,12 +356,25 @@ fn refuse_non_admin<S: AppState>(runtime: &Runtime<S>, parts: &axum::http::reque
              BR2K_ADMIN_TOKEN)",
         ));
     };
-    let offered = parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    match offered.and_then(|v| v.strip_prefix("Bearer ")) {
+    match bearer_token(&parts.headers) {
         None => Some(error(StatusCode::UNAUTHORIZED, "an admin route: send `Authorization: Bearer <admin token>`")),
         Some(offered) if token.accepts(offered) => None,
         Some(_) => Some(error(StatusCode::FORBIDDEN, "wrong admin token")),
     }
+}
+
+/// The token of an `Authorization: Bearer <token>` header; the scheme's name is matched
+/// whatever its case (RFC 6750 and RFC 9110 §11.1).
+fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
+}
+
+/// Whether the request carries this service's peer token (another replica of it asks).
+async fn offers_peer_token<S: AppState>(runtime: &Runtime<S>, parts: &axum::http::request::Parts) -> bool {
+    let Some(offered) = parts.headers.get(PEER_TOKEN_HEADER) else { return false };
+    runtime.peer_token().await.is_ok_and(|token| same_secret(offered.as_bytes(), token.as_bytes()))
 }
 
 /// `GET /br2k/tx` (admin): the outbox's unsettled transactions and the requests in doubt.

@@ -182,10 +182,14 @@ impl<S: AppState> Replicated<S> {
             snapshot_taken: Notify::new(),
             backup_now: Notify::new(),
             backup_forced: std::sync::atomic::AtomicBool::new(false),
+            backup_asked_at: Mutex::default(),
             member: watch::Sender::new(member),
             peer_token: Mutex::default(),
+            // Never redirected: a peer's answer must not send the peer token (or this
+            // replica) to another host.
             http: reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(3))
+                .redirect(reqwest::redirect::Policy::none())
                 .no_proxy()
                 .build()
                 .expect("an HTTP client with default TLS settings builds"),
@@ -298,6 +302,8 @@ pub(crate) struct Runtime<S> {
     pub(crate) backup_now: Notify,
     /// Set with `backup_now` when the backup asked for is to be recorded on chain too.
     pub(crate) backup_forced: std::sync::atomic::AtomicBool,
+    /// When `POST /br2k/backup` was last honoured (at most one per backup interval).
+    pub(crate) backup_asked_at: Mutex<Option<std::time::Instant>>,
     /// What this replica's membership record should say.
     pub(crate) member: watch::Sender<MemberRecord>,
     /// Where the time goes (served in the status).

@@ -35,6 +35,34 @@ pub(crate) const PEER_TOKEN_HEADER: &str = "br2k-peer-token";
 /// How long a snapshot download may go without receiving a byte.
 const FETCH_STALL: Duration = Duration::from_secs(10);
 
+/// Why a peer's advertised snapshot is not fetched, if it is not: its index is above `ssi`
+/// (what the service settled), its size above `max`, or its front's URL is not a plain
+/// `http(s)://host[:port]` (a path, query or credentials would let a record aim the peer
+/// token anywhere the replica can reach).
+fn refuse_record(record: &MemberRecord, meta: &SnapshotMeta, ssi: u64, max: u64) -> Option<String> {
+    if meta.index > ssi {
+        return Some(format!("it claims index {}, above the service's settled {ssi}", meta.index));
+    }
+    if meta.size > max {
+        return Some(format!(
+            "it claims {} bytes, over the {max} this replica takes (--max-snapshot-bytes)",
+            meta.size
+        ));
+    }
+    let url = match reqwest::Url::parse(&record.url) {
+        Ok(url) => url,
+        Err(e) => return Some(format!("its front's URL {:?} does not parse: {e}", record.url)),
+    };
+    let plain = matches!(url.scheme(), "http" | "https")
+        && url.host().is_some()
+        && url.username().is_empty()
+        && url.password().is_none()
+        && url.path() == "/"
+        && url.query().is_none()
+        && url.fragment().is_none();
+    (!plain).then(|| format!("its front's URL {:?} is not a plain http(s)://host:port", record.url))
+}
+
 /// This replica's snapshots as the runtime tracks them.
 #[derive(Debug, Default)]
 pub(crate) struct SnapshotState {
@@ -192,6 +220,18 @@ impl<S: AppState> Runtime<S> {
                 Some((replica, record, meta))
             })
             .collect();
+        // A peer's record is only as trustworthy as etcd's contents: a snapshot past what the
+        // service settled, or larger than this replica takes, or served from anywhere but
+        // the peer's own front, is never fetched (and the peer token never sent there).
+        let ssi = self.store().get_index(&self.keys.ssi()).await?;
+        let max = self.config.limits.max_snapshot_bytes;
+        peers.retain(|(peer, record, meta)| match refuse_record(record, meta, ssi, max) {
+            None => true,
+            Some(why) => {
+                warn!(%peer, index = meta.index, %why, "a peer's snapshot record is refused");
+                false
+            }
+        });
         if peers.is_empty() {
             return Err(Error::NoSnapshotSource { first_index, needed });
         }

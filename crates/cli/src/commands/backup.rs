@@ -103,9 +103,12 @@ pub(crate) struct BackupArgs {
 pub(crate) struct NowArgs {
     /// The service name.
     name: String,
-    /// How long to wait for the backup to be recorded on chain.
+    /// How long to wait for the backup to be recorded on chain (and, when the leader took
+    /// one on demand less than a backup interval ago, for the interval to pass).
     #[arg(long, value_name = "SECONDS", default_value_t = 120)]
     timeout: u64,
+    #[command(flatten)]
+    admin: crate::opts::AdminTokenArg,
 }
 
 impl BackupCommand {
@@ -239,10 +242,26 @@ impl NowArgs {
         if location.is_empty() {
             bail!("{:?} has no published location: is it running?", self.name);
         }
+        let token = self.admin.require()?;
         let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
-        let ssi = request_backup(&http, &location).await?;
-        out.progress(format_args!("the leader backs up its state at index {ssi} ..."));
         let deadline = Instant::now() + Duration::from_secs(self.timeout);
+        let ssi = loop {
+            match request_backup(&http, &location, &token).await? {
+                Asked::Taken(ssi) => break ssi,
+                Asked::RetryAfter(wait) if Instant::now() + wait < deadline => {
+                    out.progress(format_args!(
+                        "the leader took a backup on demand less than a backup interval ago; asking again in {} s ...",
+                        wait.as_secs()
+                    ));
+                    tokio::time::sleep(wait).await;
+                }
+                Asked::RetryAfter(wait) => bail!(
+                    "the leader takes one backup on demand per backup interval; the next in {} s, past --timeout",
+                    wait.as_secs()
+                ),
+            }
+        };
+        out.progress(format_args!("the leader backs up its state at index {ssi} ..."));
         let recorded = wait_recorded(&registry, &self.name, ssi, deadline).await?;
         out.result(
             &format!("backup at index {} recorded on chain: {}", recorded.index, recorded.artifact),
@@ -251,17 +270,34 @@ impl NowArgs {
     }
 }
 
-/// Asks the leader at `location` for a backup now (`POST /br2k/backup`); the SSI it backs
-/// up its state at. `br2k backup now` and the dashboard's action both ask this way.
-pub(crate) async fn request_backup(http: &reqwest::Client, location: &str) -> Result<u64> {
+/// What the leader said to a backup asked for.
+pub(crate) enum Asked {
+    /// It backs up its state at this SSI.
+    Taken(u64),
+    /// It took one on demand within the backup interval: ask again after this.
+    RetryAfter(Duration),
+}
+
+/// Asks the leader at `location` for a backup now (`POST /br2k/backup`, with the replicas'
+/// admin `token`). `br2k backup now` and the dashboard's action both ask this way.
+///
+/// # Errors
+/// The leader cannot be reached, or refuses (the token, no backups configured).
+pub(crate) async fn request_backup(http: &reqwest::Client, location: &str, token: &str) -> Result<Asked> {
     let url = format!("{}/br2k/backup", location.trim_end_matches('/'));
-    let answer = http.post(&url).send().await.with_context(|| format!("asking {url}"))?;
+    let answer = http.post(&url).bearer_auth(token).send().await.with_context(|| format!("asking {url}"))?;
     let status = answer.status();
+    let retry_after = answer.headers().get(reqwest::header::RETRY_AFTER).and_then(|v| v.to_str().ok()?.parse().ok());
     let body: serde_json::Value = answer.json().await.unwrap_or_default();
-    if status.as_u16() != 202 {
-        bail!("{url} answered {status}: {}", body["error"].as_str().unwrap_or("(no reason given)"));
+    let reason = body["error"].as_str().unwrap_or("(no reason given)");
+    match status.as_u16() {
+        202 => Ok(Asked::Taken(body["ssi"].as_u64().unwrap_or(0))),
+        429 => Ok(Asked::RetryAfter(Duration::from_secs(retry_after.unwrap_or(1)))),
+        401 | 403 | 404 if reason.contains("admin") => bail!(
+            "{url} answered {status}: {reason} (the replicas' admin token: BR2K_ADMIN_TOKEN or --admin-token-file)"
+        ),
+        _ => bail!("{url} answered {status}: {reason}"),
     }
-    Ok(body["ssi"].as_u64().unwrap_or(0))
 }
 
 async fn wait_recorded(

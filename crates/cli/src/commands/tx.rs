@@ -8,7 +8,6 @@
 //! ("cancelled by the operator"); the original, and it is recorded paid. Both routes are
 //! the replica's admin routes: they take the admin token the replicas were started with.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -17,6 +16,7 @@ use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
 use super::GlobalOpts;
+use crate::opts::AdminTokenArg;
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum TxCommand {
@@ -32,9 +32,8 @@ pub(crate) enum TxCommand {
 pub(crate) struct TxArgs {
     /// The service name.
     name: String,
-    /// A file (mode 0600) holding the replicas' admin token; or set BR2K_ADMIN_TOKEN.
-    #[arg(long, value_name = "PATH")]
-    admin_token_file: Option<PathBuf>,
+    #[command(flatten)]
+    admin: AdminTokenArg,
 }
 
 #[derive(Args, Debug)]
@@ -66,23 +65,14 @@ struct Admin {
 
 impl Admin {
     async fn of(args: &TxArgs, global: &GlobalOpts) -> Result<Self> {
-        let token = match std::env::var("BR2K_ADMIN_TOKEN") {
-            Ok(token) if !token.trim().is_empty() => token,
-            _ => match &args.admin_token_file {
-                Some(path) => crate::opts::read_secret_file(path, "admin token")?,
-                None => bail!(
-                    "the replicas' admin routes need their admin token: set BR2K_ADMIN_TOKEN or pass \
-                     --admin-token-file (mode 0600)"
-                ),
-            },
-        };
+        let token = args.admin.require()?;
         let registry = global.open_registry().await?;
         let location = registry.service_location(&args.name).await?.location;
         if location.is_empty() {
             bail!("{:?} has no published location: is it running?", args.name);
         }
         let http = reqwest::Client::builder().timeout(Duration::from_secs(15)).build()?;
-        Ok(Self { http, location, token: token.trim().to_owned() })
+        Ok(Self { http, location, token })
     }
 
     /// Sends `request` to the leader, following one `Br2k-Leader` redirect (the published

@@ -104,7 +104,10 @@ pub(crate) fn br2k_at(dir: &Path, anvil: &Anvil) -> Command {
         .env("TMPDIR", dir.join("tmp"))
         .env("BR2K_HOME", dir.join("home"))
         .env("ETH_RPC_URL", anvil.endpoint())
-        .env("ETH_PRIVATE_KEY", alloy::hex::encode_prefixed(anvil.key(0).to_bytes()));
+        .env("ETH_PRIVATE_KEY", alloy::hex::encode_prefixed(anvil.key(0).to_bytes()))
+        // The replicas' admin routes (`br2k backup now`): they take it from the deploy's
+        // environment, as the commands that call them do.
+        .env("BR2K_ADMIN_TOKEN", "a-test-admin-token");
     command
 }
 
@@ -194,7 +197,7 @@ fn deploy_local_runs_the_image_pulled_from_the_registry_and_records_it_on_chain(
     let deploy = |extra: &[&str]| {
         let mut command = br2k_at(dir.path(), &anvil);
         command.args(["--json", "deploy", "deployed", "--context", "local", "--network", "loopback"]);
-        command.args(["--election-timeout", "500"]).args(extra).output().unwrap()
+        command.args(["--election-timeout", "500", "--backup-interval", "2"]).args(extra).output().unwrap()
     };
     let first: Value = serde_json::from_str(&ok(deploy(&["--image", "br2k/logserver:v1", "--replicas", "3"]))).unwrap();
     let guard = Deployed(dir.path(), &anvil);

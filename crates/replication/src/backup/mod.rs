@@ -76,6 +76,9 @@ pub struct BackupConfig {
     pub retention: Retention,
     /// How many segments of one level merge into one of the next (at least 2).
     pub merge_fanout: usize,
+    /// The least time between two backups asked for with `POST /br2k/backup` (`None`:
+    /// the backup interval). Each pushes an artifact and pays for a transaction.
+    pub on_demand_spacing: Option<Duration>,
 }
 
 impl BackupConfig {
@@ -89,7 +92,13 @@ impl BackupConfig {
             record_interval: Duration::from_secs(600),
             retention: Retention::default(),
             merge_fanout: MERGE_FANOUT,
+            on_demand_spacing: None,
         }
+    }
+
+    /// The least time between two backups asked for on demand.
+    pub(crate) fn on_demand_spacing(&self) -> Duration {
+        self.on_demand_spacing.unwrap_or(self.interval)
     }
 }
 
@@ -184,9 +193,9 @@ pub(crate) async fn back_up_while_leading<S: AppState>(runtime: Arc<Runtime<S>>,
     loop {
         tokio::select! {
             () = tokio::time::sleep(pause) => {}
-            // `POST /br2k/backup` (`br2k backup now`): anyone who reaches the service can
-            // ask, so asking only brings the next backup (and its anchor) forward, to at
-            // most one a second.
+            // `POST /br2k/backup` (`br2k backup now`, admin token): the front honours one
+            // per backup interval, and asking only brings the next backup (and its
+            // anchor) forward.
             () = runtime.backup_now.notified() => tokio::time::sleep(ON_DEMAND_SPACING).await,
         }
         let started = std::time::Instant::now();

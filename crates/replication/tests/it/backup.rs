@@ -46,7 +46,10 @@ async fn restored_journal(client: &RegistryClient, digest: &str) -> Vec<(u64, St
 
 /// Three replicas on a chain that back up every second into `oci` (with `credentials`),
 /// snapshotting every 10 entries; every backup recorded on chain.
-async fn backed_up_cluster(oci: &OciRegistry, credentials: Option<br2k_oci::registry::Credentials>) -> Cluster {
+pub(crate) async fn backed_up_cluster(
+    oci: &OciRegistry,
+    credentials: Option<br2k_oci::registry::Credentials>,
+) -> Cluster {
     backed_up_cluster_with(oci, credentials, |_| {}, SnapshotPolicy { interval: 10, trailing: 5 }).await
 }
 
@@ -247,8 +250,28 @@ async fn registry_credentials_never_reach_etcd_the_chain_or_a_log_line() {
 /// Asks the leader for a backup now (recorded on chain too) and waits until the chain
 /// records one reaching `index`; its manifest digest.
 async fn back_up_now(c: &Cluster, index: u64) -> String {
-    assert_eq!(c.post_to_leader("/br2k/backup", "", None).await.status(), 202);
+    ask_for_backup(c).await;
     recorded_reaching(c, index).await.1
+}
+
+/// Asks the leader for a backup now with the admin token, as `br2k backup now` does:
+/// after the `Retry-After` it is told when one was asked for within the interval.
+pub(crate) async fn ask_for_backup(c: &Cluster) {
+    for _ in 0..10 {
+        let l = c.leader(None).await;
+        let url = format!("{}/br2k/backup", c.replicas[l].url);
+        let answer = c.http.post(&url).bearer_auth(crate::harness::ADMIN_TOKEN).send().await.unwrap();
+        match answer.status().as_u16() {
+            202 => return,
+            429 => {
+                let wait: u64 = answer.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+                tokio::time::sleep(Duration::from_secs(wait)).await;
+            }
+            503 => tokio::time::sleep(Duration::from_millis(100)).await,
+            other => panic!("POST /br2k/backup answered {other}: {}", answer.text().await.unwrap()),
+        }
+    }
+    panic!("the leader never took the backup request");
 }
 
 /// The bytes of the manifest `tag` of the repository names.
@@ -265,6 +288,7 @@ async fn a_backup_uploads_only_the_entries_since_the_last_one() {
     let hourly = |b: &mut BackupConfig| {
         b.interval = Duration::from_secs(3600);
         b.record_interval = Duration::from_secs(3600);
+        b.on_demand_spacing = Some(Duration::from_secs(1));
     };
     let c = backed_up_cluster_with(&oci, None, hourly, SnapshotPolicy { interval: 1000, trailing: 100 }).await;
     let first = c.load().append_many("i", 20, 4).await;
@@ -298,8 +322,10 @@ async fn backups_in(client: &RegistryClient) -> Vec<(u64, bool)> {
     let tags = client.tags(REPOSITORY).await.unwrap();
     let mut backups = Vec::new();
     for index in tags.iter().filter_map(|t| br2k_replication::backup::manifest::tag_index(SERVICE, t)) {
-        let digest = client.manifest_digest(REPOSITORY, &backup_tag(SERVICE, index)).await.unwrap();
-        backups.push((index, manifest_of(client, &digest).await.signed.is_some()));
+        // Retention may delete a backup between the listing and this read: it is gone.
+        let Ok(digest) = client.manifest_digest(REPOSITORY, &backup_tag(SERVICE, index)).await else { continue };
+        let Ok(oci) = client.pull_artifact_manifest(REPOSITORY, &digest, &[BACKUP_TYPE]).await else { continue };
+        backups.push((index, BackupManifest::from_oci(&oci).unwrap().signed.is_some()));
     }
     backups.sort_unstable();
     backups
@@ -313,6 +339,7 @@ async fn retention_deletes_what_its_policy_does_not_keep_never_the_anchor_and_gc
     let keep_four = |b: &mut BackupConfig| {
         b.interval = Duration::from_secs(3600);
         b.record_interval = Duration::from_secs(3600);
+        b.on_demand_spacing = Some(Duration::from_secs(1));
         b.retention = Retention { keep_last: 4, keep_daily: 0 };
     };
     let mut c = backed_up_cluster_with(&oci, None, keep_four, SnapshotPolicy { interval: 10, trailing: 5 }).await;
@@ -448,6 +475,7 @@ async fn segments_merge_as_they_pile_up_and_a_restore_reads_through_the_merges()
         b.interval = Duration::from_secs(3600);
         b.record_interval = Duration::from_secs(3600);
         b.merge_fanout = 2;
+        b.on_demand_spacing = Some(Duration::from_secs(1));
     };
     let mut c = backed_up_cluster_with(&oci, None, pairs, SnapshotPolicy { interval: 1000, trailing: 100 }).await;
     let mut expected = Vec::new();

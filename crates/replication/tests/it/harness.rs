@@ -716,6 +716,20 @@ impl Cluster {
         response.kvs().first().map_or(0, |kv| kv.value_str().unwrap().parse().unwrap())
     }
 
+    /// The service's peer token, as a replica of it reads it from etcd (made here, as the
+    /// first replica that needs it would, when none was made yet).
+    pub(crate) async fn peer_token(&self) -> String {
+        use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+        let key = format!("/br2k/{SERVICE}/peer_token");
+        let mut client = self.etcd_client(self.healthy_member()).await;
+        let made = Txn::new()
+            .when(vec![Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then(vec![TxnOp::put(key.clone(), "a-peer-token-made-by-the-test", None)]);
+        client.txn(made).await.unwrap();
+        let response = client.get(key, None).await.unwrap();
+        response.kvs()[0].value_str().unwrap().to_owned()
+    }
+
     pub(crate) fn healthy_member(&self) -> usize {
         (0..self.etcd.len()).find(|&i| self.etcd.pid(i).is_some()).unwrap()
     }

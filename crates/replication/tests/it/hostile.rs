@@ -253,3 +253,113 @@ async fn malformed_json_in_etcd_values_never_stops_the_service() {
     let stored = etcd.get(key("members/ghost"), None).await.unwrap();
     assert_eq!(stored.kvs()[0].value(), b"{not json", "an unreadable record is left for an operator, not overwritten");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn backups_on_demand_need_the_admin_or_peer_token_and_come_at_most_once_an_interval() {
+    let oci = br2k_test_utils::OciRegistry::spawn(None)
+        .expect("docker-registry starts (run `bash tools/setup.sh` if it is missing)");
+    let c = crate::backup::backed_up_cluster(&oci, None).await;
+    let appended = c.load().append_many("k", 3, 1).await;
+    let l = c.leader(None).await;
+    let url = format!("{}/br2k/backup", c.replicas[l].url);
+    let ask = |authorization: Option<&str>| {
+        let mut request = c.http.post(&url);
+        if let Some(value) = authorization {
+            request = request.header("authorization", value);
+        }
+        request.send()
+    };
+    // Each one pushes an artifact and pays for a transaction: not for anyone who reaches
+    // a replica.
+    assert_eq!(ask(None).await.unwrap().status(), 401);
+    assert_eq!(ask(Some("Bearer guess")).await.unwrap().status(), 403);
+    assert_eq!(ask(Some("Basic YWRtaW46YWRtaW4=")).await.unwrap().status(), 401);
+    let chain = &c.registry.as_ref().unwrap().manager;
+    // The scheme's name in any case (RFC 6750), then a second ask within the interval.
+    let token = crate::harness::ADMIN_TOKEN;
+    assert_eq!(ask(Some(&format!("bearer {token}"))).await.unwrap().status(), 202);
+    let again = ask(Some(&format!("BEARER {token}"))).await.unwrap();
+    assert_eq!(again.status(), 429, "{}", again.text().await.unwrap());
+    let wait: u64 = again.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=1).contains(&wait), "Retry-After within the 1 s interval: {wait}");
+    tokio::time::sleep(Duration::from_secs(wait)).await;
+    assert_eq!(ask(Some(&format!("Bearer {token}"))).await.unwrap().status(), 202, "after Retry-After");
+    // Another replica of the service may ask with the peer token (it never leaves etcd).
+    let peer = c.peer_token().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let by_peer = c.http.post(&url).header("br2k-peer-token", peer).send().await.unwrap();
+    assert_eq!(by_peer.status(), 202);
+    let last = appended.last().unwrap().0;
+    eventually("the asked-for backups are recorded", async || {
+        chain.backup(SERVICE).await.unwrap().is_some_and(|b| b.index >= last)
+    })
+    .await;
+}
+
+/// A listener that answers every request with `answer` and counts the connections that
+/// reach it.
+async fn trap(answer: String) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let mut buffer = [0u8; 4096];
+                let _ = stream.read(&mut buffer).await;
+                let _ = stream.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    (url, hits)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_catching_up_replica_never_follows_a_redirect_nor_fetches_a_snapshot_record_it_cannot_trust() {
+    let mut c = Cluster::start_snapshotting(SnapshotPolicy { interval: 50, trailing: 20 }).await;
+    let l = c.leader(None).await;
+    let f = (l + 1) % 3;
+    let mut answered = c.load().append_many("a", 60, 4).await;
+    c.converged(&answered).await;
+    c.replicas[f].crash();
+    let left_at = c.replicas[f].state.entries().last().unwrap().0;
+    answered.extend(c.load().append_many("b", 250, 4).await);
+    eventually("compaction passes the dead follower", async || {
+        c.statuses().iter().map(|s| s.first_index).max().unwrap_or(1) > left_at + 100
+    })
+    .await;
+
+    // Records planted in etcd (by whoever can write there): one whose front redirects
+    // elsewhere, one past the service's SSI, one larger than a replica takes, one whose
+    // URL carries a path. Only the first may be asked at all, and its redirect is never
+    // followed: nothing, and no peer token, reaches the other listener.
+    let (elsewhere, reached_elsewhere) = trap("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n".into()).await;
+    let redirect = format!("HTTP/1.1 302 Found\r\nlocation: {elsewhere}/stolen\r\ncontent-length: 0\r\n\r\n");
+    let (redirecting, _) = trap(redirect).await;
+    let ssi = c.counter("ssi").await;
+    let mut etcd = c.etcd_client(l).await;
+    let plant = |url: &str, index: u64, size: u64| {
+        serde_json::json!({ "url": url, "snapshot": {
+            "index": index, "state_version": index, "digest": format!("sha256:{}", "00".repeat(32)),
+            "size": size, "replica": "planted", "created_at": 1 } })
+        .to_string()
+    };
+    let planted = [
+        ("redirecting", plant(&redirecting, ssi, 10)),
+        ("above-ssi", plant(&elsewhere, ssi + 1000, 10)),
+        ("too-large", plant(&elsewhere, ssi, 1 << 40)),
+        ("with-a-path", plant(&format!("{elsewhere}/x?y"), ssi, 10)),
+    ];
+    for (name, record) in &planted {
+        etcd.put(format!("/br2k/{SERVICE}/members/{name}"), record.as_str(), None).await.unwrap();
+    }
+    c.restart_replica(f).await;
+    c.converged_on(&[0, 1, 2], &answered).await;
+    assert_eq!(reached_elsewhere.load(Ordering::SeqCst), 0, "a redirect or an untrusted record reached elsewhere");
+    for (name, _) in &planted {
+        etcd.delete(format!("/br2k/{SERVICE}/members/{name}"), None).await.unwrap();
+    }
+}

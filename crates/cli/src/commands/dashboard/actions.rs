@@ -20,6 +20,7 @@ use br2k_resolver::RegistryClient;
 use serde_json::{Value, json};
 
 use super::Endpoint;
+use crate::commands::backup::Asked;
 
 /// The header the page sends, naming the service the person confirmed the action on.
 pub(super) const CONFIRM_HEADER: &str = "x-br2k-confirm";
@@ -33,12 +34,19 @@ pub(super) struct Actions {
     http: reqwest::Client,
     served: SocketAddr,
     endpoint: Endpoint,
+    /// The replicas' admin token, for asking a leader for a backup.
+    admin_token: Option<String>,
 }
 
 impl Actions {
-    pub(super) fn new(registry: RegistryClient, served: SocketAddr, endpoint: Endpoint) -> Self {
+    pub(super) fn new(
+        registry: RegistryClient,
+        served: SocketAddr,
+        endpoint: Endpoint,
+        admin_token: Option<String>,
+    ) -> Self {
         let http = reqwest::Client::builder().no_proxy().timeout(BACKUP_TIMEOUT).build().unwrap_or_default();
-        Self { registry, http, served, endpoint }
+        Self { registry, http, served, endpoint, admin_token }
     }
 }
 
@@ -122,10 +130,20 @@ impl Actions {
             }
             Err(e) => return self.failed(&e.to_string()),
         };
-        match crate::commands::backup::request_backup(&self.http, &location).await {
-            Ok(ssi) => answer(
+        let Some(token) = &self.admin_token else {
+            return answer(
+                StatusCode::FORBIDDEN,
+                &json!({ "error": "asking for a backup needs the replicas' admin token: start the dashboard with BR2K_ADMIN_TOKEN or --admin-token-file" }),
+            );
+        };
+        match crate::commands::backup::request_backup(&self.http, &location, token).await {
+            Ok(Asked::Taken(ssi)) => answer(
                 StatusCode::ACCEPTED,
                 &json!({ "message": format!("the leader backs up its state at index {ssi}; the timeline shows it once recorded on chain") }),
+            ),
+            Ok(Asked::RetryAfter(wait)) => answer(
+                StatusCode::TOO_MANY_REQUESTS,
+                &json!({ "error": format!("the leader took a backup on demand less than a backup interval ago; ask again in {} s", wait.as_secs()) }),
             ),
             Err(e) => answer(StatusCode::BAD_GATEWAY, &json!({ "error": crate::commands::describe(&e) })),
         }

@@ -62,6 +62,10 @@ pub(crate) struct DashboardArgs {
     #[arg(long)]
     allow_actions: bool,
 
+    /// The replicas' admin token, for the page's "Back up now" (with --allow-actions).
+    #[command(flatten)]
+    admin: crate::opts::AdminTokenArg,
+
     #[command(flatten)]
     config: DirArg,
 }
@@ -78,9 +82,10 @@ impl DashboardArgs {
         })?;
         let address = listener.local_addr()?;
         let shown = if self.names.is_empty() { "every registered service".to_owned() } else { self.names.join(", ") };
+        let admin_token = if self.allow_actions { self.admin.token()? } else { None };
         let actions = self
             .allow_actions
-            .then(|| Arc::new(actions::Actions::new(registry.clone(), address, Endpoint::of(&registry))));
+            .then(|| Arc::new(actions::Actions::new(registry.clone(), address, Endpoint::of(&registry), admin_token)));
         let mut board = board::Board::new(&registry, self.names, self.config, self.allow_actions);
         let (views, page_views) = watch::channel(board.empty_view());
         let refresh = self.refresh.max(Duration::from_millis(100));
