@@ -4,6 +4,7 @@
 //! registry through this one place.
 
 use std::future::IntoFuture;
+use std::sync::Arc;
 use std::time::Duration;
 
 use alloy::contract::{CallBuilder, CallDecoder};
@@ -194,6 +195,7 @@ impl Chain {
             instance: ServiceRegistry::new(address, self.provider.clone()),
             chain: self.clone(),
             first_block: 0,
+            claims: Arc::default(),
         })
     }
 
@@ -381,6 +383,9 @@ pub struct RegistryClient {
     instance: ServiceRegistryInstance<DynProvider>,
     /// Where the registry's event history starts (its deployment block, when known).
     first_block: u64,
+    /// Held while a claim is checked, sent and mined: a second claim of this client then
+    /// sees the first's cooldown instead of being sent to revert (and pay gas) behind it.
+    claims: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl RegistryClient {
@@ -708,6 +713,25 @@ impl RegistryClient {
     /// # Errors
     /// `ClaimTooSoon` within the cooldown, `UnknownService`, `NoSigner`, RPC and timeout errors.
     pub async fn send_claim(&self, name: &str, reason: &str) -> Result<TxOutcome> {
-        self.send(name, "file the claim", self.instance.sendClaim(service_id(name), reason.into())).await
+        let action = "file the claim";
+        let claimant = self.chain.sender().ok_or_else(|| Error::NoSigner { action: action.into() })?;
+        let _one_at_a_time = self.claims.lock().await;
+        // A claim inside the cooldown would revert when mined, and the gas is paid then:
+        // it is not sent. (Gas estimation alone does not catch it on a chain with block
+        // times: a claim still pending when the next is estimated has not set it yet.)
+        let check = "read when the registry accepts the next claim";
+        let next_claim_at = self
+            .chain
+            .bounded(check, self.instance.nextClaimAt(service_id(name), claimant).call())
+            .await?
+            .map_err(|e| self.named(name, self.error(check, e)))?;
+        if next_claim_at > 0 {
+            let latest = self.chain.block_number().await?;
+            let now = self.chain.block_timestamp(latest).await?.unwrap_or(0);
+            if now < next_claim_at {
+                return Err(Error::ClaimTooSoon { name: name.into(), claimant, next_claim_at });
+            }
+        }
+        self.send(name, action, self.instance.sendClaim(service_id(name), reason.into())).await
     }
 }

@@ -4,6 +4,8 @@ use br2k_bindings::ServiceRegistry::ServiceRegistryErrors;
 use br2k_bindings::ServiceState;
 use br2k_resolver::{Chain, Error};
 
+use br2k_test_utils::Anvil;
+
 use crate::fixture::{Fixture, NAME, timeouts};
 
 #[tokio::test]
@@ -103,4 +105,33 @@ async fn backups_are_recorded_read_back_and_never_go_back() {
         other => panic!("expected a stale-backup revert, got {other:?}"),
     }
     assert_eq!(f.manager.backup(NAME).await.unwrap().unwrap().index, 20_000, "the newer backup stays");
+}
+
+/// On a chain with block times, a user's two claims in a row: the second used to pass gas
+/// estimation (the first still pending) and revert once mined, paying its gas. It is now
+/// refused before anything is sent, and the claimant's nonce shows a single transaction.
+#[tokio::test]
+async fn a_claim_inside_the_cooldown_is_never_sent_even_behind_a_pending_one() {
+    let anvil = Anvil::builder()
+        .arg("--block-time")
+        .arg("2")
+        .spawn()
+        .expect("anvil starts (run `bash tools/setup.sh` if it is missing)");
+    let chain = Chain::connect(&anvil.endpoint(), Some(anvil.key(0)), timeouts()).await.unwrap();
+    let deployment = chain.deploy_registry(300).await.unwrap();
+    let manager = chain.registry(deployment.address).await.unwrap();
+    manager.register(NAME, crate::fixture::body(anvil.address(0))).await.unwrap();
+    let user = Fixture::client(&anvil, deployment.address, 4).await;
+    let claimant = anvil.address(4);
+    let provider = alloy::providers::ProviderBuilder::new().connect_http(anvil.endpoint().parse().unwrap());
+    let nonce = || async { alloy::providers::Provider::get_transaction_count(&provider, claimant).await.unwrap() };
+    let before = nonce().await;
+    let (first, second) = tokio::join!(user.send_claim(NAME, "down"), user.send_claim(NAME, "still down"));
+    let outcomes = [first, second];
+    assert_eq!(outcomes.iter().filter(|o| o.is_ok()).count(), 1, "{outcomes:?}");
+    assert!(
+        outcomes.iter().any(|o| matches!(o, Err(Error::ClaimTooSoon { next_claim_at, .. }) if *next_claim_at > 0)),
+        "{outcomes:?}"
+    );
+    assert_eq!(nonce().await, before + 1, "one transaction sent, none to revert");
 }
