@@ -110,6 +110,16 @@ pub(crate) fn read_secret_file(path: &Path, what: &str) -> Result<String> {
     std::fs::read_to_string(path).with_context(|| format!("cannot read the {what} file {}", path.display()))
 }
 
+/// A service name as given on the command line: refused at once, before anything is
+/// started or registered, unless it follows the rule replicas hold names to.
+pub(crate) fn parse_service_name(name: &str) -> std::result::Result<String, String> {
+    if br2k_replication::is_valid_name(name) {
+        Ok(name.to_owned())
+    } else {
+        Err(format!("a service name must be {}", br2k_replication::NAME_RULE))
+    }
+}
+
 /// The replicas' admin token, for their admin routes (`/br2k/tx`, `/br2k/backup`).
 #[derive(Args, Debug, Clone, Default)]
 pub(crate) struct AdminTokenArg {

@@ -289,14 +289,18 @@ pub(crate) type Admission = Arc<dyn Fn(&Request) -> Result<(), Reply> + Send + S
 /// constant time). The token is never logged: credential headers cannot be kept.
 pub fn bearer_token(token: impl Into<String>) -> impl Fn(&Request) -> Result<(), Reply> + Send + Sync + 'static {
     let token = token.into();
-    move |request: &Request| {
-        let offered = request.header("authorization").and_then(|v| v.strip_prefix("Bearer "));
-        match offered {
-            None => Err(Reply::error(401, "this route needs `Authorization: Bearer <token>`")),
-            Some(offered) if crate::membership::same_secret(offered.trim().as_bytes(), token.as_bytes()) => Ok(()),
-            Some(_) => Err(Reply::error(403, "wrong bearer token")),
-        }
+    move |request: &Request| match request.header("authorization").and_then(bearer_credentials) {
+        None => Err(Reply::error(401, "this route needs `Authorization: Bearer <token>`")),
+        Some(offered) if crate::membership::same_secret(offered.as_bytes(), token.as_bytes()) => Ok(()),
+        Some(_) => Err(Reply::error(403, "wrong bearer token")),
     }
+}
+
+/// The token of an `Authorization: Bearer <token>` header value; the scheme's name is
+/// matched whatever its case (RFC 6750 §2.1, RFC 9110 §11.1).
+pub(crate) fn bearer_credentials(authorization: &str) -> Option<&str> {
+    let (scheme, token) = authorization.trim_start().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
 }
 
 pub(crate) type StepObserver = Arc<dyn Fn(Step, u64) -> BoxFuture<()> + Send + Sync>;

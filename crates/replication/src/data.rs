@@ -193,14 +193,20 @@ impl Keys {
 
 /// Checks a service or replica name: it becomes part of etcd keys and file names.
 pub(crate) fn check_name(what: &str, name: &str) -> Result<()> {
-    let ok = !name.is_empty()
+    if is_valid_name(name) { Ok(()) } else { Err(Error::Config(format!("{what} {name:?} must be {NAME_RULE}"))) }
+}
+
+/// What a service or replica name may be: it names etcd keys, files and URL paths.
+pub const NAME_RULE: &str = "1-64 characters of letters, digits, '-', '_' or '.' (not only dots)";
+
+/// Whether `name` follows [`NAME_RULE`]. Every name a user gives is checked with it
+/// before anything is started or registered, and every name read from the chain before
+/// it names a file or a URL path (`.` and `..` would name a directory).
+pub fn is_valid_name(name: &str) -> bool {
+    !name.is_empty()
         && name.len() <= 64
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::Config(format!("{what} {name:?} must be 1-64 characters of letters, digits, '-', '_' or '.'")))
-    }
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && !name.bytes().all(|b| b == b'.')
 }
 
 /// The paper's request types (Fig. 4).

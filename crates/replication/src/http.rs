@@ -356,19 +356,12 @@ fn refuse_non_admin<S: AppState>(runtime: &Runtime<S>, parts: &axum::http::reque
              BR2K_ADMIN_TOKEN)",
         ));
     };
-    match bearer_token(&parts.headers) {
+    let authorization = parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    match authorization.and_then(crate::app::bearer_credentials) {
         None => Some(error(StatusCode::UNAUTHORIZED, "an admin route: send `Authorization: Bearer <admin token>`")),
         Some(offered) if token.accepts(offered) => None,
         Some(_) => Some(error(StatusCode::FORBIDDEN, "wrong admin token")),
     }
-}
-
-/// The token of an `Authorization: Bearer <token>` header; the scheme's name is matched
-/// whatever its case (RFC 6750 and RFC 9110 §11.1).
-fn bearer_token(headers: &HeaderMap) -> Option<&str> {
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
 }
 
 /// Whether the request carries this service's peer token (another replica of it asks).

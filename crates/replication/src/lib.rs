@@ -31,8 +31,8 @@ pub use app::{AppState, BoxFuture, Failure, FilePrefix, Outcome, Reply, Request,
 pub use builder::Builder;
 pub use config::{AdminToken, Config, Limits, Publisher, SnapshotPolicy, Timings};
 pub use data::{
-    CompactedLog, Divergence, EntryState, IdempotencyRecord, LeaderRecord, LogEntry, MemberRecord, ProcessState,
-    RequestKind, SnapshotMeta, StoppedAt, StoredReply,
+    CompactedLog, Divergence, EntryState, IdempotencyRecord, LeaderRecord, LogEntry, MemberRecord, NAME_RULE,
+    ProcessState, RequestKind, SnapshotMeta, StoppedAt, StoredReply, is_valid_name,
 };
 pub use error::{Error, Result};
 pub use http::{IDEMPOTENCY_KEY_HEADER, INDEX_HEADER, LEADER_HEADER, REPLAYED_HEADER};

@@ -78,7 +78,7 @@ pub(crate) struct RestoreArgs {
     #[arg(long, value_name = "N")]
     to_index: u64,
     /// The copy's name (a new service: refused if the registry knows it).
-    #[arg(long = "as", value_name = "NEW_NAME")]
+    #[arg(long = "as", value_name = "NEW_NAME", value_parser = crate::opts::parse_service_name)]
     copy: String,
     /// Where the copy runs [default: where the original's recovery info says].
     #[arg(long)]

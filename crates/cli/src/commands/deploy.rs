@@ -41,7 +41,8 @@ signing key (ETH_PRIVATE_KEY or --keystore) becomes the service's manager.";
 #[derive(Args, Debug)]
 #[command(after_help = DEPLOY_EXAMPLES)]
 pub(crate) struct DeployArgs {
-    /// The service name.
+    /// The service name (1-64 letters, digits, '-', '_', '.').
+    #[arg(value_parser = crate::opts::parse_service_name)]
     name: String,
 
     /// Where to deploy: a context (`br2k context ls`); `local` is this machine

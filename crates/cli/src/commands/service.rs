@@ -51,7 +51,8 @@ pub(crate) struct NameArg {
 
 #[derive(Args, Debug)]
 pub(crate) struct RegisterArgs {
-    /// The service name (at most 128 bytes); its id is keccak256(name).
+    /// The service name (1-64 letters, digits, '-', '_', '.'); its id is keccak256(name).
+    #[arg(value_parser = crate::opts::parse_service_name)]
     name: String,
 
     /// How many replicas the service runs.

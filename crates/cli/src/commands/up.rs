@@ -34,8 +34,8 @@ its new location in the registry within seconds.";
 #[derive(Args, Debug)]
 #[command(after_help = UP_EXAMPLES)]
 pub(crate) struct UpArgs {
-    /// The service name (letters, digits, '-', '_', '.').
-    #[arg(long, default_value = "logserver")]
+    /// The service name (1-64 letters, digits, '-', '_', '.').
+    #[arg(long, default_value = "logserver", value_parser = crate::opts::parse_service_name)]
     name: String,
 
     /// Data, logs and run.json go here; wiped at each `up` unless --keep-data
@@ -110,7 +110,7 @@ impl UpArgs {
 #[derive(Args, Debug)]
 pub(crate) struct DownArgs {
     /// The service name.
-    #[arg(long, default_value = "logserver")]
+    #[arg(long, default_value = "logserver", value_parser = crate::opts::parse_service_name)]
     name: String,
 
     /// The state directory given to `br2k up` [default: <tmp>/br2k-UID/up/NAME].

@@ -133,3 +133,26 @@ error: the admin token file admin is readable by others (mode 644): run `chmod 6
 
 "#]]);
 }
+
+#[test]
+fn a_bad_service_name_is_refused_before_anything_starts_or_is_registered() {
+    let env = TestEnv::with_service();
+    let started = std::time::Instant::now();
+    env.br2k(Some(0)).args(["up", "--name", "bad name"]).assert().code(2).stdout_eq(str![]).stderr_eq(str![[r#"
+error: invalid value 'bad name' for '--name <NAME>': a service name must be 1-64 characters of letters, digits, '-', '_' or '.' (not only dots)
+
+For more information, try '--help'.
+
+"#]]);
+    assert!(started.elapsed() < std::time::Duration::from_secs(5), "refused before any chain or etcd started");
+    env.br2k(Some(0)).args(["service", "register", "../escape"]).assert().code(2).stderr_eq(str![[r#"
+error: invalid value '../escape' for '<NAME>': a service name must be 1-64 characters of letters, digits, '-', '_' or '.' (not only dots)
+
+For more information, try '--help'.
+
+"#]]);
+    env.br2k(Some(0)).args(["deploy", ".."]).assert().code(2);
+    env.br2k(None).args(["down", "--name", "a/b"]).assert().code(2);
+    // Nothing was registered on chain.
+    env.br2k(None).args(["resolve", "../escape"]).assert().code(1);
+}

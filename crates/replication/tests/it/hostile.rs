@@ -211,7 +211,10 @@ async fn the_admission_check_runs_before_logging_and_credentials_are_never_store
 
     let accepted = send(Some(TOKEN), "\"hi\"").await.unwrap();
     assert_eq!(accepted.status(), 200);
-    c.converged(&[(1, "\"hi\"".to_owned())]).await;
+    // The scheme's name in any case (RFC 6750): a client's library may write it so.
+    let shouted = c.http.post(&url).header("authorization", format!("BEARER {TOKEN}")).body("\"ho\"").send();
+    assert_eq!(shouted.await.unwrap().status(), 200);
+    c.converged(&[(1, "\"hi\"".to_owned()), (2, "\"ho\"".to_owned())]).await;
     let mut etcd = c.etcd_client(l).await;
     let all = etcd.get(format!("/br2k/{SERVICE}/"), Some(etcd_client::GetOptions::new().with_prefix())).await.unwrap();
     for kv in all.kvs() {
