@@ -258,6 +258,9 @@ impl FailoverClient {
             // Replicas close a connection that sends nothing for 10 s (their head timeout);
             // dropping idle ones first keeps a request from meeting one being closed.
             .pool_idle_timeout(Duration::from_secs(5))
+            // A redirect is the service's answer, handed to the caller: followed here it
+            // would carry the request, its key and headers to a host the chain never named.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| FailoverError::InvalidRequest(format!("cannot build the HTTP client: {e}")))?;
         let inner = Inner {
@@ -316,7 +319,16 @@ impl FailoverClient {
             };
             tracing::info!(service = %self.inner.service, attempt = attempts, key = %request.idempotency_key, "request failed: {failure}");
             if let AttemptFailure::NotLeader { leader: Some(leader), .. } = &failure {
-                hint = Some(leader.clone());
+                // Anyone can answer 503 with any hint: only a location the registry
+                // published for the service is followed (the chain is asked again
+                // otherwise), so a request and its headers never go where the chain
+                // did not name.
+                if self.inner.resolver.was_published(&self.inner.service, leader).await {
+                    hint = Some(leader.clone());
+                } else {
+                    tracing::warn!(service = %self.inner.service, hint = %leader,
+                        "a Br2k-Leader hint names a location the registry never published; asking the chain instead");
+                }
             }
             let moved = matches!(failure, AttemptFailure::Moved { .. });
             // A move is not a failure of the service: the cache already holds the new

@@ -438,6 +438,29 @@ impl RegistryClient {
         Ok(Some(event.inner.data.name.clone()))
     }
 
+    /// Every location the registry published for `name` (`NewLocation` and `LocationReset`
+    /// events since its deployment block), oldest first.
+    ///
+    /// # Errors
+    /// RPC and timeout errors (a node may refuse a range this wide), `BadChainData`.
+    pub async fn published_locations(&self, name: &str) -> Result<Vec<String>> {
+        let action = "read where a service was published";
+        let signatures =
+            vec![ServiceRegistry::NewLocation::SIGNATURE_HASH, ServiceRegistry::LocationReset::SIGNATURE_HASH];
+        let logs = self.service_events(action, service_id(name), signatures).await?;
+        let mut locations = Vec::with_capacity(logs.len());
+        for log in &logs {
+            let location = if let Ok(event) = log.log_decode::<ServiceRegistry::NewLocation>() {
+                event.inner.data.location.clone()
+            } else {
+                let event = log.log_decode::<ServiceRegistry::LocationReset>().map_err(|e| self.bad_log(action, &e))?;
+                event.inner.data.location.clone()
+            };
+            locations.push(location);
+        }
+        Ok(locations)
+    }
+
     /// The events with `signatures` about service `id` (their first indexed topic) since
     /// the registry's deployment block.
     async fn service_events(

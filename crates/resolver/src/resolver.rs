@@ -90,9 +90,28 @@ struct Cache {
     /// Bumped by every event applied, so a resolve that raced with an event does not
     /// write its older answer over the event's.
     generation: u64,
+    /// Locations the registry published for each service (by id), the latest
+    /// [`PUBLISHED_KEPT`]: a `Br2k-Leader` hint is followed only to one of them.
+    published: HashMap<B256, Vec<String>>,
 }
 
+/// Locations remembered per service for checking hints: a few times any replica count.
+const PUBLISHED_KEPT: usize = 32;
+
 impl Cache {
+    fn remember(&mut self, id: B256, location: &str) {
+        let location = location.trim_end_matches('/');
+        if location.is_empty() {
+            return;
+        }
+        let kept = self.published.entry(id).or_default();
+        kept.retain(|l| l != location);
+        kept.push(location.to_owned());
+        if kept.len() > PUBLISHED_KEPT {
+            kept.remove(0);
+        }
+    }
+
     fn entry_mut(&mut self, id: &B256) -> Option<&mut Entry> {
         let name = self.names.get(id)?;
         self.by_name.get_mut(name)
@@ -201,6 +220,7 @@ impl Resolver {
         let generation = self.shared.read_cache().generation;
         let resolved = self.shared.registry.service_location(name).await?;
         let mut cache = self.shared.write_cache();
+        cache.remember(service_id(name), &resolved.location);
         if cache.live && cache.generation == generation {
             cache.names.insert(service_id(name), name.to_owned());
             cache.by_name.insert(name.to_owned(), Entry { resolved: resolved.clone(), fetched_at: Instant::now() });
@@ -236,6 +256,32 @@ impl Resolver {
                     Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
                     Err(broadcast::error::RecvError::Closed) => std::future::pending::<()>().await,
                 }
+            }
+        }
+    }
+
+    /// Whether the registry has published `location` for `name`: known from this
+    /// resolver's resolves and the events it followed, else read from the registry's
+    /// history (a failure to read it counts as no). A replica's `Br2k-Leader` hint is
+    /// followed only to such a location: anyone can answer 503 with any hint.
+    pub async fn was_published(&self, name: &str, location: &str) -> bool {
+        let id = service_id(name);
+        let location = location.trim_end_matches('/');
+        let known = |cache: &Cache| cache.published.get(&id).is_some_and(|kept| kept.iter().any(|l| l == location));
+        if known(&self.shared.read_cache()) {
+            return true;
+        }
+        match self.shared.registry.published_locations(name).await {
+            Ok(history) => {
+                let mut cache = self.shared.write_cache();
+                for published in &history {
+                    cache.remember(id, published);
+                }
+                known(&cache)
+            }
+            Err(e) => {
+                tracing::warn!(service = name, "cannot read where the registry published the service: {e}");
+                false
             }
         }
     }
@@ -376,6 +422,7 @@ impl Shared {
         cache.generation += 1;
         match &event {
             Event::Location { id, location, epoch } => {
+                cache.remember(*id, location);
                 if let Some(entry) = cache.entry_mut(id)
                     && *epoch >= entry.resolved.epoch
                 {

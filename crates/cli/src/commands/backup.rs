@@ -243,7 +243,10 @@ impl NowArgs {
             bail!("{:?} has no published location: is it running?", self.name);
         }
         let token = self.admin.require()?;
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
         let deadline = Instant::now() + Duration::from_secs(self.timeout);
         let ssi = loop {
             match request_backup(&http, &location, &token).await? {

@@ -61,6 +61,8 @@ struct Admin {
     http: reqwest::Client,
     location: String,
     token: String,
+    registry: br2k_resolver::RegistryClient,
+    name: String,
 }
 
 impl Admin {
@@ -71,8 +73,11 @@ impl Admin {
         if location.is_empty() {
             bail!("{:?} has no published location: is it running?", args.name);
         }
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(15)).build()?;
-        Ok(Self { http, location, token })
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(15))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        Ok(Self { http, location, token, registry, name: args.name.clone() })
     }
 
     /// Sends `request` to the leader, following one `Br2k-Leader` redirect (the published
@@ -90,6 +95,15 @@ impl Admin {
             if status == 503
                 && let Some(leader) = leader.filter(|l| !l.is_empty() && *l != self.location)
             {
+                // The admin token goes only where the registry published the service.
+                let published = self.registry.published_locations(&self.name).await?;
+                if !published.iter().any(|p| p.trim_end_matches('/') == leader.trim_end_matches('/')) {
+                    bail!(
+                        "{url} is not the leader and names {leader}, where the registry never published {:?}; the \
+                         admin token is not sent there (try again once the new leader is published)",
+                        self.name
+                    );
+                }
                 self.location = leader.to_owned();
                 continue;
             }

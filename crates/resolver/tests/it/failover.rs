@@ -149,7 +149,9 @@ async fn follows_a_new_location_after_not_leader_answers() {
 async fn follows_the_leader_hint_before_the_registry_changes() {
     let f = Fixture::new(300).await;
     let (a, b) = (Server::start("a").await, Server::start("b").await);
-    f.publish(&a.url, 1).await;
+    // B led before A (the registry published it): a hint back to it is followed at once.
+    f.publish(&b.url, 1).await;
+    f.publish(&a.url, 2).await;
     a.behave(Behaviour::NotLeader(Some(b.url.clone())));
     let client = FailoverClient::new(f.resolver(true, 2).await, NAME, config()).unwrap();
     let request = Request::post("/log", "hinted");
@@ -157,6 +159,27 @@ async fn follows_the_leader_hint_before_the_registry_changes() {
     assert_eq!(a.seen().len(), 1);
     assert_eq!(b.seen().len(), 1);
     assert_one_key(&[&a, &b], "hinted", request.key());
+}
+
+#[tokio::test]
+async fn a_hint_to_a_location_the_registry_never_published_is_not_followed() {
+    let f = Fixture::new(300).await;
+    let (a, b, elsewhere) = (Server::start("a").await, Server::start("b").await, Server::start("elsewhere").await);
+    f.publish(&a.url, 1).await;
+    // Anyone who can answer at A's address can name any hint: the client asks the chain.
+    a.behave(Behaviour::NotLeader(Some(elsewhere.url.clone())));
+    let client = FailoverClient::new(f.resolver(false, 2).await, NAME, config()).unwrap();
+    let request = Request::post("/log", "secret")
+        .header(reqwest::header::AUTHORIZATION, reqwest::header::HeaderValue::from_static("Bearer the-users-token"));
+    let sending = tokio::spawn({
+        let (client, request) = (client.clone(), request.clone());
+        async move { client.send(&request).await }
+    });
+    eventually("A has refused the request", || !a.seen().is_empty()).await;
+    f.publish(&b.url, 2).await;
+    assert_eq!(body_text(sending.await.unwrap().expect("the request reaches B")).await, "b");
+    assert!(elsewhere.seen().is_empty(), "nothing went where the chain never pointed: {:?}", elsewhere.seen());
+    assert_one_key(&[&a, &b], "secret", request.key());
 }
 
 #[tokio::test]

@@ -45,7 +45,12 @@ impl Actions {
         endpoint: Endpoint,
         admin_token: Option<String>,
     ) -> Self {
-        let http = reqwest::Client::builder().no_proxy().timeout(BACKUP_TIMEOUT).build().unwrap_or_default();
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(BACKUP_TIMEOUT)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap_or_default();
         Self { registry, http, served, endpoint, admin_token }
     }
 }
