@@ -31,7 +31,7 @@ use br2k_bindings::ServiceRegistry::{Claim, ManagerTransferred, ServiceRegistere
 use br2k_bindings::ServiceState;
 use br2k_deploy::backend::Backend;
 use br2k_deploy::deployment::DeploymentRecord;
-use br2k_resolver::{RegistryClient, Resolved, ServiceInfo};
+use br2k_resolver::{RegistryClient, Resolved, ServiceInfo, printable};
 use futures::future::BoxFuture;
 use tracing::{info, warn};
 
@@ -232,7 +232,7 @@ impl<B: Backends> Manager<B> {
             }
         );
         for (name, recovery) in &self.journal.recoveries {
-            info!(service = %name, "resuming the recovery that began for: {}", recovery.reason);
+            info!(service = %name, "resuming the recovery that began for: {}", printable(&recovery.reason));
         }
         tokio::pin!(shutdown);
         loop {
@@ -390,7 +390,7 @@ impl<B: Backends> Manager<B> {
         }
         for (claimant, reason) in claims {
             self.metrics.claim_seen(name);
-            info!(service = %name, %claimant, "claim: {reason}");
+            info!(service = %name, %claimant, "claim: {}", printable(reason));
         }
         if self.journal.recoveries.contains_key(name) {
             for _ in claims {
@@ -527,7 +527,7 @@ impl<B: Backends> Manager<B> {
 
     async fn recover(&mut self, info: &ServiceInfo, reason: String) -> Result<(), Error> {
         let name = info.name.clone();
-        info!(service = %name, "recovering: {reason}");
+        info!(service = %name, "recovering: {}", printable(&reason));
         let recovery = Recovery {
             from_epoch: info.epoch,
             reason,

@@ -24,6 +24,8 @@ pub(crate) struct Route<S> {
     pub(crate) rollback: Option<Rollback<S>>,
     pub(crate) reconcile: Option<Reconcile<S>>,
     pub(crate) admission: Option<Admission>,
+    /// The check of the request's head, run before its body is read.
+    pub(crate) authentication: Option<Admission>,
     /// A Normal route whose only effects are transactions sent through the outbox: safe
     /// to run again for the same request (the outbox hands back what it stored).
     pub(crate) replayable: bool,
@@ -77,8 +79,16 @@ impl<S: AppState> Builder<S> {
             ));
         }
         let handler: Handler<S> = Arc::new(move |state, request| Box::pin(handler(state, request)));
-        let route =
-            Route { kind, handler, rollback: None, reconcile: None, admission: None, replayable: false, apply: None };
+        let route = Route {
+            kind,
+            handler,
+            rollback: None,
+            reconcile: None,
+            admission: None,
+            authentication: None,
+            replayable: false,
+            apply: None,
+        };
         if self.routes.insert((method.clone(), path.to_owned()), route).is_some() {
             self.problems.push(format!("route {method} {path} is declared twice"));
         }
@@ -218,6 +228,24 @@ impl<S: AppState> Builder<S> {
             Some(route) if route.kind == RequestKind::Normal => route.reconcile = Some(reconcile),
             Some(_) => self.problems.push(format!("reconcile for {method} {path}: only Normal routes can be in doubt")),
             None => self.problems.push(format!("reconcile for {method} {path}: declare the route first")),
+        }
+        self
+    }
+
+    /// Gives a declared route a check of the request's head (its method, path, query and
+    /// every header; the body is empty when it runs), run on the leader before the body
+    /// is read: where credentials are checked ([`crate::bearer_token`]), so that a client
+    /// without them cannot make a replica hold its body (up to `max_body` per connection).
+    /// Its refusal is answered at once; the admission check ([`Self::admit`]) runs after it,
+    /// with the body.
+    #[must_use]
+    pub fn authenticate<F>(mut self, method: &str, path: &str, check: F) -> Self
+    where
+        F: Fn(&Request) -> Result<(), Reply> + Send + Sync + 'static,
+    {
+        match self.routes.get_mut(&(method.to_ascii_uppercase(), path.to_owned())) {
+            Some(route) => route.authentication = Some(Arc::new(check)),
+            None => self.problems.push(format!("authentication for {method} {path}: declare the route first")),
         }
         self
     }

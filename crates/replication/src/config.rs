@@ -196,6 +196,9 @@ pub struct Limits {
     /// 1 GiB, the most a backup holds too): a record that announces more is refused before
     /// a byte is fetched, and a download that runs past what its record announced is cut.
     pub max_snapshot_bytes: u64,
+    /// Time an answer's bytes may wait for the client to read them (default 30 s): a
+    /// client that stops reading cannot hold a connection slot for longer.
+    pub write_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -210,6 +213,7 @@ impl Default for Limits {
             body_timeout: Duration::from_secs(30),
             handler_timeout: Duration::from_secs(30),
             max_snapshot_bytes: crate::backup::manifest::MAX_BACKUP_BYTES,
+            write_timeout: Duration::from_secs(30),
         }
     }
 }

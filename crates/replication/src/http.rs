@@ -99,6 +99,35 @@ async fn serve_route<S: AppState>(
         Ok(key) => key,
         Err(message) => return error(StatusCode::BAD_REQUEST, &message),
     };
+    let query = parts.uri.query().map(str::to_owned);
+    // Only the leader admits: elsewhere the client is sent on (its location is public),
+    // before its body is read.
+    let sender = runtime.submit.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+    let leads = match route.kind {
+        RequestKind::Read => runtime.status.borrow().role == Role::Leader,
+        _ => sender.is_some(),
+    };
+    if !leads {
+        return not_leader(runtime);
+    }
+    // Checks of the head (credentials) run before the body is read too: a client that
+    // cannot pass them cannot make a replica hold its body.
+    let head_request = |body: Bytes| Request {
+        index: 0,
+        method: method.clone(),
+        path: path.clone(),
+        query: query.clone(),
+        headers: kept_headers(&parts.headers, |_| true),
+        body,
+        idempotency_key: idempotency_key.clone(),
+        outbox: None,
+        verifier: None,
+    };
+    if let Some(authentication) = &route.authentication
+        && let Err(refusal) = authentication(&head_request(Bytes::new()))
+    {
+        return reply(refusal);
+    }
     let max = limits.max_body;
     let body = match tokio::time::timeout(limits.body_timeout, axum::body::to_bytes(body, max)).await {
         Ok(Ok(body)) => body,
@@ -115,32 +144,10 @@ async fn serve_route<S: AppState>(
             );
         }
     };
-    let query = parts.uri.query().map(str::to_owned);
-    // Only the leader admits: elsewhere the client is sent on (its location is public).
-    let sender = runtime.submit.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
-    let leads = match route.kind {
-        RequestKind::Read => runtime.status.borrow().role == Role::Leader,
-        _ => sender.is_some(),
-    };
-    if !leads {
-        return not_leader(runtime);
-    }
-    if let Some(admission) = &route.admission {
-        let all_headers = kept_headers(&parts.headers, |_| true);
-        let request = Request {
-            index: 0,
-            method: method.clone(),
-            path: path.clone(),
-            query: query.clone(),
-            headers: all_headers,
-            body: body.clone(),
-            idempotency_key: idempotency_key.clone(),
-            outbox: None,
-            verifier: None,
-        };
-        if let Err(refusal) = admission(&request) {
-            return reply(refusal);
-        }
+    if let Some(admission) = &route.admission
+        && let Err(refusal) = admission(&head_request(body.clone()))
+    {
+        return reply(refusal);
     }
     let kept = &runtime.config.kept_headers;
     let headers = kept_headers(&parts.headers, |name| {

@@ -38,6 +38,7 @@ pub use error::{Error, Result};
 pub use http::{IDEMPOTENCY_KEY_HEADER, INDEX_HEADER, LEADER_HEADER, REPLAYED_HEADER};
 pub use idempotency::{Stamp, TableStatus};
 pub use line_file::LineFile;
+pub use membership::{random_token, same_secret};
 pub use outbox::{
     CancelError, EndpointHealth, Expected, FinalityViolation, Outbox, OutboxConfig, OutboxStatus, TxCall, TxError,
     TxReceipt, TxStep, UnsettledTx, VerifiedTx, Verifier, VerifyError,

@@ -94,7 +94,8 @@ impl<S: AppState> Runtime<S> {
 }
 
 /// 32 random bytes from the kernel, as hex.
-fn random_token() -> String {
+/// 32 random bytes from the kernel, as hex: a secret no one can guess.
+pub fn random_token() -> String {
     let mut bytes = [0u8; 32];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut bytes))
@@ -103,7 +104,7 @@ fn random_token() -> String {
 }
 
 /// Compares two secrets in time that does not depend on where they differ.
-pub(crate) fn same_secret(a: &[u8], b: &[u8]) -> bool {
+pub fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

@@ -146,6 +146,37 @@ impl Error {
     }
 }
 
+/// `text` from the chain (a claim's reason, a location, a service's name), fit to print in
+/// a log line or a terminal: control characters (newlines, ANSI escapes) are shown escaped
+/// (`\n`, `\u{1b}`), so that nobody who can send a transaction can forge log lines or
+/// drive the operator's terminal.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut shown = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            shown.extend(c.escape_default());
+        } else {
+            shown.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(shown)
+}
+
+#[cfg(test)]
+mod printable_tests {
+    #[test]
+    fn chain_text_cannot_forge_a_log_line_or_drive_a_terminal() {
+        assert_eq!(super::printable("dead since 10:00"), "dead since 10:00");
+        let forged = "down\n2026-12-03T10:00:00Z INFO manager: recovered\u{1b}[2J";
+        let shown = super::printable(forged);
+        assert!(!shown.contains('\n') && !shown.contains('\u{1b}'), "{shown}");
+        assert_eq!(shown, "down\\n2026-12-03T10:00:00Z INFO manager: recovered\\u{1b}[2J");
+    }
+}
+
 /// An endpoint as it may be shown (in errors, logs, answers and records): its scheme,
 /// host and port, nothing else. Hosted RPC endpoints carry an API key in their path or
 /// query, and a URL may hold a password before its host; none of that may leave the

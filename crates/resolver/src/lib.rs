@@ -6,7 +6,7 @@ mod nonce;
 mod registry;
 mod resolver;
 
-pub use error::{Error, Result, describe_revert, shown_endpoint};
+pub use error::{Error, Result, describe_revert, printable, shown_endpoint};
 pub use failover::{AttemptFailure, FailoverClient, FailoverConfig, FailoverError, Request};
 pub use registry::{
     Chain, Deployment, RECEIPT_POLL, RecordedBackup, RegistryClient, Resolved, ServiceInfo, Timeouts, TxOutcome,

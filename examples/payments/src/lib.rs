@@ -494,6 +494,27 @@ pub fn payout_message(service: Address, user: Address, amount: U256, idempotency
 /// whose credit it pays out, by signing [`payout_message`]. Without it anyone who reaches
 /// the service could push any user's credit out in tiny transfers, spending the service's
 /// gas. Refused requests are answered 401/403 and never logged.
+/// A payout's head carries the operator's token (checked here) or a user's signature
+/// (checked with the body, by [`payout_admission`]): anything else is refused before the
+/// body is read.
+fn payout_credentials(
+    operator: impl Fn(&Request) -> Result<(), Reply> + Send + Sync + 'static,
+) -> impl Fn(&Request) -> Result<(), Reply> + Send + Sync + 'static {
+    move |request: &Request| {
+        if request.header("authorization").is_some() {
+            return operator(request);
+        }
+        if request.header(PAYOUT_SIGNATURE_HEADER).is_none() {
+            return Err(Reply::error(
+                401,
+                "a payout needs the operator's token (Authorization: Bearer) or the user's signature of the payout \
+                 (Br2k-Payout-Signature): see the payments README",
+            ));
+        }
+        Ok(())
+    }
+}
+
 fn payout_admission(
     service: Address,
     operator: impl Fn(&Request) -> Result<(), Reply> + Send + Sync + 'static,
@@ -541,8 +562,9 @@ pub fn service(config: Config, operator_token: String) -> Builder<Ledger> {
     Replicated::builder(config)
         .replicate("POST", "/grants", grant)
         .rollback("POST", "/grants", undo_grant)
-        .admit("POST", "/grants", br2k_replication::bearer_token(operator_token.clone()))
+        .authenticate("POST", "/grants", br2k_replication::bearer_token(operator_token.clone()))
         .only_once_tx("POST", "/payouts", payout)
+        .authenticate("POST", "/payouts", payout_credentials(br2k_replication::bearer_token(operator_token.clone())))
         .admit("POST", "/payouts", payout_admission(service, br2k_replication::bearer_token(operator_token)))
         .apply("POST", "/payouts", apply_payout)
         .external_txn("POST", "/deposits", deposit)

@@ -13,7 +13,7 @@ use br2k_bindings::ServiceRegistry::{
     StateChanged,
 };
 use br2k_bindings::ServiceState;
-use br2k_resolver::RegistryClient;
+use br2k_resolver::{RegistryClient, printable};
 use serde::Serialize;
 
 /// At most this many blocks per log query: public nodes refuse wider ranges.
@@ -66,8 +66,12 @@ struct ServiceHistory {
 #[derive(Debug)]
 pub(crate) struct RegistryHistory {
     next_block: u64,
-    /// Every service registered: its name (in name order) and id.
+    /// Every service registered under a name br2k accepts (see
+    /// `br2k_replication::is_valid_name`): its name (in name order) and id. Anyone can
+    /// register any name; one that could name a file or a URL path is never followed.
     names: BTreeMap<String, B256>,
+    /// Each service's manager, as the events say.
+    managers: HashMap<B256, Address>,
     services: HashMap<B256, ServiceHistory>,
     /// The last block whose time was read, and that time: logs come in block order.
     last_block_time: Option<(u64, u64)>,
@@ -79,6 +83,7 @@ impl RegistryHistory {
         Self {
             next_block: registry.first_block(),
             names: BTreeMap::new(),
+            managers: HashMap::new(),
             services: HashMap::new(),
             last_block_time: None,
         }
@@ -106,6 +111,11 @@ impl RegistryHistory {
     /// The names of the services registered, in name order.
     pub(crate) fn names(&self) -> impl Iterator<Item = &str> {
         self.names.keys().map(String::as_str)
+    }
+
+    /// The names of the services `manager` manages now, in name order.
+    pub(crate) fn managed_by(&self, manager: Address) -> impl Iterator<Item = &str> {
+        self.names.iter().filter(move |(_, id)| self.managers.get(*id) == Some(&manager)).map(|(n, _)| n.as_str())
     }
 
     /// Service `id`'s claims since its last new location.
@@ -143,8 +153,16 @@ impl RegistryHistory {
         let block = log.block_number;
         let (kind, text) = match describe(log) {
             Ok(Described::Registered(name)) => {
-                self.names.insert(name.clone(), id);
-                ("registered", format!("registered as {name:?}"))
+                if br2k_replication::is_valid_name(&name) {
+                    self.names.insert(name.clone(), id);
+                    ("registered", format!("registered as {name:?}"))
+                } else {
+                    ("registered", format!("registered as {:?}, a name br2k does not follow", printable(&name)))
+                }
+            }
+            Ok(Described::Manager(manager, text)) => {
+                self.managers.insert(id, manager);
+                ("manager", text)
             }
             Ok(Described::Claim(claim)) => {
                 let text = format!("claim by {}: {}", claim.claimant, claim.reason);
@@ -174,6 +192,8 @@ enum Described {
     Claim(OpenClaim),
     /// A new location: it answers every claim before it.
     Location(String),
+    /// A new manager.
+    Manager(Address, String),
     Other(&'static str, String),
 }
 
@@ -185,18 +205,21 @@ fn describe(log: &Log) -> Result<Described, alloy::sol_types::Error> {
         }
         NewLocation::SIGNATURE_HASH => {
             let e = log.log_decode::<NewLocation>()?.inner.data;
-            Described::Location(format!("new location {} (epoch {})", e.location, e.epoch))
+            Described::Location(format!("new location {} (epoch {})", printable(&e.location), e.epoch))
         }
         LocationReset::SIGNATURE_HASH => {
             let e = log.log_decode::<LocationReset>()?.inner.data;
             Described::Location(format!(
                 "location reset to {} (epoch {}, was {})",
-                e.location, e.epoch, e.previousEpoch
+                printable(&e.location),
+                e.epoch,
+                e.previousEpoch
             ))
         }
         Claim::SIGNATURE_HASH => {
             let e = log.log_decode::<Claim>()?.inner.data;
-            Described::Claim(OpenClaim { block: 0, claimant: e.claimant, reason: e.reason })
+            // Anyone can claim with any text: shown escaped wherever it is printed.
+            Described::Claim(OpenClaim { block: 0, claimant: e.claimant, reason: printable(&e.reason).into_owned() })
         }
         StateChanged::SIGNATURE_HASH => {
             let state = log.log_decode::<StateChanged>()?.inner.data.state;
@@ -222,7 +245,7 @@ fn describe(log: &Log) -> Result<Described, alloy::sol_types::Error> {
             } else {
                 format!("manager {} handed over to {}", e.from, e.to)
             };
-            Described::Other("manager", text)
+            Described::Manager(e.to, text)
         }
         _ => Described::Other("unreadable", format!("an event this version does not know ({topic})")),
     })

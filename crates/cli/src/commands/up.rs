@@ -124,6 +124,10 @@ const DETACHED_ENV: &str = "BR2K_UP_DETACHED";
 
 /// The state directory: the one given, or `NAME` in the user's private `<tmp>/br2k-<uid>/up`.
 pub(crate) fn state_dir(name: &str, given: Option<PathBuf>) -> Result<PathBuf> {
+    // A name read from the chain must not climb out of the work root (`../x`).
+    if given.is_none() && !br2k_replication::is_valid_name(name) {
+        bail!("{name:?} is not a service name br2k runs (it must be {})", br2k_replication::NAME_RULE);
+    }
     match given {
         Some(dir) => Ok(dir),
         None => Ok(br2k_deploy::local::work_root()?.join("up").join(name)),

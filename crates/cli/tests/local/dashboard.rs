@@ -17,14 +17,17 @@ const ACTIONS_KEY: &str = "59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f46
 
 /// What must never reach a browser: the anvil dev keys the local chain, the replicas and
 /// the dashboard sign with, and anything named like a secret.
-const SECRETS: [&str; 7] = [
+const SECRETS: [&str; 8] = [
     "ac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80",
     ACTIONS_KEY,
     "5de4111afa1a4b94908f83103eb1f1706367c2e68ca870fc3fb9a804cdfc2a4c",
     "7c852118294e51e653712a81e05800f419141751be58f605c371e15141b007a6",
     "private_key",
     "password",
-    "token",
+    // Tokens are named on the page (the action token it asks for, the admin token an
+    // action needs): what must never show is one being sent or set.
+    "bearer ",
+    "token=",
 ];
 
 /// Where the test keeps its screenshots: `target/test-artefacts/`.
@@ -69,6 +72,17 @@ fn post(base: &str, path: &str, headers: &str, body: &str) -> (u16, String) {
     stream.read_to_string(&mut answer).unwrap();
     let status = answer.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
     (status, answer.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default())
+}
+
+/// The whole answer (head and body) to `GET path` sent with `Host: host`.
+fn get_with_host(base: &str, path: &str, host: &str) -> String {
+    use std::io::Read as _;
+    let mut stream = std::net::TcpStream::connect(base.trim_start_matches("http://")).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    answer
 }
 
 /// The first event of `/api/events`: the view the page starts from.
@@ -118,7 +132,8 @@ fn the_dashboard_in_a_browser_follows_a_leader_kill_by_itself() {
         br2k()
             .env("TMPDIR", &tmp)
             .env("ETH_PRIVATE_KEY", ACTIONS_KEY)
-            .args(["dashboard", "--allow-actions", "--refresh", "300ms", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["dashboard", "--all", "--allow-actions", "--refresh", "300ms"])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--rpc-url", run["rpc_url"].as_str().unwrap(), "--registry", run["registry"].as_str().unwrap()])
             .stderr(std::fs::File::create(&log).unwrap())
             .stdout(Stdio::null())
@@ -205,18 +220,39 @@ fn the_dashboard_in_a_browser_follows_a_leader_kill_by_itself() {
     page.screenshot(&artefact("dashboard-service.png")).unwrap();
     eprintln!("screenshots: {}", artefact("").display());
 
-    // Actions need the page's confirmation header, and come only from the page's origin.
+    // Actions need the page's confirmation header and the run's action token (which the
+    // page served on loopback carries), and come only from the page's origin.
     let claim = "/api/services/t-dash/claim";
     let (code, body) = http(&base, "POST", claim, r#"{"reason":"x"}"#);
     assert_eq!(code, 403, "{body}");
     assert!(body.contains("x-br2k-confirm"), "{body}");
-    let host = format!("Host: 127.0.0.1:{port}\r\nx-br2k-confirm: t-dash\r\n");
+    let token = page.eval(r#"document.querySelector('meta[name="br2k-action-token"]').content"#).unwrap();
+    let token = token.as_str().unwrap().to_owned();
+    assert_eq!(token.len(), 64, "a 32-byte token: {token:?}");
+    assert!(dashboard_log().contains(&token), "printed once at start for the operator");
+    let confirmed = format!("Host: 127.0.0.1:{port}\r\nx-br2k-confirm: t-dash\r\n");
+    let (code, body) = post(&base, claim, &confirmed, r#"{"reason":"curl, no token"}"#);
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("action token"), "{body}");
+    let (code, _) = post(&base, claim, &format!("{confirmed}x-br2k-action-token: {}\r\n", "0".repeat(64)), "{}");
+    assert_eq!(code, 403, "a wrong token");
+    let host = format!("{confirmed}x-br2k-action-token: {token}\r\n");
     let (code, body) = post(&base, claim, &format!("{host}Origin: http://evil.example\r\n"), r#"{"reason":"x"}"#);
     assert_eq!(code, 403, "{body}");
     let (code, body) = post(&base, claim, "Host: rebound.example:80\r\nx-br2k-confirm: t-dash\r\n", "{}");
-    assert_eq!(code, 403, "{body}");
+    assert_eq!(code, 421, "{body}");
     let (code, body) = post(&base, claim, &host, r#"{"reason":"  "}"#);
     assert_eq!(code, 400, "an empty reason: {body}");
+    // Every route checks the Host (a DNS-rebinding page reads nothing), and every answer
+    // keeps the page out of frames.
+    for path in ["/", "/api/services", "/api/events", "/page.js"] {
+        let rebound = get_with_host(&base, path, "rebound.example");
+        assert!(rebound.starts_with("HTTP/1.1 421"), "GET {path} with another Host: {rebound}");
+        assert!(!rebound.contains("t-dash"), "nothing of the view leaks: {rebound}");
+    }
+    let answer = get_with_host(&base, "/", &format!("127.0.0.1:{port}")).to_lowercase();
+    assert!(answer.contains("content-security-policy: default-src 'self'"), "{answer}");
+    assert!(answer.contains("frame-ancestors 'none'") && answer.contains("x-frame-options: deny"), "{answer}");
 
     // No answer of any endpoint carries a secret: the page, its style and script, the
     // data, the event stream, the actions' answers, and what the browser ended up showing.
@@ -239,12 +275,20 @@ fn the_dashboard_in_a_browser_follows_a_leader_kill_by_itself() {
     let (code, body) = post(
         &base,
         "/api/services/nobody/claim",
-        "Host: 127.0.0.1:PORT\r\nx-br2k-confirm: nobody\r\n".replace("PORT", &port.to_string()).as_str(),
+        &format!("Host: 127.0.0.1:{port}\r\nx-br2k-confirm: nobody\r\nx-br2k-action-token: {token}\r\n"),
         r#"{"reason":"x"}"#,
     );
     assert_eq!(code, 502, "a claim against a service nobody registered: {body}");
     served.push(body);
+    // The run's action token is the one secret the page carries (on loopback, in its
+    // meta tag): the data, the events and the answers never do.
+    for answer in &served {
+        let carried = answer.matches(token.as_str()).count();
+        let page = answer.contains("<html") || answer.contains("<meta");
+        assert!(carried == usize::from(page), "the action token {carried} times in: {answer}");
+    }
     let served = served.join("\n").to_lowercase();
+    let served = served.replace(token.as_str(), "");
     for secret in SECRETS {
         assert!(!served.contains(secret), "the dashboard served {secret:?}");
     }

@@ -213,9 +213,9 @@ async fn reconcile(state: Arc<Journal>, request: Request) -> Option<Outcome> {
 /// The token `/guarded` asks for.
 pub(crate) const TOKEN: &str = "s3cret-token";
 
-/// `/guarded` takes only JSON strings, from a client with the token.
+/// `/guarded` takes only JSON strings (from a client with the token: checked before the
+/// body is read).
 fn admit_guarded(request: &Request) -> Result<(), Reply> {
-    br2k_replication::bearer_token(TOKEN)(request)?;
     serde_json::from_slice::<String>(&request.body)
         .map(drop)
         .map_err(|e| Reply::error(422, &format!("the body must be a JSON string: {e}")))
@@ -573,6 +573,7 @@ impl Cluster {
             .external_txn("POST", "/ext", external)
             .read("GET", "/list", list)
             .replicate("POST", "/guarded", append)
+            .authenticate("POST", "/guarded", br2k_replication::bearer_token(TOKEN))
             .admit("POST", "/guarded", admit_guarded)
             .on_step(move |step, _index| {
                 let observer = observer.clone();

@@ -366,3 +366,40 @@ async fn a_catching_up_replica_never_follows_a_redirect_nor_fetches_a_snapshot_r
         etcd.delete(format!("/br2k/{SERVICE}/members/{name}"), None).await.unwrap();
     }
 }
+
+/// Sends a request head announcing a body of `length` bytes and none of it; the answer's
+/// status line and how long it took.
+async fn head_only(url: &str, path: &str, extra: &str, length: usize) -> (String, Duration) {
+    let authority = url.trim_start_matches("http://");
+    let mut stream = TcpStream::connect(authority).await.unwrap();
+    let head = format!("POST {path} HTTP/1.1\r\nHost: {authority}\r\n{extra}Content-Length: {length}\r\n\r\n");
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let started = Instant::now();
+    let mut answer = vec![0u8; 1024];
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut answer)).await;
+    let n = read.map_or(0, Result::unwrap);
+    let text = String::from_utf8_lossy(&answer[..n]).lines().next().unwrap_or("(no answer within 5 s)").to_owned();
+    (text, started.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn credentials_and_leadership_are_checked_before_a_body_is_read() {
+    let c = Cluster::start(false).await;
+    let l = c.leader(None).await;
+    let f = (l + 1) % 3;
+    // A client without the token announces a body and sends none: refused at once, not
+    // after the body timeout (the replica never waits for, or holds, that body).
+    let (answer, took) = head_only(&c.replicas[l].url, "/guarded", "", 1000).await;
+    assert!(answer.contains(" 401 "), "{answer}");
+    assert!(took < Duration::from_secs(2), "answered after {took:?}");
+    let (answer, _) = head_only(&c.replicas[l].url, "/guarded", "Authorization: bearer wrong\r\n", 1000).await;
+    assert!(answer.contains(" 403 "), "{answer}");
+    // A follower sends the client on before reading its body.
+    let (answer, took) = head_only(&c.replicas[f].url, "/append", "", 1000).await;
+    assert!(answer.contains(" 503 "), "{answer}");
+    assert!(took < Duration::from_secs(2), "answered after {took:?}");
+    // With the token, the body is awaited (and here never comes): no answer at once.
+    let (answer, _) =
+        head_only(&c.replicas[l].url, "/guarded", &format!("Authorization: Bearer {TOKEN}\r\n"), 1000).await;
+    assert!(answer.contains("no answer"), "{answer}");
+}

@@ -3,12 +3,13 @@
 //! backup now.
 //!
 //! Each action is a `POST` carrying the header `x-br2k-confirm: <service name>`, which the
-//! page sends only after its confirmation dialog. A custom header also keeps other web
-//! sites out: a browser sends one cross-origin only after a preflight this server never
-//! grants. The `Host` header must name the address served (against DNS rebinding), and
-//! an `Origin`, when sent, must be that address too.
+//! page sends only after its confirmation dialog, and the run's action token
+//! (`x-br2k-action-token`, compared in constant time): the page carries it on loopback,
+//! the person types it in otherwise. A custom header also keeps other web sites out: a
+//! browser sends one cross-origin only after a preflight this server never grants. The
+//! `Host` is checked on every route ([`super::guard`]), and an `Origin`, when sent, must be
+//! that host too.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +26,9 @@ use crate::commands::backup::Asked;
 /// The header the page sends, naming the service the person confirmed the action on.
 pub(super) const CONFIRM_HEADER: &str = "x-br2k-confirm";
 
+/// The header carrying the run's action token.
+pub(super) const TOKEN_HEADER: &str = "x-br2k-action-token";
+
 /// How long the leader may take to accept a backup request.
 const BACKUP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -32,18 +36,19 @@ pub(super) struct Actions {
     /// Signed with the operator's key.
     registry: RegistryClient,
     http: reqwest::Client,
-    served: SocketAddr,
     endpoint: Endpoint,
     /// The replicas' admin token, for asking a leader for a backup.
     admin_token: Option<String>,
+    /// What every action must carry.
+    action_token: String,
 }
 
 impl Actions {
     pub(super) fn new(
         registry: RegistryClient,
-        served: SocketAddr,
         endpoint: Endpoint,
         admin_token: Option<String>,
+        action_token: String,
     ) -> Self {
         let http = reqwest::Client::builder()
             .no_proxy()
@@ -51,7 +56,7 @@ impl Actions {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .unwrap_or_default();
-        Self { registry, http, served, endpoint, admin_token }
+        Self { registry, http, endpoint, admin_token, action_token }
     }
 }
 
@@ -89,14 +94,19 @@ impl Actions {
                 "an action needs the header {CONFIRM_HEADER}: {name} (the page sends it once confirmed)"
             ));
         }
-        let served = self.served.to_string();
-        if header("host") != Some(served.as_str()) {
-            return Err(format!("actions are taken only through http://{served}/"));
+        let offered = header(TOKEN_HEADER).unwrap_or_default().trim();
+        if !br2k_replication::same_secret(offered.as_bytes(), self.action_token.as_bytes()) {
+            return Err(format!(
+                "an action needs this run's action token in {TOKEN_HEADER} (printed when the dashboard started, or \
+                 the one in its --action-token-file)"
+            ));
         }
+        // The guard let only a served Host in: the page's origin is that host.
+        let host = header("host").unwrap_or_default();
         if let Some(origin) = header("origin")
-            && origin != format!("http://{served}")
+            && !origin.eq_ignore_ascii_case(&format!("http://{host}"))
         {
-            return Err(format!("actions are taken only from the page at http://{served}/, not from {origin}"));
+            return Err(format!("actions are taken only from the page at http://{host}/, not from {origin}"));
         }
         Ok(())
     }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use alloy::primitives::B256;
 use br2k_resolver::RegistryClient;
+use futures::StreamExt as _;
 use serde_json::{Value, json};
 
 use super::traffic::Traffic;
@@ -20,6 +21,31 @@ const READ_TIMEOUT: Duration = Duration::from_secs(15);
 /// Timeline entries sent to the page per service, newest first.
 const TIMELINE_SHOWN: usize = 50;
 
+/// Services read (and leaders scraped) at once: a registry with thousands of services
+/// must not open thousands of connections each refresh.
+const CONCURRENT_READS: usize = 16;
+
+/// Which services the board follows.
+#[derive(Clone, Debug)]
+pub(super) enum Follow {
+    /// These, by name.
+    Named(Vec<String>),
+    /// Those this key manages now (as `br2k manager` follows them).
+    ManagedBy(alloy::primitives::Address),
+    /// Every service registered under a name br2k accepts.
+    All,
+}
+
+impl Follow {
+    pub(super) fn describe(&self) -> String {
+        match self {
+            Self::Named(names) => names.join(", "),
+            Self::ManagedBy(manager) => format!("those {manager} manages"),
+            Self::All => "every registered service".to_owned(),
+        }
+    }
+}
+
 #[derive(Default)]
 struct Tracked {
     traffic: Traffic,
@@ -28,8 +54,8 @@ struct Tracked {
 }
 
 pub(super) struct Board {
-    /// The services asked for; empty: every service the registry knows.
-    names: Vec<String>,
+    /// The services followed.
+    follow: Follow,
     config: DirArg,
     actions: bool,
     history: RegistryHistory,
@@ -39,14 +65,19 @@ pub(super) struct Board {
 }
 
 impl Board {
-    pub(super) fn new(registry: &RegistryClient, names: Vec<String>, config: DirArg, actions: bool) -> Self {
+    pub(super) fn new(registry: &RegistryClient, follow: Follow, config: DirArg, actions: bool) -> Self {
         Self {
-            names,
+            follow,
             config,
             actions,
             history: RegistryHistory::new(registry),
             tracked: HashMap::new(),
-            http: reqwest::Client::builder().no_proxy().build().unwrap_or_default(),
+            // A location is whatever was published on chain: never follow it elsewhere.
+            http: reqwest::Client::builder()
+                .no_proxy()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap_or_default(),
             endpoint: Endpoint::of(registry),
         }
     }
@@ -61,9 +92,12 @@ impl Board {
     /// hold up the news of the others.
     pub(super) async fn poll(&mut self, registry: &RegistryClient) -> Value {
         let history_error = self.history.follow(registry).await.err().map(|e| crate::commands::describe(&e));
-        let names: Vec<String> =
-            if self.names.is_empty() { self.history.names().map(str::to_owned).collect() } else { self.names.clone() };
-        let reads = futures::future::join_all(names.iter().map(|name| async {
+        let names: Vec<String> = match &self.follow {
+            Follow::Named(names) => names.clone(),
+            Follow::ManagedBy(manager) => self.history.managed_by(*manager).map(str::to_owned).collect(),
+            Follow::All => self.history.names().map(str::to_owned).collect(),
+        };
+        let reads: Vec<Result<Value, String>> = futures::stream::iter(names.iter().map(|name| async {
             let read = service_view(registry, &self.history, name, None, &self.config);
             match tokio::time::timeout(READ_TIMEOUT, read).await {
                 Ok(Ok((_, view))) => Ok(view),
@@ -71,6 +105,8 @@ impl Board {
                 Err(_) => Err(format!("no answer within {READ_TIMEOUT:?}")),
             }
         }))
+        .buffered(CONCURRENT_READS)
+        .collect()
         .await;
 
         // Each service's traffic series is taken out while its leader is scraped, and put back.
@@ -79,11 +115,13 @@ impl Board {
             .map(|name| std::mem::take(&mut self.tracked.entry(name.clone()).or_default().traffic))
             .collect();
         let http = &self.http;
-        futures::future::join_all(series.iter_mut().zip(&reads).map(|(traffic, read)| async move {
+        futures::stream::iter(series.iter_mut().zip(&reads).map(|(traffic, read)| async move {
             if let Ok(view) = read {
                 traffic.scrape(http, view["location"].as_str().unwrap_or(""), unix_seconds()).await;
             }
         }))
+        .buffer_unordered(CONCURRENT_READS)
+        .collect::<Vec<()>>()
         .await;
 
         let mut services = Vec::with_capacity(names.len());

@@ -215,7 +215,12 @@ function chart(title, points, series, unit) {
     flush();
   }
   const legend = el("div", { class: "legend" }, title + " (" + unit + ")");
-  for (const s of series) legend.append(el("i", { style: "background:" + s.color }), s.name);
+  for (const s of series) {
+    // Set through the CSSOM: the page's Content-Security-Policy refuses style attributes.
+    const swatch = el("i", {});
+    swatch.style.background = s.color;
+    legend.append(swatch, s.name);
+  }
   return el("div", {}, legend, box);
 }
 
@@ -294,13 +299,18 @@ function confirmAction(name, action, title, text) {
   document.getElementById("confirm-title").textContent = title;
   document.getElementById("confirm-text").textContent = text;
   document.getElementById("confirm-reason-label").hidden = action !== "claim";
+  // The action token: carried by the page when the dashboard serves on loopback, typed in
+  // by the person otherwise (--action-token-file).
+  const carried = document.querySelector('meta[name="br2k-action-token"]').content;
+  document.getElementById("confirm-token-label").hidden = carried !== "";
   dialog.onclose = async () => {
     if (dialog.returnValue !== "ok") return;
     const body = action === "claim" ? JSON.stringify({ reason: document.getElementById("confirm-reason").value }) : "";
     actionResult[name] = "sending…"; draw();
     try {
       const answer = await fetch("/api/services/" + encodeURIComponent(name) + "/" + action, {
-        method: "POST", headers: { "x-br2k-confirm": name, "content-type": "application/json" }, body });
+        method: "POST", body, headers: { "x-br2k-confirm": name, "content-type": "application/json",
+          "x-br2k-action-token": carried || document.getElementById("confirm-token").value } });
       const result = await answer.json();
       actionResult[name] = result.message || result.error || ("answered " + answer.status);
     } catch (e) {

@@ -37,6 +37,22 @@ pub(super) struct Sample {
 }
 
 /// A service's traffic series.
+/// The most of a leader's `/metrics` read: a replica's is a few tens of KiB, and a
+/// location is whatever was published on chain.
+const MAX_SCRAPE_BYTES: usize = 1024 * 1024;
+
+/// The answer's body as text, refused past [`MAX_SCRAPE_BYTES`].
+async fn bounded_text(mut response: reqwest::Response) -> Result<String, String> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| e.to_string())? {
+        if body.len() + chunk.len() > MAX_SCRAPE_BYTES {
+            return Err(format!("its metrics are over {MAX_SCRAPE_BYTES} bytes; not read"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    String::from_utf8(body).map_err(|_| "its metrics are not UTF-8 text".to_owned())
+}
+
 #[derive(Debug, Default)]
 pub(super) struct Traffic {
     points: VecDeque<Point>,
@@ -65,7 +81,7 @@ impl Traffic {
             if !response.status().is_success() {
                 return Err(format!("answered {}", response.status()));
             }
-            let text = response.text().await.map_err(|e| e.to_string())?;
+            let text = bounded_text(response).await?;
             parse(&text)
         }
         .await;
