@@ -73,6 +73,7 @@ fn every_manifest_the_dry_run_prints_validates_against_the_kubernetes_schemas() 
     assert_eq!(yaml.matches("kind: Service\n").count(), 3);
     assert_eq!(yaml.matches("kind: PersistentVolumeClaim\n").count(), 6);
     assert_eq!(yaml.matches("kind: Secret\n").count(), 1, "no pull secret for an open registry");
+    assert_eq!(yaml.matches("kind: NetworkPolicy\n").count(), 1, "etcd reachable by the service's own Pods only");
     assert!(yaml.contains("harbor.example.org/br2k/demo@sha256:"), "pinned by digest");
 
     // Labelled nodes, a public endpoint, and a registry that needs credentials.

@@ -9,8 +9,12 @@
 //! - PersistentVolumeClaims `s-i-etcd` and `s-i-data`, so a Pod started again keeps its
 //!   etcd member and its app data.
 //!
-//! Plus Secret `s-operator` (the key the replicas publish the leader's location with) and,
-//! when the container registry needs credentials, Secret `s-pull` (a Docker config).
+//! Plus Secret `s-operator` (the key the replicas publish the leader's location with),
+//! when the container registry needs credentials Secret `s-pull` (a Docker config), and
+//! NetworkPolicy `s`: only the service's own Pods reach the etcd ports (the peer port is
+//! the only one open beyond the Pod; the client port listens on localhost), while anyone
+//! may reach the app's port, its clients' way in. The replicas' peer routes share that
+//! port (a NetworkPolicy sees ports, not paths): the peer token guards them.
 //!
 //! Everything is deterministic (sorted maps, no timestamps), so applying the same spec
 //! twice sends the same objects and server-side apply changes nothing.
@@ -26,7 +30,11 @@ use k8s_openapi::api::core::v1::{
     SecretKeySelector, SecretVolumeSource, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
     VolumeResourceRequirements,
 };
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
+};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Serialize;
@@ -153,6 +161,8 @@ pub struct Manifests {
     pub services: Vec<Service>,
     /// One per replica.
     pub pods: Vec<Pod>,
+    /// Who may reach the Pods' ports.
+    pub network_policy: NetworkPolicy,
 }
 
 impl Manifests {
@@ -165,7 +175,13 @@ impl Manifests {
         check_spec(spec)?;
         let operator_secret = format!("{}-operator", spec.service);
         let pull_secret = secrets.pull.as_ref().map(|_| format!("{}-pull", spec.service));
-        let mut out = Self { secrets: Vec::new(), claims: Vec::new(), services: Vec::new(), pods: Vec::new() };
+        let mut out = Self {
+            secrets: Vec::new(),
+            claims: Vec::new(),
+            services: Vec::new(),
+            pods: Vec::new(),
+            network_policy: spec.network_policy(),
+        };
 
         let mut operator =
             Secret { metadata: spec.meta(&operator_secret, None), type_: Some("Opaque".into()), ..Secret::default() };
@@ -213,13 +229,14 @@ impl Manifests {
         }
         docs.extend(self.claims.iter().map(yaml));
         docs.extend(self.services.iter().map(yaml));
+        docs.push(yaml(&self.network_policy));
         docs.extend(self.pods.iter().map(yaml));
         docs.join("---\n")
     }
 
     /// How many objects there are.
     pub fn len(&self) -> usize {
-        self.secrets.len() + self.claims.len() + self.services.len() + self.pods.len()
+        self.secrets.len() + self.claims.len() + self.services.len() + 1 + self.pods.len()
     }
 
     /// Whether there are none.
@@ -285,6 +302,39 @@ impl KubernetesSpec {
                 ..PersistentVolumeClaimSpec::default()
             }),
             ..PersistentVolumeClaim::default()
+        }
+    }
+
+    /// Ingress to the service's Pods: etcd's ports from the service's own Pods only, the
+    /// app's port from anywhere; nothing else.
+    fn network_policy(&self) -> NetworkPolicy {
+        let own = BTreeMap::from([
+            ("app.kubernetes.io/name".to_owned(), self.service.clone()),
+            ("app.kubernetes.io/managed-by".to_owned(), "br2k".to_owned()),
+        ]);
+        let port = |number: i32| NetworkPolicyPort {
+            port: Some(IntOrString::Int(number)),
+            protocol: Some("TCP".into()),
+            ..NetworkPolicyPort::default()
+        };
+        let selector = LabelSelector { match_labels: Some(own), ..LabelSelector::default() };
+        NetworkPolicy {
+            metadata: self.meta(&self.service, None),
+            spec: Some(NetworkPolicySpec {
+                pod_selector: Some(selector.clone()),
+                policy_types: Some(vec!["Ingress".into()]),
+                ingress: Some(vec![
+                    NetworkPolicyIngressRule {
+                        from: Some(vec![NetworkPolicyPeer {
+                            pod_selector: Some(selector),
+                            ..NetworkPolicyPeer::default()
+                        }]),
+                        ports: Some(vec![port(ETCD_PEER_PORT), port(ETCD_CLIENT_PORT)]),
+                    },
+                    NetworkPolicyIngressRule { from: None, ports: Some(vec![port(APP_PORT)]) },
+                ]),
+                ..NetworkPolicySpec::default()
+            }),
         }
     }
 
@@ -559,6 +609,30 @@ mod tests {
         assert!(!yaml.contains("secret-operator-key") && !yaml.contains("cm9ib3"), "{yaml}");
         assert!(yaml.contains("data (ETH_PRIVATE_KEY) is written at deploy time"));
         assert_eq!(yaml.matches("\n---\n").count() + 1, manifests.len());
+    }
+
+    #[test]
+    fn only_the_services_own_pods_reach_etcd_and_anyone_reaches_the_app() {
+        let manifests = Manifests::build(&spec(), &SecretValues::default()).unwrap();
+        let policy = serde_json::to_value(&manifests.network_policy).unwrap();
+        let own = serde_json::json!({ "app.kubernetes.io/name": "logserver", "app.kubernetes.io/managed-by": "br2k" });
+        assert_eq!(policy["spec"]["podSelector"]["matchLabels"], own, "it covers the service's Pods");
+        assert_eq!(policy["spec"]["policyTypes"], serde_json::json!(["Ingress"]));
+        let rules = policy["spec"]["ingress"].as_array().unwrap();
+        assert_eq!(rules.len(), 2, "{policy}");
+        assert_eq!(rules[0]["from"][0]["podSelector"]["matchLabels"], own, "etcd only from the service's Pods");
+        assert_eq!(
+            rules[0]["ports"],
+            serde_json::json!([{ "port": 2380, "protocol": "TCP" }, { "port": 2379, "protocol": "TCP" }])
+        );
+        assert!(rules[1].get("from").is_none_or(serde_json::Value::is_null), "the app from anywhere: {policy}");
+        assert_eq!(rules[1]["ports"], serde_json::json!([{ "port": 8080, "protocol": "TCP" }]));
+        // Every Pod the policy covers carries its labels.
+        for pod in &manifests.pods {
+            let labels = pod.metadata.labels.as_ref().unwrap();
+            assert!(labels.get("app.kubernetes.io/name").is_some_and(|n| n == "logserver"));
+            assert!(labels.get("app.kubernetes.io/managed-by").is_some_and(|n| n == "br2k"));
+        }
     }
 
     #[test]

@@ -99,6 +99,7 @@ pub async fn apply(
     for service in &manifests.services {
         applied.push(apply_one(client, namespace, service, progress).await?);
     }
+    applied.push(apply_one(client, namespace, &manifests.network_policy, progress).await?);
     for pod in &manifests.pods {
         applied.push(apply_one(client, namespace, pod, progress).await?);
     }

@@ -84,7 +84,7 @@ async fn apply_sends_one_server_side_apply_patch_per_object_as_br2k_in_the_names
     let manifests = Manifests::build(&spec(), &values).unwrap();
     let (results, seen) = apply_against_mock(&manifests, 1).await;
     assert_eq!(seen.len(), manifests.len());
-    assert_eq!(seen.len(), 1 + 6 + 3 + 3, "operator secret, 6 volumes, 3 services, 3 pods");
+    assert_eq!(seen.len(), 1 + 6 + 3 + 1 + 3, "operator secret, 6 volumes, 3 services, the network policy, 3 pods");
     let paths: Vec<&str> = seen.iter().map(|s| s.uri.split('?').next().unwrap()).collect();
     let mut expected = vec!["/api/v1/namespaces/team-a/secrets/logserver-operator".to_owned()];
     for i in 1..=3 {
@@ -92,6 +92,7 @@ async fn apply_sends_one_server_side_apply_patch_per_object_as_br2k_in_the_names
         expected.push(format!("/api/v1/namespaces/team-a/persistentvolumeclaims/logserver-{i}-data"));
     }
     expected.extend((1..=3).map(|i| format!("/api/v1/namespaces/team-a/services/logserver-{i}")));
+    expected.push("/apis/networking.k8s.io/v1/namespaces/team-a/networkpolicies/logserver".to_owned());
     expected.extend((1..=3).map(|i| format!("/api/v1/namespaces/team-a/pods/logserver-{i}")));
     assert_eq!(paths, expected);
     for request in &seen {
