@@ -162,6 +162,30 @@ pub fn empty_layer() -> Descriptor {
 }
 
 impl RegistryClient {
+    /// Uploads the file at `path`, whose bytes are `size` long and hash to `digest`, to
+    /// `repository` unless it already holds them, streaming it (a snapshot of any size
+    /// takes a read buffer's worth of memory); returns its descriptor, and whether it was
+    /// uploaded.
+    ///
+    /// # Errors
+    /// The file cannot be read, refused credentials, or a registry error (one that finds
+    /// the bytes do not hash to `digest` among them).
+    pub async fn push_file_layer(
+        &self,
+        repository: &str,
+        media_type: &str,
+        annotations: BTreeMap<String, String>,
+        file: (&std::path::Path, &str, u64),
+    ) -> Result<(Descriptor, bool)> {
+        let (path, digest, size) = file;
+        let descriptor = Descriptor { media_type: media_type.to_owned(), digest: digest.to_owned(), size, annotations };
+        if self.has_blob(repository, digest).await? {
+            return Ok((descriptor, false));
+        }
+        self.push_blob_file(repository, digest, path, size).await?;
+        Ok((descriptor, true))
+    }
+
     /// Uploads `bytes` to `repository` unless it already holds them (blobs are
     /// content-addressed); returns their descriptor, and whether they were uploaded.
     ///

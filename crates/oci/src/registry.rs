@@ -322,6 +322,33 @@ impl RegistryClient {
         Ok(())
     }
 
+    /// Uploads the file at `path` as the blob `digest` of `size` bytes to `repository`,
+    /// streaming it: a blob of any size takes a read buffer's worth of memory. The
+    /// registry checks the digest as it commits the upload.
+    ///
+    /// # Errors
+    /// The file cannot be opened, refused credentials, a registry error (a digest that
+    /// does not match the bytes among them).
+    pub async fn push_blob_file(
+        &self,
+        repository: &str,
+        digest: &str,
+        path: &std::path::Path,
+        size: u64,
+    ) -> Result<()> {
+        check_digest(digest)?;
+        let file = tokio::fs::File::open(path)
+            .await
+            .map_err(|e| OciError::Invalid(format!("cannot read {} to upload it: {e}", path.display())))?;
+        let stream = file_stream(file);
+        let image = self.reference(repository, Some(digest), None, RegistryOperation::Push).await?;
+        self.oci
+            .push_blob_stream(&image, stream, digest, Some(size))
+            .await
+            .map_err(|e| self.failed("upload a blob", e))?;
+        Ok(())
+    }
+
     /// Pushes `manifest` (of `kind`, a media type) to `repository` under `tag`; returns
     /// its digest.
     ///
@@ -1066,4 +1093,12 @@ impl RegistryList {
         let text = serde_json::to_string_pretty(file).expect("entries serialize") + "\n";
         std::fs::write(&self.path, text).map_err(|e| OciError::io(format!("write {}", self.path.display()), e))
     }
+}
+
+/// A file as a stream of chunks for an upload.
+fn file_stream(
+    file: tokio::fs::File,
+) -> impl futures::Stream<Item = oci_client::errors::Result<bytes::Bytes>> + Send + 'static {
+    use futures::StreamExt as _;
+    tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024).map(|chunk| chunk.map_err(Into::into))
 }

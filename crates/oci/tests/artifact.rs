@@ -90,3 +90,32 @@ async fn an_artifact_is_pushed_read_back_by_digest_and_by_skopeo_and_refused_whe
 fn sha256_hex(bytes: &[u8]) -> String {
     br2k_oci::image::sha256_digest(bytes).trim_start_matches("sha256:").to_owned()
 }
+
+#[tokio::test]
+async fn a_file_layer_is_streamed_up_under_its_digest_and_a_wrong_digest_is_refused() {
+    let registry =
+        OciRegistry::spawn(None).expect("docker-registry starts (run `bash tools/setup.sh` if it is missing)");
+    let client = RegistryClient::new(&registry.url(), true, None).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("snapshot");
+    // Larger than one read buffer, so the upload is really a stream of chunks.
+    let bytes: Vec<u8> = (0..3 * 1024 * 1024 + 17).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&path, &bytes).unwrap();
+    let digest = br2k_oci::image::sha256_digest(&bytes);
+    let size = bytes.len() as u64;
+    let (descriptor, fresh) = client
+        .push_file_layer("br2k/files", "application/octet-stream", BTreeMap::new(), (&path, &digest, size))
+        .await
+        .unwrap();
+    assert!(fresh && descriptor.digest == digest && descriptor.size == size);
+    assert_eq!(client.fetch_blob("br2k/files", &digest, size).await.unwrap().to_vec(), bytes, "the same bytes back");
+    let (_, again) = client
+        .push_file_layer("br2k/files", "application/octet-stream", BTreeMap::new(), (&path, &digest, size))
+        .await
+        .unwrap();
+    assert!(!again, "a blob the registry holds is not sent again");
+    // Bytes that do not hash to the digest they are offered under: the registry refuses.
+    let other = br2k_oci::image::sha256_digest(b"something else");
+    let refused = client.push_blob_file("br2k/files", &other, &path, size).await.unwrap_err();
+    assert!(!client.has_blob("br2k/files", &other).await.unwrap(), "{refused}");
+}

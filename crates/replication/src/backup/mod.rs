@@ -514,19 +514,28 @@ impl<'a, S: AppState> Writer<'a, S> {
                     snapshot.index, snapshot.size
                 )));
             }
+            // Streamed from its file, under the digest and size its record holds (the
+            // registry checks them as it commits the upload): a snapshot of any size takes
+            // a read buffer's worth of memory.
             let path = runtime.snapshots.data_path(snapshot.index);
-            let bytes = tokio::fs::read(&path).await.map_err(|e| Error::Snapshot {
-                path: path.display().to_string(),
-                reason: format!("cannot read it for a backup (a newer snapshot may have replaced it): {e}"),
-            })?;
             let annotations = BTreeMap::from([(br2k_oci::artifact::TITLE_ANNOTATION.to_owned(), "state".to_owned())]);
-            let size = bytes.len() as u64;
+            let size = snapshot.size;
             let (blob, fresh) = self
                 .config
                 .registry
-                .push_layer(&self.config.repository, STATE_MEDIA_TYPE, annotations, bytes)
+                .push_file_layer(
+                    &self.config.repository,
+                    STATE_MEDIA_TYPE,
+                    annotations,
+                    (&path, &snapshot.digest, size),
+                )
                 .await
-                .map_err(|e| Error::Backup(format!("push the snapshot to {}: {e}", self.config.repository)))?;
+                .map_err(|e| {
+                    Error::Backup(format!(
+                        "push the snapshot at {} to {} (a newer snapshot may have replaced it): {e}",
+                        snapshot.index, self.config.repository
+                    ))
+                })?;
             *uploaded += if fresh { size } else { 0 };
             next.state = Some(StateBlob { blob, index: snapshot.index, version: snapshot.state_version });
         }
