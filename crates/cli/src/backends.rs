@@ -45,6 +45,12 @@ pub(crate) struct BackendOpts {
     /// etcd's election timeout in milliseconds, for local nodes.
     #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(50..=50_000), help_heading = "Local")]
     pub(crate) election_timeout: u64,
+
+    /// TLS for etcd's client and peer traffic, with certificates the deploy step makes (a
+    /// Secret on Kubernetes, files in each node's directory locally); every member asks
+    /// its clients and peers for a certificate of that authority.
+    #[arg(long)]
+    pub(crate) etcd_tls: bool,
 }
 
 impl BackendOpts {
@@ -56,6 +62,7 @@ impl BackendOpts {
             rpc_url: rpc_url.to_owned(),
             registry,
             backup: self.backup.schedule(),
+            etcd_tls: self.etcd_tls,
         }
     }
 
@@ -79,6 +86,7 @@ impl BackendOpts {
             registry: registry.address(),
             key: key.clone(),
             backup: self.backup.schedule(),
+            etcd_tls: self.etcd_tls,
         })
     }
 }

@@ -12,6 +12,7 @@ pub mod backup_schedule;
 pub mod context;
 pub mod deployment;
 mod error;
+pub mod etcd_tls;
 pub mod kubernetes;
 pub mod local;
 pub mod operator_key;

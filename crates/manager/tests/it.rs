@@ -70,6 +70,7 @@ async fn the_manager_follows_only_its_services_and_one_failing_service_holds_up_
         registry: address,
         key: anvil.key(0),
         backup: br2k_deploy::backup_schedule::BackupSchedule::default(),
+        etcd_tls: false,
     };
     let config = ManagerConfig { probe_interval: None, ..ManagerConfig::new(dir.path().join("manager")) };
     let mut manager =

@@ -29,6 +29,20 @@ pub struct ReplicaArgs {
     /// Address the HTTP front listens on.
     #[arg(long, env = "BR2K_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+    /// The certificate authority this replica trusts for its etcd member (PEM), for an
+    /// `https://` BR2K_ETCD; with --etcd-cert-file and --etcd-key-file.
+    #[arg(long, env = "BR2K_ETCD_CA_FILE", value_name = "PATH", requires_all = ["etcd_cert_file", "etcd_key_file"])]
+    pub etcd_ca_file: Option<PathBuf>,
+    /// The certificate this replica presents to its etcd member (PEM).
+    #[arg(long, env = "BR2K_ETCD_CERT_FILE", value_name = "PATH", requires = "etcd_ca_file")]
+    pub etcd_cert_file: Option<PathBuf>,
+    /// Its key (PEM, mode 0600).
+    #[arg(long, env = "BR2K_ETCD_KEY_FILE", value_name = "PATH", requires = "etcd_ca_file")]
+    pub etcd_key_file: Option<PathBuf>,
+    /// Where etcd serves its metrics and health in plain HTTP (its --listen-metrics-urls),
+    /// read for its quota [default: the client URL, which works only without TLS].
+    #[arg(long, env = "BR2K_ETCD_METRICS", value_name = "URL")]
+    pub etcd_metrics: Option<String>,
     /// URL clients reach this replica at (published when it leads) [default: http://LISTEN].
     #[arg(long, env = "BR2K_PUBLIC_URL")]
     pub public_url: Option<String>,
@@ -212,6 +226,13 @@ impl ReplicaArgs {
             config = config.with_publisher(publisher);
         }
         config.backup = self.backup()?;
+        if let (Some(ca), Some(cert), Some(key)) = (&self.etcd_ca_file, &self.etcd_cert_file, &self.etcd_key_file) {
+            if !self.etcd.starts_with("https://") {
+                anyhow::bail!("--etcd-ca-file and friends need an https:// etcd URL, not {}", self.etcd);
+            }
+            config.etcd_tls = Some(br2k_replication::EtcdTls { ca: ca.clone(), cert: cert.clone(), key: key.clone() });
+        }
+        config.etcd_metrics_endpoint.clone_from(&self.etcd_metrics);
         config.admin_token = secret("BR2K_ADMIN_TOKEN", self.admin_token_file.as_deref(), "admin token")?
             .map(br2k_replication::AdminToken::new);
         Ok(config)

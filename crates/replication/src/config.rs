@@ -50,6 +50,42 @@ pub struct Config {
     /// The token operators' commands present (`Authorization: Bearer`) on the replica's
     /// own admin routes (`GET /br2k/tx`, `POST /br2k/tx/cancel`); `None` closes them.
     pub admin_token: Option<AdminToken>,
+    /// TLS to this replica's etcd member (`https://` endpoint, a client certificate);
+    /// `None`: plain `http://`.
+    pub etcd_tls: Option<EtcdTls>,
+    /// Where etcd's metrics are read (its `--listen-metrics-urls`, plain HTTP: metrics and
+    /// health only); `None`: the client endpoint, which only works without TLS.
+    pub etcd_metrics_endpoint: Option<String>,
+}
+
+/// The files a replica talks TLS to its etcd member with: the authority it trusts, and
+/// the certificate and key it presents (etcd asks clients for one).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EtcdTls {
+    /// The certificate authority's certificate (PEM).
+    pub ca: PathBuf,
+    /// This replica's certificate (PEM).
+    pub cert: PathBuf,
+    /// Its private key (PEM; keep it mode 0600).
+    pub key: PathBuf,
+}
+
+impl EtcdTls {
+    /// The options an etcd client connects with.
+    ///
+    /// # Errors
+    /// A file that cannot be read.
+    pub fn options(&self) -> crate::error::Result<etcd_client::TlsOptions> {
+        let read = |path: &PathBuf| {
+            std::fs::read(path).map_err(|e| {
+                crate::error::Error::Config(format!("the etcd TLS file {} cannot be read: {e}", path.display()))
+            })
+        };
+        let (ca, cert, key) = (read(&self.ca)?, read(&self.cert)?, read(&self.key)?);
+        Ok(etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(ca))
+            .identity(etcd_client::Identity::from_pem(cert, key)))
+    }
 }
 
 /// A secret that never prints: its `Debug` says only that it is set.
@@ -152,6 +188,8 @@ impl Config {
             backup: None,
             outbox: None,
             admin_token: None,
+            etcd_tls: None,
+            etcd_metrics_endpoint: None,
         }
     }
 

@@ -43,9 +43,22 @@ pub struct Records {
 /// # Errors
 /// When etcd cannot be reached, or a record is missing or does not decode.
 pub async fn read_records(endpoint: &str, service: &str, timeout: Duration) -> Result<Records> {
+    read_records_with(endpoint, service, timeout, None).await
+}
+
+/// [`read_records`] from a member that asks for TLS (`tls`: the files a replica uses).
+///
+/// # Errors
+/// As [`read_records`], and a TLS file that cannot be read.
+pub async fn read_records_with(
+    endpoint: &str,
+    service: &str,
+    timeout: Duration,
+    tls: Option<&crate::config::EtcdTls>,
+) -> Result<Records> {
     data::check_name("service", service)?;
     let keys = Keys::new(service);
-    let store = Store::connect(endpoint, keys.clone(), timeout, std::sync::Arc::default()).await?;
+    let store = Store::connect(endpoint, keys.clone(), timeout, std::sync::Arc::default(), tls).await?;
     // The leader may compact between the reads: a missing entry means reading again.
     // And a cluster that was just healed may still be electing its leader ("etcdserver:
     // leader changed"): such an answer means asking again, for up to `timeout` more.

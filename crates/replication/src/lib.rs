@@ -29,7 +29,7 @@ mod store;
 
 pub use app::{AppState, BoxFuture, Failure, FilePrefix, Outcome, Reply, Request, SnapshotBuilder, Step, bearer_token};
 pub use builder::Builder;
-pub use config::{AdminToken, Config, Limits, Publisher, SnapshotPolicy, Timings};
+pub use config::{AdminToken, Config, EtcdTls, Limits, Publisher, SnapshotPolicy, Timings};
 pub use data::{
     CompactedLog, Divergence, EntryState, IdempotencyRecord, LeaderRecord, LogEntry, MemberRecord, NAME_RULE,
     ProcessState, RequestKind, SnapshotMeta, StoppedAt, StoredReply, is_valid_name,

@@ -252,6 +252,7 @@ impl<S: AppState> Replicated<S> {
             runtime.keys.clone(),
             runtime.config.timings.etcd_timeout,
             runtime.stats.clone(),
+            runtime.config.etcd_tls.as_ref(),
         )
         .await?;
         let _ = runtime.store.set(store);
@@ -664,7 +665,8 @@ impl<S: AppState> Runtime<S> {
             }
             *last = Some(Instant::now());
         }
-        let url = format!("{}/metrics", self.config.etcd_endpoint.trim_end_matches('/'));
+        let endpoint = self.config.etcd_metrics_endpoint.as_deref().unwrap_or(&self.config.etcd_endpoint);
+        let url = format!("{}/metrics", endpoint.trim_end_matches('/'));
         let text = tokio::time::timeout(self.config.timings.etcd_timeout, async {
             self.http.get(&url).send().await?.error_for_status()?.text().await
         })

@@ -131,11 +131,20 @@ pub(crate) struct Store {
 impl Store {
     /// A client for one member only: with several endpoints etcd-client keeps calling a
     /// dead member, and the leader condition must be asked of the local member anyway.
-    pub(crate) async fn connect(endpoint: &str, keys: Keys, timeout: Duration, stats: Arc<Stats>) -> Result<Self> {
-        let options = ConnectOptions::new()
+    pub(crate) async fn connect(
+        endpoint: &str,
+        keys: Keys,
+        timeout: Duration,
+        stats: Arc<Stats>,
+        tls: Option<&crate::config::EtcdTls>,
+    ) -> Result<Self> {
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(timeout)
             .with_timeout(timeout)
             .with_keep_alive(Duration::from_secs(2), timeout);
+        if let Some(tls) = tls {
+            options = options.with_tls(tls.options()?);
+        }
         let connect = || async {
             Client::connect([endpoint], Some(options.clone())).await.map_err(|e| Error::etcd(endpoint, "connect", &e))
         };

@@ -180,6 +180,7 @@ pub async fn run(config: TestbedConfig, progress: &(dyn Fn(&str) + Sync)) -> Res
         chain: ChainChoice::Local(LocalChainOptions::default()),
         startup_timeout: Duration::from_secs(30),
         disks: config.fault.disks(),
+        etcd_tls: false,
     };
     let mut sandbox = Sandbox::start(spec, progress).await?;
     let (leader, _) = sandbox.service().wait_for_leader(Duration::from_secs(30)).await?;

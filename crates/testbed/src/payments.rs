@@ -259,6 +259,7 @@ pub async fn run(config: TestbedConfig, progress: &(dyn Fn(&str) + Sync)) -> Res
         }),
         startup_timeout: Duration::from_secs(30),
         disks: config.fault.disks(),
+        etcd_tls: false,
     };
     // The outbox's endpoints are relays to the chain, started once the chain is up.
     let mut endpoints = None;

@@ -49,6 +49,12 @@ pub(crate) struct UpArgs {
     #[arg(long)]
     keep_data: bool,
 
+    /// TLS for etcd's client and peer traffic: certificates of an authority made for this
+    /// start (one per node, in n<i>/tls/), and every member asks its clients and peers
+    /// for one. Without it they talk plain HTTP on the nodes' addresses.
+    #[arg(long)]
+    etcd_tls: bool,
+
     /// Use the chain at --rpc-url (and --registry, or a new one) with the wallet key as the
     /// service's manager, instead of starting a local anvil.
     #[arg(long)]
@@ -187,6 +193,7 @@ impl UpArgs {
             chain,
             startup_timeout: Duration::from_secs(30),
             disks: DiskLimits::default(),
+            etcd_tls: self.etcd_tls,
         };
         let progress = |line: &str| out.progress(format_args!("up: {line}"));
         let mut sandbox = tokio::select! {

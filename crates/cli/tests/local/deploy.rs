@@ -33,7 +33,7 @@ fn project(add_context: &[&str]) -> tempfile::TempDir {
     dir
 }
 
-fn dry_run(dir: &Path, extra_env: &[(&str, &str)], replicas: &str) -> String {
+fn dry_run(dir: &Path, extra_env: &[(&str, &str)], replicas: &str, extra_args: &[&str]) -> String {
     let mut command = br2k();
     command.current_dir(dir).env("BR2K_HOME", dir.join("home"));
     for (key, value) in extra_env {
@@ -43,6 +43,7 @@ fn dry_run(dir: &Path, extra_env: &[(&str, &str)], replicas: &str) -> String {
         .args(["deploy", "logserver", "--context", "prod", "--image", "br2k/demo:v1", "--dry-run"])
         .args(["--replicas", replicas, "--rpc-url", "http://10.0.0.5:8545"])
         .args(["--registry", "0x5FbDB2315678afecb367f032d93F642f64180aa3"])
+        .args(extra_args)
         .output()
         .unwrap();
     ok(output)
@@ -67,7 +68,7 @@ fn every_manifest_the_dry_run_prints_validates_against_the_kubernetes_schemas() 
     // Three unlabelled nodes, a storage class, an open registry.
     let dir =
         project(&["--namespace", "team-a", "--node", "w1", "--node", "w2", "--node", "w3", "--storage-class", "fast"]);
-    let yaml = dry_run(dir.path(), &[], "3");
+    let yaml = dry_run(dir.path(), &[], "3", &[]);
     validate(dir.path(), &yaml);
     assert_eq!(yaml.matches("kind: Pod\n").count(), 3);
     assert_eq!(yaml.matches("kind: Service\n").count(), 3);
@@ -79,11 +80,19 @@ fn every_manifest_the_dry_run_prints_validates_against_the_kubernetes_schemas() 
     // Labelled nodes, a public endpoint, and a registry that needs credentials.
     let dir = project(&["--node", "w1:pool=br2k,zone=a", "--endpoint", "https://logserver.example.org"]);
     let credentials = [("BR2K_REGISTRY_USERNAME", "robot"), ("BR2K_REGISTRY_PASSWORD", "pull-password-42")];
-    let yaml = dry_run(dir.path(), &credentials, "1");
+    let yaml = dry_run(dir.path(), &credentials, "1", &[]);
     validate(dir.path(), &yaml);
     assert_eq!(yaml.matches("kind: Secret\n").count(), 2, "the operator key and the pull secret");
     assert!(yaml.contains("pool: br2k") && yaml.contains("https://logserver.example.org"), "{yaml}");
     assert!(!yaml.contains("pull-password-42") && !yaml.contains("robot"), "secret data is never printed");
+
+    // With TLS for etcd: the certificates' Secret (its data never printed), mounted in both
+    // containers of every Pod, and https everywhere etcd is reached.
+    let yaml = dry_run(dir.path(), &[], "1", &["--etcd-tls"]);
+    validate(dir.path(), &yaml);
+    assert_eq!(yaml.matches("kind: Secret\n").count(), 2, "the operator key and the certificates");
+    assert!(yaml.contains("name: logserver-etcd-tls") && yaml.contains("--client-cert-auth=true"), "{yaml}");
+    assert!(!yaml.contains("PRIVATE KEY") && !yaml.contains("http://127.0.0.1:2379"), "{yaml}");
 
     // More replicas than nodes: refused before anything is printed.
     let mut command = br2k();

@@ -147,3 +147,56 @@ fn a_crashed_runner_takes_its_replicas_along_and_the_next_start_clears_its_netwo
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     assert!(namespaces_of_slot(new_slot).is_empty() && namespaces_of_slot(slot).is_empty());
 }
+
+#[test]
+fn with_etcd_tls_the_service_serves_and_etcd_answers_only_clients_with_a_certificate_of_its_authority() {
+    let _turn = one_at_a_time();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let output = br2k()
+        .args(["--json", "up", "--detach", "--name", "t-tls", "--election-timeout", "500", "--etcd-tls"])
+        .arg("--app")
+        .arg(logserver())
+        .arg("--state-dir")
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "up failed:\n{}", String::from_utf8_lossy(&output.stderr));
+    let service =
+        Up { name: "t-tls".into(), state: state.clone(), run: serde_json::from_slice(&output.stdout).unwrap() };
+    let location = service.run["location"].as_str().unwrap().to_owned();
+    let (code, body) = crate::http(&location, "POST", "/log", r#"{"user": 7}"#);
+    assert_eq!(code, 200, "a request is logged and answered over etcd with TLS: {body}");
+
+    let node = &service.run["nodes"][0];
+    let url = node["etcd_url"].as_str().unwrap().to_owned();
+    assert!(url.starts_with("https://"), "{url}");
+    let tls_dir = state.join("n1/tls");
+    let own = br2k_replication::EtcdTls {
+        ca: tls_dir.join("ca.crt"),
+        cert: tls_dir.join("member.crt"),
+        key: tls_dir.join("member.key"),
+    };
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(std::fs::metadata(&own.key).unwrap().permissions().mode() & 0o777, 0o600, "the key is private");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let read = |url: String, tls: Option<br2k_replication::EtcdTls>| {
+        runtime.block_on(br2k_replication::inspect::read_records_with(
+            &url,
+            "t-tls",
+            Duration::from_secs(3),
+            tls.as_ref(),
+        ))
+    };
+    let records = read(url.clone(), Some(own.clone())).expect("a replica's certificate reads the records");
+    assert!(records.log_size >= 1, "{records:?}");
+    // Plain HTTP is not served at all, and a certificate of another authority is refused.
+    assert!(read(url.replace("https://", "http://"), None).is_err(), "plain HTTP answered");
+    let stranger_dir = dir.path().join("stranger");
+    let stranger = br2k_deploy::etcd_tls::EtcdCertificates::make("t-tls", &[vec!["10.0.0.1".into()]])
+        .unwrap()
+        .write_member(0, &stranger_dir)
+        .unwrap();
+    let foreign = br2k_replication::EtcdTls { ca: own.ca.clone(), cert: stranger.cert, key: stranger.key };
+    assert!(read(url, Some(foreign)).is_err(), "a client certificate of another authority was accepted");
+}

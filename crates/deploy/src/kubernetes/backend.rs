@@ -41,6 +41,33 @@ impl std::fmt::Debug for KubernetesBackend {
 }
 
 impl KubernetesBackend {
+    /// The etcd certificates of `spec`'s service: those its Secret already holds (a
+    /// redeploy must not hand running members a new authority), else new ones.
+    async fn etcd_certificates(&self, spec: &KubernetesSpec) -> Result<crate::etcd_tls::EtcdCertificates> {
+        use k8s_openapi::api::core::v1::Secret;
+        let name = format!("{}-etcd-tls", spec.service);
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &self.context.namespace);
+        let existing = secrets.get_opt(&name).await.map_err(|e| {
+            DeployError::Invalid(format!("could not read Secret {}/{name}: {e}", self.context.namespace))
+        })?;
+        let data = existing.and_then(|s| s.data).unwrap_or_default();
+        let text = |key: &str| data.get(key).and_then(|v| String::from_utf8(v.0.clone()).ok());
+        let members: Option<Vec<crate::etcd_tls::MemberCertificate>> = (1..=spec.replicas)
+            .map(|i| {
+                let replica = format!("{}-{i}", spec.service);
+                Some(crate::etcd_tls::MemberCertificate {
+                    cert: text(&format!("{replica}.crt"))?,
+                    key: text(&format!("{replica}.key"))?,
+                })
+            })
+            .collect();
+        if let (Some(ca), Some(members)) = (text("ca.crt"), members) {
+            return Ok(crate::etcd_tls::EtcdCertificates { ca, members });
+        }
+        let hosts: Vec<Vec<String>> = (1..=spec.replicas).map(|i| spec.member_hosts(i)).collect();
+        crate::etcd_tls::EtcdCertificates::make(&spec.service, &hosts)
+    }
+
     async fn deploy_now(&self, service: &str, record: &DeploymentRecord, progress: Progress<'_>) -> Result<Deployed> {
         let spec = KubernetesSpec::new(service, &self.context, record, &self.settings);
         Manifests::build(&spec, &SecretValues::default())?; // refuse a bad spec before any transaction
@@ -48,7 +75,9 @@ impl KubernetesBackend {
         let pull = Credentials::find(&entry.host())?.map(|c| (entry.host(), c));
         let operator = operator_key(&self.config_dir, &self.context.name, service)?;
         crate::operator_key::allow_and_fund(&self.registry, service, &operator, self.operator_funds, progress).await?;
-        let values = SecretValues { operator_key: Some(alloy::hex::encode_prefixed(operator.to_bytes())), pull };
+        let etcd_tls = if spec.etcd_tls { Some(self.etcd_certificates(&spec).await?) } else { None };
+        let values =
+            SecretValues { operator_key: Some(alloy::hex::encode_prefixed(operator.to_bytes())), pull, etcd_tls };
         let manifests = Manifests::build(&spec, &values)?;
         progress(&format!(
             "applying {} objects to {} (namespace {}) as field manager {}",

@@ -55,6 +55,10 @@ const APP_DATA: &str = "/var/lib/br2k";
 const ETCD_DATA: &str = "/var/lib/etcd";
 /// Where the app reads the registry credentials for its backups (Docker's config.json).
 const REGISTRY_AUTH: &str = "/var/run/br2k/registry";
+/// Where both containers find the member's etcd certificate, with `--etcd-tls`.
+const ETCD_TLS: &str = "/var/run/br2k/etcd-tls";
+/// etcd's metrics and health, plain HTTP on localhost (the app reads its quota there).
+const ETCD_METRICS_PORT: i32 = 2381;
 
 /// What to deploy on a cluster.
 #[derive(Clone, Debug)]
@@ -84,6 +88,8 @@ pub struct KubernetesSpec {
     pub registry: Address,
     /// Where the leader backs up (the registry and repository of its image).
     pub backup: Option<BackupTarget>,
+    /// TLS for etcd's client and peer traffic, from Secret `s-etcd-tls`.
+    pub etcd_tls: bool,
 }
 
 /// Where a deployed service's leader backs it up.
@@ -110,6 +116,8 @@ pub struct ClusterSettings {
     pub registry: Address,
     /// How often a deployed service backs up, and what it keeps.
     pub backup: crate::backup_schedule::BackupSchedule,
+    /// TLS for etcd's client and peer traffic, from a Secret of certificates made at deploy.
+    pub etcd_tls: bool,
 }
 
 impl KubernetesSpec {
@@ -137,6 +145,7 @@ impl KubernetesSpec {
                 repository: record.image.repository.clone(),
                 schedule: settings.backup,
             }),
+            etcd_tls: settings.etcd_tls,
         }
     }
 }
@@ -148,6 +157,8 @@ pub struct SecretValues {
     pub operator_key: Option<String>,
     /// The container registry's host and credentials, when it needs them.
     pub pull: Option<(String, Credentials)>,
+    /// The etcd certificates, with `--etcd-tls` (made at the first deploy, kept after).
+    pub etcd_tls: Option<crate::etcd_tls::EtcdCertificates>,
 }
 
 /// Every object of one deployment, in the order they are applied.
@@ -201,6 +212,24 @@ impl Manifests {
             });
         }
 
+        if spec.etcd_tls {
+            let mut tls = Secret {
+                metadata: spec.meta(&format!("{}-etcd-tls", spec.service), None),
+                type_: Some("Opaque".into()),
+                ..Secret::default()
+            };
+            if let Some(certificates) = &secrets.etcd_tls {
+                let mut data =
+                    BTreeMap::from([("ca.crt".to_owned(), ByteString(certificates.ca.clone().into_bytes()))]);
+                for (i, member) in certificates.members.iter().enumerate() {
+                    let replica = spec.replica(i + 1);
+                    data.insert(format!("{replica}.crt"), ByteString(member.cert.clone().into_bytes()));
+                    data.insert(format!("{replica}.key"), ByteString(member.key.clone().into_bytes()));
+                }
+                tls.data = Some(data);
+            }
+            out.secrets.push(tls);
+        }
         let peers: Vec<String> =
             (1..=spec.replicas).map(|i| format!("{}={}", spec.replica(i), spec.peer_url(i))).collect();
         for i in 1..=spec.replicas {
@@ -261,7 +290,23 @@ impl KubernetesSpec {
     }
 
     fn peer_url(&self, i: usize) -> String {
-        format!("http://{}:{ETCD_PEER_PORT}", self.host(i))
+        format!("{}://{}:{ETCD_PEER_PORT}", self.etcd_scheme(), self.host(i))
+    }
+
+    const fn etcd_scheme(&self) -> &'static str {
+        if self.etcd_tls { "https" } else { "http" }
+    }
+
+    /// Every name member `i` is reached by (its Service's, short and qualified): what its
+    /// certificate names.
+    pub fn member_hosts(&self, i: usize) -> Vec<String> {
+        let short = self.replica(i);
+        vec![
+            short.clone(),
+            format!("{short}.{}", self.namespace),
+            format!("{short}.{}.svc", self.namespace),
+            format!("{short}.{}.svc.cluster.local", self.namespace),
+        ]
     }
 
     /// Where replica `i` tells clients to send requests when it leads.
@@ -367,7 +412,8 @@ impl KubernetesSpec {
         let mut app_env = vec![
             env("BR2K_SERVICE", self.service.clone()),
             env("BR2K_REPLICA", name.clone()),
-            env("BR2K_ETCD", format!("http://127.0.0.1:{ETCD_CLIENT_PORT}")),
+            env("BR2K_ETCD", format!("{}://127.0.0.1:{ETCD_CLIENT_PORT}", self.etcd_scheme())),
+            env("BR2K_ETCD_METRICS", format!("http://127.0.0.1:{ETCD_METRICS_PORT}")),
             env("BR2K_LISTEN", format!("0.0.0.0:{APP_PORT}")),
             env("BR2K_PUBLIC_URL", self.public_url(i)),
             env("BR2K_DATA_DIR", APP_DATA.into()),
@@ -383,6 +429,11 @@ impl KubernetesSpec {
                 // The registry's credentials, from the pull Secret mounted as Docker's config.
                 app_env.push(env("DOCKER_CONFIG", REGISTRY_AUTH.into()));
             }
+        }
+        if self.etcd_tls {
+            app_env.push(env("BR2K_ETCD_CA_FILE", format!("{ETCD_TLS}/ca.crt")));
+            app_env.push(env("BR2K_ETCD_CERT_FILE", format!("{ETCD_TLS}/member.crt")));
+            app_env.push(env("BR2K_ETCD_KEY_FILE", format!("{ETCD_TLS}/member.key")));
         }
         app_env.push(EnvVar {
             name: "ETH_PRIVATE_KEY".into(),
@@ -426,6 +477,7 @@ impl KubernetesSpec {
                         self.registry_auth(pull_secret)
                             .map(|_| VolumeMount { read_only: Some(true), ..mount("registry-auth", REGISTRY_AUTH) }),
                     )
+                    .chain(self.etcd_tls.then(|| VolumeMount { read_only: Some(true), ..mount("etcd-tls", ETCD_TLS) }))
                     .collect(),
             ),
             ..Container::default()
@@ -434,9 +486,10 @@ impl KubernetesSpec {
             format!("--name={name}"),
             format!("--data-dir={ETCD_DATA}"),
             // Client port on localhost only: the app next to it is its one client.
-            format!("--listen-client-urls=http://127.0.0.1:{ETCD_CLIENT_PORT}"),
-            format!("--advertise-client-urls=http://127.0.0.1:{ETCD_CLIENT_PORT}"),
-            format!("--listen-peer-urls=http://0.0.0.0:{ETCD_PEER_PORT}"),
+            format!("--listen-client-urls={}://127.0.0.1:{ETCD_CLIENT_PORT}", self.etcd_scheme()),
+            format!("--advertise-client-urls={}://127.0.0.1:{ETCD_CLIENT_PORT}", self.etcd_scheme()),
+            format!("--listen-peer-urls={}://0.0.0.0:{ETCD_PEER_PORT}", self.etcd_scheme()),
+            format!("--listen-metrics-urls=http://127.0.0.1:{ETCD_METRICS_PORT}"),
             format!("--initial-advertise-peer-urls={}", self.peer_url(i)),
             format!("--initial-cluster={initial_cluster}"),
             format!("--initial-cluster-token={}", self.service),
@@ -445,6 +498,21 @@ impl KubernetesSpec {
             "--pre-vote=true".into(),
         ];
         etcd_args.extend(br2k_replication::etcd_flags::recommended());
+        if self.etcd_tls {
+            // Both sides ask for a certificate of the deployment's authority.
+            for (flag, file) in [
+                ("cert-file", "member.crt"),
+                ("key-file", "member.key"),
+                ("trusted-ca-file", "ca.crt"),
+                ("peer-cert-file", "member.crt"),
+                ("peer-key-file", "member.key"),
+                ("peer-trusted-ca-file", "ca.crt"),
+            ] {
+                etcd_args.push(format!("--{flag}={ETCD_TLS}/{file}"));
+            }
+            etcd_args.push("--client-cert-auth=true".into());
+            etcd_args.push("--peer-client-cert-auth=true".into());
+        }
         let etcd = Container {
             name: "etcd".into(),
             image: Some(self.etcd_image.clone()),
@@ -456,7 +524,11 @@ impl KubernetesSpec {
                 protocol: Some("TCP".into()),
                 ..ContainerPort::default()
             }]),
-            volume_mounts: Some(vec![mount("etcd", ETCD_DATA)]),
+            volume_mounts: Some(
+                std::iter::once(mount("etcd", ETCD_DATA))
+                    .chain(self.etcd_tls.then(|| VolumeMount { read_only: Some(true), ..mount("etcd-tls", ETCD_TLS) }))
+                    .collect(),
+            ),
             ..Container::default()
         };
         let node = &self.nodes[i - 1];
@@ -480,7 +552,11 @@ impl KubernetesSpec {
                 node_selector: Some(selector),
                 image_pull_secrets: pull_secret.map(|s| vec![LocalObjectReference { name: s.into() }]),
                 volumes: Some(
-                    [volume("etcd"), volume("data")].into_iter().chain(self.registry_auth(pull_secret)).collect(),
+                    [volume("etcd"), volume("data")]
+                        .into_iter()
+                        .chain(self.registry_auth(pull_secret))
+                        .chain(self.etcd_tls.then(|| self.etcd_tls_volume(&name)))
+                        .collect(),
                 ),
                 restart_policy: Some("Always".into()),
                 enable_service_links: Some(false),
@@ -493,6 +569,24 @@ impl KubernetesSpec {
 }
 
 impl KubernetesSpec {
+    /// Replica `name`'s files of the etcd TLS Secret, under the names etcd and the app use.
+    fn etcd_tls_volume(&self, name: &str) -> Volume {
+        let item = |key: String, path: &str, mode: i32| KeyToPath { key, path: path.into(), mode: Some(mode) };
+        Volume {
+            name: "etcd-tls".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(format!("{}-etcd-tls", self.service)),
+                items: Some(vec![
+                    item("ca.crt".into(), "ca.crt", 0o444),
+                    item(format!("{name}.crt"), "member.crt", 0o444),
+                    item(format!("{name}.key"), "member.key", 0o400),
+                ]),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        }
+    }
+
     /// The pull Secret as a volume holding Docker's `config.json`, for the app's backups.
     fn registry_auth(&self, pull_secret: Option<&str>) -> Option<Volume> {
         let secret = pull_secret.filter(|_| self.backup.is_some())?;
@@ -589,6 +683,7 @@ mod tests {
         let values = SecretValues {
             operator_key: Some("0xsecret-operator-key".into()),
             pull: Some(("harbor.example.org".into(), credentials)),
+            etcd_tls: None,
         };
         let manifests = Manifests::build(&spec(), &values).unwrap();
         assert_eq!(manifests.secrets.len(), 2);
@@ -633,6 +728,46 @@ mod tests {
             assert!(labels.get("app.kubernetes.io/name").is_some_and(|n| n == "logserver"));
             assert!(labels.get("app.kubernetes.io/managed-by").is_some_and(|n| n == "br2k"));
         }
+    }
+
+    #[test]
+    fn with_etcd_tls_every_member_serves_and_asks_for_certificates_of_the_deployments_authority() {
+        let tls_spec = KubernetesSpec { etcd_tls: true, ..spec() };
+        let hosts: Vec<Vec<String>> = (1..=3).map(|i| tls_spec.member_hosts(i)).collect();
+        assert_eq!(hosts[1][2], "logserver-2.team-a.svc", "named as peers reach it");
+        let certificates = crate::etcd_tls::EtcdCertificates::make("logserver", &hosts).unwrap();
+        let values = SecretValues { etcd_tls: Some(certificates.clone()), ..SecretValues::default() };
+        let manifests = Manifests::build(&tls_spec, &values).unwrap();
+        let tls = manifests.secrets.iter().find(|s| s.metadata.name.as_deref() == Some("logserver-etcd-tls")).unwrap();
+        let data = tls.data.as_ref().unwrap();
+        assert_eq!(data["ca.crt"].0, certificates.ca.as_bytes());
+        assert_eq!(data["logserver-2.key"].0, certificates.members[1].key.as_bytes());
+        assert!(!manifests.to_yaml().contains("PRIVATE KEY"), "the dry run never prints a key");
+        let pod = serde_json::to_value(&manifests.pods[1]).unwrap();
+        let etcd = &pod["spec"]["containers"][1];
+        let args: Vec<&str> = etcd["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+        for wanted in [
+            "--listen-client-urls=https://127.0.0.1:2379",
+            "--initial-advertise-peer-urls=https://logserver-2.team-a.svc:2380",
+            "--client-cert-auth=true",
+            "--peer-client-cert-auth=true",
+            "--peer-trusted-ca-file=/var/run/br2k/etcd-tls/ca.crt",
+            "--listen-metrics-urls=http://127.0.0.1:2381",
+        ] {
+            assert!(args.contains(&wanted), "{wanted} missing from {args:?}");
+        }
+        assert!(args.iter().any(|a| a.starts_with("--initial-cluster=logserver-1=https://")), "{args:?}");
+        let env = pod["spec"]["containers"][0]["env"].as_array().unwrap();
+        let value = |name: &str| env.iter().find(|e| e["name"] == name).map(|e| e["value"].clone());
+        assert_eq!(value("BR2K_ETCD"), Some(serde_json::json!("https://127.0.0.1:2379")));
+        assert_eq!(value("BR2K_ETCD_KEY_FILE"), Some(serde_json::json!("/var/run/br2k/etcd-tls/member.key")));
+        let volume = pod["spec"]["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "etcd-tls").unwrap();
+        let items = &volume["secret"]["items"];
+        assert_eq!(items[1], serde_json::json!({ "key": "logserver-2.crt", "path": "member.crt", "mode": 0o444 }));
+        assert_eq!(items[2], serde_json::json!({ "key": "logserver-2.key", "path": "member.key", "mode": 0o400 }));
+        // Without it, nothing of this.
+        let plain = Manifests::build(&spec(), &SecretValues::default()).unwrap();
+        assert!(!plain.to_yaml().contains("etcd-tls") && plain.to_yaml().contains("http://127.0.0.1:2379"));
     }
 
     #[test]

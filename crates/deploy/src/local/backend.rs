@@ -48,6 +48,8 @@ pub struct LocalBackend {
     /// How often a deployed service backs up (to the registry its image is in), records a
     /// backup on chain, and which backups it keeps.
     pub backup: crate::backup_schedule::BackupSchedule,
+    /// TLS for the replicas' etcd traffic (`br2k up --etcd-tls`).
+    pub etcd_tls: bool,
 }
 
 /// How long a runner may take to put the replicas up and publish a leader.
@@ -115,6 +117,7 @@ impl LocalBackend {
             .args(["--backup-keep-last", &self.backup.keep_last.to_string()])
             .args(["--backup-keep-daily", &self.backup.keep_daily.to_string()])
             .args(entry.plain_http.then_some("--backup-plain-http"))
+            .args(self.etcd_tls.then_some("--etcd-tls"))
             // The key travels in the environment, never on argv (the process list shows argv).
             .env("ETH_PRIVATE_KEY", alloy::hex::encode_prefixed(self.key.to_bytes()))
             .env_remove("ETH_KEYSTORE")

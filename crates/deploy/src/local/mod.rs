@@ -52,6 +52,8 @@ use crate::error::{DeployError, Result};
 pub const ETCD_CLIENT_PORT: u16 = 2379;
 /// etcd's peer port on every node.
 pub const ETCD_PEER_PORT: u16 = 2380;
+/// etcd's metrics and health (plain HTTP, nothing of the records) on every node.
+pub const ETCD_METRICS_PORT: u16 = 2381;
 /// The app's port on every node.
 pub const APP_PORT: u16 = 8080;
 
@@ -139,6 +141,9 @@ pub struct ServiceSpec {
     pub startup_timeout: Duration,
     /// Size-limited data directories, if any.
     pub disks: DiskLimits,
+    /// TLS for etcd's client and peer traffic, with certificates made here (one authority
+    /// per start, one certificate per node in `n<i>/tls/`).
+    pub etcd_tls: bool,
 }
 
 #[derive(Debug)]
@@ -153,6 +158,8 @@ struct Node {
     wiped: bool,
     /// Its size-limited data directories ([`DiskLimits`]), unmounted when it is dropped.
     disks: Vec<(Part, LimitedDisk)>,
+    /// Its etcd member's certificate files, with `--etcd-tls`.
+    tls: Option<crate::etcd_tls::EtcdTlsFiles>,
 }
 
 /// A process of a node.
@@ -223,7 +230,24 @@ impl LocalService {
                     disks.push((part, LimitedDisk::mount(&dir.join(part.to_string()), size)?));
                 }
             }
-            nodes.push(Node { name, dir, etcd: None, app: None, paused: false, cut: false, wiped: false, disks });
+            nodes.push(Node {
+                name,
+                dir,
+                etcd: None,
+                app: None,
+                paused: false,
+                cut: false,
+                wiped: false,
+                disks,
+                tls: None,
+            });
+        }
+        if spec.etcd_tls {
+            let hosts: Vec<Vec<String>> = (0..count).map(|i| vec![network.node_address(i).to_string()]).collect();
+            let certificates = crate::etcd_tls::EtcdCertificates::make(&spec.service, &hosts)?;
+            for (i, node) in nodes.iter_mut().enumerate() {
+                node.tls = Some(certificates.write_member(i, &node.dir.join("tls"))?);
+            }
         }
         let mut service = Self { nodes, spec, etcd_program, http, network };
         progress(&format!("starting {count} etcd members"));
@@ -273,9 +297,29 @@ impl LocalService {
         format!("http://{}", socket(self.network.node_address(i), APP_PORT))
     }
 
-    /// Node `i`'s etcd client URL.
+    /// Node `i`'s etcd client URL (`https://` with `--etcd-tls`).
     pub fn etcd_url(&self, i: usize) -> String {
-        format!("http://{}", socket(self.network.node_address(i), ETCD_CLIENT_PORT))
+        format!("{}://{}", self.etcd_scheme(), socket(self.network.node_address(i), ETCD_CLIENT_PORT))
+    }
+
+    /// Node `i`'s etcd certificate files, with `--etcd-tls`: what a client of its member
+    /// presents.
+    pub fn etcd_tls(&self, i: usize) -> Option<br2k_replication::EtcdTls> {
+        self.nodes[i].tls.as_ref().map(|f| br2k_replication::EtcdTls {
+            ca: f.ca.clone(),
+            cert: f.cert.clone(),
+            key: f.key.clone(),
+        })
+    }
+
+    /// Node `i`'s etcd metrics and health, plain HTTP on a port of their own (nothing of
+    /// the service's records is there).
+    pub fn etcd_metrics_url(&self, i: usize) -> String {
+        format!("http://{}", socket(self.network.node_address(i), ETCD_METRICS_PORT))
+    }
+
+    const fn etcd_scheme(&self) -> &'static str {
+        if self.spec.etcd_tls { "https" } else { "http" }
     }
 
     /// Node `i`'s app data directory.
@@ -425,7 +469,10 @@ impl LocalService {
         let mut reasons = Vec::new();
         for j in (0..self.len()).filter(|&j| j != not && self.nodes[j].etcd.is_some()) {
             let url = self.etcd_url(j);
-            let options = etcd_client::ConnectOptions::new().with_connect_timeout(timeout).with_timeout(timeout);
+            let mut options = etcd_client::ConnectOptions::new().with_connect_timeout(timeout).with_timeout(timeout);
+            if let Some(tls) = self.etcd_tls(j) {
+                options = options.with_tls(tls.options().map_err(|e| DeployError::Invalid(e.to_string()))?);
+            }
             let attempt = async {
                 let mut client = etcd_client::Client::connect([url.as_str()], Some(options)).await?;
                 action(&mut client).await
@@ -647,9 +694,12 @@ impl LocalService {
         // A wiped member joins the running cluster; otherwise the flag is ignored once the
         // data directory exists, so the same command creates and restarts a member.
         let state = if self.nodes[i].wiped { "existing" } else { "new" };
-        let url = |port| format!("http://{}", socket(address, port));
+        let scheme = self.etcd_scheme();
+        let url = |port| format!("{scheme}://{}", socket(address, port));
         let cluster = (0..self.len())
-            .map(|j| format!("{}=http://{}", self.nodes[j].name, socket(self.network.node_address(j), ETCD_PEER_PORT)))
+            .map(|j| {
+                format!("{}={scheme}://{}", self.nodes[j].name, socket(self.network.node_address(j), ETCD_PEER_PORT))
+            })
             .collect::<Vec<_>>()
             .join(",");
         let token = format!("br2k-{}-{}", self.spec.service, self.network.slot());
@@ -666,7 +716,27 @@ impl LocalService {
             // 3.5 and later enable it by default; Debian's 3.4 does not).
             .arg("--pre-vote")
             .args(br2k_replication::etcd_flags::recommended())
-            .args(["--logger", "zap", "--log-level", "warn"]);
+            .args(["--logger", "zap", "--log-level", "warn"])
+            .args(["--listen-metrics-urls", &format!("http://{}", socket(address, ETCD_METRICS_PORT))]);
+        if let Some(tls) = &self.nodes[i].tls {
+            // Both sides ask for a certificate of the deployment's own authority: nobody
+            // else reads the records or joins the cluster.
+            command
+                .arg("--cert-file")
+                .arg(&tls.cert)
+                .arg("--key-file")
+                .arg(&tls.key)
+                .arg("--trusted-ca-file")
+                .arg(&tls.ca)
+                .arg("--client-cert-auth")
+                .arg("--peer-cert-file")
+                .arg(&tls.cert)
+                .arg("--peer-key-file")
+                .arg(&tls.key)
+                .arg("--peer-trusted-ca-file")
+                .arg(&tls.ca)
+                .arg("--peer-client-cert-auth");
+        }
         command
     }
 
@@ -678,12 +748,21 @@ impl LocalService {
             .args(&self.spec.app_args)
             .env("BR2K_SERVICE", &self.spec.service)
             .env("BR2K_REPLICA", &node.name)
-            .env("BR2K_ETCD", format!("http://{}", socket(address, ETCD_CLIENT_PORT)))
+            .env("BR2K_ETCD", format!("{}://{}", self.etcd_scheme(), socket(address, ETCD_CLIENT_PORT)))
+            .env("BR2K_ETCD_METRICS", format!("http://{}", socket(address, ETCD_METRICS_PORT)))
             .env("BR2K_LISTEN", listen.to_string())
             .env("BR2K_PUBLIC_URL", format!("http://{listen}"))
             .env("BR2K_DATA_DIR", node.dir.join("app"));
         if std::env::var_os("RUST_LOG").is_none() {
             command.env("RUST_LOG", "info");
+        }
+        if let Some(tls) = &node.tls {
+            command
+                .env("BR2K_ETCD_CA_FILE", &tls.ca)
+                .env("BR2K_ETCD_CERT_FILE", &tls.cert)
+                .env("BR2K_ETCD_KEY_FILE", &tls.key);
+        } else {
+            command.env_remove("BR2K_ETCD_CA_FILE").env_remove("BR2K_ETCD_CERT_FILE").env_remove("BR2K_ETCD_KEY_FILE");
         }
         if let Some(publishing) = &self.spec.publishing {
             let key = &publishing.operator_keys[i % publishing.operator_keys.len()];
@@ -704,7 +783,7 @@ impl LocalService {
         let timeout = self.spec.startup_timeout;
         let deadline = Instant::now() + timeout;
         let url = match part {
-            Part::Etcd => format!("{}/health", self.etcd_url(i)),
+            Part::Etcd => format!("{}/health", self.etcd_metrics_url(i)),
             Part::App => format!("{}/br2k/health", self.app_url(i)),
         };
         let what = format!("node {}'s {part} ({url})", i + 1);

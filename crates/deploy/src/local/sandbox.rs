@@ -66,6 +66,8 @@ pub struct SandboxSpec {
     pub startup_timeout: Duration,
     /// Size-limited data directories, if any (the testbed's disk-full faults).
     pub disks: DiskLimits,
+    /// TLS for etcd's client and peer traffic (see [`ServiceSpec::etcd_tls`]).
+    pub etcd_tls: bool,
 }
 
 /// A running service with its chain. Dropping it stops everything.
@@ -170,6 +172,7 @@ impl Sandbox {
             }),
             startup_timeout: spec.startup_timeout,
             disks: spec.disks,
+            etcd_tls: spec.etcd_tls,
         };
         let service = LocalService::start(network, service_spec, progress).await?;
         Ok(Self { service, registry, rpc_url, chain })
