@@ -433,6 +433,41 @@ impl RegistryClient {
         }
     }
 
+    /// Downloads the blob `digest` of `repository` into the file at `path` (created or
+    /// truncated), streaming it, checked against its digest and refused past `max` bytes.
+    ///
+    /// # Errors
+    /// As [`Self::fetch_blob`], and a file that cannot be written.
+    pub async fn fetch_blob_to_file(
+        &self,
+        repository: &str,
+        digest: &str,
+        max: u64,
+        path: &std::path::Path,
+    ) -> Result<()> {
+        check_digest(digest)?;
+        let file = tokio::fs::File::create(path)
+            .await
+            .map_err(|e| OciError::Invalid(format!("cannot write {}: {e}", path.display())))?;
+        let image = self.reference(repository, Some(digest), None, RegistryOperation::Pull).await?;
+        let descriptor = OciDescriptor { digest: digest.to_owned(), ..OciDescriptor::default() };
+        let mut sink = BoundedFile { file, written: 0, max };
+        match self.oci.pull_blob(&image, &descriptor, &mut sink).await {
+            Ok(()) => {
+                use tokio::io::AsyncWriteExt as _;
+                sink.file.flush().await.map_err(|e| OciError::Invalid(format!("cannot write {}: {e}", path.display())))
+            }
+            Err(OciDistributionError::DigestError(DigestError::VerificationError { actual, .. })) => {
+                Err(OciError::Invalid(format!(
+                    "the blob {} serves for {repository}@{digest} does not match that digest (its content hashes to \
+                     {actual}): the registry's copy was altered or replaced",
+                    self.base
+                )))
+            }
+            Err(e) => Err(self.failed("fetch a blob", e)),
+        }
+    }
+
     /// The tags of `repository` (none when the repository does not exist yet), every page
     /// of them.
     ///
@@ -796,6 +831,49 @@ fn scope(repository: &str, operation: RegistryOperation) -> String {
 
 /// Where a pulled blob is written: refuses to hold more than `max` bytes, so a registry
 /// that streams without end is cut off as soon as it passes the limit.
+/// A file that refuses to grow past `max` bytes.
+struct BoundedFile {
+    file: tokio::fs::File,
+    written: u64,
+    max: u64,
+}
+
+impl tokio::io::AsyncWrite for BoundedFile {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        chunk: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.written + chunk.len() as u64 > self.max {
+            let max = self.max;
+            return std::task::Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::FileTooLarge,
+                format!("the blob is larger than the {max} bytes its manifest names"),
+            )));
+        }
+        let this = &mut *self;
+        let written = std::pin::Pin::new(&mut this.file).poll_write(cx, chunk);
+        if let std::task::Poll::Ready(Ok(n)) = &written {
+            this.written += *n as u64;
+        }
+        written
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.file).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.file).poll_shutdown(cx)
+    }
+}
+
 struct BoundedBuffer {
     bytes: Vec<u8>,
     max: u64,

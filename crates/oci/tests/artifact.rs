@@ -109,6 +109,11 @@ async fn a_file_layer_is_streamed_up_under_its_digest_and_a_wrong_digest_is_refu
         .unwrap();
     assert!(fresh && descriptor.digest == digest && descriptor.size == size);
     assert_eq!(client.fetch_blob("br2k/files", &digest, size).await.unwrap().to_vec(), bytes, "the same bytes back");
+    let copy = dir.path().join("copy");
+    client.fetch_blob_to_file("br2k/files", &digest, size, &copy).await.unwrap();
+    assert_eq!(std::fs::read(&copy).unwrap(), bytes, "streamed down to a file, the same bytes");
+    let cut = client.fetch_blob_to_file("br2k/files", &digest, size - 1, &copy).await.unwrap_err();
+    assert!(cut.to_string().contains("larger than"), "a blob past its bound is refused: {cut}");
     let (_, again) = client
         .push_file_layer("br2k/files", "application/octet-stream", BTreeMap::new(), (&path, &digest, size))
         .await

@@ -29,6 +29,7 @@ pub mod manifest;
 pub mod point;
 mod restore;
 pub mod retention;
+mod spool;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -46,6 +47,7 @@ pub use self::manifest::{
     SegmentEntry, Signed, SigningDomain, StateBlob, TAG_PREFIX, TALLY_ANNOTATION, TERMS_ANNOTATION, backup_tag,
 };
 pub use self::retention::Retention;
+use self::spool::{SpoolWriter, Spooled};
 use crate::app::AppState;
 use crate::data::CompactedLog;
 use crate::error::{Error, Result};
@@ -237,7 +239,11 @@ struct Writer<'a, S: AppState> {
     settled: u64,
     /// Segments this leader pushed, by digest, while a manifest still names them: merged
     /// without being fetched back.
-    pushed: HashMap<String, Vec<u8>>,
+    pushed: HashMap<String, Spooled>,
+    /// Where segments are built on their way up (under the data directory).
+    spool: std::path::PathBuf,
+    /// Names the next spooled file.
+    spooled: u64,
     /// When each backup in the registry was made, for retention.
     created: BTreeMap<u64, (String, u64)>,
     /// When retention last ran without an anchor to trigger it (no chain).
@@ -250,6 +256,9 @@ struct Writer<'a, S: AppState> {
 
 impl<'a, S: AppState> Writer<'a, S> {
     fn new(runtime: &'a Arc<Runtime<S>>, term: &'a Term, config: &'a BackupConfig) -> Self {
+        // What an earlier term (or a crash) left in the spool is of no use now.
+        let spool = runtime.config.data_dir.join("backup-spool");
+        let _ = std::fs::remove_dir_all(&spool);
         Self {
             runtime,
             term,
@@ -259,6 +268,8 @@ impl<'a, S: AppState> Writer<'a, S> {
             anchor: None,
             settled: 0,
             pushed: HashMap::new(),
+            spool,
+            spooled: 0,
             created: BTreeMap::new(),
             pruned_at: std::time::Instant::now(),
             pinned: None,
@@ -569,10 +580,21 @@ impl<'a, S: AppState> Writer<'a, S> {
         Ok(before)
     }
 
-    /// The entries `from..=to` as a segment's JSON lines.
-    async fn read_entries(&self, from: u64, to: u64) -> Result<Vec<u8>> {
+    /// A new file to build a segment in.
+    async fn spool_file(&mut self) -> Result<SpoolWriter> {
+        self.spooled += 1;
+        let name = format!("segment-{}-{}", self.term.epoch, self.spooled);
+        SpoolWriter::create(&self.spool, &name)
+            .await
+            .map_err(|e| Error::Backup(format!("start a segment in {}: {e}", self.spool.display())))
+    }
+
+    /// The entries `from..=to` as a segment's JSON lines, written to a spool file a page
+    /// at a time.
+    async fn read_entries(&mut self, from: u64, to: u64) -> Result<Spooled> {
+        let spool_error = |e: std::io::Error| Error::Backup(format!("write a segment to the spool: {e}"));
+        let mut lines = self.spool_file().await?;
         let store = self.runtime.store();
-        let mut lines = Vec::new();
         let mut next = from;
         while next <= to {
             let page = store.entries(next, to).await?;
@@ -584,9 +606,10 @@ impl<'a, S: AppState> Writer<'a, S> {
                     return Err(Error::Backup(format!("etcd's log has no entry {next} (compacted?)")));
                 }
                 let line = SegmentEntry { index: entry.index, state: entry.state, request: entry.request };
-                lines.extend(serde_json::to_vec(&line).expect("entries serialize"));
-                lines.push(b'\n');
-                if lines.len() as u64 > MAX_BACKUP_BYTES {
+                let mut bytes = serde_json::to_vec(&line).expect("entries serialize");
+                bytes.push(b'\n');
+                lines.write(&bytes).await.map_err(spool_error)?;
+                if lines.size() > MAX_BACKUP_BYTES {
                     return Err(self.refuse_unrestorable(&format!(
                         "the entries {from}..={to} are over the {MAX_BACKUP_BYTES} bytes a restore accepts"
                     )));
@@ -595,7 +618,7 @@ impl<'a, S: AppState> Writer<'a, S> {
             }
             next = next.max(last + 1);
         }
-        Ok(lines)
+        lines.finish().await.map_err(spool_error)
     }
 
     async fn push_segment(
@@ -604,23 +627,23 @@ impl<'a, S: AppState> Writer<'a, S> {
         from: u64,
         to: u64,
         level: u32,
-        bytes: Vec<u8>,
+        segment: Spooled,
         uploaded: &mut u64,
     ) -> Result<()> {
-        let size = bytes.len() as u64;
+        let size = segment.size;
         let (blob, fresh) = self
             .config
             .registry
-            .push_layer(
+            .push_file_layer(
                 &self.config.repository,
                 LOG_MEDIA_TYPE,
                 manifest::segment_annotations(from, to, level),
-                bytes.clone(),
+                (&segment.path, &segment.digest, size),
             )
             .await
             .map_err(|e| Error::Backup(format!("push a log segment to {}: {e}", self.config.repository)))?;
         *uploaded += if fresh { size } else { 0 };
-        self.pushed.insert(blob.digest.clone(), bytes);
+        self.pushed.insert(blob.digest.clone(), segment);
         next.segments.push(SegmentBlob { blob, from, to, level });
         Ok(())
     }
@@ -638,20 +661,29 @@ impl<'a, S: AppState> Writer<'a, S> {
                 return Ok(());
             }
             let merged: Vec<SegmentBlob> = next.segments.drain(n - fanout..).collect();
-            let mut bytes = Vec::new();
+            let spool_error = |e: std::io::Error| Error::Backup(format!("merge segments in the spool: {e}"));
+            let mut bytes = self.spool_file().await?;
             for segment in &merged {
-                match self.pushed.get(&segment.blob.digest) {
-                    Some(held) => bytes.extend_from_slice(held),
-                    None => bytes.extend_from_slice(
-                        &self
-                            .config
-                            .registry
-                            .fetch_blob(&self.config.repository, &segment.blob.digest, segment.blob.size)
-                            .await
-                            .map_err(|e| Error::Backup(format!("fetch a segment to merge: {e}")))?,
-                    ),
+                if let Some(held) = self.pushed.get(&segment.blob.digest) {
+                    bytes.append_file(&held.path).await.map_err(spool_error)?;
+                    continue;
                 }
+                // One this leader did not push: fetched to the spool (checked against its
+                // digest), then copied in.
+                let fetched = self.spool_file().await?.finish().await.map_err(spool_error)?;
+                self.config
+                    .registry
+                    .fetch_blob_to_file(&self.config.repository, &segment.blob.digest, segment.blob.size, &fetched.path)
+                    .await
+                    .map_err(|e| Error::Backup(format!("fetch a segment to merge: {e}")))?;
+                bytes.append_file(&fetched.path).await.map_err(spool_error)?;
             }
+            if bytes.size() > MAX_BACKUP_BYTES {
+                return Err(self.refuse_unrestorable(&format!(
+                    "merged segments are over the {MAX_BACKUP_BYTES} bytes a restore accepts"
+                )));
+            }
+            let bytes = bytes.finish().await.map_err(spool_error)?;
             let (from, to) = (merged[0].from, merged[fanout - 1].to);
             self.push_segment(next, from, to, level + 1, bytes, uploaded).await?;
         }
