@@ -665,3 +665,39 @@ async fn a_restore_refuses_a_backup_recorded_in_another_repository_of_the_same_r
     assert!(c.statuses().iter().all(|s| s.role != br2k_replication::Role::Leader), "nothing serves from it");
     assert!(c.replicas.iter().all(|r| r.state.entries().is_empty()), "no replica restored anything from it");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restore_checks_what_a_backup_would_leave_before_it_changes_anything() {
+    let oci = OciRegistry::spawn(None).expect("docker-registry starts (run `bash tools/setup.sh` if it is missing)");
+    let client = RegistryClient::new(&oci.url(), true, None).unwrap();
+    let mut c = backed_up_cluster(&oci, None).await;
+    let expected = c.load().append_many("w", 25, 4).await;
+    let (_, digest) = recorded_reaching(&c, expected.last().unwrap().0).await;
+    for i in 0..3 {
+        c.replicas[i].crash();
+    }
+    // A backup whose snapshot reaches past the index it claims (its parts fit otherwise:
+    // no segment, the log starting right after the snapshot), recorded on chain by a
+    // leaked operator key once the manager's reset let any index through.
+    let real = manifest_of(&client, &digest).await;
+    let state = real.state.clone().expect("the backup carries a snapshot");
+    let mut forged = real.clone();
+    forged.index = state.index - 3;
+    forged.segments.clear();
+    forged.signed = None;
+    forged.check().expect("it fits, as far as its own parts go");
+    let planted = client.push_artifact_manifest(REPOSITORY, "planted", &forged.to_oci()).await.unwrap();
+    let hash: alloy::primitives::B256 = planted.trim_start_matches("sha256:").parse().unwrap();
+    let registry = c.registry.as_ref().unwrap();
+    registry.manager.reset_backup(SERVICE).await.unwrap();
+    let artifact = format!("{}/{REPOSITORY}@{planted}", oci.host());
+    as_operator(&c, 1).await.record_backup(SERVICE, forged.index, hash, &artifact).await.unwrap();
+
+    disaster(&mut c).await;
+    eventually("a replica refuses the backup before restoring any of it", async || {
+        c.statuses().iter().any(|s| s.last_error.as_deref().is_some_and(|e| e.contains("past its own")))
+    })
+    .await;
+    assert!(c.statuses().iter().all(|s| s.role != br2k_replication::Role::Leader), "nothing serves from it");
+    assert!(c.replicas.iter().all(|r| r.state.entries().is_empty()), "no replica's state was touched");
+}
