@@ -250,3 +250,49 @@ fn describe(log: &Log) -> Result<Described, alloy::sol_types::Error> {
         _ => Described::Other("unreadable", format!("an event this version does not know ({topic})")),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use alloy::primitives::keccak256;
+
+    use super::*;
+
+    fn log(event: &impl alloy::sol_types::SolEvent, block: u64) -> Log {
+        Log {
+            inner: alloy::primitives::Log { address: Address::repeat_byte(1), data: event.encode_log_data() },
+            block_number: Some(block),
+            ..Log::default()
+        }
+    }
+
+    fn registered(name: &str, manager: Address) -> Log {
+        log(&ServiceRegistered { id: keccak256(name), name: name.into(), manager }, 1)
+    }
+
+    fn managed(name: &str, from: Address, to: Address) -> Log {
+        log(&ManagerTransferred { id: keccak256(name), from, to }, 1)
+    }
+
+    #[test]
+    fn a_name_br2k_would_not_accept_is_never_followed_and_managers_are_tracked() {
+        let (me, other) = (Address::repeat_byte(0xA), Address::repeat_byte(0xB));
+        let mut history = RegistryHistory {
+            next_block: 0,
+            names: BTreeMap::new(),
+            managers: HashMap::new(),
+            services: HashMap::new(),
+            last_block_time: None,
+        };
+        for (name, manager) in [("ledger", me), ("payments", other), ("../../etc", me), ("evil\nline", me)] {
+            history.record(&registered(name, manager), 1);
+            history.record(&managed(name, Address::ZERO, manager), 1);
+        }
+        assert_eq!(history.names().collect::<Vec<_>>(), ["ledger", "payments"], "only names br2k accepts");
+        assert_eq!(history.managed_by(me).collect::<Vec<_>>(), ["ledger"]);
+        history.record(&managed("payments", other, me), 2);
+        assert_eq!(history.managed_by(me).collect::<Vec<_>>(), ["ledger", "payments"], "a transfer counts");
+        let id: B256 = keccak256("evil\nline");
+        let shown: Vec<String> = history.timeline(id).map(|h| h.text.clone()).collect();
+        assert!(shown.iter().all(|t| !t.contains('\n')), "its name is shown escaped: {shown:?}");
+    }
+}
