@@ -419,9 +419,13 @@ impl RegistryClient {
         check_digest(digest)?;
         let image = self.reference(repository, Some(digest), None, RegistryOperation::Pull).await?;
         let descriptor = OciDescriptor { digest: digest.to_owned(), ..OciDescriptor::default() };
-        let mut body = BoundedBuffer { bytes: Vec::new(), max };
+        let mut body = Bounded::new(
+            Vec::new(),
+            max,
+            "the image is larger than br2k accepts: this answer alone passes what is left of the limit",
+        );
         match self.oci.pull_blob(&image, &descriptor, &mut body).await {
-            Ok(()) => Ok(body.bytes.into()),
+            Ok(()) => Ok(body.inner.into()),
             Err(OciDistributionError::DigestError(DigestError::VerificationError { actual, .. })) => {
                 Err(OciError::Invalid(format!(
                     "the blob {} serves for {repository}@{digest} does not match that digest (its content hashes to \
@@ -451,11 +455,11 @@ impl RegistryClient {
             .map_err(|e| OciError::Invalid(format!("cannot write {}: {e}", path.display())))?;
         let image = self.reference(repository, Some(digest), None, RegistryOperation::Pull).await?;
         let descriptor = OciDescriptor { digest: digest.to_owned(), ..OciDescriptor::default() };
-        let mut sink = BoundedFile { file, written: 0, max };
+        let mut sink = Bounded::new(file, max, "the blob is larger than its manifest names");
         match self.oci.pull_blob(&image, &descriptor, &mut sink).await {
             Ok(()) => {
                 use tokio::io::AsyncWriteExt as _;
-                sink.file.flush().await.map_err(|e| OciError::Invalid(format!("cannot write {}: {e}", path.display())))
+                sink.inner.flush().await.map_err(|e| OciError::Invalid(format!("cannot write {}: {e}", path.display())))
             }
             Err(OciDistributionError::DigestError(DigestError::VerificationError { actual, .. })) => {
                 Err(OciError::Invalid(format!(
@@ -829,30 +833,34 @@ fn scope(repository: &str, operation: RegistryOperation) -> String {
     }
 }
 
-/// Where a pulled blob is written: refuses to hold more than `max` bytes, so a registry
-/// that streams without end is cut off as soon as it passes the limit.
-/// A file that refuses to grow past `max` bytes.
-struct BoundedFile {
-    file: tokio::fs::File,
+/// Where a pulled blob is written (memory or a file): refuses to take more than `max`
+/// bytes, so a registry that streams without end is cut off as soon as it passes the limit.
+struct Bounded<W> {
+    inner: W,
     written: u64,
     max: u64,
+    /// What the refusal says.
+    too_large: &'static str,
 }
 
-impl tokio::io::AsyncWrite for BoundedFile {
+impl<W> Bounded<W> {
+    const fn new(inner: W, max: u64, too_large: &'static str) -> Self {
+        Self { inner, written: 0, max, too_large }
+    }
+}
+
+impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Bounded<W> {
     fn poll_write(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         chunk: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
         if self.written + chunk.len() as u64 > self.max {
-            let max = self.max;
-            return std::task::Poll::Ready(Err(std::io::Error::new(
-                std::io::ErrorKind::FileTooLarge,
-                format!("the blob is larger than the {max} bytes its manifest names"),
-            )));
+            let message = format!("{} ({} bytes at most)", self.too_large, self.max);
+            return std::task::Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::FileTooLarge, message)));
         }
         let this = &mut *self;
-        let written = std::pin::Pin::new(&mut this.file).poll_write(cx, chunk);
+        let written = std::pin::Pin::new(&mut this.inner).poll_write(cx, chunk);
         if let std::task::Poll::Ready(Ok(n)) = &written {
             this.written += *n as u64;
         }
@@ -863,53 +871,14 @@ impl tokio::io::AsyncWrite for BoundedFile {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.file).poll_flush(cx)
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.file).poll_shutdown(cx)
-    }
-}
-
-struct BoundedBuffer {
-    bytes: Vec<u8>,
-    max: u64,
-}
-
-impl tokio::io::AsyncWrite for BoundedBuffer {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-        chunk: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        if (self.bytes.len() + chunk.len()) as u64 > self.max {
-            let max = self.max;
-            return std::task::Poll::Ready(Err(std::io::Error::new(
-                std::io::ErrorKind::FileTooLarge,
-                format!(
-                    "the image is larger than br2k accepts (this answer alone would pass the {max} bytes left of the limit)"
-                ),
-            )));
-        }
-        self.bytes.extend_from_slice(chunk);
-        std::task::Poll::Ready(Ok(chunk.len()))
-    }
-
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
