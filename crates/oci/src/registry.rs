@@ -416,16 +416,27 @@ impl RegistryClient {
     /// Refused credentials, an unknown digest, a registry error, too many bytes, bytes
     /// that do not match.
     pub async fn fetch_blob(&self, repository: &str, digest: &str, max: u64) -> Result<bytes::Bytes> {
-        check_digest(digest)?;
-        let image = self.reference(repository, Some(digest), None, RegistryOperation::Pull).await?;
-        let descriptor = OciDescriptor { digest: digest.to_owned(), ..OciDescriptor::default() };
-        let mut body = Bounded::new(
+        let body = Bounded::new(
             Vec::new(),
             max,
             "the image is larger than br2k accepts: this answer alone passes what is left of the limit",
         );
-        match self.oci.pull_blob(&image, &descriptor, &mut body).await {
-            Ok(()) => Ok(body.inner.into()),
+        Ok(self.pull_blob_into(repository, digest, body).await?.into())
+    }
+
+    /// Pulls the blob `digest` of `repository` into `sink`, checked against its digest;
+    /// the sink back.
+    async fn pull_blob_into<W: tokio::io::AsyncWrite + Unpin + Send>(
+        &self,
+        repository: &str,
+        digest: &str,
+        mut sink: Bounded<W>,
+    ) -> Result<W> {
+        check_digest(digest)?;
+        let image = self.reference(repository, Some(digest), None, RegistryOperation::Pull).await?;
+        let descriptor = OciDescriptor { digest: digest.to_owned(), ..OciDescriptor::default() };
+        match self.oci.pull_blob(&image, &descriptor, &mut sink).await {
+            Ok(()) => Ok(sink.inner),
             Err(OciDistributionError::DigestError(DigestError::VerificationError { actual, .. })) => {
                 Err(OciError::Invalid(format!(
                     "the blob {} serves for {repository}@{digest} does not match that digest (its content hashes to \
@@ -450,26 +461,12 @@ impl RegistryClient {
         path: &std::path::Path,
     ) -> Result<()> {
         check_digest(digest)?;
-        let file = tokio::fs::File::create(path)
-            .await
-            .map_err(|e| OciError::Invalid(format!("cannot write {}: {e}", path.display())))?;
-        let image = self.reference(repository, Some(digest), None, RegistryOperation::Pull).await?;
-        let descriptor = OciDescriptor { digest: digest.to_owned(), ..OciDescriptor::default() };
-        let mut sink = Bounded::new(file, max, "the blob is larger than its manifest names");
-        match self.oci.pull_blob(&image, &descriptor, &mut sink).await {
-            Ok(()) => {
-                use tokio::io::AsyncWriteExt as _;
-                sink.inner.flush().await.map_err(|e| OciError::Invalid(format!("cannot write {}: {e}", path.display())))
-            }
-            Err(OciDistributionError::DigestError(DigestError::VerificationError { actual, .. })) => {
-                Err(OciError::Invalid(format!(
-                    "the blob {} serves for {repository}@{digest} does not match that digest (its content hashes to \
-                     {actual}): the registry's copy was altered or replaced",
-                    self.base
-                )))
-            }
-            Err(e) => Err(self.failed("fetch a blob", e)),
-        }
+        let written = |e: std::io::Error| OciError::Invalid(format!("cannot write {}: {e}", path.display()));
+        let file = tokio::fs::File::create(path).await.map_err(written)?;
+        let sink = Bounded::new(file, max, "the blob is larger than its manifest names");
+        let mut file = self.pull_blob_into(repository, digest, sink).await?;
+        use tokio::io::AsyncWriteExt as _;
+        file.flush().await.map_err(written)
     }
 
     /// The tags of `repository` (none when the repository does not exist yet), every page

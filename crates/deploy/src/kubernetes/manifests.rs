@@ -499,19 +499,13 @@ impl KubernetesSpec {
         ];
         etcd_args.extend(br2k_replication::etcd_flags::recommended());
         if self.etcd_tls {
-            // Both sides ask for a certificate of the deployment's authority.
-            for (flag, file) in [
-                ("cert-file", "member.crt"),
-                ("key-file", "member.key"),
-                ("trusted-ca-file", "ca.crt"),
-                ("peer-cert-file", "member.crt"),
-                ("peer-key-file", "member.key"),
-                ("peer-trusted-ca-file", "ca.crt"),
-            ] {
-                etcd_args.push(format!("--{flag}={ETCD_TLS}/{file}"));
-            }
-            etcd_args.push("--client-cert-auth=true".into());
-            etcd_args.push("--peer-client-cert-auth=true".into());
+            let mounted = std::path::Path::new(ETCD_TLS);
+            let files = crate::etcd_tls::EtcdTlsFiles {
+                ca: mounted.join("ca.crt"),
+                cert: mounted.join("member.crt"),
+                key: mounted.join("member.key"),
+            };
+            etcd_args.extend(files.etcd_flags());
         }
         let etcd = Container {
             name: "etcd".into(),

@@ -719,23 +719,7 @@ impl LocalService {
             .args(["--logger", "zap", "--log-level", "warn"])
             .args(["--listen-metrics-urls", &format!("http://{}", socket(address, ETCD_METRICS_PORT))]);
         if let Some(tls) = &self.nodes[i].tls {
-            // Both sides ask for a certificate of the deployment's own authority: nobody
-            // else reads the records or joins the cluster.
-            command
-                .arg("--cert-file")
-                .arg(&tls.cert)
-                .arg("--key-file")
-                .arg(&tls.key)
-                .arg("--trusted-ca-file")
-                .arg(&tls.ca)
-                .arg("--client-cert-auth")
-                .arg("--peer-cert-file")
-                .arg(&tls.cert)
-                .arg("--peer-key-file")
-                .arg(&tls.key)
-                .arg("--peer-trusted-ca-file")
-                .arg(&tls.ca)
-                .arg("--peer-client-cert-auth");
+            command.args(tls.etcd_flags());
         }
         command
     }
