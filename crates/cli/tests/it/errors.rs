@@ -156,3 +156,21 @@ For more information, try '--help'.
     // Nothing was registered on chain.
     env.br2k(None).args(["resolve", "../escape"]).assert().code(1);
 }
+
+#[test]
+fn a_dashboard_that_anyone_could_reach_needs_an_action_token_and_the_name_it_is_reached_by() {
+    let env = TestEnv::with_service();
+    env.br2k(Some(0)).args(["dashboard", "--all", "--allow-actions", "--listen", "10.1.2.3:8300"]).assert().code(1).stderr_eq(str![[r#"
+error: --allow-actions on 10.1.2.3:8300 (not loopback) lets whoever reaches it file claims signed with your key: give the action token people must type in with --action-token-file (mode 0600), or listen on 127.0.0.1
+
+"#]]);
+    env.br2k(None).args(["dashboard", "--all", "--listen", "0.0.0.0:8300"]).assert().code(1).stderr_eq(str![[r#"
+error: listening on 0.0.0.0:8300 needs the name browsers reach it by: add --allowed-host HOST:PORT (every request naming another Host is refused, against DNS rebinding)
+
+"#]]);
+    // With neither names nor --all, the services the key manages: without a key, say so.
+    env.br2k(None).env_remove("ETH_PRIVATE_KEY").args(["dashboard"]).assert().code(1).stderr_eq(str![[r#"
+error: name the services to show, give the manager's key (ETH_PRIVATE_KEY, --private-key or --keystore) to show the services it manages, or pass --all for every registered service
+
+"#]]);
+}

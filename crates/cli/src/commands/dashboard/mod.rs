@@ -117,11 +117,6 @@ impl DashboardArgs {
                 self.listen
             );
         }
-        let registry = if self.allow_actions {
-            global.open_registry_signed("file claims from the dashboard (--allow-actions)").await?
-        } else {
-            global.open_registry().await?
-        };
         let follow = if !self.names.is_empty() {
             board::Follow::Named(self.names.clone())
         } else if self.all {
@@ -132,6 +127,11 @@ impl DashboardArgs {
                  show the services it manages, or pass --all for every registered service",
             )?;
             board::Follow::ManagedBy(manager)
+        };
+        let registry = if self.allow_actions {
+            global.open_registry_signed("file claims from the dashboard (--allow-actions)").await?
+        } else {
+            global.open_registry().await?
         };
         let listener = tokio::net::TcpListener::bind(self.listen).await.with_context(|| {
             format!("cannot serve the dashboard on {}: choose another address with --listen", self.listen)
