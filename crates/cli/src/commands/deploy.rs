@@ -327,7 +327,7 @@ impl DeployArgs {
         let (Some(registry), Some(client)) = (registry, client) else {
             let entry = registries.entry_for_url(&record.image.registry_url)?;
             let pull = Credentials::find(&entry.host())?.map(|c| (entry.host(), c));
-            let manifests = Manifests::build(&spec, &SecretValues { operator_key: None, pull, etcd_tls: None })?;
+            let manifests = Manifests::build(&spec, &SecretValues { pull, ..SecretValues::default() })?;
             print!("{}", manifests.to_yaml());
             return Ok(());
         };

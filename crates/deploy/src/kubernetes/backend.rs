@@ -76,8 +76,13 @@ impl KubernetesBackend {
         let operator = operator_key(&self.config_dir, &self.context.name, service)?;
         crate::operator_key::allow_and_fund(&self.registry, service, &operator, self.operator_funds, progress).await?;
         let etcd_tls = if spec.etcd_tls { Some(self.etcd_certificates(&spec).await?) } else { None };
-        let values =
-            SecretValues { operator_key: Some(alloy::hex::encode_prefixed(operator.to_bytes())), pull, etcd_tls };
+        let admin_token = std::env::var("BR2K_ADMIN_TOKEN").ok().map(|t| t.trim().to_owned()).filter(|t| !t.is_empty());
+        let values = SecretValues {
+            operator_key: Some(alloy::hex::encode_prefixed(operator.to_bytes())),
+            pull,
+            etcd_tls,
+            admin_token,
+        };
         let manifests = Manifests::build(&spec, &values)?;
         progress(&format!(
             "applying {} objects to {} (namespace {}) as field manager {}",

@@ -159,6 +159,9 @@ pub struct SecretValues {
     pub pull: Option<(String, Credentials)>,
     /// The etcd certificates, with `--etcd-tls` (made at the first deploy, kept after).
     pub etcd_tls: Option<crate::etcd_tls::EtcdCertificates>,
+    /// The replicas' admin token (`BR2K_ADMIN_TOKEN` where the deploy runs), for their
+    /// admin routes (`br2k backup now`, `br2k tx`); without it those stay closed.
+    pub admin_token: Option<String>,
 }
 
 /// Every object of one deployment, in the order they are applied.
@@ -197,7 +200,11 @@ impl Manifests {
         let mut operator =
             Secret { metadata: spec.meta(&operator_secret, None), type_: Some("Opaque".into()), ..Secret::default() };
         if let Some(key) = &secrets.operator_key {
-            operator.data = Some(BTreeMap::from([("ETH_PRIVATE_KEY".into(), ByteString(key.clone().into_bytes()))]));
+            let mut data = BTreeMap::from([("ETH_PRIVATE_KEY".into(), ByteString(key.clone().into_bytes()))]);
+            if let Some(token) = &secrets.admin_token {
+                data.insert("BR2K_ADMIN_TOKEN".into(), ByteString(token.clone().into_bytes()));
+            }
+            operator.data = Some(data);
         }
         out.secrets.push(operator);
         if let (Some(name), Some((host, credentials))) = (&pull_secret, &secrets.pull) {
@@ -435,6 +442,19 @@ impl KubernetesSpec {
             app_env.push(env("BR2K_ETCD_CERT_FILE", format!("{ETCD_TLS}/member.crt")));
             app_env.push(env("BR2K_ETCD_KEY_FILE", format!("{ETCD_TLS}/member.key")));
         }
+        // The admin token, when the deploy was given one (optional: the routes stay closed).
+        app_env.push(EnvVar {
+            name: "BR2K_ADMIN_TOKEN".into(),
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: operator_secret.into(),
+                    key: "BR2K_ADMIN_TOKEN".into(),
+                    optional: Some(true),
+                }),
+                ..EnvVarSource::default()
+            }),
+            ..EnvVar::default()
+        });
         app_env.push(EnvVar {
             name: "ETH_PRIVATE_KEY".into(),
             value_from: Some(EnvVarSource {
@@ -678,6 +698,7 @@ mod tests {
             operator_key: Some("0xsecret-operator-key".into()),
             pull: Some(("harbor.example.org".into(), credentials)),
             etcd_tls: None,
+            admin_token: Some("an-admin-token-value".into()),
         };
         let manifests = Manifests::build(&spec(), &values).unwrap();
         assert_eq!(manifests.secrets.len(), 2);
@@ -696,7 +717,17 @@ mod tests {
         assert_eq!((mount.mount_path.as_str(), mount.read_only), (REGISTRY_AUTH, Some(true)));
         let yaml = manifests.to_yaml();
         assert!(!yaml.contains("secret-operator-key") && !yaml.contains("cm9ib3"), "{yaml}");
-        assert!(yaml.contains("data (ETH_PRIVATE_KEY) is written at deploy time"));
+        assert!(!yaml.contains("an-admin-token-value"), "{yaml}");
+        assert!(yaml.contains("data (BR2K_ADMIN_TOKEN, ETH_PRIVATE_KEY) is written at deploy time"), "{yaml}");
+        let operator = &manifests.secrets[0];
+        assert_eq!(operator.data.as_ref().unwrap()["BR2K_ADMIN_TOKEN"].0, b"an-admin-token-value");
+        let admin = pod_spec.containers[0].env.as_ref().unwrap().iter().find(|e| e.name == "BR2K_ADMIN_TOKEN").unwrap();
+        let from = admin.value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap();
+        assert_eq!(
+            (from.name.as_str(), from.optional),
+            ("logserver-operator", Some(true)),
+            "from the Secret, optional"
+        );
         assert_eq!(yaml.matches("\n---\n").count() + 1, manifests.len());
     }
 

@@ -81,7 +81,7 @@ async fn apply_against_mock(manifests: &Manifests, rounds: usize) -> (Vec<Vec<Ap
 
 #[tokio::test]
 async fn apply_sends_one_server_side_apply_patch_per_object_as_br2k_in_the_namespace() {
-    let values = SecretValues { operator_key: Some("0xkey".into()), pull: None, etcd_tls: None };
+    let values = SecretValues { operator_key: Some("0xkey".into()), ..SecretValues::default() };
     let manifests = Manifests::build(&spec(), &values).unwrap();
     let (results, seen) = apply_against_mock(&manifests, 1).await;
     assert_eq!(seen.len(), manifests.len());
