@@ -112,28 +112,17 @@ impl EtcdCertificates {
         Ok(Self { ca: ca.pem(), members })
     }
 
-    /// Writes member `i`'s files into `dir` (the key mode 0600); where they are.
+    /// Writes member `i`'s files into `dir`; where they are.
     ///
     /// # Errors
     /// The directory or a file cannot be written.
     pub fn write_member(&self, i: usize, dir: &Path) -> Result<EtcdTlsFiles> {
-        use std::io::Write as _;
-        use std::os::unix::fs::OpenOptionsExt as _;
-        let io = |path: &Path, e: std::io::Error| DeployError::io(format!("write {}", path.display()), e);
-        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
         let files = EtcdTlsFiles { ca: dir.join("ca.crt"), cert: dir.join("member.crt"), key: dir.join("member.key") };
         let member = &self.members[i];
-        for (path, text, mode) in
-            [(&files.ca, &self.ca, 0o644), (&files.cert, &member.cert, 0o644), (&files.key, &member.key, 0o600)]
-        {
-            let _ = std::fs::remove_file(path);
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(mode)
-                .open(path)
-                .map_err(|e| io(path, e))?;
-            file.write_all(text.as_bytes()).and_then(|()| file.sync_all()).map_err(|e| io(path, e))?;
+        // All three private (0600, synced, renamed into place): only the node's own
+        // processes read them.
+        for (path, text) in [(&files.ca, &self.ca), (&files.cert, &member.cert), (&files.key, &member.key)] {
+            br2k_oci::private_file::write(path, text.as_bytes())?;
         }
         Ok(files)
     }

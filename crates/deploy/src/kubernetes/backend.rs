@@ -54,7 +54,7 @@ impl KubernetesBackend {
         let text = |key: &str| data.get(key).and_then(|v| String::from_utf8(v.0.clone()).ok());
         let members: Option<Vec<crate::etcd_tls::MemberCertificate>> = (1..=spec.replicas)
             .map(|i| {
-                let replica = format!("{}-{i}", spec.service);
+                let replica = spec.replica(i);
                 Some(crate::etcd_tls::MemberCertificate {
                     cert: text(&format!("{replica}.crt"))?,
                     key: text(&format!("{replica}.key"))?,

@@ -287,7 +287,7 @@ fn yaml<T: Serialize>(object: &T) -> String {
 
 impl KubernetesSpec {
     /// `s-i`: the replica's Pod, Service and etcd member name.
-    fn replica(&self, i: usize) -> String {
+    pub(crate) fn replica(&self, i: usize) -> String {
         format!("{}-{i}", self.service)
     }
 

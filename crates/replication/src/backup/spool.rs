@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
+use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 
 /// A segment written to disk: where, its digest and its size.
@@ -68,8 +68,7 @@ impl SpoolWriter {
     pub(crate) async fn finish(mut self) -> std::io::Result<Spooled> {
         self.file.flush().await?;
         self.file.get_mut().sync_all().await?;
-        let hex: String = self.hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
-        Ok(Spooled { path: self.path, digest: format!("sha256:{hex}"), size: self.size })
+        Ok(Spooled { path: self.path, digest: crate::snapshot::digest_of(self.hash), size: self.size })
     }
 }
 
