@@ -9,7 +9,9 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::data::Step;
 use crate::data::{LogEntry, StoredReply};
+use crate::secret::bearer_credentials;
 
 /// The application's state. It owns its durable storage; the runtime only asks where it is.
 ///
@@ -268,20 +270,6 @@ pub(crate) type Rollback<S> = Arc<dyn Fn(Arc<S>, Request) -> BoxFuture<std::io::
 pub(crate) type Apply<S> = Arc<dyn Fn(Arc<S>, Request, Reply) -> BoxFuture<std::io::Result<()>> + Send + Sync>;
 pub(crate) type Reconcile<S> = Arc<dyn Fn(Arc<S>, Request) -> BoxFuture<Option<Outcome>> + Send + Sync>;
 
-/// The steps of Process Request at which the runtime records where it is (the paper's
-/// local record file), and at which an observer given to
-/// [`crate::Builder::on_step`] is awaited.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Step {
-    /// The entry's RS is InProcess; its handler has not started.
-    BeforeExecution,
-    /// The handler is running.
-    Executing,
-    /// The handler returned; the outcome is not yet in etcd.
-    Executed,
-}
-
 pub(crate) type Admission = Arc<dyn Fn(&Request) -> Result<(), Reply> + Send + Sync>;
 
 /// An admission check for [`crate::Builder::admit`] that lets a request in only with
@@ -291,16 +279,9 @@ pub fn bearer_token(token: impl Into<String>) -> impl Fn(&Request) -> Result<(),
     let token = token.into();
     move |request: &Request| match request.header("authorization").and_then(bearer_credentials) {
         None => Err(Reply::error(401, "this route needs `Authorization: Bearer <token>`")),
-        Some(offered) if crate::membership::same_secret(offered.as_bytes(), token.as_bytes()) => Ok(()),
+        Some(offered) if crate::secret::same_secret(offered.as_bytes(), token.as_bytes()) => Ok(()),
         Some(_) => Err(Reply::error(403, "wrong bearer token")),
     }
-}
-
-/// The token of an `Authorization: Bearer <token>` header value; the scheme's name is
-/// matched whatever its case (RFC 6750 §2.1, RFC 9110 §11.1).
-pub(crate) fn bearer_credentials(authorization: &str) -> Option<&str> {
-    let (scheme, token) = authorization.trim_start().split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
 }
 
 pub(crate) type StepObserver = Arc<dyn Fn(Step, u64) -> BoxFuture<()> + Send + Sync>;

@@ -6,10 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::app::{
-    Admission, AppState, Apply, BoxFuture, Handler, Outcome, Reconcile, Reply, Request, Rollback, Step, StepObserver,
+    Admission, AppState, Apply, BoxFuture, Handler, Outcome, Reconcile, Reply, Request, Rollback, StepObserver,
 };
+use crate::codec::check_name;
 use crate::config::Config;
-use crate::data::{RequestKind, check_name};
+use crate::data::RequestKind;
+use crate::data::Step;
 use crate::error::{Error, Result};
 use crate::outbox::{Chain, TxObserver, TxStep};
 use crate::runtime::Replicated;

@@ -22,7 +22,6 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 use crate::app::AppState;
-use crate::data;
 use crate::error::{Error, Result};
 use crate::runtime::Runtime;
 use crate::store::{Op, Term};
@@ -112,7 +111,7 @@ async fn compact_once<S: AppState>(runtime: &Runtime<S>, term: &Term) -> Result<
         Op::DeleteRange(keys.rs(first), keys.rs(target)),
         // The transactions of final requests: settled, their answers recorded.
         Op::DeleteRange(keys.outbox_start(), keys.outbox_before(target)),
-        Op::Put(keys.compacted(), data::encode(&tally)),
+        Op::Put(keys.compacted(), crate::codec::encode(&tally)),
     ];
     let revision = store.authority_write(term, ops).await?;
     runtime.set_status(|s| s.first_index = target);

@@ -4,6 +4,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use std::sync::Arc;
+
+use alloy::signers::local::PrivateKeySigner;
 use br2k_resolver::RegistryClient;
 
 /// One replica's configuration.
@@ -43,10 +46,10 @@ pub struct Config {
     /// Snapshots and log compaction.
     pub snapshots: SnapshotPolicy,
     /// Backups to the service's container registry, recorded on chain; `None`: none.
-    pub backup: Option<crate::backup::BackupConfig>,
+    pub backup: Option<BackupConfig>,
     /// The transaction outbox only-once handlers send blockchain transactions through
     /// ([`crate::Request::outbox`]); `None`: they have none.
-    pub outbox: Option<crate::outbox::OutboxConfig>,
+    pub outbox: Option<OutboxConfig>,
     /// The token operators' commands present (`Authorization: Bearer`) on the replica's
     /// own admin routes (`GET /br2k/tx`, `POST /br2k/tx/cancel`); `None` closes them.
     pub admin_token: Option<AdminToken>,
@@ -100,7 +103,7 @@ impl AdminToken {
 
     /// Whether `offered` is this token (compared in constant time).
     pub(crate) fn accepts(&self, offered: &str) -> bool {
-        crate::membership::same_secret(offered.trim().as_bytes(), self.0.as_bytes())
+        crate::secret::same_secret(offered.trim().as_bytes(), self.0.as_bytes())
     }
 }
 
@@ -250,7 +253,7 @@ impl Default for Limits {
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(30),
             handler_timeout: Duration::from_secs(30),
-            max_snapshot_bytes: crate::backup::manifest::MAX_BACKUP_BYTES,
+            max_snapshot_bytes: crate::data::MAX_STATE_BYTES,
             write_timeout: Duration::from_secs(30),
         }
     }
@@ -330,5 +333,140 @@ impl Publisher {
     /// operator's key (which also signs the backups this replica makes as leader).
     pub fn new(registry: RegistryClient, signer: alloy::signers::local::PrivateKeySigner) -> Self {
         Self { registry, signer }
+    }
+}
+
+/// How many segments of one level merge into one of the next, by default: a manifest
+/// then names at most 7 segments per level, and an entry is uploaded again once per level.
+pub const MERGE_FANOUT: usize = 8;
+
+/// Where and how often the leader backs the service up.
+#[derive(Clone, Debug)]
+pub struct BackupConfig {
+    /// The service's container registry, with its credentials (from the environment or
+    /// Docker's config.json, never from etcd or the chain).
+    pub registry: Arc<br2k_oci::registry::RegistryClient>,
+    /// The repository backups go to (the service's image repository).
+    pub repository: String,
+    /// How often the leader pushes a backup (default 30 s): what a total disaster can lose
+    /// is bounded by it.
+    pub interval: Duration,
+    /// How often a backup is recorded on chain (default 10 min): what backups cost in gas.
+    pub record_interval: Duration,
+    /// Which backups stay in the registry.
+    pub retention: Retention,
+    /// How many segments of one level merge into one of the next (at least 2).
+    pub merge_fanout: usize,
+    /// The least time between two backups asked for with `POST /br2k/backup` (`None`:
+    /// the backup interval). Each pushes an artifact and pays for a transaction.
+    pub on_demand_spacing: Option<Duration>,
+}
+
+impl BackupConfig {
+    /// Backups into `repository` of `registry` at the defaults: every 30 s, one in twenty
+    /// recorded on chain (every 10 min), the last 48 and 7 daily kept.
+    pub fn new(registry: Arc<br2k_oci::registry::RegistryClient>, repository: impl Into<String>) -> Self {
+        Self {
+            registry,
+            repository: repository.into(),
+            interval: Duration::from_secs(30),
+            record_interval: Duration::from_secs(600),
+            retention: Retention::default(),
+            merge_fanout: MERGE_FANOUT,
+            on_demand_spacing: None,
+        }
+    }
+
+    /// The least time between two backups asked for on demand.
+    pub(crate) fn on_demand_spacing(&self) -> Duration {
+        self.on_demand_spacing.unwrap_or(self.interval)
+    }
+}
+
+/// How many backups to keep.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retention {
+    /// The newest backups kept, whatever their age (default 48).
+    pub keep_last: usize,
+    /// Days (UTC) whose newest backup is kept, counting back from the newest day that has
+    /// one (default 7).
+    pub keep_daily: usize,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self { keep_last: 48, keep_daily: 7 }
+    }
+}
+
+/// How the runtime sends a service's transactions.
+#[derive(Clone)]
+pub struct OutboxConfig {
+    /// The chain's RPC endpoints (`http(s)://`), at least one: broadcasts go to all of
+    /// them, reads to the first healthy one in this order.
+    pub rpc_urls: Vec<String>,
+    /// The service's transaction key. Use a key of its own: the outbox owns its nonces,
+    /// and another sender with the same key would take them.
+    pub signer: PrivateKeySigner,
+    /// Blocks a transaction must be under before it counts as settled (1: mined).
+    pub confirmations: u64,
+    /// How long a transaction may stay unmined before it is replaced at the same nonce
+    /// with higher fees.
+    pub bump_after: Duration,
+    /// The most a replacement may pay, as a multiple of the first version's fees. A
+    /// transaction whose fees reached it is rebroadcast as it is, never bumped again: a
+    /// fee spike (or a chain that mines nothing) cannot drain the service's key, and the
+    /// request waits in doubt, shown in `/br2k/status`, until the chain takes it.
+    pub max_fee_multiple: u32,
+    /// How long one send waits for its receipt before the request is left in doubt (the
+    /// runtime then tries again in the background). Keep it under the handler timeout.
+    pub settle_within: Duration,
+    /// Bound on one RPC request (to one endpoint).
+    pub rpc_timeout: Duration,
+    /// How many blocks after it settled a transaction is still watched for a reorg deeper
+    /// than `confirmations` (a finality violation): past it, the chain is taken as final.
+    pub finality_window: u64,
+    /// How often the leader checks that settled transactions are still on chain.
+    pub finality_check_every: Duration,
+    /// The gas limit given to a call whose limit is estimated, in percent of the estimate.
+    /// The estimate holds for the state it was made in; by the time the transaction runs,
+    /// the state may differ (a token transfer to an account its owner emptied meanwhile
+    /// pays 17,100 gas more to store a balance from zero: +50% of the transfer), and a
+    /// transaction out of gas is mined reverted, its nonce spent. Only the gas used is paid.
+    pub gas_limit_percent: u64,
+}
+
+impl std::fmt::Debug for OutboxConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutboxConfig")
+            .field("rpc_urls", &self.rpc_urls.iter().map(|u| br2k_resolver::shown_endpoint(u)).collect::<Vec<_>>())
+            .field("sender", &self.signer.address())
+            .field("confirmations", &self.confirmations)
+            .field("bump_after", &self.bump_after)
+            .field("max_fee_multiple", &self.max_fee_multiple)
+            .field("settle_within", &self.settle_within)
+            .finish_non_exhaustive()
+    }
+}
+
+impl OutboxConfig {
+    /// An outbox on `rpc_url` signing with `signer`: settled at 1 confirmation, bumped
+    /// after 15 s unmined up to 4 times the first fees, in doubt after 20 s, watched for
+    /// deep reorgs for 64 blocks (two Ethereum epochs, after which it is finalized),
+    /// estimated gas limits given 60% more room.
+    /// Push more endpoints onto `rpc_urls` to send through several.
+    pub fn new(rpc_url: impl Into<String>, signer: PrivateKeySigner) -> Self {
+        Self {
+            rpc_urls: vec![rpc_url.into()],
+            signer,
+            confirmations: 1,
+            bump_after: Duration::from_secs(15),
+            max_fee_multiple: 4,
+            settle_within: Duration::from_secs(20),
+            rpc_timeout: Duration::from_secs(10),
+            finality_window: 64,
+            finality_check_every: Duration::from_secs(5),
+            gas_limit_percent: 160,
+        }
     }
 }

@@ -22,9 +22,7 @@
 //! Indexes are zero-padded to 20 digits so that key order is index order and a range read
 //! returns entries in order.
 
-use serde::{Deserialize, Serialize, de::DeserializeOwned};
-
-use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
 
 /// Builds the keys of one service.
 /// The two records of a log entry.
@@ -191,11 +189,6 @@ impl Keys {
     }
 }
 
-/// Checks a service or replica name: it becomes part of etcd keys and file names.
-pub(crate) fn check_name(what: &str, name: &str) -> Result<()> {
-    if is_valid_name(name) { Ok(()) } else { Err(Error::Config(format!("{what} {name:?} must be {NAME_RULE}"))) }
-}
-
 /// What a service or replica name may be: it names etcd keys, files and URL paths.
 pub const NAME_RULE: &str = "1-64 characters of letters, digits, '-', '_' or '.' (not only dots)";
 
@@ -268,7 +261,7 @@ pub struct LogEntry {
     /// What the leader wrote into a keyed entry for the idempotency table: when it logged
     /// it, and which older records every replica drops now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stamp: Option<crate::idempotency::Stamp>,
+    pub stamp: Option<crate::data::Stamp>,
 }
 
 /// RS: the type and processing state of one log entry.
@@ -422,25 +415,6 @@ pub struct Divergence {
     pub at: u64,
 }
 
-/// Decodes a JSON record, naming the key when it is malformed.
-pub(crate) fn decode<T: DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T> {
-    serde_json::from_slice(value)
-        .map_err(|e| Error::CorruptRecord { key: String::from_utf8_lossy(key).into_owned(), reason: e.to_string() })
-}
-
-/// Encodes a record as JSON.
-pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    serde_json::to_vec(value).expect("records serialize")
-}
-
-/// Decodes a decimal counter (`ls`, `ssi`, `lpi/*`, `epoch_base`).
-pub(crate) fn decode_index(key: &[u8], value: &[u8]) -> Result<u64> {
-    std::str::from_utf8(value).ok().and_then(|v| v.parse().ok()).ok_or_else(|| Error::CorruptRecord {
-        key: String::from_utf8_lossy(key).into_owned(),
-        reason: format!("expected a decimal index, found {:?}", String::from_utf8_lossy(value)),
-    })
-}
-
 mod base64_bytes {
     use base64::Engine;
     use base64::engine::general_purpose::STANDARD;
@@ -469,6 +443,34 @@ pub(crate) fn unix_seconds() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
+/// The largest state (a snapshot, or a backup's snapshot and segments together) a replica
+/// accepts from elsewhere, 1 GiB: what a peer or a registry names beyond it is never fetched.
+pub(crate) const MAX_STATE_BYTES: u64 = 1024 * 1024 * 1024;
+
+/// The steps of Process Request at which the runtime records where it is (the paper's
+/// local record file), and at which an observer given to
+/// [`crate::Builder::on_step`] is awaited.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    /// The entry's RS is InProcess; its handler has not started.
+    BeforeExecution,
+    /// The handler is running.
+    Executing,
+    /// The handler returned; the outcome is not yet in etcd.
+    Executed,
+}
+
+/// What the leader writes into each keyed entry it logs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stamp {
+    /// When the leader logged it, milliseconds since the Unix epoch (its clock; replicas
+    /// never use their own).
+    pub at: u64,
+    /// Records of entries below this index are dropped before this entry's is added.
+    pub keep_from: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -480,21 +482,5 @@ mod tests {
         assert_eq!(keys.log(42), "/br2k/svc/log/00000000000000000042");
         assert_eq!(keys.index_of(keys.rs(7).as_bytes()), Some(7));
         assert_eq!(keys.index_of(b"/br2k/other/rs/1"), None);
-    }
-
-    #[test]
-    fn names_are_checked() {
-        assert!(check_name("service", "log-server_1.a").is_ok());
-        for bad in ["", "a/b", "a b", &"x".repeat(65)] {
-            assert!(check_name("service", bad).is_err(), "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn undecodable_values_name_their_key() {
-        let err = decode::<EntryState>(b"/br2k/s/rs/1", b"{nope").unwrap_err();
-        assert!(err.to_string().contains("/br2k/s/rs/1"), "{err}");
-        let err = decode_index(b"/br2k/s/ls", b"-3").unwrap_err();
-        assert!(err.to_string().contains("expected a decimal index"), "{err}");
     }
 }

@@ -144,7 +144,7 @@ impl<S: AppState> Runtime<S> {
             here: describe_answer(success, reply.status, &reply.body),
             at: crate::data::unix_seconds(),
         };
-        if let Err(e) = crate::snapshot::write_atomically(&self.divergence_path(), &crate::data::encode(&divergence)) {
+        if let Err(e) = crate::durable::write_atomically(&self.divergence_path(), &crate::codec::encode(&divergence)) {
             error!(replica = %self.config.replica, error = %e,
                 "could not write the divergence mark: the replica stops now, but a restart would not know it diverged");
         }

@@ -16,8 +16,8 @@ use std::sync::Mutex;
 use etcd_client::{Event, EventType};
 
 use crate::data::{self, EntryState, Keys, LogEntry, ProcessState};
-use crate::runtime::lock;
 use crate::store::StoredEntry;
+use crate::sync::lock;
 
 /// At most this many bytes of entries are held (a follower far behind reads from etcd).
 const MAX_BYTES: usize = 16 * 1024 * 1024;
@@ -98,7 +98,7 @@ impl Feed {
         let before = inner.ssi;
         for Change { deleted, key, value } in changes {
             if key == ssi_key.as_bytes() {
-                if let (false, Ok(ssi)) = (deleted, data::decode_index(key, value)) {
+                if let (false, Ok(ssi)) = (deleted, crate::codec::decode_index(key, value)) {
                     inner.ssi = Some(inner.ssi.unwrap_or(0).max(ssi));
                 }
                 continue;
@@ -120,7 +120,7 @@ impl Feed {
                     if inner.bytes + size > MAX_BYTES {
                         continue;
                     }
-                    if let Ok(request) = data::decode::<LogEntry>(key, value) {
+                    if let Ok(request) = crate::codec::decode::<LogEntry>(key, value) {
                         inner.bytes += size;
                         if let Some((_, replaced)) = inner.requests.insert(index, (request, size)) {
                             inner.bytes -= replaced;
@@ -128,7 +128,7 @@ impl Feed {
                     }
                 }
                 data::EntryRecord::State => {
-                    if let Ok(state) = data::decode::<EntryState>(key, value) {
+                    if let Ok(state) = crate::codec::decode::<EntryState>(key, value) {
                         inner.states.insert(index, state);
                     }
                 }
@@ -174,11 +174,11 @@ mod tests {
             idempotency_key: None,
             stamp: None,
         };
-        data::encode(&entry)
+        crate::codec::encode(&entry)
     }
 
     fn state(state: ProcessState) -> Vec<u8> {
-        data::encode(&EntryState { kind: RequestKind::Replication, state, epoch: 1, response: None })
+        crate::codec::encode(&EntryState { kind: RequestKind::Replication, state, epoch: 1, response: None })
     }
 
     #[test]

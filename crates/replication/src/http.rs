@@ -10,16 +10,17 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use sha2::{Digest, Sha256};
+
 use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
 
 use crate::app::{AppState, Failure, Reply, Request};
 use crate::data::{LogEntry, RequestKind};
 use crate::guard::{Fault, guarded};
+use crate::idempotency::fingerprint;
 use crate::leader::Submit;
-use crate::membership::same_secret;
 use crate::runtime::{QUEUE_WAIT, Role, Runtime};
+use crate::secret::same_secret;
 use crate::state_transfer::PEER_TOKEN_HEADER;
 
 /// The header naming the leader's location on a 503 from a non-leader.
@@ -158,7 +159,7 @@ async fn serve_route<S: AppState>(
         return read(runtime, &route.handler, entry, body).await;
     }
     let Some(sender) = sender else { return not_leader(runtime) };
-    let encoded = crate::data::encode(&entry);
+    let encoded = crate::codec::encode(&entry);
     if encoded.len() > MAX_ENTRY_BYTES {
         return error(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -364,7 +365,7 @@ fn refuse_non_admin<S: AppState>(runtime: &Runtime<S>, parts: &axum::http::reque
         ));
     };
     let authorization = parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    match authorization.and_then(crate::app::bearer_credentials) {
+    match authorization.and_then(crate::secret::bearer_credentials) {
         None => Some(error(StatusCode::UNAUTHORIZED, "an admin route: send `Authorization: Bearer <admin token>`")),
         Some(offered) if token.accepts(offered) => None,
         Some(_) => Some(error(StatusCode::FORBIDDEN, "wrong admin token")),
@@ -509,17 +510,6 @@ fn head_size(parts: &axum::http::request::Parts) -> usize {
     let target = parts.uri.path_and_query().map_or(1, |p| p.as_str().len());
     let line = parts.method.as_str().len() + target + 12;
     line + parts.headers.iter().map(|(name, value)| name.as_str().len() + value.len() + 4).sum::<usize>()
-}
-
-/// Identifies a request's content, so that a reused idempotency key is noticed.
-pub(crate) fn fingerprint(entry: &LogEntry) -> crate::idempotency::Fingerprint {
-    let mut hash = Sha256::new();
-    for part in [entry.method.as_bytes(), entry.path.as_bytes(), entry.query.as_deref().unwrap_or("").as_bytes()] {
-        hash.update((part.len() as u64).to_be_bytes());
-        hash.update(part);
-    }
-    hash.update(&entry.body);
-    hash.finalize().into()
 }
 
 fn reply(reply: Reply) -> Response {

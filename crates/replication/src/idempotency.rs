@@ -24,26 +24,18 @@
 //! answer (its table record has none); that happens only after a leader crash, and the
 //! record expires with the retention.
 
+use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::data::Stamp;
 use crate::data::{EntryState, LogEntry, ProcessState, RequestKind, StoredReply};
 
-/// A SHA-256 of a request's method, path, query and body (see [`crate::http::fingerprint`]).
+/// A SHA-256 of a request's method, path, query and body (see [`fingerprint`]).
 pub(crate) type Fingerprint = [u8; 32];
-
-/// What the leader writes into each keyed entry it logs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Stamp {
-    /// When the leader logged it, milliseconds since the Unix epoch (its clock; replicas
-    /// never use their own).
-    pub at: u64,
-    /// Records of entries below this index are dropped before this entry's is added.
-    pub keep_from: u64,
-}
 
 /// The path of the entry a leader logs to move idempotency records of an older format
 /// (one `idem/<key>` record in etcd per request) into the table. Its kind is
@@ -202,7 +194,7 @@ impl IdempotencyTable {
     /// Applies the entry at `index`, as it was decided (`state`), if the table has not yet.
     /// Entries must come in index order; an index already applied changes nothing.
     pub(crate) fn apply(&self, index: u64, entry: &LogEntry, state: &EntryState) {
-        let mut table = crate::runtime::lock(&self.table);
+        let mut table = crate::sync::lock(&self.table);
         if index <= table.applied {
             return;
         }
@@ -227,14 +219,14 @@ impl IdempotencyTable {
 
     /// The record of `key`, if the table holds one.
     pub(crate) fn get(&self, key: &str) -> Option<TableRecord> {
-        crate::runtime::lock(&self.table).by_key.get(key).cloned()
+        crate::sync::lock(&self.table).by_key.get(key).cloned()
     }
 
     /// The stamp for the next keyed entry a leader logs at `now_ms`: records logged more
     /// than `retention` before it, and then the oldest ones until the rest fit in
     /// `max_bytes`, are dropped.
     pub(crate) fn stamp(&self, now_ms: u64, retention: Duration, max_bytes: u64) -> Stamp {
-        let table = crate::runtime::lock(&self.table);
+        let table = crate::sync::lock(&self.table);
         let expired_before = now_ms.saturating_sub(u64::try_from(retention.as_millis()).unwrap_or(u64::MAX));
         let mut bytes = table.bytes;
         let mut keep_from = table.applied + 1;
@@ -251,11 +243,11 @@ impl IdempotencyTable {
 
     /// The log index the table has applied.
     pub(crate) fn applied(&self) -> u64 {
-        crate::runtime::lock(&self.table).applied
+        crate::sync::lock(&self.table).applied
     }
 
     pub(crate) fn status(&self) -> TableStatus {
-        let table = crate::runtime::lock(&self.table);
+        let table = crate::sync::lock(&self.table);
         let oldest_at = table.by_index.first_key_value().map(|(_, key)| table.by_key[key].at);
         TableStatus {
             records: table.by_key.len() as u64,
@@ -271,7 +263,7 @@ impl IdempotencyTable {
     /// The whole table, as of now, for a snapshot: records in index order (cheap: answers
     /// are shared, not copied).
     pub(crate) fn capture(&self) -> Captured {
-        let table = crate::runtime::lock(&self.table);
+        let table = crate::sync::lock(&self.table);
         let records = table.by_index.values().map(|key| (key.clone(), table.by_key[key].clone())).collect();
         Captured { applied: table.applied, keep_from: table.keep_from, records }
     }
@@ -282,9 +274,9 @@ impl IdempotencyTable {
         for (key, record) in captured.records {
             table.insert(&key, record);
         }
-        let evicted = crate::runtime::lock(&self.table).evicted;
+        let evicted = crate::sync::lock(&self.table).evicted;
         table.evicted = evicted;
-        *crate::runtime::lock(&self.table) = table;
+        *crate::sync::lock(&self.table) = table;
     }
 
     /// Empties the table at `applied` (a snapshot of an older format, which had none).
@@ -300,7 +292,7 @@ fn add(table: &mut Table, index: u64, key: &str, entry: &LogEntry, state: &Entry
         ProcessState::Success | ProcessState::Fail => state.response.clone().map(Arc::new),
         ProcessState::Null | ProcessState::InProcess => None,
     };
-    let fingerprint = crate::http::fingerprint(entry);
+    let fingerprint = fingerprint(entry);
     table.insert(key, TableRecord { index, at, fingerprint, answer });
 }
 
@@ -463,6 +455,17 @@ fn read_bytes(input: &mut dyn std::io::Read) -> Result<Vec<u8>, String> {
     Ok(buf)
 }
 
+/// Identifies a request's content, so that a reused idempotency key is noticed.
+pub(crate) fn fingerprint(entry: &LogEntry) -> crate::idempotency::Fingerprint {
+    let mut hash = Sha256::new();
+    for part in [entry.method.as_bytes(), entry.path.as_bytes(), entry.query.as_deref().unwrap_or("").as_bytes()] {
+        hash.update((part.len() as u64).to_be_bytes());
+        hash.update(part);
+    }
+    hash.update(&entry.body);
+    hash.finalize().into()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -558,7 +561,7 @@ mod tests {
     #[test]
     fn an_import_entry_moves_older_records_in() {
         let table = IdempotencyTable::default();
-        let fingerprint = crate::http::fingerprint(&entry(Some("old"), "body", None));
+        let fingerprint = fingerprint(&entry(Some("old"), "body", None));
         let records = vec![Imported {
             key: "old".into(),
             index: 3,
@@ -595,7 +598,7 @@ mod tests {
 
     #[test]
     fn fingerprints_print_and_parse_back() {
-        let fingerprint = crate::http::fingerprint(&entry(None, "b", None));
+        let fingerprint = fingerprint(&entry(None, "b", None));
         assert_eq!(from_hex(&to_hex(&fingerprint)), Some(fingerprint));
         assert_eq!(from_hex("zz"), None);
     }

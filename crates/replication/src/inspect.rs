@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use crate::data::{self, CompactedLog, EntryState, Keys, LogEntry};
+use crate::data::{CompactedLog, EntryState, Keys, LogEntry};
 use crate::error::{Error, Result};
 use crate::store::Store;
 
@@ -56,7 +56,7 @@ pub async fn read_records_with(
     timeout: Duration,
     tls: Option<&crate::config::EtcdTls>,
 ) -> Result<Records> {
-    data::check_name("service", service)?;
+    crate::codec::check_name("service", service)?;
     let keys = Keys::new(service);
     let store = Store::connect(endpoint, keys.clone(), timeout, std::sync::Arc::default(), tls).await?;
     // The leader may compact between the reads: a missing entry means reading again.

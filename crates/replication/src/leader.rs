@@ -29,14 +29,16 @@ use futures::FutureExt;
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::app::{AppState, Outcome, Recorded, Reply, Request, Step};
-use crate::data::{self, EntryState, IdempotencyRecord, Keys, LogEntry, ProcessState, RequestKind};
+use crate::app::{AppState, Outcome, Recorded, Reply, Request};
+use crate::data::Step;
+use crate::data::{EntryState, IdempotencyRecord, Keys, LogEntry, ProcessState, RequestKind};
 use crate::error::{Error, Result};
 use crate::guard::{guarded, panic_message};
 use crate::idempotency::Fingerprint;
-use crate::runtime::{Runtime, lock};
+use crate::runtime::Runtime;
 use crate::stats::stage;
 use crate::store::{MAX_TXN_BYTES, MAX_TXN_OPS, Op, Term};
+use crate::sync::lock;
 
 /// Requests waiting for the sequencer.
 const QUEUE: usize = 4096;
@@ -305,12 +307,14 @@ pub(crate) fn outcome_ops(
         Err(reply) => (ProcessState::Fail, reply),
     };
     let response = Some(reply.to_stored());
-    let mut ops =
-        vec![Op::Put(keys.rs(index), data::encode(&EntryState { kind, state, epoch, response: response.clone() }))];
+    let mut ops = vec![Op::Put(
+        keys.rs(index),
+        crate::codec::encode(&EntryState { kind, state, epoch, response: response.clone() }),
+    )];
     if let (Some(key), Some(lease)) = (&entry.idempotency_key, lease) {
-        let fingerprint = crate::idempotency::to_hex(&crate::http::fingerprint(entry));
+        let fingerprint = crate::idempotency::to_hex(&crate::idempotency::fingerprint(entry));
         let record = IdempotencyRecord { index, fingerprint, response };
-        ops.push(Op::PutLeased(keys.idem(key), data::encode(&record), lease));
+        ops.push(Op::PutLeased(keys.idem(key), crate::codec::encode(&record), lease));
     }
     ops
 }
@@ -451,7 +455,7 @@ impl<S: AppState> Sequencer<S> {
     async fn settled_by_outbox(&self, index: u64) -> Result<bool> {
         let store = self.runtime.store();
         let Some(kv) = store.get_local(&self.runtime.keys.log(index)).await? else { return Ok(false) };
-        let entry: LogEntry = data::decode(kv.key(), kv.value())?;
+        let entry: LogEntry = crate::codec::decode(kv.key(), kv.value())?;
         Ok(self.runtime.route_of(&entry.method, &entry.path).is_some_and(|route| route.replayable))
     }
 
@@ -469,10 +473,10 @@ impl<S: AppState> Sequencer<S> {
             // Compacted away, which only happens to final entries: it was settled after
             // every replica passed it, and its answer is in a leased record.
             let Some(kv) = store.get_local(&keys.idem(key)).await? else { return Ok(KeyLookup::New) };
-            let record: IdempotencyRecord = data::decode(kv.key(), kv.value())?;
+            let record: IdempotencyRecord = crate::codec::decode(kv.key(), kv.value())?;
             return Ok(record.response.filter(|_| record.index == index).map_or(KeyLookup::New, replay));
         };
-        let state: EntryState = data::decode(kv.key(), kv.value())?;
+        let state: EntryState = crate::codec::decode(kv.key(), kv.value())?;
         Ok(match (state.state, state.response) {
             (ProcessState::Success | ProcessState::Fail, Some(response)) => replay(response),
             (ProcessState::Ignore, _) => KeyLookup::New,
@@ -530,7 +534,7 @@ impl<S: AppState> Sequencer<S> {
             let index = self.next_index + offset as u64;
             if let (Some(_), Some(stamp)) = (&fresh.entry.idempotency_key, stamp) {
                 fresh.entry.stamp = Some(stamp);
-                fresh.encoded = data::encode(&fresh.entry);
+                fresh.encoded = crate::codec::encode(&fresh.entry);
             }
             ops.push(Op::Put(keys.log(index), fresh.encoded.clone()));
             // Replication requests go straight to InProcess: a leader that dies after this
@@ -543,7 +547,7 @@ impl<S: AppState> Sequencer<S> {
                 _ => ProcessState::Null,
             };
             let state = EntryState { kind: fresh.kind, state, epoch, response: None };
-            ops.push(Op::Put(keys.rs(index), data::encode(&state)));
+            ops.push(Op::Put(keys.rs(index), crate::codec::encode(&state)));
         }
         let last = self.next_index + group.len() as u64 - 1;
         ops.push(Op::counter(keys.ls(), last));
@@ -766,7 +770,7 @@ async fn process<S: AppState>(
         .filter(|i| i.kind == RequestKind::Normal)
         .map(|i| {
             let state = EntryState { kind: i.kind, state: ProcessState::InProcess, epoch: term.epoch, response: None };
-            Op::Put(keys.rs(i.index), data::encode(&state))
+            Op::Put(keys.rs(i.index), crate::codec::encode(&state))
         })
         .collect();
     runtime.stats.add_many(stage::GROUPS, 1, Duration::ZERO);

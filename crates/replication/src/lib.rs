@@ -3,9 +3,11 @@
 mod app;
 pub mod backup;
 mod builder;
+mod codec;
 mod compaction;
 mod config;
 mod data;
+mod durable;
 mod error;
 pub mod etcd_flags;
 mod faults;
@@ -21,28 +23,30 @@ mod metrics;
 pub mod outbox;
 mod record_file;
 mod runtime;
+mod secret;
 mod server;
 mod snapshot;
 mod state_transfer;
 mod stats;
 mod store;
+mod sync;
 
-pub use app::{AppState, BoxFuture, Failure, FilePrefix, Outcome, Reply, Request, SnapshotBuilder, Step, bearer_token};
+pub use app::{AppState, BoxFuture, Failure, FilePrefix, Outcome, Reply, Request, SnapshotBuilder, bearer_token};
 pub use builder::Builder;
 pub use config::{AdminToken, Config, EtcdTls, Limits, Publisher, SnapshotPolicy, Timings};
 pub use data::{
     CompactedLog, Divergence, EntryState, IdempotencyRecord, LeaderRecord, LogEntry, MemberRecord, NAME_RULE,
-    ProcessState, RequestKind, SnapshotMeta, StoppedAt, StoredReply, is_valid_name,
+    ProcessState, RequestKind, SnapshotMeta, Stamp, Step, StoppedAt, StoredReply, is_valid_name,
 };
 pub use error::{Error, Result};
 pub use http::{IDEMPOTENCY_KEY_HEADER, INDEX_HEADER, LEADER_HEADER, REPLAYED_HEADER};
-pub use idempotency::{Stamp, TableStatus};
+pub use idempotency::TableStatus;
 pub use line_file::LineFile;
-pub use membership::{random_token, same_secret};
 pub use outbox::{
     CancelError, EndpointHealth, Expected, FinalityViolation, Outbox, OutboxConfig, OutboxStatus, TxCall, TxError,
     TxReceipt, TxStep, UnsettledTx, VerifiedTx, Verifier, VerifyError,
 };
 pub use runtime::{Replicated, Role, Status};
+pub use secret::{random_token, same_secret};
 pub use snapshot::app_bytes as snapshot_app_bytes;
 pub use stats::Tally;

@@ -57,7 +57,7 @@ impl LineFile {
         if !text.is_empty() && !text.ends_with('\n') {
             return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "the text ends in the middle of a line"));
         }
-        crate::snapshot::write_atomically(path, text.as_bytes())?;
+        crate::durable::write_atomically(path, text.as_bytes())?;
         let file = OpenOptions::new().append(true).open(path)?;
         Ok(Self { file, path: path.to_owned(), len: text.len() as u64, torn: false })
     }

@@ -9,15 +9,16 @@
 //! Snapshots are the whole state of the service, so peers fetch them with a token kept in
 //! etcd (`peer_token`), which only the replicas reach; the HTTP front refuses anyone else.
 
-use std::io::Read;
 use std::sync::Arc;
 
 use tracing::{info, warn};
 
 use crate::app::AppState;
-use crate::data::{self, MemberRecord};
+use crate::data::MemberRecord;
 use crate::error::Result;
-use crate::runtime::{Runtime, lock};
+use crate::runtime::Runtime;
+use crate::secret::random_token;
+use crate::sync::lock;
 
 impl<S: AppState> Runtime<S> {
     /// Keeps this replica's membership record in etcd while the replica runs: grants a
@@ -33,7 +34,7 @@ impl<S: AppState> Runtime<S> {
             let registered = async {
                 let lease = self.store().grant_lease(ttl).await?;
                 let record = changes.borrow_and_update().clone();
-                self.store().put_leased(&key, data::encode(&record), lease).await?;
+                self.store().put_leased(&key, crate::codec::encode(&record), lease).await?;
                 Ok::<_, crate::error::Error>(lease)
             }
             .await;
@@ -64,7 +65,7 @@ impl<S: AppState> Runtime<S> {
                             return;
                         }
                         let record = changes.borrow_and_update().clone();
-                        if self.store().put_leased(&key, data::encode(&record), lease).await.is_err() {
+                        if self.store().put_leased(&key, crate::codec::encode(&record), lease).await.is_err() {
                             break;
                         }
                     }
@@ -90,36 +91,5 @@ impl<S: AppState> Runtime<S> {
         let token = self.store().peer_token(&random_token()).await?;
         *lock(&self.peer_token) = Some(token.clone());
         Ok(token)
-    }
-}
-
-/// 32 random bytes from the kernel, as hex.
-/// 32 random bytes from the kernel, as hex: a secret no one can guess.
-pub fn random_token() -> String {
-    let mut bytes = [0u8; 32];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .expect("the kernel's random source is readable");
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Compares two secrets in time that does not depend on where they differ.
-pub fn same_secret(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tokens_are_random_hex_and_compared_exactly() {
-        let (a, b) = (random_token(), random_token());
-        assert_eq!(a.len(), 64);
-        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
-        assert_ne!(a, b);
-        assert!(same_secret(a.as_bytes(), a.as_bytes()));
-        assert!(!same_secret(a.as_bytes(), b.as_bytes()));
-        assert!(!same_secret(a.as_bytes(), &a.as_bytes()[1..]));
     }
 }

@@ -19,7 +19,8 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::data::RequestKind;
-use crate::runtime::{Role, Status, lock};
+use crate::runtime::{Role, Status};
+use crate::sync::lock;
 
 /// The `Content-Type` of what [`Metrics::render`] returns.
 pub(crate) const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
@@ -58,23 +59,6 @@ struct RequestLabels {
 struct RouteLabels {
     route: String,
     class: Class,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub(crate) struct ActionLabels {
-    /// What the etcd call was for (`write as leader`, `read log entries`, ...).
-    pub(crate) action: &'static str,
-}
-
-/// etcd calls' latency by action (kept with the other etcd counters in
-/// [`crate::stats::Stats`], which the store has).
-pub(crate) type EtcdHistograms = Family<ActionLabels, Histogram, fn() -> Histogram>;
-
-pub(crate) fn etcd_histograms() -> EtcdHistograms {
-    fn histogram() -> Histogram {
-        Histogram::new(exponential_buckets(0.000_25, 2.0, 16))
-    }
-    Family::new_with_constructor(histogram)
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

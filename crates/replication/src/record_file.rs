@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::app::Step;
+use crate::data::Step;
 use crate::data::StoredReply;
 use crate::error::{Error, Result};
 

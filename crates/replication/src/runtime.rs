@@ -15,11 +15,12 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tracing::{error, info, warn};
 
-use crate::app::{AppState, Failure, Outcome, Recorded, Reply, Request, Rollback, Step, StepObserver};
+use crate::app::{AppState, Failure, Outcome, Recorded, Reply, Request, Rollback, StepObserver};
 use crate::builder::{Route, Routes};
 use crate::config::Config;
 use crate::data::{
-    self, Divergence, EntryState, Keys, LeaderRecord, LogEntry, MemberRecord, ProcessState, RequestKind, StoppedAt,
+    self, Divergence, EntryState, Keys, LeaderRecord, LogEntry, MemberRecord, ProcessState, RequestKind, Step,
+    StoppedAt,
 };
 use crate::error::{Error, Result};
 use crate::guard::guarded;
@@ -28,6 +29,7 @@ use crate::record_file::RecordFile;
 use crate::snapshot::SnapshotStore;
 use crate::state_transfer::SnapshotState;
 use crate::store::{MemberStatus, Op, Store, StoredEntry, Term};
+use crate::sync::lock;
 
 /// How many entries a follower or a Register reads and applies at a time.
 const PAGE: u64 = 256;
@@ -498,8 +500,8 @@ impl<S: AppState> Runtime<S> {
     }
 
     /// The stamp the leader writes into the next keyed entries it logs (see
-    /// [`crate::idempotency::Stamp`]).
-    pub(crate) fn stamp(&self) -> crate::idempotency::Stamp {
+    /// [`crate::data::Stamp`]).
+    pub(crate) fn stamp(&self) -> crate::data::Stamp {
         let now_ms = data::unix_millis();
         self.idempotency.stamp(now_ms, self.config.idempotency_retention, self.config.idempotency_max_bytes)
     }
@@ -1159,7 +1161,7 @@ impl<S: AppState> Runtime<S> {
                     _ => None,
                 };
                 if let Some(decided) = &decided {
-                    ops.push(Op::Put(self.keys.rs(index), data::encode(decided)));
+                    ops.push(Op::Put(self.keys.rs(index), crate::codec::encode(decided)));
                 }
                 passed.push((index, entry.request, decided.unwrap_or(entry.state)));
             }
@@ -1223,7 +1225,7 @@ impl<S: AppState> Runtime<S> {
                     reason: "not an idempotency record's key".into(),
                 });
                 let imported = client_key.and_then(|client_key| {
-                    let record: data::IdempotencyRecord = data::decode(&key, &value)?;
+                    let record: data::IdempotencyRecord = crate::codec::decode(&key, &value)?;
                     Ok(Imported {
                         key: client_key,
                         index: record.index,
@@ -1257,15 +1259,15 @@ impl<S: AppState> Runtime<S> {
                 path: IMPORT_PATH.into(),
                 query: None,
                 headers: Vec::new(),
-                body: data::encode(&records),
+                body: crate::codec::encode(&records),
                 idempotency_key: None,
                 stamp: Some(self.stamp()),
             };
             let answer = Reply::json(200, &serde_json::json!({ "imported": count }));
             let state = recorded_state(RequestKind::ExternalTxn, term.epoch, &Ok(answer));
             let mut ops = vec![
-                Op::Put(self.keys.log(index), data::encode(&entry)),
-                Op::Put(self.keys.rs(index), data::encode(&state)),
+                Op::Put(self.keys.log(index), crate::codec::encode(&entry)),
+                Op::Put(self.keys.rs(index), crate::codec::encode(&state)),
                 Op::counter(self.keys.ls(), index),
                 Op::counter(self.keys.ssi(), index),
                 Op::counter(self.keys.lpi(&self.config.replica), self.recoverable_lpi(index)),
@@ -1579,11 +1581,6 @@ impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
     }
-}
-
-/// A lock helper for the std mutexes here (poisoning only follows a panic elsewhere).
-pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// What an operator reads when the local etcd member raises `alarm`.

@@ -23,6 +23,7 @@ use sha2::{Digest, Sha256};
 
 use crate::app::SnapshotBuilder;
 use crate::data::SnapshotMeta;
+use crate::durable::write_atomically;
 use crate::error::{Error, Result};
 
 /// How many complete snapshots are kept.
@@ -313,21 +314,6 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
-/// Writes `bytes` to `path` so that a crash leaves either the old file or the new one:
-/// a temporary file, fsynced, renamed over, and the directory fsynced.
-pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let temp = path.with_extension("json.tmp");
-    let mut file = std::fs::File::create(&temp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    drop(file);
-    std::fs::rename(&temp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
-}
-
 fn fail(path: &Path, reason: impl std::fmt::Display) -> Error {
     Error::Snapshot { path: path.display().to_string(), reason: reason.to_string() }
 }
@@ -412,7 +398,7 @@ mod tests {
             headers: Vec::new(),
             body: b"x".to_vec(),
             idempotency_key: Some("k".into()),
-            stamp: Some(crate::idempotency::Stamp { at: 9, keep_from: 0 }),
+            stamp: Some(crate::data::Stamp { at: 9, keep_from: 0 }),
         };
         let state = crate::data::EntryState {
             kind: crate::data::RequestKind::Replication,

@@ -26,8 +26,9 @@ use tracing::{info, warn};
 use crate::app::AppState;
 use crate::data::{MemberRecord, SnapshotMeta};
 use crate::error::{Error, Result};
-use crate::runtime::{Runtime, lock};
+use crate::runtime::Runtime;
 use crate::snapshot::{Lineage, digest_of};
+use crate::sync::lock;
 
 /// The header carrying the peer token on a snapshot fetch.
 pub(crate) const PEER_TOKEN_HEADER: &str = "br2k-peer-token";

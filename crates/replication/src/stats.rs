@@ -8,6 +8,9 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use serde::{Deserialize, Serialize};
 
 /// How often something happened, and the time it took in all.
@@ -68,12 +71,12 @@ pub(crate) struct Stats {
     /// etcd calls, by the action the store names them with.
     etcd: Mutex<BTreeMap<&'static str, Tally>>,
     /// The same calls' latencies, for `/metrics`.
-    pub(crate) etcd_seconds: crate::metrics::EtcdHistograms,
+    pub(crate) etcd_seconds: EtcdHistograms,
 }
 
 impl Default for Stats {
     fn default() -> Self {
-        Self { tallies: Mutex::default(), etcd: Mutex::default(), etcd_seconds: crate::metrics::etcd_histograms() }
+        Self { tallies: Mutex::default(), etcd: Mutex::default(), etcd_seconds: etcd_histograms() }
     }
 }
 
@@ -81,7 +84,7 @@ impl Stats {
     /// Counts one etcd call for `action` (as the store names it in errors).
     pub(crate) fn add_etcd(&self, action: &'static str, took: Duration) {
         count(&self.etcd, action, 1, took);
-        self.etcd_seconds.get_or_create(&crate::metrics::ActionLabels { action }).observe(took.as_secs_f64());
+        self.etcd_seconds.get_or_create(&ActionLabels { action }).observe(took.as_secs_f64());
     }
 
     /// Counts one `what` that took `took`.
@@ -105,8 +108,8 @@ impl Stats {
     /// Every tally so far, by name; etcd calls as `etcd: <action>`.
     pub(crate) fn snapshot(&self) -> BTreeMap<String, Tally> {
         let mut out: BTreeMap<String, Tally> =
-            crate::runtime::lock(&self.tallies).iter().map(|(name, tally)| ((*name).to_owned(), *tally)).collect();
-        for (action, tally) in crate::runtime::lock(&self.etcd).iter() {
+            crate::sync::lock(&self.tallies).iter().map(|(name, tally)| ((*name).to_owned(), *tally)).collect();
+        for (action, tally) in crate::sync::lock(&self.etcd).iter() {
             out.insert(format!("etcd: {action}"), *tally);
         }
         out
@@ -116,10 +119,27 @@ impl Stats {
 /// Adds `calls` that took `took` in all to `what`'s tally in `tallies`.
 fn count(tallies: &Mutex<BTreeMap<&'static str, Tally>>, what: &'static str, calls: u64, took: Duration) {
     let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
-    let mut tallies = crate::runtime::lock(tallies);
+    let mut tallies = crate::sync::lock(tallies);
     let tally = tallies.entry(what).or_default();
     tally.calls += calls;
     tally.micros = tally.micros.saturating_add(micros);
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ActionLabels {
+    /// What the etcd call was for (`write as leader`, `read log entries`, ...).
+    pub(crate) action: &'static str,
+}
+
+/// etcd calls' latency by action (kept with the other etcd counters in
+/// [`crate::stats::Stats`], which the store has).
+pub(crate) type EtcdHistograms = Family<ActionLabels, Histogram, fn() -> Histogram>;
+
+pub(crate) fn etcd_histograms() -> EtcdHistograms {
+    fn histogram() -> Histogram {
+        Histogram::new(exponential_buckets(0.000_25, 2.0, 16))
+    }
+    Family::new_with_constructor(histogram)
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use etcd_client::{
 };
 use tracing::warn;
 
-use crate::data::{self, CompactedLog, EntryState, Keys, LeaderRecord, LogEntry, MemberRecord};
+use crate::data::{CompactedLog, EntryState, Keys, LeaderRecord, LogEntry, MemberRecord};
 use crate::error::{Error, Result};
 use crate::stats::Stats;
 
@@ -259,7 +259,7 @@ impl Store {
     /// A decimal counter; 0 when the key does not exist yet.
     pub(crate) async fn get_index(&self, key: &str) -> Result<u64> {
         match self.get(key).await? {
-            Some(kv) => data::decode_index(kv.key(), kv.value()),
+            Some(kv) => crate::codec::decode_index(kv.key(), kv.value()),
             None => Ok(0),
         }
     }
@@ -271,7 +271,7 @@ impl Store {
 
     pub(crate) async fn leader(&self) -> Result<Option<(LeaderRecord, i64)>> {
         match self.get(&self.keys.cl()).await? {
-            Some(kv) => Ok(Some((data::decode(kv.key(), kv.value())?, kv.mod_revision()))),
+            Some(kv) => Ok(Some((crate::codec::decode(kv.key(), kv.value())?, kv.mod_revision()))),
             None => Ok(None),
         }
     }
@@ -337,7 +337,7 @@ impl Store {
         for kv in logs.kvs() {
             bytes += (kv.key().len() + kv.value().len()) as u64;
             let index = self.keys.index_of(kv.key()).ok_or_else(|| corrupt(kv, "not a log index"))?;
-            requests.insert(index, data::decode::<LogEntry>(kv.key(), kv.value())?);
+            requests.insert(index, crate::codec::decode::<LogEntry>(kv.key(), kv.value())?);
         }
         let mut out = Vec::with_capacity(requests.len());
         let mut expected = from;
@@ -347,7 +347,7 @@ impl Store {
             if index != expected {
                 return Err(Error::MissingRecord { key: self.keys.rs(expected) });
             }
-            let state = data::decode::<EntryState>(kv.key(), kv.value())?;
+            let state = crate::codec::decode::<EntryState>(kv.key(), kv.value())?;
             let request = requests.remove(&index).ok_or_else(|| Error::MissingRecord { key: self.keys.log(index) })?;
             out.push(StoredEntry { index, state, request });
             expected += 1;
@@ -362,7 +362,7 @@ impl Store {
     /// is unconditional: etcd orders competing writes, and the loser's later fenced
     /// writes fail, so it steps down.
     pub(crate) async fn take_leadership(&self, record: &LeaderRecord, epoch_base: u64) -> Result<Term> {
-        let value = data::encode(record);
+        let value = crate::codec::encode(record);
         let mut client = self.client.clone();
         let response = self.bounded("take leadership", client.put(self.keys.cl(), value.clone(), None)).await?;
         let revision = response.header().map(etcd_client::ResponseHeader::revision).unwrap_or_default();
@@ -380,7 +380,7 @@ impl Store {
     pub(crate) async fn epoch_base(&self, proposed: impl Future<Output = u64>) -> Result<u64> {
         let key = self.keys.epoch_base();
         if let Some(kv) = self.get(&key).await? {
-            return data::decode_index(kv.key(), kv.value());
+            return crate::codec::decode_index(kv.key(), kv.value());
         }
         let base = proposed.await;
         let txn = Txn::new()
@@ -390,7 +390,7 @@ impl Store {
         self.bounded("record the epoch base", client.txn(txn)).await?;
         // Another replica may have recorded its own first; everyone uses the recorded one.
         match self.get(&key).await? {
-            Some(kv) => data::decode_index(kv.key(), kv.value()),
+            Some(kv) => crate::codec::decode_index(kv.key(), kv.value()),
             None => Err(Error::MissingRecord { key }),
         }
     }
@@ -419,7 +419,7 @@ impl Store {
                 Compare::create_revision(self.keys.compacted(), CompareOp::Equal, 0),
             ])
             .and_then(vec![
-                TxnOp::put(self.keys.compacted(), data::encode(compacted), None),
+                TxnOp::put(self.keys.compacted(), crate::codec::encode(compacted), None),
                 TxnOp::put(self.keys.ls(), index.to_string(), None),
                 TxnOp::put(self.keys.ssi(), index.to_string(), None),
                 TxnOp::put(self.keys.lpi(replica), index.to_string(), None),
@@ -507,11 +507,11 @@ impl Store {
             _ => None,
         });
         let ssi = match values.next().flatten() {
-            Some(kv) => data::decode_index(kv.key(), kv.value())?,
+            Some(kv) => crate::codec::decode_index(kv.key(), kv.value())?,
             None => 0,
         };
         let compacted = match values.next().flatten() {
-            Some(kv) => data::decode(kv.key(), kv.value())?,
+            Some(kv) => crate::codec::decode(kv.key(), kv.value())?,
             None => CompactedLog::default(),
         };
         Ok((ssi, compacted))
@@ -520,7 +520,7 @@ impl Store {
     /// The compaction record (first index 0 when the log was never compacted).
     pub(crate) async fn compacted(&self) -> Result<CompactedLog> {
         match self.get(&self.keys.compacted()).await? {
-            Some(kv) => data::decode(kv.key(), kv.value()),
+            Some(kv) => crate::codec::decode(kv.key(), kv.value()),
             None => Ok(CompactedLog::default()),
         }
     }
@@ -540,7 +540,7 @@ impl Store {
                 .keys
                 .member_of(kv.key())
                 .ok_or_else(|| corrupt(kv, "not a member key"))
-                .and_then(|replica| Ok((replica.to_owned(), data::decode(kv.key(), kv.value())?)));
+                .and_then(|replica| Ok((replica.to_owned(), crate::codec::decode(kv.key(), kv.value())?)));
             match record {
                 Ok(record) => out.push(record),
                 Err(e) => warn!(error = %e, "ignoring an unreadable membership record"),
@@ -565,7 +565,7 @@ impl Store {
                         .iter()
                         .map(|kv| {
                             let index = self.keys.index_of(kv.key()).ok_or_else(|| corrupt(kv, "not a log index"))?;
-                            Ok((index, data::decode(kv.key(), kv.value())?))
+                            Ok((index, crate::codec::decode(kv.key(), kv.value())?))
                         })
                         .collect();
                 }

@@ -36,7 +36,7 @@ pub const TERMS_ANNOTATION: &str = "io.br2k.terms";
 /// data left fetch without end. A leader refuses to push a backup over it (with an alert:
 /// compaction and snapshots keep backups small; a state near this size needs them more
 /// often), so a backup that could never be restored is never recorded.
-pub const MAX_BACKUP_BYTES: u64 = 1024 * 1024 * 1024;
+pub const MAX_BACKUP_BYTES: u64 = crate::data::MAX_STATE_BYTES;
 
 /// The tag prefix of backups: `br2k-backup-<service>-<index>`. The service is in the tag
 /// because services deployed from one image share its repository (a copy restored under a

@@ -36,7 +36,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use br2k_oci::registry::RegistryClient;
 use br2k_resolver::RecordedBackup;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
@@ -46,9 +45,9 @@ pub use self::manifest::{
     BACKUP_TYPE, BACKUP_TYPE_V1, BackupManifest, LOG_MEDIA_TYPE, MAX_BACKUP_BYTES, STATE_MEDIA_TYPE, SegmentBlob,
     SegmentEntry, Signed, SigningDomain, StateBlob, TAG_PREFIX, TALLY_ANNOTATION, TERMS_ANNOTATION, backup_tag,
 };
-pub use self::retention::Retention;
 use self::spool::{SpoolWriter, Spooled};
 use crate::app::AppState;
+pub use crate::config::{BackupConfig, MERGE_FANOUT, Retention};
 use crate::data::CompactedLog;
 use crate::error::{Error, Result};
 use crate::runtime::Runtime;
@@ -56,53 +55,6 @@ use crate::store::Term;
 
 /// The least time between two backups asked for with `POST /br2k/backup`.
 const ON_DEMAND_SPACING: Duration = Duration::from_secs(1);
-
-/// How many segments of one level merge into one of the next, by default: a manifest
-/// then names at most 7 segments per level, and an entry is uploaded again once per level.
-pub const MERGE_FANOUT: usize = 8;
-
-/// Where and how often the leader backs the service up.
-#[derive(Clone, Debug)]
-pub struct BackupConfig {
-    /// The service's container registry, with its credentials (from the environment or
-    /// Docker's config.json, never from etcd or the chain).
-    pub registry: Arc<RegistryClient>,
-    /// The repository backups go to (the service's image repository).
-    pub repository: String,
-    /// How often the leader pushes a backup (default 30 s): what a total disaster can lose
-    /// is bounded by it.
-    pub interval: Duration,
-    /// How often a backup is recorded on chain (default 10 min): what backups cost in gas.
-    pub record_interval: Duration,
-    /// Which backups stay in the registry.
-    pub retention: Retention,
-    /// How many segments of one level merge into one of the next (at least 2).
-    pub merge_fanout: usize,
-    /// The least time between two backups asked for with `POST /br2k/backup` (`None`:
-    /// the backup interval). Each pushes an artifact and pays for a transaction.
-    pub on_demand_spacing: Option<Duration>,
-}
-
-impl BackupConfig {
-    /// Backups into `repository` of `registry` at the defaults: every 30 s, one in twenty
-    /// recorded on chain (every 10 min), the last 48 and 7 daily kept.
-    pub fn new(registry: Arc<RegistryClient>, repository: impl Into<String>) -> Self {
-        Self {
-            registry,
-            repository: repository.into(),
-            interval: Duration::from_secs(30),
-            record_interval: Duration::from_secs(600),
-            retention: Retention::default(),
-            merge_fanout: MERGE_FANOUT,
-            on_demand_spacing: None,
-        }
-    }
-
-    /// The least time between two backups asked for on demand.
-    pub(crate) fn on_demand_spacing(&self) -> Duration {
-        self.on_demand_spacing.unwrap_or(self.interval)
-    }
-}
 
 /// What `/br2k/status` says of backups.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

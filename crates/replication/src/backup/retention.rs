@@ -12,23 +12,8 @@ use br2k_oci::registry::RegistryClient;
 use tracing::{info, warn};
 
 use super::manifest::{backup_tag, tag_index};
+use crate::config::Retention;
 use crate::error::{Error, Result};
-
-/// How many backups to keep.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Retention {
-    /// The newest backups kept, whatever their age (default 48).
-    pub keep_last: usize,
-    /// Days (UTC) whose newest backup is kept, counting back from the newest day that has
-    /// one (default 7).
-    pub keep_daily: usize,
-}
-
-impl Default for Retention {
-    fn default() -> Self {
-        Self { keep_last: 48, keep_daily: 7 }
-    }
-}
 
 impl Retention {
     /// The indexes to keep of `backups` (index -> when it was made, unix seconds), with

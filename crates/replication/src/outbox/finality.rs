@@ -93,7 +93,7 @@ impl Chain {
         for (key, value) in records {
             let Some(at) = keys.parse_outbox(&key) else { continue };
             last = Some(at.0);
-            let Ok(record) = data::decode::<TxRecord>(&key, &value) else { continue };
+            let Ok(record) = crate::codec::decode::<TxRecord>(&key, &value) else { continue };
             let recent =
                 record.settled.as_ref().is_some_and(|s| head.saturating_sub(s.block) < self.config.finality_window);
             if recent {

@@ -52,13 +52,12 @@ use alloy::network::{EthereumWallet, NetworkTransactionBuilder, TransactionBuild
 use alloy::primitives::{Address, B256, Bytes, U256};
 use alloy::providers::{DynProvider, Provider};
 use alloy::rpc::types::{TransactionReceipt, TransactionRequest};
-use alloy::signers::local::PrivateKeySigner;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 use tracing::{debug, info, warn};
 
-use crate::app::BoxFuture;
-use crate::data::{self, Keys};
+pub use crate::config::OutboxConfig;
+use crate::data::Keys;
 use crate::error::{Error, Result};
 use crate::store::{Op, Store, Term};
 use endpoints::{Endpoints, RpcFailure};
@@ -89,78 +88,6 @@ enum Mined {
 /// How long the record's nonce must look spent with no receipt of any of its versions
 /// before the outbox believes a transaction it did not send took the nonce.
 const FOREIGN_SPEND_AFTER: Duration = Duration::from_secs(3);
-
-/// How the runtime sends a service's transactions.
-#[derive(Clone)]
-pub struct OutboxConfig {
-    /// The chain's RPC endpoints (`http(s)://`), at least one: broadcasts go to all of
-    /// them, reads to the first healthy one in this order.
-    pub rpc_urls: Vec<String>,
-    /// The service's transaction key. Use a key of its own: the outbox owns its nonces,
-    /// and another sender with the same key would take them.
-    pub signer: PrivateKeySigner,
-    /// Blocks a transaction must be under before it counts as settled (1: mined).
-    pub confirmations: u64,
-    /// How long a transaction may stay unmined before it is replaced at the same nonce
-    /// with higher fees.
-    pub bump_after: Duration,
-    /// The most a replacement may pay, as a multiple of the first version's fees. A
-    /// transaction whose fees reached it is rebroadcast as it is, never bumped again: a
-    /// fee spike (or a chain that mines nothing) cannot drain the service's key, and the
-    /// request waits in doubt, shown in `/br2k/status`, until the chain takes it.
-    pub max_fee_multiple: u32,
-    /// How long one send waits for its receipt before the request is left in doubt (the
-    /// runtime then tries again in the background). Keep it under the handler timeout.
-    pub settle_within: Duration,
-    /// Bound on one RPC request (to one endpoint).
-    pub rpc_timeout: Duration,
-    /// How many blocks after it settled a transaction is still watched for a reorg deeper
-    /// than `confirmations` (a finality violation): past it, the chain is taken as final.
-    pub finality_window: u64,
-    /// How often the leader checks that settled transactions are still on chain.
-    pub finality_check_every: Duration,
-    /// The gas limit given to a call whose limit is estimated, in percent of the estimate.
-    /// The estimate holds for the state it was made in; by the time the transaction runs,
-    /// the state may differ (a token transfer to an account its owner emptied meanwhile
-    /// pays 17,100 gas more to store a balance from zero: +50% of the transfer), and a
-    /// transaction out of gas is mined reverted, its nonce spent. Only the gas used is paid.
-    pub gas_limit_percent: u64,
-}
-
-impl std::fmt::Debug for OutboxConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("OutboxConfig")
-            .field("rpc_urls", &self.rpc_urls.iter().map(|u| br2k_resolver::shown_endpoint(u)).collect::<Vec<_>>())
-            .field("sender", &self.signer.address())
-            .field("confirmations", &self.confirmations)
-            .field("bump_after", &self.bump_after)
-            .field("max_fee_multiple", &self.max_fee_multiple)
-            .field("settle_within", &self.settle_within)
-            .finish_non_exhaustive()
-    }
-}
-
-impl OutboxConfig {
-    /// An outbox on `rpc_url` signing with `signer`: settled at 1 confirmation, bumped
-    /// after 15 s unmined up to 4 times the first fees, in doubt after 20 s, watched for
-    /// deep reorgs for 64 blocks (two Ethereum epochs, after which it is finalized),
-    /// estimated gas limits given 60% more room.
-    /// Push more endpoints onto `rpc_urls` to send through several.
-    pub fn new(rpc_url: impl Into<String>, signer: PrivateKeySigner) -> Self {
-        Self {
-            rpc_urls: vec![rpc_url.into()],
-            signer,
-            confirmations: 1,
-            bump_after: Duration::from_secs(15),
-            max_fee_multiple: 4,
-            settle_within: Duration::from_secs(20),
-            rpc_timeout: Duration::from_secs(10),
-            finality_window: 64,
-            finality_check_every: Duration::from_secs(5),
-            gas_limit_percent: 160,
-        }
-    }
-}
 
 /// A transaction a handler asks for: a call (or a plain transfer) from the service's key.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -387,7 +314,8 @@ impl std::str::FromStr for TxStep {
     }
 }
 
-pub(crate) type TxObserver = Arc<dyn Fn(TxStep, u64) -> BoxFuture<()> + Send + Sync>;
+pub(crate) type TxObserver =
+    Arc<dyn Fn(TxStep, u64) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
 /// What `/br2k/status` says of the outbox.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -452,7 +380,7 @@ impl Chain {
         let mut found = Vec::new();
         for (key, value) in records {
             let Some((index, seq)) = keys.parse_outbox(&key) else { continue };
-            let record: TxRecord = data::decode(&key, &value).map_err(|e| e.to_string())?;
+            let record: TxRecord = crate::codec::decode(&key, &value).map_err(|e| e.to_string())?;
             if record.settled.is_some() || record.refused.is_some() {
                 continue;
             }
@@ -492,7 +420,7 @@ impl Chain {
             .map_err(|e| CancelError::Store(e.to_string()))?;
         let mut unsettled = Vec::new();
         for (key, value) in records {
-            let record: TxRecord = data::decode(&key, &value).map_err(|e| CancelError::Store(e.to_string()))?;
+            let record: TxRecord = crate::codec::decode(&key, &value).map_err(|e| CancelError::Store(e.to_string()))?;
             if let Some(settled) = &record.settled
                 && record.cancelled_by().is_none()
             {
@@ -578,7 +506,7 @@ impl Chain {
     pub(crate) async fn rebroadcast_after(&self, store: &Store, keys: &Keys, index: u64) {
         let Ok(records) = store.values_in(&keys.outbox(index + 1, 0), &keys.outbox_end()).await else { return };
         for (key, value) in records {
-            let Ok(record) = data::decode::<TxRecord>(&key, &value) else { continue };
+            let Ok(record) = crate::codec::decode::<TxRecord>(&key, &value) else { continue };
             if record.settled.is_some() || record.refused.is_some() {
                 continue;
             }
@@ -644,7 +572,7 @@ impl Outbox {
         let stored = self.store.get(&key).await.map_err(in_doubt)?;
         let (mut record, replayed) = match stored {
             Some(kv) => {
-                let record: TxRecord = data::decode(kv.key(), kv.value()).map_err(in_doubt)?;
+                let record: TxRecord = crate::codec::decode(kv.key(), kv.value()).map_err(in_doubt)?;
                 if record.call != call {
                     warn!(
                         index = self.index,
@@ -725,7 +653,7 @@ impl Outbox {
             .await
             .map_err(TxError::Refused)?;
         let record = TxRecord { nonce, call, attempts: vec![attempt], settled: None, refused: None, broadcast: false };
-        ops.push(Op::Put(key.to_owned(), data::encode(&record)));
+        ops.push(Op::Put(key.to_owned(), crate::codec::encode(&record)));
         self.fenced(ops).await?;
         info!(index = self.index, nonce, hash = %record.attempts[0].hash, "transaction signed and stored");
         Ok(record)
@@ -941,7 +869,7 @@ impl Outbox {
 
     /// Stores `record` at `key` under this leader's fence.
     async fn store_record(&self, key: &str, record: &TxRecord) -> Result<(), TxError> {
-        self.fenced(vec![Op::Put(key.to_owned(), data::encode(record))]).await
+        self.fenced(vec![Op::Put(key.to_owned(), crate::codec::encode(record))]).await
     }
 
     /// Writes `ops` under this leader's fence: a lost fence is [`TxError::LeadershipLost`],
@@ -960,7 +888,7 @@ impl Outbox {
         // Refused at its first broadcast: no pool ever took it.
         record.broadcast = false;
         let ops = vec![
-            Op::Put(key.to_owned(), data::encode(&*record)),
+            Op::Put(key.to_owned(), crate::codec::encode(&*record)),
             Op::Put(self.keys.outbox_free(record.nonce), Vec::new()),
         ];
         self.fenced(ops).await?;
@@ -1222,6 +1150,8 @@ impl Verifier {
 
 #[cfg(test)]
 mod tests {
+    use alloy::signers::local::PrivateKeySigner;
+
     use super::*;
 
     #[test]
