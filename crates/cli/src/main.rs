@@ -1,5 +1,4 @@
-//! `br2k`: the command line of br2k. Parses, then calls the libraries; every command is
-//! one file under `commands/`.
+#![doc = include_str!("../README.md")]
 
 mod backends;
 mod commands;

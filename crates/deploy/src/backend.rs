@@ -1,4 +1,4 @@
-//! The one interface both deployment backends offer (DESIGN §7): deploy a service's
+//! The one interface both deployment backends offer: deploy a service's
 //! replicas from its image pinned by digest, and say what runs of it. `br2k deploy` and
 //! the manager's recovery go through it, so a redeploy after a disaster is the very path
 //! a first deployment takes.

@@ -1,4 +1,4 @@
-//! Contexts (DESIGN §9): where and as whom to deploy. A context is a kubeconfig context
+//! Contexts: where and as whom to deploy. A context is a kubeconfig context
 //! (cluster server, namespace, a token *file*), so kubectl and other tooling read it too,
 //! plus br2k's own per-context resources (worker nodes with their labels, public
 //! endpoints, storage class). `local` always exists and means the local backend.

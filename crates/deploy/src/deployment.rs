@@ -1,4 +1,4 @@
-//! What a deployment is, as the registry's recovery info records it (DESIGN §3): the
+//! What a deployment is, as the registry's recovery info records it: the
 //! context's name, the replica count, the container registry's URL, the image reference
 //! and its manifest digest. `br2k deploy` writes it; the manager reads it back to redeploy
 //! the same image by digest. Never a credential: a context *name*, a registry *URL*.

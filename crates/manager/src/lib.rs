@@ -1,20 +1,4 @@
-//! The manager daemon (DESIGN §10; paper section III.3, Fig. 10): run with a service's
-//! manager key, it brings the service back when it stops serving.
-//!
-//! 1. It follows the registry's `Claim` events from a block cursor kept on disk
-//!    ([`journal`]), so a restarted manager neither misses a claim nor repeats work.
-//! 2. For a claim it checks the service: the registered location's `/br2k/health`, then
-//!    the backend's view of the replicas. A service that answers, or whose replicas are
-//!    still electing a leader (for a grace period), is left alone and the claim dropped.
-//! 3. A dead service is recovered: `setState(Recovering)`, the recovery info read, the
-//!    image pulled by digest and redeployed through the backend the context names, a
-//!    `NewLocation` with a higher epoch awaited (and its health checked), `setState(Running)`.
-//! 4. Every claim in one batch of blocks, and every claim while a recovery is under way,
-//!    leads to at most that one recovery. Beyond the paper, it also probes its services
-//!    on its own schedule and recovers them without waiting for a client to claim.
-//!
-//! One recovery runs at a time; a failed attempt is retried with a growing pause, and the
-//! service stays `Recovering` on chain meanwhile so clients know.
+#![doc = include_str!("../README.md")]
 
 pub mod journal;
 pub mod metrics;

@@ -1,5 +1,5 @@
 //! OCI images built straight from a service's compiled binary, with no Docker daemon
-//! (DESIGN §8): one layer holding the binary and the shared libraries it loads (found
+//!: one layer holding the binary and the shared libraries it loads (found
 //! with `ldd`, so the image runs without a base image), an image config naming it as the
 //! entrypoint with its port, and a manifest. Blobs go into a content-addressed store and
 //! every build is recorded in `images.json`.

@@ -1,9 +1,4 @@
-//! What every br2k replica binary shares (the log server, the payment service): the
-//! flags of one replica (where its etcd member is, where it listens, its limits,
-//! snapshots, backups, the registry it publishes in), turned into a
-//! [`br2k_replication::Config`]; secrets read from the environment or 0600 files; and
-//! logging; and shutdown on SIGINT or SIGTERM. An app's binary flattens [`ReplicaArgs`] into its own
-//! flags and adds its own.
+#![doc = include_str!("../README.md")]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

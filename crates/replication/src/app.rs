@@ -9,6 +9,9 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use std::collections::HashMap;
+
+use crate::data::RequestKind;
 use crate::data::Step;
 use crate::data::{LogEntry, StoredReply};
 use crate::secret::bearer_credentials;
@@ -285,3 +288,38 @@ pub fn bearer_token(token: impl Into<String>) -> impl Fn(&Request) -> Result<(),
 }
 
 pub(crate) type StepObserver = Arc<dyn Fn(Step, u64) -> BoxFuture<()> + Send + Sync>;
+
+/// One route: its type and what runs for it.
+pub(crate) struct Route<S> {
+    pub(crate) kind: RequestKind,
+    pub(crate) handler: Handler<S>,
+    pub(crate) rollback: Option<Rollback<S>>,
+    pub(crate) reconcile: Option<Reconcile<S>>,
+    pub(crate) admission: Option<Admission>,
+    /// The check of the request's head, run before its body is read.
+    pub(crate) authentication: Option<Admission>,
+    /// A Normal route whose only effects are transactions sent through the outbox: safe
+    /// to run again for the same request (the outbox hands back what it stored).
+    pub(crate) replayable: bool,
+    /// What every replica does to the replicated state with a recorded Success of this
+    /// (only-once or External_TXN) route.
+    pub(crate) apply: Option<Apply<S>>,
+}
+
+/// Routes by (method, path); paths match exactly.
+pub(crate) struct Routes<S> {
+    pub(crate) by_key: HashMap<(String, String), Route<S>>,
+}
+
+impl<S> Routes<S> {
+    pub(crate) fn get(&self, method: &str, path: &str) -> Option<&Route<S>> {
+        self.by_key.get(&(method.to_owned(), path.to_owned()))
+    }
+
+    /// The methods a path has, for `405 Method Not Allowed`.
+    pub(crate) fn methods_of(&self, path: &str) -> Vec<String> {
+        let mut methods: Vec<String> = self.by_key.keys().filter(|(_, p)| p == path).map(|(m, _)| m.clone()).collect();
+        methods.sort();
+        methods
+    }
+}

@@ -1,4 +1,5 @@
-//! Declaring a replicated service: its routes, their request types, and their hooks.
+//! Declaring a replicated service (its routes, their request types, and their hooks) and
+//! running it: [`Replicated`] runs the node loop and the HTTP front until shut down.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -6,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::app::{
-    Admission, AppState, Apply, BoxFuture, Handler, Outcome, Reconcile, Reply, Request, Rollback, StepObserver,
+    AppState, Apply, BoxFuture, Handler, Outcome, Reconcile, Reply, Request, Rollback, Route, Routes, StepObserver,
 };
 use crate::codec::check_name;
 use crate::config::Config;
@@ -14,45 +15,13 @@ use crate::data::RequestKind;
 use crate::data::Step;
 use crate::error::{Error, Result};
 use crate::outbox::{Chain, TxObserver, TxStep};
-use crate::runtime::Replicated;
+use crate::runtime::Runtime;
+use crate::status::Status;
+use tokio::sync::watch;
+use tracing::info;
 
 /// Headers that carry credentials: never logged.
 const CREDENTIAL_HEADERS: [&str; 3] = ["authorization", "proxy-authorization", "cookie"];
-
-/// One route: its type and what runs for it.
-pub(crate) struct Route<S> {
-    pub(crate) kind: RequestKind,
-    pub(crate) handler: Handler<S>,
-    pub(crate) rollback: Option<Rollback<S>>,
-    pub(crate) reconcile: Option<Reconcile<S>>,
-    pub(crate) admission: Option<Admission>,
-    /// The check of the request's head, run before its body is read.
-    pub(crate) authentication: Option<Admission>,
-    /// A Normal route whose only effects are transactions sent through the outbox: safe
-    /// to run again for the same request (the outbox hands back what it stored).
-    pub(crate) replayable: bool,
-    /// What every replica does to the replicated state with a recorded Success of this
-    /// (only-once or External_TXN) route.
-    pub(crate) apply: Option<Apply<S>>,
-}
-
-/// Routes by (method, path); paths match exactly.
-pub(crate) struct Routes<S> {
-    pub(crate) by_key: HashMap<(String, String), Route<S>>,
-}
-
-impl<S> Routes<S> {
-    pub(crate) fn get(&self, method: &str, path: &str) -> Option<&Route<S>> {
-        self.by_key.get(&(method.to_owned(), path.to_owned()))
-    }
-
-    /// The methods a path has, for `405 Method Not Allowed`.
-    pub(crate) fn methods_of(&self, path: &str) -> Vec<String> {
-        let mut methods: Vec<String> = self.by_key.keys().filter(|(_, p)| p == path).map(|(m, _)| m.clone()).collect();
-        methods.sort();
-        methods
-    }
-}
 
 /// Builds a [`Replicated`] service; see [`Replicated::builder`].
 pub struct Builder<S> {
@@ -358,5 +327,75 @@ impl<S: AppState> Builder<S> {
             return Err(Error::Config(problems.join("; ")));
         }
         Ok(Replicated::new(self.config, state, Routes { by_key: self.routes }, self.observer, chain))
+    }
+}
+
+/// A replicated service, ready to serve. Built with [`Replicated::builder`].
+pub struct Replicated<S> {
+    pub(crate) runtime: Arc<Runtime<S>>,
+}
+
+impl<S: AppState> Replicated<S> {
+    /// Starts declaring a service for `config`.
+    pub fn builder(config: Config) -> crate::Builder<S> {
+        crate::Builder::new(config)
+    }
+
+    pub(crate) fn new(
+        config: Config,
+        state: S,
+        routes: Routes<S>,
+        observer: Option<StepObserver>,
+        chain: Option<Arc<crate::outbox::Chain>>,
+    ) -> Self {
+        Self { runtime: Arc::new(Runtime::new(config, state, routes, observer, chain)) }
+    }
+
+    /// The app state.
+    pub fn state(&self) -> Arc<S> {
+        self.runtime.state.clone()
+    }
+
+    /// This replica's current status.
+    pub fn status(&self) -> Status {
+        self.runtime.current_status()
+    }
+
+    /// A receiver that sees every status change (for waiting on a role change).
+    pub fn subscribe(&self) -> watch::Receiver<Status> {
+        self.runtime.status.subscribe()
+    }
+
+    /// Runs the replica until `shutdown` completes: the HTTP front on the configured
+    /// address and the role loop on the local etcd member. A leader stops taking requests,
+    /// and requests in flight are answered 503 (clients retry elsewhere with their
+    /// idempotency key).
+    ///
+    /// # Errors
+    /// [`Error::Listen`] if the address cannot be bound; [`Error::RecordFile`] if the data
+    /// directory cannot be used. An unreachable etcd is not an error: the replica waits
+    /// for it, reporting unhealthy.
+    pub async fn serve(self, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
+        let runtime = self.runtime;
+        runtime.open().await?;
+        let listener = tokio::net::TcpListener::bind(runtime.config.listen)
+            .await
+            .map_err(|source| Error::Listen { addr: runtime.config.listen, source })?;
+        info!(service = %runtime.config.service, replica = %runtime.config.replica,
+            listen = %runtime.config.listen, public = %runtime.config.public_url, "replica serving as follower");
+
+        let (stop_tx, mut stop_rx) = watch::channel(false);
+        let app = crate::http::router(runtime.clone());
+        let limits = runtime.config.limits;
+        let mut server = crate::sync::AbortOnDrop(tokio::spawn(async move {
+            let stopped = async move {
+                let _ = stop_rx.wait_for(|stop| *stop).await;
+            };
+            crate::server::serve(listener, app, limits, stopped).await;
+        }));
+        runtime.clone().run(shutdown).await;
+        let _ = stop_tx.send(true);
+        let _ = (&mut server.0).await;
+        Ok(())
     }
 }

@@ -24,7 +24,6 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Builds the keys of one service.
 /// The two records of a log entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum EntryRecord {
@@ -34,6 +33,7 @@ pub(crate) enum EntryRecord {
     State,
 }
 
+/// Builds the keys of one service (all under `/br2k/<service>/`).
 #[derive(Clone, Debug)]
 pub(crate) struct Keys {
     prefix: String,

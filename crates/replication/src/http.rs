@@ -19,9 +19,10 @@ use crate::data::{LogEntry, RequestKind};
 use crate::guard::{Fault, guarded};
 use crate::idempotency::fingerprint;
 use crate::leader::Submit;
-use crate::runtime::{QUEUE_WAIT, Role, Runtime};
+use crate::runtime::{QUEUE_WAIT, Runtime};
 use crate::secret::same_secret;
 use crate::state_transfer::PEER_TOKEN_HEADER;
+use crate::status::Role;
 
 /// The header naming the leader's location on a 503 from a non-leader.
 pub const LEADER_HEADER: &str = br2k_resolver::LEADER_HEADER;
@@ -79,7 +80,7 @@ async fn front<S: AppState>(State(runtime): State<Arc<Runtime<S>>>, request: axu
 /// A request to a declared route, from its limits to its answer.
 async fn serve_route<S: AppState>(
     runtime: &Arc<Runtime<S>>,
-    route: &crate::builder::Route<S>,
+    route: &crate::app::Route<S>,
     parts: axum::http::request::Parts,
     body: axum::body::Body,
     method: String,

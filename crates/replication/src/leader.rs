@@ -1,6 +1,6 @@
 //! A leader's term: Replicate Request and Process Request, pipelined with group commit.
 //!
-//! Two tasks per term, joined by a channel:
+//! The pipeline is two tasks of the term, joined by a channel:
 //! - the **sequencer** takes client requests off the queue, settles idempotency keys
 //!   against the replica's idempotency table ([`crate::idempotency`]), assigns indexes,
 //!   stamps keyed entries, and writes each group's RLEs, RS records (InProcess for
@@ -17,7 +17,12 @@
 //! three per request. An idle processor carries nothing: the sequencer writes alone.
 //! Any failed authority write ends the term: the node loop steps down.
 //!
-//! A third task compacts the log ([`crate::compaction`]); the processor takes a snapshot
+//! Beside the pipeline the term runs three more tasks: one compacts the log
+//! ([`crate::compaction`]), one settles requests left in doubt
+//! (`Runtime::settle_while_leading`), one pushes backups ([`crate::backup`]); any of the
+//! five failing ends the term. With an outbox, a sixth watches settled transactions for
+//! reorgs deeper than their confirmations (`Chain::watch_finality`), best effort: it logs
+//! and counts what it finds and never ends the term. The processor takes a snapshot
 //! between groups when one is due.
 
 use std::collections::HashMap;

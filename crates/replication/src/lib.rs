@@ -28,11 +28,13 @@ mod server;
 mod snapshot;
 mod state_transfer;
 mod stats;
+mod status;
 mod store;
 mod sync;
 
 pub use app::{AppState, BoxFuture, Failure, FilePrefix, Outcome, Reply, Request, SnapshotBuilder, bearer_token};
 pub use builder::Builder;
+pub use builder::Replicated;
 pub use config::{AdminToken, Config, EtcdTls, Limits, Publisher, SnapshotPolicy, Timings};
 pub use data::{
     CompactedLog, Divergence, EntryState, IdempotencyRecord, LeaderRecord, LogEntry, MemberRecord, NAME_RULE,
@@ -46,7 +48,7 @@ pub use outbox::{
     CancelError, EndpointHealth, Expected, FinalityViolation, Outbox, OutboxConfig, OutboxStatus, TxCall, TxError,
     TxReceipt, TxStep, UnsettledTx, VerifiedTx, Verifier, VerifyError,
 };
-pub use runtime::{Replicated, Role, Status};
 pub use secret::{random_token, same_secret};
 pub use snapshot::app_bytes as snapshot_app_bytes;
 pub use stats::Tally;
+pub use status::{Role, Status};

@@ -19,7 +19,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::data::RequestKind;
-use crate::runtime::{Role, Status};
+use crate::status::{Role, Status};
 use crate::sync::lock;
 
 /// The `Content-Type` of what [`Metrics::render`] returns.

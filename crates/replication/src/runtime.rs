@@ -3,282 +3,34 @@
 //!
 //! One task, the *node loop*, owns the role. It wakes on a timer (Check role), on etcd
 //! watch events (`ssi`, `cl`) and on a failure reported by the leader's pipeline, and does
-//! one thing per wake-up: step down, register, or follow. While it leads, two tasks of the
-//! leader's term ([`crate::leader`]) replicate and process client requests.
+//! one thing per wake-up: step down, register, or follow. While it leads, the tasks of the
+//! leader's term ([`crate::leader`]) replicate and process client requests, and compact,
+//! settle and back up beside them.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tracing::{error, info, warn};
 
 use crate::app::{AppState, Failure, Outcome, Recorded, Reply, Request, Rollback, StepObserver};
-use crate::builder::{Route, Routes};
+use crate::app::{Route, Routes};
 use crate::config::Config;
-use crate::data::{
-    self, Divergence, EntryState, Keys, LeaderRecord, LogEntry, MemberRecord, ProcessState, RequestKind, Step,
-    StoppedAt,
-};
+use crate::data::{self, EntryState, Keys, LeaderRecord, LogEntry, MemberRecord, ProcessState, RequestKind, Step};
 use crate::error::{Error, Result};
 use crate::guard::guarded;
 use crate::leader::{IdempotencyLease, LeaderTerm, Submit, outcome_ops};
 use crate::record_file::RecordFile;
 use crate::snapshot::SnapshotStore;
 use crate::state_transfer::SnapshotState;
+use crate::status::{Role, Status};
 use crate::store::{MemberStatus, Op, Store, StoredEntry, Term};
-use crate::sync::lock;
+use crate::sync::{AbortOnDrop, lock};
 
 /// How many entries a follower or a Register reads and applies at a time.
 const PAGE: u64 = 256;
-
-/// A replica's role (paper Fig. 2).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    /// Follows the leader's service state.
-    Follower,
-    /// Won the leader condition; catching up (Prepare Service) before it serves.
-    Register,
-    /// Serves clients.
-    Leader,
-}
-
-/// What `/br2k/status` shows: one replica's view of itself and the service.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Status {
-    /// The service name.
-    pub service: String,
-    /// This replica's id.
-    pub replica: String,
-    /// Its role.
-    pub role: Role,
-    /// The epoch it leads with, when it leads.
-    pub epoch: Option<u64>,
-    /// The current leader as last read from `cl`.
-    pub leader: Option<LeaderRecord>,
-    /// LS as last seen.
-    pub ls: u64,
-    /// SSI as last seen.
-    pub ssi: u64,
-    /// This replica's latest processed index.
-    pub lpi: u64,
-    /// What the app state says it has applied.
-    pub applied_index: u64,
-    /// Normal requests a dead leader left InProcess that are not yet reconciled (as last
-    /// listed by this replica when it became leader).
-    pub in_doubt: Vec<u64>,
-    /// Whether the local etcd member answered the last leader-condition check.
-    pub etcd_reachable: bool,
-    /// The epoch whose location is published in the registry, if any.
-    pub published_epoch: Option<u64>,
-    /// Where this replica's time went since it started: etcd calls by action
-    /// (`etcd: <action>`) and the leader pipeline's stages (`leader: ...`).
-    #[serde(default)]
-    pub pipeline: std::collections::BTreeMap<String, crate::stats::Tally>,
-    /// The last error that stopped progress, if it has not cleared.
-    pub last_error: Option<String>,
-    /// The index of this replica's latest snapshot (0: none yet).
-    #[serde(default)]
-    pub snapshot_index: u64,
-    /// The index of the snapshot this replica's state was last restored from (0: built by
-    /// replaying the log from its start).
-    #[serde(default)]
-    pub state_version: u64,
-    /// The first log index still in etcd (entries below it were compacted away).
-    #[serde(default = "one")]
-    pub first_index: u64,
-    /// The local etcd member's database file size, bytes.
-    #[serde(default)]
-    pub db_size: u64,
-    /// The part of that file in use (the rest is free space compaction left), bytes.
-    #[serde(default)]
-    pub db_size_in_use: u64,
-    /// The local etcd member's space quota, bytes, when known: past it etcd raises a
-    /// `NOSPACE` alarm and refuses every write.
-    #[serde(default)]
-    pub quota: Option<u64>,
-    /// Alarms the local etcd member reports (`NOSPACE`, `CORRUPT`).
-    #[serde(default)]
-    pub etcd_alarms: Vec<String>,
-    /// The latest backup, as this replica last saw or made it.
-    #[serde(default)]
-    pub backup: crate::backup::BackupStatus,
-    /// The local fault (a full disk, an I/O error) that stops this replica at a log entry,
-    /// while it lasts: it retries the entry with backoff and goes on once it passes.
-    #[serde(default)]
-    pub fault: Option<StoppedAt>,
-    /// Where this replica's answer differed from the one the leader recorded, if it did:
-    /// it has stopped for good and must be rebuilt (see [`Error::Diverged`]).
-    #[serde(default)]
-    pub divergence: Option<Divergence>,
-    /// The transaction outbox's endpoints and finality checks, when the service has one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub outbox: Option<crate::outbox::OutboxStatus>,
-    /// The idempotency table: its keys, bytes, and the time its oldest key was logged.
-    #[serde(default)]
-    pub idempotency: crate::idempotency::TableStatus,
-}
-
-const fn one() -> u64 {
-    1
-}
-
-/// A replicated service, ready to serve. Built with [`Replicated::builder`].
-pub struct Replicated<S> {
-    pub(crate) runtime: Arc<Runtime<S>>,
-}
-
-impl<S: AppState> Replicated<S> {
-    /// Starts declaring a service for `config`.
-    pub fn builder(config: Config) -> crate::Builder<S> {
-        crate::Builder::new(config)
-    }
-
-    pub(crate) fn new(
-        config: Config,
-        state: S,
-        routes: Routes<S>,
-        observer: Option<StepObserver>,
-        chain: Option<Arc<crate::outbox::Chain>>,
-    ) -> Self {
-        let status = Status {
-            service: config.service.clone(),
-            replica: config.replica.clone(),
-            role: Role::Follower,
-            epoch: None,
-            leader: None,
-            ls: 0,
-            ssi: 0,
-            lpi: state.applied_index(),
-            applied_index: state.applied_index(),
-            in_doubt: Vec::new(),
-            etcd_reachable: false,
-            published_epoch: None,
-            pipeline: std::collections::BTreeMap::new(),
-            last_error: None,
-            snapshot_index: 0,
-            state_version: 0,
-            first_index: 1,
-            db_size: 0,
-            db_size_in_use: 0,
-            quota: None,
-            etcd_alarms: Vec::new(),
-            backup: crate::backup::BackupStatus::default(),
-            fault: None,
-            divergence: None,
-            outbox: None,
-            idempotency: crate::idempotency::TableStatus::default(),
-        };
-        let member =
-            MemberRecord { url: config.public_url.clone(), snapshot: None, catching_up: false, diverged: None };
-        let stats = Arc::new(crate::stats::Stats::default());
-        let metrics = crate::metrics::Metrics::new(&config.service, &config.replica, &stats);
-        let runtime = Runtime {
-            keys: Keys::new(&config.service),
-            record: RecordFile::new(&config.data_dir),
-            snapshots: SnapshotStore::new(&config.data_dir),
-            snapshot: Mutex::default(),
-            snapshot_taken: Notify::new(),
-            backup_now: Notify::new(),
-            backup_forced: std::sync::atomic::AtomicBool::new(false),
-            backup_asked_at: Mutex::default(),
-            member: watch::Sender::new(member),
-            peer_token: Mutex::default(),
-            // Never redirected: a peer's answer must not send the peer token (or this
-            // replica) to another host.
-            http: reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(3))
-                .redirect(reqwest::redirect::Policy::none())
-                .no_proxy()
-                .build()
-                .expect("an HTTP client with default TLS settings builds"),
-            quota_probed: Mutex::default(),
-            queue_bytes: Arc::new(Semaphore::new(config.limits.max_queued_bytes.min(Semaphore::MAX_PERMITS))),
-            config,
-            state: Arc::new(state),
-            routes,
-            observer,
-            status: watch::Sender::new(status),
-            submit: RwLock::new(None),
-            store: std::sync::OnceLock::new(),
-            cl_changed: AtomicBool::new(true),
-            feed: crate::feed::Feed::default(),
-            chain,
-            settle_now: Notify::new(),
-            idempotency: crate::idempotency::IdempotencyTable::default(),
-            stats,
-            metrics,
-        };
-        Self { runtime: Arc::new(runtime) }
-    }
-
-    /// The app state.
-    pub fn state(&self) -> Arc<S> {
-        self.runtime.state.clone()
-    }
-
-    /// This replica's current status.
-    pub fn status(&self) -> Status {
-        self.runtime.current_status()
-    }
-
-    /// A receiver that sees every status change (for waiting on a role change).
-    pub fn subscribe(&self) -> watch::Receiver<Status> {
-        self.runtime.status.subscribe()
-    }
-
-    /// Runs the replica until `shutdown` completes: the HTTP front on the configured
-    /// address and the role loop on the local etcd member. A leader stops taking requests,
-    /// and requests in flight are answered 503 (clients retry elsewhere with their
-    /// idempotency key).
-    ///
-    /// # Errors
-    /// [`Error::Listen`] if the address cannot be bound; [`Error::RecordFile`] if the data
-    /// directory cannot be used. An unreachable etcd is not an error: the replica waits
-    /// for it, reporting unhealthy.
-    pub async fn serve(self, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
-        let runtime = self.runtime;
-        std::fs::create_dir_all(&runtime.config.data_dir).map_err(|e| Error::RecordFile {
-            path: runtime.config.data_dir.display().to_string(),
-            reason: format!("cannot create the data directory: {e}"),
-        })?;
-        // Fails early on an unreadable record file rather than after serving.
-        runtime.record.read()?;
-        runtime.load_divergence()?;
-        runtime.open_snapshots().await?;
-        let store = Store::connect(
-            &runtime.config.etcd_endpoint,
-            runtime.keys.clone(),
-            runtime.config.timings.etcd_timeout,
-            runtime.stats.clone(),
-            runtime.config.etcd_tls.as_ref(),
-        )
-        .await?;
-        let _ = runtime.store.set(store);
-        let listener = tokio::net::TcpListener::bind(runtime.config.listen)
-            .await
-            .map_err(|source| Error::Listen { addr: runtime.config.listen, source })?;
-        info!(service = %runtime.config.service, replica = %runtime.config.replica,
-            listen = %runtime.config.listen, public = %runtime.config.public_url, "replica serving as follower");
-
-        let (stop_tx, mut stop_rx) = watch::channel(false);
-        let app = crate::http::router(runtime.clone());
-        let limits = runtime.config.limits;
-        let mut server = AbortOnDrop(tokio::spawn(async move {
-            let stopped = async move {
-                let _ = stop_rx.wait_for(|stop| *stop).await;
-            };
-            crate::server::serve(listener, app, limits, stopped).await;
-        }));
-        runtime.clone().run(shutdown).await;
-        let _ = stop_tx.send(true);
-        let _ = (&mut server.0).await;
-        Ok(())
-    }
-}
 
 pub(crate) struct Runtime<S> {
     pub(crate) config: Config,
@@ -360,6 +112,108 @@ struct Node {
 const HOLD_OFF: Duration = Duration::from_secs(10);
 
 impl<S: AppState> Runtime<S> {
+    /// The replica's shared state, before it connects to anything.
+    pub(crate) fn new(
+        config: Config,
+        state: S,
+        routes: Routes<S>,
+        observer: Option<StepObserver>,
+        chain: Option<Arc<crate::outbox::Chain>>,
+    ) -> Self {
+        let status = Status {
+            service: config.service.clone(),
+            replica: config.replica.clone(),
+            role: Role::Follower,
+            epoch: None,
+            leader: None,
+            ls: 0,
+            ssi: 0,
+            lpi: state.applied_index(),
+            applied_index: state.applied_index(),
+            in_doubt: Vec::new(),
+            etcd_reachable: false,
+            published_epoch: None,
+            pipeline: std::collections::BTreeMap::new(),
+            last_error: None,
+            snapshot_index: 0,
+            state_version: 0,
+            first_index: 1,
+            db_size: 0,
+            db_size_in_use: 0,
+            quota: None,
+            etcd_alarms: Vec::new(),
+            backup: crate::backup::BackupStatus::default(),
+            fault: None,
+            divergence: None,
+            outbox: None,
+            idempotency: crate::idempotency::TableStatus::default(),
+        };
+        let member =
+            MemberRecord { url: config.public_url.clone(), snapshot: None, catching_up: false, diverged: None };
+        let stats = Arc::new(crate::stats::Stats::default());
+        let metrics = crate::metrics::Metrics::new(&config.service, &config.replica, &stats);
+        Self {
+            keys: Keys::new(&config.service),
+            record: RecordFile::new(&config.data_dir),
+            snapshots: SnapshotStore::new(&config.data_dir),
+            snapshot: Mutex::default(),
+            snapshot_taken: Notify::new(),
+            backup_now: Notify::new(),
+            backup_forced: std::sync::atomic::AtomicBool::new(false),
+            backup_asked_at: Mutex::default(),
+            member: watch::Sender::new(member),
+            peer_token: Mutex::default(),
+            // Never redirected: a peer's answer must not send the peer token (or this
+            // replica) to another host.
+            http: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(3))
+                .redirect(reqwest::redirect::Policy::none())
+                .no_proxy()
+                .build()
+                .expect("an HTTP client with default TLS settings builds"),
+            quota_probed: Mutex::default(),
+            queue_bytes: Arc::new(Semaphore::new(config.limits.max_queued_bytes.min(Semaphore::MAX_PERMITS))),
+            config,
+            state: Arc::new(state),
+            routes,
+            observer,
+            status: watch::Sender::new(status),
+            submit: RwLock::new(None),
+            store: std::sync::OnceLock::new(),
+            cl_changed: AtomicBool::new(true),
+            feed: crate::feed::Feed::default(),
+            chain,
+            settle_now: Notify::new(),
+            idempotency: crate::idempotency::IdempotencyTable::default(),
+            stats,
+            metrics,
+        }
+    }
+
+    /// Opens what the replica keeps: its data directory, record file, divergence mark and
+    /// snapshots (failing early on any that is unreadable, rather than after serving), then
+    /// connects to the local etcd member.
+    pub(crate) async fn open(&self) -> Result<()> {
+        std::fs::create_dir_all(&self.config.data_dir).map_err(|e| Error::RecordFile {
+            path: self.config.data_dir.display().to_string(),
+            reason: format!("cannot create the data directory: {e}"),
+        })?;
+        // Fails early on an unreadable record file rather than after serving.
+        self.record.read()?;
+        self.load_divergence()?;
+        self.open_snapshots().await?;
+        let store = Store::connect(
+            &self.config.etcd_endpoint,
+            self.keys.clone(),
+            self.config.timings.etcd_timeout,
+            self.stats.clone(),
+            self.config.etcd_tls.as_ref(),
+        )
+        .await?;
+        let _ = self.store.set(store);
+        Ok(())
+    }
+
     /// The status with the pipeline's counters as they are now.
     pub(crate) fn current_status(&self) -> Status {
         let mut status = self.status.borrow().clone();
@@ -420,7 +274,7 @@ impl<S: AppState> Runtime<S> {
     }
 
     /// The node loop: until `shutdown`, wake up and do one thing.
-    async fn run(self: Arc<Self>, shutdown: impl Future<Output = ()>) {
+    pub(crate) async fn run(self: Arc<Self>, shutdown: impl Future<Output = ()>) {
         let changes = Arc::new(Notify::new());
         let _watcher = AbortOnDrop(tokio::spawn(self.clone().watch_changes(changes.clone())));
         let _membership = AbortOnDrop(tokio::spawn(self.clone().keep_membership()));
@@ -1571,16 +1425,6 @@ fn recorded_state(kind: RequestKind, epoch: u64, outcome: &Recorded) -> EntrySta
         Err(reply) => (ProcessState::Fail, reply),
     };
     EntryState { kind, state, epoch, response: Some(reply.to_stored()) }
-}
-
-/// A task that ends with its owner: dropping `serve` (a crash, in tests) leaves nothing
-/// running behind.
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// What an operator reads when the local etcd member raises `alarm`.

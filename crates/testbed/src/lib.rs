@@ -1,8 +1,4 @@
-//! The paper's evaluation (section IV, Table 2) as a program: a replicated log server on
-//! this machine ([`br2k_deploy::local::Sandbox`]), users with distinct ids sending
-//! requests through the registry and the FailoverClient, an attacker breaking the leader
-//! or a random node at random intervals, and a checker comparing every replica, every
-//! acknowledged answer and every RS record at the end.
+#![doc = include_str!("../README.md")]
 
 pub mod attacker;
 pub mod chain;

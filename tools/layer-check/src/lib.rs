@@ -217,7 +217,11 @@ pub fn check(source: &CrateSource, layers: &[Layer], max_lines: Option<usize>) -
             continue; // the crate root, above every layer
         }
         let Some(from) = owner(&module.path) else {
-            if beneath(&module.path).is_empty() {
+            // A module that only groups placed ones is fine; a child of an unplaced module
+            // is reported with its parent.
+            let parent_unplaced =
+                report.unplaced.iter().any(|unplaced| join(&module.path).starts_with(&format!("{unplaced}::")));
+            if beneath(&module.path).is_empty() && !parent_unplaced {
                 report.unplaced.push(join(&module.path));
             }
             continue;

@@ -93,11 +93,12 @@ fn unplaced_modules_stale_rows_and_long_files_fail() {
     let dir = tempfile::tempdir().unwrap();
     let mut list = layered("");
     list[0].1 = "mod store;\nmod roles;\nmod extra;\n".into();
-    list.push(("extra.rs", "fn a() {}\nfn b() {}\nfn c() {}\n".into()));
+    list.push(("extra.rs", "fn a() {}\n#[cfg(test)]\nmod tests {}\n".into()));
     write_crate(dir.path(), &files(&list));
     let (passed, text) = run(dir.path(), &["--max-lines", "2"]);
     assert!(!passed, "{text}");
     assert!(text.contains("unplaced: module `extra` is in no layer"), "{text}");
+    assert!(!text.contains("`extra::tests`"), "the child of an unplaced module is reported with it: {text}");
     assert!(text.contains("missing: the table names `records`"), "{text}");
     assert!(text.contains("too long: demo/src/extra.rs has 3 lines"), "{text}");
 }

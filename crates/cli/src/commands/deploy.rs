@@ -1,5 +1,5 @@
 //! `br2k deploy`: a service's replicas from an image in a container registry, on the
-//! backend its context names (DESIGN §7), with the deployment recorded on chain as the
+//! backend its context names, with the deployment recorded on chain as the
 //! service's recovery info.
 
 use alloy::signers::local::PrivateKeySigner;

@@ -1,4 +1,4 @@
-//! `br2k manager run`: the recovery daemon (DESIGN §10), run with the services' manager key.
+//! `br2k manager run`: the recovery daemon, run with the services' manager key.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -1,4 +1,4 @@
-//! The objects a BR2K service is made of on Kubernetes (paper III.3, DESIGN §7), built
+//! The objects a BR2K service is made of on Kubernetes (paper III.3), built
 //! from a [`KubernetesSpec`]. For replica `i` of service `s`:
 //!
 //! - Pod `s-i`, placed by a node selector on its worker node's labels (by default the br2k

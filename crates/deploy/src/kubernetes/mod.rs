@@ -1,4 +1,4 @@
-//! The Kubernetes backend (DESIGN §7): a service's [`Manifests`] applied to the cluster a
+//! The Kubernetes backend: a service's [`Manifests`] applied to the cluster a
 //! context names, with server-side apply through kube-rs. Server-side apply makes a
 //! deployment idempotent: the objects are declared, the API server merges them under
 //! br2k's field manager, and applying the same objects again changes nothing.
