@@ -363,7 +363,7 @@ impl<S: AppState> Replicated<S> {
 
     /// A receiver that sees every status change (for waiting on a role change).
     pub fn subscribe(&self) -> watch::Receiver<Status> {
-        self.runtime.status.subscribe()
+        self.runtime.reporter.status.subscribe()
     }
 
     /// Runs the replica until `shutdown` completes: the HTTP front on the configured

@@ -114,7 +114,7 @@ async fn compact_once<S: AppState>(runtime: &Runtime<S>, term: &Term) -> Result<
         Op::Put(keys.compacted(), crate::codec::encode(&tally)),
     ];
     let revision = store.authority_write(term, ops).await?;
-    runtime.set_status(|s| s.first_index = target);
+    runtime.reporter.set_status(|s| s.first_index = target);
     store.compact_history(revision).await?;
     info!(
         deleted = target - first,

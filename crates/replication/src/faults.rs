@@ -109,7 +109,7 @@ impl<S: AppState> Runtime<S> {
 
     /// Whether this replica has diverged (it then neither follows nor leads).
     pub(crate) fn diverged(&self) -> bool {
-        self.status.borrow().divergence.is_some()
+        self.reporter.status.borrow().divergence.is_some()
     }
 
     /// Checks this replica's answer to the Replication entry at `index` against `recorded`,
@@ -162,7 +162,7 @@ impl<S: AppState> Runtime<S> {
         let index = divergence.index;
         self.set_member(|m| m.diverged = Some(index));
         let reason = error.to_string();
-        self.set_status(|s| {
+        self.reporter.set_status(|s| {
             // It applied the entry, but differently: it has not processed it as the
             // service did.
             s.lpi = s.lpi.min(index - 1);
@@ -175,13 +175,13 @@ impl<S: AppState> Runtime<S> {
     /// A local fault stopped this replica at the entry at `index`: says so in the status
     /// (keeping when it first stopped there) and counts it.
     pub(crate) fn note_fault(&self, index: u64, error: &Error) {
-        self.metrics.count_local_fault();
+        self.reporter.metrics.count_local_fault();
         // Says which replica, as an alert quoting it out of context must.
         let mut reason = error.to_string();
         if !reason.starts_with(&format!("{}: ", self.config.replica)) {
             reason = format!("{}: {reason}", self.config.replica);
         }
-        self.set_status(|s| {
+        self.reporter.set_status(|s| {
             s.fault = Some(match s.fault.take() {
                 Some(stopped) if stopped.index == index => {
                     StoppedAt { reason, retries: stopped.retries + 1, ..stopped }
@@ -193,10 +193,10 @@ impl<S: AppState> Runtime<S> {
 
     /// The entry a local fault stopped this replica at has passed.
     pub(crate) fn clear_fault(&self) {
-        let Some(stopped) = self.status.borrow().fault.clone() else { return };
+        let Some(stopped) = self.reporter.status.borrow().fault.clone() else { return };
         tracing::info!(replica = %self.config.replica, index = stopped.index, retries = stopped.retries,
             seconds = crate::data::unix_seconds().saturating_sub(stopped.since), "the local fault cleared: the replica goes on");
-        self.set_status(|s| s.fault = None);
+        self.reporter.set_status(|s| s.fault = None);
     }
 }
 

@@ -73,7 +73,7 @@ async fn front<S: AppState>(State(runtime): State<Arc<Runtime<S>>>, request: axu
     let started = std::time::Instant::now();
     let (kind, label_method, label_path) = (route.kind, method.clone(), path.clone());
     let response = serve_route(&runtime, route, parts, body, method, path).await;
-    runtime.metrics.request(&label_method, &label_path, kind, response.status().as_u16(), started.elapsed());
+    runtime.reporter.metrics.request(&label_method, &label_path, kind, response.status().as_u16(), started.elapsed());
     response
 }
 
@@ -106,7 +106,7 @@ async fn serve_route<S: AppState>(
     // before its body is read.
     let sender = runtime.submit.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
     let leads = match route.kind {
-        RequestKind::Read => runtime.status.borrow().role == Role::Leader,
+        RequestKind::Read => runtime.reporter.status.borrow().role == Role::Leader,
         _ => sender.is_some(),
     };
     if !leads {
@@ -177,7 +177,7 @@ async fn serve_route<S: AppState>(
     let (reply_tx, reply_rx) = oneshot::channel();
     let submit = Submit { kind: route.kind, entry, encoded, fingerprint, reply: reply_tx, queued };
     match sender.send_timeout(submit, QUEUE_WAIT).await {
-        Ok(()) => runtime.stats.add_many(crate::stats::stage::QUEUED, 1, std::time::Duration::ZERO),
+        Ok(()) => runtime.reporter.stats.add_many(crate::stats::stage::QUEUED, 1, std::time::Duration::ZERO),
         Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
             return error(StatusCode::SERVICE_UNAVAILABLE, "the leader's queue is full; retry shortly");
         }
@@ -212,10 +212,10 @@ async fn read<S: AppState>(
     entry: LogEntry,
     body: Bytes,
 ) -> Response {
-    if runtime.status.borrow().role != Role::Leader || !matches!(runtime.store().leader_condition().await, Ok(true)) {
+    if runtime.reporter.status.borrow().role != Role::Leader || !matches!(runtime.store().leader_condition().await, Ok(true)) {
         return not_leader(runtime);
     }
-    let index = runtime.status.borrow().lpi;
+    let index = runtime.reporter.status.borrow().lpi;
     let request = Request {
         index,
         method: entry.method,
@@ -265,7 +265,7 @@ async fn snapshot<S: AppState>(runtime: &Runtime<S>, parts: &axum::http::request
     if !same_secret(offered.as_bytes(), token.as_bytes()) {
         return error(StatusCode::FORBIDDEN, "wrong peer token");
     }
-    if let Some(divergence) = &runtime.status.borrow().divergence {
+    if let Some(divergence) = &runtime.reporter.status.borrow().divergence {
         return error(
             StatusCode::CONFLICT,
             &format!(
@@ -329,7 +329,7 @@ async fn backup_now<S: AppState>(runtime: &Runtime<S>, parts: &axum::http::reque
     {
         return refusal;
     }
-    let status = runtime.status.borrow().clone();
+    let status = runtime.reporter.status.borrow().clone();
     if status.role != Role::Leader {
         return not_leader(runtime);
     }
@@ -392,7 +392,7 @@ async fn unsettled_txs<S: AppState>(runtime: &Runtime<S>, parts: &axum::http::re
             StatusCode::OK,
             &serde_json::json!({
                 "replica": runtime.config.replica,
-                "in_doubt": runtime.status.borrow().in_doubt,
+                "in_doubt": runtime.reporter.status.borrow().in_doubt,
                 "transactions": transactions,
             }),
         ),
@@ -409,7 +409,7 @@ async fn cancel_tx<S: AppState>(runtime: &Runtime<S>, parts: &axum::http::reques
     let Some(chain) = &runtime.chain else {
         return error(StatusCode::NOT_FOUND, "this service has no transaction outbox");
     };
-    if runtime.status.borrow().role != Role::Leader {
+    if runtime.reporter.status.borrow().role != Role::Leader {
         return not_leader(runtime);
     }
     let Ok(bytes) = axum::body::to_bytes(body, 4096).await else {
@@ -435,12 +435,12 @@ async fn cancel_tx<S: AppState>(runtime: &Runtime<S>, parts: &axum::http::reques
 
 /// `GET /metrics`: the replica's metrics in Prometheus' text format.
 fn metrics<S: AppState>(runtime: &Runtime<S>) -> Response {
-    let text = runtime.metrics.render(&runtime.current_status(), crate::data::unix_seconds());
+    let text = runtime.reporter.metrics.render(&runtime.current_status(), crate::data::unix_seconds());
     ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
 }
 
 fn health<S: AppState>(runtime: &Runtime<S>) -> Response {
-    let status = runtime.status.borrow().clone();
+    let status = runtime.reporter.status.borrow().clone();
     // A divergence outranks everything: nothing else this replica says can be trusted.
     let problem = if status.divergence.is_some() {
         status.last_error.clone()
@@ -477,7 +477,7 @@ fn not_leader<S: AppState>(runtime: &Runtime<S>) -> Response {
 }
 
 fn add_leader_hint<S: AppState>(runtime: &Runtime<S>, response: &mut Response) {
-    let status = runtime.status.borrow();
+    let status = runtime.reporter.status.borrow();
     if let Some(leader) = &status.leader
         && leader.replica != runtime.config.replica
         && let Ok(value) = HeaderValue::from_str(&leader.location)

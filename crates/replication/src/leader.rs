@@ -434,7 +434,7 @@ impl<S: AppState> Sequencer<S> {
             let key = request.entry.idempotency_key.clone().expect("keyed");
             let started = Instant::now();
             let lookup = self.lookup_in_doubt(&key, index).await;
-            self.runtime.stats.add_many(stage::KEY_LOOKUP, 1, started.elapsed());
+            self.runtime.reporter.stats.add_many(stage::KEY_LOOKUP, 1, started.elapsed());
             let answer = match lookup {
                 Ok(KeyLookup::New) => {
                     fresh.push(request);
@@ -513,7 +513,7 @@ impl<S: AppState> Sequencer<S> {
     /// processor holds when there is one, else alone. `false` when the carrying write
     /// failed (the processor reports why, and the term ends).
     async fn write_replicate(&self, ops: Vec<Op>) -> Result<bool> {
-        let stats = &self.runtime.stats;
+        let stats = &self.runtime.reporter.stats;
         let started = Instant::now();
         match self.carrier.offer(ops) {
             Ok(written) => {
@@ -567,9 +567,9 @@ impl<S: AppState> Sequencer<S> {
             items.push(Item { index, kind, entry, reply, _queued: queued });
         }
         let last = self.next_index + items.len() as u64 - 1;
-        self.runtime.stats.add_many(stage::REQUESTS, items.len() as u64, Duration::ZERO);
+        self.runtime.reporter.stats.add_many(stage::REQUESTS, items.len() as u64, Duration::ZERO);
         self.next_index = last + 1;
-        self.runtime.set_status(|s| s.ls = last);
+        self.runtime.reporter.set_status(|s| s.ls = last);
         // The processor only ends with the term, and then so does this task.
         let _ = groups.send(items).await;
         Ok(())
@@ -662,7 +662,7 @@ impl Segment {
         let from = std::mem::replace(&mut self.recorded, to);
         if from >= to {
             if let Some(Carried { ops, done }) = carrier.and_then(Carrier::take) {
-                runtime.stats.time(stage::REPLICATE, runtime.store().authority_write(term, ops)).await?;
+                runtime.reporter.stats.time(stage::REPLICATE, runtime.store().authority_write(term, ops)).await?;
                 let _ = done.send(());
             }
             return Ok(());
@@ -699,8 +699,8 @@ impl Segment {
             None => (Vec::new(), None),
         };
         let (persisted, recorded) = tokio::join!(
-            runtime.stats.time(stage::PERSIST, runtime.state.persist()),
-            runtime.stats.time(stage::OUTCOME, runtime.store().authority_write_carrying(term, ops, next_log)),
+            runtime.reporter.stats.time(stage::PERSIST, runtime.state.persist()),
+            runtime.reporter.stats.time(stage::OUTCOME, runtime.store().authority_write_carrying(term, ops, next_log)),
         );
         recorded?;
         if let Some(done) = done {
@@ -737,7 +737,7 @@ impl Segment {
             return Err(persist_failed(runtime, durable, e).await);
         }
         let applied = runtime.state.applied_index();
-        runtime.set_status(|s| {
+        runtime.reporter.set_status(|s| {
             s.ssi = last;
             s.lpi = last;
             s.applied_index = applied;
@@ -778,10 +778,10 @@ async fn process<S: AppState>(
             Op::Put(keys.rs(i.index), crate::codec::encode(&state))
         })
         .collect();
-    runtime.stats.add_many(stage::GROUPS, 1, Duration::ZERO);
-    runtime.metrics.group(items.len());
+    runtime.reporter.stats.add_many(stage::GROUPS, 1, Duration::ZERO);
+    runtime.reporter.metrics.group(items.len());
     if !in_process.is_empty() {
-        runtime.stats.time(stage::IN_PROCESS, store.authority_write(term, in_process)).await?;
+        runtime.reporter.stats.time(stage::IN_PROCESS, store.authority_write(term, in_process)).await?;
     }
     // (4.3) execute. Replication and plain Normal requests run one after another in index
     // order. Transaction sends and External_TXN checks touch no replicated state and
@@ -827,14 +827,14 @@ async fn process<S: AppState>(
             continue;
         }
         runtime.observe(Step::BeforeExecution, item.index).await;
-        let outcome = runtime.stats.time(stage::EXECUTE, runtime.execute(item.index, route, request, true)).await?;
+        let outcome = runtime.reporter.stats.time(stage::EXECUTE, runtime.execute(item.index, route, request, true)).await?;
         segment.outcomes[position] = Some(outcome);
     }
     segment.record(runtime, term, &items, items.len(), Some(carrier)).await?;
     runtime.record.clear()?;
     let (last, in_doubt) = (items.last().map_or(0, |i| i.index), segment.in_doubt);
     let outcomes: Vec<Recorded> = segment.outcomes.into_iter().map(|o| o.expect("every request ran")).collect();
-    runtime.set_status(|s| s.in_doubt.extend(&in_doubt));
+    runtime.reporter.set_status(|s| s.in_doubt.extend(&in_doubt));
     if !in_doubt.is_empty() {
         runtime.settle_now.notify_one();
     }

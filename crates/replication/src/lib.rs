@@ -22,6 +22,7 @@ mod membership;
 mod metrics;
 pub mod outbox;
 mod record_file;
+mod reporter;
 mod runtime;
 mod secret;
 mod server;

@@ -39,7 +39,8 @@ pub(crate) struct Runtime<S> {
     pub(crate) routes: Routes<S>,
     pub(crate) observer: Option<StepObserver>,
     pub(crate) record: RecordFile,
-    pub(crate) status: watch::Sender<Status>,
+    /// The status sink every layer reports to.
+    pub(crate) reporter: crate::reporter::Reporter,
     /// The leader term's request queue while this replica leads.
     pub(crate) submit: RwLock<Option<mpsc::Sender<Submit>>>,
     store: std::sync::OnceLock<Store>,
@@ -61,10 +62,6 @@ pub(crate) struct Runtime<S> {
     pub(crate) backup_asked_at: Mutex<Option<std::time::Instant>>,
     /// What this replica's membership record should say.
     pub(crate) member: watch::Sender<MemberRecord>,
-    /// Where the time goes (served in the status).
-    pub(crate) stats: Arc<crate::stats::Stats>,
-    /// What `/metrics` serves.
-    pub(crate) metrics: crate::metrics::Metrics,
     /// The peer token, once read from etcd.
     pub(crate) peer_token: Mutex<Option<String>>,
     /// For fetching peers' snapshots (and the local member's metrics).
@@ -142,7 +139,7 @@ impl<S: AppState> Runtime<S> {
             db_size_in_use: 0,
             quota: None,
             etcd_alarms: Vec::new(),
-            backup: crate::backup::BackupStatus::default(),
+            backup: crate::status::BackupStatus::default(),
             fault: None,
             divergence: None,
             outbox: None,
@@ -177,7 +174,7 @@ impl<S: AppState> Runtime<S> {
             state: Arc::new(state),
             routes,
             observer,
-            status: watch::Sender::new(status),
+            reporter: crate::reporter::Reporter::new(status, metrics, stats.clone()),
             submit: RwLock::new(None),
             store: std::sync::OnceLock::new(),
             cl_changed: AtomicBool::new(true),
@@ -185,8 +182,6 @@ impl<S: AppState> Runtime<S> {
             chain,
             settle_now: Notify::new(),
             idempotency: crate::idempotency::IdempotencyTable::default(),
-            stats,
-            metrics,
         }
     }
 
@@ -206,7 +201,7 @@ impl<S: AppState> Runtime<S> {
             &self.config.etcd_endpoint,
             self.keys.clone(),
             self.config.timings.etcd_timeout,
-            self.stats.clone(),
+            self.reporter.stats.clone(),
             self.config.etcd_tls.as_ref(),
         )
         .await?;
@@ -216,8 +211,8 @@ impl<S: AppState> Runtime<S> {
 
     /// The status with the pipeline's counters as they are now.
     pub(crate) fn current_status(&self) -> Status {
-        let mut status = self.status.borrow().clone();
-        status.pipeline = self.stats.snapshot();
+        let mut status = self.reporter.status.borrow().clone();
+        status.pipeline = self.reporter.stats.snapshot();
         status.outbox = self.chain.as_ref().map(|chain| chain.status());
         status.idempotency = self.idempotency.status();
         status
@@ -236,41 +231,6 @@ impl<S: AppState> Runtime<S> {
     pub(crate) async fn reserve_queue(&self, bytes: usize) -> Option<OwnedSemaphorePermit> {
         let bytes = u32::try_from(bytes).ok()?;
         tokio::time::timeout(QUEUE_WAIT, self.queue_bytes.clone().acquire_many_owned(bytes)).await.ok()?.ok()
-    }
-
-    pub(crate) fn set_status(&self, change: impl FnOnce(&mut Status)) {
-        self.status.send_modify(|status| {
-            let (leader, role) = (status.leader.as_ref().map(|l| l.replica.clone()), status.role);
-            change(status);
-            self.metrics.status_changed(leader.as_deref(), role, status);
-        });
-    }
-
-    fn note_error(&self, error: &Error) {
-        let text = error.to_string();
-        let changed = self.status.borrow().last_error.as_deref() != Some(text.as_str());
-        if changed {
-            warn!(replica = %self.config.replica, error = %text, "replica cannot make progress");
-            self.set_status(|s| s.last_error = Some(text));
-        }
-    }
-
-    fn clear_error(&self) {
-        if self.status.borrow().last_error.is_some() {
-            self.set_status(|s| s.last_error = None);
-        }
-    }
-
-    fn set_role(&self, role: Role, epoch: Option<u64>, reason: &str) {
-        let before = self.status.borrow().role;
-        if before != role {
-            info!(service = %self.config.service, replica = %self.config.replica,
-                from = ?before, to = ?role, epoch, reason, "role change");
-        }
-        self.set_status(|s| {
-            s.role = role;
-            s.epoch = epoch;
-        });
     }
 
     /// The node loop: until `shutdown`, wake up and do one thing.
@@ -313,9 +273,9 @@ impl<S: AppState> Runtime<S> {
                         // The fault is never the request's answer: the request stays
                         // unrecorded and the replica that takes over executes it.
                         if fault.is_local_fault() {
-                            self.metrics.count_local_fault();
+                            self.reporter.metrics.count_local_fault();
                         }
-                        self.note_error(&fault);
+                        self.reporter.note_error(&fault);
                         node.hold_off = Some(Instant::now() + HOLD_OFF);
                         self.hand_off().await;
                     }
@@ -409,7 +369,7 @@ impl<S: AppState> Runtime<S> {
             Ok(()) => {
                 node.retry.reset();
                 self.clear_fault();
-                self.clear_error();
+                self.reporter.clear_error();
             }
             Err(e) => self.failed(node, &e),
         }
@@ -420,8 +380,8 @@ impl<S: AppState> Runtime<S> {
     /// a while, rolls back what the attempt left (Check for pending process) and tries
     /// again with backoff.
     fn failed(&self, node: &mut Node, error: &Error) {
-        if self.status.borrow().role == Role::Register {
-            self.set_role(Role::Follower, None, "register failed");
+        if self.reporter.status.borrow().role == Role::Register {
+            self.reporter.set_role(Role::Follower, None, "register failed");
         }
         if error.is_local_fault() {
             node.hold_off = Some(Instant::now() + HOLD_OFF);
@@ -433,7 +393,7 @@ impl<S: AppState> Runtime<S> {
             };
             self.note_fault(index, error);
         }
-        self.note_error(error);
+        self.reporter.note_error(error);
     }
 
     /// The leader condition as the local member says it now (false when it does not
@@ -441,8 +401,8 @@ impl<S: AppState> Runtime<S> {
     async fn read_condition(&self) -> bool {
         match self.store().member_status().await {
             Ok(member) => {
-                if !self.status.borrow().etcd_reachable {
-                    self.set_status(|s| s.etcd_reachable = true);
+                if !self.reporter.status.borrow().etcd_reachable {
+                    self.reporter.set_status(|s| s.etcd_reachable = true);
                 }
                 self.note_member(&member);
                 if member.quota == 0 {
@@ -452,9 +412,9 @@ impl<S: AppState> Runtime<S> {
             }
             Err(e) => {
                 // An unreadable condition counts as false (a paused or cut-off member).
-                if self.status.borrow().etcd_reachable {
+                if self.reporter.status.borrow().etcd_reachable {
                     warn!(replica = %self.config.replica, error = %e, "local etcd member not answering");
-                    self.set_status(|s| s.etcd_reachable = false);
+                    self.reporter.set_status(|s| s.etcd_reachable = false);
                 }
                 false
             }
@@ -486,7 +446,7 @@ impl<S: AppState> Runtime<S> {
     /// Keeps the local member's database figures and alarms in the status; says loudly
     /// when an alarm is raised or cleared.
     fn note_member(&self, member: &MemberStatus) {
-        let before = self.status.borrow().etcd_alarms.clone();
+        let before = self.reporter.status.borrow().etcd_alarms.clone();
         if member.alarms != before {
             for alarm in member.alarms.iter().filter(|a| !before.contains(a)) {
                 error!(replica = %self.config.replica, "{}", alarm_advice(alarm, &self.config.etcd_endpoint));
@@ -496,7 +456,7 @@ impl<S: AppState> Runtime<S> {
             }
         }
         let quota = (member.quota > 0).then_some(member.quota);
-        self.status.send_if_modified(|s| {
+        self.reporter.status.send_if_modified(|s| {
             let changed = s.db_size != member.db_size
                 || s.db_size_in_use != member.db_size_in_use
                 || s.etcd_alarms != member.alarms
@@ -516,7 +476,7 @@ impl<S: AppState> Runtime<S> {
     async fn probe_quota(&self) {
         {
             let mut last = lock(&self.quota_probed);
-            if self.status.borrow().quota.is_some() || last.is_some_and(|at| at.elapsed() < Duration::from_secs(30)) {
+            if self.reporter.status.borrow().quota.is_some() || last.is_some_and(|at| at.elapsed() < Duration::from_secs(30)) {
                 return;
             }
             *last = Some(Instant::now());
@@ -533,7 +493,7 @@ impl<S: AppState> Runtime<S> {
             (value.is_finite() && value > 0.0).then_some(value as u64)
         });
         if let Some(quota) = quota {
-            self.set_status(|s| s.quota = Some(quota));
+            self.reporter.set_status(|s| s.quota = Some(quota));
         }
     }
 
@@ -544,7 +504,7 @@ impl<S: AppState> Runtime<S> {
     /// A leader watches nothing: it wrote what the watch would show it, and every event
     /// would cost etcd an encoding and a send for nothing.
     async fn watch_changes(self: Arc<Self>, changes: Arc<Notify>) {
-        let mut roles = self.status.subscribe();
+        let mut roles = self.reporter.status.subscribe();
         let leads = |status: &Status| matches!(status.role, Role::Leader | Role::Register);
         loop {
             while leads(&roles.borrow_and_update()) {
@@ -604,8 +564,8 @@ impl<S: AppState> Runtime<S> {
         if self.cl_changed.swap(false, Ordering::SeqCst) || node.cl_read.is_none_or(|at| at.elapsed() >= poll) {
             let leader = store.leader().await?.map(|(record, _)| record);
             node.cl_read = Some(Instant::now());
-            if self.status.borrow().leader != leader {
-                self.set_status(|s| s.leader = leader);
+            if self.reporter.status.borrow().leader != leader {
+                self.reporter.set_status(|s| s.leader = leader);
             }
         }
         // SSI from the watch; the compaction record (and SSI with it) read at most once
@@ -623,8 +583,8 @@ impl<S: AppState> Runtime<S> {
                 (ssi.max(watched.unwrap_or(0)), first_index, Some(ssi))
             }
         };
-        if self.status.borrow().ssi != ssi || self.status.borrow().first_index != first_index {
-            self.set_status(|s| {
+        if self.reporter.status.borrow().ssi != ssi || self.reporter.status.borrow().first_index != first_index {
+            self.reporter.set_status(|s| {
                 s.ssi = ssi;
                 s.first_index = first_index;
             });
@@ -641,7 +601,7 @@ impl<S: AppState> Runtime<S> {
         let to = ssi.min(node.lpi + PAGE);
         self.feed.collect_from(node.lpi + 1);
         let mut entries = self.feed.entries(node.lpi + 1, to);
-        self.stats.add_many(crate::stats::stage::FOLLOW_WATCHED, entries.len() as u64, Duration::ZERO);
+        self.reporter.stats.add_many(crate::stats::stage::FOLLOW_WATCHED, entries.len() as u64, Duration::ZERO);
         let read_from = entries.last().map_or(node.lpi, |e| e.index) + 1;
         if read_from <= to {
             // What the watch lacks is read, up to an SSI read first from the same member:
@@ -686,12 +646,12 @@ impl<S: AppState> Runtime<S> {
             self.write_lpi(node).await?;
         }
         let (lpi, applied) = (node.lpi, self.state.applied_index());
-        self.set_status(|s| {
+        self.reporter.set_status(|s| {
             s.lpi = lpi;
             s.applied_index = applied;
         });
         self.follower_snapshot(lpi).await?;
-        self.stats.add(crate::stats::stage::FOLLOW, started.elapsed());
+        self.reporter.stats.add(crate::stats::stage::FOLLOW, started.elapsed());
         Ok(())
     }
 
@@ -879,7 +839,7 @@ impl<S: AppState> Runtime<S> {
         }
         self.record.clear()?;
         let applied = self.state.applied_index();
-        self.set_status(|s| {
+        self.reporter.set_status(|s| {
             s.applied_index = applied;
             s.lpi = s.lpi.min(applied);
         });
@@ -889,21 +849,21 @@ impl<S: AppState> Runtime<S> {
     /// Follower -> Register -> Leader: take `cl`, run Prepare Service, publish the
     /// location, start serving.
     async fn register(self: &Arc<Self>, node: &mut Node) -> Result<()> {
-        self.set_role(Role::Register, None, "leader condition holds");
+        self.reporter.set_role(Role::Register, None, "leader condition holds");
         let store = self.store();
         // Every member lost its data: the backup recorded on chain is the service.
         if let Some(index) = self.restore_from_backup().await? {
             node.lpi = index;
         }
         let first_index = store.compacted().await?.first_index.max(1);
-        self.set_status(|s| s.first_index = first_index);
+        self.reporter.set_status(|s| s.first_index = first_index);
         // Prepare Service replays the log from this replica's LPI: get a snapshot first.
         self.catch_up_if_behind(node, first_index).await?;
         let base = store.epoch_base(self.chain_epoch()).await?;
         let me = LeaderRecord { replica: self.config.replica.clone(), location: self.config.public_url.clone() };
         let term = store.take_leadership(&me, base).await?;
         info!(replica = %self.config.replica, epoch = term.epoch, "took the current-leader record");
-        self.set_status(|s| {
+        self.reporter.set_status(|s| {
             s.epoch = Some(term.epoch);
             s.leader = Some(me);
         });
@@ -912,7 +872,7 @@ impl<S: AppState> Runtime<S> {
         self.maybe_snapshot(ls);
         self.publish_location(term.epoch).await;
         node.leader = Some(LeaderTerm::start(self, term.clone(), ls + 1));
-        self.set_role(Role::Leader, Some(term.epoch), "prepared");
+        self.reporter.set_role(Role::Leader, Some(term.epoch), "prepared");
         Ok(())
     }
 
@@ -1044,7 +1004,7 @@ impl<S: AppState> Runtime<S> {
         let ls = self.import_idempotency_records(term, ls).await?;
         node.lpi = ls;
         let applied = self.state.applied_index();
-        self.set_status(|s| {
+        self.reporter.set_status(|s| {
             s.ls = ls;
             s.ssi = ls;
             s.lpi = ls;
@@ -1208,7 +1168,7 @@ impl<S: AppState> Runtime<S> {
                 () = self.settle_now.notified() => {}
             }
             match self.reconcile_in_doubt(&term, true).await {
-                Ok(left) => self.set_status(|s| s.in_doubt = left),
+                Ok(left) => self.reporter.set_status(|s| s.in_doubt = left),
                 Err(e @ Error::LeadershipLost { .. }) => return Err(e),
                 Err(e) => warn!(error = %e, "could not settle the requests in doubt; trying again"),
             }
@@ -1316,7 +1276,7 @@ impl<S: AppState> Runtime<S> {
             attempts += 1;
             if attempts == 1 {
                 warn!(index, "a payment is not settled yet; the requests after it wait for it");
-                self.set_status(|s| {
+                self.reporter.set_status(|s| {
                     if !s.in_doubt.contains(&index) {
                         s.in_doubt.push(index);
                     }
@@ -1358,7 +1318,7 @@ impl<S: AppState> Runtime<S> {
             .await
             .map_err(|fault| fault.at("apply hook", index, &entry.method, &entry.path))?
             .map_err(|source| self.local_fault("apply hook", index, &entry.method, &entry.path, source))?;
-        self.set_status(|s| s.in_doubt.retain(|&i| i != index));
+        self.reporter.set_status(|s| s.in_doubt.retain(|&i| i != index));
         Ok(())
     }
 
@@ -1378,7 +1338,7 @@ impl<S: AppState> Runtime<S> {
                 match result {
                     Ok(tx) => {
                         info!(epoch, location = %this.config.public_url, tx = %tx.hash, "location published");
-                        this.set_status(|s| s.published_epoch = Some(epoch));
+                        this.reporter.set_status(|s| s.published_epoch = Some(epoch));
                         true
                     }
                     Err(e) if e.is_unreachable() => {
@@ -1399,7 +1359,7 @@ impl<S: AppState> Runtime<S> {
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(this.config.timings.publish_retry).await;
-                if this.status.borrow().epoch != Some(epoch) || attempt().await {
+                if this.reporter.status.borrow().epoch != Some(epoch) || attempt().await {
                     break;
                 }
             }
@@ -1412,7 +1372,7 @@ impl<S: AppState> Runtime<S> {
         let Some(term) = node.leader.take() else { return };
         *self.submit.write().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
         term.stop().await;
-        self.set_role(Role::Follower, None, reason);
+        self.reporter.set_role(Role::Follower, None, reason);
         node.pending_check = true;
         node.lpi = self.start_index();
     }

@@ -105,7 +105,7 @@ impl<S: AppState> Runtime<S> {
             snapshot.state_version = lineage.state_version;
         }
         self.set_member(|m| m.snapshot.clone_from(&latest));
-        self.set_status(|s| {
+        self.reporter.set_status(|s| {
             s.snapshot_index = index;
             s.state_version = lineage.state_version;
         });
@@ -123,7 +123,7 @@ impl<S: AppState> Runtime<S> {
         if !policy.enabled() {
             return false;
         }
-        let first_index = self.status.borrow().first_index;
+        let first_index = self.reporter.status.borrow().first_index;
         let snapshot = lock(&self.snapshot);
         let last = snapshot.latest.as_ref().map_or(0, |m| m.index);
         let periodic = index >= last + policy.interval;
@@ -188,7 +188,7 @@ impl<S: AppState> Runtime<S> {
             }
             snapshot.latest = Some(meta.clone());
         }
-        self.set_status(|s| s.snapshot_index = meta.index);
+        self.reporter.set_status(|s| s.snapshot_index = meta.index);
         self.set_member(|m| m.snapshot = Some(meta));
         self.snapshot_taken.notify_one();
     }
@@ -348,7 +348,7 @@ impl<S: AppState> Runtime<S> {
         self.snapshots.set_lineage(&Lineage { state_version: meta.index, restoring: None })?;
         lock(&self.snapshot).state_version = meta.index;
         let applied = self.state.applied_index();
-        self.set_status(|s| {
+        self.reporter.set_status(|s| {
             s.state_version = meta.index;
             s.applied_index = applied;
             s.lpi = meta.index;

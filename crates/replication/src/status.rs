@@ -76,7 +76,7 @@ pub struct Status {
     pub etcd_alarms: Vec<String>,
     /// The latest backup, as this replica last saw or made it.
     #[serde(default)]
-    pub backup: crate::backup::BackupStatus,
+    pub backup: BackupStatus,
     /// The local fault (a full disk, an I/O error) that stops this replica at a log entry,
     /// while it lasts: it retries the entry with backoff and goes on once it passes.
     #[serde(default)]
@@ -95,4 +95,81 @@ pub struct Status {
 
 const fn one() -> u64 {
     1
+}
+
+/// What `/br2k/status` says of backups.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupStatus {
+    /// The index the latest backup reaches (0: none yet): signed, and linked to the anchor.
+    pub index: u64,
+    /// Its manifest's digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    /// When it was pushed, seconds since the Unix epoch.
+    #[serde(default)]
+    pub at: u64,
+    /// How long reading, pushing (and recording) it took, milliseconds.
+    #[serde(default)]
+    pub took_ms: u64,
+    /// Its size: its snapshot and segments, bytes.
+    #[serde(default)]
+    pub bytes: u64,
+    /// What pushing it uploaded (the blobs the registry lacked, and its manifests), bytes.
+    #[serde(default)]
+    pub pushed_bytes: u64,
+    /// How many log segments it names.
+    #[serde(default)]
+    pub segments: u64,
+    /// Why the last attempt failed, if it did and none has succeeded since.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// The backup interval, milliseconds (0: this replica does not back up): what a total
+    /// disaster may lose of what was acknowledged.
+    #[serde(default)]
+    pub interval_ms: u64,
+    /// The backup recorded on chain, and what recording costs.
+    #[serde(default)]
+    pub anchor: AnchorStatus,
+    /// Backups in the registry after the last retention pass, and deleted by this replica.
+    #[serde(default)]
+    pub kept: u64,
+    /// Backups this replica deleted under the retention policy.
+    #[serde(default)]
+    pub deleted: u64,
+    /// What an operator must fix for backups to protect the service again (the chain's
+    /// record pinned above the service's index, a backup too large to restore); `None`
+    /// when nothing. It shows on the status, the dashboard, `/br2k/health` and
+    /// `br2k_backup_alert`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alert: Option<String>,
+}
+
+/// The backup recorded on chain (the anchor) and the gas recording costs.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AnchorStatus {
+    /// The index it reaches (0: none yet).
+    pub index: u64,
+    /// Its manifest's digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    /// When the chain recorded it, seconds since the Unix epoch (block time).
+    #[serde(default)]
+    pub at: u64,
+    /// How often one is recorded, milliseconds.
+    #[serde(default)]
+    pub interval_ms: u64,
+    /// Anchors this replica recorded.
+    #[serde(default)]
+    pub count: u64,
+    /// Gas they used.
+    #[serde(default)]
+    pub gas_total: u64,
+    /// Gas the latest used.
+    #[serde(default)]
+    pub gas_last: u64,
+    /// Gas a day at this rate: the latest anchor's gas times anchors a day at the record
+    /// interval, while requests keep coming (an idle service records at most one more).
+    /// 0 until a second anchor: a service's first costs about three times the others.
+    #[serde(default)]
+    pub gas_per_day: u64,
 }

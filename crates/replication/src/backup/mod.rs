@@ -37,7 +37,6 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use br2k_resolver::RecordedBackup;
-use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use self::lineage::{Found, Lineage};
@@ -48,6 +47,7 @@ pub use self::manifest::{
 use self::spool::{SpoolWriter, Spooled};
 use crate::app::AppState;
 pub use crate::config::{BackupConfig, MERGE_FANOUT, Retention};
+pub use crate::status::{AnchorStatus, BackupStatus};
 use crate::data::CompactedLog;
 use crate::error::{Error, Result};
 use crate::runtime::Runtime;
@@ -56,89 +56,12 @@ use crate::store::Term;
 /// The least time between two backups asked for with `POST /br2k/backup`.
 const ON_DEMAND_SPACING: Duration = Duration::from_secs(1);
 
-/// What `/br2k/status` says of backups.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BackupStatus {
-    /// The index the latest backup reaches (0: none yet): signed, and linked to the anchor.
-    pub index: u64,
-    /// Its manifest's digest.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub digest: Option<String>,
-    /// When it was pushed, seconds since the Unix epoch.
-    #[serde(default)]
-    pub at: u64,
-    /// How long reading, pushing (and recording) it took, milliseconds.
-    #[serde(default)]
-    pub took_ms: u64,
-    /// Its size: its snapshot and segments, bytes.
-    #[serde(default)]
-    pub bytes: u64,
-    /// What pushing it uploaded (the blobs the registry lacked, and its manifests), bytes.
-    #[serde(default)]
-    pub pushed_bytes: u64,
-    /// How many log segments it names.
-    #[serde(default)]
-    pub segments: u64,
-    /// Why the last attempt failed, if it did and none has succeeded since.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_error: Option<String>,
-    /// The backup interval, milliseconds (0: this replica does not back up): what a total
-    /// disaster may lose of what was acknowledged.
-    #[serde(default)]
-    pub interval_ms: u64,
-    /// The backup recorded on chain, and what recording costs.
-    #[serde(default)]
-    pub anchor: AnchorStatus,
-    /// Backups in the registry after the last retention pass, and deleted by this replica.
-    #[serde(default)]
-    pub kept: u64,
-    /// Backups this replica deleted under the retention policy.
-    #[serde(default)]
-    pub deleted: u64,
-    /// What an operator must fix for backups to protect the service again (the chain's
-    /// record pinned above the service's index, a backup too large to restore); `None`
-    /// when nothing. It shows on the status, the dashboard, `/br2k/health` and
-    /// `br2k_backup_alert`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub alert: Option<String>,
-}
-
-/// The backup recorded on chain (the anchor) and the gas recording costs.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AnchorStatus {
-    /// The index it reaches (0: none yet).
-    pub index: u64,
-    /// Its manifest's digest.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub digest: Option<String>,
-    /// When the chain recorded it, seconds since the Unix epoch (block time).
-    #[serde(default)]
-    pub at: u64,
-    /// How often one is recorded, milliseconds.
-    #[serde(default)]
-    pub interval_ms: u64,
-    /// Anchors this replica recorded.
-    #[serde(default)]
-    pub count: u64,
-    /// Gas they used.
-    #[serde(default)]
-    pub gas_total: u64,
-    /// Gas the latest used.
-    #[serde(default)]
-    pub gas_last: u64,
-    /// Gas a day at this rate: the latest anchor's gas times anchors a day at the record
-    /// interval, while requests keep coming (an idle service records at most one more).
-    /// 0 until a second anchor: a service's first costs about three times the others.
-    #[serde(default)]
-    pub gas_per_day: u64,
-}
-
 /// The leader's backup task: ends the term only when leadership is lost.
 pub(crate) async fn back_up_while_leading<S: AppState>(runtime: Arc<Runtime<S>>, term: Term) -> Result<()> {
     let Some(config) = runtime.config.backup.clone() else { return Ok(()) };
     let interval_ms = u64::try_from(config.interval.as_millis()).unwrap_or(u64::MAX);
     let record_ms = u64::try_from(config.record_interval.as_millis()).unwrap_or(u64::MAX);
-    runtime.set_status(|s| {
+    runtime.reporter.set_status(|s| {
         s.backup.interval_ms = interval_ms;
         s.backup.anchor.interval_ms = record_ms;
     });
@@ -160,14 +83,14 @@ pub(crate) async fn back_up_while_leading<S: AppState>(runtime: Arc<Runtime<S>>,
                 // about an interval apart, so that nothing acknowledged more than an
                 // interval ago is missing from the newest backup.
                 pause = config.interval.saturating_sub(started.elapsed() * 2).max(config.interval / 2);
-                runtime.set_status(|s| s.backup.last_error = None);
+                runtime.reporter.set_status(|s| s.backup.last_error = None);
             }
             Err(e @ Error::LeadershipLost { .. }) => return Err(e),
             Err(e) => {
                 pause = (pause * 2).min(Duration::from_secs(300)).max(config.interval);
                 warn!(error = %e, retry_in = ?pause, "backup failed; the service keeps answering");
                 let text = e.to_string();
-                runtime.set_status(|s| s.backup.last_error = Some(text));
+                runtime.reporter.set_status(|s| s.backup.last_error = Some(text));
             }
         }
     }
@@ -261,7 +184,7 @@ impl<'a, S: AppState> Writer<'a, S> {
             Ok(found) => {
                 let (index, digest) = (found.manifest.index, found.digest.clone());
                 let (bytes, segments) = (found.manifest.bytes(), found.manifest.segments.len() as u64);
-                self.runtime.set_status(|s| {
+                self.runtime.reporter.set_status(|s| {
                     if s.backup.index < index {
                         s.backup.index = index;
                         s.backup.digest = Some(digest);
@@ -294,7 +217,7 @@ impl<'a, S: AppState> Writer<'a, S> {
                 Some(text) => warn!(alert = %text, "backups are not recorded on chain"),
                 None => info!("the chain's backup record was cleared; recording again"),
             }
-            self.runtime.set_status(|s| s.backup.alert = alert);
+            self.runtime.reporter.set_status(|s| s.backup.alert = alert);
             self.pinned = pinned;
         }
         pinned.is_some()
@@ -306,7 +229,7 @@ impl<'a, S: AppState> Writer<'a, S> {
             "{why}: backups stopped until the service's state is smaller (snapshots and compaction more often, or \
              less state)"
         );
-        self.runtime.set_status(|s| s.backup.alert = Some(alert.clone()));
+        self.runtime.reporter.set_status(|s| s.backup.alert = Some(alert.clone()));
         Error::Backup(alert)
     }
 
@@ -325,7 +248,7 @@ impl<'a, S: AppState> Writer<'a, S> {
     fn show_anchor(&self, anchor: &RecordedBackup) {
         let digest = format!("sha256:{:x}", anchor.digest);
         let (index, at) = (anchor.index, anchor.recorded_at);
-        self.runtime.set_status(|s| {
+        self.runtime.reporter.set_status(|s| {
             s.backup.anchor.index = index;
             s.backup.anchor.digest = Some(digest);
             s.backup.anchor.at = at;
@@ -400,7 +323,7 @@ impl<'a, S: AppState> Writer<'a, S> {
         let (bytes, segments) = (next.bytes(), next.segments.len() as u64);
         let shown = digest.clone();
         let pinned = self.pinned.is_some();
-        self.runtime.set_status(|s| {
+        self.runtime.reporter.set_status(|s| {
             if !pinned {
                 s.backup.alert = None;
             }
@@ -675,7 +598,7 @@ impl<'a, S: AppState> Writer<'a, S> {
         let first = previous.is_none();
         self.settled = previous.map_or(0, |a| a.index);
         let per_day = outcome.gas_used.saturating_mul(86_400) / self.config.record_interval.as_secs().max(1);
-        self.runtime.set_status(|s| {
+        self.runtime.reporter.set_status(|s| {
             s.backup.anchor.count += 1;
             s.backup.anchor.gas_total += outcome.gas_used;
             s.backup.anchor.gas_last = outcome.gas_used;
@@ -695,7 +618,7 @@ impl<'a, S: AppState> Writer<'a, S> {
         let service = &self.runtime.config.service;
         let (registry, repository) = (&self.config.registry, &self.config.repository);
         match retention::prune(registry, repository, service, self.config.retention, anchor, &mut self.created).await {
-            Ok(pruned) => self.runtime.set_status(|s| {
+            Ok(pruned) => self.runtime.reporter.set_status(|s| {
                 s.backup.kept = pruned.kept as u64;
                 s.backup.deleted += pruned.deleted as u64;
             }),

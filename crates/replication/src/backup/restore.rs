@@ -141,7 +141,7 @@ impl<S: AppState> Runtime<S> {
         }
         let applied = self.state.applied_index();
         let index = backup.index;
-        self.set_status(|s| {
+        self.reporter.set_status(|s| {
             s.lpi = index;
             s.ssi = index;
             s.ls = index;
