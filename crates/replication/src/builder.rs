@@ -15,7 +15,7 @@ use crate::data::RequestKind;
 use crate::data::Step;
 use crate::error::{Error, Result};
 use crate::outbox::{Chain, TxObserver, TxStep};
-use crate::runtime::Runtime;
+use crate::runtime::{Parts, Runtime};
 use crate::status::Status;
 use tokio::sync::watch;
 use tracing::info;
@@ -332,7 +332,7 @@ impl<S: AppState> Builder<S> {
 
 /// A replicated service, ready to serve. Built with [`Replicated::builder`].
 pub struct Replicated<S> {
-    pub(crate) runtime: Arc<Runtime<S>>,
+    parts: Parts<S>,
 }
 
 impl<S: AppState> Replicated<S> {
@@ -348,22 +348,22 @@ impl<S: AppState> Replicated<S> {
         observer: Option<StepObserver>,
         chain: Option<Arc<crate::outbox::Chain>>,
     ) -> Self {
-        Self { runtime: Arc::new(Runtime::new(config, state, routes, observer, chain)) }
+        Self { parts: Parts::new(config, state, routes, observer, chain) }
     }
 
     /// The app state.
     pub fn state(&self) -> Arc<S> {
-        self.runtime.state.clone()
+        self.parts.state.clone()
     }
 
     /// This replica's current status.
     pub fn status(&self) -> Status {
-        self.runtime.current_status()
+        self.parts.current_status()
     }
 
     /// A receiver that sees every status change (for waiting on a role change).
     pub fn subscribe(&self) -> watch::Receiver<Status> {
-        self.runtime.reporter.status.subscribe()
+        self.parts.reporter.status.subscribe()
     }
 
     /// Runs the replica until `shutdown` completes: the HTTP front on the configured
@@ -376,8 +376,7 @@ impl<S: AppState> Replicated<S> {
     /// directory cannot be used. An unreachable etcd is not an error: the replica waits
     /// for it, reporting unhealthy.
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
-        let runtime = self.runtime;
-        runtime.open().await?;
+        let runtime = Arc::new(Runtime::open(self.parts).await?);
         let listener = tokio::net::TcpListener::bind(runtime.config.listen)
             .await
             .map_err(|source| Error::Listen { addr: runtime.config.listen, source })?;

@@ -22,106 +22,131 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 use crate::app::AppState;
+use crate::config::{Config, SnapshotPolicy};
+use crate::data::Keys;
 use crate::error::{Error, Result};
-use crate::runtime::Runtime;
-use crate::store::{Op, Term};
+use crate::reporter::Reporter;
+use crate::state_transfer::Snapshots;
+use crate::store::{Op, Store, Term};
 
 /// How often the leader looks again without a new snapshot.
 const RECHECK: Duration = Duration::from_secs(5);
 
-/// The leader's compaction task; ends the term only when leadership is lost.
-pub(crate) async fn compact_while_leading<S: AppState>(runtime: Arc<Runtime<S>>, term: Term) -> Result<()> {
-    if !runtime.config.snapshots.enabled() {
-        return Ok(());
-    }
-    loop {
-        match compact_once(&runtime, &term).await {
-            Ok(()) => {}
-            Err(e @ Error::LeadershipLost { .. }) => return Err(e),
-            Err(e) => warn!(error = %e, "log compaction failed; will try again"),
-        }
-        tokio::select! {
-            () = runtime.snapshot_taken.notified() => {}
-            () = tokio::time::sleep(RECHECK) => {}
-        }
-    }
+/// What the leader's compaction works with.
+pub(crate) struct Compactor<S> {
+    replica: String,
+    policy: SnapshotPolicy,
+    keys: Keys,
+    store: Store,
+    snapshots: Arc<Snapshots<S>>,
+    reporter: Arc<Reporter>,
 }
 
-/// One compaction, if there is anything to delete.
-async fn compact_once<S: AppState>(runtime: &Runtime<S>, term: &Term) -> Result<()> {
-    let Some(snapshot) = runtime.latest_snapshot() else { return Ok(()) };
-    let store = runtime.store();
-    let keys = &runtime.keys;
-    let compacted = store.compacted().await?;
-    let first = compacted.first_index.max(1);
-    // Entries below `target` go; `target` becomes the first index.
-    let mut target = snapshot.index.saturating_sub(runtime.config.snapshots.trailing);
-    if target <= first {
-        return Ok(());
-    }
-    let mut held_by = None;
-    for (replica, record) in store.members().await? {
-        if replica == runtime.config.replica || record.catching_up || record.diverged.is_some() {
-            continue;
-        }
-        // An unreadable LPI holds compaction back (as 0) rather than stopping it: the
-        // replica rewrites it as it follows.
-        let applied = match store.get_index(&keys.lpi(&replica)).await {
-            Err(e @ Error::CorruptRecord { .. }) => {
-                warn!(%replica, error = %e, "unreadable LPI: compaction waits for the replica to rewrite it");
-                0
-            }
-            applied => applied?,
-        };
-        if applied + 1 < target {
-            target = applied + 1;
-            held_by = Some(replica);
-        }
-    }
-    if let Some(&doubt) = store.indexes_under(&keys.doubt_prefix()).await?.first() {
-        target = target.min(doubt);
-    }
-    if target <= first {
-        if let Some(replica) = held_by {
-            tracing::debug!(%replica, "compaction waits for a live replica to apply more of the log");
-        }
-        return Ok(());
+impl<S: AppState> Compactor<S> {
+    pub(crate) fn new(
+        config: &Config,
+        keys: Keys,
+        store: Store,
+        snapshots: Arc<Snapshots<S>>,
+        reporter: Arc<Reporter>,
+    ) -> Self {
+        Self { replica: config.replica.clone(), policy: config.snapshots, keys, store, snapshots, reporter }
     }
 
-    let mut tally = compacted.clone();
-    let mut from = first;
-    'count: while from < target {
-        let page = store.states(from, target).await?;
-        let Some(&(last, _)) = page.last() else { break };
-        for (index, state) in page {
-            // Not final: it must stay, and so must everything after it.
-            if !tally.count(&state) {
-                target = index;
-                break 'count;
+    /// The leader's compaction task; ends the term only when leadership is lost.
+    pub(crate) async fn run(self, term: Term) -> Result<()> {
+        if !self.policy.enabled() {
+            return Ok(());
+        }
+        loop {
+            match self.compact_once(&term).await {
+                Ok(()) => {}
+                Err(e) if e.ends_term() => return Err(e),
+                Err(e) => warn!(error = %e, "log compaction failed; will try again"),
+            }
+            tokio::select! {
+                () = self.snapshots.taken.notified() => {}
+                () = tokio::time::sleep(RECHECK) => {}
             }
         }
-        from = last + 1;
     }
-    if target <= first {
-        return Ok(());
+
+    /// One compaction, if there is anything to delete.
+    async fn compact_once(&self, term: &Term) -> Result<()> {
+        let Some(snapshot) = self.snapshots.latest() else { return Ok(()) };
+        let store = &self.store;
+        let keys = &self.keys;
+        let compacted = store.compacted().await?;
+        let first = compacted.first_index.max(1);
+        // Entries below `target` go; `target` becomes the first index.
+        let mut target = snapshot.index.saturating_sub(self.policy.trailing);
+        if target <= first {
+            return Ok(());
+        }
+        let mut held_by = None;
+        for (replica, record) in store.members().await? {
+            if replica == self.replica || record.catching_up || record.diverged.is_some() {
+                continue;
+            }
+            // An unreadable LPI holds compaction back (as 0) rather than stopping it: the
+            // replica rewrites it as it follows.
+            let applied = match store.get_index(&keys.lpi(&replica)).await {
+                Err(e @ Error::CorruptRecord { .. }) => {
+                    warn!(%replica, error = %e, "unreadable LPI: compaction waits for the replica to rewrite it");
+                    0
+                }
+                applied => applied?,
+            };
+            if applied + 1 < target {
+                target = applied + 1;
+                held_by = Some(replica);
+            }
+        }
+        if let Some(&doubt) = store.indexes_under(&keys.doubt_prefix()).await?.first() {
+            target = target.min(doubt);
+        }
+        if target <= first {
+            if let Some(replica) = held_by {
+                tracing::debug!(%replica, "compaction waits for a live replica to apply more of the log");
+            }
+            return Ok(());
+        }
+
+        let mut tally = compacted.clone();
+        let mut from = first;
+        'count: while from < target {
+            let page = store.states(from, target).await?;
+            let Some(&(last, _)) = page.last() else { break };
+            for (index, state) in page {
+                // Not final: it must stay, and so must everything after it.
+                if !tally.count(&state) {
+                    target = index;
+                    break 'count;
+                }
+            }
+            from = last + 1;
+        }
+        if target <= first {
+            return Ok(());
+        }
+        tally.first_index = target;
+        let ops = vec![
+            Op::DeleteRange(keys.log(first), keys.log(target)),
+            Op::DeleteRange(keys.rs(first), keys.rs(target)),
+            // The transactions of final requests: settled, their answers recorded.
+            Op::DeleteRange(keys.outbox_start(), keys.outbox_before(target)),
+            Op::Put(keys.compacted(), crate::codec::encode(&tally)),
+        ];
+        let revision = store.authority_write(term, ops).await?;
+        self.reporter.set_status(|s| s.first_index = target);
+        store.compact_history(revision).await?;
+        info!(
+            deleted = target - first,
+            first_index = target,
+            snapshot = snapshot.index,
+            revision,
+            "log compacted: entries below the first index deleted, etcd history compacted"
+        );
+        Ok(())
     }
-    tally.first_index = target;
-    let ops = vec![
-        Op::DeleteRange(keys.log(first), keys.log(target)),
-        Op::DeleteRange(keys.rs(first), keys.rs(target)),
-        // The transactions of final requests: settled, their answers recorded.
-        Op::DeleteRange(keys.outbox_start(), keys.outbox_before(target)),
-        Op::Put(keys.compacted(), crate::codec::encode(&tally)),
-    ];
-    let revision = store.authority_write(term, ops).await?;
-    runtime.reporter.set_status(|s| s.first_index = target);
-    store.compact_history(revision).await?;
-    info!(
-        deleted = target - first,
-        first_index = target,
-        snapshot = snapshot.index,
-        revision,
-        "log compacted: entries below the first index deleted, etcd history compacted"
-    );
-    Ok(())
 }

@@ -23,13 +23,26 @@ pub enum Error {
         timeout: Duration,
     },
     /// The local etcd member refused or failed a call.
-    #[error("local etcd member {endpoint} failed {action}: {reason}")]
+    #[error("local etcd member {endpoint} failed {action}: {source}")]
     Etcd {
         /// The member's client endpoint.
         endpoint: String,
         /// What was asked.
         action: &'static str,
-        /// etcd's answer.
+        /// What kind of failure it was, as far as the runtime acts on it.
+        kind: EtcdFailure,
+        /// etcd's (or the client's) error.
+        #[source]
+        source: etcd_client::Error,
+    },
+    /// The local etcd member answered a call with something the runtime cannot use.
+    #[error("local etcd member {endpoint} answered {action} with {reason}")]
+    EtcdAnswer {
+        /// The member's client endpoint.
+        endpoint: String,
+        /// What was asked.
+        action: &'static str,
+        /// What was wrong with the answer.
         reason: String,
     },
     /// A leader-authority write was refused because `cl` changed: another replica took
@@ -193,13 +206,19 @@ pub enum Error {
 }
 
 impl Error {
-    pub(crate) fn etcd(endpoint: &str, action: &'static str, error: &etcd_client::Error) -> Self {
-        Self::Etcd { endpoint: endpoint.into(), action, reason: error.to_string() }
+    pub(crate) fn etcd(endpoint: &str, action: &'static str, source: etcd_client::Error) -> Self {
+        Self::Etcd { endpoint: endpoint.into(), action, kind: EtcdFailure::of(&source), source }
     }
 
     /// Whether the client refused an answer as too large (a read to make smaller).
     pub(crate) fn is_too_large(&self) -> bool {
-        matches!(self, Self::Etcd { reason, .. } if reason.contains("message length too large"))
+        matches!(self, Self::Etcd { kind: EtcdFailure::TooLarge, .. })
+    }
+
+    /// Whether this error ends a leader's term: its fence failed, so another replica
+    /// leads. Every task of the term returns it; any other error is retried.
+    pub(crate) fn ends_term(&self) -> bool {
+        matches!(self, Self::LeadershipLost { .. })
     }
 
     /// Whether this replica's app failed here (its code panicked or hung, or its storage
@@ -219,7 +238,41 @@ impl Error {
     /// Whether this error means the local etcd member could not be asked at all (as
     /// opposed to a refused write or bad data).
     pub fn is_etcd_unavailable(&self) -> bool {
-        matches!(self, Self::EtcdTimeout { .. } | Self::Etcd { .. })
+        matches!(self, Self::EtcdTimeout { .. } | Self::Etcd { .. } | Self::EtcdAnswer { .. })
+    }
+}
+
+/// What kind of failure an etcd call met, read from the client's typed error (the gRPC
+/// status code, and for the two codes etcd shares between causes, the status message).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EtcdFailure {
+    /// An answer over the client's size limit: the read is made smaller and tried again.
+    TooLarge,
+    /// The revision asked for was compacted away (for a history compaction: already done).
+    Compacted,
+    /// The member could not be reached or did not answer.
+    Unavailable,
+    /// Anything else etcd refused.
+    Refused,
+}
+
+impl EtcdFailure {
+    /// Classifies `error` once, where it is caught.
+    pub fn of(error: &etcd_client::Error) -> Self {
+        use tonic::Code;
+        match error {
+            etcd_client::Error::GRpcStatus(status) => match status.code() {
+                // tonic's decoder refuses a message over the limit with OutOfRange; etcd
+                // says a compacted revision with OutOfRange too.
+                Code::OutOfRange if status.message().contains("message length too large") => Self::TooLarge,
+                Code::OutOfRange if status.message().contains("compacted") => Self::Compacted,
+                Code::ResourceExhausted if status.message().contains("message length too large") => Self::TooLarge,
+                Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => Self::Unavailable,
+                _ => Self::Refused,
+            },
+            etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => Self::Unavailable,
+            _ => Self::Refused,
+        }
     }
 }
 
@@ -230,5 +283,35 @@ pub(crate) fn fault_kind(error: &std::io::Error) -> &'static str {
         std::io::ErrorKind::QuotaExceeded => "disk quota exceeded",
         std::io::ErrorKind::ReadOnlyFilesystem => "read-only file system",
         _ => "I/O error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(status: tonic::Status) -> etcd_client::Error {
+        etcd_client::Error::GRpcStatus(status)
+    }
+
+    #[test]
+    fn etcd_failures_are_classified_from_the_typed_error_and_keep_it_as_their_source() {
+        let too_large = status(tonic::Status::out_of_range(
+            "Error, decoded message length too large: found 9 bytes, the limit is: 4 bytes",
+        ));
+        assert_eq!(EtcdFailure::of(&too_large), EtcdFailure::TooLarge);
+        let compacted = status(tonic::Status::out_of_range("etcdserver: mvcc: required revision has been compacted"));
+        assert_eq!(EtcdFailure::of(&compacted), EtcdFailure::Compacted);
+        assert_eq!(
+            EtcdFailure::of(&status(tonic::Status::unavailable("connection refused"))),
+            EtcdFailure::Unavailable
+        );
+        assert_eq!(EtcdFailure::of(&status(tonic::Status::invalid_argument("bad"))), EtcdFailure::Refused);
+
+        let error = Error::etcd("http://127.0.0.1:2379", "read log entries", too_large);
+        assert!(error.is_too_large() && error.is_etcd_unavailable() && !error.ends_term());
+        let source = std::error::Error::source(&error).expect("the etcd error is kept");
+        assert!(source.to_string().contains("message length too large"), "{source}");
+        assert!(Error::LeadershipLost { epoch: 3 }.ends_term());
     }
 }

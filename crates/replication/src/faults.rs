@@ -22,10 +22,13 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 use tracing::error;
 
-use crate::app::{AppState, Recorded};
+use std::sync::Arc;
+
+use crate::app::Recorded;
 use crate::data::{Divergence, LogEntry, StoppedAt, StoredReply};
 use crate::error::{Error, Result};
-use crate::runtime::Runtime;
+use crate::membership::Membership;
+use crate::reporter::Reporter;
 
 /// The file that marks a replica as diverged, in its data directory.
 const DIVERGENCE_FILE: &str = "br2k-divergence.json";
@@ -80,9 +83,28 @@ pub(crate) fn describe_answer(success: bool, status: u16, body: &[u8]) -> String
     format!("{outcome} {status} (body sha256 {digest}, {} bytes)", body.len())
 }
 
-impl<S: AppState> Runtime<S> {
+/// Where this replica's local faults and divergence are noted: the status, the membership
+/// record, and the divergence mark on disk.
+pub(crate) struct Faults {
+    replica: String,
+    /// The divergence mark.
+    path: PathBuf,
+    reporter: Arc<Reporter>,
+    membership: Arc<Membership>,
+}
+
+impl Faults {
+    pub(crate) fn new(
+        replica: &str,
+        data_dir: &std::path::Path,
+        reporter: Arc<Reporter>,
+        membership: Arc<Membership>,
+    ) -> Self {
+        Self { replica: replica.to_owned(), path: data_dir.join(DIVERGENCE_FILE), reporter, membership }
+    }
+
     fn divergence_path(&self) -> PathBuf {
-        self.config.data_dir.join(DIVERGENCE_FILE)
+        self.path.clone()
     }
 
     /// Reads the divergence mark a previous run left, if any: the replica then starts
@@ -102,7 +124,7 @@ impl<S: AppState> Runtime<S> {
             Err(e) => return Err(Error::RecordFile { path: path.display().to_string(), reason: e.to_string() }),
         };
         let error = self.divergence_error(&divergence);
-        error!(replica = %self.config.replica, "{error}");
+        error!(replica = %self.replica, "{error}");
         self.stop_diverged(divergence, &error);
         Ok(())
     }
@@ -145,22 +167,22 @@ impl<S: AppState> Runtime<S> {
             at: crate::data::unix_seconds(),
         };
         if let Err(e) = crate::durable::write_atomically(&self.divergence_path(), &crate::codec::encode(&divergence)) {
-            error!(replica = %self.config.replica, error = %e,
+            error!(replica = %self.replica, error = %e,
                 "could not write the divergence mark: the replica stops now, but a restart would not know it diverged");
         }
         let error = self.divergence_error(&divergence);
-        error!(replica = %self.config.replica, "{error}");
+        error!(replica = %self.replica, "{error}");
         self.stop_diverged(divergence, &error);
         Err(error)
     }
 
     fn divergence_error(&self, divergence: &Divergence) -> Error {
-        Error::Diverged { replica: self.config.replica.clone(), divergence: Box::new(divergence.clone()) }
+        Error::Diverged { replica: self.replica.clone(), divergence: Box::new(divergence.clone()) }
     }
 
     fn stop_diverged(&self, divergence: Divergence, error: &Error) {
         let index = divergence.index;
-        self.set_member(|m| m.diverged = Some(index));
+        self.membership.set(|m| m.diverged = Some(index));
         let reason = error.to_string();
         self.reporter.set_status(|s| {
             // It applied the entry, but differently: it has not processed it as the
@@ -178,8 +200,8 @@ impl<S: AppState> Runtime<S> {
         self.reporter.metrics.count_local_fault();
         // Says which replica, as an alert quoting it out of context must.
         let mut reason = error.to_string();
-        if !reason.starts_with(&format!("{}: ", self.config.replica)) {
-            reason = format!("{}: {reason}", self.config.replica);
+        if !reason.starts_with(&format!("{}: ", self.replica)) {
+            reason = format!("{}: {reason}", self.replica);
         }
         self.reporter.set_status(|s| {
             s.fault = Some(match s.fault.take() {
@@ -194,7 +216,7 @@ impl<S: AppState> Runtime<S> {
     /// The entry a local fault stopped this replica at has passed.
     pub(crate) fn clear_fault(&self) {
         let Some(stopped) = self.reporter.status.borrow().fault.clone() else { return };
-        tracing::info!(replica = %self.config.replica, index = stopped.index, retries = stopped.retries,
+        tracing::info!(replica = %self.replica, index = stopped.index, retries = stopped.retries,
             seconds = crate::data::unix_seconds().saturating_sub(stopped.since), "the local fault cleared: the replica goes on");
         self.reporter.set_status(|s| s.fault = None);
     }

@@ -56,8 +56,8 @@ async fn front<S: AppState>(State(runtime): State<Arc<Runtime<S>>>, request: axu
         ("GET", "/metrics") => return metrics(&runtime),
         _ => {}
     }
-    let Some(route) = runtime.route_of(&method, &path) else {
-        let methods = runtime.routes.methods_of(&path);
+    let Some(route) = runtime.executor.route_of(&method, &path) else {
+        let methods = runtime.executor.routes.methods_of(&path);
         if methods.is_empty() {
             return error(StatusCode::NOT_FOUND, &format!("no route {method} {path}"));
         }
@@ -212,7 +212,9 @@ async fn read<S: AppState>(
     entry: LogEntry,
     body: Bytes,
 ) -> Response {
-    if runtime.reporter.status.borrow().role != Role::Leader || !matches!(runtime.store().leader_condition().await, Ok(true)) {
+    if runtime.reporter.status.borrow().role != Role::Leader
+        || !matches!(runtime.store().leader_condition().await, Ok(true))
+    {
         return not_leader(runtime);
     }
     let index = runtime.reporter.status.borrow().lpi;
@@ -258,7 +260,7 @@ async fn snapshot<S: AppState>(runtime: &Runtime<S>, parts: &axum::http::request
             "snapshots hold the service's whole state and are only for its own replicas (they send the peer token)",
         );
     };
-    let token = match runtime.peer_token().await {
+    let token = match runtime.membership.peer_token(runtime.store()).await {
         Ok(token) => token,
         Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &format!("cannot check the peer token now: {e}")),
     };
@@ -278,10 +280,10 @@ async fn snapshot<S: AppState>(runtime: &Runtime<S>, parts: &axum::http::request
     let Some(index) = index else {
         return error(StatusCode::BAD_REQUEST, "name the snapshot: /br2k/snapshot?index=N");
     };
-    let meta = match runtime.snapshots.get(index) {
+    let meta = match runtime.snapshots.disk.get(index) {
         Ok(Some(meta)) => meta,
         Ok(None) => {
-            let latest = runtime.latest_snapshot().map_or(0, |m| m.index);
+            let latest = runtime.snapshots.latest().map_or(0, |m| m.index);
             return error(
                 StatusCode::NOT_FOUND,
                 &format!("snapshot {index} is no longer kept here; the latest is {latest}"),
@@ -289,7 +291,7 @@ async fn snapshot<S: AppState>(runtime: &Runtime<S>, parts: &axum::http::request
         }
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     };
-    let file = match tokio::fs::File::open(runtime.snapshots.data_path(index)).await {
+    let file = match tokio::fs::File::open(runtime.snapshots.disk.data_path(index)).await {
         Ok(file) => file,
         Err(e) => return error(StatusCode::NOT_FOUND, &format!("snapshot {index} cannot be read here: {e}")),
     };
@@ -334,7 +336,7 @@ async fn backup_now<S: AppState>(runtime: &Runtime<S>, parts: &axum::http::reque
         return not_leader(runtime);
     }
     {
-        let mut last = runtime.backup_asked_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut last = runtime.backups.asked_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let spacing = config.on_demand_spacing();
         if let Some(wait) = last.and_then(|at| spacing.checked_sub(at.elapsed())) {
             let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
@@ -350,8 +352,8 @@ async fn backup_now<S: AppState>(runtime: &Runtime<S>, parts: &axum::http::reque
         }
         *last = Some(std::time::Instant::now());
     }
-    runtime.backup_forced.store(true, std::sync::atomic::Ordering::Relaxed);
-    runtime.backup_now.notify_one();
+    runtime.backups.forced.store(true, std::sync::atomic::Ordering::Relaxed);
+    runtime.backups.now.notify_one();
     json(StatusCode::ACCEPTED, &serde_json::json!({ "requested": true, "ssi": status.ssi, "backup": status.backup }))
 }
 
@@ -376,7 +378,11 @@ fn refuse_non_admin<S: AppState>(runtime: &Runtime<S>, parts: &axum::http::reque
 /// Whether the request carries this service's peer token (another replica of it asks).
 async fn offers_peer_token<S: AppState>(runtime: &Runtime<S>, parts: &axum::http::request::Parts) -> bool {
     let Some(offered) = parts.headers.get(PEER_TOKEN_HEADER) else { return false };
-    runtime.peer_token().await.is_ok_and(|token| same_secret(offered.as_bytes(), token.as_bytes()))
+    runtime
+        .membership
+        .peer_token(runtime.store())
+        .await
+        .is_ok_and(|token| same_secret(offered.as_bytes(), token.as_bytes()))
 }
 
 /// `GET /br2k/tx` (admin): the outbox's unsettled transactions and the requests in doubt.

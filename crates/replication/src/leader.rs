@@ -35,13 +35,23 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::app::{AppState, Outcome, Recorded, Reply, Request};
+use crate::backup::Backups;
+use crate::config::Config;
+use crate::data::Keys;
 use crate::data::Step;
-use crate::data::{EntryState, IdempotencyRecord, Keys, LogEntry, ProcessState, RequestKind};
+use crate::data::{EntryState, IdempotencyRecord, LogEntry, ProcessState, RequestKind};
 use crate::error::{Error, Result};
+use crate::executor::Executor;
+use crate::executor::outcome_ops;
 use crate::guard::{guarded, panic_message};
 use crate::idempotency::Fingerprint;
-use crate::runtime::Runtime;
+use crate::idempotency::IdempotencyTable;
+use crate::outbox::Chain;
+use crate::reporter::Reporter;
+use crate::settle::Settler;
+use crate::state_transfer::Snapshots;
 use crate::stats::stage;
+use crate::store::Store;
 use crate::store::{MAX_TXN_BYTES, MAX_TXN_OPS, Op, Term};
 use crate::sync::lock;
 
@@ -187,6 +197,39 @@ impl Carrier {
     }
 }
 
+/// What a leader's term works with: the handles of the layers below, handed over by the
+/// node when it registers. Nothing of the node loop is reachable from here.
+pub(crate) struct Leading<S> {
+    pub(crate) config: Config,
+    pub(crate) keys: Keys,
+    pub(crate) store: Store,
+    pub(crate) state: Arc<S>,
+    pub(crate) reporter: Arc<Reporter>,
+    pub(crate) executor: Arc<Executor<S>>,
+    pub(crate) idempotency: Arc<IdempotencyTable>,
+    pub(crate) snapshots: Arc<Snapshots<S>>,
+    pub(crate) backups: Arc<Backups<S>>,
+    pub(crate) settler: Arc<Settler<S>>,
+    pub(crate) chain: Option<Arc<Chain>>,
+}
+
+impl<S: AppState> Leading<S> {
+    pub(crate) fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The stamp the leader writes into the next keyed entries it logs (see
+    /// [`crate::data::Stamp`]).
+    pub(crate) fn stamp(&self) -> crate::data::Stamp {
+        let now_ms = crate::data::unix_millis();
+        self.idempotency.stamp(now_ms, self.config.idempotency_retention, self.config.idempotency_max_bytes)
+    }
+
+    fn recoverable_lpi(&self, lpi: u64) -> u64 {
+        self.snapshots.recoverable_lpi(lpi)
+    }
+}
+
 /// A running term; dropping the stop handle's tasks interrupts them.
 pub(crate) struct LeaderTerm {
     pub(crate) failed: mpsc::Receiver<Error>,
@@ -194,15 +237,20 @@ pub(crate) struct LeaderTerm {
 }
 
 impl LeaderTerm {
-    pub(crate) fn start<S: AppState>(runtime: &Arc<Runtime<S>>, term: Term, next_index: u64) -> Self {
-        runtime.feed.stop_collecting();
+    /// Starts the term's tasks over `leading`; returns the term and the queue the front
+    /// submits requests to.
+    pub(crate) fn start<S: AppState>(
+        leading: &Arc<Leading<S>>,
+        term: Term,
+        next_index: u64,
+    ) -> (Self, mpsc::Sender<Submit>) {
         let (submit_tx, submit_rx) = mpsc::channel(QUEUE);
         let (groups_tx, groups_rx) = mpsc::channel(64);
         let (failed_tx, failed) = mpsc::channel(4);
         let in_flight = Arc::new(InFlight::default());
         let carrier = Arc::new(Carrier::default());
         let sequencer = Sequencer {
-            runtime: runtime.clone(),
+            leading: leading.clone(),
             term: term.clone(),
             next_index,
             in_flight: in_flight.clone(),
@@ -211,22 +259,31 @@ impl LeaderTerm {
         let mut tasks = vec![
             tokio::spawn(report(sequencer.run(submit_rx, groups_tx), failed_tx.clone())),
             tokio::spawn(report(
-                process_groups(runtime.clone(), term.clone(), groups_rx, in_flight, carrier),
+                process_groups(leading.clone(), term.clone(), groups_rx, in_flight, carrier),
                 failed_tx.clone(),
             )),
             tokio::spawn(report(
-                crate::compaction::compact_while_leading(runtime.clone(), term.clone()),
+                crate::compaction::Compactor::new(
+                    &leading.config,
+                    leading.keys.clone(),
+                    leading.store().clone(),
+                    leading.snapshots.clone(),
+                    leading.reporter.clone(),
+                )
+                .run(term.clone()),
                 failed_tx.clone(),
             )),
-            tokio::spawn(report(runtime.clone().settle_while_leading(term.clone()), failed_tx.clone())),
-            tokio::spawn(report(crate::backup::back_up_while_leading(runtime.clone(), term), failed_tx)),
+            tokio::spawn(report(leading.settler.clone().settle_while_leading(term.clone()), failed_tx.clone())),
+            tokio::spawn(report(
+                crate::backup::back_up_while_leading(leading.backups.clone(), leading.store().clone(), term),
+                failed_tx,
+            )),
         ];
-        if let Some(chain) = runtime.chain.clone() {
+        if let Some(chain) = leading.chain.clone() {
             // Best effort, never ending the term: it logs and counts what it finds.
-            tasks.push(tokio::spawn(chain.watch_finality(runtime.store().clone(), runtime.keys.clone())));
+            tasks.push(tokio::spawn(chain.watch_finality(leading.store().clone(), leading.keys.clone())));
         }
-        *runtime.submit.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(submit_tx);
-        Self { failed, tasks }
+        (Self { failed, tasks }, submit_tx)
     }
 
     /// Stops both tasks, wherever they are. Clients waiting on them see their answer
@@ -263,65 +320,11 @@ async fn report(task: impl Future<Output = Result<()>>, failed: mpsc::Sender<Err
 }
 
 struct Sequencer<S> {
-    runtime: Arc<Runtime<S>>,
+    leading: Arc<Leading<S>>,
     term: Term,
     next_index: u64,
     in_flight: Arc<InFlight>,
     carrier: Arc<Carrier>,
-}
-
-/// The lease the late answers of requests left in doubt are written with (see
-/// [`crate::idempotency`]): one lease per quarter of the retention, living a retention and
-/// a quarter, so each record lasts at least the retention and etcd tracks only a few leases.
-#[derive(Default)]
-pub(crate) struct IdempotencyLease {
-    current: tokio::sync::Mutex<Option<(i64, Instant)>>,
-}
-
-impl IdempotencyLease {
-    pub(crate) async fn get<S: AppState>(&self, runtime: &Runtime<S>) -> Result<i64> {
-        let retention = runtime.config.idempotency_retention;
-        let renew_after = retention / 4;
-        let mut current = self.current.lock().await;
-        match *current {
-            Some((id, granted)) if granted.elapsed() < renew_after => Ok(id),
-            _ => {
-                let id = runtime.store().grant_lease(retention + renew_after.max(Duration::from_secs(1))).await?;
-                *current = Some((id, Instant::now()));
-                Ok(id)
-            }
-        }
-    }
-}
-
-/// The writes that record an entry's final outcome: its RS with the answer and, given a
-/// `lease` (a request settled after every replica passed it in doubt), the answer in a
-/// leased idempotency record too, which outlives log compaction (the replicas' tables
-/// hold the key without its answer).
-pub(crate) fn outcome_ops(
-    keys: &Keys,
-    index: u64,
-    kind: RequestKind,
-    epoch: u64,
-    outcome: &Recorded,
-    entry: &LogEntry,
-    lease: Option<i64>,
-) -> Vec<Op> {
-    let (state, reply) = match outcome {
-        Ok(reply) => (ProcessState::Success, reply),
-        Err(reply) => (ProcessState::Fail, reply),
-    };
-    let response = Some(reply.to_stored());
-    let mut ops = vec![Op::Put(
-        keys.rs(index),
-        crate::codec::encode(&EntryState { kind, state, epoch, response: response.clone() }),
-    )];
-    if let (Some(key), Some(lease)) = (&entry.idempotency_key, lease) {
-        let fingerprint = crate::idempotency::to_hex(&crate::idempotency::fingerprint(entry));
-        let record = IdempotencyRecord { index, fingerprint, response };
-        ops.push(Op::PutLeased(keys.idem(key), crate::codec::encode(&record), lease));
-    }
-    ops
 }
 
 /// What an idempotency key says about a new request.
@@ -348,7 +351,7 @@ impl<S: AppState> Sequencer<S> {
             // Split by size too, so that each group is one transaction under etcd's
             // --max-request-bytes (the front capped each request well under it).
             // A key's length beyond its last part: the service prefix (as `ls` has it).
-            let prefix = self.runtime.keys.ls().len();
+            let prefix = self.leading.keys.ls().len();
             let mut group = Vec::new();
             let mut bytes = prefix + RECORD_BYTES;
             for fresh in fresh {
@@ -392,7 +395,7 @@ impl<S: AppState> Sequencer<S> {
                         // Looked up while `by_key` is held: the processor adds a group to
                         // the table before it lets go of its keys here, so a key is always
                         // in one or the other.
-                        None => match self.runtime.idempotency.get(key) {
+                        None => match self.leading.idempotency.get(key) {
                             Some(record) if record.fingerprint != submit.fingerprint => {
                                 let _ = submit.reply.send(reused_key());
                                 continue;
@@ -434,7 +437,7 @@ impl<S: AppState> Sequencer<S> {
             let key = request.entry.idempotency_key.clone().expect("keyed");
             let started = Instant::now();
             let lookup = self.lookup_in_doubt(&key, index).await;
-            self.runtime.reporter.stats.add_many(stage::KEY_LOOKUP, 1, started.elapsed());
+            self.leading.reporter.stats.add_many(stage::KEY_LOOKUP, 1, started.elapsed());
             let answer = match lookup {
                 Ok(KeyLookup::New) => {
                     fresh.push(request);
@@ -458,10 +461,10 @@ impl<S: AppState> Sequencer<S> {
     /// Whether the entry at `index` is an only-once request the settler finishes (its
     /// route sends transactions through the outbox).
     async fn settled_by_outbox(&self, index: u64) -> Result<bool> {
-        let store = self.runtime.store();
-        let Some(kv) = store.get_local(&self.runtime.keys.log(index)).await? else { return Ok(false) };
+        let store = self.leading.store();
+        let Some(kv) = store.get_local(&self.leading.keys.log(index)).await? else { return Ok(false) };
         let entry: LogEntry = crate::codec::decode(kv.key(), kv.value())?;
-        Ok(self.runtime.route_of(&entry.method, &entry.path).is_some_and(|route| route.replayable))
+        Ok(self.leading.executor.route_of(&entry.method, &entry.path).is_some_and(|route| route.replayable))
     }
 
     /// What a retry of the request at `index`, which the table holds without an answer
@@ -469,8 +472,8 @@ impl<S: AppState> Sequencer<S> {
     /// Local (serializable) reads are enough: every record that matters was written before
     /// this replica took `cl` through this member, or by this replica since.
     async fn lookup_in_doubt(&self, key: &str, index: u64) -> Result<KeyLookup> {
-        let store = self.runtime.store();
-        let keys = &self.runtime.keys;
+        let store = self.leading.store();
+        let keys = &self.leading.keys;
         let replay = |response| {
             KeyLookup::Answer(Answer { reply: Reply::from_stored(response), index: Some(index), replayed: true })
         };
@@ -513,7 +516,7 @@ impl<S: AppState> Sequencer<S> {
     /// processor holds when there is one, else alone. `false` when the carrying write
     /// failed (the processor reports why, and the term ends).
     async fn write_replicate(&self, ops: Vec<Op>) -> Result<bool> {
-        let stats = &self.runtime.reporter.stats;
+        let stats = &self.leading.reporter.stats;
         let started = Instant::now();
         match self.carrier.offer(ops) {
             Ok(written) => {
@@ -522,7 +525,7 @@ impl<S: AppState> Sequencer<S> {
                 Ok(written)
             }
             Err(ops) => {
-                stats.time(stage::REPLICATE, self.runtime.store().authority_write(&self.term, ops)).await?;
+                stats.time(stage::REPLICATE, self.leading.store().authority_write(&self.term, ops)).await?;
                 Ok(true)
             }
         }
@@ -531,9 +534,9 @@ impl<S: AppState> Sequencer<S> {
     /// The replicate transaction's writes for `group`, at the next indexes. Keyed entries
     /// get their stamp here, so their logged bytes change.
     fn replicate_ops(&self, group: &mut [Fresh]) -> Vec<Op> {
-        let keys = &self.runtime.keys;
+        let keys = &self.leading.keys;
         let epoch = self.term.epoch;
-        let stamp = group.iter().any(|f| f.entry.idempotency_key.is_some()).then(|| self.runtime.stamp());
+        let stamp = group.iter().any(|f| f.entry.idempotency_key.is_some()).then(|| self.leading.stamp());
         let mut ops = Vec::with_capacity(group.len() * 2 + 1);
         for (offset, fresh) in group.iter_mut().enumerate() {
             let index = self.next_index + offset as u64;
@@ -567,9 +570,9 @@ impl<S: AppState> Sequencer<S> {
             items.push(Item { index, kind, entry, reply, _queued: queued });
         }
         let last = self.next_index + items.len() as u64 - 1;
-        self.runtime.reporter.stats.add_many(stage::REQUESTS, items.len() as u64, Duration::ZERO);
+        self.leading.reporter.stats.add_many(stage::REQUESTS, items.len() as u64, Duration::ZERO);
         self.next_index = last + 1;
-        self.runtime.reporter.set_status(|s| s.ls = last);
+        self.leading.reporter.set_status(|s| s.ls = last);
         // The processor only ends with the term, and then so does this task.
         let _ = groups.send(items).await;
         Ok(())
@@ -595,7 +598,7 @@ pub(crate) fn unsettled_reply() -> Reply {
 
 /// The processor: Process Request for each replicated group, in order.
 async fn process_groups<S: AppState>(
-    runtime: Arc<Runtime<S>>,
+    leading: Arc<Leading<S>>,
     term: Term,
     mut groups: mpsc::Receiver<Vec<Item>>,
     in_flight: Arc<InFlight>,
@@ -611,7 +614,7 @@ async fn process_groups<S: AppState>(
                     Err(_) => break,
                 }
             }
-            process(&runtime, &term, items, &in_flight, &carrier).await?;
+            process(&leading, &term, items, &in_flight, &carrier).await?;
         }
         Ok(())
     }
@@ -644,7 +647,7 @@ impl Segment {
     /// the next group's log when the sequencer has it waiting.
     async fn record<S: AppState>(
         &mut self,
-        runtime: &Arc<Runtime<S>>,
+        leading: &Arc<Leading<S>>,
         term: &Term,
         items: &[Item],
         to: usize,
@@ -655,25 +658,26 @@ impl Segment {
             // A fault here (the term ends) leaves the request unrecorded, for the next
             // leader to settle.
             let item = &items[position];
-            let recorded = runtime.recordable(answer?, "handler", item.index, &item.entry.method, &item.entry.path)?;
+            let recorded =
+                leading.executor.recordable(answer?, "handler", item.index, &item.entry.method, &item.entry.path)?;
             self.outcomes[position] = Some(recorded);
         }
         self.effects_pending = false;
         let from = std::mem::replace(&mut self.recorded, to);
         if from >= to {
             if let Some(Carried { ops, done }) = carrier.and_then(Carrier::take) {
-                runtime.reporter.stats.time(stage::REPLICATE, runtime.store().authority_write(term, ops)).await?;
+                leading.reporter.stats.time(stage::REPLICATE, leading.store().authority_write(term, ops)).await?;
                 let _ = done.send(());
             }
             return Ok(());
         }
-        let keys = &runtime.keys;
+        let keys = &leading.keys;
         let mut ops = Vec::with_capacity(to - from + 2);
         for (position, item) in items.iter().enumerate().take(to).skip(from) {
             let unsettled = self.outboxes[position].as_ref().is_some_and(crate::outbox::Outbox::unsettled);
-            let route = runtime.route_of(&item.entry.method, &item.entry.path).expect("declared");
+            let route = leading.executor.route_of(&item.entry.method, &item.entry.path).expect("declared");
             if unsettled && route.apply.is_some() {
-                let outcome = runtime.settle_until_decided(route, term, item.index, &item.entry).await?;
+                let outcome = leading.settler.settle_until_decided(route, term, item.index, &item.entry).await?;
                 self.outcomes[position] = Some(outcome);
             } else if unsettled {
                 // A transaction that may still be mined: nothing is recorded, the request
@@ -692,15 +696,15 @@ impl Segment {
         // The state persisted but no outcome: Prepare Service (or the pending-process
         // check) rolls back what it executed above SSI.
         let last = items[to - 1].index;
-        ops.push(Op::counter(keys.lpi(&runtime.config.replica), runtime.recoverable_lpi(last)));
+        ops.push(Op::counter(keys.lpi(&leading.config.replica), leading.recoverable_lpi(last)));
         ops.push(Op::counter(keys.ssi(), last));
         let (next_log, done) = match carrier.and_then(Carrier::take) {
             Some(Carried { ops, done }) => (ops, Some(done)),
             None => (Vec::new(), None),
         };
         let (persisted, recorded) = tokio::join!(
-            runtime.reporter.stats.time(stage::PERSIST, runtime.state.persist()),
-            runtime.reporter.stats.time(stage::OUTCOME, runtime.store().authority_write_carrying(term, ops, next_log)),
+            leading.reporter.stats.time(stage::PERSIST, leading.state.persist()),
+            leading.reporter.stats.time(stage::OUTCOME, leading.store().authority_write_carrying(term, ops, next_log)),
         );
         recorded?;
         if let Some(done) = done {
@@ -716,28 +720,28 @@ impl Segment {
                 None => unreachable!("every request up to `to` ran"),
             };
             let state = EntryState { kind: item.kind, state, epoch: term.epoch, response };
-            runtime.idempotency.apply(item.index, &item.entry, &state);
+            leading.idempotency.apply(item.index, &item.entry, &state);
         }
         // The state is durable up to the segment before this one (its persist passed).
         let durable = items[from].index - 1;
         if let Err(e) = persisted {
-            return Err(persist_failed(runtime, durable, e).await);
+            return Err(persist_failed(leading, durable, e).await);
         }
         let mut applied_any = false;
         for (position, item) in items.iter().enumerate().take(to).skip(from) {
-            let route = runtime.route_of(&item.entry.method, &item.entry.path).expect("declared");
+            let route = leading.executor.route_of(&item.entry.method, &item.entry.path).expect("declared");
             if let (Some(_), Some(Ok(reply))) = (&route.apply, &self.outcomes[position])
                 && !self.in_doubt.contains(&item.index)
             {
-                runtime.apply_recorded(route, item.index, &item.entry, reply.clone()).await?;
+                leading.executor.apply_recorded(route, item.index, &item.entry, reply.clone()).await?;
                 applied_any = true;
             }
         }
-        if applied_any && let Err(e) = runtime.state.persist().await {
-            return Err(persist_failed(runtime, durable, e).await);
+        if applied_any && let Err(e) = leading.state.persist().await {
+            return Err(persist_failed(leading, durable, e).await);
         }
-        let applied = runtime.state.applied_index();
-        runtime.reporter.set_status(|s| {
+        let applied = leading.state.applied_index();
+        leading.reporter.set_status(|s| {
             s.ssi = last;
             s.lpi = last;
             s.applied_index = applied;
@@ -749,25 +753,25 @@ impl Segment {
 /// A leader's persist failed: the outcomes it recorded stand (another replica applies
 /// them), but its state is durable only up to `durable`, so its LPI record says no more
 /// (compaction reads it once another replica leads). The error ends the term.
-async fn persist_failed<S: AppState>(runtime: &Runtime<S>, durable: u64, error: std::io::Error) -> Error {
-    let key = runtime.keys.lpi(&runtime.config.replica);
-    if let Err(put) = runtime.store().put(&key, runtime.recoverable_lpi(durable).to_string()).await {
+async fn persist_failed<S: AppState>(leading: &Leading<S>, durable: u64, error: std::io::Error) -> Error {
+    let key = leading.keys.lpi(&leading.config.replica);
+    if let Err(put) = leading.store().put(&key, leading.recoverable_lpi(durable).to_string()).await {
         tracing::warn!(error = %put, "could not set this replica's LPI back after a failed persist");
     }
     Error::Persist(error)
 }
 
 async fn process<S: AppState>(
-    runtime: &Arc<Runtime<S>>,
+    leading: &Arc<Leading<S>>,
     term: &Term,
     items: Vec<Item>,
     in_flight: &InFlight,
     carrier: &Carrier,
 ) -> Result<()> {
-    let keys = &runtime.keys;
-    let store = runtime.store();
+    let keys = &leading.keys;
+    let store = leading.store();
     let first = items.first().map_or(0, |i| i.index);
-    runtime.record.write(first, Step::BeforeExecution, None)?;
+    leading.executor.record.write(first, Step::BeforeExecution, None)?;
     // (4.2) RS = InProcess, for the only-once requests (Replication ones were written
     // InProcess with the log; External_TXN ones are checked, not executed).
     let in_process: Vec<Op> = items
@@ -778,10 +782,10 @@ async fn process<S: AppState>(
             Op::Put(keys.rs(i.index), crate::codec::encode(&state))
         })
         .collect();
-    runtime.reporter.stats.add_many(stage::GROUPS, 1, Duration::ZERO);
-    runtime.reporter.metrics.group(items.len());
+    leading.reporter.stats.add_many(stage::GROUPS, 1, Duration::ZERO);
+    leading.reporter.metrics.group(items.len());
     if !in_process.is_empty() {
-        runtime.reporter.stats.time(stage::IN_PROCESS, store.authority_write(term, in_process)).await?;
+        leading.reporter.stats.time(stage::IN_PROCESS, store.authority_write(term, in_process)).await?;
     }
     // (4.3) execute. Replication and plain Normal requests run one after another in index
     // order. Transaction sends and External_TXN checks touch no replicated state and
@@ -797,24 +801,25 @@ async fn process<S: AppState>(
         effects_pending: false,
     };
     for (position, item) in items.iter().enumerate() {
-        let route = runtime
+        let route = leading
+            .executor
             .route_of(&item.entry.method, &item.entry.path)
             .expect("the front only submits requests for declared routes");
         let side_by_side = item.kind == RequestKind::ExternalTxn || route.replayable;
         if segment.effects_pending && !side_by_side {
-            segment.record(runtime, term, &items, position, None).await?;
+            segment.record(leading, term, &items, position, None).await?;
         }
         let mut request = Request::from_entry(item.index, item.entry.clone());
-        let outbox = runtime.outbox_for(item.kind, term, item.index);
+        let outbox = leading.executor.outbox_for(leading.store(), item.kind, term, item.index);
         request.outbox.clone_from(&outbox);
         segment.outboxes.push(outbox);
         if item.kind == RequestKind::ExternalTxn {
-            request.verifier = runtime.chain.clone().map(crate::outbox::Verifier::new);
+            request.verifier = leading.chain.clone().map(crate::outbox::Verifier::new);
         }
         if side_by_side {
             // External_TXN: recorded, not executed; the handler checks and answers.
-            let (handler, state) = (route.handler.clone(), runtime.state.clone());
-            let timeout = runtime.config.limits.handler_timeout;
+            let (handler, state) = (route.handler.clone(), leading.state.clone());
+            let timeout = leading.config.limits.handler_timeout;
             let index = item.index;
             segment.beside.spawn(async move {
                 let (method, path) = (request.method.clone(), request.path.clone());
@@ -826,20 +831,24 @@ async fn process<S: AppState>(
             segment.effects_pending |= route.apply.is_some();
             continue;
         }
-        runtime.observe(Step::BeforeExecution, item.index).await;
-        let outcome = runtime.reporter.stats.time(stage::EXECUTE, runtime.execute(item.index, route, request, true)).await?;
+        leading.executor.observe(Step::BeforeExecution, item.index).await;
+        let outcome = leading
+            .reporter
+            .stats
+            .time(stage::EXECUTE, leading.executor.execute(item.index, route, request, true))
+            .await?;
         segment.outcomes[position] = Some(outcome);
     }
-    segment.record(runtime, term, &items, items.len(), Some(carrier)).await?;
-    runtime.record.clear()?;
+    segment.record(leading, term, &items, items.len(), Some(carrier)).await?;
+    leading.executor.record.clear()?;
     let (last, in_doubt) = (items.last().map_or(0, |i| i.index), segment.in_doubt);
     let outcomes: Vec<Recorded> = segment.outcomes.into_iter().map(|o| o.expect("every request ran")).collect();
-    runtime.reporter.set_status(|s| s.in_doubt.extend(&in_doubt));
+    leading.reporter.set_status(|s| s.in_doubt.extend(&in_doubt));
     if !in_doubt.is_empty() {
-        runtime.settle_now.notify_one();
+        leading.settler.now.notify_one();
     }
     // Between groups nothing executes and everything up to `last` is final.
-    runtime.maybe_snapshot(last);
+    leading.snapshots.maybe_take(last);
     for (item, outcome) in items.into_iter().zip(outcomes) {
         let reply = match outcome {
             _ if in_doubt.contains(&item.index) => unsettled_reply(),

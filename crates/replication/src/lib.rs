@@ -10,8 +10,10 @@ mod data;
 mod durable;
 mod error;
 pub mod etcd_flags;
+mod executor;
 mod faults;
 mod feed;
+mod follower;
 mod guard;
 mod http;
 mod idempotency;
@@ -22,10 +24,12 @@ mod membership;
 mod metrics;
 pub mod outbox;
 mod record_file;
+mod register;
 mod reporter;
 mod runtime;
 mod secret;
 mod server;
+mod settle;
 mod snapshot;
 mod state_transfer;
 mod stats;
@@ -41,7 +45,7 @@ pub use data::{
     CompactedLog, Divergence, EntryState, IdempotencyRecord, LeaderRecord, LogEntry, MemberRecord, NAME_RULE,
     ProcessState, RequestKind, SnapshotMeta, Stamp, Step, StoppedAt, StoredReply, is_valid_name,
 };
-pub use error::{Error, Result};
+pub use error::{Error, EtcdFailure, Result};
 pub use http::{IDEMPOTENCY_KEY_HEADER, INDEX_HEADER, LEADER_HEADER, REPLAYED_HEADER};
 pub use idempotency::TableStatus;
 pub use line_file::LineFile;

@@ -9,32 +9,58 @@
 //! Snapshots are the whole state of the service, so peers fetch them with a token kept in
 //! etcd (`peer_token`), which only the replicas reach; the HTTP front refuses anyone else.
 
-use std::sync::Arc;
+use std::sync::Mutex;
 
+use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::app::AppState;
-use crate::data::MemberRecord;
+use crate::config::{Config, Timings};
+use crate::data::{Keys, MemberRecord};
 use crate::error::Result;
-use crate::runtime::Runtime;
 use crate::secret::random_token;
+use crate::store::Store;
 use crate::sync::lock;
 
-impl<S: AppState> Runtime<S> {
+/// This replica's membership: the record it keeps in etcd, and the peer token.
+pub(crate) struct Membership {
+    replica: String,
+    timings: Timings,
+    /// `members/<replica>`.
+    key: String,
+    /// What the record should say.
+    record: watch::Sender<MemberRecord>,
+    /// The peer token, once read from etcd.
+    peer_token: Mutex<Option<String>>,
+}
+
+impl Membership {
+    /// A replica of `config` reachable at its public URL, holding no snapshot yet.
+    pub(crate) fn new(config: &Config, keys: &Keys) -> Self {
+        let record =
+            MemberRecord { url: config.public_url.clone(), snapshot: None, catching_up: false, diverged: None };
+        Self {
+            replica: config.replica.clone(),
+            timings: config.timings,
+            key: keys.member(&config.replica),
+            record: watch::Sender::new(record),
+            peer_token: Mutex::default(),
+        }
+    }
+
     /// Keeps this replica's membership record in etcd while the replica runs: grants a
     /// lease, writes the record, renews the lease and rewrites the record when it changes;
     /// after any failure (a lease that expired while the member was frozen, etcd down),
     /// starts over.
-    pub(crate) async fn keep_membership(self: Arc<Self>) {
-        let ttl = self.config.timings.member_ttl;
-        let key = self.keys.member(&self.config.replica);
-        let mut changes = self.member.subscribe();
+    pub(crate) async fn keep(&self, store: &Store) {
+        let ttl = self.timings.member_ttl;
+        let key = &self.key;
+        let mut changes = self.record.subscribe();
         let mut was_live = false;
         loop {
             let registered = async {
-                let lease = self.store().grant_lease(ttl).await?;
+                let lease = store.grant_lease(ttl).await?;
                 let record = changes.borrow_and_update().clone();
-                self.store().put_leased(&key, crate::codec::encode(&record), lease).await?;
+                store.put_leased(key, crate::codec::encode(&record), lease).await?;
                 Ok::<_, crate::error::Error>(lease)
             }
             .await;
@@ -45,18 +71,18 @@ impl<S: AppState> Runtime<S> {
                         warn!(error = %e, "could not renew this replica's membership; compaction no longer waits for it");
                         was_live = false;
                     }
-                    tokio::time::sleep(self.config.timings.follow_poll).await;
+                    tokio::time::sleep(self.timings.follow_poll).await;
                     continue;
                 }
             };
             if !was_live {
-                info!(replica = %self.config.replica, ttl_s = ttl.as_secs(), "membership registered");
+                info!(replica = %self.replica, ttl_s = ttl.as_secs(), "membership registered");
                 was_live = true;
             }
             loop {
                 tokio::select! {
                     () = tokio::time::sleep(ttl / 3) => {
-                        if !matches!(self.store().renew(lease).await, Ok(true)) {
+                        if !matches!(store.renew(lease).await, Ok(true)) {
                             break;
                         }
                     }
@@ -65,7 +91,7 @@ impl<S: AppState> Runtime<S> {
                             return;
                         }
                         let record = changes.borrow_and_update().clone();
-                        if self.store().put_leased(&key, crate::codec::encode(&record), lease).await.is_err() {
+                        if store.put_leased(key, crate::codec::encode(&record), lease).await.is_err() {
                             break;
                         }
                     }
@@ -75,8 +101,8 @@ impl<S: AppState> Runtime<S> {
     }
 
     /// Changes what this replica's membership record says.
-    pub(crate) fn set_member(&self, change: impl FnOnce(&mut MemberRecord)) {
-        self.member.send_if_modified(|record| {
+    pub(crate) fn set(&self, change: impl FnOnce(&mut MemberRecord)) {
+        self.record.send_if_modified(|record| {
             let before = record.clone();
             change(record);
             *record != before
@@ -84,11 +110,11 @@ impl<S: AppState> Runtime<S> {
     }
 
     /// The peer token, made by the first replica that asks and cached.
-    pub(crate) async fn peer_token(&self) -> Result<String> {
+    pub(crate) async fn peer_token(&self, store: &Store) -> Result<String> {
         if let Some(token) = lock(&self.peer_token).clone() {
             return Ok(token);
         }
-        let token = self.store().peer_token(&random_token()).await?;
+        let token = store.peer_token(&random_token()).await?;
         *lock(&self.peer_token) = Some(token.clone());
         Ok(token)
     }

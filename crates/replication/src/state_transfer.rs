@@ -23,11 +23,18 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use tracing::{info, warn};
 
+use tokio::sync::Notify;
+
 use crate::app::AppState;
-use crate::data::{MemberRecord, SnapshotMeta};
+use crate::config::{Config, SnapshotPolicy};
+use crate::data::{Keys, MemberRecord, SnapshotMeta};
 use crate::error::{Error, Result};
-use crate::runtime::Runtime;
-use crate::snapshot::{Lineage, digest_of};
+use crate::idempotency::IdempotencyTable;
+use crate::membership::Membership;
+use crate::record_file::RecordFile;
+use crate::reporter::Reporter;
+use crate::snapshot::{Lineage, SnapshotStore, digest_of};
+use crate::store::Store;
 use crate::sync::lock;
 
 /// The header carrying the peer token on a snapshot fetch.
@@ -75,22 +82,75 @@ pub(crate) struct SnapshotState {
     pub(crate) state_version: u64,
 }
 
-impl<S: AppState> Runtime<S> {
+/// This replica's snapshots: the ones on disk, taking new ones, and catching up from a
+/// peer's. It holds what it works on (the app, the idempotency table that goes into every
+/// snapshot, the record file a restore clears) and reports through the status sink and the
+/// membership record; the store is given to each call that reads etcd.
+pub(crate) struct Snapshots<S> {
+    replica: String,
+    policy: SnapshotPolicy,
+    /// The largest snapshot fetched from a peer.
+    max_bytes: u64,
+    keys: Keys,
+    /// The snapshot files.
+    pub(crate) disk: SnapshotStore,
+    /// The latest of them, and whether one is being written.
+    state: std::sync::Mutex<SnapshotState>,
+    /// Woken when a snapshot completes (the leader's compaction waits on it).
+    pub(crate) taken: Notify,
+    app: Arc<S>,
+    idempotency: Arc<IdempotencyTable>,
+    record: RecordFile,
+    reporter: Arc<Reporter>,
+    membership: Arc<Membership>,
+    /// For fetching peers' snapshots; never follows a redirect.
+    http: reqwest::Client,
+}
+
+impl<S: AppState> Snapshots<S> {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        config: &Config,
+        keys: Keys,
+        app: Arc<S>,
+        idempotency: Arc<IdempotencyTable>,
+        record: RecordFile,
+        reporter: Arc<Reporter>,
+        membership: Arc<Membership>,
+        http: reqwest::Client,
+    ) -> Self {
+        Self {
+            replica: config.replica.clone(),
+            policy: config.snapshots,
+            max_bytes: config.limits.max_snapshot_bytes,
+            keys,
+            disk: SnapshotStore::new(&config.data_dir),
+            state: std::sync::Mutex::default(),
+            taken: Notify::new(),
+            app,
+            idempotency,
+            record,
+            reporter,
+            membership,
+            http,
+        }
+    }
+
     /// At start-up: finishes a restore a crash interrupted, and loads what the snapshot
     /// directory holds.
-    pub(crate) async fn open_snapshots(&self) -> Result<()> {
-        self.snapshots.open()?;
-        let lineage = self.snapshots.lineage()?;
+    pub(crate) async fn open(&self) -> Result<()> {
+        self.disk.open()?;
+        let lineage = self.disk.lineage()?;
         if let Some(meta) = &lineage.restoring {
             warn!(index = meta.index, "a snapshot restore was interrupted; restoring it again");
             self.restore_adopted(meta).await?;
         }
-        let lineage = self.snapshots.lineage()?;
-        let latest = self.snapshots.latest()?;
+        let lineage = self.disk.lineage()?;
+        let latest = self.disk.latest()?;
         let index = latest.as_ref().map_or(0, |m| m.index);
         // The idempotency table is durable in the snapshots: start from the latest one's
         // (the node loop replays the retained log from there).
-        match latest.as_ref().map(|m| crate::snapshot::read_table(&self.snapshots.data_path(m.index))) {
+        match latest.as_ref().map(|m| crate::snapshot::read_table(&self.disk.data_path(m.index))) {
             Some(Ok(Some(table))) => self.idempotency.replace(table),
             Some(Ok(None)) => {
                 info!(index, "the latest snapshot is from before the idempotency table: the table starts empty there");
@@ -100,11 +160,11 @@ impl<S: AppState> Runtime<S> {
             None => self.idempotency.reset(0),
         }
         {
-            let mut snapshot = lock(&self.snapshot);
+            let mut snapshot = lock(&self.state);
             snapshot.latest.clone_from(&latest);
             snapshot.state_version = lineage.state_version;
         }
-        self.set_member(|m| m.snapshot.clone_from(&latest));
+        self.membership.set(|m| m.snapshot.clone_from(&latest));
         self.reporter.set_status(|s| {
             s.snapshot_index = index;
             s.state_version = lineage.state_version;
@@ -112,19 +172,30 @@ impl<S: AppState> Runtime<S> {
         Ok(())
     }
 
+    /// The LPI this replica reports in `lpi/<replica>` (what compaction keeps the log for)
+    /// when it has processed up to `lpi`: no further than its latest snapshot, because its
+    /// idempotency table is durable only there, and after a crash it replays the log from
+    /// it. Without snapshots nothing is compacted, and it reports `lpi`.
+    pub(crate) fn recoverable_lpi(&self, lpi: u64) -> u64 {
+        if !self.policy.enabled() {
+            return lpi;
+        }
+        lpi.min(self.latest().map_or(0, |m| m.index))
+    }
+
     /// The latest complete snapshot of this replica.
-    pub(crate) fn latest_snapshot(&self) -> Option<SnapshotMeta> {
-        lock(&self.snapshot).latest.clone()
+    pub(crate) fn latest(&self) -> Option<SnapshotMeta> {
+        lock(&self.state).latest.clone()
     }
 
     /// Whether a snapshot at `index` is due (and none is being written).
-    pub(crate) fn snapshot_due(&self, index: u64) -> bool {
-        let policy = self.config.snapshots;
+    pub(crate) fn due(&self, index: u64) -> bool {
+        let policy = self.policy;
         if !policy.enabled() {
             return false;
         }
         let first_index = self.reporter.status.borrow().first_index;
-        let snapshot = lock(&self.snapshot);
+        let snapshot = lock(&self.state);
         let last = snapshot.latest.as_ref().map_or(0, |m| m.index);
         let periodic = index >= last + policy.interval;
         // The log was compacted past our latest snapshot: take one a lagging peer can use.
@@ -134,11 +205,11 @@ impl<S: AppState> Runtime<S> {
 
     /// Takes a snapshot at `index` if one is due. Call only while nothing executes and
     /// every entry up to `index` is applied, persisted and final.
-    pub(crate) fn maybe_snapshot(self: &Arc<Self>, index: u64) {
-        if !self.snapshot_due(index) {
+    pub(crate) fn maybe_take(self: &Arc<Self>, index: u64) {
+        if !self.due(index) {
             return;
         }
-        let mut snapshot = lock(&self.snapshot);
+        let mut snapshot = lock(&self.state);
         if snapshot.building {
             return;
         }
@@ -147,7 +218,7 @@ impl<S: AppState> Runtime<S> {
         if self.idempotency.applied() != index {
             return;
         }
-        let builder = match self.state.snapshot() {
+        let builder = match self.app.snapshot() {
             Ok(app) => Box::new(crate::snapshot::Envelope { table: self.idempotency.capture(), app }),
             Err(e) => {
                 warn!(index, error = %e, "the app could not capture its state for a snapshot; will try again");
@@ -160,8 +231,8 @@ impl<S: AppState> Runtime<S> {
         let this = self.clone();
         tokio::spawn(async move {
             let started = Instant::now();
-            let store = this.snapshots.clone();
-            let replica = this.config.replica.clone();
+            let store = this.disk.clone();
+            let replica = this.replica.clone();
             let saved = tokio::task::spawn_blocking(move || store.save(builder, index, state_version, &replica)).await;
             let saved = saved.unwrap_or_else(|e| {
                 Err(Error::Snapshot { path: "snapshot".into(), reason: format!("the snapshot writer panicked: {e}") })
@@ -170,27 +241,27 @@ impl<S: AppState> Runtime<S> {
                 Ok(meta) => {
                     info!(index, bytes = meta.size, digest = %meta.digest,
                         ms = started.elapsed().as_millis() as u64, "snapshot taken");
-                    this.snapshot_done(meta);
+                    this.done(meta);
                 }
                 Err(e) => warn!(index, error = %e, "snapshot failed; will try again"),
             }
             // Only now, so that no second build starts from the snapshot before this one.
-            lock(&this.snapshot).building = false;
+            lock(&this.state).building = false;
         });
     }
 
     /// Records a new complete snapshot (taken here or restored from a peer).
-    fn snapshot_done(&self, meta: SnapshotMeta) {
+    fn done(&self, meta: SnapshotMeta) {
         {
-            let mut snapshot = lock(&self.snapshot);
+            let mut snapshot = lock(&self.state);
             if snapshot.latest.as_ref().is_some_and(|l| l.index >= meta.index) {
                 return;
             }
             snapshot.latest = Some(meta.clone());
         }
         self.reporter.set_status(|s| s.snapshot_index = meta.index);
-        self.set_member(|m| m.snapshot = Some(meta));
-        self.snapshot_taken.notify_one();
+        self.membership.set(|m| m.snapshot = Some(meta));
+        self.taken.notify_one();
     }
 
     /// Brings this replica, whose LPI is below `first_index - 1`, up to a peer's snapshot.
@@ -199,23 +270,20 @@ impl<S: AppState> Runtime<S> {
     /// # Errors
     /// [`Error::NoSnapshotSource`] when no live peer holds a recent enough snapshot yet;
     /// the last peer's error when every one failed. The state is unchanged in both cases.
-    pub(crate) async fn catch_up(&self, first_index: u64, lpi: u64) -> Result<u64> {
+    pub(crate) async fn catch_up(&self, store: &Store, first_index: u64, lpi: u64) -> Result<u64> {
         let needed = first_index.saturating_sub(1);
-        self.set_member(|m| m.catching_up = true);
-        let result = self.catch_up_from_peers(first_index, needed, lpi).await;
-        self.set_member(|m| m.catching_up = false);
+        self.membership.set(|m| m.catching_up = true);
+        let result = self.catch_up_from_peers(store, first_index, needed, lpi).await;
+        self.membership.set(|m| m.catching_up = false);
         result
     }
 
-    async fn catch_up_from_peers(&self, first_index: u64, needed: u64, lpi: u64) -> Result<u64> {
-        let mut peers: Vec<(String, MemberRecord, SnapshotMeta)> = self
-            .store()
+    async fn catch_up_from_peers(&self, store: &Store, first_index: u64, needed: u64, lpi: u64) -> Result<u64> {
+        let mut peers: Vec<(String, MemberRecord, SnapshotMeta)> = store
             .members()
             .await?
             .into_iter()
-            .filter(|(replica, record)| {
-                *replica != self.config.replica && !record.catching_up && record.diverged.is_none()
-            })
+            .filter(|(replica, record)| *replica != self.replica && !record.catching_up && record.diverged.is_none())
             .filter_map(|(replica, record)| {
                 let meta = record.snapshot.clone().filter(|m| m.index >= needed)?;
                 Some((replica, record, meta))
@@ -224,8 +292,8 @@ impl<S: AppState> Runtime<S> {
         // A peer's record is only as trustworthy as etcd's contents: a snapshot past what the
         // service settled, or larger than this replica takes, or served from anywhere but
         // the peer's own front, is never fetched (and the peer token never sent there).
-        let ssi = self.store().get_index(&self.keys.ssi()).await?;
-        let max = self.config.limits.max_snapshot_bytes;
+        let ssi = store.get_index(&self.keys.ssi()).await?;
+        let max = self.max_bytes;
         peers.retain(|(peer, record, meta)| match refuse_record(record, meta, ssi, max) {
             None => true,
             Some(why) => {
@@ -238,7 +306,7 @@ impl<S: AppState> Runtime<S> {
         }
         peers.sort_by_key(|(_, _, meta)| std::cmp::Reverse(meta.index));
         info!(lpi, first_index, peers = peers.len(), "behind the compacted log: catching up from a peer's snapshot");
-        let token = self.peer_token().await?;
+        let token = self.membership.peer_token(store).await?;
         let mut last_error = None;
         for (peer, record, meta) in peers {
             let started = Instant::now();
@@ -261,7 +329,7 @@ impl<S: AppState> Runtime<S> {
     /// Downloads `meta` from `peer` into the incoming file, checking size and digest as
     /// it streams; removes the file on any failure.
     async fn fetch_snapshot(&self, peer: &str, url: &str, meta: &SnapshotMeta, token: &str) -> Result<()> {
-        let path = self.snapshots.incoming_path();
+        let path = self.disk.incoming_path();
         let result = self.download(url, meta, token, &path).await;
         if result.is_err() {
             let _ = tokio::fs::remove_file(&path).await;
@@ -327,27 +395,27 @@ impl<S: AppState> Runtime<S> {
     /// restores the app from it, with the lineage file marking the restore in progress
     /// so that a crash half-way is finished at the next start.
     pub(crate) async fn install(&self, meta: &SnapshotMeta) -> Result<()> {
-        self.snapshots.install(&self.snapshots.incoming_path(), meta)?;
+        self.disk.install(&self.disk.incoming_path(), meta)?;
         self.restore_adopted(meta).await?;
-        self.snapshot_done(meta.clone());
+        self.done(meta.clone());
         Ok(())
     }
 
     async fn restore_adopted(&self, meta: &SnapshotMeta) -> Result<()> {
-        let mut lineage = self.snapshots.lineage()?;
+        let mut lineage = self.disk.lineage()?;
         lineage.restoring = Some(meta.clone());
-        self.snapshots.set_lineage(&lineage)?;
-        let mut opened = crate::snapshot::open_envelope(&self.snapshots.data_path(meta.index))?;
-        self.state.restore(&opened.app).await.map_err(|source| Error::Restore { index: meta.index, source })?;
+        self.disk.set_lineage(&lineage)?;
+        let mut opened = crate::snapshot::open_envelope(&self.disk.data_path(meta.index))?;
+        self.app.restore(&opened.app).await.map_err(|source| Error::Restore { index: meta.index, source })?;
         match opened.table.take() {
             Some(table) => self.idempotency.replace(table),
             None => self.idempotency.reset(meta.index),
         }
         drop(opened);
         self.record.clear()?;
-        self.snapshots.set_lineage(&Lineage { state_version: meta.index, restoring: None })?;
-        lock(&self.snapshot).state_version = meta.index;
-        let applied = self.state.applied_index();
+        self.disk.set_lineage(&Lineage { state_version: meta.index, restoring: None })?;
+        lock(&self.state).state_version = meta.index;
+        let applied = self.app.applied_index();
         self.reporter.set_status(|s| {
             s.state_version = meta.index;
             s.applied_index = applied;

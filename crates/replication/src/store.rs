@@ -146,7 +146,7 @@ impl Store {
             options = options.with_tls(tls.options()?);
         }
         let connect = || async {
-            Client::connect([endpoint], Some(options.clone())).await.map_err(|e| Error::etcd(endpoint, "connect", &e))
+            Client::connect([endpoint], Some(options.clone())).await.map_err(|e| Error::etcd(endpoint, "connect", e))
         };
         let (client, probe) = (connect().await?, connect().await?);
         Ok(Self {
@@ -170,7 +170,7 @@ impl Store {
         self.stats.add_etcd(action, started.elapsed());
         match answer {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(Error::etcd(&self.endpoint, action, &e)),
+            Ok(Err(e)) => Err(Error::etcd(&self.endpoint, action, e)),
             Err(_) => Err(Error::EtcdTimeout { endpoint: self.endpoint.clone(), action, timeout: self.timeout }),
         }
     }
@@ -326,10 +326,10 @@ impl Store {
             _ => None,
         });
         let (Some(states), Some(logs)) = (gets.next(), gets.next()) else {
-            return Err(Error::Etcd {
+            return Err(Error::EtcdAnswer {
                 endpoint: self.endpoint.clone(),
                 action: "read log entries",
-                reason: "the transaction answered without its two range reads".into(),
+                reason: "a transaction without its two range reads".into(),
             });
         };
         let mut bytes = 0u64;
@@ -367,10 +367,10 @@ impl Store {
         let response = self.bounded("take leadership", client.put(self.keys.cl(), value.clone(), None)).await?;
         let revision = response.header().map(etcd_client::ResponseHeader::revision).unwrap_or_default();
         if revision <= 0 {
-            return Err(Error::Etcd {
+            return Err(Error::EtcdAnswer {
                 endpoint: self.endpoint.clone(),
                 action: "take leadership",
-                reason: "the answer carried no revision".into(),
+                reason: "no revision".into(),
             });
         }
         Ok(Term { cl_value: value, cl_revision: revision, epoch: epoch_base + revision.unsigned_abs() })
@@ -620,8 +620,8 @@ impl Store {
         let mut client = self.client.clone();
         match tokio::time::timeout(self.timeout, client.compact(revision, Some(CompactionOptions::new()))).await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) if e.to_string().contains("compacted") => Ok(()),
-            Ok(Err(e)) => Err(Error::etcd(&self.endpoint, "compact history", &e)),
+            Ok(Err(e)) if crate::error::EtcdFailure::of(&e) == crate::error::EtcdFailure::Compacted => Ok(()),
+            Ok(Err(e)) => Err(Error::etcd(&self.endpoint, "compact history", e)),
             Err(_) => Err(Error::EtcdTimeout {
                 endpoint: self.endpoint.clone(),
                 action: "compact history",

@@ -27,7 +27,7 @@
 pub mod lineage;
 pub mod manifest;
 pub mod point;
-mod restore;
+pub(crate) mod restore;
 pub mod retention;
 mod spool;
 
@@ -46,18 +46,56 @@ pub use self::manifest::{
 };
 use self::spool::{SpoolWriter, Spooled};
 use crate::app::AppState;
+use crate::config::Config;
 pub use crate::config::{BackupConfig, MERGE_FANOUT, Retention};
-pub use crate::status::{AnchorStatus, BackupStatus};
 use crate::data::CompactedLog;
+use crate::data::Keys;
 use crate::error::{Error, Result};
-use crate::runtime::Runtime;
-use crate::store::Term;
+use crate::reporter::Reporter;
+use crate::state_transfer::Snapshots;
+pub use crate::status::{AnchorStatus, BackupStatus};
+use crate::store::{Store, Term};
 
 /// The least time between two backups asked for with `POST /br2k/backup`.
 const ON_DEMAND_SPACING: Duration = Duration::from_secs(1);
 
 /// The leader's backup task: ends the term only when leadership is lost.
-pub(crate) async fn back_up_while_leading<S: AppState>(runtime: Arc<Runtime<S>>, term: Term) -> Result<()> {
+/// What the leader's backups work with, and how the front asks for one now.
+pub(crate) struct Backups<S> {
+    config: Config,
+    keys: Keys,
+    snapshots: Arc<Snapshots<S>>,
+    reporter: Arc<Reporter>,
+    /// Woken to make the leader back up at once.
+    pub(crate) now: tokio::sync::Notify,
+    /// Set with `now` when the backup asked for is to be recorded on chain too.
+    pub(crate) forced: std::sync::atomic::AtomicBool,
+    /// When `POST /br2k/backup` was last honoured (at most one per backup interval).
+    pub(crate) asked_at: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl<S: AppState> Backups<S> {
+    pub(crate) fn new(config: Config, keys: Keys, snapshots: Arc<Snapshots<S>>, reporter: Arc<Reporter>) -> Self {
+        Self {
+            config,
+            keys,
+            snapshots,
+            reporter,
+            now: tokio::sync::Notify::new(),
+            forced: std::sync::atomic::AtomicBool::new(false),
+            asked_at: std::sync::Mutex::default(),
+        }
+    }
+}
+
+/// The leader's backup task: one backup every interval (sooner when asked), for as long as
+/// the term lasts; ends the term only when leadership is lost.
+pub(crate) async fn back_up_while_leading<S: AppState>(
+    backups: Arc<Backups<S>>,
+    store: Store,
+    term: Term,
+) -> Result<()> {
+    let runtime = &backups;
     let Some(config) = runtime.config.backup.clone() else { return Ok(()) };
     let interval_ms = u64::try_from(config.interval.as_millis()).unwrap_or(u64::MAX);
     let record_ms = u64::try_from(config.record_interval.as_millis()).unwrap_or(u64::MAX);
@@ -65,7 +103,7 @@ pub(crate) async fn back_up_while_leading<S: AppState>(runtime: Arc<Runtime<S>>,
         s.backup.interval_ms = interval_ms;
         s.backup.anchor.interval_ms = record_ms;
     });
-    let mut writer = Writer::new(&runtime, &term, &config);
+    let mut writer = Writer::new(runtime, &store, &term, &config);
     let mut pause = config.interval;
     loop {
         tokio::select! {
@@ -73,7 +111,7 @@ pub(crate) async fn back_up_while_leading<S: AppState>(runtime: Arc<Runtime<S>>,
             // `POST /br2k/backup` (`br2k backup now`, admin token): the front honours one
             // per backup interval, and asking only brings the next backup (and its
             // anchor) forward.
-            () = runtime.backup_now.notified() => tokio::time::sleep(ON_DEMAND_SPACING).await,
+            () = runtime.now.notified() => tokio::time::sleep(ON_DEMAND_SPACING).await,
         }
         let started = std::time::Instant::now();
         match writer.back_up_once().await {
@@ -85,7 +123,7 @@ pub(crate) async fn back_up_while_leading<S: AppState>(runtime: Arc<Runtime<S>>,
                 pause = config.interval.saturating_sub(started.elapsed() * 2).max(config.interval / 2);
                 runtime.reporter.set_status(|s| s.backup.last_error = None);
             }
-            Err(e @ Error::LeadershipLost { .. }) => return Err(e),
+            Err(e) if e.ends_term() => return Err(e),
             Err(e) => {
                 pause = (pause * 2).min(Duration::from_secs(300)).max(config.interval);
                 warn!(error = %e, retry_in = ?pause, "backup failed; the service keeps answering");
@@ -98,7 +136,8 @@ pub(crate) async fn back_up_while_leading<S: AppState>(runtime: Arc<Runtime<S>>,
 
 /// What the leader knows of its backups during one term.
 struct Writer<'a, S: AppState> {
-    runtime: &'a Arc<Runtime<S>>,
+    runtime: &'a Backups<S>,
+    store: &'a Store,
     term: &'a Term,
     config: &'a BackupConfig,
     /// The backup the next one continues, once found (`None` before, or when none could be
@@ -130,12 +169,13 @@ struct Writer<'a, S: AppState> {
 }
 
 impl<'a, S: AppState> Writer<'a, S> {
-    fn new(runtime: &'a Arc<Runtime<S>>, term: &'a Term, config: &'a BackupConfig) -> Self {
+    fn new(runtime: &'a Backups<S>, store: &'a Store, term: &'a Term, config: &'a BackupConfig) -> Self {
         // What an earlier term (or a crash) left in the spool is of no use now.
         let spool = runtime.config.data_dir.join("backup-spool");
         let _ = std::fs::remove_dir_all(&spool);
         Self {
             runtime,
+            store,
             term,
             config,
             head: None,
@@ -166,7 +206,7 @@ impl<'a, S: AppState> Writer<'a, S> {
             .map_err(|e| Error::Backup(format!("read the backup recorded on chain: {e}")))?;
         self.looked = true;
         let Some(anchor) = self.anchor.clone() else { return Ok(()) };
-        let ssi = self.runtime.store().get_index(&self.runtime.keys.ssi()).await?;
+        let ssi = self.store.get_index(&self.runtime.keys.ssi()).await?;
         if self.pin_check(Some(&anchor), ssi) {
             // Backups go on (signed, in the registry) as a chain of their own.
             self.anchor = None;
@@ -241,7 +281,7 @@ impl<'a, S: AppState> Writer<'a, S> {
             .backup(&self.runtime.config.service)
             .await
             .map_err(|e| Error::Backup(format!("read the backup recorded on chain: {e}")))?;
-        let ssi = self.runtime.store().get_index(&self.runtime.keys.ssi()).await?;
+        let ssi = self.store.get_index(&self.runtime.keys.ssi()).await?;
         Ok(self.pin_check(recorded.as_ref(), ssi))
     }
 
@@ -260,9 +300,9 @@ impl<'a, S: AppState> Writer<'a, S> {
         if !self.looked {
             self.find_head().await?;
         }
-        let forced = self.runtime.backup_forced.swap(false, Ordering::Relaxed);
+        let forced = self.runtime.forced.swap(false, Ordering::Relaxed);
         let started = std::time::Instant::now();
-        let store = self.runtime.store();
+        let store = self.store;
         let ssi = store.get_index(&self.runtime.keys.ssi()).await?;
         let done = self.head.as_ref().map_or(0, |h| h.manifest.index);
         if ssi <= done {
@@ -351,9 +391,9 @@ impl<'a, S: AppState> Writer<'a, S> {
     /// the head's segments that reach past it.
     async fn base(&mut self, ssi: u64, uploaded: &mut u64) -> Result<BackupManifest> {
         let runtime = self.runtime;
-        let store = runtime.store();
+        let store = self.store;
         let compacted = store.compacted().await?;
-        let local = runtime.latest_snapshot().filter(|s| s.index <= ssi);
+        let local = runtime.snapshots.latest().filter(|s| s.index <= ssi);
         let local_index = local.as_ref().map_or(0, |s| s.index);
         let template = |log_from: u64, tally: CompactedLog| BackupManifest {
             service: runtime.config.service.clone(),
@@ -403,7 +443,7 @@ impl<'a, S: AppState> Writer<'a, S> {
             // Streamed from its file, under the digest and size its record holds (the
             // registry checks them as it commits the upload): a snapshot of any size takes
             // a read buffer's worth of memory.
-            let path = runtime.snapshots.data_path(snapshot.index);
+            let path = runtime.snapshots.disk.data_path(snapshot.index);
             let annotations = BTreeMap::from([(br2k_oci::artifact::TITLE_ANNOTATION.to_owned(), "state".to_owned())]);
             let size = snapshot.size;
             let (blob, fresh) = self
@@ -440,7 +480,7 @@ impl<'a, S: AppState> Writer<'a, S> {
     /// Table 2's counts of the entries before `log_from`: compaction's tally, plus the
     /// entries etcd still holds below it.
     async fn tally_before(&self, compacted: &CompactedLog, log_from: u64) -> Result<CompactedLog> {
-        let store = self.runtime.store();
+        let store = self.store;
         let mut before = compacted.clone();
         let mut next = compacted.first_index.max(1);
         while next < log_from {
@@ -469,7 +509,7 @@ impl<'a, S: AppState> Writer<'a, S> {
     async fn read_entries(&mut self, from: u64, to: u64) -> Result<Spooled> {
         let spool_error = |e: std::io::Error| Error::Backup(format!("write a segment to the spool: {e}"));
         let mut lines = self.spool_file().await?;
-        let store = self.runtime.store();
+        let store = self.store;
         let mut next = from;
         while next <= to {
             let page = store.entries(next, to).await?;

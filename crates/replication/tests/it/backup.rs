@@ -541,6 +541,15 @@ async fn the_chain_catches_up_with_an_idle_services_newest_backup_within_a_recor
     let newest = backed_up_to(&c, last).await;
     let (recorded, digest) = recorded_reaching(&c, last).await;
     assert_eq!((recorded.index, Some(digest)), (newest.index, newest.digest));
+    // The chain shows the second record a moment before the leader's status counts it.
+    eventually("the leader's status counts the second anchor", async || {
+        c.statuses().iter().any(|s| {
+            s.role == br2k_replication::Role::Leader
+                && s.backup.anchor.index >= recorded.index
+                && s.backup.anchor.count >= 2
+        })
+    })
+    .await;
     let leader = c.statuses().into_iter().find(|s| s.role == br2k_replication::Role::Leader).unwrap();
     assert!(leader.backup.anchor.gas_per_day > 0, "a second anchor gives the estimate: {:?}", leader.backup.anchor);
     let count = leader.backup.anchor.count;
