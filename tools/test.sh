@@ -23,6 +23,8 @@ step forge snapshot --check
 step bash tools/bindings.sh --check
 step cargo fmt --all --check
 step cargo clippy --workspace --all-targets -- -D warnings
+# The runtime's layers (docs/architecture.md): no upward import, no cycle, no file over 700 lines.
+step cargo run --quiet -p layer-check -- crates/replication --max-lines 700
 # Last, and not wrapped, so the run ends with cargo's own summary.
 printf '\n==> cargo test --workspace\n' >&2
 cargo test --workspace

@@ -315,7 +315,8 @@ impl<S: AppState> Builder<S> {
         if self.routes.is_empty() {
             problems.push("no routes declared".into());
         }
-        let chain = match self.config.outbox.clone().map(|outbox| Chain::new(outbox, self.tx_observer)) {
+        let outbox_keys = crate::data::Keys::new(&self.config.service).outbox();
+        let chain = match self.config.outbox.clone().map(|outbox| Chain::new(outbox, outbox_keys, self.tx_observer)) {
             Some(Ok(chain)) => Some(Arc::new(chain)),
             Some(Err(problem)) => {
                 problems.push(problem);
@@ -326,7 +327,7 @@ impl<S: AppState> Builder<S> {
         if !problems.is_empty() {
             return Err(Error::Config(problems.join("; ")));
         }
-        Ok(Replicated::new(self.config, state, Routes { by_key: self.routes }, self.observer, chain))
+        Ok(Replicated { parts: Parts::new(self.config, state, Routes { by_key: self.routes }, self.observer, chain) })
     }
 }
 
@@ -339,16 +340,6 @@ impl<S: AppState> Replicated<S> {
     /// Starts declaring a service for `config`.
     pub fn builder(config: Config) -> crate::Builder<S> {
         crate::Builder::new(config)
-    }
-
-    pub(crate) fn new(
-        config: Config,
-        state: S,
-        routes: Routes<S>,
-        observer: Option<StepObserver>,
-        chain: Option<Arc<crate::outbox::Chain>>,
-    ) -> Self {
-        Self { parts: Parts::new(config, state, routes, observer, chain) }
     }
 
     /// The app state.

@@ -134,7 +134,7 @@ impl<S: AppState> Compactor<S> {
             Op::DeleteRange(keys.log(first), keys.log(target)),
             Op::DeleteRange(keys.rs(first), keys.rs(target)),
             // The transactions of final requests: settled, their answers recorded.
-            Op::DeleteRange(keys.outbox_start(), keys.outbox_before(target)),
+            Op::DeleteRange(keys.outbox().tx_start(), keys.outbox().tx_before(target)),
             Op::Put(keys.compacted(), crate::codec::encode(&tally)),
         ];
         let revision = store.authority_write(term, ops).await?;

@@ -94,46 +94,9 @@ impl Keys {
         std::str::from_utf8(key).ok()?.strip_prefix(&self.prefix)?.strip_prefix("idem/")
     }
 
-    /// `outbox/tx/<index>/<k>`: the `k`-th transaction the request at `index` sent.
-    pub(crate) fn outbox(&self, index: u64, seq: u32) -> String {
-        format!("{}outbox/tx/{index:020}/{seq:05}", self.prefix)
-    }
-
-    /// The first key after every outbox record of the requests below `index`.
-    pub(crate) fn outbox_before(&self, index: u64) -> String {
-        format!("{}outbox/tx/{index:020}", self.prefix)
-    }
-
-    /// Where the outbox records start.
-    pub(crate) fn outbox_start(&self) -> String {
-        format!("{}outbox/tx/", self.prefix)
-    }
-
-    /// The request index and sequence number of an outbox record's key.
-    pub(crate) fn parse_outbox(&self, key: &[u8]) -> Option<(u64, u32)> {
-        let rest = std::str::from_utf8(key).ok()?.strip_prefix(&self.outbox_start())?;
-        let (index, seq) = rest.split_once('/')?;
-        Some((index.parse().ok()?, seq.parse().ok()?))
-    }
-
-    /// The first key after every outbox record.
-    pub(crate) fn outbox_end(&self) -> String {
-        format!("{}outbox/tx0", self.prefix)
-    }
-
-    /// The next nonce the outbox has not reserved, decimal.
-    pub(crate) fn outbox_next_nonce(&self) -> String {
-        format!("{}outbox/next_nonce", self.prefix)
-    }
-
-    /// `outbox/free/<nonce>`: a reserved nonce whose transaction the chain refused, to be
-    /// reused (empty value).
-    pub(crate) fn outbox_free(&self, nonce: u64) -> String {
-        format!("{}outbox/free/{nonce:020}", self.prefix)
-    }
-
-    pub(crate) fn outbox_free_prefix(&self) -> String {
-        format!("{}outbox/free/", self.prefix)
+    /// The outbox's keys, under this service's prefix (their layout is the outbox's).
+    pub(crate) fn outbox(&self) -> br2k_outbox::OutboxKeys {
+        br2k_outbox::OutboxKeys::new(self.prefix.clone())
     }
 
     pub(crate) fn compacted(&self) -> String {

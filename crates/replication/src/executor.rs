@@ -13,7 +13,7 @@ use crate::config::Limits;
 use crate::data::{EntryState, IdempotencyRecord, Keys, LogEntry, ProcessState, RequestKind, Step};
 use crate::error::{Error, Result};
 use crate::guard::guarded;
-use crate::outbox::{Chain, Outbox};
+use crate::outbox::{Chain, EtcdTxStore, Outbox};
 use crate::record_file::RecordFile;
 use crate::reporter::Reporter;
 use crate::store::{Op, Store, StoredEntry, Term};
@@ -30,7 +30,6 @@ pub(crate) struct Executor<S> {
     /// The local record file (the paper's): where Process Request stands.
     pub(crate) record: RecordFile,
     reporter: Arc<Reporter>,
-    keys: Keys,
     /// The transaction outbox's chain client, when the service has an outbox.
     pub(crate) chain: Option<Arc<Chain>>,
 }
@@ -45,10 +44,9 @@ impl<S: AppState> Executor<S> {
         observer: Option<StepObserver>,
         record: RecordFile,
         reporter: Arc<Reporter>,
-        keys: Keys,
         chain: Option<Arc<Chain>>,
     ) -> Self {
-        Self { replica: replica.to_owned(), limits, state, routes, observer, record, reporter, keys, chain }
+        Self { replica: replica.to_owned(), limits, state, routes, observer, record, reporter, chain }
     }
 
     pub(crate) fn route_of(&self, method: &str, path: &str) -> Option<&Route<S>> {
@@ -181,7 +179,7 @@ impl<S: AppState> Executor<S> {
     /// runtime has an outbox.
     pub(crate) fn outbox_for(&self, store: &Store, kind: RequestKind, term: &Term, index: u64) -> Option<Outbox> {
         let chain = self.chain.as_ref().filter(|_| kind == RequestKind::Normal)?;
-        Some(Outbox::new(chain.clone(), store.clone(), self.keys.clone(), term.clone(), index))
+        Some(Outbox::new(chain.clone(), Arc::new(EtcdTxStore::fenced(store.clone(), term.clone())), index))
     }
 
     /// Runs an in-doubt only-once request again with its outbox: its outcome, or `None`

@@ -393,7 +393,7 @@ async fn unsettled_txs<S: AppState>(runtime: &Runtime<S>, parts: &axum::http::re
     let Some(chain) = &runtime.chain else {
         return error(StatusCode::NOT_FOUND, "this service has no transaction outbox");
     };
-    match chain.unsettled(runtime.store(), &runtime.keys).await {
+    match chain.unsettled(&crate::outbox::EtcdTxStore::reading(runtime.store().clone())).await {
         Ok(transactions) => json(
             StatusCode::OK,
             &serde_json::json!({
@@ -429,7 +429,7 @@ async fn cancel_tx<S: AppState>(runtime: &Runtime<S>, parts: &axum::http::reques
         Ok(ask) => ask.index,
         Err(e) => return error(StatusCode::BAD_REQUEST, &format!("the body must be {{\"index\": N}}: {e}")),
     };
-    match chain.request_cancel(runtime.store(), &runtime.keys, index).await {
+    match chain.request_cancel(&crate::outbox::EtcdTxStore::reading(runtime.store().clone()), index).await {
         Ok(transactions) => {
             json(StatusCode::ACCEPTED, &serde_json::json!({ "index": index, "transactions": transactions }))
         }

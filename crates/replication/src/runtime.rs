@@ -297,7 +297,6 @@ impl<S: AppState> Runtime<S> {
             observer,
             record.clone(),
             reporter.clone(),
-            keys.clone(),
             chain.clone(),
         ));
         let settler = Arc::new(Settler::new(&config, keys.clone(), store.clone(), executor.clone(), reporter.clone()));

@@ -16,7 +16,7 @@ use crate::data::{Keys, LogEntry};
 use crate::error::Result;
 use crate::executor::{Executor, IdempotencyLease, outcome_ops};
 use crate::guard::guarded;
-use crate::outbox::Chain;
+use crate::outbox::{Chain, EtcdTxStore};
 use crate::reporter::Reporter;
 use crate::store::{Op, Store, Term};
 
@@ -153,7 +153,7 @@ impl<S: AppState> Settler<S> {
             // whole settle_within of waiting (the testbed's reorgs under leader kills
             // held a payout 30 s behind such a gap).
             if let Some(chain) = &self.chain {
-                chain.rebroadcast_after(&self.store, &self.keys, index).await;
+                chain.rebroadcast_after(&EtcdTxStore::reading(self.store.clone()), index).await;
             }
             if let Some(outcome) = self.executor.run_again(&self.store, route, term, index, entry).await? {
                 return Ok(outcome);

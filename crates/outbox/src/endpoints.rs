@@ -99,7 +99,7 @@ impl Endpoint {
         health.rested_from = Some(Instant::now());
         if health.down.is_none() {
             warn!(endpoint = %self.shown, reason, "RPC endpoint failed; reads go to the next one");
-            health.down = Some((Instant::now(), crate::data::unix_seconds()));
+            health.down = Some((Instant::now(), crate::unix_seconds()));
         }
     }
 

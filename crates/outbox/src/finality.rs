@@ -22,9 +22,9 @@ use alloy::providers::Provider;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
-use super::{Chain, TxRecord};
-use crate::data::{self, Keys};
-use crate::store::Store;
+use crate::chain::Chain;
+use crate::records::TxRecord;
+use crate::store::{TxStore, decode};
 
 /// Violations kept for `/br2k/status` (the oldest are dropped first; the counter keeps
 /// counting).
@@ -68,32 +68,33 @@ pub(crate) struct FinalityLog {
 impl Chain {
     /// Checks settled transactions every `finality_check_every` while this replica leads
     /// (the task is aborted with the term).
-    pub(crate) async fn watch_finality(self: Arc<Self>, store: Store, keys: Keys) {
+    pub async fn watch_finality(self: Arc<Self>, store: Arc<dyn TxStore>) {
         let mut tick = tokio::time::interval(self.config.finality_check_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            if let Err(reason) = self.check_finality(&store, &keys).await {
+            if let Err(reason) = self.check_finality(store.as_ref()).await {
                 debug!(%reason, "finality check skipped this round");
             }
         }
     }
 
-    async fn check_finality(&self, store: &Store, keys: &Keys) -> Result<(), String> {
+    async fn check_finality(&self, store: &dyn TxStore) -> Result<(), String> {
+        let keys = &self.keys;
         let head = self
             .endpoints
             .read("read the block number", |p| async move { p.get_block_number().await })
             .await
             .map_err(|e| e.to_string())?;
-        let from = keys.outbox(self.finality().watch_from, 0);
-        let records = store.values_in(&from, &keys.outbox_end()).await.map_err(|e| e.to_string())?;
+        let from = keys.tx(self.finality().watch_from, 0);
+        let records = store.range(&from, &keys.tx_end()).await.map_err(|e| e.to_string())?;
         let mut watched = BTreeMap::new();
         // The first request with a record that is not final yet, and the last one read.
         let (mut unfinished, mut last): (Option<u64>, Option<u64>) = (None, None);
         for (key, value) in records {
-            let Some(at) = keys.parse_outbox(&key) else { continue };
+            let Some(at) = keys.parse_tx(&key) else { continue };
             last = Some(at.0);
-            let Ok(record) = crate::codec::decode::<TxRecord>(&key, &value) else { continue };
+            let Ok(record) = decode::<TxRecord>(&key, &value) else { continue };
             let recent =
                 record.settled.as_ref().is_some_and(|s| head.saturating_sub(s.block) < self.config.finality_window);
             if recent {
@@ -131,7 +132,7 @@ impl Chain {
                             nonce: record.nonce,
                             hash: settled.hash,
                             block: settled.block,
-                            detected_at: data::unix_seconds(),
+                            detected_at: crate::unix_seconds(),
                             back_in_block: None,
                         });
                         let excess = log.violations.len().saturating_sub(KEPT);
