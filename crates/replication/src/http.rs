@@ -18,8 +18,9 @@ use crate::app::{AppState, Failure, Reply, Request};
 use crate::data::{LogEntry, RequestKind};
 use crate::guard::{Fault, guarded};
 use crate::idempotency::fingerprint;
+use crate::leader::QUEUE_WAIT;
 use crate::leader::Submit;
-use crate::runtime::{QUEUE_WAIT, Runtime};
+use crate::runtime::Runtime;
 use crate::secret::same_secret;
 use crate::state_transfer::PEER_TOKEN_HEADER;
 use crate::status::Role;
@@ -104,7 +105,7 @@ async fn serve_route<S: AppState>(
     let query = parts.uri.query().map(str::to_owned);
     // Only the leader admits: elsewhere the client is sent on (its location is public),
     // before its body is read.
-    let sender = runtime.submit.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+    let sender = runtime.intake.queue();
     let leads = match route.kind {
         RequestKind::Read => runtime.reporter.status.borrow().role == Role::Leader,
         _ => sender.is_some(),
@@ -170,7 +171,7 @@ async fn serve_route<S: AppState>(
             ),
         );
     }
-    let Some(queued) = runtime.reserve_queue(encoded.len()).await else {
+    let Some(queued) = runtime.intake.reserve(encoded.len()).await else {
         return error(StatusCode::SERVICE_UNAVAILABLE, "the leader's queue is full; retry shortly");
     };
     let fingerprint = fingerprint(&entry);

@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 
 use crate::app::FilePrefix;
 
-/// An append-only file of whole lines. See the [module docs](self).
+/// An append-only file of whole lines: an append that fails is cut back to the last whole
+/// line, and a torn tail found at open is cut (the runtime replays the entries after it).
 #[derive(Debug)]
 pub struct LineFile {
     file: File,

@@ -90,9 +90,12 @@ type FloatGauge = Gauge<f64, AtomicU64>;
 struct Gauges {
     role: Family<RoleLabels, Gauge>,
     epoch: Gauge,
-    ls: Gauge,
-    ssi: Gauge,
-    lpi: Gauge,
+    /// LS.
+    log_last_index: Gauge,
+    /// SSI.
+    service_state_index: Gauge,
+    /// LPI.
+    processed_index: Gauge,
     applied: Gauge,
     lag: Gauge,
     in_doubt: Gauge,
@@ -194,9 +197,21 @@ impl Metrics {
             gauges.role.clone(),
         );
         registry.register("epoch", "The epoch this replica leads in (0 when it does not lead)", gauges.epoch.clone());
-        registry.register("log_last_index", "LS: the last index logged, as this replica knows it", gauges.ls.clone());
-        registry.register("service_state_index", "SSI: the last index whose outcome is recorded", gauges.ssi.clone());
-        registry.register("processed_index", "LPI: the last index this replica processed", gauges.lpi.clone());
+        registry.register(
+            "log_last_index",
+            "LS: the last index logged, as this replica knows it",
+            gauges.log_last_index.clone(),
+        );
+        registry.register(
+            "service_state_index",
+            "SSI: the last index whose outcome is recorded",
+            gauges.service_state_index.clone(),
+        );
+        registry.register(
+            "processed_index",
+            "LPI: the last index this replica processed",
+            gauges.processed_index.clone(),
+        );
         registry.register("applied_index", "The last index in this replica's app state", gauges.applied.clone());
         registry.register("lag_entries", "How far this replica's LPI is behind SSI", gauges.lag.clone());
         registry.register(
@@ -371,9 +386,9 @@ impl Metrics {
         }
         let set = |gauge: &Gauge, value: u64| gauge.set(i64::try_from(value).unwrap_or(i64::MAX));
         set(&g.epoch, status.epoch.unwrap_or(0));
-        set(&g.ls, status.ls);
-        set(&g.ssi, status.ssi);
-        set(&g.lpi, status.lpi);
+        set(&g.log_last_index, status.ls);
+        set(&g.service_state_index, status.ssi);
+        set(&g.processed_index, status.lpi);
         set(&g.applied, status.applied_index);
         set(&g.lag, status.ssi.saturating_sub(status.lpi));
         set(&g.in_doubt, status.in_doubt.len() as u64);

@@ -1,6 +1,6 @@
 //! The transaction outbox (the `br2k-outbox` crate: nonces, stored signed transactions,
 //! broadcast, bump, settle, finality, the on-chain verifier), with its records kept in this
-//! runtime's etcd: [`EtcdTxStore`] is the storage trait's implementation, every write
+//! runtime's etcd: `EtcdTxStore` is the storage trait's implementation, every write
 //! fenced by the leader's term, so a stale leader can never reserve a nonce or store a
 //! transaction.
 

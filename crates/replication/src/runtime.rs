@@ -1,27 +1,29 @@
-//! The replica: Check role, Register (with Prepare Service), Follow the Latest Service
-//! State, Check for pending process, and stepping down (paper Fig. 2, 3, Table 1).
+//! The node: a replica's handles and the loop that decides what it does (paper Fig. 2).
 //!
-//! One task, the *node loop*, owns the role. It wakes on a timer (Check role), on etcd
-//! watch events (`ssi`, `cl`) and on a failure reported by the leader's pipeline, and does
-//! one thing per wake-up: step down, register, or follow. While it leads, the tasks of the
-//! leader's term ([`crate::leader`]) replicate and process client requests, and compact,
-//! settle and back up beside them.
+//! [`Runtime::open`] builds the handles over the store, each owned by the layer that
+//! changes it (the status sink, membership, snapshots, faults, backups, the executor, the
+//! settler) and the roles over them ([`crate::follower`], [`crate::register`],
+//! [`crate::leader`]). One task, the *node loop*, owns the role. It wakes on a timer (Check
+//! role), on etcd watch events (`ssi`, `cl`) and on a failure reported by the leader's
+//! term, and does one thing per wake-up, as [`Wake::decide`] says: step down, hand etcd
+//! leadership on, register, follow, or nothing. While it leads, the tasks of the leader's
+//! term replicate and process client requests, and compact, settle and back up beside
+//! them.
 
 use std::future::Future;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::Notify;
 use tracing::{error, info, warn};
 
-use crate::app::Routes;
-use crate::app::{AppState, StepObserver};
+use crate::app::{AppState, Routes, StepObserver};
 use crate::config::Config;
 use crate::data::Keys;
 use crate::error::{Error, Result};
 use crate::executor::Executor;
 use crate::follower::{Follower, Following};
-use crate::leader::{LeaderTerm, Leading, Submit};
+use crate::leader::{Intake, LeaderTerm, Leading};
 use crate::record_file::RecordFile;
 use crate::register::Registrar;
 use crate::settle::Settler;
@@ -29,6 +31,7 @@ use crate::status::{Role, Status};
 use crate::store::{MemberStatus, Store};
 use crate::sync::{AbortOnDrop, lock};
 
+/// One replica: its handles, and what the node loop keeps between wake-ups.
 pub(crate) struct Runtime<S> {
     pub(crate) config: Config,
     pub(crate) keys: Keys,
@@ -37,8 +40,8 @@ pub(crate) struct Runtime<S> {
     pub(crate) executor: Arc<Executor<S>>,
     /// The status sink every layer reports to.
     pub(crate) reporter: Arc<crate::reporter::Reporter>,
-    /// The leader term's request queue while this replica leads.
-    pub(crate) submit: RwLock<Option<mpsc::Sender<Submit>>>,
+    /// The leader's request queue and its byte budget.
+    pub(crate) intake: Intake,
     store: Store,
     /// The register role: Prepare Service, and Check for pending process.
     registrar: Arc<Registrar<S>>,
@@ -56,10 +59,6 @@ pub(crate) struct Runtime<S> {
     pub(crate) http: reqwest::Client,
     /// When the local member's quota was last asked of its metrics.
     quota_probed: Mutex<Option<Instant>>,
-    /// The byte budget of logged requests waiting or being processed ([`Limits::max_queued_bytes`]).
-    ///
-    /// [`Limits::max_queued_bytes`]: crate::Limits::max_queued_bytes
-    queue_bytes: Arc<Semaphore>,
     /// The transaction outbox's chain client, when the runtime has an outbox.
     pub(crate) chain: Option<Arc<crate::outbox::Chain>>,
     /// Settles the requests left in doubt.
@@ -152,7 +151,7 @@ fn status_now(
 }
 
 /// Where the node loop stands between wake-ups.
-struct Node {
+struct LoopState {
     /// Check for pending process is still to do (at start and after each step-down).
     pending_check: bool,
     /// Where this replica stands in the log (LPI), and what the follower last read.
@@ -333,11 +332,10 @@ impl<S: AppState> Runtime<S> {
             membership,
             http,
             quota_probed: Mutex::default(),
-            queue_bytes: Arc::new(Semaphore::new(config.limits.max_queued_bytes.min(Semaphore::MAX_PERMITS))),
+            intake: Intake::new(config.limits.max_queued_bytes),
             config,
             state,
             reporter,
-            submit: RwLock::new(None),
             store,
             follower,
             chain,
@@ -371,13 +369,6 @@ impl<S: AppState> Runtime<S> {
         })
     }
 
-    /// Takes `bytes` of the queue's budget for a request to log, waiting up to
-    /// [`QUEUE_WAIT`] for earlier requests to be answered; `None` when the queue stays full.
-    pub(crate) async fn reserve_queue(&self, bytes: usize) -> Option<OwnedSemaphorePermit> {
-        let bytes = u32::try_from(bytes).ok()?;
-        tokio::time::timeout(QUEUE_WAIT, self.queue_bytes.clone().acquire_many_owned(bytes)).await.ok()?.ok()
-    }
-
     /// The node loop: until `shutdown`, wake up and do one thing.
     pub(crate) async fn run(self: Arc<Self>, shutdown: impl Future<Output = ()>) {
         let changes = Arc::new(Notify::new());
@@ -391,7 +382,7 @@ impl<S: AppState> Runtime<S> {
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut poll = tokio::time::interval(timings.follow_poll);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut node = Node {
+        let mut node = LoopState {
             pending_check: true,
             following: Following::at(self.start_index()),
             condition: None,
@@ -449,18 +440,18 @@ impl<S: AppState> Runtime<S> {
 
     /// Follower -> Register -> Leader: the register role prepares the service, then the
     /// leader's term starts and the front submits to it.
-    async fn register(&self, node: &mut Node) -> Result<()> {
+    async fn register(&self, node: &mut LoopState) -> Result<()> {
         let (term, ls) = self.registrar.register(&mut node.following).await?;
         self.follower.feed.stop_collecting();
         let (leader, submit) = LeaderTerm::start(&self.leading(), term.clone(), ls + 1);
-        *self.submit.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(submit);
+        self.intake.set(Some(submit));
         node.leader = Some(leader);
         self.reporter.set_role(Role::Leader, Some(term.epoch), "prepared");
         Ok(())
     }
 
     /// One wake-up of the node loop: Check role, then act on it.
-    async fn wake(self: &Arc<Self>, node: &mut Node, woken: Woken) {
+    async fn wake(self: &Arc<Self>, node: &mut LoopState, woken: Woken) {
         let condition = match node.condition {
             Some(cached) if !reads_condition(Some(cached), woken, node.leader.is_some()) => cached,
             _ => self.read_condition().await,
@@ -514,7 +505,7 @@ impl<S: AppState> Runtime<S> {
     /// handler that panicked) stops this replica at the next entry: it does not lead for
     /// a while, rolls back what the attempt left (Check for pending process) and tries
     /// again with backoff.
-    fn failed(&self, node: &mut Node, error: &Error) {
+    fn failed(&self, node: &mut LoopState, error: &Error) {
         if self.reporter.status.borrow().role == Role::Register {
             self.reporter.set_role(Role::Follower, None, "register failed");
         }
@@ -627,9 +618,9 @@ impl<S: AppState> Runtime<S> {
 
     /// Leader -> Follower: stop taking requests, stop the term's tasks (interrupting an
     /// execution if one runs), then Check for pending process before following.
-    async fn step_down(&self, node: &mut Node, reason: &str) {
+    async fn step_down(&self, node: &mut LoopState, reason: &str) {
         let Some(term) = node.leader.take() else { return };
-        *self.submit.write().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        self.intake.set(None);
         term.stop().await;
         self.reporter.set_role(Role::Follower, None, reason);
         node.pending_check = true;
@@ -653,9 +644,6 @@ pub(crate) fn alarm_advice(alarm: &str, endpoint: &str) -> String {
         )
     }
 }
-
-/// How long the front waits on a full request queue before answering 503.
-pub(crate) const QUEUE_WAIT: Duration = Duration::from_millis(500);
 
 #[cfg(test)]
 mod tests {

@@ -30,11 +30,12 @@ pub struct Status {
     pub epoch: Option<u64>,
     /// The current leader as last read from `cl`.
     pub leader: Option<LeaderRecord>,
-    /// LS as last seen.
+    /// LS, the log's last index (`log_last_index` in the metrics), as last seen.
     pub ls: u64,
-    /// SSI as last seen.
+    /// SSI, the service state index: the last index whose outcome is recorded
+    /// (`service_state_index`), as last seen.
     pub ssi: u64,
-    /// This replica's latest processed index.
+    /// LPI, this replica's latest processed index (`processed_index`).
     pub lpi: u64,
     /// What the app state says it has applied.
     pub applied_index: u64,
@@ -82,7 +83,7 @@ pub struct Status {
     #[serde(default)]
     pub fault: Option<StoppedAt>,
     /// Where this replica's answer differed from the one the leader recorded, if it did:
-    /// it has stopped for good and must be rebuilt (see [`Error::Diverged`]).
+    /// it has stopped for good and must be rebuilt (see [`crate::Error::Diverged`]).
     #[serde(default)]
     pub divergence: Option<Divergence>,
     /// The transaction outbox's endpoints and finality checks, when the service has one.

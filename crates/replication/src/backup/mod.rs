@@ -21,7 +21,7 @@
 //! A registry or chain that does not answer never stops the service: the task retries
 //! with a growing pause, and `/br2k/status` shows how far behind it is.
 //!
-//! **Restore** ([`restore`]): a Register whose etcd holds no log at all (every member lost
+//! **Restore** (`crate::register`'s recovery): a Register whose etcd holds no log at all (every member lost
 //! its data) restores the newest linked backup before it takes leadership.
 
 pub mod lineage;

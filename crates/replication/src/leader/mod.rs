@@ -25,6 +25,7 @@
 //! and counts what it finds and never ends the term. The processor takes a snapshot
 //! between groups when one is due.
 
+mod intake;
 mod processor;
 mod sequencer;
 
@@ -53,6 +54,7 @@ use crate::state_transfer::Snapshots;
 use crate::store::Store;
 use crate::store::{Op, Term};
 use crate::sync::lock;
+pub(crate) use intake::{Intake, QUEUE_WAIT};
 use processor::process_groups;
 use sequencer::Sequencer;
 
@@ -72,7 +74,7 @@ pub(crate) struct Submit {
 }
 
 /// A request to log: what the sequencer keeps of a [`Submit`] once its key is settled.
-struct Fresh {
+struct Unlogged {
     kind: RequestKind,
     entry: LogEntry,
     encoded: Vec<u8>,
@@ -88,7 +90,7 @@ const RECORD_BYTES: usize = 256;
 
 /// An upper bound on what logging `fresh` adds to the replicate transaction, in the sizes
 /// etcd counts (keys and values): its RLE and its RS.
-fn replicate_bytes(prefix: usize, fresh: &Fresh) -> usize {
+fn replicate_bytes(prefix: usize, fresh: &Unlogged) -> usize {
     fresh.encoded.len() + 2 * (prefix + RECORD_BYTES)
 }
 
@@ -109,7 +111,7 @@ impl Answer {
 }
 
 /// A logged request on its way through the processor.
-struct Item {
+struct Logged {
     index: u64,
     kind: RequestKind,
     entry: LogEntry,
@@ -142,7 +144,7 @@ impl InFlight {
 }
 
 /// A group's replicate write waiting to ride the processor's next outcome write.
-struct Carried {
+struct CarriedWrite {
     ops: Vec<Op>,
     /// Told when the write went in (dropped when it failed: the term ends).
     done: oneshot::Sender<()>,
@@ -162,7 +164,7 @@ struct Carrier {
 struct CarrierSlot {
     /// The processor holds a group and will make an outcome write that takes `carried`.
     busy: bool,
-    carried: Option<Carried>,
+    carried: Option<CarriedWrite>,
 }
 
 impl Carrier {
@@ -173,7 +175,7 @@ impl Carrier {
             return Err(ops);
         }
         let (done, written) = oneshot::channel();
-        slot.carried = Some(Carried { ops, done });
+        slot.carried = Some(CarriedWrite { ops, done });
         Ok(written)
     }
 
@@ -184,7 +186,7 @@ impl Carrier {
 
     /// The processor's last write of a group takes what waits. It stays busy: a carried
     /// group comes to it next.
-    fn take(&self) -> Option<Carried> {
+    fn take(&self) -> Option<CarriedWrite> {
         let mut slot = lock(&self.slot);
         slot.busy = slot.carried.is_some();
         slot.carried.take()

@@ -22,7 +22,7 @@ use super::*;
 pub(super) async fn process_groups<S: AppState>(
     leading: Arc<Leading<S>>,
     term: Term,
-    mut groups: mpsc::Receiver<Vec<Item>>,
+    mut groups: mpsc::Receiver<Vec<Logged>>,
     in_flight: Arc<InFlight>,
     carrier: Arc<Carrier>,
 ) -> Result<()> {
@@ -71,7 +71,7 @@ impl Segment {
         &mut self,
         leading: &Arc<Leading<S>>,
         term: &Term,
-        items: &[Item],
+        items: &[Logged],
         to: usize,
         carrier: Option<&Carrier>,
     ) -> Result<()> {
@@ -87,7 +87,7 @@ impl Segment {
         self.effects_pending = false;
         let from = std::mem::replace(&mut self.recorded, to);
         if from >= to {
-            if let Some(Carried { ops, done }) = carrier.and_then(Carrier::take) {
+            if let Some(CarriedWrite { ops, done }) = carrier.and_then(Carrier::take) {
                 leading.reporter.stats.time(stage::REPLICATE, leading.store().authority_write(term, ops)).await?;
                 let _ = done.send(());
             }
@@ -121,7 +121,7 @@ impl Segment {
         ops.push(Op::counter(keys.lpi(&leading.config.replica), leading.recoverable_lpi(last)));
         ops.push(Op::counter(keys.ssi(), last));
         let (next_log, done) = match carrier.and_then(Carrier::take) {
-            Some(Carried { ops, done }) => (ops, Some(done)),
+            Some(CarriedWrite { ops, done }) => (ops, Some(done)),
             None => (Vec::new(), None),
         };
         let (persisted, recorded) = tokio::join!(
@@ -186,7 +186,7 @@ async fn persist_failed<S: AppState>(leading: &Leading<S>, durable: u64, error: 
 async fn process<S: AppState>(
     leading: &Arc<Leading<S>>,
     term: &Term,
-    items: Vec<Item>,
+    items: Vec<Logged>,
     in_flight: &InFlight,
     carrier: &Carrier,
 ) -> Result<()> {

@@ -36,7 +36,7 @@ impl<S: AppState> Sequencer<S> {
     pub(super) async fn run(
         mut self,
         mut requests: mpsc::Receiver<Submit>,
-        groups: mpsc::Sender<Vec<Item>>,
+        groups: mpsc::Sender<Vec<Logged>>,
     ) -> Result<()> {
         // Each request takes two puts (RLE, RS), plus LS.
         let max_group = (MAX_TXN_OPS - 1) / 2;
@@ -75,7 +75,7 @@ impl<S: AppState> Sequencer<S> {
     /// table: a retry of a request in flight waits for its answer, a key the table holds
     /// is answered from its record (or refused, for a different request); returns what is
     /// left to log, in arrival order.
-    async fn settle_keys(&self, incoming: Vec<Submit>) -> Vec<Fresh> {
+    async fn settle_keys(&self, incoming: Vec<Submit>) -> Vec<Unlogged> {
         let mut fresh = Vec::with_capacity(incoming.len());
         // Keys whose table record has no answer (a request left in doubt): its state is in etcd.
         let mut in_doubt = Vec::new();
@@ -112,7 +112,7 @@ impl<S: AppState> Sequencer<S> {
                                 let waiting = Waiting { fingerprint: submit.fingerprint, waiters: vec![submit.reply] };
                                 by_key.insert(key.clone(), waiting);
                                 let Submit { kind, entry, encoded, queued, .. } = submit;
-                                in_doubt.push((Fresh { kind, entry, encoded, reply: None, queued }, record.index));
+                                in_doubt.push((Unlogged { kind, entry, encoded, reply: None, queued }, record.index));
                                 continue;
                             }
                             None => {
@@ -123,7 +123,7 @@ impl<S: AppState> Sequencer<S> {
                         },
                     },
                 };
-                fresh.push(Fresh {
+                fresh.push(Unlogged {
                     kind: submit.kind,
                     entry: submit.entry,
                     encoded: submit.encoded,
@@ -205,7 +205,7 @@ impl<S: AppState> Sequencer<S> {
 
     /// Replicate Request for a group: RLEs, RS (InProcess for Replication, else Null) and
     /// LS in one fenced transaction; then hands the group to the processor.
-    async fn replicate(&mut self, mut group: Vec<Fresh>, groups: &mpsc::Sender<Vec<Item>>) -> Result<()> {
+    async fn replicate(&mut self, mut group: Vec<Unlogged>, groups: &mpsc::Sender<Vec<Logged>>) -> Result<()> {
         let ops = self.replicate_ops(&mut group);
         if self.write_replicate(ops).await? {
             self.replicated(group, groups).await?;
@@ -234,7 +234,7 @@ impl<S: AppState> Sequencer<S> {
 
     /// The replicate transaction's writes for `group`, at the next indexes. Keyed entries
     /// get their stamp here, so their logged bytes change.
-    fn replicate_ops(&self, group: &mut [Fresh]) -> Vec<Op> {
+    fn replicate_ops(&self, group: &mut [Unlogged]) -> Vec<Op> {
         let keys = &self.leading.keys;
         let epoch = self.term.epoch;
         let stamp = group.iter().any(|f| f.entry.idempotency_key.is_some()).then(|| self.leading.stamp());
@@ -264,11 +264,11 @@ impl<S: AppState> Sequencer<S> {
     }
 
     /// After the replicate write: the group's indexes are taken; hands it to the processor.
-    async fn replicated(&mut self, group: Vec<Fresh>, groups: &mpsc::Sender<Vec<Item>>) -> Result<()> {
+    async fn replicated(&mut self, group: Vec<Unlogged>, groups: &mpsc::Sender<Vec<Logged>>) -> Result<()> {
         let mut items = Vec::with_capacity(group.len());
-        for (offset, Fresh { kind, entry, reply, queued, .. }) in group.into_iter().enumerate() {
+        for (offset, Unlogged { kind, entry, reply, queued, .. }) in group.into_iter().enumerate() {
             let index = self.next_index + offset as u64;
-            items.push(Item { index, kind, entry, reply, _queued: queued });
+            items.push(Logged { index, kind, entry, reply, _queued: queued });
         }
         let last = self.next_index + items.len() as u64 - 1;
         self.leading.reporter.stats.add_many(stage::REQUESTS, items.len() as u64, Duration::ZERO);
