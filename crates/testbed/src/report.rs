@@ -144,7 +144,7 @@ impl Report {
             p.seed,
             self.elapsed_s
         );
-        tables(&mut out, f, total, Some((&p.fault.to_string(), p.interval_s)), &self.faults, &self.latency_ms);
+        tables(&mut out, f, total, Some((p.fault, p.interval_s)), &self.faults, &self.latency_ms);
         let _ = writeln!(out, "\nVerdict: {}", if self.passed { "PASSED" } else { "FAILED" });
         out
     }
@@ -156,7 +156,7 @@ pub(crate) fn tables(
     out: &mut String,
     f: &Findings,
     total: u64,
-    fault: Option<(&str, (f64, f64))>,
+    fault: Option<(FaultKind, (f64, f64))>,
     faults: &[FaultEvent],
     latency: &Latency,
 ) {
@@ -228,7 +228,9 @@ pub(crate) fn tables(
             let _ = writeln!(out, "| failover gap after a leader fault, median | {} |", seconds(leader));
         }
         let mut unhealthy: Vec<u64> = faults.iter().filter_map(|x| x.unhealthy_ms).collect();
-        if !unhealthy.is_empty() || faults.iter().any(|x| x.healed_ms.is_some() && x.unhealthy_ms.is_none()) {
+        // Only a full disk's node is watched until it is healthy again.
+        let watched = fault.is_some_and(|(kind, _)| kind.fills_a_disk());
+        if watched && (!unhealthy.is_empty() || faults.iter().any(|x| x.healed_ms.is_some())) {
             unhealthy.sort_unstable();
             let never = faults.iter().filter(|x| x.unhealthy_ms.is_none()).count();
             let _ = writeln!(
@@ -260,4 +262,28 @@ fn join(values: &[impl ToString]) -> String {
 
 fn seconds(ms: u64) -> String {
     format!("{:.2} s", ms as f64 / 1000.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows(kind: FaultKind, unhealthy_ms: Option<u64>) -> String {
+        let faults = [FaultEvent { node: 1, was_leader: true, at_ms: 250, healed_ms: Some(1000), unhealthy_ms }];
+        let mut out = String::new();
+        tables(&mut out, &Findings::default(), 10, Some((kind, (20.0, 40.0))), &faults, &Latency::default());
+        out
+    }
+
+    #[test]
+    fn only_a_full_disks_node_is_reported_unhealthy_or_never_healthy_again() {
+        // A killed leader is not watched: nothing about its health is claimed.
+        assert!(!rows(FaultKind::Kill, None).contains("unhealthy"), "{}", rows(FaultKind::Kill, None));
+        assert!(
+            rows(FaultKind::DiskFull, Some(12_000)).contains("| 12.00 s |"),
+            "{}",
+            rows(FaultKind::DiskFull, Some(12_000))
+        );
+        assert!(rows(FaultKind::DiskFull, None).contains("1 never healthy again"));
+    }
 }
