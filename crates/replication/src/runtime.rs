@@ -358,7 +358,6 @@ impl<S: AppState> Runtime<S> {
             config: self.config.clone(),
             keys: self.keys.clone(),
             store: self.store.clone(),
-            state: self.state.clone(),
             reporter: self.reporter.clone(),
             executor: self.executor.clone(),
             idempotency: self.idempotency.clone(),

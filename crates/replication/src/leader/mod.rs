@@ -206,7 +206,6 @@ pub(crate) struct Leading<S> {
     pub(crate) config: Config,
     pub(crate) keys: Keys,
     pub(crate) store: Store,
-    pub(crate) state: Arc<S>,
     pub(crate) reporter: Arc<Reporter>,
     pub(crate) executor: Arc<Executor<S>>,
     pub(crate) idempotency: Arc<IdempotencyTable>,
@@ -217,19 +216,11 @@ pub(crate) struct Leading<S> {
 }
 
 impl<S: AppState> Leading<S> {
-    pub(crate) fn store(&self) -> &Store {
-        &self.store
-    }
-
     /// The stamp the leader writes into the next keyed entries it logs (see
     /// [`crate::data::Stamp`]).
     pub(crate) fn stamp(&self) -> crate::data::Stamp {
         let now_ms = crate::data::unix_millis();
         self.idempotency.stamp(now_ms, self.config.idempotency_retention, self.config.idempotency_max_bytes)
-    }
-
-    fn recoverable_lpi(&self, lpi: u64) -> u64 {
-        self.snapshots.recoverable_lpi(lpi)
     }
 }
 
@@ -269,7 +260,7 @@ impl LeaderTerm {
                 crate::compaction::Compactor::new(
                     &leading.config,
                     leading.keys.clone(),
-                    leading.store().clone(),
+                    leading.store.clone(),
                     leading.snapshots.clone(),
                     leading.reporter.clone(),
                 )
@@ -278,14 +269,14 @@ impl LeaderTerm {
             )),
             tokio::spawn(report(leading.settler.clone().settle_while_leading(term.clone()), failed_tx.clone())),
             tokio::spawn(report(
-                crate::backup::back_up_while_leading(leading.backups.clone(), leading.store().clone(), term),
+                crate::backup::back_up_while_leading(leading.backups.clone(), leading.store.clone(), term),
                 failed_tx,
             )),
         ];
         if let Some(chain) = leading.chain.clone() {
             // Best effort, never ending the term: it logs and counts what it finds.
             tasks.push(tokio::spawn(
-                chain.watch_finality(Arc::new(crate::outbox::EtcdTxStore::reading(leading.store().clone()))),
+                chain.watch_finality(Arc::new(crate::outbox::EtcdTxStore::reading(leading.store.clone()))),
             ));
         }
         (Self { failed, tasks }, submit_tx)

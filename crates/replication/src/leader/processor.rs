@@ -88,7 +88,7 @@ impl Segment {
         let from = std::mem::replace(&mut self.recorded, to);
         if from >= to {
             if let Some(CarriedWrite { ops, done }) = carrier.and_then(Carrier::take) {
-                leading.reporter.stats.time(stage::REPLICATE, leading.store().authority_write(term, ops)).await?;
+                leading.reporter.stats.time(stage::REPLICATE, leading.store.authority_write(term, ops)).await?;
                 let _ = done.send(());
             }
             return Ok(());
@@ -118,15 +118,15 @@ impl Segment {
         // The state persisted but no outcome: Prepare Service (or the pending-process
         // check) rolls back what it executed above SSI.
         let last = items[to - 1].index;
-        ops.push(Op::counter(keys.lpi(&leading.config.replica), leading.recoverable_lpi(last)));
+        ops.push(Op::counter(keys.lpi(&leading.config.replica), leading.snapshots.recoverable_lpi(last)));
         ops.push(Op::counter(keys.ssi(), last));
         let (next_log, done) = match carrier.and_then(Carrier::take) {
             Some(CarriedWrite { ops, done }) => (ops, Some(done)),
             None => (Vec::new(), None),
         };
         let (persisted, recorded) = tokio::join!(
-            leading.reporter.stats.time(stage::PERSIST, leading.state.persist()),
-            leading.reporter.stats.time(stage::OUTCOME, leading.store().authority_write_carrying(term, ops, next_log)),
+            leading.reporter.stats.time(stage::PERSIST, leading.executor.state.persist()),
+            leading.reporter.stats.time(stage::OUTCOME, leading.store.authority_write_carrying(term, ops, next_log)),
         );
         recorded?;
         if let Some(done) = done {
@@ -159,10 +159,10 @@ impl Segment {
                 applied_any = true;
             }
         }
-        if applied_any && let Err(e) = leading.state.persist().await {
+        if applied_any && let Err(e) = leading.executor.state.persist().await {
             return Err(persist_failed(leading, durable, e).await);
         }
-        let applied = leading.state.applied_index();
+        let applied = leading.executor.state.applied_index();
         leading.reporter.set_status(|s| {
             s.ssi = last;
             s.lpi = last;
@@ -177,7 +177,7 @@ impl Segment {
 /// (compaction reads it once another replica leads). The error ends the term.
 async fn persist_failed<S: AppState>(leading: &Leading<S>, durable: u64, error: std::io::Error) -> Error {
     let key = leading.keys.lpi(&leading.config.replica);
-    if let Err(put) = leading.store().put(&key, leading.recoverable_lpi(durable).to_string()).await {
+    if let Err(put) = leading.store.put(&key, leading.snapshots.recoverable_lpi(durable).to_string()).await {
         tracing::warn!(error = %put, "could not set this replica's LPI back after a failed persist");
     }
     Error::Persist(error)
@@ -191,7 +191,7 @@ async fn process<S: AppState>(
     carrier: &Carrier,
 ) -> Result<()> {
     let keys = &leading.keys;
-    let store = leading.store();
+    let store = &leading.store;
     let first = items.first().map_or(0, |i| i.index);
     leading.executor.record.write(first, Step::BeforeExecution, None)?;
     // (4.2) RS = InProcess, for the only-once requests (Replication ones were written
@@ -232,7 +232,7 @@ async fn process<S: AppState>(
             segment.record(leading, term, &items, position, None).await?;
         }
         let mut request = Request::from_entry(item.index, item.entry.clone());
-        let outbox = leading.executor.outbox_for(leading.store(), item.kind, term, item.index);
+        let outbox = leading.executor.outbox_for(&leading.store, item.kind, term, item.index);
         request.outbox.clone_from(&outbox);
         segment.outboxes.push(outbox);
         if item.kind == RequestKind::ExternalTxn {
@@ -240,7 +240,7 @@ async fn process<S: AppState>(
         }
         if side_by_side {
             // External_TXN: recorded, not executed; the handler checks and answers.
-            let (handler, state) = (route.handler.clone(), leading.state.clone());
+            let (handler, state) = (route.handler.clone(), leading.executor.state.clone());
             let timeout = leading.config.limits.handler_timeout;
             let index = item.index;
             segment.beside.spawn(async move {

@@ -162,7 +162,7 @@ impl<S: AppState> Sequencer<S> {
     /// Whether the entry at `index` is an only-once request the settler finishes (its
     /// route sends transactions through the outbox).
     async fn settled_by_outbox(&self, index: u64) -> Result<bool> {
-        let store = self.leading.store();
+        let store = &self.leading.store;
         let Some(kv) = store.get_local(&self.leading.keys.log(index)).await? else { return Ok(false) };
         let entry: LogEntry = crate::codec::decode(kv.key(), kv.value())?;
         Ok(self.leading.executor.route_of(&entry.method, &entry.path).is_some_and(|route| route.replayable))
@@ -173,7 +173,7 @@ impl<S: AppState> Sequencer<S> {
     /// Local (serializable) reads are enough: every record that matters was written before
     /// this replica took `cl` through this member, or by this replica since.
     async fn lookup_in_doubt(&self, key: &str, index: u64) -> Result<KeyLookup> {
-        let store = self.leading.store();
+        let store = &self.leading.store;
         let keys = &self.leading.keys;
         let replay = |response| {
             KeyLookup::Answer(Answer { reply: Reply::from_stored(response), index: Some(index), replayed: true })
@@ -226,7 +226,7 @@ impl<S: AppState> Sequencer<S> {
                 Ok(written)
             }
             Err(ops) => {
-                stats.time(stage::REPLICATE, self.leading.store().authority_write(&self.term, ops)).await?;
+                stats.time(stage::REPLICATE, self.leading.store.authority_write(&self.term, ops)).await?;
                 Ok(true)
             }
         }
