@@ -11,7 +11,9 @@ use alloy::signers::local::PrivateKeySigner;
 use anyhow::{Context, Result};
 use br2k_deploy::backend::Backend;
 use br2k_deploy::context::{Contexts, LOCAL};
-use br2k_deploy::kubernetes::{self, ClusterSettings, DEFAULT_ETCD_IMAGE, KubernetesBackend};
+use br2k_deploy::kubernetes::{
+    self, ClusterSettings, ContainerResources, DEFAULT_ETCD_IMAGE, KubernetesBackend, RolloutOptions, SettingsSource,
+};
 use br2k_deploy::local::{LocalBackend, NetworkMode};
 use br2k_oci::registry::RegistryList;
 use br2k_resolver::RegistryClient;
@@ -25,9 +27,41 @@ pub(crate) struct BackendOpts {
     #[arg(long, value_name = "IMAGE", default_value = DEFAULT_ETCD_IMAGE, help_heading = "Kubernetes")]
     pub(crate) etcd_image: String,
 
-    /// The size of each replica's etcd and data volumes.
+    /// The size of each replica's etcd volume. etcd's space quota is half of it (at most
+    /// 8 GiB): the rest holds its write-ahead log, snapshots and a defragmentation's copy.
+    #[arg(long, value_name = "QUANTITY", default_value = "4Gi", help_heading = "Kubernetes")]
+    pub(crate) etcd_volume_size: String,
+
+    /// The size of each replica's app data volume (its snapshots and record file).
     #[arg(long, value_name = "QUANTITY", default_value = "1Gi", help_heading = "Kubernetes")]
-    pub(crate) volume_size: String,
+    pub(crate) data_volume_size: String,
+
+    /// CPU of each app container (requested and its limit: the Pods are Guaranteed QoS).
+    #[arg(long, value_name = "QUANTITY", default_value = "500m", help_heading = "Kubernetes")]
+    pub(crate) app_cpu: String,
+
+    /// Memory of each app container (requested and its limit).
+    #[arg(long, value_name = "QUANTITY", default_value = "512Mi", help_heading = "Kubernetes")]
+    pub(crate) app_memory: String,
+
+    /// CPU of each etcd container (requested and its limit).
+    #[arg(long, value_name = "QUANTITY", default_value = "1", help_heading = "Kubernetes")]
+    pub(crate) etcd_cpu: String,
+
+    /// Memory of each etcd container (requested and its limit); etcd maps its database
+    /// (up to the quota) into memory.
+    #[arg(long, value_name = "QUANTITY", default_value = "2Gi", help_heading = "Kubernetes")]
+    pub(crate) etcd_memory: String,
+
+    /// The PriorityClass of the replicas' Pods, so that the scheduler preempts others
+    /// before them [default: the cluster's].
+    #[arg(long, value_name = "NAME", help_heading = "Kubernetes")]
+    pub(crate) priority_class: Option<String>,
+
+    /// How long a rollout waits for each changed replica to be ready again, with a leader,
+    /// before it stops (the replicas after it are left as they were).
+    #[arg(long, value_name = "SECONDS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(10..=86_400), help_heading = "Kubernetes")]
+    pub(crate) rollout_timeout: u64,
 
     /// Keep the replicas' operator key funded with at least half this much ETH for the gas
     /// of publishing locations; below that, it is topped up to this from the signing key.
@@ -58,12 +92,21 @@ impl BackendOpts {
     pub(crate) fn cluster_settings(&self, rpc_url: &str, registry: alloy::primitives::Address) -> ClusterSettings {
         ClusterSettings {
             etcd_image: self.etcd_image.clone(),
-            volume_size: self.volume_size.clone(),
+            etcd_volume_size: self.etcd_volume_size.clone(),
+            data_volume_size: self.data_volume_size.clone(),
+            app_resources: ContainerResources { cpu: self.app_cpu.clone(), memory: self.app_memory.clone() },
+            etcd_resources: ContainerResources { cpu: self.etcd_cpu.clone(), memory: self.etcd_memory.clone() },
+            priority_class: self.priority_class.clone(),
             rpc_url: rpc_url.to_owned(),
             registry,
             backup: self.backup.schedule(),
             etcd_tls: self.etcd_tls,
         }
+    }
+
+    /// How long a Kubernetes rollout waits for each replica.
+    pub(crate) fn rollout(&self) -> RolloutOptions {
+        RolloutOptions { timeout: std::time::Duration::from_secs(self.rollout_timeout), ..RolloutOptions::default() }
     }
 
     /// The local backend, publishing with `key` to `registry` at `rpc_url`.
@@ -120,6 +163,9 @@ impl ContextBackends {
             config_dir: self.config_dir.clone(),
             registries: self.registries.clone(),
             settings: self.opts.cluster_settings(&self.rpc_url, self.registry.address()),
+            // A recovery redeploys the shape the team gave the service, not this manager's flags.
+            settings_source: SettingsSource::Recorded,
+            rollout: self.opts.rollout(),
             operator_funds: self.opts.operator_funds,
             registry: self.registry.clone(),
         });

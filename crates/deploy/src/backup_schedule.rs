@@ -3,7 +3,8 @@
 //! names read it).
 
 /// A deployed service's backup schedule.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct BackupSchedule {
     /// Seconds between two backups (what a total disaster can lose).
     pub interval: u64,

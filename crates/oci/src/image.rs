@@ -32,6 +32,9 @@ pub mod media_type {
 
 /// Where the binary goes inside the image.
 const BIN_DIR: &str = "usr/local/bin";
+/// The user and group an image's entrypoint runs as: not root (the Kubernetes backend's
+/// Pods run as the same ids).
+pub const IMAGE_USER: &str = "65532:65532";
 
 /// What to build.
 #[derive(Clone, Debug)]
@@ -173,6 +176,9 @@ impl ImageStore {
             "os": "linux",
             "config": {
                 "Entrypoint": [entrypoint],
+                // Not root: a hardened cluster (Pod Security "restricted") admits only
+                // containers that run as another user; 65532 is distroless' `nonroot`.
+                "User": IMAGE_USER,
                 "ExposedPorts": { format!("{}/tcp", spec.port): {} },
                 "Env": ["PATH=/usr/local/bin:/usr/bin:/bin"],
                 "WorkingDir": "/",
@@ -534,6 +540,7 @@ mod tests {
         let config: serde_json::Value =
             serde_json::from_slice(&store.read_blob(&record.config_digest).unwrap()).unwrap();
         assert_eq!(config["config"]["Entrypoint"][0], "/usr/local/bin/true");
+        assert_eq!(config["config"]["User"], "65532:65532", "not root");
         assert!(config["config"]["ExposedPorts"]["8080/tcp"].is_object());
 
         let layer = store.read_blob(&record.layer_digest).unwrap();

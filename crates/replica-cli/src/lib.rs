@@ -54,6 +54,11 @@ pub struct ReplicaArgs {
     /// Prefer the variable or a keystore: a flag shows in the process list.
     #[arg(long, env = "ETH_PRIVATE_KEY", hide_env_values = true)]
     pub private_key: Option<String>,
+    /// A file holding this replica's operator key (hex), readable by its owner only (or,
+    /// as a Kubernetes Secret volume with the Pod's fsGroup makes it, by its owner and this
+    /// process's own group): what `br2k deploy` mounts on Kubernetes.
+    #[arg(long, env = "ETH_PRIVATE_KEY_FILE", value_name = "PATH", conflicts_with_all = ["private_key", "keystore"])]
+    pub private_key_file: Option<PathBuf>,
     /// The operator key from an encrypted JSON keystore (Foundry's `cast wallet import`,
     /// geth), instead of ETH_PRIVATE_KEY.
     #[arg(long, env = "ETH_KEYSTORE", value_name = "PATH", conflicts_with = "private_key")]
@@ -266,12 +271,13 @@ impl ReplicaArgs {
             tracing::warn!("no --registry (BR2K_REGISTRY): the leader's location will not be published");
             return Ok(None);
         };
-        let signer = match (&self.private_key, &self.keystore) {
-            (Some(key), _) => parse_key(key, "ETH_PRIVATE_KEY / --private-key")?,
-            (None, Some(keystore)) => keystore_key(keystore, self.password_file.as_deref(), "--keystore")?,
-            (None, None) => bail!(
-                "--registry needs the replica's operator key: set ETH_PRIVATE_KEY, or pass --keystore with \
-                 --password-file"
+        let signer = match (&self.private_key, &self.private_key_file, &self.keystore) {
+            (Some(key), _, _) => parse_key(key, "ETH_PRIVATE_KEY / --private-key")?,
+            (None, Some(file), _) => parse_key(&secret_file(file, "operator key")?, "the operator key file")?,
+            (None, None, Some(keystore)) => keystore_key(keystore, self.password_file.as_deref(), "--keystore")?,
+            (None, None, None) => bail!(
+                "--registry needs the replica's operator key: set ETH_PRIVATE_KEY or ETH_PRIVATE_KEY_FILE, or pass \
+                 --keystore with --password-file"
             ),
         };
         let chain = Chain::connect(&self.rpc_url, Some(signer.clone()), Timeouts::default()).await?;
@@ -321,17 +327,21 @@ pub fn secret(env: &str, file: Option<&Path>, what: &str) -> Result<Option<Strin
 }
 
 /// The secret in `path`, which must be mode 0600 (readable by its owner only), trimmed;
-/// `what` names it in errors.
+/// `what` names it in errors. One exception: a read-only file its group may read when
+/// that group is this process's own, which is how Kubernetes mounts a Secret of mode 0400
+/// into a Pod with an `fsGroup` (the Pod's user is the only member of that group there).
 ///
 /// # Errors
 /// A file readable by others, unreadable or empty.
 pub fn secret_file(path: &Path, what: &str) -> Result<String> {
-    let mode = std::os::unix::fs::PermissionsExt::mode(
-        &std::fs::metadata(path)
-            .with_context(|| format!("cannot read the {what} file {}", path.display()))?
-            .permissions(),
-    );
-    if mode & 0o077 != 0 {
+    use std::os::unix::fs::MetadataExt as _;
+    let metadata =
+        std::fs::metadata(path).with_context(|| format!("cannot read the {what} file {}", path.display()))?;
+    let mode = metadata.mode();
+    // /proc/self belongs to this process's effective user and group.
+    let own_group = std::fs::metadata("/proc/self").is_ok_and(|me| me.gid() == metadata.gid());
+    let group_may_read = own_group && mode & 0o077 == 0o040 && mode & 0o200 == 0;
+    if mode & 0o077 != 0 && !group_may_read {
         bail!(
             "the {what} file {} is readable by others (mode {:o}): run `chmod 600 {}`",
             path.display(),
@@ -433,6 +443,16 @@ mod tests {
         std::fs::write(&path, "\n").unwrap();
         assert!(secret("BR2K_TEST_UNSET_SECRET", Some(&path), "test token").unwrap_err().to_string().contains("empty"));
         assert_eq!(secret("BR2K_TEST_UNSET_SECRET", None, "test token").unwrap(), None);
+        // As Kubernetes mounts a 0400 Secret with the Pod's fsGroup (this test's file is in
+        // this process's own group): read-only for the owner and that group, accepted.
+        std::fs::write(&path, "s3cret\n").unwrap();
+        set_mode(0o440);
+        assert_eq!(secret_file(&path, "test token").unwrap(), "s3cret");
+        for mode in [0o460, 0o444, 0o640] {
+            set_mode(mode);
+            let err = secret_file(&path, "test token").unwrap_err().to_string();
+            assert!(err.contains("readable by others"), "{mode:o}: {err}");
+        }
     }
 
     #[test]

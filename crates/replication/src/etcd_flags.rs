@@ -20,8 +20,14 @@ pub const SNAPSHOT_COUNT: u64 = 10_000;
 
 /// The flags, as `--name=value` arguments.
 pub fn recommended() -> Vec<String> {
+    with_quota(QUOTA_BYTES)
+}
+
+/// The flags with a space quota of `quota_bytes` (a deployment that sizes etcd's volume
+/// derives the quota from it).
+pub fn with_quota(quota_bytes: u64) -> Vec<String> {
     vec![
-        format!("--quota-backend-bytes={QUOTA_BYTES}"),
+        format!("--quota-backend-bytes={quota_bytes}"),
         "--auto-compaction-mode=periodic".into(),
         "--auto-compaction-retention=1h".into(),
         format!("--snapshot-count={SNAPSHOT_COUNT}"),

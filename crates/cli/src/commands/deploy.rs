@@ -327,7 +327,19 @@ impl DeployArgs {
         let (Some(registry), Some(client)) = (registry, client) else {
             let entry = registries.entry_for_url(&record.image.registry_url)?;
             let pull = Credentials::find(&entry.host())?.map(|c| (entry.host(), c));
-            let manifests = Manifests::build(&spec, &SecretValues { pull, ..SecretValues::default() })?;
+            let backup_push = kubernetes::backup_push_credentials()?.map(|c| (entry.host(), c));
+            let mut spec = spec;
+            if pull.is_some() && backup_push.is_none() {
+                out.progress(format_args!(
+                    "deploy: backups off: {} needs credentials and the replicas never get the deployer's; set {} and {} to a push-only credential for {}",
+                    entry.host(),
+                    kubernetes::BACKUP_PUSH_USERNAME_ENV,
+                    kubernetes::BACKUP_PUSH_PASSWORD_ENV,
+                    record.image.repository
+                ));
+                spec.backup = None;
+            }
+            let manifests = Manifests::build(&spec, &SecretValues { pull, backup_push, ..SecretValues::default() })?;
             print!("{}", manifests.to_yaml());
             return Ok(());
         };
@@ -337,6 +349,8 @@ impl DeployArgs {
             config_dir: self.config.dir()?,
             registries: registries.clone(),
             settings: self.backend.cluster_settings(&global.chain.rpc_url, registry.address()),
+            settings_source: br2k_deploy::kubernetes::SettingsSource::Given,
+            rollout: self.backend.rollout(),
             operator_funds: self.backend.operator_funds,
             registry: registry.clone(),
         };

@@ -112,16 +112,40 @@ impl UpArgs {
     }
 }
 
-/// Stop a service that `br2k up --detach` runs (its processes, namespaces and chain).
+/// Stop a service that `br2k up --detach` runs (its processes, namespaces and chain), or
+/// with --context remove a service `br2k deploy` put on Kubernetes (its volumes stay
+/// unless --delete-data).
 #[derive(Args, Debug)]
+#[command(
+    after_help = "Examples:\n  br2k down logserver\n  br2k down logserver --context prod\n  br2k down logserver --context prod --delete-data"
+)]
 pub(crate) struct DownArgs {
+    /// The service name (as NAME or --name).
+    #[arg(value_name = "NAME", value_parser = crate::opts::parse_service_name, conflicts_with = "name")]
+    service: Option<String>,
+
     /// The service name.
     #[arg(long, default_value = "logserver", value_parser = crate::opts::parse_service_name)]
     name: String,
 
     /// The state directory given to `br2k up` [default: <tmp>/br2k-UID/up/NAME].
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", conflicts_with = "context")]
     state_dir: Option<PathBuf>,
+
+    /// A Kubernetes context: remove what `br2k deploy` created there (StatefulSets, their
+    /// Pods, Services, the disruption budget, the network policy, settings and Secrets),
+    /// keeping the volumes and so every acknowledged request [default: this machine's
+    /// `br2k up`].
+    #[arg(long)]
+    context: Option<String>,
+
+    /// With --context: delete the volumes too. The service's data is gone for good, save
+    /// for its backups.
+    #[arg(long, requires = "context")]
+    delete_data: bool,
+
+    #[command(flatten)]
+    config: super::context::DirArg,
 }
 
 /// The environment variable a detached child is started with (so it knows to write its
@@ -422,7 +446,13 @@ async fn detach(dir: &Path, out: &Output) -> Result<()> {
 }
 
 impl DownArgs {
-    pub(crate) async fn run(self, global: &GlobalOpts) -> Result<()> {
+    pub(crate) async fn run(mut self, global: &GlobalOpts) -> Result<()> {
+        if let Some(service) = self.service.take() {
+            self.name = service;
+        }
+        if let Some(context) = self.context.clone().filter(|c| c != br2k_deploy::context::LOCAL) {
+            return self.down_on_kubernetes(global, &context).await;
+        }
         let out = global.output();
         let dir = state_dir(&self.name, self.state_dir)?;
         let path = dir.join("run.json");
@@ -447,6 +477,39 @@ impl DownArgs {
         out.result(
             &format!("{} {word}", run.service),
             &serde_json::json!({ "service": run.service, "stopped": stopped }),
+        )
+    }
+
+    async fn down_on_kubernetes(&self, global: &GlobalOpts, context: &str) -> Result<()> {
+        let out = global.output();
+        let contexts = self.config.contexts()?;
+        let info = contexts.get(context)?;
+        let client = br2k_deploy::kubernetes::connect(&contexts, context).await?;
+        out.progress(format_args!(
+            "down: removing {} from {} (namespace {}){}",
+            self.name,
+            info.server,
+            info.namespace,
+            if self.delete_data { ", its volumes too" } else { "; its volumes stay" }
+        ));
+        let down =
+            br2k_deploy::kubernetes::take_down(&client, &info.namespace, &self.name, self.delete_data, &|line| {
+                out.progress(format_args!("down: {line}"));
+            })
+            .await?;
+        let kept = if down.kept_volumes.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; kept {} volumes ({}): `br2k deploy {} --context {context}` starts it on them again, `--delete-data` removes them",
+                down.kept_volumes.len(),
+                down.kept_volumes.join(", "),
+                self.name
+            )
+        };
+        out.result(
+            &format!("{} removed from {context}: {} objects deleted{kept}", self.name, down.deleted.len()),
+            &serde_json::json!({ "service": self.name, "context": context, "deleted": down.deleted, "keptVolumes": down.kept_volumes }),
         )
     }
 }

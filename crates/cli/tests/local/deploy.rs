@@ -70,11 +70,16 @@ fn every_manifest_the_dry_run_prints_validates_against_the_kubernetes_schemas() 
         project(&["--namespace", "team-a", "--node", "w1", "--node", "w2", "--node", "w3", "--storage-class", "fast"]);
     let yaml = dry_run(dir.path(), &[], "3", &[]);
     validate(dir.path(), &yaml);
-    assert_eq!(yaml.matches("kind: Pod\n").count(), 3);
+    assert_eq!(yaml.matches("kind: StatefulSet\n").count(), 3, "one controller per replica");
+    assert_eq!(yaml.matches("kind: Pod\n").count(), 0, "no bare Pods: Kubernetes recreates the replicas");
     assert_eq!(yaml.matches("kind: Service\n").count(), 3);
     assert_eq!(yaml.matches("kind: PersistentVolumeClaim\n").count(), 6);
     assert_eq!(yaml.matches("kind: Secret\n").count(), 1, "no pull secret for an open registry");
     assert_eq!(yaml.matches("kind: NetworkPolicy\n").count(), 1, "etcd reachable by the service's own Pods only");
+    assert_eq!(yaml.matches("kind: PodDisruptionBudget\n").count(), 1);
+    assert_eq!(yaml.matches("kind: ConfigMap\n").count(), 1, "the settings the manager redeploys with");
+    assert!(yaml.contains("minAvailable: 2") && yaml.contains("runAsNonRoot: true"), "{yaml}");
+    assert!(yaml.contains("storage: 4Gi") && yaml.contains("--quota-backend-bytes=2147483648"), "{yaml}");
     assert!(yaml.contains("harbor.example.org/br2k/demo@sha256:"), "pinned by digest");
 
     // Labelled nodes, a public endpoint, and a registry that needs credentials.
@@ -83,8 +88,30 @@ fn every_manifest_the_dry_run_prints_validates_against_the_kubernetes_schemas() 
     let yaml = dry_run(dir.path(), &credentials, "1", &[]);
     validate(dir.path(), &yaml);
     assert_eq!(yaml.matches("kind: Secret\n").count(), 2, "the operator key and the pull secret");
-    assert!(yaml.contains("pool: br2k") && yaml.contains("https://logserver.example.org"), "{yaml}");
+    assert!(yaml.contains("key: pool") && yaml.contains("https://logserver.example.org"), "{yaml}");
     assert!(!yaml.contains("pull-password-42") && !yaml.contains("robot"), "secret data is never printed");
+    assert!(!yaml.contains("BR2K_BACKUP_REPOSITORY"), "no push credential, no backups (never the pull one)");
+    // With a push-only credential for the backups: its own Secret, mounted into the app.
+    let with_push = [
+        credentials[0],
+        credentials[1],
+        ("BR2K_BACKUP_PUSH_USERNAME", "backup-robot"),
+        ("BR2K_BACKUP_PUSH_PASSWORD", "push-password-7"),
+    ];
+    let yaml = dry_run(
+        dir.path(),
+        &with_push,
+        "1",
+        &["--etcd-volume-size", "10Gi", "--etcd-memory", "4Gi", "--priority-class", "br2k-critical"],
+    );
+    validate(dir.path(), &yaml);
+    assert_eq!(yaml.matches("kind: Secret\n").count(), 3, "the operator key, the pull and the push secrets");
+    assert!(yaml.contains("name: logserver-backup-push") && yaml.contains("BR2K_BACKUP_REPOSITORY"), "{yaml}");
+    assert!(!yaml.contains("push-password-7") && !yaml.contains("backup-robot"), "secret data is never printed");
+    assert!(
+        yaml.contains("priorityClassName: br2k-critical") && yaml.contains("--quota-backend-bytes=5368709120"),
+        "{yaml}"
+    );
 
     // With TLS for etcd: the certificates' Secret (its data never printed), mounted in both
     // containers of every Pod, and https everywhere etcd is reached.

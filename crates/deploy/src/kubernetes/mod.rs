@@ -4,32 +4,58 @@
 //! br2k's field manager, and applying the same objects again changes nothing.
 //!
 //! No cluster runs on the machines this is developed on: the objects are checked against
-//! the official schemas, and [`apply`] against kube's mocked API service (see the tests).
+//! the official schemas, and the rollout and teardown against a fake API server (the
+//! tests' `fake` module) that keeps objects and plays the StatefulSet controller.
 
 mod backend;
 mod manifests;
+mod rollout;
+mod settings;
+mod teardown;
 
-use std::fmt::Debug;
 use std::time::Duration;
 
-use k8s_openapi::NamespaceResourceScope;
-use kube::api::{Patch, PatchParams};
+use kube::Config;
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Api, Config, Resource, ResourceExt};
-use serde::Serialize;
-use serde::de::DeserializeOwned;
 
-pub use backend::{KubernetesBackend, pod_views};
+pub use backend::{KubernetesBackend, SettingsSource, deployment_settings, pod_views, recorded_settings};
 pub use kube::Client;
 pub use manifests::{
-    BackupTarget, ClusterSettings, DEFAULT_ETCD_IMAGE, KubernetesSpec, Manifests, NODE_LABEL, SecretValues,
+    BackupTarget, KubernetesSpec, Manifests, NODE_LABEL, REPLICA_LABEL, SETTINGS_KEY, SecretValues, ZONE_LABEL, names,
 };
+pub use rollout::{RolloutOptions, roll_out};
+pub use settings::{ClusterSettings, ContainerResources, DEFAULT_ETCD_IMAGE, quantity_bytes};
+pub use teardown::{TakenDown, take_down};
 
 use crate::context::Contexts;
 use crate::error::{DeployError, Result};
 
 /// The field manager br2k applies as: the owner of every field it sets.
 pub const FIELD_MANAGER: &str = "br2k";
+
+/// The push-only credential the replicas back up with, read where the deploy runs; never
+/// the deployer's own registry credentials, which may do far more than push backups.
+pub const BACKUP_PUSH_USERNAME_ENV: &str = "BR2K_BACKUP_PUSH_USERNAME";
+/// Its password (or token).
+pub const BACKUP_PUSH_PASSWORD_ENV: &str = "BR2K_BACKUP_PUSH_PASSWORD";
+
+/// The backups' push-only credential from [`BACKUP_PUSH_USERNAME_ENV`] and
+/// [`BACKUP_PUSH_PASSWORD_ENV`], when both are set.
+///
+/// # Errors
+/// Only one of the two set, or either empty.
+pub fn backup_push_credentials() -> Result<Option<br2k_oci::registry::Credentials>> {
+    let read = |name: &str| std::env::var(name).ok().map(|v| v.trim().to_owned());
+    match (read(BACKUP_PUSH_USERNAME_ENV), read(BACKUP_PUSH_PASSWORD_ENV)) {
+        (None, None) => Ok(None),
+        (Some(username), Some(password)) if !username.is_empty() && !password.is_empty() => {
+            Ok(Some(br2k_oci::registry::Credentials { username, password }))
+        }
+        _ => Err(DeployError::Invalid(format!(
+            "the backups' push credential needs both {BACKUP_PUSH_USERNAME_ENV} and {BACKUP_PUSH_PASSWORD_ENV}, neither empty"
+        ))),
+    }
+}
 
 /// How long to wait to connect to the API server, and for one answer.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -77,62 +103,6 @@ pub struct Applied {
     pub resource_version: Option<String>,
 }
 
-/// Applies every object of `manifests` in `namespace` (Secrets, volumes, Services, then
-/// Pods), reporting each to `progress`.
-///
-/// # Errors
-/// The first object the API server refuses, with its answer; the objects before it stay
-/// applied, and applying again continues where this stopped.
-pub async fn apply(
-    client: &Client,
-    namespace: &str,
-    manifests: &Manifests,
-    progress: &(dyn Fn(&Applied) + Sync),
-) -> Result<Vec<Applied>> {
-    let mut applied = Vec::with_capacity(manifests.len());
-    for secret in &manifests.secrets {
-        applied.push(apply_one(client, namespace, secret, progress).await?);
-    }
-    for claim in &manifests.claims {
-        applied.push(apply_one(client, namespace, claim, progress).await?);
-    }
-    for service in &manifests.services {
-        applied.push(apply_one(client, namespace, service, progress).await?);
-    }
-    applied.push(apply_one(client, namespace, &manifests.network_policy, progress).await?);
-    for pod in &manifests.pods {
-        applied.push(apply_one(client, namespace, pod, progress).await?);
-    }
-    Ok(applied)
-}
-
-async fn apply_one<K>(
-    client: &Client,
-    namespace: &str,
-    object: &K,
-    progress: &(dyn Fn(&Applied) + Sync),
-) -> Result<Applied>
-where
-    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Clone + Debug + Serialize + DeserializeOwned,
-{
-    let kind = K::kind(&()).into_owned();
-    let name = object.name_any();
-    let api: Api<K> = Api::namespaced(client.clone(), namespace);
-    // `force`: br2k owns these objects; a field someone changed by hand is taken back.
-    let params = PatchParams::apply(FIELD_MANAGER).force();
-    let answer = api.patch(&name, &params, &Patch::Apply(object)).await.map_err(|e| match e {
-        kube::Error::Api(_) => {
-            DeployError::Invalid(format!("the cluster refused {kind} {namespace}/{name}: {}", describe_kube_error(&e)))
-        }
-        other => DeployError::Invalid(format!(
-            "could not apply {kind} {namespace}/{name}: {other} (is the context's server right and reachable from here?)"
-        )),
-    })?;
-    let applied = Applied { kind, name, resource_version: answer.resource_version() };
-    progress(&applied);
-    Ok(applied)
-}
-
 /// A kube error in words, with what to do for the usual ones.
 fn describe_kube_error(err: &kube::Error) -> String {
     match err {
@@ -148,6 +118,8 @@ fn describe_kube_error(err: &kube::Error) -> String {
     }
 }
 
+#[cfg(test)]
+mod fake;
 #[cfg(test)]
 mod tests;
 
