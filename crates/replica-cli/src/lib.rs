@@ -1,5 +1,7 @@
 #![doc = include_str!("../README.md")]
 
+pub mod etcd_init;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -202,6 +204,13 @@ impl ReplicaArgs {
     /// Inconsistent flags, an unreadable operator key or registry credentials, a chain
     /// that does not answer.
     pub async fn config(&self, service: &str) -> Result<Config> {
+        if std::env::var_os(etcd_init::INIT_ENV).is_some() {
+            bail!(
+                "{} is set: this process should be etcd's init step, but the app's main does not call \
+                 br2k_replica_cli::etcd_init::run_if_requested() first",
+                etcd_init::INIT_ENV
+            );
+        }
         let public_url = self.public_url.clone().unwrap_or_else(|| format!("http://{}", self.listen));
         let mut config = Config::new(service, &self.replica, &self.etcd, self.listen, public_url, &self.data_dir);
         config.timings = Timings {

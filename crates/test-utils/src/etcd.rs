@@ -11,6 +11,12 @@ use tempfile::TempDir;
 
 use crate::process::{KillOnDrop, OutputTail, ToolNotFound, locate};
 
+/// The environment variable naming the etcd binary the tests run (default: Debian's
+/// `/usr/bin/etcd`, 3.4). `BR2K_ETCD_BIN=tools/.venv/bin/etcd-3.5` runs them on etcd 3.5,
+/// the version the Kubernetes backend deploys. (Not `BR2K_ETCD`: that is a replica's
+/// etcd endpoint.)
+pub const ETCD_BIN_ENV: &str = "BR2K_ETCD_BIN";
+
 /// Why an etcd cluster fixture could not start or change.
 #[derive(Debug, thiserror::Error)]
 pub enum EtcdError {
@@ -111,7 +117,7 @@ impl EtcdClusterBuilder {
     /// # Errors
     /// [`EtcdError`] when etcd is not installed or a member does not become healthy.
     pub fn spawn(self) -> Result<EtcdCluster, EtcdError> {
-        let program = locate("etcd", "BR2K_ETCD", &[PathBuf::from("/usr/bin/etcd")])?;
+        let program = etcd_binary()?;
         let dir = tempfile::Builder::new()
             .prefix("br2k-etcd-")
             .tempdir()
@@ -367,10 +373,25 @@ fn health(port: u16) -> Option<String> {
     Some(answer)
 }
 
+/// The etcd binary the tests run: [`ETCD_BIN_ENV`]'s, else Debian's, else `etcd` on `PATH`
+/// (for tests that start etcd members themselves, such as the init step's).
+///
+/// # Errors
+/// [`ToolNotFound`] when there is none (`bash tools/setup.sh` installs it).
+pub fn etcd_binary() -> Result<PathBuf, ToolNotFound> {
+    locate("etcd", ETCD_BIN_ENV, &[PathBuf::from("/usr/bin/etcd")])
+}
+
 /// `count` distinct free loopback ports. The OS picks each by binding port 0; they are
 /// held until all are chosen so that none repeats.
+///
+/// # Errors
+/// When the OS gives no port.
+pub fn free_loopback_ports(count: usize) -> std::io::Result<Vec<u16>> {
+    let listeners = (0..count).map(|_| TcpListener::bind("127.0.0.1:0")).collect::<Result<Vec<_>, _>>()?;
+    listeners.iter().map(|l| l.local_addr().map(|a| a.port())).collect()
+}
+
 fn free_ports(count: usize) -> Result<Vec<u16>, EtcdError> {
-    let io = |source| EtcdError::Io { action: "find a free port".into(), source };
-    let listeners = (0..count).map(|_| TcpListener::bind("127.0.0.1:0")).collect::<Result<Vec<_>, _>>().map_err(io)?;
-    listeners.iter().map(|l| l.local_addr().map(|a| a.port()).map_err(io)).collect()
+    free_loopback_ports(count).map_err(|source| EtcdError::Io { action: "find a free port".into(), source })
 }

@@ -10,7 +10,7 @@ mod token_service;
 
 pub use anvil::{Anvil, AnvilBuilder, AnvilError};
 pub use browser::{Browser, BrowserError, Page};
-pub use etcd::{EtcdCluster, EtcdClusterBuilder, EtcdError};
+pub use etcd::{ETCD_BIN_ENV, EtcdCluster, EtcdClusterBuilder, EtcdError, etcd_binary, free_loopback_ports};
 pub use oci_registry::{OciRegistry, OciRegistryError};
 pub use process::{KillOnDrop, ToolNotFound, foundry_binary, workspace_root};
 pub use relay::Relay;

@@ -39,13 +39,18 @@ pub fn foundry_binary(name: &str) -> Result<PathBuf, ToolNotFound> {
 }
 
 /// Finds `program`: the path in the environment variable `env_override` if set, else
-/// the first of `candidates` that exists, else `program` on `PATH`.
+/// the first of `candidates` that exists, else `program` on `PATH`. A relative override
+/// is taken from the workspace root when it names nothing from here: cargo runs each
+/// test in its own crate's directory, and the README's commands are run from the root.
 pub(crate) fn locate(program: &str, env_override: &str, candidates: &[PathBuf]) -> Result<PathBuf, ToolNotFound> {
     let mut searched = Vec::new();
     if let Some(path) = env::var_os(env_override) {
         let path = PathBuf::from(path);
         if path.is_file() {
             return Ok(path);
+        }
+        if path.is_relative() && workspace_root().join(&path).is_file() {
+            return Ok(workspace_root().join(path));
         }
         // An explicit override that points nowhere is a mistake; do not fall back silently.
         return Err(ToolNotFound { program: program.into(), searched: format!("${env_override}={}", path.display()) });

@@ -30,6 +30,10 @@ struct Args {
 #[tokio::main]
 async fn main() -> Result<()> {
     init_logging();
+    // On Kubernetes this image also runs the etcd member's init step (its init container).
+    if br2k_replica_cli::etcd_init::run_if_requested().await? {
+        return Ok(());
+    }
     let args = Args::parse();
     let config = args.replica.config(&args.service).await?;
     let data_dir = &args.replica.data_dir;

@@ -38,6 +38,11 @@ use alloy::signers::local::PrivateKeySigner;
 use br2k_replication::{Role, Status};
 use tokio::process::{Child, Command};
 
+/// The environment variable naming the etcd binary the local backend runs [default:
+/// `/usr/bin/etcd`, else `etcd` on `PATH`]. Not `BR2K_ETCD`, which is a replica's etcd
+/// endpoint.
+pub const ETCD_BIN_ENV: &str = "BR2K_ETCD_BIN";
+
 pub use backend::{LocalBackend, replica_views};
 pub use chain::{LocalChain, LocalChainOptions};
 pub use disk::LimitedDisk;
@@ -209,7 +214,7 @@ impl LocalService {
         // The nodes run in their own directories: a relative path would name nothing there.
         spec.app = std::path::absolute(&spec.app)
             .map_err(|e| DeployError::io(format!("resolve {}", spec.app.display()), e))?;
-        let etcd_program = tools::locate("etcd", "BR2K_ETCD", &[PathBuf::from("/usr/bin/etcd")])?;
+        let etcd_program = tools::locate("etcd", ETCD_BIN_ENV, &[PathBuf::from("/usr/bin/etcd")])?;
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(1))
             .connect_timeout(Duration::from_millis(500))
