@@ -226,3 +226,43 @@ async fn a_follower_whose_disk_fills_stops_at_the_entry_and_converges_once_it_ha
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// On Kubernetes the image's binary is also the etcd member's init container: with
+/// `BR2K_ETCD_INIT` set it writes etcd's configuration file and exits, without its
+/// replica flags. Here the first deploy of one replica (no peers, the hint says `new`),
+/// then a second run that finds the member's data and keeps it.
+#[test]
+fn the_binary_runs_the_etcd_init_step_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, hint, data) = (dir.path().join("scratch/etcd.json"), dir.path().join("hint"), dir.path().join("etcd"));
+    std::fs::write(&hint, "new").unwrap();
+    let flags = format!(
+        "--name=ls-1\n--data-dir={}\n--initial-advertise-peer-urls=http://127.0.0.1:2380\n\
+         --initial-cluster=ls-1=http://127.0.0.1:2380\n--quota-backend-bytes=1073741824\n--pre-vote=true",
+        data.display()
+    );
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_br2k-logserver"))
+            .env("BR2K_ETCD_INIT", &config)
+            .env("BR2K_ETCD_INIT_FLAGS", &flags)
+            .env("BR2K_ETCD_INIT_PEERS", "")
+            .env("BR2K_ETCD_INIT_BOOTSTRAP_FILE", &hint)
+            .env_remove("BR2K_REPLICA")
+            .env_remove("BR2K_DATA_DIR")
+            .output()
+            .unwrap()
+    };
+    let first = run();
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let written: serde_json::Value = serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();
+    assert_eq!(written["initial-cluster-state"], "new");
+    assert_eq!(written["quota-backend-bytes"], 1_073_741_824u64);
+    assert_eq!(written["pre-vote"], true);
+    std::fs::create_dir_all(data.join("member/wal")).unwrap();
+    std::fs::write(data.join("member/wal/0000000000000000-0000000000000000.wal"), b"").unwrap();
+    std::fs::write(&hint, "existing").unwrap();
+    let second = run();
+    assert!(second.status.success(), "{}", String::from_utf8_lossy(&second.stderr));
+    let written: serde_json::Value = serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();
+    assert_eq!(written["initial-cluster-state"], "existing", "a member with data keeps it");
+}

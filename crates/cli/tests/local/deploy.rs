@@ -77,7 +77,9 @@ fn every_manifest_the_dry_run_prints_validates_against_the_kubernetes_schemas() 
     assert_eq!(yaml.matches("kind: Secret\n").count(), 1, "no pull secret for an open registry");
     assert_eq!(yaml.matches("kind: NetworkPolicy\n").count(), 1, "etcd reachable by the service's own Pods only");
     assert_eq!(yaml.matches("kind: PodDisruptionBudget\n").count(), 1);
-    assert_eq!(yaml.matches("kind: ConfigMap\n").count(), 1, "the settings the manager redeploys with");
+    assert_eq!(yaml.matches("kind: ConfigMap\n").count(), 2, "the settings the manager redeploys with, the etcd hint");
+    assert_eq!(yaml.matches(" name: etcd-init\n").count(), 3, "every etcd member starts after its init step");
+    assert!(yaml.contains("--config-file=/tmp/etcd/etcd.json"), "{yaml}");
     assert!(yaml.contains("minAvailable: 2") && yaml.contains("runAsNonRoot: true"), "{yaml}");
     assert!(yaml.contains("storage: 4Gi") && yaml.contains("--quota-backend-bytes=2147483648"), "{yaml}");
     assert!(yaml.contains("harbor.example.org/br2k/demo@sha256:"), "pinned by digest");

@@ -21,7 +21,8 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 pub use backend::{KubernetesBackend, SettingsSource, deployment_settings, pod_views, recorded_settings};
 pub use kube::Client;
 pub use manifests::{
-    BackupTarget, KubernetesSpec, Manifests, NODE_LABEL, REPLICA_LABEL, SETTINGS_KEY, SecretValues, ZONE_LABEL, names,
+    BackupTarget, ETCD_BOOTSTRAP_KEY, KubernetesSpec, Manifests, NODE_LABEL, REPLICA_LABEL, SETTINGS_KEY, SecretValues,
+    ZONE_LABEL, names,
 };
 pub use rollout::{RolloutOptions, roll_out};
 pub use settings::{ClusterSettings, ContainerResources, DEFAULT_ETCD_IMAGE, quantity_bytes};

@@ -15,6 +15,10 @@
 //!   leader. A replica whose objects cannot be changed in place (a Pod from a br2k that
 //!   made bare Pods, or a StatefulSet whose immutable fields differ) is deleted, waited
 //!   for, and made anew, one at a time the same way.
+//! - **The etcd bootstrap hint** (ConfigMap `s-etcd-bootstrap`) is created saying `new`
+//!   only where it is missing, and says `existing` from the moment the service has had a
+//!   leader: from then on an etcd member with no data joins the running cluster and never
+//!   founds another (see `br2k_replica_cli::etcd_init`).
 //! - **A change of the replica count** is refused: adding or removing etcd members is a
 //!   membership change, which a redeploy must not do behind the members' backs.
 
@@ -24,14 +28,14 @@ use std::time::Duration;
 
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PropagationPolicy};
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 
-use super::manifests::{Manifests, REPLICA_LABEL, names};
+use super::manifests::{ETCD_BOOTSTRAP_KEY, Manifests, REPLICA_LABEL, names};
 use super::{Applied, FIELD_MANAGER, describe_kube_error};
 use crate::error::{DeployError, Result};
 
@@ -85,6 +89,7 @@ pub async fn roll_out(
         applied.push(rollout.apply(secret).await?);
     }
     applied.push(rollout.apply(&manifests.settings).await?);
+    applied.extend(rollout.create_bootstrap_hint(manifests).await?);
     for claim in &manifests.claims {
         applied.push(rollout.apply(claim).await?);
     }
@@ -103,11 +108,13 @@ pub async fn roll_out(
             rollout.wait_ready(&set.name_any()).await?;
         }
         rollout.wait_for_leader(manifests).await?;
+        applied.extend(rollout.mark_cluster_founded(manifests).await?);
         return Ok(applied);
     }
     for (index, set) in manifests.stateful_sets.iter().enumerate() {
         applied.push(rollout.roll_replica(manifests, index, set).await?);
     }
+    applied.extend(rollout.mark_cluster_founded(manifests).await?);
     Ok(applied)
 }
 
@@ -173,6 +180,37 @@ impl Rollout<'_> {
             self.namespace,
             describe_kube_error(error)
         ))
+    }
+
+    /// What the etcd bootstrap hint says now, if it exists.
+    async fn bootstrap_hint(&self, manifests: &Manifests) -> Result<Option<String>> {
+        let name = manifests.etcd_bootstrap.name_any();
+        let map = self.api::<ConfigMap>().get_opt(&name).await.map_err(|e| self.failed("read the ConfigMaps", &e))?;
+        Ok(map.map(|m| m.data.and_then(|mut d| d.remove(ETCD_BOOTSTRAP_KEY)).unwrap_or_default()))
+    }
+
+    /// Creates the hint (`new`) where it is missing; never turns `existing` back.
+    async fn create_bootstrap_hint(&self, manifests: &Manifests) -> Result<Option<Applied>> {
+        if self.bootstrap_hint(manifests).await?.is_some() {
+            return Ok(None);
+        }
+        self.apply(&manifests.etcd_bootstrap).await.map(Some)
+    }
+
+    /// Once the service has a leader its etcd cluster exists: the hint says `existing`
+    /// from then on.
+    async fn mark_cluster_founded(&self, manifests: &Manifests) -> Result<Option<Applied>> {
+        if self.bootstrap_hint(manifests).await?.as_deref() == Some("existing") {
+            return Ok(None);
+        }
+        self.wait_for_leader(manifests).await?;
+        let mut founded = manifests.etcd_bootstrap.clone();
+        founded.data = Some([(ETCD_BOOTSTRAP_KEY.to_owned(), "existing".to_owned())].into());
+        let applied = self.apply(&founded).await?;
+        (self.progress)(
+            "etcd: the cluster exists; from now on a member that lost its data joins it as a new member and never founds another",
+        );
+        Ok(Some(applied))
     }
 
     /// Replica `index` of a running service: changed only if the apply changes it, and

@@ -1,6 +1,8 @@
 //! `br2k down NAME --context K8S`: removes what deploying a service created, found by its
 //! labels, replicas first. Its volumes (and with them every acknowledged request) stay
-//! unless asked, so that deploying it again picks up where it stopped.
+//! unless asked, so that deploying it again picks up where it stopped; so does the etcd
+//! bootstrap hint that goes with them (a member whose volume is lost in between must
+//! join the others, not found a second cluster).
 
 use std::fmt::Debug;
 
@@ -28,7 +30,8 @@ pub struct TakenDown {
 
 /// Deletes the objects of `service` in `namespace` that br2k made: its StatefulSets (and
 /// their Pods) and any bare Pods of an older br2k, then its Services, disruption budget,
-/// network policy, settings and Secrets; its volume claims too with `delete_data`.
+/// network policy, settings and Secrets; its volume claims and etcd bootstrap hint too
+/// with `delete_data`.
 ///
 /// # Errors
 /// When the API server refuses a list or a deletion; what was deleted before stays deleted,
@@ -49,7 +52,8 @@ pub async fn take_down(
     ctx.delete_all::<Service>(&mut out, |_| true).await?;
     ctx.delete_all::<PodDisruptionBudget>(&mut out, |_| true).await?;
     ctx.delete_all::<NetworkPolicy>(&mut out, |_| true).await?;
-    ctx.delete_all::<ConfigMap>(&mut out, |_| true).await?;
+    let hint = names::etcd_bootstrap(service);
+    ctx.delete_all::<ConfigMap>(&mut out, |map| delete_data || map.name_any() != hint).await?;
     ctx.delete_all::<Secret>(&mut out, |_| true).await?;
     if delete_data {
         ctx.delete_all::<PersistentVolumeClaim>(&mut out, |_| true).await?;

@@ -71,13 +71,14 @@ async fn a_first_deployment_applies_every_object_as_br2k_and_starts_the_replicas
     let fake = Fake::new(2);
     let applied = deploy(&fake, &spec()).await.unwrap();
     let manifests = Manifests::build(&spec(), &SecretValues::default()).unwrap();
-    assert_eq!(applied.len(), manifests.len());
+    assert_eq!(applied.len(), manifests.len() + 1, "every object, and the etcd bootstrap hint once more");
     let patches: Vec<String> =
         fake.state.lock().unwrap().requests.iter().filter(|r| r.starts_with("PATCH")).cloned().collect();
     let paths: Vec<&str> = patches.iter().map(|r| r.trim_start_matches("PATCH ").split('?').next().unwrap()).collect();
     let mut expected = vec![
         "/api/v1/namespaces/team-a/secrets/logserver-operator".to_owned(),
         "/api/v1/namespaces/team-a/configmaps/logserver-deployment".to_owned(),
+        "/api/v1/namespaces/team-a/configmaps/logserver-etcd-bootstrap".to_owned(),
     ];
     for i in 1..=3 {
         expected.push(format!("/api/v1/namespaces/team-a/persistentvolumeclaims/logserver-{i}-etcd"));
@@ -87,6 +88,8 @@ async fn a_first_deployment_applies_every_object_as_br2k_and_starts_the_replicas
     expected.push("/apis/networking.k8s.io/v1/namespaces/team-a/networkpolicies/logserver".to_owned());
     expected.push("/apis/policy/v1/namespaces/team-a/poddisruptionbudgets/logserver".to_owned());
     expected.extend((1..=3).map(|i| format!("/apis/apps/v1/namespaces/team-a/statefulsets/logserver-{i}")));
+    // Once the service has a leader, its etcd cluster exists.
+    expected.push("/api/v1/namespaces/team-a/configmaps/logserver-etcd-bootstrap".to_owned());
     assert_eq!(paths, expected);
     for patch in &patches {
         let mut params: Vec<&str> = patch.split_once('?').unwrap().1.split('&').filter(|p| !p.is_empty()).collect();
@@ -263,17 +266,17 @@ async fn teardown_removes_what_deploy_made_and_keeps_the_volumes_unless_asked() 
     deploy(&fake, &spec()).await.unwrap();
     let down = take_down(&fake.client, "team-a", "logserver", false, &|_| {}).await.unwrap();
     assert_eq!(down.kept_volumes.len(), 6);
-    for resource in
-        ["statefulsets", "pods", "services", "secrets", "configmaps", "networkpolicies", "poddisruptionbudgets"]
-    {
+    for resource in ["statefulsets", "pods", "services", "secrets", "networkpolicies", "poddisruptionbudgets"] {
         assert!(fake.names(resource).is_empty(), "{resource}: {:?}", fake.names(resource));
     }
     assert_eq!(fake.names("persistentvolumeclaims").len(), 6, "the data stays");
+    assert_eq!(fake.names("configmaps"), ["logserver-etcd-bootstrap"], "and the hint that goes with it");
     assert!(down.deleted.contains(&"StatefulSet logserver-2".to_owned()), "{:?}", down.deleted);
 
     let down = take_down(&fake.client, "team-a", "logserver", true, &|_| {}).await.unwrap();
     assert!(down.kept_volumes.is_empty());
     assert!(fake.names("persistentvolumeclaims").is_empty());
+    assert!(fake.names("configmaps").is_empty());
 }
 
 #[tokio::test]
@@ -313,4 +316,39 @@ fn the_operator_key_is_made_once_kept_private_and_reused() {
     assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
     assert!(operator_key(dir.path(), "prod", "logserver").unwrap_err().to_string().contains("chmod 600"));
+}
+
+/// What the etcd bootstrap hint in the fake says.
+fn bootstrap_hint(fake: &Fake) -> Option<String> {
+    let map = fake.get("configmaps", "logserver-etcd-bootstrap")?;
+    map["data"][crate::kubernetes::ETCD_BOOTSTRAP_KEY].as_str().map(str::to_owned)
+}
+
+#[tokio::test]
+async fn the_etcd_bootstrap_hint_says_existing_once_the_service_had_a_leader_and_never_turns_back() {
+    let fake = Fake::new(1);
+    // A first deployment whose replicas never get ready: the hint stays `new` (the
+    // members may still found their cluster), and the deploy says why it stopped.
+    fake.state.lock().unwrap().stuck.insert("logserver-2".into());
+    let stuck = deploy(&fake, &spec()).await.unwrap_err().to_string();
+    assert!(stuck.contains("logserver-2"), "{stuck}");
+    assert_eq!(bootstrap_hint(&fake).as_deref(), Some("new"));
+    // The next deployment sees a leader: from then on `existing`.
+    fake.state.lock().unwrap().stuck.clear();
+    deploy(&fake, &spec()).await.unwrap();
+    assert_eq!(bootstrap_hint(&fake).as_deref(), Some("existing"));
+    // A redeploy, and a teardown that keeps the volumes followed by a deploy that starts
+    // every replica together again, never make it `new`: a member whose volume was lost
+    // meanwhile must join the others, not found a second cluster.
+    deploy(&fake, &with_image('b')).await.unwrap();
+    assert_eq!(bootstrap_hint(&fake).as_deref(), Some("existing"));
+    take_down(&fake.client, "team-a", "logserver", false, &|_| {}).await.unwrap();
+    assert_eq!(bootstrap_hint(&fake).as_deref(), Some("existing"));
+    deploy(&fake, &spec()).await.unwrap();
+    assert_eq!(bootstrap_hint(&fake).as_deref(), Some("existing"));
+    // Only deleting the data too starts afresh.
+    take_down(&fake.client, "team-a", "logserver", true, &|_| {}).await.unwrap();
+    assert_eq!(bootstrap_hint(&fake), None);
+    deploy(&fake, &spec()).await.unwrap();
+    assert_eq!(bootstrap_hint(&fake).as_deref(), Some("existing"), "new until the leader, existing after");
 }

@@ -2,7 +2,9 @@
 //! from a [`KubernetesSpec`]. For replica `i` of service `s`:
 //!
 //! - StatefulSet `s-i` of one Pod (`s-i-0`) with two containers, the app and its etcd
-//!   member. Kubernetes recreates the Pod after an eviction, a preemption, a deletion or
+//!   member, after an init container (the app's image) that decides how the member
+//!   starts: from its data, founding the cluster, or replacing a member whose volume was
+//!   lost (`br2k_replica_cli::etcd_init`). Kubernetes recreates the Pod after an eviction, a preemption, a deletion or
 //!   the loss of its node, without the manager. One StatefulSet per replica, not one for
 //!   all: the paper places replica `i` on worker node `i` and gives it its own endpoint,
 //!   br2k rolls replicas out one at a time gated on the *service* having a leader (which a
@@ -18,7 +20,8 @@
 //! location with, mounted as a 0400 file), Secret `s-pull` when the container registry
 //! needs credentials (used by the kubelet only), Secret `s-backup-push` when the backups
 //! get a push credential of their own, ConfigMap `s-deployment` (the settings the
-//! manager redeploys with), NetworkPolicy `s` (only the service's own Pods reach the etcd
+//! manager redeploys with), ConfigMap `s-etcd-bootstrap` (whether the etcd cluster may
+//! still be founded), NetworkPolicy `s` (only the service's own Pods reach the etcd
 //! ports, anyone reaches the app's), and PodDisruptionBudget `s`, which never lets a
 //! drain take more replicas than the service can lose and keep its quorum.
 //!
@@ -60,6 +63,9 @@ pub const REPLICA_LABEL: &str = "br2k.io/replica";
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 /// The ConfigMap key holding the recorded [`ClusterSettings`] (JSON).
 pub const SETTINGS_KEY: &str = "settings.json";
+/// The key of the etcd bootstrap hint: `new` until the service first has a leader, then
+/// `existing` for good (the etcd init step founds a cluster only while it says `new`).
+pub const ETCD_BOOTSTRAP_KEY: &str = "etcd-cluster-state";
 
 const APP_PORT: i32 = 8080;
 const ETCD_CLIENT_PORT: i32 = 2379;
@@ -151,6 +157,10 @@ pub struct Manifests {
     pub secrets: Vec<Secret>,
     /// The recorded settings (`s-deployment`).
     pub settings: ConfigMap,
+    /// The etcd bootstrap hint (`s-etcd-bootstrap`) as a first deployment creates it
+    /// (`new`); the rollout creates it only where it is missing, and turns it to
+    /// `existing` once the service has a leader.
+    pub etcd_bootstrap: ConfigMap,
     /// Two volumes per replica.
     pub claims: Vec<PersistentVolumeClaim>,
     /// One per replica.
@@ -181,6 +191,11 @@ pub mod names {
         format!("{service}-deployment")
     }
 
+    /// The etcd bootstrap hint's ConfigMap.
+    pub fn etcd_bootstrap(service: &str) -> String {
+        format!("{service}-etcd-bootstrap")
+    }
+
     /// The label selector of every object of `service` br2k made.
     pub fn selector(service: &str) -> String {
         format!("app.kubernetes.io/name={service},app.kubernetes.io/managed-by=br2k")
@@ -201,6 +216,7 @@ impl Manifests {
         let mut out = Self {
             secrets: Vec::new(),
             settings: spec.settings_map()?,
+            etcd_bootstrap: spec.etcd_bootstrap_map("new"),
             claims: Vec::new(),
             services: Vec::new(),
             network_policy: spec.network_policy(),
@@ -272,6 +288,7 @@ impl Manifests {
             docs.push(note + &yaml(&shown));
         }
         docs.push(yaml(&self.settings));
+        docs.push(yaml(&self.etcd_bootstrap));
         docs.extend(self.claims.iter().map(yaml));
         docs.extend(self.services.iter().map(yaml));
         docs.push(yaml(&self.network_policy));
@@ -282,7 +299,7 @@ impl Manifests {
 
     /// How many objects there are.
     pub fn len(&self) -> usize {
-        self.secrets.len() + 1 + self.claims.len() + self.services.len() + 2 + self.stateful_sets.len()
+        self.secrets.len() + 2 + self.claims.len() + self.services.len() + 2 + self.stateful_sets.len()
     }
 
     /// Whether there are none.
@@ -308,6 +325,11 @@ impl KubernetesSpec {
 
     fn peer_url(&self, i: usize) -> String {
         format!("{}://{}:{ETCD_PEER_PORT}", self.etcd_scheme(), self.host(i))
+    }
+
+    /// Where the other members' init steps reach member `i` (its Service).
+    fn client_url(&self, i: usize) -> String {
+        format!("{}://{}:{ETCD_CLIENT_PORT}", self.etcd_scheme(), self.host(i))
     }
 
     const fn etcd_scheme(&self) -> &'static str {
@@ -388,6 +410,15 @@ impl KubernetesSpec {
         })
     }
 
+    /// The etcd bootstrap hint saying `state` (`new` or `existing`).
+    pub(crate) fn etcd_bootstrap_map(&self, state: &str) -> ConfigMap {
+        ConfigMap {
+            metadata: self.meta(&names::etcd_bootstrap(&self.service), None),
+            data: Some(BTreeMap::from([(ETCD_BOOTSTRAP_KEY.to_owned(), state.to_owned())])),
+            ..ConfigMap::default()
+        }
+    }
+
     /// A volume claim without a node or a volume: the storage class binds it where the
     /// Pod lands (`WaitForFirstConsumer`) or at once (`Immediate`), as it is configured.
     fn claim(&self, i: usize, volume: &str, size: &str) -> PersistentVolumeClaim {
@@ -463,7 +494,11 @@ impl KubernetesSpec {
             metadata: self.meta(&self.replica(i), Some(i)),
             spec: Some(ServiceSpec {
                 selector: Some(pod::selector_labels(self, i)),
-                ports: Some(vec![port("app", APP_PORT), port("etcd-peer", ETCD_PEER_PORT)]),
+                ports: Some(vec![
+                    port("app", APP_PORT),
+                    port("etcd-client", ETCD_CLIENT_PORT),
+                    port("etcd-peer", ETCD_PEER_PORT),
+                ]),
                 // etcd members must find each other before any of them is ready.
                 publish_not_ready_addresses: Some(true),
                 ..ServiceSpec::default()

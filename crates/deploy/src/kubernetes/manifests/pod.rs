@@ -1,5 +1,5 @@
-//! One replica's StatefulSet and the Pod it keeps: placement, the two containers, their
-//! resources, probes and security context.
+//! One replica's StatefulSet and the Pod it keeps: placement, the etcd init step and the
+//! two containers, their resources, probes and security context.
 //!
 //! The Pod meets the Pod Security Standards' "restricted" profile, so a namespace that
 //! enforces it admits it: both containers run as a non-root user with no privilege
@@ -11,17 +11,19 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
 use k8s_openapi::api::core::v1::{
-    Affinity, Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction,
-    KeyToPath, LocalObjectReference, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
-    PersistentVolumeClaimVolumeSource, PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec,
-    PreferredSchedulingTerm, Probe, ResourceRequirements, SeccompProfile, SecretKeySelector, SecretVolumeSource,
-    SecurityContext, TCPSocketAction, TopologySpreadConstraint, Volume, VolumeMount,
+    Affinity, Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
+    EnvVarSource, HTTPGetAction, KeyToPath, LocalObjectReference, NodeAffinity, NodeSelector, NodeSelectorRequirement,
+    NodeSelectorTerm, PersistentVolumeClaimVolumeSource, PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec,
+    PodTemplateSpec, PreferredSchedulingTerm, Probe, ResourceRequirements, SeccompProfile, SecretKeySelector,
+    SecretVolumeSource, SecurityContext, TCPSocketAction, TopologySpreadConstraint, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::{APP_PORT, ETCD_CLIENT_PORT, ETCD_PEER_PORT, KubernetesSpec, NODE_LABEL, ZONE_LABEL};
+use super::{
+    APP_PORT, ETCD_BOOTSTRAP_KEY, ETCD_CLIENT_PORT, ETCD_PEER_PORT, KubernetesSpec, NODE_LABEL, ZONE_LABEL, names,
+};
 use crate::error::Result;
 
 /// The user and group both containers run as (distroless' `nonroot`); the Pod's volumes
@@ -38,6 +40,11 @@ const ETCD_TLS: &str = "/var/run/br2k/etcd-tls";
 const OPERATOR_KEY_DIR: &str = "/var/run/br2k/operator";
 /// The scratch space of a read-only root filesystem.
 const SCRATCH: &str = "/tmp";
+/// The configuration file the init step writes and etcd starts from (in the scratch
+/// space: an emptyDir outlives a container's restart, so etcd restarted alone finds it).
+const ETCD_CONFIG: &str = "/tmp/etcd/etcd.json";
+/// Where the init step reads the etcd bootstrap hint.
+const ETCD_BOOTSTRAP: &str = "/var/run/br2k/etcd-bootstrap";
 /// etcd's metrics and health in plain HTTP: the app reads its quota there (on
 /// localhost), the kubelet probes it (on the Pod's address).
 const ETCD_METRICS_PORT: i32 = 2381;
@@ -110,13 +117,29 @@ impl KubernetesSpec {
             }),
             ..Volume::default()
         };
+        let etcd_flags = self.etcd_flags(i, initial_cluster, quota);
+        let bootstrap = Volume {
+            name: "etcd-bootstrap".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: names::etcd_bootstrap(&self.service),
+                items: Some(vec![KeyToPath {
+                    key: ETCD_BOOTSTRAP_KEY.into(),
+                    path: ETCD_BOOTSTRAP_KEY.into(),
+                    mode: None,
+                }]),
+                default_mode: Some(0o444),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        };
         PodSpec {
-            containers: vec![self.app_container(i, secrets), self.etcd_container(i, initial_cluster, quota)],
+            init_containers: Some(vec![self.etcd_init_container(i, &etcd_flags)]),
+            containers: vec![self.app_container(i, secrets), self.etcd_container()],
             affinity: Some(self.affinity(i)),
             topology_spread_constraints: self.zone_spread(),
             image_pull_secrets: secrets.pull.map(|s| vec![LocalObjectReference { name: s.into() }]),
             volumes: Some(
-                [claim("etcd"), claim("data"), scratch, self.operator_key_volume(secrets.operator)]
+                [claim("etcd"), claim("data"), scratch, self.operator_key_volume(secrets.operator), bootstrap]
                     .into_iter()
                     .chain(self.backup_push_volume(secrets.backup_push))
                     .chain(self.settings.etcd_tls.then(|| self.etcd_tls_volume(&name)))
@@ -295,14 +318,18 @@ impl KubernetesSpec {
         }
     }
 
-    fn etcd_container(&self, i: usize, initial_cluster: &str, quota: u64) -> Container {
+    /// etcd's flags for member `i`, but its initial cluster state: the init step decides
+    /// that, and writes them all into the file etcd starts from.
+    fn etcd_flags(&self, i: usize, initial_cluster: &str, quota: u64) -> Vec<String> {
         let scheme = self.etcd_scheme();
-        let mut args = vec![
+        let mut flags = vec![
             format!("--name={}", self.replica(i)),
             format!("--data-dir={ETCD_DATA}"),
-            // Client port on localhost only: the app next to it is its one client.
-            format!("--listen-client-urls={scheme}://127.0.0.1:{ETCD_CLIENT_PORT}"),
-            format!("--advertise-client-urls={scheme}://127.0.0.1:{ETCD_CLIENT_PORT}"),
+            // The app next to it is its client (on localhost); the other members' init
+            // steps ask it for the membership (through its Service; the NetworkPolicy
+            // admits only the service's own Pods).
+            format!("--listen-client-urls={scheme}://0.0.0.0:{ETCD_CLIENT_PORT}"),
+            format!("--advertise-client-urls={}", self.client_url(i)),
             format!("--listen-peer-urls={scheme}://0.0.0.0:{ETCD_PEER_PORT}"),
             // On every address: the kubelet probes the Pod's; the NetworkPolicy admits
             // nobody else to this port.
@@ -310,11 +337,10 @@ impl KubernetesSpec {
             format!("--initial-advertise-peer-urls={}", self.peer_url(i)),
             format!("--initial-cluster={initial_cluster}"),
             format!("--initial-cluster-token={}", self.service),
-            "--initial-cluster-state=new".into(),
             // A member back from a partition must not depose a healthy leader.
             "--pre-vote=true".into(),
         ];
-        args.extend(br2k_replication::etcd_flags::with_quota(quota));
+        flags.extend(br2k_replication::etcd_flags::with_quota(quota));
         if self.settings.etcd_tls {
             let mounted = std::path::Path::new(ETCD_TLS);
             let files = crate::etcd_tls::EtcdTlsFiles {
@@ -322,8 +348,51 @@ impl KubernetesSpec {
                 cert: mounted.join("member.crt"),
                 key: mounted.join("member.key"),
             };
-            args.extend(files.etcd_flags());
+            flags.extend(files.etcd_flags());
         }
+        flags
+    }
+
+    /// The etcd member's init step, run from the app's image (`br2k_replica_cli::etcd_init`):
+    /// it reads the member's data directory, asks the other members for the membership,
+    /// and writes the file etcd starts from.
+    fn etcd_init_container(&self, i: usize, etcd_flags: &[String]) -> Container {
+        let env = |name: &str, value: String| EnvVar { name: name.into(), value: Some(value), ..EnvVar::default() };
+        let peers: Vec<String> = (1..=self.replicas).filter(|&j| j != i).map(|j| self.client_url(j)).collect();
+        Container {
+            name: "etcd-init".into(),
+            image: Some(self.image.clone()),
+            env: Some(vec![
+                env("BR2K_ETCD_INIT", ETCD_CONFIG.into()),
+                env("BR2K_ETCD_INIT_FLAGS", etcd_flags.join("\n")),
+                env("BR2K_ETCD_INIT_PEERS", peers.join(",")),
+                env("BR2K_ETCD_INIT_BOOTSTRAP_FILE", format!("{ETCD_BOOTSTRAP}/{ETCD_BOOTSTRAP_KEY}")),
+                // Two minutes for a peer to answer; then the init step fails and the
+                // kubelet runs it again (with its back-off).
+                env("BR2K_ETCD_INIT_WAIT", "120".into()),
+                // For an app whose main does not run the init step: its replica flags
+                // parse, and it says what is missing rather than which flag is.
+                env("BR2K_REPLICA", self.replica(i)),
+                env("BR2K_DATA_DIR", APP_DATA.into()),
+                env("TMPDIR", SCRATCH.into()),
+            ]),
+            resources: Some(resources(&self.settings.app_resources)),
+            security_context: Some(restricted()),
+            volume_mounts: Some(
+                [
+                    mount("etcd", ETCD_DATA, true),
+                    mount("scratch", SCRATCH, false),
+                    mount("etcd-bootstrap", ETCD_BOOTSTRAP, true),
+                ]
+                .into_iter()
+                .chain(self.settings.etcd_tls.then(|| mount("etcd-tls", ETCD_TLS, true)))
+                .collect(),
+            ),
+            ..Container::default()
+        }
+    }
+
+    fn etcd_container(&self) -> Container {
         // `serializable`: this member's own view, not the quorum's, so a member is not
         // restarted because another one is down; `exclude=NOSPACE`: a full quota needs an
         // operator, and a restart does not free space.
@@ -336,8 +405,13 @@ impl KubernetesSpec {
             name: "etcd".into(),
             image: Some(self.settings.etcd_image.clone()),
             command: Some(vec!["etcd".into()]),
-            args: Some(args),
-            ports: Some(vec![port("etcd-peer", ETCD_PEER_PORT), port("etcd-metrics", ETCD_METRICS_PORT)]),
+            // Every flag is in the file (etcd then ignores its command line).
+            args: Some(vec![format!("--config-file={ETCD_CONFIG}")]),
+            ports: Some(vec![
+                port("etcd-client", ETCD_CLIENT_PORT),
+                port("etcd-peer", ETCD_PEER_PORT),
+                port("etcd-metrics", ETCD_METRICS_PORT),
+            ]),
             resources: Some(resources(&self.settings.etcd_resources)),
             security_context: Some(restricted()),
             // Up to 5 minutes to start: replaying a long write-ahead log or receiving a

@@ -13,7 +13,15 @@ fn set(manifests: &Manifests, i: usize) -> Value {
 }
 
 fn container<'a>(set: &'a Value, name: &str) -> &'a Value {
-    set["spec"]["template"]["spec"]["containers"].as_array().unwrap().iter().find(|c| c["name"] == name).unwrap()
+    let pod = &set["spec"]["template"]["spec"];
+    let mut all = pod["containers"].as_array().unwrap().iter().chain(pod["initContainers"].as_array().unwrap());
+    all.find(|c| c["name"] == name).unwrap()
+}
+
+/// etcd's flags, as the init step is given them to write into etcd's configuration file.
+fn etcd_flags(set: &Value) -> Vec<String> {
+    let flags = env(container(set, "etcd-init"), "BR2K_ETCD_INIT_FLAGS").unwrap()["value"].as_str().unwrap();
+    flags.lines().map(str::to_owned).collect()
 }
 
 fn env<'a>(container: &'a Value, name: &str) -> Option<&'a Value> {
@@ -42,15 +50,60 @@ fn one_statefulset_of_one_pod_per_replica_with_etcd_on_localhost_and_peers_by_se
     let volumes = &set["spec"]["template"]["spec"]["volumes"];
     assert_eq!(volumes[0]["persistentVolumeClaim"]["claimName"], "logserver-2-etcd");
     assert_eq!(volumes[1]["persistentVolumeClaim"]["claimName"], "logserver-2-data");
-    let etcd = args(container(&set, "etcd"));
-    assert!(etcd.contains(&"--listen-client-urls=http://127.0.0.1:2379".to_owned()));
+    let etcd = etcd_flags(&set);
+    assert!(etcd.contains(&"--listen-client-urls=http://0.0.0.0:2379".to_owned()));
+    assert!(etcd.contains(&"--advertise-client-urls=http://logserver-2.team-a.svc:2379".to_owned()));
     assert!(etcd.contains(&"--name=logserver-2".to_owned()));
     assert!(etcd.contains(
         &"--initial-cluster=logserver-1=http://logserver-1.team-a.svc:2380,logserver-2=http://logserver-2.team-a.svc:2380,logserver-3=http://logserver-3.team-a.svc:2380".to_owned()
     ));
     let app = container(&set, "app");
     assert_eq!(env(app, "BR2K_REPLICA").unwrap()["value"], "logserver-2");
+    assert_eq!(env(app, "BR2K_ETCD").unwrap()["value"], "http://127.0.0.1:2379", "the app uses its own member");
     assert!(env(app, "ETH_PRIVATE_KEY").is_none(), "the key is a file, never an environment variable");
+    let ports = &manifests.services[1].spec.as_ref().unwrap().ports.as_ref().unwrap();
+    assert!(ports.iter().any(|p| p.port == 2379), "the other members' init steps reach this member's client port");
+}
+
+#[test]
+fn an_init_step_decides_how_each_etcd_member_starts_and_etcd_starts_from_what_it_wrote() {
+    let manifests = build(&spec(), &SecretValues::default());
+    let set = set(&manifests, 2);
+    let init = container(&set, "etcd-init");
+    assert_eq!(init["image"], container(&set, "app")["image"], "the app's image runs the init step");
+    assert!(init.get("command").is_none() && init.get("args").is_none(), "the image's own entrypoint");
+    assert_eq!(env(init, "BR2K_ETCD_INIT").unwrap()["value"], "/tmp/etcd/etcd.json");
+    assert_eq!(
+        env(init, "BR2K_ETCD_INIT_PEERS").unwrap()["value"],
+        "http://logserver-1.team-a.svc:2379,http://logserver-3.team-a.svc:2379",
+        "the other members, through their Services"
+    );
+    let hint = env(init, "BR2K_ETCD_INIT_BOOTSTRAP_FILE").unwrap()["value"].as_str().unwrap();
+    assert_eq!(hint, "/var/run/br2k/etcd-bootstrap/etcd-cluster-state");
+    let flags = etcd_flags(&set);
+    assert!(flags.iter().all(|f| !f.starts_with("--initial-cluster-state")), "the init step decides the state");
+    // The flags are exactly what the init step accepts.
+    let text = flags.join("\n");
+    assert!(flags.iter().all(|f| f.starts_with("--") && f.contains('=')), "{text}");
+    let mounts = init["volumeMounts"].as_array().unwrap();
+    let mount = |name: &str| mounts.iter().find(|m| m["name"] == name).cloned().unwrap();
+    assert_eq!(mount("etcd")["mountPath"], "/var/lib/etcd", "it reads the member's data directory");
+    assert_eq!(mount("etcd")["readOnly"], true);
+    assert_eq!(mount("etcd-bootstrap")["mountPath"], "/var/run/br2k/etcd-bootstrap");
+    assert_eq!(mount("scratch")["mountPath"], "/tmp", "where it writes etcd's configuration");
+    assert!(mounts.iter().all(|m| m["name"] != "operator-key" && m["name"] != "data"), "nothing it does not need");
+    let volumes = set["spec"]["template"]["spec"]["volumes"].as_array().unwrap();
+    let hint_volume = volumes.iter().find(|v| v["name"] == "etcd-bootstrap").unwrap();
+    assert_eq!(hint_volume["configMap"]["name"], "logserver-etcd-bootstrap");
+    let etcd = container(&set, "etcd");
+    assert_eq!(args(etcd), ["--config-file=/tmp/etcd/etcd.json"]);
+    assert!(
+        etcd["volumeMounts"].as_array().unwrap().iter().any(|m| m["name"] == "scratch" && m["mountPath"] == "/tmp")
+    );
+    // The hint as a first deployment creates it.
+    let created = manifests.etcd_bootstrap.data.as_ref().unwrap();
+    assert_eq!(created[ETCD_BOOTSTRAP_KEY], "new");
+    assert_eq!(manifests.etcd_bootstrap.metadata.name.as_deref(), Some("logserver-etcd-bootstrap"));
 }
 
 #[test]
@@ -75,7 +128,7 @@ fn every_pod_meets_the_restricted_pod_security_standard() {
             for volume in pod["volumes"].as_array().unwrap() {
                 assert!(volume.get("hostPath").is_none(), "{volume}");
             }
-            for name in ["app", "etcd"] {
+            for name in ["app", "etcd", "etcd-init"] {
                 let c = container(&set, name);
                 let s = &c["securityContext"];
                 assert_eq!(s["allowPrivilegeEscalation"], false, "{name}");
@@ -87,7 +140,8 @@ fn every_pod_meets_the_restricted_pod_security_standard() {
                 assert!(s.get("privileged").is_none_or(|p| p == false), "{name}");
                 let scratch = c["volumeMounts"].as_array().unwrap().iter().find(|m| m["name"] == "scratch").unwrap();
                 assert_eq!(scratch["mountPath"], "/tmp", "{name}: scratch space on a read-only root");
-                assert!(c.get("ports").unwrap().as_array().unwrap().iter().all(|p| p.get("hostPort").is_none()));
+                let ports = c.get("ports").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+                assert!(ports.iter().all(|p| p.get("hostPort").is_none()), "{name}");
             }
             let scratch = pod["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "scratch").unwrap();
             assert_eq!(scratch["emptyDir"]["sizeLimit"], "256Mi");
@@ -204,14 +258,14 @@ fn both_containers_are_guaranteed_their_resources_and_etcds_quota_fits_its_volum
     s.settings.priority_class = Some("br2k-critical".into());
     let manifests = build(&s, &SecretValues::default());
     let set = set(&manifests, 1);
-    for (name, cpu, memory) in [("app", "500m", "512Mi"), ("etcd", "2", "4Gi")] {
+    for (name, cpu, memory) in [("app", "500m", "512Mi"), ("etcd-init", "500m", "512Mi"), ("etcd", "2", "4Gi")] {
         let resources = &container(&set, name)["resources"];
         let want = json!({ "cpu": cpu, "memory": memory });
         assert_eq!(resources["requests"], want, "{name}");
         assert_eq!(resources["limits"], want, "{name}: requests equal limits (Guaranteed)");
     }
     assert_eq!(set["spec"]["template"]["spec"]["priorityClassName"], "br2k-critical");
-    assert!(args(container(&set, "etcd")).contains(&format!("--quota-backend-bytes={}", 5u64 << 30)));
+    assert!(etcd_flags(&set).contains(&format!("--quota-backend-bytes={}", 5u64 << 30)));
     let size = |claim: &PersistentVolumeClaim| {
         claim.spec.as_ref().unwrap().resources.as_ref().unwrap().requests.as_ref().unwrap()["storage"].0.clone()
     };
@@ -243,7 +297,7 @@ fn probes_fit_a_quorum_member() {
             >= 300
     );
     assert!(
-        args(etcd).contains(&"--listen-metrics-urls=http://0.0.0.0:2381".to_owned()),
+        etcd_flags(&set).contains(&"--listen-metrics-urls=http://0.0.0.0:2381".to_owned()),
         "the kubelet probes the Pod's address"
     );
     let app = container(&set, "app");
@@ -288,9 +342,9 @@ fn with_etcd_tls_every_member_serves_and_asks_for_certificates_of_the_deployment
     assert_eq!(data["logserver-2.key"].0, certificates.members[1].key.as_bytes());
     assert!(!manifests.to_yaml().contains("PRIVATE KEY"), "the dry run never prints a key");
     let set = set(&manifests, 2);
-    let etcd = args(container(&set, "etcd"));
+    let etcd = etcd_flags(&set);
     for wanted in [
-        "--listen-client-urls=https://127.0.0.1:2379",
+        "--listen-client-urls=https://0.0.0.0:2379",
         "--initial-advertise-peer-urls=https://logserver-2.team-a.svc:2380",
         "--client-cert-auth=true",
         "--peer-client-cert-auth=true",
@@ -298,6 +352,10 @@ fn with_etcd_tls_every_member_serves_and_asks_for_certificates_of_the_deployment
     ] {
         assert!(etcd.contains(&wanted.to_owned()), "{wanted} missing from {etcd:?}");
     }
+    let init = container(&set, "etcd-init");
+    assert!(env(init, "BR2K_ETCD_INIT_PEERS").unwrap()["value"].as_str().unwrap().starts_with("https://"));
+    let init_mounts = init["volumeMounts"].as_array().unwrap();
+    assert!(init_mounts.iter().any(|m| m["name"] == "etcd-tls"), "it asks the others with the member's certificate");
     let app = container(&set, "app");
     assert_eq!(env(app, "BR2K_ETCD").unwrap()["value"], "https://127.0.0.1:2379");
     assert_eq!(env(app, "BR2K_ETCD_KEY_FILE").unwrap()["value"], "/var/run/br2k/etcd-tls/member.key");
@@ -307,7 +365,7 @@ fn with_etcd_tls_every_member_serves_and_asks_for_certificates_of_the_deployment
     assert_eq!(items[1], json!({ "key": "logserver-2.crt", "path": "member.crt", "mode": 0o444 }));
     assert_eq!(items[2], json!({ "key": "logserver-2.key", "path": "member.key", "mode": 0o400 }));
     let plain = build(&spec(), &SecretValues::default()).to_yaml();
-    assert!(!plain.contains("etcd-tls") && plain.contains("http://127.0.0.1:2379"));
+    assert!(!plain.contains("etcd-tls") && plain.contains("http://0.0.0.0:2379"));
 }
 
 #[test]
