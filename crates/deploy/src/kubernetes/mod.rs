@@ -104,6 +104,11 @@ pub struct Applied {
     pub resource_version: Option<String>,
 }
 
+/// "could not WHAT of SERVICE in NAMESPACE: why" for a refused or failed call.
+fn call_failed(service: &str, namespace: &str, what: &str, error: &kube::Error) -> DeployError {
+    DeployError::Invalid(format!("could not {what} of {service} in {namespace}: {}", describe_kube_error(error)))
+}
+
 /// A kube error in words, with what to do for the usual ones.
 fn describe_kube_error(err: &kube::Error) -> String {
     match err {

@@ -174,12 +174,7 @@ impl Rollout<'_> {
     }
 
     fn failed(&self, what: &str, error: &kube::Error) -> DeployError {
-        DeployError::Invalid(format!(
-            "could not {what} of {} in {}: {}",
-            self.service,
-            self.namespace,
-            describe_kube_error(error)
-        ))
+        super::call_failed(self.service, self.namespace, what, error)
     }
 
     /// What the etcd bootstrap hint says now, if it exists.

@@ -165,21 +165,7 @@ fn is_dns_subdomain(text: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    pub(crate) fn settings() -> ClusterSettings {
-        ClusterSettings {
-            etcd_image: DEFAULT_ETCD_IMAGE.into(),
-            etcd_volume_size: "4Gi".into(),
-            data_volume_size: "1Gi".into(),
-            app_resources: ContainerResources::app_default(),
-            etcd_resources: ContainerResources::etcd_default(),
-            priority_class: None,
-            rpc_url: "http://chain:8545".into(),
-            registry: Address::repeat_byte(1),
-            backup: BackupSchedule::default(),
-            etcd_tls: false,
-        }
-    }
+    use crate::kubernetes::tests::settings;
 
     #[test]
     fn quantities_are_read_as_kubernetes_reads_them() {

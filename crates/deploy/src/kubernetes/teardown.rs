@@ -15,7 +15,6 @@ use kube::api::{Api, DeleteParams, ListParams, PropagationPolicy};
 use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 
-use super::describe_kube_error;
 use super::manifests::names;
 use crate::error::{DeployError, Result};
 
@@ -75,12 +74,7 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
     fn failed(&self, what: &str, error: &kube::Error) -> DeployError {
-        DeployError::Invalid(format!(
-            "could not {what} of {} in {}: {}",
-            self.service,
-            self.namespace,
-            describe_kube_error(error)
-        ))
+        super::call_failed(self.service, self.namespace, what, error)
     }
 
     async fn delete_all<K>(&self, out: &mut TakenDown, only: impl Fn(&K) -> bool) -> Result<()>
