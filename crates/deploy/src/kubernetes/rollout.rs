@@ -89,7 +89,7 @@ pub async fn roll_out(
         applied.push(rollout.apply(secret).await?);
     }
     applied.push(rollout.apply(&manifests.settings).await?);
-    applied.extend(rollout.create_bootstrap_hint(manifests).await?);
+    applied.extend(rollout.create_bootstrap_hint(manifests, !running.is_empty()).await?);
     for claim in &manifests.claims {
         applied.push(rollout.apply(claim).await?);
     }
@@ -184,10 +184,15 @@ impl Rollout<'_> {
         Ok(map.map(|m| m.data.and_then(|mut d| d.remove(ETCD_BOOTSTRAP_KEY)).unwrap_or_default()))
     }
 
-    /// Creates the hint (`new`) where it is missing; never turns `existing` back.
-    async fn create_bootstrap_hint(&self, manifests: &Manifests) -> Result<Option<Applied>> {
+    /// Creates the hint where it is missing: `new`, or `existing` for a service that runs
+    /// with a leader already (deployed by a br2k from before the hint). Never turns
+    /// `existing` back.
+    async fn create_bootstrap_hint(&self, manifests: &Manifests, running: bool) -> Result<Option<Applied>> {
         if self.bootstrap_hint(manifests).await?.is_some() {
             return Ok(None);
+        }
+        if running && self.leader(manifests).await.is_some() {
+            return self.apply(&cluster_exists(manifests)).await.map(Some);
         }
         self.apply(&manifests.etcd_bootstrap).await.map(Some)
     }
@@ -199,9 +204,7 @@ impl Rollout<'_> {
             return Ok(None);
         }
         self.wait_for_leader(manifests).await?;
-        let mut founded = manifests.etcd_bootstrap.clone();
-        founded.data = Some([(ETCD_BOOTSTRAP_KEY.to_owned(), "existing".to_owned())].into());
-        let applied = self.apply(&founded).await?;
+        let applied = self.apply(&cluster_exists(manifests)).await?;
         (self.progress)(
             "etcd: the cluster exists; from now on a member that lost its data joins it as a new member and never founds another",
         );
@@ -342,14 +345,9 @@ impl Rollout<'_> {
     async fn wait_for_leader(&self, manifests: &Manifests) -> Result<()> {
         let deadline = Instant::now() + self.options.timeout;
         loop {
-            for set in &manifests.stateful_sets {
-                let replica = set.name_any();
-                let Some(index) = replica.rsplit('-').next().and_then(|i| i.parse::<usize>().ok()) else { continue };
-                let pod = names::pod(self.service, index);
-                if self.says_it_leads(&pod).await {
-                    (self.progress)(&format!("service {}: {replica} leads", self.service));
-                    return Ok(());
-                }
+            if let Some(replica) = self.leader(manifests).await {
+                (self.progress)(&format!("service {}: {replica} leads", self.service));
+                return Ok(());
             }
             if Instant::now() >= deadline {
                 return Err(DeployError::NotReady {
@@ -360,6 +358,18 @@ impl Rollout<'_> {
             }
             tokio::time::sleep(self.options.poll).await;
         }
+    }
+
+    /// The replica that says it leads now, if one does.
+    async fn leader(&self, manifests: &Manifests) -> Option<String> {
+        for set in &manifests.stateful_sets {
+            let replica = set.name_any();
+            let Some(index) = replica.rsplit('-').next().and_then(|i| i.parse::<usize>().ok()) else { continue };
+            if self.says_it_leads(&names::pod(self.service, index)).await {
+                return Some(replica);
+            }
+        }
+        None
     }
 
     async fn says_it_leads(&self, pod: &str) -> bool {
@@ -472,6 +482,13 @@ fn covers(running: &serde_json::Value, wanted: &serde_json::Value) -> bool {
         }
         (running, wanted) => running == wanted,
     }
+}
+
+/// The etcd bootstrap hint saying the cluster exists.
+fn cluster_exists(manifests: &Manifests) -> ConfigMap {
+    let mut hint = manifests.etcd_bootstrap.clone();
+    hint.data = Some([(ETCD_BOOTSTRAP_KEY.to_owned(), "existing".to_owned())].into());
+    hint
 }
 
 #[cfg(test)]

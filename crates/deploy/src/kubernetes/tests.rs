@@ -346,6 +346,16 @@ async fn the_etcd_bootstrap_hint_says_existing_once_the_service_had_a_leader_and
     assert_eq!(bootstrap_hint(&fake).as_deref(), Some("existing"));
     deploy(&fake, &spec()).await.unwrap();
     assert_eq!(bootstrap_hint(&fake).as_deref(), Some("existing"));
+    // A service a br2k from before the hint deployed, running with a leader: its hint is
+    // created saying `existing` at once (one apply), never `new` while it runs.
+    fake.state.lock().unwrap().objects.remove(&("configmaps".into(), "logserver-etcd-bootstrap".into()));
+    let requests_before = fake.state.lock().unwrap().requests.len();
+    deploy(&fake, &spec()).await.unwrap();
+    let hint_patches = fake.state.lock().unwrap().requests[requests_before..]
+        .iter()
+        .filter(|r| r.starts_with("PATCH") && r.contains("/configmaps/logserver-etcd-bootstrap"))
+        .count();
+    assert_eq!((bootstrap_hint(&fake).as_deref(), hint_patches), (Some("existing"), 1));
     // Only deleting the data too starts afresh.
     take_down(&fake.client, "team-a", "logserver", true, &|_| {}).await.unwrap();
     assert_eq!(bootstrap_hint(&fake), None);
