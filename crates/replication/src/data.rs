@@ -17,6 +17,8 @@
 //! | `peer_token` | the secret replicas show each other to fetch snapshots; clients never reach etcd |
 //! | `outbox/tx/<index>/<k>` | the `k`-th blockchain transaction the only-once request at `index` sent: nonce, every signed version, the receipt ([`crate::outbox::TxRecord`]) |
 //! | `outbox/next_nonce` | the next nonce of the service's transaction key the outbox has not reserved, decimal |
+//! | `membership/change` | the membership change in progress (grow, shrink, replace), step by step, so that whoever runs next finishes it; written by `br2k-membership` only ([`membership_change_key`]) |
+//! | `membership/lock` | who runs that change now (leased; [`membership_lock_key`]) |
 //! | `outbox/free/<nonce>` | a reserved nonce whose transaction the chain refused, reused by the next transaction (empty value) |
 //!
 //! Indexes are zero-padded to 20 digits so that key order is index order and a range read
@@ -31,6 +33,17 @@ pub(crate) enum EntryRecord {
     Request,
     /// `rs/<index>`: its state (RS).
     State,
+}
+
+/// Where `service`'s membership change in progress is journaled (see the table above).
+pub fn membership_change_key(service: &str) -> String {
+    format!("{}membership/change", Keys::new(service).prefix)
+}
+
+/// The lock whoever runs `service`'s membership change holds (leased: it vanishes with
+/// its holder), so that two never run one at once.
+pub fn membership_lock_key(service: &str) -> String {
+    format!("{}membership/lock", Keys::new(service).prefix)
 }
 
 /// Builds the keys of one service (all under `/br2k/<service>/`).

@@ -89,3 +89,34 @@ async fn read_once(store: &Store, keys: &Keys) -> Result<Records> {
     }
     Ok(Records { log_size, service_state_index, compacted, entries, terms })
 }
+
+/// How far the service, and one replica, have got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Progress {
+    /// SSI: the highest index whose outcome is final (0 for a service with no log yet).
+    pub service_state_index: u64,
+    /// The replica's LPI: the highest index it has processed (0 when it has recorded none).
+    pub processed: u64,
+}
+
+/// Reads SSI and `replica`'s LPI through the etcd member at `endpoint` (a membership change
+/// waits with them for a new replica to catch up before it becomes a voter).
+///
+/// # Errors
+/// When etcd cannot be reached, or a record does not decode.
+pub async fn read_progress(
+    endpoint: &str,
+    service: &str,
+    replica: &str,
+    timeout: Duration,
+    tls: Option<&crate::config::EtcdTls>,
+) -> Result<Progress> {
+    crate::codec::check_name("service", service)?;
+    crate::codec::check_name("replica", replica)?;
+    let keys = Keys::new(service);
+    let store = Store::connect(endpoint, keys.clone(), timeout, std::sync::Arc::default(), tls).await?;
+    Ok(Progress {
+        service_state_index: store.get_index(&keys.ssi()).await?,
+        processed: store.get_index(&keys.lpi(replica)).await?,
+    })
+}

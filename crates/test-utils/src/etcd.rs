@@ -264,6 +264,30 @@ impl EtcdCluster {
         (0..self.members.len()).map(|i| self.endpoint(i)).collect()
     }
 
+    /// Member `i`'s name (`m<i>`).
+    ///
+    /// # Panics
+    /// If `i` is out of range.
+    pub fn name(&self, i: usize) -> &str {
+        &self.members[i].name
+    }
+
+    /// Member `i`'s peer URL.
+    ///
+    /// # Panics
+    /// If `i` is out of range.
+    pub fn peer_url(&self, i: usize) -> String {
+        format!("http://127.0.0.1:{}", self.members[i].peer_port)
+    }
+
+    /// The flags of its Raft timings, for a member that joins the cluster later.
+    pub fn timing_args(&self) -> [String; 2] {
+        [
+            format!("--heartbeat-interval={}", self.args.heartbeat_ms),
+            format!("--election-timeout={}", self.args.election_ms),
+        ]
+    }
+
     /// Member `i`'s data directory.
     ///
     /// # Panics
