@@ -242,7 +242,10 @@ impl<'a, H: ReplicaHost> Membership<'a, H> {
             Step::MoveLeadership => self.move_leadership(&replica).await,
             Step::RemoveMember => self.remove_member(&replica).await,
             Step::StopReplica => self.host.stop(&replica).await.map_err(host_failed),
-            Step::DeleteData => self.host.delete_data(&replica).await.map_err(host_failed),
+            Step::DeleteData => {
+                self.host.delete_data(&replica).await.map_err(host_failed)?;
+                self.clear_records(&replica).await
+            }
             Step::AddLearner => self.add_learner(&replica).await,
             Step::StartReplica => {
                 let initial_cluster = self.initial_cluster(&replica).await?;
@@ -252,6 +255,15 @@ impl<'a, H: ReplicaHost> Membership<'a, H> {
             Step::Promote => self.promote(&replica).await,
             Step::RecordCount => self.host.record_replicas(change.replicas_after).await.map_err(host_failed),
         }
+    }
+
+    /// Deletes the records the removed replica kept in etcd (its LPI, its membership
+    /// record), so that nothing reads it as a replica any more.
+    async fn clear_records(&self, replica: &str) -> Result<()> {
+        for key in br2k_replication::replica_record_keys(&self.service, replica) {
+            self.cluster.call("delete the replica's records", async |c| c.delete(key.as_str(), None).await).await?;
+        }
+        Ok(())
     }
 
     /// `replica`'s member, found by name or by the peer URL it is added with.
@@ -545,7 +557,6 @@ impl<'a, H: ReplicaHost> Membership<'a, H> {
                 return Err(MembershipError::Busy(held_by));
             }
             let period = Duration::from_secs(u64::try_from(ttl).unwrap_or(10)) / 3;
-            let owner = client.clone();
             let keeper = tokio::spawn(async move {
                 let Ok((mut keeper, mut answers)) = client.lease_keep_alive(lease).await else { return };
                 loop {
@@ -555,7 +566,7 @@ impl<'a, H: ReplicaHost> Membership<'a, H> {
                     }
                 }
             });
-            return Ok(LockGuard { keeper, client: owner, lease, timeout: self.cluster.timeout });
+            return Ok(LockGuard { keeper, cluster: self.cluster.clone(), lease });
         }
         Err(MembershipError::Etcd { what: "take the lock".into(), reason: reasons.join("; ") })
     }
@@ -565,16 +576,17 @@ impl<'a, H: ReplicaHost> Membership<'a, H> {
 /// (a runner that died), or at once when released.
 struct LockGuard {
     keeper: tokio::task::JoinHandle<()>,
-    client: etcd_client::Client,
+    cluster: Cluster,
     lease: i64,
-    timeout: Duration,
 }
 
 impl LockGuard {
-    async fn release(mut self) {
+    async fn release(self) {
         self.keeper.abort();
+        // Through any member (the one it was taken through may be the one just removed).
         // Best effort: a lease not revoked lapses by itself.
-        let _ = tokio::time::timeout(self.timeout, self.client.lease_revoke(self.lease)).await;
+        let lease = self.lease;
+        let _ = self.cluster.call("release the lock", async |c| c.lease_revoke(lease).await).await;
     }
 }
 

@@ -88,7 +88,8 @@ pub enum Step {
     RemoveMember,
     /// The replica (app and etcd member) is stopped.
     StopReplica,
-    /// Its data is deleted (a volume kept, where the backend keeps volumes).
+    /// Its data is deleted (a volume kept, where the backend keeps volumes), and the
+    /// records it kept in etcd (its LPI, its membership record).
     DeleteData,
     /// The joining replica's etcd member is added as a learner: it receives the log but
     /// does not vote, so the quorum does not change while it catches up.

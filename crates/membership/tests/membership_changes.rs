@@ -196,7 +196,12 @@ async fn grow_to_five_and_shrink_back_moving_leadership_off_a_leaving_leader() {
     let lines = Mutex::new(Vec::<String>::new());
     let progress = |line: &str| lines.lock().unwrap().push(line.to_owned());
     let membership = Membership::new(SERVICE, host.cluster(), &host, options(), &progress);
-    client(&host.client_url("m0")).await.put("k", "before", None).await.unwrap();
+    let mut first = client(&host.client_url("m0")).await;
+    first.put("k", "before", None).await.unwrap();
+    // Each replica's LPI, as the runtime keeps it.
+    for i in 0..5 {
+        first.put(format!("/br2k/{SERVICE}/lpi/m{i}"), "0", None).await.unwrap();
+    }
 
     for replica in ["m3", "m4"] {
         let change = membership.change(ChangeKind::Add { replica: replica.into() }).await.unwrap();
@@ -220,6 +225,9 @@ async fn grow_to_five_and_shrink_back_moving_leadership_off_a_leaving_leader() {
     assert!(members.iter().all(|m| m.name != leader), "{leader} is still a member: {members:?}");
     assert!(members.iter().any(|m| m.leader), "another member leads");
     assert!(!host.running(&leader) && !host.data_exists(&leader), "{leader} is stopped and its data deleted");
+    let records =
+        client(&members[0].client_urls[0]).await.get(format!("/br2k/{SERVICE}/lpi/{leader}"), None).await.unwrap();
+    assert!(records.kvs().is_empty(), "{leader}'s LPI record is deleted with it");
     assert!(lines.lock().unwrap().iter().any(|l| l.contains(&format!("etcd leadership moved from {leader}"))));
     let next = voters(&members).into_iter().find(|m| *m != leader).unwrap();
     membership.change(ChangeKind::Remove { replica: next }).await.unwrap();

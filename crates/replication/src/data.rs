@@ -40,6 +40,13 @@ pub fn membership_change_key(service: &str) -> String {
     format!("{}membership/change", Keys::new(service).prefix)
 }
 
+/// The records replica `replica` of `service` keeps in etcd (its LPI and membership
+/// record): a membership change that removes the replica deletes them.
+pub fn replica_record_keys(service: &str, replica: &str) -> [String; 2] {
+    let keys = Keys::new(service);
+    [keys.lpi(replica), keys.member(replica)]
+}
+
 /// The lock whoever runs `service`'s membership change holds (leased: it vanishes with
 /// its holder), so that two never run one at once.
 pub fn membership_lock_key(service: &str) -> String {

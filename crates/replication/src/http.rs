@@ -451,6 +451,12 @@ fn health<S: AppState>(runtime: &Runtime<S>) -> Response {
     // A divergence outranks everything: nothing else this replica says can be trusted.
     let problem = if status.divergence.is_some() {
         status.last_error.clone()
+    } else if status.removed_from_etcd {
+        Some(
+            "this replica's etcd member was removed from the cluster by a membership change: it serves nothing; \
+             finish the change (`br2k scale` or `br2k replace` again), which stops it"
+                .into(),
+        )
     } else if !status.etcd_reachable {
         Some("local etcd member not answering".into())
     } else if let Some(alarm) = status.etcd_alarms.first() {

@@ -44,7 +44,7 @@ pub use config::{AdminToken, Config, EtcdTls, Limits, Publisher, SnapshotPolicy,
 pub use data::{
     CompactedLog, Divergence, EntryState, IdempotencyRecord, LeaderRecord, LogEntry, MemberRecord, NAME_RULE,
     ProcessState, RequestKind, SnapshotMeta, Stamp, Step, StoppedAt, StoredReply, is_valid_name, membership_change_key,
-    membership_lock_key,
+    membership_lock_key, replica_record_keys,
 };
 pub use error::{Error, EtcdFailure, Result};
 pub use http::{IDEMPOTENCY_KEY_HEADER, INDEX_HEADER, LEADER_HEADER, REPLAYED_HEADER};

@@ -1,4 +1,5 @@
-//! Which replicas are live, and the secret they share.
+//! Which replicas are live, the secret they share, and whether this one's etcd member
+//! is still in the cluster.
 //!
 //! Each replica keeps `members/<replica>` in etcd, attached to a lease it renews every
 //! third of [`crate::Timings::member_ttl`]: the record says where its snapshot can be
@@ -8,15 +9,22 @@
 //!
 //! Snapshots are the whole state of the service, so peers fetch them with a token kept in
 //! etcd (`peer_token`), which only the replicas reach; the HTTP front refuses anyone else.
+//!
+//! A member removed from the cluster by a membership change shuts itself down, which
+//! from here looks like a member that merely stopped answering. So while the local
+//! member answers, this replica remembers its member ID and the other members, and once
+//! it stops answering asks them whether it is still listed: a removed replica says so in
+//! its health, and serves nothing.
 
 use std::sync::Mutex;
 
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::config::{Config, Timings};
+use crate::config::{Config, EtcdTls, Timings};
 use crate::data::{Keys, MemberRecord};
 use crate::error::Result;
+use crate::reporter::Reporter;
 use crate::secret::random_token;
 use crate::store::Store;
 use crate::sync::lock;
@@ -31,7 +39,13 @@ pub(crate) struct Membership {
     record: watch::Sender<MemberRecord>,
     /// The peer token, once read from etcd.
     peer_token: Mutex<Option<String>>,
+    /// How the other members are reached, to ask whether this one is still listed.
+    keys: Keys,
+    tls: Option<EtcdTls>,
 }
+
+/// How often the membership of the local etcd member is checked.
+const REMOVAL_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Membership {
     /// A replica of `config` reachable at its public URL, holding no snapshot yet.
@@ -44,6 +58,8 @@ impl Membership {
             key: keys.member(&config.replica),
             record: watch::Sender::new(record),
             peer_token: Mutex::default(),
+            keys: keys.clone(),
+            tls: config.etcd_tls.clone(),
         }
     }
 
@@ -98,6 +114,54 @@ impl Membership {
                 }
             }
         }
+    }
+
+    /// Watches whether the local etcd member is still in the cluster (see the module's
+    /// description), saying so in the status.
+    pub(crate) async fn watch_removal(&self, store: &Store, reporter: &Reporter) {
+        // The local member's ID and the others' client URLs, as it last listed them.
+        let mut known: Option<(u64, Vec<String>)> = None;
+        loop {
+            tokio::time::sleep(REMOVAL_CHECK).await;
+            let listed = match store.cluster_members().await {
+                Ok((me, members)) => {
+                    let listed = members.iter().any(|(id, _)| *id == me);
+                    let others = members.into_iter().filter(|(id, _)| *id != me).flat_map(|(_, urls)| urls).collect();
+                    known = Some((me, others));
+                    Some(listed)
+                }
+                Err(_) => match &known {
+                    Some((me, others)) => self.listed_by_others(*me, others, store).await,
+                    None => None,
+                },
+            };
+            let Some(listed) = listed else { continue };
+            if reporter.status.borrow().removed_from_etcd == listed {
+                if listed {
+                    info!(replica = %self.replica, "this replica's etcd member is in the cluster again");
+                } else {
+                    warn!(replica = %self.replica,
+                        "this replica's etcd member was removed from the cluster (a membership change): it serves nothing any more");
+                }
+                reporter.set_status(|s| s.removed_from_etcd = !listed);
+            }
+        }
+    }
+
+    /// Whether member `me` is listed by the first of `others` that answers.
+    async fn listed_by_others(&self, me: u64, others: &[String], store: &Store) -> Option<bool> {
+        for endpoint in others {
+            let timeout = self.timings.etcd_timeout;
+            let Ok(other) =
+                Store::connect(endpoint, self.keys.clone(), timeout, store.stats(), self.tls.as_ref()).await
+            else {
+                continue;
+            };
+            if let Ok((_, members)) = other.cluster_members().await {
+                return Some(members.iter().any(|(id, _)| *id == me));
+            }
+        }
+        None
     }
 
     /// Changes what this replica's membership record says.

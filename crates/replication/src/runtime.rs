@@ -100,6 +100,8 @@ impl<S: AppState> Parts<S> {
             applied_index: state.applied_index(),
             in_doubt: Vec::new(),
             etcd_reachable: false,
+            etcd_learner: false,
+            removed_from_etcd: false,
             published_epoch: None,
             pipeline: std::collections::BTreeMap::new(),
             last_error: None,
@@ -376,6 +378,10 @@ impl<S: AppState> Runtime<S> {
             let (membership, store) = (self.membership.clone(), self.store().clone());
             async move { membership.keep(&store).await }
         }));
+        let _removal = AbortOnDrop(tokio::spawn({
+            let (membership, store, reporter) = (self.membership.clone(), self.store().clone(), self.reporter.clone());
+            async move { membership.watch_removal(&store, &reporter).await }
+        }));
         let timings = self.config.timings;
         let mut check = tokio::time::interval(timings.check_interval);
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -576,7 +582,9 @@ impl<S: AppState> Runtime<S> {
             let changed = s.db_size != member.db_size
                 || s.db_size_in_use != member.db_size_in_use
                 || s.etcd_alarms != member.alarms
-                || (quota.is_some() && s.quota != quota);
+                || (quota.is_some() && s.quota != quota)
+                || s.etcd_learner != member.learner;
+            s.etcd_learner = member.learner;
             s.db_size = member.db_size;
             s.db_size_in_use = member.db_size_in_use;
             s.etcd_alarms.clone_from(&member.alarms);

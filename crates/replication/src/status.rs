@@ -44,6 +44,14 @@ pub struct Status {
     pub in_doubt: Vec<u64>,
     /// Whether the local etcd member answered the last leader-condition check.
     pub etcd_reachable: bool,
+    /// The local etcd member is a learner: a membership change is adding it, and it
+    /// does not vote (nor can it lead) until it is promoted.
+    #[serde(default)]
+    pub etcd_learner: bool,
+    /// The other members say the local etcd member was removed from the cluster (a
+    /// membership change): this replica serves nothing any more.
+    #[serde(default)]
+    pub removed_from_etcd: bool,
     /// The epoch whose location is published in the registry, if any.
     pub published_epoch: Option<u64>,
     /// Where this replica's time went since it started: etcd calls by action

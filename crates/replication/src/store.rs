@@ -84,6 +84,8 @@ pub(crate) struct MemberStatus {
     pub(crate) quota: u64,
     /// The errors it reports, among them raised alarms (`NOSPACE`, `CORRUPT`).
     pub(crate) alarms: Vec<String>,
+    /// A learner: it receives the log but does not vote (a membership change adding it).
+    pub(crate) learner: bool,
 }
 
 /// How a read is served.
@@ -191,7 +193,21 @@ impl Store {
             db_size_in_use: status.raft_used_db_size().max(0).unsigned_abs(),
             quota: status.db_size_quota().max(0).unsigned_abs(),
             alarms: status.errors().iter().map(|e| e.trim().to_owned()).collect(),
+            learner: status.is_learner(),
         })
+    }
+
+    /// The tallies this store's calls are counted in (shared with stores it opens).
+    pub(crate) fn stats(&self) -> Arc<Stats> {
+        self.stats.clone()
+    }
+
+    /// The local member's ID, and every member as it lists them (ID, client URLs).
+    pub(crate) async fn cluster_members(&self) -> Result<(u64, Vec<(u64, Vec<String>)>)> {
+        let mut client = self.probe.clone();
+        let list = self.bounded("list members", client.member_list()).await?;
+        let me = list.header().map_or(0, etcd_client::ResponseHeader::member_id);
+        Ok((me, list.members().iter().map(|m| (m.id(), m.client_urls().to_vec())).collect()))
     }
 
     /// Hands the local member's Raft leadership to another voting member (the paper's

@@ -8,6 +8,7 @@ mod harness;
 mod hostile;
 mod idempotency;
 mod inputs;
+mod members;
 mod metrics;
 mod outbox;
 mod pending;
