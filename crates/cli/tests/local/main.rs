@@ -8,6 +8,7 @@ mod dashboard;
 mod deploy;
 mod image;
 mod manager;
+mod membership;
 mod testbed;
 mod up;
 

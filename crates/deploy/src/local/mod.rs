@@ -21,6 +21,7 @@
 mod backend;
 mod chain;
 mod disk;
+mod members;
 mod net;
 pub mod run_file;
 mod sandbox;
@@ -46,6 +47,7 @@ pub const ETCD_BIN_ENV: &str = "BR2K_ETCD_BIN";
 pub use backend::{LocalBackend, replica_views};
 pub use chain::{LocalChain, LocalChainOptions};
 pub use disk::LimitedDisk;
+pub use members::LocalReplicaHost;
 pub use net::{LocalNetwork, MAX_NODES, NetworkMode};
 pub use sandbox::{ChainChoice, Sandbox, SandboxSpec, is_loopback_url};
 pub use tools::sibling_binary;
@@ -165,6 +167,40 @@ struct Node {
     disks: Vec<(Part, LimitedDisk)>,
     /// Its etcd member's certificate files, with `--etcd-tls`.
     tls: Option<crate::etcd_tls::EtcdTlsFiles>,
+    /// Added by a membership change: its etcd member joins the running cluster with
+    /// this membership (`--initial-cluster`) instead of founding it.
+    join: Option<String>,
+    /// Removed by a membership change: it runs nothing, and its address is not reused.
+    retired: bool,
+}
+
+impl Node {
+    /// Node `name`'s directories (size-limited ones mounted), nothing running yet.
+    fn create(spec: &ServiceSpec, name: String) -> Result<Self> {
+        let dir = spec.work_dir.join(&name);
+        for sub in [dir.join("etcd"), dir.join("app")] {
+            std::fs::create_dir_all(&sub).map_err(|e| DeployError::io(format!("create {}", sub.display()), e))?;
+        }
+        let mut disks = Vec::new();
+        for (part, size) in [(Part::Etcd, spec.disks.etcd), (Part::App, spec.disks.app)] {
+            if let Some(size) = size {
+                disks.push((part, LimitedDisk::mount(&dir.join(part.to_string()), size)?));
+            }
+        }
+        Ok(Self {
+            name,
+            dir,
+            etcd: None,
+            app: None,
+            paused: false,
+            cut: false,
+            wiped: false,
+            disks,
+            tls: None,
+            join: None,
+            retired: false,
+        })
+    }
 }
 
 /// A process of a node.
@@ -224,28 +260,7 @@ impl LocalService {
         let count = network.nodes();
         let mut nodes = Vec::with_capacity(count);
         for i in 0..count {
-            let name = format!("n{}", i + 1);
-            let dir = spec.work_dir.join(&name);
-            for sub in [dir.join("etcd"), dir.join("app")] {
-                std::fs::create_dir_all(&sub).map_err(|e| DeployError::io(format!("create {}", sub.display()), e))?;
-            }
-            let mut disks = Vec::new();
-            for (part, size) in [(Part::Etcd, spec.disks.etcd), (Part::App, spec.disks.app)] {
-                if let Some(size) = size {
-                    disks.push((part, LimitedDisk::mount(&dir.join(part.to_string()), size)?));
-                }
-            }
-            nodes.push(Node {
-                name,
-                dir,
-                etcd: None,
-                app: None,
-                paused: false,
-                cut: false,
-                wiped: false,
-                disks,
-                tls: None,
-            });
+            nodes.push(Node::create(&spec, format!("n{}", i + 1))?);
         }
         if spec.etcd_tls {
             let hosts: Vec<Vec<String>> = (0..count).map(|i| vec![network.node_address(i).to_string()]).collect();
@@ -434,6 +449,8 @@ impl LocalService {
             empty_dir(&sub).map_err(|e| DeployError::io(format!("delete what {} holds", sub.display()), e))?;
         }
         node.wiped = true;
+        // It joins again with the membership as it is then, not as it was when it was added.
+        node.join = None;
         Ok(())
     }
 
@@ -696,17 +713,21 @@ impl LocalService {
     }
 
     fn etcd_command(&self, i: usize, address: IpAddr) -> Command {
-        // A wiped member joins the running cluster; otherwise the flag is ignored once the
-        // data directory exists, so the same command creates and restarts a member.
-        let state = if self.nodes[i].wiped { "existing" } else { "new" };
+        // A wiped member, and one a membership change added, joins the running cluster;
+        // otherwise the flag is ignored once the data directory exists, so the same
+        // command creates and restarts a member.
+        let state = if self.nodes[i].wiped || self.nodes[i].join.is_some() { "existing" } else { "new" };
         let scheme = self.etcd_scheme();
         let url = |port| format!("{scheme}://{}", socket(address, port));
-        let cluster = (0..self.len())
-            .map(|j| {
-                format!("{}={scheme}://{}", self.nodes[j].name, socket(self.network.node_address(j), ETCD_PEER_PORT))
-            })
-            .collect::<Vec<_>>()
-            .join(",");
+        // Retired nodes are not members any more: a joining member that named them would
+        // not match the cluster.
+        let cluster = self.nodes[i].join.clone().unwrap_or_else(|| {
+            (0..self.len())
+                .filter(|&j| !self.nodes[j].retired)
+                .map(|j| format!("{}={}", self.nodes[j].name, self.peer_url(j)))
+                .collect::<Vec<_>>()
+                .join(",")
+        });
         let token = format!("br2k-{}-{}", self.spec.service, self.network.slot());
         let mut command = Command::new(&self.etcd_program);
         command

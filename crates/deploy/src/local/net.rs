@@ -218,20 +218,43 @@ impl LocalNetwork {
         ip(&["addr", "add", &subnet, "dev", &bridge])?;
         ip(&["link", "set", &bridge, "up"])?;
         for i in 0..self.nodes {
-            let name = self.node_name(i);
-            let peer = format!("b2k{}c{}", self.slot, i + 1);
-            let address = format!("{}/24", self.node_address(i));
-            ip(&["netns", "add", &name])?;
-            ip(&["link", "add", &name, "type", "veth", "peer", "name", &peer])?;
-            ip(&["link", "set", &peer, "netns", &name])?;
-            ip(&["link", "set", &name, "master", &bridge, "up"])?;
-            ip(&["-n", &name, "link", "set", "lo", "up"])?;
-            ip(&["-n", &name, "link", "set", &peer, "name", "eth0"])?;
-            ip(&["-n", &name, "addr", "add", &address, "dev", "eth0"])?;
-            ip(&["-n", &name, "link", "set", "eth0", "up"])?;
-            ip(&["-n", &name, "route", "add", "default", "via", &self.host_address().to_string()])?;
+            self.build_node(i)?;
         }
         Ok(())
+    }
+
+    /// Makes room for one more node (a membership change adding a replica); its index.
+    ///
+    /// # Errors
+    /// Past [`MAX_NODES`] nodes (retired ones count: their addresses are not reused),
+    /// or when `ip` fails.
+    pub fn add_node(&mut self) -> Result<usize> {
+        if self.nodes >= MAX_NODES {
+            return Err(DeployError::Invalid(format!(
+                "a local service has room for {MAX_NODES} nodes in all, retired ones included (their addresses are never reused); this one has used them all"
+            )));
+        }
+        if self.namespaces {
+            self.build_node(self.nodes)?;
+        }
+        self.nodes += 1;
+        Ok(self.nodes - 1)
+    }
+
+    /// Node `i`'s namespace and its link to the bridge.
+    fn build_node(&self, i: usize) -> Result<()> {
+        let (bridge, name) = (self.bridge(), self.node_name(i));
+        let peer = format!("b2k{}c{}", self.slot, i + 1);
+        let address = format!("{}/24", self.node_address(i));
+        ip(&["netns", "add", &name])?;
+        ip(&["link", "add", &name, "type", "veth", "peer", "name", &peer])?;
+        ip(&["link", "set", &peer, "netns", &name])?;
+        ip(&["link", "set", &name, "master", &bridge, "up"])?;
+        ip(&["-n", &name, "link", "set", "lo", "up"])?;
+        ip(&["-n", &name, "link", "set", &peer, "name", "eth0"])?;
+        ip(&["-n", &name, "addr", "add", &address, "dev", "eth0"])?;
+        ip(&["-n", &name, "link", "set", "eth0", "up"])?;
+        ip(&["-n", &name, "route", "add", "default", "via", &self.host_address().to_string()])
     }
 }
 
