@@ -1,6 +1,6 @@
 //! The paper's attacker: at random intervals it picks a node (the leader, or any node)
 //! and breaks it for a while, for real: cuts its network link, freezes its processes,
-//! kills them, or fills its disk.
+//! kills them, fills its disk, or replaces it by a fresh node.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,6 +36,10 @@ pub enum FaultKind {
     DiskFull,
     /// The same for the node's etcd data directory.
     EtcdDiskFull,
+    /// Replace the node by a fresh one, while it runs: a membership change (the old
+    /// node's etcd member leaves, leadership moved off it first, and it is retired; a new
+    /// node joins as a learner, catches up from a snapshot and is promoted). Nothing to heal.
+    Replace,
     /// No faults: a baseline run.
     None,
 }
@@ -50,9 +54,10 @@ impl std::str::FromStr for FaultKind {
             "wipe" => Ok(Self::Wipe),
             "disk-full" => Ok(Self::DiskFull),
             "etcd-disk-full" => Ok(Self::EtcdDiskFull),
+            "replace" => Ok(Self::Replace),
             "none" => Ok(Self::None),
             _ => Err(format!(
-                "unknown fault {s:?}: expected partition, pause, kill, wipe, disk-full, etcd-disk-full or none"
+                "unknown fault {s:?}: expected partition, pause, kill, wipe, disk-full, etcd-disk-full, replace or none"
             )),
         }
     }
@@ -67,6 +72,7 @@ impl std::fmt::Display for FaultKind {
             Self::Wipe => "wipe",
             Self::DiskFull => "disk-full",
             Self::EtcdDiskFull => "etcd-disk-full",
+            Self::Replace => "replace",
             Self::None => "none",
         })
     }
@@ -148,8 +154,26 @@ pub async fn inject(service: &mut LocalService, kind: FaultKind, i: usize) -> br
         FaultKind::Wipe => service.wipe(i).await,
         FaultKind::DiskFull => service.fill_disk(i, Part::App).map(drop),
         FaultKind::EtcdDiskFull => service.fill_disk(i, Part::Etcd).map(drop),
+        FaultKind::Replace => replace(service, i).await.map(drop),
         FaultKind::None => Ok(()),
     }
+}
+
+/// Replaces node `i` by a fresh node (see [`FaultKind::Replace`]); the new node's name.
+///
+/// # Errors
+/// When the membership change is refused or stops (it is then left journaled).
+pub async fn replace(service: &mut LocalService, i: usize) -> br2k_deploy::Result<String> {
+    let (old, new) = (service.node_name(i).to_owned(), service.next_node_name());
+    let cluster = service.membership_cluster()?;
+    let host = br2k_deploy::local::LocalReplicaHost::new(service, |_| {});
+    let options = br2k_membership::ChangeOptions { step_timeout: Duration::from_secs(120), ..Default::default() };
+    let progress = |line: &str| tracing::info!("membership: {line}");
+    br2k_membership::Membership::new(crate::SERVICE, cluster, &host, options, &progress)
+        .change(br2k_membership::ChangeKind::Replace { old: old.clone(), new: new.clone() })
+        .await
+        .map_err(|e| br2k_deploy::DeployError::Invalid(format!("replacing {old} by {new}: {e}")))?;
+    Ok(new)
 }
 
 /// Undoes [`inject`] on node `i`.
@@ -167,7 +191,7 @@ pub async fn heal(service: &mut LocalService, kind: FaultKind, i: usize) -> br2k
             service.free_disk(i, Part::Etcd)?;
             service.restart(i).await
         }
-        FaultKind::None => Ok(()),
+        FaultKind::Replace | FaultKind::None => Ok(()),
     }
 }
 

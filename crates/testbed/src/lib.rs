@@ -245,8 +245,10 @@ pub async fn run(config: TestbedConfig, progress: &(dyn Fn(&str) + Sync)) -> Res
         progress(&format!("replicas did not converge: {reason}"));
     }
     let (leader, _) = sandbox.service().wait_for_leader(Duration::from_secs(30)).await?;
-    let state_versions: Vec<u64> =
-        sandbox.service().statuses().await.iter().map(|s| s.as_ref().map_or(0, |s| s.state_version)).collect();
+    // The replicas that are members at the end (a replaced node is retired, its data gone).
+    let live = sandbox.service().live_nodes();
+    let statuses = sandbox.service().statuses().await;
+    let state_versions: Vec<u64> = live.iter().map(|&i| statuses[i].as_ref().map_or(0, |s| s.state_version)).collect();
     let records =
         br2k_replication::inspect::read_records(&sandbox.service().etcd_url(leader), SERVICE, Duration::from_secs(10))
             .await?;
@@ -254,7 +256,7 @@ pub async fn run(config: TestbedConfig, progress: &(dyn Fn(&str) + Sync)) -> Res
         sandbox.service_mut().stop_app(i).await;
     }
     let mut logs = Vec::new();
-    for i in 0..sandbox.service().len() {
+    for &i in &live {
         let log = br2k_logserver::read_log(&sandbox.service().app_data_dir(i))
             .map_err(|e| Error::Log { node: i + 1, reason: format!("{e:#}") })?;
         logs.push(log);
@@ -311,7 +313,10 @@ async fn attack<T>(
                     continue;
                 }
             },
-            Target::Random => rng.below(sandbox.service().len()),
+            Target::Random => {
+                let live = sandbox.service().live_nodes();
+                live[rng.below(live.len())]
+            }
         };
         if config.fault.fills_a_disk() {
             watches.push((faults.len(), HealthWatch::start(&sandbox.service().app_url(node))));
@@ -321,7 +326,9 @@ async fn attack<T>(
         tracing::info!(node = node + 1, fault = %config.fault, at_ms, "fault injected");
         let was_leader = leader == Some(node);
         faults.push(FaultEvent { node: node + 1, was_leader, at_ms, healed_ms: None, unhealthy_ms: None });
-        let heal_at = Instant::now() + config.duration;
+        // A replacement is over when the change is: nothing to wait for, nothing to heal.
+        let heal_at =
+            if config.fault == FaultKind::Replace { Instant::now() } else { Instant::now() + config.duration };
         let finished = sleep_until_or_done(heal_at, &done, &mut next_report, &|| report(&faults)).await;
         attacker::heal(sandbox.service_mut(), config.fault, node).await?;
         if let Some(last) = faults.last_mut() {
@@ -375,7 +382,8 @@ async fn converge(sandbox: &Sandbox, timeout: Duration) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     let mut last = String::new();
     while Instant::now() < deadline {
-        let statuses = sandbox.service().statuses().await;
+        let all = sandbox.service().statuses().await;
+        let statuses: Vec<_> = sandbox.service().live_nodes().into_iter().map(|i| all[i].clone()).collect();
         let ok: Vec<_> = statuses.iter().filter_map(|s| s.as_ref().ok()).collect();
         match ok.iter().find(|s| s.role == Role::Leader) {
             Some(leader) if ok.len() == statuses.len() => {

@@ -225,6 +225,9 @@ impl PaymentFindings {
 /// When the run could not be carried out.
 pub async fn run(config: TestbedConfig, progress: &(dyn Fn(&str) + Sync)) -> Result<(PaymentFindings, usize), Error> {
     config.check()?;
+    if config.fault == crate::FaultKind::Replace {
+        return Err(Error::Config("--fault replace runs with the log server workload only, for now".into()));
+    }
     let settings = config.chain.clone();
     // Keys made now, so the replicas can be told them before the chain exists: the
     // service's (it pays), the token's deployer (the token's address is its first

@@ -124,10 +124,16 @@ impl Report {
         let mut out = String::new();
         let total = p.users as u64 * p.requests_per_user;
         let _ = writeln!(out, "### {} test, {} faults\n", capitalised(&p.target.to_string()), p.fault);
+        // A replacement lasts as long as the membership change takes, not a set time.
+        let lasting = if p.fault == crate::FaultKind::Replace {
+            "each done when the new node votes".to_owned()
+        } else {
+            format!("lasting {} s", p.duration_s)
+        };
         let _ = writeln!(
             out,
             "{} users x {} requests at {}/s each, {} replicas; a {} fault on {} after every wait of {}-{} s, \
-             lasting {} s; etcd election timeout {} ms; seed {}; users ran {:.0} s.\n",
+             {lasting}; etcd election timeout {} ms; seed {}; users ran {:.0} s.\n",
             p.users,
             p.requests_per_user,
             p.rate,
@@ -139,7 +145,6 @@ impl Report {
             },
             p.interval_s.0,
             p.interval_s.1,
-            p.duration_s,
             p.election_ms,
             p.seed,
             self.elapsed_s

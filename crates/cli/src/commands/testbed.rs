@@ -65,7 +65,10 @@ pub(crate) struct TestbedArgs {
     /// (SIGKILL, then restart), wipe (SIGKILL, all the node's data deleted, then restart
     /// empty: it catches up from a peer's snapshot), disk-full (the node's app data
     /// directory, a small tmpfs of its own, filled until writes fail, then given room
-    /// again), etcd-disk-full (the same for its etcd data directory), or none.
+    /// again), etcd-disk-full (the same for its etcd data directory), replace (the node
+    /// replaced by a fresh one while it runs: a membership change, the old node's etcd
+    /// member removed and a new node added as a learner, caught up and promoted; log
+    /// workload only), or none.
     #[arg(long, default_value = "partition")]
     fault: FaultKind,
 

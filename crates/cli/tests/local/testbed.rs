@@ -36,7 +36,7 @@ fn every_fault_kind_on_both_targets_loses_and_duplicates_nothing() {
     let _turn = one_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let mut seed = 11;
-    for fault in ["partition", "pause", "kill", "wipe"] {
+    for fault in ["partition", "pause", "kill", "wipe", "replace"] {
         for target in ["leader", "random"] {
             seed += 1;
             // Small snapshot intervals, so that a short run compacts its log and a wiped

@@ -516,6 +516,9 @@ impl LocalService {
     pub async fn restart(&mut self, i: usize) -> Result<()> {
         // A process that exited by itself (an etcd member whose disk filled) is started again.
         let node = self.node_mut(i)?;
+        if node.retired {
+            return Err(DeployError::Node { node: i + 1, reason: "was retired by a membership change".into() });
+        }
         for slot in [&mut node.etcd, &mut node.app] {
             if slot.as_mut().is_some_and(|child| matches!(child.try_wait(), Ok(Some(_)))) {
                 *slot = None;
@@ -594,6 +597,9 @@ impl LocalService {
     /// The first action that failed.
     pub async fn heal_all(&mut self) -> Result<()> {
         for i in 0..self.len() {
+            if self.nodes[i].retired {
+                continue;
+            }
             if self.nodes[i].cut {
                 self.rejoin(i)?;
             }
