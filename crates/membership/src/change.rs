@@ -37,9 +37,11 @@ pub trait ReplicaHost: Sync {
 pub struct ChangeOptions {
     /// Allow fewer than 3 voters after the change (no longer surviving a lost member).
     pub allow_below_3: bool,
-    /// A joining replica is caught up when its LPI is at most this many entries behind
-    /// SSI (the runtime's trailing window: what a replica replays rather than fetching a
-    /// snapshot).
+    /// A joining replica is caught up when the LPI it records in etcd is at most this
+    /// many entries behind SSI. What it records is what it has made durable: with
+    /// snapshots on, up to its latest snapshot, so up to a snapshot interval behind what
+    /// it applied. Hence the snapshot interval plus the trailing window (what a replica
+    /// replays rather than fetching a snapshot).
     pub catch_up_window: u64,
     /// The longest one step may wait (for etcd to allow a reconfiguration, a learner to
     /// catch up, leadership to move).
@@ -52,11 +54,17 @@ impl Default for ChangeOptions {
     fn default() -> Self {
         Self {
             allow_below_3: false,
-            catch_up_window: br2k_replication::SnapshotPolicy::default().trailing,
+            catch_up_window: catch_up_window(&br2k_replication::SnapshotPolicy::default()),
             step_timeout: Duration::from_secs(300),
             lock_ttl: Duration::from_secs(10),
         }
     }
+}
+
+/// The catch-up window for replicas that snapshot by `policy` (see
+/// [`ChangeOptions::catch_up_window`]).
+pub fn catch_up_window(policy: &br2k_replication::SnapshotPolicy) -> u64 {
+    policy.interval.saturating_add(policy.trailing)
 }
 
 /// One service's membership, changed through `host`.

@@ -59,7 +59,12 @@ impl ChangeKind {
             steps.extend([Step::MoveLeadership, Step::RemoveMember, Step::StopReplica, Step::DeleteData]);
         }
         if self.joining().is_some() {
-            steps.extend([Step::AddLearner, Step::StartReplica, Step::CatchUp, Step::Promote]);
+            // Promote before the app's catch-up gate: a learner's etcd member refuses
+            // linearizable reads ("rpc not supported for learner"), so the new replica's
+            // app can only follow once its member votes. etcd promotes it only when its
+            // log is in sync with the leader's, so the quorum is never at risk; the change
+            // is not done (nor the count recorded) until the app has caught up too.
+            steps.extend([Step::AddLearner, Step::StartReplica, Step::Promote, Step::CatchUp]);
         }
         steps.push(Step::RecordCount);
         steps
@@ -97,11 +102,11 @@ pub enum Step {
     /// The joining replica is started (its etcd member joins `existing`; its app catches
     /// up from a peer's snapshot, then the log).
     StartReplica,
-    /// Wait until its etcd member has started and its app's LPI is within the catch-up
-    /// window of SSI.
-    CatchUp,
     /// The learner is promoted to a voter, once etcd's leader says it is in sync.
     Promote,
+    /// Wait until its etcd member runs and its app's LPI is within the catch-up window
+    /// of SSI.
+    CatchUp,
     /// The new replica count is recorded where a recovery reads it.
     RecordCount,
 }
@@ -179,8 +184,8 @@ mod tests {
                 Step::DeleteData,
                 Step::AddLearner,
                 Step::StartReplica,
-                Step::CatchUp,
                 Step::Promote,
+                Step::CatchUp,
                 Step::RecordCount
             ]
         );

@@ -6,8 +6,9 @@
 //! it once the leader says it is in sync, one change at a time, never below a quorum;
 //! remove a dead member before adding its replacement; move leadership off a member
 //! before removing it. br2k adds its own gate (the new replica's LPI within the trailing
-//! window of SSI before it votes) and its own last step (the new replica count recorded
-//! where a recovery reads it).
+//! window of SSI before the change is done; after the promotion, because a learner's
+//! member refuses the linearizable reads the app follows with) and its own last step
+//! (the new replica count recorded where a recovery reads it).
 //!
 //! A change is a journaled state machine ([`journal`]): the change and its next step are
 //! kept in the service's etcd, every step is idempotent (it looks at etcd and the host
@@ -24,7 +25,7 @@ mod cluster;
 mod error;
 pub mod journal;
 
-pub use change::{ChangeOptions, Membership, ReplicaHost};
+pub use change::{ChangeOptions, Membership, ReplicaHost, catch_up_window};
 pub use cluster::{Cluster, MemberView, quorum};
 pub use error::{HostError, MembershipError, Result};
 pub use journal::{Change, ChangeKind, Step};

@@ -40,6 +40,10 @@ pub enum FaultKind {
     /// node's etcd member leaves, leadership moved off it first, and it is retired; a new
     /// node joins as a learner, catches up from a snapshot and is promoted). Nothing to heal.
     Replace,
+    /// The scale drill (`--scale-drill`): grow by one node, again (3 to 5), then shrink by
+    /// one node, again (back to 3), one membership change after each wait; the node that
+    /// leaves is the target (the leader, or a random node).
+    ScaleDrill,
     /// No faults: a baseline run.
     None,
 }
@@ -55,6 +59,7 @@ impl std::str::FromStr for FaultKind {
             "disk-full" => Ok(Self::DiskFull),
             "etcd-disk-full" => Ok(Self::EtcdDiskFull),
             "replace" => Ok(Self::Replace),
+            "scale-drill" => Ok(Self::ScaleDrill),
             "none" => Ok(Self::None),
             _ => Err(format!(
                 "unknown fault {s:?}: expected partition, pause, kill, wipe, disk-full, etcd-disk-full, replace or none"
@@ -73,6 +78,7 @@ impl std::fmt::Display for FaultKind {
             Self::DiskFull => "disk-full",
             Self::EtcdDiskFull => "etcd-disk-full",
             Self::Replace => "replace",
+            Self::ScaleDrill => "scale-drill",
             Self::None => "none",
         })
     }
@@ -154,26 +160,67 @@ pub async fn inject(service: &mut LocalService, kind: FaultKind, i: usize) -> br
         FaultKind::Wipe => service.wipe(i).await,
         FaultKind::DiskFull => service.fill_disk(i, Part::App).map(drop),
         FaultKind::EtcdDiskFull => service.fill_disk(i, Part::Etcd).map(drop),
-        FaultKind::Replace => replace(service, i).await.map(drop),
+        FaultKind::Replace | FaultKind::ScaleDrill => Err(br2k_deploy::DeployError::Invalid(
+            "a membership change is made by attacker::replace and attacker::scale_step".into(),
+        )),
         FaultKind::None => Ok(()),
     }
 }
 
-/// Replaces node `i` by a fresh node (see [`FaultKind::Replace`]); the new node's name.
+/// Replaces node `i` by a fresh node (see [`FaultKind::Replace`]); `window`: how far
+/// behind SSI the new one may record its LPI and count as caught up
+/// ([`br2k_membership::catch_up_window`]).
+/// Returns the new node's name.
 ///
 /// # Errors
 /// When the membership change is refused or stops (it is then left journaled).
-pub async fn replace(service: &mut LocalService, i: usize) -> br2k_deploy::Result<String> {
+pub async fn replace(service: &mut LocalService, i: usize, window: u64) -> br2k_deploy::Result<String> {
     let (old, new) = (service.node_name(i).to_owned(), service.next_node_name());
+    change(service, br2k_membership::ChangeKind::Replace { old, new: new.clone() }, window).await?;
+    Ok(new)
+}
+
+/// Step `step` of the scale drill: 0 and 1 add a node, 2 and 3 remove node `leaving`;
+/// later steps do nothing. The node added or removed.
+///
+/// # Errors
+/// When the membership change is refused or stops.
+pub async fn scale_step(
+    service: &mut LocalService,
+    step: usize,
+    leaving: usize,
+    window: u64,
+) -> br2k_deploy::Result<Option<usize>> {
+    match step {
+        0 | 1 => {
+            let replica = service.next_node_name();
+            change(service, br2k_membership::ChangeKind::Add { replica: replica.clone() }, window).await?;
+            Ok(service.node_index(&replica))
+        }
+        2 | 3 => {
+            let replica = service.node_name(leaving).to_owned();
+            change(service, br2k_membership::ChangeKind::Remove { replica }, window).await?;
+            Ok(Some(leaving))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Carries out one membership change of the testbed's service through the local backend.
+async fn change(service: &mut LocalService, kind: br2k_membership::ChangeKind, window: u64) -> br2k_deploy::Result<()> {
     let cluster = service.membership_cluster()?;
     let host = br2k_deploy::local::LocalReplicaHost::new(service, |_| {});
-    let options = br2k_membership::ChangeOptions { step_timeout: Duration::from_secs(120), ..Default::default() };
+    let options = br2k_membership::ChangeOptions {
+        step_timeout: Duration::from_secs(120),
+        catch_up_window: window,
+        ..Default::default()
+    };
     let progress = |line: &str| tracing::info!("membership: {line}");
     br2k_membership::Membership::new(crate::SERVICE, cluster, &host, options, &progress)
-        .change(br2k_membership::ChangeKind::Replace { old: old.clone(), new: new.clone() })
+        .change(kind.clone())
         .await
-        .map_err(|e| br2k_deploy::DeployError::Invalid(format!("replacing {old} by {new}: {e}")))?;
-    Ok(new)
+        .map(drop)
+        .map_err(|e| br2k_deploy::DeployError::Invalid(format!("{kind}: {e}")))
 }
 
 /// Undoes [`inject`] on node `i`.
@@ -191,7 +238,7 @@ pub async fn heal(service: &mut LocalService, kind: FaultKind, i: usize) -> br2k
             service.free_disk(i, Part::Etcd)?;
             service.restart(i).await
         }
-        FaultKind::Replace | FaultKind::None => Ok(()),
+        FaultKind::Replace | FaultKind::ScaleDrill | FaultKind::None => Ok(()),
     }
 }
 

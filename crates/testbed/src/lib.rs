@@ -282,6 +282,7 @@ async fn attack<T>(
     progress: &(dyn Fn(&str) + Sync),
 ) -> Result<Vec<FaultEvent>, Error> {
     let mut rng = Rng::new(config.seed);
+    let mut drill_step = 0;
     let mut faults: Vec<FaultEvent> = Vec::new();
     // For full disks: each fault's watch of the node's health, to say how long it was unhealthy.
     let mut watches: Vec<(usize, HealthWatch)> = Vec::new();
@@ -321,14 +322,32 @@ async fn attack<T>(
         if config.fault.fills_a_disk() {
             watches.push((faults.len(), HealthWatch::start(&sandbox.service().app_url(node))));
         }
-        attacker::inject(sandbox.service_mut(), config.fault, node).await?;
+        let window = br2k_membership::catch_up_window(&config.snapshots);
+        let node = if config.fault == FaultKind::ScaleDrill {
+            match attacker::scale_step(sandbox.service_mut(), drill_step, node, window).await? {
+                Some(changed) => {
+                    drill_step += 1;
+                    changed
+                }
+                None => continue,
+            }
+        } else if config.fault == FaultKind::Replace {
+            attacker::replace(sandbox.service_mut(), node, window).await?;
+            node
+        } else {
+            attacker::inject(sandbox.service_mut(), config.fault, node).await?;
+            node
+        };
         let at_ms = millis(start.elapsed());
         tracing::info!(node = node + 1, fault = %config.fault, at_ms, "fault injected");
         let was_leader = leader == Some(node);
         faults.push(FaultEvent { node: node + 1, was_leader, at_ms, healed_ms: None, unhealthy_ms: None });
-        // A replacement is over when the change is: nothing to wait for, nothing to heal.
-        let heal_at =
-            if config.fault == FaultKind::Replace { Instant::now() } else { Instant::now() + config.duration };
+        // A membership change is over when the change is: nothing to wait for, nothing to heal.
+        let heal_at = if matches!(config.fault, FaultKind::Replace | FaultKind::ScaleDrill) {
+            Instant::now()
+        } else {
+            Instant::now() + config.duration
+        };
         let finished = sleep_until_or_done(heal_at, &done, &mut next_report, &|| report(&faults)).await;
         attacker::heal(sandbox.service_mut(), config.fault, node).await?;
         if let Some(last) = faults.last_mut() {

@@ -225,8 +225,10 @@ impl PaymentFindings {
 /// When the run could not be carried out.
 pub async fn run(config: TestbedConfig, progress: &(dyn Fn(&str) + Sync)) -> Result<(PaymentFindings, usize), Error> {
     config.check()?;
-    if config.fault == crate::FaultKind::Replace {
-        return Err(Error::Config("--fault replace runs with the log server workload only, for now".into()));
+    if matches!(config.fault, crate::FaultKind::Replace | crate::FaultKind::ScaleDrill) {
+        return Err(Error::Config(
+            "--fault replace and --scale-drill run with the log server workload only, for now".into(),
+        ));
     }
     let settings = config.chain.clone();
     // Keys made now, so the replicas can be told them before the chain exists: the

@@ -125,8 +125,8 @@ impl Report {
         let total = p.users as u64 * p.requests_per_user;
         let _ = writeln!(out, "### {} test, {} faults\n", capitalised(&p.target.to_string()), p.fault);
         // A replacement lasts as long as the membership change takes, not a set time.
-        let lasting = if p.fault == crate::FaultKind::Replace {
-            "each done when the new node votes".to_owned()
+        let lasting = if matches!(p.fault, crate::FaultKind::Replace | crate::FaultKind::ScaleDrill) {
+            "each a membership change, done when it is".to_owned()
         } else {
             format!("lasting {} s", p.duration_s)
         };

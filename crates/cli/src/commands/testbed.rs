@@ -72,6 +72,13 @@ pub(crate) struct TestbedArgs {
     #[arg(long, default_value = "partition")]
     fault: FaultKind,
 
+    /// Instead of a fault: the scale drill, 3 replicas grown to 5 and shrunk back to 3
+    /// while the users send requests, one membership change after each --interval wait
+    /// (a node added as a learner, caught up and promoted; the --target node removed,
+    /// leadership moved off it first). Log workload only.
+    #[arg(long, conflicts_with = "fault")]
+    scale_drill: bool,
+
     /// Which node is hit: the current leader, or a random node.
     #[arg(long, default_value = "leader")]
     target: Target,
@@ -162,7 +169,7 @@ impl TestbedArgs {
             users: usize::try_from(self.users)?,
             requests_per_user: self.requests,
             rate: self.rate,
-            fault: self.fault,
+            fault: if self.scale_drill { FaultKind::ScaleDrill } else { self.fault },
             target: self.target,
             interval: self.interval,
             duration: Duration::from_secs_f64(self.duration),

@@ -92,12 +92,36 @@ fn a_disk_that_fills_on_either_target_loses_nothing_and_the_report_says_how_long
 }
 
 #[test]
+fn the_scale_drill_grows_to_five_and_back_to_three_under_requests_and_loses_nothing() {
+    let _turn = one_at_a_time();
+    let dir = tempfile::tempdir().unwrap();
+    // `--fault scale-drill` is what `--scale-drill` sets; the leader leaves each time.
+    let (report, stdout) = testbed(dir.path(), "scale-drill", "leader", "41", "100", ["0.5..1", "1"]);
+    let context = format!("scale-drill:\n{stdout}");
+    assert_eq!(report["passed"], true, "{context}");
+    assert_eq!(report["requests"]["lost"], 0, "{context}");
+    assert_eq!(report["requests"]["duplicates"], 0, "{context}");
+    let faults = report["faults"].as_array().unwrap();
+    assert_eq!(faults.len(), 4, "two nodes added, two removed: {context}");
+    let nodes: Vec<u64> = faults.iter().map(|f| f["node"].as_u64().unwrap()).collect();
+    assert_eq!(&nodes[..2], [4, 5], "n4 and n5 were added: {context}");
+    assert!(faults[2..].iter().all(|f| f["was_leader"] == true), "the leader left each time: {context}");
+    assert_eq!(report["replication"]["entries_per_replica"], serde_json::json!([300, 300, 300]), "{context}");
+}
+
+#[test]
 fn bad_flags_are_refused_with_the_reason() {
     let output = br2k().args(["testbed", "--interval", "40..20"]).output().unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("LO must not be above HI"), "{stderr}");
 
+    let output = br2k().args(["testbed", "--scale-drill", "--fault", "kill"]).output().unwrap();
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("cannot be used with"),
+        "--scale-drill is the run's fault"
+    );
     let output = br2k().args(["testbed", "--fault", "cut"]).output().unwrap();
     assert!(!output.status.success());
     assert!(
