@@ -137,9 +137,11 @@ pub struct FaultEvent {
     pub node: usize,
     /// Whether it led when it was hit.
     pub was_leader: bool,
-    /// When it was hit, from the start of the run (milliseconds).
+    /// When it was hit, from the start of the run (milliseconds); a membership change:
+    /// when it began.
     pub at_ms: u64,
-    /// When it was healed (milliseconds), if it was.
+    /// When it was healed (milliseconds), if it was; a membership change: when it was
+    /// done.
     pub healed_ms: Option<u64>,
     /// For a full disk: how long the node answered unhealthy, from its first unhealthy
     /// health answer after the disk filled to its first healthy one after it had room

@@ -323,6 +323,9 @@ async fn attack<T>(
             watches.push((faults.len(), HealthWatch::start(&sandbox.service().app_url(node))));
         }
         let window = br2k_membership::catch_up_window(&config.snapshots);
+        // When it struck: a membership change takes a while, and its event spans it
+        // (struck at its start, healed at its end).
+        let at_ms = millis(start.elapsed());
         let node = if config.fault == FaultKind::ScaleDrill {
             match attacker::scale_step(sandbox.service_mut(), drill_step, node, window).await? {
                 Some(changed) => {
@@ -338,7 +341,6 @@ async fn attack<T>(
             attacker::inject(sandbox.service_mut(), config.fault, node).await?;
             node
         };
-        let at_ms = millis(start.elapsed());
         tracing::info!(node = node + 1, fault = %config.fault, at_ms, "fault injected");
         let was_leader = leader == Some(node);
         faults.push(FaultEvent { node: node + 1, was_leader, at_ms, healed_ms: None, unhealthy_ms: None });
