@@ -565,12 +565,14 @@ impl<'a, H: ReplicaHost> Membership<'a, H> {
                 return Err(MembershipError::Busy(held_by));
             }
             let period = Duration::from_secs(u64::try_from(ttl).unwrap_or(10)) / 3;
+            // Renewed through any member: the one it was taken through may be the one
+            // the change removes.
+            let cluster = self.cluster.clone();
             let keeper = tokio::spawn(async move {
-                let Ok((mut keeper, mut answers)) = client.lease_keep_alive(lease).await else { return };
                 loop {
                     tokio::time::sleep(period).await;
-                    if keeper.keep_alive().await.is_err() || answers.message().await.is_err() {
-                        return;
+                    if let Err(e) = cluster.renew_lease(lease).await {
+                        tracing::warn!(error = %e, "could not renew the membership change's lock; trying again");
                     }
                 }
             });

@@ -106,6 +106,25 @@ impl Cluster {
         self.on_any(what, &self.endpoints, call).await
     }
 
+    /// Renews lease `lease` once, through the first member that answers.
+    pub(crate) async fn renew_lease(&self, lease: i64) -> std::result::Result<(), String> {
+        let mut reasons = Vec::new();
+        for endpoint in &self.endpoints {
+            let renewed = async {
+                let mut client = self.connect(endpoint).await?;
+                let (mut keeper, mut answers) = client.lease_keep_alive(lease).await.map_err(|e| e.to_string())?;
+                keeper.keep_alive().await.map_err(|e| e.to_string())?;
+                answers.message().await.map(drop).map_err(|e| e.to_string())
+            };
+            match tokio::time::timeout(self.timeout, renewed).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(reason)) => reasons.push(format!("{endpoint}: {reason}")),
+                Err(_) => reasons.push(format!("{endpoint}: no answer within {:?}", self.timeout)),
+            }
+        }
+        Err(reasons.join("; "))
+    }
+
     /// Every member, each asked for its own status.
     ///
     /// # Errors
