@@ -62,7 +62,7 @@ impl std::str::FromStr for FaultKind {
             "scale-drill" => Ok(Self::ScaleDrill),
             "none" => Ok(Self::None),
             _ => Err(format!(
-                "unknown fault {s:?}: expected partition, pause, kill, wipe, disk-full, etcd-disk-full, replace or none"
+                "unknown fault {s:?}: expected partition, pause, kill, wipe, disk-full, etcd-disk-full, replace, scale-drill or none"
             )),
         }
     }

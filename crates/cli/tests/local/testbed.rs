@@ -126,7 +126,7 @@ fn bad_flags_are_refused_with_the_reason() {
     assert!(!output.status.success());
     assert!(
         String::from_utf8_lossy(&output.stderr)
-            .contains("expected partition, pause, kill, wipe, disk-full, etcd-disk-full or none")
+            .contains("expected partition, pause, kill, wipe, disk-full, etcd-disk-full, replace, scale-drill or none")
     );
 
     let output = br2k().args(["testbed", "--snapshot-interval", "20", "--trailing-entries", "20"]).output().unwrap();
