@@ -516,8 +516,37 @@ impl<'a, H: ReplicaHost> Membership<'a, H> {
     }
 
     /// Takes the change lock: a key bound to a lease this runner keeps alive, so that a
-    /// runner that dies lets the next one in after the lease's TTL.
+    /// runner that dies lets the next one in after the lease's TTL. A holder that is a
+    /// process of this host that is gone (a command killed) is let go at once; one that
+    /// may still run is waited for up to the TTL and a little, then refused.
     async fn lock(&self) -> Result<LockGuard> {
+        let deadline = Instant::now() + self.options.lock_ttl + Duration::from_secs(5);
+        let mut delay = Duration::from_millis(200);
+        let mut announced = false;
+        loop {
+            let (holder, lease) = match self.try_lock().await? {
+                Ok(guard) => return Ok(guard),
+                Err(held) => held,
+            };
+            if holder_is_gone(&holder) {
+                (self.progress)(&format!("the change lock was held by {holder}, which is gone: taking it over"));
+                self.cluster.call("let go a dead runner's lock", async |c| c.lease_revoke(lease).await).await?;
+                continue;
+            }
+            if Instant::now() + delay > deadline {
+                return Err(MembershipError::Busy(holder));
+            }
+            if !announced {
+                (self.progress)(&format!("waiting for the change lock, held by {holder}"));
+                announced = true;
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// One attempt at the lock: taken, or who holds it (and its lease).
+    async fn try_lock(&self) -> Result<std::result::Result<LockGuard, (String, i64)>> {
         let key = br2k_replication::membership_lock_key(&self.service);
         let ttl = i64::try_from(self.options.lock_ttl.as_secs().max(2)).unwrap_or(10);
         let holder = format!("pid {} on {}", std::process::id(), hostname());
@@ -552,17 +581,17 @@ impl<'a, H: ReplicaHost> Membership<'a, H> {
             };
             if !answer.succeeded() {
                 let _ = client.lease_revoke(lease).await;
-                let held_by = answer
+                let held = answer
                     .op_responses()
                     .into_iter()
                     .find_map(|op| match op {
                         etcd_client::TxnOpResponse::Get(get) => {
-                            get.kvs().first().map(|kv| String::from_utf8_lossy(kv.value()).into_owned())
+                            get.kvs().first().map(|kv| (String::from_utf8_lossy(kv.value()).into_owned(), kv.lease()))
                         }
                         _ => None,
                     })
                     .unwrap_or_default();
-                return Err(MembershipError::Busy(held_by));
+                return Ok(Err(held));
             }
             let period = Duration::from_secs(u64::try_from(ttl).unwrap_or(10)) / 3;
             // Renewed through any member: the one it was taken through may be the one
@@ -576,7 +605,7 @@ impl<'a, H: ReplicaHost> Membership<'a, H> {
                     }
                 }
             });
-            return Ok(LockGuard { keeper, cluster: self.cluster.clone(), lease });
+            return Ok(Ok(LockGuard { keeper, cluster: self.cluster.clone(), lease }));
         }
         Err(MembershipError::Etcd { what: "take the lock".into(), reason: reasons.join("; ") })
     }
@@ -610,6 +639,38 @@ fn encode(change: &Change) -> Result<String> {
     serde_json::to_string(change).map_err(|e| MembershipError::Journal(e.to_string()))
 }
 
+/// Whether the lock's holder (`pid P on HOST`) is a process of this host that no longer
+/// runs (gone, or a zombie nobody reaped). A holder elsewhere, or a pid the kernel gave to
+/// another process since, counts as running: waiting is the safe mistake.
+fn holder_is_gone(holder: &str) -> bool {
+    let Some((pid, host)) = holder.strip_prefix("pid ").and_then(|rest| rest.split_once(" on ")) else {
+        return false;
+    };
+    if host != hostname() || pid.parse::<u32>().is_err() {
+        return false;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+        // The state follows the command name's closing parenthesis.
+        Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}
+
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map_or_else(|_| "this host".into(), |h| h.trim().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_dead_process_of_this_host_lets_its_lock_go() {
+        let here = hostname();
+        assert!(!holder_is_gone(&format!("pid {} on {here}", std::process::id())), "this process runs");
+        // Above the kernel's pid limit (2^22): no process has it.
+        assert!(holder_is_gone(&format!("pid 4194305 on {here}")));
+        assert!(!holder_is_gone("pid 4194305 on another-host"), "a holder elsewhere may run");
+        assert!(!holder_is_gone("someone"), "a holder that does not say who it is may run");
+    }
 }

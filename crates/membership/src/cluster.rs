@@ -81,20 +81,17 @@ impl Cluster {
             let mut client = match self.connect(endpoint).await {
                 Ok(client) => client,
                 Err(reason) => {
-                    reasons.push(format!("{endpoint}: {reason}"));
+                    reasons.push((endpoint.as_str(), reason));
                     continue;
                 }
             };
             match tokio::time::timeout(self.timeout, call(&mut client)).await {
                 Ok(Ok(answer)) => return Ok(answer),
-                Ok(Err(e)) => reasons.push(format!("{endpoint}: {e}")),
-                Err(_) => reasons.push(format!("{endpoint}: no answer within {:?}", self.timeout)),
+                Ok(Err(e)) => reasons.push((endpoint.as_str(), e.to_string())),
+                Err(_) => reasons.push((endpoint.as_str(), format!("no answer within {:?}", self.timeout))),
             }
         }
-        if endpoints.is_empty() {
-            reasons.push("no endpoint to ask".into());
-        }
-        Err(MembershipError::Etcd { what: what.into(), reason: reasons.join("; ") })
+        Err(MembershipError::Etcd { what: what.into(), reason: summarise(&reasons) })
     }
 
     /// Runs `call` on any member.
@@ -156,8 +153,28 @@ impl Cluster {
         for view in &mut views {
             view.leader = leader == Some(view.id);
         }
+        views.sort_by_key(replica_order);
         Ok(views)
     }
+}
+
+/// Why every endpoint failed, in one line: once when they all said the same.
+fn summarise(reasons: &[(&str, String)]) -> String {
+    match reasons {
+        [] => "no endpoint to ask".into(),
+        [(endpoint, reason)] => format!("{endpoint}: {reason}"),
+        [(_, first), rest @ ..] if rest.iter().all(|(_, r)| r == first) => {
+            format!("all {} members asked: {first}", reasons.len())
+        }
+        _ => reasons.iter().map(|(e, r)| format!("{e}: {r}")).collect::<Vec<_>>().join("; "),
+    }
+}
+
+/// The order members are shown in: by replica number (`n2` before `n10`), members not
+/// started yet (no name) last.
+fn replica_order(view: &MemberView) -> (bool, usize, String) {
+    let number = view.name.trim_start_matches(|c: char| !c.is_ascii_digit()).parse().unwrap_or(usize::MAX);
+    (view.name.is_empty(), number, view.name.clone())
 }
 
 /// Whether etcd's answer means "not now" rather than "no": a cluster that is not yet
@@ -179,4 +196,19 @@ pub(crate) fn worth_retrying(reason: &str) -> bool {
     ]
     .iter()
     .any(|needle| reason.contains(needle))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_same_refusal_from_every_member_is_said_once() {
+        let same =
+            [("http://a:2379", "unhealthy cluster".to_owned()), ("http://b:2379", "unhealthy cluster".to_owned())];
+        assert_eq!(summarise(&same), "all 2 members asked: unhealthy cluster");
+        let differ = [("http://a:2379", "unhealthy cluster".to_owned()), ("http://b:2379", "refused".to_owned())];
+        assert_eq!(summarise(&differ), "http://a:2379: unhealthy cluster; http://b:2379: refused");
+        assert_eq!(summarise(&[]), "no endpoint to ask");
+    }
 }

@@ -163,6 +163,7 @@ pub async fn run(config: TestbedConfig, progress: &(dyn Fn(&str) + Sync)) -> Res
     let spec = SandboxSpec {
         service: SERVICE.into(),
         replicas: config.replicas,
+        retired: Vec::new(),
         app: config.app.clone(),
         app_args: Vec::new(),
         app_env: [("BR2K_OUTBOX".into(), config.work_dir.join("outbox").display().to_string())]

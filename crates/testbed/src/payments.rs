@@ -243,6 +243,7 @@ pub async fn run(config: TestbedConfig, progress: &(dyn Fn(&str) + Sync)) -> Res
     let spec = SandboxSpec {
         service: SERVICE.into(),
         replicas: config.replicas,
+        retired: Vec::new(),
         app: config.app.clone(),
         app_args: timing.app_args(settings.confirmations),
         app_env: [

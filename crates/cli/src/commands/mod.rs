@@ -8,6 +8,7 @@ mod deploy;
 mod history;
 mod image;
 mod manager;
+mod members;
 mod registry;
 mod resolve;
 mod service;
@@ -111,6 +112,12 @@ enum Command {
     Up(up::UpArgs),
     /// Stop a service started with `br2k up --detach`.
     Down(up::DownArgs),
+    /// A running service's etcd members (voter or learner, health, LPI, lag) and any change in progress.
+    Members(members::MembersArgs),
+    /// Grow or shrink a running service to N replicas, one etcd member at a time, nothing lost.
+    Scale(members::ScaleArgs),
+    /// Replace one replica of a running service (dead or alive) by a fresh one.
+    Replace(members::ReplaceArgs),
     /// Run the paper's evaluation under real faults and print its Table 2.
     Testbed(testbed::TestbedArgs),
     /// Build, list, push and pull OCI images of a service (no Docker daemon needed).
@@ -161,6 +168,9 @@ impl Cli {
             Command::Watch(args) => args.run(global).await,
             Command::Up(args) => args.run(global).await,
             Command::Down(args) => args.run(global).await,
+            Command::Members(args) => args.run(global).await,
+            Command::Scale(args) => args.run(global).await,
+            Command::Replace(args) => args.run(global).await,
             Command::Testbed(args) => args.run(global).await,
             Command::Image(command) => command.run(global).await,
             Command::ImageRegistry(command) => command.run(global).await,

@@ -6,6 +6,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use br2k_deploy::local::control::{ControlRequest, ControlSocket};
 use br2k_deploy::local::run_file::{Layout, NodeEntry, RunFile, RunnerClaim};
 use br2k_deploy::local::{ChainChoice, DiskLimits, EtcdTimings, LocalChainOptions, Part, Sandbox, SandboxSpec};
 use br2k_replication::Role;
@@ -181,6 +182,7 @@ impl UpArgs {
         }
         let app = self.local.app()?;
         let snapshots = self.local.snapshots()?;
+        let catch_up_window = br2k_membership::catch_up_window(&snapshots);
         let chain = if self.use_chain {
             let key = global.wallet.require_signer("publishing the service")?;
             ChainChoice::Existing {
@@ -202,7 +204,9 @@ impl UpArgs {
         let _claim = RunnerClaim::take(&dir)?;
         let spec = SandboxSpec {
             service: self.name.clone(),
-            replicas: self.local.count(),
+            // Kept data whose membership changed has more nodes than replicas.
+            replicas: kept.as_ref().map_or(self.local.count(), Layout::node_count),
+            retired: kept.as_ref().map(|layout| layout.retired.clone()).unwrap_or_default(),
             app,
             app_args: Vec::new(),
             app_env: [("BR2K_OUTBOX".into(), dir.join("outbox").display().to_string())]
@@ -225,13 +229,17 @@ impl UpArgs {
             _ = tokio::signal::ctrl_c() => bail!("interrupted while starting; everything started was stopped"),
         };
         let network = sandbox.service().network();
+        let service = sandbox.service();
         Layout {
             service: self.name.clone(),
-            replicas: sandbox.service().len(),
+            replicas: self.local.count(),
+            nodes: service.len(),
+            retired: (0..service.len()).filter(|&i| service.is_retired(i)).collect(),
             slot: network.slot(),
             namespaces: network.uses_namespaces(),
         }
         .write(&dir)?;
+        let control = ControlSocket::bind(&dir)?;
         if kept.is_some() {
             progress(&format!("started on the data kept in {}", dir.display()));
         }
@@ -244,7 +252,7 @@ impl UpArgs {
             sandbox.registry().address(),
             sandbox.rpc_url()
         ));
-        for i in 0..sandbox.service().len() {
+        for i in sandbox.service().live_nodes() {
             progress(&format!(
                 "  {}: app {}  etcd {}  logs {}",
                 sandbox.service().node_name(i),
@@ -253,7 +261,8 @@ impl UpArgs {
                 sandbox.service().node_dir(i).display()
             ));
         }
-        let result = supervise(&mut sandbox, &dir, !self.no_restart, &out).await;
+        let runner = Runner { dir: &dir, control: &control, restart: !self.no_restart, catch_up_window };
+        let result = supervise(&mut sandbox, &runner, &out).await;
         progress("stopping");
         sandbox.shutdown().await;
         let _ = std::fs::remove_file(dir.join("run.json"));
@@ -263,7 +272,18 @@ impl UpArgs {
 }
 
 /// Prints role and location changes until Ctrl-C or SIGTERM; keeps run.json current.
-async fn supervise(sandbox: &mut Sandbox, dir: &Path, restart: bool, out: &Output) -> Result<()> {
+/// What the supervising loop keeps besides the sandbox.
+struct Runner<'a> {
+    dir: &'a Path,
+    control: &'a ControlSocket,
+    /// Start dead processes again.
+    restart: bool,
+    /// Written to run.json for membership changes.
+    catch_up_window: u64,
+}
+
+async fn supervise(sandbox: &mut Sandbox, runner: &Runner<'_>, out: &Output) -> Result<()> {
+    let Runner { dir, control, restart, .. } = *runner;
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut roles: HashMap<usize, Option<Role>> = HashMap::new();
     let mut location: Option<(String, u64)> = None;
@@ -314,7 +334,7 @@ async fn supervise(sandbox: &mut Sandbox, dir: &Path, restart: bool, out: &Outpu
             ));
             location = Some((resolved.location, resolved.epoch));
         }
-        write_run_file(sandbox, dir, &statuses, location.as_ref(), &mut last_written)?;
+        write_run_file(sandbox, runner, &statuses, location.as_ref(), &mut last_written)?;
         if !ready_announced && location.is_some() {
             ready_announced = true;
             out.progress(format_args!(
@@ -324,9 +344,34 @@ async fn supervise(sandbox: &mut Sandbox, dir: &Path, restart: bool, out: &Outpu
         }
         tokio::select! {
             () = tokio::time::sleep(Duration::from_millis(500)) => {}
+            // A membership change asks for a replica started, stopped or retired: done
+            // here, between polls, since this loop owns the processes.
+            Ok(stream) = control.accept() => {
+                if let Some(request) = ControlSocket::serve(stream, sandbox, dir).await
+                    && request != ControlRequest::PeerUrls
+                {
+                    out.progress(format_args!("control: {}", describe_request(&request)));
+                    for i in 0..sandbox.service().len() {
+                        if sandbox.service().is_retired(i) {
+                            dead_since.remove(&i); // nothing of a retired node is started again
+                        }
+                    }
+                }
+            }
             _ = tokio::signal::ctrl_c() => return Ok(()),
             _ = terminate.recv() => return Ok(()),
         }
+    }
+}
+
+/// A control request as the runner's output reports it.
+fn describe_request(request: &ControlRequest) -> String {
+    match request {
+        ControlRequest::PeerUrls => "asked for the peer URLs".into(),
+        ControlRequest::Start { replica, .. } => format!("{replica} started, joining the etcd cluster"),
+        ControlRequest::Stop { replica } => format!("{replica} stopped"),
+        ControlRequest::DeleteData { replica } => format!("{replica}'s data deleted; the node is retired"),
+        ControlRequest::Record { replicas } => format!("{replicas} replicas recorded"),
     }
 }
 
@@ -349,7 +394,7 @@ const fn role_word(role: Role) -> &'static str {
 
 fn write_run_file(
     sandbox: &Sandbox,
-    dir: &Path,
+    runner: &Runner<'_>,
     statuses: &[Result<br2k_replication::Status, String>],
     location: Option<&(String, u64)>,
     last_written: &mut String,
@@ -373,14 +418,16 @@ fn write_run_file(
                 etcd_pid: service.pid(i, Part::Etcd),
                 role: statuses.get(i).and_then(|s| s.as_ref().ok()).map(|s| role_name(s.role).to_owned()),
                 dir: service.node_dir(i).to_owned(),
+                retired: service.is_retired(i),
             })
             .collect(),
+        catch_up_window: Some(runner.catch_up_window),
     };
     let text = serde_json::to_string_pretty(&run)?;
     if text == *last_written {
         return Ok(()); // nothing changed since the last poll
     }
-    run.write(dir)?;
+    run.write(runner.dir)?;
     *last_written = text;
     Ok(())
 }

@@ -9,6 +9,7 @@ mod deploy;
 mod image;
 mod manager;
 mod membership;
+mod scale;
 mod testbed;
 mod up;
 
@@ -92,6 +93,11 @@ fn alive(pid: u64) -> bool {
 /// One HTTP/1.1 request to `base` (`http://host:port`), by hand (the tests need no HTTP
 /// client crate): the status code (0 when nothing answered) and the body.
 fn http(base: &str, method: &str, path: &str, json_body: &str) -> (u16, String) {
+    http_with_headers(base, method, path, &[], json_body)
+}
+
+/// [`http`] with extra request headers.
+fn http_with_headers(base: &str, method: &str, path: &str, headers: &[(&str, &str)], json_body: &str) -> (u16, String) {
     use std::io::{Read as _, Write as _};
     let authority = base.trim_start_matches("http://").trim_end_matches('/');
     let Ok(mut stream) = std::net::TcpStream::connect_timeout(
@@ -103,7 +109,8 @@ fn http(base: &str, method: &str, path: &str, json_body: &str) -> (u16, String) 
     stream.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
     let _ = write!(
         stream,
-        "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{json_body}",
+        "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\n{}Content-Length: {}\r\nConnection: close\r\n\r\n{json_body}",
+        headers.iter().map(|(name, value)| format!("{name}: {value}\r\n")).collect::<String>(),
         json_body.len()
     );
     let mut answer = String::new();

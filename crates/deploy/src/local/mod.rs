@@ -20,6 +20,7 @@
 
 mod backend;
 mod chain;
+pub mod control;
 mod disk;
 mod members;
 mod net;
@@ -239,7 +240,21 @@ impl LocalService {
     /// # Errors
     /// Bad spec, missing programs, or a process that exits or does not answer in time
     /// (everything started is stopped again).
-    pub async fn start(network: LocalNetwork, mut spec: ServiceSpec, progress: &dyn Fn(&str)) -> Result<Self> {
+    pub async fn start(network: LocalNetwork, spec: ServiceSpec, progress: &dyn Fn(&str)) -> Result<Self> {
+        Self::start_kept(network, spec, &[], progress).await
+    }
+
+    /// [`Self::start`] on the data a service left whose membership changed: the nodes in
+    /// `retired` (0-based) were retired by a change and are not started.
+    ///
+    /// # Errors
+    /// As [`Self::start`].
+    pub async fn start_kept(
+        network: LocalNetwork,
+        mut spec: ServiceSpec,
+        retired: &[usize],
+        progress: &dyn Fn(&str),
+    ) -> Result<Self> {
         spec.etcd.check()?;
         if !spec.app.is_file() {
             return Err(DeployError::Invalid(format!(
@@ -260,8 +275,11 @@ impl LocalService {
         let count = network.nodes();
         let mut nodes = Vec::with_capacity(count);
         for i in 0..count {
-            nodes.push(Node::create(&spec, format!("n{}", i + 1))?);
+            let mut node = Node::create(&spec, format!("n{}", i + 1))?;
+            node.retired = retired.contains(&i);
+            nodes.push(node);
         }
+        let live: Vec<usize> = (0..count).filter(|i| !retired.contains(i)).collect();
         if spec.etcd_tls {
             let hosts: Vec<Vec<String>> = (0..count).map(|i| vec![network.node_address(i).to_string()]).collect();
             let certificates = crate::etcd_tls::EtcdCertificates::make(&spec.service, &hosts)?;
@@ -270,18 +288,18 @@ impl LocalService {
             }
         }
         let mut service = Self { nodes, spec, etcd_program, http, network };
-        progress(&format!("starting {count} etcd members"));
-        for i in 0..count {
+        progress(&format!("starting {} etcd members", live.len()));
+        for &i in &live {
             service.spawn(i, Part::Etcd)?;
         }
-        for i in 0..count {
+        for &i in &live {
             service.wait_ready(i, Part::Etcd).await?;
         }
-        progress(&format!("starting {count} replicas of {}", service.spec.app.display()));
-        for i in 0..count {
+        progress(&format!("starting {} replicas of {}", live.len(), service.spec.app.display()));
+        for &i in &live {
             service.spawn(i, Part::App)?;
         }
-        for i in 0..count {
+        for &i in &live {
             service.wait_ready(i, Part::App).await?;
         }
         Ok(service)

@@ -43,6 +43,10 @@ pub struct RunFile {
     pub namespaces: bool,
     /// The nodes.
     pub nodes: Vec<NodeEntry>,
+    /// How far behind SSI an added replica's recorded LPI may be and count as caught up
+    /// (its snapshot interval plus trailing entries); `None` from older runners.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catch_up_window: Option<u64>,
 }
 
 /// One node in `run.json`.
@@ -62,6 +66,9 @@ pub struct NodeEntry {
     pub role: Option<String>,
     /// Its directory (data and logs).
     pub dir: PathBuf,
+    /// Retired by a membership change: it runs nothing and is no member.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub retired: bool,
 }
 
 impl RunFile {
@@ -162,8 +169,15 @@ impl Drop for RunnerClaim {
 pub struct Layout {
     /// The service name.
     pub service: String,
-    /// How many replicas.
+    /// How many replicas (the count a membership change last recorded).
     pub replicas: usize,
+    /// How many nodes were made (membership changes add nodes and retire others; a node
+    /// keeps its address for good). 0 in files from before membership changes: `replicas`.
+    #[serde(default)]
+    pub nodes: usize,
+    /// The nodes retired by membership changes (0-based indices): they run nothing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retired: Vec<usize>,
     /// The local slot (it fixes the nodes' addresses).
     pub slot: u8,
     /// Whether the nodes lived in network namespaces (10.213.S.x) or on loopback (127.213.S.x).
@@ -177,6 +191,11 @@ impl Layout {
     /// When it exists but cannot be read or is not a layout file.
     pub fn read(dir: &Path) -> Result<Option<Self>> {
         read_json(&dir.join(LAYOUT_FILE), "a br2k layout file (remove the state directory to start afresh)")
+    }
+
+    /// How many nodes a start on this data makes (retired ones included).
+    pub fn node_count(&self) -> usize {
+        self.nodes.max(self.replicas + self.retired.len())
     }
 
     /// Writes it to `dir/layout.json` atomically.
@@ -239,11 +258,13 @@ mod tests {
     fn a_layout_is_reused_only_as_it_was_made() {
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(Layout::read(dir.path()).unwrap(), None);
-        let layout = Layout { service: "s".into(), replicas: 3, slot: 7, namespaces: false };
+        let layout =
+            Layout { service: "s".into(), replicas: 3, nodes: 0, retired: Vec::new(), slot: 7, namespaces: false };
         layout.write(dir.path()).unwrap();
         let read = Layout::read(dir.path()).unwrap().unwrap();
         assert_eq!(read, layout);
         read.check_reuse("s", 3, false, dir.path()).unwrap();
+        assert_eq!(read.node_count(), 3, "a file from before membership changes has one node per replica");
         let err = read.check_reuse("s", 5, false, dir.path()).unwrap_err().to_string();
         assert!(err.contains("made for 3 replicas, not 5"), "{err}");
         let err = read.check_reuse("t", 3, false, dir.path()).unwrap_err().to_string();

@@ -44,8 +44,10 @@ pub enum ChainChoice {
 pub struct SandboxSpec {
     /// The service name.
     pub service: String,
-    /// How many replicas.
+    /// How many nodes: one per replica, plus the retired ones of kept data.
     pub replicas: usize,
+    /// The nodes of kept data that membership changes retired (0-based): not started.
+    pub retired: Vec<usize>,
     /// The app binary.
     pub app: PathBuf,
     /// Extra app arguments.
@@ -174,7 +176,7 @@ impl Sandbox {
             disks: spec.disks,
             etcd_tls: spec.etcd_tls,
         };
-        let service = LocalService::start(network, service_spec, progress).await?;
+        let service = LocalService::start_kept(network, service_spec, &spec.retired, progress).await?;
         Ok(Self { service, registry, rpc_url, chain })
     }
 
