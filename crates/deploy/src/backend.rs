@@ -59,4 +59,16 @@ pub trait Backend: Send + Sync {
     /// What runs of `service`: one entry per replica the backend knows of (none when
     /// nothing was ever deployed or everything is gone).
     fn replicas<'a>(&'a self, service: &'a str) -> BoxFuture<'a, Result<Vec<ReplicaView>>>;
+
+    /// Finishes a membership change of `service` that the command running it left half
+    /// done (killed, its machine lost), when nobody runs it now: what it did, or `None`
+    /// when there was none to finish. Backends without membership changes have none.
+    fn finish_membership_change<'a>(
+        &'a self,
+        service: &'a str,
+        progress: Progress<'a>,
+    ) -> BoxFuture<'a, Result<Option<String>>> {
+        let _ = (service, progress);
+        Box::pin(async { Ok(None) })
+    }
 }

@@ -439,7 +439,10 @@ impl<B: Backends> Manager<B> {
             return Ok(());
         }
         match self.assess(&info).await? {
-            Verdict::Healthy(_) => self.metrics.probed(name, "healthy"),
+            Verdict::Healthy(_) => {
+                self.metrics.probed(name, "healthy");
+                self.finish_membership_change(name, &info).await;
+            }
             Verdict::Ignored(_) => {}
             Verdict::Waiting(why) => {
                 self.metrics.probed(name, "waiting");
@@ -452,6 +455,30 @@ impl<B: Backends> Manager<B> {
             }
         }
         Ok(())
+    }
+
+    /// Finishes a membership change of a serving service that its command left half
+    /// done (the journal in the service's etcd says so, and nobody holds its lock). A
+    /// failure is logged and tried again at the next probe: the service serves meanwhile.
+    async fn finish_membership_change(&self, name: &str, info: &ServiceInfo) {
+        let Ok(record) = DeploymentRecord::from_body(&info.recovery) else { return };
+        let backend = match self.backends.backend(&record.context).await {
+            Ok(backend) => backend,
+            Err(e) => return warn!(service = %name, "cannot look for an unfinished membership change: {e}"),
+        };
+        let service = name.to_owned();
+        let progress = move |line: &str| info!(service = %service, "membership: {line}");
+        match backend.finish_membership_change(name, &progress).await {
+            Ok(None) => {}
+            Ok(Some(done)) => {
+                self.metrics.membership_change(name, "finished");
+                info!(service = %name, "membership change left half done: {done}");
+            }
+            Err(e) => {
+                self.metrics.membership_change(name, "failed");
+                warn!(service = %name, "could not finish a membership change left half done (trying again at the next probe): {e}");
+            }
+        }
     }
 
     /// Checks a service: its location's health, then the backend's view of the replicas.
@@ -544,6 +571,12 @@ impl<B: Backends> Manager<B> {
                     "recovered in {seconds:.1} s: answering at {} (epoch {}, was {}); state Running",
                     resolved.location, resolved.epoch, recovery.from_epoch
                 );
+                // A membership change the disaster interrupted is finished now, on the
+                // shape the recovery brought back (the recorded count, the nodes kept).
+                match self.registry.info(name).await {
+                    Ok(info) => self.finish_membership_change(name, &info).await,
+                    Err(e) => warn!(service = %name, "cannot look for an unfinished membership change: {e}"),
+                }
                 Ok(())
             }
             Err(e) => {

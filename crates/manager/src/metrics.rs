@@ -42,6 +42,7 @@ struct Inner {
     dropped: Family<ReasonLabels, Counter>,
     probes: Family<ResultLabels, Counter>,
     recoveries: Family<OutcomeLabels, Counter>,
+    membership_changes: Family<OutcomeLabels, Counter>,
     durations: Histogram,
     next_block: Gauge,
 }
@@ -66,6 +67,7 @@ impl Default for Metrics {
             dropped: Family::default(),
             probes: Family::default(),
             recoveries: Family::default(),
+            membership_changes: Family::default(),
             durations: Histogram::new(BUCKETS),
             next_block: Gauge::default(),
             registry: Registry::default(),
@@ -82,6 +84,11 @@ impl Default for Metrics {
             "recoveries",
             "Recoveries started, succeeded and failed (a failed attempt is retried)",
             inner.recoveries.clone(),
+        );
+        registry.register(
+            "membership_changes_finished",
+            "Membership changes left half done by their command that the manager finished or failed to",
+            inner.membership_changes.clone(),
         );
         registry.register(
             "recovery_duration_seconds",
@@ -112,6 +119,12 @@ impl Metrics {
     /// A recovery of `service` ended with `outcome` (`started`, `succeeded`, `failed`).
     pub fn recovery(&self, service: &str, outcome: &'static str) {
         self.inner.recoveries.get_or_create(&OutcomeLabels { service: service.to_owned(), outcome }).inc();
+    }
+
+    /// A membership change of `service` left half done ended with `outcome` in the
+    /// manager's hands (`finished`, `failed`).
+    pub fn membership_change(&self, service: &str, outcome: &'static str) {
+        self.inner.membership_changes.get_or_create(&OutcomeLabels { service: service.to_owned(), outcome }).inc();
     }
 
     /// A recovery took `seconds`, from its start to the service answering again.

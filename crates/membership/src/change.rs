@@ -155,6 +155,38 @@ impl<'a, H: ReplicaHost> Membership<'a, H> {
         result
     }
 
+    /// Finishes the journaled change if nobody is running it (its runner died or was
+    /// killed): what a manager does on its rounds. `Ok(None)` when no change is journaled
+    /// or a live runner holds the lock.
+    ///
+    /// # Errors
+    /// As [`Self::change`].
+    pub async fn finish_abandoned(&self) -> Result<Option<Change>> {
+        if self.read_journal().await?.is_none() {
+            return Ok(None);
+        }
+        let lock = match self.try_lock().await? {
+            Ok(lock) => lock,
+            Err((holder, lease)) if holder_is_gone(&holder) => {
+                (self.progress)(&format!("the change lock was held by {holder}, which is gone: taking it over"));
+                self.cluster.call("let go a dead runner's lock", async |c| c.lease_revoke(lease).await).await?;
+                match self.try_lock().await? {
+                    Ok(lock) => lock,
+                    Err(_) => return Ok(None), // someone else was quicker
+                }
+            }
+            Err(_) => return Ok(None),
+        };
+        let result = async {
+            let Some((change, revision)) = self.read_journal().await? else { return Ok(None) };
+            (self.progress)(&format!("finishing the abandoned {} at: {}", change.kind, change.next));
+            self.run(change, revision).await.map(Some)
+        }
+        .await;
+        lock.release().await;
+        result
+    }
+
     /// What would make `kind` unsafe now; the voters after it when nothing does.
     fn check(&self, kind: &ChangeKind, members: &[MemberView]) -> Result<u32> {
         let voters: Vec<&MemberView> = members.iter().filter(|m| m.is_voter()).collect();

@@ -136,7 +136,7 @@ impl LocalTarget {
         }
         let dir = super::up::state_dir(service, target.state_dir.clone())?;
         let run = Self::read_run(service, &dir)?;
-        let host = RunnerHost::connect(&dir).await?;
+        let host = RunnerHost::new(&dir, &run);
         Ok(Self { service: service.to_owned(), dir, run, host })
     }
 
@@ -163,13 +163,7 @@ impl LocalTarget {
     }
 
     fn cluster(&self) -> Result<Cluster> {
-        let endpoints: Vec<String> = self.run.nodes.iter().filter(|n| !n.retired).map(|n| n.etcd_url.clone()).collect();
-        if endpoints.iter().any(|url| url.starts_with("https://")) {
-            bail!(
-                "membership changes of a local service with etcd TLS are not supported yet: an added node would need a certificate from an authority whose key is not kept"
-            );
-        }
-        Ok(Cluster { endpoints, tls: None, timeout: Duration::from_secs(3) })
+        Ok(br2k_deploy::local::control::runner_cluster(&self.run)?)
     }
 
     /// The name the next added replica gets: after every node and member there was.
@@ -213,8 +207,7 @@ fn options(change: &ChangeOpts, run: &RunFile) -> ChangeOptions {
     ChangeOptions {
         allow_below_3: change.allow_below_3,
         step_timeout: Duration::from_secs(change.step_timeout),
-        catch_up_window: run.catch_up_window.unwrap_or_else(|| ChangeOptions::default().catch_up_window),
-        ..ChangeOptions::default()
+        ..br2k_deploy::local::control::change_options(run)
     }
 }
 
@@ -307,6 +300,7 @@ impl ScaleArgs {
         let out = global.output();
         let progress = progress_to(out, "scale");
         let mut target = LocalTarget::open(&self.service, &self.target).await?;
+        target.host.ping().await?;
         let options = options(&self.change, &target.run);
         let mut changes = Vec::new();
         {
@@ -367,6 +361,7 @@ impl ReplaceArgs {
         let out = global.output();
         let progress = progress_to(out, "replace");
         let mut target = LocalTarget::open(&self.service, &self.target).await?;
+        target.host.ping().await?;
         let options = options(&self.change, &target.run);
         {
             let membership =

@@ -348,7 +348,7 @@ async fn supervise(sandbox: &mut Sandbox, runner: &Runner<'_>, out: &Output) -> 
             // here, between polls, since this loop owns the processes.
             Ok(stream) = control.accept() => {
                 if let Some(request) = ControlSocket::serve(stream, sandbox, dir).await
-                    && request != ControlRequest::PeerUrls
+                    && request != ControlRequest::Ping
                 {
                     out.progress(format_args!("control: {}", describe_request(&request)));
                     for i in 0..sandbox.service().len() {
@@ -367,7 +367,7 @@ async fn supervise(sandbox: &mut Sandbox, runner: &Runner<'_>, out: &Output) -> 
 /// A control request as the runner's output reports it.
 fn describe_request(request: &ControlRequest) -> String {
     match request {
-        ControlRequest::PeerUrls => "asked for the peer URLs".into(),
+        ControlRequest::Ping => "asked whether it listens".into(),
         ControlRequest::Start { replica, .. } => format!("{replica} started, joining the etcd cluster"),
         ControlRequest::Stop { replica } => format!("{replica} stopped"),
         ControlRequest::DeleteData { replica } => format!("{replica}'s data deleted; the node is retired"),

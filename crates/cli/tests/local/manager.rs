@@ -142,10 +142,11 @@ impl Project {
         let run: Value =
             serde_json::from_str(&std::fs::read_to_string(self.state_dir().join("run.json")).unwrap()).unwrap();
         let mut pids = vec![run["pid"].as_u64().unwrap()];
-        for node in run["nodes"].as_array().unwrap() {
+        let live: Vec<&Value> = run["nodes"].as_array().unwrap().iter().filter(|n| n["retired"] != true).collect();
+        for node in &live {
             pids.extend(["app_pid", "etcd_pid"].iter().filter_map(|k| node[k].as_u64()));
         }
-        assert_eq!(pids.len(), 7, "a runner and 3 x (app, etcd): {run}");
+        assert_eq!(pids.len(), 1 + 2 * live.len(), "a runner and each live node's app and etcd: {run}");
         let list: Vec<String> = pids.iter().map(ToString::to_string).collect();
         ok(Command::new("kill").arg("-9").args(&list).output().unwrap());
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -322,7 +323,37 @@ fn a_claim_after_every_replica_died_brings_the_service_back_from_its_image_with_
     assert_eq!(count(&status, "log in etcd from "), 3, "{status}");
     assert_eq!(count(&status, " of a 2.0 GiB quota ("), 3, "{status}");
 
-    // A burst of claims during a second disaster: one recovery.
+    // A grow to 4 whose command is killed as it promotes the new member: the change
+    // stays journaled in the service's etcd, the recorded count stays 3.
+    let mut scale = project
+        .br2k()
+        .args(["scale", "recovered", "--replicas", "4", "--state-dir"])
+        .arg(project.state_dir())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = Vec::new();
+    for line in std::io::BufRead::lines(std::io::BufReader::new(scale.stderr.take().unwrap())) {
+        let line = line.unwrap();
+        let promoting = line.ends_with(": promote the learner to a voter ...");
+        said.push(line);
+        if promoting {
+            break;
+        }
+    }
+    scale.kill().unwrap();
+    scale.wait().unwrap();
+    assert!(
+        said.last().is_some_and(|l| l.contains("promote")),
+        "the scale never reached its promotion:\n{}",
+        said.join("\n")
+    );
+    let info: Value = serde_json::from_str(&project.run(&["--json", "service", "info", "recovered"])).unwrap();
+    assert_eq!(info["recoveryInfo"]["replicas"], 3, "{info}");
+
+    // A burst of claims during a second disaster: one recovery, on the data kept (the 4th
+    // node included), after which the manager finishes the interrupted grow.
     let (_, epoch) = project.resolve();
     project.disaster();
     for key in [4, 5, 6] {
@@ -334,6 +365,18 @@ fn a_claim_after_every_replica_died_brings_the_service_back_from_its_image_with_
     assert_eq!(count(&log, "recovering:"), 2, "one recovery per disaster, whatever the claims:\n{log}");
     assert_eq!(count(&log, "claim: "), 6, "every claim was seen:\n{log}");
     assert!(project.indices().len() >= acknowledged.len() + more.len());
+    let log =
+        project.wait_log(1, "membership change left half done: add n4 finished (4 replicas)", Duration::from_secs(120));
+    assert!(log.contains("finishing the abandoned add n4 at: promote the learner to a voter"), "{log}");
+    let info: Value = serde_json::from_str(&project.run(&["--json", "service", "info", "recovered"])).unwrap();
+    assert_eq!(info["recoveryInfo"]["replicas"], 4, "the grown count is recorded on chain: {info}");
+    let state = project.state_dir();
+    let members: Value =
+        serde_json::from_str(&project.run(&["--json", "members", "recovered", "--state-dir", state.to_str().unwrap()]))
+            .unwrap();
+    assert_eq!(members["voters"], 4, "{members}");
+    assert_eq!(members["inProgress"], Value::Null, "{members}");
+    assert!(members["members"].as_array().unwrap().iter().all(|m| m["healthy"] == true), "{members}");
 }
 
 #[test]

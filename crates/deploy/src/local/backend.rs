@@ -247,4 +247,34 @@ impl Backend for LocalBackend {
     fn replicas<'a>(&'a self, service: &'a str) -> BoxFuture<'a, Result<Vec<ReplicaView>>> {
         Box::pin(async move { replica_views(&self.state_dir(service)).await })
     }
+
+    fn finish_membership_change<'a>(
+        &'a self,
+        service: &'a str,
+        progress: Progress<'a>,
+    ) -> BoxFuture<'a, Result<Option<String>>> {
+        let (name, dir) = (service.to_owned(), self.state_dir(service));
+        Box::pin(async move {
+            // A change's future is not `Send` (etcd calls through async closures, which
+            // the compiler cannot yet prove Send for every lifetime): it runs on a thread
+            // of its own, its progress sent back line by line.
+            let (lines, mut received) = tokio::sync::mpsc::unbounded_channel::<String>();
+            let runtime = tokio::runtime::Handle::current();
+            let mut task = tokio::task::spawn_blocking(move || {
+                let report = move |line: &str| drop(lines.send(line.to_owned()));
+                runtime.block_on(super::control::finish_abandoned_change(&name, &dir, &report))
+            });
+            loop {
+                tokio::select! {
+                    Some(line) = received.recv() => progress(&line),
+                    finished = &mut task => {
+                        while let Ok(line) = received.try_recv() {
+                            progress(&line);
+                        }
+                        return finished.map_err(|e| DeployError::Invalid(format!("the membership change's task failed: {e}")))?;
+                    }
+                }
+            }
+        })
+    }
 }

@@ -15,13 +15,13 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use br2k_membership::{HostError, ReplicaHost};
+use br2k_membership::{ChangeOptions, Cluster, HostError, Membership, ReplicaHost};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
-use super::run_file::Layout;
-use super::{LocalReplicaHost, MAX_NODES, Sandbox};
+use super::run_file::{Layout, RunFile};
+use super::{ETCD_PEER_PORT, LocalNetwork, LocalReplicaHost, MAX_NODES, Sandbox};
 use crate::deployment::DeploymentRecord;
 use crate::error::{DeployError, Result};
 
@@ -35,8 +35,8 @@ const MAX_LINE: u64 = 64 * 1024;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum ControlRequest {
-    /// The peer URL every node index has (and would have), in index order.
-    PeerUrls,
+    /// Whether the runner listens (a command asks before it journals a change).
+    Ping,
     /// Start `replica` fresh, its etcd member joining with `initial_cluster`.
     Start {
         /// The replica (node name).
@@ -71,9 +71,6 @@ pub struct ControlAnswer {
     /// What was done, in words (for the command's progress).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
-    /// For [`ControlRequest::PeerUrls`].
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub peer_urls: Vec<String>,
 }
 
 /// The runner's end: a listening socket in its state directory.
@@ -153,11 +150,7 @@ fn failed(error: String) -> ControlAnswer {
 
 async fn carry_out(request: &ControlRequest, sandbox: &mut Sandbox, dir: &Path) -> ControlAnswer {
     let result = match request {
-        ControlRequest::PeerUrls => {
-            let host = LocalReplicaHost::new(sandbox.service_mut(), |_| {});
-            let peer_urls = (1..=MAX_NODES).map(|i| host.peer_url(&format!("n{i}"))).collect();
-            return ControlAnswer { peer_urls, ..ControlAnswer::default() };
-        }
+        ControlRequest::Ping => Ok("listening".to_owned()),
         ControlRequest::Start { replica, initial_cluster } => {
             let host = LocalReplicaHost::new(sandbox.service_mut(), |_| {});
             let started = host.start(replica, initial_cluster).await;
@@ -198,26 +191,31 @@ fn note_nodes(sandbox: &Sandbox, dir: &Path) -> std::result::Result<(), String> 
 
 /// Records the count in the layout, and in the recovery info when it holds a deployment
 /// (a service `br2k up` registered itself has none: its layout is its record).
+///
+/// The chain first: a start on kept data accepts the count of either record or of the
+/// live nodes (see [`Layout::check_reuse`]), so a crash between the two writes leaves a
+/// redeploy that still starts.
 async fn record(sandbox: &Sandbox, dir: &Path, replicas: u32) -> std::result::Result<String, String> {
+    let name = sandbox.service().name();
+    let registry = sandbox.registry();
+    let info = registry.info(name).await.map_err(|e| format!("reading {name:?}'s recovery info: {e}"))?;
+    let on_chain = match DeploymentRecord::from_body(&info.recovery) {
+        Err(_) => "no deployment is recorded on chain",
+        Ok(deployment) if deployment.replicas == replicas => "the recovery info on chain already says so",
+        Ok(mut deployment) => {
+            deployment.replicas = replicas;
+            crate::deployment::record(registry, name, &deployment, info.manager)
+                .await
+                .map_err(|e| format!("recording {replicas} replicas in {name:?}'s recovery info: {e}"))?;
+            "and in the recovery info on chain"
+        }
+    };
     note_nodes(sandbox, dir)?;
     if let Some(mut layout) = Layout::read(dir).map_err(|e| e.to_string())? {
         layout.replicas = replicas as usize;
         layout.write(dir).map_err(|e| e.to_string())?;
     }
-    let name = sandbox.service().name();
-    let registry = sandbox.registry();
-    let info = registry.info(name).await.map_err(|e| format!("reading {name:?}'s recovery info: {e}"))?;
-    let Ok(mut deployment) = DeploymentRecord::from_body(&info.recovery) else {
-        return Ok(format!("{replicas} replicas recorded in the layout (no deployment is recorded on chain)"));
-    };
-    if deployment.replicas == replicas {
-        return Ok(format!("{replicas} replicas recorded; the recovery info already says so"));
-    }
-    deployment.replicas = replicas;
-    crate::deployment::record(registry, name, &deployment, info.manager)
-        .await
-        .map_err(|e| format!("recording {replicas} replicas in {name:?}'s recovery info: {e}"))?;
-    Ok(format!("{replicas} replicas recorded in the layout and in the recovery info on chain"))
+    Ok(format!("{replicas} replicas recorded in the layout ({on_chain})"))
 }
 
 /// A command's end: the runner of one state directory, as a membership change's
@@ -231,17 +229,24 @@ pub struct RunnerHost {
 }
 
 impl RunnerHost {
-    /// Connects to the runner whose state directory is `dir`.
+    /// The runner whose state directory is `dir` and whose run file is `run`. Nothing is
+    /// asked of it until a step needs it ([`Self::ping`] checks that it listens).
+    pub fn new(dir: &Path, run: &RunFile) -> Self {
+        let peer_urls = (0..MAX_NODES)
+            .map(|i| {
+                let address = LocalNetwork::address_of(run.namespaces, run.slot, i);
+                format!("http://{}", super::socket(address, ETCD_PEER_PORT))
+            })
+            .collect();
+        Self { path: dir.join(CONTROL_SOCKET), peer_urls, start_timeout: Duration::from_secs(120) }
+    }
+
+    /// Checks that the runner listens, before a change is journaled that needs it.
     ///
     /// # Errors
     /// No runner listens there (none runs, or one from before membership changes).
-    pub async fn connect(dir: &Path) -> Result<Self> {
-        let mut host =
-            Self { path: dir.join(CONTROL_SOCKET), peer_urls: Vec::new(), start_timeout: Duration::from_secs(120) };
-        let answer =
-            host.ask(&ControlRequest::PeerUrls, Duration::from_secs(10)).await.map_err(DeployError::Invalid)?;
-        host.peer_urls = answer.peer_urls;
-        Ok(host)
+    pub async fn ping(&self) -> Result<()> {
+        self.ask(&ControlRequest::Ping, Duration::from_secs(30)).await.map(drop).map_err(DeployError::Invalid)
     }
 
     async fn ask(&self, request: &ControlRequest, timeout: Duration) -> std::result::Result<ControlAnswer, String> {
@@ -302,6 +307,48 @@ impl ReplicaHost for RunnerHost {
     }
 }
 
+/// The etcd cluster of the runner whose run file is `run`, as a membership change
+/// reaches it (its live nodes' members).
+///
+/// # Errors
+/// With etcd TLS, which membership changes of local services do not support yet.
+pub fn runner_cluster(run: &RunFile) -> Result<Cluster> {
+    let endpoints: Vec<String> = run.nodes.iter().filter(|n| !n.retired).map(|n| n.etcd_url.clone()).collect();
+    if endpoints.iter().any(|url| url.starts_with("https://")) {
+        return Err(DeployError::Invalid(
+            "membership changes of a local service with etcd TLS are not supported yet: an added node would need a certificate from an authority whose key is not kept".into(),
+        ));
+    }
+    Ok(Cluster { endpoints, tls: None, timeout: Duration::from_secs(3) })
+}
+
+/// The options a change of the runner whose run file is `run` runs with.
+pub fn change_options(run: &RunFile) -> ChangeOptions {
+    ChangeOptions {
+        catch_up_window: run.catch_up_window.unwrap_or_else(|| ChangeOptions::default().catch_up_window),
+        ..ChangeOptions::default()
+    }
+}
+
+/// Finishes the membership change of `service` (run from `dir`) that nobody runs now.
+pub(super) async fn finish_abandoned_change(
+    service: &str,
+    dir: &Path,
+    progress: crate::backend::Progress<'_>,
+) -> Result<Option<String>> {
+    let Some(run) = RunFile::read(dir)?.filter(RunFile::runner_alive) else { return Ok(None) };
+    let cluster = runner_cluster(&run)?;
+    let host = RunnerHost::new(dir, &run);
+    let report = |line: &str| progress(line);
+    let membership = Membership::new(service, cluster, &host, change_options(&run), &report);
+    match membership.finish_abandoned().await {
+        Ok(finished) => {
+            Ok(finished.map(|change| format!("{} finished ({} replicas)", change.kind, change.replicas_after)))
+        }
+        Err(e) => Err(DeployError::Invalid(format!("finishing {service:?}'s membership change: {e}"))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -315,10 +362,36 @@ mod tests {
         assert!(serde_json::from_str::<ControlRequest>(r#"{"op":"format_disk"}"#).is_err());
     }
 
+    fn run_file(namespaces: bool) -> RunFile {
+        RunFile {
+            pid: 1,
+            service: "s".into(),
+            rpc_url: String::new(),
+            registry: String::new(),
+            location: None,
+            epoch: None,
+            slot: 4,
+            namespaces,
+            nodes: Vec::new(),
+            catch_up_window: None,
+        }
+    }
+
     #[tokio::test]
     async fn a_command_without_a_runner_is_told_what_to_do() {
         let dir = tempfile::tempdir().unwrap();
-        let err = RunnerHost::connect(dir.path()).await.unwrap_err().to_string();
+        let err = RunnerHost::new(dir.path(), &run_file(true)).ping().await.unwrap_err().to_string();
         assert!(err.contains("no runner answers") && err.contains("br2k up"), "{err}");
+    }
+
+    #[test]
+    fn an_added_node_has_its_address_before_it_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = RunnerHost::new(dir.path(), &run_file(true));
+        assert_eq!(host.peer_url("n4"), "http://10.213.4.14:2380");
+        let host = RunnerHost::new(dir.path(), &run_file(false));
+        assert_eq!(host.peer_url("n9"), "http://127.213.4.19:2380");
+        assert!(host.peer_url("n10").starts_with("not-a-local-node://"), "a local service has 9 nodes at most");
+        assert!(host.peer_url("x").starts_with("not-a-local-node://"));
     }
 }

@@ -153,11 +153,18 @@ impl LocalNetwork {
 
     /// Node `i`'s address (0-based).
     pub fn node_address(&self, i: usize) -> IpAddr {
+        Self::address_of(self.namespaces, self.slot, i)
+    }
+
+    /// Node `i`'s address (0-based) in slot `slot`, in namespaces or on loopback: fixed
+    /// by the two, so that a process other than the runner (a membership change) knows
+    /// the address a node will have before it exists.
+    pub fn address_of(namespaces: bool, slot: u8, i: usize) -> IpAddr {
         let host = 11 + u8::try_from(i).expect("at most MAX_NODES nodes");
-        if self.namespaces {
-            IpAddr::V4(Ipv4Addr::new(10, 213, self.slot, host))
+        if namespaces {
+            IpAddr::V4(Ipv4Addr::new(10, 213, slot, host))
         } else {
-            IpAddr::V4(Ipv4Addr::new(127, 213, self.slot, host))
+            IpAddr::V4(Ipv4Addr::new(127, 213, slot, host))
         }
     }
 

@@ -207,13 +207,16 @@ impl Layout {
     }
 
     /// Refuses to reuse data made for another service, replica count or network mode.
+    /// The count may be the recorded one or that of the live nodes: they differ by one
+    /// while a membership change is half done (its journal finishes it once started).
     ///
     /// # Errors
     /// [`DeployError::Invalid`] naming what differs and how to start afresh.
     pub fn check_reuse(&self, service: &str, replicas: usize, namespaces: bool, dir: &Path) -> Result<()> {
+        let live = self.node_count() - self.retired.len();
         let differs = if self.service != service {
             Some(format!("service {:?}, not {service:?}", self.service))
-        } else if self.replicas != replicas {
+        } else if self.replicas != replicas && live != replicas {
             Some(format!("{} replicas, not {replicas}", self.replicas))
         } else if self.namespaces != namespaces {
             let mode = |ns: bool| if ns { "network namespaces" } else { "loopback addresses" };
