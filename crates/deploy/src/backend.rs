@@ -19,6 +19,9 @@ pub struct ReplicaView {
     pub status: Option<br2k_replication::Status>,
     /// Why it does not answer, or what the backend knows of it beyond its status.
     pub detail: Option<String>,
+    /// Its etcd member is a learner (a replica being added: it receives the log but does
+    /// not vote yet). Known from the member list even when the replica does not answer.
+    pub learner: bool,
 }
 
 impl ReplicaView {

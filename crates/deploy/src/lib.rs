@@ -9,5 +9,6 @@ pub mod etcd_tls;
 pub mod kubernetes;
 pub mod local;
 pub mod operator_key;
+pub mod roster;
 
 pub use error::{DeployError, Result};

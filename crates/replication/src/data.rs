@@ -35,6 +35,16 @@ pub(crate) enum EntryRecord {
     State,
 }
 
+/// An etcd member as the member list gives it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct EtcdMember {
+    pub(crate) id: u64,
+    /// The replica it belongs to (empty while an added member has not started).
+    pub(crate) name: String,
+    pub(crate) learner: bool,
+    pub(crate) client_urls: Vec<String>,
+}
+
 /// Where `service`'s membership change in progress is journaled (see the table above).
 pub fn membership_change_key(service: &str) -> String {
     format!("{}membership/change", Keys::new(service).prefix)

@@ -50,6 +50,7 @@ async fn front<S: AppState>(State(runtime): State<Arc<Runtime<S>>>, request: axu
     match (method.as_str(), path.as_str()) {
         ("GET", "/br2k/health") => return health(&runtime),
         ("GET", "/br2k/status") => return json(StatusCode::OK, &runtime.current_status()),
+        ("GET", "/br2k/members") => return members(&runtime).await,
         ("GET", "/br2k/snapshot") => return snapshot(&runtime, &parts).await,
         ("POST", "/br2k/backup") => return backup_now(&runtime, &parts).await,
         ("GET", "/br2k/tx") => return unsettled_txs(&runtime, &parts).await,
@@ -444,6 +445,16 @@ async fn cancel_tx<S: AppState>(runtime: &Runtime<S>, parts: &axum::http::reques
 fn metrics<S: AppState>(runtime: &Runtime<S>) -> Response {
     let text = runtime.reporter.metrics.render(&runtime.current_status(), crate::data::unix_seconds());
     ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
+}
+
+/// `GET /br2k/members`: the service's etcd members and the membership change in progress
+/// (public facts: replica names, their public URLs, member IDs), read through this
+/// replica's etcd member.
+async fn members<S: AppState>(runtime: &Runtime<S>) -> Response {
+    match crate::membership::Membership::roster(runtime.store(), &runtime.config.service).await {
+        Ok(roster) => json(StatusCode::OK, &roster),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &format!("cannot read the members from etcd: {e}")),
+    }
 }
 
 fn health<S: AppState>(runtime: &Runtime<S>) -> Response {

@@ -50,6 +50,7 @@ pub use error::{Error, EtcdFailure, Result};
 pub use http::{IDEMPOTENCY_KEY_HEADER, INDEX_HEADER, LEADER_HEADER, REPLAYED_HEADER};
 pub use idempotency::TableStatus;
 pub use line_file::LineFile;
+pub use membership::{Roster, RosterMember};
 pub use outbox::{
     CancelError, EndpointHealth, Expected, FinalityViolation, Outbox, OutboxConfig, OutboxStatus, TxCall, TxError,
     TxReceipt, TxStep, UnsettledTx, VerifiedTx, Verifier, VerifyError,

@@ -44,6 +44,32 @@ pub(crate) struct Membership {
     tls: Option<EtcdTls>,
 }
 
+/// The service's members as one replica sees them (`GET /br2k/members`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Roster {
+    /// Every etcd member.
+    pub members: Vec<RosterMember>,
+    /// The membership change in progress as journaled (`membership/change`), if any.
+    #[serde(default)]
+    pub change: Option<serde_json::Value>,
+}
+
+/// One etcd member of a [`Roster`].
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RosterMember {
+    /// Its replica (empty while an added member has not started).
+    pub replica: String,
+    /// etcd's member ID, in hex as etcdctl prints it.
+    pub etcd_member: String,
+    /// A learner: it receives the log but does not vote.
+    pub learner: bool,
+    /// Where its replica is reached, from the record it keeps while it lives; `None`
+    /// when it keeps none (stopped, cut off, not started).
+    pub url: Option<String>,
+}
+
 /// How often the membership of the local etcd member is checked.
 const REMOVAL_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -125,8 +151,8 @@ impl Membership {
             tokio::time::sleep(REMOVAL_CHECK).await;
             let listed = match store.cluster_members().await {
                 Ok((me, members)) => {
-                    let listed = members.iter().any(|(id, _)| *id == me);
-                    let others = members.into_iter().filter(|(id, _)| *id != me).flat_map(|(_, urls)| urls).collect();
+                    let listed = members.iter().any(|m| m.id == me);
+                    let others = members.into_iter().filter(|m| m.id != me).flat_map(|m| m.client_urls).collect();
                     known = Some((me, others));
                     Some(listed)
                 }
@@ -158,10 +184,34 @@ impl Membership {
                 continue;
             };
             if let Ok((_, members)) = other.cluster_members().await {
-                return Some(members.iter().any(|(id, _)| *id == me));
+                return Some(members.iter().any(|m| m.id == me));
             }
         }
         None
+    }
+
+    /// The service's etcd members with the URLs their replicas' live records give, and the
+    /// membership change in progress: what `GET /br2k/members` answers, so that a view of
+    /// the service (the dashboard, `br2k status`) finds every replica from any one of them,
+    /// wherever they run.
+    pub(crate) async fn roster(store: &Store, service: &str) -> Result<Roster> {
+        let (_, listed) = store.cluster_members().await?;
+        let records = store.members().await?;
+        let members = listed
+            .into_iter()
+            .map(|m| RosterMember {
+                url: records.iter().find(|(replica, _)| *replica == m.name).map(|(_, r)| r.url.clone()),
+                replica: m.name,
+                etcd_member: format!("{:x}", m.id),
+                learner: m.learner,
+            })
+            .collect();
+        let key = crate::data::membership_change_key(service);
+        let change = match store.get(&key).await? {
+            Some(kv) => serde_json::from_slice(kv.value()).ok(),
+            None => None,
+        };
+        Ok(Roster { members, change })
     }
 
     /// Changes what this replica's membership record says.

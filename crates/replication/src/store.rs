@@ -202,12 +202,18 @@ impl Store {
         self.stats.clone()
     }
 
-    /// The local member's ID, and every member as it lists them (ID, client URLs).
-    pub(crate) async fn cluster_members(&self) -> Result<(u64, Vec<(u64, Vec<String>)>)> {
+    /// The local member's ID, and every member as it lists them.
+    pub(crate) async fn cluster_members(&self) -> Result<(u64, Vec<crate::data::EtcdMember>)> {
         let mut client = self.probe.clone();
         let list = self.bounded("list members", client.member_list()).await?;
         let me = list.header().map_or(0, etcd_client::ResponseHeader::member_id);
-        Ok((me, list.members().iter().map(|m| (m.id(), m.client_urls().to_vec())).collect()))
+        let member = |m: &etcd_client::Member| crate::data::EtcdMember {
+            id: m.id(),
+            name: m.name().to_owned(),
+            learner: m.is_learner(),
+            client_urls: m.client_urls().to_vec(),
+        };
+        Ok((me, list.members().iter().map(member).collect()))
     }
 
     /// Hands the local member's Raft leadership to another voting member (the paper's

@@ -51,16 +51,38 @@ pub(crate) async fn service_view(
 ) -> Result<(String, serde_json::Value)> {
     let info = registry.info(name).await?;
     let body = &info.recovery;
-    let replicas = match body.context.as_str() {
-        "" => Err("no deployment recorded".to_owned()),
-        LOCAL => {
-            br2k_deploy::local::replica_views(&super::up::state_dir(name, state_dir)?).await.map_err(|e| e.to_string())
-        }
-        context => match kubernetes(config, name, context).await {
-            Ok(views) => Ok(views),
-            Err(e) => Err(format!("{e:#}")),
-        },
+    // The service itself says who its members are, wherever it runs; when it does not
+    // answer, the backend its deployment names says what runs.
+    let from_service = match info.location.as_str() {
+        "" => Err("no location is published".to_owned()),
+        location => br2k_deploy::roster::service_members(location).await.map_err(|e| e.to_string()),
     };
+    let (replicas, change) = match from_service {
+        Ok(members) => (Ok(members.views), members.change),
+        Err(unanswered) => {
+            let views = match body.context.as_str() {
+                "" => Err(format!("{unanswered}, and no deployment is recorded")),
+                LOCAL => br2k_deploy::local::replica_views(&super::up::state_dir(name, state_dir)?)
+                    .await
+                    .map_err(|e| e.to_string()),
+                context => match kubernetes(config, name, context).await {
+                    Ok(views) => Ok(views),
+                    Err(e) => Err(format!("{e:#}")),
+                },
+            };
+            (views, None)
+        }
+    };
+    let change_line = change.as_ref().map(|c| match serde_json::from_value::<br2k_membership::Change>(c.clone()) {
+        Ok(c) => format!(
+            "{} ({} of {} steps done, next: {}; `br2k scale`/`br2k replace` again or the manager finishes it)",
+            c.kind,
+            c.done.len(),
+            c.kind.steps().len(),
+            c.next
+        ),
+        Err(_) => format!("{c} (not a change this br2k reads)"),
+    });
 
     // Claims since the last new location: what nobody has answered yet.
     let open_claims = history.open_claims(info.id);
@@ -93,6 +115,9 @@ pub(crate) async fn service_view(
         }
         Err(e) => text.push_str(&format!("  unknown: {e}\n")),
     }
+    if let Some(line) = &change_line {
+        text.push_str(&format!("membership change in progress: {line}\n"));
+    }
     in_doubt.sort_unstable();
     in_doubt.dedup();
     text.push_str(&format!(
@@ -119,10 +144,12 @@ pub(crate) async fn service_view(
         },
         "replicas": match &replicas {
             Ok(views) => json!(views.iter().map(|v| json!({
-                "name": v.name, "running": v.running, "status": v.status, "detail": v.detail,
+                "name": v.name, "running": v.running, "status": v.status, "detail": v.detail, "learner": v.learner,
             })).collect::<Vec<_>>()),
             Err(e) => json!({ "error": e }),
         },
+        "membershipChange": change,
+        "membershipChangeText": change_line,
         "inDoubt": in_doubt,
         "backup": recorded.as_ref().map(|b| {
             let newest = leader.as_ref().map_or(b.index, |l| l.backup.index.max(b.index));
@@ -250,7 +277,7 @@ fn replica_line(view: &ReplicaView) -> String {
     match &view.status {
         Some(s) => line.push_str(&format!(
             "{:<9} LPI {:<6} SSI {:<6} {:<10} {}\n{:<8}{}",
-            format!("{:?}", s.role).to_lowercase(),
+            if s.etcd_learner || view.learner { "learner".to_owned() } else { format!("{:?}", s.role).to_lowercase() },
             s.lpi,
             s.ssi,
             // Only the leader keeps LS current.
@@ -264,7 +291,12 @@ fn replica_line(view: &ReplicaView) -> String {
             "",
             storage_line(s)
         )),
-        None => line.push_str(if view.running { "running, not answering" } else { "not running" }),
+        None => {
+            if view.learner {
+                line.push_str("learner, ");
+            }
+            line.push_str(if view.running { "running, not answering" } else { "not running" });
+        }
     }
     if let Some(detail) = &view.detail
         && view.status.is_none()

@@ -48,11 +48,11 @@ impl Drop for Stop {
 /// Brings a detached `br2k up` down when dropped.
 struct Down<'a> {
     name: &'a str,
-    tmp: PathBuf,
+    state: PathBuf,
 }
 impl Drop for Down<'_> {
     fn drop(&mut self) {
-        let _ = br2k().env("TMPDIR", &self.tmp).args(["down", "--name", self.name]).output();
+        let _ = br2k().args(["down", "--name", self.name]).arg("--state-dir").arg(&self.state).output();
     }
 }
 
@@ -85,6 +85,32 @@ fn get_with_host(base: &str, path: &str, host: &str) -> String {
     answer
 }
 
+/// Runs `br2k scale t-dash --replicas N` until its progress line ends with `step`, then
+/// kills it with SIGKILL.
+fn kill_scale_at(state: &std::path::Path, replicas: &str, step: &str) {
+    let mut child = br2k()
+        .args(["scale", "t-dash", "--replicas", replicas])
+        .arg("--state-dir")
+        .arg(state)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut said = Vec::new();
+    for line in lines {
+        let line = line.unwrap();
+        let reached = line.ends_with(step);
+        said.push(line);
+        if reached {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            return;
+        }
+    }
+    panic!("`br2k scale` ended ({}) before {step:?}:\n{}", child.wait().unwrap(), said.join("\n"));
+}
+
 /// The first event of `/api/events`: the view the page starts from.
 fn first_event(base: &str) -> String {
     let authority = base.trim_start_matches("http://");
@@ -115,15 +141,20 @@ fn the_dashboard_in_a_browser_follows_a_leader_kill_by_itself() {
     let dir = tempfile::tempdir().unwrap();
     let tmp = dir.path().join("tmp");
     crate::work_root(&tmp); // creates TMPDIR, as a real one exists
+    // A state directory of the user's choosing: the dashboard finds the replicas from
+    // the service itself, not from where this machine keeps its runners.
+    let state = dir.path().join("state");
     let output = br2k()
         .env("TMPDIR", &tmp)
         .args(["--json", "up", "--detach", "--name", "t-dash", "--election-timeout", "500"])
         .arg("--app")
         .arg(logserver())
+        .arg("--state-dir")
+        .arg(&state)
         .output()
         .unwrap();
     assert!(output.status.success(), "up failed: {}", String::from_utf8_lossy(&output.stderr));
-    let _down = Down { name: "t-dash", tmp: tmp.clone() };
+    let _down = Down { name: "t-dash", state: state.clone() };
     let run: Value = serde_json::from_slice(&output.stdout).unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let base = format!("http://127.0.0.1:{port}");
@@ -176,6 +207,56 @@ fn the_dashboard_in_a_browser_follows_a_leader_kill_by_itself() {
     assert_eq!(table.as_str(), Some("0 keys held"), "{table}");
     // A mark a reload would wipe: the page must change by itself, not be loaded again.
     page.eval("window.br2kNotReloaded = true").unwrap();
+
+    // A grow to 4 whose command is killed as it promotes the new member: the page shows
+    // the learner and the change in progress, step by step, and `br2k status` says so too.
+    kill_scale_at(&state, "4", ": promote the learner to a voter ...");
+    let learner = page
+        .wait_for(
+            "the service page shows the learner and the membership change in progress",
+            r#"(() => { const change = document.querySelector('#service .membership-change');
+                 const learner = document.querySelector('#replicas tr.replica[data-role="learner"] td.name');
+                 return change && learner && change.textContent.includes('next: promote')
+                   ? learner.textContent + ' | ' + change.textContent : null; })()"#,
+            wait,
+        )
+        .unwrap_or_else(|e| panic!("{e}\ndashboard:\n{}", dashboard_log()));
+    assert!(
+        learner
+            .as_str()
+            .unwrap()
+            .starts_with("n4 | membership change in progress: add n4 (2 of 5 steps done, next: promote the learner"),
+        "{learner}"
+    );
+    page.screenshot(&artefact("dashboard-membership-change.png")).unwrap();
+    let status = br2k()
+        .args([
+            "status",
+            "t-dash",
+            "--rpc-url",
+            run["rpc_url"].as_str().unwrap(),
+            "--registry",
+            run["registry"].as_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let status = crate::ok(status);
+    assert!(status.contains("membership change in progress: add n4"), "{status}");
+    assert!(status.contains("n4      learner, "), "{status}");
+    // Finished by the next command, then shrunk back: the page follows.
+    for replicas in ["4", "3"] {
+        let output =
+            br2k().args(["scale", "t-dash", "--replicas", replicas]).arg("--state-dir").arg(&state).output().unwrap();
+        crate::ok(output);
+    }
+    page.wait_for(
+        "the page shows 3 voters and no change in progress",
+        r#"(() => document.querySelectorAll('#replicas tr.replica').length === 3
+             && !document.querySelector('#replicas tr.replica[data-role="learner"]')
+             && !document.querySelector('#service .membership-change'))()"#,
+        wait,
+    )
+    .unwrap_or_else(|e| panic!("{e}\ndashboard:\n{}", dashboard_log()));
 
     // Kill the leader's app and etcd member.
     let node = run["nodes"].as_array().unwrap().iter().find(|n| n["name"] == first_leader.as_str()).unwrap();

@@ -233,6 +233,7 @@ pub async fn pod_views(client: &Client, context: &ContextInfo, service: &str) ->
                     if ready { ", ready" } else { ", not ready" },
                     if deleting { ", being deleted" } else { "" }
                 )),
+                learner: false,
             }
         })
         .collect())

@@ -177,11 +177,13 @@ pub async fn replica_views(state: &Path) -> Result<Vec<ReplicaView>> {
         return Ok(run
             .nodes
             .iter()
+            .filter(|node| !node.retired)
             .map(|node| ReplicaView {
                 name: node.name.clone(),
                 running: false,
                 status: None,
                 detail: Some(format!("its runner (pid {}) is gone", run.pid)),
+                learner: false,
             })
             .collect());
     }
@@ -191,7 +193,7 @@ pub async fn replica_views(state: &Path) -> Result<Vec<ReplicaView>> {
         .no_proxy()
         .build()
         .map_err(|e| DeployError::Invalid(format!("cannot build an HTTP client: {e}")))?;
-    let views = run.nodes.iter().map(|node| {
+    let views = run.nodes.iter().filter(|node| !node.retired).map(|node| {
         let http = http.clone();
         async move {
             let running = [node.app_pid, node.etcd_pid].iter().flatten().any(|pid| super::process_exists(*pid));
@@ -204,7 +206,7 @@ pub async fn replica_views(state: &Path) -> Result<Vec<ReplicaView>> {
                 Ok(status) => (Some(status), None),
                 Err(e) => (None, Some(format!("{url}: {e}"))),
             };
-            ReplicaView { name: node.name.clone(), running, status, detail }
+            ReplicaView { name: node.name.clone(), running, status, detail, learner: false }
         }
     });
     Ok(futures::future::join_all(views).await)
@@ -227,6 +229,7 @@ fn starting(pid: u32) -> ReplicaView {
         running: true,
         status: None,
         detail: Some(format!("runner pid {pid} is starting the replicas")),
+        learner: false,
     }
 }
 

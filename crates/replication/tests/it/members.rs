@@ -16,7 +16,22 @@ async fn a_replica_whose_etcd_member_was_removed_says_so_and_the_others_serve_on
         c.statuses().iter().all(|s| s.etcd_reachable && !s.etcd_learner && !s.removed_from_etcd)
     })
     .await;
+    // Any replica lists every member, and the membership change journaled (none yet).
+    let roster = |i: usize| {
+        let url = format!("{}/br2k/members", c.replicas[i].url);
+        let http = c.http.clone();
+        async move { http.get(url).send().await.unwrap().json::<br2k_replication::Roster>().await.unwrap() }
+    };
+    let before = roster(removed).await;
+    assert_eq!(before.members.len(), 3, "{before:?}");
+    assert!(before.members.iter().all(|m| !m.learner && !m.replica.is_empty()), "{before:?}");
+    assert_eq!(before.change, None);
     let id = c.member_id(removed).await;
+    assert!(before.members.iter().any(|m| m.etcd_member == format!("{id:x}")), "{before:?}");
+    let journal = br2k_replication::membership_change_key(crate::harness::SERVICE);
+    c.etcd_client(l).await.put(journal.as_str(), r#"{"kind":{"kind":"remove","replica":"x"}}"#, None).await.unwrap();
+    assert_eq!(roster(l).await.change.unwrap()["kind"]["replica"], "x");
+    c.etcd_client(l).await.delete(journal.as_str(), None).await.unwrap();
     // etcd refuses a reconfiguration until its members have been connected for 5 s.
     eventually("etcd removes the member", async || {
         let removal = c.etcd_client(l).await.member_remove(id).await;
@@ -37,4 +52,7 @@ async fn a_replica_whose_etcd_member_was_removed_says_so_and_the_others_serve_on
     for i in (0..3).filter(|&i| i != removed) {
         assert!(!c.replicas[i].status().removed_from_etcd, "replica {i}");
     }
+    let after = roster(l).await;
+    assert_eq!(after.members.len(), 2, "{after:?}");
+    assert!(after.members.iter().all(|m| m.etcd_member != format!("{id:x}")), "{after:?}");
 }

@@ -136,9 +136,12 @@ function replicaTable(service) {
   for (const r of replicasOf(service)) {
     const s = r.status || {};
     const [ok, why] = healthOf(r);
-    table.append(el("tr", { class: "replica" + (s.role === "leader" ? " leader" : ""), "data-role": s.role || "unknown" },
+    // An etcd learner receives the log but does not vote yet (a replica being added).
+    const learner = r.learner || s.etcd_learner;
+    const role = learner ? "learner" : (s.role || "-");
+    table.append(el("tr", { class: "replica" + (s.role === "leader" ? " leader" : ""), "data-role": learner ? "learner" : (s.role || "unknown") },
       el("td", { class: "heart " + (ok ? "healthy" : "unhealthy"), title: why }, ok ? "♥" : "♡"),
-      el("td", { class: "name" }, r.name), el("td", { class: "role" }, s.role || "-"),
+      el("td", { class: "name" }, r.name), el("td", { class: "role" }, role),
       el("td", { class: "num" }, s.lpi ?? "-"),
       el("td", { class: "num" }, s.ssi != null && s.lpi != null ? Math.max(0, s.ssi - s.lpi) : "-"),
       el("td", { class: "num" }, s.ssi ?? "-"),
@@ -275,6 +278,9 @@ function servicePage(view, name) {
       "idempotency ", el("b", { class: "idempotency" }, idempotencyOf(service))));
   const card = el("section", { class: "card", id: "service", "data-service": name },
     el("h2", {}, name, el("span", { class: "badge " + service.state }, service.state)), facts, replicaTable(service));
+  if (service.membershipChangeText) {
+    card.append(el("div", { class: "membership-change" }, "membership change in progress: " + service.membershipChangeText));
+  }
   if (service.backupAlert) card.append(el("div", { class: "error alert" }, "backups need an operator: " + service.backupAlert));
   else if (service.backupError) card.append(el("div", { class: "error" }, "last backup failed: " + service.backupError));
   const claims = service.openClaims || [];
