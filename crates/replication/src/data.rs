@@ -45,6 +45,12 @@ pub(crate) struct EtcdMember {
     pub(crate) client_urls: Vec<String>,
 }
 
+impl From<&etcd_client::Member> for EtcdMember {
+    fn from(m: &etcd_client::Member) -> Self {
+        Self { id: m.id(), name: m.name().to_owned(), learner: m.is_learner(), client_urls: m.client_urls().to_vec() }
+    }
+}
+
 /// Where `service`'s membership change in progress is journaled (see the table above).
 pub fn membership_change_key(service: &str) -> String {
     format!("{}membership/change", Keys::new(service).prefix)

@@ -207,13 +207,7 @@ impl Store {
         let mut client = self.probe.clone();
         let list = self.bounded("list members", client.member_list()).await?;
         let me = list.header().map_or(0, etcd_client::ResponseHeader::member_id);
-        let member = |m: &etcd_client::Member| crate::data::EtcdMember {
-            id: m.id(),
-            name: m.name().to_owned(),
-            learner: m.is_learner(),
-            client_urls: m.client_urls().to_vec(),
-        };
-        Ok((me, list.members().iter().map(member).collect()))
+        Ok((me, list.members().iter().map(crate::data::EtcdMember::from).collect()))
     }
 
     /// Hands the local member's Raft leadership to another voting member (the paper's
