@@ -145,9 +145,15 @@ impl<'a, H: ReplicaHost> Membership<'a, H> {
     /// As [`Self::change`].
     pub async fn resume(&self) -> Result<Option<Change>> {
         let lock = self.lock().await?;
+        self.run_journaled(lock, "resuming").await
+    }
+
+    /// Under `lock`: finishes the journaled change, if there still is one, then lets the
+    /// lock go.
+    async fn run_journaled(&self, lock: LockGuard, verb: &str) -> Result<Option<Change>> {
         let result = async {
             let Some((change, revision)) = self.read_journal().await? else { return Ok(None) };
-            (self.progress)(&format!("resuming {} at: {}", change.kind, change.next));
+            (self.progress)(&format!("{verb} {} at: {}", change.kind, change.next));
             self.run(change, revision).await.map(Some)
         }
         .await;
@@ -177,14 +183,7 @@ impl<'a, H: ReplicaHost> Membership<'a, H> {
             }
             Err(_) => return Ok(None),
         };
-        let result = async {
-            let Some((change, revision)) = self.read_journal().await? else { return Ok(None) };
-            (self.progress)(&format!("finishing the abandoned {} at: {}", change.kind, change.next));
-            self.run(change, revision).await.map(Some)
-        }
-        .await;
-        lock.release().await;
-        result
+        self.run_journaled(lock, "finishing the abandoned").await
     }
 
     /// What would make `kind` unsafe now; the voters after it when nothing does.
