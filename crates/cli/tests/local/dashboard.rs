@@ -85,32 +85,6 @@ fn get_with_host(base: &str, path: &str, host: &str) -> String {
     answer
 }
 
-/// Runs `br2k scale t-dash --replicas N` until its progress line ends with `step`, then
-/// kills it with SIGKILL.
-fn kill_scale_at(state: &std::path::Path, replicas: &str, step: &str) {
-    let mut child = br2k()
-        .args(["scale", "t-dash", "--replicas", replicas])
-        .arg("--state-dir")
-        .arg(state)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut said = Vec::new();
-    for line in lines {
-        let line = line.unwrap();
-        let reached = line.ends_with(step);
-        said.push(line);
-        if reached {
-            child.kill().unwrap();
-            child.wait().unwrap();
-            return;
-        }
-    }
-    panic!("`br2k scale` ended ({}) before {step:?}:\n{}", child.wait().unwrap(), said.join("\n"));
-}
-
 /// The first event of `/api/events`: the view the page starts from.
 fn first_event(base: &str) -> String {
     let authority = base.trim_start_matches("http://");
@@ -210,7 +184,10 @@ fn the_dashboard_in_a_browser_follows_a_leader_kill_by_itself() {
 
     // A grow to 4 whose command is killed as it promotes the new member: the page shows
     // the learner and the change in progress, step by step, and `br2k status` says so too.
-    kill_scale_at(&state, "4", ": promote the learner to a voter ...");
+    crate::kill_when(
+        br2k().args(["scale", "t-dash", "--replicas", "4"]).arg("--state-dir").arg(&state),
+        ": promote the learner to a voter ...",
+    );
     let learner = page
         .wait_for(
             "the service page shows the learner and the membership change in progress",

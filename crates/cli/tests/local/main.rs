@@ -47,6 +47,21 @@ fn ok(output: std::process::Output) -> String {
     String::from_utf8(output.stdout).unwrap()
 }
 
+/// `br2k up --detach` of the log server as `name` in `state`, with `extra` flags: its
+/// `--json` answer (the run), the test failing with both streams when it did not start.
+fn up_detached(name: &str, state: &std::path::Path, extra: &[&str]) -> serde_json::Value {
+    let output = br2k()
+        .args(["--json", "up", "--detach", "--name", name, "--election-timeout", "500"])
+        .args(extra)
+        .arg("--app")
+        .arg(logserver())
+        .arg("--state-dir")
+        .arg(state)
+        .output()
+        .unwrap();
+    serde_json::from_str(&ok(output)).unwrap()
+}
+
 /// The private directory `br2k` keeps local state under when TMPDIR is `tmp`:
 /// `tmp/br2k-<uid>` (the uid read back from a directory this user just made).
 fn work_root(tmp: &std::path::Path) -> PathBuf {
@@ -75,6 +90,42 @@ fn payments() -> PathBuf {
     );
     path
 }
+
+/// Runs `command` until a line of its progress (stderr) ends with `ending`, then kills it
+/// with SIGKILL, as an operator's machine lost mid-command would; fails if it ends first.
+fn kill_when(command: &mut Command, ending: &str) {
+    use std::io::BufRead as _;
+    let mut child = command.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let mut said = Vec::new();
+    for line in std::io::BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        let reached = line.ends_with(ending);
+        said.push(line);
+        if reached {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            return;
+        }
+    }
+    panic!("{command:?} ended ({}) before a line ending {ending:?}:\n{}", child.wait().unwrap(), said.join("\n"));
+}
+
+/// The steps of a grow and of a shrink as `br2k scale` reports them, each with the name
+/// the journal gives it.
+const GROW_STEPS: [(&str, &str); 5] = [
+    ("add the etcd member as a learner", "add-learner"),
+    ("start the replica", "start-replica"),
+    ("promote the learner to a voter", "promote"),
+    ("catch up", "catch-up"),
+    ("record the replica count", "record-count"),
+];
+const SHRINK_STEPS: [(&str, &str); 5] = [
+    ("move leadership", "move-leadership"),
+    ("remove the etcd member", "remove-member"),
+    ("stop the replica", "stop-replica"),
+    ("delete its data", "delete-data"),
+    ("record the replica count", "record-count"),
+];
 
 fn namespaces_of_slot(slot: u64) -> Vec<String> {
     let prefix = format!("b2k{slot}n");

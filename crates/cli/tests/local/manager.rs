@@ -69,10 +69,15 @@ impl Project {
 
     /// Starts `br2k manager run` (claims only, no probes), its log in `manager-N.log`.
     fn start_manager(&mut self, n: usize) {
+        self.start_manager_probing(n, "0s");
+    }
+
+    /// Starts `br2k manager run` probing every `every` (`0s`: never).
+    fn start_manager_probing(&mut self, n: usize, every: &str) {
         let log = std::fs::File::create(self.manager_log(n)).unwrap();
         let child = self
             .br2k()
-            .args(["manager", "run", "--service", self.service, "--probe-interval", "0s", "--grace", "10s"])
+            .args(["manager", "run", "--service", self.service, "--probe-interval", every, "--grace", "10s"])
             .args(["--poll-interval", "200ms", "--metrics", "off", "--network", "loopback"])
             .args(["--election-timeout", "500", "--backup-interval", "2"])
             .arg("--state-dir")
@@ -325,29 +330,9 @@ fn a_claim_after_every_replica_died_brings_the_service_back_from_its_image_with_
 
     // A grow to 4 whose command is killed as it promotes the new member: the change
     // stays journaled in the service's etcd, the recorded count stays 3.
-    let mut scale = project
-        .br2k()
-        .args(["scale", "recovered", "--replicas", "4", "--state-dir"])
-        .arg(project.state_dir())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut said = Vec::new();
-    for line in std::io::BufRead::lines(std::io::BufReader::new(scale.stderr.take().unwrap())) {
-        let line = line.unwrap();
-        let promoting = line.ends_with(": promote the learner to a voter ...");
-        said.push(line);
-        if promoting {
-            break;
-        }
-    }
-    scale.kill().unwrap();
-    scale.wait().unwrap();
-    assert!(
-        said.last().is_some_and(|l| l.contains("promote")),
-        "the scale never reached its promotion:\n{}",
-        said.join("\n")
+    crate::kill_when(
+        project.br2k().args(["scale", "recovered", "--replicas", "4", "--state-dir"]).arg(project.state_dir()),
+        ": promote the learner to a voter ...",
     );
     let info: Value = serde_json::from_str(&project.run(&["--json", "service", "info", "recovered"])).unwrap();
     assert_eq!(info["recoveryInfo"]["replicas"], 3, "{info}");
@@ -377,6 +362,48 @@ fn a_claim_after_every_replica_died_brings_the_service_back_from_its_image_with_
     assert_eq!(members["voters"], 4, "{members}");
     assert_eq!(members["inProgress"], Value::Null, "{members}");
     assert!(members["members"].as_array().unwrap().iter().all(|m| m["healthy"] == true), "{members}");
+}
+
+/// `br2k scale` killed as each step of a grow (3 to 4) and of a shrink (4 to 3) begins;
+/// the manager, probing every second, finishes each change nobody runs, and the recovery
+/// info on chain ends at the count the change reached.
+#[test]
+fn the_manager_finishes_a_scale_killed_at_any_step() {
+    let _turn = one_at_a_time();
+    let mut project = Project::deploy("rescaled");
+    let acknowledged = project.append(1, 1..=5);
+    project.start_manager_probing(1, "1s");
+    let state = project.state_dir();
+    let started = Instant::now();
+    let mut finished = 0;
+    for ((grow, _), (shrink, _)) in crate::GROW_STEPS.iter().zip(crate::SHRINK_STEPS.iter()) {
+        for (replicas, step) in [("4", grow), ("3", shrink)] {
+            crate::kill_when(
+                project.br2k().args(["scale", "rescaled", "--replicas", replicas, "--state-dir"]).arg(&state),
+                &format!(": {step} ..."),
+            );
+            finished += 1;
+            let log = project.wait_count(1, "membership change left half done: ", finished);
+            let members: Value = serde_json::from_str(&project.run(&[
+                "--json",
+                "members",
+                "rescaled",
+                "--state-dir",
+                state.to_str().unwrap(),
+            ]))
+            .unwrap();
+            assert_eq!(members["inProgress"], Value::Null, "killed at {step:?}: {members}\n{log}");
+            assert_eq!(members["voters"].to_string(), replicas, "killed at {step:?}: {members}\n{log}");
+            let info: Value = serde_json::from_str(&project.run(&["--json", "service", "info", "rescaled"])).unwrap();
+            assert_eq!(info["recoveryInfo"]["replicas"].to_string(), replicas, "killed at {step:?}: {info}");
+        }
+    }
+    eprintln!("10 changes killed at every step, each finished by the manager, in {:?}", started.elapsed());
+    let log = std::fs::read_to_string(project.manager_log(1)).unwrap();
+    assert_eq!(count(&log, "could not finish"), 0, "{log}");
+    assert_eq!(count(&log, "recovering:"), 0, "no recovery: the service served throughout\n{log}");
+    let held = project.indices();
+    assert!(acknowledged.iter().all(|i| held.contains(i)), "{acknowledged:?} in {held:?}");
 }
 
 #[test]

@@ -21,21 +21,7 @@ impl Drop for Up {
 }
 
 fn up(name: &str, state: &Path) -> Up {
-    let output = br2k()
-        .args(["--json", "up", "--detach", "--name", name, "--election-timeout", "500"])
-        .arg("--app")
-        .arg(logserver())
-        .arg("--state-dir")
-        .arg(state)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "up failed:\n{}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Up { name: name.into(), state: state.to_owned(), run: serde_json::from_slice(&output.stdout).unwrap() }
+    Up { name: name.into(), state: state.to_owned(), run: crate::up_detached(name, state, &[]) }
 }
 
 fn down(name: &str, state: &Path) -> std::process::Output {

@@ -232,10 +232,11 @@ impl RunnerHost {
     /// The runner whose state directory is `dir` and whose run file is `run`. Nothing is
     /// asked of it until a step needs it ([`Self::ping`] checks that it listens).
     pub fn new(dir: &Path, run: &RunFile) -> Self {
+        let scheme = if uses_tls(run) { "https" } else { "http" };
         let peer_urls = (0..MAX_NODES)
             .map(|i| {
                 let address = LocalNetwork::address_of(run.namespaces, run.slot, i);
-                format!("http://{}", super::socket(address, ETCD_PEER_PORT))
+                format!("{scheme}://{}", super::socket(address, ETCD_PEER_PORT))
             })
             .collect();
         Self { path: dir.join(CONTROL_SOCKET), peer_urls, start_timeout: Duration::from_secs(120) }
@@ -308,18 +309,34 @@ impl ReplicaHost for RunnerHost {
 }
 
 /// The etcd cluster of the runner whose run file is `run`, as a membership change
-/// reaches it (its live nodes' members).
+/// reaches it (its live nodes' members). With etcd TLS the change presents a live node's
+/// certificate, which whoever may read the runner's private state directory may use.
 ///
 /// # Errors
-/// With etcd TLS, which membership changes of local services do not support yet.
+/// With etcd TLS, when no live node's certificate files are there.
 pub fn runner_cluster(run: &RunFile) -> Result<Cluster> {
-    let endpoints: Vec<String> = run.nodes.iter().filter(|n| !n.retired).map(|n| n.etcd_url.clone()).collect();
-    if endpoints.iter().any(|url| url.starts_with("https://")) {
-        return Err(DeployError::Invalid(
-            "membership changes of a local service with etcd TLS are not supported yet: an added node would need a certificate from an authority whose key is not kept".into(),
-        ));
-    }
-    Ok(Cluster { endpoints, tls: None, timeout: Duration::from_secs(3) })
+    let live: Vec<_> = run.nodes.iter().filter(|n| !n.retired).collect();
+    let endpoints: Vec<String> = live.iter().map(|n| n.etcd_url.clone()).collect();
+    let tls = if uses_tls(run) {
+        let node = live
+            .iter()
+            .find(|n| n.dir.join("tls/member.key").is_file())
+            .ok_or_else(|| DeployError::Invalid("the service's etcd asks for TLS and no live node's certificate files are in its state directory (n<i>/tls/)".into()))?;
+        let tls = node.dir.join("tls");
+        Some(br2k_replication::EtcdTls {
+            ca: tls.join("ca.crt"),
+            cert: tls.join("member.crt"),
+            key: tls.join("member.key"),
+        })
+    } else {
+        None
+    };
+    Ok(Cluster { endpoints, tls, timeout: Duration::from_secs(3) })
+}
+
+/// Whether the runner's etcd members talk TLS.
+fn uses_tls(run: &RunFile) -> bool {
+    run.nodes.iter().any(|n| n.etcd_url.starts_with("https://"))
 }
 
 /// The options a change of the runner whose run file is `run` runs with.

@@ -231,6 +231,8 @@ pub struct LocalService {
     etcd_program: PathBuf,
     http: reqwest::Client,
     network: LocalNetwork,
+    /// With etcd TLS: the certificates of every node index (see [`Self::start_kept`]).
+    certificates: Option<crate::etcd_tls::EtcdCertificates>,
 }
 
 impl LocalService {
@@ -280,14 +282,21 @@ impl LocalService {
             nodes.push(node);
         }
         let live: Vec<usize> = (0..count).filter(|i| !retired.contains(i)).collect();
-        if spec.etcd_tls {
-            let hosts: Vec<Vec<String>> = (0..count).map(|i| vec![network.node_address(i).to_string()]).collect();
+        // A certificate for every address a node of this service can ever have: a node a
+        // membership change adds takes its own, and the authority's key is still dropped
+        // at once (nobody can make another member later).
+        let certificates = if spec.etcd_tls {
+            let hosts: Vec<Vec<String>> =
+                (0..MAX_NODES.max(count)).map(|i| vec![network.node_address(i).to_string()]).collect();
             let certificates = crate::etcd_tls::EtcdCertificates::make(&spec.service, &hosts)?;
             for (i, node) in nodes.iter_mut().enumerate() {
                 node.tls = Some(certificates.write_member(i, &node.dir.join("tls"))?);
             }
-        }
-        let mut service = Self { nodes, spec, etcd_program, http, network };
+            Some(certificates)
+        } else {
+            None
+        };
+        let mut service = Self { nodes, spec, etcd_program, http, network, certificates };
         progress(&format!("starting {} etcd members", live.len()));
         for &i in &live {
             service.spawn(i, Part::Etcd)?;
